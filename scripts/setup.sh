@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs every Debian package sinkscope needs to build, test and run its demo.
+# Non-interactive and idempotent: safe to run again. Runs as root (no sudo).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+
+# One package list, read by this script and by the Dockerfiles.
+mapfile -t packages < <(grep -v '^\s*#' "$here/packages.txt" | sed 's/#.*//' | xargs -n1)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${#missing[@]} package(s): ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "setup: all ${#packages[@]} packages present"
+fi

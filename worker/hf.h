@@ -1,0 +1,24 @@
+// Hugging Face LlamaForCausalLM interchange: config.json + model.safetensors.
+// V-scale θ is stored per layer under `model.layers.{i}.self_attn.vscale_theta`
+// (shape [kv_heads]) and the arm under config.json's "sinkscope_vscale"
+// ("baseline" | "vscale" | "vscale_backward_only"); Hugging Face ignores both.
+#pragma once
+
+#include <string>
+
+#include "worker/engine/model.h"
+#include "worker/safetensors.h"
+
+namespace sinkscope {
+
+// Reads a Llama config.json; INVALID_ARGUMENT names an unsupported setting.
+StatusOr<ModelConfig> ReadHfConfig(const std::string& config_json_path);
+// Copies weights by Hugging Face name; a missing or misshapen tensor is an error naming
+// it. θ may be absent (it is then 0).
+Status LoadHfWeights(Model& model, const SafetensorsFile& file);
+// Loads `dir`/config.json and `dir`/model.safetensors into a new model.
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend);
+// Writes `dir`/model.safetensors and `dir`/config.json (θ only for V-scale arms).
+Status ExportHf(const Model& model, const std::string& dir);
+
+}  // namespace sinkscope
