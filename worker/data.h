@@ -70,9 +70,9 @@ struct DataSplits {
 
 // Where the tokens come from (mirrors the experiment file's `data` section).
 struct DataSpec {
-  std::string train_shards;  // glob of llm.c shards; or
-  std::string val_shards;    // optional glob for validation shards
-  TextSource text;           // used when train_shards is empty
+  std::string train_shards;    // glob of llm.c shards; or
+  std::string val_shards;      // optional glob for validation shards
+  TextSource text;             // used when train_shards is empty
   double val_fraction = 0.05;  // held out from the end of the stream when no val_shards
   // Not part of the `data` section: the model's context length T, set by the caller. When
   // > 0, LoadData checks that the training split (and a nonempty validation split) holds
@@ -89,9 +89,9 @@ StatusOr<DataSplits> LoadData(const DataSpec& spec);
 
 // How many of n items (documents or tokens) to hold out from the end for validation:
 // round(n·val_fraction), at least 1 when val_fraction > 0, 0 when it is 0.
-// INVALID_ARGUMENT (naming `what`) when val_fraction is outside [0, 0.5] or when nothing
-// would be left for training.
-StatusOr<size_t> HeldOutCount(size_t n, double val_fraction, const std::string& what);
+// INVALID_ARGUMENT (naming `what`, e.g. "text source /x", and `unit`, e.g. "documents")
+// when val_fraction is outside [0, 0.5] or when nothing would be left for training.
+StatusOr<size_t> HeldOutCount(size_t n, double val_fraction, const std::string& what, const std::string& unit);
 
 // Unigram entropy (nats/token) of a token stream: the loss of the best model that
 // ignores context, which a trained model must beat.

@@ -1,0 +1,398 @@
+#include "common/experiment.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "worker/data.h"
+
+namespace sinkscope {
+namespace {
+
+namespace pb = google::protobuf;
+
+std::string Where(const std::string& source, const YAML::Node& node) {
+  const YAML::Mark mark = node.Mark();
+  if (mark.line < 0) return source;
+  return source + ":" + std::to_string(mark.line + 1);
+}
+
+Status FieldError(const std::string& source, const YAML::Node& node, const std::string& path,
+                  const std::string& why) {
+  return InvalidArgumentError(Where(source, node) + ": " + path + ": " + why);
+}
+
+std::string KnownFields(const pb::Descriptor* d) {
+  std::string s;
+  for (int i = 0; i < d->field_count(); ++i) s += (i ? ", " : "") + d->field(i)->name();
+  return s;
+}
+
+std::string Lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+// One scalar (or enum) value of `field`, set or appended on `msg`.
+Status SetScalar(const YAML::Node& node, pb::Message* msg, const pb::FieldDescriptor* field,
+                 const std::string& path, const std::string& source) {
+  if (!node.IsScalar()) return FieldError(source, node, path, "expected a single value");
+  const pb::Reflection* r = msg->GetReflection();
+  const bool rep = field->is_repeated();
+  const std::string text = node.Scalar();
+  try {
+    switch (field->cpp_type()) {
+      case pb::FieldDescriptor::CPPTYPE_INT32: {
+        const int32_t v = node.as<int32_t>();
+        rep ? r->AddInt32(msg, field, v) : r->SetInt32(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_INT64: {
+        const int64_t v = node.as<int64_t>();
+        rep ? r->AddInt64(msg, field, v) : r->SetInt64(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_UINT32: {
+        if (!text.empty() && text[0] == '-') throw YAML::BadConversion(node.Mark());
+        const uint32_t v = node.as<uint32_t>();
+        rep ? r->AddUInt32(msg, field, v) : r->SetUInt32(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_UINT64: {
+        if (!text.empty() && text[0] == '-') throw YAML::BadConversion(node.Mark());
+        const uint64_t v = node.as<uint64_t>();
+        rep ? r->AddUInt64(msg, field, v) : r->SetUInt64(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_DOUBLE: {
+        const double v = node.as<double>();
+        rep ? r->AddDouble(msg, field, v) : r->SetDouble(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_FLOAT: {
+        const float v = node.as<float>();
+        rep ? r->AddFloat(msg, field, v) : r->SetFloat(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_BOOL: {
+        const bool v = node.as<bool>();
+        rep ? r->AddBool(msg, field, v) : r->SetBool(msg, field, v);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_STRING: {
+        rep ? r->AddString(msg, field, text) : r->SetString(msg, field, text);
+        break;
+      }
+      case pb::FieldDescriptor::CPPTYPE_ENUM: {
+        const pb::EnumDescriptor* e = field->enum_type();
+        const pb::EnumValueDescriptor* value = nullptr;
+        for (int i = 0; i < e->value_count(); ++i) {
+          if (Lower(e->value(i)->name()) == Lower(text) && e->value(i)->number() != 0) value = e->value(i);
+        }
+        if (value == nullptr) {
+          std::string known;
+          for (int i = 1; i < e->value_count(); ++i) known += (i > 1 ? ", " : "") + Lower(e->value(i)->name());
+          return FieldError(source, node, path, "unknown value \"" + text + "\" (expected one of: " + known + ")");
+        }
+        rep ? r->AddEnum(msg, field, value) : r->SetEnum(msg, field, value);
+        break;
+      }
+      default:
+        return FieldError(source, node, path, "unsupported field type");
+    }
+  } catch (const YAML::Exception&) {
+    const char* want = field->cpp_type() == pb::FieldDescriptor::CPPTYPE_BOOL     ? "true or false"
+                       : field->cpp_type() == pb::FieldDescriptor::CPPTYPE_DOUBLE ? "a number"
+                       : field->cpp_type() == pb::FieldDescriptor::CPPTYPE_UINT64 ||
+                               field->cpp_type() == pb::FieldDescriptor::CPPTYPE_UINT32
+                           ? "a non-negative integer"
+                           : "an integer";
+    return FieldError(source, node, path, std::string("expected ") + want + ", got \"" + text + "\"");
+  }
+  return OkStatus();
+}
+
+Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string& prefix, const std::string& source) {
+  if (!node.IsMap()) {
+    return FieldError(source, node, prefix.empty() ? "(top level)" : prefix, "expected a mapping of fields");
+  }
+  const pb::Descriptor* d = msg->GetDescriptor();
+  const pb::Reflection* r = msg->GetReflection();
+  for (auto it = node.begin(); it != node.end(); ++it) {
+    const std::string key = it->first.Scalar();
+    const std::string path = prefix.empty() ? key : prefix + "." + key;
+    const pb::FieldDescriptor* field = d->FindFieldByName(key);
+    if (field == nullptr) field = d->FindFieldByCamelcaseName(key);
+    if (field == nullptr) {
+      return FieldError(source, it->first, path, "unknown field (known: " + KnownFields(d) + ")");
+    }
+    const YAML::Node& value = it->second;
+    if (value.IsNull()) continue;  // `key:` with nothing: the default
+    if (const pb::OneofDescriptor* oneof = field->real_containing_oneof()) {
+      const pb::FieldDescriptor* set = r->GetOneofFieldDescriptor(*msg, oneof);
+      if (set != nullptr && set != field) {
+        return FieldError(source, it->first, path, "conflicts with " + (prefix.empty() ? "" : prefix + ".") +
+                                                       set->name() + " (only one of them may be given)");
+      }
+    }
+    if (field->is_repeated()) {
+      if (!value.IsSequence()) return FieldError(source, value, path, "expected a list");
+      for (size_t i = 0; i < value.size(); ++i) {
+        const std::string item = path + "[" + std::to_string(i) + "]";
+        if (field->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+          RETURN_IF_ERROR(YamlToMessage(value[i], r->AddMessage(msg, field), item, source));
+        } else {
+          RETURN_IF_ERROR(SetScalar(value[i], msg, field, item, source));
+        }
+      }
+    } else if (field->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      RETURN_IF_ERROR(YamlToMessage(value, r->MutableMessage(msg, field), path, source));
+    } else {
+      RETURN_IF_ERROR(SetScalar(value, msg, field, path, source));
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+StatusOr<v1::Experiment> ParseExperimentText(const std::string& text, const std::string& source) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::ParserException& e) {
+    return InvalidArgumentError(source + ":" + std::to_string(e.mark.line + 1) + ": not valid YAML or JSON: " + e.msg);
+  }
+  if (!root.IsDefined() || root.IsNull()) return InvalidArgumentError(source + ": the file is empty");
+  v1::Experiment experiment;
+  RETURN_IF_ERROR(YamlToMessage(root, &experiment, "", source));
+  return experiment;
+}
+
+StatusOr<v1::Experiment> LoadExperimentFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return NotFoundError(path + ": no such file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  ASSIGN_OR_RETURN(v1::Experiment e, ParseExperimentText(ss.str(), path));
+  // Relative data paths are relative to the experiment file.
+  const std::filesystem::path base = std::filesystem::path(path).parent_path();
+  auto resolve = [&](std::string* p) {
+    if (!p->empty() && (*p)[0] != '/') *p = (base / *p).lexically_normal().string();
+  };
+  if (e.data().has_text()) {
+    for (auto& p : *e.mutable_data()->mutable_text()->mutable_paths()) resolve(&p);
+  }
+  if (e.data().has_shards()) {
+    resolve(e.mutable_data()->mutable_shards()->mutable_train());
+    if (!e.data().shards().val().empty()) resolve(e.mutable_data()->mutable_shards()->mutable_val());
+  }
+  return e;
+}
+
+void ApplyDefaults(v1::Experiment& e) {
+  v1::ModelSpec& m = *e.mutable_model();
+  if (!m.has_layers()) m.set_layers(4);
+  if (!m.has_d_model()) m.set_d_model(128);
+  if (!m.has_heads()) m.set_heads(4);
+  if (!m.has_kv_heads()) m.set_kv_heads(m.heads());
+  if (!m.has_head_dim()) m.set_head_dim(m.heads() > 0 ? m.d_model() / m.heads() : 0);
+  if (!m.has_ffn()) m.set_ffn(((m.d_model() * 8 / 3) + 31) / 32 * 32);
+  if (!m.has_vocab()) m.set_vocab(kByteVocab);
+  if (!m.has_context()) m.set_context(128);
+  if (!m.has_rope_theta()) m.set_rope_theta(10000.0);
+  if (!m.has_rms_eps()) m.set_rms_eps(1e-5);
+  if (!m.has_init_std()) m.set_init_std(0.02);
+  if (!m.has_tied_embeddings()) m.set_tied_embeddings(false);
+
+  v1::DataSpec& d = *e.mutable_data();
+  if (!d.has_val_fraction()) d.set_val_fraction(0.05);
+  if (d.has_text()) {
+    if (!d.text().has_separator()) d.mutable_text()->set_separator("%");
+    if (d.text().exclude_suffixes().empty()) {
+      d.mutable_text()->add_exclude_suffixes(".dat");
+      d.mutable_text()->add_exclude_suffixes(".u8");
+    }
+  }
+
+  v1::TrainSpec& t = *e.mutable_train();
+  if (!t.has_steps()) t.set_steps(200);
+  if (!t.has_micro_batch()) t.set_micro_batch(8);
+  if (!t.has_grad_accum()) t.set_grad_accum(1);
+  if (!t.has_lr()) t.set_lr(3e-3);
+  if (!t.has_min_lr()) t.set_min_lr(t.lr() / 10);
+  if (!t.has_warmup_steps()) t.set_warmup_steps(t.steps() / 10);
+  if (!t.has_beta1()) t.set_beta1(0.9);
+  if (!t.has_beta2()) t.set_beta2(0.95);
+  if (!t.has_eps()) t.set_eps(1e-8);
+  if (!t.has_weight_decay()) t.set_weight_decay(0.1);
+  if (!t.has_grad_clip()) t.set_grad_clip(1.0);
+  if (!t.has_eval_every()) t.set_eval_every(50);
+  if (!t.has_eval_batches()) t.set_eval_batches(8);
+
+  v1::ProbeSpec& p = *e.mutable_probe();
+  if (!p.has_every()) p.set_every(50);
+  if (!p.has_sink_position()) p.set_sink_position(0);
+  if (!p.has_ref_span()) p.set_ref_span(std::min(31, m.context() - 1));
+  if (!p.has_profile_len()) p.set_profile_len(std::min(64, m.context()));
+  if (!p.has_eps()) p.set_eps(0.3);
+  if (!p.has_t_eps()) p.set_t_eps(64);
+  if (p.reduce() == v1::REDUCE_UNSPECIFIED) p.set_reduce(v1::SUM_THEN_NORM);
+  if (p.batch() == v1::PROBE_BATCH_UNSPECIFIED) p.set_batch(v1::STEP_BATCH);
+
+  v1::Resources& r = *e.mutable_resources();
+  if (r.device() == v1::DEVICE_KIND_UNSPECIFIED) r.set_device(v1::CPU);
+  if (!r.has_devices_per_run()) r.set_devices_per_run(1);
+
+  if (e.arms().empty()) {
+    e.add_arms(v1::BASELINE);
+    e.add_arms(v1::VSCALE);
+  }
+  if (e.seeds().empty()) e.add_seeds(0);
+  if (!e.has_max_restarts()) e.set_max_restarts(2);
+  v1::CheckpointSpec& c = *e.mutable_checkpoint();
+  if (!c.has_every()) c.set_every(100);
+  if (!c.has_export_hf()) c.set_export_hf(true);
+}
+
+Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
+  auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
+  if (e.name().empty()) return bad("name", "is required");
+  for (char ch : e.name()) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') {
+      return bad("name", "may hold only letters, digits, '-', '_' and '.', got \"" + e.name() + "\"");
+    }
+  }
+  const v1::ModelSpec& m = e.model();
+  struct Positive {
+    const char* path;
+    int64_t value;
+  };
+  for (const Positive& p : {Positive{"model.layers", m.layers()}, Positive{"model.d_model", m.d_model()},
+                            Positive{"model.heads", m.heads()}, Positive{"model.kv_heads", m.kv_heads()},
+                            Positive{"model.head_dim", m.head_dim()}, Positive{"model.ffn", m.ffn()},
+                            Positive{"model.vocab", m.vocab()}, Positive{"model.context", m.context()},
+                            Positive{"train.steps", e.train().steps()},
+                            Positive{"train.micro_batch", e.train().micro_batch()},
+                            Positive{"train.grad_accum", e.train().grad_accum()},
+                            Positive{"train.eval_batches", e.train().eval_batches()},
+                            Positive{"resources.devices_per_run", e.resources().devices_per_run()}}) {
+    if (p.value <= 0) return bad(p.path, "must be positive, got " + std::to_string(p.value));
+  }
+  if (m.heads() % m.kv_heads() != 0) {
+    return bad("model.kv_heads", "must divide model.heads (" + std::to_string(m.heads()) + "), got " +
+                                     std::to_string(m.kv_heads()));
+  }
+  if (m.head_dim() % 2 != 0) return bad("model.head_dim", "must be even for RoPE, got " + std::to_string(m.head_dim()));
+  if (!(m.rope_theta() > 0)) return bad("model.rope_theta", "must be positive");
+  if (!(m.rms_eps() > 0)) return bad("model.rms_eps", "must be positive");
+  if (!(m.init_std() > 0)) return bad("model.init_std", "must be positive");
+
+  const v1::DataSpec& d = e.data();
+  if (d.source_case() == v1::DataSpec::SOURCE_NOT_SET) return bad("data", "needs data.text or data.shards");
+  if (!(d.val_fraction() >= 0 && d.val_fraction() <= 0.5)) return bad("data.val_fraction", "must be in [0, 0.5]");
+  if (d.has_text()) {
+    if (d.text().paths().empty()) return bad("data.text.paths", "needs at least one file or folder");
+    if (m.vocab() < kByteVocab) {
+      return bad("model.vocab", "must be at least 257 for byte-level text, got " + std::to_string(m.vocab()));
+    }
+    if (check_paths) {
+      for (int i = 0; i < d.text().paths_size(); ++i) {
+        if (!std::filesystem::exists(d.text().paths(i))) {
+          return bad("data.text.paths[" + std::to_string(i) + "]", "no such file or folder: " + d.text().paths(i));
+        }
+      }
+    }
+  } else {
+    if (d.shards().train().empty()) return bad("data.shards.train", "is required");
+    if (check_paths) {
+      auto train = ExpandGlob(d.shards().train());
+      if (!train.ok()) return bad("data.shards.train", train.status().message());
+      if (!d.shards().val().empty()) {
+        auto val = ExpandGlob(d.shards().val());
+        if (!val.ok()) return bad("data.shards.val", val.status().message());
+      }
+    }
+  }
+
+  const v1::TrainSpec& t = e.train();
+  RETURN_IF_ERROR(ToOptimizerConfig(t).Validate());
+  if (t.warmup_steps() > t.steps()) return bad("train.warmup_steps", "must not exceed train.steps");
+  if (t.eval_every() < 0) return bad("train.eval_every", "must not be negative");
+
+  const v1::ProbeSpec& p = e.probe();
+  const int T = m.context();
+  if (p.every() < 0) return bad("probe.every", "must not be negative");
+  if (p.sink_position() < 0 || p.sink_position() >= T) {
+    return bad("probe.sink_position", "must be in [0, model.context) = [0, " + std::to_string(T) + "), got " +
+                                          std::to_string(p.sink_position()));
+  }
+  if (p.ref_span() <= 0 || p.ref_span() >= T) {
+    return bad("probe.ref_span", "T_e must be in [1, model.context) = [1, " + std::to_string(T) + "), got " +
+                                     std::to_string(p.ref_span()));
+  }
+  if (p.profile_len() <= 0 || p.profile_len() > T) {
+    return bad("probe.profile_len", "P must be in [1, model.context] = [1, " + std::to_string(T) + "], got " +
+                                        std::to_string(p.profile_len()));
+  }
+  if (!(p.eps() > 0 && p.eps() < 1)) return bad("probe.eps", "must be in (0, 1)");
+  if (p.t_eps() <= 0) return bad("probe.t_eps", "must be positive");
+
+  for (int i = 0; i < e.arms_size(); ++i) {
+    if (e.arms(i) == v1::ARM_UNSPECIFIED) return bad("arms[" + std::to_string(i) + "]", "unknown arm");
+    for (int j = 0; j < i; ++j) {
+      if (e.arms(j) == e.arms(i)) return bad("arms[" + std::to_string(i) + "]", "repeats arms[" + std::to_string(j) + "]");
+    }
+  }
+  if (e.max_restarts() < 0) return bad("max_restarts", "must not be negative");
+  if (e.checkpoint().every() < 0) return bad("checkpoint.every", "must not be negative");
+  return OkStatus();
+}
+
+ModelConfig ToModelConfig(const v1::ModelSpec& s, v1::Arm arm) {
+  ModelConfig c;
+  c.layers = s.layers();
+  c.d_model = s.d_model();
+  c.heads = s.heads();
+  c.kv_heads = s.kv_heads();
+  c.head_dim = s.head_dim();
+  c.ffn = s.ffn();
+  c.vocab = s.vocab();
+  c.context = s.context();
+  c.rope_theta = s.rope_theta();
+  c.rms_eps = s.rms_eps();
+  c.init_std = s.init_std();
+  c.tied_embeddings = s.tied_embeddings();
+  c.vscale = arm == v1::VSCALE                 ? VScaleMode::kVScale
+             : arm == v1::VSCALE_BACKWARD_ONLY ? VScaleMode::kBackwardOnly
+                                               : VScaleMode::kNone;
+  return c;
+}
+
+OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& s) {
+  OptimizerConfig o;
+  o.lr = s.lr();
+  o.min_lr = s.min_lr();
+  o.warmup_steps = s.warmup_steps();
+  o.total_steps = s.steps();
+  o.beta1 = s.beta1();
+  o.beta2 = s.beta2();
+  o.eps = s.eps();
+  o.weight_decay = s.weight_decay();
+  o.grad_clip = s.grad_clip();
+  return o;
+}
+
+const char* ArmName(v1::Arm arm) {
+  switch (arm) {
+    case v1::BASELINE: return "baseline";
+    case v1::VSCALE: return "vscale";
+    case v1::VSCALE_BACKWARD_ONLY: return "vscale_backward_only";
+    default: return "unspecified";
+  }
+}
+
+}  // namespace sinkscope

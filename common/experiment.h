@@ -1,0 +1,32 @@
+// Experiment files: YAML or JSON mapped onto sinkscope.v1.Experiment by the proto's
+// own descriptors (the JSON mapping: proto or lowerCamelCase field names, enums by
+// name), defaults filled in, and every rule checked. Errors name the file, the line,
+// the field path and the rule, e.g. "quickstart.yaml:7: model.kv_heads: must divide
+// model.heads (4), got 3".
+#pragma once
+
+#include <string>
+
+#include "proto/sinkscope/v1/experiment.pb.h"
+#include "worker/engine/config.h"
+#include "worker/engine/optimizer.h"
+#include "worker/engine/status.h"
+
+namespace sinkscope {
+
+// Parses YAML or JSON text onto an Experiment; `source` names it in errors.
+StatusOr<v1::Experiment> ParseExperimentText(const std::string& text, const std::string& source);
+// Reads and parses a file; relative data paths are resolved against its folder.
+StatusOr<v1::Experiment> LoadExperimentFile(const std::string& path);
+// Fills every optional field left out with its documented default.
+void ApplyDefaults(v1::Experiment& experiment);
+// Checks every rule on a defaulted experiment; the message names the field path.
+// `check_paths` also requires data paths to exist on this machine.
+Status ValidateExperiment(const v1::Experiment& experiment, bool check_paths);
+
+// Engine settings of one arm of a defaulted experiment.
+ModelConfig ToModelConfig(const v1::ModelSpec& spec, v1::Arm arm);
+OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& spec);
+const char* ArmName(v1::Arm arm);  // "baseline", "vscale", "vscale_backward_only"
+
+}  // namespace sinkscope

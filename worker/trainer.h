@@ -1,0 +1,76 @@
+// The training loop of one run: draws micro-batches, accumulates gradients, applies
+// AdamW on the schedule, evaluates, checkpoints and resumes bit for bit.
+#pragma once
+
+#include <chrono>
+#include <memory>
+
+#include "worker/checkpoint.h"
+#include "worker/data.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optimizer.h"
+
+namespace sinkscope {
+
+struct TrainerOptions {
+  ModelConfig model;
+  OptimizerConfig optimizer;  // total_steps is the run's length
+  int micro_batch = 8;        // B
+  int grad_accum = 1;         // micro-batches per step
+  uint64_t seed = 0;
+  int eval_batches = 8;
+};
+
+struct StepStats {
+  int64_t step = 0;  // 1-based: the step just completed
+  double loss = 0;   // mean token loss over the global batch
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+  double tokens_per_second = 0;
+  double seconds = 0;  // wall time of the step
+  bool finite = true;  // false: NaN/Inf loss or gradient; no update was made
+};
+
+class Trainer {
+ public:
+  // `data` is shared between runs; it must outlive the trainer.
+  static StatusOr<std::unique_ptr<Trainer>> Create(const TrainerOptions& options, const DataSplits* data,
+                                                   Backend* backend);
+
+  // Fresh weights from the seed.
+  void Initialize();
+  // Restores model, optimizer and data position; the run then continues exactly as the
+  // uninterrupted one would (bit for bit on the CPU backend).
+  Status Resume(const std::string& checkpoint_path);
+  Status SaveCheckpoint(const std::string& path) const;
+
+  // One optimisation step over grad_accum micro-batches. `observer` sees every
+  // micro-batch's pass (probes); it does not change the arithmetic.
+  StepStats Step(PassObserver* observer = nullptr);
+  // Mean token loss over eval_batches fixed validation batches (the same every call).
+  double Evaluate();
+  // Draws the next global batch's tokens without training (for probes on the step's
+  // own batch: the probe and the step see the same batch). Micro-batch m of the next
+  // step is draw data_counter + m.
+  void PeekMicroBatch(int m, std::vector<int32_t>* inputs, std::vector<int32_t>* targets) const;
+
+  Model& model() { return *model_; }
+  const TrainerOptions& options() const { return options_; }
+  int64_t step() const { return state_.step; }
+  const TrainingState& state() const { return state_; }
+  int64_t tokens_per_step() const {
+    return static_cast<int64_t>(options_.micro_batch) * options_.grad_accum * options_.model.context;
+  }
+  uint64_t data_seed() const;
+
+ private:
+  Trainer(const TrainerOptions& options, const DataSplits* data) : options_(options), data_(data) {}
+
+  TrainerOptions options_;
+  const DataSplits* data_;
+  std::unique_ptr<Model> model_;
+  TrainingState state_;
+  std::vector<int32_t> inputs_, targets_;
+};
+
+}  // namespace sinkscope
