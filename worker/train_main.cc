@@ -14,6 +14,7 @@
 #include "common/experiment.h"
 #include "worker/engine/backend.h"
 #include "worker/hf.h"
+#include "worker/probe_json.h"
 #include "worker/progress.h"
 #include "worker/trainer.h"
 
@@ -38,10 +39,54 @@ struct RunSummary {
   double first_loss = NAN, final_loss = NAN, val_loss = NAN, tokens_per_second = 0;
   int64_t steps = 0;
   std::string dir;
+  bool probed = false;
+  ProbeReport last_probe;  // the latest training-time probe
 };
 
+ProbeSettings ToProbeSettings(const v1::ProbeSpec& p) {
+  ProbeSettings s;
+  s.sink_position = p.sink_position();
+  s.ref_span = p.ref_span();
+  s.profile_len = p.profile_len();
+  s.eps = p.eps();
+  s.t_eps = p.t_eps();
+  s.reduce = p.reduce() == v1::NORM_THEN_MEAN ? ReduceMode::kNormThenMean : ReduceMode::kSumThenNorm;
+  return s;
+}
+
+// The arms side by side per layer at their latest probe: the numbers behind the paper's
+// Figures 1 and 7.
+void PrintArmComparison(const std::vector<RunSummary>& runs) {
+  std::vector<const RunSummary*> probed;
+  for (const auto& r : runs) {
+    if (r.probed) probed.push_back(&r);
+  }
+  if (probed.empty()) return;
+  std::printf("\nper layer at the latest probe (step %lld): R_GS(0) | sink rate | ‖h_out‖ tok0/1-15 | top1/median\n",
+              static_cast<long long>(probed[0]->last_probe.step));
+  std::printf("%5s", "layer");
+  for (const auto* r : probed) std::printf(" | %-34s", (r->arm + " s" + std::to_string(r->seed)).c_str());
+  std::printf("\n");
+  const size_t layers = probed[0]->last_probe.layers.size();
+  for (size_t l = 0; l < layers; ++l) {
+    std::printf("%5zu", l);
+    for (const auto* r : probed) {
+      const LayerProbe& p = r->last_probe.layers[l];
+      std::printf(" | %7.2f %6.2f %9.2f %9.1f", p.r_gs, p.sink_rate, p.norm_ratio.at("h_out"),
+                  p.massive.top1_over_median);
+    }
+    std::printf("\n");
+  }
+  std::printf("%5s", "med");
+  for (const auto* r : probed) {
+    std::printf(" | %7.2f [IQR %6.2f-%-6.2f]          ", r->last_probe.r_gs_median, r->last_probe.r_gs_q1,
+                r->last_probe.r_gs_q3);
+  }
+  std::printf("\n");
+}
+
 StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t seed, const DataSplits& data,
-                              const std::string& out, bool resume, Backend* backend) {
+                              const std::string& out, bool resume, Backend* backend, double peak_flops) {
   TrainerOptions o;
   o.model = ToModelConfig(e.model(), arm);
   o.optimizer = ToOptimizerConfig(e.train());
@@ -49,6 +94,7 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   o.grad_accum = e.train().grad_accum();
   o.eval_batches = e.train().eval_batches();
   o.seed = seed;
+  o.peak_flops = peak_flops;
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(o, &data, backend));
   RunSummary r;
   r.arm = ArmName(arm);
@@ -62,12 +108,25 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
     trainer->Initialize();
   }
   std::ofstream metrics(r.dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
+  std::ofstream probes(r.dir + "/probes.jsonl", resume ? std::ios::app : std::ios::trunc);
+  const ProbeSettings probe_settings = ToProbeSettings(e.probe());
+  const ProbeBatchKind probe_batch =
+      e.probe().batch() == v1::HELD_OUT ? ProbeBatchKind::kHeldOut : ProbeBatchKind::kStepBatch;
   const int64_t total = e.train().steps();
   ProgressBar bar(r.arm + " seed " + std::to_string(seed), total);
   double tok_s_sum = 0, recent_loss = 0;
   int64_t timed_steps = 0, recent_count = 0;
   while (trainer->step() < total) {
-    const StepStats s = trainer->Step();
+    const int probe_every = e.probe().every();
+    const bool probe_now = probe_every > 0 && ((trainer->step() + 1) % probe_every == 0 || trainer->step() == 0 ||
+                                               trainer->step() + 1 == total);
+    ProbeReport report;
+    const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
+    if (probe_now && s.finite) {
+      probes << ProbeReportToJson(report).dump() << "\n";
+      r.last_probe = std::move(report);
+      r.probed = true;
+    }
     if (!s.finite) {
       RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt));  // unchanged weights: the last good state
       return Status(StatusCode::kAborted, "run " + r.arm + " seed " + std::to_string(seed) +
@@ -84,7 +143,7 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
       ++recent_count;
     }
     nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
-                           {"tokens_per_second", s.tokens_per_second}};
+                           {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
     const int every = e.train().eval_every();
     if ((every > 0 && s.step % every == 0) || s.step == total) {
       r.val_loss = trainer->Evaluate();
@@ -174,10 +233,12 @@ int Main(int argc, char** argv) {
                data->train.size(), data->val.size(), unigram);
 
   auto backend = MakeCpuBackend();
+  const double peak = MeasureGemmPeak(*backend);
+  std::fprintf(stderr, "cpu backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", peak / 1e9);
   std::vector<RunSummary> runs;
   for (uint64_t seed : e->seeds()) {
     for (int a : e->arms()) {
-      auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get());
+      auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak);
       if (!r.ok()) {
         std::fprintf(stderr, "sinkscope-train: %s\n", r.status().message().c_str());
         return 1;
@@ -191,6 +252,7 @@ int Main(int argc, char** argv) {
       j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"steps", r.steps}, {"first_loss", r.first_loss},
                            {"final_loss", r.final_loss}, {"val_loss", r.val_loss},
                            {"tokens_per_second", r.tokens_per_second}, {"dir", r.dir}});
+      if (r.probed) j["runs"].back()["last_probe"] = ProbeReportToJson(r.last_probe);
     }
     std::printf("%s\n", j.dump(1).c_str());
     return 0;
@@ -203,7 +265,8 @@ int Main(int argc, char** argv) {
     std::printf("%-22s %6llu %11.4f %11.4f %9.4f %10.0f\n", r.arm.c_str(), static_cast<unsigned long long>(r.seed),
                 r.first_loss, r.final_loss, r.val_loss, r.tokens_per_second);
   }
-  std::printf("runs written to %s\n", out.c_str());
+  PrintArmComparison(runs);
+  std::printf("runs written to %s (metrics.jsonl, probes.jsonl, checkpoint.bin, hf/)\n", out.c_str());
   return 0;
 }
 

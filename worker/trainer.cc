@@ -79,7 +79,50 @@ StepStats Trainer::Step(PassObserver* observer) {
   s.step = state_.step;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   s.tokens_per_second = tokens_per_step() / std::max(s.seconds, 1e-9);
+  if (options_.peak_flops > 0) {
+    s.mfu = options_.model.TrainFlopsPerToken(T) * s.tokens_per_second / options_.peak_flops;
+  }
   return s;
+}
+
+StepStats Trainer::ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind, ProbeReport* report) {
+  const int T = options_.model.context;
+  if (kind == ProbeBatchKind::kStepBatch) {
+    ProbeCollector collector(*model_, settings, T);
+    StepStats s = Step(&collector);
+    *report = collector.Finish(state_.step + (s.finite ? 0 : 1), s.loss);
+    return s;
+  }
+  const int B = options_.micro_batch;
+  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
+  const TokenStream& source = data_->val.size() > static_cast<size_t>(T) ? data_->val : data_->train;
+  source.Sample(0x9B0BEull, 0, B, T, inputs.data(), targets.data());  // the same batch every probe
+  auto r = RunDiagnosticPass(*model_, settings, inputs.data(), targets.data(), B, T, state_.step + 1);
+  if (r.ok()) *report = std::move(*r);
+  return Step();
+}
+
+double MeasureGemmPeak(Backend& backend) {
+  const int n = 1024;
+  float* a = backend.Alloc(static_cast<size_t>(n) * n);
+  float* b = backend.Alloc(static_cast<size_t>(n) * n);
+  float* c = backend.Alloc(static_cast<size_t>(n) * n);
+  backend.Fill(a, 0.5f, static_cast<size_t>(n) * n);
+  backend.Fill(b, 0.25f, static_cast<size_t>(n) * n);
+  backend.Gemm(false, true, n, n, n, 1.0f, a, b, 0.0f, c);  // warm-up
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    backend.Gemm(false, true, n, n, n, 1.0f, a, b, 0.0f, c);
+    float sink;
+    backend.ToHost(&sink, c, sizeof(float));  // waits for asynchronous backends
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, 2.0 * n * n * n / s);
+  }
+  backend.Free(a);
+  backend.Free(b);
+  backend.Free(c);
+  return best;
 }
 
 double Trainer::Evaluate() {

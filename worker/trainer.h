@@ -9,6 +9,7 @@
 #include "worker/data.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
+#include "worker/engine/probes.h"
 
 namespace sinkscope {
 
@@ -19,6 +20,15 @@ struct TrainerOptions {
   int grad_accum = 1;         // micro-batches per step
   uint64_t seed = 0;
   int eval_batches = 8;
+  // Peak matmul rate of the device in FLOP/s for MFU (METRICS.md); 0 leaves MFU at 0.
+  // On the CPU: the sgemm rate measured at start-up (MeasureGemmPeak).
+  double peak_flops = 0;
+};
+
+// Which batch a training-time probe measures.
+enum class ProbeBatchKind {
+  kStepBatch,  // the step's own global batch: the gradients are the step's gradients
+  kHeldOut,    // a fixed batch of micro_batch validation sequences, the same every probe
 };
 
 struct StepStats {
@@ -28,8 +38,13 @@ struct StepStats {
   double grad_norm = 0;  // before clipping
   double tokens_per_second = 0;
   double seconds = 0;  // wall time of the step
+  double mfu = 0;      // model FLOPs utilisation against options.peak_flops
   bool finite = true;  // false: NaN/Inf loss or gradient; no update was made
 };
+
+// Times a large Gemm on `backend` and returns its rate in FLOP/s: the peak against which
+// the CPU backend's MFU is stated.
+double MeasureGemmPeak(Backend& backend);
 
 class Trainer {
  public:
@@ -47,6 +62,9 @@ class Trainer {
   // One optimisation step over grad_accum micro-batches. `observer` sees every
   // micro-batch's pass (probes); it does not change the arithmetic.
   StepStats Step(PassObserver* observer = nullptr);
+  // A step that is also probed. Both kinds measure the weights the step starts from;
+  // the update is bit-identical to Step()'s. The report's step is the step's number.
+  StepStats ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind, ProbeReport* report);
   // Mean token loss over eval_batches fixed validation batches (the same every call).
   double Evaluate();
   // Draws the next global batch's tokens without training (for probes on the step's
