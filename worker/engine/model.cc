@@ -191,6 +191,7 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
     float* h_out = residual_[l + 1];
     // Attention branch.
     be.RmsNormForward(a.xn, a.rstd_attn, h_in, w.attn_norm, N, d, eps);  // x̃ (N,d)
+    if (observer) observer->EditAttentionInput(l, a.xn, B, T);
     be.Gemm(false, true, N, qd, d, 1.0f, a.xn, w.wq, 0.0f, a.q);         // (N,H·dh)
     be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wk, 0.0f, a.k);        // (N,KV·dh)
     be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wv, 0.0f, a.v);        // (N,KV·dh)
@@ -217,8 +218,8 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
   be.Gemm(false, true, N, c.vocab, d, 1.0f, xf_, params_ + off_head_, 0.0f, logits_);  // (N,V)
 }
 
-double Model::Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T) {
-  Forward(tokens, B, T, nullptr);
+double Model::Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T, PassObserver* observer) {
+  Forward(tokens, B, T, observer);
   const int N = B * T;
   backend_->ToDevice(targets_dev_, targets, sizeof(int32_t) * N);
   return backend_->CrossEntropyLoss(logits_, targets_dev_, N, config_.vocab) / N;

@@ -65,6 +65,9 @@ class PassObserver {
   // ∂L/∂(site) of one micro-batch. For kHHalf, `downstream` is ∂L/∂h_out; for kHIn it
   // is ∂L/∂h_half (the residual gradient one step later); otherwise null.
   virtual void OnGradient(int layer, Site site, const float* grad, const float* downstream, int B, int T) = 0;
+  // Optional intervention: may change x̃ (B,T,d) of `layer` in place before the
+  // projections read it (ablations; finite differences at x̃ in tests).
+  virtual void EditAttentionInput(int layer, float* xn, int B, int T) {}
 };
 
 class Model {
@@ -100,7 +103,7 @@ class Model {
   double ForwardBackward(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
                          PassObserver* observer = nullptr);
   // Forward only; returns the mean token loss.
-  double Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T);
+  double Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T, PassObserver* observer = nullptr);
 
   // Host copies of parameters (for checkpoints, export, tests).
   std::vector<float> ParamsToHost() const;

@@ -153,7 +153,7 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
     a.alpha[h] += static_cast<double>(dev[h]) * B;
     a.mass[h] += static_cast<double>(dev[H + h]) * B;
     a.second[h] += static_cast<double>(dev[2 * H + h]) * B;
-    a.above[h] += static_cast<double>(dev[3 * H + h]) * B;
+    a.above[h] += std::round(static_cast<double>(dev[3 * H + h]) * B);  // a count of sequences
   }
   // Massive activations (Sun et al. 2024): every |h_out| value of the probe batch.
   const size_t n = static_cast<size_t>(B) * T * d;
