@@ -1,0 +1,167 @@
+#include "worker/probe_command.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "worker/checkpoint.h"
+#include "worker/data.h"
+#include "worker/hf.h"
+#include "worker/probe_json.h"
+
+namespace sinkscope {
+namespace {
+
+const char kUsage[] = R"(usage: %s CHECKPOINT (--tokens SHARD | --text PATH) [options]
+
+Runs the diagnostic pass (forward and backward, no update) on a checkpoint and prints
+the paper's per-layer measurements (METRICS.md).
+
+CHECKPOINT        a sinkscope checkpoint.bin, or a Hugging Face folder holding
+                  config.json and model.safetensors (LlamaForCausalLM; V-scale theta
+                  under model.layers.{i}.self_attn.vscale_theta)
+--tokens SHARD    llm.c token shard; sequence b is tokens [b*T, b*T+T], targets shifted by one
+--text PATH       a text file or folder, byte-level tokens, documents split by --separator
+--separator S     document separator line for --text (default %%)
+--batch B         sequences (default 8)
+--seq T           tokens per sequence (default: the model's context)
+--arm A           baseline | vscale | vscale_backward_only (default: the checkpoint's)
+--s N             sink position s (default 0)
+--ref-span N      T_e (default 31, clipped to T-1)
+--profile-len N   P (default 64, clipped to T)
+--eps X           sink threshold (default 0.3)
+--t-eps N         sink window T_eps (default 64)
+--reduce MODE     sum_then_norm (default) | norm_then_mean
+--json            write the full report as JSON to stdout
+-h, --help        this text
+)";
+
+}  // namespace
+
+int RunProbeCommand(int argc, char** argv) {
+  const char* name = argv[0];
+  std::string checkpoint, tokens_path, text_path, separator = "%", arm;
+  int B = 8, T = 0;
+  ProbeSettings st;
+  bool ref_span_set = false, profile_set = false, json = false;
+  auto fail = [&](const std::string& msg) {
+    std::fprintf(stderr, "%s: %s\n", name, msg.c_str());
+    return 2;
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    if (a == "-h" || a == "--help") {
+      std::printf(kUsage, name);
+      return 0;
+    }
+    if (a == "--json") {
+      json = true;
+      continue;
+    }
+    if (a.rfind("--", 0) == 0) {
+      const char* v = value();
+      if (v == nullptr) return fail("option " + a + " needs a value");
+      if (a == "--tokens") tokens_path = v;
+      else if (a == "--text") text_path = v;
+      else if (a == "--separator") separator = v;
+      else if (a == "--batch") B = std::atoi(v);
+      else if (a == "--seq") T = std::atoi(v);
+      else if (a == "--arm") arm = v;
+      else if (a == "--s") st.sink_position = std::atoi(v);
+      else if (a == "--ref-span") { st.ref_span = std::atoi(v); ref_span_set = true; }
+      else if (a == "--profile-len") { st.profile_len = std::atoi(v); profile_set = true; }
+      else if (a == "--eps") st.eps = std::atof(v);
+      else if (a == "--t-eps") st.t_eps = std::atoi(v);
+      else if (a == "--reduce") {
+        const std::string m = v;
+        if (m == "sum_then_norm") st.reduce = ReduceMode::kSumThenNorm;
+        else if (m == "norm_then_mean") st.reduce = ReduceMode::kNormThenMean;
+        else return fail("--reduce must be sum_then_norm or norm_then_mean, got " + m);
+      } else {
+        return fail("unknown option " + a + " (see --help)");
+      }
+    } else if (checkpoint.empty()) {
+      checkpoint = a;
+    } else {
+      return fail("unexpected argument " + a + " (see --help)");
+    }
+  }
+  if (checkpoint.empty()) return fail("a CHECKPOINT is required (see --help)");
+  if (tokens_path.empty() == text_path.empty()) return fail("give exactly one of --tokens or --text");
+  if (B <= 0) return fail("--batch must be positive");
+
+  auto backend = MakeCpuBackend();
+  std::unique_ptr<Model> model;
+  if (std::filesystem::is_directory(checkpoint)) {
+    auto m = LoadHfModel(checkpoint, backend.get());
+    if (!m.ok()) return fail(m.status().message());
+    model = std::move(*m);
+  } else {
+    auto config = ReadCheckpointConfig(checkpoint);
+    if (!config.ok()) return fail(config.status().message());
+    auto m = Model::Create(*config, backend.get());
+    if (!m.ok()) return fail(m.status().message());
+    model = std::move(*m);
+    auto s = LoadCheckpoint(checkpoint, *model);
+    if (!s.ok()) return fail(s.status().message());
+  }
+  if (!arm.empty()) {  // the same weights under another arm's value path
+    ModelConfig c = model->config();
+    if (arm == "baseline") c.vscale = VScaleMode::kNone;
+    else if (arm == "vscale") c.vscale = VScaleMode::kVScale;
+    else if (arm == "vscale_backward_only") c.vscale = VScaleMode::kBackwardOnly;
+    else return fail("--arm must be baseline, vscale or vscale_backward_only, got " + arm);
+    auto m = Model::Create(c, backend.get());
+    (*m)->ParamsFromHost(model->ParamsToHost());
+    model = std::move(*m);
+  }
+  const ModelConfig& c = model->config();
+  if (T == 0) T = c.context;
+  if (T <= 0 || T > c.context) return fail("--seq must be in [1, " + std::to_string(c.context) + "]");
+  std::vector<int32_t> stream;
+  if (!tokens_path.empty()) {
+    auto t = ReadShard(tokens_path);
+    if (!t.ok()) return fail(t.status().message());
+    stream = std::move(*t);
+  } else {
+    TextSource src;
+    src.paths = {text_path};
+    src.separator = separator;
+    auto docs = ReadDocuments(src);
+    if (!docs.ok()) return fail(docs.status().message());
+    stream = PackDocuments(*docs);
+  }
+  const size_t need = static_cast<size_t>(B) * T + 1;
+  if (stream.size() < need) {
+    return fail((tokens_path.empty() ? text_path : tokens_path) + " holds " + std::to_string(stream.size()) +
+                " tokens; --batch " + std::to_string(B) + " x --seq " + std::to_string(T) + " needs " +
+                std::to_string(need));
+  }
+  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (stream[i] >= c.vocab || stream[i + 1] >= c.vocab) {
+      return fail("token " + std::to_string(std::max(stream[i], stream[i + 1])) + " is outside the model's vocab " +
+                  std::to_string(c.vocab));
+    }
+    inputs[i] = stream[i];
+    targets[i] = stream[i + 1];
+  }
+  if (!ref_span_set) st.ref_span = std::min(st.ref_span, T - 1);
+  if (!profile_set) st.profile_len = std::min(st.profile_len, T);
+  auto report = RunDiagnosticPass(*model, st, inputs.data(), targets.data(), B, T);
+  if (!report.ok()) return fail(report.status().message());
+  if (json) {
+    nlohmann::json j = ProbeReportToJson(*report);
+    j["arm"] = VScaleModeName(c.vscale);
+    j["checkpoint"] = checkpoint;
+    std::printf("%s\n", j.dump(1).c_str());
+  } else {
+    std::printf("%s (%s)\n%s", checkpoint.c_str(), VScaleModeName(c.vscale), ProbeReportTable(*report).c_str());
+  }
+  return 0;
+}
+
+}  // namespace sinkscope
