@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "worker/data.h"
@@ -121,13 +122,24 @@ Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string
   }
   const pb::Descriptor* d = msg->GetDescriptor();
   const pb::Reflection* r = msg->GetReflection();
+  std::map<const pb::FieldDescriptor*, std::pair<std::string, int>> seen;  // field → (key, line) given
   for (auto it = node.begin(); it != node.end(); ++it) {
+    if (!it->first.IsScalar()) {  // `{a: 1,, }` or a complex key
+      return FieldError(source, it->first, prefix.empty() ? "(top level)" : prefix, "expected a field name");
+    }
     const std::string key = it->first.Scalar();
     const std::string path = prefix.empty() ? key : prefix + "." + key;
     const pb::FieldDescriptor* field = d->FindFieldByName(key);
     if (field == nullptr) field = d->FindFieldByCamelcaseName(key);
     if (field == nullptr) {
       return FieldError(source, it->first, path, "unknown field (known: " + KnownFields(d) + ")");
+    }
+    // YAML wants unique keys but yaml-cpp keeps both: a repeat would silently override a
+    // value, merge two sections or append to a list.
+    if (auto [first, fresh] = seen.try_emplace(field, key, it->first.Mark().line + 1); !fresh) {
+      return FieldError(source, it->first, path,
+                        "given twice (first as \"" + first->second.first + "\" on line " +
+                            std::to_string(first->second.second) + ")");
     }
     const YAML::Node& value = it->second;
     if (value.IsNull()) continue;  // `key:` with nothing: the default
@@ -347,6 +359,14 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
       if (e.arms(j) == e.arms(i)) return bad("arms[" + std::to_string(i) + "]", "repeats arms[" + std::to_string(j) + "]");
     }
   }
+  // Runs are named <arm>-s<seed>: a repeated seed would be one run trained twice into one folder.
+  for (int i = 0; i < e.seeds_size(); ++i) {
+    for (int j = 0; j < i; ++j) {
+      if (e.seeds(j) == e.seeds(i)) {
+        return bad("seeds[" + std::to_string(i) + "]", "repeats seeds[" + std::to_string(j) + "]");
+      }
+    }
+  }
   if (e.max_restarts() < 0) return bad("max_restarts", "must not be negative");
   if (e.checkpoint().every() < 0) return bad("checkpoint.every", "must not be negative");
   return OkStatus();
@@ -383,6 +403,34 @@ OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& s) {
   o.eps = s.eps();
   o.weight_decay = s.weight_decay();
   o.grad_clip = s.grad_clip();
+  return o;
+}
+
+DataSpec ToDataSpec(const v1::Experiment& e) {
+  DataSpec spec;
+  spec.val_fraction = e.data().val_fraction();
+  spec.seq_len = e.model().context();
+  if (e.data().has_text()) {
+    spec.text.paths.assign(e.data().text().paths().begin(), e.data().text().paths().end());
+    spec.text.separator = e.data().text().separator();
+    spec.text.exclude_suffixes.assign(e.data().text().exclude_suffixes().begin(),
+                                      e.data().text().exclude_suffixes().end());
+  } else {
+    spec.train_shards = e.data().shards().train();
+    spec.val_shards = e.data().shards().val();
+  }
+  return spec;
+}
+
+TrainerOptions ToTrainerOptions(const v1::Experiment& e, v1::Arm arm, uint64_t seed, double peak_flops) {
+  TrainerOptions o;
+  o.model = ToModelConfig(e.model(), arm);
+  o.optimizer = ToOptimizerConfig(e.train());
+  o.micro_batch = e.train().micro_batch();
+  o.grad_accum = e.train().grad_accum();
+  o.eval_batches = e.train().eval_batches();
+  o.seed = seed;
+  o.peak_flops = peak_flops;
   return o;
 }
 

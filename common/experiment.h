@@ -10,7 +10,9 @@
 #include "proto/sinkscope/v1/experiment.pb.h"
 #include "worker/engine/config.h"
 #include "worker/engine/optimizer.h"
+#include "worker/data.h"
 #include "worker/engine/status.h"
+#include "worker/trainer.h"
 
 namespace sinkscope {
 
@@ -28,5 +30,9 @@ Status ValidateExperiment(const v1::Experiment& experiment, bool check_paths);
 ModelConfig ToModelConfig(const v1::ModelSpec& spec, v1::Arm arm);
 OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& spec);
 const char* ArmName(v1::Arm arm);  // "baseline", "vscale", "vscale_backward_only"
+// Where the run's tokens come from.
+DataSpec ToDataSpec(const v1::Experiment& experiment);
+// Everything the Trainer needs for one arm × seed of a defaulted experiment.
+TrainerOptions ToTrainerOptions(const v1::Experiment& experiment, v1::Arm arm, uint64_t seed, double peak_flops);
 
 }  // namespace sinkscope

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/convert.h"
 #include "common/experiment.h"
 #include "worker/engine/backend.h"
 #include "worker/hf.h"
@@ -43,16 +44,6 @@ struct RunSummary {
   ProbeReport last_probe;  // the latest training-time probe
 };
 
-ProbeSettings ToProbeSettings(const v1::ProbeSpec& p) {
-  ProbeSettings s;
-  s.sink_position = p.sink_position();
-  s.ref_span = p.ref_span();
-  s.profile_len = p.profile_len();
-  s.eps = p.eps();
-  s.t_eps = p.t_eps();
-  s.reduce = p.reduce() == v1::NORM_THEN_MEAN ? ReduceMode::kNormThenMean : ReduceMode::kSumThenNorm;
-  return s;
-}
 
 // The arms side by side per layer at their latest probe: the numbers behind the paper's
 // Figures 1 and 7.
@@ -87,14 +78,7 @@ void PrintArmComparison(const std::vector<RunSummary>& runs) {
 
 StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t seed, const DataSplits& data,
                               const std::string& out, bool resume, Backend* backend, double peak_flops) {
-  TrainerOptions o;
-  o.model = ToModelConfig(e.model(), arm);
-  o.optimizer = ToOptimizerConfig(e.train());
-  o.micro_batch = e.train().micro_batch();
-  o.grad_accum = e.train().grad_accum();
-  o.eval_batches = e.train().eval_batches();
-  o.seed = seed;
-  o.peak_flops = peak_flops;
+  const TrainerOptions o = ToTrainerOptions(e, arm, seed, peak_flops);
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(o, &data, backend));
   RunSummary r;
   r.arm = ArmName(arm);
@@ -211,18 +195,7 @@ int Main(int argc, char** argv) {
   }
   if (out.empty()) out = "runs/" + e->name();
 
-  DataSpec spec;
-  spec.val_fraction = e->data().val_fraction();
-  spec.seq_len = e->model().context();
-  if (e->data().has_text()) {
-    spec.text.paths.assign(e->data().text().paths().begin(), e->data().text().paths().end());
-    spec.text.separator = e->data().text().separator();
-    spec.text.exclude_suffixes.assign(e->data().text().exclude_suffixes().begin(),
-                                      e->data().text().exclude_suffixes().end());
-  } else {
-    spec.train_shards = e->data().shards().train();
-    spec.val_shards = e->data().shards().val();
-  }
+  const DataSpec spec = ToDataSpec(*e);
   auto data = LoadData(spec);
   if (!data.ok()) {
     std::fprintf(stderr, "sinkscope-train: data: %s\n", data.status().message().c_str());
