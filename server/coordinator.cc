@@ -1,0 +1,624 @@
+#include "server/coordinator.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <set>
+
+#include "common/experiment.h"
+#include "common/log.h"
+
+namespace sinkscope {
+namespace {
+
+bool Active(v1::RunState s) { return s == v1::QUEUED || s == v1::RUNNING; }
+
+v1::Stat MakeStat(const std::vector<double>& xs) {
+  v1::Stat s;
+  s.set_n(static_cast<int32_t>(xs.size()));
+  if (xs.empty()) return s;
+  double mean = 0;
+  for (double x : xs) mean += x / xs.size();
+  double var = 0;
+  for (double x : xs) var += (x - mean) * (x - mean);
+  s.set_mean(mean);
+  s.set_std(xs.size() > 1 ? std::sqrt(var / (xs.size() - 1)) : 0.0);
+  s.set_min(*std::min_element(xs.begin(), xs.end()));
+  s.set_max(*std::max_element(xs.begin(), xs.end()));
+  return s;
+}
+
+double Ratio(const v1::LayerProbe& l, const char* name) {
+  auto it = l.norm_ratio().find(name);
+  return it == l.norm_ratio().end() ? NAN : it->second;
+}
+
+}  // namespace
+
+int64_t Coordinator::NowMs() const {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+void Coordinator::Renew(Run& run) {
+  run.lease_deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options_.lease_seconds * 1000));
+}
+
+StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporter* exporter, const Options& options) {
+  std::unique_ptr<Coordinator> c(new Coordinator(store, exporter, options));
+  ASSIGN_OR_RETURN(std::vector<ExperimentRecord> experiments, store->LoadExperiments());
+  for (auto& e : experiments) {
+    const std::string id = e.summary.experiment_id();
+    c->experiment_order_.push_back(id);
+    c->experiments_[id] = std::move(e);
+  }
+  ASSIGN_OR_RETURN(std::vector<RunRecord> runs, store->LoadRuns());
+  for (auto& r : runs) {
+    Run run;
+    run.record = std::move(r);
+    const std::string id = run.record.summary.run_id();
+    c->experiment_runs_[run.record.summary.experiment_id()].push_back(id);
+    if (run.record.summary.state() == v1::QUEUED) c->queue_.push_back(id);
+    if (run.record.summary.state() == v1::RUNNING) c->Renew(run);  // grace for its worker to reconnect
+    auto count = store->CountProbes(id);
+    run.probe_reports = count.ok() ? *count : 0;
+    c->runs_[id] = std::move(run);
+  }
+  Log(LogLevel::kInfo, "coordinator_recovered",
+      {{"experiments", std::to_string(c->experiments_.size())}, {"runs", std::to_string(c->runs_.size())},
+       {"queued", std::to_string(c->queue_.size())}});
+  return c;
+}
+
+StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
+  ApplyDefaults(e);
+  RETURN_IF_ERROR(ValidateExperiment(e, options_.check_data_paths));
+  std::lock_guard<std::mutex> lock(mu_);
+  ASSIGN_OR_RETURN(int64_t last, store_->LastExperimentNumber(e.name()));
+  const std::string id = e.name() + "-" + std::to_string(last + 1);
+  ExperimentRecord rec;
+  rec.summary.set_experiment_id(id);
+  rec.summary.set_name(e.name());
+  rec.summary.set_state(v1::ACTIVE);
+  rec.summary.set_created_unix_ms(NowMs());
+  *rec.summary.mutable_spec() = e;
+  std::vector<RunRecord> runs;
+  v1::SubmitExperimentResponse response;
+  response.set_experiment_id(id);
+  for (int a : e.arms()) {
+    for (uint64_t seed : e.seeds()) {
+      RunRecord r;
+      v1::RunSummary& s = r.summary;
+      s.set_run_id(id + "-" + ArmName(static_cast<v1::Arm>(a)) + "-s" + std::to_string(seed));
+      s.set_experiment_id(id);
+      s.set_arm(static_cast<v1::Arm>(a));
+      s.set_seed(seed);
+      s.set_state(v1::QUEUED);
+      s.set_total_steps(e.train().steps());
+      runs.push_back(r);
+      response.add_run_ids(s.run_id());
+    }
+  }
+  RETURN_IF_ERROR(store_->InsertExperiment(rec, runs));
+  experiments_[id] = rec;
+  experiment_order_.push_back(id);
+  for (auto& r : runs) {
+    const std::string run_id = r.summary.run_id();
+    experiment_runs_[id].push_back(run_id);
+    queue_.push_back(run_id);
+    runs_[run_id].record = std::move(r);
+  }
+  Log(LogLevel::kInfo, "experiment_submitted", {{"experiment", id}, {"runs", std::to_string(runs.size())}});
+  return response;
+}
+
+v1::ExperimentSummary Coordinator::SummaryLocked(const std::string& id, bool with_spec) {
+  v1::ExperimentSummary s = experiments_.at(id).summary;
+  if (!with_spec) s.clear_spec();
+  for (const std::string& run_id : experiment_runs_[id]) {
+    const Run& run = runs_.at(run_id);
+    v1::RunSummary* r = s.add_runs();
+    *r = run.record.summary;
+    r->set_probe_reports(run.probe_reports);
+    if (r->state() == v1::RUNNING && run.step_seconds > 0) {
+      r->set_eta_seconds(run.step_seconds * static_cast<double>(r->total_steps() - r->step()));
+    }
+  }
+  return s;
+}
+
+StatusOr<v1::ExperimentSummary> Coordinator::GetExperiment(const std::string& id, bool with_spec) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!experiments_.count(id)) return NotFoundError("experiment " + id + " does not exist");
+  return SummaryLocked(id, with_spec);
+}
+
+v1::ListExperimentsResponse Coordinator::ListExperiments(int limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  v1::ListExperimentsResponse out;
+  if (limit <= 0) limit = 50;
+  for (auto it = experiment_order_.rbegin(); it != experiment_order_.rend() && out.experiments_size() < limit; ++it) {
+    *out.add_experiments() = SummaryLocked(*it, false);
+  }
+  return out;
+}
+
+void Coordinator::RefreshExperimentLocked(const std::string& id) {
+  ExperimentRecord& e = experiments_.at(id);
+  bool active = false, failed = false;
+  for (const std::string& run_id : experiment_runs_[id]) {
+    const v1::RunState s = runs_.at(run_id).record.summary.state();
+    active |= Active(s);
+    failed |= s == v1::FAILED;
+  }
+  const v1::ExperimentState state = active        ? v1::ACTIVE
+                                    : e.cancelled ? v1::EXPERIMENT_CANCELLED
+                                    : failed      ? v1::FAILED_RUNS
+                                                  : v1::COMPLETED;
+  if (state != e.summary.state()) {
+    e.summary.set_state(state);
+    if (Status s = store_->UpdateExperiment(e); !s.ok()) {
+      Log(LogLevel::kError, "store_write_failed", {{"what", "experiment state"}, {"error", s.message()}});
+    }
+  }
+}
+
+void Coordinator::PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe) {
+  for (const auto& w : watchers_) {
+    if (w->experiment_id != experiment_id || (is_probe && !w->include_probes)) continue;
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->events.push_back(event);
+    w->cv.notify_all();
+  }
+}
+
+void Coordinator::PublishSnapshotLocked(const std::string& experiment_id) {
+  v1::WatchEvent event;
+  *event.mutable_snapshot() = SummaryLocked(experiment_id, false);
+  const bool ended = event.snapshot().state() != v1::ACTIVE;
+  for (const auto& w : watchers_) {
+    if (w->experiment_id != experiment_id) continue;
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->events.push_back(event);
+    w->ended = ended;
+    w->cv.notify_all();
+  }
+}
+
+StatusOr<std::shared_ptr<Watcher>> Coordinator::Watch(const std::string& id, bool include_probes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!experiments_.count(id)) return NotFoundError("experiment " + id + " does not exist");
+  auto w = std::make_shared<Watcher>();
+  w->experiment_id = id;
+  w->include_probes = include_probes;
+  v1::WatchEvent event;
+  *event.mutable_snapshot() = SummaryLocked(id, false);
+  w->ended = event.snapshot().state() != v1::ACTIVE;
+  w->events.push_back(std::move(event));
+  watchers_.push_back(w);
+  return w;
+}
+
+void Coordinator::Unwatch(const std::shared_ptr<Watcher>& watcher) {
+  std::lock_guard<std::mutex> lock(mu_);
+  watchers_.erase(std::remove(watchers_.begin(), watchers_.end(), watcher), watchers_.end());
+}
+
+void Coordinator::EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
+                               const std::string& outcome) {
+  v1::RunSummary& s = run.record.summary;
+  if (s.state() == v1::RUNNING) {
+    if (Status st = store_->EndAttempt(s.run_id(), s.attempt(), s.step(), outcome, NowMs()); !st.ok()) {
+      Log(LogLevel::kError, "store_write_failed", {{"what", "attempt"}, {"error", st.message()}});
+    }
+  }
+  if (s.state() == v1::QUEUED) queue_.erase(std::remove(queue_.begin(), queue_.end(), s.run_id()), queue_.end());
+  s.set_state(state);
+  s.set_failure_reason(reason);
+  s.set_message(message);
+  run.record.finished_unix_ms = NowMs();
+  if (run.session != 0) {
+    auto it = sessions_.find(run.session);
+    if (it != sessions_.end() && it->second.run_id == s.run_id()) it->second.run_id.clear();
+    run.session = 0;
+  }
+  if (Status st = store_->UpdateRun(run.record); !st.ok()) {
+    Log(LogLevel::kError, "store_write_failed", {{"what", "run state"}, {"error", st.message()}});
+  }
+  exporter_->RunEnded(s.run_id());
+  Log(state == v1::FAILED ? LogLevel::kWarning : LogLevel::kInfo, "run_ended",
+      {{"run", s.run_id()}, {"state", v1::RunState_Name(state)}, {"reason", v1::FailureReason_Name(reason)},
+       {"message", message}});
+  RefreshExperimentLocked(s.experiment_id());
+  PublishSnapshotLocked(s.experiment_id());
+}
+
+StatusOr<v1::ExperimentSummary> Coordinator::Cancel(const std::string& id) {
+  Outbox out;
+  v1::ExperimentSummary summary;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = experiments_.find(id);
+    if (it == experiments_.end()) return NotFoundError("experiment " + id + " does not exist");
+    if (it->second.summary.state() != v1::ACTIVE) {
+      return FailedPreconditionError("experiment " + id + " already ended (" +
+                                     v1::ExperimentState_Name(it->second.summary.state()) + ")");
+    }
+    it->second.cancelled = true;
+    if (Status s = store_->UpdateExperiment(it->second); !s.ok()) return s;
+    for (const std::string& run_id : experiment_runs_[id]) {
+      Run& run = runs_.at(run_id);
+      if (!Active(run.record.summary.state())) continue;
+      if (run.session != 0 && sessions_.count(run.session)) {
+        v1::CoordinatorMessage m;
+        m.mutable_cancel()->set_run_id(run_id);
+        m.mutable_cancel()->set_reason("the experiment was cancelled");
+        out.push_back({sessions_.at(run.session).writer, m});
+      }
+      EndRunLocked(run, v1::CANCELLED, v1::FAILURE_REASON_UNSPECIFIED, "cancelled by a user", "cancelled");
+    }
+    summary = SummaryLocked(id, false);
+  }
+  for (auto& [writer, m] : out) writer->Send(m);
+  return summary;
+}
+
+StatusOr<v1::GetRunMetricsResponse> Coordinator::GetRunMetrics(const v1::GetRunMetricsRequest& request) {
+  v1::GetRunMetricsResponse out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = runs_.find(request.run_id());
+    if (it == runs_.end()) return NotFoundError("run " + request.run_id() + " does not exist");
+    *out.mutable_run() = it->second.record.summary;
+    out.mutable_run()->set_probe_reports(it->second.probe_reports);
+  }
+  if (!request.probes_only()) {
+    ASSIGN_OR_RETURN(auto steps, store_->Steps(request.run_id(), request.from_step()));
+    for (auto& s : steps) *out.add_steps() = std::move(s);
+  }
+  ASSIGN_OR_RETURN(auto probes, store_->Probes(request.run_id(), request.from_step()));
+  for (auto& p : probes) *out.add_probes() = std::move(p);
+  return out;
+}
+
+StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArmsRequest& request) {
+  v1::Experiment spec;
+  std::vector<v1::RunSummary> runs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = experiments_.find(request.experiment_id());
+    if (it == experiments_.end()) return NotFoundError("experiment " + request.experiment_id() + " does not exist");
+    spec = it->second.summary.spec();
+    for (const std::string& run_id : experiment_runs_[request.experiment_id()]) {
+      runs.push_back(runs_.at(run_id).record.summary);
+    }
+  }
+  // Probes of every run, keyed by step.
+  std::map<std::string, std::map<int64_t, v1::ProbeReport>> probes;
+  std::map<std::string, double> mean_tps;
+  for (const auto& r : runs) {
+    ASSIGN_OR_RETURN(auto ps, store_->Probes(r.run_id(), 0));
+    for (auto& p : ps) probes[r.run_id()][p.step()] = std::move(p);
+    ASSIGN_OR_RETURN(auto steps, store_->Steps(r.run_id(), 2));  // step 1 pays one-time set-up
+    double sum = 0;
+    for (const auto& s : steps) sum += s.tokens_per_second() / steps.size();
+    mean_tps[r.run_id()] = steps.empty() ? r.tokens_per_second() : sum;
+  }
+  int64_t step = request.step();
+  if (step == 0) {  // the latest step probed in every run that has probes
+    std::set<int64_t> common;
+    bool first = true;
+    for (const auto& [run_id, by_step] : probes) {
+      std::set<int64_t> steps;
+      for (const auto& [s, p] : by_step) steps.insert(s);
+      if (first) {
+        common = steps;
+        first = false;
+      } else {
+        std::set<int64_t> both;
+        std::set_intersection(common.begin(), common.end(), steps.begin(), steps.end(),
+                              std::inserter(both, both.begin()));
+        common = both;
+      }
+    }
+    step = common.empty() ? -1 : *common.rbegin();
+  }
+  v1::CompareArmsResponse out;
+  out.set_experiment_id(request.experiment_id());
+  for (int a : spec.arms()) {
+    v1::ArmComparison* arm = out.add_arms();
+    arm->set_arm(static_cast<v1::Arm>(a));
+    std::vector<const v1::ProbeReport*> reports;
+    std::vector<double> final_loss, val_loss, tps;
+    for (const auto& r : runs) {
+      if (r.arm() != a) continue;
+      if (r.step() > 0) final_loss.push_back(r.loss());
+      if (r.has_val_loss()) val_loss.push_back(r.val_loss());
+      if (mean_tps[r.run_id()] > 0) tps.push_back(mean_tps[r.run_id()]);
+      auto& by_step = probes[r.run_id()];
+      if (by_step.empty()) continue;
+      auto p = step >= 0 ? by_step.find(step) : std::prev(by_step.end());  // no common step: each run's latest
+      if (p != by_step.end()) reports.push_back(&p->second);
+    }
+    *arm->mutable_final_loss() = MakeStat(final_loss);
+    *arm->mutable_val_loss() = MakeStat(val_loss);
+    *arm->mutable_tokens_per_second() = MakeStat(tps);
+    if (reports.empty()) continue;
+    arm->set_step(reports[0]->step());
+    std::vector<double> medians;
+    for (const auto* p : reports) medians.push_back(p->r_gs_median());
+    *arm->mutable_r_gs_median() = MakeStat(medians);
+    for (int l = 0; l < reports[0]->layers_size(); ++l) {
+      v1::LayerComparison* lc = arm->add_layers();
+      lc->set_layer(l);
+      std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta;
+      for (const auto* p : reports) {
+        if (l >= p->layers_size()) continue;
+        const v1::LayerProbe& x = p->layers(l);
+        rgs.push_back(x.r_gs());
+        sink.push_back(x.sink_rate());
+        hout.push_back(Ratio(x, "h_out"));
+        rmlp.push_back(Ratio(x, "r_mlp"));
+        rattn.push_back(Ratio(x, "r_attn"));
+        v.push_back(Ratio(x, "v"));
+        top1.push_back(x.massive().top1_over_median());
+        double t = 0;
+        for (double th : x.theta()) t += th / std::max(1, x.theta_size());
+        theta.push_back(t);
+      }
+      *lc->mutable_r_gs() = MakeStat(rgs);
+      *lc->mutable_sink_rate() = MakeStat(sink);
+      *lc->mutable_h_out_ratio() = MakeStat(hout);
+      *lc->mutable_r_mlp_ratio() = MakeStat(rmlp);
+      *lc->mutable_r_attn_ratio() = MakeStat(rattn);
+      *lc->mutable_v_ratio() = MakeStat(v);
+      *lc->mutable_top1_over_median() = MakeStat(top1);
+      *lc->mutable_mean_theta() = MakeStat(theta);
+    }
+  }
+  return out;
+}
+
+int64_t Coordinator::OpenSession(std::shared_ptr<SessionWriter> writer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t id = next_session_++;
+  sessions_[id].writer = std::move(writer);
+  return id;
+}
+
+void Coordinator::CloseSession(int64_t session) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) return;
+  Log(LogLevel::kInfo, "worker_disconnected", {{"worker", it->second.worker_id}, {"run", it->second.run_id}});
+  // The run keeps its lease until it lapses: the worker may reconnect in time.
+  for (auto& [id, run] : runs_) {
+    if (run.session == session) run.session = 0;
+  }
+  sessions_.erase(it);
+}
+
+void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& msg) {
+  Outbox out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto sit = sessions_.find(session_id);
+    if (sit == sessions_.end()) return;
+    Session& session = sit->second;
+    auto run_of = [&](const std::string& run_id, int attempt) -> Run* {
+      auto it = runs_.find(run_id);
+      if (it == runs_.end()) return nullptr;
+      Run& run = it->second;
+      // Only the current attempt, running, may change a run.
+      if (run.record.summary.state() != v1::RUNNING || run.record.summary.attempt() != attempt) return nullptr;
+      return &run;
+    };
+    switch (msg.message_case()) {
+      case v1::WorkerMessage::kRegister: {
+        const v1::Register& r = msg.register_();
+        session.worker_id = r.worker_id();
+        session.capabilities = r.capabilities();
+        session.registered = true;
+        v1::CoordinatorMessage reply;
+        reply.mutable_registered()->set_lease_seconds(options_.lease_seconds);
+        reply.mutable_registered()->set_heartbeat_seconds(options_.heartbeat_seconds);
+        out.push_back({session.writer, reply});
+        Log(LogLevel::kInfo, "worker_registered", {{"worker", r.worker_id()}, {"run", r.run_id()}});
+        if (!r.run_id().empty()) {
+          if (Run* run = run_of(r.run_id(), r.attempt())) {  // the same attempt carries on
+            run->session = session_id;
+            run->record.summary.set_worker_id(r.worker_id());
+            session.run_id = r.run_id();
+            Renew(*run);
+          } else {  // its lease lapsed meanwhile: the run was requeued or ended
+            v1::CoordinatorMessage cancel;
+            cancel.mutable_cancel()->set_run_id(r.run_id());
+            cancel.mutable_cancel()->set_reason("the lease of this attempt lapsed");
+            out.push_back({session.writer, cancel});
+          }
+        }
+        break;
+      }
+      case v1::WorkerMessage::kHeartbeat: {
+        if (Run* run = runs_.count(msg.heartbeat().run_id()) ? &runs_.at(msg.heartbeat().run_id()) : nullptr) {
+          if (run->session == session_id) Renew(*run);
+        }
+        break;
+      }
+      case v1::WorkerMessage::kProgress: {
+        const v1::Progress& p = msg.progress();
+        Run* run = run_of(p.run_id(), p.attempt());
+        if (run == nullptr) break;
+        Renew(*run);
+        v1::RunSummary& s = run->record.summary;
+        s.set_step(p.metrics().step());
+        s.set_loss(p.metrics().loss());
+        s.set_tokens_per_second(p.metrics().tokens_per_second());
+        if (p.metrics().has_val_loss()) s.set_val_loss(p.metrics().val_loss());
+        run->step_seconds = run->step_seconds == 0 ? p.metrics().step_seconds()
+                                                   : 0.9 * run->step_seconds + 0.1 * p.metrics().step_seconds();
+        if (Status st = store_->PutStep(run->record, p.metrics()); !st.ok()) {
+          Log(LogLevel::kError, "store_write_failed", {{"what", "step"}, {"run", s.run_id()}, {"error", st.message()}});
+          break;
+        }
+        exporter_->RecordStep(s, experiments_.at(s.experiment_id()).summary.name(), p.metrics());
+        v1::WatchEvent event;
+        event.mutable_step()->set_run_id(s.run_id());
+        *event.mutable_step()->mutable_metrics() = p.metrics();
+        PublishLocked(s.experiment_id(), event, false);
+        break;
+      }
+      case v1::WorkerMessage::kProbe: {
+        const v1::ProbeUpload& p = msg.probe();
+        auto it = runs_.find(p.run_id());
+        if (it == runs_.end()) break;
+        Run& run = it->second;
+        if (run.session == session_id) Renew(run);
+        // Reports are deterministic per (run, step): any attempt's copy may be stored,
+        // once; the ack follows the write.
+        auto stored = store_->PutProbe(p.run_id(), p.report());
+        if (!stored.ok()) {
+          Log(LogLevel::kError, "store_write_failed", {{"what", "probe"}, {"run", p.run_id()}, {"error", stored.status().message()}});
+          break;  // no ack: the worker resends
+        }
+        exporter_->ProbeIngested(*stored);
+        if (*stored) {
+          ++run.probe_reports;
+          const v1::RunSummary& s = run.record.summary;
+          exporter_->RecordProbe(s, experiments_.at(s.experiment_id()).summary.name(), p.report());
+          v1::WatchEvent event;
+          event.mutable_probe()->set_run_id(s.run_id());
+          *event.mutable_probe()->mutable_report() = p.report();
+          PublishLocked(s.experiment_id(), event, true);
+        }
+        v1::CoordinatorMessage ack;
+        ack.mutable_ack()->set_run_id(p.run_id());
+        ack.mutable_ack()->set_sequence(p.sequence());
+        out.push_back({session.writer, ack});
+        break;
+      }
+      case v1::WorkerMessage::kFinished: {
+        const v1::RunFinished& f = msg.finished();
+        Run* run = run_of(f.run_id(), f.attempt());
+        if (run == nullptr) break;
+        run->record.summary.set_step(f.step());
+        EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded");
+        break;
+      }
+      case v1::WorkerMessage::kFailed: {
+        const v1::RunFailed& f = msg.failed();
+        Run* run = run_of(f.run_id(), f.attempt());
+        if (run == nullptr) break;
+        EndRunLocked(*run, v1::FAILED, f.reason(), f.message(), "failed: " + v1::FailureReason_Name(f.reason()));
+        break;
+      }
+      default:
+        break;
+    }
+    if (msg.message_case() != v1::WorkerMessage::kHeartbeat && msg.message_case() != v1::WorkerMessage::kProgress) {
+      PlaceLocked(out);  // a worker may have become idle
+    }
+  }
+  for (auto& [writer, m] : out) writer->Send(m);
+}
+
+void Coordinator::PlaceLocked(Outbox& out) {
+  for (auto it = queue_.begin(); it != queue_.end();) {
+    Run& run = runs_.at(*it);
+    v1::RunSummary& s = run.record.summary;
+    const v1::Experiment& spec = experiments_.at(s.experiment_id()).summary.spec();
+    Session* chosen = nullptr;
+    int64_t chosen_id = 0;
+    for (auto& [id, session] : sessions_) {
+      if (!session.registered || !session.run_id.empty()) continue;
+      if (session.capabilities.device() != spec.resources().device()) continue;
+      if (session.capabilities.device_count() < spec.resources().devices_per_run()) continue;
+      chosen = &session;
+      chosen_id = id;
+      break;
+    }
+    if (chosen == nullptr) {
+      ++it;
+      continue;
+    }
+    s.set_state(v1::RUNNING);
+    s.set_attempt(s.attempt() + 1);
+    s.set_worker_id(chosen->worker_id);
+    s.set_failure_reason(v1::FAILURE_REASON_UNSPECIFIED);
+    s.set_message("");
+    run.session = chosen_id;
+    chosen->run_id = s.run_id();
+    Renew(run);
+    const std::string dir =
+        (std::filesystem::path(options_.checkpoint_root) / s.experiment_id() / s.run_id()).lexically_normal().string();
+    if (Status st = store_->UpdateRun(run.record); !st.ok()) {
+      Log(LogLevel::kError, "store_write_failed", {{"what", "assignment"}, {"error", st.message()}});
+    }
+    store_->BeginAttempt(s.run_id(), s.attempt(), chosen->worker_id, s.step(), NowMs()).ok();
+    v1::CoordinatorMessage m;
+    v1::Assignment* a = m.mutable_assignment();
+    a->set_run_id(s.run_id());
+    a->set_experiment_id(s.experiment_id());
+    *a->mutable_experiment() = spec;
+    a->set_arm(s.arm());
+    a->set_seed(s.seed());
+    a->set_attempt(s.attempt());
+    a->set_checkpoint_dir(dir);
+    out.push_back({chosen->writer, m});
+    Log(LogLevel::kInfo, "run_assigned",
+        {{"run", s.run_id()}, {"worker", chosen->worker_id}, {"attempt", std::to_string(s.attempt())}});
+    PublishSnapshotLocked(s.experiment_id());
+    it = queue_.erase(it);
+  }
+}
+
+void Coordinator::Tick() {
+  Outbox out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto& [id, run] : runs_) {
+      v1::RunSummary& s = run.record.summary;
+      if (s.state() != v1::RUNNING || now < run.lease_deadline) continue;
+      // The lease lapsed: the worker is gone or stuck.
+      if (run.session != 0 && sessions_.count(run.session)) {
+        Session& old = sessions_.at(run.session);
+        v1::CoordinatorMessage cancel;
+        cancel.mutable_cancel()->set_run_id(id);
+        cancel.mutable_cancel()->set_reason("the lease lapsed; the run was given to another worker");
+        out.push_back({old.writer, cancel});
+        old.run_id.clear();
+      }
+      run.session = 0;
+      store_->EndAttempt(id, s.attempt(), s.step(), "lease lapsed", NowMs()).ok();
+      ++run.record.restarts;
+      exporter_->RunRestarted();
+      if (run.record.restarts > experiments_.at(s.experiment_id()).summary.spec().max_restarts()) {
+        s.set_state(v1::QUEUED);  // the attempt has ended already
+        EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
+                     "the worker's lease lapsed " + std::to_string(run.record.restarts) + " times (max_restarts " +
+                         std::to_string(experiments_.at(s.experiment_id()).summary.spec().max_restarts()) + ")",
+                     "lease lapsed");
+        continue;
+      }
+      s.set_state(v1::QUEUED);
+      s.set_message("requeued after worker " + s.worker_id() + " was lost at step " + std::to_string(s.step()));
+      store_->UpdateRun(run.record).ok();
+      queue_.push_back(id);
+      Log(LogLevel::kWarning, "lease_lapsed",
+          {{"run", id}, {"worker", s.worker_id()}, {"step", std::to_string(s.step())},
+           {"restarts", std::to_string(run.record.restarts)}});
+      PublishSnapshotLocked(s.experiment_id());
+    }
+    PlaceLocked(out);
+    int workers = 0, queued = static_cast<int>(queue_.size()), running = 0;
+    for (const auto& [id, session] : sessions_) workers += session.registered;
+    for (const auto& [id, run] : runs_) running += run.record.summary.state() == v1::RUNNING;
+    exporter_->SetFleet(workers, queued, running);
+  }
+  exporter_->ExpireSeries();
+  for (auto& [writer, m] : out) writer->Send(m);
+}
+
+}  // namespace sinkscope

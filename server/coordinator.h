@@ -1,0 +1,121 @@
+// The coordinator's core, free of gRPC plumbing: experiments and runs, the scheduler
+// (queue, placement by device kind and count, leases with a grace period, restarts from
+// the latest checkpoint, distinct failure reasons), watchers and comparisons. Every
+// change is written to the Store before it is acknowledged or shown.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "proto/sinkscope/v1/service.pb.h"
+#include "server/exporter.h"
+#include "server/store.h"
+
+namespace sinkscope {
+
+// Where the coordinator sends messages to one worker (the Session stream).
+class SessionWriter {
+ public:
+  virtual ~SessionWriter() = default;
+  // Returns false when the stream is gone.
+  virtual bool Send(const v1::CoordinatorMessage& message) = 0;
+};
+
+// Events for one WatchExperiment call.
+struct Watcher {
+  std::string experiment_id;
+  bool include_probes = false;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<v1::WatchEvent> events;  // guarded by mu
+  bool ended = false;                 // guarded by mu: the experiment ended (last event queued)
+};
+
+class Coordinator {
+ public:
+  struct Options {
+    double lease_seconds = 10;      // a run's lease lapses this long after its worker's last message
+    double heartbeat_seconds = 1;   // asked of workers
+    std::string checkpoint_root = "checkpoints";  // shared by all workers
+    bool check_data_paths = true;   // data paths must exist on the coordinator's machine
+  };
+
+  // Loads the store's state: queued runs are queued again, running runs keep their lease
+  // for one more lease period so their workers can reconnect.
+  static StatusOr<std::unique_ptr<Coordinator>> Create(Store* store, Exporter* exporter, const Options& options);
+
+  // --- ExperimentService ---------------------------------------------------------
+  StatusOr<v1::SubmitExperimentResponse> Submit(v1::Experiment experiment);
+  StatusOr<v1::ExperimentSummary> GetExperiment(const std::string& id, bool with_spec);
+  v1::ListExperimentsResponse ListExperiments(int limit);
+  StatusOr<v1::ExperimentSummary> Cancel(const std::string& id);
+  StatusOr<v1::GetRunMetricsResponse> GetRunMetrics(const v1::GetRunMetricsRequest& request);
+  StatusOr<v1::CompareArmsResponse> CompareArms(const v1::CompareArmsRequest& request);
+  // Subscribes to an experiment: the first event is a snapshot.
+  StatusOr<std::shared_ptr<Watcher>> Watch(const std::string& id, bool include_probes);
+  void Unwatch(const std::shared_ptr<Watcher>& watcher);
+
+  // --- WorkerService -------------------------------------------------------------
+  int64_t OpenSession(std::shared_ptr<SessionWriter> writer);
+  void OnWorkerMessage(int64_t session, const v1::WorkerMessage& message);
+  void CloseSession(int64_t session);
+
+  // --- scheduler -----------------------------------------------------------------
+  // Lapses leases, places queued runs, refreshes fleet gauges, expires old series.
+  void Tick();
+
+  const Options& options() const { return options_; }
+
+ private:
+  struct Run {
+    RunRecord record;
+    std::chrono::steady_clock::time_point lease_deadline;
+    int64_t session = 0;        // holder of the lease; 0 for none
+    double step_seconds = 0;    // smoothed, for the ETA
+    int64_t probe_reports = 0;  // stored
+  };
+  struct Session {
+    std::shared_ptr<SessionWriter> writer;
+    std::string worker_id;
+    v1::Capabilities capabilities;
+    bool registered = false;
+    std::string run_id;  // the run it trains; empty when idle
+  };
+  using Outbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
+
+  Coordinator(Store* store, Exporter* exporter, const Options& options)
+      : store_(store), exporter_(exporter), options_(options) {}
+
+  // All below require mu_.
+  v1::ExperimentSummary SummaryLocked(const std::string& id, bool with_spec);
+  void RefreshExperimentLocked(const std::string& id);
+  void PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe);
+  void PublishSnapshotLocked(const std::string& experiment_id);
+  void EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
+                    const std::string& outcome);
+  void PlaceLocked(Outbox& out);
+  void Renew(Run& run);
+  int64_t NowMs() const;
+
+  Store* store_;
+  Exporter* exporter_;
+  Options options_;
+
+  std::mutex mu_;
+  std::map<std::string, ExperimentRecord> experiments_;   // guarded by mu_
+  std::vector<std::string> experiment_order_;             // guarded by mu_: submission order
+  std::map<std::string, Run> runs_;                       // guarded by mu_
+  std::map<std::string, std::vector<std::string>> experiment_runs_;  // guarded by mu_
+  std::deque<std::string> queue_;                         // guarded by mu_: QUEUED run ids, FIFO
+  std::map<int64_t, Session> sessions_;                   // guarded by mu_
+  int64_t next_session_ = 1;                              // guarded by mu_
+  std::vector<std::shared_ptr<Watcher>> watchers_;        // guarded by mu_
+};
+
+}  // namespace sinkscope

@@ -1,0 +1,170 @@
+#include "server/exporter.h"
+
+#include <prometheus/text_serializer.h>
+
+#include <sstream>
+
+namespace sinkscope {
+
+StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, std::chrono::seconds series_ttl) {
+  std::unique_ptr<Exporter> e(new Exporter());
+  e->series_ttl_ = series_ttl;
+  e->registry_ = std::make_shared<prometheus::Registry>();
+  auto& r = *e->registry_;
+  using prometheus::BuildCounter;
+  using prometheus::BuildGauge;
+  auto gauge = [&](const char* name, const char* help) { return &BuildGauge().Name(name).Help(help).Register(r); };
+  e->step_ = gauge("sinkscope_run_step", "Optimisation steps completed by the run.");
+  e->loss_ = gauge("sinkscope_run_loss", "Mean token cross-entropy of the last step's global batch, nats per token.");
+  e->val_loss_ = gauge("sinkscope_run_validation_loss", "Latest validation loss, nats per token.");
+  e->lr_ = gauge("sinkscope_run_learning_rate", "Learning rate of the last step.");
+  e->grad_norm_ = gauge("sinkscope_run_gradient_norm", "Global gradient L2 norm of the last step, before clipping.");
+  e->tokens_per_second_ = gauge("sinkscope_run_tokens_per_second", "Training throughput of the last step.");
+  e->mfu_ = gauge("sinkscope_run_mfu_ratio", "Model FLOPs utilisation of the last step (METRICS.md convention).");
+  e->r_gs_ = gauge("sinkscope_probe_gradient_sink_ratio",
+                   "R_GS(s; T_e) at the post-RMSNorm attention input (Definition 1), per layer.");
+  e->r_gs_median_ = gauge("sinkscope_probe_gradient_sink_ratio_median", "Median over layers of R_GS.");
+  e->sink_rate_ = gauge("sinkscope_probe_sink_rate_ratio", "Fraction of heads whose alpha_s exceeds epsilon, per layer.");
+  e->h_out_ratio_ = gauge("sinkscope_probe_h_out_token_norm_ratio",
+                          "Norm of h_out at token s over the mean of tokens 1-15, per layer.");
+  e->r_mlp_ratio_ = gauge("sinkscope_probe_r_mlp_token_norm_ratio",
+                          "Norm of the MLP output at token s over the mean of tokens 1-15, per layer.");
+  e->r_attn_ratio_ = gauge("sinkscope_probe_r_attn_token_norm_ratio",
+                           "Norm of the attention output at token s over the mean of tokens 1-15, per layer.");
+  e->v_ratio_ = gauge("sinkscope_probe_v_token_norm_ratio",
+                      "Norm of v at token s over the mean of tokens 1-15, per layer.");
+  e->massive_top1_ = gauge("sinkscope_probe_massive_activation_top1", "Largest |h_out| value of the probe batch.");
+  e->massive_ratio_ = gauge("sinkscope_probe_massive_activation_top1_over_median_ratio",
+                            "Largest |h_out| over the median |h_out|, per layer.");
+  e->alpha_ = gauge("sinkscope_probe_attention_sink_alpha",
+                    "Mean attention weight alpha_s on the sink position over T_eps queries, per layer and head.");
+  e->theta_ = gauge("sinkscope_probe_vscale_theta", "Learned V-scale theta, per layer and KV head.");
+  e->probe_step_ = gauge("sinkscope_probe_step", "Training step of the run's latest probe report.");
+  e->workers_ = &BuildGauge().Name("sinkscope_workers_connected").Help("Workers with an open session.").Register(r).Add({});
+  e->queued_ = &BuildGauge().Name("sinkscope_runs_queued").Help("Runs waiting for a worker.").Register(r).Add({});
+  e->running_ = &BuildGauge().Name("sinkscope_runs_running").Help("Runs leased to a worker.").Register(r).Add({});
+  e->restarts_ = &BuildCounter().Name("sinkscope_run_restarts_total").Help("Runs requeued after a lease lapsed.").Register(r).Add({});
+  e->steps_ingested_ = &BuildCounter().Name("sinkscope_step_reports_total").Help("Step reports stored.").Register(r).Add({});
+  e->probes_ingested_ = &BuildCounter().Name("sinkscope_probe_reports_stored_total").Help("Probe reports stored.").Register(r).Add({});
+  e->probes_duplicate_ = &BuildCounter()
+                              .Name("sinkscope_probe_reports_duplicate_total")
+                              .Help("Probe reports received again and not stored twice.")
+                              .Register(r)
+                              .Add({});
+  if (!listen.empty()) {
+    try {
+      e->exposer_ = std::make_unique<prometheus::Exposer>(listen);
+    } catch (const std::exception& ex) {
+      return Status(StatusCode::kUnavailable, "metrics: cannot listen on " + listen + ": " + ex.what());
+    }
+    e->exposer_->RegisterCollectable(e->registry_);
+  }
+  return e;
+}
+
+int Exporter::port() const {
+  if (!exposer_) return 0;
+  auto ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports[0];
+}
+
+prometheus::Gauge& Exporter::RunGauge(prometheus::Family<prometheus::Gauge>& family, const std::string& run_id,
+                                      const Labels& labels) {
+  prometheus::Gauge& g = family.Add(labels);
+  auto& owned = run_series_[run_id];
+  bool known = false;
+  for (const Owned& o : owned) known |= o.gauge == &g;
+  if (!known) owned.push_back({&family, &g});
+  return g;
+}
+
+void Exporter::RecordStep(const v1::RunSummary& run, const std::string& experiment, const v1::StepMetrics& m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Labels base = {{"experiment", run.experiment_id()},
+                       {"arm", v1::Arm_Name(run.arm())},
+                       {"seed", std::to_string(run.seed())},
+                       {"run", run.run_id()}};
+  (void)experiment;
+  RunGauge(*step_, run.run_id(), base).Set(static_cast<double>(m.step()));
+  RunGauge(*loss_, run.run_id(), base).Set(m.loss());
+  RunGauge(*lr_, run.run_id(), base).Set(m.learning_rate());
+  RunGauge(*grad_norm_, run.run_id(), base).Set(m.grad_norm());
+  RunGauge(*tokens_per_second_, run.run_id(), base).Set(m.tokens_per_second());
+  RunGauge(*mfu_, run.run_id(), base).Set(m.mfu());
+  if (m.has_val_loss()) RunGauge(*val_loss_, run.run_id(), base).Set(m.val_loss());
+  steps_ingested_->Increment();
+}
+
+void Exporter::RecordProbe(const v1::RunSummary& run, const std::string& experiment, const v1::ProbeReport& p) {
+  std::lock_guard<std::mutex> lock(mu_);
+  (void)experiment;
+  const Labels base = {{"experiment", run.experiment_id()},
+                       {"arm", v1::Arm_Name(run.arm())},
+                       {"seed", std::to_string(run.seed())},
+                       {"run", run.run_id()}};
+  RunGauge(*r_gs_median_, run.run_id(), base).Set(p.r_gs_median());
+  RunGauge(*probe_step_, run.run_id(), base).Set(static_cast<double>(p.step()));
+  for (const v1::LayerProbe& l : p.layers()) {
+    Labels lb = base;
+    lb["layer"] = std::to_string(l.layer());
+    RunGauge(*r_gs_, run.run_id(), lb).Set(l.r_gs());
+    RunGauge(*sink_rate_, run.run_id(), lb).Set(l.sink_rate());
+    auto ratio = [&](const char* name) {
+      auto it = l.norm_ratio().find(name);
+      return it == l.norm_ratio().end() ? 0.0 : it->second;
+    };
+    RunGauge(*h_out_ratio_, run.run_id(), lb).Set(ratio("h_out"));
+    RunGauge(*r_mlp_ratio_, run.run_id(), lb).Set(ratio("r_mlp"));
+    RunGauge(*r_attn_ratio_, run.run_id(), lb).Set(ratio("r_attn"));
+    RunGauge(*v_ratio_, run.run_id(), lb).Set(ratio("v"));
+    if (l.massive().top3_size() > 0) RunGauge(*massive_top1_, run.run_id(), lb).Set(l.massive().top3(0));
+    RunGauge(*massive_ratio_, run.run_id(), lb).Set(l.massive().top1_over_median());
+    for (int h = 0; h < l.alpha_size(); ++h) {
+      Labels hb = lb;
+      hb["head"] = std::to_string(h);
+      RunGauge(*alpha_, run.run_id(), hb).Set(l.alpha(h));
+    }
+    for (int g = 0; g < l.theta_size(); ++g) {
+      Labels hb = lb;
+      hb["head"] = std::to_string(g);
+      RunGauge(*theta_, run.run_id(), hb).Set(l.theta(g));
+    }
+  }
+}
+
+void Exporter::RunEnded(const std::string& run_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ended_[run_id] = std::chrono::steady_clock::now();
+}
+
+void Exporter::RunRestarted() { restarts_->Increment(); }
+
+void Exporter::SetFleet(int workers, int queued, int running) {
+  workers_->Set(workers);
+  queued_->Set(queued);
+  running_->Set(running);
+}
+
+void Exporter::ProbeIngested(bool stored) { (stored ? probes_ingested_ : probes_duplicate_)->Increment(); }
+
+void Exporter::ExpireSeries() {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = ended_.begin(); it != ended_.end();) {
+    if (now - it->second < series_ttl_) {
+      ++it;
+      continue;
+    }
+    for (const Owned& o : run_series_[it->first]) o.family->Remove(o.gauge);
+    run_series_.erase(it->first);
+    it = ended_.erase(it);
+  }
+}
+
+std::string Exporter::Scrape() const {
+  std::ostringstream os;
+  prometheus::TextSerializer().Serialize(os, registry_->Collect());
+  return os.str();
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,95 @@
+// Prometheus exposition of what the coordinator stores, through prometheus-cpp on its own
+// port. Names follow Prometheus conventions: prefix sinkscope_, base units, _total for
+// counters; labels are limited to experiment, arm, seed, run, layer and head. Series of
+// a finished run are removed `series_ttl` after it finishes.
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/registry.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "proto/sinkscope/v1/service.pb.h"
+#include "worker/engine/status.h"
+
+namespace sinkscope {
+
+class Exporter {
+ public:
+  // Serves /metrics on `listen` ("host:port"); an empty `listen` keeps the registry
+  // without serving it (tests).
+  static StatusOr<std::unique_ptr<Exporter>> Start(const std::string& listen, std::chrono::seconds series_ttl);
+
+  // Per-run series.
+  void RecordStep(const v1::RunSummary& run, const std::string& experiment_name, const v1::StepMetrics& m);
+  void RecordProbe(const v1::RunSummary& run, const std::string& experiment_name, const v1::ProbeReport& report);
+  // The run ended: its series are removed once `series_ttl` has passed.
+  void RunEnded(const std::string& run_id);
+  void RunRestarted();
+  // Fleet gauges.
+  void SetFleet(int workers, int queued, int running);
+  void ProbeIngested(bool stored);
+  // Removes the series of runs that ended more than series_ttl ago.
+  void ExpireSeries();
+
+  // The text exposition (for tests without a server).
+  std::string Scrape() const;
+  // The port actually bound (when `listen` asked for port 0).
+  int port() const;
+
+ private:
+  Exporter() = default;
+  using Labels = std::map<std::string, std::string>;
+  prometheus::Gauge& RunGauge(prometheus::Family<prometheus::Gauge>& family, const std::string& run_id,
+                              const Labels& labels);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::chrono::seconds series_ttl_{600};
+
+  mutable std::mutex mu_;
+  struct Owned {
+    prometheus::Family<prometheus::Gauge>* family;
+    prometheus::Gauge* gauge;
+  };
+  std::map<std::string, std::vector<Owned>> run_series_;  // run id → its gauges
+  std::map<std::string, std::chrono::steady_clock::time_point> ended_;
+
+  // Families (owned by the registry).
+  prometheus::Family<prometheus::Gauge>* step_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* loss_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* val_loss_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* lr_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* grad_norm_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* tokens_per_second_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* mfu_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* r_gs_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* r_gs_median_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* sink_rate_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* h_out_ratio_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* r_mlp_ratio_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* r_attn_ratio_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* v_ratio_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* massive_top1_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* massive_ratio_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* alpha_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* theta_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* probe_step_ = nullptr;
+  prometheus::Gauge* workers_ = nullptr;
+  prometheus::Gauge* queued_ = nullptr;
+  prometheus::Gauge* running_ = nullptr;
+  prometheus::Counter* restarts_ = nullptr;
+  prometheus::Counter* steps_ingested_ = nullptr;
+  prometheus::Counter* probes_ingested_ = nullptr;
+  prometheus::Counter* probes_duplicate_ = nullptr;
+};
+
+}  // namespace sinkscope

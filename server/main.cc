@@ -1,0 +1,126 @@
+// sinkscope-coordinator: schedules runs onto workers, stores everything in SQLite,
+// serves ExperimentService and WorkerService over gRPC (with the health service and
+// reflection) and /metrics for Prometheus.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
+#include "common/log.h"
+#include "server/coordinator.h"
+#include "server/services.h"
+
+namespace sinkscope {
+namespace {
+
+const char kUsage[] = R"(usage: sinkscope-coordinator [options]
+
+  --listen HOST:PORT          gRPC address (default 0.0.0.0:50051)
+  --metrics-listen HOST:PORT  Prometheus /metrics address (default 0.0.0.0:9464)
+  --db PATH                   SQLite store (default sinkscope.db)
+  --checkpoint-root DIR       run checkpoints, shared with every worker (default checkpoints)
+  --lease-seconds S           a run's lease lapses S seconds after its worker's last message (default 10)
+  --heartbeat-seconds S       heartbeat interval asked of workers (default 1)
+  --series-ttl-seconds S      drop Prometheus series of runs finished S seconds ago (default 600)
+  --no-check-data-paths       do not require data paths to exist on this machine
+  --verbose                   log info events, not only warnings and errors
+  -h, --help                  this text
+)";
+
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop = true; }
+
+int Main(int argc, char** argv) {
+  std::string listen = "0.0.0.0:50051", metrics_listen = "0.0.0.0:9464", db = "sinkscope.db";
+  Coordinator::Options options;
+  double ttl = 600;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "sinkscope-coordinator: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (a == "--listen") listen = value();
+    else if (a == "--metrics-listen") metrics_listen = value();
+    else if (a == "--db") db = value();
+    else if (a == "--checkpoint-root") options.checkpoint_root = value();
+    else if (a == "--lease-seconds") options.lease_seconds = std::atof(value().c_str());
+    else if (a == "--heartbeat-seconds") options.heartbeat_seconds = std::atof(value().c_str());
+    else if (a == "--series-ttl-seconds") ttl = std::atof(value().c_str());
+    else if (a == "--no-check-data-paths") options.check_data_paths = false;
+    else if (a == "--verbose") MinLogLevel() = LogLevel::kInfo;
+    else {
+      std::fprintf(stderr, "sinkscope-coordinator: unknown argument %s\n%s", a.c_str(), kUsage);
+      return 2;
+    }
+  }
+  if (!(options.lease_seconds > 0) || !(options.heartbeat_seconds > 0) || options.heartbeat_seconds >= options.lease_seconds) {
+    std::fprintf(stderr, "sinkscope-coordinator: need 0 < --heartbeat-seconds < --lease-seconds\n");
+    return 2;
+  }
+  options.checkpoint_root = std::filesystem::absolute(options.checkpoint_root).lexically_normal().string();
+  auto store = Store::Open(db);
+  if (!store.ok()) {
+    std::fprintf(stderr, "sinkscope-coordinator: %s\n", store.status().message().c_str());
+    return 1;
+  }
+  auto exporter = Exporter::Start(metrics_listen, std::chrono::seconds(static_cast<int64_t>(ttl)));
+  if (!exporter.ok()) {
+    std::fprintf(stderr, "sinkscope-coordinator: %s\n", exporter.status().message().c_str());
+    return 1;
+  }
+  auto coordinator = Coordinator::Create(store->get(), exporter->get(), options);
+  if (!coordinator.ok()) {
+    std::fprintf(stderr, "sinkscope-coordinator: %s\n", coordinator.status().message().c_str());
+    return 1;
+  }
+  std::atomic<bool> shutting_down{false};
+  ExperimentServiceImpl experiments(coordinator->get(), &shutting_down);
+  WorkerServiceImpl workers(coordinator->get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.RegisterService(&experiments);
+  builder.RegisterService(&workers);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    std::fprintf(stderr, "sinkscope-coordinator: cannot listen on %s\n", listen.c_str());
+    return 1;
+  }
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  // One line on stdout for scripts and tests: where to connect.
+  std::printf("sinkscope-coordinator listening grpc=%d metrics=%d db=%s\n", port, (*exporter)->port(), db.c_str());
+  std::fflush(stdout);
+  Log(LogLevel::kInfo, "coordinator_started",
+      {{"grpc_port", std::to_string(port)}, {"metrics_port", std::to_string((*exporter)->port())}, {"db", db}});
+  while (!g_stop) {
+    (*coordinator)->Tick();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  shutting_down = true;
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  Log(LogLevel::kInfo, "coordinator_stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace sinkscope
+
+int main(int argc, char** argv) { return sinkscope::Main(argc, argv); }

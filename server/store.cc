@@ -1,0 +1,322 @@
+#include "server/store.h"
+
+#include <string>
+
+namespace sinkscope {
+namespace {
+
+// Each migration brings the schema from version i to i+1.
+const char* const kMigrations[] = {
+    // 0 → 1
+    R"sql(
+    CREATE TABLE experiments (
+      id TEXT PRIMARY KEY,
+      name TEXT NOT NULL,
+      number INTEGER NOT NULL,
+      created_ms INTEGER NOT NULL,
+      cancelled INTEGER NOT NULL DEFAULT 0,
+      summary BLOB NOT NULL
+    );
+    CREATE TABLE runs (
+      id TEXT PRIMARY KEY,
+      experiment_id TEXT NOT NULL REFERENCES experiments(id),
+      state INTEGER NOT NULL,
+      restarts INTEGER NOT NULL DEFAULT 0,
+      finished_ms INTEGER NOT NULL DEFAULT 0,
+      summary BLOB NOT NULL
+    );
+    CREATE INDEX runs_by_experiment ON runs(experiment_id);
+    CREATE TABLE attempts (
+      run_id TEXT NOT NULL REFERENCES runs(id),
+      attempt INTEGER NOT NULL,
+      worker_id TEXT NOT NULL,
+      started_ms INTEGER NOT NULL,
+      start_step INTEGER NOT NULL,
+      ended_ms INTEGER,
+      end_step INTEGER,
+      outcome TEXT,
+      PRIMARY KEY (run_id, attempt)
+    );
+    CREATE TABLE step_metrics (
+      run_id TEXT NOT NULL REFERENCES runs(id),
+      step INTEGER NOT NULL,
+      metrics BLOB NOT NULL,
+      PRIMARY KEY (run_id, step)
+    );
+    CREATE TABLE probe_reports (
+      run_id TEXT NOT NULL REFERENCES runs(id),
+      step INTEGER NOT NULL,
+      report BLOB NOT NULL,
+      PRIMARY KEY (run_id, step)
+    );
+    )sql",
+};
+
+// A prepared statement that finalises itself.
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) { rc_ = sqlite3_prepare_v2(db, sql, -1, &s_, nullptr); }
+  ~Stmt() { sqlite3_finalize(s_); }
+  bool ok() const { return rc_ == SQLITE_OK; }
+  Stmt& Text(int i, const std::string& v) {
+    sqlite3_bind_text(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Blob(int i, const std::string& v) {
+    sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Int(int i, int64_t v) {
+    sqlite3_bind_int64(s_, i, v);
+    return *this;
+  }
+  int Step() { return sqlite3_step(s_); }
+  std::string ColumnBlob(int i) const {
+    const void* p = sqlite3_column_blob(s_, i);
+    return std::string(static_cast<const char*>(p), sqlite3_column_bytes(s_, i));
+  }
+  int64_t ColumnInt(int i) const { return sqlite3_column_int64(s_, i); }
+
+ private:
+  sqlite3_stmt* s_ = nullptr;
+  int rc_;
+};
+
+}  // namespace
+
+Status Store::Error(const char* what) const {
+  return InternalError(std::string("store: ") + what + ": " + sqlite3_errmsg(db_) + " (" +
+                       sqlite3_errstr(sqlite3_extended_errcode(db_)) + ")");
+}
+
+StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      nullptr) != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return Status(StatusCode::kUnavailable, "store " + path + ": cannot open: " + msg);
+  }
+  std::unique_ptr<Store> store(new Store(db));
+  sqlite3_busy_timeout(db, 5000);
+  RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"));
+  if (Status s = store->Migrate(); !s.ok()) return Status(s.code(), "store " + path + ": " + s.message());
+  return store;
+}
+
+Store::~Store() { sqlite3_close(db_); }
+
+Status Store::Exec(const std::string& sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
+    std::string msg = err ? err : "unknown error";
+    sqlite3_free(err);
+    return InternalError("store: " + msg);
+  }
+  return OkStatus();
+}
+
+Status Store::Migrate() {
+  RETURN_IF_ERROR(Exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"));
+  {
+    Stmt q(db_, "SELECT version FROM schema_version");
+    schema_version_ = q.Step() == SQLITE_ROW ? static_cast<int>(q.ColumnInt(0)) : 0;
+  }
+  if (schema_version_ > kSchemaVersion) {
+    return FailedPreconditionError("schema version " + std::to_string(schema_version_) +
+                                   " is newer than this coordinator's " + std::to_string(kSchemaVersion));
+  }
+  while (schema_version_ < kSchemaVersion) {
+    RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+    Status s = Exec(kMigrations[schema_version_]);
+    if (s.ok()) {
+      s = Exec("DELETE FROM schema_version; INSERT INTO schema_version VALUES (" +
+               std::to_string(schema_version_ + 1) + ");");
+    }
+    if (!s.ok()) {
+      Exec("ROLLBACK").ok();
+      return Status(s.code(), "migration to schema version " + std::to_string(schema_version_ + 1) + ": " + s.message());
+    }
+    RETURN_IF_ERROR(Exec("COMMIT"));
+    ++schema_version_;
+  }
+  return OkStatus();
+}
+
+Status Store::InsertExperiment(const ExperimentRecord& e, const std::vector<RunRecord>& runs) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto fail = [&](const char* what) {
+    Status s = Error(what);
+    Exec("ROLLBACK").ok();
+    return s;
+  };
+  const std::string& id = e.summary.experiment_id();
+  const int64_t number = std::stoll(id.substr(id.rfind('-') + 1));
+  {
+    Stmt q(db_, "INSERT INTO experiments (id, name, number, created_ms, cancelled, summary) VALUES (?,?,?,?,?,?)");
+    q.Text(1, id).Text(2, e.summary.name()).Int(3, number).Int(4, e.summary.created_unix_ms()).Int(5, e.cancelled);
+    q.Blob(6, e.summary.SerializeAsString());
+    if (q.Step() != SQLITE_DONE) return fail("insert experiment");
+  }
+  for (const RunRecord& r : runs) {
+    Stmt q(db_, "INSERT INTO runs (id, experiment_id, state, restarts, finished_ms, summary) VALUES (?,?,?,?,?,?)");
+    q.Text(1, r.summary.run_id()).Text(2, id).Int(3, r.summary.state()).Int(4, r.restarts).Int(5, r.finished_unix_ms);
+    q.Blob(6, r.summary.SerializeAsString());
+    if (q.Step() != SQLITE_DONE) return fail("insert run");
+  }
+  if (Exec("COMMIT").ok()) return OkStatus();
+  return fail("commit experiment");
+}
+
+Status Store::UpdateExperiment(const ExperimentRecord& e) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "UPDATE experiments SET cancelled = ?, summary = ? WHERE id = ?");
+  q.Int(1, e.cancelled).Blob(2, e.summary.SerializeAsString()).Text(3, e.summary.experiment_id());
+  if (q.Step() != SQLITE_DONE) return Error("update experiment");
+  return OkStatus();
+}
+
+StatusOr<std::vector<ExperimentRecord>> Store::LoadExperiments() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT summary, cancelled FROM experiments ORDER BY created_ms, number");
+  std::vector<ExperimentRecord> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    ExperimentRecord e;
+    if (!e.summary.ParseFromString(q.ColumnBlob(0))) return DataLossError("store: an experiment row does not parse");
+    e.cancelled = q.ColumnInt(1) != 0;
+    out.push_back(std::move(e));
+  }
+  if (rc != SQLITE_DONE) return Error("load experiments");
+  return out;
+}
+
+StatusOr<int64_t> Store::LastExperimentNumber(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT COALESCE(MAX(number), 0) FROM experiments WHERE name = ?");
+  q.Text(1, name);
+  if (q.Step() != SQLITE_ROW) return Error("experiment number");
+  return q.ColumnInt(0);
+}
+
+Status Store::UpdateRun(const RunRecord& r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "UPDATE runs SET state = ?, restarts = ?, finished_ms = ?, summary = ? WHERE id = ?");
+  q.Int(1, r.summary.state()).Int(2, r.restarts).Int(3, r.finished_unix_ms).Blob(4, r.summary.SerializeAsString());
+  q.Text(5, r.summary.run_id());
+  if (q.Step() != SQLITE_DONE) return Error("update run");
+  return OkStatus();
+}
+
+StatusOr<std::vector<RunRecord>> Store::LoadRuns() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT summary, restarts, finished_ms FROM runs ORDER BY rowid");
+  std::vector<RunRecord> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    RunRecord r;
+    if (!r.summary.ParseFromString(q.ColumnBlob(0))) return DataLossError("store: a run row does not parse");
+    r.restarts = static_cast<int32_t>(q.ColumnInt(1));
+    r.finished_unix_ms = q.ColumnInt(2);
+    out.push_back(std::move(r));
+  }
+  if (rc != SQLITE_DONE) return Error("load runs");
+  return out;
+}
+
+Status Store::BeginAttempt(const std::string& run_id, int attempt, const std::string& worker_id, int64_t start_step,
+                           int64_t now_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_,
+         "INSERT OR REPLACE INTO attempts (run_id, attempt, worker_id, started_ms, start_step) VALUES (?,?,?,?,?)");
+  q.Text(1, run_id).Int(2, attempt).Text(3, worker_id).Int(4, now_ms).Int(5, start_step);
+  if (q.Step() != SQLITE_DONE) return Error("begin attempt");
+  return OkStatus();
+}
+
+Status Store::EndAttempt(const std::string& run_id, int attempt, int64_t end_step, const std::string& outcome,
+                         int64_t now_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "UPDATE attempts SET ended_ms = ?, end_step = ?, outcome = ? WHERE run_id = ? AND attempt = ?");
+  q.Int(1, now_ms).Int(2, end_step).Text(3, outcome).Text(4, run_id).Int(5, attempt);
+  if (q.Step() != SQLITE_DONE) return Error("end attempt");
+  return OkStatus();
+}
+
+Status Store::PutStep(const RunRecord& r, const v1::StepMetrics& m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  auto fail = [&](const char* what) {
+    Status s = Error(what);
+    Exec("ROLLBACK").ok();
+    return s;
+  };
+  {
+    Stmt q(db_, "INSERT OR REPLACE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
+    q.Text(1, r.summary.run_id()).Int(2, m.step()).Blob(3, m.SerializeAsString());
+    if (q.Step() != SQLITE_DONE) return fail("put step");
+  }
+  {
+    Stmt q(db_, "UPDATE runs SET state = ?, summary = ? WHERE id = ?");
+    q.Int(1, r.summary.state()).Blob(2, r.summary.SerializeAsString()).Text(3, r.summary.run_id());
+    if (q.Step() != SQLITE_DONE) return fail("update run");
+  }
+  if (Exec("COMMIT").ok()) return OkStatus();
+  return fail("commit step");
+}
+
+StatusOr<bool> Store::PutProbe(const std::string& run_id, const v1::ProbeReport& report) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "INSERT OR IGNORE INTO probe_reports (run_id, step, report) VALUES (?,?,?)");
+  q.Text(1, run_id).Int(2, report.step()).Blob(3, report.SerializeAsString());
+  if (q.Step() != SQLITE_DONE) return Error("put probe report");
+  return sqlite3_changes(db_) > 0;
+}
+
+StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, int64_t from_step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? AND step >= ? ORDER BY step");
+  q.Text(1, run_id).Int(2, from_step);
+  std::vector<v1::StepMetrics> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    out.emplace_back();
+    if (!out.back().ParseFromString(q.ColumnBlob(0))) return DataLossError("store: a step row does not parse");
+  }
+  if (rc != SQLITE_DONE) return Error("read steps");
+  return out;
+}
+
+StatusOr<std::vector<v1::ProbeReport>> Store::Probes(const std::string& run_id, int64_t from_step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT report FROM probe_reports WHERE run_id = ? AND step >= ? ORDER BY step");
+  q.Text(1, run_id).Int(2, from_step);
+  std::vector<v1::ProbeReport> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    out.emplace_back();
+    if (!out.back().ParseFromString(q.ColumnBlob(0))) return DataLossError("store: a probe row does not parse");
+  }
+  if (rc != SQLITE_DONE) return Error("read probes");
+  return out;
+}
+
+StatusOr<int64_t> Store::CountProbes(const std::string& run_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT COUNT(*) FROM probe_reports WHERE run_id = ?");
+  q.Text(1, run_id);
+  if (q.Step() != SQLITE_ROW) return Error("count probes");
+  return q.ColumnInt(0);
+}
+
+Status Store::IntegrityCheck() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "PRAGMA integrity_check");
+  if (q.Step() != SQLITE_ROW) return Error("integrity check");
+  const std::string result = q.ColumnBlob(0);
+  if (result != "ok") return DataLossError("store: integrity check: " + result);
+  return OkStatus();
+}
+
+}  // namespace sinkscope

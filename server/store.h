@@ -1,0 +1,85 @@
+// The coordinator's durable state in SQLite: experiments, runs, attempts, step metrics
+// and probe reports. WAL journal; a versioned schema with migrations. Records are the
+// wire messages serialised into BLOBs beside the columns that are queried. The
+// coordinator is the only writer.
+#pragma once
+
+#include <sqlite3.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "proto/sinkscope/v1/service.pb.h"
+#include "worker/engine/status.h"
+
+namespace sinkscope {
+
+struct ExperimentRecord {
+  v1::ExperimentSummary summary;  // runs left empty; spec filled in
+  bool cancelled = false;
+};
+
+struct RunRecord {
+  v1::RunSummary summary;
+  int32_t restarts = 0;  // lease lapses so far
+  int64_t finished_unix_ms = 0;
+};
+
+class Store {
+ public:
+  // Opens (creating or migrating) the database at `path`.
+  static StatusOr<std::unique_ptr<Store>> Open(const std::string& path);
+  ~Store();
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  // Schema version this build writes.
+  static constexpr int kSchemaVersion = 1;
+  int schema_version() const { return schema_version_; }
+
+  // Inserts an experiment and its runs in one transaction.
+  Status InsertExperiment(const ExperimentRecord& experiment, const std::vector<RunRecord>& runs);
+  // Replaces an experiment's state and cancelled flag.
+  Status UpdateExperiment(const ExperimentRecord& experiment);
+  // Every experiment, oldest first.
+  StatusOr<std::vector<ExperimentRecord>> LoadExperiments();
+  // The largest numeric suffix used for experiment ids of `name` (0 if none).
+  StatusOr<int64_t> LastExperimentNumber(const std::string& name);
+
+  // Replaces a run's row.
+  Status UpdateRun(const RunRecord& run);
+  // Every run, in insertion order.
+  StatusOr<std::vector<RunRecord>> LoadRuns();
+
+  // An attempt of a run begins / ends.
+  Status BeginAttempt(const std::string& run_id, int attempt, const std::string& worker_id, int64_t start_step,
+                      int64_t now_ms);
+  Status EndAttempt(const std::string& run_id, int attempt, int64_t end_step, const std::string& outcome,
+                    int64_t now_ms);
+
+  // Stores a step's metrics together with the run's updated row (one transaction);
+  // a step stored again replaces the earlier row (a resumed run repeats steps).
+  Status PutStep(const RunRecord& run, const v1::StepMetrics& metrics);
+  // Stores a probe report unless one for (run, step) exists; returns whether it was new.
+  StatusOr<bool> PutProbe(const std::string& run_id, const v1::ProbeReport& report);
+  StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step);
+  StatusOr<std::vector<v1::ProbeReport>> Probes(const std::string& run_id, int64_t from_step);
+  StatusOr<int64_t> CountProbes(const std::string& run_id);
+
+  // PRAGMA integrity_check; OK when the database is sound.
+  Status IntegrityCheck();
+
+ private:
+  explicit Store(sqlite3* db) : db_(db) {}
+  Status Exec(const std::string& sql);
+  Status Migrate();
+  Status Error(const char* what) const;
+
+  std::mutex mu_;  // serialises use of db_
+  sqlite3* db_;
+  int schema_version_ = 0;
+};
+
+}  // namespace sinkscope
