@@ -1,0 +1,712 @@
+#include "client/commands.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <sstream>
+
+#include "client/render.h"
+#include "common/experiment.h"
+#include "proto/sinkscope/v1/service.grpc.pb.h"
+#include "worker/probe_command.h"
+
+namespace sinkscope::cli {
+namespace {
+
+using Stub = v1::ExperimentService::Stub;
+
+// ---- arguments ------------------------------------------------------------------------------
+
+// A command's own arguments: positionals, flags with a value (`--step 3`, `--step=3`) and
+// switches (`--watch`).
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> values;
+  std::set<std::string> switches;
+  bool help = false;
+  std::string error;  // set when an argument is not understood
+};
+
+Args ParseArgs(const std::vector<std::string>& argv, const std::set<std::string>& value_flags,
+               const std::set<std::string>& switch_flags) {
+  Args a;
+  for (size_t i = 0; i < argv.size(); ++i) {
+    const std::string& arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      a.help = true;
+    } else if (arg.size() > 1 && arg[0] == '-') {
+      const size_t eq = arg.find('=');
+      const std::string flag = arg.substr(0, eq);
+      if (value_flags.count(flag)) {
+        if (eq != std::string::npos) {
+          a.values[flag] = arg.substr(eq + 1);
+        } else if (i + 1 < argv.size()) {
+          a.values[flag] = argv[++i];
+        } else {
+          a.error = "option " + flag + " needs a value";
+          return a;
+        }
+      } else if (switch_flags.count(arg)) {
+        a.switches.insert(arg);
+      } else {
+        a.error = "unknown option " + arg;
+        return a;
+      }
+    } else {
+      a.positional.push_back(arg);
+    }
+  }
+  return a;
+}
+
+int UsageError(const char* command, const std::string& message) {
+  std::fprintf(stderr, "sinkscope %s: %s (see sinkscope %s --help)\n", command, message.c_str(), command);
+  return kExitUsage;
+}
+
+// Parses the arguments of `command` expecting exactly `positionals` of them; prints its
+// usage for --help. Returns an exit code when the command should stop here.
+std::optional<int> Prepare(const char* command, const std::vector<std::string>& argv,
+                           const std::set<std::string>& value_flags, const std::set<std::string>& switch_flags,
+                           size_t positionals, const char* what, Args* out) {
+  *out = ParseArgs(argv, value_flags, switch_flags);
+  if (out->help) {
+    std::fputs(FindCommand(command)->usage, stdout);
+    return kExitOk;
+  }
+  if (!out->error.empty()) return UsageError(command, out->error);
+  if (out->positional.size() < positionals) return UsageError(command, std::string(what) + " is required");
+  if (out->positional.size() > positionals) return UsageError(command, "unexpected argument " + out->positional.back());
+  return std::nullopt;
+}
+
+bool ParseInt64(const std::string& text, int64_t* value) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || errno != 0) return false;
+  *value = v;
+  return true;
+}
+
+// ---- the coordinator --------------------------------------------------------------------------
+
+// gRPC's canonical code names, indexed by code.
+const char* GrpcCodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {
+      "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+      "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+      "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+      "DATA_LOSS", "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < static_cast<int>(std::size(kNames)) ? kNames[i] : "UNKNOWN";
+}
+
+std::string Seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", s);
+  return buf;
+}
+
+// The channel and stub of one command, and how its failures are told.
+class Coordinator {
+ public:
+  explicit Coordinator(const GlobalOptions& options) : options_(options) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);  // probe reports of a long run exceed the 4 MB default
+    channel_ = grpc::CreateCustomChannel(options.coordinator, grpc::InsecureChannelCredentials(), args);
+    stub_ = v1::ExperimentService::NewStub(channel_);
+  }
+
+  Stub& stub() { return *stub_; }
+
+  // A context for one unary call, with the --timeout deadline.
+  std::unique_ptr<grpc::ClientContext> UnaryContext() const {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::microseconds(static_cast<int64_t>(options_.timeout_seconds * 1e6)));
+    return context;
+  }
+
+  // Prints a failed call's status and returns the exit code: an unreachable coordinator
+  // (UNAVAILABLE, or a deadline passed without ever connecting) is told apart from an
+  // error the coordinator answered with.
+  int Fail(const grpc::Status& status) const {
+    const grpc::StatusCode code = status.error_code();
+    const bool connected = channel_->GetState(/*try_to_connect=*/false) == GRPC_CHANNEL_READY;
+    if (code == grpc::StatusCode::UNAVAILABLE || (code == grpc::StatusCode::DEADLINE_EXCEEDED && !connected)) {
+      std::string detail = status.error_message();
+      if (code == grpc::StatusCode::DEADLINE_EXCEEDED) {
+        detail = "no connection within the " + Seconds(options_.timeout_seconds) + " s deadline (--timeout)";
+      }
+      std::fprintf(stderr,
+                   "sinkscope: cannot reach the coordinator at %s (%s): %s — is sinkscope-coordinator running?\n",
+                   options_.coordinator.c_str(), GrpcCodeName(code), detail.c_str());
+      return kExitUnreachable;
+    }
+    std::string message = status.error_message();
+    if (code == grpc::StatusCode::DEADLINE_EXCEEDED) {
+      message += " (no answer within " + Seconds(options_.timeout_seconds) + " s; raise --timeout)";
+    }
+    std::fprintf(stderr, "sinkscope: %s: %s\n", GrpcCodeName(code), message.c_str());
+    return kExitServerError;
+  }
+
+ private:
+  const GlobalOptions& options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<Stub> stub_;
+};
+
+void PrintJson(const google::protobuf::Message& message) {
+  std::printf("%s\n", MessageToJson(message, /*pretty=*/true).c_str());
+}
+
+// ---- watch ----------------------------------------------------------------------------------
+
+// Cuts a line to `columns` terminal columns (UTF-8 aware) so a redraw never wraps.
+std::string Clip(const std::string& line, int columns) {
+  int seen = 0;
+  for (size_t i = 0; i < line.size(); ++i) {
+    if ((static_cast<unsigned char>(line[i]) & 0xC0) == 0x80) continue;
+    if (seen++ == columns) return line.substr(0, i);
+  }
+  return line;
+}
+
+// Redraws a frame in place: up to the first line of the previous frame, every line
+// cleared and rewritten, and what the previous frame left below cleared too.
+class TerminalFrame {
+ public:
+  void Draw(std::vector<std::string> lines) {
+    winsize ws{};
+    int columns = 100, rows = 40;
+    if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) {
+      columns = ws.ws_col;
+      rows = ws.ws_row;
+    }
+    // A frame taller than the screen would scroll, and the cursor could not get back up.
+    if (rows > 2 && static_cast<int>(lines.size()) > rows - 1) {
+      const size_t hidden = lines.size() - (rows - 2);
+      lines.resize(rows - 2);
+      lines.push_back("... " + std::to_string(hidden) + " more lines (a taller terminal shows them)");
+    }
+    std::string out;
+    if (drawn_ > 0) out += "\033[" + std::to_string(drawn_) + "A\r";
+    for (const std::string& line : lines) out += Clip(line, columns - 1) + "\033[K\n";
+    out += "\033[J";
+    std::fwrite(out.data(), 1, out.size(), stdout);
+    std::fflush(stdout);
+    drawn_ = static_cast<int>(lines.size());
+  }
+
+ private:
+  int drawn_ = 0;  // lines of the frame on screen
+};
+
+int Watch(const GlobalOptions& options, Coordinator& coordinator, const std::string& experiment_id) {
+  // A unary call first: an unknown id or an unreachable coordinator fails fast, with a deadline.
+  v1::GetExperimentRequest get;
+  get.set_experiment_id(experiment_id);
+  v1::ExperimentSummary summary;
+  if (grpc::Status s = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), get, &summary); !s.ok()) {
+    return coordinator.Fail(s);
+  }
+
+  v1::WatchExperimentRequest request;
+  request.set_experiment_id(experiment_id);
+  request.set_include_probes(true);
+  grpc::ClientContext context;  // no deadline: the stream lasts as long as the experiment
+  auto reader = coordinator.stub().WatchExperiment(&context, request);
+  const bool terminal = !options.json && isatty(STDOUT_FILENO);
+  WatchView view;
+  TerminalFrame frame;
+  auto last_draw = std::chrono::steady_clock::time_point();
+  v1::WatchEvent event;
+  while (reader->Read(&event)) {
+    if (options.json) {
+      std::printf("%s\n", MessageToJson(event, /*pretty=*/false).c_str());
+      std::fflush(stdout);
+      continue;
+    }
+    std::vector<std::string> lines = view.Apply(event);
+    if (terminal) {
+      // Steps can arrive faster than a terminal is worth redrawing; state changes and
+      // probes are drawn at once.
+      const auto now = std::chrono::steady_clock::now();
+      if (event.event_case() != v1::WatchEvent::kStep || now - last_draw >= std::chrono::milliseconds(100)) {
+        frame.Draw(view.Frame());
+        last_draw = now;
+      }
+    } else {
+      for (const std::string& line : lines) std::printf("%s\n", line.c_str());
+      std::fflush(stdout);
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  if (terminal && view.has_snapshot()) frame.Draw(view.Frame());
+  if (!status.ok()) return coordinator.Fail(status);
+
+  // The stream ends with the experiment: the final state of every run.
+  if (grpc::Status s = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), get, &summary); !s.ok()) {
+    if (!view.has_snapshot()) return coordinator.Fail(s);
+    summary = view.summary();  // the last snapshot is the next best thing
+  }
+  if (options.json) {
+    std::printf("%s\n", MessageToJson(summary, /*pretty=*/false).c_str());
+  } else {
+    std::printf("\n%s", RenderExperimentStatus(summary).c_str());
+  }
+  return kExitOk;
+}
+
+// ---- commands -------------------------------------------------------------------------------
+
+// Relative data paths were resolved against the experiment file's folder; the workers
+// resolve them from wherever they run, so send them absolute.
+void MakeDataPathsAbsolute(v1::Experiment& e) {
+  auto absolute = [](std::string* p) {
+    if (!p->empty() && (*p)[0] != '/') *p = std::filesystem::absolute(*p).lexically_normal().string();
+  };
+  if (e.data().has_text()) {
+    for (auto& p : *e.mutable_data()->mutable_text()->mutable_paths()) absolute(&p);
+  }
+  if (e.data().has_shards()) {
+    absolute(e.mutable_data()->mutable_shards()->mutable_train());
+    if (!e.data().shards().val().empty()) absolute(e.mutable_data()->mutable_shards()->mutable_val());
+  }
+}
+
+int Submit(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("submit", argv, {}, {"--watch"}, 1, "an experiment FILE", &args)) return *exit;
+  const std::string& file = args.positional[0];
+  auto experiment = LoadExperimentFile(file);
+  if (!experiment.ok()) {
+    std::fprintf(stderr, "sinkscope: %s\n", experiment.status().message().c_str());
+    return kExitUsage;
+  }
+  // Validated locally on a defaulted copy; the coordinator fills in the defaults itself
+  // and validates again (data paths are checked where the runs will read them).
+  v1::Experiment defaulted = *experiment;
+  ApplyDefaults(defaulted);
+  if (Status s = ValidateExperiment(defaulted, /*check_paths=*/false); !s.ok()) {
+    std::ifstream in(file);
+    std::stringstream text;
+    text << in.rdbuf();
+    std::fprintf(stderr, "sinkscope: %s\n", LocateInExperimentFile(file, text.str(), s.message()).c_str());
+    return kExitUsage;
+  }
+  MakeDataPathsAbsolute(*experiment);
+
+  Coordinator coordinator(options);
+  v1::SubmitExperimentRequest request;
+  *request.mutable_experiment() = *experiment;
+  v1::SubmitExperimentResponse response;
+  if (grpc::Status s = coordinator.stub().SubmitExperiment(coordinator.UnaryContext().get(), request, &response);
+      !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  if (options.json) {
+    // With --watch the stream's JSON lines follow, so keep this one to a line as well.
+    std::printf("%s\n", MessageToJson(response, /*pretty=*/!args.switches.count("--watch")).c_str());
+  } else {
+    std::printf("%s", RenderSubmitted(response).c_str());
+    if (!args.switches.count("--watch")) {
+      std::printf("follow it with: sinkscope watch %s\n", response.experiment_id().c_str());
+    }
+  }
+  std::fflush(stdout);
+  if (args.switches.count("--watch")) {
+    if (!options.json) std::printf("\n");
+    return Watch(options, coordinator, response.experiment_id());
+  }
+  return kExitOk;
+}
+
+int List(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("list", argv, {"--limit"}, {}, 0, "", &args)) return *exit;
+  v1::ListExperimentsRequest request;
+  if (args.values.count("--limit")) {
+    int64_t limit = 0;
+    if (!ParseInt64(args.values["--limit"], &limit) || limit <= 0 || limit > INT32_MAX) {
+      return UsageError("list", "--limit must be a positive integer, got " + args.values["--limit"]);
+    }
+    request.set_limit(static_cast<int32_t>(limit));
+  }
+  Coordinator coordinator(options);
+  v1::ListExperimentsResponse response;
+  if (grpc::Status s = coordinator.stub().ListExperiments(coordinator.UnaryContext().get(), request, &response);
+      !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  if (options.json) {
+    PrintJson(response);
+  } else {
+    std::printf("%s", RenderExperimentList(response).c_str());
+  }
+  return kExitOk;
+}
+
+int StatusCommand(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("status", argv, {}, {}, 1, "an experiment ID", &args)) return *exit;
+  Coordinator coordinator(options);
+  v1::GetExperimentRequest request;
+  request.set_experiment_id(args.positional[0]);
+  v1::ExperimentSummary response;
+  if (grpc::Status s = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), request, &response);
+      !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  if (options.json) {
+    PrintJson(response);
+  } else {
+    std::printf("%s", RenderExperimentStatus(response).c_str());
+  }
+  return kExitOk;
+}
+
+int WatchCommand(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("watch", argv, {}, {}, 1, "an experiment ID", &args)) return *exit;
+  Coordinator coordinator(options);
+  return Watch(options, coordinator, args.positional[0]);
+}
+
+int Cancel(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("cancel", argv, {}, {}, 1, "an experiment ID", &args)) return *exit;
+  Coordinator coordinator(options);
+  v1::CancelExperimentRequest request;
+  request.set_experiment_id(args.positional[0]);
+  v1::ExperimentSummary response;
+  if (grpc::Status s = coordinator.stub().CancelExperiment(coordinator.UnaryContext().get(), request, &response);
+      !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  if (options.json) {
+    PrintJson(response);
+  } else {
+    std::printf("cancelled %s\n\n%s", response.experiment_id().c_str(), RenderExperimentStatus(response).c_str());
+  }
+  return kExitOk;
+}
+
+int Compare(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("compare", argv, {"--step"}, {}, 1, "an experiment ID", &args)) return *exit;
+  v1::CompareArmsRequest request;
+  request.set_experiment_id(args.positional[0]);
+  if (args.values.count("--step")) {
+    int64_t step = 0;
+    if (!ParseInt64(args.values["--step"], &step) || step < 0) {
+      return UsageError("compare", "--step must be a non-negative integer, got " + args.values["--step"]);
+    }
+    request.set_step(step);
+  }
+  Coordinator coordinator(options);
+  v1::CompareArmsResponse response;
+  if (grpc::Status s = coordinator.stub().CompareArms(coordinator.UnaryContext().get(), request, &response); !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  if (options.json) {
+    PrintJson(response);
+  } else {
+    std::printf("%s", RenderComparison(response).c_str());
+  }
+  return kExitOk;
+}
+
+// "runs.csv" → "runs.probes.csv"; "runs" → "runs.probes.csv".
+std::string ProbeCsvPath(const std::string& steps_path) {
+  std::filesystem::path p(steps_path);
+  if (p.extension() == ".csv") p.replace_extension();
+  return p.string() + ".probes.csv";
+}
+
+bool WriteFile(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.close();
+  if (!out) {
+    std::fprintf(stderr, "sinkscope export: cannot write %s\n", path.c_str());
+    return false;
+  }
+  return true;
+}
+
+int Export(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  if (auto exit = Prepare("export", argv, {"--format", "--out"}, {}, 1, "an experiment ID", &args)) return *exit;
+  const std::string format = args.values.count("--format") ? args.values["--format"] : "csv";
+  if (format != "csv" && format != "jsonl") return UsageError("export", "--format must be csv or jsonl, got " + format);
+  const std::string out_path = args.values.count("--out") ? args.values["--out"] : "";
+
+  Coordinator coordinator(options);
+  v1::GetExperimentRequest get;
+  get.set_experiment_id(args.positional[0]);
+  v1::ExperimentSummary experiment;
+  if (grpc::Status s = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), get, &experiment); !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  std::string steps = format == "csv" ? StepCsvHeader() : "";
+  std::string probes = format == "csv" ? ProbeCsvHeader() : "";
+  int64_t step_rows = 0, probe_reports = 0;
+  for (const v1::RunSummary& run : experiment.runs()) {
+    v1::GetRunMetricsRequest request;
+    request.set_run_id(run.run_id());
+    v1::GetRunMetricsResponse metrics;
+    if (grpc::Status s = coordinator.stub().GetRunMetrics(coordinator.UnaryContext().get(), request, &metrics);
+        !s.ok()) {
+      return coordinator.Fail(s);
+    }
+    if (!metrics.has_run()) *metrics.mutable_run() = run;
+    step_rows += metrics.steps_size();
+    probe_reports += metrics.probes_size();
+    if (format == "csv") {
+      steps += StepCsvRows(experiment.experiment_id(), metrics);
+      probes += ProbeCsvRows(experiment.experiment_id(), metrics);
+    } else {
+      steps += JsonLines(experiment.experiment_id(), metrics);
+    }
+  }
+
+  if (out_path.empty()) {
+    // CSV on stdout: the step table, a blank line, then the probe table.
+    const std::string text = format == "csv" ? steps + "\n" + probes : steps;
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    return kExitOk;
+  }
+  if (!WriteFile(out_path, steps)) return kExitServerError;
+  if (format == "csv") {
+    const std::string probe_path = ProbeCsvPath(out_path);
+    if (!WriteFile(probe_path, probes)) return kExitServerError;
+    std::fprintf(stderr, "%s: %lld step rows of %d runs to %s, %lld probe reports to %s\n",
+                 experiment.experiment_id().c_str(), static_cast<long long>(step_rows), experiment.runs_size(),
+                 out_path.c_str(), static_cast<long long>(probe_reports), probe_path.c_str());
+  } else {
+    std::fprintf(stderr, "%s: %lld steps and %lld probe reports of %d runs to %s\n", experiment.experiment_id().c_str(),
+                 static_cast<long long>(step_rows), static_cast<long long>(probe_reports), experiment.runs_size(),
+                 out_path.c_str());
+  }
+  return kExitOk;
+}
+
+// ---- usage texts ------------------------------------------------------------------------------
+
+const char kSubmitUsage[] = R"(usage: sinkscope submit FILE [--watch]
+
+Validates an experiment file (YAML or JSON mapped onto sinkscope.v1.Experiment, see
+proto/sinkscope/v1/experiment.proto) with its defaults filled in, then submits it to the
+coordinator, which queues one run per arm x seed. Prints the experiment id and its run ids.
+A mistake in the file is reported with the file, the line, the field path and the rule,
+before anything is sent (exit status 2). Relative data paths are taken relative to the
+file and sent as absolute paths.
+
+  --watch      follow the experiment right away (see sinkscope watch --help)
+  -h, --help   this text
+)";
+
+const char kListUsage[] = R"(usage: sinkscope list [--limit N]
+
+Experiments on the coordinator, most recent first: id, name, state, creation time (UTC),
+progress (steps done over steps of all runs) and the runs by state.
+
+  --limit N    at most N experiments (default: the coordinator's, 50)
+  -h, --help   this text
+)";
+
+const char kStatusUsage[] = R"(usage: sinkscope status ID
+
+One experiment and every run of it: state, step/total, loss, validation loss, tokens/s,
+ETA, attempt and worker; below the table, each failed run's reason and message.
+With --json: the ExperimentSummary, the submitted experiment (defaults filled in) included.
+
+  -h, --help   this text
+)";
+
+const char kWatchUsage[] = R"(usage: sinkscope watch ID
+
+Follows an experiment until it ends: per run a progress bar with step, loss, tokens/s and
+ETA, and the latest probe report per layer (R_GS, sink rate, and the token-s norm ratios
+of h_out, r_attn, r_mlp and v). On a terminal the view is redrawn in place; otherwise a
+line is printed per run at every 10% of its progress (with its latest probe) and on every
+state change. When the experiment ends, prints its final status. Ctrl-C stops watching;
+the experiment goes on. With --json: one WatchEvent per line, then the final
+ExperimentSummary.
+
+  -h, --help   this text
+)";
+
+const char kCancelUsage[] = R"(usage: sinkscope cancel ID
+
+Cancels every queued or running run of an experiment (FAILED_PRECONDITION if it has
+already ended) and prints its status.
+
+  -h, --help   this text
+)";
+
+const char kCompareUsage[] = R"(usage: sinkscope compare ID [--step N]
+
+The arms of an experiment side by side, as mean ± std over seeds (the numbers behind the
+paper's Figures 1 and 7). Per layer, one row per arm: R_GS at the sink position, sink
+rate, the token-s norm ratios of h_out, r_mlp, r_attn and v (token s over the mean of
+tokens 1..15), massive activations (top-1 |h_out| over the median) and the mean V-scale
+theta. Then a summary: median R_GS over layers, final loss, validation loss, tokens/s.
+
+  --step N     compare the probes of step N (default: the latest step probed in every run)
+  -h, --help   this text
+)";
+
+const char kExportUsage[] = R"(usage: sinkscope export ID [--format csv|jsonl] [--out FILE]
+
+Every stored step metric and probe report of every run of an experiment.
+
+csv (the default): two tables.
+  steps:  experiment,run,arm,seed,step,loss,learning_rate,grad_norm,tokens_per_second,
+          mfu,val_loss,step_seconds (val_loss empty on steps that did not evaluate)
+  probes: one row per probe report x layer: experiment,run,arm,seed,step,probe_loss,
+          batch_sequences,seq_len,r_gs_median,r_gs_q1,r_gs_q3,layer,r_gs,
+          r_gs_sum_then_norm,r_gs_norm_then_mean,sink_rate,sink_rate_per_sample,
+          norm_ratio_{h_in,h_half,h_out,r_attn,r_mlp,v,vh},massive_top1,massive_median,
+          top1_over_median,mean_theta, and the per-head lists alpha and theta joined by ';'
+  With --out FILE the steps go to FILE and the probes to FILE with .csv replaced by
+  .probes.csv (runs.csv -> runs.probes.csv); on stdout the two tables follow each other,
+  separated by an empty line. Token-wise profiles are in the jsonl export only.
+jsonl: one JSON object per line, protobuf's JSON mapping (proto field names; 64-bit
+  integers as strings): {"experiment_id","run_id","arm","seed","step":{StepMetrics}} for
+  every step, then {..., "probe":{ProbeReport}} for every probe report, run by run.
+
+  --format F   csv or jsonl
+  --out FILE   write to FILE instead of stdout
+  -h, --help   this text
+)";
+
+// Steps of a YAML node's children: a key of a mapping or an index of a list.
+struct PathStep {
+  std::string key;
+  int index = -1;
+};
+
+std::vector<PathStep> SplitFieldPath(const std::string& path) {
+  std::vector<PathStep> steps;
+  std::string current;
+  for (size_t i = 0; i <= path.size(); ++i) {
+    const char c = i < path.size() ? path[i] : '.';
+    if (c == '.' || c == '[') {
+      if (!current.empty()) steps.push_back({current, -1});
+      current.clear();
+      if (c == '[') {
+        const size_t close = path.find(']', i);
+        if (close == std::string::npos) break;
+        steps.push_back({"", std::atoi(path.substr(i + 1, close - i - 1).c_str())});
+        i = close;
+      }
+    } else {
+      current += c;
+    }
+  }
+  return steps;
+}
+
+std::string LowerCamel(const std::string& name) {
+  std::string out;
+  bool upper = false;
+  for (char c : name) {
+    if (c == '_') {
+      upper = true;
+    } else {
+      out += upper ? static_cast<char>(std::toupper(static_cast<unsigned char>(c))) : c;
+      upper = false;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+const std::vector<Command>& Commands() {
+  static const std::vector<Command> commands = {
+      {"submit", "FILE [--watch]", "validate an experiment file and queue its runs", kSubmitUsage, Submit},
+      {"list", "[--limit N]", "experiments, most recent first", kListUsage, List},
+      {"status", "ID", "an experiment's runs: state, step, losses, tok/s, worker, failures", kStatusUsage,
+       StatusCommand},
+      {"watch", "ID", "follow an experiment live until it ends: progress, ETA, probes", kWatchUsage, WatchCommand},
+      {"cancel", "ID", "cancel every queued or running run", kCancelUsage, Cancel},
+      {"compare", "ID [--step N]", "the arms side by side per layer, mean ± std over seeds", kCompareUsage, Compare},
+      {"export", "ID [--format csv|jsonl] [--out FILE]", "every stored step metric and probe report", kExportUsage,
+       Export},
+      // Dispatched by main to ProbeCommand, which has its own usage.
+      {"probe", "CHECKPOINT ...", "the diagnostic pass on a checkpoint, locally (no coordinator)", nullptr, nullptr},
+  };
+  return commands;
+}
+
+const Command* FindCommand(const std::string& name) {
+  for (const Command& c : Commands()) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
+  std::string name = "sinkscope probe";
+  std::string json = "--json";
+  std::vector<char*> args = {name.data()};
+  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
+  if (options.json) args.push_back(json.data());
+  args.push_back(nullptr);
+  return RunProbeCommand(static_cast<int>(args.size()) - 1, args.data());
+}
+
+std::string LocateInExperimentFile(const std::string& file, const std::string& text, const std::string& message) {
+  // The message starts with the field path: "model.kv_heads: …" or "train.lr must …".
+  const std::string path = message.substr(0, message.find_first_of(": "));
+  int line = -1;
+  try {
+    YAML::Node node = YAML::Load(text);
+    for (const PathStep& step : SplitFieldPath(path)) {
+      YAML::Node next;
+      if (step.index >= 0) {
+        if (!node.IsSequence() || step.index >= static_cast<int>(node.size())) break;
+        const YAML::Node& list = node;
+        next.reset(list[step.index]);
+        line = next.Mark().line;
+      } else {
+        if (!node.IsMap()) break;
+        bool found = false;
+        for (auto it = node.begin(); it != node.end(); ++it) {
+          const std::string key = it->first.IsScalar() ? it->first.Scalar() : "";
+          if (key == step.key || key == LowerCamel(step.key)) {
+            next.reset(it->second);
+            line = it->first.Mark().line;
+            found = true;
+            break;
+          }
+        }
+        if (!found) break;
+      }
+      node.reset(next);
+    }
+  } catch (const YAML::Exception&) {
+    line = -1;
+  }
+  return line >= 0 ? file + ":" + std::to_string(line + 1) + ": " + message : file + ": " + message;
+}
+
+}  // namespace sinkscope::cli

@@ -1,0 +1,48 @@
+// The commands of the `sinkscope` CLI. Each takes the global options and its own
+// arguments (global flags already removed), prints its result to stdout and errors to
+// stderr, and returns the process exit code.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace sinkscope::cli {
+
+// Exit codes of every command.
+enum ExitCode : int {
+  kExitOk = 0,
+  kExitServerError = 1,  // the coordinator answered with an error status
+  kExitUsage = 2,        // bad arguments, or an experiment file that does not validate
+  kExitUnreachable = 3,  // no coordinator at the address
+};
+
+// Flags every command shares.
+struct GlobalOptions {
+  std::string coordinator = "127.0.0.1:50051";  // HOST:PORT
+  double timeout_seconds = 10;                  // deadline of every unary call
+  bool json = false;                            // print the response messages as JSON
+};
+
+struct Command {
+  const char* name;
+  const char* synopsis;  // arguments after the name, for the overview
+  const char* summary;   // one line, for the overview
+  const char* usage;     // `sinkscope NAME --help`; nullptr for probe
+  // nullptr for probe, whose arguments are RunProbeCommand's (ProbeCommand below).
+  int (*run)(const GlobalOptions& options, const std::vector<std::string>& args);
+};
+
+// Every command, in the order the overview lists them, and one by name (nullptr if none).
+const std::vector<Command>& Commands();
+const Command* FindCommand(const std::string& name);
+
+// `probe` takes its own arguments (RunProbeCommand's), so it is not in the table's
+// calling convention: argv[0] names it, the rest are its arguments.
+int ProbeCommand(const GlobalOptions& options, int argc, char** argv);
+
+// Gives a message of ValidateExperiment ("model.kv_heads: must divide …") the file and
+// the line of the field it names, when the file spells that field out (or of its nearest
+// enclosing section): "quickstart.yaml:7: model.kv_heads: must divide …".
+std::string LocateInExperimentFile(const std::string& file, const std::string& text, const std::string& message);
+
+}  // namespace sinkscope::cli
