@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 namespace sinkscope {
 namespace {
@@ -35,7 +36,10 @@ double F16ToDouble(uint16_t h) {
 }  // namespace
 
 Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
+  // A temporary name of this process and thread: two writers of the same file (a worker
+  // that lost its lease and the one that took over) never share a temporary file.
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." +
+                          std::to_string(std::hash<std::thread::id>()(std::this_thread::get_id()));
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) return InternalError("cannot create " + tmp + ": " + std::strerror(errno));
   size_t written = 0;

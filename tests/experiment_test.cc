@@ -1,0 +1,489 @@
+// Experiment files (common/experiment.cc): the quickstart loads, defaults fill what is
+// left out, YAML and JSON give the same message, proto and lowerCamelCase names and
+// enum values in any case are accepted, and every mistake is reported with the field
+// path and the reason — with file:line when the mistake is in the text itself (parse
+// errors), and as "path: rule" from ValidateExperiment (the caller names the file).
+#include "common/experiment.h"
+
+#include <gmock/gmock.h>
+#include <google/protobuf/util/json_util.h>
+#include <google/protobuf/util/message_differencer.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace sinkscope {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::MatchesRegex;
+using ::testing::StartsWith;
+
+const std::string kQuickstart = std::string(SINKSCOPE_SOURCE_DIR) + "/examples/quickstart.yaml";
+constexpr const char* kFortunes = "/usr/share/games/fortunes";
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+bool SameMessage(const google::protobuf::Message& a, const google::protobuf::Message& b) {
+  return google::protobuf::util::MessageDifferencer::Equals(a, b);
+}
+
+// Parses `text` as "bad.yaml" and returns the error (OK if it parsed).
+Status ParseError(const std::string& text) {
+  auto e = ParseExperimentText(text, "bad.yaml");
+  return e.ok() ? OkStatus() : e.status();
+}
+
+// A valid minimal experiment (text data, paths not checked) with `extra` appended.
+const char* kMinimal =
+    "name: t\n"
+    "data:\n"
+    "  text:\n"
+    "    paths: [/nonexistent/corpus]\n";
+
+// Parses kMinimal followed by `extra` (which may add top-level sections), applies the
+// defaults and validates without checking paths.
+Status ValidateWith(const std::string& extra) {
+  auto e = ParseExperimentText(std::string(kMinimal) + extra, "t.yaml");
+  if (!e.ok()) return e.status();
+  ApplyDefaults(*e);
+  return ValidateExperiment(*e, /*check_paths=*/false);
+}
+
+// --- the quickstart ---------------------------------------------------------------------
+
+TEST(ExperimentFile, QuickstartLoadsAsWritten) {
+  auto e = LoadExperimentFile(kQuickstart);
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  EXPECT_EQ(e->name(), "quickstart");
+  const v1::ModelSpec& m = e->model();
+  EXPECT_EQ(m.layers(), 4);
+  EXPECT_EQ(m.d_model(), 128);
+  EXPECT_EQ(m.heads(), 4);
+  EXPECT_EQ(m.kv_heads(), 2);
+  EXPECT_EQ(m.head_dim(), 32);
+  EXPECT_EQ(m.ffn(), 352);
+  EXPECT_EQ(m.vocab(), 257);
+  EXPECT_EQ(m.context(), 128);
+  EXPECT_FALSE(m.has_rope_theta());  // left out: ApplyDefaults fills it
+  ASSERT_TRUE(e->data().has_text());
+  EXPECT_THAT(e->data().text().paths(), ElementsAre(kFortunes));
+  EXPECT_EQ(e->data().text().separator(), "%");
+  EXPECT_DOUBLE_EQ(e->data().val_fraction(), 0.05);
+  EXPECT_EQ(e->train().steps(), 300);
+  EXPECT_EQ(e->train().micro_batch(), 16);
+  EXPECT_EQ(e->train().grad_accum(), 1);
+  EXPECT_DOUBLE_EQ(e->train().lr(), 3e-3);
+  EXPECT_EQ(e->train().warmup_steps(), 30);
+  EXPECT_EQ(e->train().eval_every(), 100);
+  EXPECT_EQ(e->probe().every(), 50);
+  EXPECT_EQ(e->probe().ref_span(), 31);
+  EXPECT_EQ(e->probe().profile_len(), 64);
+  EXPECT_THAT(e->arms(), ElementsAre(v1::BASELINE, v1::VSCALE));
+  EXPECT_THAT(e->seeds(), ElementsAre(0u));
+  EXPECT_EQ(e->checkpoint().every(), 100);
+}
+
+TEST(ExperimentFile, QuickstartDefaultsAndValidates) {
+  auto e = LoadExperimentFile(kQuickstart);
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  ApplyDefaults(*e);
+  const v1::ModelSpec& m = e->model();
+  EXPECT_DOUBLE_EQ(m.rope_theta(), 10000.0);
+  EXPECT_DOUBLE_EQ(m.rms_eps(), 1e-5);
+  EXPECT_DOUBLE_EQ(m.init_std(), 0.02);
+  EXPECT_FALSE(m.tied_embeddings());
+  EXPECT_THAT(e->data().text().exclude_suffixes(), ElementsAre(".dat", ".u8"));
+  const v1::TrainSpec& t = e->train();
+  EXPECT_DOUBLE_EQ(t.min_lr(), 3e-4);  // lr / 10
+  EXPECT_DOUBLE_EQ(t.beta1(), 0.9);
+  EXPECT_DOUBLE_EQ(t.beta2(), 0.95);
+  EXPECT_DOUBLE_EQ(t.eps(), 1e-8);
+  EXPECT_DOUBLE_EQ(t.weight_decay(), 0.1);
+  EXPECT_DOUBLE_EQ(t.grad_clip(), 1.0);
+  EXPECT_EQ(t.eval_batches(), 8);
+  EXPECT_EQ(t.warmup_steps(), 30);  // given: not replaced by steps / 10
+  const v1::ProbeSpec& p = e->probe();
+  EXPECT_EQ(p.sink_position(), 0);
+  EXPECT_DOUBLE_EQ(p.eps(), 0.3);
+  EXPECT_EQ(p.t_eps(), 64);
+  EXPECT_EQ(p.reduce(), v1::SUM_THEN_NORM);
+  EXPECT_EQ(p.batch(), v1::STEP_BATCH);
+  EXPECT_EQ(e->resources().device(), v1::CPU);
+  EXPECT_EQ(e->resources().devices_per_run(), 1);
+  EXPECT_EQ(e->max_restarts(), 2);
+  EXPECT_TRUE(e->checkpoint().export_hf());
+
+  const bool have_fortunes = std::filesystem::exists(kFortunes);
+  Status s = ValidateExperiment(*e, /*check_paths=*/have_fortunes);
+  EXPECT_TRUE(s.ok()) << s.message();
+
+  const ModelConfig c = ToModelConfig(e->model(), v1::VSCALE);
+  EXPECT_EQ(c.layers, 4);
+  EXPECT_EQ(c.kv_heads, 2);
+  EXPECT_EQ(c.ffn, 352);
+  EXPECT_EQ(c.context, 128);
+  EXPECT_EQ(c.vscale, VScaleMode::kVScale);
+  EXPECT_EQ(ToModelConfig(e->model(), v1::BASELINE).vscale, VScaleMode::kNone);
+  EXPECT_EQ(ToModelConfig(e->model(), v1::VSCALE_BACKWARD_ONLY).vscale, VScaleMode::kBackwardOnly);
+  EXPECT_TRUE(c.Validate().ok());
+  const OptimizerConfig o = ToOptimizerConfig(e->train());
+  EXPECT_DOUBLE_EQ(o.lr, 3e-3);
+  EXPECT_EQ(o.warmup_steps, 30);
+  EXPECT_EQ(o.total_steps, 300);
+  EXPECT_STREQ(ArmName(v1::VSCALE_BACKWARD_ONLY), "vscale_backward_only");
+}
+
+TEST(ExperimentFile, DefaultsOfAMinimalFile) {
+  auto e = ParseExperimentText(kMinimal, "t.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  ApplyDefaults(*e);
+  const v1::ModelSpec& m = e->model();
+  EXPECT_EQ(m.layers(), 4);
+  EXPECT_EQ(m.d_model(), 128);
+  EXPECT_EQ(m.heads(), 4);
+  EXPECT_EQ(m.kv_heads(), 4);   // = heads
+  EXPECT_EQ(m.head_dim(), 32);  // d_model / heads
+  EXPECT_EQ(m.ffn(), 352);      // 8·128/3 = 341 rounded up to a multiple of 32
+  EXPECT_EQ(m.vocab(), 257);
+  EXPECT_EQ(m.context(), 128);
+  EXPECT_EQ(e->data().text().separator(), "%");
+  EXPECT_DOUBLE_EQ(e->data().val_fraction(), 0.05);
+  EXPECT_EQ(e->train().steps(), 200);
+  EXPECT_EQ(e->train().micro_batch(), 8);
+  EXPECT_EQ(e->train().warmup_steps(), 20);  // steps / 10
+  EXPECT_DOUBLE_EQ(e->train().lr(), 3e-3);
+  EXPECT_EQ(e->train().eval_every(), 50);
+  EXPECT_EQ(e->probe().every(), 50);
+  EXPECT_EQ(e->probe().ref_span(), 31);
+  EXPECT_EQ(e->probe().profile_len(), 64);
+  EXPECT_THAT(e->arms(), ElementsAre(v1::BASELINE, v1::VSCALE));
+  EXPECT_THAT(e->seeds(), ElementsAre(0u));
+  EXPECT_EQ(e->checkpoint().every(), 100);
+  Status s = ValidateExperiment(*e, /*check_paths=*/false);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+TEST(ExperimentFile, DefaultsFollowTheFieldsGiven) {
+  auto e = ParseExperimentText(std::string(kMinimal) +
+                                   "model: {d_model: 256, heads: 8, context: 16}\n"
+                                   "train: {steps: 50, lr: 1.0e-2, warmup_steps: 0}\n",
+                               "t.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  ApplyDefaults(*e);
+  EXPECT_EQ(e->model().kv_heads(), 8);
+  EXPECT_EQ(e->model().head_dim(), 32);
+  EXPECT_EQ(e->model().ffn(), 704);         // 8·256/3 = 682 → 704
+  EXPECT_EQ(e->probe().ref_span(), 15);     // clipped to context − 1
+  EXPECT_EQ(e->probe().profile_len(), 16);  // clipped to context
+  EXPECT_DOUBLE_EQ(e->train().min_lr(), 1e-3);
+  EXPECT_EQ(e->train().warmup_steps(), 0);  // an explicit 0 is kept
+  Status s = ValidateExperiment(*e, /*check_paths=*/false);
+  EXPECT_TRUE(s.ok()) << s.message();
+}
+
+TEST(ExperimentFile, RelativeDataPathsResolveAgainstTheFile) {
+  const auto dir = std::filesystem::temp_directory_path() / "sinkscope_experiment_test";
+  std::filesystem::create_directories(dir / "corpus");
+  {
+    std::ofstream(dir / "corpus" / "a.txt") << "hello\n%\nworld\n";
+    std::ofstream(dir / "e.yaml") << "name: rel\ndata:\n  text:\n    paths: [corpus/a.txt, ../x]\n";
+  }
+  auto e = LoadExperimentFile((dir / "e.yaml").string());
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  EXPECT_THAT(e->data().text().paths(),
+              ElementsAre((dir / "corpus/a.txt").string(), (dir.parent_path() / "x").string()));
+  std::filesystem::remove_all(dir);
+}
+
+// --- YAML and JSON, names and enums -------------------------------------------------------
+
+const char* kQuickstartJson = R"({
+  "name": "quickstart",
+  "model": {"layers": 4, "d_model": 128, "heads": 4, "kv_heads": 2, "head_dim": 32, "ffn": 352,
+            "vocab": 257, "context": 128},
+  "data": {"text": {"paths": ["/usr/share/games/fortunes"], "separator": "%"}, "val_fraction": 0.05},
+  "train": {"steps": 300, "micro_batch": 16, "grad_accum": 1, "lr": 3.0e-3, "warmup_steps": 30,
+            "eval_every": 100},
+  "probe": {"every": 50, "ref_span": 31, "profile_len": 64},
+  "arms": ["baseline", "vscale"],
+  "seeds": [0],
+  "checkpoint": {"every": 100}
+})";
+
+TEST(ExperimentFile, JsonParsesLikeYaml) {
+  auto yaml = ParseExperimentText(ReadText(kQuickstart), "quickstart.yaml");
+  ASSERT_TRUE(yaml.ok()) << yaml.status().message();
+  auto json = ParseExperimentText(kQuickstartJson, "quickstart.json");
+  ASSERT_TRUE(json.ok()) << json.status().message();
+  EXPECT_TRUE(SameMessage(*yaml, *json)) << yaml->DebugString() << "\nvs\n" << json->DebugString();
+}
+
+TEST(ExperimentFile, ProtobufsOwnJsonParsesBack) {
+  // protobuf's JSON printer writes lowerCamelCase names, enum names in upper case and
+  // uint64 seeds as strings: all of it must read back to the same message.
+  auto e = LoadExperimentFile(kQuickstart);
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  ApplyDefaults(*e);
+  std::string json;
+  ASSERT_TRUE(google::protobuf::util::MessageToJsonString(*e, &json).ok());
+  EXPECT_THAT(json, HasSubstr("\"dModel\""));
+  auto back = ParseExperimentText(json, "printed.json");
+  ASSERT_TRUE(back.ok()) << back.status().message() << "\n" << json;
+  EXPECT_TRUE(SameMessage(*e, *back)) << json;
+}
+
+TEST(ExperimentFile, AcceptsLowerCamelCaseNames) {
+  auto e = ParseExperimentText(std::string(kMinimal) +
+                                   "model: {dModel: 64, kvHeads: 2, headDim: 16, tiedEmbeddings: true}\n"
+                                   "train: {microBatch: 4, gradAccum: 2, warmupSteps: 3, minLr: 1.0e-4}\n"
+                                   "probe: {refSpan: 7, profileLen: 9, sinkPosition: 1, tEps: 5}\n"
+                                   "checkpoint: {exportHf: false}\n"
+                                   "maxRestarts: 0\n",
+                               "camel.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  EXPECT_EQ(e->model().d_model(), 64);
+  EXPECT_EQ(e->model().kv_heads(), 2);
+  EXPECT_EQ(e->model().head_dim(), 16);
+  EXPECT_TRUE(e->model().tied_embeddings());
+  EXPECT_EQ(e->train().micro_batch(), 4);
+  EXPECT_EQ(e->train().grad_accum(), 2);
+  EXPECT_EQ(e->train().warmup_steps(), 3);
+  EXPECT_DOUBLE_EQ(e->train().min_lr(), 1e-4);
+  EXPECT_EQ(e->probe().ref_span(), 7);
+  EXPECT_EQ(e->probe().profile_len(), 9);
+  EXPECT_EQ(e->probe().sink_position(), 1);
+  EXPECT_EQ(e->probe().t_eps(), 5);
+  EXPECT_FALSE(e->checkpoint().export_hf());
+  ASSERT_TRUE(e->has_max_restarts());
+  EXPECT_EQ(e->max_restarts(), 0);
+}
+
+TEST(ExperimentFile, EnumsInAnyCase) {
+  auto e = ParseExperimentText(std::string(kMinimal) +
+                                   "arms: [baseline, VSCALE, Vscale_Backward_Only]\n"
+                                   "probe: {reduce: norm_then_mean, batch: Held_Out}\n"
+                                   "resources: {device: cuda}\n",
+                               "enums.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  EXPECT_THAT(e->arms(), ElementsAre(v1::BASELINE, v1::VSCALE, v1::VSCALE_BACKWARD_ONLY));
+  EXPECT_EQ(e->probe().reduce(), v1::NORM_THEN_MEAN);
+  EXPECT_EQ(e->probe().batch(), v1::HELD_OUT);
+  EXPECT_EQ(e->resources().device(), v1::CUDA);
+}
+
+TEST(ExperimentFile, EmptyValueMeansTheDefault) {
+  auto e = ParseExperimentText(std::string(kMinimal) + "model:\n  layers:\narms:\n", "t.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  EXPECT_FALSE(e->model().has_layers());
+  ApplyDefaults(*e);
+  EXPECT_EQ(e->model().layers(), 4);
+  EXPECT_THAT(e->arms(), ElementsAre(v1::BASELINE, v1::VSCALE));
+}
+
+// --- mistakes in the text: file:line, field path, reason ---------------------------------
+
+TEST(ExperimentFileErrors, UnknownFieldListsTheKnownOnes) {
+  Status s = ParseError("name: t\nmodel:\n  layers: 2\n  kv_hedas: 2\n");
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), StartsWith("bad.yaml:4: model.kv_hedas: unknown field"));
+  EXPECT_THAT(s.message(), HasSubstr("known: layers, d_model, heads, kv_heads, head_dim"));
+  // Top level too.
+  EXPECT_THAT(ParseError("name: t\nsteps: 10\n").message(),
+              AllOf(StartsWith("bad.yaml:2: steps: unknown field"), HasSubstr("known: name, model, data, train")));
+  // Names match exactly: neither another case nor a near miss.
+  EXPECT_THAT(ParseError("Name: t\n").message(), StartsWith("bad.yaml:1: Name: unknown field"));
+}
+
+TEST(ExperimentFileErrors, WrongType) {
+  EXPECT_EQ(ParseError("model:\n  layers: four\n").message(),
+            "bad.yaml:2: model.layers: expected an integer, got \"four\"");
+  EXPECT_THAT(ParseError("model:\n  layers: 1.5\n").message(),
+              StartsWith("bad.yaml:2: model.layers: expected an integer"));
+  EXPECT_THAT(ParseError("model:\n  layers: 3000000000\n").message(),  // beyond int32
+              StartsWith("bad.yaml:2: model.layers: expected an integer"));
+  EXPECT_THAT(ParseError("train:\n  lr: fast\n").message(), StartsWith("bad.yaml:2: train.lr: expected a number"));
+  EXPECT_THAT(ParseError("model:\n  tied_embeddings: maybe\n").message(),
+              StartsWith("bad.yaml:2: model.tied_embeddings: expected true or false"));
+  EXPECT_THAT(ParseError("seeds: [1, -2]\n").message(),
+              StartsWith("bad.yaml:1: seeds[1]: expected a non-negative integer, got \"-2\""));
+}
+
+TEST(ExperimentFileErrors, UnknownEnumValue) {
+  Status s = ParseError("name: t\narms: [baseline, vscael]\n");
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(),
+            "bad.yaml:2: arms[1]: unknown value \"vscael\" (expected one of: baseline, vscale, vscale_backward_only)");
+  // The proto's zero value is no value a file may name.
+  EXPECT_THAT(ParseError("arms: [arm_unspecified]\n").message(),
+              StartsWith("bad.yaml:1: arms[0]: unknown value \"arm_unspecified\""));
+  EXPECT_THAT(ParseError("probe:\n  reduce: mean\n").message(),
+              AllOf(StartsWith("bad.yaml:2: probe.reduce: unknown value \"mean\""),
+                    HasSubstr("sum_then_norm, norm_then_mean")));
+}
+
+TEST(ExperimentFileErrors, ShapeOfTheValue) {
+  EXPECT_EQ(ParseError("model:\n  layers: [1, 2]\n").message(), "bad.yaml:2: model.layers: expected a single value");
+  EXPECT_THAT(ParseError("name: {first: a}\n").message(), StartsWith("bad.yaml:1: name: expected a single value"));
+  EXPECT_THAT(ParseError("arms: baseline\n").message(), StartsWith("bad.yaml:1: arms: expected a list"));
+  EXPECT_THAT(ParseError("name: t\nmodel: 4\n").message(),
+              StartsWith("bad.yaml:2: model: expected a mapping of fields"));
+  EXPECT_THAT(ParseError("- name: t\n").message(), HasSubstr("(top level): expected a mapping of fields"));
+}
+
+TEST(ExperimentFileErrors, TextAndShardsTogether) {
+  Status s = ParseError(
+      "name: t\n"
+      "data:\n"
+      "  text:\n"
+      "    paths: [a.txt]\n"
+      "  shards:\n"
+      "    train: 'x_*.bin'\n");
+  EXPECT_EQ(s.message(), "bad.yaml:5: data.shards: conflicts with data.text (only one of them may be given)");
+}
+
+TEST(ExperimentFileErrors, MalformedYamlNamesTheLine) {
+  Status s = ParseError("name: t\nmodel:\n  layers: 4\n  heads: [4, 2\n");
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), AllOf(StartsWith("bad.yaml:"), HasSubstr("not valid YAML or JSON")));
+  s = ParseError("name: t\nmodel:\n  layers: 4\n bad indent: 1\n");
+  EXPECT_THAT(s.message(), AllOf(StartsWith("bad.yaml:4:"), HasSubstr("not valid YAML or JSON")));
+  // JSON with a missing comma: yaml-cpp notices at the closing brace of the line after.
+  s = ParseError("{\"name\": \"t\",\n \"model\": {\"layers\": 4 \"heads\": 2}\n}\n");
+  EXPECT_THAT(s.message(), MatchesRegex("bad\\.yaml:[23]: not valid YAML or JSON: .*"));
+  s = ParseError("name: t\nmodel: *undefined_anchor\n");
+  EXPECT_THAT(s.message(), AllOf(StartsWith("bad.yaml:"), HasSubstr("not valid YAML or JSON")));
+}
+
+TEST(ExperimentFileErrors, FieldGivenTwice) {
+  // yaml-cpp keeps both keys; the loader must not let the second silently win or merge.
+  EXPECT_EQ(ParseError("name: t\nmodel:\n  layers: 2\n  layers: 3\n").message(),
+            "bad.yaml:4: model.layers: given twice (first as \"layers\" on line 3)");
+  EXPECT_EQ(ParseError("name: t\nmodel: {d_model: 64,\n  dModel: 32}\n").message(),
+            "bad.yaml:3: model.dModel: given twice (first as \"d_model\" on line 2)");
+  EXPECT_THAT(ParseError("seeds: [0]\nname: t\nseeds: [1]\n").message(), StartsWith("bad.yaml:3: seeds: given twice"));
+  EXPECT_THAT(ParseError("model: {layers: 2}\nmodel: {heads: 2}\n").message(),
+              StartsWith("bad.yaml:2: model: given twice"));
+}
+
+TEST(ExperimentFileErrors, EmptyKey) {
+  // yaml-cpp reads `,,` in a flow mapping as an entry with an empty key.
+  EXPECT_EQ(ParseError("{\"name\": \"t\",\n \"model\": {\"layers\": 4,, }\n}\n").message(),
+            "bad.yaml:2: model: expected a field name");
+}
+
+TEST(ExperimentFileErrors, EmptyFile) {
+  EXPECT_EQ(ParseError("").message(), "bad.yaml: the file is empty");
+  EXPECT_EQ(ParseError("# only a comment\n\n").message(), "bad.yaml: the file is empty");
+}
+
+TEST(ExperimentFileErrors, MissingFileIsNotFound) {
+  auto e = LoadExperimentFile("/nonexistent/dir/experiment.yaml");
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), StatusCode::kNotFound);
+  EXPECT_THAT(e.status().message(), HasSubstr("/nonexistent/dir/experiment.yaml"));
+}
+
+TEST(ExperimentFileErrors, LoadNamesTheFileAndLine) {
+  const auto path = std::filesystem::temp_directory_path() / "sinkscope_experiment_test_bad.yaml";
+  std::ofstream(path) << "name: t\nmodel:\n  layers: [2]\n";
+  auto e = LoadExperimentFile(path.string());
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().message(), path.string() + ":3: model.layers: expected a single value");
+  std::filesystem::remove(path);
+}
+
+// --- rules checked after defaults: field path and the rule ---------------------------------
+
+TEST(ExperimentRules, MissingName) {
+  auto e = ParseExperimentText("data:\n  text:\n    paths: [a]\n", "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  EXPECT_EQ(ValidateExperiment(*e, false).message(), "name: is required");
+  e->set_name("a b");
+  EXPECT_THAT(ValidateExperiment(*e, false).message(), StartsWith("name: may hold only letters"));
+}
+
+TEST(ExperimentRules, MissingData) {
+  auto e = ParseExperimentText("name: t\n", "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  EXPECT_THAT(ValidateExperiment(*e, false).message(), StartsWith("data: needs data.text or data.shards"));
+}
+
+TEST(ExperimentRules, ModelShape) {
+  EXPECT_EQ(ValidateWith("model: {heads: 4, kv_heads: 3}\n").message(),
+            "model.kv_heads: must divide model.heads (4), got 3");
+  EXPECT_EQ(ValidateWith("model: {head_dim: 33}\n").message(), "model.head_dim: must be even for RoPE, got 33");
+  EXPECT_EQ(ValidateWith("model: {layers: 0}\n").message(), "model.layers: must be positive, got 0");
+  EXPECT_THAT(ValidateWith("model: {vocab: 100}\n").message(), StartsWith("model.vocab: must be at least 257"));
+  EXPECT_THAT(ValidateWith("model: {rms_eps: 0}\n").message(), StartsWith("model.rms_eps: must be positive"));
+}
+
+TEST(ExperimentRules, ProbeAgainstContext) {
+  EXPECT_EQ(ValidateWith("model: {context: 32}\nprobe: {ref_span: 32}\n").message(),
+            "probe.ref_span: T_e must be in [1, model.context) = [1, 32), got 32");
+  EXPECT_THAT(ValidateWith("probe: {ref_span: 0}\n").message(), StartsWith("probe.ref_span: "));
+  EXPECT_TRUE(ValidateWith("model: {context: 32}\nprobe: {ref_span: 31, profile_len: 32}\n").ok());
+  EXPECT_EQ(ValidateWith("model: {context: 32}\nprobe: {profile_len: 33}\n").message(),
+            "probe.profile_len: P must be in [1, model.context] = [1, 32], got 33");
+  EXPECT_EQ(ValidateWith("model: {context: 32}\nprobe: {sink_position: 32}\n").message(),
+            "probe.sink_position: must be in [0, model.context) = [0, 32), got 32");
+  EXPECT_THAT(ValidateWith("probe: {sink_position: -1}\n").message(),
+              AllOf(StartsWith("probe.sink_position: must be in [0, model.context)"), HasSubstr("got -1")));
+  EXPECT_THAT(ValidateWith("probe: {eps: 1.5}\n").message(), StartsWith("probe.eps: must be in (0, 1)"));
+}
+
+TEST(ExperimentRules, Training) {
+  EXPECT_THAT(ValidateWith("train: {lr: -1.0e-3}\n").message(),
+              AllOf(HasSubstr("train.lr"), HasSubstr("must be positive")));
+  EXPECT_EQ(ValidateWith("train: {steps: 10, warmup_steps: 11}\n").message(),
+            "train.warmup_steps: must not exceed train.steps");
+  EXPECT_TRUE(ValidateWith("train: {steps: 10, warmup_steps: 10}\n").ok());
+  EXPECT_EQ(ValidateWith("train: {micro_batch: 0}\n").message(), "train.micro_batch: must be positive, got 0");
+  EXPECT_THAT(ValidateWith("train: {min_lr: 1.0}\n").message(), HasSubstr("train.min_lr"));
+  auto e = ParseExperimentText("name: t\ndata:\n  text: {paths: [a]}\n  val_fraction: 0.7\n", "t.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().message();
+  ApplyDefaults(*e);
+  EXPECT_THAT(ValidateExperiment(*e, false).message(), StartsWith("data.val_fraction: must be in [0, 0.5]"));
+}
+
+TEST(ExperimentRules, RepeatedArm) {
+  EXPECT_EQ(ValidateWith("arms: [baseline, vscale, BASELINE]\n").message(), "arms[2]: repeats arms[0]");
+}
+
+TEST(ExperimentRules, RepeatedSeed) {
+  // Runs are named <arm>-s<seed>: a repeated seed would train the same run twice into
+  // the same folder.
+  EXPECT_EQ(ValidateWith("seeds: [0, 1, 1]\n").message(), "seeds[2]: repeats seeds[1]");
+  EXPECT_TRUE(ValidateWith("seeds: [0, 1, 2]\n").ok());
+}
+
+TEST(ExperimentRules, DataPathsWhenChecked) {
+  auto e = ParseExperimentText(kMinimal, "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  EXPECT_TRUE(ValidateExperiment(*e, /*check_paths=*/false).ok());
+  EXPECT_EQ(ValidateExperiment(*e, /*check_paths=*/true).message(),
+            "data.text.paths[0]: no such file or folder: /nonexistent/corpus");
+
+  auto shards = ParseExperimentText("name: t\ndata:\n  shards:\n    train: /nonexistent/shard_*.bin\n", "t.yaml");
+  ASSERT_TRUE(shards.ok()) << shards.status().message();
+  ApplyDefaults(*shards);
+  EXPECT_TRUE(ValidateExperiment(*shards, /*check_paths=*/false).ok());
+  EXPECT_THAT(ValidateExperiment(*shards, /*check_paths=*/true).message(),
+              AllOf(StartsWith("data.shards.train: "), HasSubstr("/nonexistent/shard_*.bin")));
+}
+
+}  // namespace
+}  // namespace sinkscope

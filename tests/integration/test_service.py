@@ -1,0 +1,246 @@
+"""End-to-end tests of the service with real binaries on loopback, a real SQLite file, a
+real Prometheus and a gRPC client that is not ours. Run by ctest (service_integration)."""
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+import grpc
+
+import harness
+from harness import Cluster, wait_for
+
+
+def field(d, name):
+    """A field of protobuf's JSON output, by proto name or lowerCamelCase name."""
+    if name in d:
+        return d[name]
+    camel = name.split("_")[0] + "".join(p.title() for p in name.split("_")[1:])
+    return d.get(camel)
+
+
+def runs_of(status):
+    return field(status, "runs") or []
+
+
+class ServiceTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(lease_seconds=3.0)
+        cls.cluster.start_coordinator()
+        cls.cluster.start_worker("worker-a")
+        cls.corpus = harness.write_corpus(cls.cluster.dir)
+        cls.experiment_id = None
+
+    @classmethod
+    def tearDownClass(cls):
+        if os.environ.get("SINKSCOPE_KEEP_LOGS"):
+            print(cls.cluster.logs())
+        cls.cluster.close()
+        shutil.rmtree(cls.cluster.dir, ignore_errors=True)
+
+    def write_experiment(self, name, **kwargs):
+        spec = harness.tiny_experiment(name, self.corpus, **kwargs)
+        path = os.path.join(self.cluster.dir, name + ".json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        return path, spec
+
+    def submit(self, path):
+        out = self.cluster.cli_json("submit", path)
+        return field(out, "experiment_id")
+
+    # --- submit → train → stored → compare / export -----------------------------------
+    def test_1_submit_trains_stores_compares_and_exports(self):
+        c = self.cluster
+        path, spec = self.write_experiment("e2e", steps=30, probe_every=5)
+        eid = self.submit(path)
+        self.assertTrue(eid)
+        type(self).experiment_id = eid
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        runs = runs_of(status)
+        self.assertEqual(len(runs), 2)
+        want_probes = harness.expected_probe_steps(30, 5)
+        for run in runs:
+            run_id = field(run, "run_id")
+            steps = [s for (s,) in c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)]
+            self.assertEqual(steps, list(range(1, 31)), run_id)
+            probes = [s for (s,) in c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)]
+            self.assertEqual(probes, want_probes, run_id)
+            ckpt = os.path.join(c.dir, "checkpoints", eid, run_id)
+            self.assertTrue(os.path.exists(os.path.join(ckpt, "checkpoint.bin")), ckpt)
+            self.assertTrue(os.path.exists(os.path.join(ckpt, "hf", "model.safetensors")), ckpt)
+        # compare: both arms, every layer, numbers from the stored probes.
+        cmp = c.cli_json("compare", eid)
+        arms = field(cmp, "arms")
+        self.assertEqual([a["arm"] for a in arms], ["BASELINE", "VSCALE"])
+        for a in arms:
+            self.assertEqual(int(field(a, "step")), 30)
+            self.assertEqual(len(a["layers"]), 2)
+            for layer in a["layers"]:
+                self.assertGreater(field(layer, "r_gs")["mean"], 0)
+                self.assertEqual(field(layer, "r_gs")["n"], 1)
+        human = c.cli("compare", eid).stdout
+        self.assertIn("BASELINE".lower(), human.lower())
+        # export: every step and every probe of every run.
+        out = os.path.join(c.dir, "export.jsonl")
+        c.cli("export", eid, "--format", "jsonl", "--out", out)
+        with open(out) as f:
+            lines = [json.loads(l) for l in f if l.strip()]
+        self.assertGreaterEqual(len(lines), 2 * (30 + len(want_probes)))
+        csv_out = os.path.join(c.dir, "export.csv")
+        c.cli("export", eid, "--format", "csv", "--out", csv_out)
+        self.assertTrue(os.path.getsize(csv_out) > 0)
+
+    # --- a real Prometheus scrapes the coordinator -------------------------------------
+    def test_2_prometheus_scrapes_probe_series(self):
+        c = self.cluster
+        eid = type(self).experiment_id
+        self.assertIsNotNone(eid, "test_1 must run first")
+        port = harness.free_port()
+        prom_dir = tempfile.mkdtemp(prefix="prom-", dir=c.dir)
+        config = os.path.join(prom_dir, "prometheus.yml")
+        with open(config, "w") as f:
+            f.write(f"""global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: sinkscope
+    static_configs:
+      - targets: ['127.0.0.1:{c.metrics_port}']
+""")
+        prom = harness.Process("prometheus", ["prometheus", f"--config.file={config}",
+                                              f"--storage.tsdb.path={prom_dir}/data",
+                                              f"--web.listen-address=127.0.0.1:{port}"], prom_dir)
+        try:
+            run_id = f"{eid}-vscale-s0"
+            query = f'sinkscope_probe_gradient_sink_ratio{{run="{run_id}",layer="1"}}'
+
+            def result():
+                try:
+                    r = harness.prometheus_query(port, query)
+                except Exception:
+                    return None
+                return r["data"]["result"] if r.get("status") == "success" and r["data"]["result"] else None
+
+            series = wait_for(result, 60, "Prometheus to scrape the probe series")
+            self.assertEqual(len(series), 1)
+            labels = series[0]["metric"]
+            self.assertEqual(labels["experiment"], eid)
+            self.assertEqual(labels["arm"], "VSCALE")
+            self.assertEqual(labels["seed"], "0")
+            self.assertEqual(labels["layer"], "1")
+            # The value is the latest stored probe's R_GS of layer 1.
+            pb = harness.python_stubs()
+            (blob,) = c.sql("SELECT report FROM probe_reports WHERE run_id = ? ORDER BY step DESC LIMIT 1", run_id)[0]
+            from sinkscope.v1 import metrics_pb2
+            report = metrics_pb2.ProbeReport.FromString(blob)
+            self.assertAlmostEqual(float(series[0]["value"][1]), report.layers[1].r_gs, places=6)
+            theta = harness.prometheus_query(port, f'sinkscope_probe_vscale_theta{{run="{run_id}"}}')
+            self.assertEqual(len(theta["data"]["result"]), 2)  # 2 layers × 1 KV head
+        finally:
+            prom.stop()
+
+    # --- a client that is not ours -------------------------------------------------------
+    def test_3_python_grpc_client_and_error_codes(self):
+        c = self.cluster
+        pb = harness.python_stubs()
+        from sinkscope.v1 import experiment_pb2
+        channel = grpc.insecure_channel(c.address)
+        svc = "/sinkscope.v1.ExperimentService/"
+
+        def call(method, request, response_type):
+            return channel.unary_unary(svc + method, request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=response_type.FromString)(request, timeout=10)
+
+        listed = call("ListExperiments", pb.ListExperimentsRequest(), pb.ListExperimentsResponse)
+        self.assertIn(type(self).experiment_id, [e.experiment_id for e in listed.experiments])
+        got = call("GetExperiment", pb.GetExperimentRequest(experiment_id=type(self).experiment_id),
+                   pb.ExperimentSummary)
+        self.assertEqual(got.state, pb.COMPLETED)
+        self.assertEqual(got.spec.model.d_model, 32)
+        with self.assertRaises(grpc.RpcError) as e:
+            call("GetExperiment", pb.GetExperimentRequest(experiment_id="nope-1"), pb.ExperimentSummary)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.NOT_FOUND)
+        bad = experiment_pb2.Experiment(name="bad")
+        bad.model.heads = 4
+        bad.model.kv_heads = 3
+        bad.data.text.paths.append(self.corpus)
+        with self.assertRaises(grpc.RpcError) as e:
+            call("SubmitExperiment", pb.SubmitExperimentRequest(experiment=bad), pb.SubmitExperimentResponse)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("model.kv_heads", e.exception.details())
+        with self.assertRaises(grpc.RpcError) as e:
+            call("CancelExperiment", pb.CancelExperimentRequest(experiment_id=type(self).experiment_id),
+                 pb.ExperimentSummary)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        # The standard health service answers SERVING (HealthCheckResponse.status = 1).
+        health = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)(b"", timeout=5)
+        self.assertEqual(health, b"\x08\x01")
+        channel.close()
+
+    def test_4_bad_experiment_file_names_the_field(self):
+        c = self.cluster
+        path = os.path.join(c.dir, "bad.yaml")
+        with open(path, "w") as f:
+            f.write("name: bad\nmodel:\n  layers: 2\n  kv_hedas: 1\n")
+        r = c.cli("submit", path, check=False)
+        self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+        self.assertIn("bad.yaml:4", r.stderr)
+        self.assertIn("model.kv_hedas", r.stderr)
+        self.assertIn("unknown field", r.stderr)
+        r = c.cli("status", "no-such-experiment-9", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("NOT_FOUND", r.stderr)
+
+    # --- SIGKILL of a worker mid-run --------------------------------------------------------
+    def test_5_sigkill_worker_restarts_from_checkpoint_without_losing_reports(self):
+        c = self.cluster
+        c.start_worker("worker-b")
+        steps = 80
+        path, spec = self.write_experiment("kill", steps=steps, probe_every=10, checkpoint_every=10,
+                                           arms=("vscale",), d_model=64)
+        eid = self.submit(path)
+        run_id = f"{eid}-vscale-s0"
+
+        def holder():
+            s = c.status(eid)
+            run = runs_of(s)[0]
+            return field(run, "worker_id") if run.get("state") == "RUNNING" and int(field(run, "step") or 0) >= 25 \
+                else None
+
+        victim = wait_for(holder, 300, "the run to pass step 25")
+        c.workers[victim].kill(signal.SIGKILL)
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        run = runs_of(status)[0]
+        self.assertEqual(int(field(run, "attempt")), 2)
+        self.assertNotEqual(field(run, "worker_id"), victim)
+        attempts = c.sql("SELECT attempt, worker_id, outcome, start_step FROM attempts WHERE run_id = ? "
+                         "ORDER BY attempt", run_id)
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(attempts[0][2], "lease lapsed")
+        self.assertGreater(attempts[1][3], 0, "the second attempt resumed from a checkpoint")
+        # Every probe report stored exactly once, none missing.
+        probes = [s for (s,) in c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(probes, harness.expected_probe_steps(steps, 10))
+        steps_stored = [s for (s,) in c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(steps_stored, list(range(1, steps + 1)))
+        # The restarted run ends with the same weights as an uninterrupted local run.
+        local = os.path.join(c.dir, "local-kill")
+        subprocess.run([harness.binary("sinkscope-train"), path, "--out", local], check=True,
+                       capture_output=True, timeout=600)
+        self.assertTrue(filecmp.cmp(os.path.join(local, "vscale-s0", "hf", "model.safetensors"),
+                                    os.path.join(c.dir, "checkpoints", eid, run_id, "hf", "model.safetensors"),
+                                    shallow=False), "final weights differ from the uninterrupted run")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -1,0 +1,825 @@
+#include "worker/service_worker.h"
+
+#include <grpcpp/grpcpp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <vector>
+
+#include "common/convert.h"
+#include "common/experiment.h"
+#include "common/log.h"
+#include "worker/hf.h"
+#include "worker/trainer.h"
+
+namespace sinkscope {
+namespace {
+
+constexpr char kWorkerVersion[] = "0.1.0";
+constexpr char kCheckpointFile[] = "checkpoint.bin";
+
+class SteadyClock final : public Clock {
+ public:
+  TimePoint Now() override { return std::chrono::steady_clock::now(); }
+  void WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) override {
+    cv.wait_until(lock, deadline);
+  }
+};
+
+int64_t PhysicalMemoryBytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page_size <= 0) return 0;
+  return static_cast<int64_t>(pages) * page_size;
+}
+
+std::string Str(int64_t v) { return std::to_string(v); }
+std::string Fmt(double v, const char* format = "%.6g") {
+  char b[64];
+  std::snprintf(b, sizeof b, format, v);
+  return b;
+}
+std::string Ms(std::chrono::nanoseconds d) {
+  return Str(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+}
+
+// HOST:PORT with a numeric port in 1…65535 (IPv6 hosts in brackets), or a gRPC
+// "unix:" / "dns:" style target taken as given.
+Status ValidateAddress(const std::string& address) {
+  if (address.rfind("unix:", 0) == 0 || address.rfind("dns:", 0) == 0 || address.rfind("ipv4:", 0) == 0 ||
+      address.rfind("ipv6:", 0) == 0) {
+    return OkStatus();
+  }
+  const size_t colon = address.rfind(':');
+  const std::string bad = "coordinator address '" + address + "': ";
+  if (colon == std::string::npos) return InvalidArgumentError(bad + "expected HOST:PORT");
+  const std::string host = address.substr(0, colon), port = address.substr(colon + 1);
+  if (host.empty()) return InvalidArgumentError(bad + "the host is empty (expected HOST:PORT)");
+  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos ||
+      std::stoi(port) < 1 || std::stoi(port) > 65535) {
+    return InvalidArgumentError(bad + "the port must be a number in 1-65535");
+  }
+  if (host.find(':') != std::string::npos && (host.front() != '[' || host.back() != ']')) {
+    return InvalidArgumentError(bad + "write an IPv6 host in brackets, e.g. [::1]:50051");
+  }
+  return OkStatus();
+}
+
+// Where a run's tokens come from, for error messages.
+std::string DataSource(const v1::Experiment& e) {
+  if (e.data().has_shards()) return "shards " + e.data().shards().train();
+  std::string s = "text";
+  for (const auto& p : e.data().text().paths()) s += " " + p;
+  return s;
+}
+
+bool IsOutcome(const v1::WorkerMessage& m) { return m.has_finished() || m.has_failed(); }
+
+}  // namespace
+
+// ---- clocks ------------------------------------------------------------------------
+
+Clock* Clock::Real() {
+  static SteadyClock clock;
+  return &clock;
+}
+
+Clock::TimePoint ManualClock::Now() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return now_;
+}
+
+void ManualClock::WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) {
+  if (Now() >= deadline) return;
+  cv.wait_for(lock, std::chrono::milliseconds(1));
+}
+
+void ManualClock::Advance(std::chrono::nanoseconds d) {
+  std::lock_guard<std::mutex> lock(mu_);
+  now_ += std::chrono::duration_cast<TimePoint::duration>(d);
+}
+
+std::string DefaultWorkerId() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0') std::snprintf(host, sizeof host, "worker");
+  return std::string(host) + "-" + std::to_string(getpid());
+}
+
+// ---- lifetime ----------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<Worker>> Worker::Create(WorkerOptions options, Clock* clock) {
+  if (options.device != v1::CPU) {
+    return InvalidArgumentError("device " + v1::DeviceKind_Name(options.device) +
+                                ": this worker has only the CPU backend");
+  }
+  RETURN_IF_ERROR(ValidateAddress(options.coordinator));
+  if (options.worker_id.empty()) options.worker_id = DefaultWorkerId();
+  if (options.initial_backoff.count() <= 0 || options.max_backoff < options.initial_backoff) {
+    return InvalidArgumentError("back-off: need 0 < initial_backoff <= max_backoff");
+  }
+  if (options.default_heartbeat.count() <= 0) return InvalidArgumentError("default_heartbeat must be positive");
+  if (options.max_buffered_progress == 0) return InvalidArgumentError("max_buffered_progress must be positive");
+  if (clock == nullptr) clock = Clock::Real();
+  std::unique_ptr<Backend> backend = MakeCpuBackend();
+  const double peak = options.peak_flops.has_value() ? *options.peak_flops : MeasureGemmPeak(*backend);
+  return std::unique_ptr<Worker>(new Worker(std::move(options), clock, std::move(backend), peak));
+}
+
+Worker::Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops)
+    : options_(std::move(options)),
+      clock_(clock),
+      backend_(std::move(backend)),
+      peak_flops_(peak_flops),
+      memory_bytes_(PhysicalMemoryBytes()),
+      heartbeat_interval_(options_.default_heartbeat),
+      rng_(options_.jitter_seed != 0 ? options_.jitter_seed : std::random_device{}()) {}
+
+Worker::~Worker() {
+  Shutdown();
+  std::thread t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    t = std::move(training_thread_);
+  }
+  if (t.joinable()) t.join();
+}
+
+void Worker::Shutdown() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stopping_) return;
+  stopping_ = true;
+  // A connection attempt may block (a host that does not answer); cancel it. An open
+  // stream stays up to flush.
+  if (connecting_context_ != nullptr) connecting_context_->TryCancel();
+  cv_.notify_all();
+  Log(LogLevel::kInfo, "shutdown_requested",
+      {{"run_id", current_ ? current_->run_id : ""}, {"step", Str(current_ ? current_->step : 0)}});
+}
+
+WorkerSnapshot Worker::Snapshot() {
+  std::lock_guard<std::mutex> lock(mu_);
+  WorkerSnapshot s;
+  s.connected = connected_;
+  s.connections = connections_;
+  s.registered = registered_;
+  if (current_ && !current_->cancelled) {
+    s.run_id = current_->run_id;
+    s.attempt = current_->attempt;
+    s.step = current_->step;
+  }
+  s.unacked_probes = outbox_.size();
+  s.queued_messages = queue_.size();
+  s.dropped_progress = dropped_progress_;
+  s.heartbeat_seconds = std::chrono::duration<double>(heartbeat_interval_).count();
+  s.runs_started = runs_started_;
+  return s;
+}
+
+// ---- connection --------------------------------------------------------------------
+
+Status Worker::Run() {
+  Log(LogLevel::kInfo, "worker_start",
+      {{"worker_id", options_.worker_id},
+       {"coordinator", options_.coordinator},
+       {"device", "cpu"},
+       {"peak_gflops", Fmt(peak_flops_ / 1e9, "%.1f")},
+       {"memory_bytes", Str(memory_bytes_)}});
+  std::chrono::milliseconds backoff = options_.initial_backoff;
+  int64_t failures = 0;  // consecutive connections that got no Registered
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) break;
+    }
+    const bool registered = ServeConnection(failures);
+    if (registered) {
+      backoff = options_.initial_backoff;
+      failures = 0;
+    } else {
+      ++failures;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    if (stopping_) break;
+    const auto wait = JitteredBackoffLocked(backoff);
+    backoff = std::min(backoff * 2, options_.max_backoff);
+    Log(LogLevel::kInfo, "reconnect_wait", {{"ms", Ms(wait)}, {"failures", Str(failures)}});
+    const auto deadline = clock_->Now() + wait;
+    while (!stopping_ && clock_->Now() < deadline) clock_->WaitUntil(cv_, lock, deadline);
+  }
+  // Stopping: the training thread stops after its step and checkpoints.
+  std::thread t;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !training_thread_active_; });
+    t = std::move(training_thread_);
+  }
+  if (t.joinable()) t.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  Log(LogLevel::kInfo, "worker_stop",
+      {{"unacked_probes", Str(static_cast<int64_t>(outbox_.size()))},
+       {"queued_messages", Str(static_cast<int64_t>(queue_.size()))},
+       {"checkpoint", shutdown_status_.ok() ? "ok" : shutdown_status_.message()}});
+  return shutdown_status_;
+}
+
+std::chrono::milliseconds Worker::JitteredBackoffLocked(std::chrono::milliseconds base) {
+  std::uniform_real_distribution<double> jitter(0.8, 1.0);
+  return std::chrono::milliseconds(
+      std::max<int64_t>(1, static_cast<int64_t>(std::llround(static_cast<double>(base.count()) * jitter(rng_)))));
+}
+
+bool Worker::ServeConnection(int64_t failures) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Our own back-off paces the attempts: a fresh channel with its own subchannel makes
+  // each attempt a real connection attempt, not a wait on gRPC's shared back-off.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
+  auto channel = grpc::CreateCustomChannel(options_.coordinator, grpc::InsecureChannelCredentials(), args);
+  auto stub = v1::WorkerService::NewStub(channel);
+
+  grpc::ClientContext context;
+  int64_t generation;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return false;
+    connecting_context_ = &context;
+    generation = ++generation_;
+    broken_ = false;
+  }
+  std::unique_ptr<grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>> stream = stub->Session(&context);
+  v1::WorkerMessage reg;
+  int64_t registered_before;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reg = MakeRegisterLocked();
+    registered_before = registered_;
+  }
+  const bool reg_ok = stream->Write(reg);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    connecting_context_ = nullptr;
+    if (reg_ok) {
+      connected_ = true;
+      ++connections_;
+      RequeueProbesLocked();
+    }
+  }
+  if (!reg_ok) {
+    const grpc::Status st = stream->Finish();
+    Log(failures == 0 ? LogLevel::kWarning : LogLevel::kInfo, "connect_failed",
+        {{"coordinator", options_.coordinator},
+         {"code", Str(st.error_code())},
+         {"error", st.error_message()},
+         {"attempt", Str(failures + 1)}});
+    return false;
+  }
+  Log(LogLevel::kInfo, "connected",
+      {{"coordinator", options_.coordinator},
+       {"run_id", reg.register_().run_id()},
+       {"attempt", Str(reg.register_().attempt())}});
+
+  std::thread reader([this, s = stream.get(), generation] { ReadLoop(s, generation); });
+
+  // The writer: queued messages in order, then a heartbeat whenever one is due.
+  std::unique_lock<std::mutex> lock(mu_);
+  if (dropped_progress_ > dropped_reported_) {
+    Log(LogLevel::kWarning, "progress_dropped", {{"count", Str(dropped_progress_ - dropped_reported_)}});
+    dropped_reported_ = dropped_progress_;
+  }
+  Clock::TimePoint last_heartbeat = clock_->Now();
+  std::optional<std::chrono::steady_clock::time_point> flush_deadline;  // real time, once stopping
+  bool write_failed = false;
+  while (!broken_) {
+    if (stopping_ && !training_thread_active_) {
+      if (!flush_deadline) flush_deadline = std::chrono::steady_clock::now() + options_.shutdown_flush;
+      if ((queue_.empty() && outbox_.empty()) || std::chrono::steady_clock::now() >= *flush_deadline) break;
+    }
+    if (!queue_.empty()) {
+      Outgoing out = std::move(queue_.front());
+      queue_.pop_front();
+      if (out.progress) --queued_progress_;
+      v1::WorkerMessage message;
+      if (out.probe) {
+        auto it = outbox_.find({out.run_id, out.sequence});
+        if (it == outbox_.end()) continue;  // acked meanwhile, or its run was cancelled
+        *message.mutable_probe() = it->second;
+      } else {
+        message = std::move(out.message);
+      }
+      lock.unlock();
+      const bool ok = stream->Write(message);
+      lock.lock();
+      if (!ok) {
+        write_failed = true;
+        broken_ = true;
+        if (!out.probe) {  // written again on the next connection (probes are requeued from the outbox)
+          out.message = std::move(message);
+          if (out.progress) ++queued_progress_;
+          queue_.push_front(std::move(out));
+        }
+      }
+      continue;
+    }
+    if (!flush_deadline) {
+      const Clock::TimePoint due = last_heartbeat + heartbeat_interval_;
+      if (clock_->Now() >= due) {
+        v1::WorkerMessage hb;
+        if (current_ && !current_->cancelled) {
+          hb.mutable_heartbeat()->set_run_id(current_->run_id);
+          hb.mutable_heartbeat()->set_step(current_->step);
+        } else {
+          hb.mutable_heartbeat();
+        }
+        lock.unlock();
+        const bool ok = stream->Write(hb);
+        lock.lock();
+        if (!ok) {
+          write_failed = true;
+          broken_ = true;
+          continue;
+        }
+        last_heartbeat = clock_->Now();
+        continue;
+      }
+      clock_->WaitUntil(cv_, lock, due);
+    } else {
+      cv_.wait_until(lock, *flush_deadline);
+    }
+  }
+  const bool leaving = stopping_ && !broken_;
+  connected_ = false;
+  const bool got_registered = registered_ > registered_before;
+  lock.unlock();
+
+  if (leaving) {
+    // Half-close so the coordinator sees a clean end; give it a moment to finish the call.
+    stream->WritesDone();
+    std::unique_lock<std::mutex> wait_lock(mu_);
+    cv_.wait_for(wait_lock, std::chrono::milliseconds(500), [&] { return broken_; });
+  }
+  context.TryCancel();
+  reader.join();
+  const grpc::Status st = stream->Finish();
+  if (leaving) {
+    Log(LogLevel::kInfo, "disconnected", {{"reason", "shutdown"}});
+  } else {
+    Log(LogLevel::kWarning, "disconnected",
+        {{"coordinator", options_.coordinator},
+         {"code", Str(st.error_code())},
+         {"error", st.ok() ? "the coordinator ended the stream" : st.error_message()},
+         {"write_failed", write_failed ? "true" : "false"}});
+  }
+  return got_registered;
+}
+
+v1::WorkerMessage Worker::MakeRegisterLocked() const {
+  v1::WorkerMessage m;
+  v1::Register* r = m.mutable_register_();
+  r->set_worker_id(options_.worker_id);
+  v1::Capabilities* c = r->mutable_capabilities();
+  c->set_device(v1::CPU);
+  c->set_device_count(1);
+  c->set_memory_bytes(memory_bytes_);
+  c->set_version(kWorkerVersion);
+  c->set_peak_flops(peak_flops_);
+  if (current_ && !current_->cancelled) {
+    r->set_run_id(current_->run_id);
+    r->set_attempt(current_->attempt);
+  } else if (next_) {
+    r->set_run_id(next_->run_id());
+    r->set_attempt(next_->attempt());
+  } else {
+    // A run that ended while disconnected: its outcome is still to be written.
+    for (const Outgoing& o : queue_) {
+      if (!o.probe && IsOutcome(o.message)) {
+        r->set_run_id(o.run_id);
+        r->set_attempt(o.message.has_finished() ? o.message.finished().attempt() : o.message.failed().attempt());
+      }
+    }
+  }
+  return m;
+}
+
+void Worker::RequeueProbesLocked() {
+  std::deque<Outgoing> queue;
+  for (const auto& [key, upload] : outbox_) {
+    Outgoing o;
+    o.run_id = key.first;
+    o.probe = true;
+    o.sequence = key.second;
+    queue.push_back(std::move(o));
+  }
+  for (Outgoing& o : queue_) {
+    if (!o.probe) queue.push_back(std::move(o));
+  }
+  queue_ = std::move(queue);
+  cv_.notify_all();
+}
+
+void Worker::ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation) {
+  v1::CoordinatorMessage m;
+  while (stream->Read(&m)) {
+    std::lock_guard<std::mutex> lock(mu_);
+    HandleMessageLocked(m);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (generation == generation_) broken_ = true;
+  cv_.notify_all();
+}
+
+void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
+  switch (m.message_case()) {
+    case v1::CoordinatorMessage::kRegistered: {
+      const double hb = m.registered().heartbeat_seconds();
+      heartbeat_interval_ =
+          hb > 0 ? std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(hb))
+                 : std::chrono::nanoseconds(options_.default_heartbeat);
+      ++registered_;
+      Log(LogLevel::kInfo, "registered",
+          {{"lease_seconds", Fmt(m.registered().lease_seconds())},
+           {"heartbeat_seconds", Fmt(std::chrono::duration<double>(heartbeat_interval_).count())}});
+      break;
+    }
+    case v1::CoordinatorMessage::kAssignment:
+      HandleAssignmentLocked(m.assignment());
+      break;
+    case v1::CoordinatorMessage::kAck:
+      outbox_.erase({m.ack().run_id(), m.ack().sequence()});
+      Log(LogLevel::kDebug, "ack", {{"run_id", m.ack().run_id()}, {"sequence", Str(m.ack().sequence())}});
+      break;
+    case v1::CoordinatorMessage::kCancel:
+      HandleCancelLocked(m.cancel());
+      break;
+    case v1::CoordinatorMessage::MESSAGE_NOT_SET:
+      Log(LogLevel::kWarning, "unknown_message", {{"detail", "a coordinator message with no known field"}});
+      break;
+  }
+  cv_.notify_all();
+}
+
+void Worker::HandleAssignmentLocked(const v1::Assignment& a) {
+  if (stopping_) {
+    Log(LogLevel::kInfo, "assignment_ignored", {{"run_id", a.run_id()}, {"reason", "shutting down"}});
+    return;
+  }
+  if (a.run_id().empty()) {
+    Log(LogLevel::kWarning, "assignment_ignored", {{"reason", "empty run_id"}});
+    return;
+  }
+  const bool busy = (current_ && !current_->cancelled) || next_.has_value();
+  if (busy) {
+    if (current_ && !current_->cancelled && current_->run_id == a.run_id()) {
+      // The coordinator gave the run we are still training a new lease: carry on under it.
+      if (current_->attempt != a.attempt()) {
+        Log(LogLevel::kInfo, "attempt_renewed",
+            {{"run_id", a.run_id()}, {"from", Str(current_->attempt)}, {"to", Str(a.attempt())}});
+        current_->attempt = a.attempt();
+      }
+    } else if (next_ && next_->run_id() == a.run_id()) {
+      next_ = a;
+    } else {
+      Log(LogLevel::kWarning, "assignment_ignored",
+          {{"run_id", a.run_id()},
+           {"reason", "busy with another run (one run at a time)"},
+           {"current", current_ && !current_->cancelled ? current_->run_id : next_->run_id()}});
+    }
+    return;
+  }
+  Log(LogLevel::kInfo, "assignment",
+      {{"run_id", a.run_id()}, {"attempt", Str(a.attempt())}, {"checkpoint_dir", a.checkpoint_dir()}});
+  cancelled_runs_.erase(a.run_id());
+  next_ = a;
+  if (current_) return;  // a cancelled run is stopping; the training thread takes next_ after it
+  current_ = CurrentRun{a.run_id(), a.attempt(), 0, false};
+  if (!training_thread_active_) {
+    if (training_thread_.joinable()) training_thread_.join();  // it has returned or is about to
+    training_thread_active_ = true;
+    training_thread_ = std::thread(&Worker::TrainingLoop, this);
+  }
+}
+
+void Worker::HandleCancelLocked(const v1::CancelRun& c) {
+  Log(LogLevel::kInfo, "cancel", {{"run_id", c.run_id()}, {"reason", c.reason()}});
+  cancelled_runs_.insert(c.run_id());
+  DropRunLocked(c.run_id());
+  if (next_ && next_->run_id() == c.run_id()) next_.reset();
+  if (current_ && current_->run_id == c.run_id()) current_->cancelled = true;
+}
+
+// ---- queue -------------------------------------------------------------------------
+
+void Worker::EnqueueLocked(const std::string& run_id, v1::WorkerMessage message, bool is_progress) {
+  if (cancelled_runs_.count(run_id)) return;
+  Outgoing o;
+  o.run_id = run_id;
+  o.progress = is_progress;
+  o.message = std::move(message);
+  queue_.push_back(std::move(o));
+  if (is_progress && ++queued_progress_ > options_.max_buffered_progress) {
+    for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+      if (it->progress) {
+        queue_.erase(it);
+        --queued_progress_;
+        ++dropped_progress_;
+        break;
+      }
+    }
+  }
+  cv_.notify_all();
+}
+
+void Worker::EnqueueProbeLocked(v1::ProbeUpload upload) {
+  const std::string run_id = upload.run_id();
+  if (cancelled_runs_.count(run_id)) return;
+  const int64_t sequence = upload.sequence();
+  outbox_[{run_id, sequence}] = std::move(upload);
+  Outgoing o;
+  o.run_id = run_id;
+  o.probe = true;
+  o.sequence = sequence;
+  queue_.push_back(std::move(o));
+  cv_.notify_all();
+}
+
+void Worker::DropRunLocked(const std::string& run_id) {
+  for (auto it = queue_.begin(); it != queue_.end();) {
+    if (it->run_id == run_id) {
+      if (it->progress) --queued_progress_;
+      it = queue_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = outbox_.begin(); it != outbox_.end();) {
+    it = it->first.first == run_id ? outbox_.erase(it) : std::next(it);
+  }
+}
+
+// ---- training ----------------------------------------------------------------------
+
+void Worker::TrainingLoop() {
+  while (true) {
+    v1::Assignment a;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!next_ || stopping_) {
+        next_.reset();
+        current_.reset();
+        training_thread_active_ = false;
+        cv_.notify_all();
+        return;
+      }
+      a = std::move(*next_);
+      next_.reset();
+      current_ = CurrentRun{a.run_id(), a.attempt(), 0, false};
+      ++runs_started_;
+    }
+    RunEnd end;
+    try {
+      end = TrainRun(a);
+    } catch (const std::exception& e) {  // e.g. std::bad_alloc: the engine itself does not throw
+      end = RunEnd{RunEnd::kFailed, v1::INTERNAL_ERROR, std::string("unexpected exception: ") + e.what(), 0};
+      std::lock_guard<std::mutex> lock(mu_);
+      if (current_ && current_->run_id == a.run_id()) end.step = current_->step;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    EndRunLocked(a, end);
+  }
+}
+
+void Worker::EndRunLocked(const v1::Assignment& a, const RunEnd& end) {
+  const int32_t attempt = current_ && current_->run_id == a.run_id() ? current_->attempt : a.attempt();
+  v1::WorkerMessage m;
+  switch (end.kind) {
+    case RunEnd::kFinished: {
+      v1::RunFinished* f = m.mutable_finished();
+      f->set_run_id(a.run_id());
+      f->set_attempt(attempt);
+      f->set_step(end.step);
+      Log(LogLevel::kInfo, "run_finished",
+          {{"run_id", a.run_id()}, {"attempt", Str(attempt)}, {"step", Str(end.step)}});
+      EnqueueLocked(a.run_id(), std::move(m), false);
+      break;
+    }
+    case RunEnd::kFailed: {
+      v1::RunFailed* f = m.mutable_failed();
+      f->set_run_id(a.run_id());
+      f->set_attempt(attempt);
+      f->set_reason(end.reason);
+      f->set_message(end.message);
+      f->set_step(end.step);
+      Log(LogLevel::kWarning, "run_failed",
+          {{"run_id", a.run_id()},
+           {"attempt", Str(attempt)},
+           {"reason", v1::FailureReason_Name(end.reason)},
+           {"step", Str(end.step)},
+           {"message", end.message}});
+      EnqueueLocked(a.run_id(), std::move(m), false);
+      break;
+    }
+    case RunEnd::kCancelled:
+    case RunEnd::kShutdown:
+      Log(LogLevel::kInfo, "run_stopped",
+          {{"run_id", a.run_id()},
+           {"reason", end.kind == RunEnd::kCancelled ? "cancelled" : "shutdown"},
+           {"step", Str(end.step)},
+           {"checkpoint", end.message.empty() ? "ok" : end.message}});
+      break;
+  }
+  current_.reset();
+  cv_.notify_all();
+}
+
+std::optional<Worker::RunEnd::Kind> Worker::StopRequested(const std::string& run_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cancelled_runs_.count(run_id) || (current_ && current_->run_id == run_id && current_->cancelled)) {
+    return RunEnd::kCancelled;
+  }
+  if (stopping_) return RunEnd::kShutdown;
+  return std::nullopt;
+}
+
+StatusOr<std::shared_ptr<const DataSplits>> Worker::LoadRunData(const v1::Experiment& e) {
+  const std::string key = e.data().SerializeAsString() + "|context=" + std::to_string(e.model().context());
+  std::lock_guard<std::mutex> lock(data_mu_);
+  if (data_ && key == data_key_) return data_;
+  data_.reset();  // free the previous run's tokens before loading new ones
+  data_key_.clear();
+  auto loaded = LoadData(ToDataSpec(e));
+  if (!loaded.ok()) return loaded.status();
+  data_ = std::make_shared<const DataSplits>(std::move(*loaded));
+  data_key_ = key;
+  return data_;
+}
+
+Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
+  const std::string& run = a.run_id();
+  auto failed = [](v1::FailureReason reason, std::string message, int64_t step) {
+    return RunEnd{RunEnd::kFailed, reason, std::move(message), step};
+  };
+  v1::Experiment e = a.experiment();
+  ApplyDefaults(e);
+  Log(LogLevel::kInfo, "run_start",
+      {{"run_id", run},
+       {"attempt", Str(a.attempt())},
+       {"arm", v1::Arm_Name(a.arm())},
+       {"seed", std::to_string(a.seed())},
+       {"steps", Str(e.train().steps())}});
+
+  if (e.resources().device() != v1::CPU) {
+    return failed(v1::UNSUPPORTED,
+                  "resources.device is " + v1::DeviceKind_Name(e.resources().device()) +
+                      "; this worker runs only the CPU backend",
+                  0);
+  }
+  if (e.resources().devices_per_run() > 1) {
+    return failed(v1::UNSUPPORTED,
+                  "resources.devices_per_run is " + Str(e.resources().devices_per_run()) + "; this worker has 1 device",
+                  0);
+  }
+  if (a.arm() == v1::ARM_UNSPECIFIED) return failed(v1::UNSUPPORTED, "the assignment names no arm", 0);
+  if (Status s = ValidateExperiment(e, /*check_paths=*/false); !s.ok()) {
+    return failed(v1::UNSUPPORTED, "invalid experiment: " + s.message(), 0);
+  }
+  if (a.checkpoint_dir().empty()) return failed(v1::INTERNAL_ERROR, "the assignment has no checkpoint_dir", 0);
+  std::error_code ec;
+  std::filesystem::create_directories(a.checkpoint_dir(), ec);
+  if (ec) {
+    return failed(v1::INTERNAL_ERROR, "cannot create checkpoint_dir " + a.checkpoint_dir() + ": " + ec.message(), 0);
+  }
+  const std::string ckpt = a.checkpoint_dir() + "/" + kCheckpointFile;
+
+  auto data = LoadRunData(e);
+  if (!data.ok()) return failed(v1::DATA_ERROR, "data: " + data.status().message(), 0);
+  const int T = e.model().context();
+  if ((*data)->train.size() < static_cast<size_t>(T) + 1) {
+    return failed(v1::DATA_ERROR,
+                  "data " + DataSource(e) + ": the training split has " + Str((*data)->train.size()) +
+                      " tokens, fewer than model.context + 1 = " + Str(T + 1),
+                  0);
+  }
+  if ((*data)->max_token >= e.model().vocab()) {
+    return failed(v1::DATA_ERROR,
+                  "data " + DataSource(e) + ": holds token " + Str((*data)->max_token) +
+                      ", outside model.vocab = " + Str(e.model().vocab()),
+                  0);
+  }
+
+  const TrainerOptions o = ToTrainerOptions(e, a.arm(), a.seed(), peak_flops_);
+  auto created = Trainer::Create(o, data->get(), backend_.get());
+  if (!created.ok()) return failed(v1::INTERNAL_ERROR, "trainer: " + created.status().message(), 0);
+  std::unique_ptr<Trainer> trainer = std::move(*created);
+  int64_t saved_step = -1;  // the step of the checkpoint on disk, -1 when none is
+  if (std::filesystem::exists(ckpt, ec)) {
+    if (Status s = trainer->Resume(ckpt); !s.ok()) {
+      return failed(v1::INTERNAL_ERROR, "resume from " + ckpt + ": " + s.message(), 0);
+    }
+    saved_step = trainer->step();
+    Log(LogLevel::kInfo, "run_resumed", {{"run_id", run}, {"step", Str(saved_step)}, {"checkpoint", ckpt}});
+  } else {
+    trainer->Initialize();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (current_ && current_->run_id == run) current_->step = trainer->step();
+  }
+
+  // Checkpoints after a stop request; the message is empty on success.
+  auto stop = [&](RunEnd::Kind kind) {
+    RunEnd end{kind, v1::FAILURE_REASON_UNSPECIFIED, "", trainer->step()};
+    if (saved_step != trainer->step()) {
+      Status s = trainer->SaveCheckpoint(ckpt);
+      if (!s.ok()) end.message = "checkpoint " + ckpt + ": " + s.message();
+      if (end.kind == RunEnd::kShutdown) {
+        std::lock_guard<std::mutex> lock(mu_);
+        shutdown_status_ = s.ok() ? OkStatus() : Status(s.code(), end.message);
+      }
+    }
+    return end;
+  };
+  if (auto kind = StopRequested(run)) return stop(*kind);
+
+  const ProbeSettings probe_settings = ToProbeSettings(e.probe());
+  const ProbeBatchKind probe_batch =
+      e.probe().batch() == v1::HELD_OUT ? ProbeBatchKind::kHeldOut : ProbeBatchKind::kStepBatch;
+  const int64_t total = e.train().steps();
+  const int probe_every = e.probe().every();
+  const int eval_every = e.train().eval_every();
+  const int ck_every = e.checkpoint().every();
+  while (trainer->step() < total) {
+    const int64_t next = trainer->step() + 1;
+    const bool probe_now = probe_every > 0 && (next % probe_every == 0 || trainer->step() == 0 || next == total);
+    ProbeReport report;
+    const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
+    if (!s.finite) {
+      std::string kept = saved_step >= 0 ? "the last good checkpoint (step " + Str(saved_step) + ") is kept at " + ckpt
+                                         : "no checkpoint was written yet";
+      return failed(v1::NUMERICAL,
+                    "loss or gradient is not finite at step " + Str(next) + " (loss " + Fmt(s.loss) + ", grad norm " +
+                        Fmt(s.grad_norm) + "); " + kept,
+                    s.step);
+    }
+    v1::WorkerMessage pm;
+    v1::Progress* p = pm.mutable_progress();
+    p->set_run_id(run);
+    v1::StepMetrics* m = p->mutable_metrics();
+    m->set_step(s.step);
+    m->set_loss(s.loss);
+    m->set_learning_rate(s.lr);
+    m->set_grad_norm(s.grad_norm);
+    m->set_tokens_per_second(s.tokens_per_second);
+    m->set_mfu(s.mfu);
+    m->set_step_seconds(s.seconds);
+    if ((eval_every > 0 && s.step % eval_every == 0) || s.step == total) m->set_val_loss(trainer->Evaluate());
+    v1::WorkerMessage probe;
+    if (probe_now && report.step == s.step) {
+      v1::ProbeUpload* u = probe.mutable_probe();
+      u->set_run_id(run);
+      u->set_sequence(report.step);
+      *u->mutable_report() = ToProto(report);
+    } else if (probe_now) {
+      Log(LogLevel::kWarning, "probe_skipped",
+          {{"run_id", run}, {"step", Str(s.step)}, {"detail", "the probe pass produced no report"}});
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      int32_t attempt = a.attempt();
+      if (current_ && current_->run_id == run) {
+        current_->step = s.step;
+        attempt = current_->attempt;
+      }
+      p->set_attempt(attempt);
+      EnqueueLocked(run, std::move(pm), true);
+      if (probe.has_probe()) {
+        probe.mutable_probe()->set_attempt(attempt);
+        EnqueueProbeLocked(std::move(*probe.mutable_probe()));
+      }
+    }
+    if ((ck_every > 0 && s.step % ck_every == 0) || s.step == total) {
+      if (Status st = trainer->SaveCheckpoint(ckpt); !st.ok()) {
+        return failed(v1::INTERNAL_ERROR, "checkpoint " + ckpt + ": " + st.message(), s.step);
+      }
+      saved_step = s.step;
+      Log(LogLevel::kDebug, "checkpoint", {{"run_id", run}, {"step", Str(s.step)}, {"path", ckpt}});
+    }
+    if (s.step < total) {
+      if (auto kind = StopRequested(run)) return stop(*kind);
+    }
+  }
+  if (e.checkpoint().export_hf()) {
+    const std::string hf = a.checkpoint_dir() + "/hf";
+    if (Status st = ExportHf(trainer->model(), hf); !st.ok()) {
+      return failed(v1::INTERNAL_ERROR, "export to " + hf + ": " + st.message(), trainer->step());
+    }
+  }
+  return RunEnd{RunEnd::kFinished, v1::FAILURE_REASON_UNSPECIFIED, "", trainer->step()};
+}
+
+}  // namespace sinkscope

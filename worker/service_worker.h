@@ -1,0 +1,220 @@
+// The service's worker: one Session stream to the coordinator (WorkerService), over
+// which it registers, heartbeats, and trains the runs it is assigned with the engine,
+// one at a time, streaming a Progress per step and a ProbeUpload per probe.
+//
+// Threads: Run()'s caller is the connection loop and the stream's only writer; each
+// connection has one reader thread; each assigned run trains on a training thread. The
+// stream may break at any time: training goes on, messages wait in a queue, and the
+// connection loop reconnects with exponential back-off and jitter.
+//
+// Delivery: probe reports stay in an outbox until the coordinator acks (run_id,
+// sequence) and are all resent on every (re)connect; Progress messages are queued while
+// disconnected (the newest max_buffered_progress are kept) and flushed on reconnect;
+// RunFinished and RunFailed are queued until written. A message whose Write fails is
+// written again on the next connection.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "proto/sinkscope/v1/service.grpc.pb.h"
+#include "worker/data.h"
+#include "worker/engine/backend.h"
+#include "worker/engine/status.h"
+
+namespace sinkscope {
+
+// The time the worker schedules heartbeats and reconnect back-off by. Tests substitute
+// a ManualClock; gRPC's own timers (keepalive) and the shutdown flush use real time.
+class Clock {
+ public:
+  using TimePoint = std::chrono::steady_clock::time_point;
+  virtual ~Clock() = default;
+  virtual TimePoint Now() = 0;
+  // Waits on `cv` (whose mutex `lock` holds) until it is notified or Now() reaches
+  // `deadline`; may return early (callers re-check their condition).
+  virtual void WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) = 0;
+  // The steady clock of the process.
+  static Clock* Real();
+};
+
+// A clock that moves only when Advance() is called (waiters notice within a
+// millisecond of real time).
+class ManualClock final : public Clock {
+ public:
+  TimePoint Now() override;
+  void WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) override;
+  void Advance(std::chrono::nanoseconds d);
+
+ private:
+  std::mutex mu_;
+  TimePoint now_{};
+};
+
+struct WorkerOptions {
+  // Coordinator address, HOST:PORT.
+  std::string coordinator = "127.0.0.1:50051";
+  // Stable id; empty: DefaultWorkerId().
+  std::string worker_id;
+  // Only CPU exists; anything else makes Create fail.
+  v1::DeviceKind device = v1::CPU;
+  // Peak matmul rate for MFU, FLOP/s; unset: Create measures it once (MeasureGemmPeak).
+  std::optional<double> peak_flops;
+  // Reconnect back-off: starts at initial, doubles to max; each wait is 80-100% of it;
+  // back to initial once a connection got its Registered.
+  std::chrono::milliseconds initial_backoff{100};
+  std::chrono::milliseconds max_backoff{5000};
+  // Heartbeat interval until the coordinator's Registered gives one.
+  std::chrono::milliseconds default_heartbeat{1000};
+  // Progress messages kept while disconnected (oldest dropped first).
+  size_t max_buffered_progress = 100000;
+  // After Shutdown, how long to keep the stream to flush queued messages and wait for
+  // the acks of outstanding probe reports.
+  std::chrono::milliseconds shutdown_flush{2000};
+  // Seed of the back-off jitter; 0: random.
+  uint64_t jitter_seed = 0;
+};
+
+// What the worker is doing, for tests and logs.
+struct WorkerSnapshot {
+  bool connected = false;   // a stream is open and Register was written
+  int64_t connections = 0;  // streams opened so far (Register written)
+  int64_t registered = 0;   // Registered messages received so far
+  std::string run_id;       // the run training now; empty when idle
+  int32_t attempt = 0;
+  int64_t step = 0;  // its completed steps
+  size_t unacked_probes = 0;
+  size_t queued_messages = 0;    // waiting to be written (probes included)
+  int64_t dropped_progress = 0;  // Progress dropped past max_buffered_progress
+  double heartbeat_seconds = 0;  // the interval in use
+  int64_t runs_started = 0;
+};
+
+// "<hostname>-<pid>".
+std::string DefaultWorkerId();
+
+class Worker {
+ public:
+  // Checks the options (device, address), builds the backend and measures its peak
+  // unless given. `clock` must outlive the worker.
+  static StatusOr<std::unique_ptr<Worker>> Create(WorkerOptions options, Clock* clock);
+  ~Worker();  // Shutdown(), then waits for every thread
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Connects, registers and serves assignments until Shutdown(); call it once. OK after a graceful
+  // stop: the current run (if any) stopped after its step and was checkpointed; an error
+  // when that checkpoint could not be written.
+  Status Run();
+  // Asks Run() to stop: the current run stops after its current step and checkpoints,
+  // queued messages are flushed for up to shutdown_flush, then Run() returns. Any
+  // thread; idempotent; not async-signal-safe.
+  void Shutdown();
+
+  WorkerSnapshot Snapshot();
+  const WorkerOptions& options() const { return options_; }
+  double peak_flops() const { return peak_flops_; }
+
+ private:
+  // One queued message: a WorkerMessage, or a reference to a probe in the outbox.
+  struct Outgoing {
+    std::string run_id;
+    bool probe = false;         // written from outbox_[{run_id, sequence}] if still unacked
+    bool progress = false;      // counts against max_buffered_progress
+    int64_t sequence = 0;       // probe: the outbox key
+    v1::WorkerMessage message;  // otherwise: the message
+  };
+  // The run of the training thread (or just assigned to it).
+  struct CurrentRun {
+    std::string run_id;
+    int32_t attempt = 0;
+    int64_t step = 0;        // completed steps, for heartbeats
+    bool cancelled = false;  // CancelRun received: stop after the step, send nothing else
+  };
+  // How a run's training ended.
+  struct RunEnd {
+    enum Kind { kFinished, kFailed, kCancelled, kShutdown } kind = kFinished;
+    v1::FailureReason reason = v1::FAILURE_REASON_UNSPECIFIED;  // kFailed
+    std::string message;  // kFailed: what went wrong; kCancelled/kShutdown: a failed checkpoint
+    int64_t step = 0;     // the last completed step
+  };
+
+  Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops);
+
+  // --- connection (Run's thread is the only writer) ---
+  // One stream's lifetime; returns whether a Registered arrived on it. `failures`:
+  // consecutive failed connections before this one (for log levels).
+  bool ServeConnection(int64_t failures);
+  v1::WorkerMessage MakeRegisterLocked() const;
+  // Puts every unacked probe at the head of the queue (on each new connection).
+  void RequeueProbesLocked();
+  void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation);
+  void HandleMessageLocked(const v1::CoordinatorMessage& message);
+  void HandleAssignmentLocked(const v1::Assignment& assignment);
+  void HandleCancelLocked(const v1::CancelRun& cancel);
+  std::chrono::milliseconds JitteredBackoffLocked(std::chrono::milliseconds base);
+
+  // --- queue ---
+  // Queues a message of `run_id` unless that run was cancelled; past the bound, drops
+  // the oldest queued Progress.
+  void EnqueueLocked(const std::string& run_id, v1::WorkerMessage message, bool is_progress);
+  void EnqueueProbeLocked(v1::ProbeUpload upload);
+  // Forgets every queued message and unacked probe of a run.
+  void DropRunLocked(const std::string& run_id);
+
+  // --- training (the training thread) ---
+  // Trains next_, then whatever was assigned meanwhile, until none is left.
+  void TrainingLoop();
+  // One run, from data loading to the final checkpoint and export.
+  RunEnd TrainRun(const v1::Assignment& assignment);
+  // Queues the run's outcome message (none for a stopped run) and clears current_.
+  void EndRunLocked(const v1::Assignment& assignment, const RunEnd& end);
+  // Whether the run must stop after its step: cancelled, or the worker is shutting down.
+  std::optional<RunEnd::Kind> StopRequested(const std::string& run_id);
+  StatusOr<std::shared_ptr<const DataSplits>> LoadRunData(const v1::Experiment& experiment);
+
+  const WorkerOptions options_;
+  Clock* const clock_;
+  const std::unique_ptr<Backend> backend_;
+  const double peak_flops_;
+  const int64_t memory_bytes_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;  // notified on any change a waiter on mu_ may care about
+  bool stopping_ = false;
+  bool connected_ = false;
+  bool broken_ = false;     // the current stream failed (reader or writer) or ended
+  int64_t generation_ = 0;  // connection counter; a stale reader does not mark a newer stream broken
+  grpc::ClientContext* connecting_context_ = nullptr;  // while a connection attempt may block
+  int64_t connections_ = 0, registered_ = 0, runs_started_ = 0;
+  int64_t dropped_progress_ = 0, dropped_reported_ = 0;
+  std::chrono::nanoseconds heartbeat_interval_;
+  std::deque<Outgoing> queue_;
+  size_t queued_progress_ = 0;
+  std::map<std::pair<std::string, int64_t>, v1::ProbeUpload> outbox_;  // unacked probes by (run_id, sequence)
+  std::set<std::string> cancelled_runs_;
+  std::optional<CurrentRun> current_;
+  std::optional<v1::Assignment> next_;  // for the training thread to take
+  bool training_thread_active_ = false;
+  std::thread training_thread_;
+  Status shutdown_status_;  // the checkpoint written because of Shutdown
+  std::mt19937_64 rng_;     // back-off jitter
+
+  // The last run's data, reused when the next run reads the same data.
+  std::mutex data_mu_;
+  std::string data_key_;
+  std::shared_ptr<const DataSplits> data_;
+};
+
+}  // namespace sinkscope
