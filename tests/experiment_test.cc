@@ -487,3 +487,28 @@ TEST(ExperimentRules, DataPathsWhenChecked) {
 
 }  // namespace
 }  // namespace sinkscope
+
+namespace sinkscope {
+namespace {
+
+// The paper's configurations (Table 3) load, validate and have the paper's sizes.
+TEST(PaperExamplesTest, LoadValidateAndMatchTable3ParameterCounts) {
+  struct Case {
+    const char* file;
+    double params;  // total parameters, Table 3
+  };
+  for (const Case& c : {Case{"paper-0.1b.yaml", 101e6}, Case{"paper-0.3b.yaml", 304e6}, Case{"paper-1b.yaml", 1.04e9}}) {
+    auto e = LoadExperimentFile(std::string(SINKSCOPE_SOURCE_DIR) + "/examples/" + c.file);
+    ASSERT_TRUE(e.ok()) << c.file << ": " << e.status().ToString();
+    ApplyDefaults(*e);
+    ASSERT_TRUE(ValidateExperiment(*e, /*check_paths=*/false).ok()) << c.file;
+    const ModelConfig m = ToModelConfig(e->model(), v1::BASELINE);
+    const double total = static_cast<double>(m.MatmulParams()) + static_cast<double>(m.vocab) * m.d_model +
+                         static_cast<double>(m.layers) * 2 * m.d_model + m.d_model;  // + embedding + norms
+    EXPECT_NEAR(total / c.params, 1.0, 0.02) << c.file << ": " << total;
+    EXPECT_EQ(e->train().micro_batch() * e->train().grad_accum(), 512) << c.file << ": global batch";
+  }
+}
+
+}  // namespace
+}  // namespace sinkscope
