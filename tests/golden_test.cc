@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 
@@ -66,6 +67,8 @@ TEST_P(GoldenTest, LossAndEveryGradientMatchFloat64Reference) {
 
   const std::vector<float> grads = (*model)->GradsToHost();
   int compared = 0;
+  double worst = 0;
+  std::string worst_name;
   for (const ParamTensor& t : (*model)->tensors()) {
     auto it = expected_grads->tensors.find(t.name);
     if (it == expected_grads->tensors.end()) {
@@ -75,10 +78,18 @@ TEST_P(GoldenTest, LossAndEveryGradientMatchFloat64Reference) {
     }
     ASSERT_EQ(it->second.numel(), t.size) << t.name;
     // fp32 against float64: ~1e-5 is rounding; 1e-3 would be a bug (golden README).
-    EXPECT_LT(NormalisedError(grads.data() + t.offset, it->second.values), 2e-4) << t.name;
+    const double err = NormalisedError(grads.data() + t.offset, it->second.values);
+    EXPECT_LT(err, 2e-4) << t.name;
+    if (err > worst) {
+      worst = err;
+      worst_name = t.name;
+    }
     ++compared;
   }
   EXPECT_EQ(compared, static_cast<int>(expected_grads->tensors.size()));
+  std::printf("%s: loss %.10f vs %.10f (rel %.2e); worst normalised gradient error %.2e (%s) over %d tensors\n",
+              arm.c_str(), loss, expected_loss, std::abs(loss - expected_loss) / expected_loss, worst,
+              worst_name.c_str(), compared);
 }
 
 INSTANTIATE_TEST_SUITE_P(Arms, GoldenTest, ::testing::Values(VScaleMode::kNone, VScaleMode::kVScale),

@@ -303,6 +303,8 @@ struct ArmResult {
   double user_seconds = 0, sys_seconds = 0;
   double final_loss = 0;
   std::map<GemmShape, ShapeStats> shapes;
+  // Probe cost: seconds of one probed step (the step's own batch / a held-out batch).
+  double plain_step_median_seconds = 0, probed_step_seconds = 0, held_out_probe_step_seconds = 0;
 };
 
 StatusOr<ArmResult> RunArm(VScaleMode mode, const DataSplits& data, int warmup, int steps) {
@@ -334,6 +336,31 @@ StatusOr<ArmResult> RunArm(VScaleMode mode, const DataSplits& data, int warmup, 
   r.gemm_seconds = backend.op_seconds(Op::kGemm);
   for (int i = 0; i < static_cast<int>(Op::kCount); ++i) r.op_seconds[i] = backend.op_seconds(static_cast<Op>(i));
   r.shapes = backend.shapes();
+  // Probe cost, quickstart probe settings (s 0, T_e 31, P 64, ε 0.3, T_ε 64): plain,
+  // step-batch-probed and held-out-probed steps interleaved in rounds, medians compared,
+  // so load elsewhere on the machine hits all three alike. Measured after the counters
+  // above, which therefore see plain steps only.
+  const ProbeSettings probe;
+  ProbeReport report;
+  std::vector<double> plain_s, probed_s, held_out_s;
+  for (int i = 0; i < std::max(5, steps / 2); ++i) {
+    auto t0 = Clock::now();
+    trainer->Step();
+    plain_s.push_back(Seconds(t0));
+    t0 = Clock::now();
+    trainer->ProbedStep(probe, ProbeBatchKind::kStepBatch, &report);
+    probed_s.push_back(Seconds(t0));
+    t0 = Clock::now();
+    trainer->ProbedStep(probe, ProbeBatchKind::kHeldOut, &report);
+    held_out_s.push_back(Seconds(t0));
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  r.plain_step_median_seconds = median(plain_s);
+  r.probed_step_seconds = median(probed_s);
+  r.held_out_probe_step_seconds = median(held_out_s);
   const double analytic = 6.0 * trainer->tokens_per_step() * static_cast<double>(options.model.MatmulParams());
   if (r.gemm_flops_per_step != analytic) {
     std::fprintf(stderr, "sinkscope-bench-cpu: %s: counted %.6g Gemm FLOPs per step, the analytic count is %.6g\n",
@@ -463,6 +490,10 @@ int Main(int argc, char** argv) {
       a["sys_seconds"] = r.sys_seconds;
       a["wall_seconds"] = r.wall_seconds;
       a["final_loss"] = r.final_loss;
+      a["probed_step_seconds"] = r.probed_step_seconds;
+      a["held_out_probe_step_seconds"] = r.held_out_probe_step_seconds;
+      a["plain_step_median_seconds"] = r.plain_step_median_seconds;
+      a["probe_overhead_at_every_50"] = (r.probed_step_seconds / r.plain_step_median_seconds - 1) / 50;
       nlohmann::json ops;
       for (int i = 0; i < static_cast<int>(Op::kCount); ++i) ops[kOpNames[i]] = r.op_seconds[i] / steps;
       a["op_seconds_per_step"] = ops;
@@ -488,6 +519,16 @@ int Main(int argc, char** argv) {
                 1e3 * r.wall_seconds / steps, achieved / 1e9, 100 * r.gemm_seconds / r.wall_seconds,
                 isolated_seconds(r) / r.gemm_seconds, achieved / peak,
                 100 * flops_per_token * r.tokens_per_second / peak, cpu > 0 ? 100 * r.sys_seconds / cpu : 0.0);
+  }
+  std::printf("\nprobe cost (quickstart probe settings)   probed step / plain step   overhead at probe.every=50\n");
+  for (const ArmResult& r : arms) {
+    const double plain = r.plain_step_median_seconds;
+    std::printf("%-9s plain      %6.1f ms  (median of the interleaved rounds)\n", r.name.c_str(), 1e3 * plain);
+    std::printf("%-9s step batch %6.1f ms  %6.2fx                     %5.2f%%\n", "",
+                1e3 * r.probed_step_seconds, r.probed_step_seconds / plain,
+                100 * (r.probed_step_seconds / plain - 1) / 50);
+    std::printf("%-9s held-out   %6.1f ms  %6.2fx                     %5.2f%%\n", "", 1e3 * r.held_out_probe_step_seconds,
+                r.held_out_probe_step_seconds / plain, 100 * (r.held_out_probe_step_seconds / plain - 1) / 50);
   }
   std::printf("\nsgemm (cblas, alone)  GFLOP/s\n");
   for (const auto& [n, rate] : squares) std::printf("  square %-12d %8.2f\n", n, rate / 1e9);
