@@ -46,10 +46,7 @@ StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
     c.tied_embeddings = j.at("tied_embeddings");
     c.vscale_sigma = j.at("vscale_sigma");
     const std::string arm = j.at("vscale");
-    if (arm == "baseline") c.vscale = VScaleMode::kNone;
-    else if (arm == "vscale") c.vscale = VScaleMode::kVScale;
-    else if (arm == "vscale_backward_only") c.vscale = VScaleMode::kBackwardOnly;
-    else return DataLossError("unknown arm " + arm);
+    if (!ParseVScaleMode(arm, &c.vscale)) return DataLossError("unknown arm " + arm);
   } catch (const nlohmann::json::exception& e) {
     return DataLossError(std::string("model config: ") + e.what());
   }

@@ -44,10 +44,9 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
     return InvalidArgumentError(path + ": rope_scaling is not supported");
   }
   const std::string arm = j.value("sinkscope_vscale", std::string("baseline"));
-  if (arm == "baseline") c.vscale = VScaleMode::kNone;
-  else if (arm == "vscale") c.vscale = VScaleMode::kVScale;
-  else if (arm == "vscale_backward_only") c.vscale = VScaleMode::kBackwardOnly;
-  else return InvalidArgumentError(path + ": sinkscope_vscale \"" + arm + "\" is not a known arm");
+  if (!ParseVScaleMode(arm, &c.vscale)) {
+    return InvalidArgumentError(path + ": sinkscope_vscale \"" + arm + "\" is not a known arm");
+  }
   if (Status s = c.Validate(); !s.ok()) return InvalidArgumentError(path + ": " + s.message());
   return c;
 }

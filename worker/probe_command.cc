@@ -110,10 +110,9 @@ int RunProbeCommand(int argc, char** argv) {
   }
   if (!arm.empty()) {  // the same weights under another arm's value path
     ModelConfig c = model->config();
-    if (arm == "baseline") c.vscale = VScaleMode::kNone;
-    else if (arm == "vscale") c.vscale = VScaleMode::kVScale;
-    else if (arm == "vscale_backward_only") c.vscale = VScaleMode::kBackwardOnly;
-    else return fail("--arm must be baseline, vscale or vscale_backward_only, got " + arm);
+    if (!ParseVScaleMode(arm, &c.vscale)) {
+      return fail("--arm must be baseline, vscale or vscale_backward_only, got " + arm);
+    }
     auto m = Model::Create(c, backend.get());
     (*m)->ParamsFromHost(model->ParamsToHost());
     model = std::move(*m);

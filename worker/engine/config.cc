@@ -11,6 +11,16 @@ const char* VScaleModeName(VScaleMode mode) {
   return "unknown";
 }
 
+bool ParseVScaleMode(const std::string& name, VScaleMode* mode) {
+  for (VScaleMode m : {VScaleMode::kNone, VScaleMode::kVScale, VScaleMode::kBackwardOnly}) {
+    if (name == VScaleModeName(m)) {
+      *mode = m;
+      return true;
+    }
+  }
+  return false;
+}
+
 Status ModelConfig::Validate() const {
   auto positive = [](int v, const char* name) -> Status {
     if (v <= 0) return InvalidArgumentError(std::string("model.") + name + " must be positive, got " + std::to_string(v));

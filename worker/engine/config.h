@@ -18,6 +18,8 @@ enum class VScaleMode {
 };
 
 const char* VScaleModeName(VScaleMode mode);
+// The inverse of VScaleModeName; false for an unknown name.
+bool ParseVScaleMode(const std::string& name, VScaleMode* mode);
 
 struct ModelConfig {
   int layers = 2;

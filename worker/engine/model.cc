@@ -79,7 +79,6 @@ void Model::InitWeights(uint64_t seed) {
   std::vector<float> host(num_params_, 0.0f);
   Rng rng(Mix64(seed ^ 0x5EED5EEDull));
   for (const ParamTensor& t : tensors_) {
-    if (config_.tied_embeddings && t.name == "lm_head.weight") continue;
     float* p = host.data() + t.offset;
     if (t.shape.size() == 2) {
       for (size_t i = 0; i < t.size; ++i) p[i] = static_cast<float>(config_.init_std * rng.Normal());

@@ -32,7 +32,6 @@ UpdateResult AdamWStep(Model& model, const OptimizerConfig& c, int64_t step) {
   double sum_sq = 0;
   for (const ParamTensor& t : model.tensors()) {
     if (!t.trainable) continue;
-    if (model.config().tied_embeddings && t.name == "lm_head.weight") continue;
     sum_sq += be.SumSquares(model.grads() + t.offset, t.size);
   }
   r.grad_norm = std::sqrt(sum_sq);
