@@ -127,17 +127,25 @@ class Coordinator {
   explicit Coordinator(const GlobalOptions& options) : options_(options) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);  // probe reports of a long run exceed the 4 MB default
-    channel_ = grpc::CreateCustomChannel(options.coordinator, grpc::InsecureChannelCredentials(), args);
+    options.credentials.Apply(&args);
+    channel_ = grpc::CreateCustomChannel(options.coordinator, options.credentials.channel, args);
     stub_ = v1::ExperimentService::NewStub(channel_);
   }
 
   Stub& stub() { return *stub_; }
 
-  // A context for one unary call, with the --timeout deadline.
+  // A context for one unary call, with the --timeout deadline and the token.
   std::unique_ptr<grpc::ClientContext> UnaryContext() const {
-    auto context = std::make_unique<grpc::ClientContext>();
+    auto context = StreamContext();
     context->set_deadline(std::chrono::system_clock::now() +
                           std::chrono::microseconds(static_cast<int64_t>(options_.timeout_seconds * 1e6)));
+    return context;
+  }
+
+  // A context for a stream (no deadline), with the token.
+  std::unique_ptr<grpc::ClientContext> StreamContext() const {
+    auto context = std::make_unique<grpc::ClientContext>();
+    if (!options_.token.empty()) context->AddMetadata(kAuthorizationKey, std::string(kBearerScheme) + options_.token);
     return context;
   }
 
@@ -147,14 +155,45 @@ class Coordinator {
   int Fail(const grpc::Status& status) const {
     const grpc::StatusCode code = status.error_code();
     const bool connected = channel_->GetState(/*try_to_connect=*/false) == GRPC_CHANNEL_READY;
+    // Credentials: never the token itself, only where it came from.
+    if (code == grpc::StatusCode::UNAUTHENTICATED) {
+      const std::string hint =
+          options_.token.empty()
+              ? "no token was sent; pass the coordinator's client token with --token-file FILE (or "
+                "$SINKSCOPE_TOKEN_FILE, or $SINKSCOPE_TOKEN)"
+              : "the token from " + options_.token_source +
+                    " was not accepted; it must be the coordinator's client token (its --client-token-file)";
+      std::fprintf(stderr, "sinkscope: the coordinator rejected the credentials: UNAUTHENTICATED: %s (%s)\n",
+                   status.error_message().c_str(), hint.c_str());
+      return kExitAuth;
+    }
+    // A TLS handshake that failed: an error that says so, or, over TLS, a connection the
+    // coordinator closed (how a mutual-TLS server refuses a client without a certificate).
+    const bool tls_failed = LooksLikeTlsFailure(status.error_message());
+    if (code == grpc::StatusCode::UNAVAILABLE &&
+        (tls_failed || (options_.credentials.tls && LooksLikeClosedConnection(status.error_message())))) {
+      const char* hint =
+          !options_.credentials.tls
+              ? "the coordinator may serve TLS: pass --tls-ca FILE (and --tls-cert/--tls-key for mutual TLS)"
+          : options_.credentials.mutual
+              ? "check --tls-ca (the CA that signed the coordinator's certificate), --tls-server-name (a name in "
+                "that certificate), and that the coordinator trusts the CA of --tls-cert"
+              : "check --tls-ca (the CA that signed the coordinator's certificate) and --tls-server-name (a name in "
+                "that certificate); if the coordinator requires client certificates (mutual TLS), pass --tls-cert "
+                "and --tls-key";
+      std::fprintf(stderr, "sinkscope: the TLS handshake with the coordinator at %s failed (%s): %s — %s\n",
+                   options_.coordinator.c_str(), GrpcCodeName(code), status.error_message().c_str(), hint);
+      return kExitAuth;
+    }
     if (code == grpc::StatusCode::UNAVAILABLE || (code == grpc::StatusCode::DEADLINE_EXCEEDED && !connected)) {
       std::string detail = status.error_message();
       if (code == grpc::StatusCode::DEADLINE_EXCEEDED) {
         detail = "no connection within the " + Seconds(options_.timeout_seconds) + " s deadline (--timeout)";
       }
       std::fprintf(stderr,
-                   "sinkscope: cannot reach the coordinator at %s (%s): %s — is sinkscope-coordinator running?\n",
-                   options_.coordinator.c_str(), GrpcCodeName(code), detail.c_str());
+                   "sinkscope: cannot reach the coordinator at %s (%s): %s — is sinkscope-coordinator running?%s\n",
+                   options_.coordinator.c_str(), GrpcCodeName(code), detail.c_str(),
+                   options_.credentials.tls ? "" : " (if it serves TLS, pass --tls-ca FILE)");
       return kExitUnreachable;
     }
     std::string message = status.error_message();
@@ -229,8 +268,8 @@ int Watch(const GlobalOptions& options, Coordinator& coordinator, const std::str
   v1::WatchExperimentRequest request;
   request.set_experiment_id(experiment_id);
   request.set_include_probes(true);
-  grpc::ClientContext context;  // no deadline: the stream lasts as long as the experiment
-  auto reader = coordinator.stub().WatchExperiment(&context, request);
+  auto context = coordinator.StreamContext();  // no deadline: the stream lasts as long as the experiment
+  auto reader = coordinator.stub().WatchExperiment(context.get(), request);
   const bool terminal = !options.json && isatty(STDOUT_FILENO);
   WatchView view;
   TerminalFrame frame;

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "common/credentials.h"
+
 namespace sinkscope::cli {
 
 // Exit codes of every command.
@@ -14,6 +16,7 @@ enum ExitCode : int {
   kExitServerError = 1,  // the coordinator answered with an error status
   kExitUsage = 2,        // bad arguments, or an experiment file that does not validate
   kExitUnreachable = 3,  // no coordinator at the address
+  kExitAuth = 4,         // the coordinator rejected the credentials (UNAUTHENTICATED) or TLS failed
 };
 
 // Flags every command shares.
@@ -21,6 +24,13 @@ struct GlobalOptions {
   std::string coordinator = "127.0.0.1:50051";  // HOST:PORT
   double timeout_seconds = 10;                  // deadline of every unary call
   bool json = false;                            // print the response messages as JSON
+  // Security (docs/security.md): what the flags name...
+  ClientTlsFiles tls;      // --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name
+  std::string token_file;  // --token-file, else $SINKSCOPE_TOKEN_FILE
+  // ...and what main loads from them before a command talks to the coordinator.
+  ClientCredentials credentials;
+  std::string token;         // sent as `authorization: Bearer <token>`; empty: none
+  std::string token_source;  // where it came from, for messages ("--token-file /x"); never the token
 };
 
 struct Command {

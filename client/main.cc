@@ -14,7 +14,7 @@ namespace {
 
 void PrintOverview(FILE* out) {
   std::fputs(
-      "usage: sinkscope [--coordinator HOST:PORT] [--timeout SECONDS] [--json] COMMAND [ARGS]\n"
+      "usage: sinkscope [--coordinator HOST:PORT] [--timeout SECONDS] [--json] [security options] COMMAND [ARGS]\n"
       "\n"
       "Submit, follow, compare and export sinkscope experiments on the coordinator.\n"
       "\n"
@@ -32,9 +32,44 @@ void PrintOverview(FILE* out) {
       "  --json                    print the response messages as JSON (protobuf's JSON mapping)\n"
       "  -h, --help                this text; sinkscope COMMAND --help for a command's own\n"
       "\n"
+      "security options (docs/security.md):\n"
+      "  --tls                     connect over TLS, verifying the coordinator against the system CAs\n"
+      "  --tls-ca FILE             connect over TLS, verifying the coordinator with this CA bundle (PEM)\n"
+      "  --tls-cert FILE           client certificate (PEM) for mutual TLS, with --tls-key FILE\n"
+      "  --tls-key FILE            its private key (PEM)\n"
+      "  --tls-server-name NAME    expect NAME in the coordinator's certificate (default: the host)\n"
+      "  --token-file FILE         send the client token in FILE as `authorization: Bearer <token>`\n"
+      "                            (default: the file $SINKSCOPE_TOKEN_FILE, else $SINKSCOPE_TOKEN)\n"
+      "\n"
       "exit status: 0 ok, 1 the coordinator answered with an error, 2 usage or validation\n"
-      "error, 3 the coordinator cannot be reached.\n",
+      "error, 3 the coordinator cannot be reached, 4 the coordinator rejected the credentials\n"
+      "(UNAUTHENTICATED: a missing or wrong token) or the TLS handshake failed.\n",
       out);
+}
+
+// Reads the token and the TLS files the options name into `options`; the messages name
+// files and variables, never their content.
+int LoadCredentials(GlobalOptions* options) {
+  auto credentials = LoadClientCredentials(options->tls);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "sinkscope: %s\n", credentials.status().message().c_str());
+    return kExitUsage;
+  }
+  options->credentials = std::move(*credentials);
+  std::string path = options->token_file, flag = "--token-file";
+  if (path.empty()) {
+    if (const char* env = std::getenv("SINKSCOPE_TOKEN_FILE"); env != nullptr && *env != '\0') {
+      path = env;
+      flag = "$SINKSCOPE_TOKEN_FILE";
+    }
+  }
+  auto token = ReadSecret(path, flag, "SINKSCOPE_TOKEN", &options->token_source);
+  if (!token.ok()) {
+    std::fprintf(stderr, "sinkscope: %s\n", token.status().message().c_str());
+    return kExitUsage;
+  }
+  options->token = std::move(*token);
+  return kExitOk;
 }
 
 int Main(int argc, char** argv) {
@@ -53,7 +88,8 @@ int Main(int argc, char** argv) {
     }
     const size_t eq = a.find('=');
     const std::string flag = a.rfind("--", 0) == 0 ? a.substr(0, eq) : a;
-    if (flag == "--coordinator" || flag == "--timeout") {
+    if (flag == "--coordinator" || flag == "--timeout" || flag == "--tls-ca" || flag == "--tls-cert" ||
+        flag == "--tls-key" || flag == "--tls-server-name" || flag == "--token-file") {
       std::string value;
       if (eq != std::string::npos) {
         value = a.substr(eq + 1);
@@ -63,12 +99,26 @@ int Main(int argc, char** argv) {
         std::fprintf(stderr, "sinkscope: option %s needs a value (see sinkscope --help)\n", flag.c_str());
         return kExitUsage;
       }
+      if (flag == "--coordinator" && value.empty()) {
+        std::fprintf(stderr, "sinkscope: --coordinator needs HOST:PORT\n");
+        return kExitUsage;
+      }
+      if (flag != "--timeout" && value.empty()) {
+        std::fprintf(stderr, "sinkscope: %s needs a value (see sinkscope --help)\n", flag.c_str());
+        return kExitUsage;
+      }
       if (flag == "--coordinator") {
-        if (value.empty()) {
-          std::fprintf(stderr, "sinkscope: --coordinator needs HOST:PORT\n");
-          return kExitUsage;
-        }
         options.coordinator = value;
+      } else if (flag == "--tls-ca") {
+        options.tls.ca_file = value;
+      } else if (flag == "--tls-cert") {
+        options.tls.cert_file = value;
+      } else if (flag == "--tls-key") {
+        options.tls.key_file = value;
+      } else if (flag == "--tls-server-name") {
+        options.tls.server_name = value;
+      } else if (flag == "--token-file") {
+        options.token_file = value;
       } else {
         char* end = nullptr;
         options.timeout_seconds = std::strtod(value.c_str(), &end);
@@ -79,6 +129,8 @@ int Main(int argc, char** argv) {
       }
     } else if (a == "--json") {
       options.json = true;
+    } else if (a == "--tls") {
+      options.tls.tls = true;
     } else if (command.empty() && (a == "-h" || a == "--help")) {
       help = true;
     } else if (command.empty() && !a.empty() && a[0] != '-') {
@@ -114,6 +166,7 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "sinkscope: unknown command \"%s\" (see sinkscope --help)\n", command.c_str());
     return kExitUsage;
   }
+  if (int exit = LoadCredentials(&options); exit != kExitOk) return exit;
   return c->run(options, args);
 }
 

@@ -3,6 +3,10 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -30,6 +34,39 @@ std::string KnownFields(const pb::Descriptor* d) {
   std::string s;
   for (int i = 0; i < d->field_count(); ++i) s += (i ? ", " : "") + d->field(i)->name();
   return s;
+}
+
+// Well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF): proto3
+// string fields must be, or the message does not serialise and parse back.
+bool IsUtf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int n = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      n = 1, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 2, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 3, cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + n >= s.size()) return false;  // truncated
+    for (int k = 1; k <= n; ++k) {
+      const unsigned char cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    static constexpr uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n + 1;
+  }
+  return true;
 }
 
 std::string Lower(std::string s) {
@@ -84,6 +121,7 @@ Status SetScalar(const YAML::Node& node, pb::Message* msg, const pb::FieldDescri
         break;
       }
       case pb::FieldDescriptor::CPPTYPE_STRING: {
+        if (!IsUtf8(text)) return FieldError(source, node, path, "is not valid UTF-8");
         rep ? r->AddString(msg, field, text) : r->SetString(msg, field, text);
         break;
       }
@@ -141,7 +179,9 @@ Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string
                         "given twice (first as \"" + first->second.first + "\" on line " +
                             std::to_string(first->second.second) + ")");
     }
-    const YAML::Node& value = it->second;
+    // A copy (a node is a handle): yaml-cpp's iterator returns its pair by value, so a
+    // reference to it->second dangles at the end of this statement.
+    const YAML::Node value = it->second;
     if (value.IsNull()) continue;  // `key:` with nothing: the default
     if (const pb::OneofDescriptor* oneof = field->real_containing_oneof()) {
       const pb::FieldDescriptor* set = r->GetOneofFieldDescriptor(*msg, oneof);
@@ -166,6 +206,120 @@ Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string
       RETURN_IF_ERROR(SetScalar(value, msg, field, path, source));
     }
   }
+  return OkStatus();
+}
+
+std::string Num(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", v);
+  return b;
+}
+
+// The names of an enum's values (lower case, without the unspecified 0), for messages.
+std::string KnownValues(const pb::EnumDescriptor* e) {
+  std::string known;
+  for (int i = 0; i < e->value_count(); ++i) {
+    if (e->value(i)->number() == 0) continue;
+    known += (known.empty() ? "" : ", ") + Lower(e->value(i)->name());
+  }
+  return known;
+}
+
+// The largest number of training tokens the text at `paths` can give: each byte is one
+// token, and each file adds at most one end-of-text token. Stops counting at `enough`.
+StatusOr<int64_t> TextTokenBound(const v1::TextData& text, int64_t enough) {
+  namespace fs = std::filesystem;
+  int64_t total = 0;
+  auto add = [&](const fs::path& p, std::error_code& ec) {
+    const auto size = fs::file_size(p, ec);
+    if (!ec) total += static_cast<int64_t>(size) + 1;
+  };
+  for (int i = 0; i < text.paths_size() && total < enough; ++i) {
+    const std::string field = "data.text.paths[" + std::to_string(i) + "]";
+    std::error_code ec;
+    const fs::file_status st = fs::status(text.paths(i), ec);
+    if (ec || !fs::exists(st)) return InvalidArgumentError(field + ": no such file or folder: " + text.paths(i));
+    if (!fs::is_directory(st)) {
+      add(text.paths(i), ec);
+      if (ec) return InvalidArgumentError(field + ": cannot read " + text.paths(i) + ": " + ec.message());
+      continue;
+    }
+    fs::recursive_directory_iterator it(text.paths(i), fs::directory_options::none, ec);
+    if (ec) return InvalidArgumentError(field + ": cannot list " + text.paths(i) + ": " + ec.message());
+    for (; it != fs::recursive_directory_iterator() && total < enough; it.increment(ec)) {
+      if (ec) break;
+      std::error_code type_ec;
+      if (!it->is_regular_file(type_ec)) continue;
+      const std::string name = it->path().filename().string();
+      const bool excluded = std::any_of(text.exclude_suffixes().begin(), text.exclude_suffixes().end(),
+                                        [&](const std::string& suffix) {
+                                          return !suffix.empty() && name.size() >= suffix.size() &&
+                                                 name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+                                        });
+      if (excluded) continue;
+      std::error_code size_ec;
+      add(it->path(), size_ec);
+    }
+    if (ec) return InvalidArgumentError(field + ": cannot list " + text.paths(i) + ": " + ec.message());
+  }
+  return total;
+}
+
+// Tokens in the llm.c shards matching `pattern`, from their headers.
+StatusOr<int64_t> ShardTokens(const std::string& pattern, const std::string& field) {
+  auto paths = ExpandGlob(pattern);
+  if (!paths.ok()) return InvalidArgumentError(field + ": " + paths.status().message());
+  int64_t total = 0;
+  for (const std::string& path : *paths) {
+    std::ifstream in(path, std::ios::binary);
+    int32_t header[3] = {0, 0, 0};
+    if (!in.read(reinterpret_cast<char*>(header), sizeof header)) {
+      return InvalidArgumentError(field + ": " + path + ": too short for an llm.c shard header");
+    }
+    if (!((header[0] == kShardMagicV1 && header[1] == 1) || (header[0] == kShardMagicV7 && header[1] == 7))) {
+      return InvalidArgumentError(field + ": " + path + ": not an llm.c shard (magic " + std::to_string(header[0]) +
+                                  ", version " + std::to_string(header[1]) + ")");
+    }
+    if (header[2] < 0) return InvalidArgumentError(field + ": " + path + ": negative token count in its header");
+    total += header[2];
+  }
+  return total;
+}
+
+// The data holds one window of model.context + 1 tokens in its training split (and in
+// its validation split, where that is known without reading the data): what the worker
+// needs to draw a batch.
+Status CheckDataHoldsContext(const v1::Experiment& e) {
+  const int64_t need = static_cast<int64_t>(e.model().context()) + 1;
+  const std::string rule = "model.context: " + std::to_string(e.model().context()) + " needs windows of " +
+                           "model.context + 1 = " + std::to_string(need) + " tokens, but ";
+  const v1::DataSpec& d = e.data();
+  if (d.has_text()) {
+    ASSIGN_OR_RETURN(const int64_t bound, TextTokenBound(d.text(), need));
+    if (bound < need) {
+      return InvalidArgumentError(rule + "data.text.paths hold at most " + std::to_string(bound) +
+                                  " byte-level tokens");
+    }
+    return OkStatus();
+  }
+  ASSIGN_OR_RETURN(const int64_t total, ShardTokens(d.shards().train(), "data.shards.train"));
+  int64_t train = total, val = 0;
+  std::string val_what;
+  if (!d.shards().val().empty()) {
+    ASSIGN_OR_RETURN(val, ShardTokens(d.shards().val(), "data.shards.val"));
+    val_what = "data.shards.val (" + d.shards().val() + ") holds";
+  } else {
+    auto held = HeldOutCount(static_cast<size_t>(total), d.val_fraction(), "data.shards.train", "tokens");
+    if (!held.ok()) return InvalidArgumentError(rule + held.status().message());
+    val = static_cast<int64_t>(*held);
+    train = total - val;
+    val_what = "the validation split (data.val_fraction " + Num(d.val_fraction()) + " of data.shards.train) holds";
+  }
+  if (train < need) {
+    return InvalidArgumentError(rule + "the training split of data.shards.train (" + d.shards().train() +
+                                ") holds " + std::to_string(train));
+  }
+  if (val > 0 && val < need) return InvalidArgumentError(rule + val_what + " " + std::to_string(val));
   return OkStatus();
 }
 
@@ -212,7 +366,10 @@ void ApplyDefaults(v1::Experiment& e) {
   if (!m.has_heads()) m.set_heads(4);
   if (!m.has_kv_heads()) m.set_kv_heads(m.heads());
   if (!m.has_head_dim()) m.set_head_dim(m.heads() > 0 ? m.d_model() / m.heads() : 0);
-  if (!m.has_ffn()) m.set_ffn(((m.d_model() * 8 / 3) + 31) / 32 * 32);
+  if (!m.has_ffn()) {  // in 64 bits: a huge d_model must not overflow (validation rejects what does not fit)
+    const int64_t ffn = ((static_cast<int64_t>(m.d_model()) * 8 / 3) + 31) / 32 * 32;
+    m.set_ffn(static_cast<int32_t>(std::clamp<int64_t>(ffn, INT32_MIN, INT32_MAX)));
+  }
   if (!m.has_vocab()) m.set_vocab(kByteVocab);
   if (!m.has_context()) m.set_context(128);
   if (!m.has_rope_theta()) m.set_rope_theta(10000.0);
@@ -248,7 +405,9 @@ void ApplyDefaults(v1::Experiment& e) {
   v1::ProbeSpec& p = *e.mutable_probe();
   if (!p.has_every()) p.set_every(50);
   if (!p.has_sink_position()) p.set_sink_position(0);
-  if (!p.has_ref_span()) p.set_ref_span(std::min(31, m.context() - 1));
+  if (!p.has_ref_span()) {
+    p.set_ref_span(static_cast<int32_t>(std::clamp<int64_t>(int64_t{m.context()} - 1, INT32_MIN, 31)));
+  }
   if (!p.has_profile_len()) p.set_profile_len(std::min(64, m.context()));
   if (!p.has_eps()) p.set_eps(0.3);
   if (!p.has_t_eps()) p.set_t_eps(64);
@@ -272,11 +431,24 @@ void ApplyDefaults(v1::Experiment& e) {
 
 Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
+  // Real numbers: finite, and positive (or not negative).
+  auto positive = [&](const char* path, double v) -> Status {
+    if (!(v > 0) || !std::isfinite(v)) return bad(path, "must be positive and finite, got " + Num(v));
+    return OkStatus();
+  };
+  auto not_negative = [&](const char* path, double v) -> Status {
+    if (!(v >= 0) || !std::isfinite(v)) return bad(path, "must be finite and not negative, got " + Num(v));
+    return OkStatus();
+  };
   if (e.name().empty()) return bad("name", "is required");
   for (char ch : e.name()) {
     if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') {
       return bad("name", "may hold only letters, digits, '-', '_' and '.', got \"" + e.name() + "\"");
     }
+  }
+  // Run folders are <experiment>-<n>-<arm>-s<seed>: keep them well inside NAME_MAX.
+  if (e.name().size() > 100) {
+    return bad("name", "must be at most 100 characters, got " + std::to_string(e.name().size()));
   }
   const v1::ModelSpec& m = e.model();
   struct Positive {
@@ -299,15 +471,35 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
                                      std::to_string(m.kv_heads()));
   }
   if (m.head_dim() % 2 != 0) return bad("model.head_dim", "must be even for RoPE, got " + std::to_string(m.head_dim()));
-  if (!(m.rope_theta() > 0)) return bad("model.rope_theta", "must be positive");
-  if (!(m.rms_eps() > 0)) return bad("model.rms_eps", "must be positive");
-  if (!(m.init_std() > 0)) return bad("model.init_std", "must be positive");
+  RETURN_IF_ERROR(positive("model.rope_theta", m.rope_theta()));
+  RETURN_IF_ERROR(positive("model.rms_eps", m.rms_eps()));
+  RETURN_IF_ERROR(positive("model.init_std", m.init_std()));
 
   const v1::DataSpec& d = e.data();
   if (d.source_case() == v1::DataSpec::SOURCE_NOT_SET) return bad("data", "needs data.text or data.shards");
-  if (!(d.val_fraction() >= 0 && d.val_fraction() <= 0.5)) return bad("data.val_fraction", "must be in [0, 0.5]");
+  {  // every string: proto3 strings must be UTF-8 to be sent and stored
+    std::vector<std::pair<std::string, const std::string*>> strings = {
+        {"data.text.separator", &d.text().separator()},
+        {"data.shards.train", &d.shards().train()},
+        {"data.shards.val", &d.shards().val()}};
+    for (int i = 0; i < d.text().paths_size(); ++i) {
+      strings.emplace_back("data.text.paths[" + std::to_string(i) + "]", &d.text().paths(i));
+    }
+    for (int i = 0; i < d.text().exclude_suffixes_size(); ++i) {
+      strings.emplace_back("data.text.exclude_suffixes[" + std::to_string(i) + "]", &d.text().exclude_suffixes(i));
+    }
+    for (const auto& [path, value] : strings) {
+      if (!IsUtf8(*value)) return bad(path, "is not valid UTF-8");
+    }
+  }
+  if (!(d.val_fraction() >= 0 && d.val_fraction() <= 0.5)) {
+    return bad("data.val_fraction", "must be in [0, 0.5], got " + Num(d.val_fraction()));
+  }
   if (d.has_text()) {
     if (d.text().paths().empty()) return bad("data.text.paths", "needs at least one file or folder");
+    for (int i = 0; i < d.text().paths_size(); ++i) {
+      if (d.text().paths(i).empty()) return bad("data.text.paths[" + std::to_string(i) + "]", "is empty");
+    }
     if (m.vocab() < kByteVocab) {
       return bad("model.vocab", "must be at least 257 for byte-level text, got " + std::to_string(m.vocab()));
     }
@@ -331,9 +523,19 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   }
 
   const v1::TrainSpec& t = e.train();
-  RETURN_IF_ERROR(ToOptimizerConfig(t).Validate());
+  RETURN_IF_ERROR(positive("train.lr", t.lr()));
+  if (!(t.min_lr() >= 0 && t.min_lr() <= t.lr())) {
+    return bad("train.min_lr", "must be in [0, train.lr] = [0, " + Num(t.lr()) + "], got " + Num(t.min_lr()));
+  }
+  if (t.warmup_steps() < 0) return bad("train.warmup_steps", "must not be negative");
   if (t.warmup_steps() > t.steps()) return bad("train.warmup_steps", "must not exceed train.steps");
+  if (!(t.beta1() >= 0 && t.beta1() < 1)) return bad("train.beta1", "must be in [0, 1), got " + Num(t.beta1()));
+  if (!(t.beta2() >= 0 && t.beta2() < 1)) return bad("train.beta2", "must be in [0, 1), got " + Num(t.beta2()));
+  RETURN_IF_ERROR(positive("train.eps", t.eps()));
+  RETURN_IF_ERROR(not_negative("train.weight_decay", t.weight_decay()));
+  RETURN_IF_ERROR(not_negative("train.grad_clip", t.grad_clip()));  // 0 disables clipping
   if (t.eval_every() < 0) return bad("train.eval_every", "must not be negative");
+  RETURN_IF_ERROR(ToOptimizerConfig(t).Validate());  // the engine's own rules (implied by the above)
 
   const v1::ProbeSpec& p = e.probe();
   const int T = m.context();
@@ -350,25 +552,49 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     return bad("probe.profile_len", "P must be in [1, model.context] = [1, " + std::to_string(T) + "], got " +
                                         std::to_string(p.profile_len()));
   }
-  if (!(p.eps() > 0 && p.eps() < 1)) return bad("probe.eps", "must be in (0, 1)");
-  if (p.t_eps() <= 0) return bad("probe.t_eps", "must be positive");
-
-  for (int i = 0; i < e.arms_size(); ++i) {
-    if (e.arms(i) == v1::ARM_UNSPECIFIED) return bad("arms[" + std::to_string(i) + "]", "unknown arm");
-    for (int j = 0; j < i; ++j) {
-      if (e.arms(j) == e.arms(i)) return bad("arms[" + std::to_string(i) + "]", "repeats arms[" + std::to_string(j) + "]");
-    }
+  if (!(p.eps() > 0 && p.eps() < 1)) return bad("probe.eps", "must be in (0, 1), got " + Num(p.eps()));
+  if (p.t_eps() <= 0) return bad("probe.t_eps", "must be positive, got " + std::to_string(p.t_eps()));
+  // Enum values a client may send by number (binary protobuf keeps unknown ones).
+  if (!v1::Reduce_IsValid(p.reduce()) || p.reduce() == v1::REDUCE_UNSPECIFIED) {
+    return bad("probe.reduce", "unknown value " + std::to_string(p.reduce()) + " (expected one of: " +
+                                   KnownValues(v1::Reduce_descriptor()) + ")");
   }
-  // Runs are named <arm>-s<seed>: a repeated seed would be one run trained twice into one folder.
-  for (int i = 0; i < e.seeds_size(); ++i) {
+  if (!v1::ProbeBatch_IsValid(p.batch()) || p.batch() == v1::PROBE_BATCH_UNSPECIFIED) {
+    return bad("probe.batch", "unknown value " + std::to_string(p.batch()) + " (expected one of: " +
+                                  KnownValues(v1::ProbeBatch_descriptor()) + ")");
+  }
+  if (!v1::DeviceKind_IsValid(e.resources().device()) || e.resources().device() == v1::DEVICE_KIND_UNSPECIFIED) {
+    return bad("resources.device", "unknown value " + std::to_string(e.resources().device()) +
+                                       " (expected one of: " + KnownValues(v1::DeviceKind_descriptor()) + ")");
+  }
+
+  if (e.arms().empty()) return bad("arms", "needs at least one arm");
+  for (int i = 0; i < e.arms_size(); ++i) {
+    if (!v1::Arm_IsValid(e.arms(i)) || e.arms(i) == v1::ARM_UNSPECIFIED) {
+      return bad("arms[" + std::to_string(i) + "]", "unknown arm " + std::to_string(e.arms(i)) +
+                                                        " (expected one of: " +
+                                                        KnownValues(v1::Arm_descriptor()) + ")");
+    }
     for (int j = 0; j < i; ++j) {
-      if (e.seeds(j) == e.seeds(i)) {
-        return bad("seeds[" + std::to_string(i) + "]", "repeats seeds[" + std::to_string(j) + "]");
+      if (e.arms(j) == e.arms(i)) {
+        return bad("arms[" + std::to_string(i) + "]", "repeats arms[" + std::to_string(j) + "]");
       }
     }
   }
-  if (e.max_restarts() < 0) return bad("max_restarts", "must not be negative");
-  if (e.checkpoint().every() < 0) return bad("checkpoint.every", "must not be negative");
+  if (e.seeds().empty()) return bad("seeds", "needs at least one seed");
+  // Runs are named <arm>-s<seed>: a repeated seed would be one run trained twice into one folder.
+  std::map<uint64_t, int> first_seed;  // seed → its first index
+  for (int i = 0; i < e.seeds_size(); ++i) {
+    if (auto [it, fresh] = first_seed.try_emplace(e.seeds(i), i); !fresh) {
+      return bad("seeds[" + std::to_string(i) + "]", "repeats seeds[" + std::to_string(it->second) + "]");
+    }
+  }
+  if (e.max_restarts() < 0) return bad("max_restarts", "must not be negative, got " + std::to_string(e.max_restarts()));
+  if (e.checkpoint().every() < 0) {
+    return bad("checkpoint.every", "must not be negative, got " + std::to_string(e.checkpoint().every()));
+  }
+  // Last, as it reads the data's sizes: the context fits in the data.
+  if (check_paths) RETURN_IF_ERROR(CheckDataHoldsContext(e));
   return OkStatus();
 }
 

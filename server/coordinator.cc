@@ -40,9 +40,10 @@ int64_t Coordinator::NowMs() const {
       .count();
 }
 
-void Coordinator::Renew(Run& run) {
+void Coordinator::Renew(Run& run, double seconds) {
+  if (seconds <= 0) seconds = options_.lease_seconds;
   run.lease_deadline =
-      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(options_.lease_seconds * 1000));
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
 }
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporter* exporter, const Options& options) {
@@ -60,7 +61,9 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporte
     const std::string id = run.record.summary.run_id();
     c->experiment_runs_[run.record.summary.experiment_id()].push_back(id);
     if (run.record.summary.state() == v1::QUEUED) c->queue_.push_back(id);
-    if (run.record.summary.state() == v1::RUNNING) c->Renew(run);  // grace for its worker to reconnect
+    if (run.record.summary.state() == v1::RUNNING) {  // grace for its worker to reconnect
+      c->Renew(run, std::max(options.lease_seconds, options.recovery_grace_seconds));
+    }
     auto count = store->CountProbes(id);
     run.probe_reports = count.ok() ? *count : 0;
     c->runs_[id] = std::move(run);
@@ -245,8 +248,10 @@ StatusOr<v1::ExperimentSummary> Coordinator::Cancel(const std::string& id) {
       return FailedPreconditionError("experiment " + id + " already ended (" +
                                      v1::ExperimentState_Name(it->second.summary.state()) + ")");
     }
+    ExperimentRecord updated = it->second;
+    updated.cancelled = true;
+    if (Status s = store_->UpdateExperiment(updated); !s.ok()) return s;  // nothing changed
     it->second.cancelled = true;
-    if (Status s = store_->UpdateExperiment(it->second); !s.ok()) return s;
     for (const std::string& run_id : experiment_runs_[id]) {
       Run& run = runs_.at(run_id);
       if (!Active(run.record.summary.state())) continue;
@@ -423,6 +428,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         v1::CoordinatorMessage reply;
         reply.mutable_registered()->set_lease_seconds(options_.lease_seconds);
         reply.mutable_registered()->set_heartbeat_seconds(options_.heartbeat_seconds);
+        reply.mutable_registered()->set_acks_progress(true);
         out.push_back({session.writer, reply});
         Log(LogLevel::kInfo, "worker_registered", {{"worker", r.worker_id()}, {"run", r.run_id()}});
         if (!r.run_id().empty()) {
@@ -447,21 +453,57 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         break;
       }
       case v1::WorkerMessage::kProgress: {
+        // Acked once stored, or once refused for good, so the worker can forget it; a
+        // failed write is not acked and the worker writes it again on its next connection.
         const v1::Progress& p = msg.progress();
+        const int64_t step = p.metrics().step();
+        auto ack = [&] {
+          v1::CoordinatorMessage a;
+          a.mutable_ack()->set_run_id(p.run_id());
+          a.mutable_ack()->set_progress_step(step);
+          out.push_back({session.writer, std::move(a)});
+        };
+        auto it = runs_.find(p.run_id());
+        if (it == runs_.end() || step < 1 || step > it->second.record.summary.total_steps()) {
+          Log(LogLevel::kWarning, "progress_refused",
+              {{"run", p.run_id()}, {"step", std::to_string(step)},
+               {"reason", it == runs_.end() ? "no such run" : "step outside [1, train.steps]"}});
+          if (step > 0) ack();
+          break;
+        }
         Run* run = run_of(p.run_id(), p.attempt());
-        if (run == nullptr) break;
+        if (run == nullptr) {
+          // Another attempt's step, e.g. written again after a reconnect once the run had
+          // moved on. Steps are deterministic per (run, step), like probe reports: it fills
+          // the step if it is missing, and changes nothing else.
+          if (Status st = store_->PutStepIfAbsent(p.run_id(), p.metrics()); !st.ok()) {
+            Log(LogLevel::kError, "store_write_failed",
+                {{"what", "step"}, {"run", p.run_id()}, {"error", st.message()}});
+            break;
+          }
+          ack();
+          break;
+        }
         Renew(*run);
         v1::RunSummary& s = run->record.summary;
-        s.set_step(p.metrics().step());
-        s.set_loss(p.metrics().loss());
-        s.set_tokens_per_second(p.metrics().tokens_per_second());
-        if (p.metrics().has_val_loss()) s.set_val_loss(p.metrics().val_loss());
-        run->step_seconds = run->step_seconds == 0 ? p.metrics().step_seconds()
-                                                   : 0.9 * run->step_seconds + 0.1 * p.metrics().step_seconds();
-        if (Status st = store_->PutStep(run->record, p.metrics()); !st.ok()) {
+        // Steps written again after a reconnect may arrive after newer ones: the run's
+        // summary only moves forward.
+        RunRecord updated = run->record;
+        v1::RunSummary& u = updated.summary;
+        if (step >= s.step()) {
+          u.set_step(step);
+          u.set_loss(p.metrics().loss());
+          u.set_tokens_per_second(p.metrics().tokens_per_second());
+          if (p.metrics().has_val_loss()) u.set_val_loss(p.metrics().val_loss());
+        }
+        if (Status st = store_->PutStep(updated, p.metrics()); !st.ok()) {
           Log(LogLevel::kError, "store_write_failed", {{"what", "step"}, {"run", s.run_id()}, {"error", st.message()}});
           break;
         }
+        run->record = std::move(updated);
+        run->step_seconds = run->step_seconds == 0 ? p.metrics().step_seconds()
+                                                   : 0.9 * run->step_seconds + 0.1 * p.metrics().step_seconds();
+        ack();
         exporter_->RecordStep(s, experiments_.at(s.experiment_id()).summary.name(), p.metrics());
         v1::WatchEvent event;
         event.mutable_step()->set_run_id(s.run_id());
@@ -471,15 +513,48 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       }
       case v1::WorkerMessage::kProbe: {
         const v1::ProbeUpload& p = msg.probe();
+        auto ack = [&] {
+          v1::CoordinatorMessage a;
+          a.mutable_ack()->set_run_id(p.run_id());
+          a.mutable_ack()->set_sequence(p.sequence());
+          out.push_back({session.writer, std::move(a)});
+        };
         auto it = runs_.find(p.run_id());
-        if (it == runs_.end()) break;
+        // A report that can never be stored is refused for good (acked, so the worker
+        // forgets it): an unknown run, a step outside the run, or more layers or heads
+        // than the model has.
+        std::string refused;
+        if (it == runs_.end()) {
+          refused = "no such run";
+        } else {
+          const v1::ModelSpec& m = experiments_.at(it->second.record.summary.experiment_id()).summary.spec().model();
+          const v1::ProbeReport& r = p.report();
+          if (r.step() < 1 || r.step() > it->second.record.summary.total_steps() || p.sequence() != r.step()) {
+            refused = "step outside [1, train.steps] or not equal to the sequence number";
+          } else if (r.layers_size() > m.layers()) {
+            refused = "more layers than model.layers";
+          } else {
+            for (const v1::LayerProbe& l : r.layers()) {
+              if (l.alpha_size() > m.heads() || l.theta_size() > m.kv_heads() || l.c_size() > m.kv_heads()) {
+                refused = "more heads than the model has";
+              }
+            }
+          }
+        }
+        if (!refused.empty()) {
+          Log(LogLevel::kWarning, "probe_refused",
+              {{"run", p.run_id()}, {"step", std::to_string(p.report().step())}, {"reason", refused}});
+          if (p.sequence() != 0) ack();
+          break;
+        }
         Run& run = it->second;
         if (run.session == session_id) Renew(run);
         // Reports are deterministic per (run, step): any attempt's copy may be stored,
         // once; the ack follows the write.
         auto stored = store_->PutProbe(p.run_id(), p.report());
         if (!stored.ok()) {
-          Log(LogLevel::kError, "store_write_failed", {{"what", "probe"}, {"run", p.run_id()}, {"error", stored.status().message()}});
+          Log(LogLevel::kError, "store_write_failed",
+              {{"what", "probe"}, {"run", p.run_id()}, {"error", stored.status().message()}});
           break;  // no ack: the worker resends
         }
         exporter_->ProbeIngested(*stored);
@@ -492,25 +567,36 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           *event.mutable_probe()->mutable_report() = p.report();
           PublishLocked(s.experiment_id(), event, true);
         }
-        v1::CoordinatorMessage ack;
-        ack.mutable_ack()->set_run_id(p.run_id());
-        ack.mutable_ack()->set_sequence(p.sequence());
-        out.push_back({session.writer, ack});
+        ack();
         break;
       }
       case v1::WorkerMessage::kFinished: {
+        // Acked once the run's end is stored, or when this attempt no longer holds the run
+        // (it ended already: an outcome written again after a reconnect).
         const v1::RunFinished& f = msg.finished();
-        Run* run = run_of(f.run_id(), f.attempt());
-        if (run == nullptr) break;
-        run->record.summary.set_step(f.step());
-        EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded");
+        if (Run* run = run_of(f.run_id(), f.attempt())) {
+          if (f.step() >= 0 && f.step() <= run->record.summary.total_steps()) run->record.summary.set_step(f.step());
+          EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded");
+        }
+        v1::CoordinatorMessage ack;
+        ack.mutable_ack()->set_run_id(f.run_id());
+        ack.mutable_ack()->set_outcome(true);
+        out.push_back({session.writer, std::move(ack)});
         break;
       }
       case v1::WorkerMessage::kFailed: {
         const v1::RunFailed& f = msg.failed();
-        Run* run = run_of(f.run_id(), f.attempt());
-        if (run == nullptr) break;
-        EndRunLocked(*run, v1::FAILED, f.reason(), f.message(), "failed: " + v1::FailureReason_Name(f.reason()));
+        if (Run* run = run_of(f.run_id(), f.attempt())) {
+          const v1::FailureReason reason =
+              v1::FailureReason_IsValid(f.reason()) && f.reason() != v1::FAILURE_REASON_UNSPECIFIED
+                  ? f.reason()
+                  : v1::INTERNAL_ERROR;
+          EndRunLocked(*run, v1::FAILED, reason, f.message(), "failed: " + v1::FailureReason_Name(reason));
+        }
+        v1::CoordinatorMessage ack;
+        ack.mutable_ack()->set_run_id(f.run_id());
+        ack.mutable_ack()->set_outcome(true);
+        out.push_back({session.writer, std::move(ack)});
         break;
       }
       default:

@@ -44,10 +44,14 @@ class Coordinator {
     double heartbeat_seconds = 1;   // asked of workers
     std::string checkpoint_root = "checkpoints";  // shared by all workers
     bool check_data_paths = true;   // data paths must exist on the coordinator's machine
+    // After a restart, runs that were RUNNING keep their lease this long (at least one
+    // lease period) so their workers, retrying with back-off (at most 5 s by default),
+    // can come back and carry on under the same attempt.
+    double recovery_grace_seconds = 15;
   };
 
   // Loads the store's state: queued runs are queued again, running runs keep their lease
-  // for one more lease period so their workers can reconnect.
+  // for max(lease, recovery grace) so their workers can reconnect.
   static StatusOr<std::unique_ptr<Coordinator>> Create(Store* store, Exporter* exporter, const Options& options);
 
   // --- ExperimentService ---------------------------------------------------------
@@ -100,7 +104,7 @@ class Coordinator {
   void EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
                     const std::string& outcome);
   void PlaceLocked(Outbox& out);
-  void Renew(Run& run);
+  void Renew(Run& run, double seconds = 0);  // 0: the lease period
   int64_t NowMs() const;
 
   Store* store_;

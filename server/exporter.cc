@@ -4,9 +4,12 @@
 
 #include <sstream>
 
+#include "common/credentials.h"
+
 namespace sinkscope {
 
-StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, std::chrono::seconds series_ttl) {
+StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, std::chrono::seconds series_ttl,
+                                                    std::optional<MetricsBasicAuth> basic_auth) {
   std::unique_ptr<Exporter> e(new Exporter());
   e->series_ttl_ = series_ttl;
   e->registry_ = std::make_shared<prometheus::Registry>();
@@ -56,6 +59,17 @@ StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, s
       e->exposer_ = std::make_unique<prometheus::Exposer>(listen);
     } catch (const std::exception& ex) {
       return Status(StatusCode::kUnavailable, "metrics: cannot listen on " + listen + ": " + ex.what());
+    }
+    if (basic_auth) {
+      // Registered before the collectable, so /metrics never serves the registry unguarded.
+      e->exposer_->RegisterAuth(
+          [auth = std::move(*basic_auth)](const std::string& user, const std::string& password) {
+            // Both compared, always: the time does not tell which one was wrong.
+            const bool user_ok = ConstantTimeEquals(user, auth.user);
+            const bool password_ok = ConstantTimeEquals(password, auth.password);
+            return user_ok && password_ok;
+          },
+          "sinkscope");
     }
     e->exposer_->RegisterCollectable(e->registry_);
   }

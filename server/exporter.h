@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,11 +23,19 @@
 
 namespace sinkscope {
 
+// HTTP basic authentication of /metrics: a scrape without these credentials gets 401.
+struct MetricsBasicAuth {
+  std::string user;
+  std::string password;
+};
+
 class Exporter {
  public:
   // Serves /metrics on `listen` ("host:port"); an empty `listen` keeps the registry
-  // without serving it (tests).
-  static StatusOr<std::unique_ptr<Exporter>> Start(const std::string& listen, std::chrono::seconds series_ttl);
+  // without serving it (tests). With `basic_auth`, /metrics answers 401 Unauthorized
+  // unless the request carries those credentials (compared in constant time).
+  static StatusOr<std::unique_ptr<Exporter>> Start(const std::string& listen, std::chrono::seconds series_ttl,
+                                                   std::optional<MetricsBasicAuth> basic_auth = std::nullopt);
 
   // Per-run series.
   void RecordStep(const v1::RunSummary& run, const std::string& experiment_name, const v1::StepMetrics& m);

@@ -1,6 +1,7 @@
 // sinkscope-coordinator: schedules runs onto workers, stores everything in SQLite,
 // serves ExperimentService and WorkerService over gRPC (with the health service and
-// reflection) and /metrics for Prometheus.
+// reflection) and /metrics for Prometheus; optionally over TLS or mutual TLS, with bearer
+// tokens on each service and basic auth on /metrics (docs/security.md).
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -8,8 +9,10 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
+#include "common/credentials.h"
 #include "common/log.h"
 #include "server/coordinator.h"
 #include "server/services.h"
@@ -29,6 +32,19 @@ const char kUsage[] = R"(usage: sinkscope-coordinator [options]
   --no-check-data-paths       do not require data paths to exist on this machine
   --verbose                   log info events, not only warnings and errors
   -h, --help                  this text
+
+security (docs/security.md; secrets are read from files or the environment, never argv):
+  --tls-cert FILE             serve gRPC over TLS with this certificate (chain, PEM)...
+  --tls-key FILE              ...and its private key (PEM)
+  --tls-client-ca FILE        mutual TLS: require client certificates signed by this CA
+  --client-token-file FILE    ExperimentService (the CLI) requires `authorization: Bearer
+                              <token>` with the token in FILE (default: $SINKSCOPE_CLIENT_TOKEN)
+  --worker-token-file FILE    WorkerService (the workers) requires its own, different token
+                              (default: $SINKSCOPE_WORKER_TOKEN)
+  --metrics-basic-auth-file FILE
+                              /metrics requires HTTP basic auth with the "user:password" in FILE
+                              (default: $SINKSCOPE_METRICS_BASIC_AUTH)
+  The gRPC health service and reflection stay open to every caller (probes use them).
 )";
 
 std::atomic<bool> g_stop{false};
@@ -38,6 +54,8 @@ int Main(int argc, char** argv) {
   std::string listen = "0.0.0.0:50051", metrics_listen = "0.0.0.0:9464", db = "sinkscope.db";
   Coordinator::Options options;
   double ttl = 600;
+  ServerTlsFiles tls;
+  std::string client_token_file, worker_token_file, metrics_auth_file;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -59,6 +77,12 @@ int Main(int argc, char** argv) {
     else if (a == "--series-ttl-seconds") ttl = std::atof(value().c_str());
     else if (a == "--no-check-data-paths") options.check_data_paths = false;
     else if (a == "--verbose") MinLogLevel() = LogLevel::kInfo;
+    else if (a == "--tls-cert") tls.cert_file = value();
+    else if (a == "--tls-key") tls.key_file = value();
+    else if (a == "--tls-client-ca") tls.client_ca_file = value();
+    else if (a == "--client-token-file") client_token_file = value();
+    else if (a == "--worker-token-file") worker_token_file = value();
+    else if (a == "--metrics-basic-auth-file") metrics_auth_file = value();
     else {
       std::fprintf(stderr, "sinkscope-coordinator: unknown argument %s\n%s", a.c_str(), kUsage);
       return 2;
@@ -68,13 +92,57 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "sinkscope-coordinator: need 0 < --heartbeat-seconds < --lease-seconds\n");
     return 2;
   }
+  // Credentials first: a mistake in them stops the coordinator before it opens anything.
+  // The messages name files and variables, never their content.
+  auto server_credentials = LoadServerCredentials(tls);
+  auto client_token = ReadSecret(client_token_file, "--client-token-file", "SINKSCOPE_CLIENT_TOKEN");
+  auto worker_token = ReadSecret(worker_token_file, "--worker-token-file", "SINKSCOPE_WORKER_TOKEN");
+  auto metrics_auth = ReadSecret(metrics_auth_file, "--metrics-basic-auth-file", "SINKSCOPE_METRICS_BASIC_AUTH");
+  for (const Status* s : {&server_credentials.status(), &client_token.status(), &worker_token.status(),
+                          &metrics_auth.status()}) {
+    if (!s->ok()) {
+      std::fprintf(stderr, "sinkscope-coordinator: %s\n", s->message().c_str());
+      return 2;
+    }
+  }
+  if (!client_token->empty() && ConstantTimeEquals(*client_token, *worker_token)) {
+    std::fprintf(stderr,
+                 "sinkscope-coordinator: the client token and the worker token are the same; give the workers "
+                 "their own token (--worker-token-file) so a CLI token cannot register a worker\n");
+    return 2;
+  }
+  std::optional<MetricsBasicAuth> basic_auth;
+  if (!metrics_auth->empty()) {
+    const size_t colon = metrics_auth->find(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == metrics_auth->size()) {
+      std::fprintf(stderr,
+                   "sinkscope-coordinator: --metrics-basic-auth-file / $SINKSCOPE_METRICS_BASIC_AUTH must hold "
+                   "one line user:password (both non-empty)\n");
+      return 2;
+    }
+    basic_auth = MetricsBasicAuth{metrics_auth->substr(0, colon), metrics_auth->substr(colon + 1)};
+  }
+  const char* tls_mode = tls.client_ca_file.empty() ? (tls.enabled() ? "tls" : "off") : "mutual";
+  if (!tls.enabled() && (!client_token->empty() || !worker_token->empty())) {
+    Log(LogLevel::kWarning, "security",
+        {{"detail", "bearer tokens are required but gRPC is not served over TLS (--tls-cert/--tls-key): tokens "
+                    "cross the network in cleartext"}});
+  }
+  if (client_token->empty() != worker_token->empty()) {
+    Log(LogLevel::kWarning, "security",
+        {{"detail", client_token->empty()
+                        ? "WorkerService requires a token but ExperimentService does not (--client-token-file)"
+                        : "ExperimentService requires a token but WorkerService does not (--worker-token-file): "
+                          "anyone who reaches the port can register as a worker"}});
+  }
+
   options.checkpoint_root = std::filesystem::absolute(options.checkpoint_root).lexically_normal().string();
   auto store = Store::Open(db);
   if (!store.ok()) {
     std::fprintf(stderr, "sinkscope-coordinator: %s\n", store.status().message().c_str());
     return 1;
   }
-  auto exporter = Exporter::Start(metrics_listen, std::chrono::seconds(static_cast<int64_t>(ttl)));
+  auto exporter = Exporter::Start(metrics_listen, std::chrono::seconds(static_cast<int64_t>(ttl)), basic_auth);
   if (!exporter.ok()) {
     std::fprintf(stderr, "sinkscope-coordinator: %s\n", exporter.status().message().c_str());
     return 1;
@@ -85,13 +153,13 @@ int Main(int argc, char** argv) {
     return 1;
   }
   std::atomic<bool> shutting_down{false};
-  ExperimentServiceImpl experiments(coordinator->get(), &shutting_down);
-  WorkerServiceImpl workers(coordinator->get());
+  ExperimentServiceImpl experiments(coordinator->get(), &shutting_down, *client_token);
+  WorkerServiceImpl workers(coordinator->get(), *worker_token);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *server_credentials, &port);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
@@ -100,7 +168,10 @@ int Main(int argc, char** argv) {
   builder.RegisterService(&workers);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
-    std::fprintf(stderr, "sinkscope-coordinator: cannot listen on %s\n", listen.c_str());
+    std::fprintf(stderr, "sinkscope-coordinator: cannot listen on %s%s\n", listen.c_str(),
+                 tls.enabled() ? " with this TLS certificate and key (does --tls-key belong to --tls-cert? gRPC's "
+                                 "error above says more)"
+                               : "");
     return 1;
   }
   std::signal(SIGINT, OnSignal);
@@ -109,7 +180,13 @@ int Main(int argc, char** argv) {
   std::printf("sinkscope-coordinator listening grpc=%d metrics=%d db=%s\n", port, (*exporter)->port(), db.c_str());
   std::fflush(stdout);
   Log(LogLevel::kInfo, "coordinator_started",
-      {{"grpc_port", std::to_string(port)}, {"metrics_port", std::to_string((*exporter)->port())}, {"db", db}});
+      {{"grpc_port", std::to_string(port)},
+       {"metrics_port", std::to_string((*exporter)->port())},
+       {"db", db},
+       {"tls", tls_mode},
+       {"client_auth", client_token->empty() ? "none" : "token"},
+       {"worker_auth", worker_token->empty() ? "none" : "token"},
+       {"metrics_auth", basic_auth ? "basic" : "none"}});
   while (!g_stop) {
     (*coordinator)->Tick();
     std::this_thread::sleep_for(std::chrono::milliseconds(200));

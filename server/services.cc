@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "common/convert.h"
+#include "common/credentials.h"
 #include "common/log.h"
 
 namespace sinkscope {
@@ -35,8 +36,40 @@ class StreamWriter final : public SessionWriter {
 
 }  // namespace
 
-grpc::Status ExperimentServiceImpl::SubmitExperiment(grpc::ServerContext*, const v1::SubmitExperimentRequest* req,
+grpc::Status TokenCheck::Check(const grpc::ServerContext& context, const char* method) const {
+  if (token_.empty()) return grpc::Status::OK;
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find(kAuthorizationKey);
+  const char* reason = "no authorization metadata";
+  if (it != metadata.end()) {
+    const std::string_view value(it->second.data(), it->second.size());
+    const std::string_view presented = BearerToken(value);
+    if (!presented.empty() && ConstantTimeEquals(presented, token_)) return grpc::Status::OK;
+    reason = presented.empty() ? "authorization metadata is not a bearer token" : "wrong bearer token";
+  }
+  {
+    // At most one line a second: a client retrying in a loop must not flood the log.
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_log_ >= std::chrono::seconds(1)) {
+      Log(LogLevel::kWarning, "auth_rejected",
+          {{"service", service_},
+           {"method", method},
+           {"peer", context.peer()},
+           {"reason", reason},
+           {"unlogged_before", std::to_string(unlogged_)}});
+      last_log_ = now;
+      unlogged_ = 0;
+    } else {
+      ++unlogged_;
+    }
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "missing or invalid bearer token");
+}
+
+grpc::Status ExperimentServiceImpl::SubmitExperiment(grpc::ServerContext* ctx, const v1::SubmitExperimentRequest* req,
                                                      v1::SubmitExperimentResponse* resp) {
+  if (grpc::Status auth = auth_.Check(*ctx, "SubmitExperiment"); !auth.ok()) return auth;
   if (!req->has_experiment()) return Invalid("experiment", "is required");
   auto r = coordinator_->Submit(req->experiment());
   if (!r.ok()) return ToGrpcStatus(r.status());
@@ -44,8 +77,9 @@ grpc::Status ExperimentServiceImpl::SubmitExperiment(grpc::ServerContext*, const
   return grpc::Status::OK;
 }
 
-grpc::Status ExperimentServiceImpl::GetExperiment(grpc::ServerContext*, const v1::GetExperimentRequest* req,
+grpc::Status ExperimentServiceImpl::GetExperiment(grpc::ServerContext* ctx, const v1::GetExperimentRequest* req,
                                                   v1::ExperimentSummary* resp) {
+  if (grpc::Status auth = auth_.Check(*ctx, "GetExperiment"); !auth.ok()) return auth;
   if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
   auto r = coordinator_->GetExperiment(req->experiment_id(), true);
   if (!r.ok()) return ToGrpcStatus(r.status());
@@ -53,15 +87,17 @@ grpc::Status ExperimentServiceImpl::GetExperiment(grpc::ServerContext*, const v1
   return grpc::Status::OK;
 }
 
-grpc::Status ExperimentServiceImpl::ListExperiments(grpc::ServerContext*, const v1::ListExperimentsRequest* req,
+grpc::Status ExperimentServiceImpl::ListExperiments(grpc::ServerContext* ctx, const v1::ListExperimentsRequest* req,
                                                     v1::ListExperimentsResponse* resp) {
+  if (grpc::Status auth = auth_.Check(*ctx, "ListExperiments"); !auth.ok()) return auth;
   if (req->limit() < 0) return Invalid("limit", "must not be negative");
   *resp = coordinator_->ListExperiments(req->limit());
   return grpc::Status::OK;
 }
 
-grpc::Status ExperimentServiceImpl::CancelExperiment(grpc::ServerContext*, const v1::CancelExperimentRequest* req,
+grpc::Status ExperimentServiceImpl::CancelExperiment(grpc::ServerContext* ctx, const v1::CancelExperimentRequest* req,
                                                      v1::ExperimentSummary* resp) {
+  if (grpc::Status auth = auth_.Check(*ctx, "CancelExperiment"); !auth.ok()) return auth;
   if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
   auto r = coordinator_->Cancel(req->experiment_id());
   if (!r.ok()) return ToGrpcStatus(r.status());
@@ -71,6 +107,7 @@ grpc::Status ExperimentServiceImpl::CancelExperiment(grpc::ServerContext*, const
 
 grpc::Status ExperimentServiceImpl::WatchExperiment(grpc::ServerContext* ctx, const v1::WatchExperimentRequest* req,
                                                     grpc::ServerWriter<v1::WatchEvent>* writer) {
+  if (grpc::Status auth = auth_.Check(*ctx, "WatchExperiment"); !auth.ok()) return auth;
   if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
   auto w = coordinator_->Watch(req->experiment_id(), req->include_probes());
   if (!w.ok()) return ToGrpcStatus(w.status());
@@ -101,8 +138,9 @@ grpc::Status ExperimentServiceImpl::WatchExperiment(grpc::ServerContext* ctx, co
   return result;
 }
 
-grpc::Status ExperimentServiceImpl::GetRunMetrics(grpc::ServerContext*, const v1::GetRunMetricsRequest* req,
+grpc::Status ExperimentServiceImpl::GetRunMetrics(grpc::ServerContext* ctx, const v1::GetRunMetricsRequest* req,
                                                   v1::GetRunMetricsResponse* resp) {
+  if (grpc::Status auth = auth_.Check(*ctx, "GetRunMetrics"); !auth.ok()) return auth;
   if (req->run_id().empty()) return Invalid("run_id", "is required");
   auto r = coordinator_->GetRunMetrics(*req);
   if (!r.ok()) return ToGrpcStatus(r.status());
@@ -110,8 +148,9 @@ grpc::Status ExperimentServiceImpl::GetRunMetrics(grpc::ServerContext*, const v1
   return grpc::Status::OK;
 }
 
-grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext*, const v1::CompareArmsRequest* req,
+grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext* ctx, const v1::CompareArmsRequest* req,
                                                 v1::CompareArmsResponse* resp) {
+  if (grpc::Status auth = auth_.Check(*ctx, "CompareArms"); !auth.ok()) return auth;
   if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
   if (req->step() < 0) return Invalid("step", "must not be negative");
   auto r = coordinator_->CompareArms(*req);
@@ -122,6 +161,7 @@ grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext*, const v1::
 
 grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
                                         grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream) {
+  if (grpc::Status auth = auth_.Check(*ctx, "Session"); !auth.ok()) return auth;
   auto writer = std::make_shared<StreamWriter>(stream);
   const int64_t session = coordinator_->OpenSession(writer);
   v1::WorkerMessage msg;

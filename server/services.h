@@ -1,18 +1,49 @@
-// The gRPC face of the coordinator: thin handlers that validate, call the Coordinator,
-// and convert its Status to a gRPC status.
+// The gRPC face of the coordinator: thin handlers that check the caller's bearer token,
+// validate, call the Coordinator, and convert its Status to a gRPC status.
+//
+// Authentication: each service may require its own bearer token (the CLI's on
+// ExperimentService, the workers' on WorkerService), checked at the start of every
+// handler, so it works over TLS and plaintext alike. The health service and reflection
+// are not ours and stay open (probes use them). See docs/security.md.
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <string>
 
 #include "proto/sinkscope/v1/service.grpc.pb.h"
 #include "server/coordinator.h"
 
 namespace sinkscope {
 
+// The bearer-token check of one service: the call must carry the metadata
+// `authorization: Bearer <token>` with exactly `token` (compared in constant time). An
+// empty token lets every call through. A rejected call gets UNAUTHENTICATED "missing or
+// invalid bearer token" and a warning in the log (the peer, the method and whether a
+// token was missing or wrong; never the token), at most one a second, with the count
+// of those left out.
+class TokenCheck {
+ public:
+  TokenCheck(std::string service, std::string token) : service_(std::move(service)), token_(std::move(token)) {}
+  grpc::Status Check(const grpc::ServerContext& context, const char* method) const;
+  bool enabled() const { return !token_.empty(); }
+
+ private:
+  const std::string service_;
+  const std::string token_;
+  mutable std::mutex mu_;
+  mutable std::chrono::steady_clock::time_point last_log_{};  // guarded by mu_
+  mutable int64_t unlogged_ = 0;                               // guarded by mu_
+};
+
 class ExperimentServiceImpl final : public v1::ExperimentService::Service {
  public:
-  explicit ExperimentServiceImpl(Coordinator* coordinator, const std::atomic<bool>* shutting_down)
-      : coordinator_(coordinator), shutting_down_(shutting_down) {}
+  // `client_token`: the bearer token every call must carry; empty: none required.
+  explicit ExperimentServiceImpl(Coordinator* coordinator, const std::atomic<bool>* shutting_down,
+                                 std::string client_token = {})
+      : coordinator_(coordinator), shutting_down_(shutting_down), auth_("ExperimentService", std::move(client_token)) {}
 
   grpc::Status SubmitExperiment(grpc::ServerContext*, const v1::SubmitExperimentRequest*,
                                 v1::SubmitExperimentResponse*) override;
@@ -30,16 +61,20 @@ class ExperimentServiceImpl final : public v1::ExperimentService::Service {
  private:
   Coordinator* coordinator_;
   const std::atomic<bool>* shutting_down_;
+  const TokenCheck auth_;
 };
 
 class WorkerServiceImpl final : public v1::WorkerService::Service {
  public:
-  explicit WorkerServiceImpl(Coordinator* coordinator) : coordinator_(coordinator) {}
+  // `worker_token`: the bearer token a Session must carry; empty: none required.
+  explicit WorkerServiceImpl(Coordinator* coordinator, std::string worker_token = {})
+      : coordinator_(coordinator), auth_("WorkerService", std::move(worker_token)) {}
   grpc::Status Session(grpc::ServerContext*,
                        grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream) override;
 
  private:
   Coordinator* coordinator_;
+  const TokenCheck auth_;
 };
 
 }  // namespace sinkscope

@@ -85,59 +85,95 @@ class Stmt {
 }  // namespace
 
 Status Store::Error(const char* what) const {
-  return InternalError(std::string("store: ") + what + ": " + sqlite3_errmsg(db_) + " (" +
-                       sqlite3_errstr(sqlite3_extended_errcode(db_)) + ")");
+  const int code = sqlite3_extended_errcode(db_);
+  StatusCode status_code = StatusCode::kInternal;
+  switch (code & 0xff) {
+    case SQLITE_FULL:      // disk full, or PRAGMA max_page_count reached
+    case SQLITE_READONLY:  // read-only file, folder or file system
+    case SQLITE_IOERR:
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+    case SQLITE_CANTOPEN:
+    case SQLITE_PERM:
+      status_code = StatusCode::kUnavailable;
+      break;
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+      status_code = StatusCode::kDataLoss;
+      break;
+    default:
+      break;
+  }
+  const std::string message = sqlite3_errmsg(db_);
+  const std::string generic = sqlite3_errstr(code);
+  return Status(status_code, "store " + path_ + ": " + what + ": " + message +
+                                 (generic != message ? " (" + generic + ")" : ""));
+}
+
+template <typename Body>
+Status Store::Transaction(const char* what, Body body) {
+  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE", what));
+  Status s = body();
+  if (s.ok()) s = Exec("COMMIT", what);
+  // SQLite rolls some failures (SQLITE_FULL, SQLITE_IOERR, ...) back by itself; roll back
+  // whatever is left, so a failed write leaves nothing behind.
+  if (!s.ok() && !sqlite3_get_autocommit(db_)) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+  return s;
 }
 
 StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   sqlite3* db = nullptr;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+  if (sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX | SQLITE_OPEN_URI,
                       nullptr) != SQLITE_OK) {
     std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
     return Status(StatusCode::kUnavailable, "store " + path + ": cannot open: " + msg);
   }
-  std::unique_ptr<Store> store(new Store(db));
+  std::unique_ptr<Store> store(new Store(db, path));
   sqlite3_busy_timeout(db, 5000);
-  RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"));
-  if (Status s = store->Migrate(); !s.ok()) return Status(s.code(), "store " + path + ": " + s.message());
+  // SQLite opens a file it may not write read-only, and would fail only at the first
+  // write; the coordinator must write, so say so now.
+  if (sqlite3_db_readonly(db, "main") == 1) {
+    return Status(StatusCode::kUnavailable, "store " + path +
+                                                ": cannot open for writing: attempt to write a readonly database "
+                                                "(the file, its folder or its file system is read-only)");
+  }
+  RETURN_IF_ERROR(store->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;", "open"));
+  RETURN_IF_ERROR(store->Migrate());
   return store;
 }
 
 Store::~Store() { sqlite3_close(db_); }
 
-Status Store::Exec(const std::string& sql) {
-  char* err = nullptr;
-  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, &err) != SQLITE_OK) {
-    std::string msg = err ? err : "unknown error";
-    sqlite3_free(err);
-    return InternalError("store: " + msg);
-  }
+Status Store::Exec(const std::string& sql, const char* what) {
+  if (sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, nullptr) != SQLITE_OK) return Error(what);
   return OkStatus();
 }
 
+Status Store::ExecForTesting(const std::string& sql) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return Exec(sql, "exec");
+}
+
 Status Store::Migrate() {
-  RETURN_IF_ERROR(Exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);"));
+  RETURN_IF_ERROR(Exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);", "schema version"));
   {
     Stmt q(db_, "SELECT version FROM schema_version");
     schema_version_ = q.Step() == SQLITE_ROW ? static_cast<int>(q.ColumnInt(0)) : 0;
   }
   if (schema_version_ > kSchemaVersion) {
-    return FailedPreconditionError("schema version " + std::to_string(schema_version_) +
+    return FailedPreconditionError("store " + path_ + ": schema version " + std::to_string(schema_version_) +
                                    " is newer than this coordinator's " + std::to_string(kSchemaVersion));
   }
   while (schema_version_ < kSchemaVersion) {
-    RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-    Status s = Exec(kMigrations[schema_version_]);
-    if (s.ok()) {
-      s = Exec("DELETE FROM schema_version; INSERT INTO schema_version VALUES (" +
-               std::to_string(schema_version_ + 1) + ");");
-    }
-    if (!s.ok()) {
-      Exec("ROLLBACK").ok();
-      return Status(s.code(), "migration to schema version " + std::to_string(schema_version_ + 1) + ": " + s.message());
-    }
-    RETURN_IF_ERROR(Exec("COMMIT"));
+    const std::string what = "migration to schema version " + std::to_string(schema_version_ + 1);
+    RETURN_IF_ERROR(Transaction(what.c_str(), [&]() -> Status {
+      RETURN_IF_ERROR(Exec(kMigrations[schema_version_], what.c_str()));
+      return Exec("DELETE FROM schema_version; INSERT INTO schema_version VALUES (" +
+                      std::to_string(schema_version_ + 1) + ");",
+                  what.c_str());
+    }));
     ++schema_version_;
   }
   return OkStatus();
@@ -145,28 +181,28 @@ Status Store::Migrate() {
 
 Status Store::InsertExperiment(const ExperimentRecord& e, const std::vector<RunRecord>& runs) {
   std::lock_guard<std::mutex> lock(mu_);
-  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-  auto fail = [&](const char* what) {
-    Status s = Error(what);
-    Exec("ROLLBACK").ok();
-    return s;
-  };
   const std::string& id = e.summary.experiment_id();
-  const int64_t number = std::stoll(id.substr(id.rfind('-') + 1));
-  {
-    Stmt q(db_, "INSERT INTO experiments (id, name, number, created_ms, cancelled, summary) VALUES (?,?,?,?,?,?)");
-    q.Text(1, id).Text(2, e.summary.name()).Int(3, number).Int(4, e.summary.created_unix_ms()).Int(5, e.cancelled);
-    q.Blob(6, e.summary.SerializeAsString());
-    if (q.Step() != SQLITE_DONE) return fail("insert experiment");
+  const size_t dash = id.rfind('-');
+  const std::string digits = dash == std::string::npos ? "" : id.substr(dash + 1);
+  if (digits.empty() || digits.size() > 18 || digits.find_first_not_of("0123456789") != std::string::npos) {
+    return InvalidArgumentError("store " + path_ + ": experiment id \"" + id + "\" does not end in -<number>");
   }
-  for (const RunRecord& r : runs) {
-    Stmt q(db_, "INSERT INTO runs (id, experiment_id, state, restarts, finished_ms, summary) VALUES (?,?,?,?,?,?)");
-    q.Text(1, r.summary.run_id()).Text(2, id).Int(3, r.summary.state()).Int(4, r.restarts).Int(5, r.finished_unix_ms);
-    q.Blob(6, r.summary.SerializeAsString());
-    if (q.Step() != SQLITE_DONE) return fail("insert run");
-  }
-  if (Exec("COMMIT").ok()) return OkStatus();
-  return fail("commit experiment");
+  const int64_t number = std::stoll(digits);
+  return Transaction("insert experiment", [&]() -> Status {
+    {
+      Stmt q(db_, "INSERT INTO experiments (id, name, number, created_ms, cancelled, summary) VALUES (?,?,?,?,?,?)");
+      q.Text(1, id).Text(2, e.summary.name()).Int(3, number).Int(4, e.summary.created_unix_ms()).Int(5, e.cancelled);
+      q.Blob(6, e.summary.SerializeAsString());
+      if (q.Step() != SQLITE_DONE) return Error("insert experiment");
+    }
+    for (const RunRecord& r : runs) {
+      Stmt q(db_, "INSERT INTO runs (id, experiment_id, state, restarts, finished_ms, summary) VALUES (?,?,?,?,?,?)");
+      q.Text(1, r.summary.run_id()).Text(2, id).Int(3, r.summary.state()).Int(4, r.restarts).Int(5, r.finished_unix_ms);
+      q.Blob(6, r.summary.SerializeAsString());
+      if (q.Step() != SQLITE_DONE) return Error("insert run");
+    }
+    return OkStatus();
+  });
 }
 
 Status Store::UpdateExperiment(const ExperimentRecord& e) {
@@ -184,7 +220,9 @@ StatusOr<std::vector<ExperimentRecord>> Store::LoadExperiments() {
   int rc;
   while ((rc = q.Step()) == SQLITE_ROW) {
     ExperimentRecord e;
-    if (!e.summary.ParseFromString(q.ColumnBlob(0))) return DataLossError("store: an experiment row does not parse");
+    if (!e.summary.ParseFromString(q.ColumnBlob(0))) {
+      return DataLossError("store " + path_ + ": an experiment row does not parse");
+    }
     e.cancelled = q.ColumnInt(1) != 0;
     out.push_back(std::move(e));
   }
@@ -216,7 +254,9 @@ StatusOr<std::vector<RunRecord>> Store::LoadRuns() {
   int rc;
   while ((rc = q.Step()) == SQLITE_ROW) {
     RunRecord r;
-    if (!r.summary.ParseFromString(q.ColumnBlob(0))) return DataLossError("store: a run row does not parse");
+    if (!r.summary.ParseFromString(q.ColumnBlob(0))) {
+      return DataLossError("store " + path_ + ": a run row does not parse");
+    }
     r.restarts = static_cast<int32_t>(q.ColumnInt(1));
     r.finished_unix_ms = q.ColumnInt(2);
     out.push_back(std::move(r));
@@ -246,24 +286,25 @@ Status Store::EndAttempt(const std::string& run_id, int attempt, int64_t end_ste
 
 Status Store::PutStep(const RunRecord& r, const v1::StepMetrics& m) {
   std::lock_guard<std::mutex> lock(mu_);
-  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-  auto fail = [&](const char* what) {
-    Status s = Error(what);
-    Exec("ROLLBACK").ok();
-    return s;
-  };
-  {
-    Stmt q(db_, "INSERT OR REPLACE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
-    q.Text(1, r.summary.run_id()).Int(2, m.step()).Blob(3, m.SerializeAsString());
-    if (q.Step() != SQLITE_DONE) return fail("put step");
-  }
-  {
+  return Transaction("put step", [&]() -> Status {
+    {
+      Stmt q(db_, "INSERT OR REPLACE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
+      q.Text(1, r.summary.run_id()).Int(2, m.step()).Blob(3, m.SerializeAsString());
+      if (q.Step() != SQLITE_DONE) return Error("put step");
+    }
     Stmt q(db_, "UPDATE runs SET state = ?, summary = ? WHERE id = ?");
     q.Int(1, r.summary.state()).Blob(2, r.summary.SerializeAsString()).Text(3, r.summary.run_id());
-    if (q.Step() != SQLITE_DONE) return fail("update run");
-  }
-  if (Exec("COMMIT").ok()) return OkStatus();
-  return fail("commit step");
+    if (q.Step() != SQLITE_DONE) return Error("put step: update run");
+    return OkStatus();
+  });
+}
+
+Status Store::PutStepIfAbsent(const std::string& run_id, const v1::StepMetrics& m) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "INSERT OR IGNORE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
+  q.Text(1, run_id).Int(2, m.step()).Blob(3, m.SerializeAsString());
+  if (q.Step() != SQLITE_DONE) return Error("put step");
+  return OkStatus();
 }
 
 StatusOr<bool> Store::PutProbe(const std::string& run_id, const v1::ProbeReport& report) {
@@ -282,7 +323,9 @@ StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, i
   int rc;
   while ((rc = q.Step()) == SQLITE_ROW) {
     out.emplace_back();
-    if (!out.back().ParseFromString(q.ColumnBlob(0))) return DataLossError("store: a step row does not parse");
+    if (!out.back().ParseFromString(q.ColumnBlob(0))) {
+      return DataLossError("store " + path_ + ": a step row does not parse");
+    }
   }
   if (rc != SQLITE_DONE) return Error("read steps");
   return out;
@@ -296,7 +339,9 @@ StatusOr<std::vector<v1::ProbeReport>> Store::Probes(const std::string& run_id, 
   int rc;
   while ((rc = q.Step()) == SQLITE_ROW) {
     out.emplace_back();
-    if (!out.back().ParseFromString(q.ColumnBlob(0))) return DataLossError("store: a probe row does not parse");
+    if (!out.back().ParseFromString(q.ColumnBlob(0))) {
+      return DataLossError("store " + path_ + ": a probe row does not parse");
+    }
   }
   if (rc != SQLITE_DONE) return Error("read probes");
   return out;
@@ -315,7 +360,7 @@ Status Store::IntegrityCheck() {
   Stmt q(db_, "PRAGMA integrity_check");
   if (q.Step() != SQLITE_ROW) return Error("integrity check");
   const std::string result = q.ColumnBlob(0);
-  if (result != "ok") return DataLossError("store: integrity check: " + result);
+  if (result != "ok") return DataLossError("store " + path_ + ": integrity check: " + result);
   return OkStatus();
 }
 

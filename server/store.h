@@ -29,7 +29,14 @@ struct RunRecord {
 
 class Store {
  public:
-  // Opens (creating or migrating) the database at `path`.
+  // Opens (creating or migrating) the database at `path` (a file name, or a "file:" URI).
+  // A database that cannot be written (a read-only file or folder) is refused here, with
+  // the reason, rather than at the first write.
+  //
+  // Errors name the store and SQLite's reason, e.g. "store /srv/s.db: put step: database
+  // or disk is full"; a failed write changes nothing (each write is one transaction,
+  // rolled back on failure). UNAVAILABLE when the database cannot take writes now (disk
+  // full, read-only, I/O error, locked), DATA_LOSS when it is corrupt, INTERNAL otherwise.
   static StatusOr<std::unique_ptr<Store>> Open(const std::string& path);
   ~Store();
   Store(const Store&) = delete;
@@ -62,6 +69,9 @@ class Store {
   // Stores a step's metrics together with the run's updated row (one transaction);
   // a step stored again replaces the earlier row (a resumed run repeats steps).
   Status PutStep(const RunRecord& run, const v1::StepMetrics& metrics);
+  // Stores a step's metrics unless the run has that step already; the run's row is left
+  // as it is (a step reported by an attempt that no longer holds the run).
+  Status PutStepIfAbsent(const std::string& run_id, const v1::StepMetrics& metrics);
   // Stores a probe report unless one for (run, step) exists; returns whether it was new.
   StatusOr<bool> PutProbe(const std::string& run_id, const v1::ProbeReport& report);
   StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step);
@@ -71,14 +81,25 @@ class Store {
   // PRAGMA integrity_check; OK when the database is sound.
   Status IntegrityCheck();
 
+  // Runs SQL on the store's own connection, for tests that simulate failures
+  // (PRAGMA max_page_count: a full disk; PRAGMA query_only: a read-only database).
+  Status ExecForTesting(const std::string& sql);
+  const std::string& path() const { return path_; }
+
  private:
-  explicit Store(sqlite3* db) : db_(db) {}
-  Status Exec(const std::string& sql);
+  Store(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
+  Status Exec(const std::string& sql, const char* what);
   Status Migrate();
+  // The connection's last error, naming the store and `what` was being done.
   Status Error(const char* what) const;
+  // Runs `body` (which returns the first failed step's Status) in one IMMEDIATE
+  // transaction: committed when it succeeds, rolled back otherwise.
+  template <typename Body>
+  Status Transaction(const char* what, Body body);
 
   std::mutex mu_;  // serialises use of db_
   sqlite3* db_;
+  const std::string path_;
   int schema_version_ = 0;
 };
 

@@ -10,6 +10,7 @@
 #include <google/protobuf/util/message_differencer.h>
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -483,6 +484,189 @@ TEST(ExperimentRules, DataPathsWhenChecked) {
   EXPECT_TRUE(ValidateExperiment(*shards, /*check_paths=*/false).ok());
   EXPECT_THAT(ValidateExperiment(*shards, /*check_paths=*/true).message(),
               AllOf(StartsWith("data.shards.train: "), HasSubstr("/nonexistent/shard_*.bin")));
+}
+
+// Every rate and size: positive (or not negative) and finite, named with the rule and
+// the value given.
+TEST(ExperimentRules, RatesAndSizes) {
+  struct Case {
+    const char* extra;
+    const char* message;
+  };
+  for (const Case& c : {
+           Case{"train: {lr: 0}\n", "train.lr: must be positive and finite, got 0"},
+           Case{"train: {lr: .inf}\n", "train.lr: must be positive and finite, got inf"},
+           Case{"train: {lr: .nan}\n", "train.lr: must be positive and finite, got nan"},
+           Case{"train: {lr: 1.0e-3, min_lr: 2.0e-3}\n",
+                "train.min_lr: must be in [0, train.lr] = [0, 0.001], got 0.002"},
+           Case{"train: {min_lr: -1.0e-3}\n", "train.min_lr: must be in [0, train.lr] = [0, 0.003], got -0.001"},
+           Case{"train: {grad_clip: -1}\n", "train.grad_clip: must be finite and not negative, got -1"},
+           Case{"train: {grad_clip: .inf}\n", "train.grad_clip: must be finite and not negative, got inf"},
+           Case{"train: {weight_decay: -0.1}\n", "train.weight_decay: must be finite and not negative, got -0.1"},
+           Case{"train: {eps: 0}\n", "train.eps: must be positive and finite, got 0"},
+           Case{"train: {beta1: 1.0}\n", "train.beta1: must be in [0, 1), got 1"},
+           Case{"train: {beta2: -0.5}\n", "train.beta2: must be in [0, 1), got -0.5"},
+           Case{"train: {warmup_steps: -1}\n", "train.warmup_steps: must not be negative"},
+           Case{"train: {eval_every: -1}\n", "train.eval_every: must not be negative"},
+           Case{"train: {eval_batches: 0}\n", "train.eval_batches: must be positive, got 0"},
+           Case{"train: {grad_accum: -2}\n", "train.grad_accum: must be positive, got -2"},
+           Case{"train: {steps: 0, warmup_steps: 0}\n", "train.steps: must be positive, got 0"},
+           Case{"resources: {devices_per_run: 0}\n", "resources.devices_per_run: must be positive, got 0"},
+           Case{"max_restarts: -1\n", "max_restarts: must not be negative, got -1"},
+           Case{"checkpoint: {every: -5}\n", "checkpoint.every: must not be negative, got -5"},
+           Case{"probe: {every: -1}\n", "probe.every: must not be negative"},
+           Case{"probe: {t_eps: 0}\n", "probe.t_eps: must be positive, got 0"},
+           Case{"probe: {eps: 0}\n", "probe.eps: must be in (0, 1), got 0"},
+           Case{"model: {rope_theta: .inf}\n", "model.rope_theta: must be positive and finite, got inf"},
+           Case{"model: {init_std: -0.02}\n", "model.init_std: must be positive and finite, got -0.02"},
+           Case{"model: {d_model: -8, head_dim: 2, ffn: 8}\n", "model.d_model: must be positive, got -8"},
+           Case{"model: {context: 0}\n", "model.context: must be positive, got 0"},
+       }) {
+    EXPECT_EQ(ValidateWith(c.extra).message(), c.message) << c.extra;
+  }
+  // Zero is allowed where it means "off".
+  EXPECT_TRUE(ValidateWith("train: {grad_clip: 0, weight_decay: 0, eval_every: 0, min_lr: 0}\n"
+                           "probe: {every: 0}\ncheckpoint: {every: 0}\nmax_restarts: 0\n")
+                  .ok());
+  // A huge learning rate is valid: it fails the run as NUMERICAL, not the submission.
+  EXPECT_TRUE(ValidateWith("train: {lr: 1.0e30}\n").ok());
+}
+
+TEST(ExperimentRules, NameLength) {
+  EXPECT_TRUE(ValidateWith("").ok());
+  auto e = ParseExperimentText(kMinimal, "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  e->set_name(std::string(101, 'n'));
+  EXPECT_EQ(ValidateExperiment(*e, false).message(), "name: must be at most 100 characters, got 101");
+}
+
+// Binary protobuf keeps enum numbers it does not know: a client may send any.
+TEST(ExperimentRules, UnknownEnumNumbers) {
+  auto e = ParseExperimentText(kMinimal, "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  v1::Experiment x = *e;
+  x.set_arms(1, static_cast<v1::Arm>(7));
+  EXPECT_EQ(ValidateExperiment(x, false).message(),
+            "arms[1]: unknown arm 7 (expected one of: baseline, vscale, vscale_backward_only)");
+  x = *e;
+  x.set_arms(0, v1::ARM_UNSPECIFIED);
+  EXPECT_THAT(ValidateExperiment(x, false).message(), StartsWith("arms[0]: unknown arm 0"));
+  x = *e;
+  x.mutable_resources()->set_device(static_cast<v1::DeviceKind>(9));
+  EXPECT_EQ(ValidateExperiment(x, false).message(), "resources.device: unknown value 9 (expected one of: cpu, cuda)");
+  x = *e;
+  x.mutable_probe()->set_reduce(static_cast<v1::Reduce>(-3));
+  EXPECT_THAT(ValidateExperiment(x, false).message(), StartsWith("probe.reduce: unknown value -3 (expected one of: "));
+  x = *e;
+  x.mutable_probe()->set_batch(static_cast<v1::ProbeBatch>(12));
+  EXPECT_THAT(ValidateExperiment(x, false).message(), StartsWith("probe.batch: unknown value 12"));
+  x = *e;
+  x.mutable_data()->mutable_text()->add_paths("");
+  EXPECT_EQ(ValidateExperiment(x, false).message(), "data.text.paths[1]: is empty");
+}
+
+// proto3 strings must be UTF-8, or the experiment can be neither sent nor stored.
+TEST(ExperimentRules, StringsMustBeUtf8) {
+  EXPECT_EQ(ParseError("name: t\ndata:\n  shards: {train: \"/data/\xa7.bin\"}\n").message(),
+            "bad.yaml:3: data.shards.train: is not valid UTF-8");
+  EXPECT_EQ(ParseError("name: t\ndata:\n  text: {paths: [ok, \"\xc0\xaf\"]}\n").message(),
+            "bad.yaml:3: data.text.paths[1]: is not valid UTF-8");  // an overlong '/'
+  EXPECT_TRUE(ParseError("name: t\ndata:\n  text: {paths: [\"caf\xc3\xa9/\xf0\x9f\x98\x80\"]}\n").ok());
+  auto e = ParseExperimentText(kMinimal, "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  e->mutable_data()->mutable_text()->set_separator("\xed\xa0\x80");  // a surrogate
+  EXPECT_EQ(ValidateExperiment(*e, false).message(), "data.text.separator: is not valid UTF-8");
+}
+
+// Defaults computed from absurd values neither overflow nor trap; validation names them.
+TEST(ExperimentRules, ExtremeValuesDoNotOverflowDefaults) {
+  auto e = ParseExperimentText(std::string(kMinimal) + "model: {d_model: 2147483647, context: -2147483648}\n",
+                               "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  EXPECT_EQ(e->model().ffn(), INT32_MAX);
+  EXPECT_EQ(e->probe().ref_span(), INT32_MIN);  // context - 1, clamped
+  EXPECT_EQ(ValidateExperiment(*e, false).message(), "model.context: must be positive, got -2147483648");
+  auto neg = ParseExperimentText(std::string(kMinimal) + "model: {d_model: -2147483648, heads: -1}\n", "t.yaml");
+  ASSERT_TRUE(neg.ok());
+  ApplyDefaults(*neg);  // no INT_MIN / -1
+  EXPECT_EQ(ValidateExperiment(*neg, false).message(), "model.d_model: must be positive, got -2147483648");
+}
+
+class ContextAgainstData : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("sinkscope-exp-" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  // kMinimal with its text path replaced and `extra` appended, defaulted.
+  v1::Experiment Text(const std::string& path, const std::string& extra) {
+    auto e = ParseExperimentText("name: t\ndata:\n  text:\n    paths: [" + path + "]\n" + extra, "t.yaml");
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    ApplyDefaults(*e);
+    return *e;
+  }
+  v1::Experiment Shards(const std::string& train, const std::string& val, const std::string& extra) {
+    auto e = ParseExperimentText("name: t\ndata:\n  shards:\n    train: " + train + "\n" +
+                                     (val.empty() ? "" : "    val: " + val + "\n") + extra,
+                                 "t.yaml");
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    ApplyDefaults(*e);
+    return *e;
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(ContextAgainstData, TextMustHoldOneWindow) {
+  const std::string file = (dir_ / "small.txt").string();
+  std::ofstream(file) << "twenty bytes of text";  // 20 bytes: at most 21 tokens
+  const v1::Experiment e = Text(file, "model: {context: 32}\nprobe: {ref_span: 15, profile_len: 16}\n");
+  EXPECT_TRUE(ValidateExperiment(e, /*check_paths=*/false).ok());  // the worker would report DATA_ERROR
+  EXPECT_EQ(ValidateExperiment(e, /*check_paths=*/true).message(),
+            "model.context: 32 needs windows of model.context + 1 = 33 tokens, but data.text.paths hold at most 21 "
+            "byte-level tokens");
+  EXPECT_TRUE(ValidateExperiment(Text(file, "model: {context: 16}\nprobe: {ref_span: 15, profile_len: 16}\n"), true)
+                  .ok());
+  // In a folder, excluded files do not count.
+  std::ofstream((dir_ / "big.dat").string()) << std::string(1000, 'x');
+  EXPECT_THAT(ValidateExperiment(Text(dir_.string(), "model: {context: 32}\nprobe: {ref_span: 15}\n"), true).message(),
+              HasSubstr("hold at most 21 byte-level tokens"));
+  std::ofstream((dir_ / "more.txt").string()) << std::string(100, 'y');
+  EXPECT_TRUE(ValidateExperiment(Text(dir_.string(), "model: {context: 32}\nprobe: {ref_span: 15}\n"), true).ok());
+}
+
+TEST_F(ContextAgainstData, ShardsMustHoldOneWindowInEachSplit) {
+  std::vector<int32_t> tokens(100, 7);
+  ASSERT_TRUE(WriteShard((dir_ / "train_000.bin").string(), tokens).ok());
+  ASSERT_TRUE(WriteShard((dir_ / "train_001.bin").string(), tokens).ok());
+  ASSERT_TRUE(WriteShard((dir_ / "val_000.bin").string(), std::vector<int32_t>(20, 3)).ok());
+  const std::string train = (dir_ / "train_*.bin").string(), val = (dir_ / "val_*.bin").string();
+  const std::string model = "model: {context: 32}\nprobe: {ref_span: 15, profile_len: 16}\n";
+  // 200 tokens, 5% (10) held out for validation: too few for one window of 33.
+  EXPECT_EQ(ValidateExperiment(Shards(train, "", model), true).message(),
+            "model.context: 32 needs windows of model.context + 1 = 33 tokens, but the validation split "
+            "(data.val_fraction 0.05 of data.shards.train) holds 10");
+  EXPECT_TRUE(ValidateExperiment(Shards(train, "", model), /*check_paths=*/false).ok());
+  auto no_val = Shards(train, "", model);
+  no_val.mutable_data()->set_val_fraction(0);
+  EXPECT_TRUE(ValidateExperiment(no_val, true).ok());
+  no_val.mutable_model()->set_context(256);
+  EXPECT_EQ(ValidateExperiment(no_val, true).message(),
+            "model.context: 256 needs windows of model.context + 1 = 257 tokens, but the training split of "
+            "data.shards.train (" + train + ") holds 200");
+  EXPECT_EQ(ValidateExperiment(Shards(train, val, model), true).message(),
+            "model.context: 32 needs windows of model.context + 1 = 33 tokens, but data.shards.val (" + val +
+                ") holds 20");
+  // Not a shard at all.
+  std::ofstream((dir_ / "train_002.bin").string()) << std::string(2000, 'z');
+  EXPECT_THAT(ValidateExperiment(Shards(train, val, model), true).message(),
+              AllOf(StartsWith("data.shards.train: "), HasSubstr("train_002.bin: not an llm.c shard")));
 }
 
 }  // namespace

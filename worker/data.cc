@@ -426,11 +426,11 @@ StatusOr<DataSplits> LoadData(const DataSpec& spec) {
     const size_t need = static_cast<size_t>(spec.seq_len) + 1;
     if (splits.train.size() < need) {
       return InvalidArgumentError(train_what + ": the training split has " + std::to_string(splits.train.size()) +
-                                  " tokens, fewer than one window of seq_len+1 = " + std::to_string(need));
+                                  " tokens, fewer than one window of model.context + 1 = " + std::to_string(need));
     }
     if (splits.val.size() > 0 && splits.val.size() < need) {
       return InvalidArgumentError(val_what + ": the validation split has " + std::to_string(splits.val.size()) +
-                                  " tokens, fewer than one window of seq_len+1 = " + std::to_string(need));
+                                  " tokens, fewer than one window of model.context + 1 = " + std::to_string(need));
     }
   }
   splits.max_token = std::max(MaxToken(splits.train.tokens()), MaxToken(splits.val.tokens()));

@@ -185,6 +185,8 @@ Status Worker::Run() {
   Log(LogLevel::kInfo, "worker_start",
       {{"worker_id", options_.worker_id},
        {"coordinator", options_.coordinator},
+       {"tls", options_.credentials.mutual ? "mutual" : options_.credentials.tls ? "tls" : "off"},
+       {"token", options_.bearer_token.empty() ? "none" : "set"},
        {"device", "cpu"},
        {"peak_gflops", Fmt(peak_flops_ / 1e9, "%.1f")},
        {"memory_bytes", Str(memory_bytes_)}});
@@ -241,10 +243,14 @@ bool Worker::ServeConnection(int64_t failures) {
   // each attempt a real connection attempt, not a wait on gRPC's shared back-off.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
-  auto channel = grpc::CreateCustomChannel(options_.coordinator, grpc::InsecureChannelCredentials(), args);
+  options_.credentials.Apply(&args);
+  auto channel = grpc::CreateCustomChannel(options_.coordinator, options_.credentials.channel, args);
   auto stub = v1::WorkerService::NewStub(channel);
 
   grpc::ClientContext context;
+  if (!options_.bearer_token.empty()) {
+    context.AddMetadata(kAuthorizationKey, std::string(kBearerScheme) + options_.bearer_token);
+  }
   int64_t generation;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -273,6 +279,7 @@ bool Worker::ServeConnection(int64_t failures) {
   }
   if (!reg_ok) {
     const grpc::Status st = stream->Finish();
+    if (LogCredentialFailure(st, failures + 1)) return false;
     Log(failures == 0 ? LogLevel::kWarning : LogLevel::kInfo, "connect_failed",
         {{"coordinator", options_.coordinator},
          {"code", Str(st.error_code())},
@@ -364,12 +371,19 @@ bool Worker::ServeConnection(int64_t failures) {
     std::unique_lock<std::mutex> wait_lock(mu_);
     cv_.wait_for(wait_lock, std::chrono::milliseconds(500), [&] { return broken_; });
   }
-  context.TryCancel();
+  // A stream the coordinator ended carries its status (UNAUTHENTICATED for a rejected
+  // token); cancelling it first would turn that into CANCELLED.
+  bool read_ended;
+  {
+    std::lock_guard<std::mutex> ended_lock(mu_);
+    read_ended = read_ended_ >= generation;
+  }
+  if (!read_ended) context.TryCancel();
   reader.join();
   const grpc::Status st = stream->Finish();
   if (leaving) {
     Log(LogLevel::kInfo, "disconnected", {{"reason", "shutdown"}});
-  } else {
+  } else if (got_registered || !LogCredentialFailure(st, failures + 1)) {  // credentials fail before Registered
     Log(LogLevel::kWarning, "disconnected",
         {{"coordinator", options_.coordinator},
          {"code", Str(st.error_code())},
@@ -377,6 +391,47 @@ bool Worker::ServeConnection(int64_t failures) {
          {"write_failed", write_failed ? "true" : "false"}});
   }
   return got_registered;
+}
+
+bool Worker::LogCredentialFailure(const grpc::Status& st, int64_t attempt) const {
+  // Neither the token nor key material is ever logged: the coordinator's message is a
+  // fixed text, and a TLS error names what failed, not the secrets.
+  if (st.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+    Log(LogLevel::kError, "auth_rejected",
+        {{"coordinator", options_.coordinator},
+         {"code", "UNAUTHENTICATED"},
+         {"error", st.error_message()},
+         {"token", options_.bearer_token.empty() ? "none sent" : "sent"},
+         {"hint", options_.bearer_token.empty()
+                      ? "the coordinator requires a worker token: pass --token-file FILE (or $SINKSCOPE_WORKER_TOKEN)"
+                      : "the coordinator did not accept this worker's token: --token-file (or $SINKSCOPE_WORKER_TOKEN) "
+                        "must hold the coordinator's --worker-token-file token, not the client token"},
+         {"attempt", Str(attempt)},
+         {"action", "retrying with back-off"}});
+    return true;
+  }
+  // Over TLS, a connection the coordinator closed is how mutual TLS refuses a client
+  // certificate (or its absence).
+  if (st.error_code() == grpc::StatusCode::UNAVAILABLE &&
+      (LooksLikeTlsFailure(st.error_message()) ||
+       (options_.credentials.tls && LooksLikeClosedConnection(st.error_message())))) {
+    Log(LogLevel::kError, "tls_failed",
+        {{"coordinator", options_.coordinator},
+         {"code", "UNAVAILABLE"},
+         {"error", st.error_message()},
+         {"hint", !options_.credentials.tls
+                      ? "the coordinator may serve TLS: pass --tls-ca FILE (and --tls-cert/--tls-key for mutual TLS)"
+                  : options_.credentials.mutual
+                      ? "check --tls-ca (the CA of the coordinator's certificate), --tls-server-name (a name in "
+                        "that certificate), and that the coordinator trusts the CA of --tls-cert"
+                      : "check --tls-ca (the CA of the coordinator's certificate) and --tls-server-name (a name in "
+                        "that certificate); if the coordinator requires client certificates, pass "
+                        "--tls-cert/--tls-key"},
+         {"attempt", Str(attempt)},
+         {"action", "retrying with back-off"}});
+    return true;
+  }
+  return false;
 }
 
 v1::WorkerMessage Worker::MakeRegisterLocked() const {
@@ -431,6 +486,7 @@ void Worker::ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::Coordinato
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (generation == generation_) broken_ = true;
+  read_ended_ = std::max(read_ended_, generation);
   cv_.notify_all();
 }
 

@@ -28,6 +28,7 @@
 #include <thread>
 #include <utility>
 
+#include "common/credentials.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
 #include "worker/data.h"
 #include "worker/engine/backend.h"
@@ -65,6 +66,13 @@ class ManualClock final : public Clock {
 struct WorkerOptions {
   // Coordinator address, HOST:PORT.
   std::string coordinator = "127.0.0.1:50051";
+  // The channel's credentials: plaintext by default; TLS (with a client certificate for
+  // mutual TLS) from LoadClientCredentials.
+  ClientCredentials credentials;
+  // Sent as `authorization: Bearer <token>` on every Session call; empty: none. A
+  // coordinator that rejects it (UNAUTHENTICATED) is logged as an error on every
+  // attempt, and the worker keeps retrying with back-off.
+  std::string bearer_token;
   // Stable id; empty: DefaultWorkerId().
   std::string worker_id;
   // Only CPU exists; anything else makes Create fail.
@@ -164,6 +172,9 @@ class Worker {
   void HandleAssignmentLocked(const v1::Assignment& assignment);
   void HandleCancelLocked(const v1::CancelRun& cancel);
   std::chrono::milliseconds JitteredBackoffLocked(std::chrono::milliseconds base);
+  // Logs a stream that failed because of the credentials: rejected token (UNAUTHENTICATED)
+  // or a TLS handshake that failed. Returns false (and logs nothing) for other failures.
+  bool LogCredentialFailure(const grpc::Status& status, int64_t attempt) const;
 
   // --- queue ---
   // Queues a message of `run_id` unless that run was cancelled; past the bound, drops
@@ -196,6 +207,7 @@ class Worker {
   bool connected_ = false;
   bool broken_ = false;     // the current stream failed (reader or writer) or ended
   int64_t generation_ = 0;  // connection counter; a stale reader does not mark a newer stream broken
+  int64_t read_ended_ = 0;  // the last generation whose reader saw the stream end (its status is then final)
   grpc::ClientContext* connecting_context_ = nullptr;  // while a connection attempt may block
   int64_t connections_ = 0, registered_ = 0, runs_started_ = 0;
   int64_t dropped_progress_ = 0, dropped_reported_ = 0;

@@ -13,6 +13,7 @@
 #include <string>
 #include <thread>
 
+#include "common/credentials.h"
 #include "common/log.h"
 #include "worker/service_worker.h"
 
@@ -32,6 +33,19 @@ options:
   --device cpu             the backend to train on; only cpu exists (default cpu)
   --verbose                log info events (default: warnings and errors only)
   -h, --help               this text
+
+security (docs/security.md):
+  --tls                    connect over TLS, verifying the coordinator against the system CAs
+  --tls-ca FILE            connect over TLS, verifying the coordinator with this CA bundle (PEM)
+  --tls-cert FILE          client certificate (PEM) for mutual TLS...
+  --tls-key FILE           ...and its private key (PEM)
+  --tls-server-name NAME   expect NAME in the coordinator's certificate (default: the host of
+                           --coordinator)
+  --token-file FILE        send the worker token in FILE as `authorization: Bearer <token>`
+                           (default: $SINKSCOPE_WORKER_TOKEN, the token itself)
+  A coordinator that rejects the token (UNAUTHENTICATED) or the TLS handshake is logged as
+  an error (auth_rejected, tls_failed) on every attempt; the worker keeps retrying with
+  back-off, so a corrected coordinator is picked up without a restart.
 )";
 
 // SIGINT and SIGTERM: the handler writes a byte to a pipe (async-signal-safe) and a
@@ -64,6 +78,8 @@ int Main(int argc, char** argv) {
   WorkerOptions options;
   std::string device = "cpu";
   bool verbose = false;
+  ClientTlsFiles tls;
+  std::string token_file;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i], value;
     bool has_value = false;
@@ -93,6 +109,18 @@ int Main(int argc, char** argv) {
       if (!take(&device)) return Usage("--device needs a value (cpu)");
     } else if (a == "--verbose" && !has_value) {
       verbose = true;
+    } else if (a == "--tls" && !has_value) {
+      tls.tls = true;
+    } else if (a == "--tls-ca") {
+      if (!take(&tls.ca_file) || tls.ca_file.empty()) return Usage("--tls-ca needs a FILE");
+    } else if (a == "--tls-cert") {
+      if (!take(&tls.cert_file) || tls.cert_file.empty()) return Usage("--tls-cert needs a FILE");
+    } else if (a == "--tls-key") {
+      if (!take(&tls.key_file) || tls.key_file.empty()) return Usage("--tls-key needs a FILE");
+    } else if (a == "--tls-server-name") {
+      if (!take(&tls.server_name) || tls.server_name.empty()) return Usage("--tls-server-name needs a NAME");
+    } else if (a == "--token-file") {
+      if (!take(&token_file) || token_file.empty()) return Usage("--token-file needs a FILE");
     } else {
       return Usage("unknown argument " + std::string(argv[i]));
     }
@@ -106,6 +134,19 @@ int Main(int argc, char** argv) {
   }
   options.device = v1::CPU;
   MinLogLevel() = verbose ? LogLevel::kInfo : LogLevel::kWarning;
+  // Messages name the files and variables, never what they hold.
+  auto credentials = LoadClientCredentials(tls);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "sinkscope-worker: %s\n", credentials.status().message().c_str());
+    return 2;
+  }
+  options.credentials = std::move(*credentials);
+  auto token = ReadSecret(token_file, "--token-file", "SINKSCOPE_WORKER_TOKEN");
+  if (!token.ok()) {
+    std::fprintf(stderr, "sinkscope-worker: %s\n", token.status().message().c_str());
+    return 2;
+  }
+  options.bearer_token = std::move(*token);
 
   auto worker = Worker::Create(options, Clock::Real());
   if (!worker.ok()) {

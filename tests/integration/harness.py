@@ -83,8 +83,9 @@ class Process:
 class Cluster:
     """A coordinator and workers in a temporary folder."""
 
-    def __init__(self, lease_seconds=3.0):
+    def __init__(self, lease_seconds=3.0, cli_args=()):
         self.dir = tempfile.mkdtemp(prefix="sinkscope-it-")
+        self.cli_args = list(cli_args)  # global flags of every cli() call (e.g. --tls-ca, --token-file)
         self.db = os.path.join(self.dir, "store.db")
         self.grpc_port = free_port()
         self.metrics_port = free_port()
@@ -96,25 +97,28 @@ class Cluster:
     def address(self):
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start_coordinator(self):
+    def start_coordinator(self, extra_args=(), env=None):
         self.coordinator = Process("coordinator", [
             binary("sinkscope-coordinator"), "--listen", self.address,
             "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--db", self.db,
             "--checkpoint-root", os.path.join(self.dir, "checkpoints"),
-            "--lease-seconds", str(self.lease_seconds), "--heartbeat-seconds", "0.5", "--verbose"], self.dir)
+            "--lease-seconds", str(self.lease_seconds), "--heartbeat-seconds", "0.5", "--verbose",
+            *extra_args], self.dir, env=env)
         wait_for(lambda: "listening" in self.coordinator.output() or not self.coordinator.alive(), 30,
                  "the coordinator to listen")
         assert self.coordinator.alive(), self.coordinator.output()
 
-    def start_worker(self, worker_id):
+    def start_worker(self, worker_id, extra_args=(), env=None):
         self.workers[worker_id] = Process(worker_id, [
-            binary("sinkscope-worker"), "--coordinator", self.address, "--worker-id", worker_id, "--verbose"],
-            self.dir)
+            binary("sinkscope-worker"), "--coordinator", self.address, "--worker-id", worker_id, "--verbose",
+            *extra_args], self.dir, env=env)
         return self.workers[worker_id]
 
-    def cli(self, *args, check=True, timeout=60):
-        r = subprocess.run([binary("sinkscope"), "--coordinator", self.address, *args], capture_output=True,
-                           text=True, timeout=timeout, cwd=self.dir)
+    def cli(self, *args, check=True, timeout=60, global_args=None, env=None):
+        """`global_args` replaces the cluster's cli_args for this call."""
+        flags = self.cli_args if global_args is None else list(global_args)
+        r = subprocess.run([binary("sinkscope"), "--coordinator", self.address, *flags, *args], capture_output=True,
+                           text=True, timeout=timeout, cwd=self.dir, env=env)
         if check and r.returncode != 0:
             raise AssertionError(f"sinkscope {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
         return r
@@ -210,3 +214,121 @@ def prometheus_query(port, query):
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
+
+
+# --- security (test_security.py) ------------------------------------------------------------
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(folder, name="ca"):
+    """A throwaway CA in `folder` (<name>.crt, <name>.key) with the openssl CLI; returns
+    a function that issues certificates from it: issue(stem, cn, usage, san=None) writes
+    <stem>.crt and <stem>.key and returns their paths. P-256 keys, valid for 2 days."""
+    os.makedirs(folder, exist_ok=True)
+    ca_crt, ca_key = os.path.join(folder, name + ".crt"), os.path.join(folder, name + ".key")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", ca_key, "-out", ca_crt, "-days", "2", "-subj", f"/CN=sinkscope test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=folder)
+
+    def issue(stem, cn, usage, san=None):
+        crt, key, csr = (os.path.join(folder, stem + ext) for ext in (".crt", ".key", ".csr"))
+        ext = os.path.join(folder, stem + ".ext")
+        with open(ext, "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                    f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", key, "-out", csr, "-subj", f"/CN={cn}", cwd=folder)
+        _openssl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-set_serial",
+                 str(int.from_bytes(os.urandom(8), "big")), "-days", "2", "-out", crt, "-extfile", ext, cwd=folder)
+        return crt, key
+
+    issue.ca_crt, issue.ca_key = ca_crt, ca_key
+    return issue
+
+
+def write_secret(folder, name, value):
+    """A secret file readable by its owner only, with a trailing newline."""
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return path
+
+
+def http_get(url, user=None, password=None, timeout=5):
+    """(status, headers, body) of a GET, with HTTP basic auth when user is given; HTTP
+    errors are answers, not exceptions."""
+    import base64
+    import urllib.error
+    request = urllib.request.Request(url)
+    if user is not None:
+        request.add_header("Authorization",
+                           "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode(errors="replace")
+
+
+# --- helpers for tests/integration/test_reliability.py ------------------------------------
+
+def start_coordinator_logged(cluster, log_name, extra_args=()):
+    """Starts (or restarts) the cluster's coordinator on its usual ports and --db, logging
+    to `log_name`.log, so a restart keeps the first incarnation's log."""
+    cluster.coordinator = Process(log_name, [
+        binary("sinkscope-coordinator"), "--listen", cluster.address,
+        "--metrics-listen", f"127.0.0.1:{cluster.metrics_port}", "--db", cluster.db,
+        "--checkpoint-root", os.path.join(cluster.dir, "checkpoints"),
+        "--lease-seconds", str(cluster.lease_seconds), "--heartbeat-seconds", "0.5", "--verbose",
+        *extra_args], cluster.dir)
+    wait_for(lambda: "listening" in cluster.coordinator.output() or not cluster.coordinator.alive(), 30,
+             "the coordinator to listen")
+    assert cluster.coordinator.alive(), cluster.coordinator.output()
+    return cluster.coordinator
+
+
+def table_rows(cluster, table, order_by):
+    """Every row of a store table, ordered, for before/after comparisons."""
+    return cluster.sql(f"SELECT * FROM {table} ORDER BY {order_by}")
+
+
+# --- helpers for tests/integration/test_deploy.py -------------------------------------------
+
+def prometheus_api(port, path, **params):
+    """GET /api/v1/<path> of a Prometheus on loopback with the given query parameters
+    (a list value repeats the parameter); returns its `data`, raising on an error answer."""
+    query = urllib.parse.urlencode(params, doseq=True)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}?{query}", timeout=10) as r:
+        answer = json.loads(r.read())
+    if answer.get("status") != "success":
+        raise AssertionError(f"Prometheus {path} {params}: {answer}")
+    return answer["data"]
+
+
+def start_prometheus(folder, config_text):
+    """A real Prometheus (Debian's) with `config_text` as its configuration, storing in
+    `folder`; returns (process, port) once it answers /-/ready."""
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(folder, "prometheus.yml")
+    with open(config, "w") as f:
+        f.write(config_text)
+    port = free_port()
+    prom = Process("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={folder}/data",
+                                  f"--web.listen-address=127.0.0.1:{port}"], folder)
+
+    def ready():
+        if not prom.alive():
+            raise AssertionError("prometheus exited:\n" + prom.output()[-4000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 60, "Prometheus to be ready")
+    return prom, port

@@ -1,0 +1,459 @@
+// sinkscope-load-test: a bounded load test of a running coordinator. It submits one
+// experiment with a run per simulated worker, then N simulated workers (one Session
+// stream each, like sinkscope-worker) register, take an assignment and stream Progress at
+// --hz with a ProbeUpload every --probe-every steps (a realistic report: --layers layers
+// with 64-entry profiles) for --seconds. The coordinator acknowledges a probe report and
+// a Progress only once stored, so send→ack is send→stored.
+//
+// Prints the sustained ingest rate, send→stored latency (p50/p99/max), the coordinator's
+// peak memory (VmHWM, with --coordinator-pid) and what was lost: sent minus stored,
+// counted in the SQLite store (--db) or through GetRunMetrics. Exits 1 if anything was
+// lost. scripts/bench/load.sh starts a coordinator on loopback and runs this.
+#include <grpcpp/grpcpp.h>
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "proto/sinkscope/v1/service.grpc.pb.h"
+
+namespace sinkscope {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+const char kUsage[] = R"(usage: sinkscope-load-test --coordinator HOST:PORT --data PATH [options]
+
+Simulated workers streaming progress and probe reports into a coordinator; prints the
+ingest rate, send->stored latency, the coordinator's peak memory and the count lost.
+
+  --coordinator HOST:PORT   the coordinator (required)
+  --data PATH               a text file the coordinator can read, for the experiment (required)
+  --workers N               simulated workers, one run each (default 200)
+  --seconds S               how long they stream (default 30)
+  --hz H                    Progress messages per second per worker (default 10)
+  --probe-every K           a probe report every K steps (default 10)
+  --layers L                layers per probe report (default 4)
+  --db PATH                 count what was stored in this SQLite file (default: ask GetRunMetrics)
+  --coordinator-pid PID     read the coordinator's peak memory and CPU time from /proc
+  --name NAME               experiment name (default load)
+)";
+
+struct Options {
+  std::string coordinator, data, db, name = "load";
+  int workers = 200, hz = 10, probe_every = 10, layers = 4, pid = 0;
+  double seconds = 30;
+};
+
+struct Latencies {
+  std::vector<double> progress_ms, probe_ms;
+};
+
+// One simulated worker: its stream, what it sent and what was acked.
+class SimWorker {
+ public:
+  SimWorker(int index, const Options& o) : index_(index), o_(o) {}
+
+  void Run(Clock::time_point start_streaming, Clock::time_point stop_streaming) {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection, like a real worker
+    args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
+    auto channel = grpc::CreateCustomChannel(o_.coordinator, grpc::InsecureChannelCredentials(), args);
+    auto stub = v1::WorkerService::NewStub(channel);
+    grpc::ClientContext ctx;
+    auto stream = stub->Session(&ctx);
+    v1::WorkerMessage reg;
+    reg.mutable_register_()->set_worker_id("load-worker-" + std::to_string(index_));
+    reg.mutable_register_()->mutable_capabilities()->set_device(v1::CPU);
+    reg.mutable_register_()->mutable_capabilities()->set_device_count(1);
+    reg.mutable_register_()->mutable_capabilities()->set_version("load-test");
+    if (!stream->Write(reg)) {
+      error_ = "register: the stream failed";
+      return;
+    }
+    std::thread reader([&] { ReadLoop(stream.get()); });
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_until(lock, stop_streaming, [&] { return !run_id_.empty() || broken_; });
+    }
+    std::string run_id;
+    int attempt = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      run_id = run_id_;
+      attempt = attempt_;
+    }
+    if (run_id.empty()) {
+      error_ = "no assignment";
+    } else {
+      std::this_thread::sleep_until(start_streaming);
+      const auto period = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(1.0 / o_.hz));
+      // Spread the workers over the period so they do not all send at once.
+      auto next = start_streaming + period * index_ / std::max(1, o_.workers);
+      for (int64_t step = 1; next < stop_streaming; ++step, next += period) {
+        std::this_thread::sleep_until(next);
+        v1::WorkerMessage m;
+        v1::Progress* p = m.mutable_progress();
+        p->set_run_id(run_id);
+        p->set_attempt(attempt);
+        v1::StepMetrics* s = p->mutable_metrics();
+        s->set_step(step);
+        s->set_loss(5.0 / (1.0 + 0.01 * static_cast<double>(step)));
+        s->set_learning_rate(3e-3);
+        s->set_grad_norm(0.8);
+        s->set_tokens_per_second(12345);
+        s->set_mfu(0.1);
+        s->set_step_seconds(1.0 / o_.hz);
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          progress_sent_[step] = Clock::now();
+        }
+        if (!stream->Write(m)) break;
+        if (step % o_.probe_every == 0) {
+          v1::WorkerMessage pm;
+          v1::ProbeUpload* u = pm.mutable_probe();
+          u->set_run_id(run_id);
+          u->set_attempt(attempt);
+          u->set_sequence(step);
+          *u->mutable_report() = MakeReport(step);
+          {
+            std::lock_guard<std::mutex> lock(mu_);
+            probe_sent_[step] = Clock::now();
+          }
+          if (!stream->Write(pm)) break;
+        }
+      }
+      // Wait (bounded) for the acks of everything sent.
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_until(lock, Clock::now() + std::chrono::seconds(20),
+                     [&] { return broken_ || (progress_sent_.size() == progress_acked_.size() &&
+                                              probe_sent_.size() == probe_acked_.size()); });
+    }
+    stream->WritesDone();
+    ctx.TryCancel();
+    reader.join();
+    stream->Finish();
+  }
+
+  // Results, after Run.
+  std::string run_id() const { return run_id_; }
+  const std::string& error() const { return error_; }
+  size_t progress_sent() const { return progress_sent_.size(); }
+  size_t probes_sent() const { return probe_sent_.size(); }
+  size_t progress_acked() const { return progress_acked_.size(); }
+  size_t probes_acked() const { return probe_acked_.size(); }
+  const Latencies& latencies() const { return latencies_; }
+
+ private:
+  v1::ProbeReport MakeReport(int64_t step) const {
+    v1::ProbeReport r;
+    r.set_version(1);
+    r.set_step(step);
+    r.set_loss(4.2);
+    r.set_batch_sequences(8);
+    r.set_seq_len(128);
+    for (int l = 0; l < o_.layers; ++l) {
+      v1::LayerProbe* lp = r.add_layers();
+      lp->set_layer(l);
+      lp->set_r_gs(1.5 + 0.1 * l);
+      lp->set_r_gs_sum_then_norm(1.5);
+      lp->set_r_gs_norm_then_mean(1.4);
+      for (const char* name : {"h_out", "r_mlp", "r_attn"}) {
+        auto& series = (*lp->mutable_grad_profile())[name];
+        for (int t = 0; t < 64; ++t) series.add_values(1.0 / (1 + t));
+      }
+      for (int t = 0; t < 64; ++t) {
+        lp->add_attn_bloat(0.1 * t);
+        lp->add_mlp_bloat(0.2 * t);
+        lp->add_column_mass(0.01 * t);
+      }
+      for (int h = 0; h < 4; ++h) lp->add_alpha(0.25 * h);
+      for (int h = 0; h < 2; ++h) lp->add_theta(0.5);
+      for (const char* name : {"h_out", "r_mlp", "r_attn", "v"}) {
+        (*lp->mutable_norm_ratio())[name] = 3.0;
+        auto& series = (*lp->mutable_norms())[name];
+        for (int t = 0; t < 64; ++t) series.add_values(1.0 + t);
+      }
+      lp->set_sink_rate(0.5);
+      lp->mutable_massive()->add_top3(100);
+      lp->mutable_massive()->set_median(1);
+      lp->mutable_massive()->set_top1_over_median(100);
+    }
+    r.set_r_gs_median(1.6);
+    return r;
+  }
+
+  void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream) {
+    v1::CoordinatorMessage m;
+    while (stream->Read(&m)) {
+      const auto now = Clock::now();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (m.has_assignment() && run_id_.empty()) {
+        run_id_ = m.assignment().run_id();
+        attempt_ = m.assignment().attempt();
+      } else if (m.has_ack()) {
+        const v1::Ack& a = m.ack();
+        if (a.sequence() != 0 && probe_acked_.insert(a.sequence()).second) {
+          auto it = probe_sent_.find(a.sequence());
+          if (it != probe_sent_.end()) {
+            latencies_.probe_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
+          }
+        }
+        if (a.progress_step() != 0 && progress_acked_.insert(a.progress_step()).second) {
+          auto it = progress_sent_.find(a.progress_step());
+          if (it != progress_sent_.end()) {
+            latencies_.progress_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
+          }
+        }
+      } else if (m.has_cancel()) {
+        error_ = "cancelled: " + m.cancel().reason();
+      }
+      cv_.notify_all();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    broken_ = true;
+    cv_.notify_all();
+  }
+
+  const int index_;
+  const Options& o_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::string run_id_;
+  int attempt_ = 0;
+  bool broken_ = false;
+  std::string error_;
+  std::map<int64_t, Clock::time_point> progress_sent_, probe_sent_;
+  std::set<int64_t> progress_acked_, probe_acked_;
+  Latencies latencies_;
+};
+
+double Percentile(std::vector<double> xs, double q) {
+  if (xs.empty()) return 0;
+  std::sort(xs.begin(), xs.end());
+  const size_t i = std::min(xs.size() - 1, static_cast<size_t>(q * static_cast<double>(xs.size())));
+  return xs[i];
+}
+
+// A field of /proc/PID/status in kB ("VmHWM", "VmRSS"); -1 when unreadable.
+int64_t ProcStatusKb(int pid, const std::string& field) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::atoll(line.c_str() + field.size() + 1);
+  }
+  return -1;
+}
+
+// utime + stime of a process, seconds; -1 when unreadable.
+double ProcCpuSeconds(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t close = all.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::istringstream rest(all.substr(close + 2));
+  std::string field;
+  long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::atoll(field.c_str());
+    if (i == 15) stime = std::atoll(field.c_str());
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// Stored (steps, probes) of one run, from the SQLite file.
+bool CountInDb(const std::string& db, const std::string& run_id, int64_t* steps, int64_t* probes) {
+  sqlite3* h = nullptr;
+  if (sqlite3_open_v2(db.c_str(), &h, SQLITE_OPEN_READONLY, nullptr) != SQLITE_OK) {
+    sqlite3_close(h);
+    return false;
+  }
+  sqlite3_busy_timeout(h, 5000);
+  bool ok = true;
+  for (auto [table, out] : {std::pair{"step_metrics", steps}, std::pair{"probe_reports", probes}}) {
+    sqlite3_stmt* q = nullptr;
+    const std::string sql = std::string("SELECT COUNT(*) FROM ") + table + " WHERE run_id = ?";
+    ok = ok && sqlite3_prepare_v2(h, sql.c_str(), -1, &q, nullptr) == SQLITE_OK;
+    if (ok) {
+      sqlite3_bind_text(q, 1, run_id.c_str(), -1, SQLITE_TRANSIENT);
+      ok = sqlite3_step(q) == SQLITE_ROW;
+      if (ok) *out = sqlite3_column_int64(q, 0);
+    }
+    sqlite3_finalize(q);
+  }
+  sqlite3_close(h);
+  return ok;
+}
+
+int Main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "sinkscope-load-test: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (a == "--coordinator") o.coordinator = value();
+    else if (a == "--data") o.data = value();
+    else if (a == "--workers") o.workers = std::atoi(value().c_str());
+    else if (a == "--seconds") o.seconds = std::atof(value().c_str());
+    else if (a == "--hz") o.hz = std::atoi(value().c_str());
+    else if (a == "--probe-every") o.probe_every = std::atoi(value().c_str());
+    else if (a == "--layers") o.layers = std::atoi(value().c_str());
+    else if (a == "--db") o.db = value();
+    else if (a == "--coordinator-pid") o.pid = std::atoi(value().c_str());
+    else if (a == "--name") o.name = value();
+    else {
+      std::fprintf(stderr, "sinkscope-load-test: unknown argument %s\n%s", a.c_str(), kUsage);
+      return 2;
+    }
+  }
+  if (o.coordinator.empty() || o.data.empty() || o.workers <= 0 || o.hz <= 0 || o.probe_every <= 0 ||
+      o.seconds <= 0 || o.layers <= 0 || o.layers > 64) {
+    std::fprintf(stderr, "sinkscope-load-test: need --coordinator, --data and positive sizes\n%s", kUsage);
+    return 2;
+  }
+
+  // One run per simulated worker: a single arm, one seed each.
+  auto channel = grpc::CreateChannel(o.coordinator, grpc::InsecureChannelCredentials());
+  auto experiments = v1::ExperimentService::NewStub(channel);
+  v1::SubmitExperimentRequest submit;
+  v1::Experiment* e = submit.mutable_experiment();
+  e->set_name(o.name);
+  v1::ModelSpec* m = e->mutable_model();
+  m->set_layers(o.layers);
+  m->set_d_model(64);
+  m->set_heads(4);
+  m->set_kv_heads(2);
+  m->set_context(128);
+  e->mutable_data()->mutable_text()->add_paths(o.data);
+  e->mutable_train()->set_steps(1000000);
+  e->mutable_probe()->set_every(o.probe_every);
+  e->add_arms(v1::BASELINE);
+  for (int i = 0; i < o.workers; ++i) e->add_seeds(static_cast<uint64_t>(i));
+  v1::SubmitExperimentResponse submitted;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    grpc::Status st = experiments->SubmitExperiment(&ctx, submit, &submitted);
+    if (!st.ok()) {
+      std::fprintf(stderr, "sinkscope-load-test: submit: %s\n", st.error_message().c_str());
+      return 1;
+    }
+  }
+  // Workers connect and register first; all stream over the same window.
+  std::vector<std::unique_ptr<SimWorker>> workers;
+  for (int i = 0; i < o.workers; ++i) workers.push_back(std::make_unique<SimWorker>(i, o));
+  const auto start = Clock::now() + std::chrono::seconds(3);
+  const auto stop = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+  std::vector<std::thread> threads;
+  for (auto& w : workers) threads.emplace_back([&w, start, stop] { w->Run(start, stop); });
+  // The coordinator's CPU time over the streaming window.
+  std::this_thread::sleep_until(start);
+  const double cpu_before = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
+  std::this_thread::sleep_until(stop);
+  const double cpu_after = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
+  const double wall = std::chrono::duration<double>(stop - start).count();
+  for (auto& t : threads) t.join();
+  const double window = o.seconds;
+
+  // Sent versus stored.
+  int64_t progress_sent = 0, probes_sent = 0, progress_acked = 0, probes_acked = 0;
+  int64_t steps_stored = 0, probes_stored = 0, unassigned = 0;
+  Latencies all;
+  std::vector<std::string> errors;
+  for (auto& w : workers) {
+    progress_sent += static_cast<int64_t>(w->progress_sent());
+    probes_sent += static_cast<int64_t>(w->probes_sent());
+    progress_acked += static_cast<int64_t>(w->progress_acked());
+    probes_acked += static_cast<int64_t>(w->probes_acked());
+    const Latencies& l = w->latencies();
+    all.progress_ms.insert(all.progress_ms.end(), l.progress_ms.begin(), l.progress_ms.end());
+    all.probe_ms.insert(all.probe_ms.end(), l.probe_ms.begin(), l.probe_ms.end());
+    if (!w->error().empty() && errors.size() < 5) errors.push_back(w->error());
+    if (w->run_id().empty()) {
+      ++unassigned;
+      continue;
+    }
+    int64_t steps = 0, probes = 0;
+    if (!o.db.empty()) {
+      if (!CountInDb(o.db, w->run_id(), &steps, &probes)) {
+        std::fprintf(stderr, "sinkscope-load-test: cannot count rows in %s\n", o.db.c_str());
+        return 1;
+      }
+    } else {
+      v1::GetRunMetricsRequest req;
+      req.set_run_id(w->run_id());
+      v1::GetRunMetricsResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      if (grpc::Status st = experiments->GetRunMetrics(&ctx, req, &resp); !st.ok()) {
+        std::fprintf(stderr, "sinkscope-load-test: GetRunMetrics: %s\n", st.error_message().c_str());
+        return 1;
+      }
+      steps = resp.steps_size();
+      probes = resp.probes_size();
+    }
+    steps_stored += steps;
+    probes_stored += probes;
+  }
+  const int64_t lost =
+      std::max<int64_t>(0, progress_sent - steps_stored) + std::max<int64_t>(0, probes_sent - probes_stored);
+
+  std::printf("sinkscope load test: %d workers x %d Hz progress, a probe report (%d layers, 64-entry profiles) "
+              "every %d steps, %.0f s, coordinator %s\n",
+              o.workers, o.hz, o.layers, o.probe_every, o.seconds, o.coordinator.c_str());
+  std::printf("  %-34s %12s\n", "metric", "value");
+  std::printf("  %-34s %12lld\n", "progress sent", static_cast<long long>(progress_sent));
+  std::printf("  %-34s %12lld\n", "progress stored", static_cast<long long>(steps_stored));
+  std::printf("  %-34s %12lld\n", "probe reports sent", static_cast<long long>(probes_sent));
+  std::printf("  %-34s %12lld\n", "probe reports stored", static_cast<long long>(probes_stored));
+  std::printf("  %-34s %12.0f\n", "ingest rate, messages/s stored",
+              static_cast<double>(steps_stored + probes_stored) / window);
+  std::printf("  %-34s %12.0f\n", "  of which progress/s", static_cast<double>(steps_stored) / window);
+  std::printf("  %-34s %12.0f\n", "  of which probe reports/s", static_cast<double>(probes_stored) / window);
+  std::printf("  %-34s %12.1f\n", "progress send->stored p50, ms", Percentile(all.progress_ms, 0.50));
+  std::printf("  %-34s %12.1f\n", "progress send->stored p99, ms", Percentile(all.progress_ms, 0.99));
+  std::printf("  %-34s %12.1f\n", "progress send->stored max, ms", Percentile(all.progress_ms, 1.0));
+  std::printf("  %-34s %12.1f\n", "probe send->stored p50, ms", Percentile(all.probe_ms, 0.50));
+  std::printf("  %-34s %12.1f\n", "probe send->stored p99, ms", Percentile(all.probe_ms, 0.99));
+  std::printf("  %-34s %12.1f\n", "probe send->stored max, ms", Percentile(all.probe_ms, 1.0));
+  if (o.pid > 0) {
+    std::printf("  %-34s %12.1f\n", "coordinator peak RSS (VmHWM), MiB",
+                static_cast<double>(ProcStatusKb(o.pid, "VmHWM")) / 1024.0);
+    if (cpu_before >= 0 && cpu_after >= 0) {
+      std::printf("  %-34s %12.0f\n", "coordinator CPU, % of one core", 100.0 * (cpu_after - cpu_before) / wall);
+    }
+  }
+  std::printf("  %-34s %12lld\n", "unacked after the run", static_cast<long long>((progress_sent - progress_acked) +
+                                                                                  (probes_sent - probes_acked)));
+  std::printf("  %-34s %12lld\n", "workers without a run", static_cast<long long>(unassigned));
+  std::printf("  %-34s %12lld\n", "LOST (sent - stored)", static_cast<long long>(lost));
+  for (const auto& err : errors) std::printf("  worker error: %s\n", err.c_str());
+  return lost == 0 && unassigned == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace sinkscope
+
+int main(int argc, char** argv) { return sinkscope::Main(argc, argv); }

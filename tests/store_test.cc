@@ -1,0 +1,543 @@
+// The store under failures (server/store.cc) and how the coordinator surfaces them
+// (server/coordinator.cc): a full disk (PRAGMA max_page_count) and a read-only database
+// (PRAGMA query_only while open; a read-only file at open) give errors naming the store
+// and SQLite's reason, change nothing (each write is one transaction) and leave a sound
+// database (PRAGMA integrity_check); the coordinator does not acknowledge what it could
+// not store, so the worker writes it again, and it is stored once. Also: the coordinator
+// restarted on the same store carries a running run on under the same attempt.
+#include "server/store.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/experiment.h"
+#include "server/coordinator.h"
+#include "server/exporter.h"
+
+namespace sinkscope {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::SizeIs;
+
+constexpr char kDiskFull[] = "database or disk is full";
+constexpr char kReadOnly[] = "attempt to write a readonly database";
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/sinkscope-store-test-XXXXXX";
+    path_ = mkdtemp(tmpl);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::permissions(path_, std::filesystem::perms::owner_all, ec);
+    std::filesystem::remove_all(path_, ec);
+  }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+ExperimentRecord MakeExperiment(const std::string& id) {
+  ExperimentRecord e;
+  e.summary.set_experiment_id(id);
+  e.summary.set_name(id.substr(0, id.rfind('-')));
+  e.summary.set_state(v1::ACTIVE);
+  e.summary.set_created_unix_ms(1000);
+  return e;
+}
+
+RunRecord MakeRun(const std::string& experiment_id, const std::string& suffix, size_t padding = 0) {
+  RunRecord r;
+  r.summary.set_run_id(experiment_id + "-" + suffix);
+  r.summary.set_experiment_id(experiment_id);
+  r.summary.set_state(v1::QUEUED);
+  r.summary.set_total_steps(100);
+  // A run row as large as asked (the message is free text): it needs new pages.
+  r.summary.set_message(std::string(padding, 'x'));
+  return r;
+}
+
+v1::StepMetrics MakeStep(int64_t step) {
+  v1::StepMetrics m;
+  m.set_step(step);
+  m.set_loss(5.0 - 0.01 * static_cast<double>(step));
+  return m;
+}
+
+v1::ProbeReport MakeProbe(int64_t step, int layers = 2, int profile = 64) {
+  v1::ProbeReport p;
+  p.set_step(step);
+  p.set_loss(4.0);
+  for (int l = 0; l < layers; ++l) {
+    v1::LayerProbe* layer = p.add_layers();
+    layer->set_layer(l);
+    layer->set_r_gs(1.5 + l);
+    for (int i = 0; i < profile; ++i) layer->add_attn_bloat(0.25 * i);
+    for (const char* name : {"h_out", "r_mlp", "r_attn", "v"}) {
+      (*layer->mutable_norm_ratio())[name] = 1.0 + l;
+      auto& series = (*layer->mutable_norms())[name];
+      for (int i = 0; i < profile; ++i) series.add_values(0.5 * i);
+    }
+  }
+  return p;
+}
+
+std::unique_ptr<Store> OpenStore(const std::string& path) {
+  auto store = Store::Open(path);
+  EXPECT_TRUE(store.ok()) << store.status().ToString();
+  return store.ok() ? std::move(*store) : nullptr;
+}
+
+// A store with one experiment and one run, which has stored step 1.
+std::unique_ptr<Store> SeededStore(const std::string& path, RunRecord* run) {
+  auto store = OpenStore(path);
+  if (!store) return nullptr;
+  *run = MakeRun("exp-1", "baseline-s0");
+  EXPECT_TRUE(store->InsertExperiment(MakeExperiment("exp-1"), {*run}).ok());
+  run->summary.set_state(v1::RUNNING);
+  run->summary.set_step(1);
+  EXPECT_TRUE(store->PutStep(*run, MakeStep(1)).ok());
+  return store;
+}
+
+// Every step stored for `run_id`.
+std::vector<int64_t> StoredSteps(Store& store, const std::string& run_id) {
+  std::vector<int64_t> out;
+  auto steps = store.Steps(run_id, 0);
+  EXPECT_TRUE(steps.ok()) << steps.status().ToString();
+  if (steps.ok()) {
+    for (const auto& s : *steps) out.push_back(s.step());
+  }
+  return out;
+}
+
+// --- the store alone -------------------------------------------------------------------
+
+TEST(StoreFailures, DiskFullFailsWithTheReasonAndChangesNothing) {
+  TempDir dir;
+  const std::string path = dir.File("store.db");
+  RunRecord run;
+  auto store = SeededStore(path, &run);
+  ASSERT_TRUE(store);
+  // The database may not grow past its present size: the next page it needs fails the
+  // write as a full disk does (SQLITE_FULL).
+  ASSERT_TRUE(store->ExecForTesting("PRAGMA max_page_count = 1").ok());
+
+  // A step whose run row no longer fits: the step row (written first, into a page with
+  // room) is rolled back with it.
+  RunRecord grown = run;
+  grown.summary.set_step(2);
+  grown.summary.set_message(std::string(64 << 10, 'y'));
+  Status s = store->PutStep(grown, MakeStep(2));
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_THAT(s.message(), AllOf(HasSubstr("store " + path), HasSubstr("put step: update run"), HasSubstr(kDiskFull)));
+  EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), std::vector<int64_t>{1});
+  auto runs = store->LoadRuns();
+  ASSERT_TRUE(runs.ok());
+  ASSERT_THAT(*runs, SizeIs(1));
+  EXPECT_EQ((*runs)[0].summary.step(), 1);
+  EXPECT_THAT((*runs)[0].summary.message(), IsEmpty());
+
+  // An experiment whose runs do not fit: the experiment row goes with them.
+  std::vector<RunRecord> runs2;
+  for (int i = 0; i < 8; ++i) runs2.push_back(MakeRun("exp-2", "vscale-s" + std::to_string(i), 16 << 10));
+  s = store->InsertExperiment(MakeExperiment("exp-2"), runs2);
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_THAT(s.message(), AllOf(HasSubstr("store " + path), HasSubstr("insert"), HasSubstr(kDiskFull)));
+  auto experiments = store->LoadExperiments();
+  ASSERT_TRUE(experiments.ok());
+  EXPECT_THAT(*experiments, SizeIs(1));
+  runs = store->LoadRuns();
+  ASSERT_TRUE(runs.ok());
+  EXPECT_THAT(*runs, SizeIs(1));
+  auto last = store->LastExperimentNumber("exp");
+  ASSERT_TRUE(last.ok());
+  EXPECT_EQ(*last, 1);
+
+  // A probe report that does not fit.
+  auto probe = store->PutProbe(run.summary.run_id(), MakeProbe(1, 64, 256));
+  ASSERT_FALSE(probe.ok());
+  EXPECT_THAT(probe.status().message(), AllOf(HasSubstr("store " + path), HasSubstr(kDiskFull)));
+  auto count = store->CountProbes(run.summary.run_id());
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(*count, 0);
+
+  EXPECT_TRUE(store->IntegrityCheck().ok()) << store->IntegrityCheck().ToString();
+
+  // Room again: the same writes succeed.
+  ASSERT_TRUE(store->ExecForTesting("PRAGMA max_page_count = 1073741823").ok());
+  EXPECT_TRUE(store->PutStep(grown, MakeStep(2)).ok());
+  EXPECT_TRUE(store->InsertExperiment(MakeExperiment("exp-2"), runs2).ok());
+  auto stored = store->PutProbe(run.summary.run_id(), MakeProbe(1, 64, 256));
+  ASSERT_TRUE(stored.ok());
+  EXPECT_TRUE(*stored);
+  store.reset();
+
+  // Reopened: sound, and holding exactly what was acknowledged.
+  store = OpenStore(path);
+  ASSERT_TRUE(store);
+  EXPECT_TRUE(store->IntegrityCheck().ok());
+  EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), (std::vector<int64_t>{1, 2}));
+  runs = store->LoadRuns();
+  ASSERT_TRUE(runs.ok());
+  EXPECT_THAT(*runs, SizeIs(9));
+}
+
+TEST(StoreFailures, ReadOnlyDatabaseFailsWithTheReasonAndChangesNothing) {
+  TempDir dir;
+  const std::string path = dir.File("store.db");
+  RunRecord run;
+  auto store = SeededStore(path, &run);
+  ASSERT_TRUE(store);
+  // The database stops taking writes while open (as a file system remounted read-only).
+  ASSERT_TRUE(store->ExecForTesting("PRAGMA query_only = 1").ok());
+
+  RunRecord next = run;
+  next.summary.set_step(2);
+  Status s = store->PutStep(next, MakeStep(2));
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_THAT(s.message(), AllOf(HasSubstr("store " + path), HasSubstr("put step"), HasSubstr(kReadOnly)));
+  s = store->InsertExperiment(MakeExperiment("exp-2"), {MakeRun("exp-2", "baseline-s0")});
+  EXPECT_THAT(s.message(), AllOf(HasSubstr("store " + path), HasSubstr(kReadOnly)));
+  auto probe = store->PutProbe(run.summary.run_id(), MakeProbe(1));
+  ASSERT_FALSE(probe.ok());
+  EXPECT_THAT(probe.status().message(), AllOf(HasSubstr("store " + path), HasSubstr(kReadOnly)));
+  EXPECT_THAT(store->UpdateRun(next).message(), HasSubstr(kReadOnly));
+  EXPECT_THAT(store->BeginAttempt(run.summary.run_id(), 1, "w", 0, 1).message(), HasSubstr(kReadOnly));
+
+  // Reads go on; nothing changed.
+  EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), std::vector<int64_t>{1});
+  auto experiments = store->LoadExperiments();
+  ASSERT_TRUE(experiments.ok());
+  EXPECT_THAT(*experiments, SizeIs(1));
+  EXPECT_TRUE(store->IntegrityCheck().ok());
+
+  ASSERT_TRUE(store->ExecForTesting("PRAGMA query_only = 0").ok());
+  EXPECT_TRUE(store->PutStep(next, MakeStep(2)).ok());
+  EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), (std::vector<int64_t>{1, 2}));
+  store.reset();
+
+  // A database that can only be opened read-only is refused at open, with the reason,
+  // not at the first write. Read-only access as SQLite gets it for a 0444 file (as root,
+  // file modes do not stop writes, so the URI asks for it explicitly).
+  auto ro = Store::Open("file:" + path + "?mode=ro");
+  ASSERT_FALSE(ro.ok());
+  EXPECT_EQ(ro.status().code(), StatusCode::kUnavailable);
+  EXPECT_THAT(ro.status().message(), AllOf(HasSubstr("store file:" + path), HasSubstr(kReadOnly)));
+  if (geteuid() != 0) {
+    ASSERT_EQ(chmod(path.c_str(), 0444), 0);
+    auto opened = Store::Open(path);
+    ASSERT_FALSE(opened.ok());
+    EXPECT_THAT(opened.status().message(), AllOf(HasSubstr("store " + path), HasSubstr(kReadOnly)));
+    ASSERT_EQ(chmod(path.c_str(), 0644), 0);
+  }
+  store = OpenStore(path);
+  ASSERT_TRUE(store);
+  EXPECT_TRUE(store->IntegrityCheck().ok());
+  EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), (std::vector<int64_t>{1, 2}));
+}
+
+TEST(StoreFailures, NotADatabaseIsDataLossNamingTheStore) {
+  TempDir dir;
+  const std::string path = dir.File("garbage.db");
+  {
+    std::ofstream f(path);
+    f << std::string(4096, 'g');
+  }
+  auto store = Store::Open(path);
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), StatusCode::kDataLoss);
+  EXPECT_THAT(store.status().message(), AllOf(HasSubstr("store " + path), HasSubstr("file is not a database")));
+  auto missing = Store::Open(dir.File("no/such/folder/store.db"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(missing.status().message(), AllOf(HasSubstr("store "), HasSubstr("cannot open")));
+}
+
+TEST(Store, PutStepIfAbsentKeepsTheStoredStep) {
+  TempDir dir;
+  RunRecord run;
+  auto store = SeededStore(dir.File("store.db"), &run);
+  ASSERT_TRUE(store);
+  v1::StepMetrics other = MakeStep(1);
+  other.set_loss(123);
+  ASSERT_TRUE(store->PutStepIfAbsent(run.summary.run_id(), other).ok());
+  ASSERT_TRUE(store->PutStepIfAbsent(run.summary.run_id(), MakeStep(2)).ok());
+  auto steps = store->Steps(run.summary.run_id(), 0);
+  ASSERT_TRUE(steps.ok());
+  ASSERT_THAT(*steps, SizeIs(2));
+  EXPECT_DOUBLE_EQ((*steps)[0].loss(), MakeStep(1).loss());
+  auto runs = store->LoadRuns();
+  ASSERT_TRUE(runs.ok());
+  EXPECT_EQ((*runs)[0].summary.step(), 1);  // the run's row is left as it was
+}
+
+// --- the coordinator over a failing store ------------------------------------------------
+
+// Records what the coordinator sends to one worker.
+class FakeWriter final : public SessionWriter {
+ public:
+  bool Send(const v1::CoordinatorMessage& m) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    sent_.push_back(m);
+    return true;
+  }
+  std::vector<v1::CoordinatorMessage> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<v1::CoordinatorMessage> out;
+    out.swap(sent_);
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<v1::CoordinatorMessage> sent_;
+};
+
+v1::Experiment TinyExperiment(const std::string& name) {
+  auto e = ParseExperimentText("name: " + name +
+                                   "\n"
+                                   "model: {layers: 2, d_model: 32, heads: 2, kv_heads: 1, context: 32}\n"
+                                   "data: {text: {paths: [/nonexistent/corpus]}}\n"
+                                   "train: {steps: 20}\n"
+                                   "probe: {every: 5, ref_span: 15, profile_len: 16, t_eps: 16}\n"
+                                   "arms: [baseline]\n",
+                               "t.yaml");
+  EXPECT_TRUE(e.ok()) << e.status().ToString();
+  return *e;
+}
+
+v1::WorkerMessage Register(const std::string& run_id = "", int attempt = 0) {
+  v1::WorkerMessage m;
+  m.mutable_register_()->set_worker_id("worker-a");
+  m.mutable_register_()->mutable_capabilities()->set_device(v1::CPU);
+  m.mutable_register_()->mutable_capabilities()->set_device_count(1);
+  m.mutable_register_()->set_run_id(run_id);
+  m.mutable_register_()->set_attempt(attempt);
+  return m;
+}
+
+v1::WorkerMessage Progress(const std::string& run_id, int64_t step) {
+  v1::WorkerMessage m;
+  m.mutable_progress()->set_run_id(run_id);
+  m.mutable_progress()->set_attempt(1);
+  *m.mutable_progress()->mutable_metrics() = MakeStep(step);
+  return m;
+}
+
+v1::WorkerMessage Probe(const std::string& run_id, int64_t step) {
+  v1::WorkerMessage m;
+  m.mutable_probe()->set_run_id(run_id);
+  m.mutable_probe()->set_attempt(1);
+  m.mutable_probe()->set_sequence(step);
+  *m.mutable_probe()->mutable_report() = MakeProbe(step);
+  return m;
+}
+
+struct Acks {
+  std::vector<int64_t> probes, progress;
+  int outcomes = 0, assignments = 0, cancels = 0;
+};
+Acks Sorted(const std::vector<v1::CoordinatorMessage>& sent) {
+  Acks a;
+  for (const auto& m : sent) {
+    if (m.has_ack() && m.ack().sequence() != 0) a.probes.push_back(m.ack().sequence());
+    if (m.has_ack() && m.ack().progress_step() != 0) a.progress.push_back(m.ack().progress_step());
+    if (m.has_ack() && m.ack().outcome()) ++a.outcomes;
+    a.assignments += m.has_assignment();
+    a.cancels += m.has_cancel();
+  }
+  return a;
+}
+
+class CoordinatorOverStore : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = dir_.File("store.db");
+    store_ = OpenStore(path_);
+    ASSERT_TRUE(store_);
+    auto exporter = Exporter::Start("", std::chrono::seconds(600));
+    ASSERT_TRUE(exporter.ok());
+    exporter_ = std::move(*exporter);
+    StartCoordinator();
+  }
+  void StartCoordinator() {
+    Coordinator::Options options;
+    options.check_data_paths = false;
+    options.checkpoint_root = dir_.File("checkpoints");
+    auto c = Coordinator::Create(store_.get(), exporter_.get(), options);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    coordinator_ = std::move(*c);
+  }
+  // Submits the tiny experiment and registers a worker, which is assigned its run.
+  std::string SubmitAndAssign() {
+    auto r = coordinator_->Submit(TinyExperiment("tiny"));
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    session_ = coordinator_->OpenSession(writer_);
+    coordinator_->OnWorkerMessage(session_, Register());
+    const auto sent = writer_->Take();
+    EXPECT_EQ(Sorted(sent).assignments, 1);
+    EXPECT_TRUE(sent.at(0).registered().acks_progress());
+    return r.ok() ? r->run_ids(0) : "";
+  }
+
+  TempDir dir_;
+  std::string path_;
+  std::unique_ptr<Store> store_;
+  std::unique_ptr<Exporter> exporter_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::shared_ptr<FakeWriter> writer_ = std::make_shared<FakeWriter>();
+  int64_t session_ = 0;
+};
+
+TEST_F(CoordinatorOverStore, AcksOnlyWhatIsStoredSoTheWorkerWritesTheRestAgain) {
+  const std::string run = SubmitAndAssign();
+  coordinator_->OnWorkerMessage(session_, Progress(run, 1));
+  coordinator_->OnWorkerMessage(session_, Probe(run, 1));
+  Acks a = Sorted(writer_->Take());
+  EXPECT_EQ(a.progress, std::vector<int64_t>{1});
+  EXPECT_EQ(a.probes, std::vector<int64_t>{1});
+
+  // The store stops taking writes: neither the step nor the probe report is acked.
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+  coordinator_->OnWorkerMessage(session_, Progress(run, 2));
+  coordinator_->OnWorkerMessage(session_, Probe(run, 5));
+  a = Sorted(writer_->Take());
+  EXPECT_THAT(a.progress, IsEmpty());
+  EXPECT_THAT(a.probes, IsEmpty());
+
+  // Writes work again; the worker writes both again (on its next connection), twice even:
+  // each is stored once and acked each time.
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+  for (int i = 0; i < 2; ++i) {
+    coordinator_->OnWorkerMessage(session_, Progress(run, 2));
+    coordinator_->OnWorkerMessage(session_, Probe(run, 5));
+  }
+  a = Sorted(writer_->Take());
+  EXPECT_EQ(a.progress, (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(a.probes, (std::vector<int64_t>{5, 5}));
+  EXPECT_EQ(StoredSteps(*store_, run), (std::vector<int64_t>{1, 2}));
+  auto probes = store_->Probes(run, 0);
+  ASSERT_TRUE(probes.ok());
+  ASSERT_THAT(*probes, SizeIs(2));
+  EXPECT_EQ((*probes)[1].step(), 5);
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).probe_reports(), 2);
+  EXPECT_EQ(summary->runs(0).step(), 2);
+  EXPECT_TRUE(store_->IntegrityCheck().ok());
+}
+
+TEST_F(CoordinatorOverStore, SubmitAndCancelOnAFailingStoreChangeNothing) {
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+  auto r = coordinator_->Submit(TinyExperiment("tiny"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kUnavailable);
+  EXPECT_THAT(r.status().message(), AllOf(HasSubstr("store " + path_), HasSubstr(kReadOnly)));
+  EXPECT_EQ(coordinator_->ListExperiments(0).experiments_size(), 0);
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+
+  r = coordinator_->Submit(TinyExperiment("tiny"));
+  ASSERT_TRUE(r.ok());
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA max_page_count = 1").ok());
+  auto big = TinyExperiment("big");
+  for (int i = 1; i < 400; ++i) big.add_seeds(i);  // 400 runs do not fit
+  auto full = coordinator_->Submit(big);
+  ASSERT_FALSE(full.ok());
+  EXPECT_THAT(full.status().message(), AllOf(HasSubstr("store " + path_), HasSubstr(kDiskFull)));
+  EXPECT_EQ(coordinator_->ListExperiments(0).experiments_size(), 1);
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA max_page_count = 1073741823").ok());
+
+  // A cancel that cannot be stored is refused and leaves the experiment active.
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+  auto cancelled = coordinator_->Cancel(r->experiment_id());
+  ASSERT_FALSE(cancelled.ok());
+  EXPECT_THAT(cancelled.status().message(), HasSubstr(kReadOnly));
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+  auto summary = coordinator_->GetExperiment(r->experiment_id(), false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->state(), v1::ACTIVE);
+  EXPECT_EQ(summary->runs(0).state(), v1::QUEUED);
+  cancelled = coordinator_->Cancel(r->experiment_id());
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status().ToString();
+  EXPECT_EQ(cancelled->state(), v1::EXPERIMENT_CANCELLED);
+  EXPECT_TRUE(store_->IntegrityCheck().ok());
+}
+
+TEST_F(CoordinatorOverStore, RestartedOnTheSameStoreTheRunCarriesOnUnderItsAttempt) {
+  const std::string run = SubmitAndAssign();
+  for (int step = 1; step <= 5; ++step) coordinator_->OnWorkerMessage(session_, Progress(run, step));
+  coordinator_->OnWorkerMessage(session_, Probe(run, 5));
+  writer_->Take();
+  // The coordinator dies (no goodbye to anyone) and starts again on the same store.
+  coordinator_.reset();
+  StartCoordinator();
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::RUNNING);
+  EXPECT_EQ(summary->runs(0).step(), 5);
+  EXPECT_EQ(summary->runs(0).probe_reports(), 1);
+  // The worker comes back mid-run; the messages lost in flight (steps 6 and 7) and the
+  // unacked ones are written again, older steps after newer ones included.
+  session_ = coordinator_->OpenSession(writer_);
+  coordinator_->OnWorkerMessage(session_, Register(run, 1));
+  coordinator_->Tick();  // the recovered lease is still held: no requeue
+  for (int64_t step : {7, 6, 8}) coordinator_->OnWorkerMessage(session_, Progress(run, step));
+  coordinator_->OnWorkerMessage(session_, Probe(run, 5));  // stored before, not acked: once
+  v1::WorkerMessage finished;
+  finished.mutable_finished()->set_run_id(run);
+  finished.mutable_finished()->set_attempt(1);
+  finished.mutable_finished()->set_step(20);
+  coordinator_->OnWorkerMessage(session_, finished);
+  coordinator_->OnWorkerMessage(session_, finished);  // written again: acked, nothing else
+  Acks a = Sorted(writer_->Take());
+  EXPECT_EQ(a.cancels, 0);
+  EXPECT_EQ(a.assignments, 0);
+  EXPECT_EQ(a.progress, (std::vector<int64_t>{7, 6, 8}));
+  EXPECT_EQ(a.probes, std::vector<int64_t>{5});
+  EXPECT_EQ(a.outcomes, 2);
+  EXPECT_EQ(StoredSteps(*store_, run), (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->state(), v1::COMPLETED);
+  EXPECT_EQ(summary->runs(0).attempt(), 1);
+  EXPECT_EQ(summary->runs(0).probe_reports(), 1);
+  auto count = store_->CountProbes(run);
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(*count, 1);
+}
+
+TEST_F(CoordinatorOverStore, RefusesWorkerMessagesOutsideTheRun) {
+  const std::string run = SubmitAndAssign();
+  coordinator_->OnWorkerMessage(session_, Progress(run, 0));
+  coordinator_->OnWorkerMessage(session_, Progress(run, 21));  // train.steps is 20
+  coordinator_->OnWorkerMessage(session_, Progress("no-such-run", 3));
+  v1::WorkerMessage probe = Probe(run, 5);
+  probe.mutable_probe()->mutable_report()->add_layers();  // 3 layers, the model has 2
+  coordinator_->OnWorkerMessage(session_, probe);
+  coordinator_->OnWorkerMessage(session_, Probe(run, 25));
+  Acks a = Sorted(writer_->Take());
+  EXPECT_EQ(a.progress, (std::vector<int64_t>{21, 3}));  // refused for good: the worker may forget them
+  EXPECT_EQ(a.probes, (std::vector<int64_t>{5, 25}));
+  EXPECT_THAT(StoredSteps(*store_, run), IsEmpty());
+  auto count = store_->CountProbes(run);
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(*count, 0);
+}
+
+}  // namespace
+}  // namespace sinkscope
