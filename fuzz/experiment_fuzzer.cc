@@ -3,11 +3,11 @@
 // must not make the fuzzer walk the file system). Nothing may crash, hang or leak; an
 // input that parses and validates must survive a binary round trip unchanged, and
 // validating twice must give the same answer.
+#include <google/protobuf/stubs/logging.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
-
-#include <google/protobuf/stubs/logging.h>
 
 #include "common/experiment.h"
 

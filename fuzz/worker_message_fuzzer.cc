@@ -12,12 +12,12 @@
 //            7        queries: GetExperiment, GetRunMetrics, CompareArms, ListExperiments
 // Before the operations, an experiment "fuzz" (runs fuzz-1-baseline-s0 and
 // fuzz-1-vscale-s0) is submitted; fuzz/make_corpus.py writes seeds in this format.
+#include <google/protobuf/stubs/logging.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
-
-#include <google/protobuf/stubs/logging.h>
 
 #include "common/experiment.h"
 #include "common/log.h"
@@ -64,7 +64,7 @@ v1::Experiment BaseExperiment() {
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   sinkscope::MinLogLevel() = static_cast<sinkscope::LogLevel>(99);  // quiet
-  google::protobuf::SetLogHandler(nullptr);  // e.g. "invalid UTF-8" for every such input
+  google::protobuf::SetLogHandler(nullptr);                         // e.g. "invalid UTF-8" for every such input
   return 0;
 }
 

@@ -172,6 +172,7 @@ WorkerSnapshot Worker::Snapshot() {
     s.step = current_->step;
   }
   s.unacked_probes = outbox_.size();
+  s.unacked_progress = unacked_progress_.size() + unacked_outcomes_.size();
   s.queued_messages = queue_.size();
   s.dropped_progress = dropped_progress_;
   s.heartbeat_seconds = std::chrono::duration<double>(heartbeat_interval_).count();
@@ -306,7 +307,10 @@ bool Worker::ServeConnection(int64_t failures) {
   while (!broken_) {
     if (stopping_ && !training_thread_active_) {
       if (!flush_deadline) flush_deadline = std::chrono::steady_clock::now() + options_.shutdown_flush;
-      if ((queue_.empty() && outbox_.empty()) || std::chrono::steady_clock::now() >= *flush_deadline) break;
+      if ((queue_.empty() && outbox_.empty() && unacked_progress_.empty() && unacked_outcomes_.empty()) ||
+          std::chrono::steady_clock::now() >= *flush_deadline) {
+        break;
+      }
     }
     if (!queue_.empty()) {
       Outgoing out = std::move(queue_.front());
@@ -320,13 +324,24 @@ bool Worker::ServeConnection(int64_t failures) {
       } else {
         message = std::move(out.message);
       }
+      // Kept before the Write, since its ack may arrive before Write returns.
+      const bool retained = !out.probe && acks_progress_ && (message.has_progress() || IsOutcome(message));
+      if (retained && message.has_progress()) {
+        unacked_progress_[{out.run_id, message.progress().metrics().step()}] = message;
+        if (unacked_progress_.size() > options_.max_buffered_progress) {  // never acked: keep the newest
+          unacked_progress_.erase(unacked_progress_.begin());
+          ++dropped_progress_;
+        }
+      } else if (retained) {
+        unacked_outcomes_[out.run_id] = message;
+      }
       lock.unlock();
       const bool ok = stream->Write(message);
       lock.lock();
       if (!ok) {
         write_failed = true;
         broken_ = true;
-        if (!out.probe) {  // written again on the next connection (probes are requeued from the outbox)
+        if (!out.probe && !retained) {  // written again on the next connection (the others are requeued)
           out.message = std::move(message);
           if (out.progress) ++queued_progress_;
           queue_.push_front(std::move(out));
@@ -451,7 +466,11 @@ v1::WorkerMessage Worker::MakeRegisterLocked() const {
     r->set_run_id(next_->run_id());
     r->set_attempt(next_->attempt());
   } else {
-    // A run that ended while disconnected: its outcome is still to be written.
+    // A run that ended while disconnected: its outcome is still to be written or acked.
+    for (const auto& [run_id, o] : unacked_outcomes_) {
+      r->set_run_id(run_id);
+      r->set_attempt(o.has_finished() ? o.finished().attempt() : o.failed().attempt());
+    }
     for (const Outgoing& o : queue_) {
       if (!o.probe && IsOutcome(o.message)) {
         r->set_run_id(o.run_id);
@@ -471,6 +490,24 @@ void Worker::RequeueProbesLocked() {
     o.sequence = key.second;
     queue.push_back(std::move(o));
   }
+  // Written but not acked (they may never have reached the coordinator), oldest first:
+  // each run's steps before its outcome. Written again, they are kept again.
+  for (auto& [key, message] : unacked_progress_) {
+    Outgoing o;
+    o.run_id = key.first;
+    o.progress = true;
+    o.message = std::move(message);
+    queue.push_back(std::move(o));
+    ++queued_progress_;
+  }
+  unacked_progress_.clear();
+  for (auto& [run_id, message] : unacked_outcomes_) {
+    Outgoing o;
+    o.run_id = run_id;
+    o.message = std::move(message);
+    queue.push_back(std::move(o));
+  }
+  unacked_outcomes_.clear();
   for (Outgoing& o : queue_) {
     if (!o.probe) queue.push_back(std::move(o));
   }
@@ -498,6 +535,11 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
           hb > 0 ? std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(hb))
                  : std::chrono::nanoseconds(options_.default_heartbeat);
       ++registered_;
+      acks_progress_ = m.registered().acks_progress();
+      if (!acks_progress_) {  // a coordinator that never acks them: keep nothing
+        unacked_progress_.clear();
+        unacked_outcomes_.clear();
+      }
       Log(LogLevel::kInfo, "registered",
           {{"lease_seconds", Fmt(m.registered().lease_seconds())},
            {"heartbeat_seconds", Fmt(std::chrono::duration<double>(heartbeat_interval_).count())}});
@@ -507,7 +549,9 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
       HandleAssignmentLocked(m.assignment());
       break;
     case v1::CoordinatorMessage::kAck:
-      outbox_.erase({m.ack().run_id(), m.ack().sequence()});
+      if (m.ack().sequence() != 0) outbox_.erase({m.ack().run_id(), m.ack().sequence()});
+      if (m.ack().progress_step() != 0) unacked_progress_.erase({m.ack().run_id(), m.ack().progress_step()});
+      if (m.ack().outcome()) unacked_outcomes_.erase(m.ack().run_id());
       Log(LogLevel::kDebug, "ack", {{"run_id", m.ack().run_id()}, {"sequence", Str(m.ack().sequence())}});
       break;
     case v1::CoordinatorMessage::kCancel:
@@ -616,6 +660,10 @@ void Worker::DropRunLocked(const std::string& run_id) {
   for (auto it = outbox_.begin(); it != outbox_.end();) {
     it = it->first.first == run_id ? outbox_.erase(it) : std::next(it);
   }
+  for (auto it = unacked_progress_.begin(); it != unacked_progress_.end();) {
+    it = it->first.first == run_id ? unacked_progress_.erase(it) : std::next(it);
+  }
+  unacked_outcomes_.erase(run_id);
 }
 
 // ---- training ----------------------------------------------------------------------

@@ -11,7 +11,10 @@
 // sequence) and are all resent on every (re)connect; Progress messages are queued while
 // disconnected (the newest max_buffered_progress are kept) and flushed on reconnect;
 // RunFinished and RunFailed are queued until written. A message whose Write fails is
-// written again on the next connection.
+// written again on the next connection. With a coordinator that acks them too
+// (Registered.acks_progress), a written Progress, RunFinished or RunFailed is kept until
+// acked and written again on the next connection: a Write that succeeded may still be
+// lost if the coordinator dies before reading it.
 #pragma once
 
 #include <chrono>
@@ -103,6 +106,7 @@ struct WorkerSnapshot {
   int32_t attempt = 0;
   int64_t step = 0;  // its completed steps
   size_t unacked_probes = 0;
+  size_t unacked_progress = 0;  // written, not yet acked (Progress, RunFinished, RunFailed)
   size_t queued_messages = 0;    // waiting to be written (probes included)
   int64_t dropped_progress = 0;  // Progress dropped past max_buffered_progress
   double heartbeat_seconds = 0;  // the interval in use
@@ -165,7 +169,8 @@ class Worker {
   // consecutive failed connections before this one (for log levels).
   bool ServeConnection(int64_t failures);
   v1::WorkerMessage MakeRegisterLocked() const;
-  // Puts every unacked probe at the head of the queue (on each new connection).
+  // Puts every unacked probe at the head of the queue, then every written but unacked
+  // Progress and outcome (on each new connection).
   void RequeueProbesLocked();
   void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation);
   void HandleMessageLocked(const v1::CoordinatorMessage& message);
@@ -215,6 +220,12 @@ class Worker {
   std::deque<Outgoing> queue_;
   size_t queued_progress_ = 0;
   std::map<std::pair<std::string, int64_t>, v1::ProbeUpload> outbox_;  // unacked probes by (run_id, sequence)
+  // Whether the coordinator acks Progress and outcomes (its last Registered said so;
+  // assumed until a Registered says otherwise).
+  bool acks_progress_ = true;
+  // Written but unacked: Progress by (run_id, step), RunFinished/RunFailed by run_id.
+  std::map<std::pair<std::string, int64_t>, v1::WorkerMessage> unacked_progress_;
+  std::map<std::string, v1::WorkerMessage> unacked_outcomes_;
   std::set<std::string> cancelled_runs_;
   std::optional<CurrentRun> current_;
   std::optional<v1::Assignment> next_;  // for the training thread to take

@@ -72,18 +72,31 @@ class SimWorker {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection, like a real worker
     args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
-    auto channel = grpc::CreateCustomChannel(o_.coordinator, grpc::InsecureChannelCredentials(), args);
-    auto stub = v1::WorkerService::NewStub(channel);
-    grpc::ClientContext ctx;
-    auto stream = stub->Session(&ctx);
     v1::WorkerMessage reg;
     reg.mutable_register_()->set_worker_id("load-worker-" + std::to_string(index_));
     reg.mutable_register_()->mutable_capabilities()->set_device(v1::CPU);
     reg.mutable_register_()->mutable_capabilities()->set_device_count(1);
     reg.mutable_register_()->mutable_capabilities()->set_version("load-test");
-    if (!stream->Write(reg)) {
-      error_ = "register: the stream failed";
-      return;
+    // Connect and register, retrying like a real worker (hundreds connect at once).
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<v1::WorkerService::Stub> stub;
+    std::unique_ptr<grpc::ClientContext> ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>> stream;
+    for (int attempt = 0;; ++attempt) {
+      channel = grpc::CreateCustomChannel(o_.coordinator, grpc::InsecureChannelCredentials(), args);
+      channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      stub = v1::WorkerService::NewStub(channel);
+      ctx = std::make_unique<grpc::ClientContext>();
+      stream = stub->Session(ctx.get());
+      if (stream->Write(reg)) break;
+      const grpc::Status st = stream->Finish();
+      stream.reset();  // before its context
+      if (attempt == 4 || Clock::now() >= stop_streaming) {
+        error_ = "register: " + st.error_message();
+        return;
+      }
+      ++reconnects_;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200 << attempt));
     }
     std::thread reader([&] { ReadLoop(stream.get()); });
     {
@@ -139,12 +152,13 @@ class SimWorker {
       }
       // Wait (bounded) for the acks of everything sent.
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_until(lock, Clock::now() + std::chrono::seconds(20),
-                     [&] { return broken_ || (progress_sent_.size() == progress_acked_.size() &&
-                                              probe_sent_.size() == probe_acked_.size()); });
+      cv_.wait_until(lock, Clock::now() + std::chrono::seconds(20), [&] {
+        return broken_ ||
+               (progress_sent_.size() == progress_acked_.size() && probe_sent_.size() == probe_acked_.size());
+      });
     }
     stream->WritesDone();
-    ctx.TryCancel();
+    ctx->TryCancel();
     reader.join();
     stream->Finish();
   }
@@ -157,6 +171,7 @@ class SimWorker {
   size_t progress_acked() const { return progress_acked_.size(); }
   size_t probes_acked() const { return probe_acked_.size(); }
   const Latencies& latencies() const { return latencies_; }
+  int reconnects() const { return reconnects_; }
 
  private:
   v1::ProbeReport MakeReport(int64_t step) const {
@@ -237,6 +252,7 @@ class SimWorker {
   int attempt_ = 0;
   bool broken_ = false;
   std::string error_;
+  int reconnects_ = 0;  // failed first connections, retried
   std::map<int64_t, Clock::time_point> progress_sent_, probe_sent_;
   std::set<int64_t> progress_acked_, probe_acked_;
   Latencies latencies_;
@@ -313,23 +329,33 @@ int Main(int argc, char** argv) {
     if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
       return 0;
-    } else if (a == "--coordinator") o.coordinator = value();
-    else if (a == "--data") o.data = value();
-    else if (a == "--workers") o.workers = std::atoi(value().c_str());
-    else if (a == "--seconds") o.seconds = std::atof(value().c_str());
-    else if (a == "--hz") o.hz = std::atoi(value().c_str());
-    else if (a == "--probe-every") o.probe_every = std::atoi(value().c_str());
-    else if (a == "--layers") o.layers = std::atoi(value().c_str());
-    else if (a == "--db") o.db = value();
-    else if (a == "--coordinator-pid") o.pid = std::atoi(value().c_str());
-    else if (a == "--name") o.name = value();
+    } else if (a == "--coordinator")
+      o.coordinator = value();
+    else if (a == "--data")
+      o.data = value();
+    else if (a == "--workers")
+      o.workers = std::atoi(value().c_str());
+    else if (a == "--seconds")
+      o.seconds = std::atof(value().c_str());
+    else if (a == "--hz")
+      o.hz = std::atoi(value().c_str());
+    else if (a == "--probe-every")
+      o.probe_every = std::atoi(value().c_str());
+    else if (a == "--layers")
+      o.layers = std::atoi(value().c_str());
+    else if (a == "--db")
+      o.db = value();
+    else if (a == "--coordinator-pid")
+      o.pid = std::atoi(value().c_str());
+    else if (a == "--name")
+      o.name = value();
     else {
       std::fprintf(stderr, "sinkscope-load-test: unknown argument %s\n%s", a.c_str(), kUsage);
       return 2;
     }
   }
-  if (o.coordinator.empty() || o.data.empty() || o.workers <= 0 || o.hz <= 0 || o.probe_every <= 0 ||
-      o.seconds <= 0 || o.layers <= 0 || o.layers > 64) {
+  if (o.coordinator.empty() || o.data.empty() || o.workers <= 0 || o.hz <= 0 || o.probe_every <= 0 || o.seconds <= 0 ||
+      o.layers <= 0 || o.layers > 64) {
     std::fprintf(stderr, "sinkscope-load-test: need --coordinator, --data and positive sizes\n%s", kUsage);
     return 2;
   }
@@ -379,10 +405,11 @@ int Main(int argc, char** argv) {
 
   // Sent versus stored.
   int64_t progress_sent = 0, probes_sent = 0, progress_acked = 0, probes_acked = 0;
-  int64_t steps_stored = 0, probes_stored = 0, unassigned = 0;
+  int64_t steps_stored = 0, probes_stored = 0, unassigned = 0, reconnects = 0;
   Latencies all;
   std::vector<std::string> errors;
   for (auto& w : workers) {
+    reconnects += w->reconnects();
     progress_sent += static_cast<int64_t>(w->progress_sent());
     probes_sent += static_cast<int64_t>(w->probes_sent());
     progress_acked += static_cast<int64_t>(w->progress_acked());
@@ -420,9 +447,10 @@ int Main(int argc, char** argv) {
   const int64_t lost =
       std::max<int64_t>(0, progress_sent - steps_stored) + std::max<int64_t>(0, probes_sent - probes_stored);
 
-  std::printf("sinkscope load test: %d workers x %d Hz progress, a probe report (%d layers, 64-entry profiles) "
-              "every %d steps, %.0f s, coordinator %s\n",
-              o.workers, o.hz, o.layers, o.probe_every, o.seconds, o.coordinator.c_str());
+  std::printf(
+      "sinkscope load test: %d workers x %d Hz progress, a probe report (%d layers, 64-entry profiles) "
+      "every %d steps, %.0f s, coordinator %s\n",
+      o.workers, o.hz, o.layers, o.probe_every, o.seconds, o.coordinator.c_str());
   std::printf("  %-34s %12s\n", "metric", "value");
   std::printf("  %-34s %12lld\n", "progress sent", static_cast<long long>(progress_sent));
   std::printf("  %-34s %12lld\n", "progress stored", static_cast<long long>(steps_stored));
@@ -445,9 +473,10 @@ int Main(int argc, char** argv) {
       std::printf("  %-34s %12.0f\n", "coordinator CPU, % of one core", 100.0 * (cpu_after - cpu_before) / wall);
     }
   }
-  std::printf("  %-34s %12lld\n", "unacked after the run", static_cast<long long>((progress_sent - progress_acked) +
-                                                                                  (probes_sent - probes_acked)));
+  std::printf("  %-34s %12lld\n", "unacked after the run",
+              static_cast<long long>((progress_sent - progress_acked) + (probes_sent - probes_acked)));
   std::printf("  %-34s %12lld\n", "workers without a run", static_cast<long long>(unassigned));
+  std::printf("  %-34s %12lld\n", "connections retried", static_cast<long long>(reconnects));
   std::printf("  %-34s %12lld\n", "LOST (sent - stored)", static_cast<long long>(lost));
   for (const auto& err : errors) std::printf("  worker error: %s\n", err.c_str());
   return lost == 0 && unassigned == 0 ? 0 : 1;
