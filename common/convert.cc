@@ -51,6 +51,10 @@ v1::ProbeReport ToProto(const ProbeReport& r) {
   return p;
 }
 
+ProbeBatchKind ToProbeBatchKind(const v1::ProbeSpec& p) {
+  return p.batch() == v1::HELD_OUT ? ProbeBatchKind::kHeldOut : ProbeBatchKind::kStepBatch;
+}
+
 ProbeSettings ToProbeSettings(const v1::ProbeSpec& p) {
   ProbeSettings s;
   s.sink_position = p.sink_position();

@@ -8,11 +8,13 @@
 #include "proto/sinkscope/v1/metrics.pb.h"
 #include "worker/engine/probes.h"
 #include "worker/engine/status.h"
+#include "worker/trainer.h"
 
 namespace sinkscope {
 
 v1::ProbeReport ToProto(const ProbeReport& report);
 ProbeSettings ToProbeSettings(const v1::ProbeSpec& spec);
+ProbeBatchKind ToProbeBatchKind(const v1::ProbeSpec& spec);
 
 inline grpc::Status ToGrpcStatus(const Status& s) {
   if (s.ok()) return grpc::Status::OK;

@@ -504,7 +504,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         run->step_seconds = run->step_seconds == 0 ? p.metrics().step_seconds()
                                                    : 0.9 * run->step_seconds + 0.1 * p.metrics().step_seconds();
         ack();
-        exporter_->RecordStep(s, experiments_.at(s.experiment_id()).summary.name(), p.metrics());
+        exporter_->RecordStep(s, p.metrics());
         v1::WatchEvent event;
         event.mutable_step()->set_run_id(s.run_id());
         *event.mutable_step()->mutable_metrics() = p.metrics();
@@ -561,7 +561,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         if (*stored) {
           ++run.probe_reports;
           const v1::RunSummary& s = run.record.summary;
-          exporter_->RecordProbe(s, experiments_.at(s.experiment_id()).summary.name(), p.report());
+          exporter_->RecordProbe(s, p.report());
           v1::WatchEvent event;
           event.mutable_probe()->set_run_id(s.run_id());
           *event.mutable_probe()->mutable_report() = p.report();
@@ -677,17 +677,16 @@ void Coordinator::Tick() {
         old.run_id.clear();
       }
       run.session = 0;
-      store_->EndAttempt(id, s.attempt(), s.step(), "lease lapsed", NowMs()).ok();
       ++run.record.restarts;
       exporter_->RunRestarted();
       if (run.record.restarts > experiments_.at(s.experiment_id()).summary.spec().max_restarts()) {
-        s.set_state(v1::QUEUED);  // the attempt has ended already
         EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
                      "the worker's lease lapsed " + std::to_string(run.record.restarts) + " times (max_restarts " +
                          std::to_string(experiments_.at(s.experiment_id()).summary.spec().max_restarts()) + ")",
                      "lease lapsed");
         continue;
       }
+      store_->EndAttempt(id, s.attempt(), s.step(), "lease lapsed", NowMs()).ok();
       s.set_state(v1::QUEUED);
       s.set_message("requeued after worker " + s.worker_id() + " was lost at step " + std::to_string(s.step()));
       store_->UpdateRun(run.record).ok();

@@ -92,13 +92,16 @@ prometheus::Gauge& Exporter::RunGauge(prometheus::Family<prometheus::Gauge>& fam
   return g;
 }
 
-void Exporter::RecordStep(const v1::RunSummary& run, const std::string& experiment, const v1::StepMetrics& m) {
+Exporter::Labels Exporter::RunLabels(const v1::RunSummary& run) {
+  return {{"experiment", run.experiment_id()},
+          {"arm", v1::Arm_Name(run.arm())},
+          {"seed", std::to_string(run.seed())},
+          {"run", run.run_id()}};
+}
+
+void Exporter::RecordStep(const v1::RunSummary& run, const v1::StepMetrics& m) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Labels base = {{"experiment", run.experiment_id()},
-                       {"arm", v1::Arm_Name(run.arm())},
-                       {"seed", std::to_string(run.seed())},
-                       {"run", run.run_id()}};
-  (void)experiment;
+  const Labels base = RunLabels(run);
   RunGauge(*step_, run.run_id(), base).Set(static_cast<double>(m.step()));
   RunGauge(*loss_, run.run_id(), base).Set(m.loss());
   RunGauge(*lr_, run.run_id(), base).Set(m.learning_rate());
@@ -109,13 +112,9 @@ void Exporter::RecordStep(const v1::RunSummary& run, const std::string& experime
   steps_ingested_->Increment();
 }
 
-void Exporter::RecordProbe(const v1::RunSummary& run, const std::string& experiment, const v1::ProbeReport& p) {
+void Exporter::RecordProbe(const v1::RunSummary& run, const v1::ProbeReport& p) {
   std::lock_guard<std::mutex> lock(mu_);
-  (void)experiment;
-  const Labels base = {{"experiment", run.experiment_id()},
-                       {"arm", v1::Arm_Name(run.arm())},
-                       {"seed", std::to_string(run.seed())},
-                       {"run", run.run_id()}};
+  const Labels base = RunLabels(run);
   RunGauge(*r_gs_median_, run.run_id(), base).Set(p.r_gs_median());
   RunGauge(*probe_step_, run.run_id(), base).Set(static_cast<double>(p.step()));
   for (const v1::LayerProbe& l : p.layers()) {

@@ -38,8 +38,8 @@ class Exporter {
                                                    std::optional<MetricsBasicAuth> basic_auth = std::nullopt);
 
   // Per-run series.
-  void RecordStep(const v1::RunSummary& run, const std::string& experiment_name, const v1::StepMetrics& m);
-  void RecordProbe(const v1::RunSummary& run, const std::string& experiment_name, const v1::ProbeReport& report);
+  void RecordStep(const v1::RunSummary& run, const v1::StepMetrics& m);
+  void RecordProbe(const v1::RunSummary& run, const v1::ProbeReport& report);
   // The run ended: its series are removed once `series_ttl` has passed.
   void RunEnded(const std::string& run_id);
   void RunRestarted();
@@ -57,6 +57,7 @@ class Exporter {
  private:
   Exporter() = default;
   using Labels = std::map<std::string, std::string>;
+  static Labels RunLabels(const v1::RunSummary& run);  // experiment, arm, seed, run
   prometheus::Gauge& RunGauge(prometheus::Family<prometheus::Gauge>& family, const std::string& run_id,
                               const Labels& labels);
 

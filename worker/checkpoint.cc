@@ -93,7 +93,7 @@ StatusOr<Parsed> ReadAndVerify(const std::string& path) {
 }  // namespace
 
 Status SaveCheckpoint(const std::string& path, const Model& model, const TrainingState& state) {
-  Model& m = const_cast<Model&>(model);  // device reads only
+  const Model& m = model;
   const size_t n = model.num_params();
   nlohmann::json header = {{"model", ConfigToJson(model.config())},
                            {"step", state.step},

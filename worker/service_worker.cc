@@ -851,15 +851,14 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   if (auto kind = StopRequested(run)) return stop(*kind);
 
   const ProbeSettings probe_settings = ToProbeSettings(e.probe());
-  const ProbeBatchKind probe_batch =
-      e.probe().batch() == v1::HELD_OUT ? ProbeBatchKind::kHeldOut : ProbeBatchKind::kStepBatch;
+  const ProbeBatchKind probe_batch = ToProbeBatchKind(e.probe());
   const int64_t total = e.train().steps();
   const int probe_every = e.probe().every();
   const int eval_every = e.train().eval_every();
   const int ck_every = e.checkpoint().every();
   while (trainer->step() < total) {
     const int64_t next = trainer->step() + 1;
-    const bool probe_now = probe_every > 0 && (next % probe_every == 0 || trainer->step() == 0 || next == total);
+    const bool probe_now = IsProbeStep(next, probe_every, total);
     ProbeReport report;
     const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
     if (!s.finite) {
@@ -881,7 +880,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     m->set_tokens_per_second(s.tokens_per_second);
     m->set_mfu(s.mfu);
     m->set_step_seconds(s.seconds);
-    if ((eval_every > 0 && s.step % eval_every == 0) || s.step == total) m->set_val_loss(trainer->Evaluate());
+    if (IsEveryOrLast(s.step, eval_every, total)) m->set_val_loss(trainer->Evaluate());
     v1::WorkerMessage probe;
     if (probe_now && report.step == s.step) {
       v1::ProbeUpload* u = probe.mutable_probe();
@@ -906,7 +905,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
         EnqueueProbeLocked(std::move(*probe.mutable_probe()));
       }
     }
-    if ((ck_every > 0 && s.step % ck_every == 0) || s.step == total) {
+    if (IsEveryOrLast(s.step, ck_every, total)) {
       if (Status st = trainer->SaveCheckpoint(ckpt); !st.ok()) {
         return failed(v1::INTERNAL_ERROR, "checkpoint " + ckpt + ": " + st.message(), s.step);
       }

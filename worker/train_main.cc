@@ -94,16 +94,13 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   std::ofstream metrics(r.dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
   std::ofstream probes(r.dir + "/probes.jsonl", resume ? std::ios::app : std::ios::trunc);
   const ProbeSettings probe_settings = ToProbeSettings(e.probe());
-  const ProbeBatchKind probe_batch =
-      e.probe().batch() == v1::HELD_OUT ? ProbeBatchKind::kHeldOut : ProbeBatchKind::kStepBatch;
+  const ProbeBatchKind probe_batch = ToProbeBatchKind(e.probe());
   const int64_t total = e.train().steps();
   ProgressBar bar(r.arm + " seed " + std::to_string(seed), total);
   double tok_s_sum = 0, recent_loss = 0;
   int64_t timed_steps = 0, recent_count = 0;
   while (trainer->step() < total) {
-    const int probe_every = e.probe().every();
-    const bool probe_now = probe_every > 0 && ((trainer->step() + 1) % probe_every == 0 || trainer->step() == 0 ||
-                                               trainer->step() + 1 == total);
+    const bool probe_now = IsProbeStep(trainer->step() + 1, e.probe().every(), total);
     ProbeReport report;
     const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
     if (probe_now && s.finite) {
@@ -128,15 +125,13 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
     }
     nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
                            {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
-    const int every = e.train().eval_every();
-    if ((every > 0 && s.step % every == 0) || s.step == total) {
+    if (IsEveryOrLast(s.step, e.train().eval_every(), total)) {
       r.val_loss = trainer->Evaluate();
       line["val_loss"] = r.val_loss;
     }
     metrics << line.dump() << "\n";
     bar.Update(s.step, s.loss, s.tokens_per_second);
-    const int ck = e.checkpoint().every();
-    if ((ck > 0 && s.step % ck == 0) || s.step == total) RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt));
+    if (IsEveryOrLast(s.step, e.checkpoint().every(), total)) RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt));
   }
   bar.Finish();
   if (std::isnan(r.val_loss)) r.val_loss = trainer->Evaluate();

@@ -48,13 +48,6 @@ Status Trainer::Resume(const std::string& path) {
 
 Status Trainer::SaveCheckpoint(const std::string& path) const { return sinkscope::SaveCheckpoint(path, *model_, state_); }
 
-void Trainer::PeekMicroBatch(int m, std::vector<int32_t>* inputs, std::vector<int32_t>* targets) const {
-  const int B = options_.micro_batch, T = options_.model.context;
-  inputs->resize(static_cast<size_t>(B) * T);
-  targets->resize(inputs->size());
-  data_->train.Sample(data_seed(), state_.data_counter + m, B, T, inputs->data(), targets->data());
-}
-
 StepStats Trainer::Step(PassObserver* observer) {
   const auto start = std::chrono::steady_clock::now();
   const int B = options_.micro_batch, T = options_.model.context, A = options_.grad_accum;

@@ -42,6 +42,16 @@ struct StepStats {
   bool finite = true;  // false: NaN/Inf loss or gradient; no update was made
 };
 
+// The cadence of a run, shared by every trainer front end. `step` is 1-based.
+// Training probes: the first step, every `every` steps, and the last; never when every ≤ 0.
+inline bool IsProbeStep(int64_t step, int every, int64_t total) {
+  return every > 0 && (step == 1 || step % every == 0 || step == total);
+}
+// Validation and checkpoints: every `every` steps (none when every ≤ 0) and the last.
+inline bool IsEveryOrLast(int64_t step, int every, int64_t total) {
+  return (every > 0 && step % every == 0) || step == total;
+}
+
 // Times a large Gemm on `backend` and returns its rate in FLOP/s: the peak against which
 // the CPU backend's MFU is stated.
 double MeasureGemmPeak(Backend& backend);
@@ -67,10 +77,6 @@ class Trainer {
   StepStats ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind, ProbeReport* report);
   // Mean token loss over eval_batches fixed validation batches (the same every call).
   double Evaluate();
-  // Draws the next global batch's tokens without training (for probes on the step's
-  // own batch: the probe and the step see the same batch). Micro-batch m of the next
-  // step is draw data_counter + m.
-  void PeekMicroBatch(int m, std::vector<int32_t>* inputs, std::vector<int32_t>* targets) const;
 
   Model& model() { return *model_; }
   const TrainerOptions& options() const { return options_; }

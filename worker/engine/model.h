@@ -83,10 +83,11 @@ class Model {
   const std::vector<ParamTensor>& tensors() const { return tensors_; }
   const ParamTensor* FindTensor(const std::string& name) const;
   size_t num_params() const { return num_params_; }
-  float* params() { return params_; }
-  float* grads() { return grads_; }
-  float* adam_m() { return adam_m_; }
-  float* adam_v() { return adam_v_; }
+  // Device buffers; a const Model still hands them out for reading (checkpoints, probes).
+  float* params() const { return params_; }
+  float* grads() const { return grads_; }
+  float* adam_m() const { return adam_m_; }
+  float* adam_v() const { return adam_v_; }
   LayerParams layer(int l) const { return View(params_, l); }
   LayerParams layer_grad(int l) const { return View(grads_, l); }
   // C_{ℓ,g} base: d_model·d_head·σ² (multiplied by exp θ).
