@@ -912,6 +912,13 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       saved_step = s.step;
       Log(LogLevel::kDebug, "checkpoint", {{"run_id", run}, {"step", Str(s.step)}, {"path", ckpt}});
     }
+    if (s.step == options_.fault_stall_after_step && s.step < total) {
+      Log(LogLevel::kWarning, "fault_stall", {{"run_id", run}, {"step", Str(s.step)}});
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] {
+        return stopping_ || cancelled_runs_.count(run) || (current_ && current_->run_id == run && current_->cancelled);
+      });
+    }
     if (s.step < total) {
       if (auto kind = StopRequested(run)) return stop(*kind);
     }

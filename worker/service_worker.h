@@ -95,6 +95,10 @@ struct WorkerOptions {
   std::chrono::milliseconds shutdown_flush{2000};
   // Seed of the back-off jitter; 0: random.
   uint64_t jitter_seed = 0;
+  // Fault injection for tests: once a run of this worker completes this step (and its
+  // checkpoint, if due), training stops and waits for a cancel or shutdown while the
+  // worker keeps heartbeating, so a test can kill a worker at a known step. 0: off.
+  int64_t fault_stall_after_step = 0;
 };
 
 // What the worker is doing, for tests and logs.

@@ -46,6 +46,11 @@ security (docs/security.md):
   A coordinator that rejects the token (UNAUTHENTICATED) or the TLS handshake is logged as
   an error (auth_rejected, tls_failed) on every attempt; the worker keeps retrying with
   back-off, so a corrected coordinator is picked up without a restart.
+
+fault injection (tests):
+  --fault-stall-after-step N  after completing step N of a run (and its checkpoint, if due),
+                           stop training and wait for a cancel or shutdown while still
+                           heartbeating, so a test can kill this worker at a known step
 )";
 
 // SIGINT and SIGTERM: the handler writes a byte to a pipe (async-signal-safe) and a
@@ -119,6 +124,14 @@ int Main(int argc, char** argv) {
       if (!take(&tls.key_file) || tls.key_file.empty()) return Usage("--tls-key needs a FILE");
     } else if (a == "--tls-server-name") {
       if (!take(&tls.server_name) || tls.server_name.empty()) return Usage("--tls-server-name needs a NAME");
+    } else if (a == "--fault-stall-after-step") {
+      std::string n;
+      if (!take(&n)) return Usage("--fault-stall-after-step needs a step");
+      char* end = nullptr;
+      options.fault_stall_after_step = std::strtoll(n.c_str(), &end, 10);
+      if (n.empty() || *end != '\0' || options.fault_stall_after_step <= 0) {
+        return Usage("--fault-stall-after-step: '" + n + "' is not a positive step");
+      }
     } else if (a == "--token-file") {
       if (!take(&token_file) || token_file.empty()) return Usage("--token-file needs a FILE");
     } else {

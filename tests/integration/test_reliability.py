@@ -98,7 +98,7 @@ class ReliabilityTest(unittest.TestCase):
         self.assertEqual(c.wait_state(done_id, {"COMPLETED", "FAILED_RUNS"}, timeout=300)["state"], "COMPLETED",
                          self.logs())
 
-        steps = 1000
+        steps = 3000  # long enough on a fast machine that both kills land mid-run
         path, _ = self.write_experiment("crash", steps=steps, probe_every=10, checkpoint_every=50,
                                         arms=("vscale",), d_model=64)
         eid = self.submit(path)

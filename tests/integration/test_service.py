@@ -203,20 +203,26 @@ scrape_configs:
     # --- SIGKILL of a worker mid-run --------------------------------------------------------
     def test_5_sigkill_worker_restarts_from_checkpoint_without_losing_reports(self):
         c = self.cluster
-        c.start_worker("worker-b")
+        # The victim is the only worker when the run is submitted and stalls after step 30
+        # (its checkpoint written), heartbeating, so the kill lands at a known step however
+        # fast the machine trains; the rescuer starts only then.
+        c.workers["worker-a"].stop()
+        stall = 30
+        victim = "worker-victim"
+        c.start_worker(victim, extra_args=("--fault-stall-after-step", str(stall)))
         steps = 80
         path, spec = self.write_experiment("kill", steps=steps, probe_every=10, checkpoint_every=10,
                                            arms=("vscale",), d_model=64)
         eid = self.submit(path)
         run_id = f"{eid}-vscale-s0"
 
-        def holder():
-            s = c.status(eid)
-            run = runs_of(s)[0]
-            return field(run, "worker_id") if run.get("state") == "RUNNING" and int(field(run, "step") or 0) >= 25 \
-                else None
+        def stalled():
+            run = runs_of(c.status(eid))[0]
+            return run.get("state") == "RUNNING" and field(run, "worker_id") == victim and \
+                int(field(run, "step") or 0) == stall
 
-        victim = wait_for(holder, 300, "the run to pass step 25")
+        wait_for(stalled, 300, f"the run to stall at step {stall} on {victim}")
+        c.start_worker("worker-b")
         c.workers[victim].kill(signal.SIGKILL)
         status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
         self.assertEqual(status["state"], "COMPLETED", c.logs())
@@ -226,8 +232,9 @@ scrape_configs:
         attempts = c.sql("SELECT attempt, worker_id, outcome, start_step FROM attempts WHERE run_id = ? "
                          "ORDER BY attempt", run_id)
         self.assertEqual(len(attempts), 2)
+        self.assertEqual(attempts[0][1], victim)
         self.assertEqual(attempts[0][2], "lease lapsed")
-        self.assertGreater(attempts[1][3], 0, "the second attempt resumed from a checkpoint")
+        self.assertEqual(attempts[1][3], stall, "the second attempt resumed from the step-30 checkpoint")
         # Every probe report stored exactly once, none missing.
         probes = [s for (s,) in c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)]
         self.assertEqual(probes, harness.expected_probe_steps(steps, 10))
