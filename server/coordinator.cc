@@ -664,6 +664,19 @@ void Coordinator::Tick() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     const auto now = std::chrono::steady_clock::now();
+    if (last_tick_ && now - *last_tick_ > std::chrono::duration<double>(kStallSeconds)) {
+      const auto gap = now - *last_tick_;
+      int extended = 0;
+      for (auto& [id, run] : runs_) {
+        if (run.record.summary.state() != v1::RUNNING) continue;
+        run.lease_deadline += gap;
+        ++extended;
+      }
+      Log(LogLevel::kWarning, "coordinator_stalled",
+          {{"seconds", std::to_string(std::chrono::duration<double>(gap).count())},
+           {"leases_extended", std::to_string(extended)}});
+    }
+    last_tick_ = now;
     for (auto& [id, run] : runs_) {
       v1::RunSummary& s = run.record.summary;
       if (s.state() != v1::RUNNING || now < run.lease_deadline) continue;

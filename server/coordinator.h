@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,7 +73,13 @@ class Coordinator {
 
   // --- scheduler -----------------------------------------------------------------
   // Lapses leases, places queued runs, refreshes fleet gauges, expires old series.
+  // Called every fraction of a second; when the previous call was more than
+  // kStallSeconds ago (the coordinator was stalled: a slow store write holding the lock,
+  // the process paused), every running lease is extended by the gap first, so the
+  // workers' heartbeats that queued up meanwhile are not blamed for the coordinator's
+  // own delay.
   void Tick();
+  static constexpr double kStallSeconds = 1.0;
 
   const Options& options() const { return options_; }
 
@@ -115,6 +122,7 @@ class Coordinator {
   std::map<std::string, ExperimentRecord> experiments_;   // guarded by mu_
   std::vector<std::string> experiment_order_;             // guarded by mu_: submission order
   std::map<std::string, Run> runs_;                       // guarded by mu_
+  std::optional<std::chrono::steady_clock::time_point> last_tick_;  // guarded by mu_
   std::map<std::string, std::vector<std::string>> experiment_runs_;  // guarded by mu_
   std::deque<std::string> queue_;                         // guarded by mu_: QUEUED run ids, FIFO
   std::map<int64_t, Session> sessions_;                   // guarded by mu_

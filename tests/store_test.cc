@@ -375,8 +375,9 @@ class CoordinatorOverStore : public ::testing::Test {
     exporter_ = std::move(*exporter);
     StartCoordinator();
   }
-  void StartCoordinator() {
+  void StartCoordinator(double lease_seconds = 10) {
     Coordinator::Options options;
+    options.lease_seconds = lease_seconds;
     options.check_data_paths = false;
     options.checkpoint_root = dir_.File("checkpoints");
     auto c = Coordinator::Create(store_.get(), exporter_.get(), options);
@@ -519,6 +520,30 @@ TEST_F(CoordinatorOverStore, RestartedOnTheSameStoreTheRunCarriesOnUnderItsAttem
   auto count = store_->CountProbes(run);
   ASSERT_TRUE(count.ok());
   EXPECT_EQ(*count, 1);
+}
+
+TEST_F(CoordinatorOverStore, AStalledCoordinatorExtendsLeasesInsteadOfBlamingTheWorker) {
+  StartCoordinator(/*lease_seconds=*/1.2);
+  const std::string run = SubmitAndAssign();
+  coordinator_->Tick();
+  // The coordinator itself stalls (a slow store write, a paused process) past the lease;
+  // the worker's heartbeats would be queued behind it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  coordinator_->Tick();
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::RUNNING);
+  EXPECT_EQ(summary->runs(0).attempt(), 1);
+  EXPECT_EQ(Sorted(writer_->Take()).cancels, 0);
+  // Ticking on time with no word from the worker, the extended lease still lapses.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (std::chrono::steady_clock::now() < until && Sorted(writer_->Take()).cancels == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    coordinator_->Tick();
+  }
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).attempt(), 2) << "the lease never lapsed";
 }
 
 TEST_F(CoordinatorOverStore, RefusesWorkerMessagesOutsideTheRun) {

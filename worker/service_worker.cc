@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
+#include <thread>
 #include <vector>
 
 #include "common/convert.h"
@@ -912,6 +913,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       saved_step = s.step;
       Log(LogLevel::kDebug, "checkpoint", {{"run_id", run}, {"step", Str(s.step)}, {"path", ckpt}});
     }
+    if (options_.fault_step_delay.count() > 0) std::this_thread::sleep_for(options_.fault_step_delay);
     if (s.step == options_.fault_stall_after_step && s.step < total) {
       Log(LogLevel::kWarning, "fault_stall", {{"run_id", run}, {"step", Str(s.step)}});
       std::unique_lock<std::mutex> lock(mu_);

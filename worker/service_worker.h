@@ -99,6 +99,9 @@ struct WorkerOptions {
   // checkpoint, if due), training stops and waits for a cancel or shutdown while the
   // worker keeps heartbeating, so a test can kill a worker at a known step. 0: off.
   int64_t fault_stall_after_step = 0;
+  // Fault injection for tests: a pause after every step, so a run lasts at least
+  // steps × this however fast the machine is. 0: off.
+  std::chrono::milliseconds fault_step_delay{0};
 };
 
 // What the worker is doing, for tests and logs.

@@ -51,6 +51,8 @@ fault injection (tests):
   --fault-stall-after-step N  after completing step N of a run (and its checkpoint, if due),
                            stop training and wait for a cancel or shutdown while still
                            heartbeating, so a test can kill this worker at a known step
+  --fault-step-delay-ms MS pause MS milliseconds after every step, so a run lasts at least
+                           steps × MS however fast the machine is
 )";
 
 // SIGINT and SIGTERM: the handler writes a byte to a pipe (async-signal-safe) and a
@@ -132,6 +134,15 @@ int Main(int argc, char** argv) {
       if (n.empty() || *end != '\0' || options.fault_stall_after_step <= 0) {
         return Usage("--fault-stall-after-step: '" + n + "' is not a positive step");
       }
+    } else if (a == "--fault-step-delay-ms") {
+      std::string n;
+      if (!take(&n)) return Usage("--fault-step-delay-ms needs milliseconds");
+      char* end = nullptr;
+      const long long ms = std::strtoll(n.c_str(), &end, 10);
+      if (n.empty() || *end != '\0' || ms < 0) {
+        return Usage("--fault-step-delay-ms: '" + n + "' is not a count of milliseconds");
+      }
+      options.fault_step_delay = std::chrono::milliseconds(ms);
     } else if (a == "--token-file") {
       if (!take(&token_file) || token_file.empty()) return Usage("--token-file needs a FILE");
     } else {

@@ -39,9 +39,9 @@ def free_port():
 
 
 def wait_for(predicate, timeout, what, interval=0.2):
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     last = None
-    while time.time() < deadline:
+    while time.monotonic() < deadline:
         last = predicate()
         if last:
             return last
@@ -87,26 +87,37 @@ class Cluster:
         self.dir = tempfile.mkdtemp(prefix="sinkscope-it-")
         self.cli_args = list(cli_args)  # global flags of every cli() call (e.g. --tls-ca, --token-file)
         self.db = os.path.join(self.dir, "store.db")
-        self.grpc_port = free_port()
-        self.metrics_port = free_port()
+        # The coordinator picks free ports itself (port 0) the first time it starts and
+        # reports them; a restart reuses them. (A port chosen here and bound later could be
+        # taken meanwhile by a test running in parallel.)
+        self.grpc_port = None
+        self.metrics_port = None
         self.lease_seconds = lease_seconds
         self.workers = {}
         self.coordinator = None
 
     @property
     def address(self):
+        assert self.grpc_port, "the coordinator has not started yet"
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start_coordinator(self, extra_args=(), env=None):
-        self.coordinator = Process("coordinator", [
-            binary("sinkscope-coordinator"), "--listen", self.address,
-            "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--db", self.db,
+    def start_coordinator(self, extra_args=(), env=None, log_name="coordinator"):
+        """Starts (or restarts, on the same ports and --db) the coordinator, logging to
+        `log_name`.log, and returns once it has logged coordinator_started."""
+        self.coordinator = Process(log_name, [
+            binary("sinkscope-coordinator"), "--listen", f"127.0.0.1:{self.grpc_port or 0}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port or 0}", "--db", self.db,
             "--checkpoint-root", os.path.join(self.dir, "checkpoints"),
             "--lease-seconds", str(self.lease_seconds), "--heartbeat-seconds", "0.5", "--verbose",
             *extra_args], self.dir, env=env)
-        wait_for(lambda: "listening" in self.coordinator.output() or not self.coordinator.alive(), 30,
-                 "the coordinator to listen")
-        assert self.coordinator.alive(), self.coordinator.output()
+        wait_for(lambda: "event=coordinator_started" in self.coordinator.output() or not self.coordinator.alive(),
+                 60, "the coordinator to start")
+        out = self.coordinator.output()
+        assert self.coordinator.alive(), out
+        ports = re.search(r"listening grpc=(\d+) metrics=(\d+)", out)
+        assert ports, out
+        self.grpc_port, self.metrics_port = int(ports.group(1)), int(ports.group(2))
+        return self.coordinator
 
     def start_worker(self, worker_id, extra_args=(), env=None):
         self.workers[worker_id] = Process(worker_id, [
@@ -280,16 +291,7 @@ def http_get(url, user=None, password=None, timeout=5):
 def start_coordinator_logged(cluster, log_name, extra_args=()):
     """Starts (or restarts) the cluster's coordinator on its usual ports and --db, logging
     to `log_name`.log, so a restart keeps the first incarnation's log."""
-    cluster.coordinator = Process(log_name, [
-        binary("sinkscope-coordinator"), "--listen", cluster.address,
-        "--metrics-listen", f"127.0.0.1:{cluster.metrics_port}", "--db", cluster.db,
-        "--checkpoint-root", os.path.join(cluster.dir, "checkpoints"),
-        "--lease-seconds", str(cluster.lease_seconds), "--heartbeat-seconds", "0.5", "--verbose",
-        *extra_args], cluster.dir)
-    wait_for(lambda: "listening" in cluster.coordinator.output() or not cluster.coordinator.alive(), 30,
-             "the coordinator to listen")
-    assert cluster.coordinator.alive(), cluster.coordinator.output()
-    return cluster.coordinator
+    return cluster.start_coordinator(extra_args, log_name=log_name)
 
 
 def table_rows(cluster, table, order_by):

@@ -701,14 +701,14 @@ class DashboardTest(unittest.TestCase):
         """sinkscope-health, the images' HEALTHCHECK, exits 0 on the serving coordinator
         and 1 where nothing serves."""
         health = harness.binary("sinkscope-health")
-        r = subprocess.run([health, "--address", self.cluster.address, "--timeout", "5"], capture_output=True,
+        r = subprocess.run([health, "--address", self.cluster.address, "--timeout", "20"], capture_output=True,
                            text=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("SERVING", r.stdout)
         r = subprocess.run([health, "--address", f"127.0.0.1:{harness.free_port()}", "--timeout", "2"],
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
-        r = subprocess.run([health, "--address", self.cluster.address, "--service", "no.such.Service"],
+        r = subprocess.run([health, "--address", self.cluster.address, "--service", "no.such.Service", "--timeout", "20"],
                            capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 1)
         self.assertIn("NOT_FOUND", r.stderr)

@@ -91,14 +91,16 @@ class ReliabilityTest(unittest.TestCase):
     # --- SIGKILL of the coordinator mid-run, restart on the same store ------------------
     def test_6_sigkill_coordinator_restart_on_same_store(self):
         c = self.cluster
-        worker = c.start_worker("worker-a")
+        # 4 ms after every step: the run lasts at least 6 s however fast the machine is, so
+        # both kills land mid-run.
+        worker = c.start_worker("worker-a", ["--fault-step-delay-ms", "4"])
         # A finished experiment first: it must survive the crash untouched.
         path, _ = self.write_experiment("before", steps=10, probe_every=5, checkpoint_every=5, arms=("baseline",))
         done_id = self.submit(path)
         self.assertEqual(c.wait_state(done_id, {"COMPLETED", "FAILED_RUNS"}, timeout=300)["state"], "COMPLETED",
                          self.logs())
 
-        steps = 3000  # long enough on a fast machine that both kills land mid-run
+        steps = 1500
         path, _ = self.write_experiment("crash", steps=steps, probe_every=10, checkpoint_every=50,
                                         arms=("vscale",), d_model=64)
         eid = self.submit(path)

@@ -173,24 +173,25 @@ class TlsTest(SecurityCase):
 
     def test_cli_without_the_ca_fails_clearly(self):
         # Plaintext against a TLS port: unreachable, with the hint to pass --tls-ca.
-        r = self.cluster.cli("list", check=False, global_args=["--timeout", "5"])
+        r = self.cluster.cli("list", check=False, global_args=["--timeout", "30"])
         self.assertIn(r.returncode, (3, 4), r.stderr)
         self.assertIn("--tls-ca", r.stderr)
         # TLS against the system CAs, which do not know the test CA: the handshake fails.
-        r = self.cluster.cli("list", check=False, global_args=["--tls", "--timeout", "5"])
+        r = self.cluster.cli("list", check=False, global_args=["--tls", "--timeout", "30"])
         self.assertEqual(r.returncode, 4, r.stderr)
         self.assertIn("TLS handshake with the coordinator", r.stderr)
         self.assertIn("--tls-ca", r.stderr)
 
     def test_cli_with_a_name_not_in_the_certificate_fails(self):
         r = self.cluster.cli("list", check=False,
-                             global_args=["--tls-ca", PKI["ca"], "--tls-server-name", "other.example", "--timeout", "5"])
+                             global_args=["--tls-ca", PKI["ca"], "--tls-server-name", "other.example", "--timeout", "30"])
         self.assertEqual(r.returncode, 4, r.stderr)
         self.assertIn("--tls-server-name", r.stderr)
 
     def test_worker_connects_over_tls(self):
         wait_for(lambda: self.metric("sinkscope_workers_connected") == 1, 60, "the TLS worker to register")
-        self.assertIn("event=registered", self.cluster.workers["worker-tls"].output())
+        wait_for(lambda: "event=registered" in self.cluster.workers["worker-tls"].output(), 30,
+                 "the TLS worker to log its registration")
 
     def test_python_client_over_tls(self):
         pb = harness.python_stubs()
@@ -224,14 +225,14 @@ class MutualTlsTest(SecurityCase):
                                                   "--tls-key", PKI["rogue_key"]])
 
     def test_1_cli_without_a_client_certificate_is_rejected(self):
-        r = self.cluster.cli("list", check=False, global_args=["--tls-ca", PKI["ca"], "--timeout", "5"])
+        r = self.cluster.cli("list", check=False, global_args=["--tls-ca", PKI["ca"], "--timeout", "30"])
         self.assertEqual(r.returncode, 4, r.stderr)
         self.assertIn("TLS handshake", r.stderr)
         self.assertIn("--tls-cert", r.stderr)
 
     def test_1_cli_with_a_certificate_of_another_ca_is_rejected(self):
         r = self.cluster.cli("list", check=False, global_args=[
-            "--tls-ca", PKI["ca"], "--tls-cert", PKI["rogue_crt"], "--tls-key", PKI["rogue_key"], "--timeout", "5"])
+            "--tls-ca", PKI["ca"], "--tls-cert", PKI["rogue_crt"], "--tls-key", PKI["rogue_key"], "--timeout", "30"])
         self.assertEqual(r.returncode, 4, r.stderr)
 
     def test_1_cli_with_its_certificate_works(self):
@@ -263,8 +264,9 @@ class MutualTlsTest(SecurityCase):
         for name in ("worker-nocert", "worker-rogue"):
             w = self.cluster.workers[name]
             self.assertTrue(w.alive(), w.output())  # retrying with back-off
+            # An error that says what to check, logged on the first attempt.
+            wait_for(lambda: "event=tls_failed" in w.output(), 60, f"{name} to log tls_failed")
             out = w.output()
-            self.assertIn("event=tls_failed", out)  # an error that says what to check
             self.assertNotIn("event=registered", out)
             self.assertNotIn("event=assignment", out)
             self.assertNotIn("event=run_start", out)

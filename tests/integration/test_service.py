@@ -104,20 +104,14 @@ class ServiceTest(unittest.TestCase):
         c = self.cluster
         eid = type(self).experiment_id
         self.assertIsNotNone(eid, "test_1 must run first")
-        port = harness.free_port()
         prom_dir = tempfile.mkdtemp(prefix="prom-", dir=c.dir)
-        config = os.path.join(prom_dir, "prometheus.yml")
-        with open(config, "w") as f:
-            f.write(f"""global:
+        prom, port = harness.start_prometheus(prom_dir, f"""global:
   scrape_interval: 1s
 scrape_configs:
   - job_name: sinkscope
     static_configs:
       - targets: ['127.0.0.1:{c.metrics_port}']
 """)
-        prom = harness.Process("prometheus", ["prometheus", f"--config.file={config}",
-                                              f"--storage.tsdb.path={prom_dir}/data",
-                                              f"--web.listen-address=127.0.0.1:{port}"], prom_dir)
         try:
             run_id = f"{eid}-vscale-s0"
             query = f'sinkscope_probe_gradient_sink_ratio{{run="{run_id}",layer="1"}}'
@@ -129,7 +123,7 @@ scrape_configs:
                     return None
                 return r["data"]["result"] if r.get("status") == "success" and r["data"]["result"] else None
 
-            series = wait_for(result, 60, "Prometheus to scrape the probe series")
+            series = wait_for(result, 120, "Prometheus to scrape the probe series")
             self.assertEqual(len(series), 1)
             labels = series[0]["metric"]
             self.assertEqual(labels["experiment"], eid)
