@@ -185,7 +185,11 @@ class Coordinator {
                    options_.coordinator.c_str(), GrpcCodeName(code), status.error_message().c_str(), hint);
       return kExitAuth;
     }
-    if (code == grpc::StatusCode::UNAVAILABLE || (code == grpc::StatusCode::DEADLINE_EXCEEDED && !connected)) {
+    // UNAVAILABLE over a connected channel is the coordinator's own answer (its store
+    // cannot be written, it is shutting down), not an unreachable coordinator.
+    const bool answered = connected && status.error_message().rfind("store ", 0) == 0;
+    if ((code == grpc::StatusCode::UNAVAILABLE && !answered) ||
+        (code == grpc::StatusCode::DEADLINE_EXCEEDED && !connected)) {
       std::string detail = status.error_message();
       if (code == grpc::StatusCode::DEADLINE_EXCEEDED) {
         detail = "no connection within the " + Seconds(options_.timeout_seconds) + " s deadline (--timeout)";

@@ -88,7 +88,9 @@ Status Store::Error(const char* what) const {
   const int code = sqlite3_extended_errcode(db_);
   StatusCode status_code = StatusCode::kInternal;
   switch (code & 0xff) {
-    case SQLITE_FULL:      // disk full, or PRAGMA max_page_count reached
+    case SQLITE_FULL:  // disk full, or PRAGMA max_page_count reached
+      status_code = StatusCode::kResourceExhausted;
+      break;
     case SQLITE_READONLY:  // read-only file, folder or file system
     case SQLITE_IOERR:
     case SQLITE_BUSY:

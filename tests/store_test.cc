@@ -144,7 +144,7 @@ TEST(StoreFailures, DiskFullFailsWithTheReasonAndChangesNothing) {
   grown.summary.set_step(2);
   grown.summary.set_message(std::string(64 << 10, 'y'));
   Status s = store->PutStep(grown, MakeStep(2));
-  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
   EXPECT_THAT(s.message(), AllOf(HasSubstr("store " + path), HasSubstr("put step: update run"), HasSubstr(kDiskFull)));
   EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), std::vector<int64_t>{1});
   auto runs = store->LoadRuns();
@@ -157,7 +157,7 @@ TEST(StoreFailures, DiskFullFailsWithTheReasonAndChangesNothing) {
   std::vector<RunRecord> runs2;
   for (int i = 0; i < 8; ++i) runs2.push_back(MakeRun("exp-2", "vscale-s" + std::to_string(i), 16 << 10));
   s = store->InsertExperiment(MakeExperiment("exp-2"), runs2);
-  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted);
   EXPECT_THAT(s.message(), AllOf(HasSubstr("store " + path), HasSubstr("insert"), HasSubstr(kDiskFull)));
   auto experiments = store->LoadExperiments();
   ASSERT_TRUE(experiments.ok());
@@ -459,6 +459,7 @@ TEST_F(CoordinatorOverStore, SubmitAndCancelOnAFailingStoreChangeNothing) {
   for (int i = 1; i < 400; ++i) big.add_seeds(i);  // 400 runs do not fit
   auto full = coordinator_->Submit(big);
   ASSERT_FALSE(full.ok());
+  EXPECT_EQ(full.status().code(), StatusCode::kResourceExhausted);
   EXPECT_THAT(full.status().message(), AllOf(HasSubstr("store " + path_), HasSubstr(kDiskFull)));
   EXPECT_EQ(coordinator_->ListExperiments(0).experiments_size(), 1);
   ASSERT_TRUE(store_->ExecForTesting("PRAGMA max_page_count = 1073741823").ok());

@@ -17,6 +17,7 @@ enum class StatusCode : int {
   kInvalidArgument = 3,
   kNotFound = 5,
   kAlreadyExists = 6,
+  kResourceExhausted = 8,
   kFailedPrecondition = 9,
   kAborted = 10,
   kOutOfRange = 11,
