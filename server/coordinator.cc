@@ -208,6 +208,25 @@ void Coordinator::Unwatch(const std::shared_ptr<Watcher>& watcher) {
   watchers_.erase(std::remove(watchers_.begin(), watchers_.end(), watcher), watchers_.end());
 }
 
+void Coordinator::RequeueLocked(Run& run, const std::string& outcome, const std::string& message) {
+  v1::RunSummary& s = run.record.summary;
+  if (Status st = store_->EndAttempt(s.run_id(), s.attempt(), s.step(), outcome, NowMs()); !st.ok()) {
+    Log(LogLevel::kError, "store_write_failed", {{"what", "attempt"}, {"error", st.message()}});
+  }
+  if (run.session != 0) {
+    auto it = sessions_.find(run.session);
+    if (it != sessions_.end() && it->second.run_id == s.run_id()) it->second.run_id.clear();
+    run.session = 0;
+  }
+  s.set_state(v1::QUEUED);
+  s.set_message(message);
+  if (Status st = store_->UpdateRun(run.record); !st.ok()) {
+    Log(LogLevel::kError, "store_write_failed", {{"what", "run state"}, {"error", st.message()}});
+  }
+  queue_.push_back(s.run_id());
+  PublishSnapshotLocked(s.experiment_id());
+}
+
 void Coordinator::EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
                                const std::string& outcome) {
   v1::RunSummary& s = run.record.summary;
@@ -599,6 +618,28 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         out.push_back({session.writer, std::move(ack)});
         break;
       }
+      case v1::WorkerMessage::kReleased: {
+        // The worker is shutting down and gave the run back after checkpointing it:
+        // requeued at once, no restart counted; the worker gets no new run.
+        const v1::RunReleased& r = msg.released();
+        session.draining = true;
+        if (Run* run = run_of(r.run_id(), r.attempt())) {
+          v1::RunSummary& s = run->record.summary;
+          if (r.step() >= 0 && r.step() <= s.total_steps()) s.set_step(std::max(s.step(), r.step()));
+          Log(LogLevel::kInfo, "run_released",
+              {{"run", s.run_id()}, {"worker", s.worker_id()}, {"step", std::to_string(r.step())},
+               {"checkpoint_step", std::to_string(r.checkpoint_step())}, {"reason", r.reason()}});
+          RequeueLocked(*run, "released",
+                        "requeued: worker " + s.worker_id() + " stopped at step " + std::to_string(r.step()) +
+                            " and gave the run back (" + r.reason() + "); resumes from the checkpoint at step " +
+                            std::to_string(r.checkpoint_step()));
+        }
+        v1::CoordinatorMessage ack;
+        ack.mutable_ack()->set_run_id(r.run_id());
+        ack.mutable_ack()->set_outcome(true);
+        out.push_back({session.writer, std::move(ack)});
+        break;
+      }
       default:
         break;
     }
@@ -617,7 +658,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
     Session* chosen = nullptr;
     int64_t chosen_id = 0;
     for (auto& [id, session] : sessions_) {
-      if (!session.registered || !session.run_id.empty()) continue;
+      if (!session.registered || session.draining || !session.run_id.empty()) continue;
       if (session.capabilities.device() != spec.resources().device()) continue;
       if (session.capabilities.device_count() < spec.resources().devices_per_run()) continue;
       chosen = &session;
@@ -699,15 +740,11 @@ void Coordinator::Tick() {
                      "lease lapsed");
         continue;
       }
-      store_->EndAttempt(id, s.attempt(), s.step(), "lease lapsed", NowMs()).ok();
-      s.set_state(v1::QUEUED);
-      s.set_message("requeued after worker " + s.worker_id() + " was lost at step " + std::to_string(s.step()));
-      store_->UpdateRun(run.record).ok();
-      queue_.push_back(id);
       Log(LogLevel::kWarning, "lease_lapsed",
           {{"run", id}, {"worker", s.worker_id()}, {"step", std::to_string(s.step())},
            {"restarts", std::to_string(run.record.restarts)}});
-      PublishSnapshotLocked(s.experiment_id());
+      RequeueLocked(run, "lease lapsed",
+                    "requeued after worker " + s.worker_id() + " was lost at step " + std::to_string(s.step()));
     }
     PlaceLocked(out);
     int workers = 0, queued = static_cast<int>(queue_.size()), running = 0;

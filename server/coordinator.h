@@ -97,6 +97,7 @@ class Coordinator {
     v1::Capabilities capabilities;
     bool registered = false;
     std::string run_id;  // the run it trains; empty when idle
+    bool draining = false;  // it released its run while shutting down: no new run for it
   };
   using Outbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
 
@@ -105,6 +106,9 @@ class Coordinator {
 
   // All below require mu_.
   v1::ExperimentSummary SummaryLocked(const std::string& id, bool with_spec);
+  // Ends the run's current attempt with `outcome` and queues it again (to resume from its
+  // latest checkpoint), with `message` for people.
+  void RequeueLocked(Run& run, const std::string& outcome, const std::string& message);
   void RefreshExperimentLocked(const std::string& id);
   void PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe);
   void PublishSnapshotLocked(const std::string& experiment_id);

@@ -6,8 +6,14 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <thread>
@@ -19,6 +25,40 @@
 
 namespace sinkscope {
 namespace {
+
+// One coordinator per store: an exclusive flock on DB.lock, held for the life of the
+// process (the kernel releases it when the process ends, SIGKILL included, so a crashed
+// coordinator never leaves a stale lock). Two coordinators on one store would hand the
+// same run to two workers writing into the same checkpoint folder. Returns the open
+// descriptor, which the caller keeps open.
+StatusOr<int> LockStore(const std::string& db) {
+  const std::string path = db + ".lock";
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return Status(StatusCode::kUnavailable,
+                  "store " + db + ": cannot open its lock file " + path + ": " + std::strerror(errno));
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    char holder[32] = {};
+    const ssize_t n = pread(fd, holder, sizeof holder - 1, 0);
+    close(fd);
+    if (error == EWOULDBLOCK) {
+      std::string pid = n > 0 ? std::string(holder, static_cast<size_t>(n)) : "";
+      while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+      return Status(StatusCode::kFailedPrecondition,
+                    "store " + db + " is in use by another sinkscope-coordinator" +
+                        (pid.empty() ? "" : " (pid " + pid + ", holding " + path + ")") +
+                        "; only one coordinator may serve a store");
+    }
+    return Status(StatusCode::kUnavailable, "store " + db + ": cannot lock " + path + ": " + std::strerror(error));
+  }
+  const std::string pid = std::to_string(getpid()) + "\n";
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    // The pid is only for the message above; the lock itself holds.
+  }
+  return fd;
+}
 
 const char kUsage[] = R"(usage: sinkscope-coordinator [options]
 
@@ -137,6 +177,11 @@ int Main(int argc, char** argv) {
   }
 
   options.checkpoint_root = std::filesystem::absolute(options.checkpoint_root).lexically_normal().string();
+  auto store_lock = LockStore(db);
+  if (!store_lock.ok()) {
+    std::fprintf(stderr, "sinkscope-coordinator: %s\n", store_lock.status().message().c_str());
+    return 1;
+  }
   auto store = Store::Open(db);
   if (!store.ok()) {
     std::fprintf(stderr, "sinkscope-coordinator: %s\n", store.status().message().c_str());
@@ -159,6 +204,9 @@ int Main(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
+  // No SO_REUSEPORT: a second coordinator on a port in use must fail, not share it and
+  // answer half of the calls.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(listen, *server_credentials, &port);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
@@ -169,9 +217,9 @@ int Main(int argc, char** argv) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     std::fprintf(stderr, "sinkscope-coordinator: cannot listen on %s%s\n", listen.c_str(),
-                 tls.enabled() ? " with this TLS certificate and key (does --tls-key belong to --tls-cert? gRPC's "
-                                 "error above says more)"
-                               : "");
+                 tls.enabled() ? " with this TLS certificate and key (is the address in use? does --tls-key belong "
+                                 "to --tls-cert? gRPC's error above says more)"
+                               : " (is the address in use by another process? gRPC's error above says more)");
     return 1;
   }
   std::signal(SIGINT, OnSignal);

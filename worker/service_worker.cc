@@ -78,7 +78,7 @@ std::string DataSource(const v1::Experiment& e) {
   return s;
 }
 
-bool IsOutcome(const v1::WorkerMessage& m) { return m.has_finished() || m.has_failed(); }
+bool IsOutcome(const v1::WorkerMessage& m) { return m.has_finished() || m.has_failed() || m.has_released(); }
 
 }  // namespace
 
@@ -736,6 +736,17 @@ void Worker::EndRunLocked(const v1::Assignment& a, const RunEnd& end) {
            {"reason", end.kind == RunEnd::kCancelled ? "cancelled" : "shutdown"},
            {"step", Str(end.step)},
            {"checkpoint", end.message.empty() ? "ok" : end.message}});
+      if (end.kind == RunEnd::kShutdown) {
+        // Given back at once, so the coordinator requeues it without waiting for the
+        // lease to lapse and without counting a restart.
+        v1::RunReleased* r = m.mutable_released();
+        r->set_run_id(a.run_id());
+        r->set_attempt(attempt);
+        r->set_step(end.step);
+        r->set_checkpoint_step(end.checkpoint_step);
+        r->set_reason(end.message.empty() ? "worker shutting down" : "worker shutting down; " + end.message);
+        EnqueueLocked(a.run_id(), std::move(m), false);
+      }
       break;
   }
   current_.reset();
@@ -838,10 +849,14 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
 
   // Checkpoints after a stop request; the message is empty on success.
   auto stop = [&](RunEnd::Kind kind) {
-    RunEnd end{kind, v1::FAILURE_REASON_UNSPECIFIED, "", trainer->step()};
+    RunEnd end{kind, v1::FAILURE_REASON_UNSPECIFIED, "", trainer->step(), std::max<int64_t>(saved_step, 0)};
     if (saved_step != trainer->step()) {
       Status s = trainer->SaveCheckpoint(ckpt);
-      if (!s.ok()) end.message = "checkpoint " + ckpt + ": " + s.message();
+      if (s.ok()) {
+        end.checkpoint_step = trainer->step();
+      } else {
+        end.message = "checkpoint " + ckpt + ": " + s.message();
+      }
       if (end.kind == RunEnd::kShutdown) {
         std::lock_guard<std::mutex> lock(mu_);
         shutdown_status_ = s.ok() ? OkStatus() : Status(s.code(), end.message);

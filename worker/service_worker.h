@@ -167,6 +167,7 @@ class Worker {
     v1::FailureReason reason = v1::FAILURE_REASON_UNSPECIFIED;  // kFailed
     std::string message;  // kFailed: what went wrong; kCancelled/kShutdown: a failed checkpoint
     int64_t step = 0;     // the last completed step
+    int64_t checkpoint_step = 0;  // kCancelled/kShutdown: the step of the checkpoint on disk, 0 for none
   };
 
   Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops);

@@ -230,6 +230,71 @@ class ReliabilityTest(unittest.TestCase):
         self.assertIn("fewer than one window of model.context + 1 = 33", message)
         self.stop_workers()
 
+    # --- a worker stopped gracefully gives its run back --------------------------------------
+    def test_10_sigterm_worker_releases_its_run_without_using_a_restart(self):
+        c = self.cluster
+        # max_restarts 0: a lapse would fail the run; a release must not. The worker stops
+        # three times mid-run; the run still completes, every step and probe stored once.
+        c.start_worker("worker-t1", ["--fault-step-delay-ms", "10"])
+        steps = 120
+        path, _ = self.write_experiment("drain", steps=steps, probe_every=10, checkpoint_every=10, arms=("vscale",),
+                                        overrides={"max_restarts": 0})
+        eid = self.submit(path)
+        run_id = f"{eid}-vscale-s0"
+        for n, stop_at in enumerate((20, 50, 80), start=1):
+            holder = f"worker-t{n}"
+
+            def running_past(step=stop_at, holder=holder):
+                run = runs_of(c.status(eid))[0]
+                return run.get("state") == "RUNNING" and field(run, "worker_id") == holder and \
+                    int(field(run, "step") or 0) >= step
+
+            wait_for(running_past, 300, f"the run to pass step {stop_at} on {holder}")
+            w = c.workers[holder]
+            w.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(w.proc.wait(timeout=60), 0, w.output())
+            self.assertIn("event=run_stopped", w.output())
+            # Requeued at once (no lease to wait for), released, not lapsed.
+            wait_for(lambda: runs_of(c.status(eid))[0].get("state") == "QUEUED", 30, "the run to be requeued")
+            c.start_worker(f"worker-t{n + 1}", ["--fault-step-delay-ms", "10"] if n < 3 else [])
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
+        self.assertEqual(status["state"], "COMPLETED", self.logs())
+        run = runs_of(status)[0]
+        self.assertEqual(int(field(run, "attempt")), 4)
+        attempts = c.sql("SELECT attempt, worker_id, outcome FROM attempts WHERE run_id = ? ORDER BY attempt", run_id)
+        self.assertEqual([(a, w, o) for a, w, o in attempts],
+                         [(1, "worker-t1", "released"), (2, "worker-t2", "released"), (3, "worker-t3", "released"),
+                          (4, "worker-t4", "succeeded")])
+        self.assertEqual(c.sql("SELECT restarts FROM runs WHERE id = ?", run_id), [(0,)])
+        stored = [s for (s,) in c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(stored, list(range(1, steps + 1)))
+        probes = [s for (s,) in c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(probes, harness.expected_probe_steps(steps, 10))
+        self.assertIn("event=run_released", c.coordinator.output())
+        self.assertNotIn("lease_lapsed", c.coordinator.output())
+        self.stop_workers()
+
+    # --- one coordinator per store and per port ------------------------------------------
+    def test_9_a_second_coordinator_on_the_same_store_or_port_is_refused(self):
+        c = self.cluster
+        coordinator = harness.binary("sinkscope-coordinator")
+        # The same store on other ports: refused, naming the store and the holder.
+        r = subprocess.run([coordinator, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--db", c.db,
+                            "--checkpoint-root", os.path.join(c.dir, "checkpoints")],
+                           capture_output=True, text=True, timeout=60, cwd=c.dir)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn(f"store {c.db} is in use by another sinkscope-coordinator (pid {c.coordinator.proc.pid}",
+                      r.stderr)
+        # The same gRPC port with another store: refused (no SO_REUSEPORT sharing the port).
+        r = subprocess.run([coordinator, "--listen", c.address, "--metrics-listen", "127.0.0.1:0", "--db",
+                            os.path.join(c.dir, "other.db"), "--checkpoint-root", os.path.join(c.dir, "checkpoints")],
+                           capture_output=True, text=True, timeout=60, cwd=c.dir)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn(f"cannot listen on {c.address}", r.stderr)
+        # The first coordinator still serves, alone.
+        self.assertTrue(c.coordinator.alive())
+        c.cli("list")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
