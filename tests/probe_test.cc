@@ -285,6 +285,96 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(VScaleModeName(std::get<0>(info.param))) + "_" + ReduceModeName(std::get<1>(info.param));
     });
 
+// A sink position past every token the collector keeps for the profiles (t < max(P,
+// T_e + 1, 16)): R_GS in both modes, the token-s norm ratios and α_s still follow the
+// plain definitions.
+class ProbeSinkBeyondProfileTest : public ::testing::TestWithParam<ReduceMode> {};
+
+TEST_P(ProbeSinkBeyondProfileTest, TokenSQuantitiesMatchPlainDefinitions) {
+  const ReduceMode reduce = GetParam();
+  auto backend = MakeCpuBackend();
+  ModelConfig config = TinyConfig(VScaleMode::kVScale);
+  config.context = 32;
+  auto model_or = Model::Create(config, backend.get());
+  ASSERT_TRUE(model_or.ok());
+  Model& m = **model_or;
+  m.InitWeights(5);
+  const ModelConfig& c = m.config();
+  const int B = 3, T = 32, H = c.heads, KV = c.kv_heads, dh = c.head_dim, d = c.d_model;
+  const Batch batch = RandomBatch(B, T, c.vocab, 17);
+  std::vector<Capture> seq;
+  for (int b = 0; b < B; ++b) seq.push_back(SequencePass(m, batch, b));
+  const double tol = 1e-4;
+  // s = 12 lies past P and T_e + 1 but inside the 16 tokens always kept; 16, 20 and 31 past all.
+  for (int s : {12, 16, 20, 31}) {
+    ProbeSettings st;
+    st.sink_position = s;
+    st.ref_span = 7;
+    st.profile_len = 8;
+    st.t_eps = 8;
+    st.reduce = reduce;
+    auto report = RunDiagnosticPass(m, st, batch.inputs.data(), batch.targets.data(), B, T);
+    ASSERT_TRUE(report.ok()) << report.status().ToString();
+    std::vector<double> rgs;
+    for (int l = 0; l < c.layers; ++l) {
+      const LayerProbe& lp = report->layers[l];
+      std::vector<std::vector<float>> gxn;
+      for (auto& cap : seq) gxn.push_back(cap.grad.at({l, Site::kXn}));
+      // R_GS, Definition 1, in both modes.
+      std::map<ReduceMode, double> want_rgs;
+      for (ReduceMode mode : {ReduceMode::kSumThenNorm, ReduceMode::kNormThenMean}) {
+        double ref = 0;
+        for (int t = 0; t <= st.ref_span; ++t) {
+          if (t != s) ref += BruteTokenNorm(gxn, t, d, mode);
+        }
+        want_rgs[mode] = BruteTokenNorm(gxn, s, d, mode) / (ref / st.ref_span);
+      }
+      EXPECT_LT(RelErr(lp.r_gs_sum_then_norm, want_rgs[ReduceMode::kSumThenNorm]), tol) << "layer " << l << " s=" << s;
+      EXPECT_LT(RelErr(lp.r_gs_norm_then_mean, want_rgs[ReduceMode::kNormThenMean]), tol)
+          << "layer " << l << " s=" << s;
+      EXPECT_TRUE(std::isfinite(lp.r_gs)) << "layer " << l << " s=" << s;
+      EXPECT_LT(RelErr(lp.r_gs, want_rgs[reduce]), tol) << "layer " << l << " s=" << s;
+      rgs.push_back(want_rgs[reduce]);
+      // Profiles keep their length P.
+      EXPECT_EQ(lp.grad_profile.at("xn").size(), static_cast<size_t>(st.profile_len));
+      // Token s / mean over tokens 1…15 of each activation norm (batch means).
+      for (const char* name : {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"}) {
+        const bool kv = std::string(name) == "v" || std::string(name) == "vh";
+        const int G = kv ? KV : 1, C = kv ? dh : d;
+        std::vector<double> mean(T, 0.0);
+        for (int b = 0; b < B; ++b) {
+          const auto& x = seq[b].act[l][name];
+          for (int t = 0; t < T; ++t) {
+            for (int g = 0; g < G; ++g) {
+              std::vector<double> row(x.begin() + (t * G + g) * C, x.begin() + (t * G + g + 1) * C);
+              mean[t] += RowNorm(row) / (B * G);
+            }
+          }
+        }
+        double rest = 0;
+        for (int t = 1; t <= 15; ++t) rest += mean[t] / 15;
+        EXPECT_LT(RelErr(lp.norm_ratio.at(name), mean[s] / rest), tol) << name << " layer " << l << " s=" << s;
+        EXPECT_EQ(lp.norms.at(name).size(), static_cast<size_t>(st.profile_len)) << name;
+      }
+      // α_s from the explicit matrix, window clipped to T − s.
+      const int window = std::min(st.t_eps, T - s);
+      for (int h = 0; h < H; ++h) {
+        double alpha = 0;
+        for (int b = 0; b < B; ++b) {
+          const Matrix a = AttentionMatrix(seq[b].act[l]["q"], seq[b].act[l]["k"], T, H, KV, dh, h);
+          for (int t = s; t < s + window; ++t) alpha += a[t * T + s] / (window * B);
+        }
+        EXPECT_LT(RelErr(lp.alpha[h], alpha), tol) << "layer " << l << " head " << h << " s=" << s;
+      }
+    }
+    EXPECT_LT(RelErr(report->r_gs_median, Quantile(rgs, 0.5)), tol) << "s=" << s;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, ProbeSinkBeyondProfileTest,
+                         ::testing::Values(ReduceMode::kSumThenNorm, ReduceMode::kNormThenMean),
+                         [](const auto& info) { return std::string(ReduceModeName(info.param)); });
+
 // Perturbs one entry of x̃ in one layer during the forward pass.
 struct Nudge : PassObserver {
   int layer = -1;
