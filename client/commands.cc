@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -483,11 +484,15 @@ std::string ProbeCsvPath(const std::string& steps_path) {
 }
 
 bool WriteFile(const std::string& path, const std::string& text) {
+  errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  const int open_error = errno;
   out << text;
   out.close();
   if (!out) {
-    std::fprintf(stderr, "sinkscope export: cannot write %s\n", path.c_str());
+    const int error = open_error != 0 ? open_error : errno;
+    std::fprintf(stderr, "sinkscope export: cannot write --out %s: %s\n", path.c_str(),
+                 error != 0 ? std::strerror(error) : "write failed");
     return false;
   }
   return true;
@@ -535,10 +540,10 @@ int Export(const GlobalOptions& options, const std::vector<std::string>& argv) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     return kExitOk;
   }
-  if (!WriteFile(out_path, steps)) return kExitServerError;
+  if (!WriteFile(out_path, steps)) return kExitUsage;
   if (format == "csv") {
     const std::string probe_path = ProbeCsvPath(out_path);
-    if (!WriteFile(probe_path, probes)) return kExitServerError;
+    if (!WriteFile(probe_path, probes)) return kExitUsage;
     std::fprintf(stderr, "%s: %lld step rows of %d runs to %s, %lld probe reports to %s\n",
                  experiment.experiment_id().c_str(), static_cast<long long>(step_rows), experiment.runs_size(),
                  out_path.c_str(), static_cast<long long>(probe_reports), probe_path.c_str());

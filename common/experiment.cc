@@ -3,10 +3,12 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -339,8 +341,16 @@ StatusOr<v1::Experiment> ParseExperimentText(const std::string& text, const std:
 }
 
 StatusOr<v1::Experiment> LoadExperimentFile(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    return InvalidArgumentError(path + ": is a folder, not an experiment file (YAML or JSON)");
+  }
   std::ifstream in(path);
-  if (!in) return NotFoundError(path + ": no such file");
+  if (!in) {
+    const int error = errno;
+    return std::filesystem::exists(path, ec) ? InvalidArgumentError(path + ": cannot read: " + std::strerror(error))
+                                             : NotFoundError(path + ": no such file");
+  }
   std::stringstream ss;
   ss << in.rdbuf();
   ASSIGN_OR_RETURN(v1::Experiment e, ParseExperimentText(ss.str(), path));

@@ -10,21 +10,23 @@ cd "$root"
 
 demo="$root/runs/demo"
 mkdir -p "$demo"
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-grpc_port="${SINKSCOPE_DEMO_PORT:-$(free_port)}"
-metrics_port="$(free_port)"
-address="127.0.0.1:$grpc_port"
+metrics_port="${SINKSCOPE_DEMO_METRICS_PORT:-0}"
 bin="$root/build"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$bin/server/sinkscope-coordinator" --listen "$address" --metrics-listen "127.0.0.1:$metrics_port" \
-  --db "$demo/store.db" --checkpoint-root "$demo/checkpoints" >"$demo/coordinator.log" 2>&1 &
+# Port 0 unless told otherwise: the coordinator picks free ports and prints them.
+"$bin/server/sinkscope-coordinator" --listen "127.0.0.1:${SINKSCOPE_DEMO_PORT:-0}" \
+  --metrics-listen "127.0.0.1:$metrics_port" --db "$demo/store.db" --checkpoint-root "$demo/checkpoints" \
+  >"$demo/coordinator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q listening "$demo/coordinator.log" && break; sleep 0.1; done
 grep -q listening "$demo/coordinator.log" || { cat "$demo/coordinator.log"; exit 1; }
+grpc_port="$(sed -n 's/.*listening grpc=\([0-9]*\).*/\1/p' "$demo/coordinator.log" | head -1)"
+metrics_port="$(sed -n 's/.*listening grpc=[0-9]* metrics=\([0-9]*\).*/\1/p' "$demo/coordinator.log" | head -1)"
+address="127.0.0.1:$grpc_port"
 "$bin/worker/sinkscope-worker" --coordinator "$address" --worker-id demo-worker >"$demo/worker.log" 2>&1 &
 pids+=($!)
 
@@ -35,5 +37,9 @@ echo "submitted $id"
 "${cli[@]}" watch "$id"
 echo
 "${cli[@]}" compare "$id"
+"${cli[@]}" export "$id" --format csv --out "$demo/$id.csv" >/dev/null
+"${cli[@]}" export "$id" --format jsonl --out "$demo/$id.jsonl" >/dev/null
 echo
-echo "export the numbers with: build/client/sinkscope --coordinator $address export $id --format csv"
+echo "every step and probe exported to $demo/$id.csv (+ .probes.csv) and $demo/$id.jsonl"
+echo "to look again later: build/server/sinkscope-coordinator --db $demo/store.db --listen 127.0.0.1:50051 &"
+echo "                     build/client/sinkscope --coordinator 127.0.0.1:50051 compare $id"

@@ -347,6 +347,25 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
       }
     }
     step = common.empty() ? -1 : *common.rbegin();
+  } else {  // a step asked for: some run must have been probed there
+    std::set<int64_t> probed;
+    for (const auto& [run_id, by_step] : probes) {
+      for (const auto& [s, p] : by_step) probed.insert(s);
+    }
+    if (!probed.count(step)) {
+      std::string list;
+      int shown = 0;
+      for (int64_t s : probed) {
+        if (shown++ == 20) {
+          list += ", … " + std::to_string(*probed.rbegin());
+          break;
+        }
+        list += (list.empty() ? "" : ", ") + std::to_string(s);
+      }
+      return NotFoundError("no run of experiment " + request.experiment_id() + " was probed at step " +
+                           std::to_string(step) +
+                           (probed.empty() ? "; nothing was probed yet" : "; probed steps: " + list));
+    }
   }
   v1::CompareArmsResponse out;
   out.set_experiment_id(request.experiment_id());

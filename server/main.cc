@@ -11,8 +11,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <optional>
@@ -105,6 +107,18 @@ int Main(int argc, char** argv) {
       }
       return argv[++i];
     };
+    // A positive number of seconds, or exit 2 naming the option and the value.
+    auto seconds = [&]() -> double {
+      const std::string v = value();
+      char* end = nullptr;
+      const double x = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0' || !(x > 0) || !std::isfinite(x)) {
+        std::fprintf(stderr, "sinkscope-coordinator: %s: '%s' is not a positive number of seconds\n", a.c_str(),
+                     v.c_str());
+        std::exit(2);
+      }
+      return x;
+    };
     if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
       return 0;
@@ -112,9 +126,9 @@ int Main(int argc, char** argv) {
     else if (a == "--metrics-listen") metrics_listen = value();
     else if (a == "--db") db = value();
     else if (a == "--checkpoint-root") options.checkpoint_root = value();
-    else if (a == "--lease-seconds") options.lease_seconds = std::atof(value().c_str());
-    else if (a == "--heartbeat-seconds") options.heartbeat_seconds = std::atof(value().c_str());
-    else if (a == "--series-ttl-seconds") ttl = std::atof(value().c_str());
+    else if (a == "--lease-seconds") options.lease_seconds = seconds();
+    else if (a == "--heartbeat-seconds") options.heartbeat_seconds = seconds();
+    else if (a == "--series-ttl-seconds") ttl = seconds();
     else if (a == "--no-check-data-paths") options.check_data_paths = false;
     else if (a == "--verbose") MinLogLevel() = LogLevel::kInfo;
     else if (a == "--tls-cert") tls.cert_file = value();
@@ -129,7 +143,8 @@ int Main(int argc, char** argv) {
     }
   }
   if (!(options.lease_seconds > 0) || !(options.heartbeat_seconds > 0) || options.heartbeat_seconds >= options.lease_seconds) {
-    std::fprintf(stderr, "sinkscope-coordinator: need 0 < --heartbeat-seconds < --lease-seconds\n");
+    std::fprintf(stderr, "sinkscope-coordinator: --heartbeat-seconds (%g) must be less than --lease-seconds (%g)\n",
+                 options.heartbeat_seconds, options.lease_seconds);
     return 2;
   }
   // Credentials first: a mistake in them stops the coordinator before it opens anything.

@@ -89,6 +89,12 @@ class ServiceTest(unittest.TestCase):
                 self.assertEqual(field(layer, "r_gs")["n"], 1)
         human = c.cli("compare", eid).stdout
         self.assertIn("BASELINE".lower(), human.lower())
+        # A step that was probed, and one that was not: NOT_FOUND listing the probed steps.
+        self.assertEqual(int(field(field(c.cli_json("compare", eid, "--step", "10"), "arms")[0], "step")), 10)
+        r = c.cli("compare", eid, "--step", "7", check=False)
+        self.assertNotEqual(r.returncode, 0, r.stdout)
+        self.assertIn("NOT_FOUND", r.stderr)
+        self.assertIn("was probed at step 7; probed steps: 1, 5, 10, 15, 20, 25, 30", r.stderr)
         # export: every step and every probe of every run.
         out = os.path.join(c.dir, "export.jsonl")
         c.cli("export", eid, "--format", "jsonl", "--out", out)
