@@ -1,5 +1,5 @@
 // The end-to-end check against an independent float64 implementation
-// (../shared/golden/): same weights, same batch; compare the loss and every gradient.
+// (tests/golden/): same weights, same batch; compare the loss and every gradient.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -13,7 +13,7 @@
 namespace sinkscope {
 namespace {
 
-// A copy of ../shared/golden/tiny lives in the repository so every clone can run this.
+// The reference lives in the repository (tests/golden/tiny) so every clone can run this.
 std::string GoldenDir() { return SINKSCOPE_SOURCE_DIR "/tests/golden/tiny"; }
 
 // max |a−b| / max(|b|, tiny): error normalised by the reference's scale.

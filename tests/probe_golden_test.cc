@@ -1,5 +1,5 @@
 // Every probe of METRICS.md against the independent float64 reference in
-// ../shared/golden/tiny (s = 0, T_e = 15, P = 16, ε = 0.3, T_ε = 16, SUM_THEN_NORM).
+// tests/golden/tiny (s = 0, T_e = 15, P = 16, ε = 0.3, T_ε = 16, SUM_THEN_NORM).
 #include <gtest/gtest.h>
 
 #include <cmath>

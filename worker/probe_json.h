@@ -1,4 +1,4 @@
-// ProbeReport ⇄ JSON. Per-layer keys follow ../shared/golden/README.md (R_GS,
+// ProbeReport ⇄ JSON. Per-layer keys follow tests/golden/README.md (R_GS,
 // grad_profile, attn_bloat…, alpha, sink_rate, M, S, norms, massive), plus the fields
 // the golden file does not carry (both reduce modes, norm ratios, θ and C, positions).
 #pragma once
