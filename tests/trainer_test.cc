@@ -3,19 +3,26 @@
 // checkpoints reject corruption, and the Hugging Face export round-trips.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "worker/hf.h"
+#include "worker/probe_command.h"
 #include "worker/trainer.h"
 
 namespace sinkscope {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::internal::CaptureStderr;
+using ::testing::internal::CaptureStdout;
+using ::testing::internal::GetCapturedStderr;
+using ::testing::internal::GetCapturedStdout;
 
 TrainerOptions SmallOptions(VScaleMode mode) {
   TrainerOptions o;
@@ -198,6 +205,97 @@ TEST(TrainerTest, NonFiniteLossMakesNoUpdate) {
   const StepStats s = (*t)->Step();
   EXPECT_FALSE(s.finite);
   EXPECT_EQ((*t)->step(), 0);  // nothing counted, data position unchanged
+}
+
+// sinkscope-probe (and `sinkscope probe`) with `args`: exit code, stdout, stderr.
+struct CommandResult {
+  int code;
+  std::string out, err;
+};
+CommandResult RunProbe(std::vector<std::string> args) {
+  args.insert(args.begin(), "sinkscope-probe");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  CaptureStdout();
+  CaptureStderr();
+  const int code = RunProbeCommand(static_cast<int>(argv.size()), argv.data());
+  std::fflush(stdout);
+  CommandResult r{code, GetCapturedStdout(), GetCapturedStderr()};
+  return r;
+}
+
+// A byte-level model trained 3 steps, its checkpoint, its Hugging Face export and a text.
+struct ProbeFixture {
+  std::string checkpoint, hf, text;
+};
+const ProbeFixture& ProbeFiles() {
+  static const ProbeFixture* f = [] {
+    static const DataSplits data = Synthetic(5000);
+    static auto backend = MakeCpuBackend();
+    TrainerOptions o = SmallOptions(VScaleMode::kVScale);
+    o.model.context = 16;
+    auto t = Trainer::Create(o, &data, backend.get());
+    (*t)->Initialize();
+    for (int i = 0; i < 3; ++i) (*t)->Step();
+    auto* p = new ProbeFixture;
+    const std::string stem = ::testing::TempDir() + "/probe_cmd_" + std::to_string(::getpid());  // ctest -j
+    p->checkpoint = stem + ".ckpt";
+    p->hf = stem + "_hf";
+    p->text = stem + ".txt";
+    EXPECT_TRUE((*t)->SaveCheckpoint(p->checkpoint).ok());
+    EXPECT_TRUE(ExportHf((*t)->model(), p->hf).ok());
+    std::ofstream(p->text) << "the first token takes the attention that the others do not want\n%\n"
+                              "and the gradient follows it there, step after step, layer after layer\n";
+    return p;
+  }();
+  return *f;
+}
+
+TEST(ProbeCommandTest, ReportsTheCheckpointsStep) {
+  const ProbeFixture& f = ProbeFiles();
+  CommandResult r = RunProbe({f.checkpoint, "--text", f.text, "--batch", "2", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["step"], 3);
+  r = RunProbe({f.checkpoint, "--text", f.text, "--batch", "2"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("probe at step 3:"));
+  r = RunProbe({f.hf, "--text", f.text, "--batch", "2", "--json"});  // a Hugging Face folder stores no step
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["step"], 0);
+}
+
+TEST(ProbeCommandTest, UnknownOptionsAndBadValuesAreUsageErrors) {
+  const ProbeFixture& f = ProbeFiles();
+  CommandResult r = RunProbe({f.checkpoint, "--bogus"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("unknown option --bogus"));
+  r = RunProbe({f.checkpoint, "--text", f.text, "--batch"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("option --batch needs a value"));
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"--batch", "abc"},
+      {"--batch", "0"},
+      {"--batch", "-3"},
+      {"--batch", "2x"},
+      {"--seq", "0"},
+      {"--seq", "1e3"},
+      {"--s", "-1"},
+      {"--s", "one"},
+      {"--ref-span", "3.5"},
+      {"--ref-span", ""},
+      {"--profile-len", "99999999999"},
+      {"--t-eps", "abc"},
+      {"--eps", "abc"},
+      {"--eps", "nan"},
+      {"--eps", "0.3x"},
+  };
+  for (const auto& [option, value] : bad) {
+    r = RunProbe({f.checkpoint, "--text", f.text, option, value});
+    EXPECT_EQ(r.code, 2) << option << " " << value;
+    EXPECT_THAT(r.err, HasSubstr(option + " must be a ")) << value;
+    EXPECT_THAT(r.err, HasSubstr("'" + value + "'")) << option;
+    EXPECT_EQ(r.out, "");
+  }
 }
 
 }  // namespace

@@ -1,9 +1,15 @@
 #include "worker/probe_command.h"
 
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 #include "worker/checkpoint.h"
@@ -36,7 +42,32 @@ CHECKPOINT        a sinkscope checkpoint.bin, or a Hugging Face folder holding
 --reduce MODE     sum_then_norm (default) | norm_then_mean
 --json            write the full report as JSON to stdout
 -h, --help        this text
+
+The report's step is the checkpoint's (the optimisation steps it has completed); a
+Hugging Face folder stores none, and its report says step 0.
 )";
+
+// The whole of `text` as an int in [min, INT_MAX].
+bool ParseInt(const std::string& text, int min, int* out) {
+  if (text.empty() || std::isspace(static_cast<unsigned char>(text[0])) || text[0] == '+') return false;
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(text.c_str(), &end, 10);
+  if (*end != '\0' || errno != 0 || v < min || v > INT_MAX) return false;
+  *out = static_cast<int>(v);
+  return true;
+}
+
+// The whole of `text` as a finite number.
+bool ParseNumber(const std::string& text, double* out) {
+  if (text.empty() || std::isspace(static_cast<unsigned char>(text[0]))) return false;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(text.c_str(), &end);
+  if (*end != '\0' || errno != 0 || !std::isfinite(v)) return false;
+  *out = v;
+  return true;
+}
 
 }  // namespace
 
@@ -62,27 +93,39 @@ int RunProbeCommand(int argc, char** argv) {
       continue;
     }
     if (a.rfind("--", 0) == 0) {
-      const char* v = value();
-      if (v == nullptr) return fail("option " + a + " needs a value");
+      static const char* const kWithValue[] = {"--tokens",      "--text", "--separator", "--batch",
+                                               "--seq",         "--arm",  "--s",         "--ref-span",
+                                               "--profile-len", "--eps",  "--t-eps",     "--reduce"};
+      if (std::find(std::begin(kWithValue), std::end(kWithValue), a) == std::end(kWithValue)) {
+        return fail("unknown option " + a + " (see --help)");
+      }
+      const char* value_text = value();
+      if (value_text == nullptr) return fail("option " + a + " needs a value");
+      const std::string v = value_text;
+      // Integer options: the whole value, in range; the ranges that depend on T are checked
+      // by ProbeSettings::Validate.
+      auto integer = [&](int min, int* out) -> std::string {
+        if (ParseInt(v, min, out)) return "";
+        return a + (min > 0 ? " must be a positive integer" : " must be a non-negative integer") + ", got '" + v + "'";
+      };
+      std::string bad;
       if (a == "--tokens") tokens_path = v;
       else if (a == "--text") text_path = v;
       else if (a == "--separator") separator = v;
-      else if (a == "--batch") B = std::atoi(v);
-      else if (a == "--seq") T = std::atoi(v);
+      else if (a == "--batch") bad = integer(1, &B);
+      else if (a == "--seq") bad = integer(1, &T);
       else if (a == "--arm") arm = v;
-      else if (a == "--s") st.sink_position = std::atoi(v);
-      else if (a == "--ref-span") { st.ref_span = std::atoi(v); ref_span_set = true; }
-      else if (a == "--profile-len") { st.profile_len = std::atoi(v); profile_set = true; }
-      else if (a == "--eps") st.eps = std::atof(v);
-      else if (a == "--t-eps") st.t_eps = std::atoi(v);
+      else if (a == "--s") bad = integer(0, &st.sink_position);
+      else if (a == "--ref-span") { bad = integer(1, &st.ref_span); ref_span_set = true; }
+      else if (a == "--profile-len") { bad = integer(1, &st.profile_len); profile_set = true; }
+      else if (a == "--eps") bad = ParseNumber(v, &st.eps) ? "" : "--eps must be a number, got '" + v + "'";
+      else if (a == "--t-eps") bad = integer(1, &st.t_eps);
       else if (a == "--reduce") {
-        const std::string m = v;
-        if (m == "sum_then_norm") st.reduce = ReduceMode::kSumThenNorm;
-        else if (m == "norm_then_mean") st.reduce = ReduceMode::kNormThenMean;
-        else return fail("--reduce must be sum_then_norm or norm_then_mean, got " + m);
-      } else {
-        return fail("unknown option " + a + " (see --help)");
+        if (v == "sum_then_norm") st.reduce = ReduceMode::kSumThenNorm;
+        else if (v == "norm_then_mean") st.reduce = ReduceMode::kNormThenMean;
+        else return fail("--reduce must be sum_then_norm or norm_then_mean, got " + v);
       }
+      if (!bad.empty()) return fail(bad);
     } else if (checkpoint.empty()) {
       checkpoint = a;
     } else {
@@ -95,7 +138,11 @@ int RunProbeCommand(int argc, char** argv) {
 
   auto backend = MakeCpuBackend();
   std::unique_ptr<Model> model;
-  if (std::filesystem::is_directory(checkpoint)) {
+  int64_t step = 0;  // the checkpoint's; a Hugging Face folder stores none
+  std::error_code ec;
+  const bool is_folder = std::filesystem::is_directory(checkpoint, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) return fail(checkpoint + ": " + ec.message());
+  if (is_folder) {
     auto m = LoadHfModel(checkpoint, backend.get());
     if (!m.ok()) return fail(m.status().message());
     model = std::move(*m);
@@ -107,6 +154,7 @@ int RunProbeCommand(int argc, char** argv) {
     model = std::move(*m);
     auto s = LoadCheckpoint(checkpoint, *model);
     if (!s.ok()) return fail(s.status().message());
+    step = s->step;
   }
   if (!arm.empty()) {  // the same weights under another arm's value path
     ModelConfig c = model->config();
@@ -150,7 +198,7 @@ int RunProbeCommand(int argc, char** argv) {
   }
   if (!ref_span_set) st.ref_span = std::min(st.ref_span, T - 1);
   if (!profile_set) st.profile_len = std::min(st.profile_len, T);
-  auto report = RunDiagnosticPass(*model, st, inputs.data(), targets.data(), B, T);
+  auto report = RunDiagnosticPass(*model, st, inputs.data(), targets.data(), B, T, step);
   if (!report.ok()) return fail(report.status().message());
   if (json) {
     nlohmann::json j = ProbeReportToJson(*report);

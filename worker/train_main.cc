@@ -1,13 +1,22 @@
 // sinkscope-train: trains every arm × seed of an experiment file locally with the engine
 // (no coordinator), with a live progress line, periodic validation and checkpoints,
 // and prints the arms side by side. The service's workers run the same Trainer.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -17,6 +26,7 @@
 #include "worker/hf.h"
 #include "worker/probe_json.h"
 #include "worker/progress.h"
+#include "worker/safetensors.h"
 #include "worker/trainer.h"
 
 namespace sinkscope {
@@ -29,7 +39,8 @@ Trains every arm x seed of the experiment on the CPU backend and prints the arms
 options:
   --out DIR        where runs are written (default runs/<experiment name>)
   --steps N        override train.steps
-  --resume         continue each run from its latest checkpoint in --out
+  --resume         continue each run from its latest checkpoint in --out; metrics.jsonl and
+                   probes.jsonl keep the records up to the checkpoint's step
   --json           print the summary as JSON instead of a table
   -h, --help       this text
 )";
@@ -37,12 +48,117 @@ options:
 struct RunSummary {
   std::string arm;
   uint64_t seed = 0;
+  // final_loss is the last step's loss, as the service's status and compare show it.
   double first_loss = NAN, final_loss = NAN, val_loss = NAN, tokens_per_second = 0;
+  double mean_loss_last_10 = NAN;  // mean loss of the last (up to) 10 steps
   int64_t steps = 0;
   std::string dir;
   bool probed = false;
   ProbeReport last_probe;  // the latest training-time probe
 };
+
+// An append-only JSONL file of a run (metrics.jsonl, probes.jsonl). Lines are buffered and
+// written whole; Sync() makes every line appended so far durable. TrainRun syncs before
+// each checkpoint is committed, so the records of every step up to a checkpoint are on
+// disk whenever that checkpoint is, and a resume drops those of later steps (TrimJsonl).
+class JsonlLog {
+ public:
+  JsonlLog() = default;
+  JsonlLog(const JsonlLog&) = delete;
+  JsonlLog& operator=(const JsonlLog&) = delete;
+  ~JsonlLog() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  Status Open(const std::string& path) {
+    path_ = path;
+    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd_ < 0) return InternalError("cannot open " + path + ": " + std::strerror(errno));
+    return OkStatus();
+  }
+  Status Append(const nlohmann::json& record) {
+    buffer_ += record.dump();
+    buffer_ += '\n';
+    return buffer_.size() >= (1 << 16) ? Flush() : OkStatus();
+  }
+  Status Sync() {
+    RETURN_IF_ERROR(Flush());
+    if (::fsync(fd_) != 0) return InternalError("cannot fsync " + path_ + ": " + std::strerror(errno));
+    return OkStatus();
+  }
+
+ private:
+  Status Flush() {
+    size_t written = 0;
+    while (written < buffer_.size()) {
+      const ssize_t n = ::write(fd_, buffer_.data() + written, buffer_.size() - written);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return InternalError("cannot write " + path_ + ": " + std::strerror(errno));
+      written += static_cast<size_t>(n);
+    }
+    buffer_.clear();
+    return OkStatus();
+  }
+
+  std::string path_;
+  int fd_ = -1;
+  std::string buffer_;
+};
+
+// Rewrites the JSONL file `path` (atomically) with only its complete records of steps
+// 1…`last_step`, in increasing step order, each once: what a run resumed from the
+// checkpoint at `last_step` keeps, since it trains the later steps again. A torn line, a
+// record of a later step and a repeated step are dropped. `kept` sees each record kept.
+// Returns the number kept; a missing file is an empty one.
+StatusOr<int64_t> TrimJsonl(const std::string& path, int64_t last_step,
+                            const std::function<void(const nlohmann::json&)>& kept) {
+  std::string text;
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec)) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (!in) return InternalError("cannot read " + path);
+    text = ss.str();
+  } else if (ec) {
+    return InternalError("cannot read " + path + ": " + ec.message());
+  }
+  std::string out;
+  int64_t count = 0, previous = 0;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) continue;
+    const int64_t step = j["step"].get<int64_t>();
+    if (step <= previous || step > last_step) continue;
+    previous = step;
+    out += line;
+    out += '\n';
+    ++count;
+    if (kept) kept(j);
+  }
+  RETURN_IF_ERROR(WriteFileAtomically(path, out));
+  return count;
+}
+
+// Removes the temporary files that a process killed while writing one of the run's files
+// leaves behind (WriteFileAtomically's "<name>.tmp.<pid>.<thread>"): ours, never others.
+void RemoveStaleTempFiles(const std::string& dir) {
+  static const char* const kOurs[] = {"checkpoint.bin", "metrics.jsonl", "probes.jsonl", "hf/config.json",
+                                      "hf/model.safetensors"};
+  for (const char* name : kOurs) {
+    const std::filesystem::path file = std::filesystem::path(dir) / name;
+    const std::string prefix = file.filename().string() + ".tmp.";
+    std::error_code ec;
+    for (std::filesystem::directory_iterator it(file.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().filename().string().rfind(prefix, 0) != 0) continue;
+      std::error_code rm;
+      if (std::filesystem::remove(it->path(), rm)) {
+        std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", it->path().c_str());
+      }
+    }
+  }
+}
 
 
 // The arms side by side per layer at their latest probe: the numbers behind the paper's
@@ -84,44 +200,72 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   r.arm = ArmName(arm);
   r.seed = seed;
   r.dir = out + "/" + r.arm + "-s" + std::to_string(seed);
-  std::filesystem::create_directories(r.dir);
+  std::error_code ec;
+  std::filesystem::create_directories(r.dir, ec);
+  if (ec) return InternalError("cannot create the folder " + r.dir + ": " + ec.message());
   const std::string ckpt = r.dir + "/checkpoint.bin";
-  if (resume && std::filesystem::exists(ckpt)) {
+  RemoveStaleTempFiles(r.dir);
+  const bool have_checkpoint = resume && std::filesystem::exists(ckpt, ec);
+  if (ec) return InternalError("cannot read " + ckpt + ": " + ec.message());
+  if (have_checkpoint) {
     RETURN_IF_ERROR(trainer->Resume(ckpt));
   } else {
     trainer->Initialize();
   }
-  std::ofstream metrics(r.dir + "/metrics.jsonl", resume ? std::ios::app : std::ios::trunc);
-  std::ofstream probes(r.dir + "/probes.jsonl", resume ? std::ios::app : std::ios::trunc);
+  // The records of the steps up to the checkpoint (none on a fresh start) are kept: they
+  // were made durable before the checkpoint was committed. Later steps are trained again.
+  std::deque<double> last_losses;  // of the last (up to) 10 steps
+  auto note_loss = [&](int64_t step, double loss) {
+    if (step == 1) r.first_loss = loss;
+    r.final_loss = loss;
+    last_losses.push_back(loss);
+    if (last_losses.size() > 10) last_losses.pop_front();
+  };
+  ASSIGN_OR_RETURN(const int64_t kept_steps,
+                   TrimJsonl(r.dir + "/metrics.jsonl", trainer->step(), [&](const nlohmann::json& j) {
+                     if (j.contains("loss") && j["loss"].is_number()) note_loss(j["step"], j["loss"]);
+                     if (j.contains("val_loss") && j["val_loss"].is_number()) r.val_loss = j["val_loss"];
+                   }));
+  ASSIGN_OR_RETURN(const int64_t kept_probes, TrimJsonl(r.dir + "/probes.jsonl", trainer->step(), nullptr));
+  if (have_checkpoint) {
+    std::fprintf(stderr, "%s: resuming at step %lld; %lld metrics and %lld probe records kept\n", r.dir.c_str(),
+                 static_cast<long long>(trainer->step()), static_cast<long long>(kept_steps),
+                 static_cast<long long>(kept_probes));
+  }
+  JsonlLog metrics, probes;
+  RETURN_IF_ERROR(metrics.Open(r.dir + "/metrics.jsonl"));
+  RETURN_IF_ERROR(probes.Open(r.dir + "/probes.jsonl"));
+  // Before a checkpoint is committed: every record of the steps it holds is on disk.
+  auto checkpoint = [&]() -> Status {
+    RETURN_IF_ERROR(probes.Sync());
+    RETURN_IF_ERROR(metrics.Sync());
+    return trainer->SaveCheckpoint(ckpt);
+  };
   const ProbeSettings probe_settings = ToProbeSettings(e.probe());
   const ProbeBatchKind probe_batch = ToProbeBatchKind(e.probe());
   const int64_t total = e.train().steps();
   ProgressBar bar(r.arm + " seed " + std::to_string(seed), total);
-  double tok_s_sum = 0, recent_loss = 0;
-  int64_t timed_steps = 0, recent_count = 0;
+  double tok_s_sum = 0;
+  int64_t timed_steps = 0;
   while (trainer->step() < total) {
     const bool probe_now = IsProbeStep(trainer->step() + 1, e.probe().every(), total);
     ProbeReport report;
     const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
     if (probe_now && s.finite) {
-      probes << ProbeReportToJson(report).dump() << "\n";
+      RETURN_IF_ERROR(probes.Append(ProbeReportToJson(report)));
       r.last_probe = std::move(report);
       r.probed = true;
     }
     if (!s.finite) {
-      RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt));  // unchanged weights: the last good state
+      RETURN_IF_ERROR(checkpoint());  // unchanged weights: the last good state
       return Status(StatusCode::kAborted, "run " + r.arm + " seed " + std::to_string(seed) +
                                               ": NUMERICAL: loss or gradient is not finite at step " +
                                               std::to_string(s.step + 1) + "; last good checkpoint kept at " + ckpt);
     }
-    if (std::isnan(r.first_loss)) r.first_loss = s.loss;
+    note_loss(s.step, s.loss);
     if (s.step > 1) {  // the first step pays one-time allocation
       tok_s_sum += s.tokens_per_second;
       ++timed_steps;
-    }
-    if (s.step > total - 10) {
-      recent_loss += s.loss;
-      ++recent_count;
     }
     nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
                            {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
@@ -129,32 +273,55 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
       r.val_loss = trainer->Evaluate();
       line["val_loss"] = r.val_loss;
     }
-    metrics << line.dump() << "\n";
+    RETURN_IF_ERROR(metrics.Append(line));
     bar.Update(s.step, s.loss, s.tokens_per_second);
-    if (IsEveryOrLast(s.step, e.checkpoint().every(), total)) RETURN_IF_ERROR(trainer->SaveCheckpoint(ckpt));
+    if (IsEveryOrLast(s.step, e.checkpoint().every(), total)) RETURN_IF_ERROR(checkpoint());
   }
   bar.Finish();
+  RETURN_IF_ERROR(probes.Sync());
+  RETURN_IF_ERROR(metrics.Sync());
   if (std::isnan(r.val_loss)) r.val_loss = trainer->Evaluate();
-  r.final_loss = recent_count ? recent_loss / recent_count : NAN;
+  if (!last_losses.empty()) {
+    r.mean_loss_last_10 = 0;
+    for (double l : last_losses) r.mean_loss_last_10 += l / last_losses.size();
+  }
   r.steps = trainer->step();
   r.tokens_per_second = timed_steps ? tok_s_sum / timed_steps : 0;
   if (e.checkpoint().export_hf()) RETURN_IF_ERROR(ExportHf(trainer->model(), r.dir + "/hf"));
   return r;
 }
 
+// A positive integer of at most INT32_MAX (train.steps is an int32), nothing else.
+bool ParseSteps(const std::string& text, int64_t* value) {
+  if (text.empty() || text[0] < '0' || text[0] > '9') return false;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (*end != '\0' || errno != 0 || v <= 0 || v > INT32_MAX) return false;
+  *value = v;
+  return true;
+}
+
 int Main(int argc, char** argv) {
   std::string file, out;
   int64_t steps = -1;
   bool resume = false, json = false;
+  auto usage_error = [](const std::string& msg) {
+    std::fprintf(stderr, "sinkscope-train: %s\n", msg.c_str());
+    return 2;
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if ((a == "--out" || a == "--steps") && i + 1 >= argc) return usage_error(a + " needs a value (see --help)");
     if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
       return 0;
-    } else if (a == "--out" && i + 1 < argc) {
+    } else if (a == "--out") {
       out = argv[++i];
-    } else if (a == "--steps" && i + 1 < argc) {
-      steps = std::atoll(argv[++i]);
+      if (out.empty()) return usage_error("--out needs a folder, got ''");
+    } else if (a == "--steps") {
+      const std::string v = argv[++i];
+      if (!ParseSteps(v, &steps)) return usage_error("--steps must be a positive integer, got '" + v + "'");
     } else if (a == "--resume") {
       resume = true;
     } else if (a == "--json") {
@@ -189,6 +356,15 @@ int Main(int argc, char** argv) {
     return 2;
   }
   if (out.empty()) out = "runs/" + e->name();
+  {
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    if (ec) {
+      std::fprintf(stderr, "sinkscope-train: --out %s: cannot create the folder: %s\n", out.c_str(),
+                   ec.message().c_str());
+      return 2;
+    }
+  }
 
   const DataSpec spec = ToDataSpec(*e);
   auto data = LoadData(spec);
@@ -218,7 +394,8 @@ int Main(int argc, char** argv) {
     nlohmann::json j = {{"experiment", e->name()}, {"unigram_entropy", unigram}, {"runs", nlohmann::json::array()}};
     for (const auto& r : runs) {
       j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"steps", r.steps}, {"first_loss", r.first_loss},
-                           {"final_loss", r.final_loss}, {"val_loss", r.val_loss},
+                           {"final_loss", r.final_loss}, {"mean_loss_last_10", r.mean_loss_last_10},
+                           {"val_loss", r.val_loss},
                            {"tokens_per_second", r.tokens_per_second}, {"dir", r.dir}});
       if (r.probed) j["runs"].back()["last_probe"] = ProbeReportToJson(r.last_probe);
     }
@@ -228,11 +405,14 @@ int Main(int argc, char** argv) {
   std::printf("\n%s: %lld steps of %d tokens; unigram entropy of the validation text %.4f nats/token\n",
               e->name().c_str(), static_cast<long long>(e->train().steps()),
               e->train().micro_batch() * e->train().grad_accum() * e->model().context(), unigram);
-  std::printf("%-22s %6s %11s %11s %9s %10s\n", "arm", "seed", "first loss", "final loss", "val loss", "tok/s");
+  std::printf("%-22s %6s %11s %11s %13s %9s %10s\n", "arm", "seed", "first loss", "final loss", "mean last 10",
+              "val loss", "tok/s");
   for (const auto& r : runs) {
-    std::printf("%-22s %6llu %11.4f %11.4f %9.4f %10.0f\n", r.arm.c_str(), static_cast<unsigned long long>(r.seed),
-                r.first_loss, r.final_loss, r.val_loss, r.tokens_per_second);
+    std::printf("%-22s %6llu %11.4f %11.4f %13.4f %9.4f %10.0f\n", r.arm.c_str(),
+                static_cast<unsigned long long>(r.seed), r.first_loss, r.final_loss, r.mean_loss_last_10, r.val_loss,
+                r.tokens_per_second);
   }
+  std::printf("(final loss: the last step's; mean last 10: the mean loss of the last 10 steps)\n");
   PrintArmComparison(runs);
   std::printf("runs written to %s (metrics.jsonl, probes.jsonl, checkpoint.bin, hf/)\n", out.c_str());
   return 0;

@@ -1,0 +1,189 @@
+"""The local front ends as a user runs them: sinkscope-train killed with SIGKILL at any
+moment and resumed leaves metrics.jsonl and probes.jsonl exactly as an uninterrupted run
+writes them; bad option values and an unusable --out are clear errors; the summary's final
+loss is the last step's; sinkscope-probe reports a checkpoint's step."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+import harness
+
+STEPS = 240
+TIMING_FIELDS = ("tokens_per_second", "mfu")  # differ between any two runs
+
+
+def read_jsonl(path):
+    """Every line must be one complete JSON record (json.loads fails on a torn line)."""
+    with open(path) as f:
+        text = f.read()
+    assert text == "" or text.endswith("\n"), f"{path} ends in a partial line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+class LocalToolsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="sinkscope-local-")
+        cls.train = harness.binary("sinkscope-train")
+        cls.probe = harness.binary("sinkscope-probe")
+        cls.corpus = harness.write_corpus(cls.dir)
+        spec = harness.tiny_experiment("local", cls.corpus, steps=STEPS, probe_every=10, checkpoint_every=20,
+                                       arms=("vscale",))
+        spec["checkpoint"]["export_hf"] = False
+        cls.spec = os.path.join(cls.dir, "local.yaml")
+        with open(cls.spec, "w") as f:
+            json.dump(spec, f)
+        cls.reference = os.path.join(cls.dir, "reference")
+        r = subprocess.run([cls.train, cls.spec, "--out", cls.reference, "--json"], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        cls.summary = json.loads(r.stdout)
+        run = os.path.join(cls.reference, "vscale-s0")
+        cls.metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+        cls.probes = read_jsonl(os.path.join(run, "probes.jsonl"))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def run_train(self, *args, timeout=600):
+        return subprocess.run([self.train, *args], capture_output=True, text=True, timeout=timeout)
+
+    def start(self, out, resume):
+        args = [self.train, self.spec, "--out", out] + (["--resume"] if resume else [])
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def assert_like_reference(self, out):
+        run = os.path.join(out, "vscale-s0")
+        metrics = read_jsonl(os.path.join(run, "metrics.jsonl"))
+        probes = read_jsonl(os.path.join(run, "probes.jsonl"))
+        self.assertEqual([m["step"] for m in metrics], list(range(1, STEPS + 1)))
+        self.assertEqual([p["step"] for p in probes], harness.expected_probe_steps(STEPS, 10))
+        self.assertEqual(without_timing(metrics), without_timing(self.metrics))
+        self.assertEqual(probes, self.probes)
+        leftovers = [n for n in os.listdir(run) if ".tmp." in n]
+        self.assertEqual(leftovers, [], "temporary files left behind")
+
+    def test_reference_is_complete(self):
+        self.assertEqual([m["step"] for m in self.metrics], list(range(1, STEPS + 1)))
+        self.assertEqual([p["step"] for p in self.probes], harness.expected_probe_steps(STEPS, 10))
+
+    def kill_after_checkpoints(self, out, resume, checkpoints, delay=0.0):
+        """Starts a run and SIGKILLs it `delay` seconds after it has committed `checkpoints`
+        new checkpoints (0: `delay` seconds after the start)."""
+        ckpt = os.path.join(out, "vscale-s0", "checkpoint.bin")
+        p = self.start(out, resume)
+        try:
+            # The checkpoint is replaced by a rename: a new inode is a new checkpoint.
+            def inode():
+                try:
+                    return os.stat(ckpt).st_ino
+                except FileNotFoundError:
+                    return None
+            seen, last = 0, inode()
+            while seen < checkpoints and p.poll() is None:
+                ino = inode()
+                if ino is not None and ino != last:
+                    seen, last = seen + 1, ino
+                time.sleep(0.0005)
+            time.sleep(delay)
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+    def test_sigkill_right_after_a_checkpoint_then_resume(self):
+        out = os.path.join(self.dir, "kill-after-checkpoint")
+        self.kill_after_checkpoints(out, resume=False, checkpoints=2)
+        self.kill_after_checkpoints(out, resume=True, checkpoints=2)
+        # A stale temporary checkpoint of a process killed in the middle of a write.
+        run = os.path.join(out, "vscale-s0")
+        with open(os.path.join(run, "checkpoint.bin.tmp.999999.1"), "w") as f:
+            f.write("partial")
+        with open(os.path.join(run, "checkpoint.bin.bak"), "w") as f:
+            f.write("not ours")
+        r = self.run_train(self.spec, "--out", out, "--resume")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assert_like_reference(out)
+        self.assertTrue(os.path.exists(os.path.join(run, "checkpoint.bin.bak")), "a file not ours was removed")
+
+    def test_sigkill_at_random_moments_then_resume(self):
+        rng = random.Random(20240611)
+        for trial in range(4):
+            out = os.path.join(self.dir, f"kill-random-{trial}")
+            for attempt in range(3):
+                self.kill_after_checkpoints(out, resume=attempt > 0, checkpoints=rng.randrange(4),
+                                            delay=rng.uniform(0, 0.05))
+            r = self.run_train(self.spec, "--out", out, "--resume")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assert_like_reference(out)
+
+    def test_resume_of_a_finished_run_changes_nothing(self):
+        out = os.path.join(self.dir, "finished")
+        self.assertEqual(self.run_train(self.spec, "--out", out).returncode, 0)
+        r = self.run_train(self.spec, "--out", out, "--resume", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assert_like_reference(out)
+        run = json.loads(r.stdout)["runs"][0]
+        self.assertEqual(run["steps"], STEPS)
+        self.assertEqual(run["final_loss"], self.metrics[-1]["loss"])
+
+    def test_final_loss_is_the_last_steps_loss(self):
+        run = self.summary["runs"][0]
+        self.assertEqual(run["final_loss"], self.metrics[-1]["loss"])
+        self.assertEqual(run["first_loss"], self.metrics[0]["loss"])
+        last10 = [m["loss"] for m in self.metrics[-10:]]
+        self.assertAlmostEqual(run["mean_loss_last_10"], sum(last10) / 10, places=12)
+
+    def test_unusable_out_folder_is_a_clear_error(self):
+        a_file = os.path.join(self.dir, "a-file")
+        with open(a_file, "w") as f:
+            f.write("x")
+        for out in ("/proc/nope", os.path.join(a_file, "sub")):
+            r = self.run_train(self.spec, "--out", out)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn(out, r.stderr)
+            self.assertIn("cannot create", r.stderr)
+            self.assertNotIn("terminate", r.stderr)
+
+    def test_bad_numeric_options_are_usage_errors(self):
+        for value in ("abc", "0", "-3", "1.5", "12x", "", "99999999999"):
+            r = self.run_train(self.spec, "--steps", value, "--out", os.path.join(self.dir, "never"))
+            self.assertEqual(r.returncode, 2, f"--steps {value!r}: {r.stderr}")
+            self.assertIn(f"--steps must be a positive integer, got '{value}'", r.stderr)
+        r = self.run_train(self.spec, "--steps")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--steps needs a value", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+        ckpt = os.path.join(self.reference, "vscale-s0", "checkpoint.bin")
+        for option, value in (("--batch", "abc"), ("--batch", "0"), ("--seq", "-1"), ("--s", "x"), ("--eps", "nan"),
+                              ("--ref-span", "3.5"), ("--profile-len", ""), ("--t-eps", "1e9")):
+            r = subprocess.run([self.probe, ckpt, "--text", self.corpus, option, value], capture_output=True, text=True,
+                               timeout=120)
+            self.assertEqual(r.returncode, 2, f"{option} {value!r}: {r.stderr}")
+            self.assertIn(option, r.stderr)
+            self.assertIn(f"'{value}'", r.stderr)
+
+    def test_probe_reports_the_checkpoints_step(self):
+        ckpt = os.path.join(self.reference, "vscale-s0", "checkpoint.bin")
+        r = subprocess.run([self.probe, ckpt, "--text", self.corpus, "--batch", "2", "--json"], capture_output=True,
+                           text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["step"], STEPS)
+        r = subprocess.run([self.probe, ckpt, "--bogus"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("unknown option --bogus", r.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
