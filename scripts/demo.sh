@@ -37,9 +37,8 @@ echo "submitted $id"
 "${cli[@]}" watch "$id"
 echo
 "${cli[@]}" compare "$id"
-"${cli[@]}" export "$id" --format csv --out "$demo/$id.csv" >/dev/null
-"${cli[@]}" export "$id" --format jsonl --out "$demo/$id.jsonl" >/dev/null
 echo
-echo "every step and probe exported to $demo/$id.csv (+ .probes.csv) and $demo/$id.jsonl"
+"${cli[@]}" export "$id" --format csv --out "$demo/$id.csv"
+"${cli[@]}" export "$id" --format jsonl --out "$demo/$id.jsonl"
 echo "to look again later: build/server/sinkscope-coordinator --db $demo/store.db --listen 127.0.0.1:50051 &"
 echo "                     build/client/sinkscope --coordinator 127.0.0.1:50051 compare $id"
