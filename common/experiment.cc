@@ -558,6 +558,11 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     return bad("probe.ref_span", "T_e must be in [1, model.context) = [1, " + std::to_string(T) + "), got " +
                                      std::to_string(p.ref_span()));
   }
+  if (p.sink_position() > p.ref_span()) {
+    return bad("probe.sink_position", "must lie within the reference span [0, probe.ref_span] = [0, " +
+                                          std::to_string(p.ref_span()) + "] (Definition 1: 0 ≤ s ≤ T_e), got " +
+                                          std::to_string(p.sink_position()) + "; raise probe.ref_span");
+  }
   if (p.profile_len() <= 0 || p.profile_len() > T) {
     return bad("probe.profile_len", "P must be in [1, model.context] = [1, " + std::to_string(T) + "], got " +
                                         std::to_string(p.profile_len()));

@@ -442,6 +442,11 @@ TEST(ExperimentRules, ProbeAgainstContext) {
             "probe.sink_position: must be in [0, model.context) = [0, 32), got 32");
   EXPECT_THAT(ValidateWith("probe: {sink_position: -1}\n").message(),
               AllOf(StartsWith("probe.sink_position: must be in [0, model.context)"), HasSubstr("got -1")));
+  // Definition 1: 0 ≤ s ≤ T_e.
+  EXPECT_EQ(ValidateWith("model: {context: 32}\nprobe: {sink_position: 20, ref_span: 15}\n").message(),
+            "probe.sink_position: must lie within the reference span [0, probe.ref_span] = [0, 15] (Definition 1: "
+            "0 ≤ s ≤ T_e), got 20; raise probe.ref_span");
+  EXPECT_TRUE(ValidateWith("model: {context: 32}\nprobe: {sink_position: 20, ref_span: 20}\n").ok());
   EXPECT_THAT(ValidateWith("probe: {eps: 1.5}\n").message(), StartsWith("probe.eps: must be in (0, 1)"));
 }
 

@@ -305,11 +305,12 @@ TEST_P(ProbeSinkBeyondProfileTest, TokenSQuantitiesMatchPlainDefinitions) {
   std::vector<Capture> seq;
   for (int b = 0; b < B; ++b) seq.push_back(SequencePass(m, batch, b));
   const double tol = 1e-4;
-  // s = 12 lies past P and T_e + 1 but inside the 16 tokens always kept; 16, 20 and 31 past all.
+  // s past the profile length P (and past the 16 tokens of the norm reference), up to the
+  // last token; Definition 1 takes 0 ≤ s ≤ T_e, so T_e spans the whole context.
   for (int s : {12, 16, 20, 31}) {
     ProbeSettings st;
     st.sink_position = s;
-    st.ref_span = 7;
+    st.ref_span = 31;
     st.profile_len = 8;
     st.t_eps = 8;
     st.reduce = reduce;
@@ -628,6 +629,11 @@ TEST(ProbeTest, BadSettingsAreRejectedWithTheirName) {
   st = ok;
   st.sink_position = -1;
   EXPECT_EQ(run(st).code(), StatusCode::kInvalidArgument);
+  st = ok;
+  st.ref_span = 5;
+  st.sink_position = 6;  // Definition 1 takes 0 ≤ s ≤ T_e
+  EXPECT_THAT(run(st).message(), HasSubstr("probe.sink_position s = 6 must lie within the reference span [0, T_e] = "
+                                           "[0, 5] (Definition 1: 0 ≤ s ≤ T_e)"));
 }
 
 }  // namespace

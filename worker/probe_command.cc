@@ -34,7 +34,7 @@ CHECKPOINT        a sinkscope checkpoint.bin, or a Hugging Face folder holding
 --batch B         sequences (default 8)
 --seq T           tokens per sequence (default: the model's context)
 --arm A           baseline | vscale | vscale_backward_only (default: the checkpoint's)
---s N             sink position s (default 0)
+--s N             sink position s, 0 ≤ s ≤ T_e (default 0)
 --ref-span N      T_e (default 31, clipped to T-1)
 --profile-len N   P (default 64, clipped to T)
 --eps X           sink threshold (default 0.3)

@@ -38,25 +38,24 @@ Status ProbeSettings::Validate(int T) const {
     return InvalidArgumentError("probe.profile_len P = " + std::to_string(profile_len) + " must be in [1, T] = [1, " +
                                 t + "]");
   }
+  if (sink_position > ref_span) {
+    return InvalidArgumentError("probe.sink_position s = " + std::to_string(sink_position) +
+                                " must lie within the reference span [0, T_e] = [0, " + std::to_string(ref_span) +
+                                "] (Definition 1: 0 ≤ s ≤ T_e); raise probe.ref_span");
+  }
   if (!(eps > 0 && eps < 1)) return InvalidArgumentError("probe.eps ε must be in (0, 1)");
   if (t_eps < 1) return InvalidArgumentError("probe.t_eps T_ε must be positive");
   return OkStatus();
 }
 
-namespace {
-// Definition 1 with N_s given apart from n (which holds N_t for t ≤ T_e at least): token s
-// may lie past the tokens kept.
-double SinkRatio(const std::vector<double>& n, double n_s, int s, int ref_span) {
+double GradientSinkRatio(const std::vector<double>& n, int s, int ref_span) {
   double ref = 0;
   for (int t = 0; t <= ref_span; ++t) {
     if (t != s) ref += n[t];
   }
   ref /= ref_span;  // eq. (3), Definition 1
-  return n_s / ref;
+  return n[s] / ref;
 }
-}  // namespace
-
-double GradientSinkRatio(const std::vector<double>& n, int s, int ref_span) { return SinkRatio(n, n[s], s, ref_span); }
 
 double Quantile(std::vector<double> v, double q) {
   if (v.empty()) return NAN;
@@ -82,11 +81,6 @@ struct ProbeCollector::LayerAcc {
   float* attn_g3_norm_sum = nullptr;  // (K): Σ_b ‖∂L/∂h_in − ∂L/∂h_half‖
   float* mlp_g3_norm_sum = nullptr;   // (K): Σ_b ‖∂L/∂h_half − ∂L/∂h_out‖
   std::array<float*, kNumNorms> act_norm_sum{};
-  // Token s alone, when s lies past the K tokens above (null otherwise): N_s at x̃ for
-  // R_GS and the activation norms of token s.
-  float* xn_sum_s = nullptr;       // (d): Σ_b ∂L/∂x̃[b,s]
-  float* xn_norm_sum_s = nullptr;  // (1): Σ_b ‖∂L/∂x̃[b,s]‖
-  std::array<float*, kNumNorms> act_norm_sum_s{};
   std::vector<double> alpha, mass, second, above;  // per head, Σ over micro-batches of B·value
   std::vector<float> abs_h_out;                    // every |h_out| value, for the median
   std::array<double, 3> top3{-1, -1, -1};
@@ -111,11 +105,6 @@ ProbeCollector::ProbeCollector(Model& model, const ProbeSettings& settings, int 
     a->attn_g3_norm_sum = be.Alloc(K_);
     a->mlp_g3_norm_sum = be.Alloc(K_);
     for (auto& p : a->act_norm_sum) p = be.Alloc(K_);
-    if (settings.sink_position >= K_) {
-      a->xn_sum_s = be.Alloc(c.d_model);
-      a->xn_norm_sum_s = be.Alloc(1);
-      for (auto& p : a->act_norm_sum_s) p = be.Alloc(1);
-    }
     a->alpha.assign(c.heads, 0.0);
     a->mass.assign(c.heads, 0.0);
     a->second.assign(c.heads, 0.0);
@@ -132,11 +121,6 @@ ProbeCollector::~ProbeCollector() {
     for (float* p : a->act_norm_sum) be.Free(p);
     be.Free(a->attn_g3_norm_sum);
     be.Free(a->mlp_g3_norm_sum);
-    if (a->xn_sum_s) {
-      be.Free(a->xn_sum_s);
-      be.Free(a->xn_norm_sum_s);
-      for (float* p : a->act_norm_sum_s) be.Free(p);
-    }
     delete a;
   }
   if (scratch_) be.Free(scratch_);
@@ -159,12 +143,7 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   const float* acts[kNumNorms] = {x.h_in, x.h_half, x.h_out, x.r_attn, x.r_mlp, x.v, x.vhat};
   for (int i = 0; i < kNumNorms; ++i) {
     const bool per_kv_head = i >= 5;  // v and v̂: one norm per KV head, then the mean
-    const int G = per_kv_head ? KV : 1, C = per_kv_head ? dh : d;
-    be.AccumulateTokenNormSum(a.act_norm_sum[i], acts[i], B, T, G, C, K_);
-    if (a.act_norm_sum_s[i]) {  // token s only: start at row s, sequences stay T rows apart
-      be.AccumulateTokenNormSum(a.act_norm_sum_s[i], acts[i] + static_cast<size_t>(settings_.sink_position) * G * C, B,
-                                T, G, C, 1);
-    }
+    be.AccumulateTokenNormSum(a.act_norm_sum[i], acts[i], B, T, per_kv_head ? KV : 1, per_kv_head ? dh : d, K_);
   }
   // Attention column statistics, recomputed from q and k.
   ColumnStatsRequest req;
@@ -211,11 +190,6 @@ void ProbeCollector::OnGradient(int layer, Site site, const float* grad, const f
   const int C = a.channels[i];
   be.AccumulateTokenSum(a.sum[i], grad, B, T, C, K_);
   be.AccumulateTokenNormSum(a.norm_sum[i], grad, B, T, 1, C, K_);
-  if (site == Site::kXn && a.xn_sum_s) {  // token s only: start at row s, sequences stay T rows apart
-    const float* row_s = grad + static_cast<size_t>(settings_.sink_position) * C;
-    be.AccumulateTokenSum(a.xn_sum_s, row_s, B, T, C, 1);
-    be.AccumulateTokenNormSum(a.xn_norm_sum_s, row_s, B, T, 1, C, 1);
-  }
   if (downstream != nullptr) {  // g3 = ∂L/∂(residual in) − ∂L/∂(residual out), eq. (4)
     const size_t n = static_cast<size_t>(B) * T * C;
     float* diff = Scratch(n);
@@ -230,7 +204,7 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
   const ModelConfig& c = model_.config();
   const ProbeSettings& st = settings_;
   const bool sum_mode = st.reduce == ReduceMode::kSumThenNorm;
-  const int P = st.profile_len, K = K_, sink = st.sink_position;
+  const int P = st.profile_len, K = K_;
   const double B = std::max(sequences_, 1);
   ProbeReport r;
   r.step = step;
@@ -267,16 +241,8 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
     }
     const auto& N = sum_mode ? n_sum : n_mean;
     const int xn = SiteIndex(Site::kXn);
-    double ns_sum, ns_mean;  // N_s at x̃ in both modes
-    if (sink < K) {
-      ns_sum = n_sum[xn][sink];
-      ns_mean = n_mean[xn][sink];
-    } else {
-      ns_sum = row_norm(download(a.xn_sum_s, c.d_model), 0, c.d_model);
-      ns_mean = download(a.xn_norm_sum_s, 1)[0] / B;
-    }
-    lp.r_gs_sum_then_norm = SinkRatio(n_sum[xn], ns_sum, sink, st.ref_span);
-    lp.r_gs_norm_then_mean = SinkRatio(n_mean[xn], ns_mean, sink, st.ref_span);
+    lp.r_gs_sum_then_norm = GradientSinkRatio(n_sum[xn], st.sink_position, st.ref_span);
+    lp.r_gs_norm_then_mean = GradientSinkRatio(n_mean[xn], st.sink_position, st.ref_span);
     lp.r_gs = sum_mode ? lp.r_gs_sum_then_norm : lp.r_gs_norm_then_mean;
     rgs_all.push_back(lp.r_gs);
     for (Site s : kProfileSites) {
@@ -342,8 +308,7 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
       double ref = 0;
       for (int t = 1; t <= ref_end; ++t) ref += v[t];
       ref /= std::max(ref_end, 1);
-      const double at_s = sink < K ? v[sink] : download(a.act_norm_sum_s[i], 1)[0] / denom;
-      lp.norm_ratio[kNormNames[i]] = at_s / ref;
+      lp.norm_ratio[kNormNames[i]] = v[st.sink_position < K ? st.sink_position : 0] / ref;
       v.resize(P);
       lp.norms[kNormNames[i]] = std::move(v);
     }

@@ -106,7 +106,7 @@ class ProbeCollector final : public PassObserver {
   Model& model_;
   ProbeSettings settings_;
   int T_;
-  int K_;  // tokens reduced: max(P, T_e + 1, 16) clipped to T; token s is kept apart when s ≥ K_
+  int K_;  // tokens reduced: max(P, T_e + 1, 16) clipped to T
   int sequences_ = 0;
   std::vector<LayerAcc*> acc_;
   float* scratch_ = nullptr;
@@ -118,8 +118,7 @@ class ProbeCollector final : public PassObserver {
 StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& settings, const int32_t* inputs,
                                         const int32_t* targets, int B, int T, int64_t step = 0);
 
-// Definition 1 from token-wise norms: N_s / ((1/T_e) Σ_{0≤t≤T_e, t≠s} N_t). `norms` holds
-// tokens 0…max(s, T_e) at least.
+// Definition 1 from token-wise norms: N_s / ((1/T_e) Σ_{0≤t≤T_e, t≠s} N_t).
 double GradientSinkRatio(const std::vector<double>& norms, int s, int ref_span);
 // Quantile with linear interpolation between order statistics (as numpy's default).
 double Quantile(std::vector<double> values, double q);
