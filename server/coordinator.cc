@@ -724,7 +724,8 @@ void Coordinator::Tick() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     const auto now = std::chrono::steady_clock::now();
-    if (last_tick_ && now - *last_tick_ > std::chrono::duration<double>(kStallSeconds)) {
+    const double stall = std::min(kStallSeconds, options_.lease_seconds / 2);
+    if (last_tick_ && now - *last_tick_ > std::chrono::duration<double>(stall)) {
       const auto gap = now - *last_tick_;
       int extended = 0;
       for (auto& [id, run] : runs_) {
@@ -736,7 +737,6 @@ void Coordinator::Tick() {
           {{"seconds", std::to_string(std::chrono::duration<double>(gap).count())},
            {"leases_extended", std::to_string(extended)}});
     }
-    last_tick_ = now;
     for (auto& [id, run] : runs_) {
       v1::RunSummary& s = run.record.summary;
       if (s.state() != v1::RUNNING || now < run.lease_deadline) continue;
@@ -773,6 +773,10 @@ void Coordinator::Tick() {
   }
   exporter_->ExpireSeries();
   for (auto& [writer, m] : out) writer->Send(m);
+  // The gap to the next call counts from here: time spent above outside the lock (sends to
+  // a slow worker, series expiry) is not the coordinator stalling its message handling.
+  std::lock_guard<std::mutex> lock(mu_);
+  last_tick_ = std::chrono::steady_clock::now();
 }
 
 }  // namespace sinkscope

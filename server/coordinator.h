@@ -73,8 +73,8 @@ class Coordinator {
 
   // --- scheduler -----------------------------------------------------------------
   // Lapses leases, places queued runs, refreshes fleet gauges, expires old series.
-  // Called every fraction of a second; when the previous call was more than
-  // kStallSeconds ago (the coordinator was stalled: a slow store write holding the lock,
+  // Called every fraction of a second; when the previous call ended more than
+  // min(kStallSeconds, lease / 2) ago (the coordinator was stalled: a slow store write holding the lock,
   // the process paused), every running lease is extended by the gap first, so the
   // workers' heartbeats that queued up meanwhile are not blamed for the coordinator's
   // own delay.

@@ -34,7 +34,18 @@ namespace {
 // same run to two workers writing into the same checkpoint folder. Returns the open
 // descriptor, which the caller keeps open.
 StatusOr<int> LockStore(const std::string& db) {
-  const std::string path = db + ".lock";
+  // The lock sits beside the file itself: a URI's path, symlinks resolved, so two spellings
+  // of one store share one lock.
+  std::string file = db;
+  if (file.rfind("file:", 0) == 0) {
+    file = file.substr(5, file.find('?') == std::string::npos ? std::string::npos : file.find('?') - 5);
+    if (file.rfind("//", 0) == 0 && file.find('/', 2) != std::string::npos) {
+      file = file.substr(file.find('/', 2));  // file://host/path
+    }
+  }
+  std::error_code ec;
+  const std::filesystem::path canonical = std::filesystem::weakly_canonical(file, ec);
+  const std::string path = (ec ? file : canonical.string()) + ".lock";
   const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     return Status(StatusCode::kUnavailable,

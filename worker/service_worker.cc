@@ -80,6 +80,11 @@ std::string DataSource(const v1::Experiment& e) {
 
 bool IsOutcome(const v1::WorkerMessage& m) { return m.has_finished() || m.has_failed() || m.has_released(); }
 
+// The attempt an outcome (IsOutcome) belongs to.
+int32_t OutcomeAttempt(const v1::WorkerMessage& m) {
+  return m.has_finished() ? m.finished().attempt() : m.has_failed() ? m.failed().attempt() : m.released().attempt();
+}
+
 }  // namespace
 
 // ---- clocks ------------------------------------------------------------------------
@@ -470,12 +475,12 @@ v1::WorkerMessage Worker::MakeRegisterLocked() const {
     // A run that ended while disconnected: its outcome is still to be written or acked.
     for (const auto& [run_id, o] : unacked_outcomes_) {
       r->set_run_id(run_id);
-      r->set_attempt(o.has_finished() ? o.finished().attempt() : o.failed().attempt());
+      r->set_attempt(OutcomeAttempt(o));
     }
     for (const Outgoing& o : queue_) {
       if (!o.probe && IsOutcome(o.message)) {
         r->set_run_id(o.run_id);
-        r->set_attempt(o.message.has_finished() ? o.message.finished().attempt() : o.message.failed().attempt());
+        r->set_attempt(OutcomeAttempt(o.message));
       }
     }
   }
@@ -565,9 +570,19 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
   cv_.notify_all();
 }
 
+void Worker::ReleaseUnstartedLocked(const v1::Assignment& a) {
+  Log(LogLevel::kInfo, "assignment_released", {{"run_id", a.run_id()}, {"reason", "shutting down"}});
+  v1::WorkerMessage m;
+  v1::RunReleased* r = m.mutable_released();
+  r->set_run_id(a.run_id());
+  r->set_attempt(a.attempt());
+  r->set_reason("worker shutting down before starting the run");
+  EnqueueLocked(a.run_id(), std::move(m), false);
+}
+
 void Worker::HandleAssignmentLocked(const v1::Assignment& a) {
-  if (stopping_) {
-    Log(LogLevel::kInfo, "assignment_ignored", {{"run_id", a.run_id()}, {"reason", "shutting down"}});
+  if (stopping_) {  // given back at once, so it is requeued without a lease lapse
+    if (!a.run_id().empty()) ReleaseUnstartedLocked(a);
     return;
   }
   if (a.run_id().empty()) {
@@ -675,6 +690,7 @@ void Worker::TrainingLoop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!next_ || stopping_) {
+        if (next_) ReleaseUnstartedLocked(*next_);
         next_.reset();
         current_.reset();
         training_thread_active_ = false;

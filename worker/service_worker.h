@@ -183,6 +183,9 @@ class Worker {
   void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation);
   void HandleMessageLocked(const v1::CoordinatorMessage& message);
   void HandleAssignmentLocked(const v1::Assignment& assignment);
+  // Gives back an assignment that arrived, or was waiting, when the worker began to shut
+  // down: a RunReleased, so the coordinator requeues it at once.
+  void ReleaseUnstartedLocked(const v1::Assignment& a);
   void HandleCancelLocked(const v1::CancelRun& cancel);
   std::chrono::milliseconds JitteredBackoffLocked(std::chrono::milliseconds base);
   // Logs a stream that failed because of the credentials: rejected token (UNAUTHENTICATED)

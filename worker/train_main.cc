@@ -209,7 +209,18 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   if (ec) return InternalError("cannot read " + ckpt + ": " + ec.message());
   if (have_checkpoint) {
     RETURN_IF_ERROR(trainer->Resume(ckpt));
+    if (trainer->step() > e.train().steps()) {
+      return InvalidArgumentError(ckpt + " is at step " + std::to_string(trainer->step()) +
+                                  ", past train.steps = " + std::to_string(e.train().steps()) +
+                                  "; resume with the same --steps it was trained with");
+    }
   } else {
+    // A fresh start owns the folder: a checkpoint and export of an earlier run would
+    // otherwise be picked up by a later --resume and spliced with this run's records.
+    for (const std::string& stale : {ckpt, r.dir + "/hf"}) {
+      std::filesystem::remove_all(stale, ec);
+      if (ec) return InternalError("cannot remove " + stale + " of an earlier run: " + ec.message());
+    }
     trainer->Initialize();
   }
   // The records of the steps up to the checkpoint (none on a fresh start) are kept: they

@@ -99,13 +99,15 @@ class LocalToolsTest(unittest.TestCase):
                 time.sleep(0.0005)
             time.sleep(delay)
         finally:
+            alive = p.poll() is None
             p.send_signal(signal.SIGKILL)
             p.wait()
+        return alive  # False: the run ended before the kill, which then tested nothing
 
     def test_sigkill_right_after_a_checkpoint_then_resume(self):
         out = os.path.join(self.dir, "kill-after-checkpoint")
-        self.kill_after_checkpoints(out, resume=False, checkpoints=2)
-        self.kill_after_checkpoints(out, resume=True, checkpoints=2)
+        self.assertTrue(self.kill_after_checkpoints(out, resume=False, checkpoints=2), "the run ended before the kill")
+        self.assertTrue(self.kill_after_checkpoints(out, resume=True, checkpoints=2), "the run ended before the kill")
         # A stale temporary checkpoint of a process killed in the middle of a write.
         run = os.path.join(out, "vscale-s0")
         with open(os.path.join(run, "checkpoint.bin.tmp.999999.1"), "w") as f:
@@ -119,14 +121,16 @@ class LocalToolsTest(unittest.TestCase):
 
     def test_sigkill_at_random_moments_then_resume(self):
         rng = random.Random(20240611)
+        live_kills = 0
         for trial in range(4):
             out = os.path.join(self.dir, f"kill-random-{trial}")
             for attempt in range(3):
-                self.kill_after_checkpoints(out, resume=attempt > 0, checkpoints=rng.randrange(4),
-                                            delay=rng.uniform(0, 0.05))
+                live_kills += self.kill_after_checkpoints(out, resume=attempt > 0, checkpoints=rng.randrange(4),
+                                                          delay=rng.uniform(0, 0.05))
             r = self.run_train(self.spec, "--out", out, "--resume")
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assert_like_reference(out)
+        self.assertGreater(live_kills, 0, "every run ended before its kill")
 
     def test_resume_of_a_finished_run_changes_nothing(self):
         out = os.path.join(self.dir, "finished")

@@ -233,30 +233,32 @@ class ReliabilityTest(unittest.TestCase):
     # --- a worker stopped gracefully gives its run back --------------------------------------
     def test_10_sigterm_worker_releases_its_run_without_using_a_restart(self):
         c = self.cluster
-        # max_restarts 0: a lapse would fail the run; a release must not. The worker stops
-        # three times mid-run; the run still completes, every step and probe stored once.
-        c.start_worker("worker-t1", ["--fault-step-delay-ms", "10"])
+        # max_restarts 0: a lapse would fail the run; a release must not. Three workers in
+        # turn stall at a known step (so the stop lands mid-run on any machine) and are
+        # stopped with SIGTERM; the run still completes, every step and probe stored once.
+        stops = (20, 50, 80)
+        c.start_worker("worker-t1", ["--fault-stall-after-step", str(stops[0])])
         steps = 120
         path, _ = self.write_experiment("drain", steps=steps, probe_every=10, checkpoint_every=10, arms=("vscale",),
                                         overrides={"max_restarts": 0})
         eid = self.submit(path)
         run_id = f"{eid}-vscale-s0"
-        for n, stop_at in enumerate((20, 50, 80), start=1):
+        for n, stop_at in enumerate(stops, start=1):
             holder = f"worker-t{n}"
 
-            def running_past(step=stop_at, holder=holder):
+            def stalled(step=stop_at, holder=holder):
                 run = runs_of(c.status(eid))[0]
                 return run.get("state") == "RUNNING" and field(run, "worker_id") == holder and \
-                    int(field(run, "step") or 0) >= step
+                    int(field(run, "step") or 0) == step
 
-            wait_for(running_past, 300, f"the run to pass step {stop_at} on {holder}")
+            wait_for(stalled, 300, f"the run to stall at step {stop_at} on {holder}")
             w = c.workers[holder]
             w.proc.send_signal(signal.SIGTERM)
             self.assertEqual(w.proc.wait(timeout=60), 0, w.output())
             self.assertIn("event=run_stopped", w.output())
             # Requeued at once (no lease to wait for), released, not lapsed.
             wait_for(lambda: runs_of(c.status(eid))[0].get("state") == "QUEUED", 30, "the run to be requeued")
-            c.start_worker(f"worker-t{n + 1}", ["--fault-step-delay-ms", "10"] if n < 3 else [])
+            c.start_worker(f"worker-t{n + 1}", ["--fault-stall-after-step", str(stops[n])] if n < len(stops) else [])
         status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
         self.assertEqual(status["state"], "COMPLETED", self.logs())
         run = runs_of(status)[0]
