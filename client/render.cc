@@ -330,10 +330,12 @@ std::string RenderComparison(const v1::CompareArmsResponse& response) {
     right.push_back(true);
   }
   std::vector<std::vector<std::string>> rows(4);
+  // R_GS at the probe step compared; the losses at each run's latest step, and the mean
+  // tokens/s of its steps after step 1 (which pays one-time set-up).
   rows[0] = {"median R_GS"};
-  rows[1] = {"final loss"};
-  rows[2] = {"val loss"};
-  rows[3] = {"tok/s"};
+  rows[1] = {"final loss (latest step)"};
+  rows[2] = {"val loss (latest eval)"};
+  rows[3] = {"tok/s (mean, steps ≥ 2)"};
   for (const v1::ArmComparison& a : response.arms()) {
     rows[0].push_back(FormatStat(a.r_gs_median()));
     rows[1].push_back(FormatStat(a.final_loss()));

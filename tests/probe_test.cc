@@ -605,6 +605,43 @@ TEST(ProbeTest, ProbingNeverPerturbsTraining) {
   }
 }
 
+// Every number of a probe report describes the weights the probed pass ran with: on the
+// step's own batch, θ and C too, though the step then updates θ.
+TEST(ProbeTest, StepBatchProbeReportsThetaBeforeTheUpdate) {
+  auto backend = MakeCpuBackend();
+  const DataSplits data = PatternData();
+  TrainerOptions o;
+  o.model = TinyConfig(VScaleMode::kVScale);
+  o.optimizer.total_steps = 6;
+  o.optimizer.lr = 1e-2;
+  o.micro_batch = 3;
+  auto trainer = Trainer::Create(o, &data, backend.get());
+  ASSERT_TRUE(trainer.ok());
+  (*trainer)->Initialize();
+  ProbeSettings st;
+  st.ref_span = 10;
+  st.profile_len = 16;
+  const Model& m = (*trainer)->model();
+  const ModelConfig& c = m.config();
+  for (int i = 0; i < 4; ++i) {
+    const auto before = m.ParamsToHost();
+    ProbeReport r;
+    (*trainer)->ProbedStep(st, i % 2 ? ProbeBatchKind::kHeldOut : ProbeBatchKind::kStepBatch, &r);
+    const auto after = m.ParamsToHost();
+    for (int l = 0; l < c.layers; ++l) {
+      const ParamTensor* t = m.FindTensor("model.layers." + std::to_string(l) + ".self_attn.vscale_theta");
+      ASSERT_NE(t, nullptr);
+      for (int g = 0; g < c.kv_heads; ++g) {
+        EXPECT_EQ(r.layers[l].theta[g], before[t->offset + g]) << "step " << i + 1 << " layer " << l;
+        EXPECT_DOUBLE_EQ(r.layers[l].c[g], m.VScaleCBase() * std::exp(static_cast<double>(before[t->offset + g])));
+        if (i > 0) {
+          EXPECT_NE(after[t->offset + g], before[t->offset + g]) << "θ must move for this test to bite";
+        }
+      }
+    }
+  }
+}
+
 TEST(ProbeTest, BadSettingsAreRejectedWithTheirName) {
   auto backend = MakeCpuBackend();
   auto m = Model::Create(TinyConfig(VScaleMode::kNone), backend.get());

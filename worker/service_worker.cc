@@ -623,8 +623,9 @@ void Worker::HandleAssignmentLocked(const v1::Assignment& a) {
 
 void Worker::HandleCancelLocked(const v1::CancelRun& c) {
   Log(LogLevel::kInfo, "cancel", {{"run_id", c.run_id()}, {"reason", c.reason()}});
+  // What the run measured up to the cancel (queued progress and probe reports, and the
+  // step in flight, which its cancel checkpoint holds) is still sent and stored.
   cancelled_runs_.insert(c.run_id());
-  DropRunLocked(c.run_id());
   if (next_ && next_->run_id() == c.run_id()) next_.reset();
   if (current_ && current_->run_id == c.run_id()) current_->cancelled = true;
 }
@@ -632,7 +633,6 @@ void Worker::HandleCancelLocked(const v1::CancelRun& c) {
 // ---- queue -------------------------------------------------------------------------
 
 void Worker::EnqueueLocked(const std::string& run_id, v1::WorkerMessage message, bool is_progress) {
-  if (cancelled_runs_.count(run_id)) return;
   Outgoing o;
   o.run_id = run_id;
   o.progress = is_progress;
@@ -653,7 +653,6 @@ void Worker::EnqueueLocked(const std::string& run_id, v1::WorkerMessage message,
 
 void Worker::EnqueueProbeLocked(v1::ProbeUpload upload) {
   const std::string run_id = upload.run_id();
-  if (cancelled_runs_.count(run_id)) return;
   const int64_t sequence = upload.sequence();
   outbox_[{run_id, sequence}] = std::move(upload);
   Outgoing o;
@@ -662,24 +661,6 @@ void Worker::EnqueueProbeLocked(v1::ProbeUpload upload) {
   o.sequence = sequence;
   queue_.push_back(std::move(o));
   cv_.notify_all();
-}
-
-void Worker::DropRunLocked(const std::string& run_id) {
-  for (auto it = queue_.begin(); it != queue_.end();) {
-    if (it->run_id == run_id) {
-      if (it->progress) --queued_progress_;
-      it = queue_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  for (auto it = outbox_.begin(); it != outbox_.end();) {
-    it = it->first.first == run_id ? outbox_.erase(it) : std::next(it);
-  }
-  for (auto it = unacked_progress_.begin(); it != unacked_progress_.end();) {
-    it = it->first.first == run_id ? unacked_progress_.erase(it) : std::next(it);
-  }
-  unacked_outcomes_.erase(run_id);
 }
 
 // ---- training ----------------------------------------------------------------------
@@ -889,6 +870,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   const int eval_every = e.train().eval_every();
   const int ck_every = e.checkpoint().every();
   while (trainer->step() < total) {
+    if (options_.fault_step_delay.count() > 0) std::this_thread::sleep_for(options_.fault_step_delay);
     const int64_t next = trainer->step() + 1;
     const bool probe_now = IsProbeStep(next, probe_every, total);
     ProbeReport report;
@@ -944,7 +926,6 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       saved_step = s.step;
       Log(LogLevel::kDebug, "checkpoint", {{"run_id", run}, {"step", Str(s.step)}, {"path", ckpt}});
     }
-    if (options_.fault_step_delay.count() > 0) std::this_thread::sleep_for(options_.fault_step_delay);
     if (s.step == options_.fault_stall_after_step && s.step < total) {
       Log(LogLevel::kWarning, "fault_stall", {{"run_id", run}, {"step", Str(s.step)}});
       std::unique_lock<std::mutex> lock(mu_);

@@ -99,7 +99,7 @@ struct WorkerOptions {
   // checkpoint, if due), training stops and waits for a cancel or shutdown while the
   // worker keeps heartbeating, so a test can kill a worker at a known step. 0: off.
   int64_t fault_stall_after_step = 0;
-  // Fault injection for tests: a pause after every step, so a run lasts at least
+  // Fault injection for tests: a pause before every step, so a run lasts at least
   // steps × this however fast the machine is. 0: off.
   std::chrono::milliseconds fault_step_delay{0};
 };
@@ -197,8 +197,6 @@ class Worker {
   // the oldest queued Progress.
   void EnqueueLocked(const std::string& run_id, v1::WorkerMessage message, bool is_progress);
   void EnqueueProbeLocked(v1::ProbeUpload upload);
-  // Forgets every queued message and unacked probe of a run.
-  void DropRunLocked(const std::string& run_id);
 
   // --- training (the training thread) ---
   // Trains next_, then whatever was assigned meanwhile, until none is left.

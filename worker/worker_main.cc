@@ -51,7 +51,7 @@ fault injection (tests):
   --fault-stall-after-step N  after completing step N of a run (and its checkpoint, if due),
                            stop training and wait for a cancel or shutdown while still
                            heartbeating, so a test can kill this worker at a known step
-  --fault-step-delay-ms MS pause MS milliseconds after every step, so a run lasts at least
+  --fault-step-delay-ms MS pause MS milliseconds before every step, so a run lasts at least
                            steps × MS however fast the machine is
 )";
 

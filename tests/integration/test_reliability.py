@@ -276,6 +276,34 @@ class ReliabilityTest(unittest.TestCase):
         self.assertNotIn("lease_lapsed", c.coordinator.output())
         self.stop_workers()
 
+    # --- a cancel keeps what was measured ---------------------------------------------------
+    def test_11_cancel_mid_run_stores_every_step_its_checkpoint_holds(self):
+        c = self.cluster
+        c.start_worker("worker-c", ["--fault-step-delay-ms", "20"])  # ≥ 8 s for 400 steps
+        path, _ = self.write_experiment("cancel", steps=400, probe_every=10, checkpoint_every=50, arms=("baseline",))
+        eid = self.submit(path)
+        run_id = f"{eid}-baseline-s0"
+
+        def past_20():
+            run = runs_of(c.status(eid))[0]
+            return run.get("state") == "RUNNING" and int(field(run, "step") or 0) >= 20
+
+        wait_for(past_20, 300, "the run to pass step 20")
+        c.cli("cancel", eid)
+        wait_for(lambda: "event=run_stopped" in c.workers["worker-c"].output(), 60, "the worker to stop the run")
+        self.assertEqual(runs_of(c.wait_state(eid, {"EXPERIMENT_CANCELLED"}, timeout=60))[0]["state"], "CANCELLED")
+        ckpt = os.path.join(c.dir, "checkpoints", eid, run_id, "checkpoint.bin")
+        saved = checkpoint_header(ckpt)["step"]
+        self.assertLess(saved, 400)
+        # Every step the checkpoint holds is stored, the one in flight at the cancel included.
+        wait_for(lambda: c.sql("SELECT MAX(step) FROM step_metrics WHERE run_id = ?", run_id)[0][0] == saved, 30,
+                 f"step {saved} to be stored")
+        stored = [s for (s,) in c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(stored, list(range(1, saved + 1)))
+        probes = [s for (s,) in c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(probes, [s for s in harness.expected_probe_steps(400, 10) if s <= saved])
+        self.stop_workers()
+
     # --- one coordinator per store and per port ------------------------------------------
     def test_9_a_second_coordinator_on_the_same_store_or_port_is_refused(self):
         c = self.cluster

@@ -111,6 +111,16 @@ ProbeCollector::ProbeCollector(Model& model, const ProbeSettings& settings, int 
     a->above.assign(c.heads, 0.0);
     acc_.push_back(a);
   }
+  // θ as the pass sees it: read now, before the step's update (Trainer::ProbedStep runs
+  // the optimizer before Finish), and only θ's own entries, not the whole buffer.
+  for (int l = 0; l < c.layers; ++l) {
+    std::vector<float> th(c.kv_heads, 0.0f);
+    const ParamTensor* t = model.FindTensor("model.layers." + std::to_string(l) + ".self_attn.vscale_theta");
+    if (c.vscale == VScaleMode::kVScale && t != nullptr) {
+      be.ToHost(th.data(), model.params() + t->offset, th.size() * sizeof(float));
+    }
+    theta_.push_back(std::move(th));
+  }
 }
 
 ProbeCollector::~ProbeCollector() {
@@ -212,7 +222,6 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
   r.settings = st;
   r.batch_sequences = sequences_;
   r.seq_len = T_;
-  const std::vector<float> params = model_.ParamsToHost();
   auto download = [&](const float* p, size_t n) {
     std::vector<float> h(n);
     be.ToHost(h.data(), p, n * sizeof(float));
@@ -328,9 +337,8 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
       m.top1_over_median = m.top3[0] / m.median;
     }
     // V-scale θ and C.
-    const ParamTensor* theta = model_.FindTensor("model.layers." + std::to_string(l) + ".self_attn.vscale_theta");
     for (int g = 0; g < c.kv_heads; ++g) {
-      const double th = c.vscale == VScaleMode::kVScale ? params[theta->offset + g] : 0.0;
+      const double th = theta_[l][g];
       lp.theta.push_back(th);
       lp.c.push_back(model_.VScaleCBase() * std::exp(th));
     }

@@ -109,6 +109,7 @@ class ProbeCollector final : public PassObserver {
   int K_;  // tokens reduced: max(P, T_e + 1, 16) clipped to T
   int sequences_ = 0;
   std::vector<LayerAcc*> acc_;
+  std::vector<std::vector<float>> theta_;  // [layer][kv head], at construction (before the update)
   float* scratch_ = nullptr;
   size_t scratch_size_ = 0;
 };
