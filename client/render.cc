@@ -1,12 +1,18 @@
 #include "client/render.h"
 
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <google/protobuf/util/json_util.h>
+#include <google/protobuf/util/type_resolver.h>
+#include <google/protobuf/util/type_resolver_util.h>
 
 #include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <memory>
 
 #include "common/experiment.h"
 
@@ -196,8 +202,25 @@ std::string MessageToJson(const google::protobuf::Message& message, bool pretty)
   options.add_whitespace = pretty;
   options.always_print_primitive_fields = true;
   options.preserve_proto_field_names = true;
+  // Through a deterministic binary form, so maps (a probe report's profiles and norms)
+  // come out in a fixed order and the same export twice gives the same bytes.
+  static const std::unique_ptr<google::protobuf::util::TypeResolver> resolver(
+      google::protobuf::util::NewTypeResolverForDescriptorPool("type.googleapis.com",
+                                                               google::protobuf::DescriptorPool::generated_pool()));
+  std::string binary;
+  {
+    google::protobuf::io::StringOutputStream stream(&binary);
+    google::protobuf::io::CodedOutputStream coded(&stream);
+    coded.SetSerializationDeterministic(true);
+    if (!message.SerializeToCodedStream(&coded)) return "{}";
+  }
   std::string out;
-  if (!google::protobuf::util::MessageToJsonString(message, &out, options).ok()) return "{}";
+  if (!google::protobuf::util::BinaryToJsonString(resolver.get(),
+                                                  "type.googleapis.com/" + message.GetDescriptor()->full_name(),
+                                                  binary, &out, options)
+           .ok()) {
+    return "{}";
+  }
   if (pretty && !out.empty() && out.back() == '\n') out.pop_back();
   return out;
 }

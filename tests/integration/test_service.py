@@ -101,6 +101,10 @@ class ServiceTest(unittest.TestCase):
         with open(out) as f:
             lines = [json.loads(l) for l in f if l.strip()]
         self.assertGreaterEqual(len(lines), 2 * (30 + len(want_probes)))
+        # The same export twice gives the same bytes (maps in a fixed order), so exports diff.
+        again = os.path.join(c.dir, "export-again.jsonl")
+        c.cli("export", eid, "--format", "jsonl", "--out", again)
+        self.assertTrue(filecmp.cmp(out, again, shallow=False), "two exports of the same data differ")
         csv_out = os.path.join(c.dir, "export.csv")
         c.cli("export", eid, "--format", "csv", "--out", csv_out)
         self.assertTrue(os.path.getsize(csv_out) > 0)
