@@ -500,15 +500,19 @@ std::vector<std::string> WatchView::ProbeLines(const RunView& v) const {
 
 std::string WatchView::ProbeLine(const RunView& v) const {
   const v1::ProbeReport& p = v.probe;
-  std::string rgs, sink, h_out;
+  // The same numbers as the terminal view's probe block, on one line.
+  std::string rgs, sink, ratios[4];
+  static const char* const kRatios[4] = {"h_out", "r_attn", "r_mlp", "v"};
   for (const v1::LayerProbe& l : p.layers()) {
     rgs += " " + FormatNumber(l.r_gs());
     sink += " " + FormatNumber(l.sink_rate());
-    h_out += " " + FormatNumber(NormRatio(l, "h_out"));
+    for (int i = 0; i < 4; ++i) ratios[i] += " " + FormatNumber(NormRatio(l, kRatios[i]));
   }
-  return Printf("%-22s probe step %lld: R_GS median %s; per layer R_GS", RunLabel(v.run).c_str(),
-                static_cast<long long>(p.step()), FormatNumber(p.r_gs_median()).c_str()) +
-         rgs + " | sink rate" + sink + " | h_out ratio" + h_out;
+  std::string line = Printf("%-22s probe step %lld: R_GS median %s; per layer R_GS", RunLabel(v.run).c_str(),
+                            static_cast<long long>(p.step()), FormatNumber(p.r_gs_median()).c_str()) +
+                     rgs + " | sink rate" + sink;
+  for (int i = 0; i < 4; ++i) line += std::string(" | ") + kRatios[i] + " ratio" + ratios[i];
+  return line;
 }
 
 std::vector<std::string> WatchView::Apply(const v1::WatchEvent& event) {
