@@ -22,6 +22,7 @@
 #include "client/render.h"
 #include "common/experiment.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
+#include "worker/engine/numbers.h"
 #include "worker/probe_command.h"
 
 namespace sinkscope::cli {
@@ -94,14 +95,6 @@ std::optional<int> Prepare(const char* command, const std::vector<std::string>& 
   return std::nullopt;
 }
 
-bool ParseInt64(const std::string& text, int64_t* value) {
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || errno != 0) return false;
-  *value = v;
-  return true;
-}
 
 // ---- the coordinator --------------------------------------------------------------------------
 
@@ -387,7 +380,7 @@ int List(const GlobalOptions& options, const std::vector<std::string>& argv) {
   v1::ListExperimentsRequest request;
   if (args.values.count("--limit")) {
     int64_t limit = 0;
-    if (!ParseInt64(args.values["--limit"], &limit) || limit <= 0 || limit > INT32_MAX) {
+    if (!ParseWholeInteger(args.values["--limit"], &limit) || limit <= 0 || limit > INT32_MAX) {
       return UsageError("list", "--limit must be a positive integer, got " + args.values["--limit"]);
     }
     request.set_limit(static_cast<int32_t>(limit));
@@ -458,7 +451,7 @@ int Compare(const GlobalOptions& options, const std::vector<std::string>& argv) 
   request.set_experiment_id(args.positional[0]);
   if (args.values.count("--step")) {
     int64_t step = 0;
-    if (!ParseInt64(args.values["--step"], &step) || step < 0) {
+    if (!ParseWholeInteger(args.values["--step"], &step) || step < 0) {
       return UsageError("compare", "--step must be a non-negative integer, got " + args.values["--step"]);
     }
     request.set_step(step);

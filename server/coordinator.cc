@@ -208,16 +208,19 @@ void Coordinator::Unwatch(const std::shared_ptr<Watcher>& watcher) {
   watchers_.erase(std::remove(watchers_.begin(), watchers_.end(), watcher), watchers_.end());
 }
 
+void Coordinator::DetachSessionLocked(Run& run) {
+  if (run.session == 0) return;
+  auto it = sessions_.find(run.session);
+  if (it != sessions_.end() && it->second.run_id == run.record.summary.run_id()) it->second.run_id.clear();
+  run.session = 0;
+}
+
 void Coordinator::RequeueLocked(Run& run, const std::string& outcome, const std::string& message) {
   v1::RunSummary& s = run.record.summary;
   if (Status st = store_->EndAttempt(s.run_id(), s.attempt(), s.step(), outcome, NowMs()); !st.ok()) {
     Log(LogLevel::kError, "store_write_failed", {{"what", "attempt"}, {"error", st.message()}});
   }
-  if (run.session != 0) {
-    auto it = sessions_.find(run.session);
-    if (it != sessions_.end() && it->second.run_id == s.run_id()) it->second.run_id.clear();
-    run.session = 0;
-  }
+  DetachSessionLocked(run);
   s.set_state(v1::QUEUED);
   s.set_message(message);
   if (Status st = store_->UpdateRun(run.record); !st.ok()) {
@@ -240,11 +243,7 @@ void Coordinator::EndRunLocked(Run& run, v1::RunState state, v1::FailureReason r
   s.set_failure_reason(reason);
   s.set_message(message);
   run.record.finished_unix_ms = NowMs();
-  if (run.session != 0) {
-    auto it = sessions_.find(run.session);
-    if (it != sessions_.end() && it->second.run_id == s.run_id()) it->second.run_id.clear();
-    run.session = 0;
-  }
+  DetachSessionLocked(run);
   if (Status st = store_->UpdateRun(run.record); !st.ok()) {
     Log(LogLevel::kError, "store_write_failed", {{"what", "run state"}, {"error", st.message()}});
   }
@@ -747,9 +746,8 @@ void Coordinator::Tick() {
         cancel.mutable_cancel()->set_run_id(id);
         cancel.mutable_cancel()->set_reason("the lease lapsed; the run was given to another worker");
         out.push_back({old.writer, cancel});
-        old.run_id.clear();
       }
-      run.session = 0;
+      DetachSessionLocked(run);
       ++run.record.restarts;
       exporter_->RunRestarted();
       if (run.record.restarts > experiments_.at(s.experiment_id()).summary.spec().max_restarts()) {

@@ -106,6 +106,8 @@ class Coordinator {
 
   // All below require mu_.
   v1::ExperimentSummary SummaryLocked(const std::string& id, bool with_spec);
+  // Frees the run's worker session (if any) for another run.
+  void DetachSessionLocked(Run& run);
   // Ends the run's current attempt with `outcome` and queues it again (to resume from its
   // latest checkpoint), with `message` for people.
   void RequeueLocked(Run& run, const std::string& outcome, const std::string& message);

@@ -24,6 +24,7 @@
 #include "common/log.h"
 #include "server/coordinator.h"
 #include "server/services.h"
+#include "worker/engine/numbers.h"
 
 namespace sinkscope {
 namespace {
@@ -38,7 +39,8 @@ StatusOr<int> LockStore(const std::string& db) {
   // of one store share one lock.
   std::string file = db;
   if (file.rfind("file:", 0) == 0) {
-    file = file.substr(5, file.find('?') == std::string::npos ? std::string::npos : file.find('?') - 5);
+    file = file.substr(5);
+    file = file.substr(0, file.find('?'));
     if (file.rfind("//", 0) == 0 && file.find('/', 2) != std::string::npos) {
       file = file.substr(file.find('/', 2));  // file://host/path
     }
@@ -121,9 +123,8 @@ int Main(int argc, char** argv) {
     // A positive number of seconds, or exit 2 naming the option and the value.
     auto seconds = [&]() -> double {
       const std::string v = value();
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (v.empty() || *end != '\0' || !(x > 0) || !std::isfinite(x)) {
+      double x = 0;
+      if (!ParseWholeNumber(v, &x) || !(x > 0)) {
         std::fprintf(stderr, "sinkscope-coordinator: %s: '%s' is not a positive number of seconds\n", a.c_str(),
                      v.c_str());
         std::exit(2);

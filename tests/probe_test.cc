@@ -127,6 +127,26 @@ Matrix AttentionMatrix(const std::vector<float>& q, const std::vector<float>& k,
 
 double RelErr(double got, double want) { return std::abs(got - want) / std::max(std::abs(want), 1e-12); }
 
+// Batch-mean norm per token of activation `name` (h_in … r_mlp: (T, d); v, vh: (T, KV,
+// dh), averaged over KV heads) of layer l, from the per-sequence captures.
+std::vector<double> BruteActivationNorms(const std::vector<Capture>& seq, int l, const std::string& name, int T,
+                                         const ModelConfig& c) {
+  const bool kv = name == "v" || name == "vh";
+  const int G = kv ? c.kv_heads : 1, C = kv ? c.head_dim : c.d_model;
+  const int B = static_cast<int>(seq.size());
+  std::vector<double> mean(T, 0.0);
+  for (const Capture& cap : seq) {
+    const auto& x = cap.act.at(l).at(name);
+    for (int t = 0; t < T; ++t) {
+      for (int g = 0; g < G; ++g) {
+        std::vector<double> row(x.begin() + (t * G + g) * C, x.begin() + (t * G + g + 1) * C);
+        mean[t] += RowNorm(row) / (B * G);
+      }
+    }
+  }
+  return mean;
+}
+
 class ProbeBruteForceTest : public ::testing::TestWithParam<std::tuple<VScaleMode, ReduceMode>> {};
 
 TEST_P(ProbeBruteForceTest, EveryQuantityMatchesPlainDefinitions) {
@@ -234,18 +254,7 @@ TEST_P(ProbeBruteForceTest, EveryQuantityMatchesPlainDefinitions) {
     EXPECT_NEAR(lp.sink_rate_per_sample, per_sample, 1e-12);
     // Activation norms (batch means; v, v̂ averaged over KV heads) and token-s ratios.
     for (const char* name : {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"}) {
-      const bool kv = std::string(name) == "v" || std::string(name) == "vh";
-      const int G = kv ? KV : 1, C = kv ? dh : d;
-      std::vector<double> mean(T, 0.0);
-      for (int b = 0; b < B; ++b) {
-        const auto& x = seq[b].act[l][name];
-        for (int t = 0; t < T; ++t) {
-          for (int g = 0; g < G; ++g) {
-            std::vector<double> row(x.begin() + (t * G + g) * C, x.begin() + (t * G + g + 1) * C);
-            mean[t] += RowNorm(row) / (B * G);
-          }
-        }
-      }
+      const std::vector<double> mean = BruteActivationNorms(seq, l, name, T, c);
       for (int t = 0; t < st.profile_len; ++t) EXPECT_LT(RelErr(lp.norms.at(name)[t], mean[t]), tol) << name;
       double rest = 0;
       for (int t = 1; t <= 15; ++t) rest += mean[t] / 15;
@@ -340,18 +349,7 @@ TEST_P(ProbeSinkBeyondProfileTest, TokenSQuantitiesMatchPlainDefinitions) {
       EXPECT_EQ(lp.grad_profile.at("xn").size(), static_cast<size_t>(st.profile_len));
       // Token s / mean over tokens 1…15 of each activation norm (batch means).
       for (const char* name : {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"}) {
-        const bool kv = std::string(name) == "v" || std::string(name) == "vh";
-        const int G = kv ? KV : 1, C = kv ? dh : d;
-        std::vector<double> mean(T, 0.0);
-        for (int b = 0; b < B; ++b) {
-          const auto& x = seq[b].act[l][name];
-          for (int t = 0; t < T; ++t) {
-            for (int g = 0; g < G; ++g) {
-              std::vector<double> row(x.begin() + (t * G + g) * C, x.begin() + (t * G + g + 1) * C);
-              mean[t] += RowNorm(row) / (B * G);
-            }
-          }
-        }
+        const std::vector<double> mean = BruteActivationNorms(seq, l, name, T, c);
         double rest = 0;
         for (int t = 1; t <= 15; ++t) rest += mean[t] / 15;
         EXPECT_LT(RelErr(lp.norm_ratio.at(name), mean[s] / rest), tol) << name << " layer " << l << " s=" << s;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "worker/data.h"
+#include "worker/engine/numbers.h"
 
 namespace {
 
@@ -52,22 +53,6 @@ int UsageError(const std::string& message) {
 int Fail(const sinkscope::Status& status) {
   std::fprintf(stderr, "%s: %s\n", kTool, status.ToString().c_str());
   return 1;
-}
-
-bool ParseDouble(const std::string& text, double* out) {
-  if (text.empty()) return false;
-  errno = 0;
-  char* end = nullptr;
-  *out = std::strtod(text.c_str(), &end);
-  return errno == 0 && end == text.c_str() + text.size();
-}
-
-bool ParsePositive(const std::string& text, long long* out) {
-  if (text.empty() || text[0] == '-' || text[0] == '+') return false;
-  errno = 0;
-  char* end = nullptr;
-  *out = std::strtoll(text.c_str(), &end, 10);
-  return errno == 0 && end == text.c_str() + text.size() && *out > 0;
 }
 
 std::string ShardName(const std::string& split, size_t index) {
@@ -115,7 +100,7 @@ int main(int argc, char** argv) {
   std::string out_dir;
   sinkscope::TextSource source;
   double val_fraction = 0.05;
-  long long shard_tokens = kDefaultShardTokens;
+  int64_t shard_tokens = kDefaultShardTokens;
   bool options_done = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -151,11 +136,12 @@ int main(int argc, char** argv) {
     } else if (name == "--separator") {
       source.separator = value;
     } else if (name == "--val-fraction") {
-      if (!ParseDouble(value, &val_fraction) || !(val_fraction >= 0.0 && val_fraction <= 0.5)) {
+      if (!sinkscope::ParseWholeNumber(value, &val_fraction) || !(val_fraction >= 0.0 && val_fraction <= 0.5)) {
         return UsageError("--val-fraction " + value + ": expected a number in [0, 0.5]");
       }
     } else if (name == "--shard-tokens") {
-      if (!ParsePositive(value, &shard_tokens) || shard_tokens > std::numeric_limits<int32_t>::max()) {
+      if (!sinkscope::ParseWholeInteger(value, &shard_tokens) || shard_tokens < 1 ||
+          shard_tokens > std::numeric_limits<int32_t>::max()) {
         return UsageError("--shard-tokens " + value + ": expected a whole number in [1, " +
                           std::to_string(std::numeric_limits<int32_t>::max()) + "]");
       }

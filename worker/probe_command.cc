@@ -14,6 +14,7 @@
 
 #include "worker/checkpoint.h"
 #include "worker/data.h"
+#include "worker/engine/numbers.h"
 #include "worker/hf.h"
 #include "worker/probe_json.h"
 
@@ -47,27 +48,6 @@ The report's step is the checkpoint's (the optimisation steps it has completed);
 Hugging Face folder stores none, and its report says step 0.
 )";
 
-// The whole of `text` as an int in [min, INT_MAX].
-bool ParseInt(const std::string& text, int min, int* out) {
-  if (text.empty() || std::isspace(static_cast<unsigned char>(text[0])) || text[0] == '+') return false;
-  char* end = nullptr;
-  errno = 0;
-  const long v = std::strtol(text.c_str(), &end, 10);
-  if (*end != '\0' || errno != 0 || v < min || v > INT_MAX) return false;
-  *out = static_cast<int>(v);
-  return true;
-}
-
-// The whole of `text` as a finite number.
-bool ParseNumber(const std::string& text, double* out) {
-  if (text.empty() || std::isspace(static_cast<unsigned char>(text[0]))) return false;
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(text.c_str(), &end);
-  if (*end != '\0' || errno != 0 || !std::isfinite(v)) return false;
-  *out = v;
-  return true;
-}
 
 }  // namespace
 
@@ -105,7 +85,11 @@ int RunProbeCommand(int argc, char** argv) {
       // Integer options: the whole value, in range; the ranges that depend on T are checked
       // by ProbeSettings::Validate.
       auto integer = [&](int min, int* out) -> std::string {
-        if (ParseInt(v, min, out)) return "";
+        int64_t n = 0;
+        if (ParseWholeInteger(v, &n) && n >= min && n <= INT_MAX) {
+          *out = static_cast<int>(n);
+          return "";
+        }
         return a + (min > 0 ? " must be a positive integer" : " must be a non-negative integer") + ", got '" + v + "'";
       };
       std::string bad;
@@ -118,7 +102,7 @@ int RunProbeCommand(int argc, char** argv) {
       else if (a == "--s") bad = integer(0, &st.sink_position);
       else if (a == "--ref-span") { bad = integer(1, &st.ref_span); ref_span_set = true; }
       else if (a == "--profile-len") { bad = integer(1, &st.profile_len); profile_set = true; }
-      else if (a == "--eps") bad = ParseNumber(v, &st.eps) ? "" : "--eps must be a number, got '" + v + "'";
+      else if (a == "--eps") bad = ParseWholeNumber(v, &st.eps) ? "" : "--eps must be a number, got '" + v + "'";
       else if (a == "--t-eps") bad = integer(1, &st.t_eps);
       else if (a == "--reduce") {
         if (v == "sum_then_norm") st.reduce = ReduceMode::kSumThenNorm;

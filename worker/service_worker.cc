@@ -78,6 +78,8 @@ std::string DataSource(const v1::Experiment& e) {
   return s;
 }
 
+constexpr char kReleasedUnstarted[] = "worker shutting down before starting the run";
+
 bool IsOutcome(const v1::WorkerMessage& m) { return m.has_finished() || m.has_failed() || m.has_released(); }
 
 // The attempt an outcome (IsOutcome) belongs to.
@@ -570,19 +572,23 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
   cv_.notify_all();
 }
 
-void Worker::ReleaseUnstartedLocked(const v1::Assignment& a) {
-  Log(LogLevel::kInfo, "assignment_released", {{"run_id", a.run_id()}, {"reason", "shutting down"}});
+void Worker::EnqueueReleaseLocked(const std::string& run_id, int32_t attempt, int64_t step, int64_t checkpoint_step,
+                                  const std::string& reason) {
+  Log(LogLevel::kInfo, "run_released",
+      {{"run_id", run_id}, {"step", Str(step)}, {"checkpoint_step", Str(checkpoint_step)}, {"reason", reason}});
   v1::WorkerMessage m;
   v1::RunReleased* r = m.mutable_released();
-  r->set_run_id(a.run_id());
-  r->set_attempt(a.attempt());
-  r->set_reason("worker shutting down before starting the run");
-  EnqueueLocked(a.run_id(), std::move(m), false);
+  r->set_run_id(run_id);
+  r->set_attempt(attempt);
+  r->set_step(step);
+  r->set_checkpoint_step(checkpoint_step);
+  r->set_reason(reason);
+  EnqueueLocked(run_id, std::move(m), false);
 }
 
 void Worker::HandleAssignmentLocked(const v1::Assignment& a) {
   if (stopping_) {  // given back at once, so it is requeued without a lease lapse
-    if (!a.run_id().empty()) ReleaseUnstartedLocked(a);
+    if (!a.run_id().empty()) EnqueueReleaseLocked(a.run_id(), a.attempt(), 0, 0, kReleasedUnstarted);
     return;
   }
   if (a.run_id().empty()) {
@@ -671,7 +677,7 @@ void Worker::TrainingLoop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!next_ || stopping_) {
-        if (next_) ReleaseUnstartedLocked(*next_);
+        if (next_) EnqueueReleaseLocked(next_->run_id(), next_->attempt(), 0, 0, kReleasedUnstarted);
         next_.reset();
         current_.reset();
         training_thread_active_ = false;
@@ -736,13 +742,8 @@ void Worker::EndRunLocked(const v1::Assignment& a, const RunEnd& end) {
       if (end.kind == RunEnd::kShutdown) {
         // Given back at once, so the coordinator requeues it without waiting for the
         // lease to lapse and without counting a restart.
-        v1::RunReleased* r = m.mutable_released();
-        r->set_run_id(a.run_id());
-        r->set_attempt(attempt);
-        r->set_step(end.step);
-        r->set_checkpoint_step(end.checkpoint_step);
-        r->set_reason(end.message.empty() ? "worker shutting down" : "worker shutting down; " + end.message);
-        EnqueueLocked(a.run_id(), std::move(m), false);
+        EnqueueReleaseLocked(a.run_id(), attempt, end.step, end.checkpoint_step,
+                             end.message.empty() ? "worker shutting down" : "worker shutting down; " + end.message);
       }
       break;
   }
@@ -752,6 +753,10 @@ void Worker::EndRunLocked(const v1::Assignment& a, const RunEnd& end) {
 
 std::optional<Worker::RunEnd::Kind> Worker::StopRequested(const std::string& run_id) {
   std::lock_guard<std::mutex> lock(mu_);
+  return StopRequestedLocked(run_id);
+}
+
+std::optional<Worker::RunEnd::Kind> Worker::StopRequestedLocked(const std::string& run_id) const {
   if (cancelled_runs_.count(run_id) || (current_ && current_->run_id == run_id && current_->cancelled)) {
     return RunEnd::kCancelled;
   }
@@ -929,9 +934,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     if (s.step == options_.fault_stall_after_step && s.step < total) {
       Log(LogLevel::kWarning, "fault_stall", {{"run_id", run}, {"step", Str(s.step)}});
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] {
-        return stopping_ || cancelled_runs_.count(run) || (current_ && current_->run_id == run && current_->cancelled);
-      });
+      cv_.wait(lock, [&] { return StopRequestedLocked(run).has_value(); });
     }
     if (s.step < total) {
       if (auto kind = StopRequested(run)) return stop(*kind);

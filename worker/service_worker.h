@@ -183,9 +183,11 @@ class Worker {
   void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation);
   void HandleMessageLocked(const v1::CoordinatorMessage& message);
   void HandleAssignmentLocked(const v1::Assignment& assignment);
-  // Gives back an assignment that arrived, or was waiting, when the worker began to shut
-  // down: a RunReleased, so the coordinator requeues it at once.
-  void ReleaseUnstartedLocked(const v1::Assignment& a);
+  // Queues a RunReleased: the run is given back (the worker is shutting down) so the
+  // coordinator requeues it at once, without a lease lapse or a restart counted. Also for
+  // an assignment that arrived, or was waiting, when the shutdown began (steps 0).
+  void EnqueueReleaseLocked(const std::string& run_id, int32_t attempt, int64_t step, int64_t checkpoint_step,
+                            const std::string& reason);
   void HandleCancelLocked(const v1::CancelRun& cancel);
   std::chrono::milliseconds JitteredBackoffLocked(std::chrono::milliseconds base);
   // Logs a stream that failed because of the credentials: rejected token (UNAUTHENTICATED)
@@ -193,8 +195,8 @@ class Worker {
   bool LogCredentialFailure(const grpc::Status& status, int64_t attempt) const;
 
   // --- queue ---
-  // Queues a message of `run_id` unless that run was cancelled; past the bound, drops
-  // the oldest queued Progress.
+  // Queues a message of `run_id` (a cancelled run's too: what it measured is still
+  // stored); past the bound, drops the oldest queued Progress.
   void EnqueueLocked(const std::string& run_id, v1::WorkerMessage message, bool is_progress);
   void EnqueueProbeLocked(v1::ProbeUpload upload);
 
@@ -207,6 +209,7 @@ class Worker {
   void EndRunLocked(const v1::Assignment& assignment, const RunEnd& end);
   // Whether the run must stop after its step: cancelled, or the worker is shutting down.
   std::optional<RunEnd::Kind> StopRequested(const std::string& run_id);
+  std::optional<RunEnd::Kind> StopRequestedLocked(const std::string& run_id) const;
   StatusOr<std::shared_ptr<const DataSplits>> LoadRunData(const v1::Experiment& experiment);
 
   const WorkerOptions options_;

@@ -23,6 +23,7 @@
 #include "common/convert.h"
 #include "common/experiment.h"
 #include "worker/engine/backend.h"
+#include "worker/engine/numbers.h"
 #include "worker/hf.h"
 #include "worker/probe_json.h"
 #include "worker/progress.h"
@@ -302,16 +303,6 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   return r;
 }
 
-// A positive integer of at most INT32_MAX (train.steps is an int32), nothing else.
-bool ParseSteps(const std::string& text, int64_t* value) {
-  if (text.empty() || text[0] < '0' || text[0] > '9') return false;
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(text.c_str(), &end, 10);
-  if (*end != '\0' || errno != 0 || v <= 0 || v > INT32_MAX) return false;
-  *value = v;
-  return true;
-}
 
 int Main(int argc, char** argv) {
   std::string file, out;
@@ -332,7 +323,10 @@ int Main(int argc, char** argv) {
       if (out.empty()) return usage_error("--out needs a folder, got ''");
     } else if (a == "--steps") {
       const std::string v = argv[++i];
-      if (!ParseSteps(v, &steps)) return usage_error("--steps must be a positive integer, got '" + v + "'");
+      // Positive, at most INT32_MAX (train.steps is an int32).
+      if (!ParseWholeInteger(v, &steps) || steps <= 0 || steps > INT32_MAX) {
+        return usage_error("--steps must be a positive integer, got '" + v + "'");
+      }
     } else if (a == "--resume") {
       resume = true;
     } else if (a == "--json") {

@@ -15,6 +15,7 @@
 
 #include "common/credentials.h"
 #include "common/log.h"
+#include "worker/engine/numbers.h"
 #include "worker/service_worker.h"
 
 namespace sinkscope {
@@ -129,17 +130,14 @@ int Main(int argc, char** argv) {
     } else if (a == "--fault-stall-after-step") {
       std::string n;
       if (!take(&n)) return Usage("--fault-stall-after-step needs a step");
-      char* end = nullptr;
-      options.fault_stall_after_step = std::strtoll(n.c_str(), &end, 10);
-      if (n.empty() || *end != '\0' || options.fault_stall_after_step <= 0) {
+      if (!ParseWholeInteger(n, &options.fault_stall_after_step) || options.fault_stall_after_step <= 0) {
         return Usage("--fault-stall-after-step: '" + n + "' is not a positive step");
       }
     } else if (a == "--fault-step-delay-ms") {
       std::string n;
+      int64_t ms = 0;
       if (!take(&n)) return Usage("--fault-step-delay-ms needs milliseconds");
-      char* end = nullptr;
-      const long long ms = std::strtoll(n.c_str(), &end, 10);
-      if (n.empty() || *end != '\0' || ms < 0) {
+      if (!ParseWholeInteger(n, &ms) || ms < 0) {
         return Usage("--fault-step-delay-ms: '" + n + "' is not a count of milliseconds");
       }
       options.fault_step_delay = std::chrono::milliseconds(ms);
