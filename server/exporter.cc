@@ -29,13 +29,13 @@ StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, s
   e->r_gs_median_ = gauge("sinkscope_probe_gradient_sink_ratio_median", "Median over layers of R_GS.");
   e->sink_rate_ = gauge("sinkscope_probe_sink_rate_ratio", "Fraction of heads whose alpha_s exceeds epsilon, per layer.");
   e->h_out_ratio_ = gauge("sinkscope_probe_h_out_token_norm_ratio",
-                          "Norm of h_out at token s over the mean of tokens 1-15, per layer.");
+                          "Norm of h_out at token s over the mean of tokens 1-15 other than s, per layer.");
   e->r_mlp_ratio_ = gauge("sinkscope_probe_r_mlp_token_norm_ratio",
-                          "Norm of the MLP output at token s over the mean of tokens 1-15, per layer.");
+                          "Norm of the MLP output at token s over the mean of tokens 1-15 other than s, per layer.");
   e->r_attn_ratio_ = gauge("sinkscope_probe_r_attn_token_norm_ratio",
-                           "Norm of the attention output at token s over the mean of tokens 1-15, per layer.");
+                           "Norm of the attention output at token s over the mean of tokens 1-15 other than s, per layer.");
   e->v_ratio_ = gauge("sinkscope_probe_v_token_norm_ratio",
-                      "Norm of v at token s over the mean of tokens 1-15, per layer.");
+                      "Norm of v at token s over the mean of tokens 1-15 other than s, per layer.");
   e->massive_top1_ = gauge("sinkscope_probe_massive_activation_top1", "Largest |h_out| value of the probe batch.");
   e->massive_ratio_ = gauge("sinkscope_probe_massive_activation_top1_over_median_ratio",
                             "Largest |h_out| over the median |h_out|, per layer.");

@@ -70,15 +70,22 @@ TEST_F(OpGradTest, RmsNorm) {
 
 TEST_F(OpGradTest, Rope) {
   const int B = 2, T = 5, heads = 2, dh = 8;
-  auto x = RandomVector(B * T * heads * dh, rng_), w = RandomVector(x.size(), rng_);
-  auto loss = [&] {
-    std::vector<float> y = x;
-    be_->RopeForward(y.data(), B, T, heads, dh, 10000.0);
-    return Dot(y, w);
-  };
-  std::vector<float> dx = w;
-  be_->RopeBackward(dx.data(), B, T, heads, dh, 10000.0);
-  ExpectGradientMatches("rope dx", x, dx, loss);
+  // Default RoPE and YaRN (its attention factor scales the rotation: not orthogonal).
+  ModelConfig yarn;
+  yarn.head_dim = dh;
+  yarn.rope_scaling.type = RopeType::kYarn;
+  yarn.rope_scaling.factor = 4.0;
+  for (const RotaryFrequencies& rope : {ModelConfig{}.Rotary(), yarn.Rotary()}) {
+    auto x = RandomVector(B * T * heads * dh, rng_), w = RandomVector(x.size(), rng_);
+    auto loss = [&] {
+      std::vector<float> y = x;
+      be_->RopeForward(y.data(), B, T, heads, dh, rope);
+      return Dot(y, w);
+    };
+    std::vector<float> dx = w;
+    be_->RopeBackward(dx.data(), B, T, heads, dh, rope);
+    ExpectGradientMatches("rope dx", x, dx, loss);
+  }
 }
 
 TEST_F(OpGradTest, AttentionWithGqa) {

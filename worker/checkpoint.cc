@@ -21,12 +21,26 @@ uint64_t Fnv1a(const char* data, size_t n) {
   return h;
 }
 
+// Every field of RopeScaling (a pretrained model's; training runs use the default).
+nlohmann::json RopeScalingToJson(const RopeScaling& r) {
+  return {{"type", RopeTypeName(r.type)},
+          {"factor", r.factor},
+          {"low_freq_factor", r.low_freq_factor},
+          {"high_freq_factor", r.high_freq_factor},
+          {"original_max_position_embeddings", r.original_max_position_embeddings},
+          {"beta_fast", r.beta_fast},
+          {"beta_slow", r.beta_slow},
+          {"attention_factor", r.attention_factor},
+          {"truncate", r.truncate}};
+}
+
 nlohmann::json ConfigToJson(const ModelConfig& c) {
   return {{"layers", c.layers},       {"d_model", c.d_model},       {"heads", c.heads},
           {"kv_heads", c.kv_heads},   {"head_dim", c.head_dim},     {"ffn", c.ffn},
           {"vocab", c.vocab},         {"context", c.context},       {"rope_theta", c.rope_theta},
           {"rms_eps", c.rms_eps},     {"init_std", c.init_std},     {"tied_embeddings", c.tied_embeddings},
-          {"vscale", VScaleModeName(c.vscale)}, {"vscale_sigma", c.vscale_sigma}};
+          {"vscale", VScaleModeName(c.vscale)}, {"vscale_sigma", c.vscale_sigma},
+          {"rope_scaling", RopeScalingToJson(c.rope_scaling)}};
 }
 
 StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
@@ -45,6 +59,20 @@ StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
     c.init_std = j.at("init_std");
     c.tied_embeddings = j.at("tied_embeddings");
     c.vscale_sigma = j.at("vscale_sigma");
+    if (j.contains("rope_scaling")) {  // absent in checkpoints written before it existed: default
+      const nlohmann::json& r = j.at("rope_scaling");
+      RopeScaling& s = c.rope_scaling;
+      const std::string type = r.at("type");
+      if (!ParseRopeType(type, &s.type)) return DataLossError("unknown rope_scaling type " + type);
+      s.factor = r.at("factor");
+      s.low_freq_factor = r.at("low_freq_factor");
+      s.high_freq_factor = r.at("high_freq_factor");
+      s.original_max_position_embeddings = r.at("original_max_position_embeddings");
+      s.beta_fast = r.at("beta_fast");
+      s.beta_slow = r.at("beta_slow");
+      s.attention_factor = r.at("attention_factor");
+      s.truncate = r.at("truncate");
+    }
     const std::string arm = j.at("vscale");
     if (!ParseVScaleMode(arm, &c.vscale)) return DataLossError("unknown arm " + arm);
   } catch (const nlohmann::json::exception& e) {

@@ -27,8 +27,10 @@ Runs the diagnostic pass (forward and backward, no update) on a checkpoint and p
 the paper's per-layer measurements (METRICS.md).
 
 CHECKPOINT        a sinkscope checkpoint.bin, or a Hugging Face folder holding
-                  config.json and model.safetensors (LlamaForCausalLM; V-scale theta
-                  under model.layers.{i}.self_attn.vscale_theta)
+                  config.json and model.safetensors, or shards listed by
+                  model.safetensors.index.json (LlamaForCausalLM; rope_scaling default,
+                  linear, llama3 or yarn; V-scale theta under
+                  model.layers.{i}.self_attn.vscale_theta)
 --tokens SHARD    llm.c token shard; sequence b is tokens [b*T, b*T+T], targets shifted by one
 --text PATH       a text file or folder, byte-level tokens, documents split by --separator
 --separator S     document separator line for --text (default %%)

@@ -176,11 +176,11 @@ class CountingBackend final : public Backend {
                        const float* rstd, int N, int d) override {
     TimeInto(Slot(Op::kRmsNorm), [&] { inner_->RmsNormBackward(dx, dgamma, dout, x, gamma, rstd, N, d); });
   }
-  void RopeForward(float* x, int B, int T, int heads, int dh, double theta) override {
-    TimeInto(Slot(Op::kRope), [&] { inner_->RopeForward(x, B, T, heads, dh, theta); });
+  void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    TimeInto(Slot(Op::kRope), [&] { inner_->RopeForward(x, B, T, heads, dh, rope); });
   }
-  void RopeBackward(float* dx, int B, int T, int heads, int dh, double theta) override {
-    TimeInto(Slot(Op::kRope), [&] { inner_->RopeBackward(dx, B, T, heads, dh, theta); });
+  void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    TimeInto(Slot(Op::kRope), [&] { inner_->RopeBackward(dx, B, T, heads, dh, rope); });
   }
   size_t AttentionWorkspaceFloats(int B, int T, int H) const override {
     return inner_->AttentionWorkspaceFloats(B, T, H);

@@ -72,9 +72,10 @@ class Backend {
                                const float* rstd, int N, int d) = 0;
 
   // In-place rotary embedding of x (B,T,heads,dh), half-split pairing (j, j+dh/2) as
-  // Hugging Face Llama; position = t. Backward rotates by the opposite angle.
-  virtual void RopeForward(float* x, int B, int T, int heads, int dh, double theta) = 0;
-  virtual void RopeBackward(float* dx, int B, int T, int heads, int dh, double theta) = 0;
+  // Hugging Face Llama; position = t, angle t·inv_freq[j], cos and sin scaled by the
+  // attention factor. Backward applies the transpose (the opposite angle, same scale).
+  virtual void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) = 0;
+  virtual void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) = 0;
 
   // Causal softmax attention with GQA: query head h reads KV head h/(H/KV).
   // q (B,T,H,dh), k and v (B,T,KV,dh), y (B,T,H,dh). `workspace` holds what the

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "worker/engine/status.h"
 
@@ -21,6 +22,32 @@ const char* VScaleModeName(VScaleMode mode);
 // The inverse of VScaleModeName; false for an unknown name.
 bool ParseVScaleMode(const std::string& name, VScaleMode* mode);
 
+// Rotary position scaling as Hugging Face's `rope_scaling` / `rope_parameters` define it
+// (modeling_rope_utils: default, linear, llama3, yarn). Training runs use kDefault; the
+// other types come from pretrained configs.
+enum class RopeType { kDefault, kLinear, kLlama3, kYarn };
+const char* RopeTypeName(RopeType type);  // "default", "linear", "llama3", "yarn"
+bool ParseRopeType(const std::string& name, RopeType* type);
+
+struct RopeScaling {
+  RopeType type = RopeType::kDefault;
+  double factor = 1.0;                       // linear, llama3, yarn
+  double low_freq_factor = 1.0;              // llama3
+  double high_freq_factor = 4.0;             // llama3
+  int original_max_position_embeddings = 0;  // llama3, yarn (0: model.context)
+  double beta_fast = 32.0, beta_slow = 1.0;  // yarn
+  double attention_factor = 0.0;             // yarn: scales cos and sin (0: 0.1·ln(factor) + 1)
+  bool truncate = true;                      // yarn: round the correction range to integers
+  bool operator==(const RopeScaling&) const = default;
+};
+
+// Per channel pair i < dh/2: the angle of position t is t·inv_freq[i]; cos and sin are
+// multiplied by attention_factor (1 except for yarn).
+struct RotaryFrequencies {
+  std::vector<double> inv_freq;
+  double attention_factor = 1.0;
+};
+
 struct ModelConfig {
   int layers = 2;
   int d_model = 32;
@@ -31,6 +58,7 @@ struct ModelConfig {
   int vocab = 257;
   int context = 16;  // maximum sequence length T
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
   double rms_eps = 1e-5;
   double init_std = 0.02;
   bool tied_embeddings = false;
@@ -43,6 +71,8 @@ struct ModelConfig {
 
   int q_dim() const { return heads * head_dim; }
   int kv_dim() const { return kv_heads * head_dim; }
+  // RoPE frequencies with the scaling applied, as Hugging Face computes them.
+  RotaryFrequencies Rotary() const;
   // Parameters that take part in matmuls (for the FLOPs convention of METRICS.md).
   int64_t MatmulParams() const;
   // FLOPs per trained token: 6·N_matmul + 6·L·H·dh·T (METRICS.md, training observables).

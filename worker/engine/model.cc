@@ -6,7 +6,8 @@
 
 namespace sinkscope {
 
-Model::Model(const ModelConfig& config, Backend* backend) : config_(config), backend_(backend) {}
+Model::Model(const ModelConfig& config, Backend* backend)
+    : config_(config), rotary_(config.Rotary()), backend_(backend) {}
 
 StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* backend) {
   RETURN_IF_ERROR(config.Validate());
@@ -194,8 +195,8 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
     be.Gemm(false, true, N, qd, d, 1.0f, a.xn, w.wq, 0.0f, a.q);         // (N,H·dh)
     be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wk, 0.0f, a.k);        // (N,KV·dh)
     be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wv, 0.0f, a.v);        // (N,KV·dh)
-    be.RopeForward(a.q, B, T, H, dh, c.rope_theta);
-    be.RopeForward(a.k, B, T, KV, dh, c.rope_theta);
+    be.RopeForward(a.q, B, T, H, dh, rotary_);
+    be.RopeForward(a.k, B, T, KV, dh, rotary_);
     be.VScaleForward(a.vhat, a.v, w.theta, N, KV, dh, VScaleCBase(), c.vscale);
     be.AttentionForward(a.y, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
     be.Gemm(false, true, N, d, qd, 1.0f, a.y, w.wo, 0.0f, a.r_attn);      // r_attn (N,d)
@@ -275,8 +276,8 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
       observer->OnGradient(l, Site::kVHat, d_vhat_, nullptr, B, T);
       observer->OnGradient(l, Site::kV, d_v_, nullptr, B, T);
     }
-    be.RopeBackward(d_q_, B, T, H, dh, c.rope_theta);
-    be.RopeBackward(d_k_, B, T, KV, dh, c.rope_theta);
+    be.RopeBackward(d_q_, B, T, H, dh, rotary_);
+    be.RopeBackward(d_k_, B, T, KV, dh, rotary_);
     be.Gemm(false, false, N, d, qd, 1.0f, d_q_, w.wq, 0.0f, d_norm_);  // ∂L/∂x̃ (N,d)
     be.Gemm(false, false, N, d, kvd, 1.0f, d_k_, w.wk, 1.0f, d_norm_);
     be.Gemm(false, false, N, d, kvd, 1.0f, d_v_, w.wv, 1.0f, d_norm_);

@@ -119,6 +119,7 @@ class Model {
   void FreeActivations();
 
   ModelConfig config_;
+  RotaryFrequencies rotary_;  // config_.Rotary(), computed once
   Backend* backend_;
   std::vector<ParamTensor> tensors_;
   size_t num_params_ = 0;

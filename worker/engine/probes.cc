@@ -57,6 +57,19 @@ double GradientSinkRatio(const std::vector<double>& n, int s, int ref_span) {
   return n[s] / ref;
 }
 
+double TokenNormRatio(const std::vector<double>& norms, int s) {
+  const int last = std::min<int>(15, static_cast<int>(norms.size()) - 1);
+  double ref = 0;
+  int count = 0;
+  for (int t = 1; t <= last; ++t) {
+    if (t == s) continue;  // the window is tokens 1…15 other than s (Figure 7)
+    ref += norms[t];
+    ++count;
+  }
+  if (count == 0) return NAN;  // T = 2 with s = 1: no reference token exists
+  return norms[s] / (ref / count);
+}
+
 double Quantile(std::vector<double> v, double q) {
   if (v.empty()) return NAN;
   std::sort(v.begin(), v.end());
@@ -309,15 +322,11 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
     lp.sink_rate = static_cast<double>(sinks) / c.heads;
     lp.sink_rate_per_sample = per_sample / c.heads;
     // Activation norms (batch means; v and v̂ also averaged over KV heads).
-    const int ref_end = std::min(15, T_ - 1);
     for (int i = 0; i < kNumNorms; ++i) {
       std::vector<double> v = download(a.act_norm_sum[i], K);
       const double denom = i >= 5 ? B * c.kv_heads : B;
       for (double& x : v) x /= denom;
-      double ref = 0;
-      for (int t = 1; t <= ref_end; ++t) ref += v[t];
-      ref /= std::max(ref_end, 1);
-      lp.norm_ratio[kNormNames[i]] = v[st.sink_position < K ? st.sink_position : 0] / ref;
+      lp.norm_ratio[kNormNames[i]] = TokenNormRatio(v, st.sink_position);
       v.resize(P);
       lp.norms[kNormNames[i]] = std::move(v);
     }

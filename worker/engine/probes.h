@@ -64,7 +64,7 @@ struct LayerProbe {
   double sink_rate = 0;             // fraction of heads with α_s > ε (eq. 1)
   double sink_rate_per_sample = 0;  // threshold each sequence, then average
   // Batch-mean ℓ2 norms per token t < P: h_in, h_half, h_out, r_attn, r_mlp, v, vh
-  // (v and vh: mean over KV heads), and token s / mean over tokens 1…15 of each.
+  // (v and vh: mean over KV heads), and token s / mean over tokens 1…15 other than s of each.
   std::map<std::string, std::vector<double>> norms;
   std::map<std::string, double> norm_ratio;
   MassiveActivations massive;
@@ -121,6 +121,9 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
 
 // Definition 1 from token-wise norms: N_s / ((1/T_e) Σ_{0≤t≤T_e, t≠s} N_t).
 double GradientSinkRatio(const std::vector<double>& norms, int s, int ref_span);
+// Figure 7's ratio: norms[s] / mean of norms[t] over t = 1…15 (clipped to the tokens
+// kept), t ≠ s. NaN when no reference token exists (only T = 2 with s = 1).
+double TokenNormRatio(const std::vector<double>& norms, int s);
 // Quantile with linear interpolation between order statistics (as numpy's default).
 double Quantile(std::vector<double> values, double q);
 

@@ -15,11 +15,6 @@
 namespace sinkscope {
 namespace {
 
-// Rotary angle of channel pair i at position t: t·θ^(−2i/dh), computed in double.
-inline double RopeAngle(int t, int i, int dh, double theta) {
-  return static_cast<double>(t) * std::pow(theta, -2.0 * i / dh);
-}
-
 class CpuBackend final : public Backend {
  public:
   const char* Name() const override { return "cpu"; }
@@ -125,15 +120,15 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void Rope(float* x, int B, int T, int heads, int dh, double theta, double sign) {
+  void Rope(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope, double sign) {
     const int half = dh / 2;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; ++t) {
       std::vector<float> cs(half), sn(half);
       for (int i = 0; i < half; ++i) {
-        const double ang = RopeAngle(t, i, dh, theta);
-        cs[i] = static_cast<float>(std::cos(ang));
-        sn[i] = static_cast<float>(sign * std::sin(ang));
+        const double ang = static_cast<double>(t) * rope.inv_freq[i];  // in double
+        cs[i] = static_cast<float>(rope.attention_factor * std::cos(ang));
+        sn[i] = static_cast<float>(sign * rope.attention_factor * std::sin(ang));
       }
       for (int b = 0; b < B; ++b) {
         for (int h = 0; h < heads; ++h) {
@@ -148,11 +143,11 @@ class CpuBackend final : public Backend {
       }
     }
   }
-  void RopeForward(float* x, int B, int T, int heads, int dh, double theta) override {
-    Rope(x, B, T, heads, dh, theta, 1.0);
+  void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    Rope(x, B, T, heads, dh, rope, 1.0);
   }
-  void RopeBackward(float* dx, int B, int T, int heads, int dh, double theta) override {
-    Rope(dx, B, T, heads, dh, theta, -1.0);  // the rotation is orthogonal: its transpose is its inverse
+  void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    Rope(dx, B, T, heads, dh, rope, -1.0);  // a scaled rotation: its transpose is the opposite angle
   }
 
   // The workspace keeps the full causal attention matrix a (B,H,T,T), rows t, columns

@@ -1,0 +1,372 @@
+// Hugging Face config.json and weight folders read as Hugging Face reads them: RoPE base
+// and scaling in either generation of the format (rope_theta / rope_scaling and
+// rope_parameters), sharded safetensors with their index, and every refusal naming the
+// key and its value.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "worker/hf.h"
+
+namespace sinkscope {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+class HfTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("sinkscope_hf_test_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // A small Llama config; `extra` is merged over it (a null value removes the key).
+  static nlohmann::json Base() {
+    return {{"model_type", "llama"},     {"vocab_size", 64},          {"hidden_size", 32},
+            {"intermediate_size", 48},   {"num_hidden_layers", 2},    {"num_attention_heads", 4},
+            {"num_key_value_heads", 2},  {"head_dim", 8},             {"max_position_embeddings", 16},
+            {"rms_norm_eps", 1e-5},      {"hidden_act", "silu"},      {"tie_word_embeddings", false}};
+  }
+  StatusOr<ModelConfig> Read(const nlohmann::json& config) {
+    const std::string path = (dir_ / "config.json").string();
+    std::ofstream(path) << config.dump(1);
+    return ReadHfConfig(path);
+  }
+  std::string ReadError(const nlohmann::json& config) {
+    auto c = Read(config);
+    EXPECT_FALSE(c.ok()) << config.dump();
+    return c.ok() ? "" : c.status().message();
+  }
+
+  fs::path dir_;
+};
+
+// Independent float64 references of Hugging Face's inverse frequencies
+// (modeling_rope_utils), written per channel pair from the formulas.
+std::vector<double> DefaultInvFreq(double base, int dim) {
+  std::vector<double> f;
+  for (int i = 0; i < dim; i += 2) f.push_back(1.0 / std::pow(base, static_cast<double>(i) / dim));
+  return f;
+}
+
+std::vector<double> Llama3InvFreq(double base, int dim, double factor, double low, double high, double old_len) {
+  std::vector<double> out;
+  for (double f : DefaultInvFreq(base, dim)) {
+    const double wavelen = 2 * M_PI / f;
+    double g = wavelen > old_len / low ? f / factor : f;  // low frequencies: interpolated
+    const bool medium = !(wavelen < old_len / high) && !(wavelen > old_len / low);
+    if (medium) {
+      const double smooth = (old_len / wavelen - low) / (high - low);
+      g = (1 - smooth) * g / factor + smooth * g;
+    }
+    out.push_back(g);
+  }
+  return out;
+}
+
+std::vector<double> YarnInvFreq(double base, int dim, double factor, double original, double beta_fast,
+                                double beta_slow) {
+  auto dim_of = [&](double rot) { return dim * std::log(original / (rot * 2 * M_PI)) / (2 * std::log(base)); };
+  double lo = std::max(std::floor(dim_of(beta_fast)), 0.0), hi = std::min(std::ceil(dim_of(beta_slow)), dim - 1.0);
+  if (lo == hi) hi += 0.001;
+  std::vector<double> out;
+  for (int i = 0; i < dim / 2; ++i) {
+    const double pos = std::pow(base, 2.0 * i / dim);
+    const double ramp = std::min(std::max((i - lo) / (hi - lo), 0.0), 1.0);
+    const double keep = 1 - ramp;  // extrapolation weight
+    out.push_back(1.0 / (factor * pos) * (1 - keep) + 1.0 / pos * keep);
+  }
+  return out;
+}
+
+void ExpectFrequencies(const RotaryFrequencies& got, const std::vector<double>& want) {
+  ASSERT_EQ(got.inv_freq.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_NEAR(got.inv_freq[i], want[i], 1e-12 * std::abs(want[i])) << "pair " << i;
+  }
+}
+
+TEST_F(HfTest, RopeThetaFromEitherPlace) {
+  nlohmann::json top = Base();
+  top["rope_theta"] = 500000.0;
+  auto a = Read(top);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_DOUBLE_EQ(a->rope_theta, 500000.0);
+
+  // Transformers 5: the base only inside rope_parameters. It used to be read as 10000.
+  nlohmann::json v5 = Base();
+  v5["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 500000.0}};
+  auto b = Read(v5);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_DOUBLE_EQ(b->rope_theta, 500000.0);
+  EXPECT_EQ(b->rope_scaling.type, RopeType::kDefault);
+  ExpectFrequencies(b->Rotary(), DefaultInvFreq(500000.0, 8));
+
+  // Neither given: LlamaConfig's default base.
+  auto c = Read(Base());
+  ASSERT_TRUE(c.ok());
+  EXPECT_DOUBLE_EQ(c->rope_theta, 10000.0);
+  // The harmless default scaling, in either spelling, is accepted.
+  for (const char* key : {"rope_type", "type"}) {
+    nlohmann::json d = Base();
+    d["rope_scaling"] = {{key, "default"}};
+    auto r = Read(d);
+    ASSERT_TRUE(r.ok()) << key << ": " << r.status().ToString();
+    EXPECT_EQ(r->rope_scaling.type, RopeType::kDefault);
+  }
+}
+
+TEST_F(HfTest, TheSameBaseGivesTheSameModelWhereverItIsWritten) {
+  nlohmann::json top = Base(), v5 = Base();
+  top["rope_theta"] = 123456.0;
+  v5["rope_parameters"] = {{"rope_theta", 123456.0}};
+  auto backend = MakeCpuBackend();
+  std::vector<double> losses;
+  for (const auto& config : {top, v5, Base()}) {
+    auto c = Read(config);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    auto m = Model::Create(*c, backend.get());
+    ASSERT_TRUE(m.ok());
+    (*m)->InitWeights(3);
+    std::vector<int32_t> tokens(16), targets(16);
+    for (int t = 0; t < 16; ++t) tokens[t] = (t * 7) % 64, targets[t] = (t * 5 + 1) % 64;
+    losses.push_back((*m)->Evaluate(tokens.data(), targets.data(), 1, 16));
+  }
+  EXPECT_EQ(losses[0], losses[1]);  // bit-identical
+  EXPECT_NE(losses[0], losses[2]);  // and the base matters: 10000 differs
+}
+
+TEST_F(HfTest, RopeScalingTypesMatchHuggingFaceFormulas) {
+  {  // linear
+    nlohmann::json j = Base();
+    j["rope_scaling"] = {{"type", "linear"}, {"factor", 4.0}};
+    auto c = Read(j);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    std::vector<double> want = DefaultInvFreq(10000.0, 8);
+    for (double& f : want) f /= 4.0;
+    ExpectFrequencies(c->Rotary(), want);
+    EXPECT_EQ(c->Rotary().attention_factor, 1.0);
+  }
+  {  // llama3, Llama-3.1-8B's values, at a head dim where all three bands occur
+    nlohmann::json j = Base();
+    j["hidden_size"] = 128;
+    j["num_attention_heads"] = 1;
+    j["num_key_value_heads"] = 1;
+    j["head_dim"] = 128;
+    j["max_position_embeddings"] = 131072;
+    j["rope_theta"] = 500000.0;
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", 8.0},
+                         {"low_freq_factor", 1.0},
+                         {"high_freq_factor", 4.0},
+                         {"original_max_position_embeddings", 8192}};
+    auto c = Read(j);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    const std::vector<double> want = Llama3InvFreq(500000.0, 128, 8.0, 1.0, 4.0, 8192);
+    ExpectFrequencies(c->Rotary(), want);
+    // All three bands are exercised: kept, interpolated, and smoothed between.
+    const std::vector<double> plain = DefaultInvFreq(500000.0, 128);
+    int kept = 0, divided = 0, smoothed = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      kept += want[i] == plain[i];
+      divided += std::abs(want[i] - plain[i] / 8) < 1e-18;
+      smoothed += want[i] != plain[i] && std::abs(want[i] - plain[i] / 8) >= 1e-18;
+    }
+    EXPECT_GT(kept, 0);
+    EXPECT_GT(divided, 0);
+    EXPECT_GT(smoothed, 0);
+  }
+  {  // yarn as Qwen's model cards set it, Transformers 5's reading (explicit factor wins)
+    nlohmann::json j = Base();
+    j["hidden_size"] = 128;
+    j["num_attention_heads"] = 1;
+    j["num_key_value_heads"] = 1;
+    j["head_dim"] = 128;
+    j["max_position_embeddings"] = 131072;
+    j["rope_theta"] = 1000000.0;
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32768}};
+    auto c = Read(j);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    ExpectFrequencies(c->Rotary(), YarnInvFreq(1000000.0, 128, 4.0, 32768, 32, 1));
+    EXPECT_NEAR(c->Rotary().attention_factor, 0.1 * std::log(4.0) + 1.0, 1e-15);
+    // The factor, when left out, is the post-YaRN over the pre-YaRN context.
+    j["rope_scaling"].erase("factor");
+    auto d = Read(j);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    EXPECT_DOUBLE_EQ(d->rope_scaling.factor, 4.0);
+    // An explicit attention factor is used as given.
+    j["rope_scaling"]["attention_factor"] = 1.5;
+    auto e = Read(j);
+    ASSERT_TRUE(e.ok());
+    EXPECT_EQ(e->Rotary().attention_factor, 1.5);
+  }
+}
+
+TEST_F(HfTest, ScaledRopeChangesTheModelAsItsFrequenciesSay) {
+  // Linear scaling by 2 at position t is default RoPE at position t/2: a model with
+  // linear factor 2 must differ from the default one, and two configs that give the
+  // same frequencies must agree bit for bit.
+  nlohmann::json linear = Base(), v5 = Base();
+  linear["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
+  v5["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}};
+  auto backend = MakeCpuBackend();
+  std::vector<double> losses;
+  for (const auto& config : {linear, v5, Base()}) {
+    auto c = Read(config);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    auto m = Model::Create(*c, backend.get());
+    ASSERT_TRUE(m.ok());
+    (*m)->InitWeights(9);
+    std::vector<int32_t> tokens(16), targets(16);
+    for (int t = 0; t < 16; ++t) tokens[t] = (t * 11) % 64, targets[t] = (t * 3 + 2) % 64;
+    losses.push_back((*m)->Evaluate(tokens.data(), targets.data(), 1, 16));
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_NE(losses[0], losses[2]);
+}
+
+TEST_F(HfTest, RefusalsNameTheKeyAndItsValue) {
+  auto with = [](const char* key, nlohmann::json value) {
+    nlohmann::json j = Base();
+    j[key] = std::move(value);
+    return j;
+  };
+  EXPECT_THAT(ReadError(with("rope_scaling", {{"rope_type", "dynamic"}, {"factor", 2.0}})),
+              HasSubstr("rope_scaling.rope_type = \"dynamic\" is not supported"));
+  EXPECT_THAT(ReadError(with("rope_scaling", {{"rope_type", "linear"}, {"factor", 2.0}, {"fudge", 1}})),
+              HasSubstr("rope_scaling.fudge = 1 is not supported"));
+  EXPECT_THAT(ReadError(with("rope_scaling", {{"rope_type", "linear"}})),
+              HasSubstr("rope_scaling.factor is required for rope_type \"linear\""));
+  EXPECT_THAT(ReadError(with("rope_scaling", {{"rope_type", "llama3"},
+                                                   {"factor", 8.0},
+                                                   {"low_freq_factor", 1.0},
+                                                   {"original_max_position_embeddings", 8192}})),
+              HasSubstr("rope_scaling.high_freq_factor is required for rope_type \"llama3\""));
+  EXPECT_THAT(ReadError(with("rope_scaling", {{"rope_type", "yarn"}, {"factor", 2.0}, {"low_freq_factor", 1.0}})),
+              HasSubstr("rope_scaling.low_freq_factor = 1.0 does not apply to rope_type \"yarn\""));
+  EXPECT_THAT(ReadError(with("rope_scaling", {{"rope_type", "linear"}, {"factor", "two"}})),
+              HasSubstr("rope_scaling.factor must be a number, got \"two\""));
+  EXPECT_THAT(ReadError(with("rope_scaling", "yes")), HasSubstr("rope_scaling must be an object, got \"yes\""));
+  // Per-layer-type tables (Gemma-style) are refused, not half read.
+  EXPECT_THAT(ReadError(with("rope_parameters", {{"full_attention", {{"rope_theta", 1e6}}}})),
+              HasSubstr("rope_parameters.full_attention = "));
+  nlohmann::json both = with("rope_theta", 10000.0);
+  both["rope_parameters"] = {{"rope_theta", 500000.0}};
+  EXPECT_THAT(ReadError(both), HasSubstr("rope_theta 10000.0 and rope_parameters.rope_theta 500000.0 disagree"));
+  nlohmann::json twice = with("rope_scaling", {{"rope_type", "default"}});
+  twice["rope_parameters"] = {{"rope_theta", 10000.0}};
+  EXPECT_THAT(ReadError(twice), HasSubstr("rope_scaling and rope_parameters are both given"));
+  EXPECT_THAT(ReadError(with("partial_rotary_factor", 0.5)), HasSubstr("partial_rotary_factor = 0.5 is not supported"));
+  EXPECT_THAT(ReadError(with("attention_bias", true)), HasSubstr("attention_bias = true is not supported"));
+  EXPECT_THAT(ReadError(with("hidden_act", "gelu")), HasSubstr("hidden_act \"gelu\" is not supported"));
+  EXPECT_THAT(ReadError(with("model_type", "qwen2")), HasSubstr("model_type \"qwen2\" is not supported"));
+  EXPECT_THAT(ReadError(with("rope_theta", "big")), HasSubstr("rope_theta must be a number, got \"big\""));
+  EXPECT_THAT(ReadError(with("head_dim", 7.5)), HasSubstr("head_dim must be an integer, got 7.5"));
+  // Nulls are Hugging Face's "not set": defaults apply.
+  nlohmann::json nulls = Base();
+  nulls["rope_scaling"] = nullptr;
+  nulls["head_dim"] = nullptr;
+  nulls["num_key_value_heads"] = nullptr;
+  auto c = Read(nulls);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->head_dim, 8);
+  EXPECT_EQ(c->kv_heads, 4);
+}
+
+TEST_F(HfTest, ExportedScalingReadsBack) {
+  nlohmann::json j = Base();
+  j["max_position_embeddings"] = 64;
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 16},
+                       {"beta_fast", 16.0}};
+  auto c = Read(j);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  auto backend = MakeCpuBackend();
+  auto m = Model::Create(*c, backend.get());
+  ASSERT_TRUE(m.ok());
+  (*m)->InitWeights(1);
+  ASSERT_TRUE(ExportHf(**m, (dir_ / "out").string()).ok());
+  auto back = ReadHfConfig((dir_ / "out" / "config.json").string());
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_TRUE(back->rope_scaling == c->rope_scaling);
+}
+
+// Splits an exported model.safetensors into shards with an index, as large models ship.
+void Shard(const fs::path& dir, int shards, bool drop_one) {
+  auto file = ReadSafetensors((dir / "model.safetensors").string());
+  ASSERT_TRUE(file.ok());
+  std::vector<std::vector<TensorToWrite>> parts(shards);
+  std::vector<std::vector<std::vector<float>>> keep(shards);
+  nlohmann::json map = nlohmann::json::object();
+  int i = 0;
+  for (const auto& [name, t] : file->tensors) {
+    if (drop_one && name == "model.norm.weight") continue;
+    const int s = i++ % shards;
+    keep[s].emplace_back(t.values.begin(), t.values.end());
+  }
+  i = 0;
+  for (const auto& [name, t] : file->tensors) {
+    if (drop_one && name == "model.norm.weight") continue;
+    const int s = i % shards;
+    const size_t k = parts[s].size();
+    parts[s].push_back({name, t.shape, keep[s][k].data()});
+    char shard_name[64];
+    std::snprintf(shard_name, sizeof shard_name, "model-%05d-of-%05d.safetensors", s + 1, shards);
+    map[name] = shard_name;
+    ++i;
+  }
+  for (int s = 0; s < shards; ++s) {
+    char shard_name[64];
+    std::snprintf(shard_name, sizeof shard_name, "model-%05d-of-%05d.safetensors", s + 1, shards);
+    ASSERT_TRUE(WriteSafetensors((dir / shard_name).string(), parts[s], {{"format", "pt"}}).ok());
+  }
+  std::ofstream(dir / "model.safetensors.index.json") << nlohmann::json{{"metadata", {}}, {"weight_map", map}}.dump();
+  fs::remove(dir / "model.safetensors");
+}
+
+TEST_F(HfTest, ShardedFolderLoadsTheSameWeights) {
+  auto c = Read(Base());
+  ASSERT_TRUE(c.ok());
+  auto backend = MakeCpuBackend();
+  auto m = Model::Create(*c, backend.get());
+  ASSERT_TRUE(m.ok());
+  (*m)->InitWeights(4);
+  const fs::path out = dir_ / "sharded";
+  ASSERT_TRUE(ExportHf(**m, out.string()).ok());
+  Shard(out, 3, /*drop_one=*/false);
+  ASSERT_FALSE(fs::exists(out / "model.safetensors"));
+  auto loaded = LoadHfModel(out.string(), backend.get());
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  EXPECT_EQ((*loaded)->ParamsToHost(), (*m)->ParamsToHost());
+
+  // A tensor the index does not list is named, with the index.
+  const fs::path partial = dir_ / "partial";
+  ASSERT_TRUE(ExportHf(**m, partial.string()).ok());
+  Shard(partial, 2, /*drop_one=*/true);
+  auto missing = LoadHfModel(partial.string(), backend.get());
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(missing.status().message(), HasSubstr("model.safetensors.index.json: weights lack tensor model.norm.weight"));
+
+  // An index naming a file outside the folder, or a shard that is not there.
+  std::ofstream(partial / "model.safetensors.index.json")
+      << R"({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}})";
+  auto outside = LoadHfModel(partial.string(), backend.get());
+  ASSERT_FALSE(outside.ok());
+  EXPECT_THAT(outside.status().message(), HasSubstr("weight_map.model.norm.weight names \"../elsewhere.safetensors\""));
+  std::ofstream(partial / "model.safetensors.index.json")
+      << R"({"weight_map": {"model.norm.weight": "model-00009-of-00009.safetensors"}})";
+  auto absent = LoadHfModel(partial.string(), backend.get());
+  ASSERT_FALSE(absent.ok());
+  EXPECT_THAT(absent.status().message(), HasSubstr("model-00009-of-00009.safetensors"));
+}
+
+}  // namespace
+}  // namespace sinkscope
