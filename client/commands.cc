@@ -6,11 +6,14 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cerrno>
+#include <climits>
+#include <cstdint>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -20,6 +23,7 @@
 #include <sstream>
 
 #include "client/render.h"
+#include "client/report.h"
 #include "common/experiment.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
 #include "worker/engine/numbers.h"
@@ -548,6 +552,107 @@ int Export(const GlobalOptions& options, const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
+int FetchExperiment(const GlobalOptions& options, const std::string& id, report::ReportInput* out);
+int WriteReportOf(const std::string& id, const report::ReportInput& input, const report::ReportOptions& ro,
+                  const std::string& out);
+
+int ReportCommand(const GlobalOptions& options, const std::vector<std::string>& argv) {
+  Args args;
+  // With --probe FILE the figures come from one probe written by `sinkscope probe --json`
+  // (a pretrained model, say), not from a coordinator: no experiment ID then.
+  const bool from_probe = std::any_of(argv.begin(), argv.end(), [](const std::string& a) {
+    return a == "--probe" || a.rfind("--probe=", 0) == 0;
+  });
+  if (auto exit = Prepare("report", argv, {"--step", "--layer", "--arms", "--out", "--probe", "--label"}, {},
+                          from_probe ? 0 : 1, from_probe ? "nothing but --probe FILE" : "an experiment ID", &args)) {
+    return *exit;
+  }
+  report::ReportOptions ro;
+  if (args.values.count("--step")) {
+    if (!ParseWholeInteger(args.values["--step"], &ro.step) || ro.step <= 0) {
+      return UsageError("report", "--step must be a positive integer, got " + args.values["--step"]);
+    }
+  }
+  if (args.values.count("--layer")) {
+    int64_t layer = 0;
+    if (!ParseWholeInteger(args.values["--layer"], &layer) || layer < 0 || layer > INT32_MAX) {
+      return UsageError("report", "--layer must be a non-negative integer, got " + args.values["--layer"]);
+    }
+    ro.layer = static_cast<int>(layer);
+  }
+  if (args.values.count("--arms")) {
+    std::stringstream list(args.values["--arms"]);
+    for (std::string arm; std::getline(list, arm, ',');) {
+      if (!arm.empty()) ro.arms.push_back(arm);
+    }
+    if (ro.arms.empty()) return UsageError("report", "--arms names no arm");
+  }
+  report::ReportInput input;
+  std::string id;
+  if (from_probe) {
+    const std::string file = args.values["--probe"];
+    id = args.values.count("--label") ? args.values["--label"] : std::filesystem::path(file).stem().string();
+    StatusOr<report::ReportInput> read = report::ReadProbeJson(file, id);
+    if (!read.ok()) {
+      std::fprintf(stderr, "sinkscope report: %s\n", read.status().message().c_str());
+      return kExitUsage;
+    }
+    input = std::move(*read);
+  } else {
+    id = args.positional[0];
+  }
+  const std::string out = args.values.count("--out") ? args.values["--out"] : "report-" + id;
+  if (!from_probe) {
+    if (int exit = FetchExperiment(options, id, &input); exit != kExitOk) return exit;
+  }
+  return WriteReportOf(id, input, ro, out);
+}
+
+// The experiment with every run's steps and probes, for the report.
+int FetchExperiment(const GlobalOptions& options, const std::string& id, report::ReportInput* out) {
+  report::ReportInput& input = *out;
+  Coordinator coordinator(options);
+  v1::GetExperimentRequest get;
+  get.set_experiment_id(id);
+  if (grpc::Status s = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), get, &input.experiment);
+      !s.ok()) {
+    return coordinator.Fail(s);
+  }
+  for (const v1::RunSummary& run : input.experiment.runs()) {
+    v1::GetRunMetricsRequest request;
+    request.set_run_id(run.run_id());
+    v1::GetRunMetricsResponse& metrics = input.metrics[run.run_id()];
+    if (grpc::Status s = coordinator.stub().GetRunMetrics(coordinator.UnaryContext().get(), request, &metrics);
+        !s.ok()) {
+      return coordinator.Fail(s);
+    }
+  }
+  return kExitOk;
+}
+
+int WriteReportOf(const std::string& id, const report::ReportInput& input, const report::ReportOptions& ro,
+                  const std::string& out) {
+  StatusOr<report::Report> built = report::BuildReport(input, ro);
+  if (!built.ok()) {
+    std::fprintf(stderr, "sinkscope report: %s: %s\n", StatusCodeName(built.status().code()),
+                 built.status().message().c_str());
+    return kExitServerError;
+  }
+  if (Status s = report::WriteReport(*built, input, out); !s.ok()) {
+    std::fprintf(stderr, "sinkscope report: %s\n", s.message().c_str());
+    return kExitUsage;
+  }
+  std::printf("report of %s at step %lld (%zu figures, arms %s): %s/index.html\n", id.c_str(),
+              static_cast<long long>(built->step), built->figures.size(),
+              [&] {
+                std::string a;
+                for (const std::string& x : built->arms) a += (a.empty() ? "" : ", ") + x;
+                return a;
+              }().c_str(),
+              out.c_str());
+  return kExitOk;
+}
+
 // ---- usage texts ------------------------------------------------------------------------------
 
 const char kSubmitUsage[] = R"(usage: sinkscope submit FILE [--watch]
@@ -612,6 +717,39 @@ theta. Then a summary: median R_GS over layers, final loss, validation loss, tok
 
   --step N     compare the probes of step N (default: the latest step probed in every run)
   -h, --help   this text
+)";
+
+const char kReportUsage[] = R"(usage: sinkscope report ID [--step N] [--layer L] [--arms A,B] [--out DIR]
+       sinkscope report --probe FILE [--label NAME] [--layer L] [--out DIR]
+
+The paper's figures from an experiment's stored steps and probe reports, as PNG and SVG
+(drawn with PLplot) with the data behind each figure as a tab-separated file beside it,
+and DIR/index.html showing them with the experiment's settings:
+
+  fig01_gradient_sinks       per layer, log10 N_t at x~ of every token t < P, token s
+                             highlighted, median and IQR of R_GS (Figures 1, 6, 14)
+  fig02_path_profiles        token-wise |dL/dq|, |dL/dk|, |dL/dv| at layer L, one line
+                             per probe step (Figures 2, 8)
+  fig03_reshaping            Bloat, Change, Compress against |h_in| (attention) and
+                             |h_half| (MLP), log10, by token group (Figures 3, 10)
+  fig07_sink_rate_and_norms  sink rate and the token-s norm ratios of h_out, r_mlp,
+                             r_attn per layer, arms side by side, mean +- std over seeds
+  fig12_value_norms          |v| of token s against the mean and max of tokens 1..15
+                             over probe steps at layer L (Figure 12)
+  fig13_theta                learned theta, layer x KV head (Figure 13; V-scale arms)
+  training_curves            loss and validation loss per arm, mean +- std over seeds
+
+Per-run figures show each arm's first seed. A name that does not exist is an error naming
+it: an arm the experiment lacks, a run with no probe report, a step a run was not probed
+at (with its probed steps), a layer past the model's.
+
+  --step N     the probe step (default: the latest step probed in every run)
+  --layer L    the layer of fig02 and fig12 (default: layers / 2)
+  --arms A,B   only these arms, in this order (default: every arm of the experiment)
+  --out DIR    where to write (default: report-ID); created if missing
+  --probe FILE the figures of one probe written by `sinkscope probe CHECKPOINT --json`
+               (a sinkscope checkpoint or a Hugging Face model), without a coordinator
+  --label NAME its name in the figures (default: FILE's name without .json)
 )";
 
 const char kExportUsage[] = R"(usage: sinkscope export ID [--format csv|jsonl] [--out FILE]
@@ -692,6 +830,8 @@ const std::vector<Command>& Commands() {
       {"compare", "ID [--step N]", "the arms side by side per layer, mean ± std over seeds", kCompareUsage, Compare},
       {"export", "ID [--format csv|jsonl] [--out FILE]", "every stored step metric and probe report", kExportUsage,
        Export},
+      {"report", "ID | --probe FILE [--out DIR]", "the paper's figures (PNG, SVG, data, index.html)", kReportUsage,
+       ReportCommand},
       // Dispatched by main to ProbeCommand, which has its own usage.
       {"probe", "CHECKPOINT ...", "the diagnostic pass on a checkpoint, locally (no coordinator)", nullptr, nullptr},
   };

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: installs dependencies, builds, starts a coordinator and a worker on
 # loopback, submits examples/quickstart.yaml (baseline vs V-scale on the CPU), watches it
-# live and prints the comparison of the arms. Everything is kept under runs/demo/.
+# live, prints the comparison of the arms and writes the report of the paper's figures.
+# Everything is kept under runs/demo/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
@@ -40,5 +41,8 @@ echo
 echo
 "${cli[@]}" export "$id" --format csv --out "$demo/$id.csv"
 "${cli[@]}" export "$id" --format jsonl --out "$demo/$id.jsonl"
+echo
+"${cli[@]}" report "$id" --out "$demo/report"
+echo "open $demo/report/index.html to see the paper's figures for this experiment"
 echo "to look again later: build/server/sinkscope-coordinator --db $demo/store.db --listen 127.0.0.1:50051 &"
 echo "                     build/client/sinkscope --coordinator 127.0.0.1:50051 compare $id"

@@ -188,6 +188,55 @@ class LocalToolsTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
         self.assertIn("unknown option --bogus", r.stderr)
 
+    def test_report_of_a_probe_file(self):
+        """sinkscope report --probe draws one probe (here of a trained V-scale checkpoint) without a
+        coordinator; the data behind each figure is the probe's, and a bad file is named."""
+        ckpt = os.path.join(self.reference, "vscale-s0", "checkpoint.bin")
+        r = subprocess.run([self.probe, ckpt, "--text", self.corpus, "--batch", "2", "--json"], capture_output=True,
+                           text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        probe_file = os.path.join(self.dir, "trained.json")
+        with open(probe_file, "w") as f:
+            f.write(r.stdout)
+        probe = json.loads(r.stdout)
+        cli = harness.binary("sinkscope")
+        out = os.path.join(self.dir, "probe-report")
+        r = subprocess.run([cli, "report", "--probe", probe_file, "--out", out], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("report of trained at step 240", r.stdout)
+        with open(os.path.join(out, "fig01_gradient_sinks.tsv")) as f:
+            rows = [l.rstrip("\n").split("\t") for l in f if not l.startswith("#")][1:]
+        self.assertEqual(len(rows), sum(len(l["grad_profile"]["xn"]) for l in probe["layers"]))
+        for panel, series, tag, x, y, err, z in rows:
+            self.assertEqual(panel, "trained")
+            t = int(tag.split("=")[1])
+            want = probe["layers"][int(float(x))]["grad_profile"]["xn"][t]
+            self.assertLessEqual(abs(float(y) - want), 1e-12 * abs(want))
+        with open(os.path.join(out, "fig13_theta.tsv")) as f:
+            cells = [l.rstrip("\n").split("\t") for l in f if not l.startswith("#")][1:]
+        for cell in cells:
+            self.assertEqual(float(cell[6]), probe["layers"][int(cell[4])]["theta"][int(cell[3])])
+        self.assertFalse(os.path.exists(os.path.join(out, "training_curves.png")))  # no steps in a probe
+        with open(os.path.join(out, "index.html")) as f:
+            self.assertIn("no training step is stored", f.read())
+        # A file that is not a probe, and one missing a key: named, exit 2, nothing written.
+        bad = os.path.join(self.dir, "bad.json")
+        with open(bad, "w") as f:
+            f.write("[1, 2]")
+        r = subprocess.run([cli, "report", "--probe", bad, "--out", os.path.join(self.dir, "never")],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn(f"{bad}: not a JSON object", r.stderr)
+        del probe["layers"][1]["norms"]
+        with open(bad, "w") as f:
+            json.dump(probe, f)
+        r = subprocess.run([cli, "report", "--probe", bad, "--out", os.path.join(self.dir, "never")],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn(f"{bad}: layers[1].norms is missing", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

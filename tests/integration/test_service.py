@@ -252,6 +252,153 @@ scrape_configs:
                                     os.path.join(c.dir, "checkpoints", eid, run_id, "hf", "model.safetensors"),
                                     shallow=False), "final weights differ from the uninterrupted run")
 
+    # --- the paper's figures from the store ----------------------------------------------------
+    def read_figure(self, folder, name):
+        """A figure's data file as rows of dicts; the PNG and SVG beside it exist and are images."""
+        with open(os.path.join(folder, name + ".png"), "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", name)
+        self.assertGreater(os.path.getsize(os.path.join(folder, name + ".png")), 3000, name)
+        with open(os.path.join(folder, name + ".svg")) as f:
+            self.assertIn("<svg", f.read(4096), name)
+        with open(os.path.join(folder, name + ".tsv")) as f:
+            lines = [l.rstrip("\n") for l in f if not l.startswith("#")]
+        header = lines[0].split("\t")
+        self.assertEqual(header, ["panel", "series", "tag", "x", "y", "err", "z"])
+        rows = [dict(zip(header, l.split("\t"))) for l in lines[1:]]
+        self.assertTrue(rows, name)
+        return rows
+
+    def assertClose(self, got, want, what):
+        self.assertTrue(abs(float(got) - want) <= 1e-12 * max(1.0, abs(want)), f"{what}: {got} vs {want}")
+
+    def export_lines(self, eid):
+        out = os.path.join(self.cluster.dir, f"report-{eid}.jsonl")
+        self.cluster.cli("export", eid, "--format", "jsonl", "--out", out)
+        with open(out) as f:
+            return [json.loads(l) for l in f if l.strip()]
+
+    def test_6_report_draws_the_stored_data(self):
+        c = self.cluster
+        eid = type(self).experiment_id
+        self.assertIsNotNone(eid, "test_1 must run first")
+        folder = os.path.join(c.dir, "report")
+        r = c.cli("report", eid, "--out", folder)
+        self.assertIn(f"report of {eid} at step 30", r.stdout)
+        self.assertIn(os.path.join(folder, "index.html"), r.stdout)
+        lines = self.export_lines(eid)
+        probes = {(l["arm"].lower(), int(l["probe"]["step"])): l["probe"] for l in lines if "probe" in l}
+        steps = {(l["arm"].lower(), int(l["step"]["step"])): l["step"] for l in lines if "step" in l}
+        with open(os.path.join(folder, "index.html")) as f:
+            html = f.read()
+        for name in ("fig01_gradient_sinks", "fig02_path_profiles", "fig03_reshaping", "fig07_sink_rate_and_norms",
+                     "fig12_value_norms", "fig13_theta", "training_curves"):
+            self.assertIn(f'src="{name}.png"', html)
+        self.assertIn("&quot;d_model&quot;: 32", html)  # the settings are shown
+        s = 0
+        # Figure 1: every token's N_t at x̃ of every layer, at step 30.
+        rows = self.read_figure(folder, "fig01_gradient_sinks")
+        self.assertEqual(len(rows), 2 * 2 * 16)  # arms × layers × P
+        for row in rows:
+            t = int(row["tag"].split("=")[1])
+            layer = probes[(row["panel"], 30)]["layers"][int(float(row["x"]))]
+            self.assertClose(row["y"], layer["grad_profile"]["xn"]["values"][t], "fig01")
+            self.assertEqual(row["series"].startswith("token s"), t == s)
+        # Figure 2: q, k, v profiles of layer 1 (layers / 2) at every probe step.
+        rows = self.read_figure(folder, "fig02_path_profiles")
+        self.assertEqual(len(rows), 2 * 3 * len(harness.expected_probe_steps(30, 5)) * 16)
+        for i, row in enumerate(rows):
+            arm, site = row["panel"].split("/")
+            step = int(row["tag"].split()[1])
+            self.assertClose(row["y"], probes[(arm, step)]["layers"][1]["grad_profile"][site]["values"][int(float(row["x"]))],
+                             "fig02")
+        # Figure 3: eq. (4) against the residual norms, tokens < 16 of each layer.
+        rows = self.read_figure(folder, "fig03_reshaping")
+        self.assertEqual(len(rows), 2 * 6 * 2 * 16)
+        for row in rows:
+            arm, which = row["panel"].split("/")
+            branch, ratio = which.split("_")
+            layer_text, t_text = row["tag"].split(", ")
+            layer = probes[(arm, 30)]["layers"][int(layer_text.split()[1])]
+            t = int(t_text.split("=")[1])
+            norm = "h_in" if branch == "attn" else "h_half"
+            self.assertClose(row["x"], layer["norms"][norm]["values"][t], "fig03 x")
+            self.assertClose(row["y"], layer[f"{branch}_{ratio.lower()}"][t], "fig03 y")
+        # Figure 7: one seed, so the mean is the stored value and there is no spread.
+        rows = self.read_figure(folder, "fig07_sink_rate_and_norms")
+        for row in rows:
+            layer = probes[(row["series"], 30)]["layers"][int(float(row["x"]))]
+            want = layer.get("sink_rate", 0.0) if row["panel"] == "sink_rate" else layer["norm_ratio"][row["panel"]]
+            self.assertClose(row["y"], want, "fig07")
+            self.assertEqual(row["err"], "")
+        # Figure 12: ‖v‖ of token s against tokens 1…15 other than s, layer 1, every probe.
+        rows = self.read_figure(folder, "fig12_value_norms")
+        for row in rows:
+            v = probes[(row["panel"], int(float(row["x"])))]["layers"][1]["norms"]["v"]["values"]
+            ref = [v[t] for t in range(1, 16) if t != s]
+            want = {"token s": v[s], "mean of tokens 1-15": sum(ref) / len(ref), "max of tokens 1-15": max(ref)}
+            self.assertClose(row["y"], want[row["series"]], "fig12 " + row["series"])
+        # Figure 13: θ of the V-scale arm only.
+        rows = self.read_figure(folder, "fig13_theta")
+        self.assertEqual({r["panel"] for r in rows}, {"vscale"})
+        self.assertEqual(len(rows), 2)  # 2 layers × 1 KV head
+        for row in rows:
+            self.assertClose(row["z"], probes[("vscale", 30)]["layers"][int(row["y"])]["theta"][int(row["x"])], "fig13")
+        # Training curves: the stored loss of every step.
+        rows = self.read_figure(folder, "training_curves")
+        for row in rows:
+            arm = row["series"].split()[0]
+            step = steps[(arm, int(float(row["x"])))]
+            self.assertClose(row["y"], step["val_loss"] if row["panel"] == "val_loss" else step["loss"], "curves")
+        self.assertEqual(len([r for r in rows if r["panel"] == "loss"]), 2 * 30)
+
+        # Names that do not exist are errors naming them; nothing is written for them.
+        r = c.cli("report", eid, "--arms", "baseline,nope", "--out", os.path.join(c.dir, "r2"), check=False)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn(f"NOT_FOUND: experiment {eid} has no arm nope (its arms: baseline, vscale)", r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(c.dir, "r2")))
+        r = c.cli("report", eid, "--step", "7", check=False)
+        self.assertIn(f"run {eid}-baseline-s0 was not probed at step 7; probed steps: 1, 5, 10, 15, 20, 25, 30",
+                      r.stderr)
+        r = c.cli("report", eid, "--layer", "2", check=False)
+        self.assertIn("--layer 2 is out of range: the model has 2 layers", r.stderr)
+        r = c.cli("report", "no-such-experiment-9", check=False)
+        self.assertIn("NOT_FOUND", r.stderr)
+        # One arm at an earlier step: only its panels, and no θ figure for the baseline.
+        solo = os.path.join(c.dir, "report-solo")
+        c.cli("report", eid, "--arms", "baseline", "--step", "10", "--out", solo)
+        self.assertEqual({r["panel"] for r in self.read_figure(solo, "fig01_gradient_sinks")}, {"baseline"})
+        self.assertFalse(os.path.exists(os.path.join(solo, "fig13_theta.png")))
+        with open(os.path.join(solo, "index.html")) as f:
+            self.assertIn("no V-scale arm is shown", f.read())
+
+    def test_7_report_over_seeds_and_without_probes(self):
+        c = self.cluster
+        # Two seeds: Figure 7 and the curves are the mean ± sample std over them.
+        path, _ = self.write_experiment("seeds", steps=4, probe_every=2, arms=("vscale",), seeds=(0, 1))
+        eid = self.submit(path)
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        folder = os.path.join(c.dir, "report-seeds")
+        c.cli("report", eid, "--out", folder)
+        lines = self.export_lines(eid)
+        probes = {(l["seed"], int(l["probe"]["step"])): l["probe"] for l in lines if "probe" in l}
+        for row in self.read_figure(folder, "fig07_sink_rate_and_norms"):
+            if row["panel"] == "sink_rate":
+                continue
+            vals = [probes[(seed, 4)]["layers"][int(float(row["x"]))]["norm_ratio"][row["panel"]] for seed in ("0", "1")]
+            mean = sum(vals) / 2
+            std = (sum((v - mean) ** 2 for v in vals) / 1) ** 0.5
+            self.assertClose(row["y"], mean, "fig07 mean")
+            self.assertClose(row["err"], std, "fig07 std")
+            self.assertEqual(row["tag"], "n=2")
+        # No probe report at all: the report names the run.
+        path, _ = self.write_experiment("noprobe", steps=2, probe_every=0, arms=("baseline",))
+        eid = self.submit(path)
+        c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
+        r = c.cli("report", eid, "--out", os.path.join(c.dir, "r3"), check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn(f"NOT_FOUND: run {eid}-baseline-s0 has no probe report (probe.every is 0", r.stderr)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
