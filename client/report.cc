@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "client/render.h"
+#include "worker/data.h"
 
 namespace sinkscope::report {
 namespace {
@@ -632,9 +633,8 @@ struct JsonReader {
 }  // namespace
 
 StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& label) {
-  std::ifstream in(path);
-  if (!in) return NotFoundError(path + ": " + std::strerror(errno ? errno : ENOENT));
-  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, int64_t{1} << 30));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return InvalidArgumentError(path + ": not a JSON object (write it with sinkscope probe CHECKPOINT --json)");
   }

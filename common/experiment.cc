@@ -345,15 +345,9 @@ StatusOr<v1::Experiment> LoadExperimentFile(const std::string& path) {
   if (std::filesystem::is_directory(path, ec)) {
     return InvalidArgumentError(path + ": is a folder, not an experiment file (YAML or JSON)");
   }
-  std::ifstream in(path);
-  if (!in) {
-    const int error = errno;
-    return std::filesystem::exists(path, ec) ? InvalidArgumentError(path + ": cannot read: " + std::strerror(error))
-                                             : NotFoundError(path + ": no such file");
-  }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  ASSIGN_OR_RETURN(v1::Experiment e, ParseExperimentText(ss.str(), path));
+  // An experiment file is text of a few kilobytes; 4 MiB is far more than any needs.
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, int64_t{4} << 20));
+  ASSIGN_OR_RETURN(v1::Experiment e, ParseExperimentText(text, path));
   // Relative data paths are relative to the experiment file.
   const std::filesystem::path base = std::filesystem::path(path).parent_path();
   auto resolve = [&](std::string* p) {
@@ -439,6 +433,49 @@ void ApplyDefaults(v1::Experiment& e) {
   if (!c.has_export_hf()) c.set_export_hf(true);
 }
 
+std::string FormatBytes(double bytes) {
+  static const char* const kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 6) bytes /= 1024, ++u;
+  char buf[48];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", bytes, kUnits[u]);
+  return buf;
+}
+
+RunMemoryEstimate EstimateRunMemory(const v1::Experiment& e) {
+  const v1::ModelSpec& m = e.model();
+  const double d = m.d_model(), q = static_cast<double>(m.heads()) * m.head_dim(),
+               kv = static_cast<double>(m.kv_heads()) * m.head_dim(), f = m.ffn(), V = m.vocab(), L = m.layers();
+  RunMemoryEstimate r;
+  const double per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d + m.kv_heads();
+  r.parameters = L * per_layer + V * d * (m.tied_embeddings() ? 1 : 2) + d;
+  r.parameter_bytes = 16 * r.parameters;
+  r.micro_batch = e.train().micro_batch();
+  r.context = m.context();
+  const double tokens = static_cast<double>(r.micro_batch) * r.context;
+  // Saved per token and layer: h_in, x̃, attention output, h_half, x̃_mlp, r_mlp, h_out
+  // (7d), q and y (2q), k, v, v̂ (3kv), gate, up, SwiGLU (3f); the attention matrix.
+  const double per_token_layer = 7 * d + 2 * q + 3 * kv + 3 * f;
+  const double attention = static_cast<double>(r.micro_batch) * m.heads() * static_cast<double>(r.context) * r.context;
+  r.activation_bytes = 4 * (L * (tokens * per_token_layer + attention) + tokens * (V + 2 * d));
+  return r;
+}
+
+std::string RunMemoryEstimate::Describe() const {
+  auto count = [](double n) {
+    char buf[32];
+    if (n >= 1e12) std::snprintf(buf, sizeof buf, "%.1fT", n / 1e12);
+    else if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.1fB", n / 1e9);
+    else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.1fM", n / 1e6);
+    else std::snprintf(buf, sizeof buf, "%.0f", n);
+    return std::string(buf);
+  };
+  return count(parameters) + " parameters need about " + FormatBytes(total_bytes()) +
+         " to train (parameters, gradients and AdamW state at 16 B per parameter " + FormatBytes(parameter_bytes) +
+         ", activations of one micro-batch of " + std::to_string(micro_batch) + " x " + std::to_string(context) +
+         " tokens " + FormatBytes(activation_bytes) + ")";
+}
+
 Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
   // Real numbers: finite, and positive (or not negative).
@@ -476,6 +513,23 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
                             Positive{"resources.devices_per_run", e.resources().devices_per_run()}}) {
     if (p.value <= 0) return bad(p.path, "must be positive, got " + std::to_string(p.value));
   }
+  // Sizes no run could hold are refused here, naming the field, rather than failing on a
+  // worker (an allocation of 10⁹ × d floats); what fits a worker is checked at submission
+  // against the connected workers' memory.
+  struct AtMost {
+    const char* path;
+    int64_t value, limit;
+  };
+  for (const AtMost& a : {AtMost{"model.layers", m.layers(), 4096}, AtMost{"model.d_model", m.d_model(), 1 << 17},
+                          AtMost{"model.heads", m.heads(), 4096}, AtMost{"model.head_dim", m.head_dim(), 1024},
+                          AtMost{"model.ffn", m.ffn(), 1 << 20}, AtMost{"model.vocab", m.vocab(), 1 << 24},
+                          AtMost{"model.context", m.context(), 1 << 20},
+                          AtMost{"train.micro_batch", e.train().micro_batch(), 1 << 16},
+                          AtMost{"train.grad_accum", e.train().grad_accum(), 1 << 16}}) {
+    if (a.value > a.limit) {
+      return bad(a.path, "must be at most " + std::to_string(a.limit) + ", got " + std::to_string(a.value));
+    }
+  }
   if (m.heads() % m.kv_heads() != 0) {
     return bad("model.kv_heads", "must divide model.heads (" + std::to_string(m.heads()) + "), got " +
                                      std::to_string(m.kv_heads()));
@@ -507,8 +561,22 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   }
   if (d.has_text()) {
     if (d.text().paths().empty()) return bad("data.text.paths", "needs at least one file or folder");
+    if (d.text().paths_size() > kMaxDataPaths) {
+      return bad("data.text.paths", "lists " + std::to_string(d.text().paths_size()) + " paths, at most " +
+                                        std::to_string(kMaxDataPaths) + " (name folders instead of their files)");
+    }
+    std::map<std::string, int> first_path;  // normalised path → its first index
     for (int i = 0; i < d.text().paths_size(); ++i) {
-      if (d.text().paths(i).empty()) return bad("data.text.paths[" + std::to_string(i) + "]", "is empty");
+      const std::string at = "data.text.paths[" + std::to_string(i) + "]";
+      if (d.text().paths(i).empty()) return bad(at, "is empty");
+      if (d.text().paths(i).size() > kMaxPathBytes) {
+        return bad(at, "is " + std::to_string(d.text().paths(i).size()) + " bytes long, at most " +
+                           std::to_string(kMaxPathBytes));
+      }
+      const std::string norm = std::filesystem::path(d.text().paths(i)).lexically_normal().string();
+      if (auto [it, fresh] = first_path.try_emplace(norm, i); !fresh) {
+        return bad(at, "repeats data.text.paths[" + std::to_string(it->second) + "] (" + d.text().paths(i) + ")");
+      }
     }
     if (m.vocab() < kByteVocab) {
       return bad("model.vocab", "must be at least 257 for byte-level text, got " + std::to_string(m.vocab()));
@@ -597,6 +665,11 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     }
   }
   if (e.seeds().empty()) return bad("seeds", "needs at least one seed");
+  if (static_cast<int64_t>(e.arms_size()) * e.seeds_size() > kMaxRunsPerExperiment) {
+    return bad("seeds", std::to_string(e.arms_size()) + " arms x " + std::to_string(e.seeds_size()) +
+                            " seeds make " + std::to_string(static_cast<int64_t>(e.arms_size()) * e.seeds_size()) +
+                            " runs, at most " + std::to_string(kMaxRunsPerExperiment) + " per experiment");
+  }
   // Runs are named <arm>-s<seed>: a repeated seed would be one run trained twice into one folder.
   std::map<uint64_t, int> first_seed;  // seed → its first index
   for (int i = 0; i < e.seeds_size(); ++i) {

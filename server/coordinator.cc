@@ -1,8 +1,10 @@
 #include "server/coordinator.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <set>
 
 #include "common/experiment.h"
@@ -33,7 +35,88 @@ double Ratio(const v1::LayerProbe& l, const char* name) {
   return it == l.norm_ratio().end() ? NAN : it->second;
 }
 
+std::string RunStateLabel(v1::RunState state) {
+  std::string s = v1::RunState_Name(state);
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+// What is structurally wrong with a probe report for this model and P, or "": layers
+// once each in order, per-head and per-token sizes within what the model implies, and
+// finite where METRICS.md's definitions are finite (norms, attention weights, θ, C).
+std::string ProbeStructureError(const v1::ProbeReport& r, const v1::ModelSpec& m, int P) {
+  auto finite = [](const auto& values) {
+    return std::all_of(values.begin(), values.end(), [](double v) { return std::isfinite(v); });
+  };
+  for (int i = 0; i < r.layers_size(); ++i) {
+    const v1::LayerProbe& l = r.layers(i);
+    const std::string at = "layers[" + std::to_string(i) + "]";
+    if (l.layer() != i) return at + " has layer " + std::to_string(l.layer()) + " (layers come once each, in order)";
+    for (const auto* per_head : {&l.alpha(), &l.column_mass(), &l.column_second_moment(),
+                                 &l.per_sample_sink_fraction()}) {
+      if (per_head->size() > m.heads()) return at + ": more heads than model.heads";
+      if (!finite(*per_head)) return at + ": a non-finite attention statistic";
+    }
+    if (l.theta_size() > m.kv_heads() || l.c_size() > m.kv_heads()) return at + ": more KV heads than model.kv_heads";
+    if (!finite(l.theta()) || !finite(l.c())) return at + ": a non-finite θ or C";
+    if (!(l.sink_rate() >= 0 && l.sink_rate() <= 1)) return at + ": sink_rate outside [0, 1]";
+    for (const auto* per_token : {&l.attn_bloat(), &l.attn_change(), &l.attn_compress(), &l.mlp_bloat(),
+                                  &l.mlp_change(), &l.mlp_compress()}) {
+      if (per_token->size() > P) return at + ": a per-token ratio longer than probe.profile_len";
+    }
+    for (const auto* map : {&l.grad_profile(), &l.norms()}) {
+      for (const auto& [name, series] : *map) {
+        if (series.values_size() > P) return at + "." + name + ": longer than probe.profile_len";
+        if (!finite(series.values())) return at + "." + name + ": a non-finite norm";
+      }
+    }
+  }
+  return "";
+}
+
 }  // namespace
+
+std::string Coordinator::WaitReasonLocked(const v1::Experiment& spec) const {
+  const std::string kind = v1::DeviceKind_Name(spec.resources().device());
+  int of_kind = 0, busy = 0, big_enough = 0;
+  int64_t largest = 0;
+  const double need = EstimateRunMemory(spec).total_bytes();
+  for (const auto& [id, s] : sessions_) {
+    if (!s.registered || s.capabilities.device() != spec.resources().device()) continue;
+    ++of_kind;
+    largest = std::max(largest, s.capabilities.memory_bytes());
+    if (s.capabilities.memory_bytes() == 0 || s.capabilities.memory_bytes() >= need) ++big_enough;
+    busy += !s.run_id.empty() || s.draining || s.lapsed;
+  }
+  if (of_kind == 0) return "waiting: no " + kind + " worker is connected";
+  if (big_enough == 0) {
+    return "waiting: a run needs about " + FormatBytes(need) + " and the largest connected " + kind + " worker has " +
+           FormatBytes(static_cast<double>(largest));
+  }
+  return "waiting: all " + std::to_string(of_kind) + " " + kind + " worker(s) are busy";
+}
+
+Status Coordinator::CheckFitsLocked(const v1::Experiment& spec) const {
+  const RunMemoryEstimate need = EstimateRunMemory(spec);
+  const std::string kind = v1::DeviceKind_Name(spec.resources().device());
+  auto refuse = [&](const std::string& against) {
+    return InvalidArgumentError("model: " + need.Describe() + "; " + against);
+  };
+  if (options_.max_run_bytes > 0 && need.total_bytes() > static_cast<double>(options_.max_run_bytes)) {
+    return refuse("the coordinator's limit is " + FormatBytes(static_cast<double>(options_.max_run_bytes)) +
+                  " per run (--max-run-gib)");
+  }
+  int64_t largest = 0;
+  for (const auto& [id, s] : sessions_) {
+    if (s.registered && s.capabilities.device() == spec.resources().device()) {
+      largest = std::max(largest, s.capabilities.memory_bytes());
+    }
+  }
+  if (largest > 0 && need.total_bytes() > static_cast<double>(largest)) {
+    return refuse("the largest connected " + kind + " worker has " + FormatBytes(static_cast<double>(largest)));
+  }
+  return OkStatus();
+}
 
 int64_t Coordinator::NowMs() const {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -78,6 +161,7 @@ StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
   ApplyDefaults(e);
   RETURN_IF_ERROR(ValidateExperiment(e, options_.check_data_paths));
   std::lock_guard<std::mutex> lock(mu_);
+  RETURN_IF_ERROR(CheckFitsLocked(e));
   ASSIGN_OR_RETURN(int64_t last, store_->LastExperimentNumber(e.name()));
   const std::string id = e.name() + "-" + std::to_string(last + 1);
   ExperimentRecord rec;
@@ -448,6 +532,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
     auto sit = sessions_.find(session_id);
     if (sit == sessions_.end()) return;
     Session& session = sit->second;
+    session.lapsed = false;  // heard from: it may be given work again
     auto run_of = [&](const std::string& run_id, int attempt) -> Run* {
       auto it = runs_.find(run_id);
       if (it == runs_.end()) return nullptr;
@@ -455,6 +540,49 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       // Only the current attempt, running, may change a run.
       if (run.record.summary.state() != v1::RUNNING || run.record.summary.attempt() != attempt) return nullptr;
       return &run;
+    };
+    // The run, when this session holds its current lease and attempt; otherwise nullptr
+    // and why. Only the holder may report for a run: worker tokens are shared, so a buggy
+    // or hostile worker must not write into, finish, fail or release another's run.
+    auto held = [&](const std::string& run_id, int attempt, std::string* why) -> Run* {
+      auto it = runs_.find(run_id);
+      if (it == runs_.end()) {
+        *why = "no such run";
+        return nullptr;
+      }
+      Run& run = it->second;
+      const v1::RunSummary& s = run.record.summary;
+      if (s.state() != v1::RUNNING) {
+        *why = "the run is " + RunStateLabel(s.state()) + ", not running";
+      } else if (s.attempt() != attempt) {
+        *why = "attempt " + std::to_string(attempt) + " is not the run's current attempt " +
+               std::to_string(s.attempt());
+      } else if (run.session != session_id) {
+        *why = "this session does not hold the run's lease (held by worker " + s.worker_id() + ")";
+      } else {
+        return &run;
+      }
+      return nullptr;
+    };
+    // The final attempt of a run that has ended (succeeded, failed, cancelled) may still
+    // deliver what it measured before the end: steps and reports written again after a
+    // reconnect, the steps a cancel's checkpoint holds. Only its own worker, that attempt.
+    auto final_attempt = [&](const std::string& run_id, int attempt) -> Run* {
+      auto it = runs_.find(run_id);
+      if (it == runs_.end()) return nullptr;
+      const v1::RunSummary& s = it->second.record.summary;
+      const bool ended = s.state() == v1::SUCCEEDED || s.state() == v1::FAILED || s.state() == v1::CANCELLED;
+      if (!ended || s.attempt() != attempt || s.worker_id() != session.worker_id) return nullptr;
+      return &it->second;
+    };
+    auto refuse = [&](const char* event, const std::string& run_id, const std::string& why,
+                      const std::function<void(v1::Ack*)>& fill) {
+      Log(LogLevel::kWarning, event, {{"run", run_id}, {"worker", session.worker_id}, {"reason", why}});
+      v1::CoordinatorMessage a;
+      a.mutable_ack()->set_run_id(run_id);
+      a.mutable_ack()->set_refused(why);
+      fill(a.mutable_ack());
+      out.push_back({session.writer, std::move(a)});
     };
     switch (msg.message_case()) {
       case v1::WorkerMessage::kRegister: {
@@ -469,15 +597,27 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         out.push_back({session.writer, reply});
         Log(LogLevel::kInfo, "worker_registered", {{"worker", r.worker_id()}, {"run", r.run_id()}});
         if (!r.run_id().empty()) {
-          if (Run* run = run_of(r.run_id(), r.attempt())) {  // the same attempt carries on
+          Run* run = run_of(r.run_id(), r.attempt());
+          std::string refusal = run == nullptr ? "the lease of this attempt lapsed" : "";
+          if (run != nullptr && run->record.summary.worker_id() != r.worker_id()) {
+            // A Register cannot take another worker's lease, live or waiting for its
+            // holder to reconnect.
+            refusal = "the run's lease belongs to worker " + run->record.summary.worker_id();
+            Log(LogLevel::kWarning, "register_refused",
+                {{"worker", r.worker_id()}, {"run", r.run_id()}, {"reason", refusal}});
+          }
+          if (refusal.empty()) {  // the same attempt carries on
+            if (run->session != 0 && run->session != session_id && sessions_.count(run->session)) {
+              // The same worker reconnected before its old stream was seen to close.
+              sessions_.at(run->session).run_id.clear();
+            }
             run->session = session_id;
-            run->record.summary.set_worker_id(r.worker_id());
             session.run_id = r.run_id();
             Renew(*run);
-          } else {  // its lease lapsed meanwhile: the run was requeued or ended
+          } else {
             v1::CoordinatorMessage cancel;
             cancel.mutable_cancel()->set_run_id(r.run_id());
-            cancel.mutable_cancel()->set_reason("the lease of this attempt lapsed");
+            cancel.mutable_cancel()->set_reason(refusal);
             out.push_back({session.writer, cancel});
           }
         }
@@ -508,17 +648,23 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           if (step > 0) ack();
           break;
         }
-        Run* run = run_of(p.run_id(), p.attempt());
-        if (run == nullptr) {
-          // Another attempt's step, e.g. written again after a reconnect once the run had
-          // moved on. Steps are deterministic per (run, step), like probe reports: it fills
-          // the step if it is missing, and changes nothing else.
+        std::string why;
+        Run* run = held(p.run_id(), p.attempt(), &why);
+        if (run == nullptr && final_attempt(p.run_id(), p.attempt()) != nullptr) {
+          // A step of the run's last attempt, delivered after the run ended: it fills the
+          // step if it is missing and changes nothing else.
           if (Status st = store_->PutStepIfAbsent(p.run_id(), p.metrics()); !st.ok()) {
             Log(LogLevel::kError, "store_write_failed",
                 {{"what", "step"}, {"run", p.run_id()}, {"error", st.message()}});
             break;
           }
           ack();
+          break;
+        }
+        if (run == nullptr) {
+          // Another session's or another attempt's step (a stale attempt written again
+          // after the run moved on): stored nowhere; the current attempt produces its own.
+          refuse("progress_refused", p.run_id(), why, [&](v1::Ack* a) { a->set_progress_step(step); });
           break;
         }
         Renew(*run);
@@ -571,23 +717,25 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           } else if (r.layers_size() > m.layers()) {
             refused = "more layers than model.layers";
           } else {
-            for (const v1::LayerProbe& l : r.layers()) {
-              if (l.alpha_size() > m.heads() || l.theta_size() > m.kv_heads() || l.c_size() > m.kv_heads()) {
-                refused = "more heads than the model has";
-              }
-            }
+            const int P = experiments_.at(it->second.record.summary.experiment_id()).summary.spec().probe().profile_len();
+            refused = ProbeStructureError(r, m, P);
           }
         }
+        std::string why;
+        const bool holder = refused.empty() && held(p.run_id(), p.attempt(), &why) != nullptr;
+        if (refused.empty() && !holder && final_attempt(p.run_id(), p.attempt()) == nullptr) refused = why;
         if (!refused.empty()) {
-          Log(LogLevel::kWarning, "probe_refused",
-              {{"run", p.run_id()}, {"step", std::to_string(p.report().step())}, {"reason", refused}});
-          if (p.sequence() != 0) ack();
+          if (p.sequence() != 0) {
+            refuse("probe_refused", p.run_id(), refused, [&](v1::Ack* a) { a->set_sequence(p.sequence()); });
+          } else {
+            Log(LogLevel::kWarning, "probe_refused", {{"run", p.run_id()}, {"reason", refused}});
+          }
           break;
         }
         Run& run = it->second;
-        if (run.session == session_id) Renew(run);
-        // Reports are deterministic per (run, step): any attempt's copy may be stored,
-        // once; the ack follows the write.
+        if (holder) Renew(run);
+        // Reports are deterministic per (run, step): stored once (a copy written again
+        // after a reconnect is a duplicate); the ack follows the write.
         auto stored = store_->PutProbe(p.run_id(), p.report());
         if (!stored.ok()) {
           Log(LogLevel::kError, "store_write_failed",
@@ -611,11 +759,18 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         // Acked once the run's end is stored, or when this attempt no longer holds the run
         // (it ended already: an outcome written again after a reconnect).
         const v1::RunFinished& f = msg.finished();
-        if (Run* run = run_of(f.run_id(), f.attempt())) {
+        std::string why;
+        Run* run = held(f.run_id(), f.attempt(), &why);
+        if (run == nullptr) {
+          if (run_of(f.run_id(), f.attempt()) != nullptr || !runs_.count(f.run_id())) {
+            refuse("outcome_refused", f.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
+            break;
+          }
+        } else {
           if (f.step() >= 0 && f.step() <= run->record.summary.total_steps()) run->record.summary.set_step(f.step());
           EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded");
         }
-        v1::CoordinatorMessage ack;
+        v1::CoordinatorMessage ack;  // stored, or the run had ended already
         ack.mutable_ack()->set_run_id(f.run_id());
         ack.mutable_ack()->set_outcome(true);
         out.push_back({session.writer, std::move(ack)});
@@ -623,7 +778,13 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       }
       case v1::WorkerMessage::kFailed: {
         const v1::RunFailed& f = msg.failed();
-        if (Run* run = run_of(f.run_id(), f.attempt())) {
+        std::string why;
+        Run* run = held(f.run_id(), f.attempt(), &why);
+        if (run == nullptr && (run_of(f.run_id(), f.attempt()) != nullptr || !runs_.count(f.run_id()))) {
+          refuse("outcome_refused", f.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
+          break;
+        }
+        if (run != nullptr) {
           const v1::FailureReason reason =
               v1::FailureReason_IsValid(f.reason()) && f.reason() != v1::FAILURE_REASON_UNSPECIFIED
                   ? f.reason()
@@ -641,7 +802,13 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         // requeued at once, no restart counted; the worker gets no new run.
         const v1::RunReleased& r = msg.released();
         session.draining = true;
-        if (Run* run = run_of(r.run_id(), r.attempt())) {
+        std::string why;
+        Run* run = held(r.run_id(), r.attempt(), &why);
+        if (run == nullptr && (run_of(r.run_id(), r.attempt()) != nullptr || !runs_.count(r.run_id()))) {
+          refuse("release_refused", r.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
+          break;
+        }
+        if (run != nullptr) {
           v1::RunSummary& s = run->record.summary;
           if (r.step() >= 0 && r.step() <= s.total_steps()) s.set_step(std::max(s.step(), r.step()));
           Log(LogLevel::kInfo, "run_released",
@@ -676,14 +843,24 @@ void Coordinator::PlaceLocked(Outbox& out) {
     Session* chosen = nullptr;
     int64_t chosen_id = 0;
     for (auto& [id, session] : sessions_) {
-      if (!session.registered || session.draining || !session.run_id.empty()) continue;
+      if (!session.registered || session.draining || session.lapsed || !session.run_id.empty()) continue;
       if (session.capabilities.device() != spec.resources().device()) continue;
       if (session.capabilities.device_count() < spec.resources().devices_per_run()) continue;
+      const int64_t memory = session.capabilities.memory_bytes();
+      if (memory > 0 && EstimateRunMemory(spec).total_bytes() > static_cast<double>(memory)) continue;
       chosen = &session;
       chosen_id = id;
       break;
     }
     if (chosen == nullptr) {
+      // Say why in status and watch (after why it was requeued, if it was), once per change.
+      std::string base = s.message();
+      if (const size_t w = base.find("waiting: "); w != std::string::npos) base.resize(w >= 2 ? w - 2 : 0);
+      const std::string why = WaitReasonLocked(spec);
+      if (const std::string message = base.empty() ? why : base + "; " + why; s.message() != message) {
+        s.set_message(message);
+        PublishSnapshotLocked(s.experiment_id());
+      }
       ++it;
       continue;
     }
@@ -742,6 +919,7 @@ void Coordinator::Tick() {
       // The lease lapsed: the worker is gone or stuck.
       if (run.session != 0 && sessions_.count(run.session)) {
         Session& old = sessions_.at(run.session);
+        old.lapsed = true;  // no new work for it until it is heard from again
         v1::CoordinatorMessage cancel;
         cancel.mutable_cancel()->set_run_id(id);
         cancel.mutable_cancel()->set_reason("the lease lapsed; the run was given to another worker");

@@ -49,6 +49,9 @@ class Coordinator {
     // lease period) so their workers, retrying with back-off (at most 5 s by default),
     // can come back and carry on under the same attempt.
     double recovery_grace_seconds = 15;
+    // The most memory one run may need (bytes; 0: no limit beyond what the connected
+    // workers report). Submission refuses an experiment whose estimate exceeds it.
+    int64_t max_run_bytes = 0;
   };
 
   // Loads the store's state: queued runs are queued again, running runs keep their lease
@@ -98,6 +101,9 @@ class Coordinator {
     bool registered = false;
     std::string run_id;  // the run it trains; empty when idle
     bool draining = false;  // it released its run while shutting down: no new run for it
+    // A run's lease lapsed while this session held it (a frozen or cut-off worker): it is
+    // given no work until it is heard from again.
+    bool lapsed = false;
   };
   using Outbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
 
@@ -117,6 +123,10 @@ class Coordinator {
   void EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
                     const std::string& outcome);
   void PlaceLocked(Outbox& out);
+  // Why a queued run waits, for people: no worker of its kind is connected, or all are busy.
+  std::string WaitReasonLocked(const v1::Experiment& spec) const;
+  // Refuses an experiment no worker could hold, naming the estimate and the largest worker.
+  Status CheckFitsLocked(const v1::Experiment& spec) const;
   void Renew(Run& run, double seconds = 0);  // 0: the lease period
   int64_t NowMs() const;
 

@@ -85,6 +85,9 @@ const char kUsage[] = R"(usage: sinkscope-coordinator [options]
   --heartbeat-seconds S       heartbeat interval asked of workers (default 1)
   --series-ttl-seconds S      drop Prometheus series of runs finished S seconds ago (default 600)
   --no-check-data-paths       do not require data paths to exist on this machine
+  --max-run-gib G             refuse experiments whose runs need more than G GiB each (estimated:
+                              parameters, gradients, AdamW state, one micro-batch's activations;
+                              default: only what the connected workers report)
   --verbose                   log info events, not only warnings and errors
   -h, --help                  this text
 
@@ -142,6 +145,15 @@ int Main(int argc, char** argv) {
     else if (a == "--heartbeat-seconds") options.heartbeat_seconds = seconds();
     else if (a == "--series-ttl-seconds") ttl = seconds();
     else if (a == "--no-check-data-paths") options.check_data_paths = false;
+    else if (a == "--max-run-gib") {
+      const std::string v = value();
+      double gib = 0;
+      if (!ParseWholeNumber(v, &gib) || !(gib > 0) || gib > 1e9) {
+        std::fprintf(stderr, "sinkscope-coordinator: --max-run-gib: '%s' is not a positive number of GiB\n", v.c_str());
+        return 2;
+      }
+      options.max_run_bytes = static_cast<int64_t>(gib * 1024 * 1024 * 1024);
+    }
     else if (a == "--verbose") MinLogLevel() = LogLevel::kInfo;
     else if (a == "--tls-cert") tls.cert_file = value();
     else if (a == "--tls-key") tls.key_file = value();

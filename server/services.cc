@@ -159,6 +159,9 @@ grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext* ctx, const 
   return grpc::Status::OK;
 }
 
+// Worker ids are logged, stored with every attempt and shown in status.
+constexpr size_t kMaxWorkerIdBytes = 128;
+
 grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
                                         grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream) {
   if (grpc::Status auth = auth_.Check(*ctx, "Session"); !auth.ok()) return auth;
@@ -171,6 +174,15 @@ grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
     if (first && msg.message_case() != v1::WorkerMessage::kRegister) {
       result = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a session must start with register");
       break;
+    }
+    if (msg.message_case() == v1::WorkerMessage::kRegister) {
+      const std::string& id = msg.register_().worker_id();
+      if (id.empty() || id.size() > kMaxWorkerIdBytes) {
+        result = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              "register.worker_id must be 1 to " + std::to_string(kMaxWorkerIdBytes) +
+                                  " bytes, got " + std::to_string(id.size()));
+        break;
+      }
     }
     first = false;
     coordinator_->OnWorkerMessage(session, msg);

@@ -70,7 +70,7 @@ class Store {
   // a step stored again replaces the earlier row (a resumed run repeats steps).
   Status PutStep(const RunRecord& run, const v1::StepMetrics& metrics);
   // Stores a step's metrics unless the run has that step already; the run's row is left
-  // as it is (a step reported by an attempt that no longer holds the run).
+  // as it is (a step the final attempt delivers after its run ended).
   Status PutStepIfAbsent(const std::string& run_id, const v1::StepMetrics& metrics);
   // Stores a probe report unless one for (run, step) exists; returns whether it was new.
   StatusOr<bool> PutProbe(const std::string& run_id, const v1::ProbeReport& report);

@@ -601,6 +601,29 @@ TEST(ExperimentRules, ExtremeValuesDoNotOverflowDefaults) {
   EXPECT_EQ(ValidateExperiment(*neg, false).message(), "model.d_model: must be positive, got -2147483648");
 }
 
+TEST(ExperimentRules, BoundedWork) {
+  // Sizes no worker could hold, and submissions whose bookkeeping alone would be unbounded.
+  EXPECT_EQ(ValidateWith("model: {vocab: 1000000000}\n").message(), "model.vocab: must be at most 16777216, got 1000000000");
+  EXPECT_EQ(ValidateWith("train: {micro_batch: 1000000000}\n").message(),
+            "train.micro_batch: must be at most 65536, got 1000000000");
+  std::string seeds = "seeds: [";
+  for (int i = 0; i < 129; ++i) seeds += (i ? ", " : "") + std::to_string(i);
+  EXPECT_EQ(ValidateWith(seeds + "]\narms: [baseline, vscale]\n").message(),
+            "seeds: 2 arms x 129 seeds make 258 runs, at most 256 per experiment");
+  EXPECT_TRUE(ValidateWith(seeds.substr(0, seeds.rfind(',')) + "]\narms: [baseline, vscale]\n").ok());
+  auto e = ParseExperimentText(kMinimal, "t.yaml");
+  ASSERT_TRUE(e.ok());
+  ApplyDefaults(*e);
+  v1::Experiment copies = *e;
+  copies.mutable_data()->mutable_text()->add_paths("/nonexistent/./corpus");  // the same file
+  EXPECT_EQ(ValidateExperiment(copies, false).message(),
+            "data.text.paths[1]: repeats data.text.paths[0] (/nonexistent/./corpus)");
+  v1::Experiment many = *e;
+  for (int i = 0; i < 10000; ++i) many.mutable_data()->mutable_text()->add_paths("/data/part-" + std::to_string(i));
+  EXPECT_EQ(ValidateExperiment(many, false).message(),
+            "data.text.paths: lists 10001 paths, at most 256 (name folders instead of their files)");
+}
+
 class ContextAgainstData : public ::testing::Test {
  protected:
   void SetUp() override {

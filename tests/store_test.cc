@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/experiment.h"
@@ -344,7 +345,7 @@ v1::WorkerMessage Probe(const std::string& run_id, int64_t step) {
   m.mutable_probe()->set_run_id(run_id);
   m.mutable_probe()->set_attempt(1);
   m.mutable_probe()->set_sequence(step);
-  *m.mutable_probe()->mutable_report() = MakeProbe(step);
+  *m.mutable_probe()->mutable_report() = MakeProbe(step, 2, 16);  // TinyExperiment: 2 layers, P = 16
   return m;
 }
 
@@ -456,7 +457,7 @@ TEST_F(CoordinatorOverStore, SubmitAndCancelOnAFailingStoreChangeNothing) {
   ASSERT_TRUE(r.ok());
   ASSERT_TRUE(store_->ExecForTesting("PRAGMA max_page_count = 1").ok());
   auto big = TinyExperiment("big");
-  for (int i = 1; i < 400; ++i) big.add_seeds(i);  // 400 runs do not fit
+  for (int i = 1; i < kMaxRunsPerExperiment; ++i) big.add_seeds(i);  // 256 runs do not fit
   auto full = coordinator_->Submit(big);
   ASSERT_FALSE(full.ok());
   EXPECT_EQ(full.status().code(), StatusCode::kResourceExhausted);
@@ -544,7 +545,21 @@ TEST_F(CoordinatorOverStore, AStalledCoordinatorExtendsLeasesInsteadOfBlamingThe
   }
   summary = coordinator_->GetExperiment("tiny-1", false);
   ASSERT_TRUE(summary.ok());
-  EXPECT_EQ(summary->runs(0).attempt(), 2) << "the lease never lapsed";
+  // The lapsed run is queued again, not handed straight back to the worker that lost it:
+  // that worker gets work only once it is heard from again.
+  EXPECT_EQ(summary->runs(0).state(), v1::QUEUED) << "the lease never lapsed";
+  EXPECT_EQ(summary->runs(0).message(),
+            "requeued after worker worker-a was lost at step 0; waiting: all 1 CPU worker(s) are busy");
+  coordinator_->Tick();
+  EXPECT_EQ(Sorted(writer_->Take()).assignments, 0);
+  v1::WorkerMessage heartbeat;
+  heartbeat.mutable_heartbeat()->set_run_id(run);
+  coordinator_->OnWorkerMessage(session_, heartbeat);
+  coordinator_->Tick();
+  EXPECT_EQ(Sorted(writer_->Take()).assignments, 1);
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).attempt(), 2);
 }
 
 TEST_F(CoordinatorOverStore, RefusesWorkerMessagesOutsideTheRun) {
@@ -563,6 +578,143 @@ TEST_F(CoordinatorOverStore, RefusesWorkerMessagesOutsideTheRun) {
   auto count = store_->CountProbes(run);
   ASSERT_TRUE(count.ok());
   EXPECT_EQ(*count, 0);
+}
+
+// --- only the lease holder reports ----------------------------------------------------------
+
+// Refusals sent to one session: reason per kind of message.
+std::vector<std::string> Refusals(const std::vector<v1::CoordinatorMessage>& sent) {
+  std::vector<std::string> out;
+  for (const auto& m : sent) {
+    if (m.has_ack() && !m.ack().refused().empty()) out.push_back(m.ack().refused());
+  }
+  return out;
+}
+
+TEST_F(CoordinatorOverStore, OnlyTheSessionHoldingTheLeaseMayReport) {
+  const std::string run = SubmitAndAssign();  // worker-a holds attempt 1
+  auto intruder_writer = std::make_shared<FakeWriter>();
+  const int64_t intruder = coordinator_->OpenSession(intruder_writer);
+  v1::WorkerMessage reg = Register();
+  reg.mutable_register_()->set_worker_id("worker-b");
+  coordinator_->OnWorkerMessage(intruder, reg);
+  intruder_writer->Take();
+  // Everything another session says about worker-a's run, with the right attempt number.
+  coordinator_->OnWorkerMessage(intruder, Progress(run, 1));
+  coordinator_->OnWorkerMessage(intruder, Probe(run, 1));
+  v1::WorkerMessage finished;
+  finished.mutable_finished()->set_run_id(run);
+  finished.mutable_finished()->set_attempt(1);
+  finished.mutable_finished()->set_step(20);
+  coordinator_->OnWorkerMessage(intruder, finished);
+  v1::WorkerMessage failed;
+  failed.mutable_failed()->set_run_id(run);
+  failed.mutable_failed()->set_attempt(1);
+  failed.mutable_failed()->set_reason(v1::NUMERICAL);
+  failed.mutable_failed()->set_message("made up");
+  coordinator_->OnWorkerMessage(intruder, failed);
+  v1::WorkerMessage released;
+  released.mutable_released()->set_run_id(run);
+  released.mutable_released()->set_attempt(1);
+  coordinator_->OnWorkerMessage(intruder, released);
+  const auto refusals = Refusals(intruder_writer->Take());
+  ASSERT_EQ(refusals.size(), 5u);
+  for (const std::string& why : refusals) {
+    EXPECT_EQ(why, "this session does not hold the run's lease (held by worker worker-a)");
+  }
+  EXPECT_THAT(StoredSteps(*store_, run), IsEmpty());
+  auto count = store_->CountProbes(run);
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(*count, 0);
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::RUNNING);
+  EXPECT_EQ(summary->runs(0).worker_id(), "worker-a");
+
+  // A Register naming the run cannot take its lease; the holder carries on.
+  v1::WorkerMessage take = Register(run, 1);
+  take.mutable_register_()->set_worker_id("worker-b");
+  coordinator_->OnWorkerMessage(intruder, take);
+  const auto sent = intruder_writer->Take();
+  ASSERT_EQ(Sorted(sent).cancels, 1);
+  for (const auto& m : sent) {
+    if (m.has_cancel()) {
+      EXPECT_EQ(m.cancel().reason(), "the run's lease belongs to worker worker-a");
+    }
+  }
+  coordinator_->OnWorkerMessage(session_, Progress(run, 1));
+  EXPECT_EQ(Sorted(writer_->Take()).progress, std::vector<int64_t>{1});
+  EXPECT_THAT(StoredSteps(*store_, run), SizeIs(1));
+}
+
+TEST_F(CoordinatorOverStore, AStaleAttemptStoresNothing) {
+  StartCoordinator(/*lease_seconds=*/0.3);
+  const std::string run = SubmitAndAssign();
+  coordinator_->OnWorkerMessage(session_, Progress(run, 1));
+  writer_->Take();
+  // The lease lapses; a second worker gets attempt 2.
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  auto other_writer = std::make_shared<FakeWriter>();
+  const int64_t other = coordinator_->OpenSession(other_writer);
+  v1::WorkerMessage reg = Register();
+  reg.mutable_register_()->set_worker_id("worker-b");
+  coordinator_->OnWorkerMessage(other, reg);
+  coordinator_->Tick();
+  EXPECT_EQ(Sorted(other_writer->Take()).assignments, 1) << "the lapsed run goes to the healthy worker";
+  EXPECT_EQ(Sorted(writer_->Take()).assignments, 0) << "not back to the worker that lost it";
+  // The first worker, late, reports steps 2 and 3 of attempt 1: refused, nothing stored.
+  coordinator_->OnWorkerMessage(session_, Progress(run, 2));
+  coordinator_->OnWorkerMessage(session_, Probe(run, 5));
+  const auto refusals = Refusals(writer_->Take());
+  ASSERT_EQ(refusals.size(), 2u);
+  EXPECT_EQ(refusals[0], "attempt 1 is not the run's current attempt 2");
+  EXPECT_THAT(StoredSteps(*store_, run), SizeIs(1));
+}
+
+TEST_F(CoordinatorOverStore, WorkTooBigForEveryWorkerIsRefusedAtSubmission) {
+  session_ = coordinator_->OpenSession(writer_);
+  v1::WorkerMessage reg = Register();
+  reg.mutable_register_()->mutable_capabilities()->set_memory_bytes(int64_t{8} << 30);  // 8 GiB
+  coordinator_->OnWorkerMessage(session_, reg);
+  v1::Experiment huge = TinyExperiment("huge");
+  huge.mutable_model()->set_layers(200);
+  huge.mutable_model()->set_d_model(65536);
+  huge.mutable_model()->set_ffn(262144);
+  huge.mutable_model()->set_heads(512);
+  huge.mutable_model()->set_kv_heads(512);
+  huge.mutable_model()->set_head_dim(128);
+  auto r = coordinator_->Submit(huge);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(),
+              AllOf(HasSubstr("model: 13.7T parameters need about"), HasSubstr("16 B per parameter"),
+                    HasSubstr("the largest connected CPU worker has 8.0 GiB")));
+  EXPECT_EQ(coordinator_->ListExperiments(0).experiments_size(), 0);
+
+  // The coordinator's own limit applies with no worker connected too.
+  coordinator_->CloseSession(session_);
+  Coordinator::Options options;
+  options.check_data_paths = false;
+  options.max_run_bytes = int64_t{1} << 20;
+  auto limited = Coordinator::Create(store_.get(), exporter_.get(), options);
+  ASSERT_TRUE(limited.ok());
+  auto small = (*limited)->Submit(TinyExperiment("small"));
+  ASSERT_FALSE(small.ok());
+  EXPECT_THAT(small.status().message(), HasSubstr("the coordinator's limit is 1.0 MiB per run (--max-run-gib)"));
+}
+
+TEST_F(CoordinatorOverStore, ARunWaitingForAKindOfWorkerSaysSo) {
+  v1::Experiment gpu = TinyExperiment("gpu");
+  gpu.mutable_resources()->set_device(v1::CUDA);
+  auto r = coordinator_->Submit(gpu);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  session_ = coordinator_->OpenSession(writer_);
+  coordinator_->OnWorkerMessage(session_, Register());  // a CPU worker
+  coordinator_->Tick();
+  auto summary = coordinator_->GetExperiment(r->experiment_id(), false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::QUEUED);
+  EXPECT_EQ(summary->runs(0).message(), "waiting: no CUDA worker is connected");
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "worker/data.h"
 #include "worker/safetensors.h"
 
 namespace sinkscope {
@@ -88,12 +89,8 @@ struct Parsed {
 };
 
 StatusOr<Parsed> ReadAndVerify(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return NotFoundError("checkpoint " + path + ": no such file");
-  std::stringstream ss;
-  ss << in.rdbuf();
   Parsed p;
-  p.bytes = ss.str();
+  ASSIGN_OR_RETURN(p.bytes, ReadRegularFile(path, "checkpoint " + path));
   const std::string& b = p.bytes;
   if (b.size() < 24 + 8 || std::memcmp(b.data(), kMagic, 8) != 0) {
     return DataLossError("checkpoint " + path + ": not a sinkscope checkpoint (bad magic or too short)");

@@ -74,19 +74,6 @@ StatusOr<FilePtr> OpenForRead(const std::string& path, const std::string& what, 
   return f;
 }
 
-StatusOr<std::string> ReadWholeFile(const std::string& path, const std::string& what) {
-  int64_t size = 0;
-  ASSIGN_OR_RETURN(FilePtr f, OpenForRead(path, what, &size));
-  std::string data(static_cast<size_t>(size), '\0');
-  const size_t got = size > 0 ? std::fread(data.data(), 1, data.size(), f.get()) : 0;
-  if (got != data.size()) {
-    if (std::ferror(f.get())) return ErrnoStatus(errno, what, "read failed");
-    return DataLossError(what + ": read " + std::to_string(got) + " of " + std::to_string(size) +
-                         " bytes (file shrank while reading)");
-  }
-  return data;
-}
-
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -196,6 +183,23 @@ int32_t MaxToken(const std::vector<int32_t>& tokens) {
 }
 
 }  // namespace
+
+StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what, int64_t max_bytes) {
+  int64_t size = 0;
+  ASSIGN_OR_RETURN(FilePtr f, OpenForRead(path, what, &size));
+  if (max_bytes > 0 && size > max_bytes) {
+    return InvalidArgumentError(what + ": " + std::to_string(size) + " bytes, more than the " +
+                                std::to_string(max_bytes) + " this file may have");
+  }
+  std::string data(static_cast<size_t>(size), '\0');
+  const size_t got = size > 0 ? std::fread(data.data(), 1, data.size(), f.get()) : 0;
+  if (got != data.size()) {
+    if (std::ferror(f.get())) return ErrnoStatus(errno, what, "read failed");
+    return DataLossError(what + ": read " + std::to_string(got) + " of " + std::to_string(size) +
+                         " bytes (file shrank while reading)");
+  }
+  return data;
+}
 
 StatusOr<std::vector<int32_t>> ReadShard(const std::string& path) {
   const std::string what = "shard " + path;
@@ -330,7 +334,7 @@ StatusOr<std::vector<std::string>> ReadDocuments(const TextSource& source) {
   for (const std::string& path : source.paths) RETURN_IF_ERROR(CollectFiles(path, source, files));
   std::vector<std::string> documents;
   for (const std::string& file : files) {
-    ASSIGN_OR_RETURN(std::string text, ReadWholeFile(file, "text file " + file));
+    ASSIGN_OR_RETURN(std::string text, ReadRegularFile(file, "text file " + file));
     SplitFileText(text, source.separator, documents);
   }
   if (documents.empty()) {

@@ -29,6 +29,11 @@ StatusOr<std::vector<int32_t>> ReadShard(const std::string& path);
 // Writes tokens as a shard, uint16 (version 1) when every token fits, else uint32
 // (version 7). Atomic: temporary file, fsync, rename.
 Status WriteShard(const std::string& path, const std::vector<int32_t>& tokens);
+
+// The whole of a regular file. Anything else (a folder, a device such as /dev/zero, a
+// FIFO) is refused before a byte is read, as is a file over max_bytes (0: no limit).
+// Errors start with `what` (e.g. "checkpoint /x/checkpoint.bin").
+StatusOr<std::string> ReadRegularFile(const std::string& path, const std::string& what, int64_t max_bytes = 0);
 // Paths matching a glob pattern, sorted; NOT_FOUND naming the pattern if none match.
 StatusOr<std::vector<std::string>> ExpandGlob(const std::string& pattern);
 

@@ -9,9 +9,14 @@
 #include <set>
 #include <sstream>
 
+#include "worker/data.h"
+
 namespace sinkscope {
 
 namespace {
+
+// config.json and the shard index are small; a larger file is not one of them.
+constexpr int64_t kMaxJsonBytes = 64 << 20;
 
 std::string Quoted(const nlohmann::json& v) { return v.dump(); }
 
@@ -149,9 +154,8 @@ Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max
 }  // namespace
 
 StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return NotFoundError(path + ": no such file");
-  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, kMaxJsonBytes));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return InvalidArgumentError(path + ": not a JSON object");
   const std::string where = path + ": ";
   ModelConfig c;
@@ -279,9 +283,8 @@ Status LoadHfWeights(Model& model, const SafetensorsFile& file) {
 }
 
 StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_path) {
-  std::ifstream in(index_path);
-  if (!in) return NotFoundError(index_path + ": no such file");
-  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(index_path, index_path, kMaxJsonBytes));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
     return InvalidArgumentError(index_path + ": not a safetensors index (no \"weight_map\" object)");
   }

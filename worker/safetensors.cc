@@ -10,6 +10,8 @@
 #include <sstream>
 #include <thread>
 
+#include "worker/data.h"
+
 namespace sinkscope {
 namespace {
 
@@ -77,11 +79,7 @@ Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
 }
 
 StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return NotFoundError(path + ": no such file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string bytes = ss.str();
+  ASSIGN_OR_RETURN(const std::string bytes, ReadRegularFile(path, path));
   if (bytes.size() < 8) return DataLossError(path + ": truncated (shorter than the 8-byte header length)");
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8);

@@ -560,7 +560,13 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
       if (m.ack().sequence() != 0) outbox_.erase({m.ack().run_id(), m.ack().sequence()});
       if (m.ack().progress_step() != 0) unacked_progress_.erase({m.ack().run_id(), m.ack().progress_step()});
       if (m.ack().outcome()) unacked_outcomes_.erase(m.ack().run_id());
-      Log(LogLevel::kDebug, "ack", {{"run_id", m.ack().run_id()}, {"sequence", Str(m.ack().sequence())}});
+      if (!m.ack().refused().empty()) {
+        Log(LogLevel::kWarning, "report_refused",
+            {{"run_id", m.ack().run_id()}, {"step", Str(m.ack().progress_step())},
+             {"sequence", Str(m.ack().sequence())}, {"reason", m.ack().refused()}});
+      } else {
+        Log(LogLevel::kDebug, "ack", {{"run_id", m.ack().run_id()}, {"sequence", Str(m.ack().sequence())}});
+      }
       break;
     case v1::CoordinatorMessage::kCancel:
       HandleCancelLocked(m.cancel());

@@ -194,9 +194,11 @@ class SimWorker {
       for (int t = 0; t < 64; ++t) {
         lp->add_attn_bloat(0.1 * t);
         lp->add_mlp_bloat(0.2 * t);
-        lp->add_column_mass(0.01 * t);
       }
-      for (int h = 0; h < 4; ++h) lp->add_alpha(0.25 * h);
+      for (int h = 0; h < 4; ++h) {  // per head: the model has 4
+        lp->add_alpha(0.25 * h);
+        lp->add_column_mass(1.0 + h);
+      }
       for (int h = 0; h < 2; ++h) lp->add_theta(0.5);
       for (const char* name : {"h_out", "r_mlp", "r_attn", "v"}) {
         (*lp->mutable_norm_ratio())[name] = 3.0;

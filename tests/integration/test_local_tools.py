@@ -237,6 +237,20 @@ class LocalToolsTest(unittest.TestCase):
         self.assertIn(f"{bad}: layers[1].norms is missing", r.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
 
+    def test_special_files_are_refused_before_reading(self):
+        """A device, FIFO or folder where a file is expected is named and refused at once: reading
+        /dev/zero as a checkpoint once grew to 24 GB."""
+        fifo = os.path.join(self.dir, "fifo")
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo)
+        cli = harness.binary("sinkscope")
+        for path in ("/dev/zero", fifo):
+            for argv in ([self.probe, path, "--text", self.corpus], [cli, "report", "--probe", path],
+                         [cli, "--coordinator", "127.0.0.1:1", "submit", path]):
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+                self.assertEqual(r.returncode, 2, f"{argv}: {r.stderr}")
+                self.assertIn(f"{path}: not a regular file", r.stderr, argv)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

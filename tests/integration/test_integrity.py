@@ -1,0 +1,243 @@
+"""Integrity under hostile and faulty workers, with the real binaries on loopback and a
+worker written here in Python (grpcio) that says whatever it likes on its session: only the
+session holding a run's lease reports for it, a frozen worker's lapsed run goes to a healthy
+worker, and work no worker can hold is refused at submission. Run by ctest
+(service_integrity)."""
+
+import json
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+import unittest
+
+import grpc
+
+import harness
+from harness import Cluster, wait_for
+
+
+def field(d, name):
+    if name in d:
+        return d[name]
+    camel = name.split("_")[0] + "".join(p.title() for p in name.split("_")[1:])
+    return d.get(camel)
+
+
+class HandWrittenWorker:
+    """One WorkerService.Session stream driven by the test: send() any WorkerMessage, and
+    collect the CoordinatorMessages that come back."""
+
+    def __init__(self, address, worker_id, memory_bytes=0):
+        self.pb = harness.python_stubs()
+        self.channel = grpc.insecure_channel(address)
+        self.outgoing = queue.Queue()
+        self.received = []
+        self.lock = threading.Lock()
+        call = self.channel.stream_stream("/sinkscope.v1.WorkerService/Session",
+                                          request_serializer=lambda m: m.SerializeToString(),
+                                          response_deserializer=self.pb.CoordinatorMessage.FromString)
+        self.responses = call(iter(self.outgoing.get, None))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        reg = self.pb.WorkerMessage()
+        reg.register.worker_id = worker_id
+        from sinkscope.v1 import experiment_pb2
+        reg.register.capabilities.device = experiment_pb2.CPU
+        reg.register.capabilities.device_count = 1
+        reg.register.capabilities.memory_bytes = memory_bytes
+        self.send(reg)
+        wait_for(lambda: any(m.HasField("registered") for m in self.messages()), 30, f"{worker_id} to register")
+
+    def _read(self):
+        try:
+            for m in self.responses:
+                with self.lock:
+                    self.received.append(m)
+        except grpc.RpcError:
+            pass
+
+    def send(self, message):
+        self.outgoing.put(message)
+
+    def messages(self):
+        with self.lock:
+            return list(self.received)
+
+    def refusals(self):
+        return [m.ack.refused for m in self.messages() if m.HasField("ack") and m.ack.refused]
+
+    def close(self):
+        self.outgoing.put(None)
+        self.channel.close()
+
+
+class IntegrityTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster(lease_seconds=2.0)
+        cls.cluster.start_coordinator()
+        cls.corpus = harness.write_corpus(cls.cluster.dir)
+        cls.pb = harness.python_stubs()
+
+    @classmethod
+    def tearDownClass(cls):
+        if os.environ.get("SINKSCOPE_KEEP_LOGS"):
+            print(cls.cluster.logs())
+        cls.cluster.close()
+        shutil.rmtree(cls.cluster.dir, ignore_errors=True)
+
+    def tearDown(self):
+        for w in self.cluster.workers.values():
+            w.stop()
+        self.cluster.workers.clear()
+
+    def submit(self, name, **kwargs):
+        spec = harness.tiny_experiment(name, self.corpus, **kwargs)
+        path = os.path.join(self.cluster.dir, name + ".json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        return self.cluster.cli_json("submit", path)["experiment_id"], spec
+
+    def run_of(self, eid):
+        return field(self.cluster.status(eid), "runs")[0]
+
+    def test_1_only_the_lease_holder_reports(self):
+        c = self.cluster
+        victim = c.start_worker("worker-a", ["--fault-stall-after-step", "10"])
+        eid, _ = self.submit("intrude", steps=40, probe_every=5, arms=("baseline",))
+        run_id = f"{eid}-baseline-s0"
+        wait_for(lambda: int(field(self.run_of(eid), "step") or 0) == 10, 120, "the run to stall at step 10")
+        steps_before = c.sql("SELECT step, metrics FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)
+        probes_before = c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)
+        intruder = HandWrittenWorker(c.address, "intruder")
+        pb = self.pb
+        try:
+            # Everything another session can say about worker-a's run, with its attempt number.
+            m = pb.WorkerMessage()
+            m.progress.run_id, m.progress.attempt = run_id, 1
+            m.progress.metrics.step, m.progress.metrics.loss = 3, 99.0
+            intruder.send(m)
+            m = pb.WorkerMessage()
+            m.probe.run_id, m.probe.attempt, m.probe.sequence = run_id, 1, 15
+            m.probe.report.step = 15
+            intruder.send(m)
+            for kind in ("finished", "failed", "released"):
+                m = pb.WorkerMessage()
+                getattr(m, kind).run_id = run_id
+                getattr(m, kind).attempt = 1
+                if kind == "failed":
+                    m.failed.reason, m.failed.message = pb.NUMERICAL, "made up"
+                intruder.send(m)
+            # And a Register that names the run, to take its lease.
+            m = pb.WorkerMessage()
+            m.register.worker_id, m.register.run_id, m.register.attempt = "intruder", run_id, 1
+            from sinkscope.v1 import experiment_pb2
+            m.register.capabilities.device, m.register.capabilities.device_count = experiment_pb2.CPU, 1
+            intruder.send(m)
+            wait_for(lambda: len(intruder.refusals()) == 5, 30, "five refusals")
+            for why in intruder.refusals():
+                self.assertEqual(why, "this session does not hold the run's lease (held by worker worker-a)")
+            wait_for(lambda: any(x.HasField("cancel") for x in intruder.messages()), 30, "the Register refused")
+            cancel = [x.cancel for x in intruder.messages() if x.HasField("cancel")][0]
+            self.assertEqual(cancel.reason, "the run's lease belongs to worker worker-a")
+            # Nothing of it is stored or shown; worker-a still holds the run.
+            self.assertEqual(c.sql("SELECT step, metrics FROM step_metrics WHERE run_id = ? ORDER BY step", run_id),
+                             steps_before)
+            self.assertEqual(c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id),
+                             probes_before)
+            run = self.run_of(eid)
+            self.assertEqual(run["state"], "RUNNING")
+            self.assertEqual(field(run, "worker_id"), "worker-a")
+            self.assertIn("event=progress_refused", c.coordinator.output())
+            self.assertIn("event=register_refused", c.coordinator.output())
+        finally:
+            intruder.close()
+        # The holder finishes its run (a second worker picks it up after the stalled victim
+        # is killed, from its checkpoint): every step stored once, none of the intruder's.
+        c.start_worker("worker-b")
+        victim.kill(signal.SIGKILL)
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=300)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        steps = c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)
+        self.assertEqual([s for (s,) in steps], list(range(1, 41)))
+        from sinkscope.v1 import metrics_pb2
+        (blob,) = c.sql("SELECT metrics FROM step_metrics WHERE run_id = ? AND step = 3", run_id)[0]
+        self.assertNotEqual(metrics_pb2.StepMetrics.FromString(blob).loss, 99.0)
+
+    def test_2_a_frozen_workers_lapsed_run_goes_to_a_healthy_worker(self):
+        c = self.cluster
+        frozen = c.start_worker("worker-frozen", ["--fault-step-delay-ms", "20"])
+        eid, _ = self.submit("frozen", steps=200, probe_every=50, checkpoint_every=10, arms=("baseline",))
+        wait_for(lambda: int(field(self.run_of(eid), "step") or 0) >= 5, 120, "the run to start")
+        c.start_worker("worker-healthy")
+        wait_for(lambda: "event=worker_registered worker=worker-healthy" in c.coordinator.output(), 30,
+                 "the healthy worker to register")
+        frozen.kill(signal.SIGSTOP)
+        try:
+            # Longer than the lease: it lapses, and the run must not bounce back to the frozen one.
+            wait_for(lambda: field(self.run_of(eid), "worker_id") == "worker-healthy", 60,
+                     "the run to move to the healthy worker")
+        finally:
+            frozen.kill(signal.SIGCONT)
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=300)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        run = field(status, "runs")[0]
+        self.assertEqual(field(run, "worker_id"), "worker-healthy")
+        self.assertEqual(int(field(run, "attempt")), 2)
+        attempts = c.sql("SELECT attempt, worker_id, outcome FROM attempts WHERE run_id = ? ORDER BY attempt",
+                         f"{eid}-baseline-s0")
+        self.assertEqual([(a, w) for a, w, _ in attempts], [(1, "worker-frozen"), (2, "worker-healthy")])
+        self.assertEqual(attempts[0][2], "lease lapsed")
+        steps = c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", f"{eid}-baseline-s0")
+        self.assertEqual([s for (s,) in steps], list(range(1, 201)))
+
+    def test_3_work_no_worker_can_hold_is_refused_and_waiting_is_explained(self):
+        c = self.cluster
+        small = HandWrittenWorker(c.address, "small-worker", memory_bytes=1 << 30)  # 1 GiB
+        try:
+            spec = harness.tiny_experiment("huge", self.corpus)
+            spec["model"].update({"layers": 200, "d_model": 65536, "ffn": 262144, "heads": 512, "kv_heads": 512,
+                                  "head_dim": 128})
+            path = os.path.join(c.dir, "huge.json")
+            with open(path, "w") as f:
+                json.dump(spec, f)
+            r = c.cli("submit", path, check=False)
+            self.assertEqual(r.returncode, 1, r.stdout)
+            self.assertIn("INVALID_ARGUMENT: model: 13.7T parameters need about", r.stderr)
+            self.assertIn("the largest connected CPU worker has", r.stderr)
+            # Absurd sizes and unbounded submissions are refused naming the field.
+            for key, value, message in (
+                    (("model", "vocab"), 10 ** 9, "model.vocab: must be at most 16777216"),
+                    (("train", "micro_batch"), 10 ** 9, "train.micro_batch: must be at most 65536"),
+                    (("seeds",), list(range(20000)), "make 40000 runs, at most 256 per experiment"),
+                    (("data", "text", "paths"), [self.corpus] * 2, "data.text.paths[1]: repeats data.text.paths[0]")):
+                spec = harness.tiny_experiment("bounded", self.corpus)
+                node = spec
+                for k in key[:-1]:
+                    node = node[k]
+                node[key[-1]] = value
+                with open(path, "w") as f:
+                    json.dump(spec, f)
+                r = c.cli("submit", path, check=False)
+                self.assertNotEqual(r.returncode, 0, key)
+                self.assertIn(message, r.stderr, key)
+        finally:
+            small.close()
+        # A run that asks for a kind of worker nobody has says so in status.
+        spec = harness.tiny_experiment("gpu", self.corpus, arms=("baseline",))
+        spec["resources"] = {"device": "CUDA"}
+        path = os.path.join(c.dir, "gpu.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        eid = c.cli_json("submit", path)["experiment_id"]
+        wait_for(lambda: field(self.run_of(eid), "message") == "waiting: no CUDA worker is connected", 30,
+                 "the waiting reason")
+        self.assertIn("waiting: no CUDA worker is connected", c.cli("status", eid).stdout)
+        c.cli("cancel", eid)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
