@@ -19,7 +19,42 @@ inline LogLevel& MinLogLevel() {
   return level;
 }
 
-// Values containing spaces, quotes or '=' are quoted.
+// Longest value written whole; a longer one (a hostile worker id, a huge message) is cut
+// and says how long it was.
+inline constexpr size_t kMaxLogValueBytes = 1024;
+
+// A value as logfmt writes it: bare when it is a plain word, otherwise quoted with `"` and
+// `\` escaped and every control character (newline, NUL, ESC, …) written as \n, \r, \t or
+// \xHH, so one event is always one line and a value cannot forge another field or event.
+inline std::string LogValue(const std::string& value) {
+  std::string v = value.size() > kMaxLogValueBytes ? value.substr(0, kMaxLogValueBytes) : value;
+  bool quote = v.empty();
+  for (unsigned char c : v) quote = quote || c <= ' ' || c == '"' || c == '=' || c == '\\' || c == 0x7f;
+  if (value.size() > kMaxLogValueBytes) quote = true;
+  if (!quote) return v;
+  std::string out = "\"";
+  for (unsigned char c : v) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < ' ' || c == 0x7f) {
+          static const char kHex[] = "0123456789abcdef";
+          out += "\\x";
+          out += kHex[c >> 4];
+          out += kHex[c & 15];
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  if (value.size() > kMaxLogValueBytes) out += "...(" + std::to_string(value.size()) + " bytes)";
+  return out + "\"";
+}
+
 inline void Log(LogLevel level, const char* event,
                 std::initializer_list<std::pair<const char*, std::string>> fields = {}) {
   if (level < MinLogLevel()) return;
@@ -35,19 +70,7 @@ inline void Log(LogLevel level, const char* event,
   std::strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
   std::string line = std::string("ts=") + ts + "." + std::to_string(1000 + ms).substr(1) + "Z level=" +
                      kNames[static_cast<int>(level)] + " event=" + event;
-  for (const auto& [key, value] : fields) {
-    const bool quote = value.empty() || value.find_first_of(" \"=") != std::string::npos;
-    std::string v = value;
-    if (quote) {
-      std::string escaped;
-      for (char c : v) {
-        if (c == '"' || c == '\\') escaped += '\\';
-        escaped += c;
-      }
-      v = "\"" + escaped + "\"";
-    }
-    line += std::string(" ") + key + "=" + v;
-  }
+  for (const auto& [key, value] : fields) line += std::string(" ") + key + "=" + LogValue(value);
   std::lock_guard<std::mutex> lock(mu);
   std::fprintf(stderr, "%s\n", line.c_str());
 }

@@ -231,26 +231,6 @@ v1::ListExperimentsResponse Coordinator::ListExperiments(int limit) {
   return out;
 }
 
-void Coordinator::RefreshExperimentLocked(const std::string& id) {
-  ExperimentRecord& e = experiments_.at(id);
-  bool active = false, failed = false;
-  for (const std::string& run_id : experiment_runs_[id]) {
-    const v1::RunState s = runs_.at(run_id).record.summary.state();
-    active |= Active(s);
-    failed |= s == v1::FAILED;
-  }
-  const v1::ExperimentState state = active        ? v1::ACTIVE
-                                    : e.cancelled ? v1::EXPERIMENT_CANCELLED
-                                    : failed      ? v1::FAILED_RUNS
-                                                  : v1::COMPLETED;
-  if (state != e.summary.state()) {
-    e.summary.set_state(state);
-    if (Status s = store_->UpdateExperiment(e); !s.ok()) {
-      Log(LogLevel::kError, "store_write_failed", {{"what", "experiment state"}, {"error", s.message()}});
-    }
-  }
-}
-
 void Coordinator::PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe) {
   for (const auto& w : watchers_) {
     if (w->experiment_id != experiment_id || (is_probe && !w->include_probes)) continue;
@@ -299,44 +279,77 @@ void Coordinator::DetachSessionLocked(Run& run) {
   run.session = 0;
 }
 
-void Coordinator::RequeueLocked(Run& run, const std::string& outcome, const std::string& message) {
-  v1::RunSummary& s = run.record.summary;
-  if (Status st = store_->EndAttempt(s.run_id(), s.attempt(), s.step(), outcome, NowMs()); !st.ok()) {
-    Log(LogLevel::kError, "store_write_failed", {{"what", "attempt"}, {"error", st.message()}});
+Status Coordinator::CommitRunChangesLocked(const std::string& experiment_id, std::vector<Store::RunChange> changes,
+                                           bool cancel_experiment) {
+  // The experiment's state once these changes are made.
+  ExperimentRecord experiment = experiments_.at(experiment_id);
+  if (cancel_experiment) experiment.cancelled = true;
+  std::map<std::string, v1::RunState> after;
+  for (const Store::RunChange& c : changes) after[c.run.summary.run_id()] = c.run.summary.state();
+  bool active = false, failed = false;
+  for (const std::string& run_id : experiment_runs_[experiment_id]) {
+    auto it = after.find(run_id);
+    const v1::RunState s = it != after.end() ? it->second : runs_.at(run_id).record.summary.state();
+    active |= Active(s);
+    failed |= s == v1::FAILED;
   }
-  DetachSessionLocked(run);
-  s.set_state(v1::QUEUED);
-  s.set_message(message);
-  if (Status st = store_->UpdateRun(run.record); !st.ok()) {
-    Log(LogLevel::kError, "store_write_failed", {{"what", "run state"}, {"error", st.message()}});
+  const v1::ExperimentState state = active                ? v1::ACTIVE
+                                    : experiment.cancelled ? v1::EXPERIMENT_CANCELLED
+                                    : failed               ? v1::FAILED_RUNS
+                                                           : v1::COMPLETED;
+  const bool experiment_changes = cancel_experiment || state != experiment.summary.state();
+  experiment.summary.set_state(state);
+  if (Status st = store_->ApplyRunChanges(changes, experiment_changes ? &experiment : nullptr, NowMs()); !st.ok()) {
+    Log(LogLevel::kError, "store_write_failed",
+        {{"what", "run state"}, {"experiment", experiment_id}, {"runs", std::to_string(changes.size())},
+         {"error", st.message()}});
+    return st;
   }
-  queue_.push_back(s.run_id());
-  PublishSnapshotLocked(s.experiment_id());
-}
-
-void Coordinator::EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
-                               const std::string& outcome) {
-  v1::RunSummary& s = run.record.summary;
-  if (s.state() == v1::RUNNING) {
-    if (Status st = store_->EndAttempt(s.run_id(), s.attempt(), s.step(), outcome, NowMs()); !st.ok()) {
-      Log(LogLevel::kError, "store_write_failed", {{"what", "attempt"}, {"error", st.message()}});
+  for (Store::RunChange& c : changes) {
+    Run& run = runs_.at(c.run.summary.run_id());
+    const v1::RunState was = run.record.summary.state(), now = c.run.summary.state();
+    if (was == v1::RUNNING && now != v1::RUNNING) DetachSessionLocked(run);
+    if (was == v1::QUEUED && now != v1::QUEUED) {
+      queue_.erase(std::remove(queue_.begin(), queue_.end(), c.run.summary.run_id()), queue_.end());
+    }
+    if (now == v1::QUEUED && was != v1::QUEUED) queue_.push_back(c.run.summary.run_id());
+    if (c.run.restarts > run.record.restarts) exporter_->RunRestarted();
+    run.record = std::move(c.run);
+    const v1::RunSummary& s = run.record.summary;
+    if (!Active(now)) {
+      exporter_->RunEnded(s.run_id());
+      Log(now == v1::FAILED ? LogLevel::kWarning : LogLevel::kInfo, "run_ended",
+          {{"run", s.run_id()}, {"state", v1::RunState_Name(now)},
+           {"reason", v1::FailureReason_Name(s.failure_reason())}, {"message", s.message()}});
     }
   }
-  if (s.state() == v1::QUEUED) queue_.erase(std::remove(queue_.begin(), queue_.end(), s.run_id()), queue_.end());
-  s.set_state(state);
-  s.set_failure_reason(reason);
-  s.set_message(message);
-  run.record.finished_unix_ms = NowMs();
-  DetachSessionLocked(run);
-  if (Status st = store_->UpdateRun(run.record); !st.ok()) {
-    Log(LogLevel::kError, "store_write_failed", {{"what", "run state"}, {"error", st.message()}});
-  }
-  exporter_->RunEnded(s.run_id());
-  Log(state == v1::FAILED ? LogLevel::kWarning : LogLevel::kInfo, "run_ended",
-      {{"run", s.run_id()}, {"state", v1::RunState_Name(state)}, {"reason", v1::FailureReason_Name(reason)},
-       {"message", message}});
-  RefreshExperimentLocked(s.experiment_id());
-  PublishSnapshotLocked(s.experiment_id());
+  experiments_[experiment_id] = std::move(experiment);
+  PublishSnapshotLocked(experiment_id);
+  return OkStatus();
+}
+
+Status Coordinator::RequeueLocked(Run& run, const std::string& outcome, const std::string& message, bool restart,
+                                  int64_t step) {
+  Store::RunChange c{run.record, run.record.summary.state() == v1::RUNNING ? run.record.summary.attempt() : 0,
+                     outcome};
+  if (step >= 0) c.run.summary.set_step(step);
+  c.run.summary.set_state(v1::QUEUED);
+  c.run.summary.set_message(message);
+  if (restart) ++c.run.restarts;
+  return CommitRunChangesLocked(run.record.summary.experiment_id(), {std::move(c)}, false);
+}
+
+Status Coordinator::EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
+                                 const std::string& outcome, bool restart, int64_t step) {
+  Store::RunChange c{run.record, run.record.summary.state() == v1::RUNNING ? run.record.summary.attempt() : 0,
+                     outcome};
+  if (step >= 0) c.run.summary.set_step(step);
+  c.run.summary.set_state(state);
+  c.run.summary.set_failure_reason(reason);
+  c.run.summary.set_message(message);
+  c.run.finished_unix_ms = NowMs();
+  if (restart) ++c.run.restarts;
+  return CommitRunChangesLocked(run.record.summary.experiment_id(), {std::move(c)}, false);
 }
 
 StatusOr<v1::ExperimentSummary> Coordinator::Cancel(const std::string& id) {
@@ -350,20 +363,31 @@ StatusOr<v1::ExperimentSummary> Coordinator::Cancel(const std::string& id) {
       return FailedPreconditionError("experiment " + id + " already ended (" +
                                      v1::ExperimentState_Name(it->second.summary.state()) + ")");
     }
-    ExperimentRecord updated = it->second;
-    updated.cancelled = true;
-    if (Status s = store_->UpdateExperiment(updated); !s.ok()) return s;  // nothing changed
-    it->second.cancelled = true;
+    // Every active run and the experiment, in one transaction: whole or not at all.
+    std::vector<Store::RunChange> changes;
+    std::vector<std::shared_ptr<SessionWriter>> holders;
+    std::vector<std::string> cancelled;
     for (const std::string& run_id : experiment_runs_[id]) {
       Run& run = runs_.at(run_id);
       if (!Active(run.record.summary.state())) continue;
+      Store::RunChange c{run.record,
+                         run.record.summary.state() == v1::RUNNING ? run.record.summary.attempt() : 0, "cancelled"};
+      c.run.summary.set_state(v1::CANCELLED);
+      c.run.summary.set_failure_reason(v1::FAILURE_REASON_UNSPECIFIED);
+      c.run.summary.set_message("cancelled by a user");
+      c.run.finished_unix_ms = NowMs();
+      changes.push_back(std::move(c));
       if (run.session != 0 && sessions_.count(run.session)) {
-        v1::CoordinatorMessage m;
-        m.mutable_cancel()->set_run_id(run_id);
-        m.mutable_cancel()->set_reason("the experiment was cancelled");
-        out.push_back({sessions_.at(run.session).writer, m});
+        holders.push_back(sessions_.at(run.session).writer);
+        cancelled.push_back(run_id);
       }
-      EndRunLocked(run, v1::CANCELLED, v1::FAILURE_REASON_UNSPECIFIED, "cancelled by a user", "cancelled");
+    }
+    RETURN_IF_ERROR(CommitRunChangesLocked(id, std::move(changes), /*cancel_experiment=*/true));  // nothing changed
+    for (size_t i = 0; i < holders.size(); ++i) {
+      v1::CoordinatorMessage m;
+      m.mutable_cancel()->set_run_id(cancelled[i]);
+      m.mutable_cancel()->set_reason("the experiment was cancelled");
+      out.push_back({holders[i], m});
     }
     summary = SummaryLocked(id, false);
   }
@@ -767,8 +791,12 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             break;
           }
         } else {
-          if (f.step() >= 0 && f.step() <= run->record.summary.total_steps()) run->record.summary.set_step(f.step());
-          EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded");
+          const bool valid_step = f.step() >= 0 && f.step() <= run->record.summary.total_steps();
+          if (!EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded", false,
+                            valid_step ? f.step() : -1)
+                   .ok()) {
+            break;  // not stored: no ack, the worker writes it again
+          }
         }
         v1::CoordinatorMessage ack;  // stored, or the run had ended already
         ack.mutable_ack()->set_run_id(f.run_id());
@@ -789,7 +817,9 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
               v1::FailureReason_IsValid(f.reason()) && f.reason() != v1::FAILURE_REASON_UNSPECIFIED
                   ? f.reason()
                   : v1::INTERNAL_ERROR;
-          EndRunLocked(*run, v1::FAILED, reason, f.message(), "failed: " + v1::FailureReason_Name(reason));
+          if (!EndRunLocked(*run, v1::FAILED, reason, f.message(), "failed: " + v1::FailureReason_Name(reason)).ok()) {
+            break;  // not stored: no ack, the worker writes it again
+          }
         }
         v1::CoordinatorMessage ack;
         ack.mutable_ack()->set_run_id(f.run_id());
@@ -809,15 +839,19 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           break;
         }
         if (run != nullptr) {
-          v1::RunSummary& s = run->record.summary;
-          if (r.step() >= 0 && r.step() <= s.total_steps()) s.set_step(std::max(s.step(), r.step()));
+          const v1::RunSummary& s = run->record.summary;
+          const int64_t step = r.step() >= 0 && r.step() <= s.total_steps() ? std::max(s.step(), r.step()) : -1;
           Log(LogLevel::kInfo, "run_released",
               {{"run", s.run_id()}, {"worker", s.worker_id()}, {"step", std::to_string(r.step())},
                {"checkpoint_step", std::to_string(r.checkpoint_step())}, {"reason", r.reason()}});
-          RequeueLocked(*run, "released",
-                        "requeued: worker " + s.worker_id() + " stopped at step " + std::to_string(r.step()) +
-                            " and gave the run back (" + r.reason() + "); resumes from the checkpoint at step " +
-                            std::to_string(r.checkpoint_step()));
+          if (!RequeueLocked(*run, "released",
+                             "requeued: worker " + s.worker_id() + " stopped at step " + std::to_string(r.step()) +
+                                 " and gave the run back (" + r.reason() + "); resumes from the checkpoint at step " +
+                                 std::to_string(r.checkpoint_step()),
+                             false, step)
+                   .ok()) {
+            break;  // not stored: no ack, the worker writes it again
+          }
         }
         v1::CoordinatorMessage ack;
         ack.mutable_ack()->set_run_id(r.run_id());
@@ -864,20 +898,25 @@ void Coordinator::PlaceLocked(Outbox& out) {
       ++it;
       continue;
     }
-    s.set_state(v1::RUNNING);
-    s.set_attempt(s.attempt() + 1);
-    s.set_worker_id(chosen->worker_id);
-    s.set_failure_reason(v1::FAILURE_REASON_UNSPECIFIED);
-    s.set_message("");
+    // The attempt and the run's new state are stored together, before anything changes or
+    // is sent: no Assignment goes out that the store does not hold.
+    RunRecord updated = run.record;
+    v1::RunSummary& u = updated.summary;
+    u.set_state(v1::RUNNING);
+    u.set_attempt(u.attempt() + 1);
+    u.set_worker_id(chosen->worker_id);
+    u.set_failure_reason(v1::FAILURE_REASON_UNSPECIFIED);
+    u.set_message("");
+    if (Status st = store_->StartAttempt(updated, NowMs()); !st.ok()) {
+      Log(LogLevel::kError, "store_write_failed", {{"what", "assignment"}, {"run", u.run_id()}, {"error", st.message()}});
+      break;  // the store is failing: leave the queue as it is and try on the next tick
+    }
+    run.record = std::move(updated);
     run.session = chosen_id;
     chosen->run_id = s.run_id();
     Renew(run);
     const std::string dir =
         (std::filesystem::path(options_.checkpoint_root) / s.experiment_id() / s.run_id()).lexically_normal().string();
-    if (Status st = store_->UpdateRun(run.record); !st.ok()) {
-      Log(LogLevel::kError, "store_write_failed", {{"what", "assignment"}, {"error", st.message()}});
-    }
-    store_->BeginAttempt(s.run_id(), s.attempt(), chosen->worker_id, s.step(), NowMs()).ok();
     v1::CoordinatorMessage m;
     v1::Assignment* a = m.mutable_assignment();
     a->set_run_id(s.run_id());
@@ -899,6 +938,15 @@ void Coordinator::Tick() {
   Outbox out;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!options_.fault_store_read_only_when.empty()) {
+      std::error_code ec;
+      const bool read_only = std::filesystem::exists(options_.fault_store_read_only_when, ec);
+      if (read_only != store_read_only_) {
+        store_->ExecForTesting(read_only ? "PRAGMA query_only = 1" : "PRAGMA query_only = 0").ok();
+        store_read_only_ = read_only;
+        Log(LogLevel::kWarning, "fault_store_read_only", {{"on", read_only ? "true" : "false"}});
+      }
+    }
     const auto now = std::chrono::steady_clock::now();
     const double stall = std::min(kStallSeconds, options_.lease_seconds / 2);
     if (last_tick_ && now - *last_tick_ > std::chrono::duration<double>(stall)) {
@@ -916,30 +964,35 @@ void Coordinator::Tick() {
     for (auto& [id, run] : runs_) {
       v1::RunSummary& s = run.record.summary;
       if (s.state() != v1::RUNNING || now < run.lease_deadline) continue;
-      // The lease lapsed: the worker is gone or stuck.
-      if (run.session != 0 && sessions_.count(run.session)) {
-        Session& old = sessions_.at(run.session);
+      // The lease lapsed: the worker is gone or stuck. Stored first; when the store
+      // fails, nothing changes and the next tick tries again.
+      const int64_t holder = run.session;
+      const std::string worker = s.worker_id();
+      const int restarts = run.record.restarts + 1;
+      const int max_restarts = experiments_.at(s.experiment_id()).summary.spec().max_restarts();
+      Status stored =
+          restarts > max_restarts
+              ? EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
+                             "the worker's lease lapsed " + std::to_string(restarts) + " times (max_restarts " +
+                                 std::to_string(max_restarts) + ")",
+                             "lease lapsed", /*restart=*/true)
+              : RequeueLocked(run, "lease lapsed",
+                              "requeued after worker " + worker + " was lost at step " + std::to_string(s.step()),
+                              /*restart=*/true);
+      if (!stored.ok()) continue;
+      if (restarts <= max_restarts) {
+        Log(LogLevel::kWarning, "lease_lapsed",
+            {{"run", id}, {"worker", worker}, {"step", std::to_string(s.step())},
+             {"restarts", std::to_string(restarts)}});
+      }
+      if (holder != 0 && sessions_.count(holder)) {
+        Session& old = sessions_.at(holder);
         old.lapsed = true;  // no new work for it until it is heard from again
         v1::CoordinatorMessage cancel;
         cancel.mutable_cancel()->set_run_id(id);
         cancel.mutable_cancel()->set_reason("the lease lapsed; the run was given to another worker");
         out.push_back({old.writer, cancel});
       }
-      DetachSessionLocked(run);
-      ++run.record.restarts;
-      exporter_->RunRestarted();
-      if (run.record.restarts > experiments_.at(s.experiment_id()).summary.spec().max_restarts()) {
-        EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
-                     "the worker's lease lapsed " + std::to_string(run.record.restarts) + " times (max_restarts " +
-                         std::to_string(experiments_.at(s.experiment_id()).summary.spec().max_restarts()) + ")",
-                     "lease lapsed");
-        continue;
-      }
-      Log(LogLevel::kWarning, "lease_lapsed",
-          {{"run", id}, {"worker", s.worker_id()}, {"step", std::to_string(s.step())},
-           {"restarts", std::to_string(run.record.restarts)}});
-      RequeueLocked(run, "lease lapsed",
-                    "requeued after worker " + s.worker_id() + " was lost at step " + std::to_string(s.step()));
     }
     PlaceLocked(out);
     int workers = 0, queued = static_cast<int>(queue_.size()), running = 0;

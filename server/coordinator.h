@@ -52,6 +52,9 @@ class Coordinator {
     // The most memory one run may need (bytes; 0: no limit beyond what the connected
     // workers report). Submission refuses an experiment whose estimate exceeds it.
     int64_t max_run_bytes = 0;
+    // Fault injection for tests: while this file exists, the store takes no writes (as a
+    // full disk or a read-only remount would). Empty: off.
+    std::string fault_store_read_only_when;
   };
 
   // Loads the store's state: queued runs are queued again, running runs keep their lease
@@ -115,13 +118,21 @@ class Coordinator {
   // Frees the run's worker session (if any) for another run.
   void DetachSessionLocked(Run& run);
   // Ends the run's current attempt with `outcome` and queues it again (to resume from its
-  // latest checkpoint), with `message` for people.
-  void RequeueLocked(Run& run, const std::string& outcome, const std::string& message);
-  void RefreshExperimentLocked(const std::string& id);
+  // latest checkpoint), with `message` for people; `restart` counts a restart. Stored
+  // first: on a store failure nothing changes, in memory or on disk, and the error is
+  // returned (the caller withholds its ack, or retries on the next tick).
+  // `step` ≥ 0 sets the run's step with it (the step a worker reports it stopped at).
+  Status RequeueLocked(Run& run, const std::string& outcome, const std::string& message, bool restart = false,
+                       int64_t step = -1);
+  // Stores the run changes, and their experiment's new state (cancelled, ended) with them,
+  // in one transaction; then applies them in memory: queue, sessions, experiment state,
+  // gauges, watchers. Nothing changes when the store fails.
+  Status CommitRunChangesLocked(const std::string& experiment_id, std::vector<Store::RunChange> changes,
+                                bool cancel_experiment);
   void PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe);
   void PublishSnapshotLocked(const std::string& experiment_id);
-  void EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
-                    const std::string& outcome);
+  Status EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
+                      const std::string& outcome, bool restart = false, int64_t step = -1);
   void PlaceLocked(Outbox& out);
   // Why a queued run waits, for people: no worker of its kind is connected, or all are busy.
   std::string WaitReasonLocked(const v1::Experiment& spec) const;
@@ -143,6 +154,7 @@ class Coordinator {
   std::deque<std::string> queue_;                         // guarded by mu_: QUEUED run ids, FIFO
   std::map<int64_t, Session> sessions_;                   // guarded by mu_
   int64_t next_session_ = 1;                              // guarded by mu_
+  bool store_read_only_ = false;                          // guarded by mu_: fault injection
   std::vector<std::shared_ptr<Watcher>> watchers_;        // guarded by mu_
 };
 

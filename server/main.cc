@@ -72,6 +72,26 @@ StatusOr<int> LockStore(const std::string& db) {
   if (ftruncate(fd, 0) != 0 || pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
     // The pid is only for the message above; the lock itself holds.
   }
+  // The database file itself is locked too (created empty if missing, which SQLite opens
+  // as a new database): a flock belongs to the file, so a hard link or a bind mount that
+  // reaches the same store by another path meets this lock. (flock and SQLite's own
+  // fcntl locks do not interact on local file systems.)
+  if (file != ":memory:" && !file.empty()) {
+    const int db_fd = open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (db_fd >= 0 && flock(db_fd, LOCK_EX | LOCK_NB) != 0) {
+      const int error = errno;
+      close(db_fd);
+      close(fd);
+      if (error == EWOULDBLOCK) {
+        return Status(StatusCode::kFailedPrecondition,
+                      "store " + db + " is in use by another sinkscope-coordinator (the same database file, reached "
+                      "by another path or a hard link); only one coordinator may serve a store");
+      }
+      return Status(StatusCode::kUnavailable, "store " + db + ": cannot lock it: " + std::strerror(error));
+    }
+    // db_fd stays open (and locked) for the life of the process, like fd; when it could not
+    // be opened, Store::Open reports why.
+  }
   return fd;
 }
 
@@ -89,6 +109,8 @@ const char kUsage[] = R"(usage: sinkscope-coordinator [options]
                               parameters, gradients, AdamW state, one micro-batch's activations;
                               default: only what the connected workers report)
   --verbose                   log info events, not only warnings and errors
+  --fault-store-read-only-when FILE
+                              fault injection (tests): the store takes no writes while FILE exists
   -h, --help                  this text
 
 security (docs/security.md; secrets are read from files or the environment, never argv):
@@ -155,6 +177,7 @@ int Main(int argc, char** argv) {
       options.max_run_bytes = static_cast<int64_t>(gib * 1024 * 1024 * 1024);
     }
     else if (a == "--verbose") MinLogLevel() = LogLevel::kInfo;
+    else if (a == "--fault-store-read-only-when") options.fault_store_read_only_when = value();
     else if (a == "--tls-cert") tls.cert_file = value();
     else if (a == "--tls-key") tls.key_file = value();
     else if (a == "--tls-client-ca") tls.client_ca_file = value();

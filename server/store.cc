@@ -207,14 +207,6 @@ Status Store::InsertExperiment(const ExperimentRecord& e, const std::vector<RunR
   });
 }
 
-Status Store::UpdateExperiment(const ExperimentRecord& e) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Stmt q(db_, "UPDATE experiments SET cancelled = ?, summary = ? WHERE id = ?");
-  q.Int(1, e.cancelled).Blob(2, e.summary.SerializeAsString()).Text(3, e.summary.experiment_id());
-  if (q.Step() != SQLITE_DONE) return Error("update experiment");
-  return OkStatus();
-}
-
 StatusOr<std::vector<ExperimentRecord>> Store::LoadExperiments() {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt q(db_, "SELECT summary, cancelled FROM experiments ORDER BY created_ms, number");
@@ -240,15 +232,6 @@ StatusOr<int64_t> Store::LastExperimentNumber(const std::string& name) {
   return q.ColumnInt(0);
 }
 
-Status Store::UpdateRun(const RunRecord& r) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Stmt q(db_, "UPDATE runs SET state = ?, restarts = ?, finished_ms = ?, summary = ? WHERE id = ?");
-  q.Int(1, r.summary.state()).Int(2, r.restarts).Int(3, r.finished_unix_ms).Blob(4, r.summary.SerializeAsString());
-  q.Text(5, r.summary.run_id());
-  if (q.Step() != SQLITE_DONE) return Error("update run");
-  return OkStatus();
-}
-
 StatusOr<std::vector<RunRecord>> Store::LoadRuns() {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt q(db_, "SELECT summary, restarts, finished_ms FROM runs ORDER BY rowid");
@@ -267,23 +250,47 @@ StatusOr<std::vector<RunRecord>> Store::LoadRuns() {
   return out;
 }
 
-Status Store::BeginAttempt(const std::string& run_id, int attempt, const std::string& worker_id, int64_t start_step,
-                           int64_t now_ms) {
+Status Store::StartAttempt(const RunRecord& r, int64_t now_ms) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt q(db_,
-         "INSERT OR REPLACE INTO attempts (run_id, attempt, worker_id, started_ms, start_step) VALUES (?,?,?,?,?)");
-  q.Text(1, run_id).Int(2, attempt).Text(3, worker_id).Int(4, now_ms).Int(5, start_step);
-  if (q.Step() != SQLITE_DONE) return Error("begin attempt");
-  return OkStatus();
+  return Transaction("start attempt", [&]() -> Status {
+    {
+      Stmt q(db_, "UPDATE runs SET state = ?, restarts = ?, finished_ms = ?, summary = ? WHERE id = ?");
+      q.Int(1, r.summary.state()).Int(2, r.restarts).Int(3, r.finished_unix_ms);
+      q.Blob(4, r.summary.SerializeAsString()).Text(5, r.summary.run_id());
+      if (q.Step() != SQLITE_DONE) return Error("start attempt: update run");
+    }
+    Stmt q(db_,
+           "INSERT OR REPLACE INTO attempts (run_id, attempt, worker_id, started_ms, start_step) VALUES (?,?,?,?,?)");
+    q.Text(1, r.summary.run_id()).Int(2, r.summary.attempt()).Text(3, r.summary.worker_id()).Int(4, now_ms);
+    q.Int(5, r.summary.step());
+    if (q.Step() != SQLITE_DONE) return Error("start attempt");
+    return OkStatus();
+  });
 }
 
-Status Store::EndAttempt(const std::string& run_id, int attempt, int64_t end_step, const std::string& outcome,
-                         int64_t now_ms) {
+Status Store::ApplyRunChanges(const std::vector<RunChange>& runs, const ExperimentRecord* e, int64_t now_ms) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt q(db_, "UPDATE attempts SET ended_ms = ?, end_step = ?, outcome = ? WHERE run_id = ? AND attempt = ?");
-  q.Int(1, now_ms).Int(2, end_step).Text(3, outcome).Text(4, run_id).Int(5, attempt);
-  if (q.Step() != SQLITE_DONE) return Error("end attempt");
-  return OkStatus();
+  return Transaction("update runs", [&]() -> Status {
+    for (const RunChange& c : runs) {
+      const RunRecord& r = c.run;
+      if (c.ended_attempt > 0) {
+        Stmt q(db_, "UPDATE attempts SET ended_ms = ?, end_step = ?, outcome = ? WHERE run_id = ? AND attempt = ?");
+        q.Int(1, now_ms).Int(2, r.summary.step()).Text(3, c.outcome).Text(4, r.summary.run_id());
+        q.Int(5, c.ended_attempt);
+        if (q.Step() != SQLITE_DONE) return Error("end attempt");
+      }
+      Stmt q(db_, "UPDATE runs SET state = ?, restarts = ?, finished_ms = ?, summary = ? WHERE id = ?");
+      q.Int(1, r.summary.state()).Int(2, r.restarts).Int(3, r.finished_unix_ms);
+      q.Blob(4, r.summary.SerializeAsString()).Text(5, r.summary.run_id());
+      if (q.Step() != SQLITE_DONE) return Error("update run");
+    }
+    if (e != nullptr) {
+      Stmt q(db_, "UPDATE experiments SET cancelled = ?, summary = ? WHERE id = ?");
+      q.Int(1, e->cancelled).Blob(2, e->summary.SerializeAsString()).Text(3, e->summary.experiment_id());
+      if (q.Step() != SQLITE_DONE) return Error("update experiment");
+    }
+    return OkStatus();
+  });
 }
 
 Status Store::PutStep(const RunRecord& r, const v1::StepMetrics& m) {

@@ -48,23 +48,28 @@ class Store {
 
   // Inserts an experiment and its runs in one transaction.
   Status InsertExperiment(const ExperimentRecord& experiment, const std::vector<RunRecord>& runs);
-  // Replaces an experiment's state and cancelled flag.
-  Status UpdateExperiment(const ExperimentRecord& experiment);
   // Every experiment, oldest first.
   StatusOr<std::vector<ExperimentRecord>> LoadExperiments();
   // The largest numeric suffix used for experiment ids of `name` (0 if none).
   StatusOr<int64_t> LastExperimentNumber(const std::string& name);
 
-  // Replaces a run's row.
-  Status UpdateRun(const RunRecord& run);
   // Every run, in insertion order.
   StatusOr<std::vector<RunRecord>> LoadRuns();
 
-  // An attempt of a run begins / ends.
-  Status BeginAttempt(const std::string& run_id, int attempt, const std::string& worker_id, int64_t start_step,
-                      int64_t now_ms);
-  Status EndAttempt(const std::string& run_id, int attempt, int64_t end_step, const std::string& outcome,
-                    int64_t now_ms);
+  // A run's new attempt begins: its row (RUNNING, the attempt number, the worker) and the
+  // attempt's start, in one transaction.
+  Status StartAttempt(const RunRecord& run, int64_t now_ms);
+  // A run's row replaced, and the attempt it leaves (requeued, ended) ended with `outcome`
+  // at the run's step; ended_attempt 0 when it was not running.
+  struct RunChange {
+    RunRecord run;
+    int ended_attempt = 0;
+    std::string outcome;
+  };
+  // Runs leave RUNNING or QUEUED (requeued, finished, failed, cancelled), and optionally
+  // their experiment's row changes with them: all in one transaction, so a cancel is whole
+  // or not at all, even across a SIGKILL.
+  Status ApplyRunChanges(const std::vector<RunChange>& runs, const ExperimentRecord* experiment, int64_t now_ms);
 
   // Stores a step's metrics together with the run's updated row (one transaction);
   // a step stored again replaces the earlier row (a resumed run repeats steps).

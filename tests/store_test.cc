@@ -218,8 +218,8 @@ TEST(StoreFailures, ReadOnlyDatabaseFailsWithTheReasonAndChangesNothing) {
   auto probe = store->PutProbe(run.summary.run_id(), MakeProbe(1));
   ASSERT_FALSE(probe.ok());
   EXPECT_THAT(probe.status().message(), AllOf(HasSubstr("store " + path), HasSubstr(kReadOnly)));
-  EXPECT_THAT(store->UpdateRun(next).message(), HasSubstr(kReadOnly));
-  EXPECT_THAT(store->BeginAttempt(run.summary.run_id(), 1, "w", 0, 1).message(), HasSubstr(kReadOnly));
+  EXPECT_THAT(store->StartAttempt(next, 1).message(), HasSubstr(kReadOnly));
+  EXPECT_THAT(store->ApplyRunChanges({{next, 1, "lost"}}, nullptr, 1).message(), HasSubstr(kReadOnly));
 
   // Reads go on; nothing changed.
   EXPECT_EQ(StoredSteps(*store, run.summary.run_id()), std::vector<int64_t>{1});
@@ -715,6 +715,71 @@ TEST_F(CoordinatorOverStore, ARunWaitingForAKindOfWorkerSaysSo) {
   ASSERT_TRUE(summary.ok());
   EXPECT_EQ(summary->runs(0).state(), v1::QUEUED);
   EXPECT_EQ(summary->runs(0).message(), "waiting: no CUDA worker is connected");
+}
+
+TEST_F(CoordinatorOverStore, WhatIsShownIsWhatIsStored) {
+  // No worker is told to start a run the store does not hold as started.
+  auto r = coordinator_->Submit(TinyExperiment("tiny"));
+  ASSERT_TRUE(r.ok());
+  const std::string run = r->run_ids(0);
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+  session_ = coordinator_->OpenSession(writer_);
+  coordinator_->OnWorkerMessage(session_, Register());
+  coordinator_->Tick();
+  EXPECT_EQ(Sorted(writer_->Take()).assignments, 0);
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::QUEUED);
+  EXPECT_EQ(summary->runs(0).attempt(), 0);
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+  coordinator_->Tick();
+  EXPECT_EQ(Sorted(writer_->Take()).assignments, 1);
+
+  // A finish that cannot be stored is not acked and changes nothing shown.
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+  v1::WorkerMessage finished;
+  finished.mutable_finished()->set_run_id(run);
+  finished.mutable_finished()->set_attempt(1);
+  finished.mutable_finished()->set_step(20);
+  coordinator_->OnWorkerMessage(session_, finished);
+  EXPECT_EQ(Sorted(writer_->Take()).outcomes, 0);
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::RUNNING);
+  EXPECT_EQ(summary->state(), v1::ACTIVE);
+  EXPECT_EQ(summary->runs(0).step(), 0);
+  // Written again once the store takes writes: stored, acked, shown.
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+  coordinator_->OnWorkerMessage(session_, finished);
+  EXPECT_EQ(Sorted(writer_->Take()).outcomes, 1);
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::SUCCEEDED);
+  EXPECT_EQ(summary->state(), v1::COMPLETED);
+  auto runs = store_->LoadRuns();
+  ASSERT_TRUE(runs.ok());
+  EXPECT_EQ((*runs)[0].summary.state(), v1::SUCCEEDED);
+}
+
+TEST_F(CoordinatorOverStore, ALapseTheStoreCannotTakeIsRetriedNotCounted) {
+  StartCoordinator(/*lease_seconds=*/0.3);
+  const std::string run = SubmitAndAssign();
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  coordinator_->Tick();
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::RUNNING);  // not requeued in memory only
+  EXPECT_EQ(Sorted(writer_->Take()).cancels, 0);
+  ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+  coordinator_->Tick();
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::QUEUED);
+  auto runs = store_->LoadRuns();
+  ASSERT_TRUE(runs.ok());
+  EXPECT_EQ((*runs)[0].restarts, 1);  // one lapse, one restart, however many ticks it took
+  EXPECT_EQ((*runs)[0].summary.state(), v1::QUEUED);
 }
 
 }  // namespace

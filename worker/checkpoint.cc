@@ -1,6 +1,7 @@
 #include "worker/checkpoint.h"
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -172,6 +173,23 @@ StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model) {
   s.seed = p.header.value("seed", uint64_t{0});
   s.data_counter = p.header.value("data_counter", uint64_t{0});
   return s;
+}
+
+std::vector<std::string> RemoveStaleTempFiles(const std::string& dir) {
+  static const char* const kOurs[] = {"checkpoint.bin", "metrics.jsonl", "probes.jsonl", "hf/config.json",
+                                      "hf/model.safetensors"};
+  std::vector<std::string> removed;
+  for (const char* name : kOurs) {
+    const std::filesystem::path file = std::filesystem::path(dir) / name;
+    const std::string prefix = file.filename().string() + ".tmp.";
+    std::error_code ec;
+    for (std::filesystem::directory_iterator it(file.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().filename().string().rfind(prefix, 0) != 0) continue;
+      std::error_code rm;
+      if (std::filesystem::remove(it->path(), rm)) removed.push_back(it->path().string());
+    }
+  }
+  return removed;
 }
 
 }  // namespace sinkscope

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "worker/engine/model.h"
 
@@ -26,5 +27,11 @@ Status SaveCheckpoint(const std::string& path, const Model& model, const Trainin
 StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model);
 // The model config stored in a checkpoint, to build a model before loading it.
 StatusOr<ModelConfig> ReadCheckpointConfig(const std::string& path);
+
+// Removes the temporary files that a process killed while writing one of a run's files
+// leaves in the run folder `dir` (WriteFileAtomically's "<name>.tmp.<pid>.<thread>" of
+// checkpoint.bin, metrics.jsonl, probes.jsonl, hf/config.json, hf/model.safetensors):
+// ours, never others. Returns the paths removed.
+std::vector<std::string> RemoveStaleTempFiles(const std::string& dir);
 
 }  // namespace sinkscope

@@ -310,6 +310,8 @@ bool Worker::ServeConnection(int64_t failures) {
     dropped_reported_ = dropped_progress_;
   }
   Clock::TimePoint last_heartbeat = clock_->Now();
+  last_ack_ = last_heartbeat;
+  Clock::TimePoint last_resend = last_heartbeat;
   std::optional<std::chrono::steady_clock::time_point> flush_deadline;  // real time, once stopping
   bool write_failed = false;
   while (!broken_) {
@@ -358,7 +360,18 @@ bool Worker::ServeConnection(int64_t failures) {
       continue;
     }
     if (!flush_deadline) {
-      const Clock::TimePoint due = last_heartbeat + heartbeat_interval_;
+      const bool unacked = !outbox_.empty() || !unacked_progress_.empty() || !unacked_outcomes_.empty();
+      const Clock::TimePoint resend_due = std::max(last_ack_, last_resend) + options_.resend_after;
+      if (unacked && acks_progress_ && clock_->Now() >= resend_due) {
+        Log(LogLevel::kWarning, "resending_unacked",
+            {{"probes", Str(static_cast<int64_t>(outbox_.size()))},
+             {"progress", Str(static_cast<int64_t>(unacked_progress_.size()))},
+             {"outcomes", Str(static_cast<int64_t>(unacked_outcomes_.size()))}});
+        last_resend = clock_->Now();
+        RequeueProbesLocked();
+        continue;
+      }
+      Clock::TimePoint due = last_heartbeat + heartbeat_interval_;
       if (clock_->Now() >= due) {
         v1::WorkerMessage hb;
         if (current_ && !current_->cancelled) {
@@ -378,6 +391,7 @@ bool Worker::ServeConnection(int64_t failures) {
         last_heartbeat = clock_->Now();
         continue;
       }
+      if (unacked && acks_progress_) due = std::min(due, resend_due);
       clock_->WaitUntil(cv_, lock, due);
     } else {
       cv_.wait_until(lock, *flush_deadline);
@@ -557,6 +571,7 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
       HandleAssignmentLocked(m.assignment());
       break;
     case v1::CoordinatorMessage::kAck:
+      last_ack_ = clock_->Now();
       if (m.ack().sequence() != 0) outbox_.erase({m.ack().run_id(), m.ack().sequence()});
       if (m.ack().progress_step() != 0) unacked_progress_.erase({m.ack().run_id(), m.ack().progress_step()});
       if (m.ack().outcome()) unacked_outcomes_.erase(m.ack().run_id());
@@ -752,6 +767,12 @@ void Worker::EndRunLocked(const v1::Assignment& a, const RunEnd& end) {
                              end.message.empty() ? "worker shutting down" : "worker shutting down; " + end.message);
       }
       break;
+    case RunEnd::kGiveBack:
+      Log(LogLevel::kError, "run_given_back",
+          {{"run_id", a.run_id()}, {"step", Str(end.step)}, {"checkpoint_step", Str(end.checkpoint_step)},
+           {"reason", end.message}});
+      EnqueueReleaseLocked(a.run_id(), attempt, end.step, end.checkpoint_step, end.message);
+      break;
   }
   current_.reset();
   cv_.notify_all();
@@ -819,6 +840,9 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     return failed(v1::INTERNAL_ERROR, "cannot create checkpoint_dir " + a.checkpoint_dir() + ": " + ec.message(), 0);
   }
   const std::string ckpt = a.checkpoint_dir() + "/" + kCheckpointFile;
+  for (const std::string& stale : RemoveStaleTempFiles(a.checkpoint_dir())) {
+    Log(LogLevel::kInfo, "stale_file_removed", {{"run_id", run}, {"path", stale}});
+  }
 
   auto data = LoadRunData(e);
   if (!data.ok()) return failed(v1::DATA_ERROR, "data: " + data.status().message(), 0);
@@ -931,8 +955,28 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       }
     }
     if (IsEveryOrLast(s.step, ck_every, total)) {
-      if (Status st = trainer->SaveCheckpoint(ckpt); !st.ok()) {
-        return failed(v1::INTERNAL_ERROR, "checkpoint " + ckpt + ": " + st.message(), s.step);
+      // A full disk or a folder removed under the run: tried again with back-off (the
+      // folder made again), then the run is given back to be resumed elsewhere from its
+      // last checkpoint; a broken checkpoint disk is no reason to fail the run.
+      Status st = trainer->SaveCheckpoint(ckpt);
+      auto wait = options_.checkpoint_backoff;
+      for (int retry = 1; !st.ok() && retry <= options_.checkpoint_retries; ++retry) {
+        Log(LogLevel::kWarning, "checkpoint_failed",
+            {{"run_id", run}, {"step", Str(s.step)}, {"retry_in_ms", Str(wait.count())}, {"error", st.message()}});
+        {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait_for(lock, wait, [&] { return StopRequestedLocked(run).has_value(); });
+        }
+        if (auto kind = StopRequested(run)) return stop(*kind);
+        std::filesystem::create_directories(a.checkpoint_dir(), ec);
+        st = trainer->SaveCheckpoint(ckpt);
+        wait *= 2;
+      }
+      if (!st.ok()) {
+        return RunEnd{RunEnd::kGiveBack, v1::FAILURE_REASON_UNSPECIFIED,
+                      "checkpoint " + ckpt + " cannot be written (" + Str(options_.checkpoint_retries + 1) +
+                          " tries): " + st.message(),
+                      s.step, std::max<int64_t>(saved_step, 0)};
       }
       saved_step = s.step;
       Log(LogLevel::kDebug, "checkpoint", {{"run_id", run}, {"step", Str(s.step)}, {"path", ckpt}});

@@ -93,6 +93,14 @@ struct WorkerOptions {
   // After Shutdown, how long to keep the stream to flush queued messages and wait for
   // the acks of outstanding probe reports.
   std::chrono::milliseconds shutdown_flush{2000};
+  // While something is unacknowledged and no ack has come for this long (the coordinator's
+  // store is failing, say), everything unacknowledged is written again on the same
+  // connection: no reconnect or restart is needed once the store recovers.
+  std::chrono::milliseconds resend_after{10000};
+  // A checkpoint write that fails is tried again this many times, the wait doubling from
+  // checkpoint_backoff (its folder is created again first); then the run is given back.
+  int checkpoint_retries = 3;
+  std::chrono::milliseconds checkpoint_backoff{500};
   // Seed of the back-off jitter; 0: random.
   uint64_t jitter_seed = 0;
   // Fault injection for tests: once a run of this worker completes this step (and its
@@ -163,7 +171,9 @@ class Worker {
   };
   // How a run's training ended.
   struct RunEnd {
-    enum Kind { kFinished, kFailed, kCancelled, kShutdown } kind = kFinished;
+    // kGiveBack: the run cannot go on here (its checkpoint cannot be written) but can
+    // elsewhere: released, so it is requeued, not failed.
+    enum Kind { kFinished, kFailed, kCancelled, kShutdown, kGiveBack } kind = kFinished;
     v1::FailureReason reason = v1::FAILURE_REASON_UNSPECIFIED;  // kFailed
     std::string message;  // kFailed: what went wrong; kCancelled/kShutdown: a failed checkpoint
     int64_t step = 0;     // the last completed step
@@ -238,6 +248,7 @@ class Worker {
   // Written but unacked: Progress by (run_id, step), RunFinished/RunFailed by run_id.
   std::map<std::pair<std::string, int64_t>, v1::WorkerMessage> unacked_progress_;
   std::map<std::string, v1::WorkerMessage> unacked_outcomes_;
+  Clock::TimePoint last_ack_{};  // of the current connection (or its start)
   std::set<std::string> cancelled_runs_;
   std::optional<CurrentRun> current_;
   std::optional<v1::Assignment> next_;  // for the training thread to take

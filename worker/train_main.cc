@@ -142,26 +142,6 @@ StatusOr<int64_t> TrimJsonl(const std::string& path, int64_t last_step,
   return count;
 }
 
-// Removes the temporary files that a process killed while writing one of the run's files
-// leaves behind (WriteFileAtomically's "<name>.tmp.<pid>.<thread>"): ours, never others.
-void RemoveStaleTempFiles(const std::string& dir) {
-  static const char* const kOurs[] = {"checkpoint.bin", "metrics.jsonl", "probes.jsonl", "hf/config.json",
-                                      "hf/model.safetensors"};
-  for (const char* name : kOurs) {
-    const std::filesystem::path file = std::filesystem::path(dir) / name;
-    const std::string prefix = file.filename().string() + ".tmp.";
-    std::error_code ec;
-    for (std::filesystem::directory_iterator it(file.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
-      if (it->path().filename().string().rfind(prefix, 0) != 0) continue;
-      std::error_code rm;
-      if (std::filesystem::remove(it->path(), rm)) {
-        std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", it->path().c_str());
-      }
-    }
-  }
-}
-
-
 // The arms side by side per layer at their latest probe: the numbers behind the paper's
 // Figures 1 and 7.
 void PrintArmComparison(const std::vector<RunSummary>& runs) {
@@ -205,7 +185,9 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   std::filesystem::create_directories(r.dir, ec);
   if (ec) return InternalError("cannot create the folder " + r.dir + ": " + ec.message());
   const std::string ckpt = r.dir + "/checkpoint.bin";
-  RemoveStaleTempFiles(r.dir);
+  for (const std::string& stale : RemoveStaleTempFiles(r.dir)) {
+    std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", stale.c_str());
+  }
   const bool have_checkpoint = resume && std::filesystem::exists(ckpt, ec);
   if (ec) return InternalError("cannot read " + ckpt + ": " + ec.message());
   if (have_checkpoint) {

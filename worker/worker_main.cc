@@ -44,6 +44,9 @@ security (docs/security.md):
                            --coordinator)
   --token-file FILE        send the worker token in FILE as `authorization: Bearer <token>`
                            (default: $SINKSCOPE_WORKER_TOKEN, the token itself)
+  --resend-seconds S       write everything unacknowledged again when no ack has come for S
+                           seconds (default 10): a coordinator whose store failed and
+                           recovered gets it without a reconnect
   A coordinator that rejects the token (UNAUTHENTICATED) or the TLS handshake is logged as
   an error (auth_rejected, tls_failed) on every attempt; the worker keeps retrying with
   back-off, so a corrected coordinator is picked up without a restart.
@@ -141,6 +144,14 @@ int Main(int argc, char** argv) {
         return Usage("--fault-step-delay-ms: '" + n + "' is not a count of milliseconds");
       }
       options.fault_step_delay = std::chrono::milliseconds(ms);
+    } else if (a == "--resend-seconds") {
+      std::string n;
+      double seconds = 0;
+      if (!take(&n)) return Usage("--resend-seconds needs seconds");
+      if (!ParseWholeNumber(n, &seconds) || !(seconds > 0) || seconds > 86400) {
+        return Usage("--resend-seconds: '" + n + "' is not a positive number of seconds");
+      }
+      options.resend_after = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
     } else if (a == "--token-file") {
       if (!take(&token_file) || token_file.empty()) return Usage("--token-file needs a FILE");
     } else {

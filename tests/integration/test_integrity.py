@@ -238,6 +238,81 @@ class IntegrityTest(unittest.TestCase):
         self.assertIn("waiting: no CUDA worker is connected", c.cli("status", eid).stdout)
         c.cli("cancel", eid)
 
+    def test_4_a_store_that_fails_and_recovers_loses_nothing_and_shows_only_what_it_holds(self):
+        # A cluster of its own: its coordinator's store takes no writes while a flag file exists.
+        flag = os.path.join(self.cluster.dir, "store-read-only")
+        c = Cluster(lease_seconds=3.0)
+        try:
+            c.start_coordinator(["--fault-store-read-only-when", flag])
+            worker = c.start_worker("worker-s", ["--fault-step-delay-ms", "30", "--resend-seconds", "1"])
+            spec = harness.tiny_experiment("flaky", self.corpus, steps=120, probe_every=10, arms=("baseline",))
+            path = os.path.join(c.dir, "flaky.json")
+            with open(path, "w") as f:
+                json.dump(spec, f)
+            eid = c.cli_json("submit", path)["experiment_id"]
+            run_id = f"{eid}-baseline-s0"
+
+            def stored_max():
+                return c.sql("SELECT COALESCE(MAX(step), 0) FROM step_metrics WHERE run_id = ?", run_id)[0][0]
+
+            wait_for(lambda: stored_max() >= 20, 120, "20 steps stored")
+            open(flag, "w").close()
+            wait_for(lambda: "event=fault_store_read_only on=true" in c.coordinator.output(), 30, "the store to fail")
+            frozen = stored_max()
+            time.sleep(3)  # the worker trains on; nothing it sends can be stored
+            self.assertLessEqual(stored_max(), frozen + 1)
+            run = field(c.status(eid), "runs")[0]
+            self.assertEqual(run["state"], "RUNNING")
+            self.assertLessEqual(int(field(run, "step") or 0), stored_max(), "status shows a step that is not stored")
+            os.remove(flag)
+            status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=300)
+            self.assertEqual(status["state"], "COMPLETED", c.logs())
+            steps = [s for (s,) in c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)]
+            self.assertEqual(steps, list(range(1, 121)))
+            probes = [s for (s,) in c.sql("SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step", run_id)]
+            self.assertEqual(probes, harness.expected_probe_steps(120, 10))
+            # Written again on the same connection, not after a reconnect or restart.
+            out = worker.output()
+            self.assertIn("event=resending_unacked", out)
+            self.assertEqual(out.count("event=registered"), 1, out[-3000:])
+            self.assertEqual(c.sql("SELECT COUNT(*) FROM attempts WHERE run_id = ?", run_id), [(1,)])
+        finally:
+            c.close()
+            shutil.rmtree(c.dir, ignore_errors=True)
+
+    def test_5_checkpoint_writes_that_fail_are_retried_then_the_run_is_given_back(self):
+        c = self.cluster
+        worker = c.start_worker("worker-k", ["--fault-step-delay-ms", "30"])
+        eid, _ = self.submit("ckpt", steps=150, probe_every=50, checkpoint_every=5, arms=("baseline",))
+        run_id = f"{eid}-baseline-s0"
+        folder = os.path.join(c.dir, "checkpoints", eid, run_id)
+        wait_for(lambda: os.path.exists(os.path.join(folder, "checkpoint.bin")), 120, "the first checkpoint")
+        # The run folder removed under the running run: made again, the run carries on.
+        shutil.rmtree(folder)
+        wait_for(lambda: os.path.exists(os.path.join(folder, "checkpoint.bin")), 60, "the folder to be made again")
+        run = self.run_of(eid)
+        self.assertEqual(run["state"], "RUNNING")
+        self.assertEqual(int(field(run, "attempt")), 1)
+        # Its path taken by a file: every try fails, and the run is given back (requeued, no
+        # restart used) with the reason, not failed.
+        wait_for(lambda: int(field(self.run_of(eid), "step") or 0) >= 40, 120, "step 40")
+        shutil.rmtree(folder)
+        with open(folder, "w") as f:
+            f.write("not a folder")
+        wait_for(lambda: "event=run_given_back" in worker.output(), 60, "the run to be given back")
+        self.assertIn("event=checkpoint_failed", worker.output())
+        run = wait_for(lambda: (lambda r: r if r["state"] == "QUEUED" else None)(self.run_of(eid)), 30,
+                       "the run to be queued again")
+        self.assertIn("cannot be written (4 tries)", run.get("message", ""))
+        self.assertEqual(c.sql("SELECT restarts FROM runs WHERE id = ?", run_id), [(0,)])
+        # The file removed, a worker picks it up and it completes with every step once.
+        os.remove(folder)
+        c.start_worker("worker-k2")
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=300)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        steps = [s for (s,) in c.sql("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", run_id)]
+        self.assertEqual(steps, list(range(1, 151)))
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

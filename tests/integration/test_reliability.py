@@ -315,6 +315,15 @@ class ReliabilityTest(unittest.TestCase):
         self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
         self.assertIn(f"store {c.db} is in use by another sinkscope-coordinator (pid {c.coordinator.proc.pid}",
                       r.stderr)
+        # The same database file through a hard link (another path, another DB.lock): refused.
+        link = os.path.join(c.dir, "hardlink.db")
+        if not os.path.exists(link):
+            os.link(c.db, link)
+        r = subprocess.run([coordinator, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--db", link,
+                            "--checkpoint-root", os.path.join(c.dir, "checkpoints")],
+                           capture_output=True, text=True, timeout=60, cwd=c.dir)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn(f"store {link} is in use by another sinkscope-coordinator (the same database file", r.stderr)
         # The same gRPC port with another store: refused (no SO_REUSEPORT sharing the port).
         r = subprocess.run([coordinator, "--listen", c.address, "--metrics-listen", "127.0.0.1:0", "--db",
                             os.path.join(c.dir, "other.db"), "--checkpoint-root", os.path.join(c.dir, "checkpoints")],
