@@ -5,15 +5,15 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstdint>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <algorithm>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -21,6 +21,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "client/render.h"
 #include "client/report.h"
@@ -98,7 +99,6 @@ std::optional<int> Prepare(const char* command, const std::vector<std::string>& 
   if (out->positional.size() > positionals) return UsageError(command, "unexpected argument " + out->positional.back());
   return std::nullopt;
 }
-
 
 // ---- the coordinator --------------------------------------------------------------------------
 
@@ -270,34 +270,53 @@ int Watch(const GlobalOptions& options, Coordinator& coordinator, const std::str
   v1::WatchExperimentRequest request;
   request.set_experiment_id(experiment_id);
   request.set_include_probes(true);
-  auto context = coordinator.StreamContext();  // no deadline: the stream lasts as long as the experiment
-  auto reader = coordinator.stub().WatchExperiment(context.get(), request);
   const bool terminal = !options.json && isatty(STDOUT_FILENO);
   WatchView view;
   TerminalFrame frame;
   auto last_draw = std::chrono::steady_clock::time_point();
-  v1::WatchEvent event;
-  while (reader->Read(&event)) {
-    if (options.json) {
-      std::printf("%s\n", MessageToJson(event, /*pretty=*/false).c_str());
-      std::fflush(stdout);
-      continue;
-    }
-    std::vector<std::string> lines = view.Apply(event);
-    if (terminal) {
-      // Steps can arrive faster than a terminal is worth redrawing; state changes and
-      // probes are drawn at once.
-      const auto now = std::chrono::steady_clock::now();
-      if (event.event_case() != v1::WatchEvent::kStep || now - last_draw >= std::chrono::milliseconds(100)) {
-        frame.Draw(view.Frame());
-        last_draw = now;
+  // A coordinator that goes away (restarted, SIGKILLed and brought back on its store) is
+  // waited for: the watch reconnects with back-off and carries on from a fresh snapshot,
+  // giving up only after kWatchPatience without an answer.
+  constexpr auto kWatchPatience = std::chrono::minutes(5);
+  auto backoff = std::chrono::milliseconds(500);
+  auto give_up_at = std::chrono::steady_clock::now() + kWatchPatience;
+  grpc::Status status;
+  for (;;) {
+    auto context = coordinator.StreamContext();  // no deadline: the stream lasts as long as the experiment
+    auto reader = coordinator.stub().WatchExperiment(context.get(), request);
+    v1::WatchEvent event;
+    while (reader->Read(&event)) {
+      backoff = std::chrono::milliseconds(500);
+      give_up_at = std::chrono::steady_clock::now() + kWatchPatience;
+      if (options.json) {
+        std::printf("%s\n", MessageToJson(event, /*pretty=*/false).c_str());
+        std::fflush(stdout);
+        continue;
       }
-    } else {
-      for (const std::string& line : lines) std::printf("%s\n", line.c_str());
-      std::fflush(stdout);
+      std::vector<std::string> lines = view.Apply(event);
+      if (terminal) {
+        // Steps can arrive faster than a terminal is worth redrawing; state changes and
+        // probes are drawn at once.
+        const auto now = std::chrono::steady_clock::now();
+        if (event.event_case() != v1::WatchEvent::kStep || now - last_draw >= std::chrono::milliseconds(100)) {
+          frame.Draw(view.Frame());
+          last_draw = now;
+        }
+      } else {
+        for (const std::string& line : lines) std::printf("%s\n", line.c_str());
+        std::fflush(stdout);
+      }
     }
+    status = reader->Finish();
+    if (status.ok() || status.error_code() != grpc::StatusCode::UNAVAILABLE ||
+        std::chrono::steady_clock::now() + backoff > give_up_at) {
+      break;
+    }
+    std::fprintf(stderr, "sinkscope watch: the coordinator is unavailable (%s); reconnecting in %.1f s\n",
+                 status.error_message().c_str(), std::chrono::duration<double>(backoff).count());
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min<std::chrono::milliseconds>(2 * backoff, std::chrono::seconds(5));
   }
-  const grpc::Status status = reader->Finish();
   if (terminal && view.has_snapshot()) frame.Draw(view.Frame());
   if (!status.ok()) return coordinator.Fail(status);
 
@@ -560,9 +579,8 @@ int ReportCommand(const GlobalOptions& options, const std::vector<std::string>& 
   Args args;
   // With --probe FILE the figures come from one probe written by `sinkscope probe --json`
   // (a pretrained model, say), not from a coordinator: no experiment ID then.
-  const bool from_probe = std::any_of(argv.begin(), argv.end(), [](const std::string& a) {
-    return a == "--probe" || a.rfind("--probe=", 0) == 0;
-  });
+  const bool from_probe = std::any_of(
+      argv.begin(), argv.end(), [](const std::string& a) { return a == "--probe" || a.rfind("--probe=", 0) == 0; });
   if (auto exit = Prepare("report", argv, {"--step", "--layer", "--arms", "--out", "--probe", "--label"}, {},
                           from_probe ? 0 : 1, from_probe ? "nothing but --probe FILE" : "an experiment ID", &args)) {
     return *exit;
@@ -642,14 +660,16 @@ int WriteReportOf(const std::string& id, const report::ReportInput& input, const
     std::fprintf(stderr, "sinkscope report: %s\n", s.message().c_str());
     return kExitUsage;
   }
-  std::printf("report of %s at step %lld (%zu figures, arms %s): %s/index.html\n", id.c_str(),
-              static_cast<long long>(built->step), built->figures.size(),
-              [&] {
-                std::string a;
-                for (const std::string& x : built->arms) a += (a.empty() ? "" : ", ") + x;
-                return a;
-              }().c_str(),
-              out.c_str());
+  std::printf(
+      "report of %s at step %lld (%zu figures, arms %s): %s/index.html\n", id.c_str(),
+      static_cast<long long>(built->step), built->figures.size(),
+      [&] {
+        std::string a;
+        for (const std::string& x : built->arms) a += (a.empty() ? "" : ", ") + x;
+        return a;
+      }()
+          .c_str(),
+      out.c_str());
   return kExitOk;
 }
 

@@ -280,7 +280,23 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& e) {
   if (e.runs().empty()) return out;
   std::vector<std::vector<std::string>> rows;
   std::string notes;
-  for (const v1::RunSummary& r : e.runs()) {
+  // A large experiment is summarised: the running and failed runs first, then others, up
+  // to kMaxRows rows and kMaxNotes notes (--json has every run).
+  constexpr int kMaxRows = 32, kMaxNotes = 16;
+  std::vector<const v1::RunSummary*> shown;
+  for (const bool urgent : {true, false}) {
+    for (const v1::RunSummary& r : e.runs()) {
+      if ((r.state() == v1::RUNNING || r.state() == v1::FAILED) != urgent) continue;
+      if (static_cast<int>(shown.size()) < kMaxRows) shown.push_back(&r);
+    }
+  }
+  if (e.runs_size() <= kMaxRows) {  // all of them, in their own order
+    shown.clear();
+    for (const v1::RunSummary& r : e.runs()) shown.push_back(&r);
+  }
+  int noted = 0, unnoted = 0;
+  for (const v1::RunSummary* run : shown) {
+    const v1::RunSummary& r = *run;
     const bool started = r.step() > 0;
     rows.push_back({r.run_id(), ArmName(r.arm()), std::to_string(r.seed()), RunStateName(r.state()),
                     std::to_string(r.step()) + "/" + std::to_string(r.total_steps()),
@@ -288,16 +304,27 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& e) {
                     started && r.tokens_per_second() > 0 ? Printf("%.0f", r.tokens_per_second()) : "-",
                     r.state() == v1::RUNNING ? FormatDuration(r.eta_seconds()) : "-",
                     r.attempt() > 0 ? std::to_string(r.attempt()) : "-", r.worker_id().empty() ? "-" : r.worker_id()});
+    if (r.state() != v1::FAILED && r.message().empty()) continue;
+    if (noted == kMaxNotes) {
+      ++unnoted;
+      continue;
+    }
+    ++noted;
     if (r.state() == v1::FAILED) {
       notes += "  " + r.run_id() + ": FAILED (" + FailureReasonName(r.failure_reason()) + ")" +
                (r.message().empty() ? "" : ": " + r.message()) + "\n";
-    } else if (!r.message().empty()) {
+    } else {
       notes += "  " + r.run_id() + ": " + RunStateName(r.state()) + ": " + r.message() + "\n";
     }
   }
+  if (unnoted > 0) notes += "  ... and " + std::to_string(unnoted) + " more notes\n";
   out += "\n" +
          RenderTable({"RUN", "ARM", "SEED", "STATE", "STEP", "LOSS", "VAL LOSS", "TOK/S", "ETA", "ATTEMPT", "WORKER"},
                      rows, {false, false, true, false, true, true, true, true, true, true, false});
+  if (static_cast<int>(shown.size()) < e.runs_size()) {
+    out += "... " + std::to_string(e.runs_size() - static_cast<int>(shown.size())) +
+           " more runs not shown (running and failed runs come first; --json lists every run)\n";
+  }
   if (!notes.empty()) out += "\n" + notes;
   return out;
 }

@@ -28,7 +28,7 @@ StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, s
                    "R_GS(s; T_e) at the post-RMSNorm attention input (Definition 1), per layer.");
   e->r_gs_median_ = gauge("sinkscope_probe_gradient_sink_ratio_median", "Median over layers of R_GS.");
   e->sink_rate_ = gauge("sinkscope_probe_sink_rate_ratio", "Fraction of heads whose alpha_s exceeds epsilon, per layer.");
-  e->h_out_ratio_ = gauge("sinkscope_probe_h_out_token_norm_ratio",
+  e->h_out_ratio_ = gauge("sinkscope_probe_residual_out_token_norm_ratio",
                           "Norm of h_out at token s over the mean of tokens 1-15 other than s, per layer.");
   e->r_mlp_ratio_ = gauge("sinkscope_probe_r_mlp_token_norm_ratio",
                           "Norm of the MLP output at token s over the mean of tokens 1-15 other than s, per layer.");

@@ -697,6 +697,15 @@ class DashboardTest(unittest.TestCase):
         up = self.query(f'up{{job="{self.job}"}}')
         self.assertEqual([float(s["value"][1]) for s in up], [1.0])
 
+    def test_promtool_checks_the_coordinators_own_exposition(self):
+        """`promtool check metrics` (names, HELP/TYPE, units, counters ending in _total) on what the
+        coordinator serves while it holds steps and probe reports of every arm."""
+        text = harness.http_get(f"http://127.0.0.1:{self.cluster.metrics_port}/metrics")[2]
+        self.assertIn("sinkscope_probe_gradient_sink_ratio", text)
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, f"promtool check metrics:\n{r.stdout}\n{r.stderr}")
+        self.assertEqual(r.stdout.strip() + r.stderr.strip(), "", "promtool has lint findings")
+
     def test_health_client_is_the_healthcheck(self):
         """sinkscope-health, the images' HEALTHCHECK, exits 0 on the serving coordinator
         and 1 where nothing serves."""

@@ -226,6 +226,13 @@ class IntegrityTest(unittest.TestCase):
                 self.assertIn(message, r.stderr, key)
         finally:
             small.close()
+        # A large experiment's status is summarised; --json lists every run.
+        eid, _ = self.submit("many", arms=("baseline", "vscale"), seeds=tuple(range(20)))
+        human = c.cli("status", eid).stdout
+        self.assertIn("40 runs: ", human)
+        self.assertIn("... 8 more runs not shown (running and failed runs come first; --json lists every run)", human)
+        self.assertEqual(len(field(c.status(eid), "runs")), 40)
+        c.cli("cancel", eid)
         # A run that asks for a kind of worker nobody has says so in status.
         spec = harness.tiny_experiment("gpu", self.corpus, arms=("baseline",))
         spec["resources"] = {"device": "CUDA"}

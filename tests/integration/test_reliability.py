@@ -105,6 +105,9 @@ class ReliabilityTest(unittest.TestCase):
                                         arms=("vscale",), d_model=64)
         eid = self.submit(path)
         run_id = f"{eid}-vscale-s0"
+        # A watch started now must ride out both crashes and end with the experiment.
+        watch = subprocess.Popen([harness.binary("sinkscope"), "--coordinator", c.address, "watch", eid],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=c.dir)
 
         def past(step):
             def check():
@@ -130,6 +133,11 @@ class ReliabilityTest(unittest.TestCase):
 
         status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
         self.assertEqual(status["state"], "COMPLETED", self.logs())
+        watch_out, watch_err = watch.communicate(timeout=120)
+        self.assertEqual(watch.returncode, 0, watch_err)
+        self.assertIn("the coordinator is unavailable", watch_err)
+        self.assertIn("reconnecting in", watch_err)
+        self.assertIn("SUCCEEDED", watch_out)
         run = runs_of(status)[0]
         # The same worker carried on under the same attempt: no requeue, no restart.
         self.assertEqual(int(field(run, "attempt")), 1, self.logs())
