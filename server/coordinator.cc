@@ -149,6 +149,15 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporte
     }
     auto count = store->CountProbes(id);
     run.probe_reports = count.ok() ? *count : 0;
+    // Steps are stored as step rows only (group commit): the run's progress follows from them.
+    ASSIGN_OR_RETURN(Store::Progress progress, store->LatestProgress(id));
+    v1::RunSummary& s = run.record.summary;
+    if (progress.latest && progress.latest->step() >= s.step()) {
+      s.set_step(progress.latest->step());
+      s.set_loss(progress.latest->loss());
+      s.set_tokens_per_second(progress.latest->tokens_per_second());
+    }
+    if (progress.val_loss) s.set_val_loss(*progress.val_loss);
     c->runs_[id] = std::move(run);
   }
   Log(LogLevel::kInfo, "coordinator_recovered",
@@ -241,6 +250,11 @@ void Coordinator::PublishLocked(const std::string& experiment_id, const v1::Watc
 }
 
 void Coordinator::PublishSnapshotLocked(const std::string& experiment_id) {
+  // A snapshot costs a summary of every run: only when someone watches this experiment.
+  if (std::none_of(watchers_.begin(), watchers_.end(),
+                   [&](const std::shared_ptr<Watcher>& w) { return w->experiment_id == experiment_id; })) {
+    return;
+  }
   v1::WatchEvent event;
   *event.mutable_snapshot() = SummaryLocked(experiment_id, false);
   const bool ended = event.snapshot().state() != v1::ACTIVE;
@@ -549,10 +563,35 @@ void Coordinator::CloseSession(int64_t session) {
   sessions_.erase(it);
 }
 
+void Coordinator::CommitReport(std::unique_lock<std::mutex>& lock, PendingReport& mine) {
+  pending_reports_.push_back(&mine);
+  while (!mine.done) {
+    if (committing_) {
+      commit_cv_.wait(lock);
+      continue;
+    }
+    committing_ = true;
+    std::vector<PendingReport*> batch;
+    batch.swap(pending_reports_);
+    std::vector<Store::ReportWrite> writes;
+    for (const PendingReport* r : batch) writes.push_back(r->write);
+    lock.unlock();
+    StatusOr<std::vector<bool>> fresh = store_->WriteReports(writes);
+    lock.lock();
+    for (size_t i = 0; i < batch.size(); ++i) {
+      batch[i]->status = fresh.ok() ? OkStatus() : fresh.status();
+      batch[i]->fresh = fresh.ok() && (*fresh)[i];
+      batch[i]->done = true;
+    }
+    committing_ = false;
+    commit_cv_.notify_all();
+  }
+}
+
 void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& msg) {
   Outbox out;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     auto sit = sessions_.find(session_id);
     if (sit == sessions_.end()) return;
     Session& session = sit->second;
@@ -658,11 +697,12 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         // failed write is not acked and the worker writes it again on its next connection.
         const v1::Progress& p = msg.progress();
         const int64_t step = p.metrics().step();
+        const std::shared_ptr<SessionWriter> writer = session.writer;  // `session` may go while committing
         auto ack = [&] {
           v1::CoordinatorMessage a;
           a.mutable_ack()->set_run_id(p.run_id());
           a.mutable_ack()->set_progress_step(step);
-          out.push_back({session.writer, std::move(a)});
+          out.push_back({writer, std::move(a)});
         };
         auto it = runs_.find(p.run_id());
         if (it == runs_.end() || step < 1 || step > it->second.record.summary.total_steps()) {
@@ -674,44 +714,41 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         }
         std::string why;
         Run* run = held(p.run_id(), p.attempt(), &why);
-        if (run == nullptr && final_attempt(p.run_id(), p.attempt()) != nullptr) {
-          // A step of the run's last attempt, delivered after the run ended: it fills the
-          // step if it is missing and changes nothing else.
-          if (Status st = store_->PutStepIfAbsent(p.run_id(), p.metrics()); !st.ok()) {
-            Log(LogLevel::kError, "store_write_failed",
-                {{"what", "step"}, {"run", p.run_id()}, {"error", st.message()}});
-            break;
-          }
-          ack();
-          break;
-        }
-        if (run == nullptr) {
+        const bool late = run == nullptr && final_attempt(p.run_id(), p.attempt()) != nullptr;
+        if (run == nullptr && !late) {
           // Another session's or another attempt's step (a stale attempt written again
           // after the run moved on): stored nowhere; the current attempt produces its own.
           refuse("progress_refused", p.run_id(), why, [&](v1::Ack* a) { a->set_progress_step(step); });
           break;
         }
-        Renew(*run);
-        v1::RunSummary& s = run->record.summary;
-        // Steps written again after a reconnect may arrive after newer ones: the run's
-        // summary only moves forward.
-        RunRecord updated = run->record;
-        v1::RunSummary& u = updated.summary;
-        if (step >= s.step()) {
-          u.set_step(step);
-          u.set_loss(p.metrics().loss());
-          u.set_tokens_per_second(p.metrics().tokens_per_second());
-          if (p.metrics().has_val_loss()) u.set_val_loss(p.metrics().val_loss());
+        if (run != nullptr) Renew(*run);
+        // A step of the run's last attempt delivered after the run ended only fills the
+        // step if it is missing; the holder's step replaces (a resumed run repeats steps).
+        PendingReport report;
+        report.write = {late ? Store::ReportWrite::kStepIfAbsent : Store::ReportWrite::kStep, &p.run_id(),
+                        &p.metrics(), nullptr};
+        CommitReport(lock, report);  // mu_ released meanwhile: look the run up again below
+        if (!report.status.ok()) {
+          Log(LogLevel::kError, "store_write_failed",
+              {{"what", "step"}, {"run", p.run_id()}, {"error", report.status.message()}});
+          break;  // no ack: the worker writes it again
         }
-        if (Status st = store_->PutStep(updated, p.metrics()); !st.ok()) {
-          Log(LogLevel::kError, "store_write_failed", {{"what", "step"}, {"run", s.run_id()}, {"error", st.message()}});
-          break;
-        }
-        run->record = std::move(updated);
-        run->step_seconds = run->step_seconds == 0 ? p.metrics().step_seconds()
-                                                   : 0.9 * run->step_seconds + 0.1 * p.metrics().step_seconds();
         ack();
-        exporter_->RecordStep(s, p.metrics());
+        auto rit = runs_.find(p.run_id());
+        if (late || rit == runs_.end()) break;
+        Run& stored = rit->second;
+        v1::RunSummary& s = stored.record.summary;
+        // Steps written again after a reconnect may arrive after newer ones: the run's
+        // summary only moves forward. (Its stored row is derived from the step rows.)
+        if (step >= s.step()) {
+          s.set_step(step);
+          s.set_loss(p.metrics().loss());
+          s.set_tokens_per_second(p.metrics().tokens_per_second());
+          if (p.metrics().has_val_loss()) s.set_val_loss(p.metrics().val_loss());
+        }
+        stored.step_seconds = stored.step_seconds == 0 ? p.metrics().step_seconds()
+                                                       : 0.9 * stored.step_seconds + 0.1 * p.metrics().step_seconds();
+        if (s.state() == v1::RUNNING) exporter_->RecordStep(s, p.metrics());
         v1::WatchEvent event;
         event.mutable_step()->set_run_id(s.run_id());
         *event.mutable_step()->mutable_metrics() = p.metrics();
@@ -720,11 +757,12 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       }
       case v1::WorkerMessage::kProbe: {
         const v1::ProbeUpload& p = msg.probe();
+        const std::shared_ptr<SessionWriter> writer = session.writer;  // `session` may go while committing
         auto ack = [&] {
           v1::CoordinatorMessage a;
           a.mutable_ack()->set_run_id(p.run_id());
           a.mutable_ack()->set_sequence(p.sequence());
-          out.push_back({session.writer, std::move(a)});
+          out.push_back({writer, std::move(a)});
         };
         auto it = runs_.find(p.run_id());
         // A report that can never be stored is refused for good (acked, so the worker
@@ -756,18 +794,21 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           }
           break;
         }
-        Run& run = it->second;
-        if (holder) Renew(run);
+        if (holder) Renew(it->second);
         // Reports are deterministic per (run, step): stored once (a copy written again
         // after a reconnect is a duplicate); the ack follows the write.
-        auto stored = store_->PutProbe(p.run_id(), p.report());
-        if (!stored.ok()) {
+        PendingReport report;
+        report.write = {Store::ReportWrite::kProbe, &p.run_id(), nullptr, &p.report()};
+        CommitReport(lock, report);  // mu_ released meanwhile: look the run up again below
+        if (!report.status.ok()) {
           Log(LogLevel::kError, "store_write_failed",
-              {{"what", "probe"}, {"run", p.run_id()}, {"error", stored.status().message()}});
+              {{"what", "probe"}, {"run", p.run_id()}, {"error", report.status.message()}});
           break;  // no ack: the worker resends
         }
-        exporter_->ProbeIngested(*stored);
-        if (*stored) {
+        exporter_->ProbeIngested(report.fresh);
+        auto rit = runs_.find(p.run_id());
+        if (report.fresh && rit != runs_.end()) {
+          Run& run = rit->second;
           ++run.probe_reports;
           const v1::RunSummary& s = run.record.summary;
           exporter_->RecordProbe(s, p.report());

@@ -133,6 +133,18 @@ class Coordinator {
   void PublishSnapshotLocked(const std::string& experiment_id);
   Status EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
                       const std::string& outcome, bool restart = false, int64_t step = -1);
+  // A Progress or probe report waiting for the group commit: the reports of many sessions
+  // are written in one transaction by whichever of their threads finds no commit running
+  // (leveldb's group commit), outside mu_, so store work does not hold up other calls.
+  struct PendingReport {
+    Store::ReportWrite write;
+    bool done = false;
+    Status status;
+    bool fresh = false;  // it stored something new
+  };
+  // Writes `mine` with every report pending meanwhile; `lock` (on mu_) is released while
+  // writing and held again on return. Callers must look their run and session up again.
+  void CommitReport(std::unique_lock<std::mutex>& lock, PendingReport& mine);
   void PlaceLocked(Outbox& out);
   // Why a queued run waits, for people: no worker of its kind is connected, or all are busy.
   std::string WaitReasonLocked(const v1::Experiment& spec) const;
@@ -155,6 +167,9 @@ class Coordinator {
   std::map<int64_t, Session> sessions_;                   // guarded by mu_
   int64_t next_session_ = 1;                              // guarded by mu_
   bool store_read_only_ = false;                          // guarded by mu_: fault injection
+  std::vector<PendingReport*> pending_reports_;           // guarded by mu_: waiting for a commit
+  bool committing_ = false;                               // guarded by mu_: a group commit is writing
+  std::condition_variable commit_cv_;                     // with mu_: a group commit finished
   std::vector<std::shared_ptr<Watcher>> watchers_;        // guarded by mu_
 };
 

@@ -324,6 +324,50 @@ StatusOr<bool> Store::PutProbe(const std::string& run_id, const v1::ProbeReport&
   return sqlite3_changes(db_) > 0;
 }
 
+StatusOr<std::vector<bool>> Store::WriteReports(const std::vector<ReportWrite>& writes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<bool> fresh(writes.size(), false);
+  Status s = Transaction("write reports", [&]() -> Status {
+    for (size_t i = 0; i < writes.size(); ++i) {
+      const ReportWrite& w = writes[i];
+      const char* sql = w.kind == ReportWrite::kStep ? "INSERT OR REPLACE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)"
+                        : w.kind == ReportWrite::kStepIfAbsent
+                            ? "INSERT OR IGNORE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)"
+                            : "INSERT OR IGNORE INTO probe_reports (run_id, step, report) VALUES (?,?,?)";
+      Stmt q(db_, sql);
+      if (w.kind == ReportWrite::kProbe) {
+        q.Text(1, *w.run_id).Int(2, w.probe->step()).Blob(3, w.probe->SerializeAsString());
+      } else {
+        q.Text(1, *w.run_id).Int(2, w.step->step()).Blob(3, w.step->SerializeAsString());
+      }
+      if (q.Step() != SQLITE_DONE) return Error(w.kind == ReportWrite::kProbe ? "put probe report" : "put step");
+      fresh[i] = sqlite3_changes(db_) > 0;
+    }
+    return OkStatus();
+  });
+  if (!s.ok()) return s;
+  return fresh;
+}
+
+StatusOr<Store::Progress> Store::LatestProgress(const std::string& run_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? ORDER BY step DESC");
+  q.Text(1, run_id);
+  Progress p;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) {
+    v1::StepMetrics m;
+    if (!m.ParseFromString(q.ColumnBlob(0))) return DataLossError("store " + path_ + ": a step row does not parse");
+    if (!p.latest) p.latest = m;
+    if (m.has_val_loss()) {
+      p.val_loss = m.val_loss();
+      break;
+    }
+  }
+  if (rc != SQLITE_DONE && rc != SQLITE_ROW) return Error("read progress");
+  return p;
+}
+
 StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, int64_t from_step) {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? AND step >= ? ORDER BY step");

@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,25 @@ class Store {
   Status PutStepIfAbsent(const std::string& run_id, const v1::StepMetrics& metrics);
   // Stores a probe report unless one for (run, step) exists; returns whether it was new.
   StatusOr<bool> PutProbe(const std::string& run_id, const v1::ProbeReport& report);
+
+  // One report of a group commit; the pointed-to message outlives the call.
+  struct ReportWrite {
+    enum Kind { kStep, kStepIfAbsent, kProbe } kind = kStep;
+    const std::string* run_id = nullptr;
+    const v1::StepMetrics* step = nullptr;     // kStep (replaces), kStepIfAbsent
+    const v1::ProbeReport* probe = nullptr;    // kProbe (once per (run, step))
+  };
+  // Writes every report in one transaction (all or none, as a group commit) and returns,
+  // per write, whether it stored something new (a probe or step-if-absent that existed
+  // already did not). Step rows only: a run's progress in its row is derived from them
+  // (LatestProgress), so reports never race a run's state changes.
+  StatusOr<std::vector<bool>> WriteReports(const std::vector<ReportWrite>& writes);
+  // The run's latest stored step and its latest validation loss, for recovery.
+  struct Progress {
+    std::optional<v1::StepMetrics> latest;
+    std::optional<double> val_loss;
+  };
+  StatusOr<Progress> LatestProgress(const std::string& run_id);
   StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step);
   StatusOr<std::vector<v1::ProbeReport>> Probes(const std::string& run_id, int64_t from_step);
   StatusOr<int64_t> CountProbes(const std::string& run_id);

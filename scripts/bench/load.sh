@@ -24,7 +24,7 @@ trap cleanup EXIT
 # A corpus the coordinator can read (the simulated workers never train on it).
 for i in $(seq 1 200); do echo "document $i of the load test corpus"; echo "%"; done > "$tmp/corpus.txt"
 
-"$build/server/sinkscope-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db "$tmp/store.db" \
+${SINKSCOPE_LOAD_WRAP:-} "$build/server/sinkscope-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db "$tmp/store.db" \
   --checkpoint-root "$tmp/checkpoints" --lease-seconds 60 --heartbeat-seconds 5 > "$tmp/coordinator.log" 2>&1 &
 coordinator_pid=$!
 for _ in $(seq 1 300); do

@@ -362,25 +362,26 @@ int Main(int argc, char** argv) {
     return 2;
   }
 
-  // One run per simulated worker: a single arm, one seed each.
+  // One run per simulated worker: a single arm, one seed each, in experiments of at most
+  // the coordinator's 256 runs.
   auto channel = grpc::CreateChannel(o.coordinator, grpc::InsecureChannelCredentials());
   auto experiments = v1::ExperimentService::NewStub(channel);
-  v1::SubmitExperimentRequest submit;
-  v1::Experiment* e = submit.mutable_experiment();
-  e->set_name(o.name);
-  v1::ModelSpec* m = e->mutable_model();
-  m->set_layers(o.layers);
-  m->set_d_model(64);
-  m->set_heads(4);
-  m->set_kv_heads(2);
-  m->set_context(128);
-  e->mutable_data()->mutable_text()->add_paths(o.data);
-  e->mutable_train()->set_steps(1000000);
-  e->mutable_probe()->set_every(o.probe_every);
-  e->add_arms(v1::BASELINE);
-  for (int i = 0; i < o.workers; ++i) e->add_seeds(static_cast<uint64_t>(i));
-  v1::SubmitExperimentResponse submitted;
-  {
+  for (int first = 0; first < o.workers; first += 256) {
+    v1::SubmitExperimentRequest submit;
+    v1::Experiment* e = submit.mutable_experiment();
+    e->set_name(o.name);
+    v1::ModelSpec* m = e->mutable_model();
+    m->set_layers(o.layers);
+    m->set_d_model(64);
+    m->set_heads(4);
+    m->set_kv_heads(2);
+    m->set_context(128);
+    e->mutable_data()->mutable_text()->add_paths(o.data);
+    e->mutable_train()->set_steps(1000000);
+    e->mutable_probe()->set_every(o.probe_every);
+    e->add_arms(v1::BASELINE);
+    for (int i = first; i < std::min(o.workers, first + 256); ++i) e->add_seeds(static_cast<uint64_t>(i));
+    v1::SubmitExperimentResponse submitted;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     grpc::Status st = experiments->SubmitExperiment(&ctx, submit, &submitted);
