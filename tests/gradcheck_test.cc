@@ -200,6 +200,8 @@ TEST_F(OpGradTest, EmbeddingAndGemm) {
 struct ModelCase {
   VScaleMode mode;
   bool tied;
+  bool attention_bias = false;  // Qwen2
+  bool qk_norm = false;         // Qwen3
 };
 
 class ModelGradTest : public ::testing::TestWithParam<ModelCase> {};
@@ -218,6 +220,8 @@ TEST_P(ModelGradTest, EveryTensorAgainstFiniteDifferences) {
   c.vscale_sigma = 0.4;  // keeps C comparable to ‖v‖² at this init
   c.tied_embeddings = GetParam().tied;
   c.vscale = GetParam().mode;
+  c.attention_bias = GetParam().attention_bias;
+  c.qk_norm = GetParam().qk_norm;
   auto backend = MakeCpuBackend();
   auto model_or = Model::Create(c, backend.get());
   ASSERT_TRUE(model_or.ok()) << model_or.status().ToString();
@@ -277,9 +281,14 @@ TEST_P(ModelGradTest, EveryTensorAgainstFiniteDifferences) {
 INSTANTIATE_TEST_SUITE_P(Arms, ModelGradTest,
                          ::testing::Values(ModelCase{VScaleMode::kNone, false}, ModelCase{VScaleMode::kVScale, false},
                                            ModelCase{VScaleMode::kBackwardOnly, false},
-                                           ModelCase{VScaleMode::kNone, true}, ModelCase{VScaleMode::kVScale, true}),
+                                           ModelCase{VScaleMode::kNone, true}, ModelCase{VScaleMode::kVScale, true},
+                                           ModelCase{VScaleMode::kNone, false, /*attention_bias=*/true, false},
+                                           ModelCase{VScaleMode::kNone, false, false, /*qk_norm=*/true},
+                                           ModelCase{VScaleMode::kVScale, false, false, /*qk_norm=*/true}),
                          [](const auto& info) {
-                           return std::string(VScaleModeName(info.param.mode)) + (info.param.tied ? "_tied" : "");
+                           return std::string(VScaleModeName(info.param.mode)) + (info.param.tied ? "_tied" : "") +
+                                  (info.param.attention_bias ? "_qkv_bias" : "") +
+                                  (info.param.qk_norm ? "_qk_norm" : "");
                          });
 
 }  // namespace

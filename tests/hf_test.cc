@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <tuple>
 
 #include "worker/hf.h"
 
@@ -268,7 +269,7 @@ TEST_F(HfTest, RefusalsNameTheKeyAndItsValue) {
   EXPECT_THAT(ReadError(with("partial_rotary_factor", 0.5)), HasSubstr("partial_rotary_factor = 0.5 is not supported"));
   EXPECT_THAT(ReadError(with("attention_bias", true)), HasSubstr("attention_bias = true is not supported"));
   EXPECT_THAT(ReadError(with("hidden_act", "gelu")), HasSubstr("hidden_act \"gelu\" is not supported"));
-  EXPECT_THAT(ReadError(with("model_type", "qwen2")), HasSubstr("model_type \"qwen2\" is not supported"));
+  EXPECT_THAT(ReadError(with("model_type", "gemma")), HasSubstr("model_type \"gemma\" is not supported"));
   EXPECT_THAT(ReadError(with("rope_theta", "big")), HasSubstr("rope_theta must be a number, got \"big\""));
   EXPECT_THAT(ReadError(with("head_dim", 7.5)), HasSubstr("head_dim must be an integer, got 7.5"));
   // Nulls are Hugging Face's "not set": defaults apply.
@@ -366,6 +367,222 @@ TEST_F(HfTest, ShardedFolderLoadsTheSameWeights) {
   auto absent = LoadHfModel(partial.string(), backend.get());
   ASSERT_FALSE(absent.ok());
   EXPECT_THAT(absent.status().message(), HasSubstr("model-00009-of-00009.safetensors"));
+}
+
+// --- the architectures of the paper's Figure 1, against a float64 reference --------------
+
+// An independent float64 forward of a Hugging Face decoder (LlamaForCausalLM and its
+// Mistral, Qwen2 and Qwen3 variants as their modelling code writes it), reading weights by
+// their Hugging Face names: mean token cross-entropy of one sequence.
+class ReferenceDecoder {
+ public:
+  ReferenceDecoder(const Model& m) : c_(m.config()), host_(m.ParamsToHost()), model_(m) {}
+
+  double Loss(const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets) const {
+    const int T = static_cast<int>(tokens.size()), d = c_.d_model, H = c_.heads, KV = c_.kv_heads, dh = c_.head_dim;
+    const RotaryFrequencies rope = c_.Rotary();
+    std::vector<std::vector<double>> h(T);
+    for (int t = 0; t < T; ++t) h[t] = Row("model.embed_tokens.weight", tokens[t]);
+    for (int l = 0; l < c_.layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      std::vector<std::vector<double>> q(T), k(T), v(T);
+      for (int t = 0; t < T; ++t) {
+        const std::vector<double> x = Norm(h[t], Vec(p + "input_layernorm.weight"));
+        q[t] = Linear(p + "self_attn.q_proj", x, c_.attention_bias);
+        k[t] = Linear(p + "self_attn.k_proj", x, c_.attention_bias);
+        v[t] = Linear(p + "self_attn.v_proj", x, c_.attention_bias);
+        for (auto [vec, heads, norm] : {std::tuple{&q[t], H, "q_norm"}, std::tuple{&k[t], KV, "k_norm"}}) {
+          for (int g = 0; g < heads; ++g) {
+            std::vector<double> head(vec->begin() + g * dh, vec->begin() + (g + 1) * dh);
+            if (c_.qk_norm) head = Norm(head, Vec(p + "self_attn." + norm + ".weight"));
+            for (int i = 0; i < dh / 2; ++i) {  // rotate_half
+              const double a = t * rope.inv_freq[i], cs = std::cos(a) * rope.attention_factor,
+                           sn = std::sin(a) * rope.attention_factor;
+              const double x1 = head[i], x2 = head[i + dh / 2];
+              head[i] = x1 * cs - x2 * sn;
+              head[i + dh / 2] = x2 * cs + x1 * sn;
+            }
+            std::copy(head.begin(), head.end(), vec->begin() + g * dh);
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> y(H * dh, 0.0);
+        for (int hh = 0; hh < H; ++hh) {
+          const int g = hh / (H / KV);
+          std::vector<double> score(t + 1);
+          double mx = -INFINITY;
+          for (int u = 0; u <= t; ++u) {
+            double dot = 0;
+            for (int i = 0; i < dh; ++i) dot += q[t][hh * dh + i] * k[u][g * dh + i];
+            score[u] = dot / std::sqrt(static_cast<double>(dh));
+            mx = std::max(mx, score[u]);
+          }
+          double z = 0;
+          for (double& sc : score) z += (sc = std::exp(sc - mx));
+          for (int u = 0; u <= t; ++u) {
+            for (int i = 0; i < dh; ++i) y[hh * dh + i] += score[u] / z * v[u][g * dh + i];
+          }
+        }
+        const std::vector<double> o = Linear(p + "self_attn.o_proj", y, false);
+        for (int i = 0; i < d; ++i) h[t][i] += o[i];
+        const std::vector<double> x2 = Norm(h[t], Vec(p + "post_attention_layernorm.weight"));
+        std::vector<double> gate = Linear(p + "mlp.gate_proj", x2, false), up = Linear(p + "mlp.up_proj", x2, false);
+        for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1 + std::exp(-gate[i])) * up[i];
+        const std::vector<double> mlp = Linear(p + "mlp.down_proj", gate, false);
+        for (int i = 0; i < d; ++i) h[t][i] += mlp[i];
+      }
+    }
+    double loss = 0;
+    const std::string head = c_.tied_embeddings ? "model.embed_tokens" : "lm_head";
+    for (int t = 0; t < T; ++t) {
+      const std::vector<double> logits = Linear(head, Norm(h[t], Vec("model.norm.weight")), false);
+      double mx = -INFINITY, z = 0;
+      for (double x : logits) mx = std::max(mx, x);
+      for (double x : logits) z += std::exp(x - mx);
+      loss += std::log(z) + mx - logits[targets[t]];
+    }
+    return loss / T;
+  }
+
+ private:
+  std::vector<double> Vec(const std::string& name) const {
+    const ParamTensor* t = model_.FindTensor(name);
+    EXPECT_NE(t, nullptr) << name;
+    return t ? std::vector<double>(host_.begin() + t->offset, host_.begin() + t->offset + t->size)
+             : std::vector<double>();
+  }
+  std::vector<double> Row(const std::string& name, int r) const {
+    const ParamTensor* t = model_.FindTensor(name);
+    const size_t cols = t->shape[1];
+    return std::vector<double>(host_.begin() + t->offset + r * cols, host_.begin() + t->offset + (r + 1) * cols);
+  }
+  std::vector<double> Linear(const std::string& prefix, const std::vector<double>& x, bool bias) const {
+    const ParamTensor* w = model_.FindTensor(prefix + ".weight");
+    const size_t out = w->shape[0], in = w->shape[1];
+    std::vector<double> y(out, 0.0), b = bias ? Vec(prefix + ".bias") : std::vector<double>(out, 0.0);
+    for (size_t o = 0; o < out; ++o) {
+      double s = b[o];
+      for (size_t i = 0; i < in; ++i) s += host_[w->offset + o * in + i] * x[i];
+      y[o] = s;
+    }
+    return y;
+  }
+  std::vector<double> Norm(const std::vector<double>& x, const std::vector<double>& gamma) const {
+    double ms = 0;
+    for (double v : x) ms += v * v / x.size();
+    const double r = 1 / std::sqrt(ms + c_.rms_eps);
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] * r * gamma[i];
+    return y;
+  }
+
+  ModelConfig c_;
+  std::vector<float> host_;
+  const Model& model_;
+};
+
+struct ArchitectureCase {
+  const char* name;
+  nlohmann::json overrides;
+  bool attention_bias, qk_norm;
+};
+
+class ArchitectureTest : public HfTest, public ::testing::WithParamInterface<ArchitectureCase> {};
+
+TEST_P(ArchitectureTest, ReadsLoadsAndMatchesTheFloat64Reference) {
+  const ArchitectureCase& a = GetParam();
+  nlohmann::json j = Base();
+  for (auto it = a.overrides.begin(); it != a.overrides.end(); ++it) {
+    if (it.value().is_null()) {
+      j.erase(it.key());
+    } else {
+      j[it.key()] = it.value();
+    }
+  }
+  auto c = Read(j);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->attention_bias, a.attention_bias);
+  EXPECT_EQ(c->qk_norm, a.qk_norm);
+  auto backend = MakeCpuBackend();
+  auto m = Model::Create(*c, backend.get());
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  (*m)->InitWeights(21);
+  std::vector<float> p = (*m)->ParamsToHost();
+  std::mt19937 rng(5);
+  std::normal_distribution<float> noise(0.0f, 0.3f);
+  for (const ParamTensor& t : (*m)->tensors()) {  // biases and gains away from 0 and 1
+    if (t.name.find("vscale_theta") != std::string::npos) continue;  // baseline: θ is not exported
+    if (t.shape.size() == 1) {
+      for (size_t i = 0; i < t.size; ++i) p[t.offset + i] += noise(rng);
+    } else {
+      for (size_t i = 0; i < t.size; ++i) p[t.offset + i] *= 10;  // 0.2 std: a loss that responds
+    }
+  }
+  (*m)->ParamsFromHost(p);
+  // Hugging Face's names round-trip: export, then load the folder as a user would.
+  const fs::path out = dir_ / a.name;
+  ASSERT_TRUE(ExportHf(**m, out.string()).ok());
+  auto loaded = LoadHfModel(out.string(), backend.get());
+  ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+  EXPECT_EQ((*loaded)->ParamsToHost(), p);
+  const int T = std::min(12, c->context);
+  std::vector<int32_t> tokens(T), targets(T);
+  for (int t = 0; t < T; ++t) tokens[t] = (t * 13 + 5) % 64, targets[t] = (t * 7 + 3) % 64;
+  const double engine = (*loaded)->Evaluate(tokens.data(), targets.data(), 1, T);
+  const double reference = ReferenceDecoder(**loaded).Loss(tokens, targets);
+  EXPECT_NEAR(engine, reference, 1e-5 * std::abs(reference)) << a.name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Figure1, ArchitectureTest,
+    ::testing::Values(
+        ArchitectureCase{"llama31", {{"rope_theta", 500000.0}, {"max_position_embeddings", 64},
+                                     {"rope_scaling", {{"rope_type", "llama3"}, {"factor", 8.0},
+                                                       {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                                                       {"original_max_position_embeddings", 8}}}},
+                         false, false},
+        ArchitectureCase{"qwen2", {{"model_type", "qwen2"}, {"rope_theta", 1000000.0}}, true, false},
+        ArchitectureCase{"qwen3", {{"model_type", "qwen3"}, {"head_dim", 12}, {"tie_word_embeddings", true}}, false,
+                         true},
+        ArchitectureCase{"mistral", {{"model_type", "mistral"}, {"sliding_window", 12}, {"max_position_embeddings", 64}},
+                         false, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST_F(HfTest, ArchitectureSpecificRules) {
+  // Mistral: probes stay within the sliding window (model.context is the window).
+  nlohmann::json mistral = Base();
+  mistral["model_type"] = "mistral";
+  mistral["max_position_embeddings"] = 32768;
+  mistral["sliding_window"] = 4096;
+  auto m = Read(mistral);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->context, 4096);
+  mistral["sliding_window"] = nullptr;  // no window
+  EXPECT_EQ(Read(mistral)->context, 32768);
+  // Qwen3's head_dim defaults to 128 (its config class), not d_model / heads.
+  nlohmann::json qwen3 = Base();
+  qwen3["model_type"] = "qwen3";
+  qwen3.erase("head_dim");
+  qwen3["hidden_size"] = 256;
+  qwen3["num_attention_heads"] = 4;
+  qwen3["num_key_value_heads"] = 2;
+  EXPECT_EQ(Read(qwen3)->head_dim, 128);
+  // What the engine cannot do is refused by name.
+  nlohmann::json q = Base();
+  q["model_type"] = "qwen2";
+  q["use_sliding_window"] = true;
+  EXPECT_THAT(ReadError(q), HasSubstr("use_sliding_window = true is not supported"));
+  q = Base();
+  q["model_type"] = "qwen3";
+  q["attention_bias"] = true;  // Qwen3 would put a bias on o_proj too
+  EXPECT_THAT(ReadError(q), HasSubstr("attention_bias = true is not supported"));
+  q = Base();
+  q["layer_types"] = {"full_attention", "sliding_attention"};
+  EXPECT_THAT(ReadError(q), HasSubstr("layer_types holds \"sliding_attention\""));
+  q = Base();
+  q["model_type"] = "glm4";
+  EXPECT_THAT(ReadError(q), HasSubstr("model_type \"glm4\" is not supported (llama, mistral, qwen2, qwen3)"));
 }
 
 }  // namespace

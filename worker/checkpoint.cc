@@ -42,7 +42,8 @@ nlohmann::json ConfigToJson(const ModelConfig& c) {
           {"vocab", c.vocab},         {"context", c.context},       {"rope_theta", c.rope_theta},
           {"rms_eps", c.rms_eps},     {"init_std", c.init_std},     {"tied_embeddings", c.tied_embeddings},
           {"vscale", VScaleModeName(c.vscale)}, {"vscale_sigma", c.vscale_sigma},
-          {"rope_scaling", RopeScalingToJson(c.rope_scaling)}};
+          {"rope_scaling", RopeScalingToJson(c.rope_scaling)}, {"attention_bias", c.attention_bias},
+          {"qk_norm", c.qk_norm}};
 }
 
 StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
@@ -61,6 +62,8 @@ StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
     c.init_std = j.at("init_std");
     c.tied_embeddings = j.at("tied_embeddings");
     c.vscale_sigma = j.at("vscale_sigma");
+    c.attention_bias = j.value("attention_bias", false);  // absent in older checkpoints: Llama
+    c.qk_norm = j.value("qk_norm", false);
     if (j.contains("rope_scaling")) {  // absent in checkpoints written before it existed: default
       const nlohmann::json& r = j.at("rope_scaling");
       RopeScaling& s = c.rope_scaling;

@@ -163,11 +163,20 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
     if (!j.contains(key) || j[key].is_null()) return InvalidArgumentError(where + "missing integer " + key);
     return OptionalInt(j, where, key, out);
   };
+  // The architectures of the paper's Figure 1 that share Llama's block: Llama, Mistral
+  // (within its sliding window), Qwen2/2.5 (q, k, v biases), Qwen3 (q_norm, k_norm).
+  std::string type = "llama";
   if (j.contains("model_type") && !j["model_type"].is_null()) {
-    if (!j["model_type"].is_string() || j["model_type"].get<std::string>() != "llama") {
-      return InvalidArgumentError(where + "model_type " + Quoted(j["model_type"]) + " is not supported (llama only)");
+    const bool known = j["model_type"].is_string() && (j["model_type"] == "llama" || j["model_type"] == "mistral" ||
+                                                       j["model_type"] == "qwen2" || j["model_type"] == "qwen3");
+    if (!known) {
+      return InvalidArgumentError(where + "model_type " + Quoted(j["model_type"]) +
+                                  " is not supported (llama, mistral, qwen2, qwen3)");
     }
+    type = j["model_type"].get<std::string>();
   }
+  c.attention_bias = type == "qwen2";  // Qwen2Attention: bias on q, k, v; none on o
+  c.qk_norm = type == "qwen3";
   RETURN_IF_ERROR(need_int("num_hidden_layers", &c.layers));
   RETURN_IF_ERROR(need_int("hidden_size", &c.d_model));
   RETURN_IF_ERROR(need_int("num_attention_heads", &c.heads));
@@ -176,9 +185,10 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   c.kv_heads = c.heads;
   RETURN_IF_ERROR(OptionalInt(j, where, "num_key_value_heads", &c.kv_heads));
   if (c.heads <= 0) return InvalidArgumentError(where + "num_attention_heads must be positive");
-  c.head_dim = c.d_model / c.heads;
+  c.head_dim = type == "qwen3" ? 128 : c.d_model / c.heads;  // Qwen3Config's default head_dim is 128
   RETURN_IF_ERROR(OptionalInt(j, where, "head_dim", &c.head_dim));
-  c.context = 2048;  // LlamaConfig's default max_position_embeddings
+  // Each config class's default max_position_embeddings.
+  c.context = type == "llama" ? 2048 : type == "mistral" ? 131072 : 32768;
   RETURN_IF_ERROR(OptionalInt(j, where, "max_position_embeddings", &c.context));
   // RoPE: rope_theta at the top (Transformers 4) or inside rope_parameters (5), and the
   // scaling in rope_scaling (4) or rope_parameters (5). Two values that disagree, or a
@@ -220,10 +230,26 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
       (!j["hidden_act"].is_string() || j["hidden_act"].get<std::string>() != "silu")) {
     return InvalidArgumentError(where + "hidden_act " + Quoted(j["hidden_act"]) + " is not supported (silu only)");
   }
-  for (const char* key : {"attention_bias", "mlp_bias"}) {
+  // Llama's and Qwen3's attention_bias puts a bias on o_proj too, which the engine lacks.
+  for (const char* key : {"attention_bias", "mlp_bias", "use_sliding_window"}) {
     bool on = false;
     RETURN_IF_ERROR(OptionalBool(j, where, key, &on));
     if (on) return InvalidArgumentError(where + key + " = true is not supported");
+  }
+  if (j.contains("layer_types") && j["layer_types"].is_array()) {
+    for (const auto& t : j["layer_types"]) {
+      if (t != "full_attention") {
+        return InvalidArgumentError(where + "layer_types holds " + Quoted(t) + " (only full_attention is supported)");
+      }
+    }
+  }
+  if (type == "mistral") {
+    // Within its sliding window Mistral's attention is plain causal attention: probes
+    // longer than the window are refused through model.context.
+    int window = 4096;  // MistralConfig's default
+    if (j.contains("sliding_window") && j["sliding_window"].is_null()) window = 0;  // null: no window
+    RETURN_IF_ERROR(OptionalInt(j, where, "sliding_window", &window));
+    if (window > 0) c.context = std::min(c.context, window);
   }
   std::string arm = "baseline";
   if (j.contains("sinkscope_vscale") && !j["sinkscope_vscale"].is_null()) {
@@ -362,6 +388,9 @@ Status ExportHf(const Model& model, const std::string& dir) {
   std::filesystem::create_directories(dir, ec);
   if (ec) return InternalError("cannot create " + dir + ": " + ec.message());
   const ModelConfig& c = model.config();
+  if (c.qk_norm && c.attention_bias) {
+    return InvalidArgumentError("a model with both q/k/v biases and q/k norms has no Hugging Face architecture");
+  }
   const std::vector<float> host = model.ParamsToHost();
   std::vector<TensorToWrite> tensors;
   for (const ParamTensor& t : model.tensors()) {
@@ -370,8 +399,8 @@ Status ExportHf(const Model& model, const std::string& dir) {
   }
   RETURN_IF_ERROR(WriteSafetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}}));
   nlohmann::json j = {
-      {"architectures", {"LlamaForCausalLM"}},
-      {"model_type", "llama"},
+      {"architectures", {c.qk_norm ? "Qwen3ForCausalLM" : c.attention_bias ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}},
+      {"model_type", c.qk_norm ? "qwen3" : c.attention_bias ? "qwen2" : "llama"},
       {"vocab_size", c.vocab},
       {"hidden_size", c.d_model},
       {"intermediate_size", c.ffn},
@@ -385,12 +414,12 @@ Status ExportHf(const Model& model, const std::string& dir) {
       {"max_position_embeddings", c.context},
       {"tie_word_embeddings", c.tied_embeddings},
       {"hidden_act", "silu"},
-      {"attention_bias", false},
       {"mlp_bias", false},
       {"initializer_range", c.init_std},
       {"torch_dtype", "float32"},
       {"sinkscope_vscale", VScaleModeName(c.vscale)},
   };
+  if (!c.attention_bias) j["attention_bias"] = false;  // Qwen2 has no such key: its biases are always on
   return WriteFileAtomically(dir + "/config.json", j.dump(1) + "\n");
 }
 

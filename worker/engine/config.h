@@ -62,6 +62,11 @@ struct ModelConfig {
   double rms_eps = 1e-5;
   double init_std = 0.02;
   bool tied_embeddings = false;
+  // Pretrained architectures beyond Llama (Hugging Face names): q, k and v projections
+  // with biases (Qwen2/2.5: q_proj.bias, k_proj.bias, v_proj.bias), and an RMSNorm over
+  // each head of q and of k before RoPE (Qwen3: q_norm.weight, k_norm.weight, (dh)).
+  bool attention_bias = false;
+  bool qk_norm = false;
   VScaleMode vscale = VScaleMode::kNone;
   // σ in C = d_model·d_head·σ²·exp(θ): the init std of W_V (METRICS.md, "V-scale").
   double vscale_sigma = 0.02;

@@ -32,6 +32,15 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
     o.wk = add(p + "self_attn.k_proj.weight", {kvd, d}, true);
     o.wv = add(p + "self_attn.v_proj.weight", {kvd, d}, true);
     o.wo = add(p + "self_attn.o_proj.weight", {d, qd}, true);
+    if (config.attention_bias) {  // Qwen2: biases on q, k, v (not o)
+      o.bq = add(p + "self_attn.q_proj.bias", {qd}, false);
+      o.bk = add(p + "self_attn.k_proj.bias", {kvd}, false);
+      o.bv = add(p + "self_attn.v_proj.bias", {kvd}, false);
+    }
+    if (config.qk_norm) {  // Qwen3: RMSNorm over each head of q and k, before RoPE
+      o.q_norm = add(p + "self_attn.q_norm.weight", {config.head_dim}, false);
+      o.k_norm = add(p + "self_attn.k_norm.weight", {config.head_dim}, false);
+    }
     o.theta = add(p + "self_attn.vscale_theta", {config.kv_heads}, false, config.vscale == VScaleMode::kVScale);
     o.mlp_norm = add(p + "post_attention_layernorm.weight", {d}, false);
     o.w_gate = add(p + "mlp.gate_proj.weight", {F, d}, true);
@@ -72,8 +81,10 @@ double Model::VScaleCBase() const {
 
 LayerParams Model::View(float* base, int l) const {
   const LayerOffsets& o = layer_off_[l];
-  return {base + o.attn_norm, base + o.wq,       base + o.wk,   base + o.wv,   base + o.wo,
-          base + o.theta,     base + o.mlp_norm, base + o.w_gate, base + o.w_up, base + o.w_down};
+  auto optional = [&](size_t off) { return off == LayerOffsets::kNone ? nullptr : base + off; };
+  return {base + o.attn_norm, base + o.wq,       base + o.wk,       base + o.wv,       base + o.wo,
+          base + o.theta,     optional(o.bq),    optional(o.bk),    optional(o.bv),    optional(o.q_norm),
+          optional(o.k_norm), base + o.mlp_norm, base + o.w_gate, base + o.w_up, base + o.w_down};
 }
 
 void Model::InitWeights(uint64_t seed) {
@@ -83,7 +94,7 @@ void Model::InitWeights(uint64_t seed) {
     float* p = host.data() + t.offset;
     if (t.shape.size() == 2) {
       for (size_t i = 0; i < t.size; ++i) p[i] = static_cast<float>(config_.init_std * rng.Normal());
-    } else if (t.name.find("vscale_theta") != std::string::npos) {
+    } else if (t.name.find("vscale_theta") != std::string::npos || t.name.find(".bias") != std::string::npos) {
       for (size_t i = 0; i < t.size; ++i) p[i] = 0.0f;
     } else {
       for (size_t i = 0; i < t.size; ++i) p[i] = 1.0f;  // RMSNorm gains
@@ -121,6 +132,7 @@ void Model::FreeActivations() {
   if (tokens_dev_) backend_->Free(tokens_dev_);
   if (targets_dev_) backend_->Free(targets_dev_);
   tokens_dev_ = targets_dev_ = nullptr;
+  ones_ = d_q_raw_ = d_k_raw_ = nullptr;
   act_B_ = act_T_ = 0;
 }
 
@@ -153,6 +165,12 @@ void Model::EnsureActivations(int B, int T) {
     a.up = alloc(N * F);
     a.act = alloc(N * F);
     a.r_mlp = alloc(N * d);
+    if (config_.qk_norm) {
+      a.q_raw = alloc(N * qd);
+      a.k_raw = alloc(N * kvd);
+      a.rstd_q = alloc(N * config_.heads);
+      a.rstd_k = alloc(N * config_.kv_heads);
+    }
     acts_.push_back(a);
   }
   xf_ = alloc(N * d);
@@ -169,6 +187,14 @@ void Model::EnsureActivations(int B, int T) {
   d_act_ = alloc(N * F);
   d_gate_ = alloc(N * F);
   d_up_ = alloc(N * F);
+  if (config_.attention_bias) {
+    ones_ = alloc(N);
+    backend_->Fill(ones_, 1.0f, N);
+  }
+  if (config_.qk_norm) {
+    d_q_raw_ = alloc(N * qd);
+    d_k_raw_ = alloc(N * kvd);
+  }
   tokens_dev_ = backend_->AllocInt(N);
   targets_dev_ = backend_->AllocInt(N);
   act_B_ = B;
@@ -192,9 +218,20 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
     // Attention branch.
     be.RmsNormForward(a.xn, a.rstd_attn, h_in, w.attn_norm, N, d, eps);  // x̃ (N,d)
     if (observer) observer->EditAttentionInput(l, a.xn, B, T);
-    be.Gemm(false, true, N, qd, d, 1.0f, a.xn, w.wq, 0.0f, a.q);         // (N,H·dh)
-    be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wk, 0.0f, a.k);        // (N,KV·dh)
+    float* q_proj = c.qk_norm ? a.q_raw : a.q;
+    float* k_proj = c.qk_norm ? a.k_raw : a.k;
+    be.Gemm(false, true, N, qd, d, 1.0f, a.xn, w.wq, 0.0f, q_proj);      // (N,H·dh)
+    be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wk, 0.0f, k_proj);     // (N,KV·dh)
     be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wv, 0.0f, a.v);        // (N,KV·dh)
+    if (c.attention_bias) {  // + b per row: ones(N,1)·b(1,·)
+      be.Gemm(false, false, N, qd, 1, 1.0f, ones_, w.bq, 1.0f, q_proj);
+      be.Gemm(false, false, N, kvd, 1, 1.0f, ones_, w.bk, 1.0f, k_proj);
+      be.Gemm(false, false, N, kvd, 1, 1.0f, ones_, w.bv, 1.0f, a.v);
+    }
+    if (c.qk_norm) {  // each head's q and k normalised over dh, before RoPE (rows = N·heads)
+      be.RmsNormForward(a.q, a.rstd_q, a.q_raw, w.q_norm, N * H, dh, eps);
+      be.RmsNormForward(a.k, a.rstd_k, a.k_raw, w.k_norm, N * KV, dh, eps);
+    }
     be.RopeForward(a.q, B, T, H, dh, rotary_);
     be.RopeForward(a.k, B, T, KV, dh, rotary_);
     be.VScaleForward(a.vhat, a.v, w.theta, N, KV, dh, VScaleCBase(), c.vscale);
@@ -278,11 +315,26 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
     }
     be.RopeBackward(d_q_, B, T, H, dh, rotary_);
     be.RopeBackward(d_k_, B, T, KV, dh, rotary_);
-    be.Gemm(false, false, N, d, qd, 1.0f, d_q_, w.wq, 0.0f, d_norm_);  // ∂L/∂x̃ (N,d)
-    be.Gemm(false, false, N, d, kvd, 1.0f, d_k_, w.wk, 1.0f, d_norm_);
+    float* dq_proj = d_q_;  // ∂L/∂(W_q x̃ + b_q)
+    float* dk_proj = d_k_;
+    if (c.qk_norm) {
+      be.Fill(d_q_raw_, 0.0f, static_cast<size_t>(N) * qd);  // RmsNormBackward accumulates
+      be.Fill(d_k_raw_, 0.0f, static_cast<size_t>(N) * kvd);
+      be.RmsNormBackward(d_q_raw_, gw.q_norm, d_q_, a.q_raw, w.q_norm, a.rstd_q, N * H, dh);
+      be.RmsNormBackward(d_k_raw_, gw.k_norm, d_k_, a.k_raw, w.k_norm, a.rstd_k, N * KV, dh);
+      dq_proj = d_q_raw_;
+      dk_proj = d_k_raw_;
+    }
+    if (c.attention_bias) {  // ∂b = Σ_rows: ones(1,N)·∂(N,·)
+      be.Gemm(true, false, 1, qd, N, 1.0f, ones_, dq_proj, 1.0f, gw.bq);
+      be.Gemm(true, false, 1, kvd, N, 1.0f, ones_, dk_proj, 1.0f, gw.bk);
+      be.Gemm(true, false, 1, kvd, N, 1.0f, ones_, d_v_, 1.0f, gw.bv);
+    }
+    be.Gemm(false, false, N, d, qd, 1.0f, dq_proj, w.wq, 0.0f, d_norm_);  // ∂L/∂x̃ (N,d)
+    be.Gemm(false, false, N, d, kvd, 1.0f, dk_proj, w.wk, 1.0f, d_norm_);
     be.Gemm(false, false, N, d, kvd, 1.0f, d_v_, w.wv, 1.0f, d_norm_);
-    be.Gemm(true, false, qd, d, N, 1.0f, d_q_, a.xn, 1.0f, gw.wq);
-    be.Gemm(true, false, kvd, d, N, 1.0f, d_k_, a.xn, 1.0f, gw.wk);
+    be.Gemm(true, false, qd, d, N, 1.0f, dq_proj, a.xn, 1.0f, gw.wq);
+    be.Gemm(true, false, kvd, d, N, 1.0f, dk_proj, a.xn, 1.0f, gw.wk);
     be.Gemm(true, false, kvd, d, N, 1.0f, d_v_, a.xn, 1.0f, gw.wv);
     if (observer) observer->OnGradient(l, Site::kXn, d_norm_, nullptr, B, T);
     float* d_in = d_out;  // ∂L/∂h_out is no longer needed: reuse its buffer

@@ -34,6 +34,11 @@ struct LayerParams {
   float* wv;         // (KV·dh, d)
   float* wo;         // (d, H·dh)
   float* theta;      // (KV) V-scale θ
+  float* bq;         // (H·dh) q bias, or null (attention_bias)
+  float* bk;         // (KV·dh)
+  float* bv;         // (KV·dh)
+  float* q_norm;     // (dh) per-head RMSNorm gain of q, or null (qk_norm)
+  float* k_norm;     // (dh)
   float* mlp_norm;   // (d)
   float* w_gate;     // (F, d)
   float* w_up;       // (F, d)
@@ -131,6 +136,8 @@ class Model {
   size_t off_embed_ = 0, off_final_norm_ = 0, off_head_ = 0;
   struct LayerOffsets {
     size_t attn_norm, wq, wk, wv, wo, theta, mlp_norm, w_gate, w_up, w_down;
+    size_t bq = kNone, bk = kNone, bv = kNone, q_norm = kNone, k_norm = kNone;  // optional tensors
+    static constexpr size_t kNone = static_cast<size_t>(-1);
   };
   std::vector<LayerOffsets> layer_off_;
 
@@ -138,6 +145,7 @@ class Model {
   struct LayerActs {
     float *xn, *rstd_attn, *q, *k, *v, *vhat, *att_ws, *y, *r_attn, *h_half, *xm, *rstd_mlp, *gate, *up, *act,
         *r_mlp;
+    float *q_raw = nullptr, *k_raw = nullptr, *rstd_q = nullptr, *rstd_k = nullptr;  // qk_norm: before the norm
   };
   int act_B_ = 0, act_T_ = 0;
   std::vector<float*> residual_;  // L+1 buffers (N,d): residual_[l] = h_in of block l
@@ -148,6 +156,8 @@ class Model {
   float *d_res_a_ = nullptr, *d_res_b_ = nullptr, *d_norm_ = nullptr, *d_q_ = nullptr, *d_k_ = nullptr,
         *d_v_ = nullptr, *d_vhat_ = nullptr, *d_y_ = nullptr, *d_act_ = nullptr, *d_gate_ = nullptr,
         *d_up_ = nullptr;
+  float *ones_ = nullptr;                        // (N) of 1: bias add and bias gradient as GEMMs
+  float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
   std::vector<float*> owned_;  // every activation buffer, for FreeActivations
 };
 
