@@ -721,7 +721,10 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           refuse("progress_refused", p.run_id(), why, [&](v1::Ack* a) { a->set_progress_step(step); });
           break;
         }
-        if (run != nullptr) Renew(*run);
+        if (run != nullptr) {
+          Renew(*run);
+          if (run->attempt_first_step == 0 || step < run->attempt_first_step) run->attempt_first_step = step;
+        }
         // A step of the run's last attempt delivered after the run ended only fills the
         // step if it is missing; the holder's step replaces (a resumed run repeats steps).
         PendingReport report;
@@ -832,6 +835,20 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             break;
           }
         } else {
+          // Not ended while steps of this attempt are missing (their writes failed and the
+          // worker is writing them again): no ack, so the worker writes the finish again
+          // after them, and what is shown as SUCCEEDED holds every step.
+          const int64_t first = run->attempt_first_step, total = run->record.summary.total_steps();
+          if (first > 0) {
+            StatusOr<int64_t> stored = store_->CountSteps(f.run_id(), first, total);
+            if (!stored.ok() || *stored < total - first + 1) {
+              Log(LogLevel::kWarning, "finish_deferred",
+                  {{"run", f.run_id()},
+                   {"steps_stored", stored.ok() ? std::to_string(*stored) : stored.status().message()},
+                   {"steps_expected", std::to_string(total - first + 1)}});
+              break;
+            }
+          }
           const bool valid_step = f.step() >= 0 && f.step() <= run->record.summary.total_steps();
           if (!EndRunLocked(*run, v1::SUCCEEDED, v1::FAILURE_REASON_UNSPECIFIED, "", "succeeded", false,
                             valid_step ? f.step() : -1)
@@ -953,6 +970,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
       break;  // the store is failing: leave the queue as it is and try on the next tick
     }
     run.record = std::move(updated);
+    run.attempt_first_step = 0;
     run.session = chosen_id;
     chosen->run_id = s.run_id();
     Renew(run);

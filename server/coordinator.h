@@ -96,6 +96,9 @@ class Coordinator {
     int64_t session = 0;        // holder of the lease; 0 for none
     double step_seconds = 0;    // smoothed, for the ETA
     int64_t probe_reports = 0;  // stored
+    // The first step the current attempt reported (0: none yet, or not since a restart of
+    // the coordinator): a finish is taken only once every step from it on is stored.
+    int64_t attempt_first_step = 0;
   };
   struct Session {
     std::shared_ptr<SessionWriter> writer;

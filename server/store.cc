@@ -408,6 +408,14 @@ StatusOr<int64_t> Store::CountProbes(const std::string& run_id) {
   return q.ColumnInt(0);
 }
 
+StatusOr<int64_t> Store::CountSteps(const std::string& run_id, int64_t first, int64_t last) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT COUNT(*) FROM step_metrics WHERE run_id = ? AND step >= ? AND step <= ?");
+  q.Text(1, run_id).Int(2, first).Int(3, last);
+  if (q.Step() != SQLITE_ROW) return Error("count steps");
+  return q.ColumnInt(0);
+}
+
 Status Store::IntegrityCheck() {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt q(db_, "PRAGMA integrity_check");

@@ -102,6 +102,8 @@ class Store {
   StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step);
   StatusOr<std::vector<v1::ProbeReport>> Probes(const std::string& run_id, int64_t from_step);
   StatusOr<int64_t> CountProbes(const std::string& run_id);
+  // Stored steps of the run with first ≤ step ≤ last.
+  StatusOr<int64_t> CountSteps(const std::string& run_id, int64_t first, int64_t last);
 
   // PRAGMA integrity_check; OK when the database is sound.
   Status IntegrityCheck();

@@ -680,5 +680,66 @@ TEST(ProbeTest, BadSettingsAreRejectedWithTheirName) {
                                            "[0, 5] (Definition 1: 0 ≤ s ≤ T_e)"));
 }
 
+// The diagnostic mode's micro-batches: a batch probed in passes of M sequences gives the
+// report of one pass over the whole batch (SUM_THEN_NORM sums over every sequence).
+class MicroBatchedProbeTest : public ::testing::TestWithParam<ReduceMode> {};
+
+TEST_P(MicroBatchedProbeTest, PassesOfAnySizeGiveTheReportOfOnePass) {
+  auto backend = MakeCpuBackend();
+  auto model_or = Model::Create(TinyConfig(VScaleMode::kVScale), backend.get());
+  ASSERT_TRUE(model_or.ok());
+  Model& m = **model_or;
+  m.InitWeights(11);
+  const int B = 5, T = 16;
+  const Batch batch = RandomBatch(B, T, m.config().vocab, 23);
+  ProbeSettings st;
+  st.ref_span = 15;
+  st.profile_len = 16;
+  st.t_eps = 16;
+  st.reduce = GetParam();
+  auto whole = RunDiagnosticPass(m, st, batch.inputs.data(), batch.targets.data(), B, T);
+  ASSERT_TRUE(whole.ok());
+  auto close = [](double got, double want) { return std::abs(got - want) <= 2e-5 * std::max(1.0, std::abs(want)); };
+  for (int M : {1, 2, 3}) {
+    std::vector<std::pair<int, int>> progress;
+    DiagnosticOptions o;
+    o.micro_batch = M;
+    o.progress = [&](int done, int total) { progress.push_back({done, total}); };
+    auto parts = RunDiagnosticPass(m, st, batch.inputs.data(), batch.targets.data(), B, T, 0, o);
+    ASSERT_TRUE(parts.ok());
+    const int passes = (B + M - 1) / M;
+    ASSERT_EQ(progress.size(), static_cast<size_t>(passes));
+    EXPECT_EQ(progress.back(), std::make_pair(passes, passes));
+    EXPECT_EQ(parts->batch_sequences, B);
+    EXPECT_TRUE(close(parts->loss, whole->loss)) << parts->loss << " vs " << whole->loss;
+    EXPECT_TRUE(close(parts->r_gs_median, whole->r_gs_median)) << "M=" << M;
+    for (int l = 0; l < m.config().layers; ++l) {
+      const LayerProbe& a = parts->layers[l];
+      const LayerProbe& b = whole->layers[l];
+      EXPECT_TRUE(close(a.r_gs, b.r_gs)) << "M=" << M << " layer " << l << ": " << a.r_gs << " vs " << b.r_gs;
+      for (const auto& [site, profile] : b.grad_profile) {
+        for (size_t t = 0; t < profile.size(); ++t) {
+          EXPECT_TRUE(close(a.grad_profile.at(site)[t], profile[t])) << site << " t=" << t << " M=" << M;
+        }
+      }
+      for (const auto& [name, norms] : b.norms) {
+        for (size_t t = 0; t < norms.size(); ++t) EXPECT_TRUE(close(a.norms.at(name)[t], norms[t])) << name;
+      }
+      for (size_t h = 0; h < b.alpha.size(); ++h) {
+        EXPECT_TRUE(close(a.alpha[h], b.alpha[h]));
+        EXPECT_TRUE(close(a.column_second_moment[h], b.column_second_moment[h]));
+      }
+      for (size_t t = 0; t < b.attn_compress.size(); ++t) EXPECT_TRUE(close(a.attn_compress[t], b.attn_compress[t]));
+      EXPECT_EQ(a.massive.top3, b.massive.top3);  // the same values, found in any order
+      EXPECT_EQ(a.massive.median, b.massive.median);
+      EXPECT_EQ(a.massive.top1_sequence, b.massive.top1_sequence);
+      EXPECT_EQ(a.massive.top1_token, b.massive.top1_token);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, MicroBatchedProbeTest,
+                         ::testing::Values(ReduceMode::kSumThenNorm, ReduceMode::kNormThenMean));
+
 }  // namespace
 }  // namespace sinkscope

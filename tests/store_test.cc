@@ -501,6 +501,7 @@ TEST_F(CoordinatorOverStore, RestartedOnTheSameStoreTheRunCarriesOnUnderItsAttem
   coordinator_->Tick();  // the recovered lease is still held: no requeue
   for (int64_t step : {7, 6, 8}) coordinator_->OnWorkerMessage(session_, Progress(run, step));
   coordinator_->OnWorkerMessage(session_, Probe(run, 5));  // stored before, not acked: once
+  for (int64_t step = 9; step <= 20; ++step) coordinator_->OnWorkerMessage(session_, Progress(run, step));
   v1::WorkerMessage finished;
   finished.mutable_finished()->set_run_id(run);
   finished.mutable_finished()->set_attempt(1);
@@ -510,10 +511,13 @@ TEST_F(CoordinatorOverStore, RestartedOnTheSameStoreTheRunCarriesOnUnderItsAttem
   Acks a = Sorted(writer_->Take());
   EXPECT_EQ(a.cancels, 0);
   EXPECT_EQ(a.assignments, 0);
-  EXPECT_EQ(a.progress, (std::vector<int64_t>{7, 6, 8}));
+  std::vector<int64_t> acked = {7, 6, 8}, all;
+  for (int64_t step = 9; step <= 20; ++step) acked.push_back(step);
+  for (int64_t step = 1; step <= 20; ++step) all.push_back(step);
+  EXPECT_EQ(a.progress, acked);
   EXPECT_EQ(a.probes, std::vector<int64_t>{5});
   EXPECT_EQ(a.outcomes, 2);
-  EXPECT_EQ(StoredSteps(*store_, run), (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+  EXPECT_EQ(StoredSteps(*store_, run), all);
   summary = coordinator_->GetExperiment("tiny-1", false);
   ASSERT_TRUE(summary.ok());
   EXPECT_EQ(summary->state(), v1::COMPLETED);
@@ -780,6 +784,36 @@ TEST_F(CoordinatorOverStore, ALapseTheStoreCannotTakeIsRetriedNotCounted) {
   ASSERT_TRUE(runs.ok());
   EXPECT_EQ((*runs)[0].restarts, 1);  // one lapse, one restart, however many ticks it took
   EXPECT_EQ((*runs)[0].summary.state(), v1::QUEUED);
+}
+
+TEST_F(CoordinatorOverStore, AFinishWaitsForTheAttemptsMissingSteps) {
+  const std::string run = SubmitAndAssign();
+  for (int64_t step = 1; step <= 20; ++step) {
+    if (step == 12) {  // steps 12–14 fail
+      ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
+    }
+    if (step == 15) {
+      ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 0").ok());
+    }
+    coordinator_->OnWorkerMessage(session_, Progress(run, step));
+  }
+  v1::WorkerMessage finished;
+  finished.mutable_finished()->set_run_id(run);
+  finished.mutable_finished()->set_attempt(1);
+  finished.mutable_finished()->set_step(20);
+  coordinator_->OnWorkerMessage(session_, finished);
+  EXPECT_EQ(Sorted(writer_->Take()).outcomes, 0);  // not taken: 17 of 20 steps stored
+  auto summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::RUNNING);
+  // The worker writes the unacked steps again, then the finish: taken.
+  for (int64_t step : {12, 13, 14}) coordinator_->OnWorkerMessage(session_, Progress(run, step));
+  coordinator_->OnWorkerMessage(session_, finished);
+  EXPECT_EQ(Sorted(writer_->Take()).outcomes, 1);
+  summary = coordinator_->GetExperiment("tiny-1", false);
+  ASSERT_TRUE(summary.ok());
+  EXPECT_EQ(summary->runs(0).state(), v1::SUCCEEDED);
+  EXPECT_THAT(StoredSteps(*store_, run), SizeIs(20));
 }
 
 }  // namespace

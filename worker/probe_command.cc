@@ -1,6 +1,7 @@
 #include "worker/probe_command.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cctype>
 #include <cerrno>
 #include <climits>
@@ -35,6 +36,9 @@ CHECKPOINT        a sinkscope checkpoint.bin, or a Hugging Face folder holding
 --text PATH       a text file or folder, byte-level tokens, documents split by --separator
 --separator S     document separator line for --text (default %%)
 --batch B         sequences (default 8)
+--micro-batch M   sequences per forward and backward (default: all B at once); the report
+                  equals that of one pass over the batch. Before it starts the pass prints
+                  its memory estimate, then its progress, on stderr
 --seq T           tokens per sequence (default: the model's context)
 --arm A           baseline | vscale | vscale_backward_only (default: the checkpoint's)
 --s N             sink position s, 0 ≤ s ≤ T_e (default 0)
@@ -56,7 +60,7 @@ Hugging Face folder stores none, and its report says step 0.
 int RunProbeCommand(int argc, char** argv) {
   const char* name = argv[0];
   std::string checkpoint, tokens_path, text_path, separator = "%", arm;
-  int B = 8, T = 0;
+  int B = 8, T = 0, micro_batch = 0;
   ProbeSettings st;
   bool ref_span_set = false, profile_set = false, json = false;
   auto fail = [&](const std::string& msg) {
@@ -75,9 +79,9 @@ int RunProbeCommand(int argc, char** argv) {
       continue;
     }
     if (a.rfind("--", 0) == 0) {
-      static const char* const kWithValue[] = {"--tokens",      "--text", "--separator", "--batch",
-                                               "--seq",         "--arm",  "--s",         "--ref-span",
-                                               "--profile-len", "--eps",  "--t-eps",     "--reduce"};
+      static const char* const kWithValue[] = {"--tokens", "--text",       "--separator", "--batch", "--micro-batch",
+                                               "--seq",    "--arm",        "--s",         "--ref-span",
+                                               "--profile-len", "--eps",   "--t-eps",     "--reduce"};
       if (std::find(std::begin(kWithValue), std::end(kWithValue), a) == std::end(kWithValue)) {
         return fail("unknown option " + a + " (see --help)");
       }
@@ -99,6 +103,7 @@ int RunProbeCommand(int argc, char** argv) {
       else if (a == "--text") text_path = v;
       else if (a == "--separator") separator = v;
       else if (a == "--batch") bad = integer(1, &B);
+      else if (a == "--micro-batch") bad = integer(1, &micro_batch);
       else if (a == "--seq") bad = integer(1, &T);
       else if (a == "--arm") arm = v;
       else if (a == "--s") bad = integer(0, &st.sink_position);
@@ -184,7 +189,21 @@ int RunProbeCommand(int argc, char** argv) {
   }
   if (!ref_span_set) st.ref_span = std::min(st.ref_span, T - 1);
   if (!profile_set) st.profile_len = std::min(st.profile_len, T);
-  auto report = RunDiagnosticPass(*model, st, inputs.data(), targets.data(), B, T, step);
+  const int M = micro_batch == 0 ? B : std::min(micro_batch, B);
+  const int passes = (B + M - 1) / M;
+  std::fprintf(stderr, "%s: %d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (parameters, gradients, "
+               "optimizer state and one pass's activations)\n",
+               name, B, T, passes, passes == 1 ? "" : "es", M, EstimateDiagnosticBytes(c, M, T) / (1 << 30));
+  const auto start = std::chrono::steady_clock::now();
+  DiagnosticOptions options;
+  options.micro_batch = M;
+  options.progress = [&](int done, int total) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double tokens = static_cast<double>(std::min(done * M, B)) * T;
+    std::fprintf(stderr, "%s: pass %d/%d, %.0f tok/s, %.1f s per 1000 tokens, ETA %.0f s\n", name, done, total,
+                 tokens / s, 1000 * s / tokens, s / done * (total - done));
+  };
+  auto report = RunDiagnosticPass(*model, st, inputs.data(), targets.data(), B, T, step, options);
   if (!report.ok()) return fail(report.status().message());
   if (json) {
     nlohmann::json j = ProbeReportToJson(*report);

@@ -360,17 +360,40 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
 }
 
 StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& settings, const int32_t* inputs,
-                                        const int32_t* targets, int B, int T, int64_t step) {
+                                        const int32_t* targets, int B, int T, int64_t step,
+                                        const DiagnosticOptions& options) {
   RETURN_IF_ERROR(settings.Validate(T));
   if (T > model.config().context) {
     return InvalidArgumentError("probe sequences of " + std::to_string(T) + " tokens exceed model.context " +
                                 std::to_string(model.config().context));
   }
+  if (options.micro_batch < 0) return InvalidArgumentError("micro_batch must not be negative");
+  const int M = options.micro_batch == 0 ? B : std::min(options.micro_batch, B);
   ProbeCollector collector(model, settings, T);
   model.ZeroGrad();
-  const double loss = model.ForwardBackward(inputs, targets, B, T, 1.0f / (static_cast<float>(B) * T), &collector);
+  // Every micro-batch's backward is of the whole batch's mean loss: ∂(Σ tokens)/(B·T).
+  const float grad_scale = 1.0f / (static_cast<float>(B) * T);
+  double loss_sum = 0;
+  const int total = (B + M - 1) / M;
+  for (int i = 0; i < total; ++i) {
+    const int first = i * M, n = std::min(M, B - first);
+    const size_t at = static_cast<size_t>(first) * T;
+    loss_sum += model.ForwardBackward(inputs + at, targets + at, n, T, grad_scale, &collector) * n;
+    if (options.progress) options.progress(i + 1, total);
+  }
   model.ZeroGrad();
-  return collector.Finish(step, loss);
+  return collector.Finish(step, loss_sum / B);
+}
+
+double EstimateDiagnosticBytes(const ModelConfig& c, int micro_batch, int T) {
+  const double d = c.d_model, q = c.q_dim(), kv = c.kv_dim(), F = c.ffn, V = c.vocab, L = c.layers;
+  const double params = L * (d * q + 2 * d * kv + q * d + 3 * d * F + 2 * d + c.kv_heads) + V * d * (c.tied_embeddings ? 1 : 2) + d;
+  const double tokens = static_cast<double>(micro_batch) * T;
+  // Per token and layer: h_in, x̃, r_attn, h_half, x̃_mlp, r_mlp (6d), q, y (2q), k, v, v̂
+  // (3kv), gate, up, SwiGLU (3F); the CPU attention keeps its (B,H,T,T) matrix; logits.
+  const double acts = L * (tokens * (6 * d + 2 * q + 3 * kv + 3 * F) + static_cast<double>(micro_batch) * c.heads * T * T) +
+                      tokens * (V + 8 * d + 2 * F + 2 * q + 2 * kv);
+  return 16 * params + 4 * acts;
 }
 
 }  // namespace sinkscope

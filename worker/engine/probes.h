@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -114,10 +115,26 @@ class ProbeCollector final : public PassObserver {
   size_t scratch_size_ = 0;
 };
 
+// How a diagnostic pass splits its batch, and what it reports while it runs.
+struct DiagnosticOptions {
+  // Sequences per forward and backward (0: all B at once). The micro-batches' gradients
+  // are of the loss of the whole batch (each scaled by 1/(B·T)) and the probe sums run
+  // over all of them, so the report equals that of one pass over the batch.
+  int micro_batch = 0;
+  // Called after each micro-batch with (done, total).
+  std::function<void(int, int)> progress;
+};
+
 // A diagnostic pass: forward and backward on (B,T) tokens with no update (gradients are
 // zeroed before and after), measured by a ProbeCollector.
 StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& settings, const int32_t* inputs,
-                                        const int32_t* targets, int B, int T, int64_t step = 0);
+                                        const int32_t* targets, int B, int T, int64_t step = 0,
+                                        const DiagnosticOptions& options = {});
+
+// Memory a diagnostic pass of micro-batches of `micro_batch` sequences of T tokens holds on
+// the CPU backend: parameters, their gradients and AdamW's two moments (16 B per
+// parameter, as Model allocates them today) and one micro-batch's activations.
+double EstimateDiagnosticBytes(const ModelConfig& config, int micro_batch, int T);
 
 // Definition 1 from token-wise norms: N_s / ((1/T_e) Σ_{0≤t≤T_e, t≠s} N_t).
 double GradientSinkRatio(const std::vector<double>& norms, int s, int ref_span);
