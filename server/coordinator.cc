@@ -647,6 +647,17 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       fill(a.mutable_ack());
       out.push_back({session.writer, std::move(a)});
     };
+    // An outcome or release for a run that runs, but not under this session, or for no
+    // run at all, is refused; one for a run that has ended or moved on is acked as done.
+    auto someone_elses = [&](const std::string& run_id, int attempt) {
+      return run_of(run_id, attempt) != nullptr || !runs_.count(run_id);
+    };
+    auto ack_outcome = [&](const std::string& run_id) {
+      v1::CoordinatorMessage a;
+      a.mutable_ack()->set_run_id(run_id);
+      a.mutable_ack()->set_outcome(true);
+      out.push_back({session.writer, std::move(a)});
+    };
     switch (msg.message_case()) {
       case v1::WorkerMessage::kRegister: {
         const v1::Register& r = msg.register_();
@@ -830,7 +841,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         std::string why;
         Run* run = held(f.run_id(), f.attempt(), &why);
         if (run == nullptr) {
-          if (run_of(f.run_id(), f.attempt()) != nullptr || !runs_.count(f.run_id())) {
+          if (someone_elses(f.run_id(), f.attempt())) {
             refuse("outcome_refused", f.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
             break;
           }
@@ -856,17 +867,14 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             break;  // not stored: no ack, the worker writes it again
           }
         }
-        v1::CoordinatorMessage ack;  // stored, or the run had ended already
-        ack.mutable_ack()->set_run_id(f.run_id());
-        ack.mutable_ack()->set_outcome(true);
-        out.push_back({session.writer, std::move(ack)});
+        ack_outcome(f.run_id());  // stored, or the run had ended already
         break;
       }
       case v1::WorkerMessage::kFailed: {
         const v1::RunFailed& f = msg.failed();
         std::string why;
         Run* run = held(f.run_id(), f.attempt(), &why);
-        if (run == nullptr && (run_of(f.run_id(), f.attempt()) != nullptr || !runs_.count(f.run_id()))) {
+        if (run == nullptr && someone_elses(f.run_id(), f.attempt())) {
           refuse("outcome_refused", f.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
           break;
         }
@@ -879,10 +887,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             break;  // not stored: no ack, the worker writes it again
           }
         }
-        v1::CoordinatorMessage ack;
-        ack.mutable_ack()->set_run_id(f.run_id());
-        ack.mutable_ack()->set_outcome(true);
-        out.push_back({session.writer, std::move(ack)});
+        ack_outcome(f.run_id());
         break;
       }
       case v1::WorkerMessage::kReleased: {
@@ -892,7 +897,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         session.draining = true;
         std::string why;
         Run* run = held(r.run_id(), r.attempt(), &why);
-        if (run == nullptr && (run_of(r.run_id(), r.attempt()) != nullptr || !runs_.count(r.run_id()))) {
+        if (run == nullptr && someone_elses(r.run_id(), r.attempt())) {
           refuse("release_refused", r.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
           break;
         }
@@ -911,10 +916,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             break;  // not stored: no ack, the worker writes it again
           }
         }
-        v1::CoordinatorMessage ack;
-        ack.mutable_ack()->set_run_id(r.run_id());
-        ack.mutable_ack()->set_outcome(true);
-        out.push_back({session.writer, std::move(ack)});
+        ack_outcome(r.run_id());
         break;
       }
       default:
