@@ -738,6 +738,38 @@ TEST_P(MicroBatchedProbeTest, PassesOfAnySizeGiveTheReportOfOnePass) {
   }
 }
 
+TEST(ProbingModelTest, WithoutParameterGradientsTheReportIsBitIdentical) {
+  // A model made for probing allocates no parameter gradients or AdamW state and skips
+  // their GEMMs; every activation gradient, and so every probe, is exactly the same.
+  auto backend = MakeCpuBackend();
+  const ModelConfig c = TinyConfig(VScaleMode::kVScale);
+  auto training = Model::Create(c, backend.get());
+  auto probing = Model::Create(c, backend.get(), ModelOptions{.training = false});
+  ASSERT_TRUE(training.ok() && probing.ok());
+  (*training)->InitWeights(4);
+  (*probing)->ParamsFromHost((*training)->ParamsToHost());
+  EXPECT_FALSE((*probing)->training());
+  EXPECT_TRUE((*probing)->GradsToHost().empty());
+  const int B = 3, T = 16;
+  const Batch batch = RandomBatch(B, T, c.vocab, 31);
+  ProbeSettings st;
+  st.ref_span = 15;
+  st.profile_len = 16;
+  st.t_eps = 16;
+  auto a = RunDiagnosticPass(**training, st, batch.inputs.data(), batch.targets.data(), B, T);
+  auto b = RunDiagnosticPass(**probing, st, batch.inputs.data(), batch.targets.data(), B, T);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->loss, b->loss);
+  for (int l = 0; l < c.layers; ++l) {
+    EXPECT_EQ(a->layers[l].r_gs, b->layers[l].r_gs);
+    EXPECT_EQ(a->layers[l].grad_profile, b->layers[l].grad_profile);
+    EXPECT_EQ(a->layers[l].attn_compress, b->layers[l].attn_compress);
+    EXPECT_EQ(a->layers[l].norms, b->layers[l].norms);
+    EXPECT_EQ(a->layers[l].theta, b->layers[l].theta);
+  }
+  EXPECT_LT(EstimateDiagnosticBytes(c, B, T, false), EstimateDiagnosticBytes(c, B, T, true));
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, MicroBatchedProbeTest,
                          ::testing::Values(ReduceMode::kSumThenNorm, ReduceMode::kNormThenMean));
 

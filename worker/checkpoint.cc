@@ -122,6 +122,9 @@ StatusOr<Parsed> ReadAndVerify(const std::string& path) {
 }  // namespace
 
 Status SaveCheckpoint(const std::string& path, const Model& model, const TrainingState& state) {
+  if (!model.training()) {
+    return FailedPreconditionError("checkpoint " + path + ": a model made for probing has no optimizer state to save");
+  }
   const Model& m = model;
   const size_t n = model.num_params();
   nlohmann::json header = {{"model", ConfigToJson(model.config())},
@@ -169,8 +172,10 @@ StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model) {
   const char* payload = p.bytes.data() + p.payload_offset;
   Backend* be = model.backend();
   be->ToDevice(model.params(), payload, n * sizeof(float));
-  be->ToDevice(model.adam_m(), payload + n * sizeof(float), n * sizeof(float));
-  be->ToDevice(model.adam_v(), payload + 2 * n * sizeof(float), n * sizeof(float));
+  if (model.training()) {  // a model made for probing keeps the parameters only
+    be->ToDevice(model.adam_m(), payload + n * sizeof(float), n * sizeof(float));
+    be->ToDevice(model.adam_v(), payload + 2 * n * sizeof(float), n * sizeof(float));
+  }
   TrainingState s;
   s.step = p.header.value("step", int64_t{0});
   s.seed = p.header.value("seed", uint64_t{0});

@@ -332,9 +332,9 @@ StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_pat
   return shards;
 }
 
-StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend) {
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options) {
   ASSIGN_OR_RETURN(ModelConfig config, ReadHfConfig(dir + "/config.json"));
-  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, backend));
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, backend, options));
   const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
   std::error_code ec;
   if (!std::filesystem::exists(single, ec) && std::filesystem::exists(index, ec)) {

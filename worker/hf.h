@@ -26,7 +26,7 @@ StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_pat
 Status LoadHfWeights(Model& model, const SafetensorsFile& file);
 // Loads `dir`/config.json and `dir`/model.safetensors (or, when that is absent, the
 // shards listed by `dir`/model.safetensors.index.json) into a new model.
-StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend);
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options = {});
 // Writes `dir`/model.safetensors and `dir`/config.json (θ only for V-scale arms).
 Status ExportHf(const Model& model, const std::string& dir);
 

@@ -128,19 +128,21 @@ int RunProbeCommand(int argc, char** argv) {
   if (B <= 0) return fail("--batch must be positive");
 
   auto backend = MakeCpuBackend();
+  // No parameter gradients or optimizer state: a probe reads activation gradients only.
+  const ModelOptions kProbing{.training = false};
   std::unique_ptr<Model> model;
   int64_t step = 0;  // the checkpoint's; a Hugging Face folder stores none
   std::error_code ec;
   const bool is_folder = std::filesystem::is_directory(checkpoint, ec);
   if (ec && ec != std::errc::no_such_file_or_directory) return fail(checkpoint + ": " + ec.message());
   if (is_folder) {
-    auto m = LoadHfModel(checkpoint, backend.get());
+    auto m = LoadHfModel(checkpoint, backend.get(), kProbing);
     if (!m.ok()) return fail(m.status().message());
     model = std::move(*m);
   } else {
     auto config = ReadCheckpointConfig(checkpoint);
     if (!config.ok()) return fail(config.status().message());
-    auto m = Model::Create(*config, backend.get());
+    auto m = Model::Create(*config, backend.get(), kProbing);
     if (!m.ok()) return fail(m.status().message());
     model = std::move(*m);
     auto s = LoadCheckpoint(checkpoint, *model);
@@ -152,7 +154,7 @@ int RunProbeCommand(int argc, char** argv) {
     if (!ParseVScaleMode(arm, &c.vscale)) {
       return fail("--arm must be baseline, vscale or vscale_backward_only, got " + arm);
     }
-    auto m = Model::Create(c, backend.get());
+    auto m = Model::Create(c, backend.get(), kProbing);
     (*m)->ParamsFromHost(model->ParamsToHost());
     model = std::move(*m);
   }
@@ -191,9 +193,9 @@ int RunProbeCommand(int argc, char** argv) {
   if (!profile_set) st.profile_len = std::min(st.profile_len, T);
   const int M = micro_batch == 0 ? B : std::min(micro_batch, B);
   const int passes = (B + M - 1) / M;
-  std::fprintf(stderr, "%s: %d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (parameters, gradients, "
-               "optimizer state and one pass's activations)\n",
-               name, B, T, passes, passes == 1 ? "" : "es", M, EstimateDiagnosticBytes(c, M, T) / (1 << 30));
+  std::fprintf(stderr, "%s: %d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (parameters and one "
+               "pass's activations)\n",
+               name, B, T, passes, passes == 1 ? "" : "es", M, EstimateDiagnosticBytes(c, M, T, /*training=*/false) / (1 << 30));
   const auto start = std::chrono::steady_clock::now();
   DiagnosticOptions options;
   options.micro_batch = M;

@@ -1,5 +1,6 @@
 #include "worker/engine/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "worker/engine/rng.h"
@@ -9,7 +10,7 @@ namespace sinkscope {
 Model::Model(const ModelConfig& config, Backend* backend)
     : config_(config), rotary_(config.Rotary()), backend_(backend) {}
 
-StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* backend) {
+StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* backend, ModelOptions options) {
   RETURN_IF_ERROR(config.Validate());
   std::unique_ptr<Model> m(new Model(config, backend));
   const int64_t d = config.d_model, V = config.vocab, F = config.ffn;
@@ -52,10 +53,12 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
   m->off_head_ = config.tied_embeddings ? m->off_embed_ : add("lm_head.weight", {V, d}, true);
   m->num_params_ = offset;
   m->params_ = backend->Alloc(offset);
-  m->grads_ = backend->Alloc(offset);
-  m->adam_m_ = backend->Alloc(offset);
-  m->adam_v_ = backend->Alloc(offset);
-  if (!m->params_ || !m->grads_ || !m->adam_m_ || !m->adam_v_) {
+  if (options.training) {
+    m->grads_ = backend->Alloc(offset);
+    m->adam_m_ = backend->Alloc(offset);
+    m->adam_v_ = backend->Alloc(offset);
+  }
+  if (!m->params_ || (options.training && (!m->grads_ || !m->adam_m_ || !m->adam_v_))) {
     return InternalError("cannot allocate " + std::to_string(offset) + " parameters on backend " + backend->Name());
   }
   return m;
@@ -101,12 +104,16 @@ void Model::InitWeights(uint64_t seed) {
     }
   }
   ParamsFromHost(host);
-  backend_->Fill(adam_m_, 0.0f, num_params_);
-  backend_->Fill(adam_v_, 0.0f, num_params_);
+  if (training()) {
+    backend_->Fill(adam_m_, 0.0f, num_params_);
+    backend_->Fill(adam_v_, 0.0f, num_params_);
+  }
   ZeroGrad();
 }
 
-void Model::ZeroGrad() { backend_->Fill(grads_, 0.0f, num_params_); }
+void Model::ZeroGrad() {
+  if (training()) backend_->Fill(grads_, 0.0f, num_params_);
+}
 
 std::vector<float> Model::ParamsToHost() const {
   std::vector<float> host(num_params_);
@@ -119,6 +126,7 @@ void Model::ParamsFromHost(const std::vector<float>& host) {
 }
 
 std::vector<float> Model::GradsToHost() const {
+  if (!training()) return {};
   std::vector<float> host(num_params_);
   backend_->ToHost(host.data(), grads_, num_params_ * sizeof(float));
   return host;
@@ -132,7 +140,7 @@ void Model::FreeActivations() {
   if (tokens_dev_) backend_->Free(tokens_dev_);
   if (targets_dev_) backend_->Free(targets_dev_);
   tokens_dev_ = targets_dev_ = nullptr;
-  ones_ = d_q_raw_ = d_k_raw_ = nullptr;
+  ones_ = d_q_raw_ = d_k_raw_ = dgamma_sink_ = nullptr;
   act_B_ = act_T_ = 0;
 }
 
@@ -191,6 +199,7 @@ void Model::EnsureActivations(int B, int T) {
     ones_ = alloc(N);
     backend_->Fill(ones_, 1.0f, N);
   }
+  if (!training()) dgamma_sink_ = alloc(std::max<size_t>(d, config_.head_dim));
   if (config_.qk_norm) {
     d_q_raw_ = alloc(N * qd);
     d_k_raw_ = alloc(N * kvd);
@@ -273,40 +282,45 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
   be.ToDevice(targets_dev_, targets, sizeof(int32_t) * N);
   const double loss_sum = be.CrossEntropyForwardBackward(logits_, targets_dev_, N, V, grad_scale);
   float* dlogits = logits_;  // (N,V), overwritten in place
+  // Probing only: the gradients of activations, not of parameters (the gains' go to a sink).
+  const bool pg = training();
+  auto gain_grad = [&](float* g) { return pg ? g : dgamma_sink_; };
 
   // LM head and final norm.
   be.Gemm(false, false, N, d, V, 1.0f, dlogits, params_ + off_head_, 0.0f, d_norm_);    // dxf (N,d)
-  be.Gemm(true, false, V, d, N, 1.0f, dlogits, xf_, 1.0f, grads_ + off_head_);           // dW_head += dlogitsᵀ xf
+  if (pg) be.Gemm(true, false, V, d, N, 1.0f, dlogits, xf_, 1.0f, grads_ + off_head_);  // dW_head += dlogitsᵀ xf
   be.Fill(d_res_a_, 0.0f, Nd);
-  be.RmsNormBackward(d_res_a_, grads_ + off_final_norm_, d_norm_, residual_[c.layers], params_ + off_final_norm_,
-                     rstd_f_, N, d);
+  be.RmsNormBackward(d_res_a_, gain_grad(grads_ + off_final_norm_), d_norm_, residual_[c.layers],
+                     params_ + off_final_norm_, rstd_f_, N, d);
   // d_res_a_ holds ∂L/∂h_out of the last block; the two residual buffers alternate.
   float* d_out = d_res_a_;
   float* d_half = d_res_b_;
   for (int l = c.layers - 1; l >= 0; --l) {
     const LayerParams w = layer(l);
-    const LayerParams gw = layer_grad(l);
+    const LayerParams gw = pg ? layer_grad(l) : LayerParams{};
     LayerActs& a = acts_[l];
     if (observer) observer->OnGradient(l, Site::kHOut, d_out, nullptr, B, T);
     // MLP branch: r_mlp = W_down (silu(W_gate x̃_mlp) ⊙ W_up x̃_mlp).
     be.Gemm(false, false, N, F, d, 1.0f, d_out, w.w_down, 0.0f, d_act_);      // (N,F)
-    be.Gemm(true, false, d, F, N, 1.0f, d_out, a.act, 1.0f, gw.w_down);       // (d,F)
+    if (pg) be.Gemm(true, false, d, F, N, 1.0f, d_out, a.act, 1.0f, gw.w_down);  // (d,F)
     be.SwiGluBackward(d_gate_, d_up_, d_act_, a.gate, a.up, N, F);
     be.Gemm(false, false, N, d, F, 1.0f, d_gate_, w.w_gate, 0.0f, d_norm_);   // ∂L/∂x̃_mlp
     be.Gemm(false, false, N, d, F, 1.0f, d_up_, w.w_up, 1.0f, d_norm_);
-    be.Gemm(true, false, F, d, N, 1.0f, d_gate_, a.xm, 1.0f, gw.w_gate);
-    be.Gemm(true, false, F, d, N, 1.0f, d_up_, a.xm, 1.0f, gw.w_up);
+    if (pg) {
+      be.Gemm(true, false, F, d, N, 1.0f, d_gate_, a.xm, 1.0f, gw.w_gate);
+      be.Gemm(true, false, F, d, N, 1.0f, d_up_, a.xm, 1.0f, gw.w_up);
+    }
     if (observer) observer->OnGradient(l, Site::kXm, d_norm_, nullptr, B, T);
     be.Copy(d_half, d_out, Nd);  // residual path, then + J_rmsᵀ ∂L/∂x̃_mlp
-    be.RmsNormBackward(d_half, gw.mlp_norm, d_norm_, a.h_half, w.mlp_norm, a.rstd_mlp, N, d);
+    be.RmsNormBackward(d_half, gain_grad(gw.mlp_norm), d_norm_, a.h_half, w.mlp_norm, a.rstd_mlp, N, d);
     if (observer) observer->OnGradient(l, Site::kHHalf, d_half, d_out, B, T);
 
     // Attention branch.
     be.Gemm(false, false, N, qd, d, 1.0f, d_half, w.wo, 0.0f, d_y_);  // ∂L/∂y (N,H·dh)
-    be.Gemm(true, false, d, qd, N, 1.0f, d_half, a.y, 1.0f, gw.wo);
+    if (pg) be.Gemm(true, false, d, qd, N, 1.0f, d_half, a.y, 1.0f, gw.wo);
     be.AttentionBackward(d_q_, d_k_, d_vhat_, d_y_, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);
-    be.VScaleBackward(d_v_, c.vscale == VScaleMode::kVScale ? gw.theta : nullptr, d_vhat_, a.v, w.theta, N, KV, dh,
-                      VScaleCBase(), c.vscale);
+    be.VScaleBackward(d_v_, pg && c.vscale == VScaleMode::kVScale ? gw.theta : nullptr, d_vhat_, a.v, w.theta, N, KV,
+                      dh, VScaleCBase(), c.vscale);
     if (observer) {
       observer->OnGradient(l, Site::kQ, d_q_, nullptr, B, T);
       observer->OnGradient(l, Site::kK, d_k_, nullptr, B, T);
@@ -320,12 +334,12 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
     if (c.qk_norm) {
       be.Fill(d_q_raw_, 0.0f, static_cast<size_t>(N) * qd);  // RmsNormBackward accumulates
       be.Fill(d_k_raw_, 0.0f, static_cast<size_t>(N) * kvd);
-      be.RmsNormBackward(d_q_raw_, gw.q_norm, d_q_, a.q_raw, w.q_norm, a.rstd_q, N * H, dh);
-      be.RmsNormBackward(d_k_raw_, gw.k_norm, d_k_, a.k_raw, w.k_norm, a.rstd_k, N * KV, dh);
+      be.RmsNormBackward(d_q_raw_, gain_grad(gw.q_norm), d_q_, a.q_raw, w.q_norm, a.rstd_q, N * H, dh);
+      be.RmsNormBackward(d_k_raw_, gain_grad(gw.k_norm), d_k_, a.k_raw, w.k_norm, a.rstd_k, N * KV, dh);
       dq_proj = d_q_raw_;
       dk_proj = d_k_raw_;
     }
-    if (c.attention_bias) {  // ∂b = Σ_rows: ones(1,N)·∂(N,·)
+    if (pg && c.attention_bias) {  // ∂b = Σ_rows: ones(1,N)·∂(N,·)
       be.Gemm(true, false, 1, qd, N, 1.0f, ones_, dq_proj, 1.0f, gw.bq);
       be.Gemm(true, false, 1, kvd, N, 1.0f, ones_, dk_proj, 1.0f, gw.bk);
       be.Gemm(true, false, 1, kvd, N, 1.0f, ones_, d_v_, 1.0f, gw.bv);
@@ -333,18 +347,20 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
     be.Gemm(false, false, N, d, qd, 1.0f, dq_proj, w.wq, 0.0f, d_norm_);  // ∂L/∂x̃ (N,d)
     be.Gemm(false, false, N, d, kvd, 1.0f, dk_proj, w.wk, 1.0f, d_norm_);
     be.Gemm(false, false, N, d, kvd, 1.0f, d_v_, w.wv, 1.0f, d_norm_);
-    be.Gemm(true, false, qd, d, N, 1.0f, dq_proj, a.xn, 1.0f, gw.wq);
-    be.Gemm(true, false, kvd, d, N, 1.0f, dk_proj, a.xn, 1.0f, gw.wk);
-    be.Gemm(true, false, kvd, d, N, 1.0f, d_v_, a.xn, 1.0f, gw.wv);
+    if (pg) {
+      be.Gemm(true, false, qd, d, N, 1.0f, dq_proj, a.xn, 1.0f, gw.wq);
+      be.Gemm(true, false, kvd, d, N, 1.0f, dk_proj, a.xn, 1.0f, gw.wk);
+      be.Gemm(true, false, kvd, d, N, 1.0f, d_v_, a.xn, 1.0f, gw.wv);
+    }
     if (observer) observer->OnGradient(l, Site::kXn, d_norm_, nullptr, B, T);
     float* d_in = d_out;  // ∂L/∂h_out is no longer needed: reuse its buffer
     be.Copy(d_in, d_half, Nd);
-    be.RmsNormBackward(d_in, gw.attn_norm, d_norm_, residual_[l], w.attn_norm, a.rstd_attn, N, d);
+    be.RmsNormBackward(d_in, gain_grad(gw.attn_norm), d_norm_, residual_[l], w.attn_norm, a.rstd_attn, N, d);
     if (observer) observer->OnGradient(l, Site::kHIn, d_in, d_half, B, T);
     d_out = d_in;  // ∂L/∂h_in of block l is ∂L/∂h_out of block l−1
     d_half = (d_out == d_res_a_) ? d_res_b_ : d_res_a_;
   }
-  be.EmbeddingBackward(grads_ + off_embed_, d_out, tokens_dev_, N, d);
+  if (pg) be.EmbeddingBackward(grads_ + off_embed_, d_out, tokens_dev_, N, d);
   return loss_sum / N;
 }
 

@@ -75,10 +75,20 @@ class PassObserver {
   virtual void EditAttentionInput(int layer, float* xn, int B, int T) {}
 };
 
+struct ModelOptions {
+  // false: a model for probing only: no parameter gradients and no AdamW state are
+  // allocated (4 B per parameter instead of 16), and a backward computes only the
+  // gradients of activations, which is all a probe reads.
+  bool training = true;
+};
+
 class Model {
  public:
-  // Validates the config and allocates parameters, gradients and AdamW state on `backend`.
-  static StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* backend);
+  // Validates the config and allocates parameters (and, for training, gradients and AdamW
+  // state) on `backend`.
+  static StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* backend,
+                                                 ModelOptions options = {});
+  bool training() const { return grads_ != nullptr; }
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -156,7 +166,8 @@ class Model {
   float *d_res_a_ = nullptr, *d_res_b_ = nullptr, *d_norm_ = nullptr, *d_q_ = nullptr, *d_k_ = nullptr,
         *d_v_ = nullptr, *d_vhat_ = nullptr, *d_y_ = nullptr, *d_act_ = nullptr, *d_gate_ = nullptr,
         *d_up_ = nullptr;
-  float *ones_ = nullptr;                        // (N) of 1: bias add and bias gradient as GEMMs
+  float *ones_ = nullptr;
+  float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread                        // (N) of 1: bias add and bias gradient as GEMMs
   float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
   std::vector<float*> owned_;  // every activation buffer, for FreeActivations
 };

@@ -33,6 +33,7 @@ struct UpdateResult {
 };
 
 // Applies one AdamW update to `model` from its accumulated gradients at 0-based `step`.
+// `model` must be a training model (ModelOptions::training).
 UpdateResult AdamWStep(Model& model, const OptimizerConfig& config, int64_t step);
 
 }  // namespace sinkscope
