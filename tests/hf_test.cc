@@ -42,6 +42,20 @@ class HfTest : public ::testing::Test {
     std::ofstream(path) << config.dump(1);
     return ReadHfConfig(path);
   }
+  // The mean loss of a model built from `config` with weights of `seed` on 16 fixed tokens
+  // (NaN, and a failure, when the config does not read).
+  double LossOf(const nlohmann::json& config, uint64_t seed, int mul, int add) {
+    auto c = Read(config);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    if (!c.ok()) return NAN;
+    auto m = Model::Create(*c, backend_.get());
+    EXPECT_TRUE(m.ok());
+    if (!m.ok()) return NAN;
+    (*m)->InitWeights(seed);
+    std::vector<int32_t> tokens(16), targets(16);
+    for (int t = 0; t < 16; ++t) tokens[t] = (t * mul) % 64, targets[t] = (t * add + 1) % 64;
+    return (*m)->Evaluate(tokens.data(), targets.data(), 1, 16);
+  }
   std::string ReadError(const nlohmann::json& config) {
     auto c = Read(config);
     EXPECT_FALSE(c.ok()) << config.dump();
@@ -49,6 +63,7 @@ class HfTest : public ::testing::Test {
   }
 
   fs::path dir_;
+  std::unique_ptr<Backend> backend_ = MakeCpuBackend();
 };
 
 // Independent float64 references of Hugging Face's inverse frequencies
@@ -130,18 +145,8 @@ TEST_F(HfTest, TheSameBaseGivesTheSameModelWhereverItIsWritten) {
   nlohmann::json top = Base(), v5 = Base();
   top["rope_theta"] = 123456.0;
   v5["rope_parameters"] = {{"rope_theta", 123456.0}};
-  auto backend = MakeCpuBackend();
   std::vector<double> losses;
-  for (const auto& config : {top, v5, Base()}) {
-    auto c = Read(config);
-    ASSERT_TRUE(c.ok()) << c.status().ToString();
-    auto m = Model::Create(*c, backend.get());
-    ASSERT_TRUE(m.ok());
-    (*m)->InitWeights(3);
-    std::vector<int32_t> tokens(16), targets(16);
-    for (int t = 0; t < 16; ++t) tokens[t] = (t * 7) % 64, targets[t] = (t * 5 + 1) % 64;
-    losses.push_back((*m)->Evaluate(tokens.data(), targets.data(), 1, 16));
-  }
+  for (const auto& config : {top, v5, Base()}) losses.push_back(LossOf(config, 3, 7, 5));
   EXPECT_EQ(losses[0], losses[1]);  // bit-identical
   EXPECT_NE(losses[0], losses[2]);  // and the base matters: 10000 differs
 }
@@ -219,18 +224,8 @@ TEST_F(HfTest, ScaledRopeChangesTheModelAsItsFrequenciesSay) {
   nlohmann::json linear = Base(), v5 = Base();
   linear["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
   v5["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}};
-  auto backend = MakeCpuBackend();
   std::vector<double> losses;
-  for (const auto& config : {linear, v5, Base()}) {
-    auto c = Read(config);
-    ASSERT_TRUE(c.ok()) << c.status().ToString();
-    auto m = Model::Create(*c, backend.get());
-    ASSERT_TRUE(m.ok());
-    (*m)->InitWeights(9);
-    std::vector<int32_t> tokens(16), targets(16);
-    for (int t = 0; t < 16; ++t) tokens[t] = (t * 11) % 64, targets[t] = (t * 3 + 2) % 64;
-    losses.push_back((*m)->Evaluate(tokens.data(), targets.data(), 1, 16));
-  }
+  for (const auto& config : {linear, v5, Base()}) losses.push_back(LossOf(config, 9, 11, 3));
   EXPECT_EQ(losses[0], losses[1]);
   EXPECT_NE(losses[0], losses[2]);
 }
