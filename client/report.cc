@@ -87,6 +87,16 @@ std::vector<int> ReferenceTokens(int s, int P) {
 int TokenGroup(int t) { return t == 0 ? 0 : t == 1 ? 1 : t < 4 ? 2 : t < 8 ? 3 : 4; }
 const char* const kGroupLabels[] = {"t = 0", "t = 1", "t = 2-3", "t = 4-7", "t = 8-15"};
 
+// Appends the mean of one value per seed at x, ± its sample std when there are several
+// seeds, tagged with how many seeds it has.
+void AddMeanOverSeeds(Series& s, double x, const std::vector<double>& values, bool spread) {
+  auto [mean, std] = MeanStd(values);
+  s.x.push_back(x);
+  s.y.push_back(mean);
+  if (spread) s.err.push_back(std);
+  s.tags.push_back("n=" + std::to_string(values.size()));
+}
+
 Series MakeSeries(std::string label, Style style, int color) {
   Series s;
   s.label = std::move(label);
@@ -421,12 +431,7 @@ class Builder {
               if (it != lp.norm_ratio().end()) values.push_back(it->second);
             }
           }
-          if (values.empty()) continue;
-          auto [mean, std] = MeanStd(values);
-          s.x.push_back(l);
-          s.y.push_back(mean);
-          if (spread) s.err.push_back(std);
-          s.tags.push_back("n=" + std::to_string(values.size()));
+          if (!values.empty()) AddMeanOverSeeds(s, l, values, spread);
         }
         panel.series.push_back(std::move(s));
       }
@@ -528,13 +533,7 @@ class Builder {
                               validation ? Style::kLinePoints : Style::kLine, ArmColor(a.arm));
         s.symbol_size = 0.8;
         const bool spread = a.runs.size() > 1;
-        for (const auto& [step, values] : by_step) {
-          auto [mean, std] = MeanStd(values);
-          s.x.push_back(static_cast<double>(step));
-          s.y.push_back(mean);
-          if (spread) s.err.push_back(std);
-          s.tags.push_back("n=" + std::to_string(values.size()));
-        }
+        for (const auto& [step, values] : by_step) AddMeanOverSeeds(s, static_cast<double>(step), values, spread);
         panel.series.push_back(std::move(s));
       }
       f.panels.push_back(std::move(panel));

@@ -443,21 +443,13 @@ std::string FormatBytes(double bytes) {
 }
 
 RunMemoryEstimate EstimateRunMemory(const v1::Experiment& e) {
-  const v1::ModelSpec& m = e.model();
-  const double d = m.d_model(), q = static_cast<double>(m.heads()) * m.head_dim(),
-               kv = static_cast<double>(m.kv_heads()) * m.head_dim(), f = m.ffn(), V = m.vocab(), L = m.layers();
+  const ModelConfig c = ToModelConfig(e.model(), v1::BASELINE);  // the arm does not change the sizes
   RunMemoryEstimate r;
-  const double per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d + m.kv_heads();
-  r.parameters = L * per_layer + V * d * (m.tied_embeddings() ? 1 : 2) + d;
+  r.parameters = c.ParameterCount();
   r.parameter_bytes = 16 * r.parameters;
   r.micro_batch = e.train().micro_batch();
-  r.context = m.context();
-  const double tokens = static_cast<double>(r.micro_batch) * r.context;
-  // Saved per token and layer: h_in, x̃, attention output, h_half, x̃_mlp, r_mlp, h_out
-  // (7d), q and y (2q), k, v, v̂ (3kv), gate, up, SwiGLU (3f); the attention matrix.
-  const double per_token_layer = 7 * d + 2 * q + 3 * kv + 3 * f;
-  const double attention = static_cast<double>(r.micro_batch) * m.heads() * static_cast<double>(r.context) * r.context;
-  r.activation_bytes = 4 * (L * (tokens * per_token_layer + attention) + tokens * (V + 2 * d));
+  r.context = e.model().context();
+  r.activation_bytes = c.ActivationBytes(e.train().micro_batch(), e.model().context());
   return r;
 }
 

@@ -308,14 +308,6 @@ Status Store::PutStep(const RunRecord& r, const v1::StepMetrics& m) {
   });
 }
 
-Status Store::PutStepIfAbsent(const std::string& run_id, const v1::StepMetrics& m) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Stmt q(db_, "INSERT OR IGNORE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
-  q.Text(1, run_id).Int(2, m.step()).Blob(3, m.SerializeAsString());
-  if (q.Step() != SQLITE_DONE) return Error("put step");
-  return OkStatus();
-}
-
 StatusOr<bool> Store::PutProbe(const std::string& run_id, const v1::ProbeReport& report) {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt q(db_, "INSERT OR IGNORE INTO probe_reports (run_id, step, report) VALUES (?,?,?)");

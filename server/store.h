@@ -75,9 +75,6 @@ class Store {
   // Stores a step's metrics together with the run's updated row (one transaction);
   // a step stored again replaces the earlier row (a resumed run repeats steps).
   Status PutStep(const RunRecord& run, const v1::StepMetrics& metrics);
-  // Stores a step's metrics unless the run has that step already; the run's row is left
-  // as it is (a step the final attempt delivers after its run ended).
-  Status PutStepIfAbsent(const std::string& run_id, const v1::StepMetrics& metrics);
   // Stores a probe report unless one for (run, step) exists; returns whether it was new.
   StatusOr<bool> PutProbe(const std::string& run_id, const v1::ProbeReport& report);
 

@@ -162,14 +162,19 @@ TEST_F(HfTest, RopeScalingTypesMatchHuggingFaceFormulas) {
     ExpectFrequencies(c->Rotary(), want);
     EXPECT_EQ(c->Rotary().attention_factor, 1.0);
   }
-  {  // llama3, Llama-3.1-8B's values, at a head dim where all three bands occur
+  // One head of 128 channels and a long context: every band of the scalings occurs.
+  auto one_long_head = [](double rope_theta) {
     nlohmann::json j = Base();
     j["hidden_size"] = 128;
     j["num_attention_heads"] = 1;
     j["num_key_value_heads"] = 1;
     j["head_dim"] = 128;
     j["max_position_embeddings"] = 131072;
-    j["rope_theta"] = 500000.0;
+    j["rope_theta"] = rope_theta;
+    return j;
+  };
+  {  // llama3, Llama-3.1-8B's values
+    nlohmann::json j = one_long_head(500000.0);
     j["rope_scaling"] = {{"rope_type", "llama3"},
                          {"factor", 8.0},
                          {"low_freq_factor", 1.0},
@@ -192,13 +197,7 @@ TEST_F(HfTest, RopeScalingTypesMatchHuggingFaceFormulas) {
     EXPECT_GT(smoothed, 0);
   }
   {  // yarn as Qwen's model cards set it, Transformers 5's reading (explicit factor wins)
-    nlohmann::json j = Base();
-    j["hidden_size"] = 128;
-    j["num_attention_heads"] = 1;
-    j["num_key_value_heads"] = 1;
-    j["head_dim"] = 128;
-    j["max_position_embeddings"] = 131072;
-    j["rope_theta"] = 1000000.0;
+    nlohmann::json j = one_long_head(1000000.0);
     j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 32768}};
     auto c = Read(j);
     ASSERT_TRUE(c.ok()) << c.status().ToString();

@@ -269,15 +269,18 @@ TEST(StoreFailures, NotADatabaseIsDataLossNamingTheStore) {
   EXPECT_THAT(missing.status().message(), AllOf(HasSubstr("store "), HasSubstr("cannot open")));
 }
 
-TEST(Store, PutStepIfAbsentKeepsTheStoredStep) {
+TEST(Store, AStepWrittenIfAbsentKeepsTheStoredStep) {
   TempDir dir;
   RunRecord run;
   auto store = SeededStore(dir.File("store.db"), &run);
   ASSERT_TRUE(store);
   v1::StepMetrics other = MakeStep(1);
   other.set_loss(123);
-  ASSERT_TRUE(store->PutStepIfAbsent(run.summary.run_id(), other).ok());
-  ASSERT_TRUE(store->PutStepIfAbsent(run.summary.run_id(), MakeStep(2)).ok());
+  const v1::StepMetrics second = MakeStep(2);
+  auto fresh = store->WriteReports({{Store::ReportWrite::kStepIfAbsent, &run.summary.run_id(), &other, nullptr},
+                                    {Store::ReportWrite::kStepIfAbsent, &run.summary.run_id(), &second, nullptr}});
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_EQ(*fresh, (std::vector<bool>{false, true}));
   auto steps = store->Steps(run.summary.run_id(), 0);
   ASSERT_TRUE(steps.ok());
   ASSERT_THAT(*steps, SizeIs(2));

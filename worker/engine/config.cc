@@ -129,6 +129,22 @@ Status ModelConfig::Validate() const {
   return OkStatus();
 }
 
+double ModelConfig::ParameterCount() const {
+  const double d = d_model, q = static_cast<double>(heads) * head_dim, kv = static_cast<double>(kv_heads) * head_dim;
+  const double per_layer = d * q + 2 * d * kv + q * d + 3 * d * ffn + 2 * d + kv_heads +
+                           (attention_bias ? q + 2 * kv : 0) + (qk_norm ? 2.0 * head_dim : 0);
+  return layers * per_layer + static_cast<double>(vocab) * d * (tied_embeddings ? 1 : 2) + d;
+}
+
+double ModelConfig::ActivationBytes(int micro_batch, int T) const {
+  const double d = d_model, q = static_cast<double>(heads) * head_dim, kv = static_cast<double>(kv_heads) * head_dim;
+  const double F = ffn, tokens = static_cast<double>(micro_batch) * T;
+  // Per token and layer: h_in, x̃, r_attn, h_half, x̃_mlp, r_mlp (6d), q, y (2q), k, v, v̂
+  // (3kv), gate, up, SwiGLU (3F); the attention matrix; then the logits and backward scratch.
+  const double per_layer = tokens * (6 * d + 2 * q + 3 * kv + 3 * F) + static_cast<double>(micro_batch) * heads * T * T;
+  return 4 * (layers * per_layer + tokens * (static_cast<double>(vocab) + 8 * d + 2 * F + 2 * q + 2 * kv));
+}
+
 int64_t ModelConfig::MatmulParams() const {
   const int64_t d = d_model;
   const int64_t per_layer = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + 3 * d * ffn;

@@ -78,6 +78,12 @@ struct ModelConfig {
   int kv_dim() const { return kv_heads * head_dim; }
   // RoPE frequencies with the scaling applied, as Hugging Face computes them.
   RotaryFrequencies Rotary() const;
+  // Every parameter Model allocates (norms, θ, biases included), in double so that
+  // absurd sizes cannot overflow.
+  double ParameterCount() const;
+  // Bytes of the activations one forward and backward of micro_batch × T tokens keeps on
+  // the CPU backend (fp32; its attention keeps the (B,H,T,T) matrix; the logits).
+  double ActivationBytes(int micro_batch, int T) const;
   // Parameters that take part in matmuls (for the FLOPs convention of METRICS.md).
   int64_t MatmulParams() const;
   // FLOPs per trained token: 6·N_matmul + 6·L·H·dh·T (METRICS.md, training observables).

@@ -386,14 +386,7 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
 }
 
 double EstimateDiagnosticBytes(const ModelConfig& c, int micro_batch, int T, bool training) {
-  const double d = c.d_model, q = c.q_dim(), kv = c.kv_dim(), F = c.ffn, V = c.vocab, L = c.layers;
-  const double params = L * (d * q + 2 * d * kv + q * d + 3 * d * F + 2 * d + c.kv_heads) + V * d * (c.tied_embeddings ? 1 : 2) + d;
-  const double tokens = static_cast<double>(micro_batch) * T;
-  // Per token and layer: h_in, x̃, r_attn, h_half, x̃_mlp, r_mlp (6d), q, y (2q), k, v, v̂
-  // (3kv), gate, up, SwiGLU (3F); the CPU attention keeps its (B,H,T,T) matrix; logits.
-  const double acts = L * (tokens * (6 * d + 2 * q + 3 * kv + 3 * F) + static_cast<double>(micro_batch) * c.heads * T * T) +
-                      tokens * (V + 8 * d + 2 * F + 2 * q + 2 * kv);
-  return (training ? 16 : 4) * params + 4 * acts;
+  return (training ? 16 : 4) * c.ParameterCount() + c.ActivationBytes(micro_batch, T);
 }
 
 }  // namespace sinkscope
