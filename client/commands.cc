@@ -25,10 +25,9 @@
 
 #include "client/render.h"
 #include "client/report.h"
-#include "common/experiment.h"
+#include "schema/experiment.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
-#include "worker/engine/numbers.h"
-#include "worker/probe_command.h"
+#include "base/numbers.h"
 
 namespace sinkscope::cli {
 namespace {
@@ -866,13 +865,29 @@ const Command* FindCommand(const std::string& name) {
 }
 
 int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
+  // The diagnostic pass is the engine's work: it runs in sinkscope-probe (beside this
+  // binary, else on PATH), so the CLI links no engine, BLAS or OpenMP.
+  std::string tool = "sinkscope-probe";
+  std::error_code ec;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const std::filesystem::path beside = self.parent_path() / "sinkscope-probe";
+    if (::access(beside.c_str(), X_OK) == 0) tool = beside.string();
+  }
   std::string name = "sinkscope probe";
   std::string json = "--json";
   std::vector<char*> args = {name.data()};
   for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
   if (options.json) args.push_back(json.data());
   args.push_back(nullptr);
-  return RunProbeCommand(static_cast<int>(args.size()) - 1, args.data());
+  if (tool.find('/') != std::string::npos) {
+    ::execv(tool.c_str(), args.data());
+  } else {
+    ::execvp(tool.c_str(), args.data());
+  }
+  std::fprintf(stderr, "sinkscope probe: cannot run %s (%s): install sinkscope-probe beside sinkscope or on PATH\n",
+               tool.c_str(), std::strerror(errno));
+  return kExitUsage;
 }
 
 std::string LocateInExperimentFile(const std::string& file, const std::string& text, const std::string& message) {

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "common/credentials.h"
+#include "schema/credentials.h"
 
 namespace sinkscope::cli {
 

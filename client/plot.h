@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/engine/status.h"
+#include "base/status.h"
 
 namespace sinkscope::report {
 

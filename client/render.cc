@@ -14,7 +14,7 @@
 #include <ctime>
 #include <memory>
 
-#include "common/experiment.h"
+#include "schema/experiment.h"
 
 namespace sinkscope::cli {
 namespace {

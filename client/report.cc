@@ -13,7 +13,7 @@
 #include <sstream>
 
 #include "client/render.h"
-#include "worker/data.h"
+#include "base/files.h"
 
 namespace sinkscope::report {
 namespace {

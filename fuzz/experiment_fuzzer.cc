@@ -9,7 +9,8 @@
 #include <cstdint>
 #include <string>
 
-#include "common/experiment.h"
+#include "runspec/convert.h"
+#include "schema/experiment.h"
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   google::protobuf::SetLogHandler(nullptr);  // quiet

@@ -19,8 +19,8 @@
 #include <memory>
 #include <string>
 
-#include "common/experiment.h"
-#include "common/log.h"
+#include "schema/experiment.h"
+#include "base/log.h"
 #include "server/coordinator.h"
 #include "server/exporter.h"
 #include "server/store.h"

@@ -7,8 +7,8 @@
 #include <functional>
 #include <set>
 
-#include "common/experiment.h"
-#include "common/log.h"
+#include "schema/experiment.h"
+#include "base/log.h"
 
 namespace sinkscope {
 namespace {

@@ -4,7 +4,7 @@
 
 #include <sstream>
 
-#include "common/credentials.h"
+#include "schema/credentials.h"
 
 namespace sinkscope {
 

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "proto/sinkscope/v1/service.pb.h"
-#include "worker/engine/status.h"
+#include "base/status.h"
 
 namespace sinkscope {
 

@@ -20,11 +20,11 @@
 #include <optional>
 #include <thread>
 
-#include "common/credentials.h"
-#include "common/log.h"
+#include "schema/credentials.h"
+#include "base/log.h"
 #include "server/coordinator.h"
 #include "server/services.h"
-#include "worker/engine/numbers.h"
+#include "base/numbers.h"
 
 namespace sinkscope {
 namespace {

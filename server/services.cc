@@ -2,9 +2,9 @@
 
 #include <chrono>
 
-#include "common/convert.h"
-#include "common/credentials.h"
-#include "common/log.h"
+#include "schema/grpc_status.h"
+#include "schema/credentials.h"
+#include "base/log.h"
 
 namespace sinkscope {
 namespace {

@@ -3,7 +3,8 @@
 // enum values in any case are accepted, and every mistake is reported with the field
 // path and the reason — with file:line when the mistake is in the text itself (parse
 // errors), and as "path: rule" from ValidateExperiment (the caller names the file).
-#include "common/experiment.h"
+#include "data/data.h"
+#include "schema/experiment.h"
 
 #include <gmock/gmock.h>
 #include <google/protobuf/util/json_util.h>

@@ -7,8 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "worker/data.h"
-#include "worker/hf.h"
+#include "data/data.h"
+#include "training/hf.h"
 
 namespace sinkscope {
 namespace {

@@ -6,9 +6,9 @@
 #include <cmath>
 #include <functional>
 
-#include "worker/engine/backend.h"
-#include "worker/engine/model.h"
-#include "worker/engine/rng.h"
+#include "engine/backend.h"
+#include "engine/model.h"
+#include "base/rng.h"
 
 namespace sinkscope {
 namespace {

@@ -12,7 +12,7 @@
 #include <random>
 #include <tuple>
 
-#include "worker/hf.h"
+#include "training/hf.h"
 
 namespace sinkscope {
 namespace {

@@ -1,5 +1,5 @@
 // The structured log: one event is one line whatever its values hold.
-#include "common/log.h"
+#include "base/log.h"
 
 #include <gtest/gtest.h>
 

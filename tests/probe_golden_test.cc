@@ -6,9 +6,9 @@
 #include <filesystem>
 #include <fstream>
 
-#include "worker/data.h"
-#include "worker/hf.h"
-#include "worker/probe_json.h"
+#include "data/data.h"
+#include "training/hf.h"
+#include "training/probe_json.h"
 
 namespace sinkscope {
 namespace {

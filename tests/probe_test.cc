@@ -10,9 +10,9 @@
 #include <cstring>
 #include <map>
 
-#include "worker/engine/probes.h"
-#include "worker/engine/rng.h"
-#include "worker/trainer.h"
+#include "engine/probes.h"
+#include "base/rng.h"
+#include "training/trainer.h"
 
 namespace sinkscope {
 namespace {

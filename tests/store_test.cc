@@ -21,7 +21,7 @@
 #include <thread>
 #include <vector>
 
-#include "common/experiment.h"
+#include "schema/experiment.h"
 #include "server/coordinator.h"
 #include "server/exporter.h"
 

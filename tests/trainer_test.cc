@@ -11,9 +11,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "worker/hf.h"
-#include "worker/probe_command.h"
-#include "worker/trainer.h"
+#include "training/hf.h"
+#include "training/probe_command.h"
+#include "training/trainer.h"
 
 namespace sinkscope {
 namespace {

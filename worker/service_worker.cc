@@ -11,25 +11,17 @@
 #include <thread>
 #include <vector>
 
-#include "common/convert.h"
-#include "common/experiment.h"
-#include "common/log.h"
-#include "worker/hf.h"
-#include "worker/trainer.h"
+#include "runspec/convert.h"
+#include "schema/experiment.h"
+#include "base/log.h"
+#include "training/hf.h"
+#include "training/trainer.h"
 
 namespace sinkscope {
 namespace {
 
 constexpr char kWorkerVersion[] = "0.1.0";
 constexpr char kCheckpointFile[] = "checkpoint.bin";
-
-class SteadyClock final : public Clock {
- public:
-  TimePoint Now() override { return std::chrono::steady_clock::now(); }
-  void WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) override {
-    cv.wait_until(lock, deadline);
-  }
-};
 
 int64_t PhysicalMemoryBytes() {
   const long pages = sysconf(_SC_PHYS_PAGES);
@@ -88,28 +80,6 @@ int32_t OutcomeAttempt(const v1::WorkerMessage& m) {
 }
 
 }  // namespace
-
-// ---- clocks ------------------------------------------------------------------------
-
-Clock* Clock::Real() {
-  static SteadyClock clock;
-  return &clock;
-}
-
-Clock::TimePoint ManualClock::Now() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return now_;
-}
-
-void ManualClock::WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) {
-  if (Now() >= deadline) return;
-  cv.wait_for(lock, std::chrono::milliseconds(1));
-}
-
-void ManualClock::Advance(std::chrono::nanoseconds d) {
-  std::lock_guard<std::mutex> lock(mu_);
-  now_ += std::chrono::duration_cast<TimePoint::duration>(d);
-}
 
 std::string DefaultWorkerId() {
   char host[256] = {0};

@@ -31,40 +31,14 @@
 #include <thread>
 #include <utility>
 
-#include "common/credentials.h"
+#include "base/clock.h"
+#include "schema/credentials.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
-#include "worker/data.h"
-#include "worker/engine/backend.h"
-#include "worker/engine/status.h"
+#include "data/data.h"
+#include "engine/backend.h"
+#include "base/status.h"
 
 namespace sinkscope {
-
-// The time the worker schedules heartbeats and reconnect back-off by. Tests substitute
-// a ManualClock; gRPC's own timers (keepalive) and the shutdown flush use real time.
-class Clock {
- public:
-  using TimePoint = std::chrono::steady_clock::time_point;
-  virtual ~Clock() = default;
-  virtual TimePoint Now() = 0;
-  // Waits on `cv` (whose mutex `lock` holds) until it is notified or Now() reaches
-  // `deadline`; may return early (callers re-check their condition).
-  virtual void WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) = 0;
-  // The steady clock of the process.
-  static Clock* Real();
-};
-
-// A clock that moves only when Advance() is called (waiters notice within a
-// millisecond of real time).
-class ManualClock final : public Clock {
- public:
-  TimePoint Now() override;
-  void WaitUntil(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, TimePoint deadline) override;
-  void Advance(std::chrono::nanoseconds d);
-
- private:
-  std::mutex mu_;
-  TimePoint now_{};
-};
 
 struct WorkerOptions {
   // Coordinator address, HOST:PORT.

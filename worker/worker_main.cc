@@ -13,9 +13,9 @@
 #include <string>
 #include <thread>
 
-#include "common/credentials.h"
-#include "common/log.h"
-#include "worker/engine/numbers.h"
+#include "schema/credentials.h"
+#include "base/log.h"
+#include "base/numbers.h"
 #include "worker/service_worker.h"
 
 namespace sinkscope {

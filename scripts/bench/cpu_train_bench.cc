@@ -34,10 +34,10 @@
 #include <vector>
 
 #include "nlohmann/json.hpp"
-#include "worker/data.h"
-#include "worker/engine/backend.h"
-#include "worker/engine/rng.h"
-#include "worker/trainer.h"
+#include "data/data.h"
+#include "engine/backend.h"
+#include "base/rng.h"
+#include "training/trainer.h"
 
 namespace sinkscope {
 namespace {

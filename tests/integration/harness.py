@@ -25,7 +25,7 @@ def build_dir():
 
 
 def binary(name):
-    for sub in ("server", "worker", "client"):
+    for sub in ("server", "worker", "client", "tools"):
         path = os.path.join(build_dir(), sub, name)
         if os.path.exists(path):
             return path

@@ -1,0 +1,160 @@
+#include "engine/config.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace sinkscope {
+
+const char* VScaleModeName(VScaleMode mode) {
+  switch (mode) {
+    case VScaleMode::kNone: return "baseline";
+    case VScaleMode::kVScale: return "vscale";
+    case VScaleMode::kBackwardOnly: return "vscale_backward_only";
+  }
+  return "unknown";
+}
+
+bool ParseVScaleMode(const std::string& name, VScaleMode* mode) {
+  for (VScaleMode m : {VScaleMode::kNone, VScaleMode::kVScale, VScaleMode::kBackwardOnly}) {
+    if (name == VScaleModeName(m)) {
+      *mode = m;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* RopeTypeName(RopeType type) {
+  switch (type) {
+    case RopeType::kDefault: return "default";
+    case RopeType::kLinear: return "linear";
+    case RopeType::kLlama3: return "llama3";
+    case RopeType::kYarn: return "yarn";
+  }
+  return "unknown";
+}
+
+bool ParseRopeType(const std::string& name, RopeType* type) {
+  for (RopeType t : {RopeType::kDefault, RopeType::kLinear, RopeType::kLlama3, RopeType::kYarn}) {
+    if (name == RopeTypeName(t)) {
+      *type = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+RotaryFrequencies ModelConfig::Rotary() const {
+  const int dh = head_dim, half = head_dim / 2;
+  const RopeScaling& s = rope_scaling;
+  const double original = s.original_max_position_embeddings > 0 ? s.original_max_position_embeddings : context;
+  RotaryFrequencies r;
+  r.inv_freq.resize(half);
+  for (int i = 0; i < half; ++i) r.inv_freq[i] = std::pow(rope_theta, -2.0 * i / dh);  // θ^(−2i/dh)
+  switch (s.type) {
+    case RopeType::kDefault: break;
+    case RopeType::kLinear:
+      for (double& f : r.inv_freq) f /= s.factor;  // positions divided by the factor
+      break;
+    case RopeType::kLlama3: {
+      // Long wavelengths are interpolated by the factor, short ones kept, and the band
+      // between blended smoothly (Llama 3.1).
+      const double low_wavelen = original / s.low_freq_factor, high_wavelen = original / s.high_freq_factor;
+      for (double& f : r.inv_freq) {
+        const double wavelen = 2 * M_PI / f;
+        if (wavelen > low_wavelen) {
+          f /= s.factor;
+        } else if (wavelen >= high_wavelen) {
+          const double smooth = (original / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+          f = (1 - smooth) * f / s.factor + smooth * f;
+        }
+      }
+      break;
+    }
+    case RopeType::kYarn: {
+      // YaRN: extrapolate the fast dimensions, interpolate the slow ones, ramp between.
+      auto correction_dim = [&](double rotations) {
+        return dh * std::log(original / (rotations * 2 * M_PI)) / (2 * std::log(rope_theta));
+      };
+      double low = correction_dim(s.beta_fast), high = correction_dim(s.beta_slow);
+      if (s.truncate) {
+        low = std::floor(low);
+        high = std::ceil(high);
+      }
+      low = std::max(low, 0.0);
+      high = std::min(high, dh - 1.0);
+      if (low == high) high += 0.001;  // avoids a zero-width ramp
+      for (int i = 0; i < half; ++i) {
+        const double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);
+        const double extrapolation = 1 - ramp;
+        r.inv_freq[i] = r.inv_freq[i] / s.factor * (1 - extrapolation) + r.inv_freq[i] * extrapolation;
+      }
+      r.attention_factor =
+          s.attention_factor > 0 ? s.attention_factor : (s.factor <= 1 ? 1.0 : 0.1 * std::log(s.factor) + 1.0);
+      break;
+    }
+  }
+  return r;
+}
+
+Status ModelConfig::Validate() const {
+  auto positive = [](int v, const char* name) -> Status {
+    if (v <= 0) return InvalidArgumentError(std::string("model.") + name + " must be positive, got " + std::to_string(v));
+    return OkStatus();
+  };
+  RETURN_IF_ERROR(positive(layers, "layers"));
+  RETURN_IF_ERROR(positive(d_model, "d_model"));
+  RETURN_IF_ERROR(positive(heads, "heads"));
+  RETURN_IF_ERROR(positive(kv_heads, "kv_heads"));
+  RETURN_IF_ERROR(positive(head_dim, "head_dim"));
+  RETURN_IF_ERROR(positive(ffn, "ffn"));
+  RETURN_IF_ERROR(positive(vocab, "vocab"));
+  RETURN_IF_ERROR(positive(context, "context"));
+  if (heads % kv_heads != 0) {
+    return InvalidArgumentError("model.kv_heads (" + std::to_string(kv_heads) + ") must divide model.heads (" +
+                                std::to_string(heads) + ")");
+  }
+  if (head_dim % 2 != 0) {
+    return InvalidArgumentError("model.head_dim must be even for RoPE, got " + std::to_string(head_dim));
+  }
+  if (!(rope_theta > 0)) return InvalidArgumentError("model.rope_theta must be positive");
+  if (rope_scaling.type != RopeType::kDefault && !(rope_scaling.factor > 0 && std::isfinite(rope_scaling.factor))) {
+    return InvalidArgumentError("model.rope_scaling.factor must be positive and finite");
+  }
+  if (rope_scaling.type == RopeType::kLlama3 && !(rope_scaling.high_freq_factor > rope_scaling.low_freq_factor)) {
+    return InvalidArgumentError("model.rope_scaling: high_freq_factor must exceed low_freq_factor (llama3)");
+  }
+  if (!(rms_eps > 0)) return InvalidArgumentError("model.rms_eps must be positive");
+  if (!(init_std > 0)) return InvalidArgumentError("model.init_std must be positive");
+  return OkStatus();
+}
+
+double ModelConfig::ParameterCount() const {
+  const double d = d_model, q = static_cast<double>(heads) * head_dim, kv = static_cast<double>(kv_heads) * head_dim;
+  const double per_layer = d * q + 2 * d * kv + q * d + 3 * d * ffn + 2 * d + kv_heads +
+                           (attention_bias ? q + 2 * kv : 0) + (qk_norm ? 2.0 * head_dim : 0);
+  return layers * per_layer + static_cast<double>(vocab) * d * (tied_embeddings ? 1 : 2) + d;
+}
+
+double ModelConfig::ActivationBytes(int micro_batch, int T) const {
+  const double d = d_model, q = static_cast<double>(heads) * head_dim, kv = static_cast<double>(kv_heads) * head_dim;
+  const double F = ffn, tokens = static_cast<double>(micro_batch) * T;
+  // Per token and layer: h_in, x̃, r_attn, h_half, x̃_mlp, r_mlp (6d), q, y (2q), k, v, v̂
+  // (3kv), gate, up, SwiGLU (3F); the attention matrix; then the logits and backward scratch.
+  const double per_layer = tokens * (6 * d + 2 * q + 3 * kv + 3 * F) + static_cast<double>(micro_batch) * heads * T * T;
+  return 4 * (layers * per_layer + tokens * (static_cast<double>(vocab) + 8 * d + 2 * F + 2 * q + 2 * kv));
+}
+
+int64_t ModelConfig::MatmulParams() const {
+  const int64_t d = d_model;
+  const int64_t per_layer = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + 3 * d * ffn;
+  // The LM head is a matmul; the embedding lookup is not.
+  return layers * per_layer + static_cast<int64_t>(vocab) * d;
+}
+
+double ModelConfig::TrainFlopsPerToken(int seq_len) const {
+  return 6.0 * static_cast<double>(MatmulParams()) +
+         6.0 * layers * heads * head_dim * static_cast<double>(seq_len);
+}
+
+}  // namespace sinkscope

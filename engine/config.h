@@ -1,0 +1,93 @@
+// Model configuration of a Llama-style decoder (RMSNorm, RoPE, SwiGLU, causal MHA/GQA)
+// with the V-scale value-path valve of the paper (section 5).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace sinkscope {
+
+// Which value path a model uses. METRICS.md "V-scale".
+enum class VScaleMode {
+  kNone,          // baseline: v̂ = v
+  kVScale,        // v̂ = φ(‖v‖²)·v with learned θ per layer and KV head
+  kBackwardOnly,  // the paper's control: forward is the baseline, backward applies the
+                  // V-scale Jacobian with θ frozen at 0
+};
+
+const char* VScaleModeName(VScaleMode mode);
+// The inverse of VScaleModeName; false for an unknown name.
+bool ParseVScaleMode(const std::string& name, VScaleMode* mode);
+
+// Rotary position scaling as Hugging Face's `rope_scaling` / `rope_parameters` define it
+// (modeling_rope_utils: default, linear, llama3, yarn). Training runs use kDefault; the
+// other types come from pretrained configs.
+enum class RopeType { kDefault, kLinear, kLlama3, kYarn };
+const char* RopeTypeName(RopeType type);  // "default", "linear", "llama3", "yarn"
+bool ParseRopeType(const std::string& name, RopeType* type);
+
+struct RopeScaling {
+  RopeType type = RopeType::kDefault;
+  double factor = 1.0;                       // linear, llama3, yarn
+  double low_freq_factor = 1.0;              // llama3
+  double high_freq_factor = 4.0;             // llama3
+  int original_max_position_embeddings = 0;  // llama3, yarn (0: model.context)
+  double beta_fast = 32.0, beta_slow = 1.0;  // yarn
+  double attention_factor = 0.0;             // yarn: scales cos and sin (0: 0.1·ln(factor) + 1)
+  bool truncate = true;                      // yarn: round the correction range to integers
+  bool operator==(const RopeScaling&) const = default;
+};
+
+// Per channel pair i < dh/2: the angle of position t is t·inv_freq[i]; cos and sin are
+// multiplied by attention_factor (1 except for yarn).
+struct RotaryFrequencies {
+  std::vector<double> inv_freq;
+  double attention_factor = 1.0;
+};
+
+struct ModelConfig {
+  int layers = 2;
+  int d_model = 32;
+  int heads = 4;
+  int kv_heads = 4;
+  int head_dim = 8;
+  int ffn = 64;
+  int vocab = 257;
+  int context = 16;  // maximum sequence length T
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  double rms_eps = 1e-5;
+  double init_std = 0.02;
+  bool tied_embeddings = false;
+  // Pretrained architectures beyond Llama (Hugging Face names): q, k and v projections
+  // with biases (Qwen2/2.5: q_proj.bias, k_proj.bias, v_proj.bias), and an RMSNorm over
+  // each head of q and of k before RoPE (Qwen3: q_norm.weight, k_norm.weight, (dh)).
+  bool attention_bias = false;
+  bool qk_norm = false;
+  VScaleMode vscale = VScaleMode::kNone;
+  // σ in C = d_model·d_head·σ²·exp(θ): the init std of W_V (METRICS.md, "V-scale").
+  double vscale_sigma = 0.02;
+
+  // Checks the shape rules; the message names the offending field.
+  Status Validate() const;
+
+  int q_dim() const { return heads * head_dim; }
+  int kv_dim() const { return kv_heads * head_dim; }
+  // RoPE frequencies with the scaling applied, as Hugging Face computes them.
+  RotaryFrequencies Rotary() const;
+  // Every parameter Model allocates (norms, θ, biases included), in double so that
+  // absurd sizes cannot overflow.
+  double ParameterCount() const;
+  // Bytes of the activations one forward and backward of micro_batch × T tokens keeps on
+  // the CPU backend (fp32; its attention keeps the (B,H,T,T) matrix; the logits).
+  double ActivationBytes(int micro_batch, int T) const;
+  // Parameters that take part in matmuls (for the FLOPs convention of METRICS.md).
+  int64_t MatmulParams() const;
+  // FLOPs per trained token: 6·N_matmul + 6·L·H·dh·T (METRICS.md, training observables).
+  double TrainFlopsPerToken(int seq_len) const;
+};
+
+}  // namespace sinkscope

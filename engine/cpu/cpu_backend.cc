@@ -1,0 +1,424 @@
+// The CPU reference backend: fp32, deterministic, OpenBLAS sgemm for the matmuls and
+// plain loops for everything else. Each loop is written to be checked against the
+// formula in METRICS.md; parallel loops split over independent outputs only, so results
+// do not depend on the thread count or schedule.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "engine/backend.h"
+
+namespace sinkscope {
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  const char* Name() const override { return "cpu"; }
+  bool Supports(OptionalOp) const override { return true; }
+
+  float* Alloc(size_t n) override { return static_cast<float*>(std::calloc(std::max<size_t>(n, 1), sizeof(float))); }
+  int32_t* AllocInt(size_t n) override {
+    return static_cast<int32_t*>(std::calloc(std::max<size_t>(n, 1), sizeof(int32_t)));
+  }
+  void Free(void* p) override { std::free(p); }
+  void ToDevice(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void ToHost(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void Copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
+  void Fill(float* x, float value, size_t n) override { std::fill(x, x + n, value); }
+
+  void Axpy(float* y, float alpha, const float* x, size_t n) override {
+    for (size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  }
+  void Scale(float* x, float s, size_t n) override {
+    for (size_t i = 0; i < n; ++i) x[i] *= s;
+  }
+  double SumSquares(const float* x, size_t n) override {
+    double s = 0;
+    for (size_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * x[i];
+    return s;
+  }
+
+  void AccumulateTokenSum(float* acc, const float* x, int B, int T, int C, int P) override {
+    for (int t = 0; t < P; ++t) {
+      float* out = acc + static_cast<size_t>(t) * C;
+      for (int b = 0; b < B; ++b) {
+        const float* row = x + (static_cast<size_t>(b) * T + t) * C;
+        for (int c = 0; c < C; ++c) out[c] += row[c];
+      }
+    }
+  }
+
+  void AccumulateTokenNormSum(float* acc, const float* x, int B, int T, int G, int C, int P) override {
+    for (int t = 0; t < P; ++t) {
+      double total = 0;
+      for (int b = 0; b < B; ++b) {
+        for (int g = 0; g < G; ++g) {
+          const float* row = x + ((static_cast<size_t>(b) * T + t) * G + g) * C;
+          double s = 0;
+          for (int c = 0; c < C; ++c) s += static_cast<double>(row[c]) * row[c];
+          total += std::sqrt(s);
+        }
+      }
+      acc[t] += static_cast<float>(total);
+    }
+  }
+
+  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
+            float* c) override {
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
+                alpha, a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);
+  }
+
+  void EmbeddingForward(float* out, const int32_t* tokens, const float* table, int N, int d) override {
+    for (int i = 0; i < N; ++i) std::memcpy(out + static_cast<size_t>(i) * d, table + static_cast<size_t>(tokens[i]) * d, d * sizeof(float));
+  }
+  void EmbeddingBackward(float* dtable, const float* dout, const int32_t* tokens, int N, int d) override {
+    for (int i = 0; i < N; ++i) {  // serial: rows of one token add up in a fixed order
+      float* row = dtable + static_cast<size_t>(tokens[i]) * d;
+      const float* g = dout + static_cast<size_t>(i) * d;
+      for (int c = 0; c < d; ++c) row[c] += g[c];
+    }
+  }
+
+  void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d,
+                      float eps) override {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      const float* xi = x + static_cast<size_t>(i) * d;
+      float* oi = out + static_cast<size_t>(i) * d;
+      double ss = 0;
+      for (int c = 0; c < d; ++c) ss += static_cast<double>(xi[c]) * xi[c];
+      const float r = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
+      rstd[i] = r;
+      for (int c = 0; c < d; ++c) oi[c] = xi[c] * r * gamma[c];
+    }
+  }
+
+  void RmsNormBackward(float* dx, float* dgamma, const float* dout, const float* x, const float* gamma,
+                       const float* rstd, int N, int d) override {
+    // y_c = γ_c x_c r, r = (mean(x²)+eps)^(-1/2):
+    // dx_c = r γ_c g_c − r³ x_c (1/d) Σ_j γ_j g_j x_j.
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      const float* xi = x + static_cast<size_t>(i) * d;
+      const float* gi = dout + static_cast<size_t>(i) * d;
+      float* dxi = dx + static_cast<size_t>(i) * d;
+      const double r = rstd[i];
+      double dot = 0;
+      for (int c = 0; c < d; ++c) dot += static_cast<double>(gamma[c]) * gi[c] * xi[c];
+      const double coef = r * r * r * dot / d;
+      for (int c = 0; c < d; ++c) dxi[c] += static_cast<float>(r * gamma[c] * gi[c] - coef * xi[c]);
+    }
+    for (int i = 0; i < N; ++i) {  // serial over rows: a fixed summation order
+      const float* xi = x + static_cast<size_t>(i) * d;
+      const float* gi = dout + static_cast<size_t>(i) * d;
+      for (int c = 0; c < d; ++c) dgamma[c] += gi[c] * xi[c] * rstd[i];
+    }
+  }
+
+  void Rope(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope, double sign) {
+    const int half = dh / 2;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; ++t) {
+      std::vector<float> cs(half), sn(half);
+      for (int i = 0; i < half; ++i) {
+        const double ang = static_cast<double>(t) * rope.inv_freq[i];  // in double
+        cs[i] = static_cast<float>(rope.attention_factor * std::cos(ang));
+        sn[i] = static_cast<float>(sign * rope.attention_factor * std::sin(ang));
+      }
+      for (int b = 0; b < B; ++b) {
+        for (int h = 0; h < heads; ++h) {
+          float* p = x + ((static_cast<size_t>(b) * T + t) * heads + h) * dh;
+          for (int i = 0; i < half; ++i) {
+            // (x1, x2) → (x1 cos − x2 sin, x2 cos + x1 sin): x·cos + rotate_half(x)·sin.
+            const float x1 = p[i], x2 = p[i + half];
+            p[i] = x1 * cs[i] - x2 * sn[i];
+            p[i + half] = x2 * cs[i] + x1 * sn[i];
+          }
+        }
+      }
+    }
+  }
+  void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    Rope(x, B, T, heads, dh, rope, 1.0);
+  }
+  void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    Rope(dx, B, T, heads, dh, rope, -1.0);  // a scaled rotation: its transpose is the opposite angle
+  }
+
+  // The workspace keeps the full causal attention matrix a (B,H,T,T), rows t, columns
+  // u ≤ t; entries above the diagonal stay zero.
+  size_t AttentionWorkspaceFloats(int B, int T, int H) const override {
+    return static_cast<size_t>(B) * H * T * T;
+  }
+
+  void AttentionForward(float* y, float* att, const float* q, const float* k, const float* v, int B, int T, int H,
+                        int KV, int dh) override {
+    const int group = H / KV;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < H; ++h) {
+        const int g = h / group;
+        float* a = att + (static_cast<size_t>(b) * H + h) * T * T;
+        for (int t = 0; t < T; ++t) {
+          const float* qt = q + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
+          float* row = a + static_cast<size_t>(t) * T;
+          float mx = -INFINITY;
+          for (int u = 0; u <= t; ++u) {  // causal: keys u ≤ t
+            const float* ku = k + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+            float s = 0;
+            for (int c = 0; c < dh; ++c) s += qt[c] * ku[c];
+            row[u] = s * scale;
+            mx = std::max(mx, row[u]);
+          }
+          float sum = 0;
+          for (int u = 0; u <= t; ++u) {
+            row[u] = std::exp(row[u] - mx);
+            sum += row[u];
+          }
+          const float inv = 1.0f / sum;
+          for (int u = 0; u <= t; ++u) row[u] *= inv;
+          for (int u = t + 1; u < T; ++u) row[u] = 0.0f;
+          float* yt = y + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
+          for (int c = 0; c < dh; ++c) yt[c] = 0.0f;
+          for (int u = 0; u <= t; ++u) {
+            const float* vu = v + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+            const float w = row[u];
+            for (int c = 0; c < dh; ++c) yt[c] += w * vu[c];
+          }
+        }
+      }
+    }
+  }
+
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* att, const float* q,
+                         const float* k, const float* v, int B, int T, int H, int KV, int dh) override {
+    const int group = H / KV;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+    std::fill(dk, dk + static_cast<size_t>(B) * T * KV * dh, 0.0f);
+    std::fill(dv, dv + static_cast<size_t>(B) * T * KV * dh, 0.0f);
+    // Parallel over (b, g): all query heads of KV group g write only dk/dv of group g.
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; ++b) {
+      for (int g = 0; g < KV; ++g) {
+        std::vector<float> dscore(T);
+        for (int h = g * group; h < (g + 1) * group; ++h) {
+          const float* a = att + (static_cast<size_t>(b) * H + h) * T * T;
+          for (int t = 0; t < T; ++t) {
+            const float* row = a + static_cast<size_t>(t) * T;
+            const float* dyt = dy + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
+            // da[u] = dy_t · v_u; dv_u += a[t,u] dy_t  (Proposition 1: ∂L/∂v̂_u = Σ_t a[t,u] ∂L/∂y_t)
+            float dot_sum = 0;
+            for (int u = 0; u <= t; ++u) {
+              const float* vu = v + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+              float* dvu = dv + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+              float da = 0;
+              for (int c = 0; c < dh; ++c) {
+                da += dyt[c] * vu[c];
+                dvu[c] += row[u] * dyt[c];
+              }
+              dscore[u] = da;
+              dot_sum += row[u] * da;
+            }
+            // softmax backward: ds[u] = a[u] (da[u] − Σ_w a[w] da[w]), then the 1/√dh scale.
+            float* dqt = dq + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
+            const float* qt = q + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
+            for (int c = 0; c < dh; ++c) dqt[c] = 0.0f;
+            for (int u = 0; u <= t; ++u) {
+              const float ds = row[u] * (dscore[u] - dot_sum) * scale;
+              const float* ku = k + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+              float* dku = dk + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+              for (int c = 0; c < dh; ++c) {
+                dqt[c] += ds * ku[c];
+                dku[c] += ds * qt[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
+                            const float* k, int B, int T, int H, int KV, int dh,
+                            const ColumnStatsRequest& request) override {
+    const int group = H / KV;
+    const int s = request.sink_position;
+    const int window = std::min(request.window, T - s);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dh));
+    for (int h = 0; h < H; ++h) {
+      const int g = h / group;
+      double alpha_sum = 0, mass_sum = 0, sq_sum = 0;
+      int above = 0;
+      for (int b = 0; b < B; ++b) {
+        double alpha_b = 0;
+        for (int t = s; t < T; ++t) {
+          // a[t,s] from row t's scores: only the row's max and normaliser are needed.
+          const float* qt = q + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
+          double mx = -INFINITY;
+          std::vector<double> scores(t + 1);
+          for (int u = 0; u <= t; ++u) {
+            const float* ku = k + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
+            double dot = 0;
+            for (int c = 0; c < dh; ++c) dot += static_cast<double>(qt[c]) * ku[c];
+            scores[u] = dot * scale;
+            mx = std::max(mx, scores[u]);
+          }
+          double z = 0;
+          for (int u = 0; u <= t; ++u) z += std::exp(scores[u] - mx);
+          const double a_ts = std::exp(scores[s] - mx) / z;
+          mass_sum += a_ts;
+          sq_sum += a_ts * a_ts;
+          if (t < s + window) alpha_b += a_ts;
+        }
+        alpha_b /= window;
+        alpha_sum += alpha_b;
+        if (alpha_b > request.threshold) ++above;
+      }
+      alpha[h] = static_cast<float>(alpha_sum / B);
+      mass[h] = static_cast<float>(mass_sum / B);
+      second_moment[h] = static_cast<float>(sq_sum / B);
+      per_sample_rate[h] = static_cast<float>(static_cast<double>(above) / B);
+    }
+  }
+
+  void VScaleForward(float* vhat, const float* v, const float* theta, int N, int KV, int dh, double c_base,
+                     VScaleMode mode) override {
+    if (mode != VScaleMode::kVScale) {
+      std::memcpy(vhat, v, static_cast<size_t>(N) * KV * dh * sizeof(float));
+      return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      for (int g = 0; g < KV; ++g) {
+        const float* vi = v + (static_cast<size_t>(i) * KV + g) * dh;
+        float* oi = vhat + (static_cast<size_t>(i) * KV + g) * dh;
+        const double C = c_base * std::exp(static_cast<double>(theta[g]));
+        double r = 0;
+        for (int c = 0; c < dh; ++c) r += static_cast<double>(vi[c]) * vi[c];
+        const float phi = static_cast<float>(r / (r + C));  // φ(r) = r/(r+C)
+        for (int c = 0; c < dh; ++c) oi[c] = phi * vi[c];
+      }
+    }
+  }
+
+  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, const float* v, const float* theta, int N, int KV,
+                      int dh, double c_base, VScaleMode mode) override {
+    if (mode == VScaleMode::kNone) {
+      std::memcpy(dv, dvhat, static_cast<size_t>(N) * KV * dh * sizeof(float));
+      return;
+    }
+    std::vector<double> row_dtheta(static_cast<size_t>(N) * KV);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      for (int g = 0; g < KV; ++g) {
+        const size_t off = (static_cast<size_t>(i) * KV + g) * dh;
+        const float* vi = v + off;
+        const float* gi = dvhat + off;
+        float* dvi = dv + off;
+        const double C = c_base * (mode == VScaleMode::kVScale ? std::exp(static_cast<double>(theta[g])) : 1.0);
+        double r = 0, vg = 0;
+        for (int c = 0; c < dh; ++c) {
+          r += static_cast<double>(vi[c]) * vi[c];
+          vg += static_cast<double>(vi[c]) * gi[c];
+        }
+        const double rc = r + C;
+        const double phi = r / rc;
+        const double coef = 2.0 * C / (rc * rc) * vg;  // ∂L/∂v = φ ĝ + (2C/(r+C)²)(v·ĝ) v
+        for (int c = 0; c < dh; ++c) dvi[c] = static_cast<float>(phi * gi[c] + coef * vi[c]);
+        row_dtheta[static_cast<size_t>(i) * KV + g] = -C * r / (rc * rc) * vg;  // ∂L/∂θ contribution
+      }
+    }
+    if (dtheta != nullptr && mode == VScaleMode::kVScale) {
+      for (int g = 0; g < KV; ++g) {
+        double s = 0;
+        for (int i = 0; i < N; ++i) s += row_dtheta[static_cast<size_t>(i) * KV + g];
+        dtheta[g] += static_cast<float>(s);
+      }
+    }
+  }
+
+  void SwiGluForward(float* h, const float* gate, const float* up, int N, int F) override {
+    const size_t n = static_cast<size_t>(N) * F;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      const float g = gate[i];
+      h[i] = g / (1.0f + std::exp(-g)) * up[i];  // silu(g)·u
+    }
+  }
+  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+                      int F) override {
+    const size_t n = static_cast<size_t>(N) * F;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      const float g = gate[i];
+      const float sig = 1.0f / (1.0f + std::exp(-g));
+      const float silu = g * sig;
+      dup[i] = dh[i] * silu;
+      dgate[i] = dh[i] * up[i] * sig * (1.0f + g * (1.0f - sig));  // silu'(g) = σ(1 + g(1−σ))
+    }
+  }
+
+  double CrossEntropyForwardBackward(float* logits, const int32_t* targets, int N, int V, float grad_scale) override {
+    std::vector<double> row_loss(N);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      float* row = logits + static_cast<size_t>(i) * V;
+      float mx = -INFINITY;
+      for (int c = 0; c < V; ++c) mx = std::max(mx, row[c]);
+      double z = 0;
+      for (int c = 0; c < V; ++c) z += std::exp(static_cast<double>(row[c] - mx));
+      row_loss[i] = std::log(z) - (row[targets[i]] - mx);
+      const double inv_z = 1.0 / z;
+      for (int c = 0; c < V; ++c) {
+        const double p = std::exp(static_cast<double>(row[c] - mx)) * inv_z;
+        row[c] = static_cast<float>(grad_scale * (p - (c == targets[i] ? 1.0 : 0.0)));
+      }
+    }
+    double total = 0;
+    for (int i = 0; i < N; ++i) total += row_loss[i];
+    return total;
+  }
+
+  double CrossEntropyLoss(const float* logits, const int32_t* targets, int N, int V) override {
+    std::vector<double> row_loss(N);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      const float* row = logits + static_cast<size_t>(i) * V;
+      float mx = -INFINITY;
+      for (int c = 0; c < V; ++c) mx = std::max(mx, row[c]);
+      double z = 0;
+      for (int c = 0; c < V; ++c) z += std::exp(static_cast<double>(row[c] - mx));
+      row_loss[i] = std::log(z) - (row[targets[i]] - mx);
+    }
+    double total = 0;
+    for (int i = 0; i < N; ++i) total += row_loss[i];
+    return total;
+  }
+
+  void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps,
+             float weight_decay, float grad_scale, int64_t step) override {
+    const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+    const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) {
+      const float gi = g[i] * grad_scale;
+      m[i] = beta1 * m[i] + (1.0f - beta1) * gi;
+      v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+      const float mhat = static_cast<float>(m[i] / bc1);
+      const float vhat = static_cast<float>(v[i] / bc2);
+      p[i] -= lr * (mhat / (std::sqrt(vhat) + eps) + weight_decay * p[i]);
+    }
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> MakeCpuBackend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace sinkscope

@@ -1,0 +1,175 @@
+// A Llama-style decoder written once over the Backend interface: token embedding,
+// pre-norm blocks (RMSNorm → causal GQA attention with RoPE and optional V-scale →
+// residual; RMSNorm → SwiGLU MLP → residual), final RMSNorm, LM head, mean token
+// cross-entropy. Parameters live in one contiguous buffer with named views whose names
+// are those of Hugging Face's LlamaForCausalLM.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/config.h"
+#include "base/status.h"
+
+namespace sinkscope {
+
+// One named tensor inside the parameter buffer.
+struct ParamTensor {
+  std::string name;            // Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight"
+  std::vector<int64_t> shape;  // [out, in] for linear weights, as Hugging Face stores them
+  size_t offset = 0;           // in floats, into the parameter buffer
+  size_t size = 0;             // in floats
+  bool weight_decay = false;   // 2-D weights only (METRICS.md training, the paper's recipe)
+  bool trainable = true;       // θ is frozen in the baseline and backward-only arms
+};
+
+// Device pointers of one block's parameters (or of their gradients).
+struct LayerParams {
+  float* attn_norm;  // (d)
+  float* wq;         // (H·dh, d)
+  float* wk;         // (KV·dh, d)
+  float* wv;         // (KV·dh, d)
+  float* wo;         // (d, H·dh)
+  float* theta;      // (KV) V-scale θ
+  float* bq;         // (H·dh) q bias, or null (attention_bias)
+  float* bk;         // (KV·dh)
+  float* bv;         // (KV·dh)
+  float* q_norm;     // (dh) per-head RMSNorm gain of q, or null (qk_norm)
+  float* k_norm;     // (dh)
+  float* mlp_norm;   // (d)
+  float* w_gate;     // (F, d)
+  float* w_up;       // (F, d)
+  float* w_down;     // (d, F)
+};
+
+// Activation sites inside a block (METRICS.md "Sites inside one pre-norm block").
+enum class Site { kXn, kXm, kHIn, kHHalf, kHOut, kQ, kK, kV, kVHat };
+
+// Forward activations of one block at a probe, all device pointers of (B,T,·).
+struct BlockActivations {
+  const float* h_in;    // (B,T,d)
+  const float* h_half;  // (B,T,d)
+  const float* h_out;   // (B,T,d)
+  const float* r_attn;  // (B,T,d)
+  const float* r_mlp;   // (B,T,d)
+  const float* q;       // (B,T,H,dh) after RoPE
+  const float* k;       // (B,T,KV,dh) after RoPE
+  const float* v;       // (B,T,KV,dh)
+  const float* vhat;    // (B,T,KV,dh)
+};
+
+// Observer of a forward and backward pass; probes implement it. Pointers are valid only
+// during the call. The model never changes its arithmetic because an observer is set.
+class PassObserver {
+ public:
+  virtual ~PassObserver() = default;
+  virtual void OnBlockForward(int layer, const BlockActivations& acts, int B, int T) = 0;
+  // ∂L/∂(site) of one micro-batch. For kHHalf, `downstream` is ∂L/∂h_out; for kHIn it
+  // is ∂L/∂h_half (the residual gradient one step later); otherwise null.
+  virtual void OnGradient(int layer, Site site, const float* grad, const float* downstream, int B, int T) = 0;
+  // Optional intervention: may change x̃ (B,T,d) of `layer` in place before the
+  // projections read it (ablations; finite differences at x̃ in tests).
+  virtual void EditAttentionInput(int layer, float* xn, int B, int T) {}
+};
+
+struct ModelOptions {
+  // false: a model for probing only: no parameter gradients and no AdamW state are
+  // allocated (4 B per parameter instead of 16), and a backward computes only the
+  // gradients of activations, which is all a probe reads.
+  bool training = true;
+};
+
+class Model {
+ public:
+  // Validates the config and allocates parameters (and, for training, gradients and AdamW
+  // state) on `backend`.
+  static StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config, Backend* backend,
+                                                 ModelOptions options = {});
+  bool training() const { return grads_ != nullptr; }
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  Backend* backend() const { return backend_; }
+  const std::vector<ParamTensor>& tensors() const { return tensors_; }
+  const ParamTensor* FindTensor(const std::string& name) const;
+  size_t num_params() const { return num_params_; }
+  // Device buffers; a const Model still hands them out for reading (checkpoints, probes).
+  float* params() const { return params_; }
+  float* grads() const { return grads_; }
+  float* adam_m() const { return adam_m_; }
+  float* adam_v() const { return adam_v_; }
+  LayerParams layer(int l) const { return View(params_, l); }
+  LayerParams layer_grad(int l) const { return View(grads_, l); }
+  // C_{ℓ,g} base: d_model·d_head·σ² (multiplied by exp θ).
+  double VScaleCBase() const;
+
+  // normal(0, init_std) on 2-D weights, 1 on norms, 0 on θ; deterministic in `seed`.
+  void InitWeights(uint64_t seed);
+  void ZeroGrad();
+
+  // One micro-batch: forward, loss, backward; gradients are accumulated with
+  // `grad_scale` multiplying ∂(Σ token losses). For the mean over a global batch of
+  // `accum` micro-batches use grad_scale = 1/(accum·B·T). Returns the micro-batch's
+  // mean token loss. Host tokens and targets, B·T each.
+  double ForwardBackward(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
+                         PassObserver* observer = nullptr);
+  // Forward only; returns the mean token loss.
+  double Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T, PassObserver* observer = nullptr);
+
+  // Host copies of parameters (for checkpoints, export, tests).
+  std::vector<float> ParamsToHost() const;
+  void ParamsFromHost(const std::vector<float>& host);
+  std::vector<float> GradsToHost() const;
+
+ private:
+  Model(const ModelConfig& config, Backend* backend);
+  LayerParams View(float* base, int l) const;
+  void EnsureActivations(int B, int T);
+  void Forward(const int32_t* tokens, int B, int T, PassObserver* observer);
+  void FreeActivations();
+
+  ModelConfig config_;
+  RotaryFrequencies rotary_;  // config_.Rotary(), computed once
+  Backend* backend_;
+  std::vector<ParamTensor> tensors_;
+  size_t num_params_ = 0;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  float* adam_m_ = nullptr;
+  float* adam_v_ = nullptr;
+  // Offsets of the named views.
+  size_t off_embed_ = 0, off_final_norm_ = 0, off_head_ = 0;
+  struct LayerOffsets {
+    size_t attn_norm, wq, wk, wv, wo, theta, mlp_norm, w_gate, w_up, w_down;
+    size_t bq = kNone, bk = kNone, bv = kNone, q_norm = kNone, k_norm = kNone;  // optional tensors
+    static constexpr size_t kNone = static_cast<size_t>(-1);
+  };
+  std::vector<LayerOffsets> layer_off_;
+
+  // Activations, sized for (act_B_, act_T_).
+  struct LayerActs {
+    float *xn, *rstd_attn, *q, *k, *v, *vhat, *att_ws, *y, *r_attn, *h_half, *xm, *rstd_mlp, *gate, *up, *act,
+        *r_mlp;
+    float *q_raw = nullptr, *k_raw = nullptr, *rstd_q = nullptr, *rstd_k = nullptr;  // qk_norm: before the norm
+  };
+  int act_B_ = 0, act_T_ = 0;
+  std::vector<float*> residual_;  // L+1 buffers (N,d): residual_[l] = h_in of block l
+  std::vector<LayerActs> acts_;
+  float *xf_ = nullptr, *rstd_f_ = nullptr, *logits_ = nullptr;
+  int32_t *tokens_dev_ = nullptr, *targets_dev_ = nullptr;
+  // Backward scratch.
+  float *d_res_a_ = nullptr, *d_res_b_ = nullptr, *d_norm_ = nullptr, *d_q_ = nullptr, *d_k_ = nullptr,
+        *d_v_ = nullptr, *d_vhat_ = nullptr, *d_y_ = nullptr, *d_act_ = nullptr, *d_gate_ = nullptr,
+        *d_up_ = nullptr;
+  float *ones_ = nullptr;
+  float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread                        // (N) of 1: bias add and bias gradient as GEMMs
+  float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
+  std::vector<float*> owned_;  // every activation buffer, for FreeActivations
+};
+
+}  // namespace sinkscope

@@ -1,0 +1,22 @@
+// AdamW with decoupled weight decay on 2-D weights, a linear warm-up then cosine decay
+// learning-rate schedule, and global-norm gradient clipping.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/model.h"
+#include "engine/schedule.h"
+
+namespace sinkscope {
+
+struct UpdateResult {
+  double lr = 0;
+  double grad_norm = 0;  // global ℓ2 norm of the gradient, before clipping
+  bool finite = true;    // false if the gradient holds a NaN or Inf (no update is made)
+};
+
+// Applies one AdamW update to `model` from its accumulated gradients at 0-based `step`.
+// `model` must be a training model (ModelOptions::training).
+UpdateResult AdamWStep(Model& model, const OptimizerConfig& config, int64_t step);
+
+}  // namespace sinkscope

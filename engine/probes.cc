@@ -1,0 +1,392 @@
+#include "engine/probes.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace sinkscope {
+
+const char* ReduceModeName(ReduceMode mode) {
+  return mode == ReduceMode::kSumThenNorm ? "SUM_THEN_NORM" : "NORM_THEN_MEAN";
+}
+
+const char* SiteName(Site site) {
+  switch (site) {
+    case Site::kXn: return "xn";
+    case Site::kXm: return "xm";
+    case Site::kHIn: return "h_in";
+    case Site::kHHalf: return "h_half";
+    case Site::kHOut: return "h_out";
+    case Site::kQ: return "q";
+    case Site::kK: return "k";
+    case Site::kV: return "v";
+    case Site::kVHat: return "vh";
+  }
+  return "?";
+}
+
+Status ProbeSettings::Validate(int T) const {
+  const std::string t = std::to_string(T);
+  if (sink_position < 0 || sink_position >= T) {
+    return InvalidArgumentError("probe.sink_position s = " + std::to_string(sink_position) +
+                                " lies outside the context [0, " + t + ")");
+  }
+  if (ref_span < 1 || ref_span >= T) {
+    return InvalidArgumentError("probe.ref_span T_e = " + std::to_string(ref_span) + " must be in [1, T) = [1, " + t +
+                                ") (R_GS sums tokens 0…T_e)");
+  }
+  if (profile_len < 1 || profile_len > T) {
+    return InvalidArgumentError("probe.profile_len P = " + std::to_string(profile_len) + " must be in [1, T] = [1, " +
+                                t + "]");
+  }
+  if (sink_position > ref_span) {
+    return InvalidArgumentError("probe.sink_position s = " + std::to_string(sink_position) +
+                                " must lie within the reference span [0, T_e] = [0, " + std::to_string(ref_span) +
+                                "] (Definition 1: 0 ≤ s ≤ T_e); raise probe.ref_span");
+  }
+  if (!(eps > 0 && eps < 1)) return InvalidArgumentError("probe.eps ε must be in (0, 1)");
+  if (t_eps < 1) return InvalidArgumentError("probe.t_eps T_ε must be positive");
+  return OkStatus();
+}
+
+double GradientSinkRatio(const std::vector<double>& n, int s, int ref_span) {
+  double ref = 0;
+  for (int t = 0; t <= ref_span; ++t) {
+    if (t != s) ref += n[t];
+  }
+  ref /= ref_span;  // eq. (3), Definition 1
+  return n[s] / ref;
+}
+
+double TokenNormRatio(const std::vector<double>& norms, int s) {
+  const int last = std::min<int>(15, static_cast<int>(norms.size()) - 1);
+  double ref = 0;
+  int count = 0;
+  for (int t = 1; t <= last; ++t) {
+    if (t == s) continue;  // the window is tokens 1…15 other than s (Figure 7)
+    ref += norms[t];
+    ++count;
+  }
+  if (count == 0) return NAN;  // T = 2 with s = 1: no reference token exists
+  return norms[s] / (ref / count);
+}
+
+double Quantile(std::vector<double> v, double q) {
+  if (v.empty()) return NAN;
+  std::sort(v.begin(), v.end());
+  const double pos = q * (v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - lo) * (v[hi] - v[lo]);
+}
+
+namespace {
+constexpr int kNumSites = static_cast<int>(kProfileSites.size());
+constexpr const char* kNormNames[] = {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"};
+constexpr int kNumNorms = 7;
+int SiteIndex(Site s) { return static_cast<int>(s); }  // kProfileSites lists the enum in order
+}  // namespace
+
+// Per-layer accumulators; device buffers are summed over micro-batches.
+struct ProbeCollector::LayerAcc {
+  std::array<float*, kNumSites> sum{};       // (K, C_site): Σ_b g[b,t]
+  std::array<float*, kNumSites> norm_sum{};  // (K): Σ_b ‖g[b,t]‖
+  std::array<int, kNumSites> channels{};
+  float* attn_g3_norm_sum = nullptr;  // (K): Σ_b ‖∂L/∂h_in − ∂L/∂h_half‖
+  float* mlp_g3_norm_sum = nullptr;   // (K): Σ_b ‖∂L/∂h_half − ∂L/∂h_out‖
+  std::array<float*, kNumNorms> act_norm_sum{};
+  std::vector<double> alpha, mass, second, above;  // per head, Σ over micro-batches of B·value
+  std::vector<float> abs_h_out;                    // every |h_out| value, for the median
+  std::array<double, 3> top3{-1, -1, -1};
+  int64_t top1_seq = 0;
+  int top1_tok = 0, top1_ch = 0;
+};
+
+ProbeCollector::ProbeCollector(Model& model, const ProbeSettings& settings, int T)
+    : model_(model), settings_(settings), T_(T) {
+  K_ = std::min(T, std::max({settings.profile_len, settings.ref_span + 1, 16}));
+  const ModelConfig& c = model.config();
+  Backend& be = *model.backend();
+  for (int l = 0; l < c.layers; ++l) {
+    auto* a = new LayerAcc;
+    for (Site s : kProfileSites) {
+      const int i = SiteIndex(s);
+      a->channels[i] = s == Site::kQ ? c.q_dim() : (s == Site::kK || s == Site::kV || s == Site::kVHat) ? c.kv_dim()
+                                                                                                       : c.d_model;
+      a->sum[i] = be.Alloc(static_cast<size_t>(K_) * a->channels[i]);
+      a->norm_sum[i] = be.Alloc(K_);
+    }
+    a->attn_g3_norm_sum = be.Alloc(K_);
+    a->mlp_g3_norm_sum = be.Alloc(K_);
+    for (auto& p : a->act_norm_sum) p = be.Alloc(K_);
+    a->alpha.assign(c.heads, 0.0);
+    a->mass.assign(c.heads, 0.0);
+    a->second.assign(c.heads, 0.0);
+    a->above.assign(c.heads, 0.0);
+    acc_.push_back(a);
+  }
+  // θ as the pass sees it: read now, before the step's update (Trainer::ProbedStep runs
+  // the optimizer before Finish), and only θ's own entries, not the whole buffer.
+  for (int l = 0; l < c.layers; ++l) {
+    std::vector<float> th(c.kv_heads, 0.0f);
+    const ParamTensor* t = model.FindTensor("model.layers." + std::to_string(l) + ".self_attn.vscale_theta");
+    if (c.vscale == VScaleMode::kVScale && t != nullptr) {
+      be.ToHost(th.data(), model.params() + t->offset, th.size() * sizeof(float));
+    }
+    theta_.push_back(std::move(th));
+  }
+}
+
+ProbeCollector::~ProbeCollector() {
+  Backend& be = *model_.backend();
+  for (LayerAcc* a : acc_) {
+    for (float* p : a->sum) be.Free(p);
+    for (float* p : a->norm_sum) be.Free(p);
+    for (float* p : a->act_norm_sum) be.Free(p);
+    be.Free(a->attn_g3_norm_sum);
+    be.Free(a->mlp_g3_norm_sum);
+    delete a;
+  }
+  if (scratch_) be.Free(scratch_);
+}
+
+float* ProbeCollector::Scratch(size_t n) {
+  if (n > scratch_size_) {
+    if (scratch_) model_.backend()->Free(scratch_);
+    scratch_ = model_.backend()->Alloc(n);
+    scratch_size_ = n;
+  }
+  return scratch_;
+}
+
+void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B, int T) {
+  Backend& be = *model_.backend();
+  const ModelConfig& c = model_.config();
+  LayerAcc& a = *acc_[layer];
+  const int d = c.d_model, KV = c.kv_heads, dh = c.head_dim, H = c.heads;
+  const float* acts[kNumNorms] = {x.h_in, x.h_half, x.h_out, x.r_attn, x.r_mlp, x.v, x.vhat};
+  for (int i = 0; i < kNumNorms; ++i) {
+    const bool per_kv_head = i >= 5;  // v and v̂: one norm per KV head, then the mean
+    be.AccumulateTokenNormSum(a.act_norm_sum[i], acts[i], B, T, per_kv_head ? KV : 1, per_kv_head ? dh : d, K_);
+  }
+  // Attention column statistics, recomputed from q and k.
+  ColumnStatsRequest req;
+  req.sink_position = settings_.sink_position;
+  req.window = std::min(settings_.t_eps, T - settings_.sink_position);
+  req.threshold = settings_.eps;
+  std::vector<float> alpha(H), mass(H), second(H), above(H), dev(4 * H);
+  float* out = Scratch(4 * H);
+  be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, B, T, H, KV, dh, req);
+  be.ToHost(dev.data(), out, 4 * H * sizeof(float));
+  for (int h = 0; h < H; ++h) {
+    a.alpha[h] += static_cast<double>(dev[h]) * B;
+    a.mass[h] += static_cast<double>(dev[H + h]) * B;
+    a.second[h] += static_cast<double>(dev[2 * H + h]) * B;
+    a.above[h] += std::round(static_cast<double>(dev[3 * H + h]) * B);  // a count of sequences
+  }
+  // Massive activations (Sun et al. 2024): every |h_out| value of the probe batch.
+  const size_t n = static_cast<size_t>(B) * T * d;
+  std::vector<float> host(n);
+  be.ToHost(host.data(), x.h_out, n * sizeof(float));
+  for (size_t i = 0; i < n; ++i) {
+    const double v = std::abs(host[i]);
+    a.abs_h_out.push_back(static_cast<float>(v));
+    if (v > a.top3[2]) {
+      if (v > a.top3[0]) {
+        a.top3 = {v, a.top3[0], a.top3[1]};
+        a.top1_seq = sequences_ + static_cast<int64_t>(i / (static_cast<size_t>(T) * d));
+        a.top1_tok = static_cast<int>((i / d) % T);
+        a.top1_ch = static_cast<int>(i % d);
+      } else if (v > a.top3[1]) {
+        a.top3 = {a.top3[0], v, a.top3[1]};
+      } else {
+        a.top3[2] = v;
+      }
+    }
+  }
+  if (layer == c.layers - 1) sequences_ += B;
+}
+
+void ProbeCollector::OnGradient(int layer, Site site, const float* grad, const float* downstream, int B, int T) {
+  Backend& be = *model_.backend();
+  LayerAcc& a = *acc_[layer];
+  const int i = SiteIndex(site);
+  const int C = a.channels[i];
+  be.AccumulateTokenSum(a.sum[i], grad, B, T, C, K_);
+  be.AccumulateTokenNormSum(a.norm_sum[i], grad, B, T, 1, C, K_);
+  if (downstream != nullptr) {  // g3 = ∂L/∂(residual in) − ∂L/∂(residual out), eq. (4)
+    const size_t n = static_cast<size_t>(B) * T * C;
+    float* diff = Scratch(n);
+    be.Copy(diff, grad, n);
+    be.Axpy(diff, -1.0f, downstream, n);
+    be.AccumulateTokenNormSum(site == Site::kHIn ? a.attn_g3_norm_sum : a.mlp_g3_norm_sum, diff, B, T, 1, C, K_);
+  }
+}
+
+ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
+  Backend& be = *model_.backend();
+  const ModelConfig& c = model_.config();
+  const ProbeSettings& st = settings_;
+  const bool sum_mode = st.reduce == ReduceMode::kSumThenNorm;
+  const int P = st.profile_len, K = K_;
+  const double B = std::max(sequences_, 1);
+  ProbeReport r;
+  r.step = step;
+  r.loss = loss;
+  r.settings = st;
+  r.batch_sequences = sequences_;
+  r.seq_len = T_;
+  auto download = [&](const float* p, size_t n) {
+    std::vector<float> h(n);
+    be.ToHost(h.data(), p, n * sizeof(float));
+    return std::vector<double>(h.begin(), h.end());
+  };
+  auto row_norm = [](const std::vector<double>& m, int t, int C) {
+    double s = 0;
+    for (int j = 0; j < C; ++j) s += m[static_cast<size_t>(t) * C + j] * m[static_cast<size_t>(t) * C + j];
+    return std::sqrt(s);
+  };
+  std::vector<double> rgs_all;
+  for (int l = 0; l < c.layers; ++l) {
+    LayerAcc& a = *acc_[l];
+    LayerProbe lp;
+    lp.layer = l;
+    // N_t in both modes at every site.
+    std::array<std::vector<double>, kNumSites> sums, n_sum, n_mean;
+    for (int i = 0; i < kNumSites; ++i) {
+      sums[i] = download(a.sum[i], static_cast<size_t>(K) * a.channels[i]);
+      n_mean[i] = download(a.norm_sum[i], K);
+      n_sum[i].resize(K);
+      for (int t = 0; t < K; ++t) {
+        n_sum[i][t] = row_norm(sums[i], t, a.channels[i]);
+        n_mean[i][t] /= B;
+      }
+    }
+    const auto& N = sum_mode ? n_sum : n_mean;
+    const int xn = SiteIndex(Site::kXn);
+    lp.r_gs_sum_then_norm = GradientSinkRatio(n_sum[xn], st.sink_position, st.ref_span);
+    lp.r_gs_norm_then_mean = GradientSinkRatio(n_mean[xn], st.sink_position, st.ref_span);
+    lp.r_gs = sum_mode ? lp.r_gs_sum_then_norm : lp.r_gs_norm_then_mean;
+    rgs_all.push_back(lp.r_gs);
+    for (Site s : kProfileSites) {
+      lp.grad_profile[SiteName(s)].assign(N[SiteIndex(s)].begin(), N[SiteIndex(s)].begin() + P);
+    }
+    // Reshaping ratios, eq. (4).
+    const int d = c.d_model;
+    std::vector<double> attn_g3(K), mlp_g3(K);
+    if (sum_mode) {  // Σ_b is linear: Σ_b g3 = Σ_b ∂h_in − Σ_b ∂h_half
+      const auto& hin = sums[SiteIndex(Site::kHIn)];
+      const auto& hhalf = sums[SiteIndex(Site::kHHalf)];
+      const auto& hout = sums[SiteIndex(Site::kHOut)];
+      for (int t = 0; t < K; ++t) {
+        double sa = 0, sm = 0;
+        for (int j = 0; j < d; ++j) {
+          const size_t k = static_cast<size_t>(t) * d + j;
+          sa += (hin[k] - hhalf[k]) * (hin[k] - hhalf[k]);
+          sm += (hhalf[k] - hout[k]) * (hhalf[k] - hout[k]);
+        }
+        attn_g3[t] = std::sqrt(sa);
+        mlp_g3[t] = std::sqrt(sm);
+      }
+    } else {
+      attn_g3 = download(a.attn_g3_norm_sum, K);
+      mlp_g3 = download(a.mlp_g3_norm_sum, K);
+      for (int t = 0; t < K; ++t) {
+        attn_g3[t] /= B;
+        mlp_g3[t] /= B;
+      }
+    }
+    const auto& g_in = N[SiteIndex(Site::kHIn)];
+    const auto& g_half = N[SiteIndex(Site::kHHalf)];
+    const auto& g_out = N[SiteIndex(Site::kHOut)];
+    const auto& g_xn = N[SiteIndex(Site::kXn)];
+    const auto& g_xm = N[SiteIndex(Site::kXm)];
+    for (int t = 0; t < P; ++t) {
+      lp.attn_bloat.push_back(g_xn[t] / g_half[t]);
+      lp.attn_change.push_back(g_in[t] / g_half[t]);
+      lp.attn_compress.push_back(attn_g3[t] / g_xn[t]);
+      lp.mlp_bloat.push_back(g_xm[t] / g_out[t]);
+      lp.mlp_change.push_back(g_half[t] / g_out[t]);
+      lp.mlp_compress.push_back(mlp_g3[t] / g_xm[t]);
+    }
+    // Attention statistics.
+    int sinks = 0;
+    double per_sample = 0;
+    for (int h = 0; h < c.heads; ++h) {
+      lp.alpha.push_back(a.alpha[h] / B);
+      lp.column_mass.push_back(a.mass[h] / B);
+      lp.column_second_moment.push_back(a.second[h] / B);
+      lp.per_sample_sink_fraction.push_back(a.above[h] / B);
+      if (lp.alpha.back() > st.eps) ++sinks;  // eq. (1)
+      per_sample += lp.per_sample_sink_fraction.back();
+    }
+    lp.sink_rate = static_cast<double>(sinks) / c.heads;
+    lp.sink_rate_per_sample = per_sample / c.heads;
+    // Activation norms (batch means; v and v̂ also averaged over KV heads).
+    for (int i = 0; i < kNumNorms; ++i) {
+      std::vector<double> v = download(a.act_norm_sum[i], K);
+      const double denom = i >= 5 ? B * c.kv_heads : B;
+      for (double& x : v) x /= denom;
+      lp.norm_ratio[kNormNames[i]] = TokenNormRatio(v, st.sink_position);
+      v.resize(P);
+      lp.norms[kNormNames[i]] = std::move(v);
+    }
+    // Massive activations.
+    MassiveActivations& m = lp.massive;
+    m.top3 = a.top3;
+    m.top1_sequence = a.top1_seq;
+    m.top1_token = a.top1_tok;
+    m.top1_channel = a.top1_ch;
+    std::vector<float>& vals = a.abs_h_out;
+    if (!vals.empty()) {
+      // The lower median, element (n−1)/2 of the sorted values (torch.median's
+      // convention, which the golden reference uses; METRICS.md leaves it open).
+      const size_t mid = (vals.size() - 1) / 2;
+      std::nth_element(vals.begin(), vals.begin() + mid, vals.end());
+      m.median = vals[mid];
+      m.top1_over_median = m.top3[0] / m.median;
+    }
+    // V-scale θ and C.
+    for (int g = 0; g < c.kv_heads; ++g) {
+      const double th = theta_[l][g];
+      lp.theta.push_back(th);
+      lp.c.push_back(model_.VScaleCBase() * std::exp(th));
+    }
+    r.layers.push_back(std::move(lp));
+  }
+  r.r_gs_median = Quantile(rgs_all, 0.5);
+  r.r_gs_q1 = Quantile(rgs_all, 0.25);
+  r.r_gs_q3 = Quantile(rgs_all, 0.75);
+  return r;
+}
+
+StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& settings, const int32_t* inputs,
+                                        const int32_t* targets, int B, int T, int64_t step,
+                                        const DiagnosticOptions& options) {
+  RETURN_IF_ERROR(settings.Validate(T));
+  if (T > model.config().context) {
+    return InvalidArgumentError("probe sequences of " + std::to_string(T) + " tokens exceed model.context " +
+                                std::to_string(model.config().context));
+  }
+  if (options.micro_batch < 0) return InvalidArgumentError("micro_batch must not be negative");
+  const int M = options.micro_batch == 0 ? B : std::min(options.micro_batch, B);
+  ProbeCollector collector(model, settings, T);
+  model.ZeroGrad();
+  // Every micro-batch's backward is of the whole batch's mean loss: ∂(Σ tokens)/(B·T).
+  const float grad_scale = 1.0f / (static_cast<float>(B) * T);
+  double loss_sum = 0;
+  const int total = (B + M - 1) / M;
+  for (int i = 0; i < total; ++i) {
+    const int first = i * M, n = std::min(M, B - first);
+    const size_t at = static_cast<size_t>(first) * T;
+    loss_sum += model.ForwardBackward(inputs + at, targets + at, n, T, grad_scale, &collector) * n;
+    if (options.progress) options.progress(i + 1, total);
+  }
+  model.ZeroGrad();
+  return collector.Finish(step, loss_sum / B);
+}
+
+double EstimateDiagnosticBytes(const ModelConfig& c, int micro_batch, int T, bool training) {
+  return (training ? 16 : 4) * c.ParameterCount() + c.ActivationBytes(micro_batch, T);
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,53 @@
+// Experiment files: YAML or JSON mapped onto sinkscope.v1.Experiment by the proto's
+// own descriptors (the JSON mapping: proto or lowerCamelCase field names, enums by
+// name), defaults filled in, and every rule checked. Errors name the file, the line,
+// the field path and the rule, e.g. "quickstart.yaml:7: model.kv_heads: must divide
+// model.heads (4), got 3".
+#pragma once
+
+#include <string>
+
+#include "proto/sinkscope/v1/experiment.pb.h"
+#include "base/status.h"
+#include "engine/config.h"
+#include "engine/schedule.h"
+
+namespace sinkscope {
+
+// Parses YAML or JSON text onto an Experiment; `source` names it in errors.
+StatusOr<v1::Experiment> ParseExperimentText(const std::string& text, const std::string& source);
+// Reads and parses a file; relative data paths are resolved against its folder.
+StatusOr<v1::Experiment> LoadExperimentFile(const std::string& path);
+// Fills every optional field left out with its documented default.
+void ApplyDefaults(v1::Experiment& experiment);
+// Checks every rule on a defaulted experiment; the message names the field path.
+// `check_paths` also requires data paths to exist on this machine.
+Status ValidateExperiment(const v1::Experiment& experiment, bool check_paths);
+
+// What one run of an experiment needs in memory on the CPU backend (fp32), computed in
+// double so absurd sizes cannot overflow: parameters, gradients and AdamW's two moments
+// (16 B per parameter) and the activations one micro-batch keeps for the backward (the
+// CPU attention keeps its B·H·T² matrix; the logits B·T·V).
+struct RunMemoryEstimate {
+  double parameters = 0;
+  double parameter_bytes = 0;   // 16 B per parameter
+  double activation_bytes = 0;  // one micro-batch
+  int64_t micro_batch = 0, context = 0;
+  double total_bytes() const { return parameter_bytes + activation_bytes; }
+  // "1.2B parameters need about 20.1 GB to train (...)".
+  std::string Describe() const;
+};
+RunMemoryEstimate EstimateRunMemory(const v1::Experiment& experiment);
+// 1536 → "1.5 KiB", in binary units.
+std::string FormatBytes(double bytes);
+
+// Bounds that keep one submission's work and storage bounded (ValidateExperiment).
+inline constexpr int kMaxRunsPerExperiment = 256;  // arms × seeds
+inline constexpr int kMaxDataPaths = 256;
+inline constexpr size_t kMaxPathBytes = 4096;
+
+ModelConfig ToModelConfig(const v1::ModelSpec& spec, v1::Arm arm);
+OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& spec);
+const char* ArmName(v1::Arm arm);  // "baseline", "vscale", "vscale_backward_only"
+
+}  // namespace sinkscope

@@ -1,0 +1,185 @@
+// sinkscope-make-shards: raw text → llm.c token shards with the byte-level tokenizer.
+//
+//   sinkscope-make-shards --out DIR [--separator %] [--val-fraction 0.05]
+//                         [--shard-tokens N] PATH...
+//
+// Reads the documents of PATH... exactly as a `text` data source does (files or folders,
+// a line equal to the separator ends a document), holds out the last val-fraction of the
+// documents for validation, packs each split with one end-of-text token between
+// documents and writes DIR/train_000000.bin … and DIR/val_000000.bin … of at most N
+// tokens each.
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <regex>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "data/data.h"
+#include "base/numbers.h"
+
+namespace {
+
+constexpr char kTool[] = "sinkscope-make-shards";
+constexpr long long kDefaultShardTokens = 100'000'000;  // as llm.c's data scripts
+
+void PrintUsage(std::FILE* out) {
+  std::fprintf(out,
+               "usage: %s --out DIR [--separator SEP] [--val-fraction F] [--shard-tokens N] PATH...\n"
+               "\n"
+               "Turns raw text into llm.c token shards (byte-level tokens 0..255, end-of-text 256\n"
+               "between documents, no begin token).\n"
+               "\n"
+               "  PATH...            text files or folders (folders are read recursively in sorted\n"
+               "                     order, skipping files ending in .dat or .u8)\n"
+               "  --out DIR          output folder, created if missing; gets train_000000.bin ...\n"
+               "                     and val_000000.bin ...\n"
+               "  --separator SEP    a line equal to SEP ends a document (default %%)\n"
+               "  --val-fraction F   fraction of the documents, taken from the end, held out for\n"
+               "                     validation, in [0, 0.5] (default 0.05; 0 writes no val shard)\n"
+               "  --shard-tokens N   at most N tokens per shard (default %lld)\n"
+               "  --help             print this help\n",
+               kTool, kDefaultShardTokens);
+}
+
+int UsageError(const std::string& message) {
+  std::fprintf(stderr, "%s: %s\n(run %s --help for usage)\n", kTool, message.c_str(), kTool);
+  return 2;
+}
+
+int Fail(const sinkscope::Status& status) {
+  std::fprintf(stderr, "%s: %s\n", kTool, status.ToString().c_str());
+  return 1;
+}
+
+std::string ShardName(const std::string& split, size_t index) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "%s_%06zu.bin", split.c_str(), index);
+  return name;
+}
+
+// Writes `tokens` as split_000000.bin, split_000001.bin, … of at most `per_shard` tokens.
+sinkscope::StatusOr<size_t> WriteSplit(const std::filesystem::path& dir, const std::string& split,
+                                       const std::vector<int32_t>& tokens, size_t per_shard) {
+  size_t files = 0;
+  for (size_t begin = 0; begin < tokens.size(); begin += per_shard, ++files) {
+    const size_t end = std::min(tokens.size(), begin + per_shard);
+    const std::vector<int32_t> part(tokens.begin() + static_cast<std::ptrdiff_t>(begin),
+                                    tokens.begin() + static_cast<std::ptrdiff_t>(end));
+    RETURN_IF_ERROR(sinkscope::WriteShard((dir / ShardName(split, files)).string(), part));
+  }
+  return files;
+}
+
+// Removes shards a previous run left behind (e.g. train_000007.bin when this run wrote
+// only 3 train shards), so that a glob over DIR sees exactly this run's output.
+void RemoveStaleShards(const std::filesystem::path& dir, const std::string& split, size_t written) {
+  static const std::regex kShard("(train|val)_([0-9]{6,})\\.bin");
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    std::smatch m;
+    const std::string name = entry.path().filename().string();
+    if (!std::regex_match(name, m, kShard) || m[1] != split) continue;
+    if (std::stoull(m[2]) < written) continue;
+    std::error_code rm_ec;
+    if (std::filesystem::remove(entry.path(), rm_ec)) {
+      std::fprintf(stderr, "%s: removed stale shard %s\n", kTool, entry.path().c_str());
+    } else if (rm_ec) {
+      std::fprintf(stderr, "%s: warning: cannot remove stale shard %s: %s\n", kTool, entry.path().c_str(),
+                   rm_ec.message().c_str());
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string out_dir;
+  sinkscope::TextSource source;
+  double val_fraction = 0.05;
+  int64_t shard_tokens = kDefaultShardTokens;
+  bool options_done = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (options_done || arg.empty() || arg[0] != '-' || arg == "-") {
+      source.paths.push_back(arg);
+      continue;
+    }
+    if (arg == "--") {
+      options_done = true;
+      continue;
+    }
+    if (arg == "--help" || arg == "-h") {
+      PrintUsage(stdout);
+      return 0;
+    }
+    std::string name = arg, value;
+    bool has_value = false;
+    if (const size_t eq = arg.find('='); eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+      has_value = true;
+    }
+    if (name != "--out" && name != "--separator" && name != "--val-fraction" && name != "--shard-tokens") {
+      return UsageError("unknown option " + name);
+    }
+    if (!has_value) {
+      if (i + 1 >= argc) return UsageError(name + " needs a value");
+      value = argv[++i];
+    }
+    if (name == "--out") {
+      if (value.empty()) return UsageError("--out needs a folder");
+      out_dir = value;
+    } else if (name == "--separator") {
+      source.separator = value;
+    } else if (name == "--val-fraction") {
+      if (!sinkscope::ParseWholeNumber(value, &val_fraction) || !(val_fraction >= 0.0 && val_fraction <= 0.5)) {
+        return UsageError("--val-fraction " + value + ": expected a number in [0, 0.5]");
+      }
+    } else if (name == "--shard-tokens") {
+      if (!sinkscope::ParseWholeInteger(value, &shard_tokens) || shard_tokens < 1 ||
+          shard_tokens > std::numeric_limits<int32_t>::max()) {
+        return UsageError("--shard-tokens " + value + ": expected a whole number in [1, " +
+                          std::to_string(std::numeric_limits<int32_t>::max()) + "]");
+      }
+    }
+  }
+  if (out_dir.empty()) return UsageError("--out DIR is required");
+  if (source.paths.empty()) return UsageError("no input PATH given");
+
+  auto docs = sinkscope::ReadDocuments(source);
+  if (!docs.ok()) return Fail(docs.status());
+  const size_t n_docs = docs->size();
+  std::string inputs;
+  for (const std::string& p : source.paths) inputs += (inputs.empty() ? "" : ", ") + p;
+  auto held = sinkscope::HeldOutCount(n_docs, val_fraction, "text source " + inputs, "documents");
+  if (!held.ok()) return Fail(held.status());
+  const std::vector<std::string> val_docs(docs->end() - static_cast<std::ptrdiff_t>(*held), docs->end());
+  docs->resize(n_docs - *held);
+  const std::vector<int32_t> train = sinkscope::PackDocuments(*docs);
+  const std::vector<int32_t> val = sinkscope::PackDocuments(val_docs);
+
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) return Fail(sinkscope::InvalidArgumentError("--out " + out_dir + ": cannot create folder: " + ec.message()));
+  if (!std::filesystem::is_directory(out_dir, ec)) {
+    return Fail(sinkscope::InvalidArgumentError("--out " + out_dir + ": not a folder"));
+  }
+  const std::filesystem::path dir(out_dir);
+  const auto train_files = WriteSplit(dir, "train", train, static_cast<size_t>(shard_tokens));
+  if (!train_files.ok()) return Fail(train_files.status());
+  const auto val_files = WriteSplit(dir, "val", val, static_cast<size_t>(shard_tokens));
+  if (!val_files.ok()) return Fail(val_files.status());
+  RemoveStaleShards(dir, "train", *train_files);
+  RemoveStaleShards(dir, "val", *val_files);
+
+  std::printf(
+      "%s: %zu documents (%zu train, %zu val), %zu tokens (%zu train, %zu val), %zu shard files (%zu train, %zu val) "
+      "in %s\n",
+      kTool, n_docs, docs->size(), val_docs.size(), train.size() + val.size(), train.size(), val.size(),
+      *train_files + *val_files, *train_files, *val_files, out_dir.c_str());
+  return 0;
+}

@@ -1,0 +1,411 @@
+// sinkscope-train: trains every arm × seed of an experiment file locally with the engine
+// (no coordinator), with a live progress line, periodic validation and checkpoints,
+// and prints the arms side by side. The service's workers run the same Trainer.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "runspec/convert.h"
+#include "schema/experiment.h"
+#include "engine/backend.h"
+#include "base/numbers.h"
+#include "training/hf.h"
+#include "training/probe_json.h"
+#include "training/progress.h"
+#include "training/safetensors.h"
+#include "training/trainer.h"
+
+namespace sinkscope {
+namespace {
+
+const char kUsage[] = R"(usage: sinkscope-train EXPERIMENT.yaml [options]
+
+Trains every arm x seed of the experiment on the CPU backend and prints the arms side by side.
+
+options:
+  --out DIR        where runs are written (default runs/<experiment name>)
+  --steps N        override train.steps
+  --resume         continue each run from its latest checkpoint in --out; metrics.jsonl and
+                   probes.jsonl keep the records up to the checkpoint's step
+  --json           print the summary as JSON instead of a table
+  -h, --help       this text
+)";
+
+struct RunSummary {
+  std::string arm;
+  uint64_t seed = 0;
+  // final_loss is the last step's loss, as the service's status and compare show it.
+  double first_loss = NAN, final_loss = NAN, val_loss = NAN, tokens_per_second = 0;
+  double mean_loss_last_10 = NAN;  // mean loss of the last (up to) 10 steps
+  int64_t steps = 0;
+  std::string dir;
+  bool probed = false;
+  ProbeReport last_probe;  // the latest training-time probe
+};
+
+// An append-only JSONL file of a run (metrics.jsonl, probes.jsonl). Lines are buffered and
+// written whole; Sync() makes every line appended so far durable. TrainRun syncs before
+// each checkpoint is committed, so the records of every step up to a checkpoint are on
+// disk whenever that checkpoint is, and a resume drops those of later steps (TrimJsonl).
+class JsonlLog {
+ public:
+  JsonlLog() = default;
+  JsonlLog(const JsonlLog&) = delete;
+  JsonlLog& operator=(const JsonlLog&) = delete;
+  ~JsonlLog() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  Status Open(const std::string& path) {
+    path_ = path;
+    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd_ < 0) return InternalError("cannot open " + path + ": " + std::strerror(errno));
+    return OkStatus();
+  }
+  Status Append(const nlohmann::json& record) {
+    buffer_ += record.dump();
+    buffer_ += '\n';
+    return buffer_.size() >= (1 << 16) ? Flush() : OkStatus();
+  }
+  Status Sync() {
+    RETURN_IF_ERROR(Flush());
+    if (::fsync(fd_) != 0) return InternalError("cannot fsync " + path_ + ": " + std::strerror(errno));
+    return OkStatus();
+  }
+
+ private:
+  Status Flush() {
+    size_t written = 0;
+    while (written < buffer_.size()) {
+      const ssize_t n = ::write(fd_, buffer_.data() + written, buffer_.size() - written);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return InternalError("cannot write " + path_ + ": " + std::strerror(errno));
+      written += static_cast<size_t>(n);
+    }
+    buffer_.clear();
+    return OkStatus();
+  }
+
+  std::string path_;
+  int fd_ = -1;
+  std::string buffer_;
+};
+
+// Rewrites the JSONL file `path` (atomically) with only its complete records of steps
+// 1…`last_step`, in increasing step order, each once: what a run resumed from the
+// checkpoint at `last_step` keeps, since it trains the later steps again. A torn line, a
+// record of a later step and a repeated step are dropped. `kept` sees each record kept.
+// Returns the number kept; a missing file is an empty one.
+StatusOr<int64_t> TrimJsonl(const std::string& path, int64_t last_step,
+                            const std::function<void(const nlohmann::json&)>& kept) {
+  std::string text;
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec)) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (!in) return InternalError("cannot read " + path);
+    text = ss.str();
+  } else if (ec) {
+    return InternalError("cannot read " + path + ": " + ec.message());
+  }
+  std::string out;
+  int64_t count = 0, previous = 0;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("step") || !j["step"].is_number_integer()) continue;
+    const int64_t step = j["step"].get<int64_t>();
+    if (step <= previous || step > last_step) continue;
+    previous = step;
+    out += line;
+    out += '\n';
+    ++count;
+    if (kept) kept(j);
+  }
+  RETURN_IF_ERROR(WriteFileAtomically(path, out));
+  return count;
+}
+
+// The arms side by side per layer at their latest probe: the numbers behind the paper's
+// Figures 1 and 7.
+void PrintArmComparison(const std::vector<RunSummary>& runs) {
+  std::vector<const RunSummary*> probed;
+  for (const auto& r : runs) {
+    if (r.probed) probed.push_back(&r);
+  }
+  if (probed.empty()) return;
+  std::printf("\nper layer at the latest probe (step %lld): R_GS(0) | sink rate | ‖h_out‖ tok0/1-15 | top1/median\n",
+              static_cast<long long>(probed[0]->last_probe.step));
+  std::printf("%5s", "layer");
+  for (const auto* r : probed) std::printf(" | %-34s", (r->arm + " s" + std::to_string(r->seed)).c_str());
+  std::printf("\n");
+  const size_t layers = probed[0]->last_probe.layers.size();
+  for (size_t l = 0; l < layers; ++l) {
+    std::printf("%5zu", l);
+    for (const auto* r : probed) {
+      const LayerProbe& p = r->last_probe.layers[l];
+      std::printf(" | %7.2f %6.2f %9.2f %9.1f", p.r_gs, p.sink_rate, p.norm_ratio.at("h_out"),
+                  p.massive.top1_over_median);
+    }
+    std::printf("\n");
+  }
+  std::printf("%5s", "med");
+  for (const auto* r : probed) {
+    std::printf(" | %7.2f [IQR %6.2f-%-6.2f]          ", r->last_probe.r_gs_median, r->last_probe.r_gs_q1,
+                r->last_probe.r_gs_q3);
+  }
+  std::printf("\n");
+}
+
+StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t seed, const DataSplits& data,
+                              const std::string& out, bool resume, Backend* backend, double peak_flops) {
+  const TrainerOptions o = ToTrainerOptions(e, arm, seed, peak_flops);
+  ASSIGN_OR_RETURN(auto trainer, Trainer::Create(o, &data, backend));
+  RunSummary r;
+  r.arm = ArmName(arm);
+  r.seed = seed;
+  r.dir = out + "/" + r.arm + "-s" + std::to_string(seed);
+  std::error_code ec;
+  std::filesystem::create_directories(r.dir, ec);
+  if (ec) return InternalError("cannot create the folder " + r.dir + ": " + ec.message());
+  const std::string ckpt = r.dir + "/checkpoint.bin";
+  for (const std::string& stale : RemoveStaleTempFiles(r.dir)) {
+    std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", stale.c_str());
+  }
+  const bool have_checkpoint = resume && std::filesystem::exists(ckpt, ec);
+  if (ec) return InternalError("cannot read " + ckpt + ": " + ec.message());
+  if (have_checkpoint) {
+    RETURN_IF_ERROR(trainer->Resume(ckpt));
+    if (trainer->step() > e.train().steps()) {
+      return InvalidArgumentError(ckpt + " is at step " + std::to_string(trainer->step()) +
+                                  ", past train.steps = " + std::to_string(e.train().steps()) +
+                                  "; resume with the same --steps it was trained with");
+    }
+  } else {
+    // A fresh start owns the folder: a checkpoint and export of an earlier run would
+    // otherwise be picked up by a later --resume and spliced with this run's records.
+    for (const std::string& stale : {ckpt, r.dir + "/hf"}) {
+      std::filesystem::remove_all(stale, ec);
+      if (ec) return InternalError("cannot remove " + stale + " of an earlier run: " + ec.message());
+    }
+    trainer->Initialize();
+  }
+  // The records of the steps up to the checkpoint (none on a fresh start) are kept: they
+  // were made durable before the checkpoint was committed. Later steps are trained again.
+  std::deque<double> last_losses;  // of the last (up to) 10 steps
+  auto note_loss = [&](int64_t step, double loss) {
+    if (step == 1) r.first_loss = loss;
+    r.final_loss = loss;
+    last_losses.push_back(loss);
+    if (last_losses.size() > 10) last_losses.pop_front();
+  };
+  ASSIGN_OR_RETURN(const int64_t kept_steps,
+                   TrimJsonl(r.dir + "/metrics.jsonl", trainer->step(), [&](const nlohmann::json& j) {
+                     if (j.contains("loss") && j["loss"].is_number()) note_loss(j["step"], j["loss"]);
+                     if (j.contains("val_loss") && j["val_loss"].is_number()) r.val_loss = j["val_loss"];
+                   }));
+  ASSIGN_OR_RETURN(const int64_t kept_probes, TrimJsonl(r.dir + "/probes.jsonl", trainer->step(), nullptr));
+  if (have_checkpoint) {
+    std::fprintf(stderr, "%s: resuming at step %lld; %lld metrics and %lld probe records kept\n", r.dir.c_str(),
+                 static_cast<long long>(trainer->step()), static_cast<long long>(kept_steps),
+                 static_cast<long long>(kept_probes));
+  }
+  JsonlLog metrics, probes;
+  RETURN_IF_ERROR(metrics.Open(r.dir + "/metrics.jsonl"));
+  RETURN_IF_ERROR(probes.Open(r.dir + "/probes.jsonl"));
+  // Before a checkpoint is committed: every record of the steps it holds is on disk.
+  auto checkpoint = [&]() -> Status {
+    RETURN_IF_ERROR(probes.Sync());
+    RETURN_IF_ERROR(metrics.Sync());
+    return trainer->SaveCheckpoint(ckpt);
+  };
+  const ProbeSettings probe_settings = ToProbeSettings(e.probe());
+  const ProbeBatchKind probe_batch = ToProbeBatchKind(e.probe());
+  const int64_t total = e.train().steps();
+  ProgressBar bar(r.arm + " seed " + std::to_string(seed), total);
+  double tok_s_sum = 0;
+  int64_t timed_steps = 0;
+  while (trainer->step() < total) {
+    const bool probe_now = IsProbeStep(trainer->step() + 1, e.probe().every(), total);
+    ProbeReport report;
+    const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
+    if (probe_now && s.finite) {
+      RETURN_IF_ERROR(probes.Append(ProbeReportToJson(report)));
+      r.last_probe = std::move(report);
+      r.probed = true;
+    }
+    if (!s.finite) {
+      RETURN_IF_ERROR(checkpoint());  // unchanged weights: the last good state
+      return Status(StatusCode::kAborted, "run " + r.arm + " seed " + std::to_string(seed) +
+                                              ": NUMERICAL: loss or gradient is not finite at step " +
+                                              std::to_string(s.step + 1) + "; last good checkpoint kept at " + ckpt);
+    }
+    note_loss(s.step, s.loss);
+    if (s.step > 1) {  // the first step pays one-time allocation
+      tok_s_sum += s.tokens_per_second;
+      ++timed_steps;
+    }
+    nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
+                           {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
+    if (IsEveryOrLast(s.step, e.train().eval_every(), total)) {
+      r.val_loss = trainer->Evaluate();
+      line["val_loss"] = r.val_loss;
+    }
+    RETURN_IF_ERROR(metrics.Append(line));
+    bar.Update(s.step, s.loss, s.tokens_per_second);
+    if (IsEveryOrLast(s.step, e.checkpoint().every(), total)) RETURN_IF_ERROR(checkpoint());
+  }
+  bar.Finish();
+  RETURN_IF_ERROR(probes.Sync());
+  RETURN_IF_ERROR(metrics.Sync());
+  if (std::isnan(r.val_loss)) r.val_loss = trainer->Evaluate();
+  if (!last_losses.empty()) {
+    r.mean_loss_last_10 = 0;
+    for (double l : last_losses) r.mean_loss_last_10 += l / last_losses.size();
+  }
+  r.steps = trainer->step();
+  r.tokens_per_second = timed_steps ? tok_s_sum / timed_steps : 0;
+  if (e.checkpoint().export_hf()) RETURN_IF_ERROR(ExportHf(trainer->model(), r.dir + "/hf"));
+  return r;
+}
+
+
+int Main(int argc, char** argv) {
+  std::string file, out;
+  int64_t steps = -1;
+  bool resume = false, json = false;
+  auto usage_error = [](const std::string& msg) {
+    std::fprintf(stderr, "sinkscope-train: %s\n", msg.c_str());
+    return 2;
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if ((a == "--out" || a == "--steps") && i + 1 >= argc) return usage_error(a + " needs a value (see --help)");
+    if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (a == "--out") {
+      out = argv[++i];
+      if (out.empty()) return usage_error("--out needs a folder, got ''");
+    } else if (a == "--steps") {
+      const std::string v = argv[++i];
+      // Positive, at most INT32_MAX (train.steps is an int32).
+      if (!ParseWholeInteger(v, &steps) || steps <= 0 || steps > INT32_MAX) {
+        return usage_error("--steps must be a positive integer, got '" + v + "'");
+      }
+    } else if (a == "--resume") {
+      resume = true;
+    } else if (a == "--json") {
+      json = true;
+    } else if (!a.empty() && a[0] != '-' && file.empty()) {
+      file = a;
+    } else {
+      std::fprintf(stderr, "sinkscope-train: unknown argument %s\n%s", a.c_str(), kUsage);
+      return 2;
+    }
+  }
+  if (file.empty()) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  auto e = LoadExperimentFile(file);
+  if (!e.ok()) {
+    std::fprintf(stderr, "sinkscope-train: %s\n", e.status().message().c_str());
+    return 2;
+  }
+  ApplyDefaults(*e);
+  if (steps > 0) {
+    e->mutable_train()->set_steps(static_cast<int32_t>(steps));
+    e->mutable_train()->set_warmup_steps(std::min<int32_t>(e->train().warmup_steps(), e->train().steps()));
+  }
+  if (Status s = ValidateExperiment(*e, /*check_paths=*/true); !s.ok()) {
+    std::fprintf(stderr, "sinkscope-train: %s: %s\n", file.c_str(), s.message().c_str());
+    return 2;
+  }
+  if (e->resources().device() != v1::CPU) {
+    std::fprintf(stderr, "sinkscope-train: resources.device: only CPU is built into this binary\n");
+    return 2;
+  }
+  if (out.empty()) out = "runs/" + e->name();
+  {
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    if (ec) {
+      std::fprintf(stderr, "sinkscope-train: --out %s: cannot create the folder: %s\n", out.c_str(),
+                   ec.message().c_str());
+      return 2;
+    }
+  }
+
+  const DataSpec spec = ToDataSpec(*e);
+  auto data = LoadData(spec);
+  if (!data.ok()) {
+    std::fprintf(stderr, "sinkscope-train: data: %s\n", data.status().message().c_str());
+    return 2;
+  }
+  const double unigram = UnigramEntropy(data->val.size() > 0 ? data->val.tokens() : data->train.tokens());
+  std::fprintf(stderr, "%s: %zu train / %zu validation tokens, unigram entropy %.4f nats/token\n", e->name().c_str(),
+               data->train.size(), data->val.size(), unigram);
+
+  auto backend = MakeCpuBackend();
+  const double peak = MeasureGemmPeak(*backend);
+  std::fprintf(stderr, "cpu backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", peak / 1e9);
+  std::vector<RunSummary> runs;
+  for (uint64_t seed : e->seeds()) {
+    for (int a : e->arms()) {
+      auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak);
+      if (!r.ok()) {
+        std::fprintf(stderr, "sinkscope-train: %s\n", r.status().message().c_str());
+        return 1;
+      }
+      runs.push_back(*r);
+    }
+  }
+  if (json) {
+    nlohmann::json j = {{"experiment", e->name()}, {"unigram_entropy", unigram}, {"runs", nlohmann::json::array()}};
+    for (const auto& r : runs) {
+      j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"steps", r.steps}, {"first_loss", r.first_loss},
+                           {"final_loss", r.final_loss}, {"mean_loss_last_10", r.mean_loss_last_10},
+                           {"val_loss", r.val_loss},
+                           {"tokens_per_second", r.tokens_per_second}, {"dir", r.dir}});
+      if (r.probed) j["runs"].back()["last_probe"] = ProbeReportToJson(r.last_probe);
+    }
+    std::printf("%s\n", j.dump(1).c_str());
+    return 0;
+  }
+  std::printf("\n%s: %lld steps of %d tokens; unigram entropy of the validation text %.4f nats/token\n",
+              e->name().c_str(), static_cast<long long>(e->train().steps()),
+              e->train().micro_batch() * e->train().grad_accum() * e->model().context(), unigram);
+  std::printf("%-22s %6s %11s %11s %13s %9s %10s\n", "arm", "seed", "first loss", "final loss", "mean last 10",
+              "val loss", "tok/s");
+  for (const auto& r : runs) {
+    std::printf("%-22s %6llu %11.4f %11.4f %13.4f %9.4f %10.0f\n", r.arm.c_str(),
+                static_cast<unsigned long long>(r.seed), r.first_loss, r.final_loss, r.mean_loss_last_10, r.val_loss,
+                r.tokens_per_second);
+  }
+  std::printf("(final loss: the last step's; mean last 10: the mean loss of the last 10 steps)\n");
+  PrintArmComparison(runs);
+  std::printf("runs written to %s (metrics.jsonl, probes.jsonl, checkpoint.bin, hf/)\n", out.c_str());
+  return 0;
+}
+
+}  // namespace
+}  // namespace sinkscope
+
+int main(int argc, char** argv) { return sinkscope::Main(argc, argv); }

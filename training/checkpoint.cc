@@ -1,0 +1,203 @@
+#include "training/checkpoint.h"
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "data/data.h"
+#include "training/safetensors.h"
+
+namespace sinkscope {
+namespace {
+
+constexpr char kMagic[8] = {'S', 'I', 'N', 'K', 'C', 'K', 'P', 'T'};
+
+uint64_t Fnv1a(const char* data, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) {
+    h ^= static_cast<unsigned char>(data[i]);
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// Every field of RopeScaling (a pretrained model's; training runs use the default).
+nlohmann::json RopeScalingToJson(const RopeScaling& r) {
+  return {{"type", RopeTypeName(r.type)},
+          {"factor", r.factor},
+          {"low_freq_factor", r.low_freq_factor},
+          {"high_freq_factor", r.high_freq_factor},
+          {"original_max_position_embeddings", r.original_max_position_embeddings},
+          {"beta_fast", r.beta_fast},
+          {"beta_slow", r.beta_slow},
+          {"attention_factor", r.attention_factor},
+          {"truncate", r.truncate}};
+}
+
+nlohmann::json ConfigToJson(const ModelConfig& c) {
+  return {{"layers", c.layers},       {"d_model", c.d_model},       {"heads", c.heads},
+          {"kv_heads", c.kv_heads},   {"head_dim", c.head_dim},     {"ffn", c.ffn},
+          {"vocab", c.vocab},         {"context", c.context},       {"rope_theta", c.rope_theta},
+          {"rms_eps", c.rms_eps},     {"init_std", c.init_std},     {"tied_embeddings", c.tied_embeddings},
+          {"vscale", VScaleModeName(c.vscale)}, {"vscale_sigma", c.vscale_sigma},
+          {"rope_scaling", RopeScalingToJson(c.rope_scaling)}, {"attention_bias", c.attention_bias},
+          {"qk_norm", c.qk_norm}};
+}
+
+StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
+  ModelConfig c;
+  try {
+    c.layers = j.at("layers");
+    c.d_model = j.at("d_model");
+    c.heads = j.at("heads");
+    c.kv_heads = j.at("kv_heads");
+    c.head_dim = j.at("head_dim");
+    c.ffn = j.at("ffn");
+    c.vocab = j.at("vocab");
+    c.context = j.at("context");
+    c.rope_theta = j.at("rope_theta");
+    c.rms_eps = j.at("rms_eps");
+    c.init_std = j.at("init_std");
+    c.tied_embeddings = j.at("tied_embeddings");
+    c.vscale_sigma = j.at("vscale_sigma");
+    c.attention_bias = j.value("attention_bias", false);  // absent in older checkpoints: Llama
+    c.qk_norm = j.value("qk_norm", false);
+    if (j.contains("rope_scaling")) {  // absent in checkpoints written before it existed: default
+      const nlohmann::json& r = j.at("rope_scaling");
+      RopeScaling& s = c.rope_scaling;
+      const std::string type = r.at("type");
+      if (!ParseRopeType(type, &s.type)) return DataLossError("unknown rope_scaling type " + type);
+      s.factor = r.at("factor");
+      s.low_freq_factor = r.at("low_freq_factor");
+      s.high_freq_factor = r.at("high_freq_factor");
+      s.original_max_position_embeddings = r.at("original_max_position_embeddings");
+      s.beta_fast = r.at("beta_fast");
+      s.beta_slow = r.at("beta_slow");
+      s.attention_factor = r.at("attention_factor");
+      s.truncate = r.at("truncate");
+    }
+    const std::string arm = j.at("vscale");
+    if (!ParseVScaleMode(arm, &c.vscale)) return DataLossError("unknown arm " + arm);
+  } catch (const nlohmann::json::exception& e) {
+    return DataLossError(std::string("model config: ") + e.what());
+  }
+  return c;
+}
+
+struct Parsed {
+  nlohmann::json header;
+  std::string bytes;
+  size_t payload_offset = 0;
+};
+
+StatusOr<Parsed> ReadAndVerify(const std::string& path) {
+  Parsed p;
+  ASSIGN_OR_RETURN(p.bytes, ReadRegularFile(path, "checkpoint " + path));
+  const std::string& b = p.bytes;
+  if (b.size() < 24 + 8 || std::memcmp(b.data(), kMagic, 8) != 0) {
+    return DataLossError("checkpoint " + path + ": not a sinkscope checkpoint (bad magic or too short)");
+  }
+  uint32_t version;
+  std::memcpy(&version, b.data() + 8, 4);
+  if (version != kCheckpointVersion) {
+    return DataLossError("checkpoint " + path + ": format version " + std::to_string(version) + ", this build reads " +
+                         std::to_string(kCheckpointVersion));
+  }
+  uint64_t stored_sum;
+  std::memcpy(&stored_sum, b.data() + b.size() - 8, 8);
+  if (Fnv1a(b.data(), b.size() - 8) != stored_sum) {
+    return DataLossError("checkpoint " + path + ": checksum mismatch (the file is corrupt or truncated)");
+  }
+  uint64_t header_len;
+  std::memcpy(&header_len, b.data() + 16, 8);
+  if (24 + header_len > b.size() - 8) return DataLossError("checkpoint " + path + ": header length out of range");
+  p.header = nlohmann::json::parse(b.substr(24, header_len), nullptr, false);
+  if (p.header.is_discarded()) return DataLossError("checkpoint " + path + ": header is not JSON");
+  p.payload_offset = 24 + header_len;
+  return p;
+}
+
+}  // namespace
+
+Status SaveCheckpoint(const std::string& path, const Model& model, const TrainingState& state) {
+  if (!model.training()) {
+    return FailedPreconditionError("checkpoint " + path + ": a model made for probing has no optimizer state to save");
+  }
+  const Model& m = model;
+  const size_t n = model.num_params();
+  nlohmann::json header = {{"model", ConfigToJson(model.config())},
+                           {"step", state.step},
+                           {"seed", state.seed},
+                           {"data_counter", state.data_counter},
+                           {"num_params", n}};
+  const std::string h = header.dump();
+  std::string bytes(kMagic, 8);
+  const uint32_t version = kCheckpointVersion, zero = 0;
+  const uint64_t len = h.size();
+  bytes.append(reinterpret_cast<const char*>(&version), 4);
+  bytes.append(reinterpret_cast<const char*>(&zero), 4);
+  bytes.append(reinterpret_cast<const char*>(&len), 8);
+  bytes += h;
+  std::vector<float> host(n);
+  for (float* buf : {m.params(), m.adam_m(), m.adam_v()}) {
+    m.backend()->ToHost(host.data(), buf, n * sizeof(float));
+    bytes.append(reinterpret_cast<const char*>(host.data()), n * sizeof(float));
+  }
+  const uint64_t sum = Fnv1a(bytes.data(), bytes.size());
+  bytes.append(reinterpret_cast<const char*>(&sum), 8);
+  return WriteFileAtomically(path, bytes);
+}
+
+StatusOr<ModelConfig> ReadCheckpointConfig(const std::string& path) {
+  ASSIGN_OR_RETURN(Parsed p, ReadAndVerify(path));
+  auto c = ConfigFromJson(p.header["model"]);
+  if (!c.ok()) return DataLossError("checkpoint " + path + ": " + c.status().message());
+  return c;
+}
+
+StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model) {
+  ASSIGN_OR_RETURN(Parsed p, ReadAndVerify(path));
+  auto c = ConfigFromJson(p.header["model"]);
+  if (!c.ok()) return DataLossError("checkpoint " + path + ": " + c.status().message());
+  if (ConfigToJson(*c) != ConfigToJson(model.config())) {
+    return FailedPreconditionError("checkpoint " + path + ": its model config " + ConfigToJson(*c).dump() +
+                                   " differs from the run's " + ConfigToJson(model.config()).dump());
+  }
+  const size_t n = model.num_params();
+  if (p.header.value("num_params", size_t{0}) != n || p.payload_offset + 3 * n * sizeof(float) + 8 != p.bytes.size()) {
+    return DataLossError("checkpoint " + path + ": payload size does not match " + std::to_string(n) + " parameters");
+  }
+  const char* payload = p.bytes.data() + p.payload_offset;
+  Backend* be = model.backend();
+  be->ToDevice(model.params(), payload, n * sizeof(float));
+  if (model.training()) {  // a model made for probing keeps the parameters only
+    be->ToDevice(model.adam_m(), payload + n * sizeof(float), n * sizeof(float));
+    be->ToDevice(model.adam_v(), payload + 2 * n * sizeof(float), n * sizeof(float));
+  }
+  TrainingState s;
+  s.step = p.header.value("step", int64_t{0});
+  s.seed = p.header.value("seed", uint64_t{0});
+  s.data_counter = p.header.value("data_counter", uint64_t{0});
+  return s;
+}
+
+std::vector<std::string> RemoveStaleTempFiles(const std::string& dir) {
+  static const char* const kOurs[] = {"checkpoint.bin", "metrics.jsonl", "probes.jsonl", "hf/config.json",
+                                      "hf/model.safetensors"};
+  std::vector<std::string> removed;
+  for (const char* name : kOurs) {
+    const std::filesystem::path file = std::filesystem::path(dir) / name;
+    const std::string prefix = file.filename().string() + ".tmp.";
+    std::error_code ec;
+    for (std::filesystem::directory_iterator it(file.parent_path(), ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().filename().string().rfind(prefix, 0) != 0) continue;
+      std::error_code rm;
+      if (std::filesystem::remove(it->path(), rm)) removed.push_back(it->path().string());
+    }
+  }
+  return removed;
+}
+
+}  // namespace sinkscope

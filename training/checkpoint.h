@@ -1,0 +1,37 @@
+// Training checkpoints: model, AdamW state, step, RNG and data position, in a versioned
+// binary format written atomically. Layout (little-endian):
+//   "SINKCKPT" | u32 format version | u32 0 | u64 header length | header JSON
+//   | params (f32 × n) | adam m (f32 × n) | adam v (f32 × n) | u64 FNV-1a of all before
+// The header holds the model config, the step, the seed and the data position; loading
+// checks all of it against the model it restores into.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "engine/model.h"
+
+namespace sinkscope {
+
+inline constexpr uint32_t kCheckpointVersion = 1;
+
+struct TrainingState {
+  int64_t step = 0;           // optimisation steps completed
+  uint64_t seed = 0;          // the run's seed
+  uint64_t data_counter = 0;  // micro-batches drawn so far: the data position
+};
+
+Status SaveCheckpoint(const std::string& path, const Model& model, const TrainingState& state);
+// Restores into `model` (whose config must match the file's) and returns the state.
+StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model);
+// The model config stored in a checkpoint, to build a model before loading it.
+StatusOr<ModelConfig> ReadCheckpointConfig(const std::string& path);
+
+// Removes the temporary files that a process killed while writing one of a run's files
+// leaves in the run folder `dir` (WriteFileAtomically's "<name>.tmp.<pid>.<thread>" of
+// checkpoint.bin, metrics.jsonl, probes.jsonl, hf/config.json, hf/model.safetensors):
+// ours, never others. Returns the paths removed.
+std::vector<std::string> RemoveStaleTempFiles(const std::string& dir);
+
+}  // namespace sinkscope

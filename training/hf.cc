@@ -1,0 +1,426 @@
+#include "training/hf.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "data/data.h"
+
+namespace sinkscope {
+
+namespace {
+
+// config.json and the shard index are small; a larger file is not one of them.
+constexpr int64_t kMaxJsonBytes = 64 << 20;
+
+std::string Quoted(const nlohmann::json& v) { return v.dump(); }
+
+// A number under `key` of `obj` as Hugging Face reads it: absent or null leaves *out as
+// it is; anything but a number is refused naming the key and its value.
+Status OptionalNumber(const nlohmann::json& obj, const std::string& where, const char* key, double* out) {
+  if (!obj.contains(key) || obj[key].is_null()) return OkStatus();
+  if (!obj[key].is_number()) {
+    return InvalidArgumentError(where + key + " must be a number, got " + Quoted(obj[key]));
+  }
+  *out = obj[key].get<double>();
+  return OkStatus();
+}
+
+Status OptionalInt(const nlohmann::json& obj, const std::string& where, const char* key, int* out) {
+  if (!obj.contains(key) || obj[key].is_null()) return OkStatus();
+  if (!obj[key].is_number_integer() || obj[key].get<int64_t>() > INT32_MAX || obj[key].get<int64_t>() < INT32_MIN) {
+    return InvalidArgumentError(where + key + " must be an integer, got " + Quoted(obj[key]));
+  }
+  *out = obj[key].get<int>();
+  return OkStatus();
+}
+
+Status OptionalBool(const nlohmann::json& obj, const std::string& where, const char* key, bool* out) {
+  if (!obj.contains(key) || obj[key].is_null()) return OkStatus();
+  if (!obj[key].is_boolean()) return InvalidArgumentError(where + key + " must be true or false, got " + Quoted(obj[key]));
+  *out = obj[key].get<bool>();
+  return OkStatus();
+}
+
+// Reads a RoPE parameter object: `rope_scaling` (Transformers 4) or `rope_parameters`
+// (Transformers 5, which also carries rope_theta). `where` is "config.json: rope_scaling.".
+Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max_position_embeddings,
+                      ModelConfig* c, double* rope_theta_inside) {
+  if (!r.is_object()) return InvalidArgumentError(where.substr(0, where.size() - 1) + " must be an object, got " + Quoted(r));
+  static const char* const kKnown[] = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+                                       "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                                       "attention_factor", "truncate", "mscale", "mscale_all_dim",
+                                       "partial_rotary_factor"};
+  for (auto it = r.begin(); it != r.end(); ++it) {
+    bool known = false;
+    for (const char* k : kKnown) known = known || it.key() == k;
+    if (!known) {
+      // A per-layer-type table ({"full_attention": {...}, ...}) lands here too.
+      return InvalidArgumentError(where + it.key() + " = " + Quoted(it.value()) + " is not supported");
+    }
+  }
+  std::string type = "default";
+  for (const char* key : {"rope_type", "type"}) {
+    if (r.contains(key) && !r[key].is_null()) {
+      if (!r[key].is_string()) return InvalidArgumentError(where + key + " must be a string, got " + Quoted(r[key]));
+      type = r[key].get<std::string>();
+    }
+  }
+  RopeScaling& s = c->rope_scaling;
+  if (!ParseRopeType(type, &s.type)) {
+    return InvalidArgumentError(where + "rope_type = \"" + type +
+                                "\" is not supported (supported: default, linear, llama3, yarn)");
+  }
+  if (r.contains("rope_theta")) {
+    double theta = 0;
+    RETURN_IF_ERROR(OptionalNumber(r, where, "rope_theta", &theta));
+    *rope_theta_inside = theta;
+  }
+  double partial = 1.0;
+  RETURN_IF_ERROR(OptionalNumber(r, where, "partial_rotary_factor", &partial));
+  if (partial != 1.0) {
+    return InvalidArgumentError(where + "partial_rotary_factor = " + Quoted(r["partial_rotary_factor"]) +
+                                " is not supported (the whole head is rotated)");
+  }
+  // Keys that are present must belong to the type: a llama3 key under yarn is a mistake.
+  auto only = [&](std::initializer_list<const char*> allowed) -> Status {
+    static const char* const kTypeKeys[] = {"factor", "original_max_position_embeddings", "low_freq_factor",
+                                            "high_freq_factor", "beta_fast", "beta_slow", "attention_factor",
+                                            "truncate", "mscale", "mscale_all_dim"};
+    for (const char* key : kTypeKeys) {
+      bool ok = false;
+      for (const char* a : allowed) ok = ok || std::string(a) == key;
+      if (!ok && r.contains(key) && !r[key].is_null()) {
+        return InvalidArgumentError(where + key + " = " + Quoted(r[key]) + " does not apply to rope_type \"" + type +
+                                    "\"");
+      }
+    }
+    return OkStatus();
+  };
+  auto required = [&](const char* key) -> Status {
+    if (!r.contains(key) || r[key].is_null()) {
+      return InvalidArgumentError(where + key + " is required for rope_type \"" + type + "\"");
+    }
+    return OkStatus();
+  };
+  switch (s.type) {
+    case RopeType::kDefault: RETURN_IF_ERROR(only({})); break;
+    case RopeType::kLinear:
+      RETURN_IF_ERROR(only({"factor"}));
+      RETURN_IF_ERROR(required("factor"));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "factor", &s.factor));
+      break;
+    case RopeType::kLlama3:
+      RETURN_IF_ERROR(only({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}));
+      for (const char* key : {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}) {
+        RETURN_IF_ERROR(required(key));
+      }
+      RETURN_IF_ERROR(OptionalNumber(r, where, "factor", &s.factor));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "low_freq_factor", &s.low_freq_factor));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "high_freq_factor", &s.high_freq_factor));
+      RETURN_IF_ERROR(OptionalInt(r, where, "original_max_position_embeddings", &s.original_max_position_embeddings));
+      break;
+    case RopeType::kYarn: {
+      RETURN_IF_ERROR(only({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                            "truncate", "mscale", "mscale_all_dim"}));
+      s.original_max_position_embeddings = max_position_embeddings;
+      RETURN_IF_ERROR(OptionalInt(r, where, "original_max_position_embeddings", &s.original_max_position_embeddings));
+      // Transformers 5: an explicit factor wins; without one it is the ratio of the
+      // post-YaRN to the pre-YaRN context.
+      s.factor = static_cast<double>(max_position_embeddings) / std::max(s.original_max_position_embeddings, 1);
+      RETURN_IF_ERROR(OptionalNumber(r, where, "factor", &s.factor));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "beta_fast", &s.beta_fast));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "beta_slow", &s.beta_slow));
+      RETURN_IF_ERROR(OptionalBool(r, where, "truncate", &s.truncate));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "attention_factor", &s.attention_factor));
+      double mscale = 0, mscale_all_dim = 0;
+      RETURN_IF_ERROR(OptionalNumber(r, where, "mscale", &mscale));
+      RETURN_IF_ERROR(OptionalNumber(r, where, "mscale_all_dim", &mscale_all_dim));
+      if (s.attention_factor == 0 && mscale != 0 && mscale_all_dim != 0) {
+        auto get_mscale = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+        s.attention_factor = get_mscale(s.factor, mscale) / get_mscale(s.factor, mscale_all_dim);
+      }
+      break;
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, kMaxJsonBytes));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return InvalidArgumentError(path + ": not a JSON object");
+  const std::string where = path + ": ";
+  ModelConfig c;
+  auto need_int = [&](const char* key, int* out) -> Status {
+    if (!j.contains(key) || j[key].is_null()) return InvalidArgumentError(where + "missing integer " + key);
+    return OptionalInt(j, where, key, out);
+  };
+  // The architectures of the paper's Figure 1 that share Llama's block: Llama, Mistral
+  // (within its sliding window), Qwen2/2.5 (q, k, v biases), Qwen3 (q_norm, k_norm).
+  std::string type = "llama";
+  if (j.contains("model_type") && !j["model_type"].is_null()) {
+    const bool known = j["model_type"].is_string() && (j["model_type"] == "llama" || j["model_type"] == "mistral" ||
+                                                       j["model_type"] == "qwen2" || j["model_type"] == "qwen3");
+    if (!known) {
+      return InvalidArgumentError(where + "model_type " + Quoted(j["model_type"]) +
+                                  " is not supported (llama, mistral, qwen2, qwen3)");
+    }
+    type = j["model_type"].get<std::string>();
+  }
+  c.attention_bias = type == "qwen2";  // Qwen2Attention: bias on q, k, v; none on o
+  c.qk_norm = type == "qwen3";
+  RETURN_IF_ERROR(need_int("num_hidden_layers", &c.layers));
+  RETURN_IF_ERROR(need_int("hidden_size", &c.d_model));
+  RETURN_IF_ERROR(need_int("num_attention_heads", &c.heads));
+  RETURN_IF_ERROR(need_int("intermediate_size", &c.ffn));
+  RETURN_IF_ERROR(need_int("vocab_size", &c.vocab));
+  c.kv_heads = c.heads;
+  RETURN_IF_ERROR(OptionalInt(j, where, "num_key_value_heads", &c.kv_heads));
+  if (c.heads <= 0) return InvalidArgumentError(where + "num_attention_heads must be positive");
+  c.head_dim = type == "qwen3" ? 128 : c.d_model / c.heads;  // Qwen3Config's default head_dim is 128
+  RETURN_IF_ERROR(OptionalInt(j, where, "head_dim", &c.head_dim));
+  // Each config class's default max_position_embeddings.
+  c.context = type == "llama" ? 2048 : type == "mistral" ? 131072 : 32768;
+  RETURN_IF_ERROR(OptionalInt(j, where, "max_position_embeddings", &c.context));
+  // RoPE: rope_theta at the top (Transformers 4) or inside rope_parameters (5), and the
+  // scaling in rope_scaling (4) or rope_parameters (5). Two values that disagree, or a
+  // scaling given twice, are refused rather than one silently chosen.
+  c.rope_theta = 10000.0;
+  bool have_theta = j.contains("rope_theta") && !j["rope_theta"].is_null();
+  RETURN_IF_ERROR(OptionalNumber(j, where, "rope_theta", &c.rope_theta));
+  const bool have_scaling = j.contains("rope_scaling") && !j["rope_scaling"].is_null();
+  const bool have_parameters = j.contains("rope_parameters") && !j["rope_parameters"].is_null();
+  if (have_scaling && have_parameters) {
+    return InvalidArgumentError(where + "rope_scaling and rope_parameters are both given; keep one");
+  }
+  if (have_scaling || have_parameters) {
+    const char* key = have_scaling ? "rope_scaling" : "rope_parameters";
+    double inside = 0;
+    RETURN_IF_ERROR(ReadRopeObject(j[key], where + key + ".", c.context, &c, &inside));
+    if (inside != 0) {
+      if (have_theta && inside != c.rope_theta) {
+        return InvalidArgumentError(where + "rope_theta " + Quoted(j["rope_theta"]) + " and " + key +
+                                    ".rope_theta " + Quoted(j[key]["rope_theta"]) + " disagree");
+      }
+      c.rope_theta = inside;
+      have_theta = true;
+    }
+  }
+  double partial = 1.0;
+  RETURN_IF_ERROR(OptionalNumber(j, where, "partial_rotary_factor", &partial));
+  if (partial != 1.0) {
+    return InvalidArgumentError(where + "partial_rotary_factor = " + Quoted(j["partial_rotary_factor"]) +
+                                " is not supported (the whole head is rotated)");
+  }
+  c.rms_eps = 1e-6;  // LlamaConfig's default
+  RETURN_IF_ERROR(OptionalNumber(j, where, "rms_norm_eps", &c.rms_eps));
+  c.init_std = 0.02;
+  RETURN_IF_ERROR(OptionalNumber(j, where, "initializer_range", &c.init_std));
+  c.tied_embeddings = false;
+  RETURN_IF_ERROR(OptionalBool(j, where, "tie_word_embeddings", &c.tied_embeddings));
+  if (j.contains("hidden_act") && !j["hidden_act"].is_null() &&
+      (!j["hidden_act"].is_string() || j["hidden_act"].get<std::string>() != "silu")) {
+    return InvalidArgumentError(where + "hidden_act " + Quoted(j["hidden_act"]) + " is not supported (silu only)");
+  }
+  // Llama's and Qwen3's attention_bias puts a bias on o_proj too, which the engine lacks.
+  for (const char* key : {"attention_bias", "mlp_bias", "use_sliding_window"}) {
+    bool on = false;
+    RETURN_IF_ERROR(OptionalBool(j, where, key, &on));
+    if (on) return InvalidArgumentError(where + key + " = true is not supported");
+  }
+  if (j.contains("layer_types") && j["layer_types"].is_array()) {
+    for (const auto& t : j["layer_types"]) {
+      if (t != "full_attention") {
+        return InvalidArgumentError(where + "layer_types holds " + Quoted(t) + " (only full_attention is supported)");
+      }
+    }
+  }
+  if (type == "mistral") {
+    // Within its sliding window Mistral's attention is plain causal attention: probes
+    // longer than the window are refused through model.context.
+    int window = 4096;  // MistralConfig's default
+    if (j.contains("sliding_window") && j["sliding_window"].is_null()) window = 0;  // null: no window
+    RETURN_IF_ERROR(OptionalInt(j, where, "sliding_window", &window));
+    if (window > 0) c.context = std::min(c.context, window);
+  }
+  std::string arm = "baseline";
+  if (j.contains("sinkscope_vscale") && !j["sinkscope_vscale"].is_null()) {
+    if (!j["sinkscope_vscale"].is_string()) {
+      return InvalidArgumentError(where + "sinkscope_vscale must be a string, got " + Quoted(j["sinkscope_vscale"]));
+    }
+    arm = j["sinkscope_vscale"].get<std::string>();
+  }
+  if (!ParseVScaleMode(arm, &c.vscale)) {
+    return InvalidArgumentError(where + "sinkscope_vscale \"" + arm + "\" is not a known arm");
+  }
+  if (Status s = c.Validate(); !s.ok()) return InvalidArgumentError(where + s.message());
+  return c;
+}
+
+namespace {
+
+// Copies the tensors of `file` that the model has into `host` (by offset); records the
+// names found. A misshapen tensor is an error naming it and both shapes.
+Status CopyHfTensors(const Model& model, const SafetensorsFile& file, std::vector<float>& host,
+                     std::set<std::string>& found) {
+  for (const ParamTensor& t : model.tensors()) {
+    auto it = file.tensors.find(t.name);
+    if (it == file.tensors.end()) continue;
+    if (it->second.shape != t.shape) {
+      std::ostringstream os;
+      os << "tensor " << t.name << " has shape [";
+      for (size_t i = 0; i < it->second.shape.size(); ++i) os << (i ? ", " : "") << it->second.shape[i];
+      os << "], expected [";
+      for (size_t i = 0; i < t.shape.size(); ++i) os << (i ? ", " : "") << t.shape[i];
+      os << "]";
+      return InvalidArgumentError(os.str());
+    }
+    for (size_t i = 0; i < t.size; ++i) host[t.offset + i] = static_cast<float>(it->second.values[i]);
+    found.insert(t.name);
+  }
+  return OkStatus();
+}
+
+Status CheckAllFound(const Model& model, const std::set<std::string>& found) {
+  for (const ParamTensor& t : model.tensors()) {
+    if (found.count(t.name) || t.name.find("vscale_theta") != std::string::npos) continue;  // θ absent: 0
+    return InvalidArgumentError("weights lack tensor " + t.name);
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+Status LoadHfWeights(Model& model, const SafetensorsFile& file) {
+  std::vector<float> host(model.num_params(), 0.0f);
+  std::set<std::string> found;
+  RETURN_IF_ERROR(CopyHfTensors(model, file, host, found));
+  RETURN_IF_ERROR(CheckAllFound(model, found));
+  model.ParamsFromHost(host);
+  return OkStatus();
+}
+
+StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_path) {
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(index_path, index_path, kMaxJsonBytes));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
+    return InvalidArgumentError(index_path + ": not a safetensors index (no \"weight_map\" object)");
+  }
+  std::vector<std::string> shards;
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) {
+      return InvalidArgumentError(index_path + ": weight_map." + it.key() + " must name a file, got " +
+                                  it.value().dump());
+    }
+    const std::string shard = it.value().get<std::string>();
+    if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
+      return InvalidArgumentError(index_path + ": weight_map." + it.key() + " names \"" + shard +
+                                  "\", not a file in the folder");
+    }
+    if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
+  }
+  std::sort(shards.begin(), shards.end());
+  if (shards.empty()) return InvalidArgumentError(index_path + ": weight_map is empty");
+  return shards;
+}
+
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options) {
+  ASSIGN_OR_RETURN(ModelConfig config, ReadHfConfig(dir + "/config.json"));
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, backend, options));
+  const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
+  std::error_code ec;
+  if (!std::filesystem::exists(single, ec) && std::filesystem::exists(index, ec)) {
+    // Sharded, as large models ship: read one shard at a time into the host copy.
+    ASSIGN_OR_RETURN(std::vector<std::string> shards, ReadHfShardIndex(index));
+    std::vector<float> host(model->num_params(), 0.0f);
+    std::set<std::string> found;
+    for (const std::string& shard : shards) {
+      ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(dir + "/" + shard));
+      if (Status s = CopyHfTensors(*model, file, host, found); !s.ok()) {
+        return Status(s.code(), dir + "/" + shard + ": " + s.message());
+      }
+    }
+    if (Status s = CheckAllFound(*model, found); !s.ok()) return Status(s.code(), index + ": " + s.message());
+    model->ParamsFromHost(host);
+    return model;
+  }
+  ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(single));
+  if (Status s = LoadHfWeights(*model, file); !s.ok()) {
+    return Status(s.code(), single + ": " + s.message());
+  }
+  return model;
+}
+
+nlohmann::json RopeScalingToHf(const RopeScaling& s) {
+  switch (s.type) {
+    case RopeType::kDefault: return nullptr;
+    case RopeType::kLinear: return {{"rope_type", "linear"}, {"factor", s.factor}};
+    case RopeType::kLlama3:
+      return {{"rope_type", "llama3"},
+              {"factor", s.factor},
+              {"low_freq_factor", s.low_freq_factor},
+              {"high_freq_factor", s.high_freq_factor},
+              {"original_max_position_embeddings", s.original_max_position_embeddings}};
+    case RopeType::kYarn: {
+      nlohmann::json j = {{"rope_type", "yarn"},
+                          {"factor", s.factor},
+                          {"original_max_position_embeddings", s.original_max_position_embeddings},
+                          {"beta_fast", s.beta_fast},
+                          {"beta_slow", s.beta_slow},
+                          {"truncate", s.truncate}};
+      if (s.attention_factor > 0) j["attention_factor"] = s.attention_factor;
+      return j;
+    }
+  }
+  return nullptr;
+}
+
+Status ExportHf(const Model& model, const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return InternalError("cannot create " + dir + ": " + ec.message());
+  const ModelConfig& c = model.config();
+  if (c.qk_norm && c.attention_bias) {
+    return InvalidArgumentError("a model with both q/k/v biases and q/k norms has no Hugging Face architecture");
+  }
+  const std::vector<float> host = model.ParamsToHost();
+  std::vector<TensorToWrite> tensors;
+  for (const ParamTensor& t : model.tensors()) {
+    if (c.vscale == VScaleMode::kNone && t.name.find("vscale_theta") != std::string::npos) continue;
+    tensors.push_back({t.name, t.shape, host.data() + t.offset});
+  }
+  RETURN_IF_ERROR(WriteSafetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}}));
+  nlohmann::json j = {
+      {"architectures", {c.qk_norm ? "Qwen3ForCausalLM" : c.attention_bias ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}},
+      {"model_type", c.qk_norm ? "qwen3" : c.attention_bias ? "qwen2" : "llama"},
+      {"vocab_size", c.vocab},
+      {"hidden_size", c.d_model},
+      {"intermediate_size", c.ffn},
+      {"num_hidden_layers", c.layers},
+      {"num_attention_heads", c.heads},
+      {"num_key_value_heads", c.kv_heads},
+      {"head_dim", c.head_dim},
+      {"rms_norm_eps", c.rms_eps},
+      {"rope_theta", c.rope_theta},
+      {"rope_scaling", RopeScalingToHf(c.rope_scaling)},
+      {"max_position_embeddings", c.context},
+      {"tie_word_embeddings", c.tied_embeddings},
+      {"hidden_act", "silu"},
+      {"mlp_bias", false},
+      {"initializer_range", c.init_std},
+      {"torch_dtype", "float32"},
+      {"sinkscope_vscale", VScaleModeName(c.vscale)},
+  };
+  if (!c.attention_bias) j["attention_bias"] = false;  // Qwen2 has no such key: its biases are always on
+  return WriteFileAtomically(dir + "/config.json", j.dump(1) + "\n");
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,33 @@
+// Hugging Face LlamaForCausalLM interchange: config.json + model.safetensors.
+// V-scale θ is stored per layer under `model.layers.{i}.self_attn.vscale_theta`
+// (shape [kv_heads]) and the arm under config.json's "sinkscope_vscale"
+// ("baseline" | "vscale" | "vscale_backward_only"); Hugging Face ignores both.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/model.h"
+#include "training/safetensors.h"
+
+namespace sinkscope {
+
+// Reads a Llama config.json with Hugging Face's semantics (defaults of LlamaConfig,
+// rope_theta at the top or in rope_parameters, rope_scaling types default, linear, llama3
+// and yarn); INVALID_ARGUMENT names an unsupported or inconsistent key and its value.
+StatusOr<ModelConfig> ReadHfConfig(const std::string& config_json_path);
+// The rope_scaling object Hugging Face reads back (null for the default).
+nlohmann::json RopeScalingToHf(const RopeScaling& scaling);
+// The shard files named by a model.safetensors.index.json, sorted, each once.
+StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_path);
+// Copies weights by Hugging Face name; a missing or misshapen tensor is an error naming
+// it. θ may be absent (it is then 0).
+Status LoadHfWeights(Model& model, const SafetensorsFile& file);
+// Loads `dir`/config.json and `dir`/model.safetensors (or, when that is absent, the
+// shards listed by `dir`/model.safetensors.index.json) into a new model.
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options = {});
+// Writes `dir`/model.safetensors and `dir`/config.json (θ only for V-scale arms).
+Status ExportHf(const Model& model, const std::string& dir);
+
+}  // namespace sinkscope

@@ -1,0 +1,134 @@
+#include "training/trainer.h"
+
+#include <cmath>
+
+#include "base/rng.h"
+
+namespace sinkscope {
+
+StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options, const DataSplits* data,
+                                                   Backend* backend) {
+  RETURN_IF_ERROR(options.optimizer.Validate());
+  if (options.micro_batch <= 0) return InvalidArgumentError("train.micro_batch must be positive");
+  if (options.grad_accum <= 0) return InvalidArgumentError("train.grad_accum must be positive");
+  const int T = options.model.context;
+  if (data->train.size() < static_cast<size_t>(T) + 1) {
+    return InvalidArgumentError("the training split has " + std::to_string(data->train.size()) +
+                                " tokens, fewer than model.context + 1 = " + std::to_string(T + 1));
+  }
+  if (data->max_token >= options.model.vocab) {
+    return InvalidArgumentError("the data holds token " + std::to_string(data->max_token) +
+                                ", outside model.vocab = " + std::to_string(options.model.vocab));
+  }
+  std::unique_ptr<Trainer> t(new Trainer(options, data));
+  ASSIGN_OR_RETURN(t->model_, Model::Create(options.model, backend));
+  t->state_.seed = options.seed;
+  t->inputs_.resize(static_cast<size_t>(options.micro_batch) * T);
+  t->targets_.resize(t->inputs_.size());
+  return t;
+}
+
+uint64_t Trainer::data_seed() const { return Mix64(options_.seed ^ 0xDA7A5EEDull); }
+
+void Trainer::Initialize() {
+  model_->InitWeights(options_.seed);
+  state_.step = 0;
+  state_.data_counter = 0;
+}
+
+Status Trainer::Resume(const std::string& path) {
+  ASSIGN_OR_RETURN(TrainingState s, LoadCheckpoint(path, *model_));
+  if (s.seed != options_.seed) {
+    return FailedPreconditionError("checkpoint " + path + " belongs to seed " + std::to_string(s.seed) +
+                                   ", not " + std::to_string(options_.seed));
+  }
+  state_ = s;
+  return OkStatus();
+}
+
+Status Trainer::SaveCheckpoint(const std::string& path) const { return sinkscope::SaveCheckpoint(path, *model_, state_); }
+
+StepStats Trainer::Step(PassObserver* observer) {
+  const auto start = std::chrono::steady_clock::now();
+  const int B = options_.micro_batch, T = options_.model.context, A = options_.grad_accum;
+  const float grad_scale = 1.0f / (static_cast<float>(A) * B * T);  // L = mean over the global batch
+  model_->ZeroGrad();
+  double loss_sum = 0;
+  for (int m = 0; m < A; ++m) {
+    data_->train.Sample(data_seed(), state_.data_counter + m, B, T, inputs_.data(), targets_.data());
+    loss_sum += model_->ForwardBackward(inputs_.data(), targets_.data(), B, T, grad_scale, observer);
+  }
+  StepStats s;
+  s.loss = loss_sum / A;
+  const UpdateResult u = std::isfinite(s.loss) ? AdamWStep(*model_, options_.optimizer, state_.step)
+                                               : UpdateResult{LearningRate(options_.optimizer, state_.step), NAN, false};
+  s.lr = u.lr;
+  s.grad_norm = u.grad_norm;
+  s.finite = u.finite && std::isfinite(s.loss);
+  if (s.finite) {
+    state_.data_counter += A;
+    ++state_.step;
+  }
+  s.step = state_.step;
+  s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  s.tokens_per_second = tokens_per_step() / std::max(s.seconds, 1e-9);
+  if (options_.peak_flops > 0) {
+    s.mfu = options_.model.TrainFlopsPerToken(T) * s.tokens_per_second / options_.peak_flops;
+  }
+  return s;
+}
+
+StepStats Trainer::ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind, ProbeReport* report) {
+  const int T = options_.model.context;
+  if (kind == ProbeBatchKind::kStepBatch) {
+    ProbeCollector collector(*model_, settings, T);
+    StepStats s = Step(&collector);
+    *report = collector.Finish(state_.step + (s.finite ? 0 : 1), s.loss);
+    return s;
+  }
+  const int B = options_.micro_batch;
+  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
+  const TokenStream& source = data_->val.size() > static_cast<size_t>(T) ? data_->val : data_->train;
+  source.Sample(0x9B0BEull, 0, B, T, inputs.data(), targets.data());  // the same batch every probe
+  auto r = RunDiagnosticPass(*model_, settings, inputs.data(), targets.data(), B, T, state_.step + 1);
+  if (r.ok()) *report = std::move(*r);
+  return Step();
+}
+
+double MeasureGemmPeak(Backend& backend) {
+  const int n = 1024;
+  float* a = backend.Alloc(static_cast<size_t>(n) * n);
+  float* b = backend.Alloc(static_cast<size_t>(n) * n);
+  float* c = backend.Alloc(static_cast<size_t>(n) * n);
+  backend.Fill(a, 0.5f, static_cast<size_t>(n) * n);
+  backend.Fill(b, 0.25f, static_cast<size_t>(n) * n);
+  backend.Gemm(false, true, n, n, n, 1.0f, a, b, 0.0f, c);  // warm-up
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    backend.Gemm(false, true, n, n, n, 1.0f, a, b, 0.0f, c);
+    float sink;
+    backend.ToHost(&sink, c, sizeof(float));  // waits for asynchronous backends
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::max(best, 2.0 * n * n * n / s);
+  }
+  backend.Free(a);
+  backend.Free(b);
+  backend.Free(c);
+  return best;
+}
+
+double Trainer::Evaluate() {
+  const int B = options_.micro_batch, T = options_.model.context;
+  if (data_->val.size() < static_cast<size_t>(T) + 1) return NAN;
+  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
+  double sum = 0;
+  for (int i = 0; i < options_.eval_batches; ++i) {
+    // Fixed draws (a seed of their own) so every evaluation sees the same batches.
+    data_->val.Sample(0xE7A1ull, static_cast<uint64_t>(i), B, T, inputs.data(), targets.data());
+    sum += model_->Evaluate(inputs.data(), targets.data(), B, T);
+  }
+  return sum / options_.eval_batches;
+}
+
+}  // namespace sinkscope

@@ -1,0 +1,100 @@
+// The training loop of one run: draws micro-batches, accumulates gradients, applies
+// AdamW on the schedule, evaluates, checkpoints and resumes bit for bit.
+#pragma once
+
+#include <chrono>
+#include <memory>
+
+#include "training/checkpoint.h"
+#include "data/data.h"
+#include "engine/model.h"
+#include "engine/optimizer.h"
+#include "engine/probes.h"
+
+namespace sinkscope {
+
+struct TrainerOptions {
+  ModelConfig model;
+  OptimizerConfig optimizer;  // total_steps is the run's length
+  int micro_batch = 8;        // B
+  int grad_accum = 1;         // micro-batches per step
+  uint64_t seed = 0;
+  int eval_batches = 8;
+  // Peak matmul rate of the device in FLOP/s for MFU (METRICS.md); 0 leaves MFU at 0.
+  // On the CPU: the sgemm rate measured at start-up (MeasureGemmPeak).
+  double peak_flops = 0;
+};
+
+// Which batch a training-time probe measures.
+enum class ProbeBatchKind {
+  kStepBatch,  // the step's own global batch: the gradients are the step's gradients
+  kHeldOut,    // a fixed batch of micro_batch validation sequences, the same every probe
+};
+
+struct StepStats {
+  int64_t step = 0;  // 1-based: the step just completed
+  double loss = 0;   // mean token loss over the global batch
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+  double tokens_per_second = 0;
+  double seconds = 0;  // wall time of the step
+  double mfu = 0;      // model FLOPs utilisation against options.peak_flops
+  bool finite = true;  // false: NaN/Inf loss or gradient; no update was made
+};
+
+// The cadence of a run, shared by every trainer front end. `step` is 1-based.
+// Training probes: the first step, every `every` steps, and the last; never when every ≤ 0.
+inline bool IsProbeStep(int64_t step, int every, int64_t total) {
+  return every > 0 && (step == 1 || step % every == 0 || step == total);
+}
+// Validation and checkpoints: every `every` steps (none when every ≤ 0) and the last.
+inline bool IsEveryOrLast(int64_t step, int every, int64_t total) {
+  return (every > 0 && step % every == 0) || step == total;
+}
+
+// Times a large Gemm on `backend` and returns its rate in FLOP/s: the peak against which
+// the CPU backend's MFU is stated.
+double MeasureGemmPeak(Backend& backend);
+
+class Trainer {
+ public:
+  // `data` is shared between runs; it must outlive the trainer.
+  static StatusOr<std::unique_ptr<Trainer>> Create(const TrainerOptions& options, const DataSplits* data,
+                                                   Backend* backend);
+
+  // Fresh weights from the seed.
+  void Initialize();
+  // Restores model, optimizer and data position; the run then continues exactly as the
+  // uninterrupted one would (bit for bit on the CPU backend).
+  Status Resume(const std::string& checkpoint_path);
+  Status SaveCheckpoint(const std::string& path) const;
+
+  // One optimisation step over grad_accum micro-batches. `observer` sees every
+  // micro-batch's pass (probes); it does not change the arithmetic.
+  StepStats Step(PassObserver* observer = nullptr);
+  // A step that is also probed. Both kinds measure the weights the step starts from;
+  // the update is bit-identical to Step()'s. The report's step is the step's number.
+  StepStats ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind, ProbeReport* report);
+  // Mean token loss over eval_batches fixed validation batches (the same every call).
+  double Evaluate();
+
+  Model& model() { return *model_; }
+  const TrainerOptions& options() const { return options_; }
+  int64_t step() const { return state_.step; }
+  const TrainingState& state() const { return state_; }
+  int64_t tokens_per_step() const {
+    return static_cast<int64_t>(options_.micro_batch) * options_.grad_accum * options_.model.context;
+  }
+  uint64_t data_seed() const;
+
+ private:
+  Trainer(const TrainerOptions& options, const DataSplits* data) : options_(options), data_(data) {}
+
+  TrainerOptions options_;
+  const DataSplits* data_;
+  std::unique_ptr<Model> model_;
+  TrainingState state_;
+  std::vector<int32_t> inputs_, targets_;
+};
+
+}  // namespace sinkscope
