@@ -33,6 +33,22 @@ TrainerOptions ToTrainerOptions(const v1::Experiment& e, v1::Arm arm, uint64_t s
 }
 
 
+RunLoopOptions ToRunLoopOptions(const v1::Experiment& e, v1::Arm arm, uint64_t seed, double peak_flops,
+                                const std::string& dir, bool resume) {
+  RunLoopOptions o;
+  o.trainer = ToTrainerOptions(e, arm, seed, peak_flops);
+  o.dir = dir;
+  o.total_steps = e.train().steps();
+  o.probe_every = e.probe().every();
+  o.probe = ToProbeSettings(e.probe());
+  o.probe_batch = ToProbeBatchKind(e.probe());
+  o.eval_every = e.train().eval_every();
+  o.checkpoint_every = e.checkpoint().every();
+  o.export_hf = e.checkpoint().export_hf();
+  o.resume = resume;
+  return o;
+}
+
 v1::ProbeReport ToProto(const ProbeReport& r) {
   v1::ProbeReport p;
   p.set_version(r.version);

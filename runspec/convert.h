@@ -9,6 +9,7 @@
 #include "proto/sinkscope/v1/experiment.pb.h"
 #include "proto/sinkscope/v1/metrics.pb.h"
 #include "schema/experiment.h"
+#include "training/run_loop.h"
 #include "training/trainer.h"
 
 namespace sinkscope {
@@ -17,6 +18,9 @@ namespace sinkscope {
 DataSpec ToDataSpec(const v1::Experiment& experiment);
 // Everything the Trainer needs for one arm × seed of a defaulted experiment.
 TrainerOptions ToTrainerOptions(const v1::Experiment& experiment, v1::Arm arm, uint64_t seed, double peak_flops);
+// The run loop's settings for one arm × seed of a defaulted experiment, in folder `dir`.
+RunLoopOptions ToRunLoopOptions(const v1::Experiment& experiment, v1::Arm arm, uint64_t seed, double peak_flops,
+                                const std::string& dir, bool resume);
 
 v1::ProbeReport ToProto(const ProbeReport& report);
 ProbeSettings ToProbeSettings(const v1::ProbeSpec& spec);

@@ -4,7 +4,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -28,6 +30,7 @@
 #include "training/probe_json.h"
 #include "training/progress.h"
 #include "training/safetensors.h"
+#include "training/run_loop.h"
 #include "training/trainer.h"
 
 namespace sinkscope {
@@ -173,118 +176,129 @@ void PrintArmComparison(const std::vector<RunSummary>& runs) {
   std::printf("\n");
 }
 
+// sinkscope-train's side of the run loop: metrics.jsonl and probes.jsonl (synced before
+// each checkpoint), the progress bar, and the run's summary.
+class LocalRun final : public RunObserver {
+ public:
+  LocalRun(RunSummary* summary, int64_t total, const std::atomic<int>* interrupted)
+      : r_(*summary), bar_(r_.arm + " seed " + std::to_string(r_.seed), total), interrupted_(interrupted) {}
+
+  void OnStaleFileRemoved(const std::string& path) override {
+    std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", path.c_str());
+  }
+  Status OnStart(int64_t step, bool resumed) override {
+    // The records of the steps up to the checkpoint (none on a fresh start) are kept:
+    // they were made durable before the checkpoint was committed. Later steps are
+    // trained again.
+    ASSIGN_OR_RETURN(const int64_t kept_steps,
+                     TrimJsonl(r_.dir + "/metrics.jsonl", step, [&](const nlohmann::json& j) {
+                       if (j.contains("loss") && j["loss"].is_number()) NoteLoss(j["step"], j["loss"]);
+                       if (j.contains("val_loss") && j["val_loss"].is_number()) r_.val_loss = j["val_loss"];
+                     }));
+    ASSIGN_OR_RETURN(const int64_t kept_probes, TrimJsonl(r_.dir + "/probes.jsonl", step, nullptr));
+    if (resumed) {
+      std::fprintf(stderr, "%s: resuming at step %lld; %lld metrics and %lld probe records kept\n", r_.dir.c_str(),
+                   static_cast<long long>(step), static_cast<long long>(kept_steps),
+                   static_cast<long long>(kept_probes));
+    }
+    RETURN_IF_ERROR(metrics_.Open(r_.dir + "/metrics.jsonl"));
+    RETURN_IF_ERROR(probes_.Open(r_.dir + "/probes.jsonl"));
+    r_.steps = step;
+    return OkStatus();
+  }
+  Status OnStep(const StepStats& s, double val_loss, const ProbeReport* probe) override {
+    if (probe != nullptr) {
+      RETURN_IF_ERROR(probes_.Append(ProbeReportToJson(*probe)));
+      r_.last_probe = *probe;
+      r_.probed = true;
+    }
+    NoteLoss(s.step, s.loss);
+    r_.steps = s.step;
+    if (s.step > 1) {  // the first step pays one-time allocation
+      tok_s_sum_ += s.tokens_per_second;
+      ++timed_steps_;
+    }
+    nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
+                           {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
+    if (!std::isnan(val_loss)) {
+      r_.val_loss = val_loss;
+      line["val_loss"] = val_loss;
+    }
+    RETURN_IF_ERROR(metrics_.Append(line));
+    bar_.Update(s.step, s.loss, s.tokens_per_second);
+    return OkStatus();
+  }
+  Status BeforeCheckpoint(int64_t) override { return Sync(); }
+  void OnCheckpointRetry(int64_t step, int retry, std::chrono::milliseconds wait, const Status& error) override {
+    std::fprintf(stderr, "\ncheckpoint of step %lld failed (%s); retry %d in %lld ms\n", static_cast<long long>(step),
+                 error.message().c_str(), retry, static_cast<long long>(wait.count()));
+  }
+  std::optional<StopKind> StopRequested() override {
+    if (interrupted_->load() != 0) return StopKind::kShutdown;
+    return std::nullopt;
+  }
+
+  Status Finish() {
+    bar_.Finish();
+    RETURN_IF_ERROR(Sync());
+    if (!last_losses_.empty()) {
+      r_.mean_loss_last_10 = 0;
+      for (double l : last_losses_) r_.mean_loss_last_10 += l / last_losses_.size();
+    }
+    r_.tokens_per_second = timed_steps_ ? tok_s_sum_ / timed_steps_ : 0;
+    return OkStatus();
+  }
+
+ private:
+  Status Sync() {
+    RETURN_IF_ERROR(probes_.Sync());
+    return metrics_.Sync();
+  }
+  void NoteLoss(int64_t step, double loss) {
+    if (step == 1) r_.first_loss = loss;
+    r_.final_loss = loss;
+    last_losses_.push_back(loss);
+    if (last_losses_.size() > 10) last_losses_.pop_front();
+  }
+
+  RunSummary& r_;
+  ProgressBar bar_;
+  const std::atomic<int>* interrupted_;
+  JsonlLog metrics_, probes_;
+  std::deque<double> last_losses_;  // of the last (up to) 10 steps
+  double tok_s_sum_ = 0;
+  int64_t timed_steps_ = 0;
+};
+
+// Set by SIGINT/SIGTERM: the run stops after its step and checkpoints; --resume continues.
+std::atomic<int> g_interrupted{0};
+void OnSignal(int) { g_interrupted.store(1); }
+
 StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t seed, const DataSplits& data,
                               const std::string& out, bool resume, Backend* backend, double peak_flops) {
-  const TrainerOptions o = ToTrainerOptions(e, arm, seed, peak_flops);
-  ASSIGN_OR_RETURN(auto trainer, Trainer::Create(o, &data, backend));
   RunSummary r;
   r.arm = ArmName(arm);
   r.seed = seed;
   r.dir = out + "/" + r.arm + "-s" + std::to_string(seed);
-  std::error_code ec;
-  std::filesystem::create_directories(r.dir, ec);
-  if (ec) return InternalError("cannot create the folder " + r.dir + ": " + ec.message());
-  const std::string ckpt = r.dir + "/checkpoint.bin";
-  for (const std::string& stale : RemoveStaleTempFiles(r.dir)) {
-    std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", stale.c_str());
+  const RunLoopOptions o = ToRunLoopOptions(e, arm, seed, peak_flops, r.dir, resume);
+  LocalRun local(&r, o.total_steps, &g_interrupted);
+  const RunResult result = RunLoop(o, &data, backend, &local, Clock::Real());
+  RETURN_IF_ERROR(local.Finish());
+  const std::string run = "run " + r.arm + " seed " + std::to_string(seed) + ": ";
+  switch (result.kind) {
+    case RunResult::kFinished:
+      break;
+    case RunResult::kNonFinite:
+      return Status(StatusCode::kAborted, run + "NUMERICAL: " + result.Describe());
+    case RunResult::kStopped:
+      return Status(StatusCode::kCancelled, run + result.Describe() + "; continue it with --resume");
+    case RunResult::kGiveBack:
+    case RunResult::kError:
+      return Status(result.kind == RunResult::kError ? result.error.code() : StatusCode::kUnavailable,
+                    run + result.Describe());
   }
-  const bool have_checkpoint = resume && std::filesystem::exists(ckpt, ec);
-  if (ec) return InternalError("cannot read " + ckpt + ": " + ec.message());
-  if (have_checkpoint) {
-    RETURN_IF_ERROR(trainer->Resume(ckpt));
-    if (trainer->step() > e.train().steps()) {
-      return InvalidArgumentError(ckpt + " is at step " + std::to_string(trainer->step()) +
-                                  ", past train.steps = " + std::to_string(e.train().steps()) +
-                                  "; resume with the same --steps it was trained with");
-    }
-  } else {
-    // A fresh start owns the folder: a checkpoint and export of an earlier run would
-    // otherwise be picked up by a later --resume and spliced with this run's records.
-    for (const std::string& stale : {ckpt, r.dir + "/hf"}) {
-      std::filesystem::remove_all(stale, ec);
-      if (ec) return InternalError("cannot remove " + stale + " of an earlier run: " + ec.message());
-    }
-    trainer->Initialize();
-  }
-  // The records of the steps up to the checkpoint (none on a fresh start) are kept: they
-  // were made durable before the checkpoint was committed. Later steps are trained again.
-  std::deque<double> last_losses;  // of the last (up to) 10 steps
-  auto note_loss = [&](int64_t step, double loss) {
-    if (step == 1) r.first_loss = loss;
-    r.final_loss = loss;
-    last_losses.push_back(loss);
-    if (last_losses.size() > 10) last_losses.pop_front();
-  };
-  ASSIGN_OR_RETURN(const int64_t kept_steps,
-                   TrimJsonl(r.dir + "/metrics.jsonl", trainer->step(), [&](const nlohmann::json& j) {
-                     if (j.contains("loss") && j["loss"].is_number()) note_loss(j["step"], j["loss"]);
-                     if (j.contains("val_loss") && j["val_loss"].is_number()) r.val_loss = j["val_loss"];
-                   }));
-  ASSIGN_OR_RETURN(const int64_t kept_probes, TrimJsonl(r.dir + "/probes.jsonl", trainer->step(), nullptr));
-  if (have_checkpoint) {
-    std::fprintf(stderr, "%s: resuming at step %lld; %lld metrics and %lld probe records kept\n", r.dir.c_str(),
-                 static_cast<long long>(trainer->step()), static_cast<long long>(kept_steps),
-                 static_cast<long long>(kept_probes));
-  }
-  JsonlLog metrics, probes;
-  RETURN_IF_ERROR(metrics.Open(r.dir + "/metrics.jsonl"));
-  RETURN_IF_ERROR(probes.Open(r.dir + "/probes.jsonl"));
-  // Before a checkpoint is committed: every record of the steps it holds is on disk.
-  auto checkpoint = [&]() -> Status {
-    RETURN_IF_ERROR(probes.Sync());
-    RETURN_IF_ERROR(metrics.Sync());
-    return trainer->SaveCheckpoint(ckpt);
-  };
-  const ProbeSettings probe_settings = ToProbeSettings(e.probe());
-  const ProbeBatchKind probe_batch = ToProbeBatchKind(e.probe());
-  const int64_t total = e.train().steps();
-  ProgressBar bar(r.arm + " seed " + std::to_string(seed), total);
-  double tok_s_sum = 0;
-  int64_t timed_steps = 0;
-  while (trainer->step() < total) {
-    const bool probe_now = IsProbeStep(trainer->step() + 1, e.probe().every(), total);
-    ProbeReport report;
-    const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
-    if (probe_now && s.finite) {
-      RETURN_IF_ERROR(probes.Append(ProbeReportToJson(report)));
-      r.last_probe = std::move(report);
-      r.probed = true;
-    }
-    if (!s.finite) {
-      RETURN_IF_ERROR(checkpoint());  // unchanged weights: the last good state
-      return Status(StatusCode::kAborted, "run " + r.arm + " seed " + std::to_string(seed) +
-                                              ": NUMERICAL: loss or gradient is not finite at step " +
-                                              std::to_string(s.step + 1) + "; last good checkpoint kept at " + ckpt);
-    }
-    note_loss(s.step, s.loss);
-    if (s.step > 1) {  // the first step pays one-time allocation
-      tok_s_sum += s.tokens_per_second;
-      ++timed_steps;
-    }
-    nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
-                           {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
-    if (IsEveryOrLast(s.step, e.train().eval_every(), total)) {
-      r.val_loss = trainer->Evaluate();
-      line["val_loss"] = r.val_loss;
-    }
-    RETURN_IF_ERROR(metrics.Append(line));
-    bar.Update(s.step, s.loss, s.tokens_per_second);
-    if (IsEveryOrLast(s.step, e.checkpoint().every(), total)) RETURN_IF_ERROR(checkpoint());
-  }
-  bar.Finish();
-  RETURN_IF_ERROR(probes.Sync());
-  RETURN_IF_ERROR(metrics.Sync());
-  if (std::isnan(r.val_loss)) r.val_loss = trainer->Evaluate();
-  if (!last_losses.empty()) {
-    r.mean_loss_last_10 = 0;
-    for (double l : last_losses) r.mean_loss_last_10 += l / last_losses.size();
-  }
-  r.steps = trainer->step();
-  r.tokens_per_second = timed_steps ? tok_s_sum / timed_steps : 0;
-  if (e.checkpoint().export_hf()) RETURN_IF_ERROR(ExportHf(trainer->model(), r.dir + "/hf"));
   return r;
 }
-
 
 int Main(int argc, char** argv) {
   std::string file, out;
@@ -363,6 +377,9 @@ int Main(int argc, char** argv) {
   std::fprintf(stderr, "%s: %zu train / %zu validation tokens, unigram entropy %.4f nats/token\n", e->name().c_str(),
                data->train.size(), data->val.size(), unigram);
 
+  // Ctrl-C (or SIGTERM): the current run stops after its step and is checkpointed.
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
   auto backend = MakeCpuBackend();
   const double peak = MeasureGemmPeak(*backend);
   std::fprintf(stderr, "cpu backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", peak / 1e9);
@@ -371,8 +388,8 @@ int Main(int argc, char** argv) {
     for (int a : e->arms()) {
       auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak);
       if (!r.ok()) {
-        std::fprintf(stderr, "sinkscope-train: %s\n", r.status().message().c_str());
-        return 1;
+        std::fprintf(stderr, "\nsinkscope-train: %s\n", r.status().message().c_str());
+        return r.status().code() == StatusCode::kCancelled ? 130 : 1;
       }
       runs.push_back(*r);
     }

@@ -15,13 +15,13 @@
 #include "schema/experiment.h"
 #include "base/log.h"
 #include "training/hf.h"
+#include "training/run_loop.h"
 #include "training/trainer.h"
 
 namespace sinkscope {
 namespace {
 
 constexpr char kWorkerVersion[] = "0.1.0";
-constexpr char kCheckpointFile[] = "checkpoint.bin";
 
 int64_t PhysicalMemoryBytes() {
   const long pages = sysconf(_SC_PHYS_PAGES);
@@ -809,10 +809,6 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   if (ec) {
     return failed(v1::INTERNAL_ERROR, "cannot create checkpoint_dir " + a.checkpoint_dir() + ": " + ec.message(), 0);
   }
-  const std::string ckpt = a.checkpoint_dir() + "/" + kCheckpointFile;
-  for (const std::string& stale : RemoveStaleTempFiles(a.checkpoint_dir())) {
-    Log(LogLevel::kInfo, "stale_file_removed", {{"run_id", run}, {"path", stale}});
-  }
 
   auto data = LoadRunData(e);
   if (!data.ok()) return failed(v1::DATA_ERROR, "data: " + data.status().message(), 0);
@@ -830,143 +826,106 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
                   0);
   }
 
-  const TrainerOptions o = ToTrainerOptions(e, a.arm(), a.seed(), peak_flops_);
-  auto created = Trainer::Create(o, data->get(), backend_.get());
-  if (!created.ok()) return failed(v1::INTERNAL_ERROR, "trainer: " + created.status().message(), 0);
-  std::unique_ptr<Trainer> trainer = std::move(*created);
-  int64_t saved_step = -1;  // the step of the checkpoint on disk, -1 when none is
-  if (std::filesystem::exists(ckpt, ec)) {
-    if (Status s = trainer->Resume(ckpt); !s.ok()) {
-      return failed(v1::INTERNAL_ERROR, "resume from " + ckpt + ": " + s.message(), 0);
+  // The worker's side of the run loop: each step a Progress, each probe a ProbeUpload,
+  // into the delivery queue; stop requests from cancels and shutdown; the fault hooks.
+  class ServiceRun final : public RunObserver {
+   public:
+    ServiceRun(Worker* w, const v1::Assignment& a) : w_(*w), a_(a) {}
+    void OnStaleFileRemoved(const std::string& path) override {
+      Log(LogLevel::kInfo, "stale_file_removed", {{"run_id", a_.run_id()}, {"path", path}});
     }
-    saved_step = trainer->step();
-    Log(LogLevel::kInfo, "run_resumed", {{"run_id", run}, {"step", Str(saved_step)}, {"checkpoint", ckpt}});
-  } else {
-    trainer->Initialize();
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (current_ && current_->run_id == run) current_->step = trainer->step();
-  }
-
-  // Checkpoints after a stop request; the message is empty on success.
-  auto stop = [&](RunEnd::Kind kind) {
-    RunEnd end{kind, v1::FAILURE_REASON_UNSPECIFIED, "", trainer->step(), std::max<int64_t>(saved_step, 0)};
-    if (saved_step != trainer->step()) {
-      Status s = trainer->SaveCheckpoint(ckpt);
-      if (s.ok()) {
-        end.checkpoint_step = trainer->step();
-      } else {
-        end.message = "checkpoint " + ckpt + ": " + s.message();
-      }
-      if (end.kind == RunEnd::kShutdown) {
-        std::lock_guard<std::mutex> lock(mu_);
-        shutdown_status_ = s.ok() ? OkStatus() : Status(s.code(), end.message);
-      }
+    Status OnStart(int64_t step, bool resumed) override {
+      if (resumed) Log(LogLevel::kInfo, "run_resumed", {{"run_id", a_.run_id()}, {"step", Str(step)}});
+      std::lock_guard<std::mutex> lock(w_.mu_);
+      if (w_.current_ && w_.current_->run_id == a_.run_id()) w_.current_->step = step;
+      return OkStatus();
     }
-    return end;
-  };
-  if (auto kind = StopRequested(run)) return stop(*kind);
-
-  const ProbeSettings probe_settings = ToProbeSettings(e.probe());
-  const ProbeBatchKind probe_batch = ToProbeBatchKind(e.probe());
-  const int64_t total = e.train().steps();
-  const int probe_every = e.probe().every();
-  const int eval_every = e.train().eval_every();
-  const int ck_every = e.checkpoint().every();
-  while (trainer->step() < total) {
-    if (options_.fault_step_delay.count() > 0) std::this_thread::sleep_for(options_.fault_step_delay);
-    const int64_t next = trainer->step() + 1;
-    const bool probe_now = IsProbeStep(next, probe_every, total);
-    ProbeReport report;
-    const StepStats s = probe_now ? trainer->ProbedStep(probe_settings, probe_batch, &report) : trainer->Step();
-    if (!s.finite) {
-      std::string kept = saved_step >= 0 ? "the last good checkpoint (step " + Str(saved_step) + ") is kept at " + ckpt
-                                         : "no checkpoint was written yet";
-      return failed(v1::NUMERICAL,
-                    "loss or gradient is not finite at step " + Str(next) + " (loss " + Fmt(s.loss) + ", grad norm " +
-                        Fmt(s.grad_norm) + "); " + kept,
-                    s.step);
+    void BeforeStep(int64_t) override {
+      if (w_.options_.fault_step_delay.count() > 0) std::this_thread::sleep_for(w_.options_.fault_step_delay);
     }
-    v1::WorkerMessage pm;
-    v1::Progress* p = pm.mutable_progress();
-    p->set_run_id(run);
-    v1::StepMetrics* m = p->mutable_metrics();
-    m->set_step(s.step);
-    m->set_loss(s.loss);
-    m->set_learning_rate(s.lr);
-    m->set_grad_norm(s.grad_norm);
-    m->set_tokens_per_second(s.tokens_per_second);
-    m->set_mfu(s.mfu);
-    m->set_step_seconds(s.seconds);
-    if (IsEveryOrLast(s.step, eval_every, total)) m->set_val_loss(trainer->Evaluate());
-    v1::WorkerMessage probe;
-    if (probe_now && report.step == s.step) {
-      v1::ProbeUpload* u = probe.mutable_probe();
-      u->set_run_id(run);
-      u->set_sequence(report.step);
-      *u->mutable_report() = ToProto(report);
-    } else if (probe_now) {
-      Log(LogLevel::kWarning, "probe_skipped",
-          {{"run_id", run}, {"step", Str(s.step)}, {"detail", "the probe pass produced no report"}});
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      int32_t attempt = a.attempt();
-      if (current_ && current_->run_id == run) {
-        current_->step = s.step;
-        attempt = current_->attempt;
+    Status OnStep(const StepStats& s, double val_loss, const ProbeReport* report) override {
+      const std::string& run = a_.run_id();
+      v1::WorkerMessage pm;
+      v1::Progress* p = pm.mutable_progress();
+      p->set_run_id(run);
+      v1::StepMetrics* m = p->mutable_metrics();
+      m->set_step(s.step);
+      m->set_loss(s.loss);
+      m->set_learning_rate(s.lr);
+      m->set_grad_norm(s.grad_norm);
+      m->set_tokens_per_second(s.tokens_per_second);
+      m->set_mfu(s.mfu);
+      m->set_step_seconds(s.seconds);
+      if (!std::isnan(val_loss)) m->set_val_loss(val_loss);
+      std::lock_guard<std::mutex> lock(w_.mu_);
+      int32_t attempt = a_.attempt();
+      if (w_.current_ && w_.current_->run_id == run) {
+        w_.current_->step = s.step;
+        attempt = w_.current_->attempt;
       }
       p->set_attempt(attempt);
-      EnqueueLocked(run, std::move(pm), true);
-      if (probe.has_probe()) {
-        probe.mutable_probe()->set_attempt(attempt);
-        EnqueueProbeLocked(std::move(*probe.mutable_probe()));
+      w_.EnqueueLocked(run, std::move(pm), true);
+      if (report != nullptr) {
+        v1::ProbeUpload u;
+        u.set_run_id(run);
+        u.set_sequence(report->step);
+        u.set_attempt(attempt);
+        *u.mutable_report() = ToProto(*report);
+        w_.EnqueueProbeLocked(std::move(u));
       }
+      return OkStatus();
     }
-    if (IsEveryOrLast(s.step, ck_every, total)) {
-      // A full disk or a folder removed under the run: tried again with back-off (the
-      // folder made again), then the run is given back to be resumed elsewhere from its
-      // last checkpoint; a broken checkpoint disk is no reason to fail the run.
-      Status st = trainer->SaveCheckpoint(ckpt);
-      auto wait = options_.checkpoint_backoff;
-      for (int retry = 1; !st.ok() && retry <= options_.checkpoint_retries; ++retry) {
-        Log(LogLevel::kWarning, "checkpoint_failed",
-            {{"run_id", run}, {"step", Str(s.step)}, {"retry_in_ms", Str(wait.count())}, {"error", st.message()}});
-        {
-          std::unique_lock<std::mutex> lock(mu_);
-          cv_.wait_for(lock, wait, [&] { return StopRequestedLocked(run).has_value(); });
-        }
-        if (auto kind = StopRequested(run)) return stop(*kind);
-        std::filesystem::create_directories(a.checkpoint_dir(), ec);
-        st = trainer->SaveCheckpoint(ckpt);
-        wait *= 2;
+    void OnCheckpoint(int64_t step) override {
+      Log(LogLevel::kDebug, "checkpoint", {{"run_id", a_.run_id()}, {"step", Str(step)}});
+    }
+    void OnCheckpointRetry(int64_t step, int, std::chrono::milliseconds wait, const Status& error) override {
+      Log(LogLevel::kWarning, "checkpoint_failed",
+          {{"run_id", a_.run_id()}, {"step", Str(step)}, {"retry_in_ms", Str(wait.count())}, {"error", error.message()}});
+    }
+    void AfterStep(int64_t step) override {
+      if (step != w_.options_.fault_stall_after_step || step >= a_.experiment().train().steps()) return;
+      Log(LogLevel::kWarning, "fault_stall", {{"run_id", a_.run_id()}, {"step", Str(step)}});
+      std::unique_lock<std::mutex> lock(w_.mu_);
+      w_.cv_.wait(lock, [&] { return w_.StopRequestedLocked(a_.run_id()).has_value(); });
+    }
+    std::optional<StopKind> StopRequested() override {
+      auto kind = w_.StopRequested(a_.run_id());
+      if (!kind) return std::nullopt;
+      return *kind == RunEnd::kCancelled ? StopKind::kCancelled : StopKind::kShutdown;
+    }
+
+   private:
+    Worker& w_;
+    const v1::Assignment& a_;
+  };
+
+  RunLoopOptions o = ToRunLoopOptions(e, a.arm(), a.seed(), peak_flops_, a.checkpoint_dir(), /*resume=*/true);
+  o.checkpoint_retries = options_.checkpoint_retries;
+  o.checkpoint_backoff = options_.checkpoint_backoff;
+  ServiceRun service_run(this, a);
+  const RunResult r = RunLoop(o, data->get(), backend_.get(), &service_run, clock_);
+  const int64_t saved = std::max<int64_t>(r.checkpoint_step, 0);
+  switch (r.kind) {
+    case RunResult::kFinished:
+      return RunEnd{RunEnd::kFinished, v1::FAILURE_REASON_UNSPECIFIED, "", r.step};
+    case RunResult::kNonFinite:
+      return failed(v1::NUMERICAL, r.Describe(), r.step);
+    case RunResult::kStopped: {
+      const RunEnd::Kind kind = r.stop == StopKind::kCancelled ? RunEnd::kCancelled : RunEnd::kShutdown;
+      RunEnd end{kind, v1::FAILURE_REASON_UNSPECIFIED, "", r.step, saved};
+      if (!r.error.ok()) end.message = "checkpoint " + r.checkpoint_path + ": " + r.error.message();
+      if (kind == RunEnd::kShutdown) {
+        std::lock_guard<std::mutex> lock(mu_);
+        shutdown_status_ = r.error.ok() ? OkStatus() : Status(r.error.code(), end.message);
       }
-      if (!st.ok()) {
-        return RunEnd{RunEnd::kGiveBack, v1::FAILURE_REASON_UNSPECIFIED,
-                      "checkpoint " + ckpt + " cannot be written (" + Str(options_.checkpoint_retries + 1) +
-                          " tries): " + st.message(),
-                      s.step, std::max<int64_t>(saved_step, 0)};
-      }
-      saved_step = s.step;
-      Log(LogLevel::kDebug, "checkpoint", {{"run_id", run}, {"step", Str(s.step)}, {"path", ckpt}});
+      return end;
     }
-    if (s.step == options_.fault_stall_after_step && s.step < total) {
-      Log(LogLevel::kWarning, "fault_stall", {{"run_id", run}, {"step", Str(s.step)}});
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return StopRequestedLocked(run).has_value(); });
-    }
-    if (s.step < total) {
-      if (auto kind = StopRequested(run)) return stop(*kind);
-    }
+    case RunResult::kGiveBack:
+      return RunEnd{RunEnd::kGiveBack, v1::FAILURE_REASON_UNSPECIFIED, r.error.message(), r.step, saved};
+    case RunResult::kError:
+      return failed(v1::INTERNAL_ERROR, r.error.message(), r.step);
   }
-  if (e.checkpoint().export_hf()) {
-    const std::string hf = a.checkpoint_dir() + "/hf";
-    if (Status st = ExportHf(trainer->model(), hf); !st.ok()) {
-      return failed(v1::INTERNAL_ERROR, "export to " + hf + ": " + st.message(), trainer->step());
-    }
-  }
-  return RunEnd{RunEnd::kFinished, v1::FAILURE_REASON_UNSPECIFIED, "", trainer->step()};
+  return failed(v1::INTERNAL_ERROR, "unknown run end", r.step);
 }
 
 }  // namespace sinkscope

@@ -195,7 +195,7 @@ class DockerTest(unittest.TestCase):
                             for t in built:
                                 self.assertIn(t, targets, f"{name}: --target {t} is no CMake target")
                         if op == "RUN" and "/out/bin" in rest:
-                            for path in re.findall(r"build/(?:server|worker|client)/([\w-]+)", rest):
+                            for path in re.findall(r"build/(?:server|worker|client|tools)/([\w-]+)", rest):
                                 self.assertIn(path, built, f"{name}: copies {path}, which it does not build")
                                 out_bin.add(path)
             for stage in df.stages:
