@@ -72,13 +72,6 @@ std::string DataSource(const v1::Experiment& e) {
 
 constexpr char kReleasedUnstarted[] = "worker shutting down before starting the run";
 
-bool IsOutcome(const v1::WorkerMessage& m) { return m.has_finished() || m.has_failed() || m.has_released(); }
-
-// The attempt an outcome (IsOutcome) belongs to.
-int32_t OutcomeAttempt(const v1::WorkerMessage& m) {
-  return m.has_finished() ? m.finished().attempt() : m.has_failed() ? m.failed().attempt() : m.released().attempt();
-}
-
 }  // namespace
 
 std::string DefaultWorkerId() {
@@ -114,6 +107,7 @@ Worker::Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> bac
       peak_flops_(peak_flops),
       memory_bytes_(PhysicalMemoryBytes()),
       heartbeat_interval_(options_.default_heartbeat),
+      outbox_(options_.max_buffered_progress, options_.resend_after),
       rng_(options_.jitter_seed != 0 ? options_.jitter_seed : std::random_device{}()) {}
 
 Worker::~Worker() {
@@ -149,10 +143,10 @@ WorkerSnapshot Worker::Snapshot() {
     s.attempt = current_->attempt;
     s.step = current_->step;
   }
-  s.unacked_probes = outbox_.size();
-  s.unacked_progress = unacked_progress_.size() + unacked_outcomes_.size();
-  s.queued_messages = queue_.size();
-  s.dropped_progress = dropped_progress_;
+  s.unacked_probes = outbox_.unacked_probes();
+  s.unacked_progress = outbox_.unacked_progress();
+  s.queued_messages = outbox_.queued();
+  s.dropped_progress = outbox_.dropped_progress();
   s.heartbeat_seconds = std::chrono::duration<double>(heartbeat_interval_).count();
   s.runs_started = runs_started_;
   return s;
@@ -201,8 +195,8 @@ Status Worker::Run() {
   if (t.joinable()) t.join();
   std::lock_guard<std::mutex> lock(mu_);
   Log(LogLevel::kInfo, "worker_stop",
-      {{"unacked_probes", Str(static_cast<int64_t>(outbox_.size()))},
-       {"queued_messages", Str(static_cast<int64_t>(queue_.size()))},
+      {{"unacked_probes", Str(static_cast<int64_t>(outbox_.unacked_probes()))},
+       {"queued_messages", Str(static_cast<int64_t>(outbox_.queued()))},
        {"checkpoint", shutdown_status_.ok() ? "ok" : shutdown_status_.message()}});
   return shutdown_status_;
 }
@@ -253,7 +247,8 @@ bool Worker::ServeConnection(int64_t failures) {
     if (reg_ok) {
       connected_ = true;
       ++connections_;
-      RequeueProbesLocked();
+      outbox_.StartConnection(clock_->Now());
+      cv_.notify_all();
     }
   }
   if (!reg_ok) {
@@ -275,70 +270,36 @@ bool Worker::ServeConnection(int64_t failures) {
 
   // The writer: queued messages in order, then a heartbeat whenever one is due.
   std::unique_lock<std::mutex> lock(mu_);
-  if (dropped_progress_ > dropped_reported_) {
-    Log(LogLevel::kWarning, "progress_dropped", {{"count", Str(dropped_progress_ - dropped_reported_)}});
-    dropped_reported_ = dropped_progress_;
+  if (const int64_t dropped = outbox_.TakeNewlyDropped(); dropped > 0) {
+    Log(LogLevel::kWarning, "progress_dropped", {{"count", Str(dropped)}});
   }
   Clock::TimePoint last_heartbeat = clock_->Now();
-  last_ack_ = last_heartbeat;
-  Clock::TimePoint last_resend = last_heartbeat;
   std::optional<std::chrono::steady_clock::time_point> flush_deadline;  // real time, once stopping
   bool write_failed = false;
   while (!broken_) {
     if (stopping_ && !training_thread_active_) {
       if (!flush_deadline) flush_deadline = std::chrono::steady_clock::now() + options_.shutdown_flush;
-      if ((queue_.empty() && outbox_.empty() && unacked_progress_.empty() && unacked_outcomes_.empty()) ||
-          std::chrono::steady_clock::now() >= *flush_deadline) {
-        break;
-      }
+      if (outbox_.Idle() || std::chrono::steady_clock::now() >= *flush_deadline) break;
     }
-    if (!queue_.empty()) {
-      Outgoing out = std::move(queue_.front());
-      queue_.pop_front();
-      if (out.progress) --queued_progress_;
-      v1::WorkerMessage message;
-      if (out.probe) {
-        auto it = outbox_.find({out.run_id, out.sequence});
-        if (it == outbox_.end()) continue;  // acked meanwhile, or its run was cancelled
-        *message.mutable_probe() = it->second;
-      } else {
-        message = std::move(out.message);
-      }
-      // Kept before the Write, since its ack may arrive before Write returns.
-      const bool retained = !out.probe && acks_progress_ && (message.has_progress() || IsOutcome(message));
-      if (retained && message.has_progress()) {
-        unacked_progress_[{out.run_id, message.progress().metrics().step()}] = message;
-        if (unacked_progress_.size() > options_.max_buffered_progress) {  // never acked: keep the newest
-          unacked_progress_.erase(unacked_progress_.begin());
-          ++dropped_progress_;
-        }
-      } else if (retained) {
-        unacked_outcomes_[out.run_id] = message;
-      }
+    if (std::optional<Outbox::Pending> out = outbox_.TakeNext()) {
       lock.unlock();
-      const bool ok = stream->Write(message);
+      const bool ok = stream->Write(out->message);
       lock.lock();
       if (!ok) {
         write_failed = true;
         broken_ = true;
-        if (!out.probe && !retained) {  // written again on the next connection (the others are requeued)
-          out.message = std::move(message);
-          if (out.progress) ++queued_progress_;
-          queue_.push_front(std::move(out));
-        }
+        outbox_.WriteFailed(std::move(*out));  // written again on the next connection
       }
       continue;
     }
     if (!flush_deadline) {
-      const bool unacked = !outbox_.empty() || !unacked_progress_.empty() || !unacked_outcomes_.empty();
-      const Clock::TimePoint resend_due = std::max(last_ack_, last_resend) + options_.resend_after;
-      if (unacked && acks_progress_ && clock_->Now() >= resend_due) {
+      const std::optional<Clock::TimePoint> resend_due = outbox_.ResendDue();
+      if (resend_due && clock_->Now() >= *resend_due) {
         Log(LogLevel::kWarning, "resending_unacked",
-            {{"probes", Str(static_cast<int64_t>(outbox_.size()))},
-             {"progress", Str(static_cast<int64_t>(unacked_progress_.size()))},
-             {"outcomes", Str(static_cast<int64_t>(unacked_outcomes_.size()))}});
-        last_resend = clock_->Now();
-        RequeueProbesLocked();
+            {{"probes", Str(static_cast<int64_t>(outbox_.unacked_probes()))},
+             {"progress", Str(static_cast<int64_t>(outbox_.unacked_progress() - outbox_.unacked_outcomes()))},
+             {"outcomes", Str(static_cast<int64_t>(outbox_.unacked_outcomes()))}});
+        outbox_.Resend(clock_->Now());
         continue;
       }
       Clock::TimePoint due = last_heartbeat + heartbeat_interval_;
@@ -361,7 +322,7 @@ bool Worker::ServeConnection(int64_t failures) {
         last_heartbeat = clock_->Now();
         continue;
       }
-      if (unacked && acks_progress_) due = std::min(due, resend_due);
+      if (resend_due) due = std::min(due, *resend_due);
       clock_->WaitUntil(cv_, lock, due);
     } else {
       cv_.wait_until(lock, *flush_deadline);
@@ -459,52 +420,12 @@ v1::WorkerMessage Worker::MakeRegisterLocked() const {
     r->set_attempt(next_->attempt());
   } else {
     // A run that ended while disconnected: its outcome is still to be written or acked.
-    for (const auto& [run_id, o] : unacked_outcomes_) {
-      r->set_run_id(run_id);
-      r->set_attempt(OutcomeAttempt(o));
-    }
-    for (const Outgoing& o : queue_) {
-      if (!o.probe && IsOutcome(o.message)) {
-        r->set_run_id(o.run_id);
-        r->set_attempt(OutcomeAttempt(o.message));
-      }
+    if (auto outcome = outbox_.PendingOutcome()) {
+      r->set_run_id(outcome->first);
+      r->set_attempt(outcome->second);
     }
   }
   return m;
-}
-
-void Worker::RequeueProbesLocked() {
-  std::deque<Outgoing> queue;
-  for (const auto& [key, upload] : outbox_) {
-    Outgoing o;
-    o.run_id = key.first;
-    o.probe = true;
-    o.sequence = key.second;
-    queue.push_back(std::move(o));
-  }
-  // Written but not acked (they may never have reached the coordinator), oldest first:
-  // each run's steps before its outcome. Written again, they are kept again.
-  for (auto& [key, message] : unacked_progress_) {
-    Outgoing o;
-    o.run_id = key.first;
-    o.progress = true;
-    o.message = std::move(message);
-    queue.push_back(std::move(o));
-    ++queued_progress_;
-  }
-  unacked_progress_.clear();
-  for (auto& [run_id, message] : unacked_outcomes_) {
-    Outgoing o;
-    o.run_id = run_id;
-    o.message = std::move(message);
-    queue.push_back(std::move(o));
-  }
-  unacked_outcomes_.clear();
-  for (Outgoing& o : queue_) {
-    if (!o.probe) queue.push_back(std::move(o));
-  }
-  queue_ = std::move(queue);
-  cv_.notify_all();
 }
 
 void Worker::ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation) {
@@ -527,11 +448,7 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
           hb > 0 ? std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(hb))
                  : std::chrono::nanoseconds(options_.default_heartbeat);
       ++registered_;
-      acks_progress_ = m.registered().acks_progress();
-      if (!acks_progress_) {  // a coordinator that never acks them: keep nothing
-        unacked_progress_.clear();
-        unacked_outcomes_.clear();
-      }
+      outbox_.SetAcksProgress(m.registered().acks_progress());
       Log(LogLevel::kInfo, "registered",
           {{"lease_seconds", Fmt(m.registered().lease_seconds())},
            {"heartbeat_seconds", Fmt(std::chrono::duration<double>(heartbeat_interval_).count())}});
@@ -541,10 +458,7 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
       HandleAssignmentLocked(m.assignment());
       break;
     case v1::CoordinatorMessage::kAck:
-      last_ack_ = clock_->Now();
-      if (m.ack().sequence() != 0) outbox_.erase({m.ack().run_id(), m.ack().sequence()});
-      if (m.ack().progress_step() != 0) unacked_progress_.erase({m.ack().run_id(), m.ack().progress_step()});
-      if (m.ack().outcome()) unacked_outcomes_.erase(m.ack().run_id());
+      outbox_.Ack(m.ack(), clock_->Now());
       if (!m.ack().refused().empty()) {
         Log(LogLevel::kWarning, "report_refused",
             {{"run_id", m.ack().run_id()}, {"step", Str(m.ack().progress_step())},
@@ -630,33 +544,12 @@ void Worker::HandleCancelLocked(const v1::CancelRun& c) {
 // ---- queue -------------------------------------------------------------------------
 
 void Worker::EnqueueLocked(const std::string& run_id, v1::WorkerMessage message, bool is_progress) {
-  Outgoing o;
-  o.run_id = run_id;
-  o.progress = is_progress;
-  o.message = std::move(message);
-  queue_.push_back(std::move(o));
-  if (is_progress && ++queued_progress_ > options_.max_buffered_progress) {
-    for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-      if (it->progress) {
-        queue_.erase(it);
-        --queued_progress_;
-        ++dropped_progress_;
-        break;
-      }
-    }
-  }
+  outbox_.Add(run_id, std::move(message), is_progress);
   cv_.notify_all();
 }
 
 void Worker::EnqueueProbeLocked(v1::ProbeUpload upload) {
-  const std::string run_id = upload.run_id();
-  const int64_t sequence = upload.sequence();
-  outbox_[{run_id, sequence}] = std::move(upload);
-  Outgoing o;
-  o.run_id = run_id;
-  o.probe = true;
-  o.sequence = sequence;
-  queue_.push_back(std::move(o));
+  outbox_.AddProbe(std::move(upload));
   cv_.notify_all();
 }
 

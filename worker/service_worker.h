@@ -7,14 +7,10 @@
 // stream may break at any time: training goes on, messages wait in a queue, and the
 // connection loop reconnects with exponential back-off and jitter.
 //
-// Delivery: probe reports stay in an outbox until the coordinator acks (run_id,
-// sequence) and are all resent on every (re)connect; Progress messages are queued while
-// disconnected (the newest max_buffered_progress are kept) and flushed on reconnect;
-// RunFinished and RunFailed are queued until written. A message whose Write fails is
-// written again on the next connection. With a coordinator that acks them too
-// (Registered.acks_progress), a written Progress, RunFinished or RunFailed is kept until
-// acked and written again on the next connection: a Write that succeeded may still be
-// lost if the coordinator dies before reading it.
+// Delivery (worker/outbox.h): probe reports are kept until acked and resent on every
+// (re)connect; Progress is queued while disconnected (the newest max_buffered_progress
+// kept); written Progress and outcomes are kept until acked by a coordinator that acks
+// them, and everything unacked is written again when no ack has come for a while.
 #pragma once
 
 #include <chrono>
@@ -33,6 +29,7 @@
 
 #include "base/clock.h"
 #include "schema/credentials.h"
+#include "worker/outbox.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
 #include "data/data.h"
 #include "engine/backend.h"
@@ -128,14 +125,6 @@ class Worker {
   double peak_flops() const { return peak_flops_; }
 
  private:
-  // One queued message: a WorkerMessage, or a reference to a probe in the outbox.
-  struct Outgoing {
-    std::string run_id;
-    bool probe = false;         // written from outbox_[{run_id, sequence}] if still unacked
-    bool progress = false;      // counts against max_buffered_progress
-    int64_t sequence = 0;       // probe: the outbox key
-    v1::WorkerMessage message;  // otherwise: the message
-  };
   // The run of the training thread (or just assigned to it).
   struct CurrentRun {
     std::string run_id;
@@ -161,9 +150,6 @@ class Worker {
   // consecutive failed connections before this one (for log levels).
   bool ServeConnection(int64_t failures);
   v1::WorkerMessage MakeRegisterLocked() const;
-  // Puts every unacked probe at the head of the queue, then every written but unacked
-  // Progress and outcome (on each new connection).
-  void RequeueProbesLocked();
   void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream, int64_t generation);
   void HandleMessageLocked(const v1::CoordinatorMessage& message);
   void HandleAssignmentLocked(const v1::Assignment& assignment);
@@ -211,18 +197,8 @@ class Worker {
   int64_t read_ended_ = 0;  // the last generation whose reader saw the stream end (its status is then final)
   grpc::ClientContext* connecting_context_ = nullptr;  // while a connection attempt may block
   int64_t connections_ = 0, registered_ = 0, runs_started_ = 0;
-  int64_t dropped_progress_ = 0, dropped_reported_ = 0;
   std::chrono::nanoseconds heartbeat_interval_;
-  std::deque<Outgoing> queue_;
-  size_t queued_progress_ = 0;
-  std::map<std::pair<std::string, int64_t>, v1::ProbeUpload> outbox_;  // unacked probes by (run_id, sequence)
-  // Whether the coordinator acks Progress and outcomes (its last Registered said so;
-  // assumed until a Registered says otherwise).
-  bool acks_progress_ = true;
-  // Written but unacked: Progress by (run_id, step), RunFinished/RunFailed by run_id.
-  std::map<std::pair<std::string, int64_t>, v1::WorkerMessage> unacked_progress_;
-  std::map<std::string, v1::WorkerMessage> unacked_outcomes_;
-  Clock::TimePoint last_ack_{};  // of the current connection (or its start)
+  Outbox outbox_;  // what is queued, written and unacked (worker/outbox.h)
   std::set<std::string> cancelled_runs_;
   std::optional<CurrentRun> current_;
   std::optional<v1::Assignment> next_;  // for the training thread to take
