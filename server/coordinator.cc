@@ -125,8 +125,7 @@ int64_t Coordinator::NowMs() const {
 
 void Coordinator::Renew(Run& run, double seconds) {
   if (seconds <= 0) seconds = options_.lease_seconds;
-  run.lease_deadline =
-      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  run.lease_deadline = clock_->Now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
 }
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporter* exporter, const Options& options) {
@@ -1008,7 +1007,7 @@ void Coordinator::Tick() {
         Log(LogLevel::kWarning, "fault_store_read_only", {{"on", read_only ? "true" : "false"}});
       }
     }
-    const auto now = std::chrono::steady_clock::now();
+    const auto now = clock_->Now();
     const double stall = std::min(kStallSeconds, options_.lease_seconds / 2);
     if (last_tick_ && now - *last_tick_ > std::chrono::duration<double>(stall)) {
       const auto gap = now - *last_tick_;
@@ -1066,7 +1065,7 @@ void Coordinator::Tick() {
   // The gap to the next call counts from here: time spent above outside the lock (sends to
   // a slow worker, series expiry) is not the coordinator stalling its message handling.
   std::lock_guard<std::mutex> lock(mu_);
-  last_tick_ = std::chrono::steady_clock::now();
+  last_tick_ = clock_->Now();
 }
 
 }  // namespace sinkscope

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "base/clock.h"
 #include "proto/sinkscope/v1/service.pb.h"
 #include "server/exporter.h"
 #include "server/store.h"
@@ -55,6 +56,9 @@ class Coordinator {
     // Fault injection for tests: while this file exists, the store takes no writes (as a
     // full disk or a read-only remount would). Empty: off.
     std::string fault_store_read_only_when;
+    // What leases, the stall check and recovery grace are timed by (base/clock.h); null:
+    // the process's steady clock. Tests give a ManualClock and move it themselves.
+    Clock* clock = nullptr;
   };
 
   // Loads the store's state: queued runs are queued again, running runs keep their lease
@@ -92,7 +96,7 @@ class Coordinator {
  private:
   struct Run {
     RunRecord record;
-    std::chrono::steady_clock::time_point lease_deadline;
+    Clock::TimePoint lease_deadline;
     int64_t session = 0;        // holder of the lease; 0 for none
     double step_seconds = 0;    // smoothed, for the ETA
     int64_t probe_reports = 0;  // stored
@@ -114,7 +118,7 @@ class Coordinator {
   using Outbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
 
   Coordinator(Store* store, Exporter* exporter, const Options& options)
-      : store_(store), exporter_(exporter), options_(options) {}
+      : store_(store), exporter_(exporter), options_(options), clock_(options.clock ? options.clock : Clock::Real()) {}
 
   // All below require mu_.
   v1::ExperimentSummary SummaryLocked(const std::string& id, bool with_spec);
@@ -159,12 +163,13 @@ class Coordinator {
   Store* store_;
   Exporter* exporter_;
   Options options_;
+  Clock* const clock_;
 
   std::mutex mu_;
   std::map<std::string, ExperimentRecord> experiments_;   // guarded by mu_
   std::vector<std::string> experiment_order_;             // guarded by mu_: submission order
   std::map<std::string, Run> runs_;                       // guarded by mu_
-  std::optional<std::chrono::steady_clock::time_point> last_tick_;  // guarded by mu_
+  std::optional<Clock::TimePoint> last_tick_;  // guarded by mu_
   std::map<std::string, std::vector<std::string>> experiment_runs_;  // guarded by mu_
   std::deque<std::string> queue_;                         // guarded by mu_: QUEUED run ids, FIFO
   std::map<int64_t, Session> sessions_;                   // guarded by mu_

@@ -384,6 +384,7 @@ class CoordinatorOverStore : public ::testing::Test {
     options.lease_seconds = lease_seconds;
     options.check_data_paths = false;
     options.checkpoint_root = dir_.File("checkpoints");
+    options.clock = &clock_;  // leases move only when a test advances it
     auto c = Coordinator::Create(store_.get(), exporter_.get(), options);
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     coordinator_ = std::move(*c);
@@ -404,6 +405,7 @@ class CoordinatorOverStore : public ::testing::Test {
   std::string path_;
   std::unique_ptr<Store> store_;
   std::unique_ptr<Exporter> exporter_;
+  ManualClock clock_;  // before coordinator_, which uses it
   std::unique_ptr<Coordinator> coordinator_;
   std::shared_ptr<FakeWriter> writer_ = std::make_shared<FakeWriter>();
   int64_t session_ = 0;
@@ -537,7 +539,7 @@ TEST_F(CoordinatorOverStore, AStalledCoordinatorExtendsLeasesInsteadOfBlamingThe
   coordinator_->Tick();
   // The coordinator itself stalls (a slow store write, a paused process) past the lease;
   // the worker's heartbeats would be queued behind it.
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  clock_.Advance(std::chrono::milliseconds(1500));
   coordinator_->Tick();
   auto summary = coordinator_->GetExperiment("tiny-1", false);
   ASSERT_TRUE(summary.ok());
@@ -545,9 +547,8 @@ TEST_F(CoordinatorOverStore, AStalledCoordinatorExtendsLeasesInsteadOfBlamingThe
   EXPECT_EQ(summary->runs(0).attempt(), 1);
   EXPECT_EQ(Sorted(writer_->Take()).cancels, 0);
   // Ticking on time with no word from the worker, the extended lease still lapses.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
-  while (std::chrono::steady_clock::now() < until && Sorted(writer_->Take()).cancels == 0) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  for (int tick = 0; tick < 30 && Sorted(writer_->Take()).cancels == 0; ++tick) {
+    clock_.Advance(std::chrono::milliseconds(100));
     coordinator_->Tick();
   }
   summary = coordinator_->GetExperiment("tiny-1", false);
@@ -660,7 +661,7 @@ TEST_F(CoordinatorOverStore, AStaleAttemptStoresNothing) {
   coordinator_->OnWorkerMessage(session_, Progress(run, 1));
   writer_->Take();
   // The lease lapses; a second worker gets attempt 2.
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  clock_.Advance(std::chrono::milliseconds(400));
   auto other_writer = std::make_shared<FakeWriter>();
   const int64_t other = coordinator_->OpenSession(other_writer);
   v1::WorkerMessage reg = Register();
@@ -772,7 +773,7 @@ TEST_F(CoordinatorOverStore, ALapseTheStoreCannotTakeIsRetriedNotCounted) {
   StartCoordinator(/*lease_seconds=*/0.3);
   const std::string run = SubmitAndAssign();
   ASSERT_TRUE(store_->ExecForTesting("PRAGMA query_only = 1").ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  clock_.Advance(std::chrono::milliseconds(400));
   coordinator_->Tick();
   auto summary = coordinator_->GetExperiment("tiny-1", false);
   ASSERT_TRUE(summary.ok());
