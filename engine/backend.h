@@ -6,12 +6,29 @@
 // Conventions: all tensors are row-major float32 buffers owned by the backend;
 // (N, d) means N rows of d, N = B·T tokens. Parameter gradients are accumulated (+=)
 // so micro-batches add up; activation gradients are written (=) unless the op says +=.
+//
+// Ops may run asynchronously (a GPU stream): only ToHost, ReadScalars and Synchronize
+// wait. Scalars a step produces (the loss, the squared gradient norm) are accumulated in
+// device doubles (AllocScalars) and read once per step; a device error is sticky and
+// taken once per step (TakeError).
+//
+// Two levels of ops. Primitive ops (memory, elementwise, Gemm, norms, RoPE, attention,
+// V-scale, SwiGLU, cross-entropy, AdamW) each do one thing. Block-level fused ops
+// (residual + RMSNorm, the attention input x̃ → q, k, v, v̂, gate|up + SwiGLU, the LM head
+// with cross-entropy, one multi-tensor AdamW) are what the model calls; their default
+// implementations (backend.cc) compose the primitives, and a fast backend overrides them
+// with fused kernels. tests/backend_parity_test.cc holds every op of every backend
+// against a float64 reference and every fused op against its composition.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <utility>
 
+#include <vector>
+
+#include "base/status.h"
 #include "engine/config.h"
 
 namespace sinkscope {
@@ -43,11 +60,22 @@ class Backend {
   virtual void ToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void Copy(float* dst, const float* src, size_t n) = 0;
   virtual void Fill(float* x, float value, size_t n) = 0;
+  // Device doubles, zero-filled: accumulators a step adds into (loss, ‖g‖²).
+  virtual double* AllocScalars(size_t n) = 0;
+  virtual void ZeroScalars(double* s, size_t n) = 0;
+  // Copies n device doubles to the host, after every op queued before it.
+  virtual void ReadScalars(double* host_dst, const double* s, size_t n) = 0;
+  // Waits for every queued op.
+  virtual void Synchronize() {}
+  // The first device error since the last call (sticky until taken); OK when none.
+  virtual Status TakeError() { return OkStatus(); }
 
   // --- elementwise and reductions -----------------------------------------------
   virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;  // y += alpha·x
   virtual void Scale(float* x, float s, size_t n) = 0;                     // x *= s
-  virtual double SumSquares(const float* x, size_t n) = 0;                 // Σ x², in double
+  virtual void AddRowBias(float* x, const float* b, int N, int n) = 0;      // x(N,n) += b(n) on every row
+  virtual void AccumulateColumnSums(float* acc, const float* x, int N, int n) = 0;  // acc(n) += Σ_rows x(N,n)
+  virtual void AccumulateSumSquares(double* acc, const float* x, size_t n) = 0;  // *acc += Σ x² (device double)
   // Token-wise reductions for probes over x (B, T, G, C), tokens t < P:
   // acc(P, G·C) += Σ_b x[b,t]          (for N_t = ‖Σ_b g[b,t]‖, SUM_THEN_NORM)
   virtual void AccumulateTokenSum(float* acc, const float* x, int B, int T, int C, int P) = 0;
@@ -78,22 +106,25 @@ class Backend {
   virtual void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) = 0;
 
   // Causal softmax attention with GQA: query head h reads KV head h/(H/KV).
-  // q (B,T,H,dh), k and v (B,T,KV,dh), y (B,T,H,dh). `workspace` holds what the
-  // backward needs, AttentionWorkspaceFloats(...) floats.
+  // q (B,T,H,dh), k and v (B,T,KV,dh), y (B,T,H,dh); lse (B,H,T) is each row's
+  // log-sum-exp of the scaled scores, log Σ_{u≤t} exp(q_t·k_u/√dh), as a flash-attention
+  // forward gives it. `workspace` holds whatever else this backend's backward needs,
+  // AttentionWorkspaceFloats(...) floats (may be 0).
   virtual size_t AttentionWorkspaceFloats(int B, int T, int H) const = 0;
-  virtual void AttentionForward(float* y, float* workspace, const float* q, const float* k, const float* v, int B,
-                                int T, int H, int KV, int dh) = 0;
-  // dq, dk, dv are written (=).
-  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* workspace,
-                                 const float* q, const float* k, const float* v, int B, int T, int H, int KV,
-                                 int dh) = 0;
+  virtual void AttentionForward(float* y, float* lse, float* workspace, const float* q, const float* k,
+                                const float* v, int B, int T, int H, int KV, int dh) = 0;
+  // From dy and the forward's y and lse (and workspace); dq, dk, dv are written (=).
+  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
+                                 const float* workspace, const float* q, const float* k, const float* v, int B, int T,
+                                 int H, int KV, int dh) = 0;
   // Probes (optional op kAttentionColumnStats): for each head, batch means of
   // α_s = (1/window) Σ_{t=s}^{s+window-1} a[t,s], M_s = Σ_{t≥s} a[t,s], S_s = Σ_{t≥s} a[t,s]²,
   // and the fraction of sequences whose own α_s exceeds the threshold. Each output has H
-  // entries. Recomputes the column from q and k; never materialises the matrix.
+  // entries. Column s only, from q, k and the forward's lse: a[t,s] = exp(q_t·k_s/√dh − lse_t);
+  // the matrix is never materialised.
   virtual void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate,
-                                    const float* q, const float* k, int B, int T, int H, int KV, int dh,
-                                    const ColumnStatsRequest& request) = 0;
+                                    const float* q, const float* k, const float* lse, int B, int T, int H, int KV,
+                                    int dh, const ColumnStatsRequest& request) = 0;
 
   // V-scale (METRICS.md): v̂ = φ(r)·v, r = ‖v‖², φ = r/(r+C), C_g = c_base·exp(θ_g) per
   // KV head g. v and v̂ are (N, KV, dh); theta (KV). In kBackwardOnly the forward copies v.
@@ -109,17 +140,101 @@ class Backend {
   virtual void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
                               int F) = 0;
 
-  // Cross-entropy over logits (N,V) in place: logits become grad_scale·(softmax − onehot).
-  // Returns Σ_rows −log p[target] in double.
-  virtual double CrossEntropyForwardBackward(float* logits, const int32_t* targets, int N, int V,
-                                             float grad_scale) = 0;
-  // Forward only (evaluation): Σ_rows −log p[target], logits left unchanged.
-  virtual double CrossEntropyLoss(const float* logits, const int32_t* targets, int N, int V) = 0;
+  // Cross-entropy over logits (N,V) in place: logits become grad_scale·(softmax − onehot);
+  // *loss_acc (a device double) += Σ_rows −log p[target].
+  virtual void CrossEntropyForwardBackward(float* logits, const int32_t* targets, int N, int V, float grad_scale,
+                                           double* loss_acc) = 0;
+  // Forward only (evaluation): *loss_acc += Σ_rows −log p[target], logits left unchanged.
+  virtual void CrossEntropyLoss(const float* logits, const int32_t* targets, int N, int V, double* loss_acc) = 0;
 
   // AdamW on n values: m, v updated; p -= lr·(m̂/(sqrt(v̂)+eps) + wd·p). grad_scale
   // multiplies g first (clipping). step is 1-based for bias correction.
   virtual void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
                      float eps, float weight_decay, float grad_scale, int64_t step) = 0;
+
+  // --- block-level fused ops (defaults in backend.cc compose the primitives) -------
+
+  // sum = x + r; out = sum / rms(sum) ⊙ γ, rstd(N) saved: the residual add of a block
+  // branch and the norm that reads its result. sum may alias x.
+  virtual void ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r,
+                                      const float* gamma, int N, int d, float eps);
+  // dx = d_residual + J_rmsᵀ dout (written); dgamma += as RmsNormBackward. dx may alias
+  // neither dout nor x; it may alias d_residual.
+  virtual void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout,
+                                       const float* x, const float* gamma, const float* rstd, int N, int d);
+
+  // The attention input of a block: x̃ → q, k (projected, + bias, per-head RMSNorm, RoPE),
+  // v (projected, + bias) and v̂ = V-scale(v).
+  struct AttentionShape {
+    int B = 0, T = 0, d = 0, H = 0, KV = 0, dh = 0;
+    float eps = 1e-5f;            // of the per-head q/k norms
+    const RotaryFrequencies* rope = nullptr;
+    VScaleMode vscale = VScaleMode::kNone;
+    double vscale_c_base = 0;
+    int N() const { return B * T; }
+  };
+  // Weights (or, for the backward, their gradients; null entries are absent tensors or
+  // gradients not wanted). bq/bk/bv: Qwen2's biases; q_norm/k_norm: Qwen3's gains.
+  struct AttentionInputWeights {
+    const float *wq = nullptr, *wk = nullptr, *wv = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr,
+                *q_norm = nullptr, *k_norm = nullptr, *theta = nullptr;
+  };
+  struct AttentionInputGrads {
+    float *wq = nullptr, *wk = nullptr, *wv = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr,
+          *q_norm = nullptr, *k_norm = nullptr;
+  };
+  // Forward activations: q_raw, k_raw, rstd_q (N·H), rstd_k (N·KV) only with q/k norms.
+  struct AttentionInputActs {
+    float *q = nullptr, *k = nullptr, *v = nullptr, *vhat = nullptr, *q_raw = nullptr, *k_raw = nullptr,
+          *rstd_q = nullptr, *rstd_k = nullptr;
+  };
+  virtual void AttentionInputForward(const AttentionShape& shape, const float* xn, const AttentionInputWeights& w,
+                                     const AttentionInputActs& a);
+  // From ∂L/∂q, ∂L/∂k (after RoPE, as attention's backward gives them; overwritten) and
+  // ∂L/∂v (before V-scale): dxn (N,d) written; weight gradients accumulated where non-null.
+  // scratch_q (N·H·dh) and scratch_k (N·KV·dh) are needed with q/k norms.
+  virtual void AttentionInputBackward(const AttentionShape& shape, float* dxn, float* dq, float* dk, const float* dv,
+                                      const float* xn, const AttentionInputWeights& w, const AttentionInputActs& a,
+                                      const AttentionInputGrads& g, float* scratch_q, float* scratch_k);
+
+  // gate = x·W_gateᵀ, up = x·W_upᵀ (N,F), act = silu(gate) ⊙ up.
+  virtual void GateUpSwiGluForward(float* act, float* gate, float* up, const float* x, const float* w_gate,
+                                   const float* w_up, int N, int F, int d);
+  // From ∂L/∂act: dx (N,d) written; dw_gate, dw_up accumulated when non-null; d_gate and
+  // d_up (N,F) are scratch.
+  virtual void GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up,
+                                    const float* d_act, const float* gate, const float* up, const float* x,
+                                    const float* w_gate, const float* w_up, int N, int F, int d);
+
+  // The LM head and the loss: logits = x·Wᵀ (N,V); *loss_acc += Σ_rows −log p[target];
+  // dx (N,d) = grad_scale·(softmax − onehot)·W (written); dw (V,d) += its transposed
+  // product with x when non-null. `logits` has logits_rows·V floats: a backend may work
+  // in row chunks of that size and never hold all N rows (logits_rows ≥ 1).
+  virtual void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, const float* x,
+                                  const float* w, const int32_t* targets, int N, int V, int d, float grad_scale,
+                                  double* loss_acc);
+  // Evaluation: *loss_acc += Σ_rows −log p[target].
+  virtual void LmHeadLoss(float* logits, int logits_rows, const float* x, const float* w, const int32_t* targets,
+                          int N, int V, int d, double* loss_acc);
+
+  // One AdamW step over many tensors. `guard` (device doubles) holds [Σ token losses,
+  // ‖g‖²]: when either is not finite nothing is updated; otherwise g is clipped to
+  // global norm grad_clip (> 0) with scale grad_clip/‖g‖ when ‖g‖ > grad_clip.
+  struct AdamWTensor {
+    float *p = nullptr, *m = nullptr, *v = nullptr;
+    const float* g = nullptr;
+    size_t n = 0;
+    float weight_decay = 0;
+  };
+  struct AdamWHyper {
+    float lr = 0, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+    double grad_clip = 0;
+    int64_t step = 1;  // 1-based, for bias correction
+  };
+  virtual void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& hyper,
+                                const double* guard);
+  // *acc += Σ over tensors of Σ x².
+  virtual void AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors);
 };
 
 // The CPU reference backend (cpu/cpu_backend.cc).

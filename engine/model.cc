@@ -52,6 +52,7 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
   m->off_final_norm_ = add("model.norm.weight", {d}, false);
   m->off_head_ = config.tied_embeddings ? m->off_embed_ : add("lm_head.weight", {V, d}, true);
   m->num_params_ = offset;
+  m->scalars_ = backend->AllocScalars(2);
   m->params_ = backend->Alloc(offset);
   if (options.training) {
     m->grads_ = backend->Alloc(offset);
@@ -66,6 +67,7 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
 
 Model::~Model() {
   FreeActivations();
+  if (scalars_) backend_->Free(scalars_);
   for (float* p : {params_, grads_, adam_m_, adam_v_}) {
     if (p) backend_->Free(p);
   }
@@ -140,7 +142,7 @@ void Model::FreeActivations() {
   if (tokens_dev_) backend_->Free(tokens_dev_);
   if (targets_dev_) backend_->Free(targets_dev_);
   tokens_dev_ = targets_dev_ = nullptr;
-  ones_ = d_q_raw_ = d_k_raw_ = dgamma_sink_ = nullptr;
+  d_q_raw_ = d_k_raw_ = dgamma_sink_ = nullptr;
   act_B_ = act_T_ = 0;
 }
 
@@ -164,6 +166,7 @@ void Model::EnsureActivations(int B, int T) {
     a.v = alloc(N * kvd);
     a.vhat = alloc(N * kvd);
     a.att_ws = alloc(backend_->AttentionWorkspaceFloats(B, T, config_.heads));
+    a.lse = alloc(static_cast<size_t>(B) * config_.heads * T);
     a.y = alloc(N * qd);
     a.r_attn = alloc(N * d);
     a.h_half = alloc(N * d);
@@ -183,7 +186,10 @@ void Model::EnsureActivations(int B, int T) {
   }
   xf_ = alloc(N * d);
   rstd_f_ = alloc(N);
-  logits_ = alloc(N * config_.vocab);
+  // The LM head works in row chunks of at most 2^24 logits (64 MB): a vocabulary of
+  // 152k never needs N·V floats.
+  logits_rows_ = static_cast<int>(std::min<size_t>(N, std::max<size_t>(1, (size_t{1} << 24) / config_.vocab)));
+  logits_ = alloc(static_cast<size_t>(logits_rows_) * config_.vocab);
   d_res_a_ = alloc(N * d);
   d_res_b_ = alloc(N * d);
   d_norm_ = alloc(N * d);
@@ -195,10 +201,6 @@ void Model::EnsureActivations(int B, int T) {
   d_act_ = alloc(N * F);
   d_gate_ = alloc(N * F);
   d_up_ = alloc(N * F);
-  if (config_.attention_bias) {
-    ones_ = alloc(N);
-    backend_->Fill(ones_, 1.0f, N);
-  }
   if (!training()) dgamma_sink_ = alloc(std::max<size_t>(d, config_.head_dim));
   if (config_.qk_norm) {
     d_q_raw_ = alloc(N * qd);
@@ -210,85 +212,114 @@ void Model::EnsureActivations(int B, int T) {
   act_T_ = T;
 }
 
+Backend::AttentionShape Model::Shape(int B, int T) const {
+  Backend::AttentionShape s;
+  s.B = B;
+  s.T = T;
+  s.d = config_.d_model;
+  s.H = config_.heads;
+  s.KV = config_.kv_heads;
+  s.dh = config_.head_dim;
+  s.eps = static_cast<float>(config_.rms_eps);
+  s.rope = &rotary_;
+  s.vscale = config_.vscale;
+  s.vscale_c_base = VScaleCBase();
+  return s;
+}
+
+Backend::AttentionInputWeights Model::AttentionWeights(const LayerParams& w) {
+  return {w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, w.q_norm, w.k_norm, w.theta};
+}
+
 void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer) {
   EnsureActivations(B, T);
   Backend& be = *backend_;
   const ModelConfig& c = config_;
   const int N = B * T, d = c.d_model, F = c.ffn, H = c.heads, KV = c.kv_heads, dh = c.head_dim;
-  const int qd = c.q_dim(), kvd = c.kv_dim();
+  const int qd = c.q_dim();
   const float eps = static_cast<float>(c.rms_eps);
+  const Backend::AttentionShape shape = Shape(B, T);
   be.ToDevice(tokens_dev_, tokens, sizeof(int32_t) * N);
   be.EmbeddingForward(residual_[0], tokens_dev_, params_ + off_embed_, N, d);  // (N,d)
+  // Each residual add is fused with the norm that reads its sum: the first block's
+  // input norm stands alone.
+  if (c.layers > 0) {
+    be.RmsNormForward(acts_[0].xn, acts_[0].rstd_attn, residual_[0], layer(0).attn_norm, N, d, eps);
+  } else {
+    be.RmsNormForward(xf_, rstd_f_, residual_[0], params_ + off_final_norm_, N, d, eps);
+  }
   for (int l = 0; l < c.layers; ++l) {
     const LayerParams w = layer(l);
     LayerActs& a = acts_[l];
     const float* h_in = residual_[l];
     float* h_out = residual_[l + 1];
-    // Attention branch.
-    be.RmsNormForward(a.xn, a.rstd_attn, h_in, w.attn_norm, N, d, eps);  // x̃ (N,d)
+    // Attention branch: x̃ = RMSNorm(h_in) is in a.xn.
     if (observer) observer->EditAttentionInput(l, a.xn, B, T);
-    float* q_proj = c.qk_norm ? a.q_raw : a.q;
-    float* k_proj = c.qk_norm ? a.k_raw : a.k;
-    be.Gemm(false, true, N, qd, d, 1.0f, a.xn, w.wq, 0.0f, q_proj);      // (N,H·dh)
-    be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wk, 0.0f, k_proj);     // (N,KV·dh)
-    be.Gemm(false, true, N, kvd, d, 1.0f, a.xn, w.wv, 0.0f, a.v);        // (N,KV·dh)
-    if (c.attention_bias) {  // + b per row: ones(N,1)·b(1,·)
-      be.Gemm(false, false, N, qd, 1, 1.0f, ones_, w.bq, 1.0f, q_proj);
-      be.Gemm(false, false, N, kvd, 1, 1.0f, ones_, w.bk, 1.0f, k_proj);
-      be.Gemm(false, false, N, kvd, 1, 1.0f, ones_, w.bv, 1.0f, a.v);
-    }
-    if (c.qk_norm) {  // each head's q and k normalised over dh, before RoPE (rows = N·heads)
-      be.RmsNormForward(a.q, a.rstd_q, a.q_raw, w.q_norm, N * H, dh, eps);
-      be.RmsNormForward(a.k, a.rstd_k, a.k_raw, w.k_norm, N * KV, dh, eps);
-    }
-    be.RopeForward(a.q, B, T, H, dh, rotary_);
-    be.RopeForward(a.k, B, T, KV, dh, rotary_);
-    be.VScaleForward(a.vhat, a.v, w.theta, N, KV, dh, VScaleCBase(), c.vscale);
-    be.AttentionForward(a.y, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
-    be.Gemm(false, true, N, d, qd, 1.0f, a.y, w.wo, 0.0f, a.r_attn);      // r_attn (N,d)
-    be.Copy(a.h_half, h_in, static_cast<size_t>(N) * d);
-    be.Axpy(a.h_half, 1.0f, a.r_attn, static_cast<size_t>(N) * d);  // h_half = h_in + r_attn
+    be.AttentionInputForward(shape, a.xn, AttentionWeights(w),
+                             {a.q, a.k, a.v, a.vhat, a.q_raw, a.k_raw, a.rstd_q, a.rstd_k});
+    be.AttentionForward(a.y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
+    be.Gemm(false, true, N, d, qd, 1.0f, a.y, w.wo, 0.0f, a.r_attn);              // r_attn (N,d)
+    // h_half = h_in + r_attn; x̃_mlp = RMSNorm(h_half).
+    be.ResidualRmsNormForward(a.h_half, a.xm, a.rstd_mlp, h_in, a.r_attn, w.mlp_norm, N, d, eps);
     // MLP branch.
-    be.RmsNormForward(a.xm, a.rstd_mlp, a.h_half, w.mlp_norm, N, d, eps);  // x̃_mlp
-    be.Gemm(false, true, N, F, d, 1.0f, a.xm, w.w_gate, 0.0f, a.gate);    // (N,F)
-    be.Gemm(false, true, N, F, d, 1.0f, a.xm, w.w_up, 0.0f, a.up);        // (N,F)
-    be.SwiGluForward(a.act, a.gate, a.up, N, F);
+    be.GateUpSwiGluForward(a.act, a.gate, a.up, a.xm, w.w_gate, w.w_up, N, F, d);
     be.Gemm(false, true, N, d, F, 1.0f, a.act, w.w_down, 0.0f, a.r_mlp);  // r_mlp (N,d)
-    be.Copy(h_out, a.h_half, static_cast<size_t>(N) * d);
-    be.Axpy(h_out, 1.0f, a.r_mlp, static_cast<size_t>(N) * d);  // h_out = h_half + r_mlp
+    // h_out = h_half + r_mlp, and the norm of the next block (or the final norm).
+    const bool last = l + 1 == c.layers;
+    be.ResidualRmsNormForward(h_out, last ? xf_ : acts_[l + 1].xn, last ? rstd_f_ : acts_[l + 1].rstd_attn,
+                              a.h_half, a.r_mlp, last ? params_ + off_final_norm_ : layer(l + 1).attn_norm, N, d,
+                              eps);
     if (observer) {
-      observer->OnBlockForward(l, {h_in, a.h_half, h_out, a.r_attn, a.r_mlp, a.q, a.k, a.v, a.vhat}, B, T);
+      observer->OnBlockForward(l, {h_in, a.h_half, h_out, a.r_attn, a.r_mlp, a.q, a.k, a.v, a.vhat, a.lse}, B, T);
     }
   }
-  be.RmsNormForward(xf_, rstd_f_, residual_[c.layers], params_ + off_final_norm_, N, d, eps);
-  be.Gemm(false, true, N, c.vocab, d, 1.0f, xf_, params_ + off_head_, 0.0f, logits_);  // (N,V)
 }
 
-double Model::Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T, PassObserver* observer) {
+void Model::EvaluateInto(const int32_t* tokens, const int32_t* targets, int B, int T, double* loss_acc,
+                         PassObserver* observer) {
   Forward(tokens, B, T, observer);
   const int N = B * T;
   backend_->ToDevice(targets_dev_, targets, sizeof(int32_t) * N);
-  return backend_->CrossEntropyLoss(logits_, targets_dev_, N, config_.vocab) / N;
+  backend_->LmHeadLoss(logits_, logits_rows_, xf_, params_ + off_head_, targets_dev_, N, config_.vocab,
+                       config_.d_model, loss_acc);
+}
+
+double Model::Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T, PassObserver* observer) {
+  EnsureActivations(B, T);
+  backend_->ZeroScalars(scalars_, 1);
+  EvaluateInto(tokens, targets, B, T, scalars_, observer);
+  double loss = 0;
+  backend_->ReadScalars(&loss, scalars_, 1);
+  return loss / (static_cast<double>(B) * T);
 }
 
 double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
                               PassObserver* observer) {
+  EnsureActivations(B, T);
+  backend_->ZeroScalars(scalars_, 1);
+  ForwardBackwardInto(tokens, targets, B, T, grad_scale, scalars_, observer);
+  double loss = 0;
+  backend_->ReadScalars(&loss, scalars_, 1);
+  return loss / (static_cast<double>(B) * T);
+}
+
+void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
+                                double* loss_acc, PassObserver* observer) {
   Forward(tokens, B, T, observer);
   Backend& be = *backend_;
   const ModelConfig& c = config_;
   const int N = B * T, d = c.d_model, F = c.ffn, H = c.heads, KV = c.kv_heads, dh = c.head_dim, V = c.vocab;
-  const int qd = c.q_dim(), kvd = c.kv_dim();
+  const int qd = c.q_dim();
   const size_t Nd = static_cast<size_t>(N) * d;
+  const Backend::AttentionShape shape = Shape(B, T);
   be.ToDevice(targets_dev_, targets, sizeof(int32_t) * N);
-  const double loss_sum = be.CrossEntropyForwardBackward(logits_, targets_dev_, N, V, grad_scale);
-  float* dlogits = logits_;  // (N,V), overwritten in place
   // Probing only: the gradients of activations, not of parameters (the gains' go to a sink).
   const bool pg = training();
   auto gain_grad = [&](float* g) { return pg ? g : dgamma_sink_; };
 
-  // LM head and final norm.
-  be.Gemm(false, false, N, d, V, 1.0f, dlogits, params_ + off_head_, 0.0f, d_norm_);    // dxf (N,d)
-  if (pg) be.Gemm(true, false, V, d, N, 1.0f, dlogits, xf_, 1.0f, grads_ + off_head_);  // dW_head += dlogitsᵀ xf
+  // LM head with the loss (∂L/∂xf into d_norm_), then the final norm.
+  be.LmHeadCrossEntropy(d_norm_, pg ? grads_ + off_head_ : nullptr, logits_, logits_rows_, xf_, params_ + off_head_,
+                        targets_dev_, N, V, d, grad_scale, loss_acc);
   be.Fill(d_res_a_, 0.0f, Nd);
   be.RmsNormBackward(d_res_a_, gain_grad(grads_ + off_final_norm_), d_norm_, residual_[c.layers],
                      params_ + off_final_norm_, rstd_f_, N, d);
@@ -301,24 +332,20 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
     LayerActs& a = acts_[l];
     if (observer) observer->OnGradient(l, Site::kHOut, d_out, nullptr, B, T);
     // MLP branch: r_mlp = W_down (silu(W_gate x̃_mlp) ⊙ W_up x̃_mlp).
-    be.Gemm(false, false, N, F, d, 1.0f, d_out, w.w_down, 0.0f, d_act_);      // (N,F)
+    be.Gemm(false, false, N, F, d, 1.0f, d_out, w.w_down, 0.0f, d_act_);         // (N,F)
     if (pg) be.Gemm(true, false, d, F, N, 1.0f, d_out, a.act, 1.0f, gw.w_down);  // (d,F)
-    be.SwiGluBackward(d_gate_, d_up_, d_act_, a.gate, a.up, N, F);
-    be.Gemm(false, false, N, d, F, 1.0f, d_gate_, w.w_gate, 0.0f, d_norm_);   // ∂L/∂x̃_mlp
-    be.Gemm(false, false, N, d, F, 1.0f, d_up_, w.w_up, 1.0f, d_norm_);
-    if (pg) {
-      be.Gemm(true, false, F, d, N, 1.0f, d_gate_, a.xm, 1.0f, gw.w_gate);
-      be.Gemm(true, false, F, d, N, 1.0f, d_up_, a.xm, 1.0f, gw.w_up);
-    }
+    be.GateUpSwiGluBackward(d_norm_, gw.w_gate, gw.w_up, d_gate_, d_up_, d_act_, a.gate, a.up, a.xm, w.w_gate,
+                            w.w_up, N, F, d);  // ∂L/∂x̃_mlp
     if (observer) observer->OnGradient(l, Site::kXm, d_norm_, nullptr, B, T);
-    be.Copy(d_half, d_out, Nd);  // residual path, then + J_rmsᵀ ∂L/∂x̃_mlp
-    be.RmsNormBackward(d_half, gain_grad(gw.mlp_norm), d_norm_, a.h_half, w.mlp_norm, a.rstd_mlp, N, d);
+    // The residual path plus J_rmsᵀ ∂L/∂x̃_mlp.
+    be.RmsNormBackwardResidual(d_half, gain_grad(gw.mlp_norm), d_out, d_norm_, a.h_half, w.mlp_norm, a.rstd_mlp, N,
+                               d);
     if (observer) observer->OnGradient(l, Site::kHHalf, d_half, d_out, B, T);
 
     // Attention branch.
     be.Gemm(false, false, N, qd, d, 1.0f, d_half, w.wo, 0.0f, d_y_);  // ∂L/∂y (N,H·dh)
     if (pg) be.Gemm(true, false, d, qd, N, 1.0f, d_half, a.y, 1.0f, gw.wo);
-    be.AttentionBackward(d_q_, d_k_, d_vhat_, d_y_, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);
+    be.AttentionBackward(d_q_, d_k_, d_vhat_, d_y_, a.y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);
     be.VScaleBackward(d_v_, pg && c.vscale == VScaleMode::kVScale ? gw.theta : nullptr, d_vhat_, a.v, w.theta, N, KV,
                       dh, VScaleCBase(), c.vscale);
     if (observer) {
@@ -327,41 +354,20 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
       observer->OnGradient(l, Site::kVHat, d_vhat_, nullptr, B, T);
       observer->OnGradient(l, Site::kV, d_v_, nullptr, B, T);
     }
-    be.RopeBackward(d_q_, B, T, H, dh, rotary_);
-    be.RopeBackward(d_k_, B, T, KV, dh, rotary_);
-    float* dq_proj = d_q_;  // ∂L/∂(W_q x̃ + b_q)
-    float* dk_proj = d_k_;
-    if (c.qk_norm) {
-      be.Fill(d_q_raw_, 0.0f, static_cast<size_t>(N) * qd);  // RmsNormBackward accumulates
-      be.Fill(d_k_raw_, 0.0f, static_cast<size_t>(N) * kvd);
-      be.RmsNormBackward(d_q_raw_, gain_grad(gw.q_norm), d_q_, a.q_raw, w.q_norm, a.rstd_q, N * H, dh);
-      be.RmsNormBackward(d_k_raw_, gain_grad(gw.k_norm), d_k_, a.k_raw, w.k_norm, a.rstd_k, N * KV, dh);
-      dq_proj = d_q_raw_;
-      dk_proj = d_k_raw_;
-    }
-    if (pg && c.attention_bias) {  // ∂b = Σ_rows: ones(1,N)·∂(N,·)
-      be.Gemm(true, false, 1, qd, N, 1.0f, ones_, dq_proj, 1.0f, gw.bq);
-      be.Gemm(true, false, 1, kvd, N, 1.0f, ones_, dk_proj, 1.0f, gw.bk);
-      be.Gemm(true, false, 1, kvd, N, 1.0f, ones_, d_v_, 1.0f, gw.bv);
-    }
-    be.Gemm(false, false, N, d, qd, 1.0f, dq_proj, w.wq, 0.0f, d_norm_);  // ∂L/∂x̃ (N,d)
-    be.Gemm(false, false, N, d, kvd, 1.0f, dk_proj, w.wk, 1.0f, d_norm_);
-    be.Gemm(false, false, N, d, kvd, 1.0f, d_v_, w.wv, 1.0f, d_norm_);
-    if (pg) {
-      be.Gemm(true, false, qd, d, N, 1.0f, dq_proj, a.xn, 1.0f, gw.wq);
-      be.Gemm(true, false, kvd, d, N, 1.0f, dk_proj, a.xn, 1.0f, gw.wk);
-      be.Gemm(true, false, kvd, d, N, 1.0f, d_v_, a.xn, 1.0f, gw.wv);
-    }
+    Backend::AttentionInputGrads g;
+    if (pg) g = {gw.wq, gw.wk, gw.wv, gw.bq, gw.bk, gw.bv, gw.q_norm, gw.k_norm};
+    if (c.qk_norm && !pg) g.q_norm = g.k_norm = dgamma_sink_;
+    be.AttentionInputBackward(shape, d_norm_, d_q_, d_k_, d_v_, a.xn, AttentionWeights(w),
+                              {a.q, a.k, a.v, a.vhat, a.q_raw, a.k_raw, a.rstd_q, a.rstd_k}, g, d_q_raw_, d_k_raw_);
     if (observer) observer->OnGradient(l, Site::kXn, d_norm_, nullptr, B, T);
     float* d_in = d_out;  // ∂L/∂h_out is no longer needed: reuse its buffer
-    be.Copy(d_in, d_half, Nd);
-    be.RmsNormBackward(d_in, gain_grad(gw.attn_norm), d_norm_, residual_[l], w.attn_norm, a.rstd_attn, N, d);
+    be.RmsNormBackwardResidual(d_in, gain_grad(gw.attn_norm), d_half, d_norm_, residual_[l], w.attn_norm,
+                               a.rstd_attn, N, d);
     if (observer) observer->OnGradient(l, Site::kHIn, d_in, d_half, B, T);
     d_out = d_in;  // ∂L/∂h_in of block l is ∂L/∂h_out of block l−1
     d_half = (d_out == d_res_a_) ? d_res_b_ : d_res_a_;
   }
   if (pg) be.EmbeddingBackward(grads_ + off_embed_, d_out, tokens_dev_, N, d);
-  return loss_sum / N;
 }
 
 }  // namespace sinkscope

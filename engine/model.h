@@ -59,6 +59,7 @@ struct BlockActivations {
   const float* k;       // (B,T,KV,dh) after RoPE
   const float* v;       // (B,T,KV,dh)
   const float* vhat;    // (B,T,KV,dh)
+  const float* lse;     // (B,H,T) log-sum-exp of each attention row's scaled scores
 };
 
 // Observer of a forward and backward pass; probes implement it. Pointers are valid only
@@ -120,6 +121,13 @@ class Model {
                          PassObserver* observer = nullptr);
   // Forward only; returns the mean token loss.
   double Evaluate(const int32_t* tokens, const int32_t* targets, int B, int T, PassObserver* observer = nullptr);
+  // As ForwardBackward and Evaluate without waiting: the micro-batch's Σ token losses
+  // are added to *loss_acc, a device double (Backend::AllocScalars), read when the caller
+  // wants it — once per step.
+  void ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
+                           double* loss_acc, PassObserver* observer = nullptr);
+  void EvaluateInto(const int32_t* tokens, const int32_t* targets, int B, int T, double* loss_acc,
+                    PassObserver* observer = nullptr);
 
   // Host copies of parameters (for checkpoints, export, tests).
   std::vector<float> ParamsToHost() const;
@@ -129,6 +137,8 @@ class Model {
  private:
   Model(const ModelConfig& config, Backend* backend);
   LayerParams View(float* base, int l) const;
+  Backend::AttentionShape Shape(int B, int T) const;
+  static Backend::AttentionInputWeights AttentionWeights(const LayerParams& w);
   void EnsureActivations(int B, int T);
   void Forward(const int32_t* tokens, int B, int T, PassObserver* observer);
   void FreeActivations();
@@ -153,21 +163,22 @@ class Model {
 
   // Activations, sized for (act_B_, act_T_).
   struct LayerActs {
-    float *xn, *rstd_attn, *q, *k, *v, *vhat, *att_ws, *y, *r_attn, *h_half, *xm, *rstd_mlp, *gate, *up, *act,
-        *r_mlp;
+    float *xn, *rstd_attn, *q, *k, *v, *vhat, *att_ws, *lse, *y, *r_attn, *h_half, *xm, *rstd_mlp, *gate, *up,
+        *act, *r_mlp;
     float *q_raw = nullptr, *k_raw = nullptr, *rstd_q = nullptr, *rstd_k = nullptr;  // qk_norm: before the norm
   };
   int act_B_ = 0, act_T_ = 0;
   std::vector<float*> residual_;  // L+1 buffers (N,d): residual_[l] = h_in of block l
   std::vector<LayerActs> acts_;
   float *xf_ = nullptr, *rstd_f_ = nullptr, *logits_ = nullptr;
+  int logits_rows_ = 0;         // rows of logits_: the LM head's chunk
+  double* scalars_ = nullptr;   // device doubles for ForwardBackward/Evaluate's own loss
   int32_t *tokens_dev_ = nullptr, *targets_dev_ = nullptr;
   // Backward scratch.
   float *d_res_a_ = nullptr, *d_res_b_ = nullptr, *d_norm_ = nullptr, *d_q_ = nullptr, *d_k_ = nullptr,
         *d_v_ = nullptr, *d_vhat_ = nullptr, *d_y_ = nullptr, *d_act_ = nullptr, *d_gate_ = nullptr,
         *d_up_ = nullptr;
-  float *ones_ = nullptr;
-  float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread                        // (N) of 1: bias add and bias gradient as GEMMs
+  float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread
   float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
   std::vector<float*> owned_;  // every activation buffer, for FreeActivations
 };

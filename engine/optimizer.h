@@ -15,8 +15,12 @@ struct UpdateResult {
   bool finite = true;    // false if the gradient holds a NaN or Inf (no update is made)
 };
 
-// Applies one AdamW update to `model` from its accumulated gradients at 0-based `step`.
-// `model` must be a training model (ModelOptions::training).
+// Queues one AdamW update of `model` from its accumulated gradients at 0-based `step`,
+// without waiting: scalars[1] (a device double) is set to ‖g‖², and the update is made
+// only if scalars[0] (the step's Σ token losses) and ‖g‖ are finite. Returns the
+// learning rate used. `model` must be a training model (ModelOptions::training).
+double QueueAdamWStep(Model& model, const OptimizerConfig& config, int64_t step, double* scalars);
+// QueueAdamWStep, then waits and reads: for callers without a step's loss (tests).
 UpdateResult AdamWStep(Model& model, const OptimizerConfig& config, int64_t step);
 
 }  // namespace sinkscope

@@ -175,7 +175,7 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   req.threshold = settings_.eps;
   std::vector<float> alpha(H), mass(H), second(H), above(H), dev(4 * H);
   float* out = Scratch(4 * H);
-  be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, B, T, H, KV, dh, req);
+  be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, x.lse, B, T, H, KV, dh, req);
   be.ToHost(dev.data(), out, 4 * H * sizeof(float));
   for (int h = 0; h < H; ++h) {
     a.alpha[h] += static_cast<double>(dev[h]) * B;

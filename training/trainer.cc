@@ -23,9 +23,15 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options
   std::unique_ptr<Trainer> t(new Trainer(options, data));
   ASSIGN_OR_RETURN(t->model_, Model::Create(options.model, backend));
   t->state_.seed = options.seed;
+  t->scalars_ = backend->AllocScalars(2);
+  if (t->scalars_ == nullptr) return InternalError("cannot allocate the step's scalars on backend " + std::string(backend->Name()));
   t->inputs_.resize(static_cast<size_t>(options.micro_batch) * T);
   t->targets_.resize(t->inputs_.size());
   return t;
+}
+
+Trainer::~Trainer() {
+  if (scalars_ != nullptr && model_) model_->backend()->Free(scalars_);
 }
 
 uint64_t Trainer::data_seed() const { return Mix64(options_.seed ^ 0xDA7A5EEDull); }
@@ -52,19 +58,26 @@ StepStats Trainer::Step(PassObserver* observer) {
   const auto start = std::chrono::steady_clock::now();
   const int B = options_.micro_batch, T = options_.model.context, A = options_.grad_accum;
   const float grad_scale = 1.0f / (static_cast<float>(A) * B * T);  // L = mean over the global batch
+  Backend& be = *model_->backend();
   model_->ZeroGrad();
-  double loss_sum = 0;
+  be.ZeroScalars(scalars_, 2);
   for (int m = 0; m < A; ++m) {
     data_->train.Sample(data_seed(), state_.data_counter + m, B, T, inputs_.data(), targets_.data());
-    loss_sum += model_->ForwardBackward(inputs_.data(), targets_.data(), B, T, grad_scale, observer);
+    model_->ForwardBackwardInto(inputs_.data(), targets_.data(), B, T, grad_scale, scalars_, observer);
   }
   StepStats s;
-  s.loss = loss_sum / A;
-  const UpdateResult u = std::isfinite(s.loss) ? AdamWStep(*model_, options_.optimizer, state_.step)
-                                               : UpdateResult{LearningRate(options_.optimizer, state_.step), NAN, false};
-  s.lr = u.lr;
-  s.grad_norm = u.grad_norm;
-  s.finite = u.finite && std::isfinite(s.loss);
+  // The update is queued; it is skipped on the device if the loss or gradient is not
+  // finite. One read per step: the loss and the squared gradient norm.
+  s.lr = QueueAdamWStep(*model_, options_.optimizer, state_.step, scalars_);
+  double host[2];
+  be.ReadScalars(host, scalars_, 2);
+  s.loss = host[0] / (static_cast<double>(A) * B * T);
+  s.grad_norm = std::sqrt(host[1]);
+  s.finite = std::isfinite(s.loss) && std::isfinite(s.grad_norm);
+  if (Status error = be.TakeError(); !error.ok()) {
+    s.finite = false;
+    s.device_error = error;
+  }
   if (s.finite) {
     state_.data_counter += A;
     ++state_.step;
@@ -122,13 +135,16 @@ double Trainer::Evaluate() {
   const int B = options_.micro_batch, T = options_.model.context;
   if (data_->val.size() < static_cast<size_t>(T) + 1) return NAN;
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
-  double sum = 0;
+  Backend& be = *model_->backend();
+  be.ZeroScalars(scalars_, 1);
   for (int i = 0; i < options_.eval_batches; ++i) {
     // Fixed draws (a seed of their own) so every evaluation sees the same batches.
     data_->val.Sample(0xE7A1ull, static_cast<uint64_t>(i), B, T, inputs.data(), targets.data());
-    sum += model_->Evaluate(inputs.data(), targets.data(), B, T);
+    model_->EvaluateInto(inputs.data(), targets.data(), B, T, scalars_);
   }
-  return sum / options_.eval_batches;
+  double sum = 0;
+  be.ReadScalars(&sum, scalars_, 1);
+  return sum / (static_cast<double>(options_.eval_batches) * B * T);
 }
 
 }  // namespace sinkscope

@@ -39,7 +39,8 @@ struct StepStats {
   double tokens_per_second = 0;
   double seconds = 0;  // wall time of the step
   double mfu = 0;      // model FLOPs utilisation against options.peak_flops
-  bool finite = true;  // false: NaN/Inf loss or gradient; no update was made
+  bool finite = true;  // false: NaN/Inf loss or gradient, or a device error; no update was made
+  Status device_error;  // the backend's sticky error, if it had one
 };
 
 // The cadence of a run, shared by every trainer front end. `step` is 1-based.
@@ -90,11 +91,17 @@ class Trainer {
  private:
   Trainer(const TrainerOptions& options, const DataSplits* data) : options_(options), data_(data) {}
 
+ public:
+  ~Trainer();
+
+ private:
+
   TrainerOptions options_;
   const DataSplits* data_;
   std::unique_ptr<Model> model_;
   TrainingState state_;
   std::vector<int32_t> inputs_, targets_;
+  double* scalars_ = nullptr;  // device doubles: [Σ token losses, ‖g‖²] of the current step
 };
 
 }  // namespace sinkscope

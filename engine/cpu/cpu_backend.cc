@@ -29,6 +29,11 @@ class CpuBackend final : public Backend {
   void ToHost(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void Copy(float* dst, const float* src, size_t n) override { std::memcpy(dst, src, n * sizeof(float)); }
   void Fill(float* x, float value, size_t n) override { std::fill(x, x + n, value); }
+  double* AllocScalars(size_t n) override {
+    return static_cast<double*>(std::calloc(std::max<size_t>(n, 1), sizeof(double)));
+  }
+  void ZeroScalars(double* s, size_t n) override { std::fill(s, s + n, 0.0); }
+  void ReadScalars(double* host, const double* s, size_t n) override { std::memcpy(host, s, n * sizeof(double)); }
 
   void Axpy(float* y, float alpha, const float* x, size_t n) override {
     for (size_t i = 0; i < n; ++i) y[i] += alpha * x[i];
@@ -36,10 +41,25 @@ class CpuBackend final : public Backend {
   void Scale(float* x, float s, size_t n) override {
     for (size_t i = 0; i < n; ++i) x[i] *= s;
   }
-  double SumSquares(const float* x, size_t n) override {
+  void AddRowBias(float* x, const float* b, int N, int n) override {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      float* row = x + static_cast<size_t>(i) * n;
+      for (int j = 0; j < n; ++j) row[j] += b[j];
+    }
+  }
+  void AccumulateColumnSums(float* acc, const float* x, int N, int n) override {
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < n; ++j) {  // each column in row order: a fixed summation order
+      float s = 0;
+      for (int i = 0; i < N; ++i) s += x[static_cast<size_t>(i) * n + j];
+      acc[j] += s;
+    }
+  }
+  void AccumulateSumSquares(double* acc, const float* x, size_t n) override {
     double s = 0;
     for (size_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * x[i];
-    return s;
+    *acc += s;
   }
 
   void AccumulateTokenSum(float* acc, const float* x, int B, int T, int C, int P) override {
@@ -84,17 +104,28 @@ class CpuBackend final : public Backend {
     }
   }
 
+  static void RmsNormRow(float* oi, float* rstd_i, const float* xi, const float* gamma, int d, float eps) {
+    double ss = 0;
+    for (int c = 0; c < d; ++c) ss += static_cast<double>(xi[c]) * xi[c];
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
+    *rstd_i = r;
+    for (int c = 0; c < d; ++c) oi[c] = xi[c] * r * gamma[c];
+  }
   void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d,
                       float eps) override {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; ++i) {
-      const float* xi = x + static_cast<size_t>(i) * d;
-      float* oi = out + static_cast<size_t>(i) * d;
-      double ss = 0;
-      for (int c = 0; c < d; ++c) ss += static_cast<double>(xi[c]) * xi[c];
-      const float r = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
-      rstd[i] = r;
-      for (int c = 0; c < d; ++c) oi[c] = xi[c] * r * gamma[c];
+      RmsNormRow(out + static_cast<size_t>(i) * d, rstd + i, x + static_cast<size_t>(i) * d, gamma, d, eps);
+    }
+  }
+  // One pass per row: the residual sum, then its norm while the row is in cache.
+  void ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r,
+                              const float* gamma, int N, int d, float eps) override {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; ++i) {
+      const size_t o = static_cast<size_t>(i) * d;
+      for (int c = 0; c < d; ++c) sum[o + c] = x[o + c] + r[o + c];
+      RmsNormRow(out + o, rstd + i, sum + o, gamma, d, eps);
     }
   }
 
@@ -156,8 +187,8 @@ class CpuBackend final : public Backend {
     return static_cast<size_t>(B) * H * T * T;
   }
 
-  void AttentionForward(float* y, float* att, const float* q, const float* k, const float* v, int B, int T, int H,
-                        int KV, int dh) override {
+  void AttentionForward(float* y, float* lse, float* att, const float* q, const float* k, const float* v, int B,
+                        int T, int H, int KV, int dh) override {
     const int group = H / KV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
 #pragma omp parallel for collapse(2) schedule(static)
@@ -182,6 +213,7 @@ class CpuBackend final : public Backend {
             sum += row[u];
           }
           const float inv = 1.0f / sum;
+          lse[(static_cast<size_t>(b) * H + h) * T + t] = mx + std::log(sum);
           for (int u = 0; u <= t; ++u) row[u] *= inv;
           for (int u = t + 1; u < T; ++u) row[u] = 0.0f;
           float* yt = y + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
@@ -196,8 +228,10 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* att, const float* q,
-                         const float* k, const float* v, int B, int T, int H, int KV, int dh) override {
+  // The stored matrix makes y and lse unneeded here; a flash backward recomputes from them.
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* /*y*/,
+                         const float* /*lse*/, const float* att, const float* q, const float* k, const float* v,
+                         int B, int T, int H, int KV, int dh) override {
     const int group = H / KV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
     std::fill(dk, dk + static_cast<size_t>(B) * T * KV * dh, 0.0f);
@@ -245,7 +279,7 @@ class CpuBackend final : public Backend {
   }
 
   void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
-                            const float* k, int B, int T, int H, int KV, int dh,
+                            const float* k, const float* lse, int B, int T, int H, int KV, int dh,
                             const ColumnStatsRequest& request) override {
     const int group = H / KV;
     const int s = request.sink_position;
@@ -257,21 +291,13 @@ class CpuBackend final : public Backend {
       int above = 0;
       for (int b = 0; b < B; ++b) {
         double alpha_b = 0;
+        const float* ks = k + ((static_cast<size_t>(b) * T + s) * KV + g) * dh;
         for (int t = s; t < T; ++t) {
-          // a[t,s] from row t's scores: only the row's max and normaliser are needed.
+          // a[t,s] = exp(score(t,s) − lse_t): column s alone, from the forward's log-sum-exp.
           const float* qt = q + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
-          double mx = -INFINITY;
-          std::vector<double> scores(t + 1);
-          for (int u = 0; u <= t; ++u) {
-            const float* ku = k + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-            double dot = 0;
-            for (int c = 0; c < dh; ++c) dot += static_cast<double>(qt[c]) * ku[c];
-            scores[u] = dot * scale;
-            mx = std::max(mx, scores[u]);
-          }
-          double z = 0;
-          for (int u = 0; u <= t; ++u) z += std::exp(scores[u] - mx);
-          const double a_ts = std::exp(scores[s] - mx) / z;
+          double dot = 0;
+          for (int c = 0; c < dh; ++c) dot += static_cast<double>(qt[c]) * ks[c];
+          const double a_ts = std::exp(dot * scale - lse[(static_cast<size_t>(b) * H + h) * T + t]);
           mass_sum += a_ts;
           sq_sum += a_ts * a_ts;
           if (t < s + window) alpha_b += a_ts;
@@ -364,7 +390,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  double CrossEntropyForwardBackward(float* logits, const int32_t* targets, int N, int V, float grad_scale) override {
+  void CrossEntropyForwardBackward(float* logits, const int32_t* targets, int N, int V, float grad_scale,
+                                   double* loss_acc) override {
     std::vector<double> row_loss(N);
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; ++i) {
@@ -382,10 +409,10 @@ class CpuBackend final : public Backend {
     }
     double total = 0;
     for (int i = 0; i < N; ++i) total += row_loss[i];
-    return total;
+    *loss_acc += total;
   }
 
-  double CrossEntropyLoss(const float* logits, const int32_t* targets, int N, int V) override {
+  void CrossEntropyLoss(const float* logits, const int32_t* targets, int N, int V, double* loss_acc) override {
     std::vector<double> row_loss(N);
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; ++i) {
@@ -398,7 +425,17 @@ class CpuBackend final : public Backend {
     }
     double total = 0;
     for (int i = 0; i < N; ++i) total += row_loss[i];
-    return total;
+    *loss_acc += total;
+  }
+
+  // The guard is in host memory: no copy. Each tensor's loop is AdamW's, element for element.
+  void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& h, const double* guard) override {
+    const double norm = std::sqrt(guard[1]);
+    if (!std::isfinite(guard[0]) || !std::isfinite(norm)) return;
+    const float clip_scale = (h.grad_clip > 0 && norm > h.grad_clip) ? static_cast<float>(h.grad_clip / norm) : 1.0f;
+    for (const AdamWTensor& t : tensors) {
+      AdamW(t.p, t.g, t.m, t.v, t.n, h.lr, h.beta1, h.beta2, h.eps, t.weight_decay, clip_scale, h.step);
+    }
   }
 
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps,
