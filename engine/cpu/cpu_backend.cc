@@ -8,12 +8,45 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "engine/backend.h"
 
 namespace sinkscope {
 namespace {
+
+// e^x in float, written so that loops over it vectorise (libm's expf is a call per
+// element): x = k·ln2 + r with |r| ≤ ln2/2 (Cody–Waite, two-part ln2), e^r by its Taylor
+// polynomial to r⁷ (truncation < 1e-8 relative), 2^k from the exponent bits. Within 2 ulp
+// of the true value on [−80, 88]; beyond, clamped (e^−80 ≈ 1.8e−35, far from subnormal
+// numbers, which are slow; e^88 ≈ 1.7e38). NaN in, NaN out. The clamps are the
+// comparisons MINPS/MAXPS implement (a NaN would become a bound there, so the input NaN
+// is put back at the end); with -fno-trapping-math (engine/CMakeLists.txt) the loops
+// around this vectorise. tests/backend_parity_test holds its users to float64.
+inline float ExpF(float x0) {
+  float x = x0 < 88.0f ? x0 : 88.0f;
+  x = x > -80.0f ? x : -80.0f;
+  // t's low mantissa bits hold k = round(x/ln2) (|k| < 2^22): read as an integer.
+  const float t = x * 1.44269504088896341f + 12582912.0f;
+  int32_t tbits;
+  std::memcpy(&tbits, &t, sizeof tbits);
+  const float kf = t - 12582912.0f;
+  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (tbits - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float e = p * scale;
+  return x0 == x0 ? e : x0;
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -104,11 +137,15 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // Sums in float with an OpenMP SIMD reduction: vectorised, and deterministic (the
+  // vector width is fixed when this file is compiled, not by the thread count).
   static void RmsNormRow(float* oi, float* rstd_i, const float* xi, const float* gamma, int d, float eps) {
-    double ss = 0;
-    for (int c = 0; c < d; ++c) ss += static_cast<double>(xi[c]) * xi[c];
-    const float r = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
+    float ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int c = 0; c < d; ++c) ss += xi[c] * xi[c];
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
     *rstd_i = r;
+#pragma omp simd
     for (int c = 0; c < d; ++c) oi[c] = xi[c] * r * gamma[c];
   }
   void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d,
@@ -129,8 +166,20 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // dx = d_residual + J_rmsᵀ dout in one pass (the composition copies first).
+  void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
+                               const float* gamma, const float* rstd, int N, int d) override {
+    RmsNormBackwardRows(dx, d_residual, dout, x, gamma, rstd, N, d);
+    RmsNormGammaGrad(dgamma, dout, x, rstd, N, d);
+  }
   void RmsNormBackward(float* dx, float* dgamma, const float* dout, const float* x, const float* gamma,
                        const float* rstd, int N, int d) override {
+    RmsNormBackwardRows(dx, dx, dout, x, gamma, rstd, N, d);
+    RmsNormGammaGrad(dgamma, dout, x, rstd, N, d);
+  }
+  // dx = base + J_rmsᵀ dout row by row (base may be dx itself: +=).
+  static void RmsNormBackwardRows(float* dx, const float* base, const float* dout, const float* x, const float* gamma,
+                                  const float* rstd, int N, int d) {
     // y_c = γ_c x_c r, r = (mean(x²)+eps)^(-1/2):
     // dx_c = r γ_c g_c − r³ x_c (1/d) Σ_j γ_j g_j x_j.
 #pragma omp parallel for schedule(static)
@@ -138,16 +187,26 @@ class CpuBackend final : public Backend {
       const float* xi = x + static_cast<size_t>(i) * d;
       const float* gi = dout + static_cast<size_t>(i) * d;
       float* dxi = dx + static_cast<size_t>(i) * d;
-      const double r = rstd[i];
-      double dot = 0;
-      for (int c = 0; c < d; ++c) dot += static_cast<double>(gamma[c]) * gi[c] * xi[c];
-      const double coef = r * r * r * dot / d;
-      for (int c = 0; c < d; ++c) dxi[c] += static_cast<float>(r * gamma[c] * gi[c] - coef * xi[c]);
+      const float r = rstd[i];
+      float dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int c = 0; c < d; ++c) dot += gamma[c] * gi[c] * xi[c];
+      const float coef = r * r * r * dot / static_cast<float>(d);
+      const float* bi = base + static_cast<size_t>(i) * d;
+#pragma omp simd
+      for (int c = 0; c < d; ++c) dxi[c] = bi[c] + (r * gamma[c] * gi[c] - coef * xi[c]);
     }
-    for (int i = 0; i < N; ++i) {  // serial over rows: a fixed summation order
-      const float* xi = x + static_cast<size_t>(i) * d;
-      const float* gi = dout + static_cast<size_t>(i) * d;
-      for (int c = 0; c < d; ++c) dgamma[c] += gi[c] * xi[c] * rstd[i];
+  }
+  static void RmsNormGammaGrad(float* dgamma, const float* dout, const float* x, const float* rstd, int N, int d) {
+    // Each column over the rows in order: a fixed summation order whatever the threads.
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < d; ++c) {
+      float acc = dgamma[c];
+      for (int i = 0; i < N; ++i) {
+        const size_t o = static_cast<size_t>(i) * d + c;
+        acc += dout[o] * x[o] * rstd[i];
+      }
+      dgamma[c] = acc;
     }
   }
 
@@ -187,92 +246,87 @@ class CpuBackend final : public Backend {
     return static_cast<size_t>(B) * H * T * T;
   }
 
+  // Per (b, h): S = Q Kᵀ/√dh as one sgemm over the (T, dh) slices (strided views of
+  // q and k, GQA by pointing at KV head h/(H/KV)), the causal softmax row by row in
+  // place (the matrix is kept for the backward), then Y = P V as one sgemm. The GEMMs do
+  // the full T×T square; the masked half is zero. Each (b, h) is one OpenMP task;
+  // OpenBLAS runs single-threaded inside a parallel region, so results do not depend on
+  // the thread count.
   void AttentionForward(float* y, float* lse, float* att, const float* q, const float* k, const float* v, int B,
                         int T, int H, int KV, int dh) override {
     const int group = H / KV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+    const int ldq = H * dh, ldk = KV * dh;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
       for (int h = 0; h < H; ++h) {
         const int g = h / group;
         float* a = att + (static_cast<size_t>(b) * H + h) * T * T;
+        const float* qb = q + static_cast<size_t>(b) * T * ldq + h * dh;
+        const float* kb = k + static_cast<size_t>(b) * T * ldk + g * dh;
+        const float* vb = v + static_cast<size_t>(b) * T * ldk + g * dh;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, scale, qb, ldq, kb, ldk, 0.0f, a, T);
         for (int t = 0; t < T; ++t) {
-          const float* qt = q + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
           float* row = a + static_cast<size_t>(t) * T;
           float mx = -INFINITY;
-          for (int u = 0; u <= t; ++u) {  // causal: keys u ≤ t
-            const float* ku = k + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-            float s = 0;
-            for (int c = 0; c < dh; ++c) s += qt[c] * ku[c];
-            row[u] = s * scale;
-            mx = std::max(mx, row[u]);
-          }
+#pragma omp simd reduction(max : mx)
+          for (int u = 0; u <= t; ++u) mx = row[u] > mx ? row[u] : mx;  // causal: keys u ≤ t
           float sum = 0;
+#pragma omp simd reduction(+ : sum)
           for (int u = 0; u <= t; ++u) {
-            row[u] = std::exp(row[u] - mx);
+            row[u] = ExpF(row[u] - mx);
             sum += row[u];
           }
           const float inv = 1.0f / sum;
           lse[(static_cast<size_t>(b) * H + h) * T + t] = mx + std::log(sum);
           for (int u = 0; u <= t; ++u) row[u] *= inv;
           for (int u = t + 1; u < T; ++u) row[u] = 0.0f;
-          float* yt = y + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
-          for (int c = 0; c < dh; ++c) yt[c] = 0.0f;
-          for (int u = 0; u <= t; ++u) {
-            const float* vu = v + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-            const float w = row[u];
-            for (int c = 0; c < dh; ++c) yt[c] += w * vu[c];
-          }
         }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, a, T, vb, ldk, 0.0f,
+                    y + static_cast<size_t>(b) * T * ldq + h * dh, ldq);
       }
     }
   }
 
-  // The stored matrix makes y and lse unneeded here; a flash backward recomputes from them.
+  // Per (b, KV group): for each query head of the group, dP = dY Vᵀ (sgemm), the
+  // softmax backward dS = P ⊙ (dP − rowsum(P ⊙ dP))/√dh in place, then dQ = dS K,
+  // dK += dSᵀ Q and dV += Pᵀ dY (sgemms). The stored matrix makes y and lse unneeded
+  // here; a flash backward recomputes P from them.
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* /*y*/,
                          const float* /*lse*/, const float* att, const float* q, const float* k, const float* v,
                          int B, int T, int H, int KV, int dh) override {
     const int group = H / KV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-    std::fill(dk, dk + static_cast<size_t>(B) * T * KV * dh, 0.0f);
-    std::fill(dv, dv + static_cast<size_t>(B) * T * KV * dh, 0.0f);
-    // Parallel over (b, g): all query heads of KV group g write only dk/dv of group g.
+    const int ldq = H * dh, ldk = KV * dh;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; ++b) {
       for (int g = 0; g < KV; ++g) {
-        std::vector<float> dscore(T);
+        std::vector<float> ds(static_cast<size_t>(T) * T);
+        const float* kb = k + static_cast<size_t>(b) * T * ldk + g * dh;
+        const float* vb = v + static_cast<size_t>(b) * T * ldk + g * dh;
+        float* dkb = dk + static_cast<size_t>(b) * T * ldk + g * dh;
+        float* dvb = dv + static_cast<size_t>(b) * T * ldk + g * dh;
         for (int h = g * group; h < (g + 1) * group; ++h) {
           const float* a = att + (static_cast<size_t>(b) * H + h) * T * T;
+          const float* dyb = dy + static_cast<size_t>(b) * T * ldq + h * dh;
+          const float* qb = q + static_cast<size_t>(b) * T * ldq + h * dh;
+          const float beta = h == g * group ? 0.0f : 1.0f;  // the group's first head writes dK, dV
+          // dV (+)= Pᵀ dY  (Proposition 1: ∂L/∂v̂_u = Σ_t a[t,u] ∂L/∂y_t)
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, a, T, dyb, ldq, beta, dvb, ldk);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, 1.0f, dyb, ldq, vb, ldk, 0.0f, ds.data(), T);
           for (int t = 0; t < T; ++t) {
-            const float* row = a + static_cast<size_t>(t) * T;
-            const float* dyt = dy + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
-            // da[u] = dy_t · v_u; dv_u += a[t,u] dy_t  (Proposition 1: ∂L/∂v̂_u = Σ_t a[t,u] ∂L/∂y_t)
-            float dot_sum = 0;
-            for (int u = 0; u <= t; ++u) {
-              const float* vu = v + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-              float* dvu = dv + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-              float da = 0;
-              for (int c = 0; c < dh; ++c) {
-                da += dyt[c] * vu[c];
-                dvu[c] += row[u] * dyt[c];
-              }
-              dscore[u] = da;
-              dot_sum += row[u] * da;
-            }
-            // softmax backward: ds[u] = a[u] (da[u] − Σ_w a[w] da[w]), then the 1/√dh scale.
-            float* dqt = dq + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
-            const float* qt = q + ((static_cast<size_t>(b) * T + t) * H + h) * dh;
-            for (int c = 0; c < dh; ++c) dqt[c] = 0.0f;
-            for (int u = 0; u <= t; ++u) {
-              const float ds = row[u] * (dscore[u] - dot_sum) * scale;
-              const float* ku = k + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-              float* dku = dk + ((static_cast<size_t>(b) * T + u) * KV + g) * dh;
-              for (int c = 0; c < dh; ++c) {
-                dqt[c] += ds * ku[c];
-                dku[c] += ds * qt[c];
-              }
-            }
+            const float* p = a + static_cast<size_t>(t) * T;
+            float* d = ds.data() + static_cast<size_t>(t) * T;
+            float dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int u = 0; u <= t; ++u) dot += p[u] * d[u];
+#pragma omp simd
+            for (int u = 0; u <= t; ++u) d[u] = p[u] * (d[u] - dot) * scale;
+            for (int u = t + 1; u < T; ++u) d[u] = 0.0f;
           }
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, ds.data(), T, kb, ldk, 0.0f,
+                      dq + static_cast<size_t>(b) * T * ldq + h * dh, ldq);
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, ds.data(), T, qb, ldq, beta, dkb, ldk);
         }
       }
     }
@@ -371,19 +425,19 @@ class CpuBackend final : public Backend {
 
   void SwiGluForward(float* h, const float* gate, const float* up, int N, int F) override {
     const size_t n = static_cast<size_t>(N) * F;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
       const float g = gate[i];
-      h[i] = g / (1.0f + std::exp(-g)) * up[i];  // silu(g)·u
+      h[i] = g / (1.0f + ExpF(-g)) * up[i];  // silu(g)·u
     }
   }
   void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
                       int F) override {
     const size_t n = static_cast<size_t>(N) * F;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
       const float g = gate[i];
-      const float sig = 1.0f / (1.0f + std::exp(-g));
+      const float sig = 1.0f / (1.0f + ExpF(-g));
       const float silu = g * sig;
       dup[i] = dh[i] * silu;
       dgate[i] = dh[i] * up[i] * sig * (1.0f + g * (1.0f - sig));  // silu'(g) = σ(1 + g(1−σ))
