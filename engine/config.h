@@ -48,28 +48,45 @@ struct RotaryFrequencies {
   double attention_factor = 1.0;
 };
 
+// The model's plain fields, declared once: X(type, name, default, Hugging Face key,
+// required in a checkpoint header). Every reader and writer follows from this list —
+// the struct below, the checkpoint header (training/checkpoint.cc), the experiment
+// schema's conversion (schema/experiment.cc: the proto field of the same name in
+// ModelSpec), the Hugging Face config.json writer (training/hf.cc: the key; "" where
+// Hugging Face encodes the field otherwise), the benchmark (--print-model).
+// tests/config_fields_test.cc fails when a field is added to one of them only.
+// rope_scaling and vscale are structured and written beside the list.
+#define SINKSCOPE_MODEL_FIELDS(X)                                            \
+  X(int, layers, 2, "num_hidden_layers", true)                               \
+  X(int, d_model, 32, "hidden_size", true)                                   \
+  X(int, heads, 4, "num_attention_heads", true)                              \
+  X(int, kv_heads, 4, "num_key_value_heads", true)                           \
+  X(int, head_dim, 8, "head_dim", true)                                      \
+  X(int, ffn, 64, "intermediate_size", true)                                 \
+  X(int, vocab, 257, "vocab_size", true)                                     \
+  X(int, context, 16, "max_position_embeddings", true) /* maximum T */       \
+  X(double, rope_theta, 10000.0, "rope_theta", true)                         \
+  X(double, rms_eps, 1e-5, "rms_norm_eps", true)                             \
+  X(double, init_std, 0.02, "initializer_range", true)                       \
+  X(bool, tied_embeddings, false, "tie_word_embeddings", true)               \
+  /* Pretrained architectures beyond Llama: q, k, v projections with biases  \
+     (Qwen2/2.5), an RMSNorm over each head of q and k before RoPE (Qwen3);   \
+     Hugging Face says so by model_type. */                                  \
+  X(bool, attention_bias, false, "", false)                                  \
+  X(bool, qk_norm, false, "", false)                                         \
+  /* σ in C = d_model·d_head·σ²·exp(θ), the init std of W_V (METRICS.md,      \
+     "V-scale"); 0: init_std, which is what it is unless a test says other. */ \
+  X(double, vscale_sigma, 0.0, "", true)
+
 struct ModelConfig {
-  int layers = 2;
-  int d_model = 32;
-  int heads = 4;
-  int kv_heads = 4;
-  int head_dim = 8;
-  int ffn = 64;
-  int vocab = 257;
-  int context = 16;  // maximum sequence length T
-  double rope_theta = 10000.0;
+#define SINKSCOPE_DECLARE_FIELD(type, name, value, hf, required) type name = value;
+  SINKSCOPE_MODEL_FIELDS(SINKSCOPE_DECLARE_FIELD)
+#undef SINKSCOPE_DECLARE_FIELD
   RopeScaling rope_scaling;
-  double rms_eps = 1e-5;
-  double init_std = 0.02;
-  bool tied_embeddings = false;
-  // Pretrained architectures beyond Llama (Hugging Face names): q, k and v projections
-  // with biases (Qwen2/2.5: q_proj.bias, k_proj.bias, v_proj.bias), and an RMSNorm over
-  // each head of q and of k before RoPE (Qwen3: q_norm.weight, k_norm.weight, (dh)).
-  bool attention_bias = false;
-  bool qk_norm = false;
   VScaleMode vscale = VScaleMode::kNone;
-  // σ in C = d_model·d_head·σ²·exp(θ): the init std of W_V (METRICS.md, "V-scale").
-  double vscale_sigma = 0.02;
+
+  // σ of V-scale's C: vscale_sigma when set, else init_std.
+  double VScaleSigma() const { return vscale_sigma > 0 ? vscale_sigma : init_std; }
 
   // Checks the shape rules; the message names the offending field.
   Status Validate() const;

@@ -81,7 +81,7 @@ const ParamTensor* Model::FindTensor(const std::string& name) const {
 }
 
 double Model::VScaleCBase() const {
-  return static_cast<double>(config_.d_model) * config_.head_dim * config_.vscale_sigma * config_.vscale_sigma;
+  return static_cast<double>(config_.d_model) * config_.head_dim * config_.VScaleSigma() * config_.VScaleSigma();
 }
 
 LayerParams Model::View(float* base, int l) const {

@@ -678,20 +678,30 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   return OkStatus();
 }
 
+namespace {
+
+// One field of engine/config.h's list from the ModelSpec field of the same name, by the
+// proto's own descriptors (a field the schema lacks keeps its default).
+void FromSpec(const v1::ModelSpec& s, const char* name, int* out) {
+  const pb::FieldDescriptor* f = s.GetDescriptor()->FindFieldByName(name);
+  if (f != nullptr && f->cpp_type() == pb::FieldDescriptor::CPPTYPE_INT32) *out = s.GetReflection()->GetInt32(s, f);
+}
+void FromSpec(const v1::ModelSpec& s, const char* name, double* out) {
+  const pb::FieldDescriptor* f = s.GetDescriptor()->FindFieldByName(name);
+  if (f != nullptr && f->cpp_type() == pb::FieldDescriptor::CPPTYPE_DOUBLE) *out = s.GetReflection()->GetDouble(s, f);
+}
+void FromSpec(const v1::ModelSpec& s, const char* name, bool* out) {
+  const pb::FieldDescriptor* f = s.GetDescriptor()->FindFieldByName(name);
+  if (f != nullptr && f->cpp_type() == pb::FieldDescriptor::CPPTYPE_BOOL) *out = s.GetReflection()->GetBool(s, f);
+}
+
+}  // namespace
+
 ModelConfig ToModelConfig(const v1::ModelSpec& s, v1::Arm arm) {
   ModelConfig c;
-  c.layers = s.layers();
-  c.d_model = s.d_model();
-  c.heads = s.heads();
-  c.kv_heads = s.kv_heads();
-  c.head_dim = s.head_dim();
-  c.ffn = s.ffn();
-  c.vocab = s.vocab();
-  c.context = s.context();
-  c.rope_theta = s.rope_theta();
-  c.rms_eps = s.rms_eps();
-  c.init_std = s.init_std();
-  c.tied_embeddings = s.tied_embeddings();
+#define SINKSCOPE_FIELD_FROM_SPEC(type, name, value, hf, required) FromSpec(s, #name, &c.name);
+  SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_FROM_SPEC)
+#undef SINKSCOPE_FIELD_FROM_SPEC
   c.vscale = arm == v1::VSCALE                 ? VScaleMode::kVScale
              : arm == v1::VSCALE_BACKWARD_ONLY ? VScaleMode::kBackwardOnly
                                                : VScaleMode::kNone;

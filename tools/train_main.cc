@@ -27,6 +27,7 @@
 #include "engine/backend.h"
 #include "base/numbers.h"
 #include "training/hf.h"
+#include "training/checkpoint.h"
 #include "training/probe_json.h"
 #include "training/progress.h"
 #include "training/safetensors.h"
@@ -46,6 +47,7 @@ options:
   --resume         continue each run from its latest checkpoint in --out; metrics.jsonl and
                    probes.jsonl keep the records up to the checkpoint's step
   --json           print the summary as JSON instead of a table
+  --print-model    print the baseline arm's model config (as a checkpoint header holds it) and exit
   -h, --help       this text
 )";
 
@@ -303,7 +305,7 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
 int Main(int argc, char** argv) {
   std::string file, out;
   int64_t steps = -1;
-  bool resume = false, json = false;
+  bool resume = false, json = false, print_model = false;
   auto usage_error = [](const std::string& msg) {
     std::fprintf(stderr, "sinkscope-train: %s\n", msg.c_str());
     return 2;
@@ -327,6 +329,8 @@ int Main(int argc, char** argv) {
       resume = true;
     } else if (a == "--json") {
       json = true;
+    } else if (a == "--print-model") {
+      print_model = true;
     } else if (!a.empty() && a[0] != '-' && file.empty()) {
       file = a;
     } else {
@@ -351,6 +355,10 @@ int Main(int argc, char** argv) {
   if (Status s = ValidateExperiment(*e, /*check_paths=*/true); !s.ok()) {
     std::fprintf(stderr, "sinkscope-train: %s: %s\n", file.c_str(), s.message().c_str());
     return 2;
+  }
+  if (print_model) {
+    std::printf("%s\n", ModelConfigToJson(ToModelConfig(e->model(), v1::BASELINE)).dump().c_str());
+    return 0;
   }
   if (e->resources().device() != v1::CPU) {
     std::fprintf(stderr, "sinkscope-train: resources.device: only CPU is built into this binary\n");

@@ -36,56 +36,6 @@ nlohmann::json RopeScalingToJson(const RopeScaling& r) {
           {"truncate", r.truncate}};
 }
 
-nlohmann::json ConfigToJson(const ModelConfig& c) {
-  return {{"layers", c.layers},       {"d_model", c.d_model},       {"heads", c.heads},
-          {"kv_heads", c.kv_heads},   {"head_dim", c.head_dim},     {"ffn", c.ffn},
-          {"vocab", c.vocab},         {"context", c.context},       {"rope_theta", c.rope_theta},
-          {"rms_eps", c.rms_eps},     {"init_std", c.init_std},     {"tied_embeddings", c.tied_embeddings},
-          {"vscale", VScaleModeName(c.vscale)}, {"vscale_sigma", c.vscale_sigma},
-          {"rope_scaling", RopeScalingToJson(c.rope_scaling)}, {"attention_bias", c.attention_bias},
-          {"qk_norm", c.qk_norm}};
-}
-
-StatusOr<ModelConfig> ConfigFromJson(const nlohmann::json& j) {
-  ModelConfig c;
-  try {
-    c.layers = j.at("layers");
-    c.d_model = j.at("d_model");
-    c.heads = j.at("heads");
-    c.kv_heads = j.at("kv_heads");
-    c.head_dim = j.at("head_dim");
-    c.ffn = j.at("ffn");
-    c.vocab = j.at("vocab");
-    c.context = j.at("context");
-    c.rope_theta = j.at("rope_theta");
-    c.rms_eps = j.at("rms_eps");
-    c.init_std = j.at("init_std");
-    c.tied_embeddings = j.at("tied_embeddings");
-    c.vscale_sigma = j.at("vscale_sigma");
-    c.attention_bias = j.value("attention_bias", false);  // absent in older checkpoints: Llama
-    c.qk_norm = j.value("qk_norm", false);
-    if (j.contains("rope_scaling")) {  // absent in checkpoints written before it existed: default
-      const nlohmann::json& r = j.at("rope_scaling");
-      RopeScaling& s = c.rope_scaling;
-      const std::string type = r.at("type");
-      if (!ParseRopeType(type, &s.type)) return DataLossError("unknown rope_scaling type " + type);
-      s.factor = r.at("factor");
-      s.low_freq_factor = r.at("low_freq_factor");
-      s.high_freq_factor = r.at("high_freq_factor");
-      s.original_max_position_embeddings = r.at("original_max_position_embeddings");
-      s.beta_fast = r.at("beta_fast");
-      s.beta_slow = r.at("beta_slow");
-      s.attention_factor = r.at("attention_factor");
-      s.truncate = r.at("truncate");
-    }
-    const std::string arm = j.at("vscale");
-    if (!ParseVScaleMode(arm, &c.vscale)) return DataLossError("unknown arm " + arm);
-  } catch (const nlohmann::json::exception& e) {
-    return DataLossError(std::string("model config: ") + e.what());
-  }
-  return c;
-}
-
 struct Parsed {
   nlohmann::json header;
   std::string bytes;
@@ -121,13 +71,58 @@ StatusOr<Parsed> ReadAndVerify(const std::string& path) {
 
 }  // namespace
 
+nlohmann::json ModelConfigToJson(const ModelConfig& c) {
+  nlohmann::json j;
+#define SINKSCOPE_FIELD_TO_JSON(type, name, value, hf, required) j[#name] = c.name;
+  SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_TO_JSON)
+#undef SINKSCOPE_FIELD_TO_JSON
+  j["vscale"] = VScaleModeName(c.vscale);
+  j["rope_scaling"] = RopeScalingToJson(c.rope_scaling);
+  return j;
+}
+
+StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {
+  ModelConfig c;
+  try {
+    // A field that is not required may be absent from checkpoints written before it
+    // existed: it takes its default (Llama's, for the architecture flags).
+#define SINKSCOPE_FIELD_FROM_JSON(type, name, def, hf, required) \
+  c.name = required ? j.at(#name).get<type>() : j.value(#name, static_cast<type>(def));
+    SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_FROM_JSON)
+#undef SINKSCOPE_FIELD_FROM_JSON
+    // Headers from before σ followed init_std by default hold σ itself: the same model
+    // when the two agree.
+    if (c.vscale_sigma == c.init_std) c.vscale_sigma = 0;
+    if (j.contains("rope_scaling")) {  // absent in checkpoints written before it existed: default
+      const nlohmann::json& r = j.at("rope_scaling");
+      RopeScaling& s = c.rope_scaling;
+      const std::string type = r.at("type");
+      if (!ParseRopeType(type, &s.type)) return DataLossError("unknown rope_scaling type " + type);
+      s.factor = r.at("factor");
+      s.low_freq_factor = r.at("low_freq_factor");
+      s.high_freq_factor = r.at("high_freq_factor");
+      s.original_max_position_embeddings = r.at("original_max_position_embeddings");
+      s.beta_fast = r.at("beta_fast");
+      s.beta_slow = r.at("beta_slow");
+      s.attention_factor = r.at("attention_factor");
+      s.truncate = r.at("truncate");
+    }
+    const std::string arm = j.at("vscale");
+    if (!ParseVScaleMode(arm, &c.vscale)) return DataLossError("unknown arm " + arm);
+  } catch (const nlohmann::json::exception& e) {
+    return DataLossError(std::string("model config: ") + e.what());
+  }
+  return c;
+}
+
+
 Status SaveCheckpoint(const std::string& path, const Model& model, const TrainingState& state) {
   if (!model.training()) {
     return FailedPreconditionError("checkpoint " + path + ": a model made for probing has no optimizer state to save");
   }
   const Model& m = model;
   const size_t n = model.num_params();
-  nlohmann::json header = {{"model", ConfigToJson(model.config())},
+  nlohmann::json header = {{"model", ModelConfigToJson(model.config())},
                            {"step", state.step},
                            {"seed", state.seed},
                            {"data_counter", state.data_counter},
@@ -152,18 +147,18 @@ Status SaveCheckpoint(const std::string& path, const Model& model, const Trainin
 
 StatusOr<ModelConfig> ReadCheckpointConfig(const std::string& path) {
   ASSIGN_OR_RETURN(Parsed p, ReadAndVerify(path));
-  auto c = ConfigFromJson(p.header["model"]);
+  auto c = ModelConfigFromJson(p.header["model"]);
   if (!c.ok()) return DataLossError("checkpoint " + path + ": " + c.status().message());
   return c;
 }
 
 StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model) {
   ASSIGN_OR_RETURN(Parsed p, ReadAndVerify(path));
-  auto c = ConfigFromJson(p.header["model"]);
+  auto c = ModelConfigFromJson(p.header["model"]);
   if (!c.ok()) return DataLossError("checkpoint " + path + ": " + c.status().message());
-  if (ConfigToJson(*c) != ConfigToJson(model.config())) {
-    return FailedPreconditionError("checkpoint " + path + ": its model config " + ConfigToJson(*c).dump() +
-                                   " differs from the run's " + ConfigToJson(model.config()).dump());
+  if (ModelConfigToJson(*c) != ModelConfigToJson(model.config())) {
+    return FailedPreconditionError("checkpoint " + path + ": its model config " + ModelConfigToJson(*c).dump() +
+                                   " differs from the run's " + ModelConfigToJson(model.config()).dump());
   }
   const size_t n = model.num_params();
   if (p.header.value("num_params", size_t{0}) != n || p.payload_offset + 3 * n * sizeof(float) + 8 != p.bytes.size()) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,12 @@ Status SaveCheckpoint(const std::string& path, const Model& model, const Trainin
 StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model);
 // The model config stored in a checkpoint, to build a model before loading it.
 StatusOr<ModelConfig> ReadCheckpointConfig(const std::string& path);
+
+// The model config as the checkpoint header holds it: every field of engine/config.h's
+// list under its own name, the arm and the RoPE scaling; and back (DATA_LOSS naming what
+// is missing or mistyped).
+nlohmann::json ModelConfigToJson(const ModelConfig& config);
+StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& json);
 
 // Removes the temporary files that a process killed while writing one of a run's files
 // leaves in the run folder `dir` (WriteFileAtomically's "<name>.tmp.<pid>.<thread>" of

@@ -261,6 +261,9 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   if (!ParseVScaleMode(arm, &c.vscale)) {
     return InvalidArgumentError(where + "sinkscope_vscale \"" + arm + "\" is not a known arm");
   }
+  c.vscale_sigma = 0;  // σ = initializer_range unless the export says otherwise
+  RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_vscale_sigma", &c.vscale_sigma));
+  if (c.vscale_sigma == c.init_std) c.vscale_sigma = 0;
   if (Status s = c.Validate(); !s.ok()) return InvalidArgumentError(where + s.message());
   return c;
 }
@@ -401,24 +404,18 @@ Status ExportHf(const Model& model, const std::string& dir) {
   nlohmann::json j = {
       {"architectures", {c.qk_norm ? "Qwen3ForCausalLM" : c.attention_bias ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}},
       {"model_type", c.qk_norm ? "qwen3" : c.attention_bias ? "qwen2" : "llama"},
-      {"vocab_size", c.vocab},
-      {"hidden_size", c.d_model},
-      {"intermediate_size", c.ffn},
-      {"num_hidden_layers", c.layers},
-      {"num_attention_heads", c.heads},
-      {"num_key_value_heads", c.kv_heads},
-      {"head_dim", c.head_dim},
-      {"rms_norm_eps", c.rms_eps},
-      {"rope_theta", c.rope_theta},
       {"rope_scaling", RopeScalingToHf(c.rope_scaling)},
-      {"max_position_embeddings", c.context},
-      {"tie_word_embeddings", c.tied_embeddings},
       {"hidden_act", "silu"},
       {"mlp_bias", false},
-      {"initializer_range", c.init_std},
       {"torch_dtype", "float32"},
       {"sinkscope_vscale", VScaleModeName(c.vscale)},
   };
+  // The plain fields under their Hugging Face keys (engine/config.h's list).
+#define SINKSCOPE_FIELD_TO_HF(type, name, value, hf, required) \
+  if (std::string(hf).size() > 0) j[hf] = c.name;
+  SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_TO_HF)
+#undef SINKSCOPE_FIELD_TO_HF
+  if (c.VScaleSigma() != c.init_std) j["sinkscope_vscale_sigma"] = c.VScaleSigma();
   if (!c.attention_bias) j["attention_bias"] = false;  // Qwen2 has no such key: its biases are always on
   return WriteFileAtomically(dir + "/config.json", j.dump(1) + "\n");
 }

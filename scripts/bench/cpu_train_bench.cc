@@ -37,6 +37,7 @@
 #include "data/data.h"
 #include "engine/backend.h"
 #include "base/rng.h"
+#include "training/checkpoint.h"
 #include "training/trainer.h"
 
 namespace sinkscope {
@@ -401,7 +402,8 @@ const char* kUsage =
     "  --steps N   timed training steps per arm (default 20)\n"
     "  --warmup N  untimed steps before them (default 3)\n"
     "  --json      one JSON object on stdout instead of the table\n"
-    "  --ops       also print time per backend op and per Gemm shape\n";
+    "  --ops       also print time per backend op and per Gemm shape\n"
+    "  --print-model  print the model config (as a checkpoint header holds it) and exit\n";
 
 bool ParseInt(const char* text, int* out) {
   char* end = nullptr;
@@ -425,6 +427,11 @@ int Main(int argc, char** argv) {
       json = true;
     } else if (a == "--ops") {
       show_ops = true;
+    } else if (a == "--print-model") {
+      // The model this benchmark trains, as checkpoints record it (engine/config.h's
+      // list): tests compare it with examples/quickstart.yaml read by the schema.
+      std::printf("%s\n", ModelConfigToJson(QuickstartModel(VScaleMode::kNone)).dump().c_str());
+      return 0;
     } else if (a == "--help" || a == "-h") {
       std::fputs(kUsage, stdout);
       return 0;

@@ -142,6 +142,15 @@ class LocalToolsTest(unittest.TestCase):
         self.assertEqual(run["steps"], STEPS)
         self.assertEqual(run["final_loss"], self.metrics[-1]["loss"])
 
+    def test_the_benchmark_trains_the_quickstart_model(self):
+        # One source for the model's fields: the benchmark's model (built without protobuf)
+        # is examples/quickstart.yaml's as the schema reads it, field for field.
+        bench = os.path.join(harness.build_dir(), "scripts", "bench", "sinkscope-bench-cpu")
+        got = subprocess.run([bench, "--print-model"], capture_output=True, text=True, timeout=60, check=True)
+        want = subprocess.run([self.train, os.path.join(harness.ROOT, "examples", "quickstart.yaml"), "--print-model"],
+                              capture_output=True, text=True, timeout=60, check=True)
+        self.assertEqual(json.loads(got.stdout), json.loads(want.stdout))
+
     def test_final_loss_is_the_last_steps_loss(self):
         run = self.summary["runs"][0]
         self.assertEqual(run["final_loss"], self.metrics[-1]["loss"])
