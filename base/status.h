@@ -15,6 +15,7 @@ enum class StatusCode : int {
   kCancelled = 1,
   kUnknown = 2,
   kInvalidArgument = 3,
+  kDeadlineExceeded = 4,
   kNotFound = 5,
   kAlreadyExists = 6,
   kResourceExhausted = 8,

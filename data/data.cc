@@ -316,17 +316,25 @@ std::vector<int32_t> PackDocuments(const std::vector<std::string>& documents) {
 }
 
 void TokenStream::Sample(uint64_t seed, uint64_t counter, int B, int T, int32_t* inputs, int32_t* targets) const {
-  if (B <= 0 || T <= 0 || tokens_.size() <= static_cast<size_t>(T)) {
-    std::fprintf(stderr, "TokenStream::Sample: a stream of %zu tokens cannot give B=%d windows of T+1=%d tokens\n",
-                 tokens_.size(), B, T + 1);
+  SampleRows(seed, counter, B, 0, B, T, inputs, targets);
+}
+
+void TokenStream::SampleRows(uint64_t seed, uint64_t counter, int B, int first, int rows, int T, int32_t* inputs,
+                             int32_t* targets) const {
+  if (B <= 0 || T <= 0 || tokens_.size() <= static_cast<size_t>(T) || first < 0 || rows < 0 || first + rows > B) {
+    std::fprintf(stderr,
+                 "TokenStream::Sample: a stream of %zu tokens cannot give windows %d..%d of B=%d windows of T+1=%d "
+                 "tokens\n",
+                 tokens_.size(), first, first + rows - 1, B, T + 1);
     std::abort();
   }
   const uint64_t starts = tokens_.size() - static_cast<size_t>(T);  // window starts 0 .. size-T-1
-  for (int b = 0; b < B; ++b) {
+  for (int i = 0; i < rows; ++i) {
+    const int b = first + i;
     const uint64_t start = Mix64(seed ^ Mix64(counter * static_cast<uint64_t>(B) + static_cast<uint64_t>(b))) % starts;
     const int32_t* w = tokens_.data() + start;
-    std::copy(w, w + T, inputs + static_cast<size_t>(b) * T);
-    std::copy(w + 1, w + T + 1, targets + static_cast<size_t>(b) * T);
+    std::copy(w, w + T, inputs + static_cast<size_t>(i) * T);
+    std::copy(w + 1, w + T + 1, targets + static_cast<size_t>(i) * T);
   }
 }
 

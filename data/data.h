@@ -59,6 +59,10 @@ class TokenStream {
   // position is just `counter`, which checkpoints store. Precondition: size() ≥ T+1
   // (LoadData checks it when DataSpec::seq_len is set); violating it aborts.
   void Sample(uint64_t seed, uint64_t counter, int B, int T, int32_t* inputs, int32_t* targets) const;
+  // Windows first … first+rows−1 of that same draw of B: a data-parallel rank's share of
+  // the batch a single rank would read.
+  void SampleRows(uint64_t seed, uint64_t counter, int B, int first, int rows, int T, int32_t* inputs,
+                  int32_t* targets) const;
 
  private:
   std::vector<int32_t> tokens_;

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runspec/convert.h"
@@ -27,6 +28,7 @@
 #include "engine/backend.h"
 #include "base/numbers.h"
 #include "training/hf.h"
+#include "engine/gloo/gloo_communicator.h"
 #include "training/checkpoint.h"
 #include "training/probe_json.h"
 #include "training/progress.h"
@@ -44,6 +46,9 @@ Trains every arm x seed of the experiment on the CPU backend and prints the arms
 options:
   --out DIR        where runs are written (default runs/<experiment name>)
   --steps N        override train.steps
+  --ranks N        train each run data-parallel over N ranks in this process (one thread
+                   and CPU backend each, Gloo over loopback); train.micro_batch is the global
+                   micro-batch and must be a multiple of N (default 1)
   --resume         continue each run from its latest checkpoint in --out; metrics.jsonl and
                    probes.jsonl keep the records up to the checkpoint's step
   --json           print the summary as JSON instead of a table
@@ -57,6 +62,7 @@ struct RunSummary {
   // final_loss is the last step's loss, as the service's status and compare show it.
   double first_loss = NAN, final_loss = NAN, val_loss = NAN, tokens_per_second = 0;
   double mean_loss_last_10 = NAN;  // mean loss of the last (up to) 10 steps
+  double allreduce_seconds = 0;    // per step, with --ranks > 1
   int64_t steps = 0;
   std::string dir;
   bool probed = false;
@@ -218,6 +224,7 @@ class LocalRun final : public RunObserver {
     r_.steps = s.step;
     if (s.step > 1) {  // the first step pays one-time allocation
       tok_s_sum_ += s.tokens_per_second;
+      comm_sum_ += s.comm_seconds;
       ++timed_steps_;
     }
     nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
@@ -248,6 +255,7 @@ class LocalRun final : public RunObserver {
       for (double l : last_losses_) r_.mean_loss_last_10 += l / last_losses_.size();
     }
     r_.tokens_per_second = timed_steps_ ? tok_s_sum_ / timed_steps_ : 0;
+    r_.allreduce_seconds = timed_steps_ ? comm_sum_ / timed_steps_ : 0;
     return OkStatus();
   }
 
@@ -268,7 +276,7 @@ class LocalRun final : public RunObserver {
   const std::atomic<int>* interrupted_;
   JsonlLog metrics_, probes_;
   std::deque<double> last_losses_;  // of the last (up to) 10 steps
-  double tok_s_sum_ = 0;
+  double tok_s_sum_ = 0, comm_sum_ = 0;
   int64_t timed_steps_ = 0;
 };
 
@@ -276,15 +284,64 @@ class LocalRun final : public RunObserver {
 std::atomic<int> g_interrupted{0};
 void OnSignal(int) { g_interrupted.store(1); }
 
+// Ranks 1…N−1 of a data-parallel run: they train their share and write nothing; rank 0
+// decides when to stop.
+class QuietRank final : public RunObserver {
+ public:
+  Status OnStep(const StepStats&, double, const ProbeReport*) override { return OkStatus(); }
+  std::optional<StopKind> StopRequested() override { return std::nullopt; }
+};
+
 StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t seed, const DataSplits& data,
-                              const std::string& out, bool resume, Backend* backend, double peak_flops) {
+                              const std::string& out, bool resume, Backend* backend, double peak_flops, int ranks) {
   RunSummary r;
   r.arm = ArmName(arm);
   r.seed = seed;
   r.dir = out + "/" + r.arm + "-s" + std::to_string(seed);
-  const RunLoopOptions o = ToRunLoopOptions(e, arm, seed, peak_flops, r.dir, resume);
+  RunLoopOptions o = ToRunLoopOptions(e, arm, seed, peak_flops, r.dir, resume);
   LocalRun local(&r, o.total_steps, &g_interrupted);
-  const RunResult result = RunLoop(o, &data, backend, &local, Clock::Real());
+  RunResult result;
+  if (ranks == 1) {
+    result = RunLoop(o, &data, backend, &local, Clock::Real());
+  } else {
+    // N ranks in this process, one thread and one CPU backend each, meeting over Gloo's
+    // TCP transport on loopback; rank 0 (this thread) writes the run's files.
+    auto store = MakeInProcessStore();
+    std::vector<RunResult> others(ranks - 1);
+    std::vector<std::thread> threads;
+    for (int k = 1; k < ranks; ++k) {
+      threads.emplace_back([&, k] {
+        GlooOptions g;
+        g.rank = k;
+        g.world_size = ranks;
+        auto comm = ConnectGloo(g, store);
+        if (!comm.ok()) {
+          others[k - 1].kind = RunResult::kError;
+          others[k - 1].error = comm.status();
+          return;
+        }
+        RunLoopOptions mine = o;
+        mine.trainer.comm = comm->get();
+        auto own_backend = MakeCpuBackend();
+        QuietRank quiet;
+        others[k - 1] = RunLoop(mine, &data, own_backend.get(), &quiet, Clock::Real());
+      });
+    }
+    GlooOptions g;
+    g.world_size = ranks;
+    auto comm = ConnectGloo(g, store);
+    if (comm.ok()) {
+      o.trainer.comm = comm->get();
+      result = RunLoop(o, &data, backend, &local, Clock::Real());
+    } else {
+      result.kind = RunResult::kError;
+      result.error = comm.status();
+    }
+    for (auto& th : threads) th.join();
+    for (const RunResult& other : others) {
+      if (result.kind != RunResult::kError && other.kind == RunResult::kError) result = other;
+    }
+  }
   RETURN_IF_ERROR(local.Finish());
   const std::string run = "run " + r.arm + " seed " + std::to_string(seed) + ": ";
   switch (result.kind) {
@@ -304,7 +361,7 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
 
 int Main(int argc, char** argv) {
   std::string file, out;
-  int64_t steps = -1;
+  int64_t steps = -1, ranks = 1;
   bool resume = false, json = false, print_model = false;
   auto usage_error = [](const std::string& msg) {
     std::fprintf(stderr, "sinkscope-train: %s\n", msg.c_str());
@@ -312,7 +369,9 @@ int Main(int argc, char** argv) {
   };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if ((a == "--out" || a == "--steps") && i + 1 >= argc) return usage_error(a + " needs a value (see --help)");
+    if ((a == "--out" || a == "--steps" || a == "--ranks") && i + 1 >= argc) {
+      return usage_error(a + " needs a value (see --help)");
+    }
     if (a == "-h" || a == "--help") {
       std::fputs(kUsage, stdout);
       return 0;
@@ -324,6 +383,11 @@ int Main(int argc, char** argv) {
       // Positive, at most INT32_MAX (train.steps is an int32).
       if (!ParseWholeInteger(v, &steps) || steps <= 0 || steps > INT32_MAX) {
         return usage_error("--steps must be a positive integer, got '" + v + "'");
+      }
+    } else if (a == "--ranks") {
+      const std::string v = argv[++i];
+      if (!ParseWholeInteger(v, &ranks) || ranks < 1 || ranks > 64) {
+        return usage_error("--ranks must be an integer in 1-64, got '" + v + "'");
       }
     } else if (a == "--resume") {
       resume = true;
@@ -394,7 +458,7 @@ int Main(int argc, char** argv) {
   std::vector<RunSummary> runs;
   for (uint64_t seed : e->seeds()) {
     for (int a : e->arms()) {
-      auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak);
+      auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak, ranks);
       if (!r.ok()) {
         std::fprintf(stderr, "\nsinkscope-train: %s\n", r.status().message().c_str());
         return r.status().code() == StatusCode::kCancelled ? 130 : 1;
@@ -408,7 +472,8 @@ int Main(int argc, char** argv) {
       j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"steps", r.steps}, {"first_loss", r.first_loss},
                            {"final_loss", r.final_loss}, {"mean_loss_last_10", r.mean_loss_last_10},
                            {"val_loss", r.val_loss},
-                           {"tokens_per_second", r.tokens_per_second}, {"dir", r.dir}});
+                           {"tokens_per_second", r.tokens_per_second},
+                           {"allreduce_seconds_per_step", r.allreduce_seconds}, {"dir", r.dir}});
       if (r.probed) j["runs"].back()["last_probe"] = ProbeReportToJson(r.last_probe);
     }
     std::printf("%s\n", j.dump(1).c_str());

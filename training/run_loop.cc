@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "training/checkpoint.h"
+#include "engine/communicator.h"
 #include "training/hf.h"
 
 namespace sinkscope {
@@ -70,16 +71,45 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     return r;
   };
   if (o.total_steps <= 0) return fail(InvalidArgumentError("train.steps must be positive"));
+  // Data parallelism: every rank runs this loop; rank 0 alone owns the folder (checkpoints,
+  // export) and decides what all do (resume, stop, give back), broadcasting it.
+  Communicator* comm = o.trainer.comm;
+  const int W = comm != nullptr ? comm->world_size() : 1;
+  const bool owner = comm == nullptr || comm->rank() == 0;
+  auto share = [&](int32_t* value) -> Status {
+    if (W == 1) return OkStatus();
+    return comm->Broadcast(value, sizeof *value, 0);
+  };
+  if (W > 1 && o.probe_every > 0 && o.probe_batch == ProbeBatchKind::kStepBatch) {
+    return fail(InvalidArgumentError(
+        "probe.batch STEP_BATCH is not supported over " + std::to_string(W) +
+        " ranks yet (its accumulators are not reduced across ranks); use HELD_OUT, which rank 0 measures"));
+  }
   std::error_code ec;
-  std::filesystem::create_directories(o.dir, ec);
-  if (ec) return fail(InternalError("cannot create the run folder " + o.dir + ": " + ec.message()));
-  for (const std::string& stale : RemoveStaleTempFiles(o.dir)) observer->OnStaleFileRemoved(stale);
+  if (owner) {
+    std::filesystem::create_directories(o.dir, ec);
+    if (ec) return fail(InternalError("cannot create the run folder " + o.dir + ": " + ec.message()));
+    for (const std::string& stale : RemoveStaleTempFiles(o.dir)) observer->OnStaleFileRemoved(stale);
+  }
 
   auto created = Trainer::Create(o.trainer, data, backend);
   if (!created.ok()) return fail(created.status());
   std::unique_ptr<Trainer> trainer = std::move(*created);
-  const bool have_checkpoint = o.resume && std::filesystem::exists(ckpt, ec);
-  if (ec) return fail(InternalError("cannot read " + ckpt + ": " + ec.message()));
+  int32_t resume_flag = 0;
+  if (owner) {
+    resume_flag = o.resume && std::filesystem::exists(ckpt, ec);
+    if (ec) return fail(InternalError("cannot read " + ckpt + ": " + ec.message()));
+    if (!resume_flag) {
+      // A fresh start owns the folder: a checkpoint and export of an earlier run would
+      // otherwise be picked up by a later resume and spliced with this run's records.
+      for (const std::string& stale : {ckpt, o.dir + "/hf"}) {
+        std::filesystem::remove_all(stale, ec);
+        if (ec) return fail(InternalError("cannot remove " + stale + " of an earlier run: " + ec.message()));
+      }
+    }
+  }
+  if (Status st = share(&resume_flag); !st.ok()) return fail(st);
+  const bool have_checkpoint = resume_flag != 0;
   if (have_checkpoint) {
     if (Status s = trainer->Resume(ckpt); !s.ok()) return fail(Status(s.code(), "resume from " + ckpt + ": " + s.message()));
     if (trainer->step() > o.total_steps) {
@@ -89,13 +119,7 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     }
     r.checkpoint_step = trainer->step();
   } else {
-    // A fresh start owns the folder: a checkpoint and export of an earlier run would
-    // otherwise be picked up by a later resume and spliced with this run's records.
-    for (const std::string& stale : {ckpt, o.dir + "/hf"}) {
-      std::filesystem::remove_all(stale, ec);
-      if (ec) return fail(InternalError("cannot remove " + stale + " of an earlier run: " + ec.message()));
-    }
-    trainer->Initialize();
+    trainer->Initialize();  // the same weights on every rank: the same seed
   }
   r.step = trainer->step();
   if (Status s = observer->OnStart(trainer->step(), have_checkpoint); !s.ok()) return fail(s);
@@ -106,7 +130,7 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     Status status;
     std::optional<StopKind> stop;
   };
-  auto save = [&](bool retry) -> Saved {
+  auto save_here = [&](bool retry) -> Saved {
     const int64_t step = trainer->step();
     if (Status s = observer->BeforeCheckpoint(step); !s.ok()) return {s, std::nullopt};
     Status st = trainer->SaveCheckpoint(ckpt);
@@ -125,6 +149,33 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     }
     return {st, std::nullopt};
   };
+  // Rank 0 writes; every rank learns the outcome (0 written, 1 failed, 2 failed and a
+  // stop came meanwhile: 2 + the StopKind).
+  auto save = [&](bool retry) -> Saved {
+    Saved saved;
+    int32_t outcome = 0;
+    if (owner) {
+      saved = save_here(retry);
+      outcome = saved.status.ok() ? 0 : saved.stop ? 2 + static_cast<int32_t>(*saved.stop) : 1;
+    }
+    if (Status st = share(&outcome); !st.ok()) return {st, std::nullopt};
+    if (!owner) {
+      if (outcome == 0) r.checkpoint_step = trainer->step();
+      saved.status = outcome == 0 ? OkStatus() : Status(StatusCode::kUnavailable, "rank 0 could not write the checkpoint");
+      if (outcome >= 2) saved.stop = static_cast<StopKind>(outcome - 2);
+    }
+    return saved;
+  };
+  // Rank 0's stop request, for every rank (0 none, 1 + the StopKind).
+  auto stop_requested = [&]() -> StatusOr<std::optional<StopKind>> {
+    int32_t stop = 0;
+    if (owner) {
+      if (auto k = observer->StopRequested()) stop = 1 + static_cast<int32_t>(*k);
+    }
+    RETURN_IF_ERROR(share(&stop));
+    if (stop == 0) return std::optional<StopKind>();
+    return std::optional<StopKind>(static_cast<StopKind>(stop - 1));
+  };
   // A stop after a step: the state is checkpointed (once) and the run ends.
   auto stopped = [&](StopKind kind) {
     r.kind = RunResult::kStopped;
@@ -133,7 +184,11 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     if (r.checkpoint_step != trainer->step()) r.error = save(/*retry=*/false).status;
     return r;
   };
-  if (auto stop = observer->StopRequested()) return stopped(*stop);
+  {
+    auto stop = stop_requested();
+    if (!stop.ok()) return fail(stop.status());
+    if (*stop) return stopped(**stop);
+  }
 
   while (trainer->step() < o.total_steps) {
     const int64_t next = trainer->step() + 1;
@@ -141,6 +196,7 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     const bool probe_now = IsProbeStep(next, o.probe_every, o.total_steps);
     ProbeReport report;
     const StepStats s = probe_now ? trainer->ProbedStep(o.probe, o.probe_batch, &report) : trainer->Step();
+    if (!s.error.ok()) return fail(s.error);  // a device error or a failed collective
     if (!s.finite) {
       // No update was made: the trainer holds the state after the last good step, and
       // that is what is checkpointed (if the disk has an older one) for a look or a
@@ -168,10 +224,12 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     }
     observer->AfterStep(s.step);
     if (s.step < o.total_steps) {
-      if (auto stop = observer->StopRequested()) return stopped(*stop);
+      auto stop = stop_requested();
+      if (!stop.ok()) return fail(stop.status());
+      if (*stop) return stopped(**stop);
     }
   }
-  if (o.export_hf) {
+  if (o.export_hf && owner) {
     const std::string hf = o.dir + "/hf";
     if (Status st = ExportHf(trainer->model(), hf); !st.ok()) {
       return fail(Status(st.code(), "export to " + hf + ": " + st.message()));

@@ -11,6 +11,12 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options
   RETURN_IF_ERROR(options.optimizer.Validate());
   if (options.micro_batch <= 0) return InvalidArgumentError("train.micro_batch must be positive");
   if (options.grad_accum <= 0) return InvalidArgumentError("train.grad_accum must be positive");
+  const int W = options.comm != nullptr ? options.comm->world_size() : 1;
+  if (options.micro_batch % W != 0) {
+    return InvalidArgumentError("train.micro_batch (" + std::to_string(options.micro_batch) +
+                                ") must be a multiple of the run's ranks (" + std::to_string(W) +
+                                "): each rank trains an equal share of every micro-batch");
+  }
   const int T = options.model.context;
   if (data->train.size() < static_cast<size_t>(T) + 1) {
     return InvalidArgumentError("the training split has " + std::to_string(data->train.size()) +
@@ -25,7 +31,7 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options
   t->state_.seed = options.seed;
   t->scalars_ = backend->AllocScalars(2);
   if (t->scalars_ == nullptr) return InternalError("cannot allocate the step's scalars on backend " + std::string(backend->Name()));
-  t->inputs_.resize(static_cast<size_t>(options.micro_batch) * T);
+  t->inputs_.resize(static_cast<size_t>(options.micro_batch / W) * T);
   t->targets_.resize(t->inputs_.size());
   return t;
 }
@@ -54,16 +60,37 @@ Status Trainer::Resume(const std::string& path) {
 
 Status Trainer::SaveCheckpoint(const std::string& path) const { return sinkscope::SaveCheckpoint(path, *model_, state_); }
 
+int Trainer::world_size() const { return options_.comm != nullptr ? options_.comm->world_size() : 1; }
+int Trainer::rank() const { return options_.comm != nullptr ? options_.comm->rank() : 0; }
+
 StepStats Trainer::Step(PassObserver* observer) {
   const auto start = std::chrono::steady_clock::now();
   const int B = options_.micro_batch, T = options_.model.context, A = options_.grad_accum;
   const float grad_scale = 1.0f / (static_cast<float>(A) * B * T);  // L = mean over the global batch
+  // A data-parallel rank trains rows [rank·B/W, (rank+1)·B/W) of every micro-batch of the
+  // global batch; the gradients and the loss are then summed over the ranks.
+  const int W = world_size(), rows = B / W, first = rank() * rows;
   Backend& be = *model_->backend();
   model_->ZeroGrad();
   be.ZeroScalars(scalars_, 2);
   for (int m = 0; m < A; ++m) {
-    data_->train.Sample(data_seed(), state_.data_counter + m, B, T, inputs_.data(), targets_.data());
-    model_->ForwardBackwardInto(inputs_.data(), targets_.data(), B, T, grad_scale, scalars_, observer);
+    data_->train.SampleRows(data_seed(), state_.data_counter + m, B, first, rows, T, inputs_.data(), targets_.data());
+    model_->ForwardBackwardInto(inputs_.data(), targets_.data(), rows, T, grad_scale, scalars_, observer);
+  }
+  Status collective;
+  double comm_seconds = 0;
+  if (W > 1) {
+    const auto comm_start = std::chrono::steady_clock::now();
+    collective = options_.comm->AllReduceSum(model_->grads(), model_->num_params());
+    if (collective.ok()) collective = options_.comm->AllReduceSum(scalars_, 1);
+    comm_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+    if (!collective.ok()) {
+      StepStats s;
+      s.finite = false;
+      s.error = collective;
+      s.step = state_.step;
+      return s;
+    }
   }
   StepStats s;
   // The update is queued; it is skipped on the device if the loss or gradient is not
@@ -76,13 +103,14 @@ StepStats Trainer::Step(PassObserver* observer) {
   s.finite = std::isfinite(s.loss) && std::isfinite(s.grad_norm);
   if (Status error = be.TakeError(); !error.ok()) {
     s.finite = false;
-    s.device_error = error;
+    s.error = error;
   }
   if (s.finite) {
     state_.data_counter += A;
     ++state_.step;
   }
   s.step = state_.step;
+  s.comm_seconds = comm_seconds;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   s.tokens_per_second = tokens_per_step() / std::max(s.seconds, 1e-9);
   if (options_.peak_flops > 0) {
@@ -103,8 +131,11 @@ StepStats Trainer::ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
   const TokenStream& source = data_->val.size() > static_cast<size_t>(T) ? data_->val : data_->train;
   source.Sample(0x9B0BEull, 0, B, T, inputs.data(), targets.data());  // the same batch every probe
-  auto r = RunDiagnosticPass(*model_, settings, inputs.data(), targets.data(), B, T, state_.step + 1);
-  if (r.ok()) *report = std::move(*r);
+  // Every rank holds the same weights: rank 0 alone measures the held-out batch.
+  if (rank() == 0) {
+    auto r = RunDiagnosticPass(*model_, settings, inputs.data(), targets.data(), B, T, state_.step + 1);
+    if (r.ok()) *report = std::move(*r);
+  }
   return Step();
 }
 
@@ -134,14 +165,17 @@ double MeasureGemmPeak(Backend& backend) {
 double Trainer::Evaluate() {
   const int B = options_.micro_batch, T = options_.model.context;
   if (data_->val.size() < static_cast<size_t>(T) + 1) return NAN;
-  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
+  // Each rank evaluates its rows of every batch; the sums are added over the ranks.
+  const int W = world_size(), rows = B / W, first = rank() * rows;
+  std::vector<int32_t> inputs(static_cast<size_t>(rows) * T), targets(inputs.size());
   Backend& be = *model_->backend();
   be.ZeroScalars(scalars_, 1);
   for (int i = 0; i < options_.eval_batches; ++i) {
     // Fixed draws (a seed of their own) so every evaluation sees the same batches.
-    data_->val.Sample(0xE7A1ull, static_cast<uint64_t>(i), B, T, inputs.data(), targets.data());
-    model_->EvaluateInto(inputs.data(), targets.data(), B, T, scalars_);
+    data_->val.SampleRows(0xE7A1ull, static_cast<uint64_t>(i), B, first, rows, T, inputs.data(), targets.data());
+    model_->EvaluateInto(inputs.data(), targets.data(), rows, T, scalars_);
   }
+  if (W > 1 && !options_.comm->AllReduceSum(scalars_, 1).ok()) return NAN;
   double sum = 0;
   be.ReadScalars(&sum, scalars_, 1);
   return sum / (static_cast<double>(options_.eval_batches) * B * T);

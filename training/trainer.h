@@ -7,6 +7,7 @@
 
 #include "training/checkpoint.h"
 #include "data/data.h"
+#include "engine/communicator.h"
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/probes.h"
@@ -23,6 +24,9 @@ struct TrainerOptions {
   // Peak matmul rate of the device in FLOP/s for MFU (METRICS.md); 0 leaves MFU at 0.
   // On the CPU: the sgemm rate measured at start-up (MeasureGemmPeak).
   double peak_flops = 0;
+  // Data parallelism: this rank's communicator (null: one rank). micro_batch is the
+  // global micro-batch; each rank trains micro_batch / world_size of its rows.
+  Communicator* comm = nullptr;
 };
 
 // Which batch a training-time probe measures.
@@ -38,9 +42,10 @@ struct StepStats {
   double grad_norm = 0;  // before clipping
   double tokens_per_second = 0;
   double seconds = 0;  // wall time of the step
+  double comm_seconds = 0;  // of it, in the gradient and loss all-reduce (data parallelism)
   double mfu = 0;      // model FLOPs utilisation against options.peak_flops
-  bool finite = true;  // false: NaN/Inf loss or gradient, or a device error; no update was made
-  Status device_error;  // the backend's sticky error, if it had one
+  bool finite = true;  // false: NaN/Inf loss or gradient, or `error`; no update was made
+  Status error;         // the backend's sticky error or a failed collective: the run cannot go on
 };
 
 // The cadence of a run, shared by every trainer front end. `step` is 1-based.
@@ -87,6 +92,8 @@ class Trainer {
     return static_cast<int64_t>(options_.micro_batch) * options_.grad_accum * options_.model.context;
   }
   uint64_t data_seed() const;
+  int world_size() const;
+  int rank() const;
 
  private:
   Trainer(const TrainerOptions& options, const DataSplits* data) : options_(options), data_(data) {}

@@ -151,6 +151,26 @@ class LocalToolsTest(unittest.TestCase):
                               capture_output=True, text=True, timeout=60, check=True)
         self.assertEqual(json.loads(got.stdout), json.loads(want.stdout))
 
+    def test_ranks_train_the_same_run(self):
+        # --ranks 2: two Gloo ranks in one process train the same global batch; the loss
+        # agrees to float rounding (the ranks' sums are added in another order).
+        spec = harness.tiny_experiment("ranks", self.corpus, steps=6, probe_every=3, checkpoint_every=3,
+                                       arms=("vscale",))
+        spec["probe"]["batch"] = "HELD_OUT"
+        path = os.path.join(self.dir, "ranks.yaml")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        losses = {}
+        for n in (1, 2):
+            r = self.run_train(path, "--out", os.path.join(self.dir, f"ranks{n}"), "--ranks", str(n), "--json")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            losses[n] = json.loads(r.stdout)["runs"][0]["final_loss"]
+        self.assertAlmostEqual(losses[2], losses[1], delta=1e-6 * losses[1])
+        for bad in ("0", "65", "two"):
+            r = self.run_train(path, "--ranks", bad)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn(f"--ranks must be an integer in 1-64, got '{bad}'", r.stderr)
+
     def test_final_loss_is_the_last_steps_loss(self):
         run = self.summary["runs"][0]
         self.assertEqual(run["final_loss"], self.metrics[-1]["loss"])

@@ -1,0 +1,37 @@
+// Collectives between the ranks of one data-parallel run, over buffers of the rank's
+// own backend (host memory on the CPU; device memory for a CUDA communicator). Every
+// call is collective: all ranks make it, in the same order, with the same sizes. Each
+// has the communicator's timeout: a rank that does not arrive, or hangs, makes the
+// others fail with DEADLINE_EXCEEDED or UNAVAILABLE naming the collective, never wait
+// forever. After a failure the communicator is unusable (the run restarts the gang).
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "base/status.h"
+
+namespace sinkscope {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual const char* Name() const = 0;
+  // data (n values, the same n on every rank) becomes the sum over the ranks, the same
+  // bits on every rank.
+  virtual Status AllReduceSum(float* data, size_t n) = 0;
+  virtual Status AllReduceSum(double* data, size_t n) = 0;
+  // root's `bytes` bytes of data into every rank's data.
+  virtual Status Broadcast(void* data, size_t bytes, int root) = 0;
+  // Every rank's `bytes` bytes of send, in rank order, into recv (world_size × bytes).
+  virtual Status AllGather(const void* send, void* recv, size_t bytes) = 0;
+  virtual Status Barrier() = 0;
+};
+
+// The communicator of a run of one rank: every collective is the identity.
+std::unique_ptr<Communicator> MakeSingleRankCommunicator();
+
+}  // namespace sinkscope

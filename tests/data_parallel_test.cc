@@ -1,0 +1,283 @@
+// Data parallelism on the CPU over real Gloo (TCP on loopback), one thread and one CPU
+// backend per rank: 2 and 4 ranks reproduce 1 rank on the same global batch (per-step
+// loss, validation loss, final weights, held-out probes) to float rounding — the sums
+// over ranks are added in Gloo's ring order, not the single rank's, so equality is to
+// 1e-6 relative, not bit for bit; a stop on rank 0 stops the gang and its resume is bit
+// for bit the uninterrupted gang's; a rank that never arrives at the rendezvous and one
+// that never enters a collective are detected within the timeout and named.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "engine/gloo/gloo_communicator.h"
+#include "training/checkpoint.h"
+#include "training/run_loop.h"
+
+namespace sinkscope {
+namespace {
+
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+const DataSplits& Data() {
+  static const DataSplits d = [] {
+    std::vector<int32_t> tokens(8000);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((i * 7 + i / 13 + i / 101) % 50);
+    DataSplits s;
+    s.train = TokenStream(std::vector<int32_t>(tokens.begin(), tokens.begin() + 7000));
+    s.val = TokenStream(std::vector<int32_t>(tokens.begin() + 7000, tokens.end()));
+    s.max_token = 49;
+    return s;
+  }();
+  return d;
+}
+
+std::string FreshDir(const std::string& name) {
+  const std::string dir = ::testing::TempDir() + "/dp_" + std::to_string(::getpid()) + "_" + name;
+  fs::remove_all(dir);
+  return dir;
+}
+
+RunLoopOptions Options(const std::string& dir, int64_t steps) {
+  RunLoopOptions o;
+  ModelConfig& m = o.trainer.model;
+  m.layers = 2;
+  m.d_model = 32;
+  m.heads = 4;
+  m.kv_heads = 2;
+  m.head_dim = 8;
+  m.ffn = 64;
+  m.vocab = 64;
+  m.context = 16;
+  m.vscale = VScaleMode::kVScale;
+  o.trainer.optimizer.lr = 3e-3;
+  o.trainer.optimizer.min_lr = 3e-4;
+  o.trainer.optimizer.warmup_steps = 2;
+  o.trainer.optimizer.total_steps = steps;
+  o.trainer.micro_batch = 8;  // the global micro-batch: 4, 2 or 1 rows per rank
+  o.trainer.grad_accum = 2;
+  o.trainer.eval_batches = 2;
+  o.trainer.seed = 3;
+  o.dir = dir;
+  o.total_steps = steps;
+  o.probe_every = 3;
+  o.probe_batch = ProbeBatchKind::kHeldOut;
+  o.eval_every = 3;
+  o.checkpoint_every = 4;
+  return o;
+}
+
+struct Record : RunObserver {
+  std::vector<double> losses, val;
+  std::vector<ProbeReport> probes;
+  int64_t stop_after = 0;
+  int64_t last = 0;
+  Status OnStep(const StepStats& s, double v, const ProbeReport* p) override {
+    losses.push_back(s.loss);
+    if (!std::isnan(v)) val.push_back(v);
+    if (p != nullptr) probes.push_back(*p);
+    last = s.step;
+    return OkStatus();
+  }
+  std::optional<StopKind> StopRequested() override {
+    if (stop_after > 0 && last >= stop_after) return StopKind::kShutdown;
+    return std::nullopt;
+  }
+};
+
+// Runs `o` over `ranks` threads; rank 0 reports to `rec`. Returns every rank's result.
+std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec) {
+  ManualClock clock;
+  if (ranks == 1) {
+    auto backend = MakeCpuBackend();
+    return {RunLoop(o, &Data(), backend.get(), rec, &clock)};
+  }
+  auto store = MakeInProcessStore();
+  std::vector<RunResult> results(ranks);
+  std::vector<std::thread> threads;
+  for (int k = 0; k < ranks; ++k) {
+    threads.emplace_back([&, k] {
+      GlooOptions g;
+      g.rank = k;
+      g.world_size = ranks;
+      g.timeout = std::chrono::seconds(60);
+      auto comm = ConnectGloo(g, store);
+      if (!comm.ok()) {
+        results[k].kind = RunResult::kError;
+        results[k].error = comm.status();
+        return;
+      }
+      RunLoopOptions mine = o;
+      mine.trainer.comm = comm->get();
+      auto backend = MakeCpuBackend();
+      Record quiet;
+      results[k] = RunLoop(mine, &Data(), backend.get(), k == 0 ? rec : &quiet, &clock);
+    });
+  }
+  for (auto& t : threads) t.join();
+  return results;
+}
+
+std::vector<float> Weights(const std::string& checkpoint, const ModelConfig& config) {
+  auto backend = MakeCpuBackend();
+  auto model = Model::Create(config, backend.get());
+  EXPECT_TRUE(model.ok());
+  auto state = LoadCheckpoint(checkpoint, **model);
+  EXPECT_TRUE(state.ok()) << state.status().message();
+  return (*model)->ParamsToHost();
+}
+
+// ‖a − b‖₂ / ‖b‖₂ over every parameter.
+double RelativeDifference(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    diff += d * d;
+    norm += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(diff / norm);
+}
+
+TEST(DataParallelTest, TwoAndFourRanksReproduceOneRank) {
+  const int64_t steps = 7;
+  Record one;
+  const std::string dir1 = FreshDir("one");
+  ASSERT_EQ(RunGang(Options(dir1, steps), 1, &one)[0].kind, RunResult::kFinished);
+  const std::vector<float> w1 = Weights(dir1 + "/checkpoint.bin", Options(dir1, steps).trainer.model);
+  for (int ranks : {2, 4}) {
+    Record rec;
+    const std::string dir = FreshDir("ranks" + std::to_string(ranks));
+    for (const RunResult& r : RunGang(Options(dir, steps), ranks, &rec)) {
+      ASSERT_EQ(r.kind, RunResult::kFinished) << ranks << " ranks: " << r.Describe();
+    }
+    ASSERT_EQ(rec.losses.size(), one.losses.size());
+    for (size_t i = 0; i < one.losses.size(); ++i) {
+      EXPECT_NEAR(rec.losses[i], one.losses[i], 1e-6 * one.losses[i]) << ranks << " ranks, step " << i + 1;
+    }
+    ASSERT_EQ(rec.val.size(), one.val.size());
+    for (size_t i = 0; i < one.val.size(); ++i) EXPECT_NEAR(rec.val[i], one.val[i], 1e-6 * one.val[i]);
+    const double rel = RelativeDifference(Weights(dir + "/checkpoint.bin", Options(dir, steps).trainer.model), w1);
+    EXPECT_LT(rel, 1e-6) << ranks << " ranks";
+    std::printf("%d ranks: final weights differ from one rank's by %.2e relative (L2)\n", ranks, rel);
+    // Held-out probes (rank 0 measures them on weights equal to 1e-6): the same report.
+    ASSERT_EQ(rec.probes.size(), one.probes.size());
+    for (size_t p = 0; p < one.probes.size(); ++p) {
+      EXPECT_EQ(rec.probes[p].step, one.probes[p].step);
+      ASSERT_EQ(rec.probes[p].layers.size(), one.probes[p].layers.size());
+      for (size_t l = 0; l < one.probes[p].layers.size(); ++l) {
+        const double want = one.probes[p].layers[l].r_gs, got = rec.probes[p].layers[l].r_gs;
+        EXPECT_NEAR(got, want, 1e-4 * std::abs(want)) << "probe " << p << " layer " << l;
+        EXPECT_NEAR(rec.probes[p].layers[l].sink_rate, one.probes[p].layers[l].sink_rate, 1e-6);
+      }
+    }
+  }
+}
+
+TEST(DataParallelTest, AStopOnRankZeroStopsTheGangAndItsResumeIsBitForBit) {
+  const int64_t steps = 9;
+  const std::string whole = FreshDir("whole"), parts = FreshDir("parts");
+  Record a;
+  for (const RunResult& r : RunGang(Options(whole, steps), 2, &a)) ASSERT_EQ(r.kind, RunResult::kFinished);
+  Record b;
+  b.stop_after = 5;
+  for (const RunResult& r : RunGang(Options(parts, steps), 2, &b)) {
+    ASSERT_EQ(r.kind, RunResult::kStopped) << r.Describe();
+    EXPECT_EQ(r.step, 5);
+    EXPECT_EQ(r.checkpoint_step, 5);  // rank 1 learns rank 0 wrote it
+  }
+  Record c;
+  for (const RunResult& r : RunGang(Options(parts, steps), 2, &c)) ASSERT_EQ(r.kind, RunResult::kFinished);
+  ASSERT_EQ(c.losses.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(c.losses[i], a.losses[5 + i]);
+  std::ifstream x(whole + "/checkpoint.bin", std::ios::binary), y(parts + "/checkpoint.bin", std::ios::binary);
+  EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(x), {}, std::istreambuf_iterator<char>(y)));
+}
+
+TEST(DataParallelTest, AWorldThatDoesNotDivideTheMicroBatchIsRefused) {
+  const std::string dir = FreshDir("indivisible");
+  RunLoopOptions o = Options(dir, 2);
+  o.trainer.micro_batch = 6;
+  Record rec;
+  for (const RunResult& r : RunGang(o, 4, &rec)) {
+    ASSERT_EQ(r.kind, RunResult::kError);
+    EXPECT_THAT(r.error.message(), HasSubstr("train.micro_batch (6) must be a multiple of the run's ranks (4)"));
+  }
+}
+
+TEST(DataParallelTest, StepBatchProbesOverSeveralRanksAreRefusedNamingTheSetting) {
+  const std::string dir = FreshDir("stepbatch");
+  RunLoopOptions o = Options(dir, 2);
+  o.probe_batch = ProbeBatchKind::kStepBatch;
+  Record rec;
+  for (const RunResult& r : RunGang(o, 2, &rec)) {
+    ASSERT_EQ(r.kind, RunResult::kError);
+    EXPECT_THAT(r.error.message(), HasSubstr("probe.batch STEP_BATCH is not supported over 2 ranks"));
+  }
+}
+
+TEST(DataParallelTest, ARankThatNeverArrivesIsDetected) {
+  auto store = MakeInProcessStore();
+  std::vector<Status> got(2);
+  std::vector<std::thread> threads;
+  const auto start = std::chrono::steady_clock::now();
+  for (int k = 0; k < 2; ++k) {  // rank 2 of 3 never comes
+    threads.emplace_back([&, k] {
+      GlooOptions g;
+      g.rank = k;
+      g.world_size = 3;
+      g.timeout = std::chrono::milliseconds(1500);
+      got[k] = ConnectGloo(g, store).status();
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int k = 0; k < 2; ++k) {
+    EXPECT_EQ(got[k].code(), StatusCode::kDeadlineExceeded) << got[k].ToString();
+    EXPECT_THAT(got[k].message(), HasSubstr("rendezvous of rank " + std::to_string(k) + " of 3 timed out after 1.5 s"));
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+TEST(DataParallelTest, ARankThatHangsInACollectiveIsDetected) {
+  auto store = MakeInProcessStore();
+  std::vector<std::unique_ptr<Communicator>> comms(2);
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 2; ++k) {
+    threads.emplace_back([&, k] {
+      GlooOptions g;
+      g.rank = k;
+      g.world_size = 2;
+      g.timeout = std::chrono::milliseconds(1500);
+      auto c = ConnectGloo(g, store);
+      ASSERT_TRUE(c.ok()) << c.status().ToString();
+      comms[k] = std::move(*c);
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(comms[0] && comms[1]);
+  // Both take part once: the sum is every rank's.
+  std::vector<float> a = {1, 2, 3}, b = {10, 20, 30};
+  std::thread peer([&] { EXPECT_TRUE(comms[1]->AllReduceSum(b.data(), b.size()).ok()); });
+  ASSERT_TRUE(comms[0]->AllReduceSum(a.data(), a.size()).ok());
+  peer.join();
+  EXPECT_EQ(a, (std::vector<float>{11, 22, 33}));
+  EXPECT_EQ(b, a);
+  // Rank 1 is stuck elsewhere: rank 0's next all-reduce gives up, naming it.
+  const auto start = std::chrono::steady_clock::now();
+  const Status s = comms[0]->AllReduceSum(a.data(), a.size());
+  EXPECT_EQ(s.code(), StatusCode::kDeadlineExceeded) << s.ToString();
+  EXPECT_THAT(s.message(), HasSubstr("all-reduce of 3 floats on rank 0 of 2 timed out after 1.5 s"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  // The communicator is done with after a failure.
+  EXPECT_FALSE(comms[0]->Barrier().ok());
+}
+
+}  // namespace
+}  // namespace sinkscope
