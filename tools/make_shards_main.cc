@@ -19,36 +19,13 @@
 #include <vector>
 
 #include "data/data.h"
+#include "base/flags.h"
 #include "base/numbers.h"
 
 namespace {
 
 constexpr char kTool[] = "sinkscope-make-shards";
 constexpr long long kDefaultShardTokens = 100'000'000;  // as llm.c's data scripts
-
-void PrintUsage(std::FILE* out) {
-  std::fprintf(out,
-               "usage: %s --out DIR [--separator SEP] [--val-fraction F] [--shard-tokens N] PATH...\n"
-               "\n"
-               "Turns raw text into llm.c token shards (byte-level tokens 0..255, end-of-text 256\n"
-               "between documents, no begin token).\n"
-               "\n"
-               "  PATH...            text files or folders (folders are read recursively in sorted\n"
-               "                     order, skipping files ending in .dat or .u8)\n"
-               "  --out DIR          output folder, created if missing; gets train_000000.bin ...\n"
-               "                     and val_000000.bin ...\n"
-               "  --separator SEP    a line equal to SEP ends a document (default %%)\n"
-               "  --val-fraction F   fraction of the documents, taken from the end, held out for\n"
-               "                     validation, in [0, 0.5] (default 0.05; 0 writes no val shard)\n"
-               "  --shard-tokens N   at most N tokens per shard (default %lld)\n"
-               "  --help             print this help\n",
-               kTool, kDefaultShardTokens);
-}
-
-int UsageError(const std::string& message) {
-  std::fprintf(stderr, "%s: %s\n(run %s --help for usage)\n", kTool, message.c_str(), kTool);
-  return 2;
-}
 
 int Fail(const sinkscope::Status& status) {
   std::fprintf(stderr, "%s: %s\n", kTool, status.ToString().c_str());
@@ -97,58 +74,31 @@ void RemoveStaleShards(const std::filesystem::path& dir, const std::string& spli
 }  // namespace
 
 int main(int argc, char** argv) {
+  namespace flags = sinkscope::flags;
   std::string out_dir;
   sinkscope::TextSource source;
   double val_fraction = 0.05;
   int64_t shard_tokens = kDefaultShardTokens;
-  bool options_done = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (options_done || arg.empty() || arg[0] != '-' || arg == "-") {
-      source.paths.push_back(arg);
-      continue;
-    }
-    if (arg == "--") {
-      options_done = true;
-      continue;
-    }
-    if (arg == "--help" || arg == "-h") {
-      PrintUsage(stdout);
-      return 0;
-    }
-    std::string name = arg, value;
-    bool has_value = false;
-    if (const size_t eq = arg.find('='); eq != std::string::npos) {
-      name = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-      has_value = true;
-    }
-    if (name != "--out" && name != "--separator" && name != "--val-fraction" && name != "--shard-tokens") {
-      return UsageError("unknown option " + name);
-    }
-    if (!has_value) {
-      if (i + 1 >= argc) return UsageError(name + " needs a value");
-      value = argv[++i];
-    }
-    if (name == "--out") {
-      if (value.empty()) return UsageError("--out needs a folder");
-      out_dir = value;
-    } else if (name == "--separator") {
-      source.separator = value;
-    } else if (name == "--val-fraction") {
-      if (!sinkscope::ParseWholeNumber(value, &val_fraction) || !(val_fraction >= 0.0 && val_fraction <= 0.5)) {
-        return UsageError("--val-fraction " + value + ": expected a number in [0, 0.5]");
-      }
-    } else if (name == "--shard-tokens") {
-      if (!sinkscope::ParseWholeInteger(value, &shard_tokens) || shard_tokens < 1 ||
-          shard_tokens > std::numeric_limits<int32_t>::max()) {
-        return UsageError("--shard-tokens " + value + ": expected a whole number in [1, " +
-                          std::to_string(std::numeric_limits<int32_t>::max()) + "]");
-      }
-    }
-  }
-  if (out_dir.empty()) return UsageError("--out DIR is required");
-  if (source.paths.empty()) return UsageError("no input PATH given");
+  CLI::App app("Turns raw text into llm.c token shards (byte-level tokens 0..255, end-of-text 256 between documents, "
+               "no begin token).",
+               kTool);
+  app.add_option("PATH", source.paths,
+                 "text files or folders (folders are read recursively in sorted order, skipping files ending in .dat "
+                 "or .u8)")
+      ->required();
+  app.add_option("--out", out_dir, "output folder, created if missing; gets train_000000.bin ... and val_000000.bin ...")
+      ->required()
+      ->check(flags::NonEmpty())
+      ->type_name("DIR");
+  app.add_option("--separator", source.separator, "a line equal to SEP ends a document")->default_val("%");
+  app.add_option("--val-fraction", val_fraction,
+                 "fraction of the documents, taken from the end, held out for validation (0 writes no val shard)")
+      ->check(flags::Number(0, 0.5))
+      ->default_val(0.05);
+  app.add_option("--shard-tokens", shard_tokens, "at most N tokens per shard")
+      ->check(flags::Integer(1, std::numeric_limits<int32_t>::max()))
+      ->default_val(kDefaultShardTokens);
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
 
   auto docs = sinkscope::ReadDocuments(source);
   if (!docs.ok()) return Fail(docs.status());

@@ -26,6 +26,7 @@
 #include "runspec/convert.h"
 #include "schema/experiment.h"
 #include "engine/backend.h"
+#include "base/flags.h"
 #include "base/numbers.h"
 #include "training/hf.h"
 #include "engine/gloo/gloo_communicator.h"
@@ -39,22 +40,6 @@
 namespace sinkscope {
 namespace {
 
-const char kUsage[] = R"(usage: sinkscope-train EXPERIMENT.yaml [options]
-
-Trains every arm x seed of the experiment on the CPU backend and prints the arms side by side.
-
-options:
-  --out DIR        where runs are written (default runs/<experiment name>)
-  --steps N        override train.steps
-  --ranks N        train each run data-parallel over N ranks in this process (one thread
-                   and CPU backend each, Gloo over loopback); train.micro_batch is the global
-                   micro-batch and must be a multiple of N (default 1)
-  --resume         continue each run from its latest checkpoint in --out; metrics.jsonl and
-                   probes.jsonl keep the records up to the checkpoint's step
-  --json           print the summary as JSON instead of a table
-  --print-model    print the baseline arm's model config (as a checkpoint header holds it) and exit
-  -h, --help       this text
-)";
 
 struct RunSummary {
   std::string arm;
@@ -363,49 +348,25 @@ int Main(int argc, char** argv) {
   std::string file, out;
   int64_t steps = -1, ranks = 1;
   bool resume = false, json = false, print_model = false;
-  auto usage_error = [](const std::string& msg) {
-    std::fprintf(stderr, "sinkscope-train: %s\n", msg.c_str());
-    return 2;
-  };
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if ((a == "--out" || a == "--steps" || a == "--ranks") && i + 1 >= argc) {
-      return usage_error(a + " needs a value (see --help)");
-    }
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (a == "--out") {
-      out = argv[++i];
-      if (out.empty()) return usage_error("--out needs a folder, got ''");
-    } else if (a == "--steps") {
-      const std::string v = argv[++i];
-      // Positive, at most INT32_MAX (train.steps is an int32).
-      if (!ParseWholeInteger(v, &steps) || steps <= 0 || steps > INT32_MAX) {
-        return usage_error("--steps must be a positive integer, got '" + v + "'");
-      }
-    } else if (a == "--ranks") {
-      const std::string v = argv[++i];
-      if (!ParseWholeInteger(v, &ranks) || ranks < 1 || ranks > 64) {
-        return usage_error("--ranks must be an integer in 1-64, got '" + v + "'");
-      }
-    } else if (a == "--resume") {
-      resume = true;
-    } else if (a == "--json") {
-      json = true;
-    } else if (a == "--print-model") {
-      print_model = true;
-    } else if (!a.empty() && a[0] != '-' && file.empty()) {
-      file = a;
-    } else {
-      std::fprintf(stderr, "sinkscope-train: unknown argument %s\n%s", a.c_str(), kUsage);
-      return 2;
-    }
-  }
-  if (file.empty()) {
-    std::fputs(kUsage, stderr);
-    return 2;
-  }
+  CLI::App app("Trains every arm x seed of an experiment file on the CPU backend and prints the arms side by side.",
+               "sinkscope-train");
+  app.add_option("EXPERIMENT", file, "the experiment file (YAML or JSON)")->required();
+  app.add_option("--out", out, "where runs are written (default runs/<experiment name>)")
+      ->check(flags::NonEmpty())
+      ->type_name("DIR");
+  app.add_option("--steps", steps, "override train.steps")->check(flags::Integer(1, INT32_MAX));
+  app.add_option("--ranks", ranks,
+                 "train each run data-parallel over N ranks in this process (one thread and CPU backend each, Gloo "
+                 "over loopback); train.micro_batch is the global micro-batch and must be a multiple of N")
+      ->check(flags::Integer(1, 64))
+      ->default_val(1);
+  app.add_flag("--resume", resume,
+               "continue each run from its latest checkpoint in --out; metrics.jsonl and probes.jsonl keep the "
+               "records up to the checkpoint's step (Ctrl-C stops a run after its step with a checkpoint)");
+  app.add_flag("--json", json, "print the summary as JSON instead of a table");
+  app.add_flag("--print-model", print_model,
+               "print the baseline arm's model config (as a checkpoint header holds it) and exit");
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
   auto e = LoadExperimentFile(file);
   if (!e.ok()) {
     std::fprintf(stderr, "sinkscope-train: %s\n", e.status().message().c_str());

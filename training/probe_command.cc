@@ -15,6 +15,7 @@
 
 #include "training/checkpoint.h"
 #include "data/data.h"
+#include "base/flags.h"
 #include "base/numbers.h"
 #include "training/hf.h"
 #include "training/probe_json.h"
@@ -22,110 +23,56 @@
 namespace sinkscope {
 namespace {
 
-const char kUsage[] = R"(usage: %s CHECKPOINT (--tokens SHARD | --text PATH) [options]
-
-Runs the diagnostic pass (forward and backward, no update) on a checkpoint and prints
-the paper's per-layer measurements (METRICS.md).
-
-CHECKPOINT        a sinkscope checkpoint.bin, or a Hugging Face folder holding
-                  config.json and model.safetensors, or shards listed by
-                  model.safetensors.index.json (LlamaForCausalLM; rope_scaling default,
-                  linear, llama3 or yarn; V-scale theta under
-                  model.layers.{i}.self_attn.vscale_theta)
---tokens SHARD    llm.c token shard; sequence b is tokens [b*T, b*T+T], targets shifted by one
---text PATH       a text file or folder, byte-level tokens, documents split by --separator
---separator S     document separator line for --text (default %%)
---batch B         sequences (default 8)
---micro-batch M   sequences per forward and backward (default: all B at once); the report
-                  equals that of one pass over the batch. Before it starts the pass prints
-                  its memory estimate, then its progress, on stderr
---seq T           tokens per sequence (default: the model's context)
---arm A           baseline | vscale | vscale_backward_only (default: the checkpoint's)
---s N             sink position s, 0 ≤ s ≤ T_e (default 0)
---ref-span N      T_e (default 31, clipped to T-1)
---profile-len N   P (default 64, clipped to T)
---eps X           sink threshold (default 0.3)
---t-eps N         sink window T_eps (default 64)
---reduce MODE     sum_then_norm (default) | norm_then_mean
---json            write the full report as JSON to stdout
--h, --help        this text
-
-The report's step is the checkpoint's (the optimisation steps it has completed); a
-Hugging Face folder stores none, and its report says step 0.
-)";
-
-
 }  // namespace
 
 int RunProbeCommand(int argc, char** argv) {
   const char* name = argv[0];
-  std::string checkpoint, tokens_path, text_path, separator = "%", arm;
+  std::string checkpoint, tokens_path, text_path, separator = "%", arm, reduce = "sum_then_norm";
   int B = 8, T = 0, micro_batch = 0;
   ProbeSettings st;
-  bool ref_span_set = false, profile_set = false, json = false;
+  bool json = false;
   auto fail = [&](const std::string& msg) {
     std::fprintf(stderr, "%s: %s\n", name, msg.c_str());
     return 2;
   };
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
-    if (a == "-h" || a == "--help") {
-      std::printf(kUsage, name);
-      return 0;
-    }
-    if (a == "--json") {
-      json = true;
-      continue;
-    }
-    if (a.rfind("--", 0) == 0) {
-      static const char* const kWithValue[] = {"--tokens", "--text",       "--separator", "--batch", "--micro-batch",
-                                               "--seq",    "--arm",        "--s",         "--ref-span",
-                                               "--profile-len", "--eps",   "--t-eps",     "--reduce"};
-      if (std::find(std::begin(kWithValue), std::end(kWithValue), a) == std::end(kWithValue)) {
-        return fail("unknown option " + a + " (see --help)");
-      }
-      const char* value_text = value();
-      if (value_text == nullptr) return fail("option " + a + " needs a value");
-      const std::string v = value_text;
-      // Integer options: the whole value, in range; the ranges that depend on T are checked
-      // by ProbeSettings::Validate.
-      auto integer = [&](int min, int* out) -> std::string {
-        int64_t n = 0;
-        if (ParseWholeInteger(v, &n) && n >= min && n <= INT_MAX) {
-          *out = static_cast<int>(n);
-          return "";
-        }
-        return a + (min > 0 ? " must be a positive integer" : " must be a non-negative integer") + ", got '" + v + "'";
-      };
-      std::string bad;
-      if (a == "--tokens") tokens_path = v;
-      else if (a == "--text") text_path = v;
-      else if (a == "--separator") separator = v;
-      else if (a == "--batch") bad = integer(1, &B);
-      else if (a == "--micro-batch") bad = integer(1, &micro_batch);
-      else if (a == "--seq") bad = integer(1, &T);
-      else if (a == "--arm") arm = v;
-      else if (a == "--s") bad = integer(0, &st.sink_position);
-      else if (a == "--ref-span") { bad = integer(1, &st.ref_span); ref_span_set = true; }
-      else if (a == "--profile-len") { bad = integer(1, &st.profile_len); profile_set = true; }
-      else if (a == "--eps") bad = ParseWholeNumber(v, &st.eps) ? "" : "--eps must be a number, got '" + v + "'";
-      else if (a == "--t-eps") bad = integer(1, &st.t_eps);
-      else if (a == "--reduce") {
-        if (v == "sum_then_norm") st.reduce = ReduceMode::kSumThenNorm;
-        else if (v == "norm_then_mean") st.reduce = ReduceMode::kNormThenMean;
-        else return fail("--reduce must be sum_then_norm or norm_then_mean, got " + v);
-      }
-      if (!bad.empty()) return fail(bad);
-    } else if (checkpoint.empty()) {
-      checkpoint = a;
-    } else {
-      return fail("unexpected argument " + a + " (see --help)");
-    }
-  }
-  if (checkpoint.empty()) return fail("a CHECKPOINT is required (see --help)");
+  CLI::App app(
+      "Runs the diagnostic pass (forward and backward, no update) on a checkpoint and prints the paper's per-layer "
+      "measurements (METRICS.md). The report's step is the checkpoint's (the optimisation steps it has completed); "
+      "a Hugging Face folder stores none, and its report says step 0.",
+      name);
+  app.add_option("CHECKPOINT", checkpoint,
+                 "a sinkscope checkpoint.bin, or a Hugging Face folder holding config.json and model.safetensors (or "
+                 "shards listed by model.safetensors.index.json): model_type llama, mistral, qwen2 or qwen3; V-scale "
+                 "theta under model.layers.{i}.self_attn.vscale_theta")
+      ->required();
+  app.add_option("--tokens", tokens_path, "llm.c token shard; sequence b is tokens [b*T, b*T+T], targets shifted by one")
+      ->type_name("SHARD");
+  app.add_option("--text", text_path, "a text file or folder, byte-level tokens, documents split by --separator")
+      ->type_name("PATH");
+  app.add_option("--separator", separator, "document separator line for --text")->default_val("%");
+  app.add_option("--batch", B, "sequences")->check(flags::Integer(1, INT_MAX))->default_val(8);
+  app.add_option("--micro-batch", micro_batch,
+                 "sequences per forward and backward (default: all at once); the report equals that of one pass over "
+                 "the batch. The pass prints its memory estimate, then its progress, on stderr")
+      ->check(flags::Integer(1, INT_MAX));
+  app.add_option("--seq", T, "tokens per sequence (default: the model's context)")->check(flags::Integer(1, INT_MAX));
+  app.add_option("--arm", arm, "baseline | vscale | vscale_backward_only (default: the checkpoint's)");
+  app.add_option("--s", st.sink_position, "sink position s, 0 <= s <= T_e")->check(flags::Integer(0, INT_MAX))
+      ->default_val(0);
+  auto* ref_span = app.add_option("--ref-span", st.ref_span, "T_e (default 31, clipped to T-1)")
+                       ->check(flags::Integer(1, INT_MAX));
+  auto* profile = app.add_option("--profile-len", st.profile_len, "P (default 64, clipped to T)")
+                      ->check(flags::Integer(1, INT_MAX));
+  app.add_option("--eps", st.eps, "sink threshold")->check(flags::Number(0, 1))->default_val(0.3);
+  app.add_option("--t-eps", st.t_eps, "sink window T_eps")->check(flags::Integer(1, 1 << 24))->default_val(64);
+  app.add_option("--reduce", reduce, "how per-sequence gradients are combined")
+      ->check(CLI::IsMember({"sum_then_norm", "norm_then_mean"}))
+      ->default_val("sum_then_norm");
+  app.add_flag("--json", json, "write the full report as JSON to stdout");
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  st.reduce = reduce == "norm_then_mean" ? ReduceMode::kNormThenMean : ReduceMode::kSumThenNorm;
+  const bool ref_span_set = ref_span->count() > 0, profile_set = profile->count() > 0;
   if (tokens_path.empty() == text_path.empty()) return fail("give exactly one of --tokens or --text");
-  if (B <= 0) return fail("--batch must be positive");
 
   auto backend = MakeCpuBackend();
   // No parameter gradients or optimizer state: a probe reads activation gradients only.

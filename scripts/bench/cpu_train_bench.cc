@@ -36,6 +36,7 @@
 #include "nlohmann/json.hpp"
 #include "data/data.h"
 #include "engine/backend.h"
+#include "base/flags.h"
 #include "base/rng.h"
 #include "training/checkpoint.h"
 #include "training/trainer.h"
@@ -397,52 +398,23 @@ StatusOr<ArmResult> RunArm(VScaleMode mode, const DataSplits& data, int warmup, 
   return r;
 }
 
-const char* kUsage =
-    "usage: sinkscope-bench-cpu [--steps N] [--warmup N] [--json] [--ops]\n"
-    "  --steps N   timed training steps per arm (default 20)\n"
-    "  --warmup N  untimed steps before them (default 3)\n"
-    "  --json      one JSON object on stdout instead of the table\n"
-    "  --ops       also print time per backend op and per Gemm shape\n"
-    "  --print-model  print the model config (as a checkpoint header holds it) and exit\n";
-
-bool ParseInt(const char* text, int* out) {
-  char* end = nullptr;
-  const long v = std::strtol(text, &end, 10);
-  if (end == text || *end != '\0' || v < 0 || v > 1000000) return false;
-  *out = static_cast<int>(v);
-  return true;
-}
-
 int Main(int argc, char** argv) {
   int steps = 20, warmup = 3;
-  bool json = false, show_ops = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if ((a == "--steps" || a == "--warmup") && i + 1 < argc) {
-      if (!ParseInt(argv[++i], a == "--steps" ? &steps : &warmup)) {
-        std::fprintf(stderr, "sinkscope-bench-cpu: %s needs a non-negative integer, got %s\n", a.c_str(), argv[i]);
-        return 2;
-      }
-    } else if (a == "--json") {
-      json = true;
-    } else if (a == "--ops") {
-      show_ops = true;
-    } else if (a == "--print-model") {
-      // The model this benchmark trains, as checkpoints record it (engine/config.h's
-      // list): tests compare it with examples/quickstart.yaml read by the schema.
-      std::printf("%s\n", ModelConfigToJson(QuickstartModel(VScaleMode::kNone)).dump().c_str());
-      return 0;
-    } else if (a == "--help" || a == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else {
-      std::fprintf(stderr, "sinkscope-bench-cpu: unknown argument %s\n%s", a.c_str(), kUsage);
-      return 2;
-    }
-  }
-  if (steps < 1) {
-    std::fprintf(stderr, "sinkscope-bench-cpu: --steps must be at least 1\n");
-    return 2;
+  bool json = false, show_ops = false, print_model = false;
+  CLI::App app("Training throughput of the CPU backend on the quickstart model beside this machine's sgemm rate "
+               "(scripts/bench/README.md).",
+               "sinkscope-bench-cpu");
+  app.add_option("--steps", steps, "timed training steps per arm")->check(flags::Integer(1, 1 << 20))->default_val(20);
+  app.add_option("--warmup", warmup, "untimed steps before them")->check(flags::Integer(0, 1 << 20))->default_val(3);
+  app.add_flag("--json", json, "one JSON object on stdout instead of the table");
+  app.add_flag("--ops", show_ops, "also print time per backend op and per Gemm shape");
+  app.add_flag("--print-model", print_model, "print the model config (as a checkpoint header holds it) and exit");
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  if (print_model) {
+    // The model this benchmark trains (engine/config.h's list): tests compare it with
+    // examples/quickstart.yaml read by the schema.
+    std::printf("%s\n", ModelConfigToJson(QuickstartModel(VScaleMode::kNone)).dump().c_str());
+    return 0;
   }
 
   // Synthetic data: uniform random bytes (the loss stays near ln 256; speed does not care).
