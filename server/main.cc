@@ -24,6 +24,7 @@
 #include "base/log.h"
 #include "server/coordinator.h"
 #include "server/services.h"
+#include "base/flags.h"
 #include "base/numbers.h"
 
 namespace sinkscope {
@@ -95,37 +96,6 @@ StatusOr<int> LockStore(const std::string& db) {
   return fd;
 }
 
-const char kUsage[] = R"(usage: sinkscope-coordinator [options]
-
-  --listen HOST:PORT          gRPC address (default 0.0.0.0:50051)
-  --metrics-listen HOST:PORT  Prometheus /metrics address (default 0.0.0.0:9464)
-  --db PATH                   SQLite store (default sinkscope.db)
-  --checkpoint-root DIR       run checkpoints, shared with every worker (default checkpoints)
-  --lease-seconds S           a run's lease lapses S seconds after its worker's last message (default 10)
-  --heartbeat-seconds S       heartbeat interval asked of workers (default 1)
-  --series-ttl-seconds S      drop Prometheus series of runs finished S seconds ago (default 600)
-  --no-check-data-paths       do not require data paths to exist on this machine
-  --max-run-gib G             refuse experiments whose runs need more than G GiB each (estimated:
-                              parameters, gradients, AdamW state, one micro-batch's activations;
-                              default: only what the connected workers report)
-  --verbose                   log info events, not only warnings and errors
-  --fault-store-read-only-when FILE
-                              fault injection (tests): the store takes no writes while FILE exists
-  -h, --help                  this text
-
-security (docs/security.md; secrets are read from files or the environment, never argv):
-  --tls-cert FILE             serve gRPC over TLS with this certificate (chain, PEM)...
-  --tls-key FILE              ...and its private key (PEM)
-  --tls-client-ca FILE        mutual TLS: require client certificates signed by this CA
-  --client-token-file FILE    ExperimentService (the CLI) requires `authorization: Bearer
-                              <token>` with the token in FILE (default: $SINKSCOPE_CLIENT_TOKEN)
-  --worker-token-file FILE    WorkerService (the workers) requires its own, different token
-                              (default: $SINKSCOPE_WORKER_TOKEN)
-  --metrics-basic-auth-file FILE
-                              /metrics requires HTTP basic auth with the "user:password" in FILE
-                              (default: $SINKSCOPE_METRICS_BASIC_AUTH)
-  The gRPC health service and reflection stay open to every caller (probes use them).
-)";
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
@@ -136,59 +106,68 @@ int Main(int argc, char** argv) {
   double ttl = 600;
   ServerTlsFiles tls;
   std::string client_token_file, worker_token_file, metrics_auth_file;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "sinkscope-coordinator: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    // A positive number of seconds, or exit 2 naming the option and the value.
-    auto seconds = [&]() -> double {
-      const std::string v = value();
-      double x = 0;
-      if (!ParseWholeNumber(v, &x) || !(x > 0)) {
-        std::fprintf(stderr, "sinkscope-coordinator: %s: '%s' is not a positive number of seconds\n", a.c_str(),
-                     v.c_str());
-        std::exit(2);
-      }
-      return x;
-    };
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (a == "--listen") listen = value();
-    else if (a == "--metrics-listen") metrics_listen = value();
-    else if (a == "--db") db = value();
-    else if (a == "--checkpoint-root") options.checkpoint_root = value();
-    else if (a == "--lease-seconds") options.lease_seconds = seconds();
-    else if (a == "--heartbeat-seconds") options.heartbeat_seconds = seconds();
-    else if (a == "--series-ttl-seconds") ttl = seconds();
-    else if (a == "--no-check-data-paths") options.check_data_paths = false;
-    else if (a == "--max-run-gib") {
-      const std::string v = value();
-      double gib = 0;
-      if (!ParseWholeNumber(v, &gib) || !(gib > 0) || gib > 1e9) {
-        std::fprintf(stderr, "sinkscope-coordinator: --max-run-gib: '%s' is not a positive number of GiB\n", v.c_str());
-        return 2;
-      }
-      options.max_run_bytes = static_cast<int64_t>(gib * 1024 * 1024 * 1024);
-    }
-    else if (a == "--verbose") MinLogLevel() = LogLevel::kInfo;
-    else if (a == "--fault-store-read-only-when") options.fault_store_read_only_when = value();
-    else if (a == "--tls-cert") tls.cert_file = value();
-    else if (a == "--tls-key") tls.key_file = value();
-    else if (a == "--tls-client-ca") tls.client_ca_file = value();
-    else if (a == "--client-token-file") client_token_file = value();
-    else if (a == "--worker-token-file") worker_token_file = value();
-    else if (a == "--metrics-basic-auth-file") metrics_auth_file = value();
-    else {
-      std::fprintf(stderr, "sinkscope-coordinator: unknown argument %s\n%s", a.c_str(), kUsage);
-      return 2;
-    }
-  }
+  bool verbose = false, no_check_data_paths = false;
+  double max_run_gib = 0;
+  CLI::App app(
+      "Schedules runs onto workers, stores everything in SQLite, serves ExperimentService and WorkerService over "
+      "gRPC (with the health service and reflection, open to every caller) and /metrics for Prometheus. Secrets are "
+      "read from files or the environment, never argv (docs/security.md).",
+      "sinkscope-coordinator");
+  app.add_option("--listen", listen, "gRPC address")->type_name("HOST:PORT")->envname("SINKSCOPE_LISTEN")
+      ->default_val(listen);
+  app.add_option("--metrics-listen", metrics_listen, "Prometheus /metrics address")
+      ->type_name("HOST:PORT")
+      ->envname("SINKSCOPE_METRICS_LISTEN")
+      ->default_val(metrics_listen);
+  app.add_option("--db", db, "SQLite store")->type_name("PATH")->envname("SINKSCOPE_DB")->check(flags::NonEmpty())
+      ->default_val(db);
+  app.add_option("--checkpoint-root", options.checkpoint_root, "run checkpoints, shared with every worker")
+      ->type_name("DIR")
+      ->envname("SINKSCOPE_CHECKPOINT_ROOT")
+      ->check(flags::NonEmpty())
+      ->default_val(options.checkpoint_root);
+  app.add_option("--lease-seconds", options.lease_seconds, "a run's lease lapses S seconds after its worker's last message")
+      ->check(flags::Number(0.001, 1e7))
+      ->default_val(options.lease_seconds);
+  app.add_option("--heartbeat-seconds", options.heartbeat_seconds, "heartbeat interval asked of workers")
+      ->check(flags::Number(0.001, 1e7))
+      ->default_val(options.heartbeat_seconds);
+  app.add_option("--series-ttl-seconds", ttl, "drop Prometheus series of runs finished S seconds ago")
+      ->check(flags::Number(0.001, 1e9))
+      ->default_val(ttl);
+  app.add_flag("--no-check-data-paths", no_check_data_paths, "do not require data paths to exist on this machine");
+  app.add_option("--max-run-gib", max_run_gib,
+                 "refuse experiments whose runs need more than G GiB each (estimated: parameters, gradients, AdamW "
+                 "state, one micro-batch's activations; default: only what the connected workers report)")
+      ->check(flags::Number(1e-9, 1e9));
+  app.add_flag("--verbose", verbose, "log info events, not only warnings and errors");
+  auto* security = app.add_option_group("security", "docs/security.md");
+  security->add_option("--tls-cert", tls.cert_file, "serve gRPC over TLS with this certificate (chain, PEM)...")
+      ->type_name("FILE");
+  security->add_option("--tls-key", tls.key_file, "...and its private key (PEM)")->type_name("FILE");
+  security->add_option("--tls-client-ca", tls.client_ca_file,
+                       "mutual TLS: require client certificates signed by this CA")
+      ->type_name("FILE");
+  security->add_option("--client-token-file", client_token_file,
+                       "ExperimentService (the CLI) requires `authorization: Bearer <token>` with the token in FILE "
+                       "(default: $SINKSCOPE_CLIENT_TOKEN)")
+      ->type_name("FILE");
+  security->add_option("--worker-token-file", worker_token_file,
+                       "WorkerService (the workers) requires its own, different token (default: "
+                       "$SINKSCOPE_WORKER_TOKEN)")
+      ->type_name("FILE");
+  security->add_option("--metrics-basic-auth-file", metrics_auth_file,
+                       "/metrics requires HTTP basic auth with the \"user:password\" in FILE (default: "
+                       "$SINKSCOPE_METRICS_BASIC_AUTH)")
+      ->type_name("FILE");
+  app.add_option("--fault-store-read-only-when", options.fault_store_read_only_when,
+                 "fault injection (tests): the store takes no writes while FILE exists")
+      ->type_name("FILE")
+      ->group("fault injection");
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  if (verbose) MinLogLevel() = LogLevel::kInfo;
+  if (no_check_data_paths) options.check_data_paths = false;
+  if (max_run_gib > 0) options.max_run_bytes = static_cast<int64_t>(max_run_gib * 1024 * 1024 * 1024);
   if (!(options.lease_seconds > 0) || !(options.heartbeat_seconds > 0) || options.heartbeat_seconds >= options.lease_seconds) {
     std::fprintf(stderr, "sinkscope-coordinator: --heartbeat-seconds (%g) must be less than --lease-seconds (%g)\n",
                  options.heartbeat_seconds, options.lease_seconds);
