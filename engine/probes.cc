@@ -1,5 +1,7 @@
 #include "engine/probes.h"
 
+#include <functional>
+
 #include <algorithm>
 #include <cmath>
 
@@ -220,6 +222,52 @@ void ProbeCollector::OnGradient(int layer, Site site, const float* grad, const f
     be.Axpy(diff, -1.0f, downstream, n);
     be.AccumulateTokenNormSum(site == Site::kHIn ? a.attn_g3_norm_sum : a.mlp_g3_norm_sum, diff, B, T, 1, C, K_);
   }
+}
+
+Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
+  const int W = comm.world_size(), rank = comm.rank();
+  if (W == 1) return OkStatus();
+  for (LayerAcc* a : acc_) {
+    for (int i = 0; i < kNumSites; ++i) {
+      RETURN_IF_ERROR(comm.AllReduceSum(a->sum[i], static_cast<size_t>(K_) * a->channels[i]));
+      RETURN_IF_ERROR(comm.AllReduceSum(a->norm_sum[i], K_));
+    }
+    RETURN_IF_ERROR(comm.AllReduceSum(a->attn_g3_norm_sum, K_));
+    RETURN_IF_ERROR(comm.AllReduceSum(a->mlp_g3_norm_sum, K_));
+    for (float* p : a->act_norm_sum) RETURN_IF_ERROR(comm.AllReduceSum(p, K_));
+    for (std::vector<double>* v : {&a->alpha, &a->mass, &a->second, &a->above}) {
+      RETURN_IF_ERROR(comm.AllReduceSum(v->data(), v->size()));
+    }
+    // The largest |h_out| values: each rank's top 3 with the top 1's place in the global
+    // batch (rank r holds rows r·rows … of every micro-batch of B = W·rows sequences).
+    const int64_t local = a->top1_seq;
+    const int64_t global_seq = (local / rows) * static_cast<int64_t>(rows) * W + rank * rows + local % rows;
+    double mine[6] = {a->top3[0], a->top3[1], a->top3[2], static_cast<double>(global_seq),
+                      static_cast<double>(a->top1_tok), static_cast<double>(a->top1_ch)};
+    std::vector<double> all(6 * static_cast<size_t>(W));
+    RETURN_IF_ERROR(comm.AllGather(mine, all.data(), sizeof mine));
+    std::vector<double> values;
+    int best = 0;
+    for (int r = 0; r < W; ++r) {
+      for (int k = 0; k < 3; ++k) values.push_back(all[6 * r + k]);
+      // The single rank's scan keeps the first of equal values: the lowest place wins ties.
+      const double v = all[6 * r], bv = all[6 * best];
+      if (v > bv || (v == bv && all[6 * r + 3] < all[6 * best + 3])) best = r;
+    }
+    std::sort(values.begin(), values.end(), std::greater<double>());
+    a->top3 = {values[0], values[1], values[2]};
+    a->top1_seq = static_cast<int64_t>(all[6 * best + 3]);
+    a->top1_tok = static_cast<int>(all[6 * best + 4]);
+    a->top1_ch = static_cast<int>(all[6 * best + 5]);
+    // Every |h_out| value, for the median (each rank holds the same count).
+    std::vector<float> gathered(a->abs_h_out.size() * W);
+    RETURN_IF_ERROR(comm.AllGather(a->abs_h_out.data(), gathered.data(), a->abs_h_out.size() * sizeof(float)));
+    a->abs_h_out = std::move(gathered);
+  }
+  double seqs = sequences_;
+  RETURN_IF_ERROR(comm.AllReduceSum(&seqs, 1));
+  sequences_ = static_cast<int>(seqs);
+  return OkStatus();
 }
 
 ProbeReport ProbeCollector::Finish(int64_t step, double loss) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/communicator.h"
 #include "engine/model.h"
 
 namespace sinkscope {
@@ -97,6 +98,10 @@ class ProbeCollector final : public PassObserver {
   void OnBlockForward(int layer, const BlockActivations& acts, int B, int T) override;
   void OnGradient(int layer, Site site, const float* grad, const float* downstream, int B, int T) override;
 
+  // Data parallelism: sums the accumulators over the ranks (and gathers the |h_out|
+  // values and the largest ones) so that every rank's Finish gives the report of the
+  // global batch. `rows`: this rank's sequences per micro-batch (B / world size).
+  Status ReduceAcross(Communicator& comm, int rows);
   // Finishes the reductions. `loss` is the probe batch's mean loss.
   ProbeReport Finish(int64_t step, double loss);
 

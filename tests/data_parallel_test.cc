@@ -69,6 +69,8 @@ RunLoopOptions Options(const std::string& dir, int64_t steps) {
   o.total_steps = steps;
   o.probe_every = 3;
   o.probe_batch = ProbeBatchKind::kHeldOut;
+  o.probe.ref_span = 7;  // within the context of 16
+  o.probe.profile_len = 16;
   o.eval_every = 3;
   o.checkpoint_every = 4;
   return o;
@@ -212,14 +214,58 @@ TEST(DataParallelTest, AWorldThatDoesNotDivideTheMicroBatchIsRefused) {
   }
 }
 
-TEST(DataParallelTest, StepBatchProbesOverSeveralRanksAreRefusedNamingTheSetting) {
-  const std::string dir = FreshDir("stepbatch");
-  RunLoopOptions o = Options(dir, 2);
-  o.probe_batch = ProbeBatchKind::kStepBatch;
-  Record rec;
-  for (const RunResult& r : RunGang(o, 2, &rec)) {
-    ASSERT_EQ(r.kind, RunResult::kError);
-    EXPECT_THAT(r.error.message(), HasSubstr("probe.batch STEP_BATCH is not supported over 2 ranks"));
+// The probe of the step's own global batch, measured by 2 and 4 ranks that each saw
+// their rows of it, is the one rank's report: every quantity, the location of the
+// largest activation included.
+TEST(DataParallelTest, StepBatchProbesAreTheReportOfTheGlobalBatch) {
+  const int64_t steps = 4;
+  auto options = [&](const std::string& dir) {
+    RunLoopOptions o = Options(dir, steps);
+    o.probe_batch = ProbeBatchKind::kStepBatch;
+    o.probe_every = 2;
+    return o;
+  };
+  Record one;
+  ASSERT_EQ(RunGang(options(FreshDir("sb1")), 1, &one)[0].kind, RunResult::kFinished);
+  ASSERT_FALSE(one.probes.empty());
+  auto near = [](double got, double want, double rel) { return std::abs(got - want) <= rel * std::abs(want) + 1e-12; };
+  for (int ranks : {2, 4}) {
+    Record rec;
+    for (const RunResult& r : RunGang(options(FreshDir("sb" + std::to_string(ranks))), ranks, &rec)) {
+      ASSERT_EQ(r.kind, RunResult::kFinished) << r.Describe();
+    }
+    ASSERT_EQ(rec.probes.size(), one.probes.size());
+    for (size_t p = 0; p < one.probes.size(); ++p) {
+      const ProbeReport &got = rec.probes[p], &want = one.probes[p];
+      EXPECT_EQ(got.step, want.step);
+      EXPECT_EQ(got.batch_sequences, want.batch_sequences);
+      EXPECT_TRUE(near(got.loss, want.loss, 1e-6));
+      EXPECT_TRUE(near(got.r_gs_median, want.r_gs_median, 1e-4)) << got.r_gs_median << " vs " << want.r_gs_median;
+      for (size_t l = 0; l < want.layers.size(); ++l) {
+        const LayerProbe &g = got.layers[l], &w = want.layers[l];
+        EXPECT_TRUE(near(g.r_gs, w.r_gs, 1e-4)) << ranks << " ranks, layer " << l;
+        for (const auto& [site, values] : w.grad_profile) {
+          for (size_t t = 0; t < values.size(); ++t) {
+            EXPECT_TRUE(near(g.grad_profile.at(site)[t], values[t], 1e-4)) << site << " t=" << t;
+          }
+        }
+        for (size_t h = 0; h < w.alpha.size(); ++h) {
+          EXPECT_TRUE(near(g.alpha[h], w.alpha[h], 1e-5));
+          EXPECT_TRUE(near(g.column_second_moment[h], w.column_second_moment[h], 1e-5));
+          EXPECT_EQ(g.per_sample_sink_fraction[h], w.per_sample_sink_fraction[h]);
+        }
+        EXPECT_EQ(g.sink_rate, w.sink_rate);
+        for (const auto& [name, values] : w.norms) {
+          for (size_t t = 0; t < values.size(); ++t) EXPECT_TRUE(near(g.norms.at(name)[t], values[t], 1e-5)) << name;
+        }
+        EXPECT_TRUE(near(g.massive.top3[0], w.massive.top3[0], 1e-5));
+        EXPECT_TRUE(near(g.massive.top3[2], w.massive.top3[2], 1e-5));
+        EXPECT_TRUE(near(g.massive.median, w.massive.median, 1e-5));
+        EXPECT_EQ(g.massive.top1_sequence, w.massive.top1_sequence) << ranks << " ranks, layer " << l;
+        EXPECT_EQ(g.massive.top1_token, w.massive.top1_token);
+        EXPECT_EQ(g.massive.top1_channel, w.massive.top1_channel);
+      }
+    }
   }
 }
 

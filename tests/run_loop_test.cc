@@ -67,6 +67,8 @@ RunLoopOptions Options(const std::string& dir, int64_t steps) {
   o.dir = dir;
   o.total_steps = steps;
   o.probe_every = 3;
+  o.probe.ref_span = 7;  // within the context of 16
+  o.probe.profile_len = 16;
   o.eval_every = 4;
   o.checkpoint_every = 5;
   return o;
@@ -295,6 +297,18 @@ TEST(RunLoopTest, StaleTemporaryFilesGoAndOthersStay) {
   EXPECT_THAT(rec.stale, ElementsAre(dir + "/checkpoint.bin.tmp.123.456"));
   EXPECT_FALSE(fs::exists(dir + "/checkpoint.bin.tmp.123.456"));
   EXPECT_TRUE(fs::exists(dir + "/notes.txt.tmp.1.2"));
+}
+
+TEST(RunLoopTest, ProbeSettingsBeyondTheContextAreRefusedBeforeTraining) {
+  auto backend = MakeCpuBackend();
+  ManualClock clock;
+  RunLoopOptions o = Options(FreshDir("badprobe"), 3);
+  o.probe.profile_len = 64;  // > context 16
+  Recorder rec;
+  const RunResult r = RunLoop(o, &Data(), backend.get(), &rec, &clock);
+  ASSERT_EQ(r.kind, RunResult::kError);
+  EXPECT_THAT(r.error.message(), HasSubstr("probe.profile_len"));
+  EXPECT_TRUE(rec.steps.empty());
 }
 
 TEST(RunLoopTest, CheckpointPastTheRunsStepsIsRefused) {

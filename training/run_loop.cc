@@ -80,10 +80,8 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     if (W == 1) return OkStatus();
     return comm->Broadcast(value, sizeof *value, 0);
   };
-  if (W > 1 && o.probe_every > 0 && o.probe_batch == ProbeBatchKind::kStepBatch) {
-    return fail(InvalidArgumentError(
-        "probe.batch STEP_BATCH is not supported over " + std::to_string(W) +
-        " ranks yet (its accumulators are not reduced across ranks); use HELD_OUT, which rank 0 measures"));
+  if (o.probe_every > 0) {
+    if (Status st = o.probe.Validate(o.trainer.model.context); !st.ok()) return fail(st);
   }
   std::error_code ec;
   if (owner) {

@@ -124,6 +124,14 @@ StepStats Trainer::ProbedStep(const ProbeSettings& settings, ProbeBatchKind kind
   if (kind == ProbeBatchKind::kStepBatch) {
     ProbeCollector collector(*model_, settings, T);
     StepStats s = Step(&collector);
+    if (world_size() > 1 && s.error.ok()) {
+      // Each rank saw its rows of the global batch: the report is of all of them.
+      if (Status st = collector.ReduceAcross(*options_.comm, options_.micro_batch / world_size()); !st.ok()) {
+        s.error = st;
+        s.finite = false;
+        return s;
+      }
+    }
     *report = collector.Finish(state_.step + (s.finite ? 0 : 1), s.loss);
     return s;
   }
