@@ -14,17 +14,6 @@
 #include <thread>
 
 namespace sinkscope {
-namespace {
-
-// Closes a FILE* on scope exit.
-struct FileCloser {
-  void operator()(std::FILE* f) const {
-    if (f != nullptr) std::fclose(f);
-  }
-};
-using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
-
-// Opens a regular file for reading and returns it with its size.
 StatusOr<FilePtr> OpenForRead(const std::string& path, const std::string& what, int64_t* size) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, what);
@@ -35,8 +24,6 @@ StatusOr<FilePtr> OpenForRead(const std::string& path, const std::string& what, 
   *size = static_cast<int64_t>(st.st_size);
   return f;
 }
-
-}  // namespace
 
 // "no such file or directory" and friends, lower-case like the rest of our messages.
 std::string ErrnoText(int err) {

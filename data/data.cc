@@ -29,26 +29,6 @@ namespace fs = std::filesystem;
 constexpr int kHeaderInts = 256;
 constexpr int64_t kHeaderBytes = kHeaderInts * sizeof(int32_t);
 
-// Closes a FILE* on scope exit.
-struct FileCloser {
-  void operator()(std::FILE* f) const {
-    if (f != nullptr) std::fclose(f);
-  }
-};
-using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
-
-// Opens a regular file for reading and returns it with its size.
-StatusOr<FilePtr> OpenForRead(const std::string& path, const std::string& what, int64_t* size) {
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, what);
-  if (S_ISDIR(st.st_mode)) return InvalidArgumentError(what + ": is a directory, expected a file");
-  if (!S_ISREG(st.st_mode)) return InvalidArgumentError(what + ": not a regular file");
-  FilePtr f(std::fopen(path.c_str(), "rb"));
-  if (f == nullptr) return ErrnoStatus(errno, what, "cannot open");
-  *size = static_cast<int64_t>(st.st_size);
-  return f;
-}
-
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }

@@ -15,6 +15,7 @@
 
 #include "training/checkpoint.h"
 #include "training/run_loop.h"
+#include "tests/synthetic_data.h"
 
 namespace sinkscope {
 namespace {
@@ -23,16 +24,6 @@ using ::testing::ElementsAre;
 using ::testing::ElementsAreArray;
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
-
-DataSplits Synthetic(int n) {
-  std::vector<int32_t> tokens(n);
-  for (int i = 0; i < n; ++i) tokens[i] = (i * 7 + i / 13) % 50;
-  DataSplits d;
-  d.train = TokenStream(std::vector<int32_t>(tokens.begin(), tokens.begin() + n * 9 / 10));
-  d.val = TokenStream(std::vector<int32_t>(tokens.begin() + n * 9 / 10, tokens.end()));
-  d.max_token = 49;
-  return d;
-}
 
 const DataSplits& Data() {
   static const DataSplits d = Synthetic(6000);

@@ -14,6 +14,7 @@
 #include "training/hf.h"
 #include "training/probe_command.h"
 #include "training/trainer.h"
+#include "tests/synthetic_data.h"
 
 namespace sinkscope {
 namespace {
@@ -58,16 +59,6 @@ const DataSplits& Fortunes() {
     return empty;
   }
   return *data;
-}
-
-DataSplits Synthetic(int n) {
-  std::vector<int32_t> tokens(n);
-  for (int i = 0; i < n; ++i) tokens[i] = (i * 7 + i / 13) % 50;
-  DataSplits d;
-  d.train = TokenStream(std::vector<int32_t>(tokens.begin(), tokens.begin() + n * 9 / 10));
-  d.val = TokenStream(std::vector<int32_t>(tokens.begin() + n * 9 / 10, tokens.end()));
-  d.max_token = 49;
-  return d;
 }
 
 TEST(TrainerTest, ValidationLossFallsWellBelowUnigramEntropyOnFortunes) {
