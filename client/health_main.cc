@@ -25,25 +25,11 @@
 #include <string>
 #include <vector>
 
+#include "base/flags.h"
+
 namespace sinkscope {
 namespace {
 
-const char kUsage[] = R"(usage: sinkscope-health [--address HOST:PORT] [--service NAME] [--timeout SECONDS] [TLS options]
-
-Calls grpc.health.v1.Health/Check on the server and exits 0 when it answers SERVING.
-
-  --address HOST:PORT      the server (default 127.0.0.1:50051)
-  --service NAME           the service to ask about (default "": the whole server)
-  --timeout SECONDS        deadline of the call (default 3)
-  --tls-ca FILE            connect over TLS, trusting this CA (PEM)
-  --tls-cert FILE          mutual TLS: this client certificate (PEM)...
-  --tls-key FILE           ...and its private key (PEM)
-  --tls-server-name NAME   the name the server's certificate must carry, when it is not
-                           the host of --address (e.g. 127.0.0.1 inside a container)
-  -h, --help               this text
-
-exit status: 0 SERVING, 1 any other answer or no answer, 2 usage error.
-)";
 
 constexpr int kExitServing = 0;
 constexpr int kExitNotServing = 1;
@@ -137,49 +123,22 @@ const char* StatusName(uint64_t status) {
 int Main(int argc, char** argv) {
   std::string address = "127.0.0.1:50051", service, tls_ca, tls_cert, tls_key, tls_server_name;
   double timeout_seconds = 3;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::optional<std::string> {
-      if (i + 1 >= argc) return std::nullopt;
-      return std::string(argv[++i]);
-    };
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return kExitServing;
-    }
-    std::optional<std::string> v;
-    if (a == "--address" || a == "--service" || a == "--timeout" || a == "--tls-ca" || a == "--tls-cert" ||
-        a == "--tls-key" || a == "--tls-server-name") {
-      v = value();
-      if (!v) {
-        std::fprintf(stderr, "sinkscope-health: %s needs a value\n%s", a.c_str(), kUsage);
-        return kExitUsage;
-      }
-    }
-    if (a == "--address") {
-      address = *v;
-    } else if (a == "--service") {
-      service = *v;
-    } else if (a == "--tls-ca") {
-      tls_ca = *v;
-    } else if (a == "--tls-cert") {
-      tls_cert = *v;
-    } else if (a == "--tls-key") {
-      tls_key = *v;
-    } else if (a == "--tls-server-name") {
-      tls_server_name = *v;
-    } else if (a == "--timeout") {
-      char* end = nullptr;
-      timeout_seconds = std::strtod(v->c_str(), &end);
-      if (v->empty() || *end != '\0' || !(timeout_seconds > 0)) {
-        std::fprintf(stderr, "sinkscope-health: --timeout must be a positive number of seconds, got %s\n", v->c_str());
-        return kExitUsage;
-      }
-    } else {
-      std::fprintf(stderr, "sinkscope-health: unknown argument %s\n%s", a.c_str(), kUsage);
-      return kExitUsage;
-    }
-  }
+  CLI::App app("Calls grpc.health.v1.Health/Check on the server and exits 0 when it answers SERVING; 1 for any "
+               "other answer or none, 2 for a usage error.",
+               "sinkscope-health");
+  app.add_option("--address", address, "the server")->type_name("HOST:PORT")->default_val(address);
+  app.add_option("--service", service, "the service to ask about (default \"\": the whole server)");
+  app.add_option("--timeout", timeout_seconds, "deadline of the call, seconds")
+      ->check(flags::Number(0.001, 3600))
+      ->default_val(3);
+  app.add_option("--tls-ca", tls_ca, "connect over TLS, trusting this CA (PEM)")->type_name("FILE");
+  app.add_option("--tls-cert", tls_cert, "mutual TLS: this client certificate (PEM)...")->type_name("FILE");
+  app.add_option("--tls-key", tls_key, "...and its private key (PEM)")->type_name("FILE");
+  app.add_option("--tls-server-name", tls_server_name,
+                 "the name the server's certificate must carry, when it is not the host of --address (e.g. "
+                 "127.0.0.1 inside a container)")
+      ->type_name("NAME");
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
 
   if (tls_cert.empty() != tls_key.empty()) {
     std::fprintf(stderr, "sinkscope-health: --tls-cert and --tls-key go together\n");

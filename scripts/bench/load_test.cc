@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/flags.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
 
 namespace sinkscope {
@@ -36,22 +37,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-const char kUsage[] = R"(usage: sinkscope-load-test --coordinator HOST:PORT --data PATH [options]
-
-Simulated workers streaming progress and probe reports into a coordinator; prints the
-ingest rate, send->stored latency, the coordinator's peak memory and the count lost.
-
-  --coordinator HOST:PORT   the coordinator (required)
-  --data PATH               a text file the coordinator can read, for the experiment (required)
-  --workers N               simulated workers, one run each (default 200)
-  --seconds S               how long they stream (default 30)
-  --hz H                    Progress messages per second per worker (default 10)
-  --probe-every K           a probe report every K steps (default 10)
-  --layers L                layers per probe report (default 4)
-  --db PATH                 count what was stored in this SQLite file (default: ask GetRunMetrics)
-  --coordinator-pid PID     read the coordinator's peak memory and CPU time from /proc
-  --name NAME               experiment name (default load)
-)";
 
 struct Options {
   std::string coordinator, data, db, name = "load";
@@ -319,48 +304,26 @@ bool CountInDb(const std::string& db, const std::string& run_id, int64_t* steps,
 
 int Main(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "sinkscope-load-test: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else if (a == "--coordinator")
-      o.coordinator = value();
-    else if (a == "--data")
-      o.data = value();
-    else if (a == "--workers")
-      o.workers = std::atoi(value().c_str());
-    else if (a == "--seconds")
-      o.seconds = std::atof(value().c_str());
-    else if (a == "--hz")
-      o.hz = std::atoi(value().c_str());
-    else if (a == "--probe-every")
-      o.probe_every = std::atoi(value().c_str());
-    else if (a == "--layers")
-      o.layers = std::atoi(value().c_str());
-    else if (a == "--db")
-      o.db = value();
-    else if (a == "--coordinator-pid")
-      o.pid = std::atoi(value().c_str());
-    else if (a == "--name")
-      o.name = value();
-    else {
-      std::fprintf(stderr, "sinkscope-load-test: unknown argument %s\n%s", a.c_str(), kUsage);
-      return 2;
-    }
-  }
-  if (o.coordinator.empty() || o.data.empty() || o.workers <= 0 || o.hz <= 0 || o.probe_every <= 0 || o.seconds <= 0 ||
-      o.layers <= 0 || o.layers > 64) {
-    std::fprintf(stderr, "sinkscope-load-test: need --coordinator, --data and positive sizes\n%s", kUsage);
-    return 2;
-  }
+  CLI::App app("Simulated workers streaming progress and probe reports into a coordinator; prints the ingest rate, "
+               "send->stored latency, the coordinator's peak memory and the count lost.",
+               "sinkscope-load-test");
+  app.add_option("--coordinator", o.coordinator, "the coordinator")->required()->type_name("HOST:PORT");
+  app.add_option("--data", o.data, "a text file the coordinator can read, for the experiment")->required();
+  app.add_option("--workers", o.workers, "simulated workers, one run each")->check(flags::Integer(1, 100000))
+      ->default_val(o.workers);
+  app.add_option("--seconds", o.seconds, "how long they stream")->check(flags::Number(0.001, 86400))
+      ->default_val(o.seconds);
+  app.add_option("--hz", o.hz, "Progress messages per second per worker")->check(flags::Integer(1, 100000))
+      ->default_val(o.hz);
+  app.add_option("--probe-every", o.probe_every, "a probe report every K steps")->check(flags::Integer(1, 1 << 30))
+      ->default_val(o.probe_every);
+  app.add_option("--layers", o.layers, "layers per probe report")->check(flags::Integer(1, 64))
+      ->default_val(o.layers);
+  app.add_option("--db", o.db, "count what was stored in this SQLite file (default: ask GetRunMetrics)");
+  app.add_option("--coordinator-pid", o.pid, "read the coordinator's peak memory and CPU time from /proc")
+      ->check(flags::Integer(1, INT32_MAX));
+  app.add_option("--name", o.name, "experiment name")->default_val(o.name);
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
 
   // One run per simulated worker: a single arm, one seed each, in experiments of at most
   // the coordinator's 256 runs.
