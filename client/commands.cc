@@ -36,68 +36,11 @@ using Stub = v1::ExperimentService::Stub;
 
 // ---- arguments ------------------------------------------------------------------------------
 
-// A command's own arguments: positionals, flags with a value (`--step 3`, `--step=3`) and
-// switches (`--watch`).
-struct Args {
-  std::vector<std::string> positional;
-  std::map<std::string, std::string> values;
-  std::set<std::string> switches;
-  bool help = false;
-  std::string error;  // set when an argument is not understood
-};
-
-Args ParseArgs(const std::vector<std::string>& argv, const std::set<std::string>& value_flags,
-               const std::set<std::string>& switch_flags) {
-  Args a;
-  for (size_t i = 0; i < argv.size(); ++i) {
-    const std::string& arg = argv[i];
-    if (arg == "-h" || arg == "--help") {
-      a.help = true;
-    } else if (arg.size() > 1 && arg[0] == '-') {
-      const size_t eq = arg.find('=');
-      const std::string flag = arg.substr(0, eq);
-      if (value_flags.count(flag)) {
-        if (eq != std::string::npos) {
-          a.values[flag] = arg.substr(eq + 1);
-        } else if (i + 1 < argv.size()) {
-          a.values[flag] = argv[++i];
-        } else {
-          a.error = "option " + flag + " needs a value";
-          return a;
-        }
-      } else if (switch_flags.count(arg)) {
-        a.switches.insert(arg);
-      } else {
-        a.error = "unknown option " + arg;
-        return a;
-      }
-    } else {
-      a.positional.push_back(arg);
-    }
-  }
-  return a;
-}
-
 int UsageError(const char* command, const std::string& message) {
   std::fprintf(stderr, "sinkscope %s: %s (see sinkscope %s --help)\n", command, message.c_str(), command);
   return kExitUsage;
 }
 
-// Parses the arguments of `command` expecting exactly `positionals` of them; prints its
-// usage for --help. Returns an exit code when the command should stop here.
-std::optional<int> Prepare(const char* command, const std::vector<std::string>& argv,
-                           const std::set<std::string>& value_flags, const std::set<std::string>& switch_flags,
-                           size_t positionals, const char* what, Args* out) {
-  *out = ParseArgs(argv, value_flags, switch_flags);
-  if (out->help) {
-    std::fputs(FindCommand(command)->usage, stdout);
-    return kExitOk;
-  }
-  if (!out->error.empty()) return UsageError(command, out->error);
-  if (out->positional.size() < positionals) return UsageError(command, std::string(what) + " is required");
-  if (out->positional.size() > positionals) return UsageError(command, "unexpected argument " + out->positional.back());
-  return std::nullopt;
-}
 
 // ---- the coordinator --------------------------------------------------------------------------
 
@@ -349,9 +292,7 @@ void MakeDataPathsAbsolute(v1::Experiment& e) {
   }
 }
 
-int Submit(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("submit", argv, {}, {"--watch"}, 1, "an experiment FILE", &args)) return *exit;
+int Submit(const GlobalOptions& options, const Args& args) {
   const std::string& file = args.positional[0];
   auto experiment = LoadExperimentFile(file);
   if (!experiment.ok()) {
@@ -396,14 +337,12 @@ int Submit(const GlobalOptions& options, const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
-int List(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("list", argv, {"--limit"}, {}, 0, "", &args)) return *exit;
+int List(const GlobalOptions& options, const Args& args) {
   v1::ListExperimentsRequest request;
   if (args.values.count("--limit")) {
     int64_t limit = 0;
-    if (!ParseWholeInteger(args.values["--limit"], &limit) || limit <= 0 || limit > INT32_MAX) {
-      return UsageError("list", "--limit must be a positive integer, got " + args.values["--limit"]);
+    if (!ParseWholeInteger(args.values.at("--limit"), &limit) || limit <= 0 || limit > INT32_MAX) {
+      return UsageError("list", "--limit must be a positive integer, got " + args.values.at("--limit"));
     }
     request.set_limit(static_cast<int32_t>(limit));
   }
@@ -421,9 +360,7 @@ int List(const GlobalOptions& options, const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
-int StatusCommand(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("status", argv, {}, {}, 1, "an experiment ID", &args)) return *exit;
+int StatusCommand(const GlobalOptions& options, const Args& args) {
   Coordinator coordinator(options);
   v1::GetExperimentRequest request;
   request.set_experiment_id(args.positional[0]);
@@ -440,16 +377,12 @@ int StatusCommand(const GlobalOptions& options, const std::vector<std::string>& 
   return kExitOk;
 }
 
-int WatchCommand(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("watch", argv, {}, {}, 1, "an experiment ID", &args)) return *exit;
+int WatchCommand(const GlobalOptions& options, const Args& args) {
   Coordinator coordinator(options);
   return Watch(options, coordinator, args.positional[0]);
 }
 
-int Cancel(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("cancel", argv, {}, {}, 1, "an experiment ID", &args)) return *exit;
+int Cancel(const GlobalOptions& options, const Args& args) {
   Coordinator coordinator(options);
   v1::CancelExperimentRequest request;
   request.set_experiment_id(args.positional[0]);
@@ -466,15 +399,13 @@ int Cancel(const GlobalOptions& options, const std::vector<std::string>& argv) {
   return kExitOk;
 }
 
-int Compare(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("compare", argv, {"--step"}, {}, 1, "an experiment ID", &args)) return *exit;
+int Compare(const GlobalOptions& options, const Args& args) {
   v1::CompareArmsRequest request;
   request.set_experiment_id(args.positional[0]);
   if (args.values.count("--step")) {
     int64_t step = 0;
-    if (!ParseWholeInteger(args.values["--step"], &step) || step < 0) {
-      return UsageError("compare", "--step must be a non-negative integer, got " + args.values["--step"]);
+    if (!ParseWholeInteger(args.values.at("--step"), &step) || step < 0) {
+      return UsageError("compare", "--step must be a non-negative integer, got " + args.values.at("--step"));
     }
     request.set_step(step);
   }
@@ -513,12 +444,10 @@ bool WriteFile(const std::string& path, const std::string& text) {
   return true;
 }
 
-int Export(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
-  if (auto exit = Prepare("export", argv, {"--format", "--out"}, {}, 1, "an experiment ID", &args)) return *exit;
-  const std::string format = args.values.count("--format") ? args.values["--format"] : "csv";
+int Export(const GlobalOptions& options, const Args& args) {
+  const std::string format = args.values.count("--format") ? args.values.at("--format") : "csv";
   if (format != "csv" && format != "jsonl") return UsageError("export", "--format must be csv or jsonl, got " + format);
-  const std::string out_path = args.values.count("--out") ? args.values["--out"] : "";
+  const std::string out_path = args.values.count("--out") ? args.values.at("--out") : "";
 
   Coordinator coordinator(options);
   v1::GetExperimentRequest get;
@@ -574,31 +503,29 @@ int FetchExperiment(const GlobalOptions& options, const std::string& id, report:
 int WriteReportOf(const std::string& id, const report::ReportInput& input, const report::ReportOptions& ro,
                   const std::string& out);
 
-int ReportCommand(const GlobalOptions& options, const std::vector<std::string>& argv) {
-  Args args;
+int ReportCommand(const GlobalOptions& options, const Args& args) {
   // With --probe FILE the figures come from one probe written by `sinkscope probe --json`
   // (a pretrained model, say), not from a coordinator: no experiment ID then.
-  const bool from_probe = std::any_of(
-      argv.begin(), argv.end(), [](const std::string& a) { return a == "--probe" || a.rfind("--probe=", 0) == 0; });
-  if (auto exit = Prepare("report", argv, {"--step", "--layer", "--arms", "--out", "--probe", "--label"}, {},
-                          from_probe ? 0 : 1, from_probe ? "nothing but --probe FILE" : "an experiment ID", &args)) {
-    return *exit;
+  const bool from_probe = args.values.count("--probe") > 0;
+  if (!from_probe && args.positional.empty()) return UsageError("report", "an experiment ID is required");
+  if (from_probe && !args.positional.empty()) {
+    return UsageError("report", "nothing but --probe FILE, got " + args.positional[0]);
   }
   report::ReportOptions ro;
   if (args.values.count("--step")) {
-    if (!ParseWholeInteger(args.values["--step"], &ro.step) || ro.step <= 0) {
-      return UsageError("report", "--step must be a positive integer, got " + args.values["--step"]);
+    if (!ParseWholeInteger(args.values.at("--step"), &ro.step) || ro.step <= 0) {
+      return UsageError("report", "--step must be a positive integer, got " + args.values.at("--step"));
     }
   }
   if (args.values.count("--layer")) {
     int64_t layer = 0;
-    if (!ParseWholeInteger(args.values["--layer"], &layer) || layer < 0 || layer > INT32_MAX) {
-      return UsageError("report", "--layer must be a non-negative integer, got " + args.values["--layer"]);
+    if (!ParseWholeInteger(args.values.at("--layer"), &layer) || layer < 0 || layer > INT32_MAX) {
+      return UsageError("report", "--layer must be a non-negative integer, got " + args.values.at("--layer"));
     }
     ro.layer = static_cast<int>(layer);
   }
   if (args.values.count("--arms")) {
-    std::stringstream list(args.values["--arms"]);
+    std::stringstream list(args.values.at("--arms"));
     for (std::string arm; std::getline(list, arm, ',');) {
       if (!arm.empty()) ro.arms.push_back(arm);
     }
@@ -607,8 +534,8 @@ int ReportCommand(const GlobalOptions& options, const std::vector<std::string>& 
   report::ReportInput input;
   std::string id;
   if (from_probe) {
-    const std::string file = args.values["--probe"];
-    id = args.values.count("--label") ? args.values["--label"] : std::filesystem::path(file).stem().string();
+    const std::string file = args.values.at("--probe");
+    id = args.values.count("--label") ? args.values.at("--label") : std::filesystem::path(file).stem().string();
     StatusOr<report::ReportInput> read = report::ReadProbeJson(file, id);
     if (!read.ok()) {
       std::fprintf(stderr, "sinkscope report: %s\n", read.status().message().c_str());
@@ -618,7 +545,7 @@ int ReportCommand(const GlobalOptions& options, const std::vector<std::string>& 
   } else {
     id = args.positional[0];
   }
-  const std::string out = args.values.count("--out") ? args.values["--out"] : "report-" + id;
+  const std::string out = args.values.count("--out") ? args.values.at("--out") : "report-" + id;
   if (!from_probe) {
     if (int exit = FetchExperiment(options, id, &input); exit != kExitOk) return exit;
   }
@@ -840,18 +767,21 @@ std::string LowerCamel(const std::string& name) {
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command> commands = {
-      {"submit", "FILE [--watch]", "validate an experiment file and queue its runs", kSubmitUsage, Submit},
-      {"list", "[--limit N]", "experiments, most recent first", kListUsage, List},
+      {"submit", "FILE [--watch]", "validate an experiment file and queue its runs", kSubmitUsage, Submit, {},
+       {"--watch"}, 1, 1, "an experiment FILE"},
+      {"list", "[--limit N]", "experiments, most recent first", kListUsage, List, {"--limit"}, {}, 0, 0, ""},
       {"status", "ID", "an experiment's runs: state, step, losses, tok/s, worker, failures", kStatusUsage,
-       StatusCommand},
-      {"watch", "ID", "follow an experiment live until it ends: progress, ETA, probes", kWatchUsage, WatchCommand},
-      {"cancel", "ID", "cancel every queued or running run", kCancelUsage, Cancel},
-      {"compare", "ID [--step N]", "the arms side by side per layer, mean ± std over seeds", kCompareUsage, Compare},
+       StatusCommand, {}, {}, 1, 1, "an experiment ID"},
+      {"watch", "ID", "follow an experiment live until it ends: progress, ETA, probes", kWatchUsage, WatchCommand, {},
+       {}, 1, 1, "an experiment ID"},
+      {"cancel", "ID", "cancel every queued or running run", kCancelUsage, Cancel, {}, {}, 1, 1, "an experiment ID"},
+      {"compare", "ID [--step N]", "the arms side by side per layer, mean ± std over seeds", kCompareUsage, Compare,
+       {"--step"}, {}, 1, 1, "an experiment ID"},
       {"export", "ID [--format csv|jsonl] [--out FILE]", "every stored step metric and probe report", kExportUsage,
-       Export},
+       Export, {"--format", "--out"}, {}, 1, 1, "an experiment ID"},
       {"report", "ID | --probe FILE [--out DIR]", "the paper's figures (PNG, SVG, data, index.html)", kReportUsage,
-       ReportCommand},
-      // Dispatched by main to ProbeCommand, which has its own usage.
+       ReportCommand, {"--step", "--layer", "--arms", "--out", "--probe", "--label"}, {}, 0, 1, "an experiment ID"},
+      // Dispatched by main to ProbeCommand: every argument after it is sinkscope-probe's.
       {"probe", "CHECKPOINT ...", "the diagnostic pass on a checkpoint, locally (no coordinator)", nullptr, nullptr},
   };
   return commands;
@@ -871,8 +801,14 @@ int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
   std::error_code ec;
   const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (!ec) {
-    const std::filesystem::path beside = self.parent_path() / "sinkscope-probe";
-    if (::access(beside.c_str(), X_OK) == 0) tool = beside.string();
+    // Installed side by side, or in a build tree (client/ beside tools/).
+    for (const std::filesystem::path& p : {self.parent_path() / "sinkscope-probe",
+                                           self.parent_path().parent_path() / "tools" / "sinkscope-probe"}) {
+      if (::access(p.c_str(), X_OK) == 0) {
+        tool = p.string();
+        break;
+      }
+    }
   }
   std::string name = "sinkscope probe";
   std::string json = "--json";

@@ -3,6 +3,8 @@
 // stderr, and returns the process exit code.
 #pragma once
 
+#include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -33,13 +35,24 @@ struct GlobalOptions {
   std::string token_source;  // where it came from, for messages ("--token-file /x"); never the token
 };
 
+// A command's own arguments as main parsed them (CLI11, from the Command's table entry).
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> values;  // flags with a value: "--step" → "3"
+  std::set<std::string> switches;             // flags without one: "--watch"
+};
+
 struct Command {
   const char* name;
   const char* synopsis;  // arguments after the name, for the overview
   const char* summary;   // one line, for the overview
-  const char* usage;     // `sinkscope NAME --help`; nullptr for probe
+  const char* usage;     // the longer text of `sinkscope NAME --help`; nullptr for probe
   // nullptr for probe, whose arguments are RunProbeCommand's (ProbeCommand below).
-  int (*run)(const GlobalOptions& options, const std::vector<std::string>& args);
+  int (*run)(const GlobalOptions& options, const Args& args);
+  std::vector<std::string> value_flags = {}, switches = {};
+  // Positionals: at least min, at most max; `what` names them when missing.
+  size_t min_positionals = 0, max_positionals = 0;
+  const char* what = "";
 };
 
 // Every command, in the order the overview lists them, and one by name (nullptr if none).

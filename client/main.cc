@@ -4,48 +4,24 @@
 // rest to the command (client/commands.h).
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
+#include "base/flags.h"
 #include "client/commands.h"
 
 namespace sinkscope::cli {
 namespace {
 
-void PrintOverview(FILE* out) {
-  std::fputs(
-      "usage: sinkscope [--coordinator HOST:PORT] [--timeout SECONDS] [--json] [security options] COMMAND [ARGS]\n"
-      "\n"
-      "Submit, follow, compare and export sinkscope experiments on the coordinator.\n"
-      "\n"
-      "commands:\n",
-      out);
-  for (const Command& c : Commands()) {
-    const std::string call = std::string(c.name) + " " + c.synopsis;
-    std::fprintf(out, "  %-44s %s\n", call.c_str(), c.summary);
-  }
-  std::fputs(
-      "\n"
-      "global options (before or after the command; for probe, before it):\n"
-      "  --coordinator HOST:PORT   the coordinator (default $SINKSCOPE_COORDINATOR, else 127.0.0.1:50051)\n"
-      "  --timeout SECONDS         deadline of every unary call (default 10)\n"
-      "  --json                    print the response messages as JSON (protobuf's JSON mapping)\n"
-      "  -h, --help                this text; sinkscope COMMAND --help for a command's own\n"
-      "\n"
-      "security options (docs/security.md):\n"
-      "  --tls                     connect over TLS, verifying the coordinator against the system CAs\n"
-      "  --tls-ca FILE             connect over TLS, verifying the coordinator with this CA bundle (PEM)\n"
-      "  --tls-cert FILE           client certificate (PEM) for mutual TLS, with --tls-key FILE\n"
-      "  --tls-key FILE            its private key (PEM)\n"
-      "  --tls-server-name NAME    expect NAME in the coordinator's certificate (default: the host)\n"
-      "  --token-file FILE         send the client token in FILE as `authorization: Bearer <token>`\n"
-      "                            (default: the file $SINKSCOPE_TOKEN_FILE, else $SINKSCOPE_TOKEN)\n"
-      "\n"
-      "exit status: 0 ok, 1 the coordinator answered with an error, 2 usage or validation\n"
-      "error, 3 the coordinator cannot be reached, 4 the coordinator rejected the credentials\n"
-      "(UNAUTHENTICATED: a missing or wrong token) or the TLS handshake failed.\n",
-      out);
-}
+const char kFooter[] = R"(
+Global options go before or after the command (for probe, before it). Security
+(docs/security.md): the token comes from --token-file, else the file $SINKSCOPE_TOKEN_FILE,
+else $SINKSCOPE_TOKEN. sinkscope COMMAND --help describes a command.
+
+exit status: 0 ok, 1 the coordinator answered with an error, 2 usage or validation
+error, 3 the coordinator cannot be reached, 4 the coordinator rejected the credentials
+(UNAUTHENTICATED: a missing or wrong token) or the TLS handshake failed.)";
 
 // Reads the token and the TLS files the options name into `options`; the messages name
 // files and variables, never their content.
@@ -74,96 +50,64 @@ int LoadCredentials(GlobalOptions* options) {
 
 int Main(int argc, char** argv) {
   GlobalOptions options;
-  if (const char* env = std::getenv("SINKSCOPE_COORDINATOR"); env != nullptr && *env != '\0') {
-    options.coordinator = env;
-  }
-  std::string command;
-  std::vector<std::string> args;
-  bool help = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (command == "probe") {  // every argument after `probe` is its own
-      args.push_back(a);
+  CLI::App app("Submit, follow, compare and export sinkscope experiments on the coordinator.", "sinkscope");
+  app.footer(kFooter);
+  app.require_subcommand(1);
+  app.add_option("--coordinator", options.coordinator, "the coordinator")
+      ->envname("SINKSCOPE_COORDINATOR")
+      ->check(flags::NonEmpty())
+      ->type_name("HOST:PORT")
+      ->default_val(options.coordinator);
+  app.add_option("--timeout", options.timeout_seconds, "deadline of every unary call, seconds")
+      ->check(flags::Number(0.001, 1e7))
+      ->default_val(options.timeout_seconds);
+  app.add_flag("--json", options.json, "print the response messages as JSON (protobuf's JSON mapping)");
+  app.add_flag("--tls", options.tls.tls, "connect over TLS, verifying the coordinator against the system CAs");
+  app.add_option("--tls-ca", options.tls.ca_file, "connect over TLS, verifying the coordinator with this CA (PEM)")
+      ->check(flags::NonEmpty())
+      ->type_name("FILE");
+  app.add_option("--tls-cert", options.tls.cert_file, "client certificate (PEM) for mutual TLS, with --tls-key")
+      ->check(flags::NonEmpty())
+      ->type_name("FILE");
+  app.add_option("--tls-key", options.tls.key_file, "its private key (PEM)")->check(flags::NonEmpty())->type_name("FILE");
+  app.add_option("--tls-server-name", options.tls.server_name, "expect NAME in the coordinator's certificate")
+      ->check(flags::NonEmpty())
+      ->type_name("NAME");
+  app.add_option("--token-file", options.token_file, "send the client token in FILE as `authorization: Bearer`")
+      ->check(flags::NonEmpty())
+      ->type_name("FILE");
+  // Each command from its table entry; global options may follow it (fallthrough).
+  std::map<std::string, Args> parsed;
+  for (const Command& c : Commands()) {
+    CLI::App* sub = app.add_subcommand(c.name, c.summary);
+    if (c.run == nullptr) {  // probe: everything after it is sinkscope-probe's, --help included
+      sub->prefix_command();
+      sub->set_help_flag();
       continue;
     }
-    const size_t eq = a.find('=');
-    const std::string flag = a.rfind("--", 0) == 0 ? a.substr(0, eq) : a;
-    if (flag == "--coordinator" || flag == "--timeout" || flag == "--tls-ca" || flag == "--tls-cert" ||
-        flag == "--tls-key" || flag == "--tls-server-name" || flag == "--token-file") {
-      std::string value;
-      if (eq != std::string::npos) {
-        value = a.substr(eq + 1);
-      } else if (i + 1 < argc) {
-        value = argv[++i];
-      } else {
-        std::fprintf(stderr, "sinkscope: option %s needs a value (see sinkscope --help)\n", flag.c_str());
-        return kExitUsage;
-      }
-      if (flag == "--coordinator" && value.empty()) {
-        std::fprintf(stderr, "sinkscope: --coordinator needs HOST:PORT\n");
-        return kExitUsage;
-      }
-      if (flag != "--timeout" && value.empty()) {
-        std::fprintf(stderr, "sinkscope: %s needs a value (see sinkscope --help)\n", flag.c_str());
-        return kExitUsage;
-      }
-      if (flag == "--coordinator") {
-        options.coordinator = value;
-      } else if (flag == "--tls-ca") {
-        options.tls.ca_file = value;
-      } else if (flag == "--tls-cert") {
-        options.tls.cert_file = value;
-      } else if (flag == "--tls-key") {
-        options.tls.key_file = value;
-      } else if (flag == "--tls-server-name") {
-        options.tls.server_name = value;
-      } else if (flag == "--token-file") {
-        options.token_file = value;
-      } else {
-        char* end = nullptr;
-        options.timeout_seconds = std::strtod(value.c_str(), &end);
-        if (value.empty() || *end != '\0' || !(options.timeout_seconds > 0)) {
-          std::fprintf(stderr, "sinkscope: --timeout must be a positive number of seconds, got %s\n", value.c_str());
-          return kExitUsage;
-        }
-      }
-    } else if (a == "--json") {
-      options.json = true;
-    } else if (a == "--tls") {
-      options.tls.tls = true;
-    } else if (command.empty() && (a == "-h" || a == "--help")) {
-      help = true;
-    } else if (command.empty() && !a.empty() && a[0] != '-') {
-      command = a;
-    } else if (command.empty()) {
-      std::fprintf(stderr, "sinkscope: unknown option %s (see sinkscope --help)\n", a.c_str());
-      return kExitUsage;
-    } else {
-      args.push_back(a);
+    sub->fallthrough();
+    if (c.usage != nullptr) sub->footer(std::string("\n") + c.usage);
+    Args& args = parsed[c.name];
+    for (const std::string& f : c.value_flags) {
+      sub->add_option_function<std::string>(f, [&args, f](const std::string& v) { args.values[f] = v; });
+    }
+    for (const std::string& f : c.switches) sub->add_flag_callback(f, [&args, f] { args.switches.insert(f); });
+    if (c.max_positionals > 0) {
+      sub->add_option("ARGS", args.positional, c.what)->expected(0, static_cast<int>(c.max_positionals));
     }
   }
-
-  if (command.empty()) {
-    PrintOverview(help ? stdout : stderr);
-    return help ? kExitOk : kExitUsage;
-  }
-  if (help) args.insert(args.begin(), "--help");  // `sinkscope --help submit`
-  if (command == "help") {                        // `sinkscope help [COMMAND]`
-    if (args.empty()) {
-      PrintOverview(stdout);
-      return kExitOk;
-    }
-    command = args[0];
-    args = {"--help"};
-  }
-  if (command == "probe") {
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  CLI::App* chosen = app.get_subcommands().front();
+  const Command* c = FindCommand(chosen->get_name());
+  if (c->run == nullptr) {
+    std::vector<std::string> rest = chosen->remaining();
     std::vector<char*> probe_argv = {argv[0]};
-    for (std::string& a : args) probe_argv.push_back(a.data());
+    for (std::string& a : rest) probe_argv.push_back(a.data());
     return ProbeCommand(options, static_cast<int>(probe_argv.size()), probe_argv.data());
   }
-  const Command* c = FindCommand(command);
-  if (c == nullptr) {
-    std::fprintf(stderr, "sinkscope: unknown command \"%s\" (see sinkscope --help)\n", command.c_str());
+  const Args& args = parsed[c->name];
+  if (args.positional.size() < c->min_positionals) {
+    std::fprintf(stderr, "sinkscope %s: %s is required (see sinkscope %s --help)\n", c->name, c->what, c->name);
     return kExitUsage;
   }
   if (int exit = LoadCredentials(&options); exit != kExitOk) return exit;
