@@ -239,5 +239,9 @@ class Backend {
 
 // The CPU reference backend (cpu/cpu_backend.cc).
 std::unique_ptr<Backend> MakeCpuBackend();
+// The CPU backend's bf16 mode (cpu/bf16_mode.cc): fp32 arithmetic with every value a bf16
+// GPU backend stores in bf16 rounded to bf16 where it would be (the contract is written
+// at the top of that file; a CUDA backend's bf16 path follows it).
+std::unique_ptr<Backend> MakeCpuBf16Backend();
 
 }  // namespace sinkscope

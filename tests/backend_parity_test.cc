@@ -14,6 +14,9 @@
 // will add its own column here.
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <limits>
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -23,6 +26,9 @@
 
 #include "base/rng.h"
 #include "engine/backend.h"
+#include "engine/bf16.h"
+#include "engine/model.h"
+#include "engine/optimizer.h"
 
 namespace sinkscope {
 namespace {
@@ -128,13 +134,19 @@ class ComposedBackend final : public Backend {
 struct Factory {
   std::string name;
   std::function<std::unique_ptr<Backend>()> make;
+  bool bf16 = false;  // rounds to bf16 where a bf16 GPU backend stores bf16: bf16 tolerances
 };
 void PrintTo(const Factory& f, std::ostream* os) { *os << f.name; }
-std::vector<Factory> Factories() {
+std::vector<Factory> Fp32Factories() {
   return {
       {"cpu", [] { return MakeCpuBackend(); }},
       {"cpu_composed", [] { return std::make_unique<ComposedBackend>(MakeCpuBackend()); }},
   };
+}
+std::vector<Factory> Factories() {
+  std::vector<Factory> all = Fp32Factories();
+  all.push_back({"cpu_bf16", [] { return MakeCpuBf16Backend(); }, true});
+  return all;
 }
 
 // ---- helpers ----------------------------------------------------------------------
@@ -213,10 +225,20 @@ double NormError(const std::vector<G>& got, const std::vector<W>& want) {
 
 constexpr double kFew = 2e-6;  // a few roundings per element
 constexpr double kSum = 2e-5;  // sums of up to ~100 float terms per element
+// bf16 mode: one rounding to bf16 is 2^-9 relative; an output rounded once, or computed
+// from rounded operands, is within 8e-3; a GEMM or attention over rounded operands and
+// then rounded, within 3e-2.
+constexpr double kBf16Few = 8e-3;
+constexpr double kBf16Sum = 3e-2;
 
 class ParityTest : public ::testing::TestWithParam<Factory> {
  protected:
-  void SetUp() override { be_ = GetParam().make(); }
+  void SetUp() override {
+    be_ = GetParam().make();
+    few_ = GetParam().bf16 ? kBf16Few : kFew;
+    sum_ = GetParam().bf16 ? kBf16Sum : kSum;
+  }
+  double few_ = kFew, sum_ = kSum;
   Backend& be() { return *be_; }
   std::unique_ptr<Backend> be_;
   Rng rng_{0xBAC4E4Dull};
@@ -251,7 +273,7 @@ TEST_P(ParityTest, Gemm) {
            c = Random(static_cast<size_t>(m) * n, rng_);
       Dev da(be(), a), db(be(), b), dc(be(), c);
       be().Gemm(ta, tb, m, n, k, 0.75f, da.p(), db.p(), 0.5f, dc.p());
-      EXPECT_CLOSE(dc.Get(), RefGemm(ta, tb, m, n, k, 0.75, a, b, 0.5, c), kSum) << ta << tb;
+      EXPECT_CLOSE(dc.Get(), RefGemm(ta, tb, m, n, k, 0.75, a, b, 0.5, c), sum_) << ta << tb;
     }
   }
 }
@@ -276,9 +298,9 @@ TEST_P(ParityTest, ElementwiseAndReductions) {
   }
   const std::vector<float> x_dev = dx.Get();  // what was summed: x + b rounded to float
   for (float v : x_dev) want_ss += 2.0 * v * v;
-  EXPECT_CLOSE(dy.Get(), want_y, kFew);
-  EXPECT_CLOSE(dx.Get(), want_x, kFew);
-  EXPECT_CLOSE(dacc.Get(), want_acc, kSum);
+  EXPECT_CLOSE(dy.Get(), want_y, few_);
+  EXPECT_CLOSE(dx.Get(), want_x, few_);
+  EXPECT_CLOSE(dacc.Get(), want_acc, sum_);
   EXPECT_NEAR(ss.Get()[0], want_ss, 1e-9 * want_ss);
 }
 
@@ -303,8 +325,8 @@ TEST_P(ParityTest, TokenReductionsForProbes) {
       }
     }
   }
-  EXPECT_CLOSE(sum.Get(), want_sum, kFew);
-  EXPECT_CLOSE(norms.Get(), want_norm, kFew);
+  EXPECT_CLOSE(sum.Get(), want_sum, few_);
+  EXPECT_CLOSE(norms.Get(), want_norm, few_);
 }
 
 TEST_P(ParityTest, Embedding) {
@@ -323,7 +345,7 @@ TEST_P(ParityTest, Embedding) {
     }
   }
   EXPECT_CLOSE(dout.Get(), want_out, 0.0);
-  EXPECT_CLOSE(dtab.Get(), want_tab, kFew);
+  EXPECT_CLOSE(dtab.Get(), want_tab, few_);
 }
 
 TEST_P(ParityTest, RmsNormForwardAndBackward) {
@@ -353,10 +375,10 @@ TEST_P(ParityTest, RmsNormForwardAndBackward) {
       want_dg[c] += g[o + c] * x[o + c] * r;
     }
   }
-  EXPECT_CLOSE(out.Get(), want_out, kFew);
-  EXPECT_CLOSE(rstd.Get(), want_rstd, kFew);
-  EXPECT_CLOSE(dx.Get(), want_dx, kSum);
-  EXPECT_CLOSE(dgamma.Get(), want_dg, kSum);
+  EXPECT_CLOSE(out.Get(), want_out, few_);
+  EXPECT_CLOSE(rstd.Get(), want_rstd, few_);
+  EXPECT_CLOSE(dx.Get(), want_dx, sum_);
+  EXPECT_CLOSE(dgamma.Get(), want_dg, sum_);
 }
 
 TEST_P(ParityTest, RopeForwardAndBackward) {
@@ -395,8 +417,8 @@ TEST_P(ParityTest, RopeForwardAndBackward) {
         }
       }
     }
-    EXPECT_CLOSE(fwd.Get(), want_f, kFew) << RopeTypeName(type);
-    EXPECT_CLOSE(bwd.Get(), want_b, kFew) << RopeTypeName(type);
+    EXPECT_CLOSE(fwd.Get(), want_f, few_) << RopeTypeName(type);
+    EXPECT_CLOSE(bwd.Get(), want_b, few_) << RopeTypeName(type);
   }
 }
 
@@ -467,11 +489,11 @@ TEST_P(ParityTest, AttentionForwardBackwardAndColumnStats) {
   be().AttentionBackward(dq.p(), dk.p(), dv.p(), ddy.p(), y.p(), lse.p(), ws.p(), dq_in.p(), dk_in.p(), dv_in.p(), B, T,
                          H, KV, dh);
   const RefAttention ref = RefAttend(q, k, v, dy, B, T, H, KV, dh);
-  EXPECT_CLOSE(y.Get(), ref.y, kSum);
-  EXPECT_CLOSE(lse.Get(), ref.lse, kFew);
-  EXPECT_CLOSE(dq.Get(), ref.dq, kSum);
-  EXPECT_CLOSE(dk.Get(), ref.dk, kSum);
-  EXPECT_CLOSE(dv.Get(), ref.dv, kSum);
+  EXPECT_CLOSE(y.Get(), ref.y, sum_);
+  EXPECT_CLOSE(lse.Get(), ref.lse, few_);
+  EXPECT_CLOSE(dq.Get(), ref.dq, sum_);
+  EXPECT_CLOSE(dk.Get(), ref.dk, sum_);
+  EXPECT_CLOSE(dv.Get(), ref.dv, sum_);
 
   // Column statistics of key s from the forward's lse, against the brute-force matrix.
   for (int s : {0, 3}) {
@@ -503,7 +525,7 @@ TEST_P(ParityTest, AttentionForwardBackwardAndColumnStats) {
         want[3 * H + h] += (alpha_b > req.threshold ? 1.0 : 0.0) / B;
       }
     }
-    EXPECT_CLOSE(out.Get(), want, kSum) << "s = " << s;
+    EXPECT_CLOSE(out.Get(), want, sum_) << "s = " << s;
   }
 }
 
@@ -536,9 +558,9 @@ TEST_P(ParityTest, VScaleForwardAndBackward) {
         if (mode == VScaleMode::kVScale) want_dth[gi] += -C * r / ((r + C) * (r + C)) * vg;
       }
     }
-    EXPECT_CLOSE(vh.Get(), want_vh, kFew) << VScaleModeName(mode);
-    EXPECT_CLOSE(dv.Get(), want_dv, kSum) << VScaleModeName(mode);
-    EXPECT_CLOSE(dtheta.Get(), want_dth, kSum) << VScaleModeName(mode);
+    EXPECT_CLOSE(vh.Get(), want_vh, few_) << VScaleModeName(mode);
+    EXPECT_CLOSE(dv.Get(), want_dv, sum_) << VScaleModeName(mode);
+    EXPECT_CLOSE(dtheta.Get(), want_dth, sum_) << VScaleModeName(mode);
   }
 }
 
@@ -557,9 +579,9 @@ TEST_P(ParityTest, SwiGluForwardAndBackward) {
     want_du[i] = dh[i] * silu;
     want_dg[i] = dh[i] * up[i] * sig * (1 + gg * (1 - sig));
   }
-  EXPECT_CLOSE(h.Get(), want_h, kFew);
-  EXPECT_CLOSE(dgate.Get(), want_dg, kFew);
-  EXPECT_CLOSE(dup.Get(), want_du, kFew);
+  EXPECT_CLOSE(h.Get(), want_h, few_);
+  EXPECT_CLOSE(dgate.Get(), want_dg, few_);
+  EXPECT_CLOSE(dup.Get(), want_du, few_);
 }
 
 TEST_P(ParityTest, CrossEntropyForwardBackwardAndLoss) {
@@ -581,7 +603,7 @@ TEST_P(ParityTest, CrossEntropyForwardBackwardAndLoss) {
     want_loss += std::log(z) + mx - logits[o + targets[i]];
     for (int c = 0; c < V; ++c) want_grad[o + c] = 0.25 * (std::exp(logits[o + c] - mx) / z - (c == targets[i]));
   }
-  EXPECT_CLOSE(grad.Get(), want_grad, kFew);
+  EXPECT_CLOSE(grad.Get(), want_grad, few_);
   EXPECT_CLOSE(plain.Get(), std::vector<double>(logits.begin(), logits.end()), 0.0);  // unchanged
   const std::vector<double> got = loss.Get();
   EXPECT_NEAR(got[0], want_loss, 1e-6 * want_loss);
@@ -604,9 +626,9 @@ TEST_P(ParityTest, AdamW) {
     want_v[i] = b2 * static_cast<double>(v[i]) + (1 - static_cast<double>(b2)) * gi * gi;
     want_p[i] = p[i] - lr * (want_m[i] / bc1 / (std::sqrt(want_v[i] / bc2) + eps) + wd * p[i]);
   }
-  EXPECT_CLOSE(dm.Get(), want_m, kFew);
-  EXPECT_CLOSE(dv.Get(), want_v, kFew);
-  EXPECT_CLOSE(dp.Get(), want_p, kFew);
+  EXPECT_CLOSE(dm.Get(), want_m, few_);
+  EXPECT_CLOSE(dv.Get(), want_v, few_);
+  EXPECT_CLOSE(dp.Get(), want_p, few_);
 }
 
 // ---- fused ops against their composition over the same backend ----------------------
@@ -778,9 +800,127 @@ TEST_P(FusedTest, MultiTensorAdamWWithClippingAndTheNonFiniteGuard) {
   }
 }
 
+// ---- bf16 -----------------------------------------------------------------------------
+
+TEST(Bf16Test, RoundsToNearestTiesToEvenAndKeepsNaNAndInf) {
+  auto bits = [](float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    return b;
+  };
+  auto from = [](uint32_t b) {
+    float x;
+    std::memcpy(&x, &b, 4);
+    return x;
+  };
+  EXPECT_EQ(RoundToBf16(1.0f), 1.0f);
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1); just above it rounds up.
+  EXPECT_EQ(RoundToBf16(1.0f + 0x1p-8f), 1.0f);
+  EXPECT_EQ(RoundToBf16(from(bits(1.0f + 0x1p-8f) + 1)), 1.0f + 0x1p-7f);
+  // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): up.
+  EXPECT_EQ(RoundToBf16(1.0f + 3 * 0x1p-8f), 1.0f + 0x1p-6f);
+  EXPECT_EQ(RoundToBf16(-2.5f), -2.5f);
+  EXPECT_TRUE(std::isnan(RoundToBf16(std::numeric_limits<float>::quiet_NaN())));
+  EXPECT_TRUE(std::isnan(RoundToBf16(from(0x7F800001u))));  // a signalling NaN stays a NaN
+  EXPECT_EQ(RoundToBf16(INFINITY), INFINITY);
+  EXPECT_EQ(RoundToBf16(-INFINITY), -INFINITY);
+  EXPECT_EQ(RoundToBf16(std::numeric_limits<float>::max()), INFINITY);  // beyond bf16's largest
+  Rng rng(9);
+  for (int i = 0; i < 10000; ++i) {
+    const float x = static_cast<float>(rng.Normal() * 100);
+    const float r = RoundToBf16(x);
+    EXPECT_EQ(bits(r) & 0xFFFFu, 0u);
+    EXPECT_LE(std::abs(r - x), std::abs(x) * 0x1p-8f);  // half an ulp of 7 mantissa bits
+  }
+}
+
+bool AllBf16(const std::vector<float>& v) {
+  for (float x : v) {
+    if (RoundToBf16(x) != x) return false;
+  }
+  return true;
+}
+
+// What the bf16 mode stores in bf16 is bf16-exact; what the contract keeps in fp32 is not
+// rounded (cpu/bf16_mode.cc).
+TEST(Bf16Test, TheModeRoundsExactlyWhereTheContractSays) {
+  auto be = MakeCpuBf16Backend();
+  Rng rng(5);
+  const int N = 6, d = 16, F = 24, m = 5, n = 7, k = 33;
+  auto x = Random(static_cast<size_t>(N) * d, rng), gamma = Random(d, rng);
+  Dev dx(*be, x), dg(*be, gamma), out(*be, x.size()), rstd(*be, N);
+  be->RmsNormForward(out.p(), rstd.p(), dx.p(), dg.p(), N, d, 1e-5f);
+  EXPECT_TRUE(AllBf16(out.Get()));
+  EXPECT_FALSE(AllBf16(rstd.Get()));  // fp32
+  // GEMM: bf16 operands, fp32 output — the fp32 product of the rounded operands.
+  auto a = Random(static_cast<size_t>(m) * k, rng), b = Random(static_cast<size_t>(k) * n, rng);
+  Dev da(*be, a), db(*be, b), dc(*be, static_cast<size_t>(m) * n);
+  be->Gemm(false, false, m, n, k, 1.0f, da.p(), db.p(), 0.0f, dc.p());
+  std::vector<float> ra = a, rb = b;
+  for (float& v : ra) v = RoundToBf16(v);
+  for (float& v : rb) v = RoundToBf16(v);
+  EXPECT_LE(NormError(dc.Get(), RefGemm(false, false, m, n, k, 1.0, ra, rb, 0.0, std::vector<float>(m * n))), kSum);
+  EXPECT_GT(NormError(dc.Get(), RefGemm(false, false, m, n, k, 1.0, a, b, 0.0, std::vector<float>(m * n))), 1e-4);
+  EXPECT_FALSE(AllBf16(dc.Get()));
+  auto wg = Random(static_cast<size_t>(F) * d, rng), wu = Random(wg.size(), rng);
+  Dev dwg(*be, wg), dwu(*be, wu), act(*be, static_cast<size_t>(N) * F), gate(*be, static_cast<size_t>(N) * F),
+      up(*be, static_cast<size_t>(N) * F);
+  be->GateUpSwiGluForward(act.p(), gate.p(), up.p(), dx.p(), dwg.p(), dwu.p(), N, F, d);
+  EXPECT_TRUE(AllBf16(gate.Get()));
+  EXPECT_TRUE(AllBf16(up.Get()));
+  EXPECT_TRUE(AllBf16(act.Get()));
+}
+
+// A training step in the bf16 mode against fp32: the loss and every gradient to bf16's
+// precision, and a short run learns as fp32 does.
+TEST(Bf16Test, TheBf16ModeTrainsLikeFp32) {
+  ModelConfig c;
+  c.layers = 2;
+  c.d_model = 32;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn = 64;
+  c.vocab = 50;
+  c.context = 16;
+  c.vscale = VScaleMode::kVScale;
+  auto fp32 = MakeCpuBackend(), bf16 = MakeCpuBf16Backend();
+  auto a = Model::Create(c, fp32.get()), b = Model::Create(c, bf16.get());
+  ASSERT_TRUE(a.ok() && b.ok());
+  (*a)->InitWeights(4);
+  (*b)->InitWeights(4);
+  const int B = 4, T = 16;
+  std::vector<int32_t> tokens(B * T), targets(B * T);
+  for (int i = 0; i < B * T; ++i) {
+    tokens[i] = (i * 7 + i / 5) % 50;
+    targets[i] = (i * 7 + i / 5 + 3) % 50;
+  }
+  const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+  const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+  EXPECT_NEAR(lb, la, 1e-2 * la);
+  EXPECT_LE(NormError((*b)->GradsToHost(), (*a)->GradsToHost()), 5e-2);
+  // 40 AdamW steps on one batch: both fit it, the bf16 mode to within 5% of fp32's loss.
+  OptimizerConfig o;
+  o.lr = 3e-3;
+  o.total_steps = 40;
+  double last_a = 0, last_b = 0;
+  for (int step = 0; step < 40; ++step) {
+    for (auto* m : {a->get(), b->get()}) {
+      m->ZeroGrad();
+      const double l = m->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+      (m == a->get() ? last_a : last_b) = l;
+      AdamWStep(*m, o, step);
+    }
+  }
+  EXPECT_LT(last_a, 0.7 * la);
+  EXPECT_NEAR(last_b, last_a, 0.05 * last_a);
+}
+
 std::string FactoryName(const ::testing::TestParamInfo<Factory>& info) { return info.param.name; }
 INSTANTIATE_TEST_SUITE_P(Backends, ParityTest, ::testing::ValuesIn(Factories()), FactoryName);
-INSTANTIATE_TEST_SUITE_P(Backends, FusedTest, ::testing::ValuesIn(Factories()), FactoryName);
+// Fused against composed is exact only for fp32 backends: the bf16 mode rounds where a
+// fused kernel stores (gate and up before SwiGLU), which its composition does not.
+INSTANTIATE_TEST_SUITE_P(Backends, FusedTest, ::testing::ValuesIn(Fp32Factories()), FactoryName);
 
 }  // namespace
 }  // namespace sinkscope
