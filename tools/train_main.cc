@@ -265,6 +265,9 @@ class LocalRun final : public RunObserver {
   int64_t timed_steps_ = 0;
 };
 
+// --bf16: every rank trains on the bf16 mode of the CPU backend.
+bool g_bf16 = false;
+
 // Set by SIGINT/SIGTERM: the run stops after its step and checkpoints; --resume continues.
 std::atomic<int> g_interrupted{0};
 void OnSignal(int) { g_interrupted.store(1); }
@@ -307,7 +310,7 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
         }
         RunLoopOptions mine = o;
         mine.trainer.comm = comm->get();
-        auto own_backend = MakeCpuBackend();
+        auto own_backend = g_bf16 ? MakeCpuBf16Backend() : MakeCpuBackend();
         QuietRank quiet;
         others[k - 1] = RunLoop(mine, &data, own_backend.get(), &quiet, Clock::Real());
       });
@@ -364,6 +367,9 @@ int Main(int argc, char** argv) {
                "continue each run from its latest checkpoint in --out; metrics.jsonl and probes.jsonl keep the "
                "records up to the checkpoint's step (Ctrl-C stops a run after its step with a checkpoint)");
   app.add_flag("--json", json, "print the summary as JSON instead of a table");
+  app.add_flag("--bf16", g_bf16,
+               "train in the CPU backend's bf16 mode: bf16 wherever a bf16 GPU backend stores bf16 (matmul operands, "
+               "activations), fp32 accumulation, residual stream, weights and optimizer state (engine/cpu/bf16_mode.cc)");
   app.add_flag("--print-model", print_model,
                "print the baseline arm's model config (as a checkpoint header holds it) and exit");
   if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
@@ -413,9 +419,9 @@ int Main(int argc, char** argv) {
   // Ctrl-C (or SIGTERM): the current run stops after its step and is checkpointed.
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto backend = MakeCpuBackend();
+  auto backend = g_bf16 ? MakeCpuBf16Backend() : MakeCpuBackend();
   const double peak = MeasureGemmPeak(*backend);
-  std::fprintf(stderr, "cpu backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", peak / 1e9);
+  std::fprintf(stderr, "%s backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", backend->Name(), peak / 1e9);
   std::vector<RunSummary> runs;
   for (uint64_t seed : e->seeds()) {
     for (int a : e->arms()) {
@@ -428,7 +434,8 @@ int Main(int argc, char** argv) {
     }
   }
   if (json) {
-    nlohmann::json j = {{"experiment", e->name()}, {"unigram_entropy", unigram}, {"runs", nlohmann::json::array()}};
+    nlohmann::json j = {{"experiment", e->name()}, {"backend", backend->Name()}, {"unigram_entropy", unigram},
+                        {"runs", nlohmann::json::array()}};
     for (const auto& r : runs) {
       j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"steps", r.steps}, {"first_loss", r.first_loss},
                            {"final_loss", r.final_loss}, {"mean_loss_last_10", r.mean_loss_last_10},

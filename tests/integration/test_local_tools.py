@@ -171,6 +171,25 @@ class LocalToolsTest(unittest.TestCase):
             self.assertEqual(r.returncode, 2, r.stderr)
             self.assertIn(f"--ranks: must be an integer in 1-64, got '{bad}'", r.stderr)
 
+    def test_bf16_mode_trains_like_fp32(self):
+        # --bf16: the CPU backend's bf16 mode; the loss follows fp32's to bf16 precision.
+        spec = harness.tiny_experiment("bf16", self.corpus, steps=20, probe_every=10, checkpoint_every=10,
+                                       arms=("vscale",))
+        path = os.path.join(self.dir, "bf16.yaml")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        runs = {}
+        for mode in ("fp32", "bf16"):
+            extra = ["--bf16"] if mode == "bf16" else []
+            r = self.run_train(path, "--out", os.path.join(self.dir, mode), "--json", *extra)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            runs[mode] = json.loads(r.stdout)
+        self.assertEqual(runs["bf16"]["backend"], "cpu-bf16")
+        self.assertEqual(runs["fp32"]["backend"], "cpu")
+        fp32, bf16 = runs["fp32"]["runs"][0], runs["bf16"]["runs"][0]
+        self.assertNotEqual(bf16["final_loss"], fp32["final_loss"])  # the rounding is real
+        self.assertAlmostEqual(bf16["final_loss"], fp32["final_loss"], delta=0.05 * fp32["final_loss"])
+
     def test_final_loss_is_the_last_steps_loss(self):
         run = self.summary["runs"][0]
         self.assertEqual(run["final_loss"], self.metrics[-1]["loss"])
