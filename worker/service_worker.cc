@@ -723,7 +723,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   // into the delivery queue; stop requests from cancels and shutdown; the fault hooks.
   class ServiceRun final : public RunObserver {
    public:
-    ServiceRun(Worker* w, const v1::Assignment& a) : w_(*w), a_(a) {}
+    ServiceRun(Worker* w, const v1::Assignment& a, int64_t total) : w_(*w), a_(a), total_(total) {}
     void OnStaleFileRemoved(const std::string& path) override {
       Log(LogLevel::kInfo, "stale_file_removed", {{"run_id", a_.run_id()}, {"path", path}});
     }
@@ -776,7 +776,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
           {{"run_id", a_.run_id()}, {"step", Str(step)}, {"retry_in_ms", Str(wait.count())}, {"error", error.message()}});
     }
     void AfterStep(int64_t step) override {
-      if (step != w_.options_.fault_stall_after_step || step >= a_.experiment().train().steps()) return;
+      if (step != w_.options_.fault_stall_after_step || step >= total_) return;
       Log(LogLevel::kWarning, "fault_stall", {{"run_id", a_.run_id()}, {"step", Str(step)}});
       std::unique_lock<std::mutex> lock(w_.mu_);
       w_.cv_.wait(lock, [&] { return w_.StopRequestedLocked(a_.run_id()).has_value(); });
@@ -790,12 +790,13 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
    private:
     Worker& w_;
     const v1::Assignment& a_;
+    const int64_t total_;  // the run's steps (the defaulted experiment's)
   };
 
   RunLoopOptions o = ToRunLoopOptions(e, a.arm(), a.seed(), peak_flops_, a.checkpoint_dir(), /*resume=*/true);
   o.checkpoint_retries = options_.checkpoint_retries;
   o.checkpoint_backoff = options_.checkpoint_backoff;
-  ServiceRun service_run(this, a);
+  ServiceRun service_run(this, a, o.total_steps);
   const RunResult r = RunLoop(o, data->get(), backend_.get(), &service_run, clock_);
   const int64_t saved = std::max<int64_t>(r.checkpoint_step, 0);
   switch (r.kind) {
