@@ -1,0 +1,111 @@
+// A Backend that forwards every primitive op to another backend and overrides no fused
+// op, so the fused ops run Backend's default composition over the other backend's
+// primitives. The base of the decorators: the bf16 mode (cpu/bf16_mode.cc) overrides the
+// ops whose outputs it rounds; tests use it as is to compare fused ops with their
+// composition.
+#pragma once
+
+#include <memory>
+
+#include "engine/backend.h"
+
+namespace sinkscope {
+
+class ForwardingBackend : public Backend {
+ public:
+  explicit ForwardingBackend(std::unique_ptr<Backend> inner) : owned_(std::move(inner)), in_(owned_.get()) {}
+  explicit ForwardingBackend(Backend* inner) : in_(inner) {}
+  const char* Name() const override { return in_->Name(); }
+  bool Supports(OptionalOp op) const override { return in_->Supports(op); }
+  float* Alloc(size_t n) override { return in_->Alloc(n); }
+  int32_t* AllocInt(size_t n) override { return in_->AllocInt(n); }
+  void Free(void* p) override { in_->Free(p); }
+  void ToDevice(void* d, const void* s, size_t b) override { in_->ToDevice(d, s, b); }
+  void ToHost(void* d, const void* s, size_t b) override { in_->ToHost(d, s, b); }
+  void Copy(float* d, const float* s, size_t n) override { in_->Copy(d, s, n); }
+  void Fill(float* x, float v, size_t n) override { in_->Fill(x, v, n); }
+  double* AllocScalars(size_t n) override { return in_->AllocScalars(n); }
+  void ZeroScalars(double* s, size_t n) override { in_->ZeroScalars(s, n); }
+  void ReadScalars(double* h, const double* s, size_t n) override { in_->ReadScalars(h, s, n); }
+  void Synchronize() override { in_->Synchronize(); }
+  Status TakeError() override { return in_->TakeError(); }
+  void Axpy(float* y, float a, const float* x, size_t n) override { in_->Axpy(y, a, x, n); }
+  void Scale(float* x, float s, size_t n) override { in_->Scale(x, s, n); }
+  void AddRowBias(float* x, const float* b, int N, int n) override { in_->AddRowBias(x, b, N, n); }
+  void AccumulateColumnSums(float* a, const float* x, int N, int n) override { in_->AccumulateColumnSums(a, x, N, n); }
+  void AccumulateSumSquares(double* a, const float* x, size_t n) override { in_->AccumulateSumSquares(a, x, n); }
+  void AccumulateTokenSum(float* a, const float* x, int B, int T, int C, int P) override {
+    in_->AccumulateTokenSum(a, x, B, T, C, P);
+  }
+  void AccumulateTokenNormSum(float* a, const float* x, int B, int T, int G, int C, int P) override {
+    in_->AccumulateTokenNormSum(a, x, B, T, G, C, P);
+  }
+  void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
+            float* c) override {
+    in_->Gemm(ta, tb, m, n, k, alpha, a, b, beta, c);
+  }
+  void EmbeddingForward(float* o, const int32_t* t, const float* tab, int N, int d) override {
+    in_->EmbeddingForward(o, t, tab, N, d);
+  }
+  void EmbeddingBackward(float* dt, const float* g, const int32_t* t, int N, int d) override {
+    in_->EmbeddingBackward(dt, g, t, N, d);
+  }
+  void RmsNormForward(float* o, float* r, const float* x, const float* g, int N, int d, float e) override {
+    in_->RmsNormForward(o, r, x, g, N, d, e);
+  }
+  void RmsNormBackward(float* dx, float* dg, const float* go, const float* x, const float* g, const float* r, int N,
+                       int d) override {
+    in_->RmsNormBackward(dx, dg, go, x, g, r, N, d);
+  }
+  void RopeForward(float* x, int B, int T, int h, int dh, const RotaryFrequencies& r) override {
+    in_->RopeForward(x, B, T, h, dh, r);
+  }
+  void RopeBackward(float* x, int B, int T, int h, int dh, const RotaryFrequencies& r) override {
+    in_->RopeBackward(x, B, T, h, dh, r);
+  }
+  size_t AttentionWorkspaceFloats(int B, int T, int H) const override { return in_->AttentionWorkspaceFloats(B, T, H); }
+  void AttentionForward(float* y, float* lse, float* ws, const float* q, const float* k, const float* v, int B, int T,
+                        int H, int KV, int dh) override {
+    in_->AttentionForward(y, lse, ws, q, k, v, B, T, H, KV, dh);
+  }
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
+                         const float* ws, const float* q, const float* k, const float* v, int B, int T, int H, int KV,
+                         int dh) override {
+    in_->AttentionBackward(dq, dk, dv, dy, y, lse, ws, q, k, v, B, T, H, KV, dh);
+  }
+  void AttentionColumnStats(float* a, float* m, float* s2, float* r, const float* q, const float* k, const float* lse,
+                            int B, int T, int H, int KV, int dh, const ColumnStatsRequest& req) override {
+    in_->AttentionColumnStats(a, m, s2, r, q, k, lse, B, T, H, KV, dh, req);
+  }
+  void VScaleForward(float* vh, const float* v, const float* th, int N, int KV, int dh, double c,
+                     VScaleMode mode) override {
+    in_->VScaleForward(vh, v, th, N, KV, dh, c, mode);
+  }
+  void VScaleBackward(float* dv, float* dth, const float* dvh, const float* v, const float* th, int N, int KV, int dh,
+                      double c, VScaleMode mode) override {
+    in_->VScaleBackward(dv, dth, dvh, v, th, N, KV, dh, c, mode);
+  }
+  void SwiGluForward(float* h, const float* g, const float* u, int N, int F) override { in_->SwiGluForward(h, g, u, N, F); }
+  void SwiGluBackward(float* dg, float* du, const float* dh, const float* g, const float* u, int N, int F) override {
+    in_->SwiGluBackward(dg, du, dh, g, u, N, F);
+  }
+  void CrossEntropyForwardBackward(float* l, const int32_t* t, int N, int V, float s, double* acc) override {
+    in_->CrossEntropyForwardBackward(l, t, N, V, s, acc);
+  }
+  void CrossEntropyLoss(const float* l, const int32_t* t, int N, int V, double* acc) override {
+    in_->CrossEntropyLoss(l, t, N, V, acc);
+  }
+  void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2, float eps, float wd,
+             float gs, int64_t step) override {
+    in_->AdamW(p, g, m, v, n, lr, b1, b2, eps, wd, gs, step);
+  }
+
+ protected:
+  Backend& inner() { return *in_; }
+
+ private:
+  std::unique_ptr<Backend> owned_;
+  Backend* in_;
+};
+
+}  // namespace sinkscope
