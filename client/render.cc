@@ -19,6 +19,14 @@
 namespace sinkscope::cli {
 namespace {
 
+// The run's worker, or the workers of its ranks in rank order ("w0,w1,…").
+std::string WorkersOf(const v1::RunSummary& r) {
+  if (r.rank_workers_size() <= 1) return r.worker_id();
+  std::string out;
+  for (const std::string& w : r.rank_workers()) out += (out.empty() ? "" : ",") + w;
+  return out;
+}
+
 // The token-s norm ratios a probe reports, in the engine's order (METRICS.md).
 constexpr const char* kNormRatioNames[] = {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"};
 
@@ -303,7 +311,7 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& e) {
                     started ? Printf("%.4f", r.loss()) : "-", r.has_val_loss() ? Printf("%.4f", r.val_loss()) : "-",
                     started && r.tokens_per_second() > 0 ? Printf("%.0f", r.tokens_per_second()) : "-",
                     r.state() == v1::RUNNING ? FormatDuration(r.eta_seconds()) : "-",
-                    r.attempt() > 0 ? std::to_string(r.attempt()) : "-", r.worker_id().empty() ? "-" : r.worker_id()});
+                    r.attempt() > 0 ? std::to_string(r.attempt()) : "-", r.worker_id().empty() ? "-" : WorkersOf(r)});
     if (r.state() != v1::FAILED && r.message().empty()) continue;
     if (noted == kMaxNotes) {
       ++unnoted;
@@ -585,7 +593,7 @@ std::vector<std::string> WatchView::Apply(const v1::WatchEvent& event) {
           std::string line = Printf("%-22s %s", RunLabel(r).c_str(), RunStateName(r.state()).c_str());
           if (r.state() == v1::RUNNING) {
             line += " at step " + std::to_string(v.run.step()) + "/" + std::to_string(r.total_steps()) + " (attempt " +
-                    std::to_string(r.attempt()) + (r.worker_id().empty() ? "" : ", worker " + r.worker_id()) + ")";
+                    std::to_string(r.attempt()) + (r.worker_id().empty() ? "" : (r.rank_workers_size() > 1 ? ", workers " : ", worker ") + WorkersOf(r)) + ")";
           } else if (r.state() == v1::FAILED) {
             line += " (" + FailureReasonName(r.failure_reason()) + ") at step " + std::to_string(v.run.step());
           } else if (r.state() == v1::SUCCEEDED) {

@@ -6,6 +6,7 @@
 // forever. After a failure the communicator is unusable (the run restarts the gang).
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -29,6 +30,18 @@ class Communicator {
   // Every rank's `bytes` bytes of send, in rank order, into recv (world_size × bytes).
   virtual Status AllGather(const void* send, void* recv, size_t bytes) = 0;
   virtual Status Barrier() = 0;
+};
+
+// Where the ranks of a gang meet before they connect (Gloo's addresses, an ncclUniqueId):
+// keys any rank sets and every rank may wait for. The service's is the coordinator; tests
+// and one process use an in-memory one.
+class Rendezvous {
+ public:
+  virtual ~Rendezvous() = default;
+  virtual Status Set(const std::string& key, const std::string& value) = 0;
+  // The key's value once a rank has set it; DEADLINE_EXCEEDED after `timeout`, or another
+  // error when the rendezvous cannot go on (the attempt was cancelled, say).
+  virtual StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) = 0;
 };
 
 // The communicator of a run of one rank: every collective is the identity.

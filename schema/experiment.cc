@@ -522,6 +522,15 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
       return bad(a.path, "must be at most " + std::to_string(a.limit) + ", got " + std::to_string(a.value));
     }
   }
+  if (e.resources().devices_per_run() > 1024) {
+    return bad("resources.devices_per_run", "must be at most 1024, got " + std::to_string(e.resources().devices_per_run()));
+  }
+  if (e.train().micro_batch() % e.resources().devices_per_run() != 0) {
+    return bad("train.micro_batch", "(" + std::to_string(e.train().micro_batch()) +
+                                        ") must be a multiple of resources.devices_per_run (" +
+                                        std::to_string(e.resources().devices_per_run()) +
+                                        "): each rank trains an equal share of every micro-batch");
+  }
   if (m.heads() % m.kv_heads() != 0) {
     return bad("model.kv_heads", "must divide model.heads (" + std::to_string(m.heads()) + "), got " +
                                      std::to_string(m.kv_heads()));

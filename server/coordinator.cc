@@ -89,9 +89,19 @@ std::string Coordinator::WaitReasonLocked(const v1::Experiment& spec) const {
     busy += !s.run_id.empty() || s.draining || s.lapsed;
   }
   if (of_kind == 0) return "waiting: no " + kind + " worker is connected";
+  const int W = spec.resources().devices_per_run();
+  if (W > 1 && big_enough < W) {
+    return "waiting: a run needs " + std::to_string(W) + " " + kind +
+           " workers at once (resources.devices_per_run, one rank each) and " + std::to_string(big_enough) +
+           (big_enough == of_kind ? "" : " big enough") + " are connected";
+  }
   if (big_enough == 0) {
     return "waiting: a run needs about " + FormatBytes(need) + " and the largest connected " + kind + " worker has " +
            FormatBytes(static_cast<double>(largest));
+  }
+  if (W > 1) {
+    return "waiting: a run needs " + std::to_string(W) + " idle " + kind + " workers at once; " +
+           std::to_string(of_kind - busy) + " of " + std::to_string(of_kind) + " are idle";
   }
   return "waiting: all " + std::to_string(of_kind) + " " + kind + " worker(s) are busy";
 }
@@ -123,10 +133,12 @@ int64_t Coordinator::NowMs() const {
       .count();
 }
 
-void Coordinator::Renew(Run& run, double seconds) {
+Clock::TimePoint Coordinator::LeaseEnd(double seconds) const {
   if (seconds <= 0) seconds = options_.lease_seconds;
-  run.lease_deadline = clock_->Now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+  return clock_->Now() + std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
 }
+
+void Coordinator::Renew(Run& run, double seconds) { run.lease_deadline = LeaseEnd(seconds); }
 
 StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporter* exporter, const Options& options) {
   std::unique_ptr<Coordinator> c(new Coordinator(store, exporter, options));
@@ -143,8 +155,11 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporte
     const std::string id = run.record.summary.run_id();
     c->experiment_runs_[run.record.summary.experiment_id()].push_back(id);
     if (run.record.summary.state() == v1::QUEUED) c->queue_.push_back(id);
-    if (run.record.summary.state() == v1::RUNNING) {  // grace for its worker to reconnect
+    if (run.record.summary.state() == v1::RUNNING) {  // grace for its workers to reconnect
       c->Renew(run, std::max(options.lease_seconds, options.recovery_grace_seconds));
+      for (int k = 1; k < run.record.summary.rank_workers_size(); ++k) {
+        run.peers.push_back({run.record.summary.rank_workers(k), 0, run.lease_deadline, false});
+      }
     }
     auto count = store->CountProbes(id);
     run.probe_reports = count.ok() ? *count : 0;
@@ -285,11 +300,72 @@ void Coordinator::Unwatch(const std::shared_ptr<Watcher>& watcher) {
   watchers_.erase(std::remove(watchers_.begin(), watchers_.end(), watcher), watchers_.end());
 }
 
-void Coordinator::DetachSessionLocked(Run& run) {
-  if (run.session == 0) return;
-  auto it = sessions_.find(run.session);
-  if (it != sessions_.end() && it->second.run_id == run.record.summary.run_id()) it->second.run_id.clear();
+void Coordinator::DetachSessionLocked(Run& run, bool keep_running_peers) {
+  const std::string& id = run.record.summary.run_id();
+  auto free = [&](int64_t session) {
+    auto it = sessions_.find(session);
+    if (it != sessions_.end() && it->second.run_id == id) it->second.run_id.clear();
+  };
+  if (run.session != 0) free(run.session);
   run.session = 0;
+  for (Run::Peer& peer : run.peers) {
+    if (peer.session == 0 || (keep_running_peers && !peer.done)) continue;
+    free(peer.session);
+    peer.session = 0;
+  }
+}
+
+int Coordinator::RankOfLocked(const Run& run, int64_t session) const {
+  if (session == 0) return -1;
+  if (run.session == session) return 0;
+  for (size_t k = 0; k < run.peers.size(); ++k) {
+    if (run.peers[k].session == session) return static_cast<int>(k) + 1;
+  }
+  return -1;
+}
+
+std::vector<std::shared_ptr<SessionWriter>> Coordinator::GangWritersLocked(const Run& run, int64_t except) const {
+  std::vector<std::shared_ptr<SessionWriter>> writers;
+  auto add = [&](int64_t session) {
+    if (session == 0 || session == except) return;
+    if (auto it = sessions_.find(session); it != sessions_.end()) writers.push_back(it->second.writer);
+  };
+  add(run.session);
+  for (const Run::Peer& peer : run.peers) add(peer.session);
+  return writers;
+}
+
+void Coordinator::SendRendezvousLocked(const Run& run, const std::string& key, const std::string& value,
+                                       Outbox& out) const {
+  v1::CoordinatorMessage m;
+  v1::RendezvousValue* v = m.mutable_rendezvous();
+  v->set_run_id(run.record.summary.run_id());
+  v->set_attempt(run.record.summary.attempt());
+  v->set_key(key);
+  v->set_value(value);
+  for (const auto& writer : GangWritersLocked(run, 0)) out.push_back({writer, m});
+}
+
+Status Coordinator::RestartGangLocked(Run& run, const std::string& why, int64_t except_session, Outbox& out) {
+  const v1::RunSummary& s = run.record.summary;
+  const std::string id = s.run_id();
+  const int restarts = run.record.restarts + 1;
+  const int max_restarts = experiments_.at(s.experiment_id()).summary.spec().max_restarts();
+  const std::vector<std::shared_ptr<SessionWriter>> others = GangWritersLocked(run, except_session);
+  const std::string step = std::to_string(s.step());
+  RETURN_IF_ERROR(restarts > max_restarts
+                      ? EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
+                                     why + "; the gang was restarted " + std::to_string(restarts) +
+                                         " times (max_restarts " + std::to_string(max_restarts) + ")",
+                                     "rank lost", /*restart=*/true)
+                      : RequeueLocked(run, "rank lost", "requeued at step " + step + ": " + why, /*restart=*/true));
+  Log(LogLevel::kWarning, "gang_restarted",
+      {{"run", id}, {"step", step}, {"restarts", std::to_string(restarts)}, {"reason", why}});
+  v1::CoordinatorMessage cancel;
+  cancel.mutable_cancel()->set_run_id(id);
+  cancel.mutable_cancel()->set_reason("the gang's attempt ended: " + why);
+  for (const auto& writer : others) out.push_back({writer, cancel});
+  return OkStatus();
 }
 
 Status Coordinator::CommitRunChangesLocked(const std::string& experiment_id, std::vector<Store::RunChange> changes,
@@ -321,7 +397,7 @@ Status Coordinator::CommitRunChangesLocked(const std::string& experiment_id, std
   for (Store::RunChange& c : changes) {
     Run& run = runs_.at(c.run.summary.run_id());
     const v1::RunState was = run.record.summary.state(), now = c.run.summary.state();
-    if (was == v1::RUNNING && now != v1::RUNNING) DetachSessionLocked(run);
+    if (was == v1::RUNNING && now != v1::RUNNING) DetachSessionLocked(run, /*keep_running_peers=*/now == v1::SUCCEEDED);
     if (was == v1::QUEUED && now != v1::QUEUED) {
       queue_.erase(std::remove(queue_.begin(), queue_.end(), c.run.summary.run_id()), queue_.end());
     }
@@ -390,8 +466,8 @@ StatusOr<v1::ExperimentSummary> Coordinator::Cancel(const std::string& id) {
       c.run.summary.set_message("cancelled by a user");
       c.run.finished_unix_ms = NowMs();
       changes.push_back(std::move(c));
-      if (run.session != 0 && sessions_.count(run.session)) {
-        holders.push_back(sessions_.at(run.session).writer);
+      for (const auto& writer : GangWritersLocked(run, 0)) {  // every rank
+        holders.push_back(writer);
         cancelled.push_back(run_id);
       }
     }
@@ -558,6 +634,9 @@ void Coordinator::CloseSession(int64_t session) {
   // The run keeps its lease until it lapses: the worker may reconnect in time.
   for (auto& [id, run] : runs_) {
     if (run.session == session) run.session = 0;
+    for (Run::Peer& peer : run.peers) {
+      if (peer.session == session) peer.session = 0;
+    }
   }
   sessions_.erase(it);
 }
@@ -657,6 +736,26 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       a.mutable_ack()->set_outcome(true);
       out.push_back({session.writer, std::move(a)});
     };
+    // The running run and the rank > 0 this session holds in `attempt` of it.
+    auto peer_rank = [&](const std::string& run_id, int attempt) -> std::pair<Run*, int> {
+      Run* run = run_of(run_id, attempt);
+      const int rank = run != nullptr ? RankOfLocked(*run, session_id) : -1;
+      if (rank <= 0) return {nullptr, -1};
+      return {run, rank};
+    };
+    // A rank of a run that has ended (its gang succeeded before this rank said so) is
+    // free once it reports its own end.
+    auto release_ended = [&](const std::string& run_id) {
+      auto it = runs_.find(run_id);
+      if (session.run_id == run_id && (it == runs_.end() || it->second.record.summary.state() != v1::RUNNING)) {
+        session.run_id.clear();
+        if (it != runs_.end()) {
+          for (Run::Peer& peer : it->second.peers) {
+            if (peer.session == session_id) peer.session = 0;
+          }
+        }
+      }
+    };
     switch (msg.message_case()) {
       case v1::WorkerMessage::kRegister: {
         const v1::Register& r = msg.register_();
@@ -669,7 +768,42 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         reply.mutable_registered()->set_acks_progress(true);
         out.push_back({session.writer, reply});
         Log(LogLevel::kInfo, "worker_registered", {{"worker", r.worker_id()}, {"run", r.run_id()}});
-        if (!r.run_id().empty()) {
+        if (!r.run_id().empty() && r.rank() != 0) {
+          // A rank of a gang carries on under the same attempt if it is still that
+          // rank's worker; the rendezvous so far is sent again (it may be meeting now).
+          Run* run = run_of(r.run_id(), r.attempt());
+          std::string refusal = run == nullptr ? "the lease of this attempt lapsed" : "";
+          if (run != nullptr && (r.rank() < 0 || r.rank() > static_cast<int>(run->peers.size()))) {
+            refusal = "the run has no rank " + std::to_string(r.rank());
+          } else if (run != nullptr && run->peers[r.rank() - 1].worker_id != r.worker_id()) {
+            refusal = "rank " + std::to_string(r.rank()) + " of the run belongs to worker " +
+                      run->peers[r.rank() - 1].worker_id;
+          }
+          if (refusal.empty()) {
+            Run::Peer& peer = run->peers[r.rank() - 1];
+            if (peer.session != 0 && peer.session != session_id && sessions_.count(peer.session)) {
+              sessions_.at(peer.session).run_id.clear();
+            }
+            peer.session = session_id;
+            session.run_id = r.run_id();
+            peer.lease_deadline = LeaseEnd();
+            for (const auto& [key, value] : run->rendezvous) {
+              v1::CoordinatorMessage m;
+              v1::RendezvousValue* v = m.mutable_rendezvous();
+              v->set_run_id(r.run_id());
+              v->set_attempt(r.attempt());
+              v->set_key(key);
+              v->set_value(value);
+              out.push_back({session.writer, std::move(m)});
+            }
+          } else {
+            Log(LogLevel::kWarning, "register_refused", {{"worker", r.worker_id()}, {"run", r.run_id()}, {"reason", refusal}});
+            v1::CoordinatorMessage cancel;
+            cancel.mutable_cancel()->set_run_id(r.run_id());
+            cancel.mutable_cancel()->set_reason(refusal);
+            out.push_back({session.writer, cancel});
+          }
+        } else if (!r.run_id().empty()) {
           Run* run = run_of(r.run_id(), r.attempt());
           std::string refusal = run == nullptr ? "the lease of this attempt lapsed" : "";
           if (run != nullptr && run->record.summary.worker_id() != r.worker_id()) {
@@ -699,6 +833,9 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       case v1::WorkerMessage::kHeartbeat: {
         if (Run* run = runs_.count(msg.heartbeat().run_id()) ? &runs_.at(msg.heartbeat().run_id()) : nullptr) {
           if (run->session == session_id) Renew(*run);
+          for (Run::Peer& peer : run->peers) {
+            if (peer.session == session_id) peer.lease_deadline = LeaseEnd();
+          }
         }
         break;
       }
@@ -837,6 +974,14 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         // Acked once the run's end is stored, or when this attempt no longer holds the run
         // (it ended already: an outcome written again after a reconnect).
         const v1::RunFinished& f = msg.finished();
+        if (auto [peer_run, rank] = peer_rank(f.run_id(), f.attempt()); peer_run != nullptr) {
+          // A rank > 0 is done with the attempt; rank 0's finish ends the run.
+          peer_run->peers[rank - 1].done = true;
+          peer_run->peers[rank - 1].session = 0;
+          session.run_id.clear();
+          ack_outcome(f.run_id());
+          break;
+        }
         std::string why;
         Run* run = held(f.run_id(), f.attempt(), &why);
         if (run == nullptr) {
@@ -866,36 +1011,55 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             break;  // not stored: no ack, the worker writes it again
           }
         }
+        release_ended(f.run_id());
         ack_outcome(f.run_id());  // stored, or the run had ended already
         break;
       }
       case v1::WorkerMessage::kFailed: {
         const v1::RunFailed& f = msg.failed();
+        const v1::FailureReason reason =
+            v1::FailureReason_IsValid(f.reason()) && f.reason() != v1::FAILURE_REASON_UNSPECIFIED ? f.reason()
+                                                                                                   : v1::INTERNAL_ERROR;
         std::string why;
-        Run* run = held(f.run_id(), f.attempt(), &why);
+        auto [peer_run, rank] = peer_rank(f.run_id(), f.attempt());
+        Run* run = peer_run != nullptr ? peer_run : held(f.run_id(), f.attempt(), &why);
         if (run == nullptr && someone_elses(f.run_id(), f.attempt())) {
           refuse("outcome_refused", f.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
           break;
         }
         if (run != nullptr) {
-          const v1::FailureReason reason =
-              v1::FailureReason_IsValid(f.reason()) && f.reason() != v1::FAILURE_REASON_UNSPECIFIED
-                  ? f.reason()
-                  : v1::INTERNAL_ERROR;
-          if (!EndRunLocked(*run, v1::FAILED, reason, f.message(), "failed: " + v1::FailureReason_Name(reason)).ok()) {
-            break;  // not stored: no ack, the worker writes it again
+          const bool gang = !run->peers.empty();
+          const std::string who =
+              gang ? "rank " + std::to_string(rank < 0 ? 0 : rank) + " (worker " + session.worker_id + "): " : "";
+          if (reason == v1::RANK_LOST) {
+            // A rank saw the gang break (a peer gone, a collective past its timeout, a
+            // rendezvous a rank never reached): the whole gang restarts.
+            if (!RestartGangLocked(*run, who + f.message(), session_id, out).ok()) break;
+          } else {
+            const std::vector<std::shared_ptr<SessionWriter>> others = GangWritersLocked(*run, session_id);
+            if (!EndRunLocked(*run, v1::FAILED, reason, who + f.message(), "failed: " + v1::FailureReason_Name(reason))
+                     .ok()) {
+              break;  // not stored: no ack, the worker writes it again
+            }
+            v1::CoordinatorMessage cancel;
+            cancel.mutable_cancel()->set_run_id(f.run_id());
+            cancel.mutable_cancel()->set_reason("the run failed on " + (who.empty() ? "its worker" : who));
+            for (const auto& writer : others) out.push_back({writer, cancel});
           }
         }
+        release_ended(f.run_id());
         ack_outcome(f.run_id());
         break;
       }
       case v1::WorkerMessage::kReleased: {
         // The worker is shutting down and gave the run back after checkpointing it:
-        // requeued at once, no restart counted; the worker gets no new run.
+        // requeued at once, no restart counted; the worker gets no new run. Any rank of a
+        // gang may give it back (a drained node); the other ranks are told to stop.
         const v1::RunReleased& r = msg.released();
         session.draining = true;
         std::string why;
-        Run* run = held(r.run_id(), r.attempt(), &why);
+        auto [peer_run, rank] = peer_rank(r.run_id(), r.attempt());
+        Run* run = peer_run != nullptr ? peer_run : held(r.run_id(), r.attempt(), &why);
         if (run == nullptr && someone_elses(r.run_id(), r.attempt())) {
           refuse("release_refused", r.run_id(), why, [](v1::Ack* a) { a->set_outcome(true); });
           break;
@@ -903,19 +1067,53 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         if (run != nullptr) {
           const v1::RunSummary& s = run->record.summary;
           const int64_t step = r.step() >= 0 && r.step() <= s.total_steps() ? std::max(s.step(), r.step()) : -1;
+          const std::string worker = session.worker_id;
           Log(LogLevel::kInfo, "run_released",
-              {{"run", s.run_id()}, {"worker", s.worker_id()}, {"step", std::to_string(r.step())},
-               {"checkpoint_step", std::to_string(r.checkpoint_step())}, {"reason", r.reason()}});
+              {{"run", s.run_id()}, {"worker", worker}, {"rank", std::to_string(std::max(rank, 0))},
+               {"step", std::to_string(r.step())}, {"checkpoint_step", std::to_string(r.checkpoint_step())},
+               {"reason", r.reason()}});
+          const std::vector<std::shared_ptr<SessionWriter>> others = GangWritersLocked(*run, session_id);
           if (!RequeueLocked(*run, "released",
-                             "requeued: worker " + s.worker_id() + " stopped at step " + std::to_string(r.step()) +
+                             "requeued: worker " + worker + " stopped at step " + std::to_string(r.step()) +
                                  " and gave the run back (" + r.reason() + "); resumes from the checkpoint at step " +
                                  std::to_string(r.checkpoint_step()),
                              false, step)
                    .ok()) {
             break;  // not stored: no ack, the worker writes it again
           }
+          v1::CoordinatorMessage cancel;
+          cancel.mutable_cancel()->set_run_id(r.run_id());
+          cancel.mutable_cancel()->set_reason("worker " + worker + " gave the run back");
+          for (const auto& writer : others) out.push_back({writer, cancel});
         }
+        release_ended(r.run_id());
         ack_outcome(r.run_id());
+        break;
+      }
+      case v1::WorkerMessage::kRendezvousSet: {
+        // Only a rank of the gang's current attempt sets its keys, within bounds: a key is
+        // sent to every rank, so a hostile or buggy worker must not flood the gang.
+        const v1::RendezvousSet& r = msg.rendezvous_set();
+        auto it = runs_.find(r.run_id());
+        Run* run = it != runs_.end() ? &it->second : nullptr;
+        std::string refused;
+        if (run == nullptr || run->record.summary.state() != v1::RUNNING ||
+            run->record.summary.attempt() != r.attempt() || RankOfLocked(*run, session_id) < 0 || run->peers.empty()) {
+          refused = "this session holds no rank of the run's current attempt";
+        } else if (r.key().empty() || r.key().size() > kMaxRendezvousKey || r.value().size() > kMaxRendezvousValue) {
+          refused = "key of " + std::to_string(r.key().size()) + " bytes or value of " +
+                    std::to_string(r.value().size()) + " bytes is out of bounds";
+        } else if (!run->rendezvous.count(r.key()) &&
+                   run->rendezvous.size() >= kRendezvousKeysPerRank * (run->peers.size() + 1)) {
+          refused = "too many keys";
+        }
+        if (!refused.empty()) {
+          Log(LogLevel::kWarning, "rendezvous_refused",
+              {{"run", r.run_id()}, {"worker", session.worker_id}, {"key", r.key().substr(0, 64)}, {"reason", refused}});
+          break;
+        }
+        run->rendezvous[r.key()] = r.value();
+        SendRendezvousLocked(*run, r.key(), r.value(), out);
         break;
       }
       default:
@@ -929,23 +1127,31 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
 }
 
 void Coordinator::PlaceLocked(Outbox& out) {
+  // A gang waiting for workers its kind has holds back the runs of that kind behind it
+  // (no backfill), or small runs would keep the workers it needs busy forever.
+  std::set<int> held_back;
   for (auto it = queue_.begin(); it != queue_.end();) {
     Run& run = runs_.at(*it);
     v1::RunSummary& s = run.record.summary;
     const v1::Experiment& spec = experiments_.at(s.experiment_id()).summary.spec();
-    Session* chosen = nullptr;
-    int64_t chosen_id = 0;
-    for (auto& [id, session] : sessions_) {
-      if (!session.registered || session.draining || session.lapsed || !session.run_id.empty()) continue;
-      if (session.capabilities.device() != spec.resources().device()) continue;
-      if (session.capabilities.device_count() < spec.resources().devices_per_run()) continue;
-      const int64_t memory = session.capabilities.memory_bytes();
-      if (memory > 0 && EstimateRunMemory(spec).total_bytes() > static_cast<double>(memory)) continue;
-      chosen = &session;
-      chosen_id = id;
-      break;
+    const int W = std::max(1, spec.resources().devices_per_run());
+    const double need = EstimateRunMemory(spec).total_bytes();
+    std::vector<int64_t> chosen;  // one worker per rank, rank 0 first
+    int could_hold = 0;           // workers of its kind that could take a rank, busy or not
+    if (!held_back.count(spec.resources().device())) {
+      for (auto& [id, session] : sessions_) {
+        if (!session.registered || session.draining) continue;
+        if (session.capabilities.device() != spec.resources().device()) continue;
+        if (session.capabilities.device_count() < 1) continue;
+        const int64_t memory = session.capabilities.memory_bytes();
+        if (memory > 0 && need > static_cast<double>(memory)) continue;
+        ++could_hold;
+        if (session.lapsed || !session.run_id.empty()) continue;
+        if (static_cast<int>(chosen.size()) < W) chosen.push_back(id);
+      }
     }
-    if (chosen == nullptr) {
+    if (static_cast<int>(chosen.size()) < W) {
+      if (W > 1 && could_hold >= W) held_back.insert(spec.resources().device());
       // Say why in status and watch (after why it was requeued, if it was), once per change.
       std::string base = s.message();
       if (const size_t w = base.find("waiting: "); w != std::string::npos) base.resize(w >= 2 ? w - 2 : 0);
@@ -963,7 +1169,11 @@ void Coordinator::PlaceLocked(Outbox& out) {
     v1::RunSummary& u = updated.summary;
     u.set_state(v1::RUNNING);
     u.set_attempt(u.attempt() + 1);
-    u.set_worker_id(chosen->worker_id);
+    u.set_worker_id(sessions_.at(chosen[0]).worker_id);
+    u.clear_rank_workers();
+    if (W > 1) {
+      for (int64_t id : chosen) u.add_rank_workers(sessions_.at(id).worker_id);
+    }
     u.set_failure_reason(v1::FAILURE_REASON_UNSPECIFIED);
     u.set_message("");
     if (Status st = store_->StartAttempt(updated, NowMs()); !st.ok()) {
@@ -972,23 +1182,34 @@ void Coordinator::PlaceLocked(Outbox& out) {
     }
     run.record = std::move(updated);
     run.attempt_first_step = 0;
-    run.session = chosen_id;
-    chosen->run_id = s.run_id();
+    run.session = chosen[0];
+    run.peers.clear();
+    run.rendezvous.clear();
     Renew(run);
+    for (int k = 1; k < W; ++k) {
+      run.peers.push_back({sessions_.at(chosen[k]).worker_id, chosen[k], run.lease_deadline, false});
+    }
     const std::string dir =
         (std::filesystem::path(options_.checkpoint_root) / s.experiment_id() / s.run_id()).lexically_normal().string();
-    v1::CoordinatorMessage m;
-    v1::Assignment* a = m.mutable_assignment();
-    a->set_run_id(s.run_id());
-    a->set_experiment_id(s.experiment_id());
-    *a->mutable_experiment() = spec;
-    a->set_arm(s.arm());
-    a->set_seed(s.seed());
-    a->set_attempt(s.attempt());
-    a->set_checkpoint_dir(dir);
-    out.push_back({chosen->writer, m});
-    Log(LogLevel::kInfo, "run_assigned",
-        {{"run", s.run_id()}, {"worker", chosen->worker_id}, {"attempt", std::to_string(s.attempt())}});
+    for (int k = 0; k < W; ++k) {
+      Session& session = sessions_.at(chosen[k]);
+      session.run_id = s.run_id();
+      v1::CoordinatorMessage m;
+      v1::Assignment* a = m.mutable_assignment();
+      a->set_run_id(s.run_id());
+      a->set_experiment_id(s.experiment_id());
+      *a->mutable_experiment() = spec;
+      a->set_arm(s.arm());
+      a->set_seed(s.seed());
+      a->set_attempt(s.attempt());
+      a->set_checkpoint_dir(dir);
+      a->set_rank(k);
+      a->set_world_size(W);
+      out.push_back({session.writer, m});
+      Log(LogLevel::kInfo, "run_assigned",
+          {{"run", s.run_id()}, {"worker", session.worker_id}, {"attempt", std::to_string(s.attempt())},
+           {"rank", std::to_string(k)}, {"world_size", std::to_string(W)}});
+    }
     PublishSnapshotLocked(s.experiment_id());
     it = queue_.erase(it);
   }
@@ -1015,6 +1236,7 @@ void Coordinator::Tick() {
       for (auto& [id, run] : runs_) {
         if (run.record.summary.state() != v1::RUNNING) continue;
         run.lease_deadline += gap;
+        for (Run::Peer& peer : run.peers) peer.lease_deadline += gap;
         ++extended;
       }
       Log(LogLevel::kWarning, "coordinator_stalled",
@@ -1023,27 +1245,41 @@ void Coordinator::Tick() {
     }
     for (auto& [id, run] : runs_) {
       v1::RunSummary& s = run.record.summary;
-      if (s.state() != v1::RUNNING || now < run.lease_deadline) continue;
-      // The lease lapsed: the worker is gone or stuck. Stored first; when the store
-      // fails, nothing changes and the next tick tries again.
-      const int64_t holder = run.session;
-      const std::string worker = s.worker_id();
-      const int restarts = run.record.restarts + 1;
-      const int max_restarts = experiments_.at(s.experiment_id()).summary.spec().max_restarts();
-      Status stored =
-          restarts > max_restarts
-              ? EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
-                             "the worker's lease lapsed " + std::to_string(restarts) + " times (max_restarts " +
-                                 std::to_string(max_restarts) + ")",
-                             "lease lapsed", /*restart=*/true)
-              : RequeueLocked(run, "lease lapsed",
-                              "requeued after worker " + worker + " was lost at step " + std::to_string(s.step()),
-                              /*restart=*/true);
-      if (!stored.ok()) continue;
-      if (restarts <= max_restarts) {
-        Log(LogLevel::kWarning, "lease_lapsed",
-            {{"run", id}, {"worker", worker}, {"step", std::to_string(s.step())},
-             {"restarts", std::to_string(restarts)}});
+      if (s.state() != v1::RUNNING) continue;
+      // The rank whose lease lapsed (rank 0's is the run's): its worker is gone or stuck.
+      int lapsed = now >= run.lease_deadline ? 0 : -1;
+      for (size_t k = 0; lapsed < 0 && k < run.peers.size(); ++k) {
+        if (!run.peers[k].done && now >= run.peers[k].lease_deadline) lapsed = static_cast<int>(k) + 1;
+      }
+      if (lapsed < 0) continue;
+      const int64_t holder = lapsed == 0 ? run.session : run.peers[lapsed - 1].session;
+      const std::string worker = lapsed == 0 ? s.worker_id() : run.peers[lapsed - 1].worker_id;
+      if (!run.peers.empty()) {
+        // One rank lost stops the gang: every other rank is told to stop, the run restarts.
+        if (!RestartGangLocked(run, "rank " + std::to_string(lapsed) + " (worker " + worker + ") was lost",
+                               holder, out)
+                 .ok()) {
+          continue;
+        }
+      } else {
+        // Stored first; when the store fails, nothing changes and the next tick tries again.
+        const int restarts = run.record.restarts + 1;
+        const int max_restarts = experiments_.at(s.experiment_id()).summary.spec().max_restarts();
+        Status stored =
+            restarts > max_restarts
+                ? EndRunLocked(run, v1::FAILED, v1::RESTARTS_EXHAUSTED,
+                               "the worker's lease lapsed " + std::to_string(restarts) + " times (max_restarts " +
+                                   std::to_string(max_restarts) + ")",
+                               "lease lapsed", /*restart=*/true)
+                : RequeueLocked(run, "lease lapsed",
+                                "requeued after worker " + worker + " was lost at step " + std::to_string(s.step()),
+                                /*restart=*/true);
+        if (!stored.ok()) continue;
+        if (restarts <= max_restarts) {
+          Log(LogLevel::kWarning, "lease_lapsed",
+              {{"run", id}, {"worker", worker}, {"step", std::to_string(s.step())},
+               {"restarts", std::to_string(restarts)}});
+        }
       }
       if (holder != 0 && sessions_.count(holder)) {
         Session& old = sessions_.at(holder);

@@ -90,6 +90,10 @@ class Coordinator {
   // own delay.
   void Tick();
   static constexpr double kStallSeconds = 1.0;
+  // Bounds of a gang's rendezvous (RendezvousSet): key and value sizes, keys per rank.
+  static constexpr size_t kMaxRendezvousKey = 256;
+  static constexpr size_t kMaxRendezvousValue = 1 << 20;
+  static constexpr size_t kRendezvousKeysPerRank = 8;
 
   const Options& options() const { return options_; }
 
@@ -103,6 +107,19 @@ class Coordinator {
     // The first step the current attempt reported (0: none yet, or not since a restart of
     // the coordinator): a finish is taken only once every step from it on is stored.
     int64_t attempt_first_step = 0;
+    // A data-parallel run (resources.devices_per_run = W > 1): ranks 1 … W−1 of the
+    // current attempt, each on its own worker; rank 0 is `session`, `lease_deadline` and
+    // the record's worker_id. The gang is one attempt: a rank lost, stalled or failing in
+    // a collective stops every rank and restarts the run from its checkpoint.
+    struct Peer {
+      std::string worker_id;
+      int64_t session = 0;  // 0 while its worker is disconnected
+      Clock::TimePoint lease_deadline;
+      bool done = false;  // it reported the attempt's finish
+    };
+    std::vector<Peer> peers;
+    // The current attempt's rendezvous keys (RendezvousSet), sent to every rank.
+    std::map<std::string, std::string> rendezvous;
   };
   struct Session {
     std::shared_ptr<SessionWriter> writer;
@@ -122,8 +139,19 @@ class Coordinator {
 
   // All below require mu_.
   v1::ExperimentSummary SummaryLocked(const std::string& id, bool with_spec);
-  // Frees the run's worker session (if any) for another run.
-  void DetachSessionLocked(Run& run);
+  // Frees the run's worker sessions (every rank's) for another run; with
+  // `keep_running_peers`, a rank that has not reported its finish stays busy until it does.
+  void DetachSessionLocked(Run& run, bool keep_running_peers = false);
+  // The rank `session` holds in the run's current attempt; -1 for none.
+  int RankOfLocked(const Run& run, int64_t session) const;
+  // The streams of every rank of the run's current attempt but `except`'s.
+  std::vector<std::shared_ptr<SessionWriter>> GangWritersLocked(const Run& run, int64_t except) const;
+  // The gang's attempt ends because a rank was lost or a collective failed: requeued from
+  // its checkpoint with a restart counted (failed RESTARTS_EXHAUSTED past max_restarts),
+  // and every other rank is told to stop. Stored first; nothing changes on a store error.
+  Status RestartGangLocked(Run& run, const std::string& why, int64_t except_session, Outbox& out);
+  // Sends every rank of the run's attempt the key's value.
+  void SendRendezvousLocked(const Run& run, const std::string& key, const std::string& value, Outbox& out) const;
   // Ends the run's current attempt with `outcome` and queues it again (to resume from its
   // latest checkpoint), with `message` for people; `restart` counts a restart. Stored
   // first: on a store failure nothing changes, in memory or on disk, and the error is
@@ -158,6 +186,7 @@ class Coordinator {
   // Refuses an experiment no worker could hold, naming the estimate and the largest worker.
   Status CheckFitsLocked(const v1::Experiment& spec) const;
   void Renew(Run& run, double seconds = 0);  // 0: the lease period
+  Clock::TimePoint LeaseEnd(double seconds = 0) const;  // now + seconds (0: the lease period)
   int64_t NowMs() const;
 
   Store* store_;

@@ -12,7 +12,10 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <condition_variable>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -80,6 +83,7 @@ struct Record : RunObserver {
   std::vector<double> losses, val;
   std::vector<ProbeReport> probes;
   int64_t stop_after = 0;
+  StopKind kind = StopKind::kShutdown;
   int64_t last = 0;
   Status OnStep(const StepStats& s, double v, const ProbeReport* p) override {
     losses.push_back(s.loss);
@@ -89,13 +93,14 @@ struct Record : RunObserver {
     return OkStatus();
   }
   std::optional<StopKind> StopRequested() override {
-    if (stop_after > 0 && last >= stop_after) return StopKind::kShutdown;
+    if (stop_after > 0 && last >= stop_after) return kind;
     return std::nullopt;
   }
 };
 
-// Runs `o` over `ranks` threads; rank 0 reports to `rec`. Returns every rank's result.
-std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec) {
+// Runs `o` over `ranks` threads; rank 0 reports to `rec`, rank k > 0 to (*others)[k - 1]
+// when given. Returns every rank's result.
+std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec, std::vector<Record>* others = nullptr) {
   ManualClock clock;
   if (ranks == 1) {
     auto backend = MakeCpuBackend();
@@ -120,7 +125,8 @@ std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec) {
       mine.trainer.comm = comm->get();
       auto backend = MakeCpuBackend();
       Record quiet;
-      results[k] = RunLoop(mine, &Data(), backend.get(), k == 0 ? rec : &quiet, &clock);
+      Record* observer = k == 0 ? rec : others != nullptr ? &(*others)[k - 1] : &quiet;
+      results[k] = RunLoop(mine, &Data(), backend.get(), observer, &clock);
     });
   }
   for (auto& t : threads) t.join();
@@ -203,6 +209,26 @@ TEST(DataParallelTest, AStopOnRankZeroStopsTheGangAndItsResumeIsBitForBit) {
   EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(x), {}, std::istreambuf_iterator<char>(y)));
 }
 
+// A cancel that reaches rank 2 alone (first) stops all four after the same step, with
+// rank 0's checkpoint; only rank 2 reports the stop as its own.
+TEST(DataParallelTest, AStopOnAnyRankStopsTheGangAfterTheSameStep) {
+  const std::string dir = FreshDir("peer_stop");
+  Record rec;
+  std::vector<Record> others(3);
+  others[1].stop_after = 4;
+  others[1].kind = StopKind::kCancelled;
+  const std::vector<RunResult> results = RunGang(Options(dir, 9), 4, &rec, &others);
+  for (int k = 0; k < 4; ++k) {
+    const RunResult& r = results[k];
+    ASSERT_EQ(r.kind, RunResult::kStopped) << "rank " << k << ": " << r.Describe();
+    EXPECT_EQ(r.stop, StopKind::kCancelled);
+    EXPECT_EQ(r.step, 4);
+    EXPECT_EQ(r.checkpoint_step, 4);
+    EXPECT_EQ(r.stopped_by_peer, k != 2) << "rank " << k;
+  }
+  EXPECT_TRUE(fs::exists(dir + "/checkpoint.bin"));
+}
+
 TEST(DataParallelTest, AWorldThatDoesNotDivideTheMicroBatchIsRefused) {
   const std::string dir = FreshDir("indivisible");
   RunLoopOptions o = Options(dir, 2);
@@ -267,6 +293,69 @@ TEST(DataParallelTest, StepBatchProbesAreTheReportOfTheGlobalBatch) {
       }
     }
   }
+}
+
+// A Rendezvous kept in memory, as the coordinator keeps a gang's.
+class MemoryRendezvous final : public Rendezvous {
+ public:
+  Status Set(const std::string& key, const std::string& value) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    values_[key] = value;
+    cv_.notify_all();
+    return OkStatus();
+  }
+  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return values_.count(key) > 0; })) {
+      return Status(StatusCode::kDeadlineExceeded, "no value for " + key);
+    }
+    return values_.at(key);
+  }
+  std::vector<std::string> Keys() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> keys;
+    for (const auto& [k, v] : values_) keys.push_back(k);
+    return keys;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::string, std::string> values_;
+};
+
+TEST(DataParallelTest, RanksMeetThroughARendezvousAndItsTimeoutIsReported) {
+  auto rendezvous = std::make_shared<MemoryRendezvous>();
+  std::vector<std::unique_ptr<Communicator>> comms(3);
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 3; ++k) {
+    threads.emplace_back([&, k] {
+      GlooOptions g;
+      g.rank = k;
+      g.world_size = 3;
+      g.timeout = std::chrono::seconds(20);
+      auto c = ConnectGloo(g, std::static_pointer_cast<Rendezvous>(rendezvous));
+      ASSERT_TRUE(c.ok()) << c.status().ToString();
+      comms[k] = std::move(*c);
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(comms[0] && comms[1] && comms[2]);
+  for (const std::string& key : rendezvous->Keys()) EXPECT_EQ(key.rfind("gloo/", 0), 0u) << key;
+  std::vector<std::vector<double>> x = {{1, 2}, {10, 20}, {100, 200}};
+  std::vector<std::thread> sums;
+  for (int k = 0; k < 3; ++k) sums.emplace_back([&, k] { EXPECT_TRUE(comms[k]->AllReduceSum(x[k].data(), 2).ok()); });
+  for (auto& t : sums) t.join();
+  for (int k = 0; k < 3; ++k) EXPECT_EQ(x[k], (std::vector<double>{111, 222}));
+
+  // Alone in a world of two: the Rendezvous's wait runs out, as DEADLINE_EXCEEDED.
+  GlooOptions g;
+  g.rank = 1;
+  g.world_size = 2;
+  g.timeout = std::chrono::milliseconds(800);
+  const Status alone = ConnectGloo(g, std::static_pointer_cast<Rendezvous>(std::make_shared<MemoryRendezvous>())).status();
+  EXPECT_EQ(alone.code(), StatusCode::kDeadlineExceeded) << alone.ToString();
+  EXPECT_THAT(alone.message(), HasSubstr("rendezvous of rank 1 of 2 timed out after 0.8 s"));
 }
 
 TEST(DataParallelTest, ARankThatNeverArrivesIsDetected) {

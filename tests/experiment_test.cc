@@ -518,6 +518,11 @@ TEST(ExperimentRules, RatesAndSizes) {
            Case{"train: {grad_accum: -2}\n", "train.grad_accum: must be positive, got -2"},
            Case{"train: {steps: 0, warmup_steps: 0}\n", "train.steps: must be positive, got 0"},
            Case{"resources: {devices_per_run: 0}\n", "resources.devices_per_run: must be positive, got 0"},
+           Case{"resources: {devices_per_run: 3}\n",
+                "train.micro_batch: (8) must be a multiple of resources.devices_per_run (3): each rank trains an "
+                "equal share of every micro-batch"},
+           Case{"resources: {devices_per_run: 2048}\ntrain: {micro_batch: 2048}\n",
+                "resources.devices_per_run: must be at most 1024, got 2048"},
            Case{"max_restarts: -1\n", "max_restarts: must not be negative, got -1"},
            Case{"checkpoint: {every: -5}\n", "checkpoint.every: must not be negative, got -5"},
            Case{"probe: {every: -1}\n", "probe.every: must not be negative"},

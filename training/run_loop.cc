@@ -164,20 +164,24 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     }
     return saved;
   };
-  // Rank 0's stop request, for every rank (0 none, 1 + the StopKind).
+  // Any rank's stop request stops every rank after the same step (a cancel reaches the
+  // ranks at different moments; a drained worker may hold any rank): summed over the
+  // ranks, a shutdown anywhere makes the gang's stop a shutdown.
+  bool asked_here = false;
   auto stop_requested = [&]() -> StatusOr<std::optional<StopKind>> {
-    int32_t stop = 0;
-    if (owner) {
-      if (auto k = observer->StopRequested()) stop = 1 + static_cast<int32_t>(*k);
-    }
-    RETURN_IF_ERROR(share(&stop));
-    if (stop == 0) return std::optional<StopKind>();
-    return std::optional<StopKind>(static_cast<StopKind>(stop - 1));
+    double asked[2] = {0, 0};  // cancelled, shut down
+    const std::optional<StopKind> mine = observer->StopRequested();
+    if (mine) asked[*mine == StopKind::kShutdown] = 1;
+    if (W > 1) RETURN_IF_ERROR(comm->AllReduceSum(asked, 2));
+    asked_here = mine.has_value();
+    if (asked[0] + asked[1] == 0) return std::optional<StopKind>();
+    return std::optional<StopKind>(asked[1] > 0 ? StopKind::kShutdown : StopKind::kCancelled);
   };
   // A stop after a step: the state is checkpointed (once) and the run ends.
   auto stopped = [&](StopKind kind) {
     r.kind = RunResult::kStopped;
     r.stop = kind;
+    r.stopped_by_peer = !asked_here;
     r.step = trainer->step();
     if (r.checkpoint_step != trainer->step()) r.error = save(/*retry=*/false).status;
     return r;
@@ -211,7 +215,10 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     if (Status st = observer->OnStep(s, val, probed ? &report : nullptr); !st.ok()) return fail(st);
     if (IsEveryOrLast(s.step, o.checkpoint_every, o.total_steps)) {
       Saved saved = save(/*retry=*/true);
-      if (saved.stop) return stopped(*saved.stop);
+      if (saved.stop) {
+        asked_here = owner;  // rank 0's own request, seen while its retry waited
+        return stopped(*saved.stop);
+      }
       if (!saved.status.ok()) {
         r.kind = RunResult::kGiveBack;
         r.error = Status(saved.status.code(), "checkpoint " + ckpt + " cannot be written (" +

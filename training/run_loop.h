@@ -76,7 +76,10 @@ struct RunResult {
     kGiveBack,   // the checkpoint cannot be written here: the run may go on elsewhere from the last one
     kError,      // anything else (setup, resume, a hook, the export): `error` says what
   } kind = kFinished;
-  StopKind stop = StopKind::kCancelled;  // kStopped
+  StopKind stop = StopKind::kCancelled;  // kStopped: the gang's (a shutdown on any rank wins)
+  // kStopped: this rank was not asked to stop; another rank of its gang was (its front end
+  // reports nothing: the rank that was asked does).
+  bool stopped_by_peer = false;
   Status error;                          // kError; kStopped/kNonFinite: a checkpoint that failed
   int64_t step = 0;                      // the last completed step
   int64_t checkpoint_step = -1;          // the step of the checkpoint on disk; -1 for none

@@ -14,6 +14,7 @@
 #include "runspec/convert.h"
 #include "schema/experiment.h"
 #include "base/log.h"
+#include "engine/gloo/gloo_communicator.h"
 #include "training/hf.h"
 #include "training/run_loop.h"
 #include "training/trainer.h"
@@ -415,9 +416,11 @@ v1::WorkerMessage Worker::MakeRegisterLocked() const {
   if (current_ && !current_->cancelled) {
     r->set_run_id(current_->run_id);
     r->set_attempt(current_->attempt);
+    r->set_rank(current_->rank);
   } else if (next_) {
     r->set_run_id(next_->run_id());
     r->set_attempt(next_->attempt());
+    r->set_rank(next_->rank());
   } else {
     // A run that ended while disconnected: its outcome is still to be written or acked.
     if (auto outcome = outbox_.PendingOutcome()) {
@@ -470,6 +473,13 @@ void Worker::HandleMessageLocked(const v1::CoordinatorMessage& m) {
     case v1::CoordinatorMessage::kCancel:
       HandleCancelLocked(m.cancel());
       break;
+    case v1::CoordinatorMessage::kRendezvous: {
+      const v1::RendezvousValue& v = m.rendezvous();
+      const bool current = current_ && current_->run_id == v.run_id() && current_->attempt == v.attempt();
+      const bool next = next_ && next_->run_id() == v.run_id() && next_->attempt() == v.attempt();
+      if (current || next) rendezvous_[v.run_id() + "#" + Str(v.attempt())][v.key()] = v.value();
+      break;
+    }
     case v1::CoordinatorMessage::MESSAGE_NOT_SET:
       Log(LogLevel::kWarning, "unknown_message", {{"detail", "a coordinator message with no known field"}});
       break;
@@ -502,7 +512,15 @@ void Worker::HandleAssignmentLocked(const v1::Assignment& a) {
   }
   const bool busy = (current_ && !current_->cancelled) || next_.has_value();
   if (busy) {
-    if (current_ && !current_->cancelled && current_->run_id == a.run_id()) {
+    if (current_ && !current_->cancelled && current_->run_id == a.run_id() && current_->attempt != a.attempt() &&
+        (current_->world_size > 1 || a.world_size() > 1)) {
+      // A gang's new attempt meets anew (a new rendezvous, perhaps other ranks): the old
+      // attempt stops and this one starts after it.
+      Log(LogLevel::kInfo, "attempt_replaced",
+          {{"run_id", a.run_id()}, {"from", Str(current_->attempt)}, {"to", Str(a.attempt())}});
+      current_->cancelled = true;
+      next_ = a;
+    } else if (current_ && !current_->cancelled && current_->run_id == a.run_id()) {
       // The coordinator gave the run we are still training a new lease: carry on under it.
       if (current_->attempt != a.attempt()) {
         Log(LogLevel::kInfo, "attempt_renewed",
@@ -524,7 +542,7 @@ void Worker::HandleAssignmentLocked(const v1::Assignment& a) {
   cancelled_runs_.erase(a.run_id());
   next_ = a;
   if (current_) return;  // a cancelled run is stopping; the training thread takes next_ after it
-  current_ = CurrentRun{a.run_id(), a.attempt(), 0, false};
+  current_ = CurrentRun{a.run_id(), a.attempt(), 0, false, a.rank(), std::max(1, a.world_size())};
   if (!training_thread_active_) {
     if (training_thread_.joinable()) training_thread_.join();  // it has returned or is about to
     training_thread_active_ = true;
@@ -570,8 +588,11 @@ void Worker::TrainingLoop() {
       }
       a = std::move(*next_);
       next_.reset();
-      current_ = CurrentRun{a.run_id(), a.attempt(), 0, false};
+      current_ = CurrentRun{a.run_id(), a.attempt(), 0, false, a.rank(), std::max(1, a.world_size())};
       ++runs_started_;
+      for (auto it = rendezvous_.begin(); it != rendezvous_.end();) {  // only this attempt's are needed now
+        it = it->first == a.run_id() + "#" + Str(a.attempt()) ? std::next(it) : rendezvous_.erase(it);
+      }
     }
     RunEnd end;
     try {
@@ -667,6 +688,48 @@ StatusOr<std::shared_ptr<const DataSplits>> Worker::LoadRunData(const v1::Experi
   return data_;
 }
 
+// A gang's rendezvous through the coordinator: a key set here goes out as a
+// RendezvousSet; the coordinator sends every key of the attempt to every rank
+// (RendezvousValue, kept in current_). A wait ends early when the run is cancelled.
+class Worker::ServiceRendezvous final : public Rendezvous {
+ public:
+  ServiceRendezvous(Worker* w, std::string run_id, int32_t attempt) : w_(*w), run_(std::move(run_id)), attempt_(attempt) {}
+  Status Set(const std::string& key, const std::string& value) override {
+    std::lock_guard<std::mutex> lock(w_.mu_);
+    if (w_.StopRequestedLocked(run_)) return CancelledError("the run was stopped");
+    w_.rendezvous_[run_ + "#" + Str(attempt_)][key] = value;
+    v1::WorkerMessage m;
+    v1::RendezvousSet* r = m.mutable_rendezvous_set();
+    r->set_run_id(run_);
+    r->set_attempt(attempt_);
+    r->set_key(key);
+    r->set_value(value);
+    w_.EnqueueLocked(run_, std::move(m), false);
+    return OkStatus();
+  }
+  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(w_.mu_);
+    const std::string* found = nullptr;
+    bool stopped = false;
+    w_.cv_.wait_for(lock, timeout, [&] {
+      stopped = w_.StopRequestedLocked(run_).has_value();
+      if (auto values = w_.rendezvous_.find(run_ + "#" + Str(attempt_)); values != w_.rendezvous_.end()) {
+        auto it = values->second.find(key);
+        if (it != values->second.end()) found = &it->second;
+      }
+      return found != nullptr || stopped;
+    });
+    if (found != nullptr) return *found;
+    if (stopped) return CancelledError("the run was stopped during its rendezvous");
+    return Status(StatusCode::kDeadlineExceeded, "no rank set " + key + " within the timeout");
+  }
+
+ private:
+  Worker& w_;
+  const std::string run_;
+  const int32_t attempt_;
+};
+
 Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   const std::string& run = a.run_id();
   auto failed = [](v1::FailureReason reason, std::string message, int64_t step) {
@@ -687,9 +750,11 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
                       "; this worker runs only the CPU backend",
                   0);
   }
-  if (e.resources().devices_per_run() > 1) {
+  const int W = std::max(1, a.world_size()), rank = a.rank();
+  if (W != e.resources().devices_per_run() || rank < 0 || rank >= W) {
     return failed(v1::UNSUPPORTED,
-                  "resources.devices_per_run is " + Str(e.resources().devices_per_run()) + "; this worker has 1 device",
+                  "the assignment's rank " + Str(rank) + " of " + Str(W) + " does not fit resources.devices_per_run = " +
+                      Str(e.resources().devices_per_run()) + " (one rank per worker)",
                   0);
   }
   if (a.arm() == v1::ARM_UNSPECIFIED) return failed(v1::UNSUPPORTED, "the assignment names no arm", 0);
@@ -724,6 +789,8 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   class ServiceRun final : public RunObserver {
    public:
     ServiceRun(Worker* w, const v1::Assignment& a, int64_t total) : w_(*w), a_(a), total_(total) {}
+    // Ranks > 0 train and heartbeat but report nothing: rank 0 reports the gang's steps
+    // and probes (of the global batch).
     void OnStaleFileRemoved(const std::string& path) override {
       Log(LogLevel::kInfo, "stale_file_removed", {{"run_id", a_.run_id()}, {"path", path}});
     }
@@ -738,6 +805,11 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     }
     Status OnStep(const StepStats& s, double val_loss, const ProbeReport* report) override {
       const std::string& run = a_.run_id();
+      if (a_.rank() > 0) {
+        std::lock_guard<std::mutex> lock(w_.mu_);
+        if (w_.current_ && w_.current_->run_id == run) w_.current_->step = s.step;
+        return OkStatus();
+      }
       v1::WorkerMessage pm;
       v1::Progress* p = pm.mutable_progress();
       p->set_run_id(run);
@@ -796,15 +868,40 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   RunLoopOptions o = ToRunLoopOptions(e, a.arm(), a.seed(), peak_flops_, a.checkpoint_dir(), /*resume=*/true);
   o.checkpoint_retries = options_.checkpoint_retries;
   o.checkpoint_backoff = options_.checkpoint_backoff;
+  // A gang's rank meets the others through the coordinator, then trains its share of
+  // every batch with them over Gloo. A rendezvous or a collective that fails is the
+  // gang's failure (RANK_LOST): the coordinator restarts every rank.
+  std::unique_ptr<Communicator> comm;
+  const std::string who = "rank " + Str(rank) + " of " + Str(W);
+  auto rank_lost = [&](const Status& st, int64_t step) { return failed(v1::RANK_LOST, who + ": " + st.message(), step); };
+  if (W > 1) {
+    GlooOptions g;
+    g.rank = rank;
+    g.world_size = W;
+    g.hostname = options_.gloo_host;
+    g.timeout = options_.collective_timeout;
+    Log(LogLevel::kInfo, "rendezvous", {{"run_id", run}, {"rank", Str(rank)}, {"world_size", Str(W)}});
+    auto connected = ConnectGloo(g, std::make_shared<ServiceRendezvous>(this, run, a.attempt()));
+    if (!connected.ok()) {
+      if (StopRequested(run)) return RunEnd{RunEnd::kCancelled, v1::FAILURE_REASON_UNSPECIFIED, "", 0};
+      return rank_lost(connected.status(), 0);
+    }
+    comm = std::move(*connected);
+    o.trainer.comm = comm.get();
+  }
   ServiceRun service_run(this, a, o.total_steps);
   const RunResult r = RunLoop(o, data->get(), backend_.get(), &service_run, clock_);
   const int64_t saved = std::max<int64_t>(r.checkpoint_step, 0);
+  const RunEnd quiet{RunEnd::kCancelled, v1::FAILURE_REASON_UNSPECIFIED, "", r.step, saved};  // nothing to report
   switch (r.kind) {
     case RunResult::kFinished:
       return RunEnd{RunEnd::kFinished, v1::FAILURE_REASON_UNSPECIFIED, "", r.step};
     case RunResult::kNonFinite:
+      if (rank > 0) return quiet;  // the loss is the gang's: rank 0 reports it
       return failed(v1::NUMERICAL, r.Describe(), r.step);
     case RunResult::kStopped: {
+      // Stopped because another rank of the gang was asked to: that rank reports it.
+      if (r.stopped_by_peer) return quiet;
       const RunEnd::Kind kind = r.stop == StopKind::kCancelled ? RunEnd::kCancelled : RunEnd::kShutdown;
       RunEnd end{kind, v1::FAILURE_REASON_UNSPECIFIED, "", r.step, saved};
       if (!r.error.ok()) end.message = "checkpoint " + r.checkpoint_path + ": " + r.error.message();
@@ -815,8 +912,13 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       return end;
     }
     case RunResult::kGiveBack:
+      if (rank > 0) return quiet;  // rank 0's checkpoint failed: rank 0 gives the run back
       return RunEnd{RunEnd::kGiveBack, v1::FAILURE_REASON_UNSPECIFIED, r.error.message(), r.step, saved};
     case RunResult::kError:
+      if (W > 1 && (r.error.code() == StatusCode::kDeadlineExceeded || r.error.code() == StatusCode::kUnavailable)) {
+        if (StopRequested(run)) return quiet;  // the gang was stopped: its peers are gone
+        return rank_lost(r.error, r.step);
+      }
       return failed(v1::INTERNAL_ERROR, r.error.message(), r.step);
   }
   return failed(v1::INTERNAL_ERROR, "unknown run end", r.step);

@@ -74,6 +74,13 @@ struct WorkerOptions {
   std::chrono::milliseconds checkpoint_backoff{500};
   // Seed of the back-off jitter; 0: random.
   uint64_t jitter_seed = 0;
+  // Data-parallel runs (Assignment.world_size > 1, CPU ranks over Gloo's TCP transport):
+  // the address this worker's rank listens on for its peers, which they must reach (a pod
+  // IP, a host's address on the cluster network; 127.0.0.1 when every worker is on one
+  // machine), and the timeout of the rendezvous and of every collective: a rank lost or
+  // stuck makes the others fail within it, and the coordinator restarts the gang.
+  std::string gloo_host = "127.0.0.1";
+  std::chrono::milliseconds collective_timeout{60000};
   // Fault injection for tests: once a run of this worker completes this step (and its
   // checkpoint, if due), training stops and waits for a cancel or shutdown while the
   // worker keeps heartbeating, so a test can kill a worker at a known step. 0: off.
@@ -131,7 +138,10 @@ class Worker {
     int32_t attempt = 0;
     int64_t step = 0;        // completed steps, for heartbeats
     bool cancelled = false;  // CancelRun received: stop after the step, send nothing else
+    int32_t rank = 0;        // in a gang of world_size ranks
+    int32_t world_size = 1;
   };
+  class ServiceRendezvous;
   // How a run's training ended.
   struct RunEnd {
     // kGiveBack: the run cannot go on here (its checkpoint cannot be written) but can
@@ -202,6 +212,10 @@ class Worker {
   std::set<std::string> cancelled_runs_;
   std::optional<CurrentRun> current_;
   std::optional<v1::Assignment> next_;  // for the training thread to take
+  // The rendezvous keys of the current or next run's attempt (RendezvousValue), by
+  // "<run_id>#<attempt>": a peer may set them before this worker's training thread has
+  // finished the previous attempt.
+  std::map<std::string, std::map<std::string, std::string>> rendezvous_;
   bool training_thread_active_ = false;
   std::thread training_thread_;
   Status shutdown_status_;  // the checkpoint written because of Shutdown

@@ -94,6 +94,17 @@ int Main(int argc, char** argv) {
                  "store failed and recovered gets it without a reconnect")
       ->check(flags::Number(0.001, 86400))
       ->default_val(10);
+  double collective_timeout = 60;
+  auto* dp = app.add_option_group("data parallel", "runs of several ranks, one per worker (resources.devices_per_run)");
+  dp->add_option("--gloo-host", options.gloo_host,
+                 "the address this worker's rank listens on for the other ranks; they must reach it (a pod IP, "
+                 "the host's cluster address)")
+      ->envname("SINKSCOPE_GLOO_HOST")
+      ->default_val("127.0.0.1");
+  dp->add_option("--collective-timeout", collective_timeout,
+                 "seconds a rendezvous or collective may wait for the other ranks before the gang is restarted")
+      ->check(CLI::PositiveNumber)
+      ->default_val(60);
   auto* faults = app.add_option_group("fault injection", "for tests");
   faults->add_option("--fault-stall-after-step", stall_after,
                      "after completing step N of a run (and its checkpoint, if due), stop training and wait for a "
@@ -102,6 +113,7 @@ int Main(int argc, char** argv) {
   faults->add_option("--fault-step-delay-ms", step_delay_ms, "pause MS milliseconds before every step")
       ->check(flags::Integer(0, 3600000));
   if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  options.collective_timeout = std::chrono::milliseconds(static_cast<int64_t>(collective_timeout * 1000));
   options.fault_stall_after_step = stall_after;
   options.fault_step_delay = std::chrono::milliseconds(step_delay_ms);
   options.resend_after = std::chrono::milliseconds(static_cast<int64_t>(resend_seconds * 1000));

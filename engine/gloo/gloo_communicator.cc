@@ -15,6 +15,8 @@
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
+#include <stdexcept>
+#include <vector>
 
 namespace sinkscope {
 namespace {
@@ -49,6 +51,42 @@ class TimedStore final : public gloo::rendezvous::Store {
 
  private:
   std::shared_ptr<gloo::rendezvous::Store> inner_;
+  std::chrono::milliseconds timeout_;
+};
+
+// Gloo's store over a Rendezvous. Gloo reports store failures as exceptions; a timeout
+// says "timed out" so ConnectGloo maps it to DEADLINE_EXCEEDED.
+class RendezvousStore final : public gloo::rendezvous::Store {
+ public:
+  RendezvousStore(std::shared_ptr<Rendezvous> inner, std::chrono::milliseconds timeout)
+      : inner_(std::move(inner)), timeout_(timeout) {}
+  void set(const std::string& key, const std::vector<char>& data) override {
+    Status st = inner_->Set("gloo/" + key, std::string(data.begin(), data.end()));
+    if (!st.ok()) throw std::runtime_error("rendezvous set " + key + ": " + st.message());
+  }
+  std::vector<char> get(const std::string& key) override {
+    auto v = Get(key, timeout_);
+    return std::vector<char>(v.begin(), v.end());
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    const auto deadline = std::chrono::steady_clock::now() + std::min(timeout, timeout_);
+    for (const std::string& key : keys) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      Get(key, std::max(left, std::chrono::milliseconds(0)));
+    }
+  }
+
+ private:
+  std::string Get(const std::string& key, std::chrono::milliseconds timeout) {
+    StatusOr<std::string> v = inner_->Get("gloo/" + key, timeout);
+    if (v.ok()) return *v;
+    if (v.status().code() == StatusCode::kDeadlineExceeded) {
+      throw std::runtime_error("timed out waiting for rendezvous key " + key + " (" + v.status().message() + ")");
+    }
+    throw std::runtime_error("rendezvous key " + key + ": " + v.status().message());
+  }
+  std::shared_ptr<Rendezvous> inner_;
   std::chrono::milliseconds timeout_;
 };
 
@@ -153,6 +191,10 @@ std::shared_ptr<gloo::rendezvous::Store> MakeFolderStore(const std::string& dir)
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   return std::make_shared<gloo::rendezvous::FileStore>(dir);
+}
+
+StatusOr<std::unique_ptr<Communicator>> ConnectGloo(const GlooOptions& o, std::shared_ptr<Rendezvous> rendezvous) {
+  return ConnectGloo(o, std::make_shared<RendezvousStore>(std::move(rendezvous), o.timeout));
 }
 
 StatusOr<std::unique_ptr<Communicator>> ConnectGloo(const GlooOptions& o,

@@ -1,7 +1,7 @@
 // The CPU ranks' communicator over Gloo's TCP transport (Debian libgloo). Ranks meet
 // through a rendezvous store: in-process (the ranks of sinkscope-train --ranks N, tests),
-// a shared folder (ranks of one node in separate processes), or, for the service, one
-// that goes through the coordinator (to come). Each collective runs with `timeout`.
+// a shared folder (ranks of one node in separate processes), or any Rendezvous (the
+// service's goes through the coordinator). Each collective runs with `timeout`.
 #pragma once
 
 #include <chrono>
@@ -34,5 +34,7 @@ std::shared_ptr<gloo::rendezvous::Store> MakeFolderStore(const std::string& dir)
 // that does not come is DEADLINE_EXCEEDED naming the ranks present.
 StatusOr<std::unique_ptr<Communicator>> ConnectGloo(const GlooOptions& options,
                                                     std::shared_ptr<gloo::rendezvous::Store> store);
+// The same through a Rendezvous; keys are prefixed with "gloo/".
+StatusOr<std::unique_ptr<Communicator>> ConnectGloo(const GlooOptions& options, std::shared_ptr<Rendezvous> rendezvous);
 
 }  // namespace sinkscope
