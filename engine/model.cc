@@ -304,7 +304,7 @@ double Model::ForwardBackward(const int32_t* tokens, const int32_t* targets, int
 }
 
 void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
-                                double* loss_acc, PassObserver* observer) {
+                                double* loss_acc, PassObserver* observer, const GradientsReady* ready) {
   Forward(tokens, B, T, observer);
   Backend& be = *backend_;
   const ModelConfig& c = config_;
@@ -323,6 +323,9 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
   be.Fill(d_res_a_, 0.0f, Nd);
   be.RmsNormBackward(d_res_a_, gain_grad(grads_ + off_final_norm_), d_norm_, residual_[c.layers],
                      params_ + off_final_norm_, rstd_f_, N, d);
+  const bool tell = pg && ready != nullptr;
+  auto layer_begin = [&](int l) { return l < c.layers ? layer_off_[l].attn_norm : off_final_norm_; };
+  if (tell) (*ready)(off_final_norm_, num_params_);  // the final norm (and an untied LM head)
   // d_res_a_ holds ∂L/∂h_out of the last block; the two residual buffers alternate.
   float* d_out = d_res_a_;
   float* d_half = d_res_b_;
@@ -366,8 +369,10 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
     if (observer) observer->OnGradient(l, Site::kHIn, d_in, d_half, B, T);
     d_out = d_in;  // ∂L/∂h_in of block l is ∂L/∂h_out of block l−1
     d_half = (d_out == d_res_a_) ? d_res_b_ : d_res_a_;
+    if (tell) (*ready)(layer_begin(l), layer_begin(l + 1));
   }
   if (pg) be.EmbeddingBackward(grads_ + off_embed_, d_out, tokens_dev_, N, d);
+  if (tell) (*ready)(off_embed_, layer_begin(0));  // the embedding (and a tied LM head)
 }
 
 }  // namespace sinkscope

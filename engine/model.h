@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -124,8 +125,16 @@ class Model {
   // As ForwardBackward and Evaluate without waiting: the micro-batch's Σ token losses
   // are added to *loss_acc, a device double (Backend::AllocScalars), read when the caller
   // wants it — once per step.
+  //
+  // `ready`, when given, is called as ranges [begin, end) of the gradient buffer become
+  // final in this backward — the LM head and final norm first, then each block from the
+  // last down, the embedding last; together they cover every parameter once, highest
+  // offsets first, each range adjacent to the one before. A range is final once the work
+  // the backend has queued so far completes (on the CPU, at once). Data parallelism
+  // all-reduces them while the backward goes on.
+  using GradientsReady = std::function<void(size_t begin, size_t end)>;
   void ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_scale,
-                           double* loss_acc, PassObserver* observer = nullptr);
+                           double* loss_acc, PassObserver* observer = nullptr, const GradientsReady* ready = nullptr);
   void EvaluateInto(const int32_t* tokens, const int32_t* targets, int B, int T, double* loss_acc,
                     PassObserver* observer = nullptr);
 

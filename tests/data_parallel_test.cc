@@ -229,6 +229,25 @@ TEST(DataParallelTest, AStopOnAnyRankStopsTheGangAfterTheSameStep) {
   EXPECT_TRUE(fs::exists(dir + "/checkpoint.bin"));
 }
 
+// The gradients all-reduced in buckets during the backward (one per block, merged ones,
+// or all at once after it) are the same sums: with two ranks each element is a + b
+// whichever bucket holds it, so the runs are bit for bit the same.
+TEST(DataParallelTest, BucketedAllReduceDuringTheBackwardIsTheSameSum) {
+  std::vector<std::string> checkpoints;
+  for (size_t bucket : {size_t{0}, size_t{1}, size_t{5000}, size_t{1} << 20}) {
+    const std::string dir = FreshDir("bucket" + std::to_string(bucket));
+    RunLoopOptions o = Options(dir, 5);
+    o.trainer.allreduce_bucket_floats = bucket;
+    o.probe_every = 0;
+    Record rec;
+    for (const RunResult& r : RunGang(o, 2, &rec)) ASSERT_EQ(r.kind, RunResult::kFinished) << r.Describe();
+    std::ifstream f(dir + "/checkpoint.bin", std::ios::binary);
+    checkpoints.emplace_back(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    ASSERT_FALSE(checkpoints.back().empty());
+  }
+  for (size_t i = 1; i < checkpoints.size(); ++i) EXPECT_TRUE(checkpoints[i] == checkpoints[0]) << "bucket case " << i;
+}
+
 TEST(DataParallelTest, AWorldThatDoesNotDivideTheMicroBatchIsRefused) {
   const std::string dir = FreshDir("indivisible");
   RunLoopOptions o = Options(dir, 2);

@@ -47,7 +47,8 @@ struct RunSummary {
   // final_loss is the last step's loss, as the service's status and compare show it.
   double first_loss = NAN, final_loss = NAN, val_loss = NAN, tokens_per_second = 0;
   double mean_loss_last_10 = NAN;  // mean loss of the last (up to) 10 steps
-  double allreduce_seconds = 0;    // per step, with --ranks > 1
+  double allreduce_seconds = 0;    // per step, with --ranks > 1: waited for after the backward
+  double allreduce_busy_seconds = 0;  // per step: the all-reduces' own time, overlapped or not
   int64_t steps = 0;
   std::string dir;
   bool probed = false;
@@ -210,6 +211,7 @@ class LocalRun final : public RunObserver {
     if (s.step > 1) {  // the first step pays one-time allocation
       tok_s_sum_ += s.tokens_per_second;
       comm_sum_ += s.comm_seconds;
+      comm_busy_sum_ += s.comm_busy_seconds;
       ++timed_steps_;
     }
     nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
@@ -241,6 +243,7 @@ class LocalRun final : public RunObserver {
     }
     r_.tokens_per_second = timed_steps_ ? tok_s_sum_ / timed_steps_ : 0;
     r_.allreduce_seconds = timed_steps_ ? comm_sum_ / timed_steps_ : 0;
+    r_.allreduce_busy_seconds = timed_steps_ ? comm_busy_sum_ / timed_steps_ : 0;
     return OkStatus();
   }
 
@@ -261,12 +264,14 @@ class LocalRun final : public RunObserver {
   const std::atomic<int>* interrupted_;
   JsonlLog metrics_, probes_;
   std::deque<double> last_losses_;  // of the last (up to) 10 steps
-  double tok_s_sum_ = 0, comm_sum_ = 0;
+  double tok_s_sum_ = 0, comm_sum_ = 0, comm_busy_sum_ = 0;
   int64_t timed_steps_ = 0;
 };
 
 // --bf16: every rank trains on the bf16 mode of the CPU backend.
 bool g_bf16 = false;
+// --allreduce-bucket-mb: floats per gradient bucket all-reduced during the backward (0: after it).
+size_t g_bucket_floats = size_t{1} << 20;
 
 // Set by SIGINT/SIGTERM: the run stops after its step and checkpoints; --resume continues.
 std::atomic<int> g_interrupted{0};
@@ -287,6 +292,7 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
   r.seed = seed;
   r.dir = out + "/" + r.arm + "-s" + std::to_string(seed);
   RunLoopOptions o = ToRunLoopOptions(e, arm, seed, peak_flops, r.dir, resume);
+  o.trainer.allreduce_bucket_floats = g_bucket_floats;
   LocalRun local(&r, o.total_steps, &g_interrupted);
   RunResult result;
   if (ranks == 1) {
@@ -363,6 +369,12 @@ int Main(int argc, char** argv) {
                  "over loopback); train.micro_batch is the global micro-batch and must be a multiple of N")
       ->check(flags::Integer(1, 64))
       ->default_val(1);
+  double bucket_mb = 4;
+  app.add_option("--allreduce-bucket-mb", bucket_mb,
+                 "with --ranks > 1: all-reduce the gradients in buckets of this many MB while the backward runs "
+                 "(0: in one all-reduce after it)")
+      ->check(CLI::Range(0.0, 4096.0))
+      ->default_val(4);
   app.add_flag("--resume", resume,
                "continue each run from its latest checkpoint in --out; metrics.jsonl and probes.jsonl keep the "
                "records up to the checkpoint's step (Ctrl-C stops a run after its step with a checkpoint)");
@@ -373,6 +385,7 @@ int Main(int argc, char** argv) {
   app.add_flag("--print-model", print_model,
                "print the baseline arm's model config (as a checkpoint header holds it) and exit");
   if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  g_bucket_floats = static_cast<size_t>(bucket_mb * 1e6 / sizeof(float));
   auto e = LoadExperimentFile(file);
   if (!e.ok()) {
     std::fprintf(stderr, "sinkscope-train: %s\n", e.status().message().c_str());
@@ -441,7 +454,8 @@ int Main(int argc, char** argv) {
                            {"final_loss", r.final_loss}, {"mean_loss_last_10", r.mean_loss_last_10},
                            {"val_loss", r.val_loss},
                            {"tokens_per_second", r.tokens_per_second},
-                           {"allreduce_seconds_per_step", r.allreduce_seconds}, {"dir", r.dir}});
+                           {"allreduce_seconds_per_step", r.allreduce_seconds},
+                           {"allreduce_busy_seconds_per_step", r.allreduce_busy_seconds}, {"dir", r.dir}});
       if (r.probed) j["runs"].back()["last_probe"] = ProbeReportToJson(r.last_probe);
     }
     std::printf("%s\n", j.dump(1).c_str());

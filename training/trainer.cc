@@ -1,10 +1,92 @@
 #include "training/trainer.h"
 
 #include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
 
 #include "base/rng.h"
 
 namespace sinkscope {
+
+namespace {
+
+// All-reduces ranges of the gradient on its own thread as the backward hands them over
+// (highest offsets first, each adjacent to the one before): adjacent ranges are merged
+// until a bucket holds at least `bucket` floats, then summed over the ranks while the
+// backward computes the next blocks. The same buckets on every rank, in the same order.
+class BucketedAllReduce {
+ public:
+  BucketedAllReduce(Communicator* comm, float* grads, size_t bucket)
+      : comm_(comm), grads_(grads), bucket_(bucket), thread_([this] { Loop(); }) {}
+  ~BucketedAllReduce() {
+    if (thread_.joinable()) (void)Finish();
+  }
+  void Ready(size_t begin, size_t end) {
+    if (begin >= end) return;
+    const bool empty = pending_begin_ == pending_end_;
+    if (!empty && end != pending_begin_) Submit();  // not adjacent (never expected): its own bucket
+    if (pending_begin_ == pending_end_) pending_end_ = end;
+    pending_begin_ = begin;
+    if (pending_end_ - pending_begin_ >= bucket_) Submit();
+  }
+  // The rest, then waits for every bucket; the first failure.
+  Status Finish() {
+    Submit();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    return error_;
+  }
+  double busy_seconds() const { return busy_; }
+
+ private:
+  void Submit() {
+    if (pending_begin_ == pending_end_) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.emplace_back(pending_begin_, pending_end_);
+    }
+    cv_.notify_all();
+    pending_begin_ = pending_end_ = 0;
+  }
+  void Loop() {
+    while (true) {
+      std::pair<size_t, size_t> range;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return !queue_.empty() || done_; });
+        if (queue_.empty()) return;
+        range = queue_.front();
+        queue_.pop_front();
+      }
+      if (!error_.ok()) continue;  // the communicator is unusable after a failure
+      const auto start = std::chrono::steady_clock::now();
+      error_ = comm_->AllReduceSum(grads_ + range.first, range.second - range.first);
+      busy_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+  }
+
+  Communicator* const comm_;
+  float* const grads_;
+  const size_t bucket_;
+  size_t pending_begin_ = 0, pending_end_ = 0;  // the caller's thread: the bucket being filled
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<size_t, size_t>> queue_;  // guarded by mu_
+  bool done_ = false;                            // guarded by mu_
+  Status error_;                                 // the thread's; read after join
+  double busy_ = 0;                              // the thread's; read after join
+  std::thread thread_;
+};
+
+}  // namespace
 
 StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options, const DataSplits* data,
                                                    Backend* backend) {
@@ -73,17 +155,33 @@ StepStats Trainer::Step(PassObserver* observer) {
   Backend& be = *model_->backend();
   model_->ZeroGrad();
   be.ZeroScalars(scalars_, 2);
+  const bool overlap = W > 1 && options_.allreduce_bucket_floats > 0;
+  std::optional<BucketedAllReduce> buckets;
+  Model::GradientsReady ready;
+  if (overlap) {
+    buckets.emplace(options_.comm, model_->grads(), options_.allreduce_bucket_floats);
+    ready = [&](size_t begin, size_t end) { buckets->Ready(begin, end); };
+  }
   for (int m = 0; m < A; ++m) {
     data_->train.SampleRows(data_seed(), state_.data_counter + m, B, first, rows, T, inputs_.data(), targets_.data());
-    model_->ForwardBackwardInto(inputs_.data(), targets_.data(), rows, T, grad_scale, scalars_, observer);
+    // Only the last micro-batch's backward makes gradients final.
+    model_->ForwardBackwardInto(inputs_.data(), targets_.data(), rows, T, grad_scale, scalars_, observer,
+                                overlap && m == A - 1 ? &ready : nullptr);
   }
   Status collective;
-  double comm_seconds = 0;
+  double comm_seconds = 0, comm_busy = 0;
   if (W > 1) {
     const auto comm_start = std::chrono::steady_clock::now();
-    collective = options_.comm->AllReduceSum(model_->grads(), model_->num_params());
+    if (overlap) {
+      be.Synchronize();  // what the ranges were queued behind (the CPU has nothing queued)
+      collective = buckets->Finish();
+      comm_busy = buckets->busy_seconds();
+    } else {
+      collective = options_.comm->AllReduceSum(model_->grads(), model_->num_params());
+    }
     if (collective.ok()) collective = options_.comm->AllReduceSum(scalars_, 1);
     comm_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+    if (!overlap) comm_busy = comm_seconds;
     if (!collective.ok()) {
       StepStats s;
       s.finite = false;
@@ -111,6 +209,7 @@ StepStats Trainer::Step(PassObserver* observer) {
   }
   s.step = state_.step;
   s.comm_seconds = comm_seconds;
+  s.comm_busy_seconds = comm_busy;
   s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   s.tokens_per_second = tokens_per_step() / std::max(s.seconds, 1e-9);
   if (options_.peak_flops > 0) {

@@ -27,6 +27,11 @@ struct TrainerOptions {
   // Data parallelism: this rank's communicator (null: one rank). micro_batch is the
   // global micro-batch; each rank trains micro_batch / world_size of its rows.
   Communicator* comm = nullptr;
+  // With several ranks: the gradients of the step's last micro-batch are all-reduced in
+  // buckets of at least this many floats on a communication thread as the backward
+  // finishes each block (Model::GradientsReady), not all at once after it. 0: after it.
+  // The buckets are the same on every rank and every step, so the sums are deterministic.
+  size_t allreduce_bucket_floats = size_t{1} << 20;
 };
 
 // Which batch a training-time probe measures.
@@ -42,7 +47,8 @@ struct StepStats {
   double grad_norm = 0;  // before clipping
   double tokens_per_second = 0;
   double seconds = 0;  // wall time of the step
-  double comm_seconds = 0;  // of it, in the gradient and loss all-reduce (data parallelism)
+  double comm_seconds = 0;  // of it, waiting for the gradient and loss all-reduce (data parallelism)
+  double comm_busy_seconds = 0;  // time the all-reduces took, overlapped with the backward or not
   double mfu = 0;      // model FLOPs utilisation against options.peak_flops
   bool finite = true;  // false: NaN/Inf loss or gradient, or `error`; no update was made
   Status error;         // the backend's sticky error or a failed collective: the run cannot go on
