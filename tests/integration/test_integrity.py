@@ -153,6 +153,24 @@ class IntegrityTest(unittest.TestCase):
             self.assertEqual(field(run, "worker_id"), "worker-a")
             self.assertIn("event=progress_refused", c.coordinator.output())
             self.assertIn("event=register_refused", c.coordinator.output())
+            # A rendezvous key for a run it holds no rank of, and a Register as a rank the
+            # run does not have: refused, nothing relayed to anyone.
+            m = pb.WorkerMessage()
+            m.rendezvous_set.run_id, m.rendezvous_set.attempt = run_id, 1
+            m.rendezvous_set.key, m.rendezvous_set.value = "gloo/rank_0", b"\x00" * 64
+            intruder.send(m)
+            m = pb.WorkerMessage()
+            m.register.worker_id, m.register.run_id, m.register.attempt, m.register.rank = "intruder", run_id, 1, 1
+            m.register.capabilities.device, m.register.capabilities.device_count = experiment_pb2.CPU, 1
+            intruder.send(m)
+            wait_for(lambda: len([x for x in intruder.messages() if x.HasField("cancel")]) == 2, 30,
+                     "the rank's Register refused")
+            cancel = [x.cancel for x in intruder.messages() if x.HasField("cancel")][1]
+            self.assertEqual(cancel.reason, "the run has no rank 1")
+            wait_for(lambda: "event=rendezvous_refused" in c.coordinator.output(), 30, "the rendezvous key refused")
+            self.assertIn('reason="this session holds no rank of the run\'s current attempt"', c.coordinator.output())
+            self.assertFalse(any(x.HasField("rendezvous") for x in intruder.messages()))
+            self.assertEqual(field(self.run_of(eid), "worker_id"), "worker-a")
         finally:
             intruder.close()
         # The holder finishes its run (a second worker picks it up after the stalled victim
