@@ -447,9 +447,11 @@ RunMemoryEstimate EstimateRunMemory(const v1::Experiment& e) {
   RunMemoryEstimate r;
   r.parameters = c.ParameterCount();
   r.parameter_bytes = 16 * r.parameters;
-  r.micro_batch = e.train().micro_batch();
+  // Per rank: a data-parallel rank holds the whole model but only its share of the rows.
+  const int ranks = std::max(1, e.resources().devices_per_run());
+  r.micro_batch = std::max(1, e.train().micro_batch() / ranks);
   r.context = e.model().context();
-  r.activation_bytes = c.ActivationBytes(e.train().micro_batch(), e.model().context());
+  r.activation_bytes = c.ActivationBytes(r.micro_batch, e.model().context());
   return r;
 }
 

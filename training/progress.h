@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -17,14 +18,20 @@ class ProgressBar {
         start_(std::chrono::steady_clock::now()) {}
 
   void Update(int64_t done, double loss, double tokens_per_second) {
+    char detail[96];
+    std::snprintf(detail, sizeof detail, "loss %7.4f  %8.0f tok/s", loss, tokens_per_second);
+    Update(done, detail);
+  }
+  // Any other work: `detail` (a rate, say) between the count and the ETA.
+  void Update(int64_t done, const std::string& detail) {
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     const double eta = done > 0 ? elapsed * static_cast<double>(total_ - done) / done : 0;
     const int width = 24;
-    const int filled = total_ > 0 ? static_cast<int>(width * done / total_) : width;
-    char line[256];
-    std::snprintf(line, sizeof line, "%-22s [%s%s] %6lld/%-6lld loss %7.4f  %8.0f tok/s  ETA %s", label_.c_str(),
+    const int filled = total_ > 0 ? static_cast<int>(width * std::min(done, total_) / total_) : width;
+    char line[320];
+    std::snprintf(line, sizeof line, "%-22s [%s%s] %6lld/%-6lld %s  ETA %s", label_.c_str(),
                   std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-                  static_cast<long long>(done), static_cast<long long>(total_), loss, tokens_per_second,
+                  static_cast<long long>(done), static_cast<long long>(total_), detail.c_str(),
                   FormatSeconds(eta).c_str());
     if (tty_) {
       std::fprintf(out_, "\r%s\033[K", line);
