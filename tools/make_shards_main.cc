@@ -1,14 +1,19 @@
-// sinkscope-make-shards: raw text → llm.c token shards with the byte-level tokenizer.
+// sinkscope-make-shards: raw text → llm.c token shards, byte-level (the default) or with a
+// BPE tokenizer (--tokenizer gpt2|PATH, data/tokenizer.h).
 //
-//   sinkscope-make-shards --out DIR [--separator %] [--val-fraction 0.05]
-//                         [--shard-tokens N] PATH...
+//   sinkscope-make-shards --out DIR [--tokenizer gpt2|PATH] [--threads N] [--separator %]
+//                         [--val-fraction 0.05] [--shard-tokens N] PATH...
 //
 // Reads the documents of PATH... exactly as a `text` data source does (files or folders,
 // a line equal to the separator ends a document), holds out the last val-fraction of the
 // documents for validation, packs each split with one end-of-text token between
-// documents and writes DIR/train_000000.bin … and DIR/val_000000.bin … of at most N
-// tokens each.
+// documents (no begin token: as the paper's C4 data) and writes DIR/train_000000.bin …
+// and DIR/val_000000.bin … of at most N tokens each: uint16 tokens when the vocabulary
+// fits, uint32 otherwise.
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -19,6 +24,8 @@
 #include <vector>
 
 #include "data/data.h"
+#include "data/tokenizer.h"
+#include "training/progress.h"
 #include "base/flags.h"
 #include "base/numbers.h"
 
@@ -79,9 +86,17 @@ int main(int argc, char** argv) {
   sinkscope::TextSource source;
   double val_fraction = 0.05;
   int64_t shard_tokens = kDefaultShardTokens;
-  CLI::App app("Turns raw text into llm.c token shards (byte-level tokens 0..255, end-of-text 256 between documents, "
-               "no begin token).",
+  std::string tokenizer_spec;
+  int64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  CLI::App app("Turns raw text into llm.c token shards: byte-level tokens 0..255 with end-of-text 256 between "
+               "documents, or a BPE tokenizer's tokens with its end-of-text between them; no begin token.",
                kTool);
+  app.add_option("--tokenizer", tokenizer_spec,
+                 "gpt2 (GPT-2's files in the tokenizer cache), a model folder with tokenizer.json, a tokenizer.json, "
+                 "GPT-2's folder (encoder.json + vocab.bpe) or a tiktoken ranks .json; default: bytes")
+      ->check(flags::NonEmpty());
+  app.add_option("--threads", threads, "encode documents on N threads (default: every core)")
+      ->check(flags::Integer(1, 256));
   app.add_option("PATH", source.paths,
                  "text files or folders (folders are read recursively in sorted order, skipping files ending in .dat "
                  "or .u8)")
@@ -109,8 +124,37 @@ int main(int argc, char** argv) {
   if (!held.ok()) return Fail(held.status());
   const std::vector<std::string> val_docs(docs->end() - static_cast<std::ptrdiff_t>(*held), docs->end());
   docs->resize(n_docs - *held);
-  const std::vector<int32_t> train = sinkscope::PackDocuments(*docs);
-  const std::vector<int32_t> val = sinkscope::PackDocuments(val_docs);
+  std::vector<int32_t> train, val;
+  if (tokenizer_spec.empty()) {
+    train = sinkscope::PackDocuments(*docs);
+    val = sinkscope::PackDocuments(val_docs);
+  } else {
+    auto tokenizer = sinkscope::Tokenizer::Open(tokenizer_spec);
+    if (!tokenizer.ok()) return Fail(tokenizer.status());
+    std::fprintf(stderr, "%s: %s\n", kTool, (*tokenizer)->description().c_str());
+    size_t total_bytes = 0;
+    for (const auto& d : *docs) total_bytes += d.size();
+    for (const auto& d : val_docs) total_bytes += d.size();
+    sinkscope::ProgressBar bar("encoding", static_cast<int64_t>(docs->size() + val_docs.size()));
+    const auto start = std::chrono::steady_clock::now();
+    size_t before = 0, before_bytes = 0;  // the train split's, while the val split encodes
+    auto progress = [&](size_t done, size_t bytes) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      char detail[96];
+      std::snprintf(detail, sizeof detail, "docs  %7.2f MB/s  %6.1f of %.1f MB", (before_bytes + bytes) / 1e6 / std::max(s, 1e-9),
+                    (before_bytes + bytes) / 1e6, total_bytes / 1e6);
+      bar.Update(static_cast<int64_t>(before + done), detail);
+    };
+    auto packed = sinkscope::PackDocuments(*docs, **tokenizer, static_cast<int>(threads), progress);
+    if (!packed.ok()) return Fail(packed.status());
+    train = std::move(*packed);
+    before = docs->size();
+    for (const auto& d : *docs) before_bytes += d.size();
+    packed = sinkscope::PackDocuments(val_docs, **tokenizer, static_cast<int>(threads), progress);
+    if (!packed.ok()) return Fail(packed.status());
+    val = std::move(*packed);
+    bar.Finish();
+  }
 
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);

