@@ -12,9 +12,13 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <thread>
+#include <nlohmann/json.hpp>
 
 #include "training/checkpoint.h"
+#include "base/files.h"
 #include "data/data.h"
+#include "data/tokenizer.h"
 #include "base/flags.h"
 #include "base/numbers.h"
 #include "training/hf.h"
@@ -27,7 +31,7 @@ namespace {
 
 int RunProbeCommand(int argc, char** argv) {
   const char* name = argv[0];
-  std::string checkpoint, tokens_path, text_path, separator = "%", arm, reduce = "sum_then_norm";
+  std::string checkpoint, tokens_path, text_path, separator = "%", arm, reduce = "sum_then_norm", tokenizer_spec;
   int B = 8, T = 0, micro_batch = 0;
   ProbeSettings st;
   bool json = false;
@@ -47,8 +51,13 @@ int RunProbeCommand(int argc, char** argv) {
       ->required();
   app.add_option("--tokens", tokens_path, "llm.c token shard; sequence b is tokens [b*T, b*T+T], targets shifted by one")
       ->type_name("SHARD");
-  app.add_option("--text", text_path, "a text file or folder, byte-level tokens, documents split by --separator")
+  app.add_option("--text", text_path,
+                 "a text file or folder, documents split by --separator, encoded with the model's tokenizer (a Hugging "
+                 "Face folder's tokenizer.json), --tokenizer, or else as bytes")
       ->type_name("PATH");
+  app.add_option("--tokenizer", tokenizer_spec,
+                 "for --text: gpt2, a folder, tokenizer.json or tiktoken ranks .json (default: the model folder's own)")
+      ->check(flags::NonEmpty());
   app.add_option("--separator", separator, "document separator line for --text")->default_val("%");
   app.add_option("--batch", B, "sequences")->check(flags::Integer(1, INT_MAX))->default_val(8);
   app.add_option("--micro-batch", micro_batch,
@@ -119,7 +128,41 @@ int RunProbeCommand(int argc, char** argv) {
     src.separator = separator;
     auto docs = ReadDocuments(src);
     if (!docs.ok()) return fail(docs.status().message());
-    stream = PackDocuments(*docs);
+    std::string spec = tokenizer_spec;
+    if (spec.empty() && is_folder &&
+        (std::filesystem::exists(checkpoint + "/tokenizer.json", ec) ||
+         std::filesystem::exists(checkpoint + "/encoder.json", ec))) {
+      spec = checkpoint;
+    }
+    if (spec.empty()) {
+      stream = PackDocuments(*docs);
+    } else {
+      auto tokenizer = Tokenizer::Open(spec);
+      if (!tokenizer.ok()) return fail(tokenizer.status().message());
+      // The model's own end-of-text, as its config.json says (the first of a list).
+      if (is_folder) {
+        auto text = ReadRegularFile(checkpoint + "/config.json", checkpoint + "/config.json", 1 << 24);
+        const nlohmann::json j = text.ok() ? nlohmann::json::parse(*text, nullptr, false) : nlohmann::json();
+        if (j.is_object() && j.contains("eos_token_id")) {
+          const nlohmann::json& e = j["eos_token_id"];
+          if (e.is_number_integer()) (*tokenizer)->SetEos(e.get<int32_t>());
+          if (e.is_array() && !e.empty() && e[0].is_number_integer()) (*tokenizer)->SetEos(e[0].get<int32_t>());
+        }
+      }
+      const Tokenizer& tok = **tokenizer;
+      std::vector<std::string_view> texts(docs->begin(), docs->end());
+      const auto encoded = EncodeInParallel(tok, texts, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+      // Each document as the model was trained to see one: its BOS (Llama 3's
+      // <|begin_of_text|>, from the tokenizer's post-processor) and its EOS after it.
+      for (const auto& e : encoded) {
+        if (tok.bos()) stream.push_back(*tok.bos());
+        stream.insert(stream.end(), e.begin(), e.end());
+        if (tok.eos()) stream.push_back(*tok.eos());
+      }
+      std::fprintf(stderr, "%s: %s; each document %s…%s\n", name, tok.description().c_str(),
+                   tok.bos() ? ("begins with token " + std::to_string(*tok.bos()) + " ").c_str() : "",
+                   tok.eos() ? (" ends with token " + std::to_string(*tok.eos())).c_str() : " has no end token");
+    }
   }
   const size_t need = static_cast<size_t>(B) * T + 1;
   if (stream.size() < need) {

@@ -210,6 +210,58 @@ class TokenizerParityTest(unittest.TestCase):
             expected += ([50256] if i else []) + d
         self.assertEqual(tokens, expected)
 
+    def test_probe_text_uses_the_model_folders_tokenizer(self):
+        """sinkscope-probe MODEL --text FILE encodes with the folder's tokenizer (each
+        document followed by the config's EOS): its report is that of --tokens on a shard
+        holding exactly those tokens."""
+        work = os.path.join(self.dir, "probe")
+        os.makedirs(work)
+        docs = []
+        for path in self.files[:6]:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read()[:3000].split("\n")
+            # No separator lines inside, no trailing newline: the documents as read back.
+            docs.append("\n".join(l for l in lines if l.strip() != "%").strip("\n"))
+        text = os.path.join(work, "docs.txt")
+        with open(text, "w", encoding="utf-8") as f:
+            f.write("\n%\n".join(docs) + "\n")
+        shards = os.path.join(work, "shards")
+        subprocess.run([harness.binary("sinkscope-make-shards"), "--tokenizer", self.gpt2, "--out", shards, text],
+                       check=True, capture_output=True, timeout=120)
+        spec = {"name": "gpt2-vocab",
+                "model": {"layers": 1, "d_model": 16, "heads": 2, "kv_heads": 1, "head_dim": 8, "ffn": 32,
+                          "vocab": 50257, "context": 16},
+                "data": {"shards": {"train": os.path.join(shards, "train_*.bin"),
+                                    "val": os.path.join(shards, "val_*.bin")}},
+                "train": {"steps": 1, "micro_batch": 2, "eval_every": 0, "eval_batches": 1},
+                "arms": ["baseline"], "checkpoint": {"every": 0, "export_hf": True}}
+        path = os.path.join(work, "exp.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        subprocess.run([harness.binary("sinkscope-train"), path, "--out", os.path.join(work, "runs")], check=True,
+                       capture_output=True, timeout=600)
+        model = os.path.join(work, "runs", "baseline-s0", "hf")
+        for name in ("encoder.json", "vocab.bpe"):
+            shutil.copy(os.path.join(self.gpt2, name), model)
+        probe = lambda *a: subprocess.run([harness.binary("sinkscope-probe"), model, "--batch", "4", "--seq", "16",
+                                           "--json", *a], capture_output=True, text=True, timeout=300)
+        by_text = probe("--text", text)
+        self.assertEqual(by_text.returncode, 0, by_text.stderr)
+        self.assertIn("GPT-2", by_text.stderr)
+        self.assertIn("ends with token 50256", by_text.stderr)
+        # The same tokens written as a shard: each document, then EOS.
+        ids = self.reference_texts(docs)
+        stream = [t for doc in ids for t in doc + [50256]]
+        shard = os.path.join(work, "same.bin")
+        with open(shard, "wb") as f:
+            f.write(struct.pack("<256i", 20240520, 1, len(stream), *([0] * 253)))
+            f.write(struct.pack(f"<{len(stream)}H", *stream))
+        by_tokens = probe("--tokens", shard)
+        self.assertEqual(by_tokens.returncode, 0, by_tokens.stderr)
+        a, b = json.loads(by_text.stdout), json.loads(by_tokens.stdout)
+        a.pop("checkpoint", None), b.pop("checkpoint", None)
+        self.assertEqual(a, b)
+
     def reference_texts(self, docs):
         """Each document as sinkscope reads it (the separator line and its last newline
         dropped), encoded by tiktoken's gpt2."""
