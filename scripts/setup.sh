@@ -19,3 +19,11 @@ if ((${#missing[@]})); then
 else
   echo "setup: all ${#packages[@]} packages present"
 fi
+
+# Node.js and npm for the tokenizer parity test (independent tokenizers from the npm
+# registry) and scripts/fetch-tokenizers.sh; the machine's own Node.js is used if present.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs and npm"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
