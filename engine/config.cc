@@ -45,7 +45,8 @@ bool ParseRopeType(const std::string& name, RopeType* type) {
 }
 
 RotaryFrequencies ModelConfig::Rotary() const {
-  const int dh = head_dim, half = head_dim / 2;
+  // Frequencies over the rotated channels (Hugging Face: dim = head_dim · partial_rotary_factor).
+  const int dh = rotary_dim > 0 ? rotary_dim : head_dim, half = dh / 2;
   const RopeScaling& s = rope_scaling;
   const double original = s.original_max_position_embeddings > 0 ? s.original_max_position_embeddings : context;
   RotaryFrequencies r;
@@ -94,6 +95,7 @@ RotaryFrequencies ModelConfig::Rotary() const {
       break;
     }
   }
+  r.inv_freq.resize(head_dim / 2, 0.0);  // the channels past rotary_dim keep their values
   return r;
 }
 
@@ -108,6 +110,14 @@ Status ModelConfig::Validate() const {
   RETURN_IF_ERROR(positive(kv_heads, "kv_heads"));
   RETURN_IF_ERROR(positive(head_dim, "head_dim"));
   RETURN_IF_ERROR(positive(ffn, "ffn"));
+  if (rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2 != 0) {
+    return InvalidArgumentError("model.rotary_dim must be even and in [0, head_dim = " + std::to_string(head_dim) +
+                                "], got " + std::to_string(rotary_dim));
+  }
+  if (rotary_dim > 0 && rotary_dim < head_dim && rope_scaling.type == RopeType::kYarn) {
+    return InvalidArgumentError("model.rotary_dim " + std::to_string(rotary_dim) +
+                                " with yarn scaling is not supported (yarn scales every channel's cos and sin)");
+  }
   RETURN_IF_ERROR(positive(vocab, "vocab"));
   RETURN_IF_ERROR(positive(context, "context"));
   if (heads % kv_heads != 0) {

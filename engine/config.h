@@ -42,7 +42,8 @@ struct RopeScaling {
 };
 
 // Per channel pair i < dh/2: the angle of position t is t·inv_freq[i]; cos and sin are
-// multiplied by attention_factor (1 except for yarn).
+// multiplied by attention_factor (1 except for yarn). With a partial rotary_dim the pairs
+// past it have inv_freq 0 (they do not turn).
 struct RotaryFrequencies {
   std::vector<double> inv_freq;
   double attention_factor = 1.0;
@@ -74,6 +75,10 @@ struct RotaryFrequencies {
      Hugging Face says so by model_type. */                                  \
   X(bool, attention_bias, false, "", false)                                  \
   X(bool, qk_norm, false, "", false)                                         \
+  /* Channels of each head RoPE rotates (GLM's partial_rotary_factor · dh):   \
+     pairs (i, i + dh/2) with i < rotary_dim/2 turn, the others keep their    \
+     values. 0: all of them. */                                              \
+  X(int, rotary_dim, 0, "", false)                                           \
   /* σ in C = d_model·d_head·σ²·exp(θ), the init std of W_V (METRICS.md,      \
      "V-scale"); 0: init_std, which is what it is unless a test says other. */ \
   X(double, vscale_sigma, 0.0, "", true)

@@ -43,6 +43,7 @@ std::vector<Field> ListedFields() {
 const std::map<std::string, std::string> kNotInSchema = {
     {"attention_bias", "pretrained Qwen2 only: set from a Hugging Face model_type, not trained from scratch"},
     {"qk_norm", "pretrained Qwen3 only: set from a Hugging Face model_type"},
+    {"rotary_dim", "pretrained GLM only: set from partial_rotary_factor"},
     {"vscale_sigma", "follows init_std (0); tests alone set it apart"},
 };
 
@@ -93,6 +94,7 @@ ModelConfig Perturbed() {
   c.attention_bias = true;
   c.qk_norm = false;  // a model has biases or q/k norms, not both (Hugging Face has no such architecture)
   c.vscale_sigma = 0.05;
+  c.rotary_dim = 6;
   c.vscale = VScaleMode::kVScale;
   return c;
 }
@@ -141,6 +143,7 @@ TEST(ConfigFieldsTest, TheCheckpointHeaderHoldsEveryFieldAndReadsItBack) {
 
 TEST(ConfigFieldsTest, HuggingFaceConfigJsonCarriesEveryFieldWithAKey) {
   ModelConfig c = Perturbed();
+  c.rotary_dim = 0;  // GLM's partial RoPE is read from Hugging Face, never written (ExportHf refuses it)
   auto backend = MakeCpuBackend();
   auto model = Model::Create(c, backend.get());
   ASSERT_TRUE(model.ok()) << model.status().message();

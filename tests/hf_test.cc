@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <random>
 #include <tuple>
 
@@ -576,7 +577,162 @@ TEST_F(HfTest, ArchitectureSpecificRules) {
   EXPECT_THAT(ReadError(q), HasSubstr("layer_types holds \"sliding_attention\""));
   q = Base();
   q["model_type"] = "glm4";
-  EXPECT_THAT(ReadError(q), HasSubstr("model_type \"glm4\" is not supported (llama, mistral, qwen2, qwen3)"));
+  EXPECT_THAT(ReadError(q), HasSubstr("model_type \"glm4\" is not supported: GLM-4-0414's blocks add "
+                                      "post_self_attn_layernorm and post_mlp_layernorm"));
+  q = Base();
+  q["model_type"] = "gemma";
+  EXPECT_THAT(ReadError(q), HasSubstr("model_type \"gemma\" is not supported (llama, mistral, qwen2, qwen3, glm)"));
+  q = Base();
+  q["partial_rotary_factor"] = 0.5;  // only GLM rotates part of each head
+  EXPECT_THAT(ReadError(q), HasSubstr("partial_rotary_factor = 0.5 is not supported for model_type llama"));
+  // GLM's defaults: half of each head rotated, q/k/v biases, head_dim 128.
+  q = Base();
+  q["model_type"] = "glm";
+  q.erase("head_dim");
+  q["hidden_size"] = 512;
+  auto g = Read(q);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->head_dim, 128);
+  EXPECT_EQ(g->rotary_dim, 64);
+  EXPECT_TRUE(g->attention_bias);
+  q["partial_rotary_factor"] = 0.3;  // 38.4 → 38 channels: even, accepted as Hugging Face truncates
+  EXPECT_EQ(Read(q)->rotary_dim, 38);
+  q["partial_rotary_factor"] = 0.31;  // 39.68 → 39: odd
+  EXPECT_THAT(ReadError(q), HasSubstr("gives 39 rotated channels of head_dim 128; RoPE needs an even number"));
+}
+
+// GLM (model_type glm, GLM-4-9B's) written in its own layout — a fused gate_up_proj and
+// RoPE on interleaved pairs of the first half of each head — by this test, and a float64
+// forward written from Hugging Face's modeling_glm (not from the engine) on those tensors:
+// the engine, which holds q and k permuted, gives the same loss.
+TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
+  const int L = 2, d = 32, H = 4, KV = 2, dh = 8, F = 48, V = 64, rd = 4;
+  nlohmann::json config = {{"model_type", "glm"}, {"vocab_size", V}, {"hidden_size", d}, {"intermediate_size", F},
+                           {"num_hidden_layers", L}, {"num_attention_heads", H}, {"num_key_value_heads", KV},
+                           {"head_dim", dh}, {"max_position_embeddings", 64}, {"partial_rotary_factor", 0.5},
+                           {"rope_theta", 10000.0}, {"rms_norm_eps", 1e-5}, {"attention_bias", true},
+                           {"hidden_act", "silu"}, {"tie_word_embeddings", false},
+                           {"eos_token_id", {3, 4}}};
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> w;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, float scale, float offset) {
+    size_t n = 1;
+    for (int64_t x : shape) n *= static_cast<size_t>(x);
+    std::vector<float> v(n);
+    for (float& x : v) x = offset + scale * normal(rng);
+    w[name] = {shape, v};
+  };
+  add("model.embed_tokens.weight", {V, d}, 0.5f, 0);
+  for (int l = 0; l < L; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {d}, 0.2f, 1);
+    add(p + "self_attn.q_proj.weight", {H * dh, d}, 0.3f, 0);
+    add(p + "self_attn.q_proj.bias", {H * dh}, 0.3f, 0);
+    add(p + "self_attn.k_proj.weight", {KV * dh, d}, 0.3f, 0);
+    add(p + "self_attn.k_proj.bias", {KV * dh}, 0.3f, 0);
+    add(p + "self_attn.v_proj.weight", {KV * dh, d}, 0.3f, 0);
+    add(p + "self_attn.v_proj.bias", {KV * dh}, 0.3f, 0);
+    add(p + "self_attn.o_proj.weight", {d, H * dh}, 0.2f, 0);
+    add(p + "post_attention_layernorm.weight", {d}, 0.2f, 1);
+    add(p + "mlp.gate_up_proj.weight", {2 * F, d}, 0.2f, 0);
+    add(p + "mlp.down_proj.weight", {d, F}, 0.2f, 0);
+  }
+  add("model.norm.weight", {d}, 0.2f, 1);
+  add("lm_head.weight", {V, d}, 0.2f, 0);
+  const fs::path folder = dir_ / "glm";
+  fs::create_directories(folder);
+  std::ofstream(folder / "config.json") << config.dump(1);
+  std::vector<TensorToWrite> tensors;
+  for (const auto& [name, t] : w) tensors.push_back({name, t.first, t.second.data()});
+  ASSERT_TRUE(WriteSafetensors((folder / "model.safetensors").string(), tensors, {}).ok());
+
+  auto model = LoadHfModel(folder.string(), backend_.get());
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  EXPECT_EQ((*model)->config().rotary_dim, rd);
+  const int T = 12;
+  std::vector<int32_t> tokens(T), targets(T);
+  for (int t = 0; t < T; ++t) tokens[t] = (t * 13 + 5) % V, targets[t] = (t * 7 + 3) % V;
+  const double engine = (*model)->Evaluate(tokens.data(), targets.data(), 1, T);
+
+  // modeling_glm in float64: GlmRotaryEmbedding over dim = head_dim · 0.5, cos/sin of
+  // each frequency repeated for an interleaved pair, rotate_half = (−x[2i+1], x[2i]).
+  auto vec = [&](const std::string& n) { return std::vector<double>(w[n].second.begin(), w[n].second.end()); };
+  auto linear = [&](const std::string& n, const std::vector<double>& x, bool bias) {
+    const auto& [shape, v] = w[n + ".weight"];
+    std::vector<double> y(shape[0], 0.0);
+    for (int64_t o = 0; o < shape[0]; ++o) {
+      double acc = bias ? w[n + ".bias"].second[o] : 0.0;
+      for (int64_t i = 0; i < shape[1]; ++i) acc += static_cast<double>(v[o * shape[1] + i]) * x[i];
+      y[o] = acc;
+    }
+    return y;
+  };
+  auto norm = [&](const std::vector<double>& x, const std::vector<double>& g) {
+    double ms = 0;
+    for (double v : x) ms += v * v / x.size();
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] / std::sqrt(ms + 1e-5) * g[i];
+    return y;
+  };
+  std::vector<std::vector<double>> h(T);
+  for (int t = 0; t < T; ++t) h[t] = std::vector<double>(w["model.embed_tokens.weight"].second.begin() + tokens[t] * d,
+                                                         w["model.embed_tokens.weight"].second.begin() + (tokens[t] + 1) * d);
+  for (int l = 0; l < L; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    std::vector<std::vector<double>> q(T), k(T), v(T);
+    for (int t = 0; t < T; ++t) {
+      const auto x = norm(h[t], vec(p + "input_layernorm.weight"));
+      q[t] = linear(p + "self_attn.q_proj", x, true);
+      k[t] = linear(p + "self_attn.k_proj", x, true);
+      v[t] = linear(p + "self_attn.v_proj", x, true);
+      for (auto* y : {&q[t], &k[t]}) {
+        for (size_t base = 0; base < y->size(); base += dh) {
+          for (int i = 0; i < rd / 2; ++i) {
+            const double freq = std::pow(10000.0, -2.0 * i / rd), c = std::cos(t * freq), s = std::sin(t * freq);
+            const double a = (*y)[base + 2 * i], b = (*y)[base + 2 * i + 1];
+            (*y)[base + 2 * i] = a * c - b * s;
+            (*y)[base + 2 * i + 1] = b * c + a * s;
+          }
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      std::vector<double> att(H * dh, 0.0);
+      for (int hh = 0; hh < H; ++hh) {
+        const int g = hh / (H / KV);
+        std::vector<double> sc(t + 1);
+        double mx = -INFINITY, z = 0;
+        for (int u = 0; u <= t; ++u) {
+          double dot = 0;
+          for (int i = 0; i < dh; ++i) dot += q[t][hh * dh + i] * k[u][g * dh + i];
+          mx = std::max(mx, sc[u] = dot / std::sqrt(static_cast<double>(dh)));
+        }
+        for (double& x : sc) z += (x = std::exp(x - mx));
+        for (int u = 0; u <= t; ++u) {
+          for (int i = 0; i < dh; ++i) att[hh * dh + i] += sc[u] / z * v[u][g * dh + i];
+        }
+      }
+      const auto o = linear(p + "self_attn.o_proj", att, false);
+      for (int i = 0; i < d; ++i) h[t][i] += o[i];
+      const auto gu = linear(p + "mlp.gate_up_proj", norm(h[t], vec(p + "post_attention_layernorm.weight")), false);
+      std::vector<double> act(F);  // gate, up = chunk(2): up · silu(gate)
+      for (int i = 0; i < F; ++i) act[i] = gu[F + i] * (gu[i] / (1 + std::exp(-gu[i])));
+      const auto down = linear(p + "mlp.down_proj", act, false);
+      for (int i = 0; i < d; ++i) h[t][i] += down[i];
+    }
+  }
+  double reference = 0;
+  for (int t = 0; t < T; ++t) {
+    const auto logits = linear("lm_head", norm(h[t], vec("model.norm.weight")), false);
+    double mx = -INFINITY, z = 0;
+    for (double x : logits) mx = std::max(mx, x);
+    for (double x : logits) z += std::exp(x - mx);
+    reference += (std::log(z) + mx - logits[targets[t]]) / T;
+  }
+  EXPECT_NEAR(engine, reference, 1e-5 * std::abs(reference));
+  // A partial-RoPE model is not exported as Llama.
+  EXPECT_THAT(ExportHf(**model, (dir_ / "out").string()).message(), HasSubstr("(GLM's partial RoPE) is not exported"));
 }
 
 }  // namespace

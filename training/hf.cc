@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -47,10 +48,16 @@ Status OptionalBool(const nlohmann::json& obj, const std::string& where, const c
   return OkStatus();
 }
 
+std::string FormatNumber(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.10g", v);
+  return b;
+}
+
 // Reads a RoPE parameter object: `rope_scaling` (Transformers 4) or `rope_parameters`
 // (Transformers 5, which also carries rope_theta). `where` is "config.json: rope_scaling.".
 Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max_position_embeddings,
-                      ModelConfig* c, double* rope_theta_inside) {
+                      ModelConfig* c, double* rope_theta_inside, double* partial_inside) {
   if (!r.is_object()) return InvalidArgumentError(where.substr(0, where.size() - 1) + " must be an object, got " + Quoted(r));
   static const char* const kKnown[] = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
                                        "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
@@ -81,12 +88,7 @@ Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max
     RETURN_IF_ERROR(OptionalNumber(r, where, "rope_theta", &theta));
     *rope_theta_inside = theta;
   }
-  double partial = 1.0;
-  RETURN_IF_ERROR(OptionalNumber(r, where, "partial_rotary_factor", &partial));
-  if (partial != 1.0) {
-    return InvalidArgumentError(where + "partial_rotary_factor = " + Quoted(r["partial_rotary_factor"]) +
-                                " is not supported (the whole head is rotated)");
-  }
+  RETURN_IF_ERROR(OptionalNumber(r, where, "partial_rotary_factor", partial_inside));
   // Keys that are present must belong to the type: a llama3 key under yarn is a mistake.
   auto only = [&](std::initializer_list<const char*> allowed) -> Status {
     static const char* const kTypeKeys[] = {"factor", "original_max_position_embeddings", "low_freq_factor",
@@ -154,6 +156,11 @@ Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max
 }  // namespace
 
 StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
+  ASSIGN_OR_RETURN(HfConfig c, ReadHfConfigAndType(path));
+  return c.config;
+}
+
+StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, kMaxJsonBytes));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return InvalidArgumentError(path + ": not a JSON object");
@@ -167,15 +174,26 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   // (within its sliding window), Qwen2/2.5 (q, k, v biases), Qwen3 (q_norm, k_norm).
   std::string type = "llama";
   if (j.contains("model_type") && !j["model_type"].is_null()) {
-    const bool known = j["model_type"].is_string() && (j["model_type"] == "llama" || j["model_type"] == "mistral" ||
-                                                       j["model_type"] == "qwen2" || j["model_type"] == "qwen3");
+    const bool known = j["model_type"].is_string() &&
+                       (j["model_type"] == "llama" || j["model_type"] == "mistral" || j["model_type"] == "qwen2" ||
+                        j["model_type"] == "qwen3" || j["model_type"] == "glm");
     if (!known) {
-      return InvalidArgumentError(where + "model_type " + Quoted(j["model_type"]) +
-                                  " is not supported (llama, mistral, qwen2, qwen3)");
+      std::string why = " is not supported (llama, mistral, qwen2, qwen3, glm)";
+      if (j["model_type"] == "glm4") {
+        why = " is not supported: GLM-4-0414's blocks add post_self_attn_layernorm and post_mlp_layernorm, which the "
+              "engine's block lacks (glm, GLM-4-9B's, is supported)";
+      }
+      return InvalidArgumentError(where + "model_type " + Quoted(j["model_type"]) + why);
     }
     type = j["model_type"].get<std::string>();
   }
-  c.attention_bias = type == "qwen2";  // Qwen2Attention: bias on q, k, v; none on o
+  // Qwen2Attention: bias on q, k, v, none on o; GlmAttention: the same, by attention_bias
+  // (GlmConfig's default true).
+  c.attention_bias = type == "qwen2";
+  if (type == "glm") {
+    c.attention_bias = true;
+    RETURN_IF_ERROR(OptionalBool(j, where, "attention_bias", &c.attention_bias));
+  }
   c.qk_norm = type == "qwen3";
   RETURN_IF_ERROR(need_int("num_hidden_layers", &c.layers));
   RETURN_IF_ERROR(need_int("hidden_size", &c.d_model));
@@ -185,15 +203,16 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   c.kv_heads = c.heads;
   RETURN_IF_ERROR(OptionalInt(j, where, "num_key_value_heads", &c.kv_heads));
   if (c.heads <= 0) return InvalidArgumentError(where + "num_attention_heads must be positive");
-  c.head_dim = type == "qwen3" ? 128 : c.d_model / c.heads;  // Qwen3Config's default head_dim is 128
+  c.head_dim = type == "qwen3" || type == "glm" ? 128 : c.d_model / c.heads;  // Qwen3Config's and GlmConfig's default
   RETURN_IF_ERROR(OptionalInt(j, where, "head_dim", &c.head_dim));
   // Each config class's default max_position_embeddings.
-  c.context = type == "llama" ? 2048 : type == "mistral" ? 131072 : 32768;
+  c.context = type == "llama" ? 2048 : type == "mistral" || type == "glm" ? 131072 : 32768;
   RETURN_IF_ERROR(OptionalInt(j, where, "max_position_embeddings", &c.context));
   // RoPE: rope_theta at the top (Transformers 4) or inside rope_parameters (5), and the
   // scaling in rope_scaling (4) or rope_parameters (5). Two values that disagree, or a
   // scaling given twice, are refused rather than one silently chosen.
   c.rope_theta = 10000.0;
+  double partial_inside = 0;  // a partial_rotary_factor inside rope_parameters
   bool have_theta = j.contains("rope_theta") && !j["rope_theta"].is_null();
   RETURN_IF_ERROR(OptionalNumber(j, where, "rope_theta", &c.rope_theta));
   const bool have_scaling = j.contains("rope_scaling") && !j["rope_scaling"].is_null();
@@ -204,7 +223,7 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   if (have_scaling || have_parameters) {
     const char* key = have_scaling ? "rope_scaling" : "rope_parameters";
     double inside = 0;
-    RETURN_IF_ERROR(ReadRopeObject(j[key], where + key + ".", c.context, &c, &inside));
+    RETURN_IF_ERROR(ReadRopeObject(j[key], where + key + ".", c.context, &c, &inside, &partial_inside));
     if (inside != 0) {
       if (have_theta && inside != c.rope_theta) {
         return InvalidArgumentError(where + "rope_theta " + Quoted(j["rope_theta"]) + " and " + key +
@@ -214,13 +233,25 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
       have_theta = true;
     }
   }
-  double partial = 1.0;
+  // GLM rotates part of each head (GlmConfig's default half): rotary_dim channels.
+  double partial = type == "glm" ? 0.5 : 1.0;
+  if (partial_inside != 0) partial = partial_inside;
   RETURN_IF_ERROR(OptionalNumber(j, where, "partial_rotary_factor", &partial));
-  if (partial != 1.0) {
-    return InvalidArgumentError(where + "partial_rotary_factor = " + Quoted(j["partial_rotary_factor"]) +
-                                " is not supported (the whole head is rotated)");
+  if (partial != 1.0 && type != "glm") {
+    return InvalidArgumentError(where + "partial_rotary_factor = " + FormatNumber(partial) +
+                                " is not supported for model_type " + type + " (the whole head is rotated)");
   }
-  c.rms_eps = 1e-6;  // LlamaConfig's default
+  if (!(partial > 0 && partial <= 1)) {
+    return InvalidArgumentError(where + "partial_rotary_factor = " + FormatNumber(partial) + " must be in (0, 1]");
+  }
+  c.rotary_dim = static_cast<int>(c.head_dim * partial);  // Hugging Face: int(head_dim · factor)
+  if (c.rotary_dim % 2 != 0) {
+    return InvalidArgumentError(where + "partial_rotary_factor = " + FormatNumber(partial) + " gives " +
+                                std::to_string(c.rotary_dim) + " rotated channels of head_dim " +
+                                std::to_string(c.head_dim) + "; RoPE needs an even number");
+  }
+  if (c.rotary_dim == c.head_dim) c.rotary_dim = 0;  // all: the default
+  c.rms_eps = type == "glm" ? 1.5625e-07 : 1e-6;  // GlmConfig's and LlamaConfig's defaults
   RETURN_IF_ERROR(OptionalNumber(j, where, "rms_norm_eps", &c.rms_eps));
   c.init_std = 0.02;
   RETURN_IF_ERROR(OptionalNumber(j, where, "initializer_range", &c.init_std));
@@ -232,6 +263,7 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   }
   // Llama's and Qwen3's attention_bias puts a bias on o_proj too, which the engine lacks.
   for (const char* key : {"attention_bias", "mlp_bias", "use_sliding_window"}) {
+    if (type == "glm" && std::string(key) == "attention_bias") continue;  // GLM's has no o_proj bias
     bool on = false;
     RETURN_IF_ERROR(OptionalBool(j, where, key, &on));
     if (on) return InvalidArgumentError(where + key + " = true is not supported");
@@ -265,7 +297,7 @@ StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_vscale_sigma", &c.vscale_sigma));
   if (c.vscale_sigma == c.init_std) c.vscale_sigma = 0;
   if (Status s = c.Validate(); !s.ok()) return InvalidArgumentError(where + s.message());
-  return c;
+  return HfConfig{c, type};
 }
 
 namespace {
@@ -289,6 +321,55 @@ Status CopyHfTensors(const Model& model, const SafetensorsFile& file, std::vecto
     for (size_t i = 0; i < t.size; ++i) host[t.offset + i] = static_cast<float>(it->second.values[i]);
     found.insert(t.name);
   }
+  return OkStatus();
+}
+
+// GLM's layout in the engine's: its fused gate_up_proj ([gate; up] rows) split in two,
+// and the rows of q_proj and k_proj (weights and biases) permuted within each head so
+// that GLM's rotated pairs — interleaved, (2i, 2i + 1) for i < rotary_dim/2 — become the
+// engine's pairs (i, i + dh/2), and the channels GLM does not rotate fill the pairs whose
+// frequency is 0. q and k are permuted alike, so every score q·k, and so attention and
+// every norm the probes measure, is GLM's.
+Status GlmToEngineLayout(const ModelConfig& c, SafetensorsFile& file) {
+  const int dh = c.head_dim, rd = c.rotary_dim > 0 ? c.rotary_dim : dh, half = dh / 2, pass_low = half - rd / 2;
+  std::vector<int> to(dh);  // GLM channel → engine channel
+  for (int i = 0; i < rd / 2; ++i) {
+    to[2 * i] = i;
+    to[2 * i + 1] = i + half;
+  }
+  for (int k = 0; k < dh - rd; ++k) to[rd + k] = k < pass_low ? rd / 2 + k : half + rd / 2 + (k - pass_low);
+  std::map<std::string, HostTensor> out;
+  for (auto& [name, t] : file.tensors) {
+    const std::string suffix_fused = ".mlp.gate_up_proj.weight";
+    if (name.size() > suffix_fused.size() && name.compare(name.size() - suffix_fused.size(), suffix_fused.size(),
+                                                          suffix_fused) == 0) {
+      if (t.shape.size() != 2 || t.shape[0] != 2 * static_cast<int64_t>(c.ffn)) {
+        return InvalidArgumentError("tensor " + name + " should have 2 · intermediate_size = " +
+                                    std::to_string(2 * c.ffn) + " rows");
+      }
+      const std::string base = name.substr(0, name.size() - suffix_fused.size()) + ".mlp.";
+      const size_t half_size = t.values.size() / 2;
+      HostTensor gate{{c.ffn, t.shape[1]}, std::vector<double>(t.values.begin(), t.values.begin() + half_size)};
+      HostTensor up{{c.ffn, t.shape[1]}, std::vector<double>(t.values.begin() + half_size, t.values.end())};
+      out[base + "gate_proj.weight"] = std::move(gate);
+      out[base + "up_proj.weight"] = std::move(up);
+      continue;
+    }
+    const bool qk = name.find(".self_attn.q_proj.") != std::string::npos ||
+                    name.find(".self_attn.k_proj.") != std::string::npos;
+    if (qk && !t.shape.empty() && t.shape[0] % dh == 0) {
+      const size_t cols = t.shape.size() == 2 ? static_cast<size_t>(t.shape[1]) : 1;
+      std::vector<double> moved(t.values.size());
+      for (int64_t row = 0; row < t.shape[0]; ++row) {
+        const int64_t head = row / dh, channel = row % dh;
+        const int64_t dest = head * dh + to[channel];
+        std::copy(t.values.begin() + row * cols, t.values.begin() + (row + 1) * cols, moved.begin() + dest * cols);
+      }
+      t.values = std::move(moved);
+    }
+    out[name] = std::move(t);
+  }
+  file.tensors = std::move(out);
   return OkStatus();
 }
 
@@ -336,8 +417,12 @@ StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_pat
 }
 
 StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options) {
-  ASSIGN_OR_RETURN(ModelConfig config, ReadHfConfig(dir + "/config.json"));
+  ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(dir + "/config.json"));
+  const ModelConfig& config = hf.config;
   ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, backend, options));
+  auto to_engine = [&](SafetensorsFile& file) -> Status {
+    return hf.model_type == "glm" ? GlmToEngineLayout(config, file) : OkStatus();
+  };
   const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
   std::error_code ec;
   if (!std::filesystem::exists(single, ec) && std::filesystem::exists(index, ec)) {
@@ -347,7 +432,9 @@ StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* ba
     std::set<std::string> found;
     for (const std::string& shard : shards) {
       ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(dir + "/" + shard));
-      if (Status s = CopyHfTensors(*model, file, host, found); !s.ok()) {
+      Status s = to_engine(file);
+      if (s.ok()) s = CopyHfTensors(*model, file, host, found);
+      if (!s.ok()) {
         return Status(s.code(), dir + "/" + shard + ": " + s.message());
       }
     }
@@ -356,7 +443,9 @@ StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* ba
     return model;
   }
   ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(single));
-  if (Status s = LoadHfWeights(*model, file); !s.ok()) {
+  Status s = to_engine(file);
+  if (s.ok()) s = LoadHfWeights(*model, file);
+  if (!s.ok()) {
     return Status(s.code(), single + ": " + s.message());
   }
   return model;
@@ -393,6 +482,11 @@ Status ExportHf(const Model& model, const std::string& dir) {
   const ModelConfig& c = model.config();
   if (c.qk_norm && c.attention_bias) {
     return InvalidArgumentError("a model with both q/k/v biases and q/k norms has no Hugging Face architecture");
+  }
+  if (c.rotary_dim != 0 && c.rotary_dim != c.head_dim) {
+    return InvalidArgumentError("a model with rotary_dim " + std::to_string(c.rotary_dim) + " of head_dim " +
+                                std::to_string(c.head_dim) + " (GLM's partial RoPE) is not exported (the engine "
+                                "holds GLM's q and k channels in its own order)");
   }
   const std::vector<float> host = model.ParamsToHost();
   std::vector<TensorToWrite> tensors;

@@ -13,10 +13,17 @@
 
 namespace sinkscope {
 
-// Reads a Llama config.json with Hugging Face's semantics (defaults of LlamaConfig,
+// Reads a config.json with Hugging Face's semantics (each model_type's defaults,
 // rope_theta at the top or in rope_parameters, rope_scaling types default, linear, llama3
 // and yarn); INVALID_ARGUMENT names an unsupported or inconsistent key and its value.
 StatusOr<ModelConfig> ReadHfConfig(const std::string& config_json_path);
+// The same with the model_type it was read as ("llama", "mistral", "qwen2", "qwen3",
+// "glm"): the weights' layout follows it (GLM's fused gate_up_proj, interleaved RoPE).
+struct HfConfig {
+  ModelConfig config;
+  std::string model_type;
+};
+StatusOr<HfConfig> ReadHfConfigAndType(const std::string& config_json_path);
 // The rope_scaling object Hugging Face reads back (null for the default).
 nlohmann::json RopeScalingToHf(const RopeScaling& scaling);
 // The shard files named by a model.safetensors.index.json, sorted, each once.

@@ -46,7 +46,7 @@ int RunProbeCommand(int argc, char** argv) {
       name);
   app.add_option("CHECKPOINT", checkpoint,
                  "a sinkscope checkpoint.bin, or a Hugging Face folder holding config.json and model.safetensors (or "
-                 "shards listed by model.safetensors.index.json): model_type llama, mistral, qwen2 or qwen3; V-scale "
+                 "shards listed by model.safetensors.index.json): model_type llama, mistral, qwen2, qwen3 or glm; V-scale "
                  "theta under model.layers.{i}.self_attn.vscale_theta")
       ->required();
   app.add_option("--tokens", tokens_path, "llm.c token shard; sequence b is tokens [b*T, b*T+T], targets shifted by one")
