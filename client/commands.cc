@@ -23,6 +23,7 @@
 #include <sstream>
 #include <thread>
 
+#include "base/flags.h"
 #include "client/render.h"
 #include "client/report.h"
 #include "schema/experiment.h"
@@ -782,7 +783,8 @@ const std::vector<Command>& Commands() {
       {"report", "ID | --probe FILE [--out DIR]", "the paper's figures (PNG, SVG, data, index.html)", kReportUsage,
        ReportCommand, {"--step", "--layer", "--arms", "--out", "--probe", "--label"}, {}, 0, 1, "an experiment ID"},
       // Dispatched by main to ProbeCommand: every argument after it is sinkscope-probe's.
-      {"probe", "CHECKPOINT ...", "the diagnostic pass on a checkpoint, locally (no coordinator)", nullptr, nullptr},
+      {"probe", "CHECKPOINT ...", "a diagnostic probe of a checkpoint on a worker, stored like any probe (--local: here)",
+       nullptr, nullptr},
   };
   return commands;
 }
@@ -794,7 +796,10 @@ const Command* FindCommand(const std::string& name) {
   return nullptr;
 }
 
-int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
+namespace {
+
+// `sinkscope probe --local ...`: the pass on this machine, by sinkscope-probe.
+int ProbeLocally(const GlobalOptions& options, int argc, char** argv) {
   // The diagnostic pass is the engine's work: it runs in sinkscope-probe (beside this
   // binary, else on PATH), so the CLI links no engine, BLAS or OpenMP.
   std::string tool = "sinkscope-probe";
@@ -813,7 +818,9 @@ int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
   std::string name = "sinkscope probe";
   std::string json = "--json";
   std::vector<char*> args = {name.data()};
-  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--local") != 0) args.push_back(argv[i]);
+  }
   if (options.json) args.push_back(json.data());
   args.push_back(nullptr);
   if (tool.find('/') != std::string::npos) {
@@ -824,6 +831,158 @@ int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
   std::fprintf(stderr, "sinkscope probe: cannot run %s (%s): install sinkscope-probe beside sinkscope or on PATH\n",
                tool.c_str(), std::strerror(errno));
   return kExitUsage;
+}
+
+}  // namespace
+
+int ProbeCommand(const GlobalOptions& options, int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--local") == 0) return ProbeLocally(options, argc, argv);
+  }
+  // A diagnostic probe job through the coordinator: submitted, run on a worker, stored
+  // and shown like any probe report.
+  v1::Experiment e;
+  e.set_name("probe");
+  v1::DiagnosticSpec& g = *e.mutable_diagnostic();
+  v1::ProbeSpec& p = *e.mutable_probe();
+  std::string model, tokens, text, separator = "%", tokenizer, arm, reduce = "sum_then_norm", device = "cpu", name;
+  int64_t batch = 8, seq = 0, micro_batch = 0, s = 0, ref_span = 0, profile_len = 0, t_eps = 64;
+  double eps = 0.3, wait_seconds = 0;
+  bool no_wait = false;
+  CLI::App app(
+      "Submits a diagnostic probe of a checkpoint (a Hugging Face folder or a checkpoint.bin, at a path the workers "
+      "see) to the coordinator: a worker of --device makes the pass (METRICS.md), the report is stored and shown like "
+      "any probe report (status, export, report, Prometheus), and printed here when it is done. --local makes the "
+      "pass on this machine instead (sinkscope-probe; its flags are these).",
+      "sinkscope probe");
+  app.add_option("CHECKPOINT", model, "the model as the workers see it")->required();
+  app.add_option("--tokens", tokens, "llm.c token shard (at a path the workers see)");
+  app.add_option("--text", text, "text file or folder (documents split by --separator), the model's tokenizer");
+  app.add_option("--separator", separator, "document separator line for --text")->default_val("%");
+  app.add_option("--tokenizer", tokenizer, "for --text: gpt2, a folder, tokenizer.json or tiktoken ranks");
+  app.add_option("--batch", batch, "sequences")->check(flags::Integer(1, 1 << 20))->default_val(8);
+  app.add_option("--micro-batch", micro_batch, "sequences per forward and backward (default: all)")
+      ->check(flags::Integer(1, 1 << 20));
+  app.add_option("--seq", seq, "tokens per sequence (default: the model's context)")->check(flags::Integer(1, INT32_MAX));
+  app.add_option("--arm", arm, "baseline | vscale | vscale_backward_only (default: the checkpoint's)")
+      ->check(CLI::IsMember({"baseline", "vscale", "vscale_backward_only"}));
+  app.add_option("--s", s, "sink position s")->check(flags::Integer(0, INT32_MAX))->default_val(0);
+  app.add_option("--ref-span", ref_span, "T_e (default 31, clipped to T-1)")->check(flags::Integer(1, INT32_MAX));
+  app.add_option("--profile-len", profile_len, "P (default 64, clipped to T)")->check(flags::Integer(1, INT32_MAX));
+  app.add_option("--eps", eps, "sink threshold")->check(flags::Number(0, 1))->default_val(0.3);
+  app.add_option("--t-eps", t_eps, "sink window T_eps")->check(flags::Integer(1, 1 << 24))->default_val(64);
+  app.add_option("--reduce", reduce, "how per-sequence gradients are combined")
+      ->check(CLI::IsMember({"sum_then_norm", "norm_then_mean"}))
+      ->default_val("sum_then_norm");
+  app.add_option("--device", device, "the workers to run it on")->check(CLI::IsMember({"cpu", "cuda"}))->default_val("cpu");
+  app.add_option("--name", name, "the job's experiment name (default probe)");
+  app.add_flag("--no-wait", no_wait, "print the experiment id and return at once");
+  app.add_option("--wait-seconds", wait_seconds, "give up waiting after S seconds (default: no limit)")
+      ->check(flags::Number(0, 1e9));
+  bool local_unused = false;  // handled above; listed for --help
+  app.add_flag("--local", local_unused, "make the pass here instead (sinkscope-probe)");
+  if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  if (tokens.empty() == text.empty()) return UsageError("probe", "give exactly one of --tokens or --text");
+  auto absolute = [](const std::string& path) {
+    std::error_code ec;
+    const std::filesystem::path a = std::filesystem::absolute(path, ec);
+    return ec ? path : a.lexically_normal().string();
+  };
+  if (!name.empty()) e.set_name(name);
+  g.set_model(absolute(model));
+  if (!tokens.empty()) g.set_tokens(absolute(tokens));
+  if (!text.empty()) g.set_text(absolute(text));
+  g.set_separator(separator);
+  // gpt2 names the workers' tokenizer cache; anything else is a path.
+  if (!tokenizer.empty()) g.set_tokenizer(tokenizer == "gpt2" ? tokenizer : absolute(tokenizer));
+  g.set_batch(static_cast<int32_t>(batch));
+  g.set_seq(static_cast<int32_t>(seq));
+  g.set_micro_batch(static_cast<int32_t>(micro_batch));
+  if (!arm.empty()) {
+    g.set_arm(arm == "baseline" ? v1::BASELINE : arm == "vscale" ? v1::VSCALE : v1::VSCALE_BACKWARD_ONLY);
+  }
+  p.set_sink_position(static_cast<int32_t>(s));
+  p.set_ref_span(static_cast<int32_t>(ref_span > 0 ? ref_span : 31));
+  p.set_profile_len(static_cast<int32_t>(profile_len > 0 ? profile_len : 64));
+  p.set_eps(eps);
+  p.set_t_eps(static_cast<int32_t>(t_eps));
+  p.set_reduce(reduce == "norm_then_mean" ? v1::NORM_THEN_MEAN : v1::SUM_THEN_NORM);
+  e.mutable_resources()->set_device(device == "cuda" ? v1::CUDA : v1::CPU);
+  {
+    v1::Experiment defaulted = e;
+    ApplyDefaults(defaulted);
+    if (Status st = ValidateExperiment(defaulted, /*check_paths=*/false); !st.ok()) {
+      return UsageError("probe", st.message());
+    }
+  }
+
+  Coordinator coordinator(options);
+  v1::SubmitExperimentRequest request;
+  *request.mutable_experiment() = e;
+  v1::SubmitExperimentResponse submitted;
+  if (grpc::Status st = coordinator.stub().SubmitExperiment(coordinator.UnaryContext().get(), request, &submitted);
+      !st.ok()) {
+    return coordinator.Fail(st);
+  }
+  const std::string& id = submitted.experiment_id();
+  const std::string run_id = submitted.run_ids_size() > 0 ? submitted.run_ids(0) : "";
+  std::fprintf(stderr, "sinkscope probe: submitted %s (run %s)\n", id.c_str(), run_id.c_str());
+  if (no_wait) {
+    if (options.json) PrintJson(submitted);
+    else std::printf("%s\n", id.c_str());
+    return kExitOk;
+  }
+  // Wait for the job's end, saying when its state changes (queued and why, running where).
+  const auto start = std::chrono::steady_clock::now();
+  std::string said;
+  v1::ExperimentSummary summary;
+  while (true) {
+    v1::GetExperimentRequest get;
+    get.set_experiment_id(id);
+    if (grpc::Status st = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), get, &summary); !st.ok()) {
+      return coordinator.Fail(st);
+    }
+    if (summary.state() != v1::ACTIVE) break;
+    if (summary.runs_size() > 0) {
+      const v1::RunSummary& r = summary.runs(0);
+      const std::string now = RunStateName(r.state()) + (r.state() == v1::RUNNING ? " on worker " + r.worker_id() : "") +
+                              (r.message().empty() ? "" : " (" + r.message() + ")");
+      if (now != said) {
+        std::fprintf(stderr, "sinkscope probe: %s %s\n", id.c_str(), now.c_str());
+        said = now;
+      }
+    }
+    if (wait_seconds > 0 &&
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > wait_seconds) {
+      std::fprintf(stderr, "sinkscope probe: %s is still %s after %g s; follow it with: sinkscope watch %s\n",
+                   id.c_str(), said.c_str(), wait_seconds, id.c_str());
+      return kExitJobFailed;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+  if (summary.state() != v1::COMPLETED || summary.runs_size() == 0) {
+    std::printf("%s", RenderExperimentStatus(summary).c_str());
+    return kExitJobFailed;
+  }
+  v1::GetRunMetricsRequest metrics_request;
+  metrics_request.set_run_id(run_id);
+  metrics_request.set_probes_only(true);
+  v1::GetRunMetricsResponse metrics;
+  if (grpc::Status st = coordinator.stub().GetRunMetrics(coordinator.UnaryContext().get(), metrics_request, &metrics);
+      !st.ok()) {
+    return coordinator.Fail(st);
+  }
+  if (metrics.probes_size() == 0) {
+    std::fprintf(stderr, "sinkscope probe: %s succeeded but stored no report\n", id.c_str());
+    return kExitJobFailed;
+  }
+  const v1::ProbeReport& report = metrics.probes(0);
+  if (options.json) {
+    std::printf("%s\n", MessageToJson(report, /*pretty=*/true).c_str());
+  } else {
+    std::printf("%s (%s, run %s)\n%s", model.c_str(), id.c_str(), run_id.c_str(), RenderProbeReport(report).c_str());
+  }
+  return kExitOk;
 }
 
 std::string LocateInExperimentFile(const std::string& file, const std::string& text, const std::string& message) {

@@ -19,6 +19,7 @@ enum ExitCode : int {
   kExitUsage = 2,        // bad arguments, or an experiment file that does not validate
   kExitUnreachable = 3,  // no coordinator at the address
   kExitAuth = 4,         // the coordinator rejected the credentials (UNAUTHENTICATED) or TLS failed
+  kExitJobFailed = 5,    // probe: the job failed, or did not end within --wait-seconds
 };
 
 // Flags every command shares.

@@ -2,6 +2,7 @@
 // and compares their runs, exports what they measured (ExperimentService), and runs the
 // diagnostic probe on a checkpoint locally. `main` parses the global flags and hands the
 // rest to the command (client/commands.h).
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -103,6 +104,12 @@ int Main(int argc, char** argv) {
     std::vector<std::string> rest = chosen->remaining();
     std::vector<char*> probe_argv = {argv[0]};
     for (std::string& a : rest) probe_argv.push_back(a.data());
+    const bool local = std::find(rest.begin(), rest.end(), "--local") != rest.end();
+    const bool help = std::find(rest.begin(), rest.end(), "--help") != rest.end() ||
+                      std::find(rest.begin(), rest.end(), "-h") != rest.end();
+    if (!local && !help) {  // the job goes to the coordinator
+      if (int exit = LoadCredentials(&options); exit != kExitOk) return exit;
+    }
     return ProbeCommand(options, static_cast<int>(probe_argv.size()), probe_argv.data());
   }
   const Args& args = parsed[c->name];

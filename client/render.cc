@@ -406,6 +406,31 @@ std::string RenderComparison(const v1::CompareArmsResponse& response) {
 
 // ---- export -------------------------------------------------------------------------------
 
+std::string RenderProbeReport(const v1::ProbeReport& report) {
+  std::string out = Printf("step %lld, %d sequences x %d tokens, loss %s; R_GS median %s (IQR %s to %s)\n",
+                           static_cast<long long>(report.step()), report.batch_sequences(), report.seq_len(),
+                           FormatNumber(report.loss()).c_str(), FormatNumber(report.r_gs_median()).c_str(),
+                           FormatNumber(report.r_gs_q1()).c_str(), FormatNumber(report.r_gs_q3()).c_str());
+  auto ratio = [](const v1::LayerProbe& l, const char* name) {
+    auto it = l.norm_ratio().find(name);
+    return it == l.norm_ratio().end() ? std::string("-") : FormatNumber(it->second);
+  };
+  std::vector<std::vector<std::string>> rows;
+  for (const v1::LayerProbe& l : report.layers()) {
+    double alpha = 0;
+    for (double a : l.alpha()) alpha += a / std::max(1, l.alpha_size());
+    const v1::MassiveActivations& m = l.massive();
+    rows.push_back({std::to_string(l.layer()), FormatNumber(l.r_gs()), FormatNumber(l.sink_rate()),
+                    l.alpha_size() ? FormatNumber(alpha) : "-", ratio(l, "h_out"), ratio(l, "v"),
+                    FormatNumber(m.top1_over_median()),
+                    Printf("seq %lld tok %d ch %d", static_cast<long long>(m.top1_sequence()), m.top1_token(),
+                           m.top1_channel())});
+  }
+  return out + RenderTable({"layer", "R_GS", "sink rate", "mean alpha_s", "h_out s/ref", "v s/ref", "top1/median",
+                            "largest at"},
+                           rows, {true, true, true, true, true, true, true, false});
+}
+
 std::string StepCsvHeader() {
   return "experiment,run,arm,seed,step,loss,learning_rate,grad_norm,tokens_per_second,mfu,val_loss,step_seconds\n";
 }

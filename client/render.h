@@ -49,6 +49,11 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& experiment);
 // mean ± std over seeds, then the summary block (median R_GS, losses, throughput).
 std::string RenderComparison(const v1::CompareArmsResponse& response);
 
+// `probe`: one report, a header (loss, batch, R_GS quartiles) and a row per layer: R_GS,
+// sink rate, mean α over heads, the token-s norm ratios of h_out and v, the largest
+// activation over the median and where it is.
+std::string RenderProbeReport(const v1::ProbeReport& report);
+
 // ---- export -------------------------------------------------------------------------------
 
 // CSV of step metrics: experiment,run,arm,seed then the StepMetrics fields (val_loss

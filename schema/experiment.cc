@@ -431,6 +431,20 @@ void ApplyDefaults(v1::Experiment& e) {
   v1::CheckpointSpec& c = *e.mutable_checkpoint();
   if (!c.has_every()) c.set_every(100);
   if (!c.has_export_hf()) c.set_export_hf(true);
+  if (e.has_diagnostic()) {  // one run that makes one pass
+    v1::DiagnosticSpec& g = *e.mutable_diagnostic();
+    if (g.separator().empty()) g.set_separator("%");
+    if (!g.has_batch()) g.set_batch(8);
+    if (!g.has_seq()) g.set_seq(0);
+    if (!g.has_micro_batch()) g.set_micro_batch(0);
+    e.clear_arms();
+    e.add_arms(g.arm() == v1::ARM_UNSPECIFIED ? v1::BASELINE : g.arm());
+    e.clear_seeds();
+    e.add_seeds(0);
+    t.set_steps(1);
+    t.set_warmup_steps(0);
+    c.set_export_hf(false);
+  }
 }
 
 std::string FormatBytes(double bytes) {
@@ -470,6 +484,58 @@ std::string RunMemoryEstimate::Describe() const {
          " tokens " + FormatBytes(activation_bytes) + ")";
 }
 
+namespace {
+
+// A diagnostic probe job: its own fields, the probe settings that do not depend on the
+// model (the worker checks the rest against the model it loads), the device and arm.
+Status ValidateDiagnostic(const v1::Experiment& e, bool check_paths) {
+  auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
+  const v1::DiagnosticSpec& g = e.diagnostic();
+  for (const auto& [path, value] : {std::pair<const char*, const std::string*>{"diagnostic.model", &g.model()},
+                                    {"diagnostic.tokens", &g.tokens()}, {"diagnostic.text", &g.text()},
+                                    {"diagnostic.separator", &g.separator()}, {"diagnostic.tokenizer", &g.tokenizer()}}) {
+    if (!IsUtf8(*value)) return bad(path, "is not valid UTF-8");
+  }
+  if (g.model().empty()) return bad("diagnostic.model", "is required (a Hugging Face folder or a checkpoint.bin)");
+  if (g.tokens().empty() == g.text().empty()) return bad("diagnostic", "needs exactly one of tokens and text");
+  if (g.batch() <= 0 || g.batch() > (1 << 20)) {
+    return bad("diagnostic.batch", "must be in [1, 2^20], got " + std::to_string(g.batch()));
+  }
+  if (g.seq() < 0) return bad("diagnostic.seq", "must not be negative, got " + std::to_string(g.seq()));
+  if (g.micro_batch() < 0) {
+    return bad("diagnostic.micro_batch", "must not be negative, got " + std::to_string(g.micro_batch()));
+  }
+  if (!v1::Arm_IsValid(g.arm())) return bad("diagnostic.arm", "unknown arm " + std::to_string(g.arm()));
+  const v1::ProbeSpec& p = e.probe();
+  if (p.sink_position() < 0) return bad("probe.sink_position", "must not be negative");
+  if (p.ref_span() <= 0) return bad("probe.ref_span", "must be positive");
+  if (p.profile_len() <= 0) return bad("probe.profile_len", "must be positive");
+  if (!(p.eps() > 0 && p.eps() < 1)) return bad("probe.eps", "must be in (0, 1), got " + Num(p.eps()));
+  if (p.t_eps() <= 0) return bad("probe.t_eps", "must be positive, got " + std::to_string(p.t_eps()));
+  if (!v1::Reduce_IsValid(p.reduce()) || p.reduce() == v1::REDUCE_UNSPECIFIED) {
+    return bad("probe.reduce", "unknown value " + std::to_string(p.reduce()));
+  }
+  if (!v1::DeviceKind_IsValid(e.resources().device()) || e.resources().device() == v1::DEVICE_KIND_UNSPECIFIED) {
+    return bad("resources.device", "unknown value " + std::to_string(e.resources().device()));
+  }
+  if (e.resources().devices_per_run() != 1) {
+    return bad("resources.devices_per_run", "a diagnostic probe job runs on one device, got " +
+                                                std::to_string(e.resources().devices_per_run()));
+  }
+  if (e.max_restarts() < 0) return bad("max_restarts", "must not be negative, got " + std::to_string(e.max_restarts()));
+  if (check_paths) {
+    std::error_code ec;
+    if (!std::filesystem::exists(g.model(), ec)) return bad("diagnostic.model", "no such file or folder: " + g.model());
+    const std::string& batch = g.tokens().empty() ? g.text() : g.tokens();
+    if (!std::filesystem::exists(batch, ec)) {
+      return bad(g.tokens().empty() ? "diagnostic.text" : "diagnostic.tokens", "no such file or folder: " + batch);
+    }
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
 Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
   // Real numbers: finite, and positive (or not negative).
@@ -491,6 +557,7 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   if (e.name().size() > 100) {
     return bad("name", "must be at most 100 characters, got " + std::to_string(e.name().size()));
   }
+  if (e.has_diagnostic()) return ValidateDiagnostic(e, check_paths);
   const v1::ModelSpec& m = e.model();
   struct Positive {
     const char* path;

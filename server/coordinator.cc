@@ -80,7 +80,7 @@ std::string Coordinator::WaitReasonLocked(const v1::Experiment& spec) const {
   const std::string kind = v1::DeviceKind_Name(spec.resources().device());
   int of_kind = 0, busy = 0, big_enough = 0;
   int64_t largest = 0;
-  const double need = EstimateRunMemory(spec).total_bytes();
+  const double need = spec.has_diagnostic() ? 0 : EstimateRunMemory(spec).total_bytes();
   for (const auto& [id, s] : sessions_) {
     if (!s.registered || s.capabilities.device() != spec.resources().device()) continue;
     ++of_kind;
@@ -107,6 +107,7 @@ std::string Coordinator::WaitReasonLocked(const v1::Experiment& spec) const {
 }
 
 Status Coordinator::CheckFitsLocked(const v1::Experiment& spec) const {
+  if (spec.has_diagnostic()) return OkStatus();  // the model is read by the worker: the coordinator cannot size it
   const RunMemoryEstimate need = EstimateRunMemory(spec);
   const std::string kind = v1::DeviceKind_Name(spec.resources().device());
   auto refuse = [&](const std::string& against) {
@@ -922,10 +923,19 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         if (it == runs_.end()) {
           refused = "no such run";
         } else {
-          const v1::ModelSpec& m = experiments_.at(it->second.record.summary.experiment_id()).summary.spec().model();
+          const v1::Experiment& spec = experiments_.at(it->second.record.summary.experiment_id()).summary.spec();
+          v1::ModelSpec m = spec.model();
+          if (spec.has_diagnostic()) {  // a pretrained model's size is known to its worker only: the schema's bounds
+            m.set_layers(4096);
+            m.set_heads(4096);
+            m.set_kv_heads(4096);
+          }
           const v1::ProbeReport& r = p.report();
-          if (r.step() < 1 || r.step() > it->second.record.summary.total_steps() || p.sequence() != r.step()) {
-            refused = "step outside [1, train.steps] or not equal to the sequence number";
+          if (spec.has_diagnostic() ? p.sequence() != 1 || r.step() < 0
+                                    : r.step() < 1 || r.step() > it->second.record.summary.total_steps() ||
+                                          p.sequence() != r.step()) {
+            refused = spec.has_diagnostic() ? "a diagnostic probe job's report has sequence 1 and a step >= 0"
+                                            : "step outside [1, train.steps] or not equal to the sequence number";
           } else if (r.layers_size() > m.layers()) {
             refused = "more layers than model.layers";
           } else {
@@ -1135,7 +1145,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
     v1::RunSummary& s = run.record.summary;
     const v1::Experiment& spec = experiments_.at(s.experiment_id()).summary.spec();
     const int W = std::max(1, spec.resources().devices_per_run());
-    const double need = EstimateRunMemory(spec).total_bytes();
+    const double need = spec.has_diagnostic() ? 0 : EstimateRunMemory(spec).total_bytes();
     std::vector<int64_t> chosen;  // one worker per rank, rank 0 first
     int could_hold = 0;           // workers of its kind that could take a rank, busy or not
     if (!held_back.count(spec.resources().device())) {

@@ -22,6 +22,7 @@
 #include "base/flags.h"
 #include "base/numbers.h"
 #include "training/hf.h"
+#include "training/diagnostic.h"
 #include "training/probe_json.h"
 
 namespace sinkscope {
@@ -83,127 +84,37 @@ int RunProbeCommand(int argc, char** argv) {
   const bool ref_span_set = ref_span->count() > 0, profile_set = profile->count() > 0;
   if (tokens_path.empty() == text_path.empty()) return fail("give exactly one of --tokens or --text");
 
+  DiagnosticJob job;
+  job.checkpoint = checkpoint;
+  job.tokens = tokens_path;
+  job.text = text_path;
+  job.separator = separator;
+  job.tokenizer = tokenizer_spec;
+  job.batch = B;
+  job.seq = T;
+  job.micro_batch = micro_batch;
+  job.arm = arm;
+  job.settings = st;
+  job.ref_span_given = ref_span_set;
+  job.profile_len_given = profile_set;
   auto backend = MakeCpuBackend();
-  // No parameter gradients or optimizer state: a probe reads activation gradients only.
-  const ModelOptions kProbing{.training = false};
-  std::unique_ptr<Model> model;
-  int64_t step = 0;  // the checkpoint's; a Hugging Face folder stores none
-  std::error_code ec;
-  const bool is_folder = std::filesystem::is_directory(checkpoint, ec);
-  if (ec && ec != std::errc::no_such_file_or_directory) return fail(checkpoint + ": " + ec.message());
-  if (is_folder) {
-    auto m = LoadHfModel(checkpoint, backend.get(), kProbing);
-    if (!m.ok()) return fail(m.status().message());
-    model = std::move(*m);
-  } else {
-    auto config = ReadCheckpointConfig(checkpoint);
-    if (!config.ok()) return fail(config.status().message());
-    auto m = Model::Create(*config, backend.get(), kProbing);
-    if (!m.ok()) return fail(m.status().message());
-    model = std::move(*m);
-    auto s = LoadCheckpoint(checkpoint, *model);
-    if (!s.ok()) return fail(s.status().message());
-    step = s->step;
-  }
-  if (!arm.empty()) {  // the same weights under another arm's value path
-    ModelConfig c = model->config();
-    if (!ParseVScaleMode(arm, &c.vscale)) {
-      return fail("--arm must be baseline, vscale or vscale_backward_only, got " + arm);
-    }
-    auto m = Model::Create(c, backend.get(), kProbing);
-    (*m)->ParamsFromHost(model->ParamsToHost());
-    model = std::move(*m);
-  }
-  const ModelConfig& c = model->config();
-  if (T == 0) T = c.context;
-  if (T <= 0 || T > c.context) return fail("--seq must be in [1, " + std::to_string(c.context) + "]");
-  std::vector<int32_t> stream;
-  if (!tokens_path.empty()) {
-    auto t = ReadShard(tokens_path);
-    if (!t.ok()) return fail(t.status().message());
-    stream = std::move(*t);
-  } else {
-    TextSource src;
-    src.paths = {text_path};
-    src.separator = separator;
-    auto docs = ReadDocuments(src);
-    if (!docs.ok()) return fail(docs.status().message());
-    std::string spec = tokenizer_spec;
-    if (spec.empty() && is_folder &&
-        (std::filesystem::exists(checkpoint + "/tokenizer.json", ec) ||
-         std::filesystem::exists(checkpoint + "/encoder.json", ec))) {
-      spec = checkpoint;
-    }
-    if (spec.empty()) {
-      stream = PackDocuments(*docs);
-    } else {
-      auto tokenizer = Tokenizer::Open(spec);
-      if (!tokenizer.ok()) return fail(tokenizer.status().message());
-      // The model's own end-of-text, as its config.json says (the first of a list).
-      if (is_folder) {
-        auto text = ReadRegularFile(checkpoint + "/config.json", checkpoint + "/config.json", 1 << 24);
-        const nlohmann::json j = text.ok() ? nlohmann::json::parse(*text, nullptr, false) : nlohmann::json();
-        if (j.is_object() && j.contains("eos_token_id")) {
-          const nlohmann::json& e = j["eos_token_id"];
-          if (e.is_number_integer()) (*tokenizer)->SetEos(e.get<int32_t>());
-          if (e.is_array() && !e.empty() && e[0].is_number_integer()) (*tokenizer)->SetEos(e[0].get<int32_t>());
-        }
-      }
-      const Tokenizer& tok = **tokenizer;
-      std::vector<std::string_view> texts(docs->begin(), docs->end());
-      const auto encoded = EncodeInParallel(tok, texts, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-      // Each document as the model was trained to see one: its BOS (Llama 3's
-      // <|begin_of_text|>, from the tokenizer's post-processor) and its EOS after it.
-      for (const auto& e : encoded) {
-        if (tok.bos()) stream.push_back(*tok.bos());
-        stream.insert(stream.end(), e.begin(), e.end());
-        if (tok.eos()) stream.push_back(*tok.eos());
-      }
-      std::fprintf(stderr, "%s: %s; each document %s…%s\n", name, tok.description().c_str(),
-                   tok.bos() ? ("begins with token " + std::to_string(*tok.bos()) + " ").c_str() : "",
-                   tok.eos() ? (" ends with token " + std::to_string(*tok.eos())).c_str() : " has no end token");
-    }
-  }
-  const size_t need = static_cast<size_t>(B) * T + 1;
-  if (stream.size() < need) {
-    return fail((tokens_path.empty() ? text_path : tokens_path) + " holds " + std::to_string(stream.size()) +
-                " tokens; --batch " + std::to_string(B) + " x --seq " + std::to_string(T) + " needs " +
-                std::to_string(need));
-  }
-  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    if (stream[i] >= c.vocab || stream[i + 1] >= c.vocab) {
-      return fail("token " + std::to_string(std::max(stream[i], stream[i + 1])) + " is outside the model's vocab " +
-                  std::to_string(c.vocab));
-    }
-    inputs[i] = stream[i];
-    targets[i] = stream[i + 1];
-  }
-  if (!ref_span_set) st.ref_span = std::min(st.ref_span, T - 1);
-  if (!profile_set) st.profile_len = std::min(st.profile_len, T);
-  const int M = micro_batch == 0 ? B : std::min(micro_batch, B);
-  const int passes = (B + M - 1) / M;
-  std::fprintf(stderr, "%s: %d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (parameters and one "
-               "pass's activations)\n",
-               name, B, T, passes, passes == 1 ? "" : "es", M, EstimateDiagnosticBytes(c, M, T, /*training=*/false) / (1 << 30));
   const auto start = std::chrono::steady_clock::now();
-  DiagnosticOptions options;
-  options.micro_batch = M;
-  options.progress = [&](int done, int total) {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double tokens = static_cast<double>(std::min(done * M, B)) * T;
-    std::fprintf(stderr, "%s: pass %d/%d, %.0f tok/s, %.1f s per 1000 tokens, ETA %.0f s\n", name, done, total,
-                 tokens / s, 1000 * s / tokens, s / done * (total - done));
-  };
-  auto report = RunDiagnosticPass(*model, st, inputs.data(), targets.data(), B, T, step, options);
-  if (!report.ok()) return fail(report.status().message());
+  auto result = RunDiagnosticJob(
+      job, backend.get(), [&](const std::string& line) { std::fprintf(stderr, "%s: %s\n", name, line.c_str()); },
+      [&](int done, int total, double tokens) {
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        std::fprintf(stderr, "%s: pass %d/%d, %.0f tok/s, %.1f s per 1000 tokens, ETA %.0f s\n", name, done, total,
+                     tokens / s, 1000 * s / tokens, s / done * (total - done));
+      });
+  if (!result.ok()) return fail(result.status().message());
+  const ProbeReport& report = result->report;
   if (json) {
-    nlohmann::json j = ProbeReportToJson(*report);
-    j["arm"] = VScaleModeName(c.vscale);
+    nlohmann::json j = ProbeReportToJson(report);
+    j["arm"] = result->arm;
     j["checkpoint"] = checkpoint;
     std::printf("%s\n", j.dump(1).c_str());
   } else {
-    std::printf("%s (%s)\n%s", checkpoint.c_str(), VScaleModeName(c.vscale), ProbeReportTable(*report).c_str());
+    std::printf("%s (%s)\n%s", checkpoint.c_str(), result->arm.c_str(), ProbeReportTable(report).c_str());
   }
   return 0;
 }

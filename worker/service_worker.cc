@@ -15,6 +15,7 @@
 #include "schema/experiment.h"
 #include "base/log.h"
 #include "engine/gloo/gloo_communicator.h"
+#include "training/diagnostic.h"
 #include "training/hf.h"
 #include "training/run_loop.h"
 #include "training/trainer.h"
@@ -688,6 +689,63 @@ StatusOr<std::shared_ptr<const DataSplits>> Worker::LoadRunData(const v1::Experi
   return data_;
 }
 
+// A diagnostic probe job (Experiment.diagnostic): the model loaded, one pass on its batch,
+// the report uploaded as the run's only probe (sequence 1) and its step as step 1.
+Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment& e) {
+  const v1::DiagnosticSpec& g = e.diagnostic();
+  const std::string& run = a.run_id();
+  if (StopRequested(run)) return RunEnd{RunEnd::kCancelled, v1::FAILURE_REASON_UNSPECIFIED, "", 0};
+  DiagnosticJob job;
+  job.checkpoint = g.model();
+  job.tokens = g.tokens();
+  job.text = g.text();
+  job.separator = g.separator();
+  job.tokenizer = g.tokenizer();
+  job.batch = g.batch();
+  job.seq = g.seq();
+  job.micro_batch = g.micro_batch();
+  if (g.arm() != v1::ARM_UNSPECIFIED) job.arm = ArmName(g.arm());
+  job.settings = ToProbeSettings(e.probe());
+  Log(LogLevel::kInfo, "diagnostic_start",
+      {{"run_id", run}, {"model", g.model()}, {"batch", Str(g.batch())}, {"seq", Str(g.seq())}});
+  auto result = RunDiagnosticJob(
+      job, backend_.get(), [&](const std::string& line) { Log(LogLevel::kInfo, "diagnostic", {{"run_id", run}, {"note", line}}); },
+      [&](int done, int total, double tokens) {
+        Log(LogLevel::kInfo, "diagnostic_progress",
+            {{"run_id", run}, {"pass", Str(done) + "/" + Str(total)}, {"tokens", Fmt(tokens)}});
+      });
+  if (!result.ok()) {
+    // What a user named (a model folder, a file, a setting) is a data error; the rest internal.
+    const StatusCode code = result.status().code();
+    const bool theirs = code == StatusCode::kInvalidArgument || code == StatusCode::kNotFound ||
+                        code == StatusCode::kDataLoss || code == StatusCode::kFailedPrecondition;
+    return RunEnd{RunEnd::kFailed, theirs ? v1::DATA_ERROR : v1::INTERNAL_ERROR,
+                  "diagnostic probe of " + g.model() + ": " + result.status().message(), 0};
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  const int32_t attempt = current_ && current_->run_id == run ? current_->attempt : a.attempt();
+  v1::WorkerMessage pm;
+  v1::Progress* p = pm.mutable_progress();
+  p->set_run_id(run);
+  p->set_attempt(attempt);
+  v1::StepMetrics* m = p->mutable_metrics();
+  m->set_step(1);
+  m->set_loss(result->report.loss);
+  m->set_step_seconds(result->seconds);
+  m->set_tokens_per_second(static_cast<double>(result->batch) * result->seq / std::max(result->seconds, 1e-9));
+  EnqueueLocked(run, std::move(pm), true);
+  v1::ProbeUpload u;
+  u.set_run_id(run);
+  u.set_attempt(attempt);
+  u.set_sequence(1);
+  *u.mutable_report() = ToProto(result->report);
+  EnqueueProbeLocked(std::move(u));
+  if (current_ && current_->run_id == run) current_->step = 1;
+  Log(LogLevel::kInfo, "diagnostic_done",
+      {{"run_id", run}, {"arm", result->arm}, {"seconds", Fmt(result->seconds)}, {"loss", Fmt(result->report.loss)}});
+  return RunEnd{RunEnd::kFinished, v1::FAILURE_REASON_UNSPECIFIED, "", 1};
+}
+
 // A gang's rendezvous through the coordinator: a key set here goes out as a
 // RendezvousSet; the coordinator sends every key of the attempt to every rank
 // (RendezvousValue, kept in current_). A wait ends early when the run is cancelled.
@@ -761,6 +819,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   if (Status s = ValidateExperiment(e, /*check_paths=*/false); !s.ok()) {
     return failed(v1::UNSUPPORTED, "invalid experiment: " + s.message(), 0);
   }
+  if (e.has_diagnostic()) return DiagnoseRun(a, e);
   if (a.checkpoint_dir().empty()) return failed(v1::INTERNAL_ERROR, "the assignment has no checkpoint_dir", 0);
   std::error_code ec;
   std::filesystem::create_directories(a.checkpoint_dir(), ec);

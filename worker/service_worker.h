@@ -185,6 +185,8 @@ class Worker {
   void TrainingLoop();
   // One run, from data loading to the final checkpoint and export.
   RunEnd TrainRun(const v1::Assignment& assignment);
+  // A diagnostic probe job: one pass, its report and its step.
+  RunEnd DiagnoseRun(const v1::Assignment& assignment, const v1::Experiment& experiment);
   // Queues the run's outcome message (none for a stopped run) and clears current_.
   void EndRunLocked(const v1::Assignment& assignment, const RunEnd& end);
   // Whether the run must stop after its step: cancelled, or the worker is shutting down.
