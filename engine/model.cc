@@ -1,5 +1,8 @@
 #include "engine/model.h"
 
+#include "engine/bf16.h"
+
+#include <cstring>
 #include <algorithm>
 #include <cmath>
 
@@ -53,6 +56,30 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
   m->off_head_ = config.tied_embeddings ? m->off_embed_ : add("lm_head.weight", {V, d}, true);
   m->num_params_ = offset;
   m->scalars_ = backend->AllocScalars(2);
+  if (options.matrices != WeightDtype::kF32) {
+    if (options.training) {
+      return InvalidArgumentError("16-bit weights are for probing only (ModelOptions.training = false)");
+    }
+    // 2-D weights in 16 bits; everything else fp32, compactly; the scratch they widen into.
+    m->matrices_ = options.matrices;
+    size_t store = 0, small = 0;
+    for (const ParamTensor& t : m->tensors_) {
+      const bool matrix = t.shape.size() == 2;
+      m->store_off_.push_back(matrix ? store : static_cast<size_t>(-1));
+      m->small_off_.push_back(matrix ? static_cast<size_t>(-1) : small);
+      (matrix ? store : small) += t.size;
+    }
+    m->store16_.assign(store, 0);
+    const size_t block = static_cast<size_t>(config.q_dim()) * d * 2 + static_cast<size_t>(config.kv_dim()) * d * 2 +
+                         static_cast<size_t>(F) * d * 3;
+    m->small_ = backend->Alloc(small);
+    m->block_scratch_ = backend->Alloc(block);
+    m->vocab_scratch_ = backend->Alloc(static_cast<size_t>(V) * d);
+    if (!m->small_ || !m->block_scratch_ || !m->vocab_scratch_) {
+      return InternalError("cannot allocate the fp32 parameters and scratch on backend " + std::string(backend->Name()));
+    }
+    return m;
+  }
   m->params_ = backend->Alloc(offset);
   if (options.training) {
     m->grads_ = backend->Alloc(offset);
@@ -68,9 +95,130 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
 Model::~Model() {
   FreeActivations();
   if (scalars_) backend_->Free(scalars_);
-  for (float* p : {params_, grads_, adam_m_, adam_v_}) {
+  for (float* p : {params_, grads_, adam_m_, adam_v_, small_, block_scratch_, vocab_scratch_}) {
     if (p) backend_->Free(p);
   }
+}
+
+const char* WeightDtypeName(WeightDtype dtype) {
+  switch (dtype) {
+    case WeightDtype::kF32: return "f32";
+    case WeightDtype::kBF16: return "bf16";
+    case WeightDtype::kF16: return "f16";
+  }
+  return "?";
+}
+
+size_t Model::TensorIndex(size_t offset) const {
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    if (tensors_[i].offset == offset) return i;
+  }
+  return static_cast<size_t>(-1);
+}
+
+float* Model::Param(size_t offset) const {
+  if (matrices_ == WeightDtype::kF32) return params_ + offset;
+  const size_t i = TensorIndex(offset);
+  return i < small_off_.size() && small_off_[i] != static_cast<size_t>(-1) ? small_ + small_off_[i] : nullptr;
+}
+
+void Model::Widen(const ParamTensor& t, float* out) const {
+  const size_t i = static_cast<size_t>(&t - tensors_.data());
+  const uint16_t* in = store16_.data() + store_off_[i];
+  const int64_t n = static_cast<int64_t>(t.size);
+  std::vector<float> host(t.size);
+  if (matrices_ == WeightDtype::kBF16) {
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < n; ++k) host[k] = Bf16BitsToFloat(in[k]);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < n; ++k) host[k] = F16BitsToFloat(in[k]);
+  }
+  backend_->ToDevice(out, host.data(), t.size * sizeof(float));
+}
+
+std::vector<float> Model::TensorToHost(const ParamTensor& t) const {
+  std::vector<float> host(t.size);
+  if (Holds16(t)) {
+    const size_t i = static_cast<size_t>(&t - tensors_.data());
+    const uint16_t* in = store16_.data() + store_off_[i];
+    for (size_t k = 0; k < t.size; ++k) {
+      host[k] = matrices_ == WeightDtype::kBF16 ? Bf16BitsToFloat(in[k]) : F16BitsToFloat(in[k]);
+    }
+  } else {
+    backend_->ToHost(host.data(), Param(t.offset), t.size * sizeof(float));
+  }
+  return host;
+}
+
+void Model::SetTensor(const ParamTensor& t, const float* values) {
+  if (Holds16(t)) {
+    std::vector<uint16_t> raw(t.size);
+    for (size_t k = 0; k < t.size; ++k) {
+      raw[k] = matrices_ == WeightDtype::kBF16 ? FloatToBf16Bits(values[k]) : FloatToF16Bits(values[k]);
+    }
+    SetTensor16(t, raw.data());
+    return;
+  }
+  backend_->ToDevice(Param(t.offset), values, t.size * sizeof(float));
+}
+
+void Model::SetTensor16(const ParamTensor& t, const void* raw) {
+  const size_t i = static_cast<size_t>(&t - tensors_.data());
+  std::memcpy(store16_.data() + store_off_[i], raw, t.size * sizeof(uint16_t));
+  scratch_block_ = -1;  // whatever was widened is stale now
+  vocab_holds_ = static_cast<size_t>(-1);
+}
+
+double Model::ParameterBytes() const {
+  if (matrices_ == WeightDtype::kF32) return 4.0 * num_params_;
+  double small = 0;
+  for (const ParamTensor& t : tensors_) small += t.shape.size() == 2 ? 0 : t.size;
+  const ModelConfig& c = config_;
+  const double block = static_cast<double>(c.q_dim()) * c.d_model * 2 + static_cast<double>(c.kv_dim()) * c.d_model * 2 +
+                       static_cast<double>(c.ffn) * c.d_model * 3;
+  return 2.0 * store16_.size() + 4.0 * (small + block + static_cast<double>(c.vocab) * c.d_model);
+}
+
+LayerParams Model::layer(int l) const {
+  if (matrices_ == WeightDtype::kF32) return View(params_, l);
+  const LayerOffsets& o = layer_off_[l];
+  auto optional = [&](size_t off) { return off == LayerOffsets::kNone ? nullptr : Param(off); };
+  LayerParams p{};
+  p.attn_norm = Param(o.attn_norm);
+  p.theta = Param(o.theta);
+  p.bq = optional(o.bq);
+  p.bk = optional(o.bk);
+  p.bv = optional(o.bv);
+  p.q_norm = optional(o.q_norm);
+  p.k_norm = optional(o.k_norm);
+  p.mlp_norm = Param(o.mlp_norm);
+  return p;
+}
+
+LayerParams Model::Block(int l) {
+  if (matrices_ == WeightDtype::kF32) return View(params_, l);
+  LayerParams p = layer(l);
+  const LayerOffsets& o = layer_off_[l];
+  float* next = block_scratch_;
+  for (auto [off, slot] : {std::pair{o.wq, &p.wq}, {o.wk, &p.wk}, {o.wv, &p.wv}, {o.wo, &p.wo}, {o.w_gate, &p.w_gate},
+                           {o.w_up, &p.w_up}, {o.w_down, &p.w_down}}) {
+    const ParamTensor& t = tensors_[TensorIndex(off)];
+    if (scratch_block_ != l) Widen(t, next);
+    *slot = next;
+    next += t.size;
+  }
+  scratch_block_ = l;
+  return p;
+}
+
+const float* Model::Vocab(size_t offset) {
+  if (matrices_ == WeightDtype::kF32) return params_ + offset;
+  if (vocab_holds_ != offset) {
+    Widen(tensors_[TensorIndex(offset)], vocab_scratch_);
+    vocab_holds_ = offset;
+  }
+  return vocab_scratch_;
 }
 
 const ParamTensor* Model::FindTensor(const std::string& name) const {
@@ -119,11 +267,22 @@ void Model::ZeroGrad() {
 
 std::vector<float> Model::ParamsToHost() const {
   std::vector<float> host(num_params_);
+  if (matrices_ != WeightDtype::kF32) {
+    for (const ParamTensor& t : tensors_) {
+      const std::vector<float> v = TensorToHost(t);
+      std::copy(v.begin(), v.end(), host.begin() + static_cast<std::ptrdiff_t>(t.offset));
+    }
+    return host;
+  }
   backend_->ToHost(host.data(), params_, num_params_ * sizeof(float));
   return host;
 }
 
 void Model::ParamsFromHost(const std::vector<float>& host) {
+  if (matrices_ != WeightDtype::kF32) {
+    for (const ParamTensor& t : tensors_) SetTensor(t, host.data() + t.offset);
+    return;
+  }
   backend_->ToDevice(params_, host.data(), num_params_ * sizeof(float));
 }
 
@@ -240,16 +399,16 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
   const float eps = static_cast<float>(c.rms_eps);
   const Backend::AttentionShape shape = Shape(B, T);
   be.ToDevice(tokens_dev_, tokens, sizeof(int32_t) * N);
-  be.EmbeddingForward(residual_[0], tokens_dev_, params_ + off_embed_, N, d);  // (N,d)
+  be.EmbeddingForward(residual_[0], tokens_dev_, Vocab(off_embed_), N, d);  // (N,d)
   // Each residual add is fused with the norm that reads its sum: the first block's
   // input norm stands alone.
   if (c.layers > 0) {
     be.RmsNormForward(acts_[0].xn, acts_[0].rstd_attn, residual_[0], layer(0).attn_norm, N, d, eps);
   } else {
-    be.RmsNormForward(xf_, rstd_f_, residual_[0], params_ + off_final_norm_, N, d, eps);
+    be.RmsNormForward(xf_, rstd_f_, residual_[0], Param(off_final_norm_), N, d, eps);
   }
   for (int l = 0; l < c.layers; ++l) {
-    const LayerParams w = layer(l);
+    const LayerParams w = Block(l);
     LayerActs& a = acts_[l];
     const float* h_in = residual_[l];
     float* h_out = residual_[l + 1];
@@ -267,7 +426,7 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
     // h_out = h_half + r_mlp, and the norm of the next block (or the final norm).
     const bool last = l + 1 == c.layers;
     be.ResidualRmsNormForward(h_out, last ? xf_ : acts_[l + 1].xn, last ? rstd_f_ : acts_[l + 1].rstd_attn,
-                              a.h_half, a.r_mlp, last ? params_ + off_final_norm_ : layer(l + 1).attn_norm, N, d,
+                              a.h_half, a.r_mlp, last ? Param(off_final_norm_) : layer(l + 1).attn_norm, N, d,
                               eps);
     if (observer) {
       observer->OnBlockForward(l, {h_in, a.h_half, h_out, a.r_attn, a.r_mlp, a.q, a.k, a.v, a.vhat, a.lse}, B, T);
@@ -280,7 +439,7 @@ void Model::EvaluateInto(const int32_t* tokens, const int32_t* targets, int B, i
   Forward(tokens, B, T, observer);
   const int N = B * T;
   backend_->ToDevice(targets_dev_, targets, sizeof(int32_t) * N);
-  backend_->LmHeadLoss(logits_, logits_rows_, xf_, params_ + off_head_, targets_dev_, N, config_.vocab,
+  backend_->LmHeadLoss(logits_, logits_rows_, xf_, Vocab(off_head_), targets_dev_, N, config_.vocab,
                        config_.d_model, loss_acc);
 }
 
@@ -318,11 +477,11 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
   auto gain_grad = [&](float* g) { return pg ? g : dgamma_sink_; };
 
   // LM head with the loss (∂L/∂xf into d_norm_), then the final norm.
-  be.LmHeadCrossEntropy(d_norm_, pg ? grads_ + off_head_ : nullptr, logits_, logits_rows_, xf_, params_ + off_head_,
+  be.LmHeadCrossEntropy(d_norm_, pg ? grads_ + off_head_ : nullptr, logits_, logits_rows_, xf_, Vocab(off_head_),
                         targets_dev_, N, V, d, grad_scale, loss_acc);
   be.Fill(d_res_a_, 0.0f, Nd);
   be.RmsNormBackward(d_res_a_, gain_grad(grads_ + off_final_norm_), d_norm_, residual_[c.layers],
-                     params_ + off_final_norm_, rstd_f_, N, d);
+                     Param(off_final_norm_), rstd_f_, N, d);
   const bool tell = pg && ready != nullptr;
   auto layer_begin = [&](int l) { return l < c.layers ? layer_off_[l].attn_norm : off_final_norm_; };
   if (tell) (*ready)(off_final_norm_, num_params_);  // the final norm (and an untied LM head)
@@ -330,7 +489,7 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
   float* d_out = d_res_a_;
   float* d_half = d_res_b_;
   for (int l = c.layers - 1; l >= 0; --l) {
-    const LayerParams w = layer(l);
+    const LayerParams w = Block(l);
     const LayerParams gw = pg ? layer_grad(l) : LayerParams{};
     LayerActs& a = acts_[l];
     if (observer) observer->OnGradient(l, Site::kHOut, d_out, nullptr, B, T);

@@ -77,11 +77,21 @@ class PassObserver {
   virtual void EditAttentionInput(int layer, float* xn, int B, int T) {}
 };
 
+// How a model holds its 2-D weights (ModelOptions::matrices).
+enum class WeightDtype { kF32, kBF16, kF16 };
+const char* WeightDtypeName(WeightDtype dtype);  // "f32", "bf16", "f16"
+
 struct ModelOptions {
   // false: a model for probing only: no parameter gradients and no AdamW state are
   // allocated (4 B per parameter instead of 16), and a backward computes only the
   // gradients of activations, which is all a probe reads.
   bool training = true;
+  // Probing only: the 2-D weights (embedding, projections, LM head) kept in bf16 or f16,
+  // as a pretrained checkpoint ships them (2 B per parameter), and widened exactly to fp32
+  // where the backend computes: one block's matrices at a time, and the embedding or LM
+  // head when used. Norms, biases and θ stay fp32. The pass is the pass of the fp32 model
+  // holding the same (widened) values, bit for bit.
+  WeightDtype matrices = WeightDtype::kF32;
 };
 
 class Model {
@@ -100,12 +110,28 @@ class Model {
   const std::vector<ParamTensor>& tensors() const { return tensors_; }
   const ParamTensor* FindTensor(const std::string& name) const;
   size_t num_params() const { return num_params_; }
+  // How the 2-D weights are held; for kBF16/kF16 params() is null and the tensors are
+  // read and written through TensorToHost / SetTensor / SetTensor16.
+  WeightDtype matrices() const { return matrices_; }
+  // Whether `t` is held in 16 bits (a 2-D weight of a kBF16/kF16 model).
+  bool Holds16(const ParamTensor& t) const { return matrices_ != WeightDtype::kF32 && t.shape.size() == 2; }
+  // One tensor's values, as fp32 (widened when held in 16 bits).
+  std::vector<float> TensorToHost(const ParamTensor& t) const;
+  // Sets one tensor from fp32 values (rounded to nearest even when held in 16 bits).
+  void SetTensor(const ParamTensor& t, const float* values);
+  // Sets a tensor held in 16 bits from raw bf16/f16 values of the model's dtype.
+  void SetTensor16(const ParamTensor& t, const void* raw);
+  // Bytes the parameters take (16-bit weights counted at 2 B, and the fp32 scratch they
+  // are widened into).
+  double ParameterBytes() const;
   // Device buffers; a const Model still hands them out for reading (checkpoints, probes).
   float* params() const { return params_; }
   float* grads() const { return grads_; }
   float* adam_m() const { return adam_m_; }
   float* adam_v() const { return adam_v_; }
-  LayerParams layer(int l) const { return View(params_, l); }
+  // Block l's parameters. For a 16-bit model the matrices are null here (they are only
+  // fp32 while widened for a pass); norms, biases and θ are set.
+  LayerParams layer(int l) const;
   LayerParams layer_grad(int l) const { return View(grads_, l); }
   // C_{ℓ,g} base: d_model·d_head·σ² (multiplied by exp θ).
   double VScaleCBase() const;
@@ -146,6 +172,14 @@ class Model {
  private:
   Model(const ModelConfig& config, Backend* backend);
   LayerParams View(float* base, int l) const;
+  // The fp32 pointer of a tensor held in fp32 (by its offset).
+  float* Param(size_t offset) const;
+  // Block l for a pass: a 16-bit model widens its matrices into the block scratch first.
+  LayerParams Block(int l);
+  // The embedding or LM head (by offset) for a pass, widened for a 16-bit model.
+  const float* Vocab(size_t offset);
+  void Widen(const ParamTensor& t, float* out) const;
+  size_t TensorIndex(size_t offset) const;
   Backend::AttentionShape Shape(int B, int T) const;
   static Backend::AttentionInputWeights AttentionWeights(const LayerParams& w);
   void EnsureActivations(int B, int T);
@@ -158,6 +192,16 @@ class Model {
   std::vector<ParamTensor> tensors_;
   size_t num_params_ = 0;
   float* params_ = nullptr;
+  // A 16-bit model: the matrices in store16_ (store_off_ per tensor, npos for fp32 ones),
+  // the fp32 tensors in small_ (small_off_ per tensor), and the scratch they are widened into.
+  WeightDtype matrices_ = WeightDtype::kF32;
+  std::vector<uint16_t> store16_;
+  std::vector<size_t> store_off_, small_off_;
+  float* small_ = nullptr;
+  float* block_scratch_ = nullptr;  // one block's seven matrices
+  float* vocab_scratch_ = nullptr;  // V × d
+  int scratch_block_ = -1;
+  size_t vocab_holds_ = static_cast<size_t>(-1);
   float* grads_ = nullptr;
   float* adam_m_ = nullptr;
   float* adam_v_ = nullptr;

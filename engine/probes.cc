@@ -131,9 +131,7 @@ ProbeCollector::ProbeCollector(Model& model, const ProbeSettings& settings, int 
   for (int l = 0; l < c.layers; ++l) {
     std::vector<float> th(c.kv_heads, 0.0f);
     const ParamTensor* t = model.FindTensor("model.layers." + std::to_string(l) + ".self_attn.vscale_theta");
-    if (c.vscale == VScaleMode::kVScale && t != nullptr) {
-      be.ToHost(th.data(), model.params() + t->offset, th.size() * sizeof(float));
-    }
+    if (c.vscale == VScaleMode::kVScale && t != nullptr) th = model.TensorToHost(*t);
     theta_.push_back(std::move(th));
   }
 }

@@ -13,6 +13,8 @@
 #include <random>
 #include <tuple>
 
+#include "engine/bf16.h"
+#include "engine/probes.h"
 #include "training/hf.h"
 
 namespace sinkscope {
@@ -731,8 +733,94 @@ TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
     reference += (std::log(z) + mx - logits[targets[t]]) / T;
   }
   EXPECT_NEAR(engine, reference, 1e-5 * std::abs(reference));
+  // The probing loader (tensors as stored, one shard at a time) lays GLM out the same way.
+  auto probing = LoadHfModelForProbing(folder.string(), backend_.get());
+  ASSERT_TRUE(probing.ok()) << probing.status().ToString();
+  EXPECT_EQ((*probing)->Evaluate(tokens.data(), targets.data(), 1, T), engine);
   // A partial-RoPE model is not exported as Llama.
   EXPECT_THAT(ExportHf(**model, (dir_ / "out").string()).message(), HasSubstr("(GLM's partial RoPE) is not exported"));
+}
+
+// A safetensors file of 16-bit tensors, written by hand (the project's writer writes F32).
+void WriteHalfSafetensors(const fs::path& path, const std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>& w,
+                          bool bf16) {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const auto& [name, t] : w) {
+    const size_t begin = data.size();
+    for (float x : t.second) {
+      const uint16_t h = bf16 ? FloatToBf16Bits(x) : FloatToF16Bits(x);
+      data.append(reinterpret_cast<const char*>(&h), 2);
+    }
+    header[name] = {{"dtype", bf16 ? "BF16" : "F16"}, {"shape", t.first}, {"data_offsets", {begin, data.size()}}};
+  }
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  const uint64_t n = h.size();
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out << h << data;
+}
+
+// A Qwen2-shaped model stored in bf16 and in f16: probing keeps its matrices in 16 bits
+// (about half the memory) and its pass is the fp32 pass over the same values, bit for bit.
+TEST_F(HfTest, SixteenBitWeightsStayInSixteenBitsAndProbeAsTheirFp32Values) {
+  for (bool bf16 : {true, false}) {
+    nlohmann::json config = Base();
+    config["model_type"] = "qwen2";
+    config["vocab_size"] = 96;
+    config["num_hidden_layers"] = 12;  // enough blocks that the one block's fp32 scratch is small beside them
+    auto c = Read(config);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    auto reference = Model::Create(*c, backend_.get());
+    ASSERT_TRUE(reference.ok());
+    (*reference)->InitWeights(3);
+    std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> w;
+    const std::vector<float> p = (*reference)->ParamsToHost();
+    std::mt19937 rng(9);
+    std::normal_distribution<float> noise(0.0f, 0.2f);
+    for (const ParamTensor& t : (*reference)->tensors()) {
+      if (t.name.find("vscale_theta") != std::string::npos) continue;
+      std::vector<float> v(p.begin() + t.offset, p.begin() + t.offset + t.size);
+      for (float& x : v) x = t.shape.size() == 2 ? 10 * x : x + noise(rng);
+      w[t.name] = {t.shape, v};
+    }
+    const fs::path folder = dir_ / (bf16 ? "bf16" : "f16");
+    fs::create_directories(folder);
+    std::ofstream(folder / "config.json") << config.dump(1);
+    WriteHalfSafetensors(folder / "model.safetensors", w, bf16);
+
+    auto held = LoadHfModelForProbing(folder.string(), backend_.get());
+    ASSERT_TRUE(held.ok()) << held.status().ToString();
+    EXPECT_EQ((*held)->matrices(), bf16 ? WeightDtype::kBF16 : WeightDtype::kF16);
+    auto widened = LoadHfModel(folder.string(), backend_.get(), ModelOptions{.training = false});
+    ASSERT_TRUE(widened.ok()) << widened.status().ToString();
+    EXPECT_EQ((*held)->ParamsToHost(), (*widened)->ParamsToHost());
+    EXPECT_LT((*held)->ParameterBytes(), 0.75 * (*widened)->ParameterBytes());
+    const int B = 2, T = 12;
+    std::vector<int32_t> tokens(B * T), targets(B * T);
+    for (int i = 0; i < B * T; ++i) tokens[i] = (i * 17 + 3) % 96, targets[i] = (i * 5 + 1) % 96;
+    ProbeSettings st;
+    st.ref_span = 7;
+    st.profile_len = 12;
+    st.t_eps = 12;
+    auto a = RunDiagnosticPass(**held, st, tokens.data(), targets.data(), B, T);
+    auto b = RunDiagnosticPass(**widened, st, tokens.data(), targets.data(), B, T);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(a->loss, b->loss);
+    EXPECT_EQ(a->r_gs_median, b->r_gs_median);
+    for (size_t l = 0; l < b->layers.size(); ++l) {
+      EXPECT_EQ(a->layers[l].r_gs, b->layers[l].r_gs);
+      EXPECT_EQ(a->layers[l].alpha, b->layers[l].alpha);
+      EXPECT_EQ(a->layers[l].grad_profile, b->layers[l].grad_profile);
+      EXPECT_EQ(a->layers[l].norms, b->layers[l].norms);
+    }
+    // The values are the file's, exactly: a bf16 value widens to itself.
+    const ParamTensor* embed = (*held)->FindTensor("model.embed_tokens.weight");
+    const std::vector<float> e = (*held)->TensorToHost(*embed);
+    const float first = w["model.embed_tokens.weight"].second[0];
+    EXPECT_EQ(e[0], bf16 ? RoundToBf16(first) : F16BitsToFloat(FloatToF16Bits(first)));
+  }
 }
 
 }  // namespace

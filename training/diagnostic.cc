@@ -34,20 +34,23 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   const bool is_folder = std::filesystem::is_directory(checkpoint, ec);
   if (ec && ec != std::errc::no_such_file_or_directory) return InvalidArgumentError(checkpoint + ": " + ec.message());
   if (is_folder) {
-    ASSIGN_OR_RETURN(model, LoadHfModel(checkpoint, backend, kProbing));
+    ASSIGN_OR_RETURN(model, LoadHfModelForProbing(checkpoint, backend));
   } else {
     ASSIGN_OR_RETURN(ModelConfig config, ReadCheckpointConfig(checkpoint));
     ASSIGN_OR_RETURN(model, Model::Create(config, backend, kProbing));
     ASSIGN_OR_RETURN(TrainingState state, LoadCheckpoint(checkpoint, *model));
     result.checkpoint_step = state.step;
   }
-  if (!job.arm.empty()) {  // the same weights under another arm's value path
+  if (!job.arm.empty()) {  // the same weights under another arm's value path, tensor by tensor
     ModelConfig c = model->config();
     if (!ParseVScaleMode(job.arm, &c.vscale)) {
       return InvalidArgumentError("the arm must be baseline, vscale or vscale_backward_only, got " + job.arm);
     }
-    ASSIGN_OR_RETURN(std::unique_ptr<Model> m, Model::Create(c, backend, kProbing));
-    m->ParamsFromHost(model->ParamsToHost());
+    ASSIGN_OR_RETURN(std::unique_ptr<Model> m,
+                     Model::Create(c, backend, ModelOptions{.training = false, .matrices = model->matrices()}));
+    for (size_t i = 0; i < m->tensors().size(); ++i) {
+      m->SetTensor(m->tensors()[i], model->TensorToHost(model->tensors()[i]).data());  // exact: widened, rounded back
+    }
     model = std::move(m);
   }
   const ModelConfig& c = model->config();
@@ -121,10 +124,12 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   const int M = job.micro_batch == 0 ? B : std::min(job.micro_batch, B);
   const int passes = (B + M - 1) / M;
   char line[200];
+  const double activations = EstimateDiagnosticBytes(c, M, T, /*training=*/false) - 4.0 * c.ParameterCount();
   std::snprintf(line, sizeof line,
-                "%d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (parameters and one pass's activations)",
-                B, T, passes, passes == 1 ? "" : "es", M,
-                EstimateDiagnosticBytes(c, M, T, /*training=*/false) / (1 << 30));
+                "%d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (%s weights %.2f GiB, one pass's "
+                "activations %.2f GiB)",
+                B, T, passes, passes == 1 ? "" : "es", M, (model->ParameterBytes() + activations) / (1 << 30),
+                WeightDtypeName(model->matrices()), model->ParameterBytes() / (1 << 30), activations / (1 << 30));
   say(line);
   DiagnosticOptions options;
   options.micro_batch = M;

@@ -4,6 +4,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -373,6 +374,79 @@ Status GlmToEngineLayout(const ModelConfig& c, SafetensorsFile& file) {
   return OkStatus();
 }
 
+// GlmToEngineLayout on tensors as stored: the halves of gate_up_proj are views of it,
+// the permuted q and k rows new buffers.
+Status GlmToEngineLayoutRaw(const ModelConfig& c, RawSafetensors& file) {
+  const int dh = c.head_dim, rd = c.rotary_dim > 0 ? c.rotary_dim : dh, half = dh / 2, pass_low = half - rd / 2;
+  std::vector<int> to(dh);
+  for (int i = 0; i < rd / 2; ++i) {
+    to[2 * i] = i;
+    to[2 * i + 1] = i + half;
+  }
+  for (int k = 0; k < dh - rd; ++k) to[rd + k] = k < pass_low ? rd / 2 + k : half + rd / 2 + (k - pass_low);
+  std::map<std::string, RawTensor> out;
+  const std::string fused = ".mlp.gate_up_proj.weight";
+  for (auto& [name, t] : file.tensors) {
+    if (name.size() > fused.size() && name.compare(name.size() - fused.size(), fused.size(), fused) == 0) {
+      if (t.shape.size() != 2 || t.shape[0] != 2 * static_cast<int64_t>(c.ffn)) {
+        return InvalidArgumentError("tensor " + name + " should have 2 · intermediate_size = " +
+                                    std::to_string(2 * c.ffn) + " rows");
+      }
+      const std::string base = name.substr(0, name.size() - fused.size()) + ".mlp.";
+      RawTensor gate = t, up = t;
+      gate.shape[0] = up.shape[0] = c.ffn;
+      gate.bytes = up.bytes = t.bytes / 2;
+      up.data = t.data + t.bytes / 2;
+      out[base + "gate_proj.weight"] = gate;
+      out[base + "up_proj.weight"] = up;
+      continue;
+    }
+    const bool qk = name.find(".self_attn.q_proj.") != std::string::npos ||
+                    name.find(".self_attn.k_proj.") != std::string::npos;
+    if (qk && !t.shape.empty() && t.shape[0] % dh == 0) {
+      const size_t row = t.bytes / static_cast<size_t>(t.shape[0]);
+      std::string& moved = file.owned.emplace_back(t.bytes, '\0');
+      for (int64_t r = 0; r < t.shape[0]; ++r) {
+        const int64_t dest = r / dh * dh + to[r % dh];
+        std::memcpy(moved.data() + dest * row, t.data + r * row, row);
+      }
+      t.data = moved.data();
+    }
+    out[name] = t;
+  }
+  file.tensors = std::move(out);
+  return OkStatus();
+}
+
+// Copies the tensors of `file` the model has, each as it is held: 16-bit matrices of the
+// model's dtype as they are, everything else through fp32.
+Status CopyRawTensors(Model& model, const RawSafetensors& file, std::set<std::string>& found) {
+  const std::string held = model.matrices() == WeightDtype::kBF16 ? "BF16" : "F16";
+  for (const ParamTensor& t : model.tensors()) {
+    auto it = file.tensors.find(t.name);
+    if (it == file.tensors.end()) continue;
+    const RawTensor& r = it->second;
+    if (r.shape != t.shape) {
+      std::ostringstream os;
+      os << "tensor " << t.name << " has shape [";
+      for (size_t i = 0; i < r.shape.size(); ++i) os << (i ? ", " : "") << r.shape[i];
+      os << "], expected [";
+      for (size_t i = 0; i < t.shape.size(); ++i) os << (i ? ", " : "") << t.shape[i];
+      os << "]";
+      return InvalidArgumentError(os.str());
+    }
+    if (model.Holds16(t) && r.dtype == held) {
+      model.SetTensor16(t, r.data);
+    } else {
+      std::vector<float> values(t.size);
+      for (size_t i = 0; i < t.size; ++i) values[i] = static_cast<float>(RawValue(r, i));
+      model.SetTensor(t, values.data());
+    }
+    found.insert(t.name);
+  }
+  return OkStatus();
+}
+
 Status CheckAllFound(const Model& model, const std::set<std::string>& found) {
   for (const ParamTensor& t : model.tensors()) {
     if (found.count(t.name) || t.name.find("vscale_theta") != std::string::npos) continue;  // θ absent: 0
@@ -447,6 +521,43 @@ StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* ba
   if (s.ok()) s = LoadHfWeights(*model, file);
   if (!s.ok()) {
     return Status(s.code(), single + ": " + s.message());
+  }
+  return model;
+}
+
+StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend) {
+  ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(dir + "/config.json"));
+  const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
+  std::error_code ec;
+  std::vector<std::string> files = {single};
+  const bool sharded = !std::filesystem::exists(single, ec) && std::filesystem::exists(index, ec);
+  if (sharded) {
+    ASSIGN_OR_RETURN(std::vector<std::string> shards, ReadHfShardIndex(index));
+    files.clear();
+    for (const std::string& shard : shards) files.push_back(dir + "/" + shard);
+  }
+  // One shard in memory at a time, as stored; the first says how the weights are held.
+  ASSIGN_OR_RETURN(std::unique_ptr<RawSafetensors> first, ReadSafetensorsRaw(files[0]));
+  WeightDtype dtype = WeightDtype::kF32;
+  for (const auto& [name, t] : first->tensors) {
+    if (t.shape.size() != 2) continue;
+    dtype = t.dtype == "BF16" ? WeightDtype::kBF16 : t.dtype == "F16" ? WeightDtype::kF16 : WeightDtype::kF32;
+    if (name == "model.embed_tokens.weight") break;  // the embedding's decides when present
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
+                   Model::Create(hf.config, backend, ModelOptions{.training = false, .matrices = dtype}));
+  std::set<std::string> found;
+  for (size_t i = 0; i < files.size(); ++i) {
+    std::unique_ptr<RawSafetensors> file = std::move(first);
+    if (i > 0) {
+      ASSIGN_OR_RETURN(file, ReadSafetensorsRaw(files[i]));
+    }
+    Status s = hf.model_type == "glm" ? GlmToEngineLayoutRaw(hf.config, *file) : OkStatus();
+    if (s.ok()) s = CopyRawTensors(*model, *file, found);
+    if (!s.ok()) return Status(s.code(), files[i] + ": " + s.message());
+  }
+  if (Status s = CheckAllFound(*model, found); !s.ok()) {
+    return Status(s.code(), (sharded ? index : single) + ": " + s.message());
   }
   return model;
 }

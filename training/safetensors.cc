@@ -38,8 +38,10 @@ double F16ToDouble(uint16_t h) {
 
 }  // namespace
 
-StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
-  ASSIGN_OR_RETURN(const std::string bytes, ReadRegularFile(path, path));
+StatusOr<std::unique_ptr<RawSafetensors>> ReadSafetensorsRaw(const std::string& path) {
+  auto file = std::make_unique<RawSafetensors>();
+  ASSIGN_OR_RETURN(file->buffer, ReadRegularFile(path, path));
+  const std::string& bytes = file->buffer;
   if (bytes.size() < 8) return DataLossError(path + ": truncated (shorter than the 8-byte header length)");
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8);
@@ -50,51 +52,69 @@ StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
   if (header.is_discarded() || !header.is_object()) return DataLossError(path + ": header is not a JSON object");
   const size_t data_start = 8 + header_len;
   const size_t data_len = bytes.size() - data_start;
-  SafetensorsFile file;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
       for (auto m = it.value().begin(); m != it.value().end(); ++m) {
-        if (m.value().is_string()) file.metadata[m.key()] = m.value().get<std::string>();
+        if (m.value().is_string()) file->metadata[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
     const auto& e = it.value();
-    if (!e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets")) {
+    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets") ||
+        !e["dtype"].is_string() || !e["shape"].is_array() || !e["data_offsets"].is_array() ||
+        e["data_offsets"].size() != 2) {
       return DataLossError(path + ": tensor " + it.key() + " lacks dtype, shape or data_offsets");
     }
-    const std::string dtype = e["dtype"].get<std::string>();
-    HostTensor t;
+    RawTensor t;
+    t.dtype = e["dtype"].get<std::string>();
     size_t numel = 1;
-    for (const auto& s : e["shape"]) {
-      t.shape.push_back(s.get<int64_t>());
+    for (const auto& dim : e["shape"]) {
+      if (!dim.is_number_integer() || dim.get<int64_t>() < 0) return DataLossError(path + ": tensor " + it.key() + " has a bad shape");
+      t.shape.push_back(dim.get<int64_t>());
       numel *= static_cast<size_t>(t.shape.back());
     }
     const size_t begin = e["data_offsets"][0].get<size_t>(), end = e["data_offsets"][1].get<size_t>();
-    size_t width = 0;
-    if (dtype == "F32") width = 4;
-    else if (dtype == "F64") width = 8;
-    else if (dtype == "BF16" || dtype == "F16") width = 2;
-    else return InvalidArgumentError(path + ": tensor " + it.key() + " has unsupported dtype " + dtype);
-    if (end < begin || end > data_len || end - begin != numel * width) {
+    if (t.dtype == "F32") t.width = 4;
+    else if (t.dtype == "F64") t.width = 8;
+    else if (t.dtype == "BF16" || t.dtype == "F16") t.width = 2;
+    else return InvalidArgumentError(path + ": tensor " + it.key() + " has unsupported dtype " + t.dtype);
+    if (end < begin || end > data_len || end - begin != numel * t.width) {
       return DataLossError(path + ": tensor " + it.key() + " has data_offsets [" + std::to_string(begin) + ", " +
                            std::to_string(end) + ") inconsistent with its shape or the file size");
     }
-    const char* p = bytes.data() + data_start + begin;
-    t.values.resize(numel);
-    for (size_t i = 0; i < numel; ++i) {
-      if (width == 4) {
-        float f;
-        std::memcpy(&f, p + 4 * i, 4);
-        t.values[i] = f;
-      } else if (width == 8) {
-        std::memcpy(&t.values[i], p + 8 * i, 8);
-      } else {
-        uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        t.values[i] = dtype == "BF16" ? Bf16ToDouble(h) : F16ToDouble(h);
-      }
-    }
-    file.tensors.emplace(it.key(), std::move(t));
+    t.data = bytes.data() + data_start + begin;
+    t.bytes = end - begin;
+    file->tensors.emplace(it.key(), std::move(t));
+  }
+  return file;
+}
+
+double RawValue(const RawTensor& t, size_t i) {
+  if (t.width == 4) {
+    float f;
+    std::memcpy(&f, t.data + 4 * i, 4);
+    return f;
+  }
+  if (t.width == 8) {
+    double d;
+    std::memcpy(&d, t.data + 8 * i, 8);
+    return d;
+  }
+  uint16_t h;
+  std::memcpy(&h, t.data + 2 * i, 2);
+  return t.dtype == "BF16" ? Bf16ToDouble(h) : F16ToDouble(h);
+}
+
+StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
+  ASSIGN_OR_RETURN(std::unique_ptr<RawSafetensors> raw, ReadSafetensorsRaw(path));
+  SafetensorsFile file;
+  file.metadata = raw->metadata;
+  for (const auto& [name, r] : raw->tensors) {
+    HostTensor t;
+    t.shape = r.shape;
+    t.values.resize(r.numel());
+    for (size_t i = 0; i < t.values.size(); ++i) t.values[i] = RawValue(r, i);
+    file.tensors.emplace(name, std::move(t));
   }
   return file;
 }

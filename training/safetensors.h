@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -26,6 +28,27 @@ struct SafetensorsFile {
 
 // Errors name the file and what is wrong (missing, truncated, bad header, offsets).
 StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
+
+// The same tensors as stored, not converted: the file is held once (a shard of a large
+// model in bf16 costs its own size, not four times it). `data` points into `buffer` or
+// into `owned` (tensors rewritten after reading, e.g. GLM's split gate_up_proj).
+struct RawTensor {
+  std::string dtype;  // F32, F64, BF16, F16
+  std::vector<int64_t> shape;
+  const char* data = nullptr;
+  size_t bytes = 0;
+  size_t width = 0;  // bytes per element
+  size_t numel() const { return width ? bytes / width : 0; }
+};
+struct RawSafetensors {
+  std::string buffer;
+  std::map<std::string, RawTensor> tensors;
+  std::map<std::string, std::string> metadata;
+  std::deque<std::string> owned;
+};
+StatusOr<std::unique_ptr<RawSafetensors>> ReadSafetensorsRaw(const std::string& path);
+// Element i as a double.
+double RawValue(const RawTensor& tensor, size_t i);
 
 struct TensorToWrite {
   std::string name;
