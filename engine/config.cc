@@ -146,13 +146,14 @@ double ModelConfig::ParameterCount() const {
   return layers * per_layer + static_cast<double>(vocab) * d * (tied_embeddings ? 1 : 2) + d;
 }
 
-double ModelConfig::ActivationBytes(int micro_batch, int T) const {
+double ModelConfig::ActivationBytes(int micro_batch, int T, bool recompute_blocks) const {
   const double d = d_model, q = static_cast<double>(heads) * head_dim, kv = static_cast<double>(kv_heads) * head_dim;
   const double F = ffn, tokens = static_cast<double>(micro_batch) * T;
   // Per token and layer: h_in, x̃, r_attn, h_half, x̃_mlp, r_mlp (6d), q, y (2q), k, v, v̂
   // (3kv), gate, up, SwiGLU (3F); the attention matrix; then the logits and backward scratch.
   const double per_layer = tokens * (6 * d + 2 * q + 3 * kv + 3 * F) + static_cast<double>(micro_batch) * heads * T * T;
-  return 4 * (layers * per_layer + tokens * (static_cast<double>(vocab) + 8 * d + 2 * F + 2 * q + 2 * kv));
+  const double blocks = recompute_blocks ? layers * tokens * d + per_layer : layers * per_layer;
+  return 4 * (blocks + tokens * (static_cast<double>(vocab) + 8 * d + 2 * F + 2 * q + 2 * kv));
 }
 
 int64_t ModelConfig::MatmulParams() const {

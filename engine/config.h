@@ -105,7 +105,8 @@ struct ModelConfig {
   double ParameterCount() const;
   // Bytes of the activations one forward and backward of micro_batch × T tokens keeps on
   // the CPU backend (fp32; its attention keeps the (B,H,T,T) matrix; the logits).
-  double ActivationBytes(int micro_batch, int T) const;
+  // With `recompute_blocks` (ModelOptions): every block's input, but one block's insides.
+  double ActivationBytes(int micro_batch, int T, bool recompute_blocks = false) const;
   // Parameters that take part in matmuls (for the FLOPs convention of METRICS.md).
   int64_t MatmulParams() const;
   // FLOPs per trained token: 6·N_matmul + 6·L·H·dh·T (METRICS.md, training observables).

@@ -55,6 +55,7 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
   m->off_final_norm_ = add("model.norm.weight", {d}, false);
   m->off_head_ = config.tied_embeddings ? m->off_embed_ : add("lm_head.weight", {V, d}, true);
   m->num_params_ = offset;
+  m->recompute_ = options.recompute_blocks;
   m->scalars_ = backend->AllocScalars(2);
   if (options.matrices != WeightDtype::kF32) {
     if (options.training) {
@@ -316,7 +317,7 @@ void Model::EnsureActivations(int B, int T) {
     return p;
   };
   for (int l = 0; l <= config_.layers; ++l) residual_.push_back(alloc(N * d));
-  for (int l = 0; l < config_.layers; ++l) {
+  for (int l = 0; l < (recompute_ ? std::min(config_.layers, 1) : config_.layers); ++l) {
     LayerActs a{};
     a.xn = alloc(N * d);
     a.rstd_attn = alloc(N);
@@ -390,42 +391,52 @@ Backend::AttentionInputWeights Model::AttentionWeights(const LayerParams& w) {
   return {w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, w.q_norm, w.k_norm, w.theta};
 }
 
-void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer) {
-  EnsureActivations(B, T);
+void Model::ForwardBlock(int l, const LayerParams& w, LayerActs& a, PassObserver* observer, int B, int T) {
   Backend& be = *backend_;
   const ModelConfig& c = config_;
   const int N = B * T, d = c.d_model, F = c.ffn, H = c.heads, KV = c.kv_heads, dh = c.head_dim;
   const int qd = c.q_dim();
   const float eps = static_cast<float>(c.rms_eps);
-  const Backend::AttentionShape shape = Shape(B, T);
+  const float* h_in = residual_[l];
+  // Attention branch: x̃ = RMSNorm(h_in) is in a.xn.
+  if (observer) observer->EditAttentionInput(l, a.xn, B, T);
+  be.AttentionInputForward(Shape(B, T), a.xn, AttentionWeights(w),
+                           {a.q, a.k, a.v, a.vhat, a.q_raw, a.k_raw, a.rstd_q, a.rstd_k});
+  be.AttentionForward(a.y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
+  be.Gemm(false, true, N, d, qd, 1.0f, a.y, w.wo, 0.0f, a.r_attn);              // r_attn (N,d)
+  // h_half = h_in + r_attn; x̃_mlp = RMSNorm(h_half).
+  be.ResidualRmsNormForward(a.h_half, a.xm, a.rstd_mlp, h_in, a.r_attn, w.mlp_norm, N, d, eps);
+  // MLP branch.
+  be.GateUpSwiGluForward(a.act, a.gate, a.up, a.xm, w.w_gate, w.w_up, N, F, d);
+  be.Gemm(false, true, N, d, F, 1.0f, a.act, w.w_down, 0.0f, a.r_mlp);  // r_mlp (N,d)
+}
+
+void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer) {
+  EnsureActivations(B, T);
+  Backend& be = *backend_;
+  const ModelConfig& c = config_;
+  const int N = B * T, d = c.d_model;
+  const float eps = static_cast<float>(c.rms_eps);
+  // With recompute_blocks every block uses the one set of insides.
+  auto acts = [&](int l) -> LayerActs& { return acts_[recompute_ ? 0 : l]; };
   be.ToDevice(tokens_dev_, tokens, sizeof(int32_t) * N);
   be.EmbeddingForward(residual_[0], tokens_dev_, Vocab(off_embed_), N, d);  // (N,d)
   // Each residual add is fused with the norm that reads its sum: the first block's
   // input norm stands alone.
   if (c.layers > 0) {
-    be.RmsNormForward(acts_[0].xn, acts_[0].rstd_attn, residual_[0], layer(0).attn_norm, N, d, eps);
+    be.RmsNormForward(acts(0).xn, acts(0).rstd_attn, residual_[0], layer(0).attn_norm, N, d, eps);
   } else {
     be.RmsNormForward(xf_, rstd_f_, residual_[0], Param(off_final_norm_), N, d, eps);
   }
   for (int l = 0; l < c.layers; ++l) {
     const LayerParams w = Block(l);
-    LayerActs& a = acts_[l];
+    LayerActs& a = acts(l);
     const float* h_in = residual_[l];
     float* h_out = residual_[l + 1];
-    // Attention branch: x̃ = RMSNorm(h_in) is in a.xn.
-    if (observer) observer->EditAttentionInput(l, a.xn, B, T);
-    be.AttentionInputForward(shape, a.xn, AttentionWeights(w),
-                             {a.q, a.k, a.v, a.vhat, a.q_raw, a.k_raw, a.rstd_q, a.rstd_k});
-    be.AttentionForward(a.y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
-    be.Gemm(false, true, N, d, qd, 1.0f, a.y, w.wo, 0.0f, a.r_attn);              // r_attn (N,d)
-    // h_half = h_in + r_attn; x̃_mlp = RMSNorm(h_half).
-    be.ResidualRmsNormForward(a.h_half, a.xm, a.rstd_mlp, h_in, a.r_attn, w.mlp_norm, N, d, eps);
-    // MLP branch.
-    be.GateUpSwiGluForward(a.act, a.gate, a.up, a.xm, w.w_gate, w.w_up, N, F, d);
-    be.Gemm(false, true, N, d, F, 1.0f, a.act, w.w_down, 0.0f, a.r_mlp);  // r_mlp (N,d)
+    ForwardBlock(l, w, a, observer, B, T);
     // h_out = h_half + r_mlp, and the norm of the next block (or the final norm).
     const bool last = l + 1 == c.layers;
-    be.ResidualRmsNormForward(h_out, last ? xf_ : acts_[l + 1].xn, last ? rstd_f_ : acts_[l + 1].rstd_attn,
+    be.ResidualRmsNormForward(h_out, last ? xf_ : acts(l + 1).xn, last ? rstd_f_ : acts(l + 1).rstd_attn,
                               a.h_half, a.r_mlp, last ? Param(off_final_norm_) : layer(l + 1).attn_norm, N, d,
                               eps);
     if (observer) {
@@ -491,7 +502,13 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
   for (int l = c.layers - 1; l >= 0; --l) {
     const LayerParams w = Block(l);
     const LayerParams gw = pg ? layer_grad(l) : LayerParams{};
-    LayerActs& a = acts_[l];
+    LayerActs& a = acts_[recompute_ ? 0 : l];
+    if (recompute_ && l + 1 < c.layers) {
+      // The insides hold a later block's: this block's forward again, from its input (the
+      // last block's are still there). The observer edits x̃ again but does not measure.
+      be.RmsNormForward(a.xn, a.rstd_attn, residual_[l], w.attn_norm, N, d, static_cast<float>(c.rms_eps));
+      ForwardBlock(l, w, a, observer, B, T);
+    }
     if (observer) observer->OnGradient(l, Site::kHOut, d_out, nullptr, B, T);
     // MLP branch: r_mlp = W_down (silu(W_gate x̃_mlp) ⊙ W_up x̃_mlp).
     be.Gemm(false, false, N, F, d, 1.0f, d_out, w.w_down, 0.0f, d_act_);         // (N,F)

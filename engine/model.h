@@ -92,6 +92,12 @@ struct ModelOptions {
   // head when used. Norms, biases and θ stay fp32. The pass is the pass of the fp32 model
   // holding the same (widened) values, bit for bit.
   WeightDtype matrices = WeightDtype::kF32;
+  // Keep every block's input (the residual stream) but the insides of one block only: the
+  // backward recomputes each block's forward from its input first. Memory for long
+  // sequences (one attention matrix instead of L) for a second forward's time; the
+  // results are the same bit for bit (the recomputation runs the same code on the same
+  // values).
+  bool recompute_blocks = false;
 };
 
 class Model {
@@ -176,6 +182,10 @@ class Model {
   float* Param(size_t offset) const;
   // Block l for a pass: a 16-bit model widens its matrices into the block scratch first.
   LayerParams Block(int l);
+  // The activations of block l (the one shared set with recompute_blocks).
+  struct LayerActs;
+  // A block's forward from x̃ (in a.xn) to r_mlp; the residual add after it is the caller's.
+  void ForwardBlock(int l, const LayerParams& w, LayerActs& a, PassObserver* observer, int B, int T);
   // The embedding or LM head (by offset) for a pass, widened for a 16-bit model.
   const float* Vocab(size_t offset);
   void Widen(const ParamTensor& t, float* out) const;
@@ -195,6 +205,7 @@ class Model {
   // A 16-bit model: the matrices in store16_ (store_off_ per tensor, npos for fp32 ones),
   // the fp32 tensors in small_ (small_off_ per tensor), and the scratch they are widened into.
   WeightDtype matrices_ = WeightDtype::kF32;
+  bool recompute_ = false;
   std::vector<uint16_t> store16_;
   std::vector<size_t> store_off_, small_off_;
   float* small_ = nullptr;

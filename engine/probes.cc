@@ -431,8 +431,8 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
   return collector.Finish(step, loss_sum / B);
 }
 
-double EstimateDiagnosticBytes(const ModelConfig& c, int micro_batch, int T, bool training) {
-  return (training ? 16 : 4) * c.ParameterCount() + c.ActivationBytes(micro_batch, T);
+double EstimateDiagnosticBytes(const ModelConfig& c, int micro_batch, int T, bool training, bool recompute_blocks) {
+  return (training ? 16 : 4) * c.ParameterCount() + c.ActivationBytes(micro_batch, T, recompute_blocks);
 }
 
 }  // namespace sinkscope

@@ -139,7 +139,8 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
 // Memory a diagnostic pass of micro-batches of `micro_batch` sequences of T tokens holds on
 // the CPU backend: the parameters (4 B each; 16 with the gradients and AdamW state of a
 // training model) and one micro-batch's activations.
-double EstimateDiagnosticBytes(const ModelConfig& config, int micro_batch, int T, bool training);
+double EstimateDiagnosticBytes(const ModelConfig& config, int micro_batch, int T, bool training,
+                               bool recompute_blocks = false);
 
 // Definition 1 from token-wise norms: N_s / ((1/T_e) Σ_{0≤t≤T_e, t≠s} N_t).
 double GradientSinkRatio(const std::vector<double>& norms, int s, int ref_span);

@@ -807,6 +807,18 @@ TEST_F(HfTest, SixteenBitWeightsStayInSixteenBitsAndProbeAsTheirFp32Values) {
     auto a = RunDiagnosticPass(**held, st, tokens.data(), targets.data(), B, T);
     auto b = RunDiagnosticPass(**widened, st, tokens.data(), targets.data(), B, T);
     ASSERT_TRUE(a.ok() && b.ok());
+    // Recomputing each block in the backward (one block's activations) changes nothing.
+    auto recomputing = LoadHfModelForProbing(folder.string(), backend_.get(), /*recompute_blocks=*/true);
+    ASSERT_TRUE(recomputing.ok());
+    auto r = RunDiagnosticPass(**recomputing, st, tokens.data(), targets.data(), B, T);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->loss, a->loss);
+    for (size_t l = 0; l < a->layers.size(); ++l) {
+      EXPECT_EQ(r->layers[l].r_gs, a->layers[l].r_gs) << "layer " << l;
+      EXPECT_EQ(r->layers[l].grad_profile, a->layers[l].grad_profile) << "layer " << l;
+      EXPECT_EQ(r->layers[l].alpha, a->layers[l].alpha);
+      EXPECT_EQ(r->layers[l].norms, a->layers[l].norms);
+    }
     EXPECT_EQ(a->loss, b->loss);
     EXPECT_EQ(a->r_gs_median, b->r_gs_median);
     for (size_t l = 0; l < b->layers.size(); ++l) {
@@ -814,6 +826,18 @@ TEST_F(HfTest, SixteenBitWeightsStayInSixteenBitsAndProbeAsTheirFp32Values) {
       EXPECT_EQ(a->layers[l].alpha, b->layers[l].alpha);
       EXPECT_EQ(a->layers[l].grad_profile, b->layers[l].grad_profile);
       EXPECT_EQ(a->layers[l].norms, b->layers[l].norms);
+    }
+    // And in training: the same parameter gradients with the blocks recomputed.
+    if (bf16) {
+      auto plain = Model::Create(*c, backend_.get());
+      auto again = Model::Create(*c, backend_.get(), ModelOptions{.recompute_blocks = true});
+      ASSERT_TRUE(plain.ok() && again.ok());
+      (*plain)->InitWeights(5);
+      (*again)->InitWeights(5);
+      const double la = (*plain)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+      const double lb = (*again)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+      EXPECT_EQ(la, lb);
+      EXPECT_EQ((*plain)->GradsToHost(), (*again)->GradsToHost());
     }
     // The values are the file's, exactly: a bf16 value widens to itself.
     const ParamTensor* embed = (*held)->FindTensor("model.embed_tokens.weight");

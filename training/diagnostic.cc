@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string_view>
 #include <thread>
@@ -16,6 +17,21 @@
 #include "training/hf.h"
 
 namespace sinkscope {
+namespace {
+
+// MemAvailable of /proc/meminfo, bytes; 0 when unknown.
+double AvailableMemoryBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+}  // namespace
 
 StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* backend,
                                             const std::function<void(const std::string&)>& note,
@@ -26,18 +42,33 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   if (job.tokens.empty() == job.text.empty()) return InvalidArgumentError("give exactly one of tokens and text");
   if (job.batch <= 0) return InvalidArgumentError("the batch must hold at least one sequence");
   // No parameter gradients or optimizer state: a probe reads activation gradients only.
-  const ModelOptions kProbing{.training = false};
   std::unique_ptr<Model> model;
   DiagnosticResult result;
   std::error_code ec;
   const std::string& checkpoint = job.checkpoint;
   const bool is_folder = std::filesystem::is_directory(checkpoint, ec);
   if (ec && ec != std::errc::no_such_file_or_directory) return InvalidArgumentError(checkpoint + ": " + ec.message());
+  // The model's shape first: whether one pass's activations fit decides recomputation.
+  ModelConfig shape;
   if (is_folder) {
-    ASSIGN_OR_RETURN(model, LoadHfModelForProbing(checkpoint, backend));
+    ASSIGN_OR_RETURN(shape, ReadHfConfig(checkpoint + "/config.json"));
+  } else {
+    ASSIGN_OR_RETURN(shape, ReadCheckpointConfig(checkpoint));
+  }
+  {
+    const int T0 = job.seq == 0 ? shape.context : job.seq;
+    const int M0 = job.micro_batch == 0 ? job.batch : std::min(job.micro_batch, job.batch);
+    const double keep_all = shape.ActivationBytes(M0, T0), available = AvailableMemoryBytes();
+    result.recomputed = job.recompute == DiagnosticJob::Recompute::kOn ||
+                        (job.recompute == DiagnosticJob::Recompute::kAuto && available > 0 &&
+                         keep_all + 2.0 * shape.ParameterCount() > 0.8 * available);
+  }
+  if (is_folder) {
+    ASSIGN_OR_RETURN(model, LoadHfModelForProbing(checkpoint, backend, result.recomputed));
   } else {
     ASSIGN_OR_RETURN(ModelConfig config, ReadCheckpointConfig(checkpoint));
-    ASSIGN_OR_RETURN(model, Model::Create(config, backend, kProbing));
+    ASSIGN_OR_RETURN(model, Model::Create(config, backend,
+                                          ModelOptions{.training = false, .recompute_blocks = result.recomputed}));
     ASSIGN_OR_RETURN(TrainingState state, LoadCheckpoint(checkpoint, *model));
     result.checkpoint_step = state.step;
   }
@@ -47,7 +78,8 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
       return InvalidArgumentError("the arm must be baseline, vscale or vscale_backward_only, got " + job.arm);
     }
     ASSIGN_OR_RETURN(std::unique_ptr<Model> m,
-                     Model::Create(c, backend, ModelOptions{.training = false, .matrices = model->matrices()}));
+                     Model::Create(c, backend, ModelOptions{.training = false, .matrices = model->matrices(),
+                                                            .recompute_blocks = result.recomputed}));
     for (size_t i = 0; i < m->tensors().size(); ++i) {
       m->SetTensor(m->tensors()[i], model->TensorToHost(model->tensors()[i]).data());  // exact: widened, rounded back
     }
@@ -124,12 +156,13 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   const int M = job.micro_batch == 0 ? B : std::min(job.micro_batch, B);
   const int passes = (B + M - 1) / M;
   char line[200];
-  const double activations = EstimateDiagnosticBytes(c, M, T, /*training=*/false) - 4.0 * c.ParameterCount();
+  const double activations = c.ActivationBytes(M, T, result.recomputed);
   std::snprintf(line, sizeof line,
                 "%d sequences of %d tokens in %d pass%s of %d; about %.2f GiB (%s weights %.2f GiB, one pass's "
-                "activations %.2f GiB)",
+                "activations %.2f GiB%s)",
                 B, T, passes, passes == 1 ? "" : "es", M, (model->ParameterBytes() + activations) / (1 << 30),
-                WeightDtypeName(model->matrices()), model->ParameterBytes() / (1 << 30), activations / (1 << 30));
+                WeightDtypeName(model->matrices()), model->ParameterBytes() / (1 << 30), activations / (1 << 30),
+                result.recomputed ? ", blocks recomputed in the backward" : "");
   say(line);
   DiagnosticOptions options;
   options.micro_batch = M;

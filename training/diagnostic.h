@@ -29,6 +29,9 @@ struct DiagnosticJob {
   // When false, ref_span and profile_len are clipped to T − 1 and T (their defaults may
   // exceed a short --seq); when true they are taken as given (and checked).
   bool ref_span_given = false, profile_len_given = false;
+  // Recompute each block's forward in the backward (ModelOptions::recompute_blocks):
+  // kAuto does when one pass's activations would not fit the memory available now.
+  enum class Recompute { kAuto, kOn, kOff } recompute = Recompute::kAuto;
 };
 
 struct DiagnosticResult {
@@ -37,6 +40,7 @@ struct DiagnosticResult {
   int64_t checkpoint_step = 0;  // 0 for a Hugging Face folder
   double seconds = 0;       // of the pass
   int batch = 0, seq = 0;
+  bool recomputed = false;  // the blocks were recomputed in the backward
 };
 
 // `note` (optional) receives what people should see before the pass (the tokenizer, the

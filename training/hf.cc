@@ -525,7 +525,7 @@ StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* ba
   return model;
 }
 
-StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend) {
+StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend, bool recompute_blocks) {
   ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(dir + "/config.json"));
   const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
   std::error_code ec;
@@ -545,7 +545,8 @@ StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, B
     if (name == "model.embed_tokens.weight") break;  // the embedding's decides when present
   }
   ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
-                   Model::Create(hf.config, backend, ModelOptions{.training = false, .matrices = dtype}));
+                   Model::Create(hf.config, backend,
+                                 ModelOptions{.training = false, .matrices = dtype, .recompute_blocks = recompute_blocks}));
   std::set<std::string> found;
   for (size_t i = 0; i < files.size(); ++i) {
     std::unique_ptr<RawSafetensors> file = std::move(first);

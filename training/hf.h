@@ -37,7 +37,8 @@ StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* ba
 // The same for probing (no gradients or optimizer state): the 2-D weights kept in the
 // dtype the files store them in (bf16 or f16: 2 B per parameter, widened one block at a
 // time), one shard in memory at a time, as stored. The pass equals LoadHfModel's.
-StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend);
+StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend,
+                                                       bool recompute_blocks = false);
 // Writes `dir`/model.safetensors and `dir`/config.json (θ only for V-scale arms).
 Status ExportHf(const Model& model, const std::string& dir);
 

@@ -78,6 +78,12 @@ int RunProbeCommand(int argc, char** argv) {
   app.add_option("--reduce", reduce, "how per-sequence gradients are combined")
       ->check(CLI::IsMember({"sum_then_norm", "norm_then_mean"}))
       ->default_val("sum_then_norm");
+  std::string recompute = "auto";
+  app.add_option("--recompute", recompute,
+                 "recompute each block's forward in the backward (one block's activations instead of all): auto "
+                 "does when they would not fit the memory available")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->default_val("auto");
   app.add_flag("--json", json, "write the full report as JSON to stdout");
   if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
   st.reduce = reduce == "norm_then_mean" ? ReduceMode::kNormThenMean : ReduceMode::kSumThenNorm;
@@ -97,6 +103,9 @@ int RunProbeCommand(int argc, char** argv) {
   job.settings = st;
   job.ref_span_given = ref_span_set;
   job.profile_len_given = profile_set;
+  job.recompute = recompute == "on"    ? DiagnosticJob::Recompute::kOn
+                  : recompute == "off" ? DiagnosticJob::Recompute::kOff
+                                       : DiagnosticJob::Recompute::kAuto;
   auto backend = MakeCpuBackend();
   const auto start = std::chrono::steady_clock::now();
   auto result = RunDiagnosticJob(
