@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "engine/gloo/gloo_communicator.h"
+#include "tests/memory_rendezvous.h"
 #include "training/checkpoint.h"
 #include "training/run_loop.h"
 
@@ -314,34 +315,6 @@ TEST(DataParallelTest, StepBatchProbesAreTheReportOfTheGlobalBatch) {
   }
 }
 
-// A Rendezvous kept in memory, as the coordinator keeps a gang's.
-class MemoryRendezvous final : public Rendezvous {
- public:
-  Status Set(const std::string& key, const std::string& value) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    values_[key] = value;
-    cv_.notify_all();
-    return OkStatus();
-  }
-  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return values_.count(key) > 0; })) {
-      return Status(StatusCode::kDeadlineExceeded, "no value for " + key);
-    }
-    return values_.at(key);
-  }
-  std::vector<std::string> Keys() {
-    std::lock_guard<std::mutex> lock(mu_);
-    std::vector<std::string> keys;
-    for (const auto& [k, v] : values_) keys.push_back(k);
-    return keys;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<std::string, std::string> values_;
-};
 
 TEST(DataParallelTest, RanksMeetThroughARendezvousAndItsTimeoutIsReported) {
   auto rendezvous = std::make_shared<MemoryRendezvous>();

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/cuda/nccl_communicator.h"
+#include "tests/memory_rendezvous.h"
 
 namespace sinkscope {
 namespace {
@@ -22,31 +23,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
-class MemoryRendezvous final : public Rendezvous {
- public:
-  Status Set(const std::string& key, const std::string& value) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    values_[key] = value;
-    cv_.notify_all();
-    return OkStatus();
-  }
-  StatusOr<std::string> Get(const std::string& key, std::chrono::milliseconds timeout) override {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return values_.count(key) > 0; })) {
-      return Status(StatusCode::kDeadlineExceeded, "no value for " + key);
-    }
-    return values_.at(key);
-  }
-  bool Has(const std::string& key) {
-    std::lock_guard<std::mutex> lock(mu_);
-    return values_.count(key) > 0;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<std::string, std::string> values_;
-};
 
 int Devices() {
   int n = 0;

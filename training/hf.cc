@@ -331,51 +331,8 @@ Status CopyHfTensors(const Model& model, const SafetensorsFile& file, std::vecto
 // engine's pairs (i, i + dh/2), and the channels GLM does not rotate fill the pairs whose
 // frequency is 0. q and k are permuted alike, so every score q·k, and so attention and
 // every norm the probes measure, is GLM's.
-Status GlmToEngineLayout(const ModelConfig& c, SafetensorsFile& file) {
-  const int dh = c.head_dim, rd = c.rotary_dim > 0 ? c.rotary_dim : dh, half = dh / 2, pass_low = half - rd / 2;
-  std::vector<int> to(dh);  // GLM channel → engine channel
-  for (int i = 0; i < rd / 2; ++i) {
-    to[2 * i] = i;
-    to[2 * i + 1] = i + half;
-  }
-  for (int k = 0; k < dh - rd; ++k) to[rd + k] = k < pass_low ? rd / 2 + k : half + rd / 2 + (k - pass_low);
-  std::map<std::string, HostTensor> out;
-  for (auto& [name, t] : file.tensors) {
-    const std::string suffix_fused = ".mlp.gate_up_proj.weight";
-    if (name.size() > suffix_fused.size() && name.compare(name.size() - suffix_fused.size(), suffix_fused.size(),
-                                                          suffix_fused) == 0) {
-      if (t.shape.size() != 2 || t.shape[0] != 2 * static_cast<int64_t>(c.ffn)) {
-        return InvalidArgumentError("tensor " + name + " should have 2 · intermediate_size = " +
-                                    std::to_string(2 * c.ffn) + " rows");
-      }
-      const std::string base = name.substr(0, name.size() - suffix_fused.size()) + ".mlp.";
-      const size_t half_size = t.values.size() / 2;
-      HostTensor gate{{c.ffn, t.shape[1]}, std::vector<double>(t.values.begin(), t.values.begin() + half_size)};
-      HostTensor up{{c.ffn, t.shape[1]}, std::vector<double>(t.values.begin() + half_size, t.values.end())};
-      out[base + "gate_proj.weight"] = std::move(gate);
-      out[base + "up_proj.weight"] = std::move(up);
-      continue;
-    }
-    const bool qk = name.find(".self_attn.q_proj.") != std::string::npos ||
-                    name.find(".self_attn.k_proj.") != std::string::npos;
-    if (qk && !t.shape.empty() && t.shape[0] % dh == 0) {
-      const size_t cols = t.shape.size() == 2 ? static_cast<size_t>(t.shape[1]) : 1;
-      std::vector<double> moved(t.values.size());
-      for (int64_t row = 0; row < t.shape[0]; ++row) {
-        const int64_t head = row / dh, channel = row % dh;
-        const int64_t dest = head * dh + to[channel];
-        std::copy(t.values.begin() + row * cols, t.values.begin() + (row + 1) * cols, moved.begin() + dest * cols);
-      }
-      t.values = std::move(moved);
-    }
-    out[name] = std::move(t);
-  }
-  file.tensors = std::move(out);
-  return OkStatus();
-}
-
-// GlmToEngineLayout on tensors as stored: the halves of gate_up_proj are views of it,
-// the permuted q and k rows new buffers.
+// Done on the tensors as stored: the halves of gate_up_proj are views of it, the permuted
+// q and k rows new buffers.
 Status GlmToEngineLayoutRaw(const ModelConfig& c, RawSafetensors& file) {
   const int dh = c.head_dim, rd = c.rotary_dim > 0 ? c.rotary_dim : dh, half = dh / 2, pass_low = half - rd / 2;
   std::vector<int> to(dh);
@@ -490,63 +447,32 @@ StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_pat
   return shards;
 }
 
-StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options) {
-  ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(dir + "/config.json"));
-  const ModelConfig& config = hf.config;
-  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(config, backend, options));
-  auto to_engine = [&](SafetensorsFile& file) -> Status {
-    return hf.model_type == "glm" ? GlmToEngineLayout(config, file) : OkStatus();
-  };
-  const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
-  std::error_code ec;
-  if (!std::filesystem::exists(single, ec) && std::filesystem::exists(index, ec)) {
-    // Sharded, as large models ship: read one shard at a time into the host copy.
-    ASSIGN_OR_RETURN(std::vector<std::string> shards, ReadHfShardIndex(index));
-    std::vector<float> host(model->num_params(), 0.0f);
-    std::set<std::string> found;
-    for (const std::string& shard : shards) {
-      ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(dir + "/" + shard));
-      Status s = to_engine(file);
-      if (s.ok()) s = CopyHfTensors(*model, file, host, found);
-      if (!s.ok()) {
-        return Status(s.code(), dir + "/" + shard + ": " + s.message());
-      }
-    }
-    if (Status s = CheckAllFound(*model, found); !s.ok()) return Status(s.code(), index + ": " + s.message());
-    model->ParamsFromHost(host);
-    return model;
-  }
-  ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensors(single));
-  Status s = to_engine(file);
-  if (s.ok()) s = LoadHfWeights(*model, file);
-  if (!s.ok()) {
-    return Status(s.code(), single + ": " + s.message());
-  }
-  return model;
-}
+namespace {
 
-StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend, bool recompute_blocks) {
+// A Hugging Face folder into a new model, one shard in memory at a time, as stored.
+// `keep_16bit` (probing): the 2-D weights stay in the dtype the files hold them in.
+StatusOr<std::unique_ptr<Model>> LoadHfFolder(const std::string& dir, Backend* backend, ModelOptions options,
+                                              bool keep_16bit) {
   ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(dir + "/config.json"));
   const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
   std::error_code ec;
   std::vector<std::string> files = {single};
   const bool sharded = !std::filesystem::exists(single, ec) && std::filesystem::exists(index, ec);
-  if (sharded) {
+  if (sharded) {  // as large models ship
     ASSIGN_OR_RETURN(std::vector<std::string> shards, ReadHfShardIndex(index));
     files.clear();
     for (const std::string& shard : shards) files.push_back(dir + "/" + shard);
   }
-  // One shard in memory at a time, as stored; the first says how the weights are held.
+  // The first shard says how the weights are held (the embedding's dtype when present).
   ASSIGN_OR_RETURN(std::unique_ptr<RawSafetensors> first, ReadSafetensorsRaw(files[0]));
-  WeightDtype dtype = WeightDtype::kF32;
-  for (const auto& [name, t] : first->tensors) {
-    if (t.shape.size() != 2) continue;
-    dtype = t.dtype == "BF16" ? WeightDtype::kBF16 : t.dtype == "F16" ? WeightDtype::kF16 : WeightDtype::kF32;
-    if (name == "model.embed_tokens.weight") break;  // the embedding's decides when present
+  if (keep_16bit && !options.training) {
+    for (const auto& [name, t] : first->tensors) {
+      if (t.shape.size() != 2) continue;
+      options.matrices = t.dtype == "BF16" ? WeightDtype::kBF16 : t.dtype == "F16" ? WeightDtype::kF16 : WeightDtype::kF32;
+      if (name == "model.embed_tokens.weight") break;
+    }
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
-                   Model::Create(hf.config, backend,
-                                 ModelOptions{.training = false, .matrices = dtype, .recompute_blocks = recompute_blocks}));
+  ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(hf.config, backend, options));
   std::set<std::string> found;
   for (size_t i = 0; i < files.size(); ++i) {
     std::unique_ptr<RawSafetensors> file = std::move(first);
@@ -560,7 +486,21 @@ StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, B
   if (Status s = CheckAllFound(*model, found); !s.ok()) {
     return Status(s.code(), (sharded ? index : single) + ": " + s.message());
   }
+  for (const ParamTensor& t : model->tensors()) {  // θ, when the files have none, is 0
+    if (!found.count(t.name)) model->SetTensor(t, std::vector<float>(t.size, 0.0f).data());
+  }
   return model;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options) {
+  return LoadHfFolder(dir, backend, options, /*keep_16bit=*/false);
+}
+
+StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend, bool recompute_blocks) {
+  return LoadHfFolder(dir, backend, ModelOptions{.training = false, .recompute_blocks = recompute_blocks},
+                      /*keep_16bit=*/true);
 }
 
 nlohmann::json RopeScalingToHf(const RopeScaling& s) {
