@@ -371,11 +371,24 @@ TEST_F(HfTest, ShardedFolderLoadsTheSameWeights) {
 // An independent float64 forward of a Hugging Face decoder (LlamaForCausalLM and its
 // Mistral, Qwen2 and Qwen3 variants as their modelling code writes it), reading weights by
 // their Hugging Face names: mean token cross-entropy of one sequence.
+// x̃ (the attention input) of one layer, token and channel moved by `delta`, for finite
+// differences of the loss at x̃.
+struct Nudge {
+  int layer = -1, token = 0, channel = 0;
+  double delta = 0;
+};
+
 class ReferenceDecoder {
  public:
   ReferenceDecoder(const Model& m) : c_(m.config()), host_(m.ParamsToHost()), model_(m) {}
 
+  // The attention weights of the last Loss call: [layer][head][t · T + u].
+  mutable std::vector<std::vector<std::vector<double>>> attention;
+
   double Loss(const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets) const {
+    return Loss(tokens, targets, Nudge{});
+  }
+  double Loss(const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets, Nudge nudge) const {
     const int T = static_cast<int>(tokens.size()), d = c_.d_model, H = c_.heads, KV = c_.kv_heads, dh = c_.head_dim;
     const RotaryFrequencies rope = c_.Rotary();
     std::vector<std::vector<double>> h(T);
@@ -383,8 +396,11 @@ class ReferenceDecoder {
     for (int l = 0; l < c_.layers; ++l) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
       std::vector<std::vector<double>> q(T), k(T), v(T);
+      attention.resize(c_.layers);
+      attention[l].assign(H, std::vector<double>(static_cast<size_t>(T) * T, 0.0));
       for (int t = 0; t < T; ++t) {
-        const std::vector<double> x = Norm(h[t], Vec(p + "input_layernorm.weight"));
+        std::vector<double> x = Norm(h[t], Vec(p + "input_layernorm.weight"));
+        if (nudge.layer == l && nudge.token == t) x[nudge.channel] += nudge.delta;
         q[t] = Linear(p + "self_attn.q_proj", x, c_.attention_bias);
         k[t] = Linear(p + "self_attn.k_proj", x, c_.attention_bias);
         v[t] = Linear(p + "self_attn.v_proj", x, c_.attention_bias);
@@ -418,6 +434,7 @@ class ReferenceDecoder {
           double z = 0;
           for (double& sc : score) z += (sc = std::exp(sc - mx));
           for (int u = 0; u <= t; ++u) {
+            attention[l][hh][static_cast<size_t>(t) * T + u] = score[u] / z;
             for (int i = 0; i < dh; ++i) y[hh * dh + i] += score[u] / z * v[u][g * dh + i];
           }
         }
@@ -527,8 +544,48 @@ TEST_P(ArchitectureTest, ReadsLoadsAndMatchesTheFloat64Reference) {
   std::vector<int32_t> tokens(T), targets(T);
   for (int t = 0; t < T; ++t) tokens[t] = (t * 13 + 5) % 64, targets[t] = (t * 7 + 3) % 64;
   const double engine = (*loaded)->Evaluate(tokens.data(), targets.data(), 1, T);
-  const double reference = ReferenceDecoder(**loaded).Loss(tokens, targets);
+  const ReferenceDecoder ref(**loaded);
+  const double reference = ref.Loss(tokens, targets);
   EXPECT_NEAR(engine, reference, 1e-5 * std::abs(reference)) << a.name;
+
+  // The probes of this architecture against the float64 reference: N_t at x̃ (the
+  // gradient by central differences of the reference's loss), R_GS(0; T_e) from them, and
+  // α_0 from the reference's attention weights (METRICS.md, one sequence).
+  ProbeSettings st;
+  st.ref_span = 7;
+  st.profile_len = T;
+  st.t_eps = T;
+  auto probed = LoadHfModel(out.string(), backend_.get(), ModelOptions{.training = false});
+  ASSERT_TRUE(probed.ok());
+  auto report = RunDiagnosticPass(**probed, st, tokens.data(), targets.data(), 1, T);
+  ASSERT_TRUE(report.ok()) << report.status().ToString();
+  EXPECT_NEAR(report->loss, reference, 1e-5 * std::abs(reference));
+  ref.Loss(tokens, targets);
+  const auto attention = ref.attention;
+  for (int l = 0; l < c->layers; ++l) {
+    std::vector<double> norms(T);
+    for (int t = 0; t < T; ++t) {
+      double sq = 0;
+      for (int i = 0; i < c->d_model; ++i) {
+        const double h = 1e-5;
+        const double up = ref.Loss(tokens, targets, Nudge{l, t, i, h});
+        const double down = ref.Loss(tokens, targets, Nudge{l, t, i, -h});
+        sq += std::pow((up - down) / (2 * h), 2);
+      }
+      norms[t] = std::sqrt(sq);
+      const double got = report->layers[l].grad_profile.at("xn")[t];
+      EXPECT_NEAR(got, norms[t], 1e-4 * norms[t] + 1e-8) << a.name << " layer " << l << " N_" << t << " at x̃";
+    }
+    double rest = 0;
+    for (int t = 1; t <= st.ref_span; ++t) rest += norms[t];
+    const double r_gs = norms[0] / (rest / st.ref_span);
+    EXPECT_NEAR(report->layers[l].r_gs, r_gs, 1e-4 * r_gs) << a.name << " layer " << l << " R_GS";
+    for (int h = 0; h < c->heads; ++h) {
+      double alpha = 0;
+      for (int t = 0; t < T; ++t) alpha += attention[l][h][static_cast<size_t>(t) * T] / T;
+      EXPECT_NEAR(report->layers[l].alpha[h], alpha, 1e-5) << a.name << " layer " << l << " head " << h;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -677,66 +734,103 @@ TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
     for (size_t i = 0; i < x.size(); ++i) y[i] = x[i] / std::sqrt(ms + 1e-5) * g[i];
     return y;
   };
-  std::vector<std::vector<double>> h(T);
-  for (int t = 0; t < T; ++t) h[t] = std::vector<double>(w["model.embed_tokens.weight"].second.begin() + tokens[t] * d,
-                                                         w["model.embed_tokens.weight"].second.begin() + (tokens[t] + 1) * d);
-  for (int l = 0; l < L; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    std::vector<std::vector<double>> q(T), k(T), v(T);
-    for (int t = 0; t < T; ++t) {
-      const auto x = norm(h[t], vec(p + "input_layernorm.weight"));
-      q[t] = linear(p + "self_attn.q_proj", x, true);
-      k[t] = linear(p + "self_attn.k_proj", x, true);
-      v[t] = linear(p + "self_attn.v_proj", x, true);
-      for (auto* y : {&q[t], &k[t]}) {
-        for (size_t base = 0; base < y->size(); base += dh) {
-          for (int i = 0; i < rd / 2; ++i) {
-            const double freq = std::pow(10000.0, -2.0 * i / rd), c = std::cos(t * freq), s = std::sin(t * freq);
-            const double a = (*y)[base + 2 * i], b = (*y)[base + 2 * i + 1];
-            (*y)[base + 2 * i] = a * c - b * s;
-            (*y)[base + 2 * i + 1] = b * c + a * s;
+  using Attention = std::vector<std::vector<std::vector<double>>>;  // [layer][head][t · T + u]
+  auto glm_loss = [&](Nudge nudge, Attention* attention) {
+    if (attention != nullptr) attention->assign(L, std::vector<std::vector<double>>(H, std::vector<double>(T * T, 0.0)));
+    std::vector<std::vector<double>> h(T);
+    for (int t = 0; t < T; ++t) h[t] = std::vector<double>(w["model.embed_tokens.weight"].second.begin() + tokens[t] * d,
+                                                           w["model.embed_tokens.weight"].second.begin() + (tokens[t] + 1) * d);
+    for (int l = 0; l < L; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      std::vector<std::vector<double>> q(T), k(T), v(T);
+      for (int t = 0; t < T; ++t) {
+        auto x = norm(h[t], vec(p + "input_layernorm.weight"));
+        if (nudge.layer == l && nudge.token == t) x[nudge.channel] += nudge.delta;
+        q[t] = linear(p + "self_attn.q_proj", x, true);
+        k[t] = linear(p + "self_attn.k_proj", x, true);
+        v[t] = linear(p + "self_attn.v_proj", x, true);
+        for (auto* y : {&q[t], &k[t]}) {
+          for (size_t base = 0; base < y->size(); base += dh) {
+            for (int i = 0; i < rd / 2; ++i) {
+              const double freq = std::pow(10000.0, -2.0 * i / rd), c = std::cos(t * freq), s = std::sin(t * freq);
+              const double a = (*y)[base + 2 * i], b = (*y)[base + 2 * i + 1];
+              (*y)[base + 2 * i] = a * c - b * s;
+              (*y)[base + 2 * i + 1] = b * c + a * s;
+            }
           }
         }
       }
-    }
-    for (int t = 0; t < T; ++t) {
-      std::vector<double> att(H * dh, 0.0);
-      for (int hh = 0; hh < H; ++hh) {
-        const int g = hh / (H / KV);
-        std::vector<double> sc(t + 1);
-        double mx = -INFINITY, z = 0;
-        for (int u = 0; u <= t; ++u) {
-          double dot = 0;
-          for (int i = 0; i < dh; ++i) dot += q[t][hh * dh + i] * k[u][g * dh + i];
-          mx = std::max(mx, sc[u] = dot / std::sqrt(static_cast<double>(dh)));
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> att(H * dh, 0.0);
+        for (int hh = 0; hh < H; ++hh) {
+          const int g = hh / (H / KV);
+          std::vector<double> sc(t + 1);
+          double mx = -INFINITY, z = 0;
+          for (int u = 0; u <= t; ++u) {
+            double dot = 0;
+            for (int i = 0; i < dh; ++i) dot += q[t][hh * dh + i] * k[u][g * dh + i];
+            mx = std::max(mx, sc[u] = dot / std::sqrt(static_cast<double>(dh)));
+          }
+          for (double& x : sc) z += (x = std::exp(x - mx));
+          for (int u = 0; u <= t; ++u) {
+            if (attention != nullptr) (*attention)[l][hh][static_cast<size_t>(t) * T + u] = sc[u] / z;
+            for (int i = 0; i < dh; ++i) att[hh * dh + i] += sc[u] / z * v[u][g * dh + i];
+          }
         }
-        for (double& x : sc) z += (x = std::exp(x - mx));
-        for (int u = 0; u <= t; ++u) {
-          for (int i = 0; i < dh; ++i) att[hh * dh + i] += sc[u] / z * v[u][g * dh + i];
-        }
+        const auto o = linear(p + "self_attn.o_proj", att, false);
+        for (int i = 0; i < d; ++i) h[t][i] += o[i];
+        const auto gu = linear(p + "mlp.gate_up_proj", norm(h[t], vec(p + "post_attention_layernorm.weight")), false);
+        std::vector<double> act(F);  // gate, up = chunk(2): up · silu(gate)
+        for (int i = 0; i < F; ++i) act[i] = gu[F + i] * (gu[i] / (1 + std::exp(-gu[i])));
+        const auto down = linear(p + "mlp.down_proj", act, false);
+        for (int i = 0; i < d; ++i) h[t][i] += down[i];
       }
-      const auto o = linear(p + "self_attn.o_proj", att, false);
-      for (int i = 0; i < d; ++i) h[t][i] += o[i];
-      const auto gu = linear(p + "mlp.gate_up_proj", norm(h[t], vec(p + "post_attention_layernorm.weight")), false);
-      std::vector<double> act(F);  // gate, up = chunk(2): up · silu(gate)
-      for (int i = 0; i < F; ++i) act[i] = gu[F + i] * (gu[i] / (1 + std::exp(-gu[i])));
-      const auto down = linear(p + "mlp.down_proj", act, false);
-      for (int i = 0; i < d; ++i) h[t][i] += down[i];
     }
-  }
-  double reference = 0;
-  for (int t = 0; t < T; ++t) {
-    const auto logits = linear("lm_head", norm(h[t], vec("model.norm.weight")), false);
-    double mx = -INFINITY, z = 0;
-    for (double x : logits) mx = std::max(mx, x);
-    for (double x : logits) z += std::exp(x - mx);
-    reference += (std::log(z) + mx - logits[targets[t]]) / T;
-  }
+    double loss = 0;
+    for (int t = 0; t < T; ++t) {
+      const auto logits = linear("lm_head", norm(h[t], vec("model.norm.weight")), false);
+      double mx = -INFINITY, z = 0;
+      for (double x : logits) mx = std::max(mx, x);
+      for (double x : logits) z += std::exp(x - mx);
+      loss += (std::log(z) + mx - logits[targets[t]]) / T;
+    }
+    return loss;
+  };
+  Attention attention;
+  const double reference = glm_loss(Nudge{}, &attention);
   EXPECT_NEAR(engine, reference, 1e-5 * std::abs(reference));
   // The probing loader (tensors as stored, one shard at a time) lays GLM out the same way.
   auto probing = LoadHfModelForProbing(folder.string(), backend_.get());
   ASSERT_TRUE(probing.ok()) << probing.status().ToString();
   EXPECT_EQ((*probing)->Evaluate(tokens.data(), targets.data(), 1, T), engine);
+  // GLM's probes against its float64 reference: N_t at x̃ by central differences, R_GS, α_0.
+  ProbeSettings st;
+  st.ref_span = 7;
+  st.profile_len = T;
+  st.t_eps = T;
+  auto report = RunDiagnosticPass(**probing, st, tokens.data(), targets.data(), 1, T);
+  ASSERT_TRUE(report.ok()) << report.status().ToString();
+  for (int l = 0; l < L; ++l) {
+    std::vector<double> norms(T);
+    for (int t = 0; t < T; ++t) {
+      double sq = 0;
+      for (int i = 0; i < d; ++i) {
+        const double step = 1e-5;
+        const double diff = glm_loss(Nudge{l, t, i, step}, nullptr) - glm_loss(Nudge{l, t, i, -step}, nullptr);
+        sq += std::pow(diff / (2 * step), 2);
+      }
+      norms[t] = std::sqrt(sq);
+      EXPECT_NEAR(report->layers[l].grad_profile.at("xn")[t], norms[t], 1e-4 * norms[t] + 1e-8) << "layer " << l << " t " << t;
+    }
+    double rest = 0;
+    for (int t = 1; t <= st.ref_span; ++t) rest += norms[t];
+    EXPECT_NEAR(report->layers[l].r_gs, norms[0] / (rest / st.ref_span), 1e-4 * norms[0] / (rest / st.ref_span));
+    for (int hh = 0; hh < H; ++hh) {
+      double alpha = 0;
+      for (int t = 0; t < T; ++t) alpha += attention[l][hh][static_cast<size_t>(t) * T] / T;
+      EXPECT_NEAR(report->layers[l].alpha[hh], alpha, 1e-5) << "layer " << l << " head " << hh;
+    }
+  }
   // A partial-RoPE model is not exported as Llama.
   EXPECT_THAT(ExportHf(**model, (dir_ / "out").string()).message(), HasSubstr("(GLM's partial RoPE) is not exported"));
 }
