@@ -422,6 +422,11 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
   double loss_sum = 0;
   const int total = (B + M - 1) / M;
   for (int i = 0; i < total; ++i) {
+    if (options.stop && options.stop()) {
+      model.ZeroGrad();
+      return Status(StatusCode::kCancelled, "the diagnostic pass was stopped after " + std::to_string(i) + " of " +
+                                                std::to_string(total) + " micro-batches");
+    }
     const int first = i * M, n = std::min(M, B - first);
     const size_t at = static_cast<size_t>(first) * T;
     loss_sum += model.ForwardBackward(inputs + at, targets + at, n, T, grad_scale, &collector) * n;

@@ -128,6 +128,8 @@ struct DiagnosticOptions {
   int micro_batch = 0;
   // Called after each micro-batch with (done, total).
   std::function<void(int, int)> progress;
+  // Asked before each micro-batch; true ends the pass with CANCELLED (nothing reported).
+  std::function<bool()> stop;
 };
 
 // A diagnostic pass: forward and backward on (B,T) tokens with no update (gradients are

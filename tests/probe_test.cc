@@ -736,6 +736,14 @@ TEST_P(MicroBatchedProbeTest, PassesOfAnySizeGiveTheReportOfOnePass) {
       EXPECT_EQ(a.massive.top1_token, b.massive.top1_token);
     }
   }
+  // A stop asked between micro-batches ends the pass, reporting nothing.
+  DiagnosticOptions o;
+  o.micro_batch = 2;
+  int asked = 0;
+  o.stop = [&] { return ++asked > 1; };
+  auto stopped = RunDiagnosticPass(m, st, batch.inputs.data(), batch.targets.data(), B, T, 0, o);
+  EXPECT_EQ(stopped.status().code(), StatusCode::kCancelled);
+  EXPECT_THAT(stopped.status().message(), ::testing::HasSubstr("stopped after 1 of 3 micro-batches"));
 }
 
 TEST(ProbingModelTest, WithoutParameterGradientsTheReportIsBitIdentical) {

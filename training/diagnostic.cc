@@ -35,7 +35,8 @@ double AvailableMemoryBytes() {
 
 StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* backend,
                                             const std::function<void(const std::string&)>& note,
-                                            const std::function<void(int, int, double)>& progress) {
+                                            const std::function<void(int, int, double)>& progress,
+                                            const std::function<bool()>& stop) {
   auto say = [&](const std::string& s) {
     if (note) note(s);
   };
@@ -166,6 +167,7 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   say(line);
   DiagnosticOptions options;
   options.micro_batch = M;
+  options.stop = stop;
   if (progress) {
     options.progress = [&](int done, int total) {
       progress(done, total, static_cast<double>(std::min(done * M, B)) * T);

@@ -46,8 +46,10 @@ struct DiagnosticResult {
 // `note` (optional) receives what people should see before the pass (the tokenizer, the
 // memory estimate); `progress` is the pass's (micro-batches done, total, tokens done).
 // Errors name the file or setting at fault.
+// `stop` (optional) is asked between micro-batches: true ends the pass as CANCELLED.
 StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* backend,
                                             const std::function<void(const std::string&)>& note = nullptr,
-                                            const std::function<void(int, int, double)>& progress = nullptr);
+                                            const std::function<void(int, int, double)>& progress = nullptr,
+                                            const std::function<bool()>& stop = nullptr);
 
 }  // namespace sinkscope

@@ -713,7 +713,15 @@ Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment
       [&](int done, int total, double tokens) {
         Log(LogLevel::kInfo, "diagnostic_progress",
             {{"run_id", run}, {"pass", Str(done) + "/" + Str(total)}, {"tokens", Fmt(tokens)}});
-      });
+      },
+      [&] { return StopRequested(run).has_value(); });  // a cancel or shutdown ends it between micro-batches
+  if (!result.ok() && result.status().code() == StatusCode::kCancelled) {
+    Log(LogLevel::kInfo, "diagnostic_stopped", {{"run_id", run}, {"detail", result.status().message()}});
+    auto kind = StopRequested(run);
+    // A shutdown gives the job back (it starts over elsewhere); a cancel reports nothing.
+    return RunEnd{kind && *kind == RunEnd::kShutdown ? RunEnd::kShutdown : RunEnd::kCancelled,
+                  v1::FAILURE_REASON_UNSPECIFIED, "", 0, 0};
+  }
   if (!result.ok()) {
     // What a user named (a model folder, a file, a setting) is a data error; the rest internal.
     const StatusCode code = result.status().code();
