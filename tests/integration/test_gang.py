@@ -146,6 +146,25 @@ class GangTest(unittest.TestCase):
         self.assertNotIn("w-frozen", field(run, "rank_workers"))
         os.kill(frozen.proc.pid, signal.SIGCONT)
 
+    def test_5_a_drained_rank_gives_the_gang_back_without_a_restart(self):
+        c = self.cluster
+        # Rank 0 paces the gang (a pause before every step); rank 1's worker gets SIGTERM
+        # mid-run: every rank stops after the same step, rank 0 checkpoints, rank 1 gives
+        # the run back, and the gang resumes on other workers with no restart counted.
+        self.worker("w-a", "--fault-step-delay-ms", "150")
+        wait_for(lambda: "event=worker_registered worker=w-a" in c.coordinator.output(), 60, "w-a")
+        self.worker("w-drained")
+        steps = 24
+        eid = self.submit(self.experiment("gang-drain", steps=steps))
+        self.wait_run(eid, lambda r: int(field(r, "step") or 0) >= 5 and r, "the gang to pass step 5")
+        self.worker("w-c")
+        c.workers["w-drained"].kill(signal.SIGTERM)
+        run, run_id = self.check_complete_once(eid, steps, attempts=2)
+        self.assertNotIn("w-drained", field(run, "rank_workers"))
+        attempts = c.sql("SELECT outcome FROM attempts WHERE run_id = ? ORDER BY attempt", run_id)
+        self.assertEqual([a[0] for a in attempts], ["released", "succeeded"])
+        self.assertEqual(c.sql("SELECT restarts FROM runs WHERE id = ?", run_id)[0][0], 0)
+
     def test_4_a_gang_no_fleet_can_form_waits_with_the_reason_and_bad_sizes_are_refused(self):
         c = self.cluster
         self.worker("w-a")
