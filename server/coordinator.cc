@@ -336,14 +336,20 @@ std::vector<std::shared_ptr<SessionWriter>> Coordinator::GangWritersLocked(const
   return writers;
 }
 
-void Coordinator::SendRendezvousLocked(const Run& run, const std::string& key, const std::string& value,
-                                       Outbox& out) const {
+v1::CoordinatorMessage Coordinator::RendezvousMessage(const Run& run, const std::string& key,
+                                                      const std::string& value) {
   v1::CoordinatorMessage m;
   v1::RendezvousValue* v = m.mutable_rendezvous();
   v->set_run_id(run.record.summary.run_id());
   v->set_attempt(run.record.summary.attempt());
   v->set_key(key);
   v->set_value(value);
+  return m;
+}
+
+void Coordinator::SendRendezvousLocked(const Run& run, const std::string& key, const std::string& value,
+                                       Outbox& out) const {
+  const v1::CoordinatorMessage m = RendezvousMessage(run, key, value);
   for (const auto& writer : GangWritersLocked(run, 0)) out.push_back({writer, m});
 }
 
@@ -789,13 +795,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             session.run_id = r.run_id();
             peer.lease_deadline = LeaseEnd();
             for (const auto& [key, value] : run->rendezvous) {
-              v1::CoordinatorMessage m;
-              v1::RendezvousValue* v = m.mutable_rendezvous();
-              v->set_run_id(r.run_id());
-              v->set_attempt(r.attempt());
-              v->set_key(key);
-              v->set_value(value);
-              out.push_back({session.writer, std::move(m)});
+              out.push_back({session.writer, RendezvousMessage(*run, key, value)});
             }
           } else {
             Log(LogLevel::kWarning, "register_refused", {{"worker", r.worker_id()}, {"run", r.run_id()}, {"reason", refusal}});

@@ -150,6 +150,8 @@ class Coordinator {
   // its checkpoint with a restart counted (failed RESTARTS_EXHAUSTED past max_restarts),
   // and every other rank is told to stop. Stored first; nothing changes on a store error.
   Status RestartGangLocked(Run& run, const std::string& why, int64_t except_session, Outbox& out);
+  // The RendezvousValue of one key of the run's current attempt.
+  static v1::CoordinatorMessage RendezvousMessage(const Run& run, const std::string& key, const std::string& value);
   // Sends every rank of the run's attempt the key's value.
   void SendRendezvousLocked(const Run& run, const std::string& key, const std::string& value, Outbox& out) const;
   // Ends the run's current attempt with `outcome` and queues it again (to resume from its

@@ -1,34 +1,14 @@
 #include "training/probe_command.h"
 
-#include <algorithm>
 #include <chrono>
-#include <cctype>
-#include <cerrno>
-#include <climits>
-#include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
-#include <thread>
-#include <nlohmann/json.hpp>
 
-#include "training/checkpoint.h"
-#include "base/files.h"
-#include "data/data.h"
-#include "data/tokenizer.h"
 #include "base/flags.h"
-#include "base/numbers.h"
-#include "training/hf.h"
 #include "training/diagnostic.h"
 #include "training/probe_json.h"
 
 namespace sinkscope {
-namespace {
-
-}  // namespace
 
 int RunProbeCommand(int argc, char** argv) {
   const char* name = argv[0];

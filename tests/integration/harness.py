@@ -168,6 +168,14 @@ class Cluster:
         return "\n".join(out)
 
 
+def field(d, name):
+    """A field of protobuf's JSON output, by proto name or lowerCamelCase name."""
+    if name in d:
+        return d[name]
+    camel = name.split("_")[0] + "".join(p.title() for p in name.split("_")[1:])
+    return d.get(camel)
+
+
 def write_corpus(folder):
     """A small deterministic English-like corpus, documents separated by % lines."""
     words = ("the model learns to attend to the first token because the softmax must put its mass "

@@ -14,14 +14,7 @@ import subprocess
 import unittest
 
 import harness
-from harness import Cluster, wait_for
-
-
-def field(d, name):
-    if name in d:
-        return d[name]
-    camel = name.split("_")[0] + "".join(p.title() for p in name.split("_")[1:])
-    return d.get(camel)
+from harness import Cluster, wait_for, field
 
 
 def the_run(status):

@@ -13,7 +13,7 @@ import subprocess
 import unittest
 
 import harness
-from harness import Cluster, wait_for
+from harness import Cluster, wait_for, field
 
 
 def close(a, b):
@@ -79,8 +79,8 @@ class ProbeJobTest(unittest.TestCase):
         status = self.cluster.status(eid)
         self.assertEqual(status["state"], "COMPLETED")
         run = status["runs"][0]
-        self.assertEqual(int(run.get("probe_reports", run.get("probeReports", 0))), 1)
-        run_id = run.get("run_id", run.get("runId"))
+        self.assertEqual(int(field(run, "probe_reports") or 0), 1)
+        run_id = field(run, "run_id")
         self.assertEqual(self.cluster.sql("SELECT step FROM probe_reports WHERE run_id = ?", run_id), [(0,)])
         export = self.cluster.cli("export", eid, "--format", "jsonl").stdout.splitlines()
         self.assertEqual(sum(1 for line in export if '"probe"' in line), 1)

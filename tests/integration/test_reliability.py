@@ -13,15 +13,7 @@ import time
 import unittest
 
 import harness
-from harness import Cluster, wait_for
-
-
-def field(d, name):
-    """A field of protobuf's JSON output, by proto name or lowerCamelCase name."""
-    if name in d:
-        return d[name]
-    camel = name.split("_")[0] + "".join(p.title() for p in name.split("_")[1:])
-    return d.get(camel)
+from harness import Cluster, wait_for, field
 
 
 def runs_of(status):
