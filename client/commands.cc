@@ -505,7 +505,7 @@ int WriteReportOf(const std::string& id, const report::ReportInput& input, const
                   const std::string& out);
 
 int ReportCommand(const GlobalOptions& options, const Args& args) {
-  // With --probe FILE the figures come from one probe written by `sinkscope probe --json`
+  // With --probe FILE the figures come from one probe written by `sinkscope probe --local --json`
   // (a pretrained model, say), not from a coordinator: no experiment ID then.
   const bool from_probe = args.values.count("--probe") > 0;
   if (!from_probe && args.positional.empty()) return UsageError("report", "an experiment ID is required");
@@ -694,7 +694,7 @@ at (with its probed steps), a layer past the model's.
   --layer L    the layer of fig02 and fig12 (default: layers / 2)
   --arms A,B   only these arms, in this order (default: every arm of the experiment)
   --out DIR    where to write (default: report-ID); created if missing
-  --probe FILE the figures of one probe written by `sinkscope probe CHECKPOINT --json`
+  --probe FILE the figures of one probe written by `sinkscope probe --local CHECKPOINT --json`
                (a sinkscope checkpoint or a Hugging Face model), without a coordinator
   --label NAME its name in the figures (default: FILE's name without .json)
 )";

@@ -635,7 +635,7 @@ StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& 
   ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, int64_t{1} << 30));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
-    return InvalidArgumentError(path + ": not a JSON object (write it with sinkscope probe CHECKPOINT --json)");
+    return InvalidArgumentError(path + ": not a JSON object (write it with sinkscope probe --local CHECKPOINT --json)");
   }
   JsonReader r{path, OkStatus()};
   v1::ProbeReport p;
