@@ -1,0 +1,52 @@
+// Cross-entropy over logit rows, in place: one block per row (max in float, Σ exp in
+// double as the CPU backend), then the rows' losses added in a fixed tree.
+#include <cfloat>
+
+#include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/reduce.cuh"
+
+namespace sinkscope::cuda {
+namespace {
+
+constexpr int kBlock = 256;
+
+__global__ void RowKernel(float* logits, const int32_t* targets, int V, bool grad, float grad_scale,
+                          double* row_loss) {
+  __shared__ float fshared[33];
+  __shared__ double dshared[33];
+  float* row = logits + static_cast<size_t>(blockIdx.x) * V;
+  const int target = targets[blockIdx.x];
+  float mx = -FLT_MAX;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) mx = fmaxf(mx, row[c]);
+  mx = BlockMax(mx, fshared, -FLT_MAX);
+  double z = 0;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) z += exp(static_cast<double>(row[c] - mx));
+  z = BlockSum(z, dshared);
+  if (threadIdx.x == 0) row_loss[blockIdx.x] = log(z) - (row[target] - mx);
+  __syncthreads();  // row[target] is read above before any thread overwrites it
+  if (!grad) return;
+  const double inv_z = 1.0 / z;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) {
+    const double p = exp(static_cast<double>(row[c] - mx)) * inv_z;
+    row[c] = static_cast<float>(grad_scale * (p - (c == target ? 1.0 : 0.0)));
+  }
+}
+
+__global__ void SumRowsKernel(double* acc, const double* row_loss, int N) {
+  __shared__ double shared[33];
+  double s = 0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) s += row_loss[i];
+  s = BlockSum(s, shared);
+  if (threadIdx.x == 0) *acc += s;
+}
+
+}  // namespace
+
+void LaunchCrossEntropy(cudaStream_t s, float* logits, const int32_t* targets, int N, int V, bool grad,
+                        float grad_scale, double* row_loss, double* loss_acc) {
+  if (N == 0) return;
+  RowKernel<<<N, kBlock, 0, s>>>(logits, targets, V, grad, grad_scale, row_loss);
+  SumRowsKernel<<<1, 1024, 0, s>>>(loss_acc, row_loss, N);
+}
+
+}  // namespace sinkscope::cuda

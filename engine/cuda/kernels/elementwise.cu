@@ -1,0 +1,127 @@
+// Elementwise ops and the reductions the step and the probes accumulate.
+#include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/reduce.cuh"
+
+namespace sinkscope::cuda {
+namespace {
+
+constexpr int kBlock = 256;
+
+__global__ void FillKernel(float* x, float value, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    x[i] = value;
+  }
+}
+
+__global__ void AxpyKernel(float* y, float alpha, const float* x, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    y[i] += alpha * x[i];
+  }
+}
+
+__global__ void ScaleKernel(float* x, float alpha, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    x[i] *= alpha;
+  }
+}
+
+__global__ void AddRowBiasKernel(float* x, const float* b, size_t total, int n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < total; i += size_t{gridDim.x} * blockDim.x) {
+    x[i] += b[i % n];
+  }
+}
+
+// One thread per column, rows in order: the CPU backend's summation order.
+__global__ void ColumnSumsKernel(float* acc, const float* x, int N, int n) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  float s = 0;
+  for (int i = 0; i < N; ++i) s += x[static_cast<size_t>(i) * n + j];
+  acc[j] += s;
+}
+
+// Pass 1: block b sums x² over its grid-strided share of the concatenated segments.
+__global__ void SumSquaresPartialKernel(const Segment* segs, int num_segs, size_t total, double* partials) {
+  __shared__ double shared[33];
+  double s = 0;
+  int seg = 0;
+  size_t seg_start = 0;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < total; i += size_t{gridDim.x} * blockDim.x) {
+    while (seg < num_segs && i >= seg_start + segs[seg].n) {
+      seg_start += segs[seg].n;
+      ++seg;
+    }
+    const double v = segs[seg].p[i - seg_start];
+    s += v * v;
+  }
+  s = BlockSum(s, shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// Pass 2: one block adds the partials in a fixed tree.
+__global__ void SumPartialsKernel(double* acc, const double* partials, int n) {
+  __shared__ double shared[33];
+  double s = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
+  s = BlockSum(s, shared);
+  if (threadIdx.x == 0) *acc += s;
+}
+
+// acc(P, C) += Σ_b x[b, t, :]: one thread per (t, c), b in order.
+__global__ void TokenSumKernel(float* acc, const float* x, int B, int T, int C, int P) {
+  const size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
+  if (i >= static_cast<size_t>(P) * C) return;
+  const int t = static_cast<int>(i / C), c = static_cast<int>(i % C);
+  float s = acc[i];
+  for (int b = 0; b < B; ++b) s += x[(static_cast<size_t>(b) * T + t) * C + c];
+  acc[i] = s;
+}
+
+// acc(t) += Σ_b Σ_g ‖x[b,t,g,:]‖: one block per token t; a thread per (b, g) row.
+__global__ void TokenNormSumKernel(float* acc, const float* x, int B, int T, int G, int C) {
+  __shared__ double shared[33];
+  const int t = blockIdx.x;
+  double total = 0;
+  for (int r = threadIdx.x; r < B * G; r += blockDim.x) {
+    const int b = r / G, g = r % G;
+    const float* row = x + ((static_cast<size_t>(b) * T + t) * G + g) * C;
+    double s = 0;
+    for (int c = 0; c < C; ++c) s += static_cast<double>(row[c]) * row[c];
+    total += sqrt(s);
+  }
+  total = BlockSum(total, shared);
+  if (threadIdx.x == 0) acc[t] += static_cast<float>(total);
+}
+
+}  // namespace
+
+void LaunchFill(cudaStream_t s, float* x, float value, size_t n) {
+  FillKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(x, value, n);
+}
+void LaunchAxpy(cudaStream_t s, float* y, float alpha, const float* x, size_t n) {
+  AxpyKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(y, alpha, x, n);
+}
+void LaunchScale(cudaStream_t s, float* x, float alpha, size_t n) {
+  ScaleKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(x, alpha, n);
+}
+void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n) {
+  const size_t total = static_cast<size_t>(N) * n;
+  AddRowBiasKernel<<<GridFor(total, kBlock), kBlock, 0, s>>>(x, b, total, n);
+}
+void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n) {
+  ColumnSumsKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(acc, x, N, n);
+}
+void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segs, int num_segs, size_t total,
+                      double* partials) {
+  SumSquaresPartialKernel<<<kReduceBlocks, kBlock, 0, s>>>(segs, num_segs, total, partials);
+  SumPartialsKernel<<<1, kBlock, 0, s>>>(acc, partials, kReduceBlocks);
+}
+void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, int C, int P) {
+  const size_t n = static_cast<size_t>(P) * C;
+  TokenSumKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(acc, x, B, T, C, P);
+}
+void LaunchTokenNormSum(cudaStream_t s, float* acc, const float* x, int B, int T, int G, int C, int P) {
+  if (P > 0) TokenNormSumKernel<<<P, kBlock, 0, s>>>(acc, x, B, T, G, C);
+}
+
+}  // namespace sinkscope::cuda

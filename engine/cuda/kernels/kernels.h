@@ -1,0 +1,97 @@
+// Launchers of the CUDA backend's kernels (one file per op under kernels/). Plain
+// types only, so the backend's host code (g++) and the kernels (nvcc) share this
+// header. Every launcher queues work on `stream` and returns at once; the caller checks
+// cudaGetLastError after it (cuda_backend.cc), which names the op.
+//
+// Determinism: no kernel uses floating-point atomics. Reductions run in a fixed order
+// (a fixed grid, fixed trees within a block, partials summed in index order), so a
+// result does not depend on scheduling: the same inputs give the same bits.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace sinkscope::cuda {
+
+// Blocks of the first pass of a two-pass reduction; the scratch it needs.
+constexpr int kReduceBlocks = 256;
+
+// ---- elementwise and reductions (elementwise.cu) ----
+void LaunchFill(cudaStream_t s, float* x, float value, size_t n);
+void LaunchAxpy(cudaStream_t s, float* y, float alpha, const float* x, size_t n);
+void LaunchScale(cudaStream_t s, float* x, float alpha, size_t n);
+void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n);
+void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n);
+// *acc += Σ over the segments of Σ x²; partials holds kReduceBlocks doubles.
+struct Segment {
+  const float* p;
+  size_t n;
+};
+void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segments_device, int num_segments,
+                      size_t total, double* partials);
+void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, int C, int P);
+void LaunchTokenNormSum(cudaStream_t s, float* acc, const float* x, int B, int T, int G, int C, int P);
+
+// ---- embedding.cu ----
+void LaunchEmbeddingForward(cudaStream_t s, float* out, const int32_t* tokens, const float* table, int N, int d);
+void LaunchEmbeddingBackward(cudaStream_t s, float* dtable, const float* dout, const int32_t* tokens, int N, int d);
+
+// ---- rmsnorm.cu ----
+// sum = x + r when r is non-null (sum may alias x), then out = norm(sum)·γ.
+void LaunchRmsNormForward(cudaStream_t s, float* sum, float* out, float* rstd, const float* x, const float* r,
+                          const float* gamma, int N, int d, float eps);
+// dx = base + J_rmsᵀ dout (base may be dx); dgamma += Σ_rows dout ⊙ x·rstd.
+void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout,
+                           const float* x, const float* gamma, const float* rstd, int N, int d);
+
+// ---- rope.cu ----
+// cs holds (T, dh/2) pairs (cos, sin) already scaled and signed.
+void LaunchRope(cudaStream_t s, float* x, const float2* cs, int B, int T, int heads, int dh);
+
+// ---- attention.cu: the reference attention (fp32, the full matrix kept) ----
+// att (B,H,T,T) gets P; lse (B,H,T).
+void LaunchAttentionForward(cudaStream_t s, float* y, float* lse, float* att, const float* q, const float* k,
+                            const float* v, int B, int T, int H, int KV, int dh);
+// ds (B,H,T,T) is scratch.
+void LaunchAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* ds, const float* dy,
+                             const float* att, const float* q, const float* k, const float* v, int B, int T, int H,
+                             int KV, int dh);
+// per_b (H, B, 3) doubles of scratch: α_b, M_b, S_b per sequence; outputs H floats each.
+void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
+                       const float* q, const float* k, const float* lse, int B, int T, int H, int KV, int dh,
+                       int sink, int window, double threshold);
+
+// ---- vscale.cu ----
+void LaunchVScaleForward(cudaStream_t s, float* vhat, const float* v, const float* theta, int N, int KV, int dh,
+                         double c_base);
+// row_dtheta (N, KV) doubles of scratch; theta null means θ = 0 (the backward-only arm).
+void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat,
+                          const float* v, const float* theta, int N, int KV, int dh, double c_base);
+
+// ---- swiglu.cu ----
+void LaunchSwiGluForward(cudaStream_t s, float* h, const float* gate, const float* up, size_t n);
+void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, const float* gate,
+                          const float* up, size_t n);
+
+// ---- cross_entropy.cu ----
+// row_loss (N) doubles of scratch; grad true writes grad_scale·(p − onehot) into logits.
+void LaunchCrossEntropy(cudaStream_t s, float* logits, const int32_t* targets, int N, int V, bool grad,
+                        float grad_scale, double* row_loss, double* loss_acc);
+
+// ---- adamw.cu ----
+struct AdamWSegment {
+  float *p, *m, *v;
+  const float* g;
+  size_t n;
+  float weight_decay;
+};
+// One launch over every segment. When guard (device [Σ loss, ‖g‖²]) is non-null, nothing
+// is updated unless both are finite, and g is scaled by the clip factor first;
+// otherwise grad_scale is used.
+void LaunchAdamW(cudaStream_t s, const AdamWSegment* segments_device, int num_segments, size_t max_n,
+                 const double* guard, double grad_clip, float grad_scale, float lr, float beta1, float beta2,
+                 float eps, double bc1, double bc2);
+
+}  // namespace sinkscope::cuda

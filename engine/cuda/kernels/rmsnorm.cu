@@ -1,0 +1,70 @@
+// RMSNorm forward (with the residual add fused in front when asked) and backward. One
+// block per row; γ's gradient one thread per column over the rows in order (no atomics).
+#include "engine/cuda/kernel_math.h"
+#include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/reduce.cuh"
+
+namespace sinkscope::cuda {
+namespace {
+
+constexpr int kBlock = 256;
+
+__global__ void RmsNormForwardKernel(float* sum, float* out, float* rstd, const float* x, const float* r,
+                                     const float* gamma, int d, float eps) {
+  __shared__ float shared[33];
+  const size_t o = static_cast<size_t>(blockIdx.x) * d;
+  float ss = 0;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float v = x[o + c];
+    if (r != nullptr) {
+      v += r[o + c];
+      sum[o + c] = v;
+    }
+    ss += v * v;
+  }
+  const float rs = kmath::RmsNormRstd(BlockSum(ss, shared), d, eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
+  const float* src = r != nullptr ? sum : x;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) out[o + c] = src[o + c] * rs * gamma[c];
+}
+
+__global__ void RmsNormBackwardRowsKernel(float* dx, const float* base, const float* dout, const float* x,
+                                          const float* gamma, const float* rstd, int d) {
+  __shared__ float shared[33];
+  const size_t o = static_cast<size_t>(blockIdx.x) * d;
+  float dot = 0;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) dot += gamma[c] * dout[o + c] * x[o + c];
+  const float rs = rstd[blockIdx.x];
+  const float coef = kmath::RmsNormBackwardCoef(rs, BlockSum(dot, shared), d);
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    dx[o + c] = kmath::RmsNormBackwardElement(base[o + c], rs, gamma[c], dout[o + c], coef, x[o + c]);
+  }
+}
+
+__global__ void RmsNormGammaGradKernel(float* dgamma, const float* dout, const float* x, const float* rstd, int N,
+                                       int d) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= d) return;
+  float acc = dgamma[c];
+  for (int i = 0; i < N; ++i) {
+    const size_t o = static_cast<size_t>(i) * d + c;
+    acc += dout[o] * x[o] * rstd[i];
+  }
+  dgamma[c] = acc;
+}
+
+}  // namespace
+
+void LaunchRmsNormForward(cudaStream_t s, float* sum, float* out, float* rstd, const float* x, const float* r,
+                          const float* gamma, int N, int d, float eps) {
+  if (N > 0) RmsNormForwardKernel<<<N, kBlock, 0, s>>>(sum, out, rstd, x, r, gamma, d, eps);
+}
+
+void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout,
+                           const float* x, const float* gamma, const float* rstd, int N, int d) {
+  if (N == 0) return;
+  RmsNormBackwardRowsKernel<<<N, kBlock, 0, s>>>(dx, base, dout, x, gamma, rstd, d);
+  if (dgamma != nullptr) RmsNormGammaGradKernel<<<GridFor(d, 128), 128, 0, s>>>(dgamma, dout, x, rstd, N, d);
+}
+
+}  // namespace sinkscope::cuda

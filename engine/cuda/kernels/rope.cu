@@ -1,0 +1,34 @@
+// Rotary embedding in place on (B, T, heads, dh), half-split pairs (j, j + dh/2). The
+// (cos, sin) table is computed on the host in double, as the CPU backend does, and
+// cached on the device (cuda_backend.cc): the rotation is then the same arithmetic.
+#include "engine/cuda/kernel_math.h"
+#include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/reduce.cuh"
+
+namespace sinkscope::cuda {
+namespace {
+
+__global__ void RopeKernel(float* x, const float2* cs, int B, int T, int heads, int dh) {
+  const int half = dh / 2;
+  const size_t total = static_cast<size_t>(B) * T * heads * half;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < total; i += size_t{gridDim.x} * blockDim.x) {
+    const int j = static_cast<int>(i % half);
+    const size_t row = i / half;  // (b, t, h)
+    const int t = static_cast<int>((row / heads) % T);
+    float* p = x + row * dh;
+    const float2 c = cs[static_cast<size_t>(t) * half + j];
+    float o1, o2;
+    kmath::RotatePair(p[j], p[j + half], c.x, c.y, &o1, &o2);
+    p[j] = o1;
+    p[j + half] = o2;
+  }
+}
+
+}  // namespace
+
+void LaunchRope(cudaStream_t s, float* x, const float2* cs, int B, int T, int heads, int dh) {
+  const size_t total = static_cast<size_t>(B) * T * heads * (dh / 2);
+  RopeKernel<<<GridFor(total, 256), 256, 0, s>>>(x, cs, B, T, heads, dh);
+}
+
+}  // namespace sinkscope::cuda

@@ -1,0 +1,32 @@
+// SwiGLU forward and backward, elementwise (kernel_math.h holds the formulas).
+#include "engine/cuda/kernel_math.h"
+#include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/reduce.cuh"
+
+namespace sinkscope::cuda {
+namespace {
+
+__global__ void SwiGluForwardKernel(float* h, const float* gate, const float* up, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    h[i] = kmath::SwiGlu(gate[i], up[i]);
+  }
+}
+
+__global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
+                                     size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    kmath::SwiGluGrad(dh[i], gate[i], up[i], &dgate[i], &dup[i]);
+  }
+}
+
+}  // namespace
+
+void LaunchSwiGluForward(cudaStream_t s, float* h, const float* gate, const float* up, size_t n) {
+  SwiGluForwardKernel<<<GridFor(n, 256), 256, 0, s>>>(h, gate, up, n);
+}
+void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, const float* gate,
+                          const float* up, size_t n) {
+  SwiGluBackwardKernel<<<GridFor(n, 256), 256, 0, s>>>(dgate, dup, dh, gate, up, n);
+}
+
+}  // namespace sinkscope::cuda
