@@ -96,7 +96,12 @@ class ServiceFreeEngine(unittest.TestCase):
             argv = shlex.split(c["command"]) if "command" in c else c["arguments"]
             # Keep the compiler, -I/-D/-std flags and the source; ask for the header list.
             keep = [argv[0]] + [a for a in argv[1:] if a.startswith(("-I", "-D", "-std", "-isystem"))]
-            out = subprocess.run(keep + ["-MM", "-MG", c["file"]], cwd=c["directory"], capture_output=True, text=True)
+            deps = ["-MM", "-MG"]
+            if c["file"].endswith(".cu"):  # nvcc: includes in its options file, no -MG
+                i = argv.index("--options-file") if "--options-file" in argv else -1
+                keep += argv[i:i + 2] if i >= 0 else []
+                deps = ["-MM"]
+            out = subprocess.run(keep + deps + [c["file"]], cwd=c["directory"], capture_output=True, text=True)
             self.assertEqual(out.returncode, 0, out.stderr)
             headers = out.stdout.replace("\\\n", " ").split()[1:]
             checked += 1
