@@ -32,21 +32,13 @@ __global__ void RowKernel(float* logits, const int32_t* targets, int V, bool gra
   }
 }
 
-__global__ void SumRowsKernel(double* acc, const double* row_loss, int N) {
-  __shared__ double shared[33];
-  double s = 0;
-  for (int i = threadIdx.x; i < N; i += blockDim.x) s += row_loss[i];
-  s = BlockSum(s, shared);
-  if (threadIdx.x == 0) *acc += s;
-}
-
 }  // namespace
 
 void LaunchCrossEntropy(cudaStream_t s, float* logits, const int32_t* targets, int N, int V, bool grad,
                         float grad_scale, double* row_loss, double* loss_acc) {
   if (N == 0) return;
   RowKernel<<<N, kBlock, 0, s>>>(logits, targets, V, grad, grad_scale, row_loss);
-  SumRowsKernel<<<1, 1024, 0, s>>>(loss_acc, row_loss, N);
+  LaunchSumInto(s, loss_acc, row_loss, N);
 }
 
 }  // namespace sinkscope::cuda

@@ -58,7 +58,7 @@ __global__ void SumSquaresPartialKernel(const Segment* segs, int num_segs, size_
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 
-// Pass 2: one block adds the partials in a fixed tree.
+// One block adds n values (the partials of pass 1, or per-row sums) in a fixed tree.
 __global__ void SumPartialsKernel(double* acc, const double* partials, int n) {
   __shared__ double shared[33];
   double s = 0;
@@ -114,7 +114,10 @@ void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n) 
 void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segs, int num_segs, size_t total,
                       double* partials) {
   SumSquaresPartialKernel<<<kReduceBlocks, kBlock, 0, s>>>(segs, num_segs, total, partials);
-  SumPartialsKernel<<<1, kBlock, 0, s>>>(acc, partials, kReduceBlocks);
+  LaunchSumInto(s, acc, partials, kReduceBlocks);
+}
+void LaunchSumInto(cudaStream_t s, double* acc, const double* values, int n) {
+  SumPartialsKernel<<<1, 1024, 0, s>>>(acc, values, n);
 }
 void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, int C, int P) {
   const size_t n = static_cast<size_t>(P) * C;

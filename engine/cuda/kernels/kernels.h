@@ -29,6 +29,8 @@ struct Segment {
   const float* p;
   size_t n;
 };
+// *acc += Σ values[0..n) in a fixed tree (one block): the second pass of a reduction.
+void LaunchSumInto(cudaStream_t s, double* acc, const double* values, int n);
 void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segments_device, int num_segments,
                       size_t total, double* partials);
 void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, int C, int P);
