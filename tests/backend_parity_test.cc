@@ -4,8 +4,11 @@
 // block-level fused op against its composition of the same backend's primitives.
 //
 // Backends: "cpu" (the reference backend, with its own fused ops) and "cpu-composed"
-// (the CPU primitives with every fused op left to Backend's default composition). A
-// CUDA backend joins the list when it is built and a device is present.
+// (the CPU primitives with every fused op left to Backend's default composition), and
+// "cpu_bf16" (the CPU backend's bf16 mode). Built a second time as cuda_parity_test
+// (SINKSCOPE_PARITY_CUDA): the same tests over "cuda" (the CUDA backend's fp32 mode on
+// device 0) and "cuda_composed"; every one of them skips, saying why, where this process
+// sees no CUDA device.
 //
 // Error: max |got − want| / max(max |want|, 1e-3) over the output, "normalised error";
 // NaN or Inf in an output never passes. Tolerances (fp32): 2e-6 where an op is a few
@@ -30,6 +33,9 @@
 #include "engine/forwarding_backend.h"
 #include "engine/model.h"
 #include "engine/optimizer.h"
+#ifdef SINKSCOPE_PARITY_CUDA
+#include "engine/cuda/cuda_backend.h"
+#endif
 
 namespace sinkscope {
 namespace {
@@ -45,21 +51,51 @@ class ComposedBackend final : public ForwardingBackend {
 
 struct Factory {
   std::string name;
-  std::function<std::unique_ptr<Backend>()> make;
+  // Null when this backend cannot be made here (no device): its tests skip with `why`.
+  std::function<std::unique_ptr<Backend>(std::string* why)> make;
   bool bf16 = false;  // rounds to bf16 where a bf16 GPU backend stores bf16: bf16 tolerances
 };
 void PrintTo(const Factory& f, std::ostream* os) { *os << f.name; }
+#ifndef SINKSCOPE_PARITY_CUDA
 std::vector<Factory> Fp32Factories() {
   return {
-      {"cpu", [] { return MakeCpuBackend(); }},
-      {"cpu_composed", [] { return std::make_unique<ComposedBackend>(MakeCpuBackend()); }},
+      {"cpu", [](std::string*) { return MakeCpuBackend(); }},
+      {"cpu_composed", [](std::string*) { return std::make_unique<ComposedBackend>(MakeCpuBackend()); }},
   };
 }
 std::vector<Factory> Factories() {
   std::vector<Factory> all = Fp32Factories();
-  all.push_back({"cpu_bf16", [] { return MakeCpuBf16Backend(); }, true});
+  all.push_back({"cpu_bf16", [](std::string*) { return MakeCpuBf16Backend(); }, true});
   return all;
 }
+#else
+std::unique_ptr<Backend> MakeCudaOrSay(std::string* why) {
+  if (CudaDeviceCount() == 0) {
+    *why = "no CUDA device is visible to this process (the CUDA parity tests run on a GPU machine: "
+           "scripts/gpu/run.sh)";
+    return nullptr;
+  }
+  auto backend = MakeCudaBackend(0);
+  if (!backend.ok()) {
+    *why = backend.status().message();
+    return nullptr;
+  }
+  return std::move(*backend);
+}
+std::vector<Factory> Fp32Factories() {
+  return {
+      {"cuda", [](std::string* why) { return MakeCudaOrSay(why); }},
+      {"cuda_composed",
+       [](std::string* why) -> std::unique_ptr<Backend> {
+         auto inner = MakeCudaOrSay(why);
+         if (inner == nullptr) return nullptr;
+         return std::make_unique<ComposedBackend>(std::move(inner));
+       }},
+  };
+}
+// The CUDA backend has only its fp32 mode so far: a bf16 factory joins when it exists.
+std::vector<Factory> Factories() { return Fp32Factories(); }
+#endif
 
 // ---- helpers ----------------------------------------------------------------------
 
@@ -146,7 +182,9 @@ constexpr double kBf16Sum = 3e-2;
 class ParityTest : public ::testing::TestWithParam<Factory> {
  protected:
   void SetUp() override {
-    be_ = GetParam().make();
+    std::string why;
+    be_ = GetParam().make(&why);
+    if (be_ == nullptr) GTEST_SKIP() << GetParam().name << ": " << why;
     few_ = GetParam().bf16 ? kBf16Few : kFew;
     sum_ = GetParam().bf16 ? kBf16Sum : kSum;
   }
@@ -549,6 +587,7 @@ class FusedTest : public ParityTest {
  protected:
   void SetUp() override {
     ParityTest::SetUp();
+    if (IsSkipped()) return;
     composed_ = std::make_unique<ComposedBackend>(be_.get());
   }
   Backend& composed() { return *composed_; }
@@ -662,13 +701,16 @@ TEST_P(FusedTest, LmHeadCrossEntropyInChunksEqualsOnePass) {
       DevScalars loss(*b, 2);
       b->LmHeadCrossEntropy(dx.p(), dw.p(), logits.p(), rows, dxx.p(), dww.p(), tgt.p(), N, V, d, 0.1f, loss.p());
       b->LmHeadLoss(logits.p(), rows, dxx.p(), dww.p(), tgt.p(), N, V, d, loss.p() + 1);
-      // One chunk is the one pass exactly; smaller chunks change only the order in
-      // which dW's rows and the loss are summed.
+      // One chunk is the one pass exactly; smaller chunks change the order in which dW's
+      // rows and the loss are summed, and a GEMM of fewer rows may take another kernel
+      // (OpenBLAS computes a one-row product as a GEMV: logits an ulp apart), so the
+      // loss of a chunked pass is held to a few roundings, not to the last bit.
       const double tol = rows == N ? 0.0 : kFew;
+      const double loss_tol = rows == N ? 1e-12 : kFew;
       EXPECT_CLOSE(dx.Get(), want_dx, tol) << rows;
       EXPECT_CLOSE(dw.Get(), want_dw, tol) << rows;
-      EXPECT_NEAR(loss.Get()[0], want_loss, 1e-12 * want_loss) << rows;
-      EXPECT_NEAR(loss.Get()[1], want_eval, 1e-12 * want_eval) << rows;
+      EXPECT_NEAR(loss.Get()[0], want_loss, loss_tol * want_loss) << rows;
+      EXPECT_NEAR(loss.Get()[1], want_eval, loss_tol * want_eval) << rows;
     }
   }
 }
@@ -712,6 +754,7 @@ TEST_P(FusedTest, MultiTensorAdamWWithClippingAndTheNonFiniteGuard) {
   }
 }
 
+#ifndef SINKSCOPE_PARITY_CUDA  // the CPU bf16 mode's own tests, once
 // ---- bf16 -----------------------------------------------------------------------------
 
 TEST(Bf16Test, RoundsToNearestTiesToEvenAndKeepsNaNAndInf) {
@@ -827,6 +870,8 @@ TEST(Bf16Test, TheBf16ModeTrainsLikeFp32) {
   EXPECT_LT(last_a, 0.7 * la);
   EXPECT_NEAR(last_b, last_a, 0.05 * last_a);
 }
+
+#endif
 
 std::string FactoryName(const ::testing::TestParamInfo<Factory>& info) { return info.param.name; }
 INSTANTIATE_TEST_SUITE_P(Backends, ParityTest, ::testing::ValuesIn(Factories()), FactoryName);

@@ -730,8 +730,10 @@ TEST_P(MicroBatchedProbeTest, PassesOfAnySizeGiveTheReportOfOnePass) {
         EXPECT_TRUE(close(a.column_second_moment[h], b.column_second_moment[h]));
       }
       for (size_t t = 0; t < b.attn_compress.size(); ++t) EXPECT_TRUE(close(a.attn_compress[t], b.attn_compress[t]));
-      EXPECT_EQ(a.massive.top3, b.massive.top3);  // the same values, found in any order
-      EXPECT_EQ(a.massive.median, b.massive.median);
+      // The same values, found in any order: equal up to the roundings in which a pass of
+      // fewer rows differs (OpenBLAS may take another kernel for a GEMM of fewer rows).
+      for (int k = 0; k < 3; ++k) EXPECT_TRUE(close(a.massive.top3[k], b.massive.top3[k])) << "top-" << k + 1;
+      EXPECT_TRUE(close(a.massive.median, b.massive.median));
       EXPECT_EQ(a.massive.top1_sequence, b.massive.top1_sequence);
       EXPECT_EQ(a.massive.top1_token, b.massive.top1_token);
     }
