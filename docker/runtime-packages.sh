@@ -16,6 +16,13 @@ owner() {  # the package owning a file, trying the path as ldd gave it, then res
   for candidate in "$real" "$lib" "${real#/usr}" "/usr${lib}"; do
     if dpkg-query -S "$candidate" 2>/dev/null | head -n1 | cut -d: -f1; then return 0; fi
   done
+  # The CUDA libraries (cuBLAS, cuDNN, NCCL) of a toolkit installed outside dpkg: the CUDA
+  # worker's runtime image (NVIDIA's cudnn-runtime) carries them itself.
+  case "$real" in
+    /usr/local/cuda*/lib*/libcublas*|/usr/local/cuda*/lib*/libcudnn*|/usr/local/cuda*/lib*/libnccl*)
+      echo "runtime-packages: $lib comes with the CUDA runtime image" >&2
+      return 0 ;;
+  esac
   echo "runtime-packages: no package owns $lib" >&2
   return 1
 }

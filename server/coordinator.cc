@@ -774,7 +774,11 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         reply.mutable_registered()->set_heartbeat_seconds(options_.heartbeat_seconds);
         reply.mutable_registered()->set_acks_progress(true);
         out.push_back({session.writer, reply});
-        Log(LogLevel::kInfo, "worker_registered", {{"worker", r.worker_id()}, {"run", r.run_id()}});
+        Log(LogLevel::kInfo, "worker_registered",
+            {{"worker", r.worker_id()},
+             {"device", v1::DeviceKind_Name(r.capabilities().device())},
+             {"device_name", r.capabilities().device_name()},
+             {"run", r.run_id()}});
         if (!r.run_id().empty() && r.rank() != 0) {
           // A rank of a gang carries on under the same attempt if it is still that
           // rank's worker; the rendezvous so far is sent again (it may be meeting now).

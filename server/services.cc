@@ -183,6 +183,13 @@ grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
                                   " bytes, got " + std::to_string(id.size()));
         break;
       }
+      const size_t name = msg.register_().capabilities().device_name().size();
+      if (name > kMaxWorkerIdBytes) {
+        result = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                              "register.capabilities.device_name must be at most " +
+                                  std::to_string(kMaxWorkerIdBytes) + " bytes, got " + std::to_string(name));
+        break;
+      }
     }
     first = false;
     coordinator_->OnWorkerMessage(session, msg);

@@ -29,6 +29,13 @@
 namespace sinkscope::cuda {
 namespace {
 
+// The source tree: where this binary was built, or $SINKSCOPE_SOURCE_DIR (a copy of the
+// tree on a GPU machine, scripts/gpu/run.sh).
+std::string SourceDir() {
+  const char* env = std::getenv("SINKSCOPE_SOURCE_DIR");
+  return env != nullptr && env[0] != '\0' ? env : SINKSCOPE_SOURCE_DIR;
+}
+
 using ::testing::AnyOf;
 using ::testing::HasSubstr;
 using ::testing::Not;
@@ -72,7 +79,7 @@ std::string ReadFile(const std::string& path) {
 }
 
 const std::string& H200Json() {
-  static const std::string json = ReadFile(SINKSCOPE_SOURCE_DIR "/engine/cuda/devices/h200.json");
+  static const std::string json = ReadFile(SourceDir() + "/engine/cuda/devices/h200.json");
   return json;
 }
 
@@ -212,7 +219,7 @@ TEST(CudnnDeviceTest, TheVersionIsTheLibrarys) {
 // The fields of examples/paper-*.yaml a layout needs (each key occurs once in the file).
 std::map<std::string, int64_t> PaperModel(const std::string& name) {
   std::map<std::string, int64_t> fields;
-  std::istringstream in(ReadFile(std::string(SINKSCOPE_SOURCE_DIR "/examples/paper-") + name + ".yaml"));
+  std::istringstream in(ReadFile(SourceDir() + "/examples/paper-" + name + ".yaml"));
   for (std::string line; std::getline(in, line);) {
     const size_t colon = line.find(':');
     if (colon == std::string::npos) continue;

@@ -31,6 +31,7 @@
 #include "training/hf.h"
 #include "engine/gloo/gloo_communicator.h"
 #include "training/checkpoint.h"
+#include "training/devices.h"
 #include "training/probe_json.h"
 #include "training/progress.h"
 #include "training/safetensors.h"
@@ -354,10 +355,10 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
 }
 
 int Main(int argc, char** argv) {
-  std::string file, out;
+  std::string file, out, device_text;
   int64_t steps = -1, ranks = 1;
   bool resume = false, json = false, print_model = false;
-  CLI::App app("Trains every arm x seed of an experiment file on the CPU backend and prints the arms side by side.",
+  CLI::App app("Trains every arm x seed of an experiment file on the CPU backend (or a CUDA device: --device) and prints the arms side by side.",
                "sinkscope-train");
   app.add_option("EXPERIMENT", file, "the experiment file (YAML or JSON)")->required();
   app.add_option("--out", out, "where runs are written (default runs/<experiment name>)")
@@ -382,6 +383,10 @@ int Main(int argc, char** argv) {
   app.add_flag("--bf16", g_bf16,
                "train in the CPU backend's bf16 mode: bf16 wherever a bf16 GPU backend stores bf16 (matmul operands, "
                "activations), fp32 accumulation, residual stream, weights and optimizer state (engine/cpu/bf16_mode.cc)");
+  app.add_option("--device", device_text,
+                 "cpu, or cuda / cuda:N (a build with the CUDA backend; its fp32 mode, one rank); default: the file's "
+                 "resources.device (CUDA: cuda:0)")
+      ->type_name("cpu|cuda[:N]");
   app.add_flag("--print-model", print_model,
                "print the baseline arm's model config (as a checkpoint header holds it) and exit");
   if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
@@ -404,8 +409,21 @@ int Main(int argc, char** argv) {
     std::printf("%s\n", ModelConfigToJson(ToModelConfig(e->model(), v1::BASELINE)).dump().c_str());
     return 0;
   }
-  if (e->resources().device() != v1::CPU) {
-    std::fprintf(stderr, "sinkscope-train: resources.device: only CPU is built into this binary\n");
+  DeviceChoice device;
+  if (!device_text.empty()) {
+    auto chosen = ParseDevice(device_text);
+    if (!chosen.ok()) {
+      std::fprintf(stderr, "sinkscope-train: --device: %s\n", chosen.status().message().c_str());
+      return 2;
+    }
+    device = *chosen;
+  } else if (e->resources().device() == v1::CUDA) {
+    device.kind = DeviceChoice::kCuda;
+  }
+  if (device.kind == DeviceChoice::kCuda && (ranks > 1 || g_bf16)) {
+    std::fprintf(stderr, "sinkscope-train: --device %s: %s\n", device.Name().c_str(),
+                 ranks > 1 ? "local runs on CUDA have one rank (gangs of CUDA ranks run through the service, over NCCL)"
+                           : "the CUDA backend has only its fp32 mode so far (--bf16 is the CPU's bf16 mode)");
     return 2;
   }
   if (out.empty()) out = "runs/" + e->name();
@@ -432,9 +450,25 @@ int Main(int argc, char** argv) {
   // Ctrl-C (or SIGTERM): the current run stops after its step and is checkpointed.
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto backend = g_bf16 ? MakeCpuBf16Backend() : MakeCpuBackend();
-  const double peak = MeasureGemmPeak(*backend);
-  std::fprintf(stderr, "%s backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", backend->Name(), peak / 1e9);
+  std::unique_ptr<Backend> backend;
+  double peak = 0;
+  if (device.kind == DeviceChoice::kCpu) {
+    backend = g_bf16 ? MakeCpuBf16Backend() : MakeCpuBackend();
+    peak = MeasureGemmPeak(*backend);
+    std::fprintf(stderr, "%s backend: sgemm peak %.1f GFLOP/s (the MFU reference)\n", backend->Name(), peak / 1e9);
+  } else {
+    auto described = DescribeDevice(device);
+    StatusOr<std::unique_ptr<Backend>> made = described.status();
+    if (described.ok()) made = MakeBackendFor(device);
+    if (!made.ok()) {
+      std::fprintf(stderr, "sinkscope-train: %s\n", made.status().message().c_str());
+      return 2;
+    }
+    backend = std::move(*made);
+    peak = described->table_peak_flops > 0 ? described->table_peak_flops : MeasureGemmPeak(*backend);
+    std::fprintf(stderr, "%s backend on %s (%s): peak %.1f TFLOP/s (the MFU reference)\n", backend->Name(),
+                 described->name.c_str(), device.Name().c_str(), peak / 1e12);
+  }
   std::vector<RunSummary> runs;
   for (uint64_t seed : e->seeds()) {
     for (int a : e->arms()) {

@@ -59,7 +59,7 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   {
     const int T0 = job.seq == 0 ? shape.context : job.seq;
     const int M0 = job.micro_batch == 0 ? job.batch : std::min(job.micro_batch, job.batch);
-    const double keep_all = shape.ActivationBytes(M0, T0), available = AvailableMemoryBytes();
+    const double keep_all = shape.ActivationBytes(M0, T0), available = job.device_memory_bytes > 0 ? job.device_memory_bytes : AvailableMemoryBytes();
     result.recomputed = job.recompute == DiagnosticJob::Recompute::kOn ||
                         (job.recompute == DiagnosticJob::Recompute::kAuto && available > 0 &&
                          keep_all + 2.0 * shape.ParameterCount() > 0.8 * available);

@@ -32,6 +32,9 @@ struct DiagnosticJob {
   // Recompute each block's forward in the backward (ModelOptions::recompute_blocks):
   // kAuto does when one pass's activations would not fit the memory available now.
   enum class Recompute { kAuto, kOn, kOff } recompute = Recompute::kAuto;
+  // The memory kAuto plans against, bytes: a GPU's (the backend's device); 0: the host's
+  // MemAvailable now (the CPU backend).
+  double device_memory_bytes = 0;
 };
 
 struct DiagnosticResult {

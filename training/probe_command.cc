@@ -5,6 +5,7 @@
 #include <string>
 
 #include "base/flags.h"
+#include "training/devices.h"
 #include "training/diagnostic.h"
 #include "training/probe_json.h"
 
@@ -64,8 +65,16 @@ int RunProbeCommand(int argc, char** argv) {
                  "does when they would not fit the memory available")
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->default_val("auto");
+  std::string device_text = "cpu";
+  app.add_option("--device", device_text,
+                 "cpu, or cuda / cuda:N (a build with the CUDA backend, its fp32 mode); --recompute auto then plans "
+                 "against the GPU's memory")
+      ->type_name("cpu|cuda[:N]")
+      ->default_val("cpu");
   app.add_flag("--json", json, "write the full report as JSON to stdout");
   if (int exit = flags::Parse(app, argc, argv); exit >= 0) return exit;
+  auto device = ParseDevice(device_text);
+  if (!device.ok()) return fail("--device: " + device.status().message());
   st.reduce = reduce == "norm_then_mean" ? ReduceMode::kNormThenMean : ReduceMode::kSumThenNorm;
   const bool ref_span_set = ref_span->count() > 0, profile_set = profile->count() > 0;
   if (tokens_path.empty() == text_path.empty()) return fail("give exactly one of --tokens or --text");
@@ -86,7 +95,12 @@ int RunProbeCommand(int argc, char** argv) {
   job.recompute = recompute == "on"    ? DiagnosticJob::Recompute::kOn
                   : recompute == "off" ? DiagnosticJob::Recompute::kOff
                                        : DiagnosticJob::Recompute::kAuto;
-  auto backend = MakeCpuBackend();
+  auto described = DescribeDevice(*device);
+  if (!described.ok()) return fail(described.status().message());
+  job.device_memory_bytes = static_cast<double>(described->memory_bytes);
+  auto made = MakeBackendFor(*device);
+  if (!made.ok()) return fail(made.status().message());
+  std::unique_ptr<Backend> backend = std::move(*made);
   const auto start = std::chrono::steady_clock::now();
   auto result = RunDiagnosticJob(
       job, backend.get(), [&](const std::string& line) { std::fprintf(stderr, "%s: %s\n", name, line.c_str()); },

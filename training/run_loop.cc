@@ -198,7 +198,10 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     const bool probe_now = IsProbeStep(next, o.probe_every, o.total_steps);
     ProbeReport report;
     const StepStats s = probe_now ? trainer->ProbedStep(o.probe, o.probe_batch, &report) : trainer->Step();
-    if (!s.error.ok()) return fail(s.error);  // a device error or a failed collective
+    if (!s.error.ok()) {  // a device error or a failed collective
+      r.device_error = s.device_error;
+      return fail(s.error);
+    }
     if (!s.finite) {
       // No update was made: the trainer holds the state after the last good step, and
       // that is what is checkpointed (if the disk has an older one) for a look or a

@@ -81,6 +81,7 @@ struct RunResult {
   // reports nothing: the rank that was asked does).
   bool stopped_by_peer = false;
   Status error;                          // kError; kStopped/kNonFinite: a checkpoint that failed
+  bool device_error = false;             // kError: the backend's sticky device error (the device is unusable)
   int64_t step = 0;                      // the last completed step
   int64_t checkpoint_step = -1;          // the step of the checkpoint on disk; -1 for none
   StepStats failed_step;                 // kNonFinite: the step that was not finite

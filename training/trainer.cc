@@ -202,6 +202,7 @@ StepStats Trainer::Step(PassObserver* observer) {
   if (Status error = be.TakeError(); !error.ok()) {
     s.finite = false;
     s.error = error;
+    s.device_error = true;
   }
   if (s.finite) {
     state_.data_counter += A;

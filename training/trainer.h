@@ -52,6 +52,7 @@ struct StepStats {
   double mfu = 0;      // model FLOPs utilisation against options.peak_flops
   bool finite = true;  // false: NaN/Inf loss or gradient, or `error`; no update was made
   Status error;         // the backend's sticky error or a failed collective: the run cannot go on
+  bool device_error = false;  // `error` is the backend's (TakeError), not a collective's
 };
 
 // The cadence of a run, shared by every trainer front end. `step` is 1-based.

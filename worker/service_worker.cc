@@ -15,6 +15,11 @@
 #include "schema/experiment.h"
 #include "base/log.h"
 #include "engine/gloo/gloo_communicator.h"
+#ifdef SINKSCOPE_WITH_CUDA
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/nccl_communicator.h"
+#endif
+#include "training/devices.h"
 #include "training/diagnostic.h"
 #include "training/hf.h"
 #include "training/run_loop.h"
@@ -85,9 +90,12 @@ std::string DefaultWorkerId() {
 // ---- lifetime ----------------------------------------------------------------------
 
 StatusOr<std::unique_ptr<Worker>> Worker::Create(WorkerOptions options, Clock* clock) {
-  if (options.device != v1::CPU) {
-    return InvalidArgumentError("device " + v1::DeviceKind_Name(options.device) +
-                                ": this worker has only the CPU backend");
+  DeviceChoice device;
+  if (options.device == v1::CUDA) {
+    device.kind = DeviceChoice::kCuda;
+    device.index = options.device_index;
+  } else if (options.device != v1::CPU) {
+    return InvalidArgumentError("device " + v1::DeviceKind_Name(options.device) + ": expected CPU or CUDA");
   }
   RETURN_IF_ERROR(ValidateAddress(options.coordinator));
   if (options.worker_id.empty()) options.worker_id = DefaultWorkerId();
@@ -97,17 +105,30 @@ StatusOr<std::unique_ptr<Worker>> Worker::Create(WorkerOptions options, Clock* c
   if (options.default_heartbeat.count() <= 0) return InvalidArgumentError("default_heartbeat must be positive");
   if (options.max_buffered_progress == 0) return InvalidArgumentError("max_buffered_progress must be positive");
   if (clock == nullptr) clock = Clock::Real();
-  std::unique_ptr<Backend> backend = MakeCpuBackend();
-  const double peak = options.peak_flops.has_value() ? *options.peak_flops : MeasureGemmPeak(*backend);
-  return std::unique_ptr<Worker>(new Worker(std::move(options), clock, std::move(backend), peak));
+  auto described = DescribeDevice(device);
+  if (!described.ok()) return described.status();
+  auto backend = MakeBackendFor(device);
+  if (!backend.ok()) return backend.status();
+  // MFU's peak: the device table's where it knows the GPU (METRICS.md), else a GEMM rate
+  // measured once on this backend.
+  double peak = described->table_peak_flops;
+  if (options.peak_flops.has_value()) peak = *options.peak_flops;
+  if (peak <= 0) peak = MeasureGemmPeak(**backend);
+  if (Status s = (*backend)->TakeError(); !s.ok()) return Status(s.code(), "device " + device.Name() + ": " + s.message());
+  const std::string name = device.kind == DeviceChoice::kCpu ? "cpu" : described->name + " (" + device.Name() + ")";
+  const int64_t memory = device.kind == DeviceChoice::kCpu ? PhysicalMemoryBytes() : described->memory_bytes;
+  return std::unique_ptr<Worker>(
+      new Worker(std::move(options), clock, std::move(*backend), peak, name.substr(0, 128), memory));
 }
 
-Worker::Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops)
+Worker::Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops,
+               std::string device_name, int64_t memory_bytes)
     : options_(std::move(options)),
       clock_(clock),
       backend_(std::move(backend)),
       peak_flops_(peak_flops),
-      memory_bytes_(PhysicalMemoryBytes()),
+      device_name_(std::move(device_name)),
+      memory_bytes_(memory_bytes),
       heartbeat_interval_(options_.default_heartbeat),
       outbox_(options_.max_buffered_progress, options_.resend_after),
       rng_(options_.jitter_seed != 0 ? options_.jitter_seed : std::random_device{}()) {}
@@ -162,7 +183,7 @@ Status Worker::Run() {
        {"coordinator", options_.coordinator},
        {"tls", options_.credentials.mutual ? "mutual" : options_.credentials.tls ? "tls" : "off"},
        {"token", options_.bearer_token.empty() ? "none" : "set"},
-       {"device", "cpu"},
+       {"device", device_name_},
        {"peak_gflops", Fmt(peak_flops_ / 1e9, "%.1f")},
        {"memory_bytes", Str(memory_bytes_)}});
   std::chrono::milliseconds backoff = options_.initial_backoff;
@@ -409,8 +430,9 @@ v1::WorkerMessage Worker::MakeRegisterLocked() const {
   v1::Register* r = m.mutable_register_();
   r->set_worker_id(options_.worker_id);
   v1::Capabilities* c = r->mutable_capabilities();
-  c->set_device(v1::CPU);
+  c->set_device(options_.device);
   c->set_device_count(1);
+  c->set_device_name(device_name_);
   c->set_memory_bytes(memory_bytes_);
   c->set_version(kWorkerVersion);
   c->set_peak_flops(peak_flops_);
@@ -605,6 +627,12 @@ void Worker::TrainingLoop() {
     }
     std::lock_guard<std::mutex> lock(mu_);
     EndRunLocked(a, end);
+    if (end.kind == RunEnd::kFailed && end.reason == v1::DEVICE_ERROR) {
+      Log(LogLevel::kError, "device_error", {{"device", device_name_}, {"message", end.message}, {"action", "exit"}});
+      shutdown_status_ = InternalError("device error: " + end.message);
+      stopping_ = true;  // the failure above is flushed to the coordinator before Run returns
+      cv_.notify_all();
+    }
   }
 }
 
@@ -696,6 +724,7 @@ Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment
   const std::string& run = a.run_id();
   if (StopRequested(run)) return RunEnd{RunEnd::kCancelled, v1::FAILURE_REASON_UNSPECIFIED, "", 0};
   DiagnosticJob job;
+  if (options_.device == v1::CUDA) job.device_memory_bytes = static_cast<double>(memory_bytes_);
   job.checkpoint = g.model();
   job.tokens = g.tokens();
   job.text = g.text();
@@ -810,10 +839,10 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
        {"seed", std::to_string(a.seed())},
        {"steps", Str(e.train().steps())}});
 
-  if (e.resources().device() != v1::CPU) {
+  if (e.resources().device() != options_.device) {
     return failed(v1::UNSUPPORTED,
-                  "resources.device is " + v1::DeviceKind_Name(e.resources().device()) +
-                      "; this worker runs only the CPU backend",
+                  "resources.device is " + v1::DeviceKind_Name(e.resources().device()) + "; this worker trains on " +
+                      device_name_,
                   0);
   }
   const int W = std::max(1, a.world_size()), rank = a.rank();
@@ -941,7 +970,29 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   std::unique_ptr<Communicator> comm;
   const std::string who = "rank " + Str(rank) + " of " + Str(W);
   auto rank_lost = [&](const Status& st, int64_t step) { return failed(v1::RANK_LOST, who + ": " + st.message(), step); };
-  if (W > 1) {
+  if (W > 1 && options_.device == v1::CUDA) {
+#ifdef SINKSCOPE_WITH_CUDA
+    // CUDA ranks: NCCL on this worker's device, its collectives on the backend's stream
+    // (in order behind the backward that made the gradients); the id through the coordinator.
+    NcclOptions n;
+    n.rank = rank;
+    n.world_size = W;
+    n.device = options_.device_index;
+    n.stream = CudaStreamOf(*backend_);
+    n.timeout = options_.collective_timeout;
+    Log(LogLevel::kInfo, "rendezvous",
+        {{"run_id", run}, {"rank", Str(rank)}, {"world_size", Str(W)}, {"collectives", "nccl"}});
+    auto connected = ConnectNccl(n, std::make_shared<ServiceRendezvous>(this, run, a.attempt()));
+    if (!connected.ok()) {
+      if (StopRequested(run)) return RunEnd{RunEnd::kCancelled, v1::FAILURE_REASON_UNSPECIFIED, "", 0};
+      return rank_lost(connected.status(), 0);
+    }
+    comm = std::move(*connected);
+    o.trainer.comm = comm.get();
+#else
+    return failed(v1::UNSUPPORTED, "a CUDA gang needs NCCL, and this worker was built without CUDA", 0);
+#endif
+  } else if (W > 1) {
     GlooOptions g;
     g.rank = rank;
     g.world_size = W;
@@ -982,6 +1033,11 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       if (rank > 0) return quiet;  // rank 0's checkpoint failed: rank 0 gives the run back
       return RunEnd{RunEnd::kGiveBack, v1::FAILURE_REASON_UNSPECIFIED, r.error.message(), r.step, saved};
     case RunResult::kError:
+      if (r.device_error) {
+        // The device is unusable (a CUDA context survives no fault): the run fails with
+        // the reason and the worker ends with it, so that a supervisor restarts it.
+        return failed(v1::DEVICE_ERROR, device_name_ + ": " + r.error.message(), r.step);
+      }
       if (W > 1 && (r.error.code() == StatusCode::kDeadlineExceeded || r.error.code() == StatusCode::kUnavailable)) {
         if (StopRequested(run)) return quiet;  // the gang was stopped: its peers are gone
         return rank_lost(r.error, r.step);

@@ -49,8 +49,10 @@ struct WorkerOptions {
   std::string bearer_token;
   // Stable id; empty: DefaultWorkerId().
   std::string worker_id;
-  // Only CPU exists; anything else makes Create fail.
+  // The device the runs train on: the CPU, or CUDA device `device_index` (a build with
+  // the CUDA backend; Create fails naming why when there is none).
   v1::DeviceKind device = v1::CPU;
+  int device_index = 0;
   // Peak matmul rate for MFU, FLOP/s; unset: Create measures it once (MeasureGemmPeak).
   std::optional<double> peak_flops;
   // Reconnect back-off: starts at initial, doubles to max; each wait is 80-100% of it;
@@ -153,7 +155,8 @@ class Worker {
     int64_t checkpoint_step = 0;  // kCancelled/kShutdown: the step of the checkpoint on disk, 0 for none
   };
 
-  Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops);
+  Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops,
+         std::string device_name, int64_t memory_bytes);
 
   // --- connection (Run's thread is the only writer) ---
   // One stream's lifetime; returns whether a Registered arrived on it. `failures`:
@@ -198,6 +201,7 @@ class Worker {
   Clock* const clock_;
   const std::unique_ptr<Backend> backend_;
   const double peak_flops_;
+  const std::string device_name_;  // "cpu" or "NVIDIA H200 (cuda:0)"
   const int64_t memory_bytes_;
 
   std::mutex mu_;

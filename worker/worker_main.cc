@@ -17,6 +17,7 @@
 #include "base/log.h"
 #include "base/flags.h"
 #include "base/numbers.h"
+#include "training/devices.h"
 #include "worker/service_worker.h"
 
 namespace sinkscope {
@@ -67,7 +68,12 @@ int Main(int argc, char** argv) {
       ->envname("SINKSCOPE_WORKER_ID")
       ->check(flags::NonEmpty())
       ->type_name("ID");
-  app.add_option("--device", device, "the backend to train on; only cpu exists")->default_val("cpu");
+  app.add_option("--device", device,
+                 "what the runs train on: cpu, or cuda / cuda:N (GPU N, in a build with the CUDA backend); the "
+                 "coordinator gives this worker only runs of that resources.device")
+      ->envname("SINKSCOPE_DEVICE")
+      ->type_name("cpu|cuda[:N]")
+      ->default_val("cpu");
   app.add_flag("--verbose", verbose, "log info events (default: warnings and errors only)");
   auto* tls_group = app.add_option_group("security", "TLS and the worker token (docs/security.md)");
   tls_group->add_flag("--tls", tls.tls, "connect over TLS, verifying the coordinator against the system CAs");
@@ -117,14 +123,13 @@ int Main(int argc, char** argv) {
   options.fault_stall_after_step = stall_after;
   options.fault_step_delay = std::chrono::milliseconds(step_delay_ms);
   options.resend_after = std::chrono::milliseconds(static_cast<int64_t>(resend_seconds * 1000));
-  if (device != "cpu") {
-    std::fprintf(stderr,
-                 "sinkscope-worker: --device %s: unsupported device; this build trains only on the CPU "
-                 "(--device cpu)\n",
-                 device.c_str());
+  auto chosen = ParseDevice(device);
+  if (!chosen.ok()) {
+    std::fprintf(stderr, "sinkscope-worker: --device: %s\n", chosen.status().message().c_str());
     return 2;
   }
-  options.device = v1::CPU;
+  options.device = chosen->kind == DeviceChoice::kCuda ? v1::CUDA : v1::CPU;
+  options.device_index = chosen->index;
   MinLogLevel() = verbose ? LogLevel::kInfo : LogLevel::kWarning;
   // Messages name the files and variables, never what they hold.
   auto credentials = LoadClientCredentials(tls);

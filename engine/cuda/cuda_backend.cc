@@ -38,6 +38,8 @@ constexpr size_t kMaxTables = 1024;
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {}
+  cudaStream_t stream() const { return stream_; }
+  int device() const { return device_; }
   ~CudaBackend() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
@@ -487,6 +489,11 @@ StatusOr<CudaDeviceInfo> DescribeCudaDevice(int index) {
   info.compute_minor = prop.minor;
   info.multiprocessors = prop.multiProcessorCount;
   return info;
+}
+
+void* CudaStreamOf(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  return cuda != nullptr ? static_cast<void*>(cuda->stream()) : nullptr;
 }
 
 StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index) {

@@ -29,5 +29,8 @@ StatusOr<CudaDeviceInfo> DescribeCudaDevice(int index);
 // A backend on device `index` (its own stream, cuBLASLt handle and workspace), or an
 // error naming what is missing (no driver, no such device, out of memory).
 StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index = 0);
+// The cudaStream_t a backend made by MakeCudaBackend queues its work on (so NCCL's
+// collectives run in order behind it), or null for any other backend.
+void* CudaStreamOf(Backend& backend);
 
 }  // namespace sinkscope

@@ -451,11 +451,16 @@ class KustomizeTest(unittest.TestCase):
         self.assertIn("sinkscope-coordinator", by_kind.get("ServiceMonitor", {}))
         # GPU requests where GPUs are meant, none on the CPU development cluster.
         gpu = worker["resources"].get("limits", {}).get("nvidia.com/gpu")
+        device_cm = next(e["valueFrom"]["configMapKeyRef"]["name"] for e in worker["env"]
+                         if e["name"] == "SINKSCOPE_DEVICE")
+        config = configmaps[device_cm]
         if overlay == "gpu":
+            self.assertEqual(config["data"]["SINKSCOPE_DEVICE"], "cuda")  # the worker's --device
             self.assertEqual(str(gpu), "1")
             self.assertEqual(str(worker["resources"]["requests"]["nvidia.com/gpu"]), "1")
             self.assertTrue(worker["image"].startswith("ghcr.io/sinkscope/worker-cuda:"))
         else:
+            self.assertEqual(config["data"]["SINKSCOPE_DEVICE"], "cpu")
             self.assertIsNone(gpu)
             self.assertNotIn("nvidia.com/gpu", worker["resources"].get("requests", {}))
             self.assertTrue(worker["image"].startswith("ghcr.io/sinkscope/worker-cpu:"))

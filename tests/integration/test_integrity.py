@@ -23,7 +23,7 @@ class HandWrittenWorker:
     """One WorkerService.Session stream driven by the test: send() any WorkerMessage, and
     collect the CoordinatorMessages that come back."""
 
-    def __init__(self, address, worker_id, memory_bytes=0):
+    def __init__(self, address, worker_id, memory_bytes=0, device="CPU", device_name=""):
         self.pb = harness.python_stubs()
         self.channel = grpc.insecure_channel(address)
         self.outgoing = queue.Queue()
@@ -38,7 +38,8 @@ class HandWrittenWorker:
         reg = self.pb.WorkerMessage()
         reg.register.worker_id = worker_id
         from sinkscope.v1 import experiment_pb2
-        reg.register.capabilities.device = experiment_pb2.CPU
+        reg.register.capabilities.device = experiment_pb2.DeviceKind.Value(device)
+        reg.register.capabilities.device_name = device_name
         reg.register.capabilities.device_count = 1
         reg.register.capabilities.memory_bytes = memory_bytes
         self.send(reg)
@@ -254,7 +255,33 @@ class IntegrityTest(unittest.TestCase):
         wait_for(lambda: field(self.run_of(eid), "message") == "waiting: no CUDA worker is connected", 30,
                  "the waiting reason")
         self.assertIn("waiting: no CUDA worker is connected", c.cli("status", eid).stdout)
+        # A CPU worker does not take it; a worker that registers as CUDA does, at once.
+        from sinkscope.v1 import experiment_pb2
+        cpu = c.start_worker("worker-cpu-only")
+        time.sleep(2)
+        self.assertEqual(field(self.run_of(eid), "message"), "waiting: no CUDA worker is connected")
+        gpu = HandWrittenWorker(c.address, "gpu-worker", device="CUDA", device_name="NVIDIA H200 (cuda:0)")
+        try:
+            wait_for(lambda: any(m.HasField("assignment") for m in gpu.messages()), 30, "the CUDA run's assignment")
+            a = next(m.assignment for m in gpu.messages() if m.HasField("assignment"))
+            self.assertEqual(a.run_id, f"{eid}-baseline-s0")
+            self.assertEqual(a.experiment.resources.device, experiment_pb2.CUDA)
+        finally:
+            gpu.close()
+        cpu.stop()
         c.cli("cancel", eid)
+        # --device: a GPU that is not there, or a device that does not exist, ends the worker
+        # at start (status 2) naming it; nothing registers.
+        import subprocess
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is None and not os.path.exists("/dev/nvidia0"):
+            r = subprocess.run([harness.binary("sinkscope-worker"), "--coordinator", c.address, "--device", "cuda:0"],
+                               capture_output=True, text=True, timeout=60)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn("cuda:0", r.stderr)
+        r = subprocess.run([harness.binary("sinkscope-worker"), "--coordinator", c.address, "--device", "tpu"],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn('device "tpu": expected cpu, cuda or cuda:N', r.stderr)
 
     def test_4_a_store_that_fails_and_recovers_loses_nothing_and_shows_only_what_it_holds(self):
         # A cluster of its own: its coordinator's store takes no writes while a flag file exists.

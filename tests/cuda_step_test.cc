@@ -1,0 +1,212 @@
+// The CUDA backend's fp32 mode against the CPU reference backend on whole passes: one
+// training step (the loss, every parameter's gradient, θ's included) for each arm, every
+// probe of a probed step, and a 50-step loss curve with AdamW. Every test skips, saying
+// why, where no CUDA device is visible (scripts/gpu/run.sh runs them on a GPU machine).
+//
+// Tolerances (fp32 both sides, different summation orders, no TF32): loss 1e-5 relative;
+// a gradient tensor 2e-4 normalised error (max |Δ| / max |cpu|); a probe quantity 1e-4
+// relative (or 1e-6 absolute near 0); the loss curve 1e-5 at step 1, 2e-3 by step 50 (an
+// fp32 trajectory drifts with the step count).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/model.h"
+#include "engine/optimizer.h"
+#include "engine/probes.h"
+
+namespace sinkscope {
+namespace {
+
+std::unique_ptr<Backend> CudaOrSkipReason(std::string* why) {
+  if (CudaDeviceCount() == 0) {
+    *why = "no CUDA device is visible to this process (run on a GPU machine: scripts/gpu/run.sh)";
+    return nullptr;
+  }
+  auto b = MakeCudaBackend(0);
+  if (!b.ok()) {
+    *why = b.status().message();
+    return nullptr;
+  }
+  return std::move(*b);
+}
+
+#define CUDA_OR_SKIP(var)                              \
+  std::string why_##var;                               \
+  auto var = CudaOrSkipReason(&why_##var);             \
+  if (var == nullptr) GTEST_SKIP() << why_##var;
+
+ModelConfig SmallConfig(VScaleMode mode) {
+  ModelConfig c;
+  c.layers = 2;
+  c.d_model = 32;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn = 64;
+  c.vocab = 61;
+  c.context = 32;
+  c.vscale = mode;
+  return c;
+}
+
+void Batch(int B, int T, int V, int salt, std::vector<int32_t>* tokens, std::vector<int32_t>* targets) {
+  tokens->resize(static_cast<size_t>(B) * T);
+  targets->resize(tokens->size());
+  for (int i = 0; i < B * T; ++i) {
+    (*tokens)[i] = (i * 7 + i / 5 + salt) % V;
+    (*targets)[i] = (i * 11 + i / 3 + 2 * salt + 1) % V;
+  }
+}
+
+double NormError(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, scale = 1e-3;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
+    scale = std::max(scale, std::abs(static_cast<double>(want[i])));
+  }
+  return err / scale;
+}
+
+const char* ArmName(VScaleMode m) {
+  return m == VScaleMode::kNone ? "baseline" : m == VScaleMode::kVScale ? "vscale" : "backward_only";
+}
+
+TEST(CudaStep, OneStepLossAndEveryGradientMatchTheCpu) {
+  CUDA_OR_SKIP(gpu);
+  auto cpu = MakeCpuBackend();
+  for (VScaleMode mode : {VScaleMode::kNone, VScaleMode::kVScale, VScaleMode::kBackwardOnly}) {
+    const ModelConfig c = SmallConfig(mode);
+    auto a = Model::Create(c, cpu.get()), b = Model::Create(c, gpu.get());
+    ASSERT_TRUE(a.ok()) << a.status().message();
+    ASSERT_TRUE(b.ok()) << b.status().message();
+    (*a)->InitWeights(11);
+    (*b)->InitWeights(11);
+    ASSERT_EQ((*a)->ParamsToHost(), (*b)->ParamsToHost()) << "the same initial weights on both backends";
+    const int B = 3, T = 32;
+    std::vector<int32_t> tokens, targets;
+    Batch(B, T, c.vocab, 0, &tokens, &targets);
+    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+    ASSERT_TRUE(gpu->TakeError().ok());
+    EXPECT_NEAR(lb, la, 1e-5 * la) << ArmName(mode);
+    const std::vector<float> ga = (*a)->GradsToHost(), gb = (*b)->GradsToHost();
+    for (const ParamTensor& t : (*a)->tensors()) {
+      const std::vector<float> wa(ga.begin() + t.offset, ga.begin() + t.offset + t.size),
+          wb(gb.begin() + t.offset, gb.begin() + t.offset + t.size);
+      EXPECT_LE(NormError(wb, wa), 2e-4) << ArmName(mode) << " " << t.name;
+    }
+  }
+}
+
+// Every number of a probe report, flattened with its name.
+std::map<std::string, double> Flatten(const ProbeReport& r) {
+  std::map<std::string, double> out;
+  auto vec = [&](const std::string& name, const std::vector<double>& v) {
+    for (size_t i = 0; i < v.size(); ++i) out[name + "[" + std::to_string(i) + "]"] = v[i];
+  };
+  out["r_gs_median"] = r.r_gs_median;
+  for (const LayerProbe& l : r.layers) {
+    const std::string p = "layer" + std::to_string(l.layer) + ".";
+    out[p + "r_gs"] = l.r_gs;
+    out[p + "r_gs_norm_then_mean"] = l.r_gs_norm_then_mean;
+    for (const auto& [site, v] : l.grad_profile) vec(p + "grad." + site, v);
+    for (const auto& [name, v] : l.norms) vec(p + "norm." + name, v);
+    for (const auto& [name, v] : l.norm_ratio) out[p + "norm_ratio." + name] = v;
+    vec(p + "attn_bloat", l.attn_bloat);
+    vec(p + "attn_change", l.attn_change);
+    vec(p + "attn_compress", l.attn_compress);
+    vec(p + "mlp_bloat", l.mlp_bloat);
+    vec(p + "mlp_change", l.mlp_change);
+    vec(p + "mlp_compress", l.mlp_compress);
+    vec(p + "alpha", l.alpha);
+    vec(p + "column_mass", l.column_mass);
+    vec(p + "column_second_moment", l.column_second_moment);
+    vec(p + "per_sample_sink_fraction", l.per_sample_sink_fraction);
+    out[p + "sink_rate"] = l.sink_rate;
+    for (size_t i = 0; i < 3; ++i) out[p + "massive.top" + std::to_string(i + 1)] = l.massive.top3[i];
+    out[p + "massive.median"] = l.massive.median;
+    // Discrete: the same (sequence, token, channel) must hold the largest |h_out|.
+    out[p + "massive.top1_sequence"] = static_cast<double>(l.massive.top1_sequence);
+    out[p + "massive.top1_token"] = l.massive.top1_token;
+    out[p + "massive.top1_channel"] = l.massive.top1_channel;
+    vec(p + "theta", l.theta);
+  }
+  return out;
+}
+
+TEST(CudaStep, EveryProbeOfAProbedStepMatchesTheCpu) {
+  CUDA_OR_SKIP(gpu);
+  auto cpu = MakeCpuBackend();
+  const ModelConfig c = SmallConfig(VScaleMode::kVScale);
+  auto a = Model::Create(c, cpu.get()), b = Model::Create(c, gpu.get());
+  ASSERT_TRUE(a.ok() && b.ok());
+  (*a)->InitWeights(5);
+  (*b)->InitWeights(5);
+  const int B = 4, T = 32;
+  std::vector<int32_t> tokens, targets;
+  Batch(B, T, c.vocab, 3, &tokens, &targets);
+  ProbeSettings settings;
+  settings.profile_len = 16;
+  settings.ref_span = 15;
+  settings.t_eps = 16;
+  for (int s : {0, 2}) {
+    settings.sink_position = s;
+    ProbeCollector pa(**a, settings, T), pb(**b, settings, T);
+    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pa);
+    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pb);
+    ASSERT_TRUE(gpu->TakeError().ok());
+    const auto fa = Flatten(pa.Finish(1, la)), fb = Flatten(pb.Finish(1, lb));
+    ASSERT_EQ(fa.size(), fb.size());
+    for (const auto& [name, want] : fa) {
+      const double got = fb.at(name);
+      EXPECT_TRUE(std::isfinite(got)) << name;
+      EXPECT_NEAR(got, want, std::max(1e-4 * std::abs(want), 1e-6)) << "s=" << s << " " << name;
+    }
+  }
+}
+
+TEST(CudaStep, AFiftyStepLossCurveFollowsTheCpu) {
+  CUDA_OR_SKIP(gpu);
+  auto cpu = MakeCpuBackend();
+  const ModelConfig c = SmallConfig(VScaleMode::kVScale);
+  auto a = Model::Create(c, cpu.get()), b = Model::Create(c, gpu.get());
+  ASSERT_TRUE(a.ok() && b.ok());
+  (*a)->InitWeights(8);
+  (*b)->InitWeights(8);
+  OptimizerConfig o;
+  o.lr = 3e-3;
+  o.warmup_steps = 5;
+  o.total_steps = 50;
+  const int B = 4, T = 32;
+  double first_a = 0, last_a = 0;
+  for (int step = 1; step <= 50; ++step) {
+    std::vector<int32_t> tokens, targets;
+    Batch(B, T, c.vocab, step, &tokens, &targets);
+    double l[2];
+    for (int i = 0; i < 2; ++i) {
+      Model& m = i == 0 ? **a : **b;
+      m.ZeroGrad();
+      l[i] = m.ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+      AdamWStep(m, o, step - 1);  // 0-based step
+    }
+    ASSERT_TRUE(gpu->TakeError().ok()) << "step " << step;
+    const double tol = step == 1 ? 1e-5 : 1e-5 + 2e-3 * step / 50.0;
+    EXPECT_NEAR(l[1], l[0], tol * l[0]) << "step " << step;
+    if (step == 1) first_a = l[0];
+    last_a = l[0];
+  }
+  EXPECT_LT(last_a, 0.9 * first_a) << "the curve is a training curve";
+  EXPECT_LE(NormError((*b)->ParamsToHost(), (*a)->ParamsToHost()), 5e-3);
+}
+
+}  // namespace
+}  // namespace sinkscope
