@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -373,9 +374,18 @@ TEST_F(HfTest, ShardedFolderLoadsTheSameWeights) {
 // their Hugging Face names: mean token cross-entropy of one sequence.
 // x̃ (the attention input) of one layer, token and channel moved by `delta`, for finite
 // differences of the loss at x̃.
+// Where: x̃ (the attention input), h_in (the residual stream entering the block; layer L
+// is the stream entering the final norm, i.e. the last block's h_out), h_half (after the
+// attention residual add), x̃_mlp (the MLP input).
 struct Nudge {
   int layer = -1, token = 0, channel = 0;
   double delta = 0;
+  enum Where { kXn, kHIn, kHHalf, kXm } where = kXn;
+};
+
+// One layer's forward activations of the last Loss call, [token][channel].
+struct ReferenceActs {
+  std::vector<std::vector<double>> h_in, h_half, h_out, r_attn, r_mlp, v;
 };
 
 class ReferenceDecoder {
@@ -384,6 +394,8 @@ class ReferenceDecoder {
 
   // The attention weights of the last Loss call: [layer][head][t · T + u].
   mutable std::vector<std::vector<std::vector<double>>> attention;
+  // Its activations per layer.
+  mutable std::vector<ReferenceActs> acts;
 
   double Loss(const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets) const {
     return Loss(tokens, targets, Nudge{});
@@ -393,14 +405,25 @@ class ReferenceDecoder {
     const RotaryFrequencies rope = c_.Rotary();
     std::vector<std::vector<double>> h(T);
     for (int t = 0; t < T; ++t) h[t] = Row("model.embed_tokens.weight", tokens[t]);
+    acts.assign(c_.layers, ReferenceActs{});
+    auto nudged = [&](Nudge::Where w, int l, int t) { return nudge.where == w && nudge.layer == l && nudge.token == t; };
     for (int l = 0; l < c_.layers; ++l) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
+      for (int t = 0; t < T; ++t) {
+        if (nudged(Nudge::kHIn, l, t)) h[t][nudge.channel] += nudge.delta;
+      }
+      ReferenceActs& ra = acts[l];
+      ra.h_in = h;
+      ra.h_half.resize(T);
+      ra.h_out.resize(T);
+      ra.r_attn.resize(T);
+      ra.r_mlp.resize(T);
       std::vector<std::vector<double>> q(T), k(T), v(T);
       attention.resize(c_.layers);
       attention[l].assign(H, std::vector<double>(static_cast<size_t>(T) * T, 0.0));
       for (int t = 0; t < T; ++t) {
         std::vector<double> x = Norm(h[t], Vec(p + "input_layernorm.weight"));
-        if (nudge.layer == l && nudge.token == t) x[nudge.channel] += nudge.delta;
+        if (nudged(Nudge::kXn, l, t)) x[nudge.channel] += nudge.delta;
         q[t] = Linear(p + "self_attn.q_proj", x, c_.attention_bias);
         k[t] = Linear(p + "self_attn.k_proj", x, c_.attention_bias);
         v[t] = Linear(p + "self_attn.v_proj", x, c_.attention_bias);
@@ -440,12 +463,22 @@ class ReferenceDecoder {
         }
         const std::vector<double> o = Linear(p + "self_attn.o_proj", y, false);
         for (int i = 0; i < d; ++i) h[t][i] += o[i];
-        const std::vector<double> x2 = Norm(h[t], Vec(p + "post_attention_layernorm.weight"));
+        if (nudged(Nudge::kHHalf, l, t)) h[t][nudge.channel] += nudge.delta;
+        std::vector<double> x2 = Norm(h[t], Vec(p + "post_attention_layernorm.weight"));
+        if (nudged(Nudge::kXm, l, t)) x2[nudge.channel] += nudge.delta;
         std::vector<double> gate = Linear(p + "mlp.gate_proj", x2, false), up = Linear(p + "mlp.up_proj", x2, false);
         for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1 + std::exp(-gate[i])) * up[i];
         const std::vector<double> mlp = Linear(p + "mlp.down_proj", gate, false);
+        ra.r_attn[t] = o;
+        ra.h_half[t] = h[t];
+        ra.r_mlp[t] = mlp;
         for (int i = 0; i < d; ++i) h[t][i] += mlp[i];
+        ra.h_out[t] = h[t];
       }
+      ra.v = v;
+    }
+    for (int t = 0; t < T; ++t) {
+      if (nudged(Nudge::kHIn, c_.layers, t)) h[t][nudge.channel] += nudge.delta;
     }
     double loss = 0;
     const std::string head = c_.tied_embeddings ? "model.embed_tokens" : "lm_head";
@@ -501,6 +534,123 @@ struct ArchitectureCase {
   nlohmann::json overrides;
   bool attention_bias, qk_norm;
 };
+
+// Every METRICS.md quantity of a one-sequence probe report against the float64
+// reference (the quantities N_t at x̃, R_GS and α_0 are checked by the callers):
+// gradient profiles at h_in, h_half, x̃_mlp and h_out and the reshaping ratios of eq. (4)
+// from central differences of the reference's loss at those sites; the token-wise norms
+// of h_in, h_half, h_out, r_attn, r_mlp, v, v̂ and their token-0 ratios; M_0, S_0, the
+// sink rates; the massive activations of h_out. ≤ 1e-4 relative (1e-8 absolute near 0).
+void ExpectEveryProbeMatches(const std::string& name, const ModelConfig& c, const ReferenceDecoder& ref,
+                             const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets,
+                             const ProbeSettings& st, const ProbeReport& report) {
+  const int T = static_cast<int>(tokens.size()), d = c.d_model, P = st.profile_len;
+  ref.Loss(tokens, targets);
+  const auto attention = ref.attention;
+  const auto acts = ref.acts;
+  auto near = [](double got, double want) { return std::abs(got - want) <= 1e-4 * std::abs(want) + 1e-8; };
+  auto norm = [](const std::vector<double>& x) {
+    double s = 0;
+    for (double v : x) s += v * v;
+    return std::sqrt(s);
+  };
+  // ∂L/∂(site) [token][channel] by central differences.
+  auto grad = [&](int l, Nudge::Where where) {
+    std::vector<std::vector<double>> g(T, std::vector<double>(d));
+    for (int t = 0; t < T; ++t) {
+      for (int i = 0; i < d; ++i) {
+        const double h = 1e-5;
+        const double up = ref.Loss(tokens, targets, Nudge{l, t, i, h, where});
+        const double down = ref.Loss(tokens, targets, Nudge{l, t, i, -h, where});
+        g[t][i] = (up - down) / (2 * h);
+      }
+    }
+    return g;
+  };
+  std::vector<std::vector<double>> g_in_next = grad(0, Nudge::kHIn);
+  for (int l = 0; l < c.layers; ++l) {
+    const LayerProbe& lp = report.layers[l];
+    const std::string at = name + " layer " + std::to_string(l) + " ";
+    const auto g_in = g_in_next, g_xn = grad(l, Nudge::kXn), g_half = grad(l, Nudge::kHHalf),
+               g_xm = grad(l, Nudge::kXm);
+    g_in_next = grad(l + 1, Nudge::kHIn);  // ∂L/∂h_out of this layer
+    const auto& g_out = g_in_next;
+    for (int t = 0; t < P; ++t) {
+      const std::string tt = "t=" + std::to_string(t);
+      std::vector<double> attn_g3(d), mlp_g3(d);
+      for (int i = 0; i < d; ++i) {
+        attn_g3[i] = g_in[t][i] - g_half[t][i];
+        mlp_g3[i] = g_half[t][i] - g_out[t][i];
+      }
+      const std::pair<const char*, double> sites[] = {
+          {"h_in", norm(g_in[t])}, {"h_half", norm(g_half[t])}, {"xm", norm(g_xm[t])}, {"h_out", norm(g_out[t])}};
+      for (const auto& [site, want] : sites) {
+        EXPECT_PRED2(near, lp.grad_profile.at(site)[t], want) << at << "N_t at " << site << " " << tt;
+      }
+      EXPECT_PRED2(near, lp.attn_bloat[t], norm(g_xn[t]) / norm(g_half[t])) << at << "attention Bloat " << tt;
+      EXPECT_PRED2(near, lp.attn_change[t], norm(g_in[t]) / norm(g_half[t])) << at << "attention Change " << tt;
+      EXPECT_PRED2(near, lp.attn_compress[t], norm(attn_g3) / norm(g_xn[t])) << at << "attention Compress " << tt;
+      EXPECT_PRED2(near, lp.mlp_bloat[t], norm(g_xm[t]) / norm(g_out[t])) << at << "MLP Bloat " << tt;
+      EXPECT_PRED2(near, lp.mlp_change[t], norm(g_half[t]) / norm(g_out[t])) << at << "MLP Change " << tt;
+      EXPECT_PRED2(near, lp.mlp_compress[t], norm(mlp_g3) / norm(g_xm[t])) << at << "MLP Compress " << tt;
+    }
+    // Forward norms and their token-0 ratios (tokens 1…15 other than s = 0).
+    const ReferenceActs& ra = acts[l];
+    auto kv_mean = [&](const std::vector<double>& v) {
+      double s = 0;
+      for (int g = 0; g < c.kv_heads; ++g) {
+        s += norm(std::vector<double>(v.begin() + g * c.head_dim, v.begin() + (g + 1) * c.head_dim));
+      }
+      return s / c.kv_heads;
+    };
+    const std::pair<const char*, const std::vector<std::vector<double>>*> fwd[] = {
+        {"h_in", &ra.h_in}, {"h_half", &ra.h_half}, {"h_out", &ra.h_out}, {"r_attn", &ra.r_attn},
+        {"r_mlp", &ra.r_mlp}, {"v", &ra.v}, {"vh", &ra.v}};  // baseline: v̂ = v
+    for (const auto& [key, rows] : fwd) {
+      std::vector<double> want(P);
+      for (int t = 0; t < P; ++t) {
+        want[t] = std::string(key) == "v" || std::string(key) == "vh" ? kv_mean((*rows)[t]) : norm((*rows)[t]);
+        EXPECT_PRED2(near, lp.norms.at(key)[t], want[t]) << at << "‖" << key << "‖ t=" << t;
+      }
+      double rest = 0;
+      const int last = std::min(15, P - 1);
+      for (int t = 1; t <= last; ++t) rest += want[t];
+      EXPECT_PRED2(near, lp.norm_ratio.at(key), want[0] / (rest / last)) << at << key << " token-0 ratio";
+    }
+    // Column 0 of every head: mass, second moment, sink rates (α_0 > ε).
+    int sinks = 0;
+    for (int h = 0; h < c.heads; ++h) {
+      double mass = 0, sq = 0, alpha = 0;
+      for (int t = 0; t < T; ++t) {
+        const double a = attention[l][h][static_cast<size_t>(t) * T];
+        mass += a;
+        sq += a * a;
+        if (t < std::min(st.t_eps, T)) alpha += a / std::min(st.t_eps, T);
+      }
+      EXPECT_PRED2(near, lp.column_mass[h], mass) << at << "M_0 head " << h;
+      EXPECT_PRED2(near, lp.column_second_moment[h], sq) << at << "S_0 head " << h;
+      EXPECT_EQ(lp.per_sample_sink_fraction[h], alpha > st.eps ? 1.0 : 0.0) << at << "head " << h;
+      sinks += alpha > st.eps;
+    }
+    EXPECT_DOUBLE_EQ(lp.sink_rate, static_cast<double>(sinks) / c.heads) << at << "sink rate";
+    EXPECT_DOUBLE_EQ(lp.sink_rate_per_sample, static_cast<double>(sinks) / c.heads) << at << "per-sample sink rate";
+    // Massive activations: |h_out| over (t, channel): top 3, top-1's place, lower median.
+    std::vector<std::tuple<double, int, int>> all;
+    for (int t = 0; t < T; ++t) {
+      for (int i = 0; i < d; ++i) all.emplace_back(std::abs(ra.h_out[t][i]), t, i);
+    }
+    std::sort(all.begin(), all.end(), [](const auto& x, const auto& y) { return std::get<0>(x) > std::get<0>(y); });
+    for (int k = 0; k < 3; ++k) EXPECT_PRED2(near, lp.massive.top3[k], std::get<0>(all[k])) << at << "top-" << k + 1;
+    EXPECT_EQ(lp.massive.top1_token, std::get<1>(all[0])) << at;
+    EXPECT_EQ(lp.massive.top1_channel, std::get<2>(all[0])) << at;
+    std::vector<double> values;
+    for (const auto& e : all) values.push_back(std::get<0>(e));
+    std::sort(values.begin(), values.end());
+    const double median = values[(values.size() - 1) / 2];
+    EXPECT_PRED2(near, lp.massive.median, median) << at << "median |h_out|";
+    EXPECT_PRED2(near, lp.massive.top1_over_median, std::get<0>(all[0]) / median) << at << "top-1 / median";
+  }
+}
 
 class ArchitectureTest : public HfTest, public ::testing::WithParamInterface<ArchitectureCase> {};
 
@@ -586,6 +736,7 @@ TEST_P(ArchitectureTest, ReadsLoadsAndMatchesTheFloat64Reference) {
       EXPECT_NEAR(report->layers[l].alpha[h], alpha, 1e-5) << a.name << " layer " << l << " head " << h;
     }
   }
+  ExpectEveryProbeMatches(a.name, *c, ref, tokens, targets, st, *report);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -745,7 +896,7 @@ TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
       std::vector<std::vector<double>> q(T), k(T), v(T);
       for (int t = 0; t < T; ++t) {
         auto x = norm(h[t], vec(p + "input_layernorm.weight"));
-        if (nudge.layer == l && nudge.token == t) x[nudge.channel] += nudge.delta;
+        if (nudge.where == Nudge::kXn && nudge.layer == l && nudge.token == t) x[nudge.channel] += nudge.delta;
         q[t] = linear(p + "self_attn.q_proj", x, true);
         k[t] = linear(p + "self_attn.k_proj", x, true);
         v[t] = linear(p + "self_attn.v_proj", x, true);
