@@ -58,3 +58,4 @@ for model, rs in by_model.items():
     for mode, t in torch.items():
         print(f"   torch {mode:<8} {t['tokens_per_second']:>10.0f} tok/s  MFU {100 * t['mfu']:5.2f}%  ({t['torch']})")
 PY
+! grep -q '"error"' "$jsonl"  # a measurement that failed fails the benchmark

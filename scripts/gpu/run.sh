@@ -40,6 +40,8 @@ check() {  # check NAME SECONDS COMMAND...
   local rc=$?
   local verdict=ok
   if (( rc == 124 )); then verdict="TIMEOUT after ${limit}s"; elif (( rc != 0 )); then verdict="FAILED rc=$rc"; fi
+  # On the GPU machine a test that skips for want of a device is a failure of the setup.
+  if [[ $verdict == ok ]] && grep -qiE "no CUDA device" "$OUT/$name.log"; then verdict="NO DEVICE SEEN"; fi
   local skipped
   skipped="$(grep -c '\[  SKIPPED \]' "$OUT/$name.log" 2>/dev/null)"
   printf '%-16s %-22s %4ds  %s\n' "$name" "$verdict" $((SECONDS - start)) \
@@ -58,4 +60,4 @@ else
 fi
 check bench 300 bash "$root/scripts/bench/gpu.sh" --bundle "$b" --out "$OUT"
 echo "logs: $OUT"
-! grep -qE 'FAILED|TIMEOUT' "$summary"
+! grep -qE 'FAILED|TIMEOUT|NO DEVICE' "$summary"
