@@ -76,7 +76,7 @@ TEST(NcclTest, WithoutAGpuRankZeroSaysSoAndPublishesNothing) {
 }
 
 TEST(NcclTest, OneRankOnAGpuSumsOnTheDevice) {
-  if (Devices() == 0) GTEST_SKIP() << "no GPU here";
+  if (Devices() == 0) GTEST_SKIP() << "no CUDA device here (cudaGetDeviceCount reports none): GPU-only test";
   auto rendezvous = std::make_shared<MemoryRendezvous>();
   NcclOptions o;
   o.timeout = std::chrono::seconds(60);
