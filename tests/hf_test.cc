@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <map>
 #include <random>
@@ -541,13 +542,13 @@ struct ArchitectureCase {
 // from central differences of the reference's loss at those sites; the token-wise norms
 // of h_in, h_half, h_out, r_attn, r_mlp, v, v̂ and their token-0 ratios; M_0, S_0, the
 // sink rates; the massive activations of h_out. ≤ 1e-4 relative (1e-8 absolute near 0).
-void ExpectEveryProbeMatches(const std::string& name, const ModelConfig& c, const ReferenceDecoder& ref,
-                             const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets,
+// `loss` is the reference's loss with a nudge; `attention` [layer][head][t·T+u] and `acts`
+// are those of its pass without one.
+using ReferenceAttention = std::vector<std::vector<std::vector<double>>>;
+void ExpectEveryProbeMatches(const std::string& name, const ModelConfig& c, const std::function<double(Nudge)>& loss,
+                             const ReferenceAttention& attention, const std::vector<ReferenceActs>& acts, int T,
                              const ProbeSettings& st, const ProbeReport& report) {
-  const int T = static_cast<int>(tokens.size()), d = c.d_model, P = st.profile_len;
-  ref.Loss(tokens, targets);
-  const auto attention = ref.attention;
-  const auto acts = ref.acts;
+  const int d = c.d_model, P = st.profile_len;
   auto near = [](double got, double want) { return std::abs(got - want) <= 1e-4 * std::abs(want) + 1e-8; };
   auto norm = [](const std::vector<double>& x) {
     double s = 0;
@@ -560,8 +561,8 @@ void ExpectEveryProbeMatches(const std::string& name, const ModelConfig& c, cons
     for (int t = 0; t < T; ++t) {
       for (int i = 0; i < d; ++i) {
         const double h = 1e-5;
-        const double up = ref.Loss(tokens, targets, Nudge{l, t, i, h, where});
-        const double down = ref.Loss(tokens, targets, Nudge{l, t, i, -h, where});
+        const double up = loss(Nudge{l, t, i, h, where});
+        const double down = loss(Nudge{l, t, i, -h, where});
         g[t][i] = (up - down) / (2 * h);
       }
     }
@@ -736,7 +737,9 @@ TEST_P(ArchitectureTest, ReadsLoadsAndMatchesTheFloat64Reference) {
       EXPECT_NEAR(report->layers[l].alpha[h], alpha, 1e-5) << a.name << " layer " << l << " head " << h;
     }
   }
-  ExpectEveryProbeMatches(a.name, *c, ref, tokens, targets, st, *report);
+  ref.Loss(tokens, targets);
+  ExpectEveryProbeMatches(
+      a.name, *c, [&](Nudge n) { return ref.Loss(tokens, targets, n); }, ref.attention, ref.acts, T, st, *report);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -886,17 +889,30 @@ TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
     return y;
   };
   using Attention = std::vector<std::vector<std::vector<double>>>;  // [layer][head][t · T + u]
-  auto glm_loss = [&](Nudge nudge, Attention* attention) {
+  auto glm_loss = [&](Nudge nudge, Attention* attention, std::vector<ReferenceActs>* acts = nullptr) {
     if (attention != nullptr) attention->assign(L, std::vector<std::vector<double>>(H, std::vector<double>(T * T, 0.0)));
+    if (acts != nullptr) acts->assign(L, ReferenceActs{});
+    auto nudged = [&](Nudge::Where where, int l, int t) {
+      return nudge.where == where && nudge.layer == l && nudge.token == t;
+    };
     std::vector<std::vector<double>> h(T);
     for (int t = 0; t < T; ++t) h[t] = std::vector<double>(w["model.embed_tokens.weight"].second.begin() + tokens[t] * d,
                                                            w["model.embed_tokens.weight"].second.begin() + (tokens[t] + 1) * d);
     for (int l = 0; l < L; ++l) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
+      for (int t = 0; t < T; ++t) {
+        if (nudged(Nudge::kHIn, l, t)) h[t][nudge.channel] += nudge.delta;
+      }
+      ReferenceActs ra;
+      ra.h_in = h;
+      ra.h_half.resize(T);
+      ra.h_out.resize(T);
+      ra.r_attn.resize(T);
+      ra.r_mlp.resize(T);
       std::vector<std::vector<double>> q(T), k(T), v(T);
       for (int t = 0; t < T; ++t) {
         auto x = norm(h[t], vec(p + "input_layernorm.weight"));
-        if (nudge.where == Nudge::kXn && nudge.layer == l && nudge.token == t) x[nudge.channel] += nudge.delta;
+        if (nudged(Nudge::kXn, l, t)) x[nudge.channel] += nudge.delta;
         q[t] = linear(p + "self_attn.q_proj", x, true);
         k[t] = linear(p + "self_attn.k_proj", x, true);
         v[t] = linear(p + "self_attn.v_proj", x, true);
@@ -930,12 +946,24 @@ TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
         }
         const auto o = linear(p + "self_attn.o_proj", att, false);
         for (int i = 0; i < d; ++i) h[t][i] += o[i];
-        const auto gu = linear(p + "mlp.gate_up_proj", norm(h[t], vec(p + "post_attention_layernorm.weight")), false);
+        if (nudged(Nudge::kHHalf, l, t)) h[t][nudge.channel] += nudge.delta;
+        auto xm = norm(h[t], vec(p + "post_attention_layernorm.weight"));
+        if (nudged(Nudge::kXm, l, t)) xm[nudge.channel] += nudge.delta;
+        const auto gu = linear(p + "mlp.gate_up_proj", xm, false);
         std::vector<double> act(F);  // gate, up = chunk(2): up · silu(gate)
         for (int i = 0; i < F; ++i) act[i] = gu[F + i] * (gu[i] / (1 + std::exp(-gu[i])));
         const auto down = linear(p + "mlp.down_proj", act, false);
+        ra.r_attn[t] = o;
+        ra.h_half[t] = h[t];
+        ra.r_mlp[t] = down;
         for (int i = 0; i < d; ++i) h[t][i] += down[i];
+        ra.h_out[t] = h[t];
       }
+      ra.v = v;
+      if (acts != nullptr) (*acts)[l] = std::move(ra);
+    }
+    for (int t = 0; t < T; ++t) {
+      if (nudged(Nudge::kHIn, L, t)) h[t][nudge.channel] += nudge.delta;
     }
     double loss = 0;
     for (int t = 0; t < T; ++t) {
@@ -982,6 +1010,12 @@ TEST_F(HfTest, GlmInItsOwnLayoutMatchesAFloat64ReferenceOfItsFormulas) {
       EXPECT_NEAR(report->layers[l].alpha[hh], alpha, 1e-5) << "layer " << l << " head " << hh;
     }
   }
+  // Every other METRICS.md quantity of GLM against the same reference.
+  std::vector<ReferenceActs> acts;
+  glm_loss(Nudge{}, &attention, &acts);
+  auto c = (*probing)->config();
+  ExpectEveryProbeMatches(
+      "glm", c, [&](Nudge n) { return glm_loss(n, nullptr); }, attention, acts, T, st, *report);
   // A partial-RoPE model is not exported as Llama.
   EXPECT_THAT(ExportHf(**model, (dir_ / "out").string()).message(), HasSubstr("(GLM's partial RoPE) is not exported"));
 }
