@@ -30,6 +30,7 @@
 
 #include "base/status.h"
 #include "engine/config.h"
+#include "engine/tensor.h"
 
 namespace sinkscope {
 
@@ -54,6 +55,11 @@ class Backend {
 
   // --- memory -------------------------------------------------------------------
   virtual float* Alloc(size_t n) = 0;  // n floats, zero-filled
+  // `bytes` bytes, zero-filled, aligned to Arena::kAlign (256); null when it cannot.
+  virtual void* AllocBytes(size_t bytes) { return Alloc((bytes + sizeof(float) - 1) / sizeof(float)); }
+  // The element type this backend stores activations in (views from an Arena). fp32 on
+  // the CPU, its bf16 mode included (fp32 buffers holding bf16-exact values).
+  virtual DType ActivationDType() const { return DType::kF32; }
   virtual int32_t* AllocInt(size_t n) = 0;
   virtual void Free(void* p) = 0;
   virtual void ToDevice(void* dst, const void* host_src, size_t bytes) = 0;

@@ -1,5 +1,8 @@
 #include "engine/model.h"
 
+#include <cstdio>
+#include <cstdlib>
+
 #include "engine/bf16.h"
 
 #include <cstring>
@@ -295,8 +298,7 @@ std::vector<float> Model::GradsToHost() const {
 }
 
 void Model::FreeActivations() {
-  for (void* p : owned_) backend_->Free(p);
-  owned_.clear();
+  if (activations_ != nullptr) activations_->Release();
   residual_.clear();
   acts_.clear();
   if (tokens_dev_) backend_->Free(tokens_dev_);
@@ -306,70 +308,99 @@ void Model::FreeActivations() {
   act_B_ = act_T_ = 0;
 }
 
-void Model::EnsureActivations(int B, int T) {
-  if (B == act_B_ && T == act_T_) return;
+Status Model::PrepareActivations(int B, int T) {
+  if (B == act_B_ && T == act_T_) return OkStatus();
   FreeActivations();
+  if (activations_ == nullptr) activations_ = std::make_unique<Arena>(backend_);
   const size_t N = static_cast<size_t>(B) * T;
   const size_t d = config_.d_model, F = config_.ffn, qd = config_.q_dim(), kvd = config_.kv_dim();
-  auto alloc = [&](size_t n) {
-    float* p = backend_->Alloc(n);
-    owned_.push_back(p);
-    return p;
-  };
-  for (int l = 0; l <= config_.layers; ++l) residual_.push_back(alloc(N * d));
-  for (int l = 0; l < (recompute_ ? std::min(config_.layers, 1) : config_.layers); ++l) {
-    LayerActs a{};
-    a.xn = alloc(N * d);
-    a.rstd_attn = alloc(N);
-    a.q = alloc(N * qd);
-    a.k = alloc(N * kvd);
-    a.v = alloc(N * kvd);
-    a.vhat = alloc(N * kvd);
-    a.att_ws = alloc(backend_->AttentionWorkspaceFloats(B, T, config_.heads));
-    a.lse = alloc(static_cast<size_t>(B) * config_.heads * T);
-    a.y = alloc(N * qd);
-    a.r_attn = alloc(N * d);
-    a.h_half = alloc(N * d);
-    a.xm = alloc(N * d);
-    a.rstd_mlp = alloc(N);
-    a.gate = alloc(N * F);
-    a.up = alloc(N * F);
-    a.act = alloc(N * F);
-    a.r_mlp = alloc(N * d);
+  const DType dt = backend_->ActivationDType();  // fp32 on every backend so far
+  // Every activation buffer of this batch shape planned first, then allocated at once:
+  // (destination, handle) pairs resolved after the arena's one allocation.
+  std::vector<std::pair<float**, size_t>> pending;
+  auto alloc = [&](float** dst, size_t n) { pending.emplace_back(dst, activations_->Reserve(dt, 1, n)); };
+  residual_.assign(config_.layers + 1, nullptr);
+  for (int l = 0; l <= config_.layers; ++l) alloc(&residual_[l], N * d);
+  const int sets = recompute_ ? std::min(config_.layers, 1) : config_.layers;
+  acts_.assign(sets, LayerActs{});  // sized once: the addresses below stay valid
+  for (LayerActs& a : acts_) {
+    alloc(&a.xn, N * d);
+    alloc(&a.rstd_attn, N);
+    alloc(&a.q, N * qd);
+    alloc(&a.k, N * kvd);
+    alloc(&a.v, N * kvd);
+    alloc(&a.vhat, N * kvd);
+    alloc(&a.att_ws, backend_->AttentionWorkspaceFloats(B, T, config_.heads));
+    alloc(&a.lse, static_cast<size_t>(B) * config_.heads * T);
+    alloc(&a.y, N * qd);
+    alloc(&a.r_attn, N * d);
+    alloc(&a.h_half, N * d);
+    alloc(&a.xm, N * d);
+    alloc(&a.rstd_mlp, N);
+    alloc(&a.gate, N * F);
+    alloc(&a.up, N * F);
+    alloc(&a.act, N * F);
+    alloc(&a.r_mlp, N * d);
     if (config_.qk_norm) {
-      a.q_raw = alloc(N * qd);
-      a.k_raw = alloc(N * kvd);
-      a.rstd_q = alloc(N * config_.heads);
-      a.rstd_k = alloc(N * config_.kv_heads);
+      alloc(&a.q_raw, N * qd);
+      alloc(&a.k_raw, N * kvd);
+      alloc(&a.rstd_q, N * config_.heads);
+      alloc(&a.rstd_k, N * config_.kv_heads);
     }
-    acts_.push_back(a);
   }
-  xf_ = alloc(N * d);
-  rstd_f_ = alloc(N);
+  alloc(&xf_, N * d);
+  alloc(&rstd_f_, N);
   // The LM head works in row chunks of at most 2^24 logits (64 MB): a vocabulary of
   // 152k never needs N·V floats.
   logits_rows_ = static_cast<int>(std::min<size_t>(N, std::max<size_t>(1, (size_t{1} << 24) / config_.vocab)));
-  logits_ = alloc(static_cast<size_t>(logits_rows_) * config_.vocab);
-  d_res_a_ = alloc(N * d);
-  d_res_b_ = alloc(N * d);
-  d_norm_ = alloc(N * d);
-  d_q_ = alloc(N * qd);
-  d_k_ = alloc(N * kvd);
-  d_v_ = alloc(N * kvd);
-  d_vhat_ = alloc(N * kvd);
-  d_y_ = alloc(N * qd);
-  d_act_ = alloc(N * F);
-  d_gate_ = alloc(N * F);
-  d_up_ = alloc(N * F);
-  if (!training()) dgamma_sink_ = alloc(std::max<size_t>(d, config_.head_dim));
+  alloc(&logits_, static_cast<size_t>(logits_rows_) * config_.vocab);
+  alloc(&d_res_a_, N * d);
+  alloc(&d_res_b_, N * d);
+  alloc(&d_norm_, N * d);
+  alloc(&d_q_, N * qd);
+  alloc(&d_k_, N * kvd);
+  alloc(&d_v_, N * kvd);
+  alloc(&d_vhat_, N * kvd);
+  alloc(&d_y_, N * qd);
+  alloc(&d_act_, N * F);
+  alloc(&d_gate_, N * F);
+  alloc(&d_up_, N * F);
+  if (!training()) alloc(&dgamma_sink_, std::max<size_t>(d, config_.head_dim));
   if (config_.qk_norm) {
-    d_q_raw_ = alloc(N * qd);
-    d_k_raw_ = alloc(N * kvd);
+    alloc(&d_q_raw_, N * qd);
+    alloc(&d_k_raw_, N * kvd);
   }
+  const Status committed = activations_->Commit("the activations of " + std::to_string(B) + " × " +
+                                                std::to_string(T) + " tokens (" + std::to_string(config_.layers) +
+                                                (recompute_ ? " layers, blocks recomputed)" : " layers)"));
+  if (!committed.ok()) {
+    activations_->Release();
+    residual_.clear();
+    acts_.clear();
+    return committed;
+  }
+  for (auto& [dst, handle] : pending) *dst = activations_->View(handle).f32();
   tokens_dev_ = backend_->AllocInt(N);
   targets_dev_ = backend_->AllocInt(N);
+  if (tokens_dev_ == nullptr || targets_dev_ == nullptr) {
+    FreeActivations();
+    return Status(StatusCode::kResourceExhausted, "the token buffers of " + std::to_string(N) + " tokens");
+  }
   act_B_ = B;
   act_T_ = T;
+  return OkStatus();
+}
+
+double Model::ActivationBytes() const { return activations_ != nullptr ? static_cast<double>(activations_->bytes()) : 0; }
+
+void Model::EnsureActivations(int B, int T) {
+  const Status s = PrepareActivations(B, T);
+  if (!s.ok()) {
+    // The callers that can fail (the trainer, the diagnostic pass) prepared this shape
+    // first and reported the error; reaching here means a pass of a shape that was not.
+    std::fprintf(stderr, "sinkscope: %s\n", s.message().c_str());
+    std::abort();
+  }
 }
 
 Backend::AttentionShape Model::Shape(int B, int T) const {

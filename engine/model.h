@@ -170,6 +170,13 @@ class Model {
   void EvaluateInto(const int32_t* tokens, const int32_t* targets, int B, int T, double* loss_acc,
                     PassObserver* observer = nullptr);
 
+  // Allocates the activations of micro-batches of B × T tokens (one arena: one
+  // allocation, kept until the shape changes), or an error naming the bytes needed when
+  // the backend cannot hold them. A pass of a new shape does this itself (and aborts,
+  // saying why, if it cannot): callers that can fail cleanly call it first.
+  Status PrepareActivations(int B, int T);
+  // Bytes the current activations take (0 before the first pass).
+  double ActivationBytes() const;
   // Host copies of parameters (for checkpoints, export, tests).
   std::vector<float> ParamsToHost() const;
   void ParamsFromHost(const std::vector<float>& host);
@@ -244,7 +251,7 @@ class Model {
         *d_up_ = nullptr;
   float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread
   float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
-  std::vector<float*> owned_;  // every activation buffer, for FreeActivations
+  std::unique_ptr<Arena> activations_;  // every activation buffer of the current shape, one allocation
 };
 
 }  // namespace sinkscope

@@ -415,6 +415,7 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
   }
   if (options.micro_batch < 0) return InvalidArgumentError("micro_batch must not be negative");
   const int M = options.micro_batch == 0 ? B : std::min(options.micro_batch, B);
+  RETURN_IF_ERROR(model.PrepareActivations(M, T));  // the memory of a pass, or why not
   ProbeCollector collector(model, settings, T);
   model.ZeroGrad();
   // Every micro-batch's backward is of the whole batch's mean loss: ∂(Σ tokens)/(B·T).

@@ -110,6 +110,9 @@ StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options
   }
   std::unique_ptr<Trainer> t(new Trainer(options, data));
   ASSIGN_OR_RETURN(t->model_, Model::Create(options.model, backend));
+  // The activations of one micro-batch, allocated now: a model too big for this device
+  // is an error here, naming the bytes, not a failure in the middle of a step.
+  RETURN_IF_ERROR(t->model_->PrepareActivations(options.micro_batch / W, T));
   t->state_.seed = options.seed;
   t->scalars_ = backend->AllocScalars(2);
   if (t->scalars_ == nullptr) return InternalError("cannot allocate the step's scalars on backend " + std::string(backend->Name()));

@@ -54,6 +54,12 @@ class CpuBackend final : public Backend {
   bool Supports(OptionalOp) const override { return true; }
 
   float* Alloc(size_t n) override { return static_cast<float*>(std::calloc(std::max<size_t>(n, 1), sizeof(float))); }
+  void* AllocBytes(size_t bytes) override {
+    const size_t rounded = (std::max<size_t>(bytes, 1) + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
+    void* p = std::aligned_alloc(Arena::kAlign, rounded);
+    if (p != nullptr) std::memset(p, 0, rounded);
+    return p;
+  }
   int32_t* AllocInt(size_t n) override {
     return static_cast<int32_t*>(std::calloc(std::max<size_t>(n, 1), sizeof(int32_t)));
   }

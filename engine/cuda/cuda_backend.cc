@@ -335,7 +335,7 @@ class CudaBackend final : public Backend {
                   cuda::DescribeCudaError(e, call, __FILE__, line));
   }
 
-  void* AllocBytes(size_t bytes) {
+  void* AllocBytes(size_t bytes) override {  // cudaMalloc: 256-byte aligned
     void* p = nullptr;
     if (!CUDA_CALL(cudaMalloc(&p, bytes))) return nullptr;
     if (!CUDA_CALL(cudaMemsetAsync(p, 0, bytes, stream_))) {
