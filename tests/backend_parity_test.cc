@@ -33,6 +33,7 @@
 #include "engine/forwarding_backend.h"
 #include "engine/model.h"
 #include "engine/optimizer.h"
+#include "tests/small_model.h"
 #ifdef SINKSCOPE_PARITY_CUDA
 #include "engine/cuda/cuda_backend.h"
 #endif
@@ -829,16 +830,7 @@ TEST(Bf16Test, TheModeRoundsExactlyWhereTheContractSays) {
 // A training step in the bf16 mode against fp32: the loss and every gradient to bf16's
 // precision, and a short run learns as fp32 does.
 TEST(Bf16Test, TheBf16ModeTrainsLikeFp32) {
-  ModelConfig c;
-  c.layers = 2;
-  c.d_model = 32;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn = 64;
-  c.vocab = 50;
-  c.context = 16;
-  c.vscale = VScaleMode::kVScale;
+  const ModelConfig c = SmallModel(50, 16, VScaleMode::kVScale);
   auto fp32 = MakeCpuBackend(), bf16 = MakeCpuBf16Backend();
   auto a = Model::Create(c, fp32.get()), b = Model::Create(c, bf16.get());
   ASSERT_TRUE(a.ok() && b.ok());

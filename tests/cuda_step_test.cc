@@ -21,6 +21,7 @@
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/probes.h"
+#include "tests/small_model.h"
 
 namespace sinkscope {
 namespace {
@@ -43,19 +44,7 @@ std::unique_ptr<Backend> CudaOrSkipReason(std::string* why) {
   auto var = CudaOrSkipReason(&why_##var);             \
   if (var == nullptr) GTEST_SKIP() << why_##var;
 
-ModelConfig SmallConfig(VScaleMode mode) {
-  ModelConfig c;
-  c.layers = 2;
-  c.d_model = 32;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn = 64;
-  c.vocab = 61;
-  c.context = 32;
-  c.vscale = mode;
-  return c;
-}
+ModelConfig SmallConfig(VScaleMode mode) { return SmallModel(61, 32, mode); }
 
 void Batch(int B, int T, int V, int salt, std::vector<int32_t>* tokens, std::vector<int32_t>* targets) {
   tokens->resize(static_cast<size_t>(B) * T);

@@ -12,6 +12,7 @@
 #include "engine/forwarding_backend.h"
 #include "engine/model.h"
 #include "engine/tensor.h"
+#include "tests/small_model.h"
 
 namespace sinkscope {
 namespace {
@@ -62,18 +63,7 @@ class SmallDevice final : public ForwardingBackend {
   size_t cap_;
 };
 
-ModelConfig Tiny() {
-  ModelConfig c;
-  c.layers = 2;
-  c.d_model = 32;
-  c.heads = 4;
-  c.kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn = 64;
-  c.vocab = 50;
-  c.context = 64;
-  return c;
-}
+ModelConfig Tiny() { return SmallModel(50, 64); }
 
 TEST(ModelActivations, AShapeTheDeviceCannotHoldIsAnErrorNamingItAndTheModelGoesOn) {
   SmallDevice small(MakeCpuBackend(), 1 << 20);  // 1 MiB in one buffer
