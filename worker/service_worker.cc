@@ -618,6 +618,18 @@ void Worker::TrainingLoop() {
       }
     }
     RunEnd end;
+#ifdef SINKSCOPE_WITH_CUDA
+    // This thread trains on the worker's GPU (the current device is per thread).
+    if (Status bound = CudaBindThread(*backend_); !bound.ok()) {
+      end = RunEnd{RunEnd::kFailed, v1::DEVICE_ERROR, device_name_ + ": " + bound.message(), 0};
+      std::lock_guard<std::mutex> lock(mu_);
+      EndRunLocked(a, end);
+      shutdown_status_ = InternalError("device error: " + end.message);
+      stopping_ = true;
+      cv_.notify_all();
+      continue;
+    }
+#endif
     try {
       end = TrainRun(a);
     } catch (const std::exception& e) {  // e.g. std::bad_alloc: the engine itself does not throw

@@ -155,7 +155,10 @@ class CudaBackend final : public Backend {
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
             float* c) override {
     if (m == 0 || n == 0) return;
-    GemmPlan* plan = Plan(trans_a, trans_b, m, n, k);
+    // Weights and gradients sit at any float offset of the parameter buffer: the plan is
+    // chosen for the operands' actual alignment (cuBLASLt otherwise assumes 256 bytes and
+    // may pick a vectorised kernel that faults on a 4-byte-aligned pointer).
+    GemmPlan* plan = Plan(trans_a, trans_b, m, n, k, Alignment(b), Alignment(a), Alignment(c));
     if (plan == nullptr) return;
     CUBLAS_CALL(cublasLtMatmul(lt_, plan->desc, &alpha, b, plan->a, a, plan->b, &beta, c, plan->c, c, plan->c,
                                &plan->algo, gemm_workspace_, kGemmWorkspaceBytes, stream_));
@@ -273,7 +276,7 @@ class CudaBackend final : public Backend {
 
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps,
              float weight_decay, float grad_scale, int64_t step) override {
-    const AdamWSegment seg{p, m, v, g, n, weight_decay};
+    const AdamWSegment seg = AdamWSegmentOf(p, m, v, g, n, weight_decay);
     const auto* table = static_cast<const AdamWSegment*>(DeviceTable(&seg, sizeof seg));
     if (table == nullptr) return;
     const auto [bc1, bc2] = BiasCorrections(beta1, beta2, step);
@@ -286,7 +289,7 @@ class CudaBackend final : public Backend {
     size_t max_n = 0;
     for (const AdamWTensor& t : tensors) {
       if (t.n == 0) continue;
-      segs.push_back({t.p, t.m, t.v, t.g, t.n, t.weight_decay});
+      segs.push_back(AdamWSegmentOf(t.p, t.m, t.v, t.g, t.n, t.weight_decay));
       max_n = std::max(max_n, t.n);
     }
     if (segs.empty()) return;
@@ -337,7 +340,14 @@ class CudaBackend final : public Backend {
 
   void* AllocBytes(size_t bytes) override {  // cudaMalloc: 256-byte aligned
     void* p = nullptr;
-    if (!CUDA_CALL(cudaMalloc(&p, bytes))) return nullptr;
+    if (const cudaError_t e = cudaMalloc(&p, bytes); e == cudaErrorMemoryAllocation) {
+      // Out of memory is an answer (null: the caller names what did not fit), not a
+      // device fault: clear it so that it is neither sticky nor seen by the next launch.
+      cudaGetLastError();
+      return nullptr;
+    } else if (!CUDA_CALL(e)) {
+      return nullptr;
+    }
     if (!CUDA_CALL(cudaMemsetAsync(p, 0, bytes, stream_))) {
       cudaFree(p);
       return nullptr;
@@ -376,6 +386,19 @@ class CudaBackend final : public Backend {
     return p;
   }
 
+  // A segment with its padding zeroed: device tables are cached by their bytes.
+  static AdamWSegment AdamWSegmentOf(float* p, float* m, float* v, const float* g, size_t n, float weight_decay) {
+    AdamWSegment s;
+    std::memset(&s, 0, sizeof s);
+    s.p = p;
+    s.m = m;
+    s.v = v;
+    s.g = g;
+    s.n = n;
+    s.weight_decay = weight_decay;
+    return s;
+  }
+
   static std::pair<double, double> BiasCorrections(float beta1, float beta2, int64_t step) {
     return {1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)),
             1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step))};
@@ -412,8 +435,17 @@ class CudaBackend final : public Backend {
     LAUNCHED("Rope");
   }
 
-  GemmPlan* Plan(bool ta, bool tb, int m, int n, int k) {
-    const auto key = std::make_tuple(ta, tb, m, n, k);
+  // The largest power of two ≤ 256 dividing the address.
+  static uint32_t Alignment(const void* p) {
+    const auto bits = reinterpret_cast<uintptr_t>(p);
+    uint32_t a = 256;
+    while (a > 4 && bits % a != 0) a /= 2;
+    return a;
+  }
+
+  // align_a/b/c: of cuBLASLt's A (our B), B (our A) and C = D (our C), in bytes.
+  GemmPlan* Plan(bool ta, bool tb, int m, int n, int k, uint32_t align_a, uint32_t align_b, uint32_t align_c) {
+    const auto key = std::make_tuple(ta, tb, m, n, k, align_a, align_b, align_c);
     auto it = gemm_plans_.find(key);
     if (it != gemm_plans_.end()) return &it->second;
     GemmPlan plan;
@@ -432,6 +464,14 @@ class CudaBackend final : public Backend {
     ok = ok && CUBLAS_CALL(cublasLtMatmulPreferenceCreate(&pref)) &&
          CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                           &kGemmWorkspaceBytes, sizeof kGemmWorkspaceBytes)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
+                                                          sizeof align_a)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
+                                                          sizeof align_b)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c,
+                                                          sizeof align_c)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
+                                                          sizeof align_c)) &&
          CUBLAS_CALL(cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result,
                                                     &found));
     if (pref != nullptr) cublasLtMatmulPreferenceDestroy(pref);
@@ -450,7 +490,7 @@ class CudaBackend final : public Backend {
   void* gemm_workspace_ = nullptr;
   double* partials_ = nullptr;
   Buffer scratch_, dscratch_;
-  std::map<std::tuple<bool, bool, int, int, int>, GemmPlan> gemm_plans_;
+  std::map<std::tuple<bool, bool, int, int, int, uint32_t, uint32_t, uint32_t>, GemmPlan> gemm_plans_;
   std::map<std::string, void*> tables_, rope_tables_;
   std::mutex error_mu_;
   Status error_;
@@ -489,6 +529,16 @@ StatusOr<CudaDeviceInfo> DescribeCudaDevice(int index) {
   info.compute_minor = prop.minor;
   info.multiprocessors = prop.multiProcessorCount;
   return info;
+}
+
+Status CudaBindThread(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) return OkStatus();
+  if (cudaError_t e = cudaSetDevice(cuda->device()); e != cudaSuccess) {
+    cudaGetLastError();
+    return InternalError(cuda::DescribeCudaError(e, "cudaSetDevice", __FILE__, __LINE__));
+  }
+  return OkStatus();
 }
 
 void* CudaStreamOf(Backend& backend) {

@@ -32,5 +32,9 @@ StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index = 0);
 // The cudaStream_t a backend made by MakeCudaBackend queues its work on (so NCCL's
 // collectives run in order behind it), or null for any other backend.
 void* CudaStreamOf(Backend& backend);
+// Makes the backend's device current on the calling thread (the CUDA runtime's current
+// device is per thread: a backend made on one thread and used on another needs this);
+// OK for any other backend.
+Status CudaBindThread(Backend& backend);
 
 }  // namespace sinkscope

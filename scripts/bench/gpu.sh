@@ -8,9 +8,10 @@
 # ratios. One JSON line per measurement in bench.jsonl, a table on stdout.
 #
 #   bash scripts/bench/gpu.sh [--bundle build-gpu] [--out DIR] [--steps N] [--micro-batch B]
+#                             [--models "paper-0.1b paper-0.3b"] [--timeout S (each command)]
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-bundle="$root/build-gpu" out="${OUT:-$root/gpu-out}" steps=5 B=8 models="paper-0.1b paper-0.3b"
+bundle="$root/build-gpu" out="${OUT:-$root/gpu-out}" steps=5 B=8 models="paper-0.1b paper-0.3b" limit=240
 while (( $# )); do
   case "$1" in
     --bundle) bundle="$2"; shift 2 ;;
@@ -18,6 +19,7 @@ while (( $# )); do
     --steps) steps="$2"; shift 2 ;;
     --micro-batch) B="$2"; shift 2 ;;
     --models) models="$2"; shift 2 ;;
+    --timeout) limit="$2"; shift 2 ;;
     *) echo "gpu.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -26,10 +28,10 @@ jsonl="$out/bench.jsonl"
 : > "$jsonl"
 for m in $models; do
   model="$bundle/models/$m.json"
-  timeout 120 "$bundle/bin/sinkscope-bench-gpu" --model "$model" --label "$m" --micro-batch "$B" --steps "$steps" \
+  timeout "$limit" "$bundle/bin/sinkscope-bench-gpu" --model "$model" --label "$m" --micro-batch "$B" --steps "$steps" \
     --warmup 1 --json >> "$jsonl" 2> "$out/bench-$m.err" || echo "{\"model\": \"$m\", \"error\": \"sinkscope-bench-gpu failed, see bench-$m.err\"}" >> "$jsonl"
   for mode in eager compile; do
-    timeout 240 python3 "$root/scripts/bench/torch_gpu_reference.py" --model "$model" --label "$m" --micro-batch "$B" \
+    timeout "$limit" python3 "$root/scripts/bench/torch_gpu_reference.py" --model "$model" --label "$m" --micro-batch "$B" \
       --steps "$steps" --mode "$mode" >> "$jsonl" 2> "$out/torch-$m-$mode.err" ||
       echo "{\"model\": \"$m\", \"torch_mode\": \"$mode\", \"error\": \"see torch-$m-$mode.err\"}" >> "$jsonl"
   done
