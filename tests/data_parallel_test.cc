@@ -117,9 +117,12 @@ std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec, std::ve
       g.world_size = ranks;
       g.timeout = std::chrono::seconds(60);
       auto comm = ConnectGloo(g, store);
-      if (!comm.ok()) {
+      // Every rank connected before any starts: a rank that fails at once (a run every
+      // rank refuses) must not close its pairs while another is still connecting.
+      Status met = comm.ok() ? (*comm)->Barrier() : comm.status();
+      if (!met.ok()) {
         results[k].kind = RunResult::kError;
-        results[k].error = comm.status();
+        results[k].error = met;
         return;
       }
       RunLoopOptions mine = o;
