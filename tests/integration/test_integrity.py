@@ -327,13 +327,25 @@ class IntegrityTest(unittest.TestCase):
 
     def test_5_checkpoint_writes_that_fail_are_retried_then_the_run_is_given_back(self):
         c = self.cluster
+
+        def remove_under_the_writer(folder):
+            # The worker writes checkpoint.bin.tmp.* and renames it while we delete: a file
+            # may vanish between listing and unlinking. Try again until the folder is gone.
+            for _ in range(50):
+                try:
+                    shutil.rmtree(folder)
+                    return
+                except FileNotFoundError:
+                    continue
+            self.fail(f"could not remove {folder} under the running worker")
+
         worker = c.start_worker("worker-k", ["--fault-step-delay-ms", "30"])
         eid, _ = self.submit("ckpt", steps=150, probe_every=50, checkpoint_every=5, arms=("baseline",))
         run_id = f"{eid}-baseline-s0"
         folder = os.path.join(c.dir, "checkpoints", eid, run_id)
         wait_for(lambda: os.path.exists(os.path.join(folder, "checkpoint.bin")), 120, "the first checkpoint")
         # The run folder removed under the running run: made again, the run carries on.
-        shutil.rmtree(folder)
+        remove_under_the_writer(folder)
         wait_for(lambda: os.path.exists(os.path.join(folder, "checkpoint.bin")), 60, "the folder to be made again")
         run = self.run_of(eid)
         self.assertEqual(run["state"], "RUNNING")
@@ -341,7 +353,7 @@ class IntegrityTest(unittest.TestCase):
         # Its path taken by a file: every try fails, and the run is given back (requeued, no
         # restart used) with the reason, not failed.
         wait_for(lambda: int(field(self.run_of(eid), "step") or 0) >= 40, 120, "step 40")
-        shutil.rmtree(folder)
+        remove_under_the_writer(folder)
         with open(folder, "w") as f:
             f.write("not a folder")
         wait_for(lambda: "event=run_given_back" in worker.output(), 60, "the run to be given back")
