@@ -8,7 +8,7 @@
 
 namespace sinkscope {
 
-void Backend::ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r,
+void Backend::ResidualRmsNormForward(float* sum, TensorView out, float* rstd, const float* x, const float* r,
                                      const float* gamma, int N, int d, float eps) {
   const size_t n = static_cast<size_t>(N) * d;
   if (sum != x) Copy(sum, x, n);
@@ -22,12 +22,12 @@ void Backend::RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_r
   RmsNormBackward(dx, dgamma, dout, x, gamma, rstd, N, d);
 }
 
-void Backend::AttentionInputForward(const AttentionShape& s, const float* xn, const AttentionInputWeights& w,
+void Backend::AttentionInputForward(const AttentionShape& s, TensorView xn, const AttentionInputWeights& w,
                                     const AttentionInputActs& a) {
   const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
   const bool qk_norm = w.q_norm != nullptr;
-  float* q_proj = qk_norm ? a.q_raw : a.q;
-  float* k_proj = qk_norm ? a.k_raw : a.k;
+  const TensorView q_proj = qk_norm ? a.q_raw : a.q;
+  const TensorView k_proj = qk_norm ? a.k_raw : a.k;
   Gemm(false, true, N, qd, s.d, 1.0f, xn, w.wq, 0.0f, q_proj);   // (N,H·dh)
   Gemm(false, true, N, kvd, s.d, 1.0f, xn, w.wk, 0.0f, k_proj);  // (N,KV·dh)
   Gemm(false, true, N, kvd, s.d, 1.0f, xn, w.wv, 0.0f, a.v);     // (N,KV·dh)
@@ -46,7 +46,7 @@ void Backend::AttentionInputForward(const AttentionShape& s, const float* xn, co
 }
 
 void Backend::AttentionInputBackward(const AttentionShape& s, float* dxn, float* dq, float* dk, const float* dv,
-                                     const float* xn, const AttentionInputWeights& w, const AttentionInputActs& a,
+                                     TensorView xn, const AttentionInputWeights& w, const AttentionInputActs& a,
                                      const AttentionInputGrads& g, float* scratch_q, float* scratch_k) {
   const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
   RopeBackward(dq, s.B, s.T, s.H, s.dh, *s.rope);
@@ -76,7 +76,7 @@ void Backend::AttentionInputBackward(const AttentionShape& s, float* dxn, float*
   }
 }
 
-void Backend::GateUpSwiGluForward(float* act, float* gate, float* up, const float* x, const float* w_gate,
+void Backend::GateUpSwiGluForward(TensorView act, TensorView gate, TensorView up, TensorView x, const float* w_gate,
                                   const float* w_up, int N, int F, int d) {
   Gemm(false, true, N, F, d, 1.0f, x, w_gate, 0.0f, gate);  // (N,F)
   Gemm(false, true, N, F, d, 1.0f, x, w_up, 0.0f, up);      // (N,F)
@@ -84,7 +84,7 @@ void Backend::GateUpSwiGluForward(float* act, float* gate, float* up, const floa
 }
 
 void Backend::GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up,
-                                   const float* d_act, const float* gate, const float* up, const float* x,
+                                   const float* d_act, TensorView gate, TensorView up, TensorView x,
                                    const float* w_gate, const float* w_up, int N, int F, int d) {
   SwiGluBackward(d_gate, d_up, d_act, gate, up, N, F);
   Gemm(false, false, N, d, F, 1.0f, d_gate, w_gate, 0.0f, dx);
@@ -95,13 +95,13 @@ void Backend::GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, floa
   }
 }
 
-void Backend::LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, const float* x,
+void Backend::LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x,
                                  const float* w, const int32_t* targets, int N, int V, int d, float grad_scale,
                                  double* loss_acc) {
   // In chunks of logits_rows rows (one chunk when the buffer holds all N).
   for (int r0 = 0; r0 < N; r0 += logits_rows) {
     const int R = std::min(logits_rows, N - r0);
-    const float* xr = x + static_cast<size_t>(r0) * d;
+    const TensorView xr = x.From(static_cast<size_t>(r0) * d);
     Gemm(false, true, R, V, d, 1.0f, xr, w, 0.0f, logits);  // (R,V)
     CrossEntropyForwardBackward(logits, targets + r0, R, V, grad_scale, loss_acc);
     Gemm(false, false, R, d, V, 1.0f, logits, w, 0.0f, dx + static_cast<size_t>(r0) * d);  // dx (R,d)
@@ -109,11 +109,11 @@ void Backend::LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits
   }
 }
 
-void Backend::LmHeadLoss(float* logits, int logits_rows, const float* x, const float* w, const int32_t* targets,
+void Backend::LmHeadLoss(float* logits, int logits_rows, TensorView x, const float* w, const int32_t* targets,
                          int N, int V, int d, double* loss_acc) {
   for (int r0 = 0; r0 < N; r0 += logits_rows) {
     const int R = std::min(logits_rows, N - r0);
-    Gemm(false, true, R, V, d, 1.0f, x + static_cast<size_t>(r0) * d, w, 0.0f, logits);
+    Gemm(false, true, R, V, d, 1.0f, x.From(static_cast<size_t>(r0) * d), w, 0.0f, logits);
     CrossEntropyLoss(logits, targets + r0, R, V, loss_acc);
   }
 }

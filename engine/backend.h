@@ -3,9 +3,14 @@
 // backend (cuda/) the fast path. Every op on every backend is tested against the CPU
 // reference, and the CPU reference against finite differences (tests/).
 //
-// Conventions: all tensors are row-major float32 buffers owned by the backend;
-// (N, d) means N rows of d, N = B·T tokens. Parameter gradients are accumulated (+=)
-// so micro-batches add up; activation gradients are written (=) unless the op says +=.
+// Conventions: all tensors are row-major buffers owned by the backend; (N, d) means N
+// rows of d, N = B·T tokens. Arguments typed TensorView are activations a backend may
+// store in its ActivationDType (16 bits on a bf16 backend; which ones, and which stay
+// fp32, is the bf16 contract of MakeCpuBf16Backend below); a backend reads and writes them
+// in the view's dtype. Every float* argument is fp32 (weights, gradients, rstd, lse,
+// logits, the residual stream), and an fp32 pointer passes as a view of its own.
+// Parameter gradients are accumulated (+=) so micro-batches add up; activation gradients
+// are written (=) unless the op says +=.
 //
 // Ops may run asynchronously (a GPU stream): only ToHost, ReadScalars and Synchronize
 // wait. Scalars a step produces (the loss, the squared gradient norm) are accumulated in
@@ -79,19 +84,21 @@ class Backend {
   // --- elementwise and reductions -----------------------------------------------
   virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;  // y += alpha·x
   virtual void Scale(float* x, float s, size_t n) = 0;                     // x *= s
-  virtual void AddRowBias(float* x, const float* b, int N, int n) = 0;      // x(N,n) += b(n) on every row
+  virtual void AddRowBias(TensorView x, const float* b, int N, int n) = 0;      // x(N,n) += b(n) on every row
   virtual void AccumulateColumnSums(float* acc, const float* x, int N, int n) = 0;  // acc(n) += Σ_rows x(N,n)
   virtual void AccumulateSumSquares(double* acc, const float* x, size_t n) = 0;  // *acc += Σ x² (device double)
   // Token-wise reductions for probes over x (B, T, G, C), tokens t < P:
   // acc(P, G·C) += Σ_b x[b,t]          (for N_t = ‖Σ_b g[b,t]‖, SUM_THEN_NORM)
   virtual void AccumulateTokenSum(float* acc, const float* x, int B, int T, int C, int P) = 0;
   // acc(P) += Σ_b Σ_g ‖x[b,t,g,:]‖₂    (for batch means of norms, NORM_THEN_MEAN)
-  virtual void AccumulateTokenNormSum(float* acc, const float* x, int B, int T, int G, int C, int P) = 0;
+  virtual void AccumulateTokenNormSum(float* acc, TensorView x, int B, int T, int G, int C, int P) = 0;
 
   // --- matmul -------------------------------------------------------------------
   // C(m,n) = alpha·op(A)·op(B) + beta·C, row-major; op(A) is (m,k), op(B) is (k,n).
-  virtual void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a,
-                    const float* b, float beta, float* c) = 0;
+  // Each operand in its view's dtype (a bf16 backend: activations as stored, fp32
+  // weights and gradients read in bf16; accumulation in fp32).
+  virtual void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a, TensorView b,
+                    float beta, TensorView c) = 0;
 
   // --- model ops ----------------------------------------------------------------
   // out(N,d) = table[tokens]; dtable += scatter of dout.
@@ -99,16 +106,16 @@ class Backend {
   virtual void EmbeddingBackward(float* dtable, const float* dout, const int32_t* tokens, int N, int d) = 0;
 
   // out = x / rms(x) ⊙ γ with rms(x) = sqrt(mean(x²) + eps); rstd(N) saved for backward.
-  virtual void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d,
+  virtual void RmsNormForward(TensorView out, float* rstd, TensorView x, const float* gamma, int N, int d,
                               float eps) = 0;
   // dx += J_rmsᵀ dout; dgamma += Σ_rows dout ⊙ x·rstd.
-  virtual void RmsNormBackward(float* dx, float* dgamma, const float* dout, const float* x, const float* gamma,
+  virtual void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x, const float* gamma,
                                const float* rstd, int N, int d) = 0;
 
   // In-place rotary embedding of x (B,T,heads,dh), half-split pairing (j, j+dh/2) as
   // Hugging Face Llama; position = t, angle t·inv_freq[j], cos and sin scaled by the
   // attention factor. Backward applies the transpose (the opposite angle, same scale).
-  virtual void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) = 0;
+  virtual void RopeForward(TensorView x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) = 0;
   virtual void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) = 0;
 
   // Causal softmax attention with GQA: query head h reads KV head h/(H/KV).
@@ -117,11 +124,11 @@ class Backend {
   // forward gives it. `workspace` holds whatever else this backend's backward needs,
   // AttentionWorkspaceFloats(...) floats (may be 0).
   virtual size_t AttentionWorkspaceFloats(int B, int T, int H) const = 0;
-  virtual void AttentionForward(float* y, float* lse, float* workspace, const float* q, const float* k,
-                                const float* v, int B, int T, int H, int KV, int dh) = 0;
+  virtual void AttentionForward(TensorView y, float* lse, float* workspace, TensorView q, TensorView k,
+                                TensorView v, int B, int T, int H, int KV, int dh) = 0;
   // From dy and the forward's y and lse (and workspace); dq, dk, dv are written (=).
-  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
-                                 const float* workspace, const float* q, const float* k, const float* v, int B, int T,
+  virtual void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y, const float* lse,
+                                 const float* workspace, TensorView q, TensorView k, TensorView v, int B, int T,
                                  int H, int KV, int dh) = 0;
   // Probes (optional op kAttentionColumnStats): for each head, batch means of
   // α_s = (1/window) Σ_{t=s}^{s+window-1} a[t,s], M_s = Σ_{t≥s} a[t,s], S_s = Σ_{t≥s} a[t,s]²,
@@ -129,21 +136,21 @@ class Backend {
   // entries. Column s only, from q, k and the forward's lse: a[t,s] = exp(q_t·k_s/√dh − lse_t);
   // the matrix is never materialised.
   virtual void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate,
-                                    const float* q, const float* k, const float* lse, int B, int T, int H, int KV,
+                                    TensorView q, TensorView k, const float* lse, int B, int T, int H, int KV,
                                     int dh, const ColumnStatsRequest& request) = 0;
 
   // V-scale (METRICS.md): v̂ = φ(r)·v, r = ‖v‖², φ = r/(r+C), C_g = c_base·exp(θ_g) per
   // KV head g. v and v̂ are (N, KV, dh); theta (KV). In kBackwardOnly the forward copies v.
-  virtual void VScaleForward(float* vhat, const float* v, const float* theta, int N, int KV, int dh, double c_base,
+  virtual void VScaleForward(TensorView vhat, TensorView v, const float* theta, int N, int KV, int dh, double c_base,
                              VScaleMode mode) = 0;
   // dv = φ·ĝ + (2C/(r+C)²)(v·ĝ)v (written); if dtheta is non-null,
   // dtheta_g += Σ_rows −C·r/(r+C)² (v·ĝ). In kBackwardOnly θ is taken as 0.
-  virtual void VScaleBackward(float* dv, float* dtheta, const float* dvhat, const float* v, const float* theta, int N,
+  virtual void VScaleBackward(float* dv, float* dtheta, const float* dvhat, TensorView v, const float* theta, int N,
                               int KV, int dh, double c_base, VScaleMode mode) = 0;
 
   // h(N,F) = silu(gate) ⊙ up.
-  virtual void SwiGluForward(float* h, const float* gate, const float* up, int N, int F) = 0;
-  virtual void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+  virtual void SwiGluForward(TensorView h, TensorView gate, TensorView up, int N, int F) = 0;
+  virtual void SwiGluBackward(float* dgate, float* dup, const float* dh, TensorView gate, TensorView up, int N,
                               int F) = 0;
 
   // Cross-entropy over logits (N,V) in place: logits become grad_scale·(softmax − onehot);
@@ -162,7 +169,7 @@ class Backend {
 
   // sum = x + r; out = sum / rms(sum) ⊙ γ, rstd(N) saved: the residual add of a block
   // branch and the norm that reads its result. sum may alias x.
-  virtual void ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r,
+  virtual void ResidualRmsNormForward(float* sum, TensorView out, float* rstd, const float* x, const float* r,
                                       const float* gamma, int N, int d, float eps);
   // dx = d_residual + J_rmsᵀ dout (written); dgamma += as RmsNormBackward. dx may alias
   // neither dout nor x; it may alias d_residual.
@@ -189,38 +196,39 @@ class Backend {
     float *wq = nullptr, *wk = nullptr, *wv = nullptr, *bq = nullptr, *bk = nullptr, *bv = nullptr,
           *q_norm = nullptr, *k_norm = nullptr;
   };
-  // Forward activations: q_raw, k_raw, rstd_q (N·H), rstd_k (N·KV) only with q/k norms.
+  // Forward activations: q_raw, k_raw (the projections before the q/k norms), rstd_q
+  // (N·H), rstd_k (N·KV) only with q/k norms.
   struct AttentionInputActs {
-    float *q = nullptr, *k = nullptr, *v = nullptr, *vhat = nullptr, *q_raw = nullptr, *k_raw = nullptr,
-          *rstd_q = nullptr, *rstd_k = nullptr;
+    TensorView q, k, v, vhat, q_raw, k_raw;
+    float *rstd_q = nullptr, *rstd_k = nullptr;
   };
-  virtual void AttentionInputForward(const AttentionShape& shape, const float* xn, const AttentionInputWeights& w,
+  virtual void AttentionInputForward(const AttentionShape& shape, TensorView xn, const AttentionInputWeights& w,
                                      const AttentionInputActs& a);
   // From ∂L/∂q, ∂L/∂k (after RoPE, as attention's backward gives them; overwritten) and
   // ∂L/∂v (before V-scale): dxn (N,d) written; weight gradients accumulated where non-null.
   // scratch_q (N·H·dh) and scratch_k (N·KV·dh) are needed with q/k norms.
   virtual void AttentionInputBackward(const AttentionShape& shape, float* dxn, float* dq, float* dk, const float* dv,
-                                      const float* xn, const AttentionInputWeights& w, const AttentionInputActs& a,
+                                      TensorView xn, const AttentionInputWeights& w, const AttentionInputActs& a,
                                       const AttentionInputGrads& g, float* scratch_q, float* scratch_k);
 
   // gate = x·W_gateᵀ, up = x·W_upᵀ (N,F), act = silu(gate) ⊙ up.
-  virtual void GateUpSwiGluForward(float* act, float* gate, float* up, const float* x, const float* w_gate,
+  virtual void GateUpSwiGluForward(TensorView act, TensorView gate, TensorView up, TensorView x, const float* w_gate,
                                    const float* w_up, int N, int F, int d);
   // From ∂L/∂act: dx (N,d) written; dw_gate, dw_up accumulated when non-null; d_gate and
   // d_up (N,F) are scratch.
   virtual void GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up,
-                                    const float* d_act, const float* gate, const float* up, const float* x,
+                                    const float* d_act, TensorView gate, TensorView up, TensorView x,
                                     const float* w_gate, const float* w_up, int N, int F, int d);
 
   // The LM head and the loss: logits = x·Wᵀ (N,V); *loss_acc += Σ_rows −log p[target];
   // dx (N,d) = grad_scale·(softmax − onehot)·W (written); dw (V,d) += its transposed
   // product with x when non-null. `logits` has logits_rows·V floats: a backend may work
   // in row chunks of that size and never hold all N rows (logits_rows ≥ 1).
-  virtual void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, const float* x,
+  virtual void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x,
                                   const float* w, const int32_t* targets, int N, int V, int d, float grad_scale,
                                   double* loss_acc);
   // Evaluation: *loss_acc += Σ_rows −log p[target].
-  virtual void LmHeadLoss(float* logits, int logits_rows, const float* x, const float* w, const int32_t* targets,
+  virtual void LmHeadLoss(float* logits, int logits_rows, TensorView x, const float* w, const int32_t* targets,
                           int N, int V, int d, double* loss_acc);
 
   // One AdamW step over many tensors. `guard` (device doubles) holds [Σ token losses,
@@ -248,6 +256,12 @@ std::unique_ptr<Backend> MakeCpuBackend();
 // The CPU backend's bf16 mode (cpu/bf16_mode.cc): fp32 arithmetic with every value a bf16
 // GPU backend stores in bf16 rounded to bf16 where it would be (the contract is written
 // at the top of that file; a CUDA backend's bf16 path follows it).
-std::unique_ptr<Backend> MakeCpuBf16Backend();
+//   kStored: ActivationDType() is bf16, and the activations the contract stores in bf16
+//     live in 2-byte bf16 views (half their fp32 bytes), as on a bf16 GPU.
+//   kRoundedInF32: ActivationDType() is fp32; the same values held in fp32 buffers.
+// Both compute the same numbers bit for bit (tests/bf16_storage_test.cc): a model that
+// put a tensor the contract keeps in fp32 into a bf16 view would differ.
+enum class Bf16Activations { kStored, kRoundedInF32 };
+std::unique_ptr<Backend> MakeCpuBf16Backend(Bf16Activations activations = Bf16Activations::kStored);
 
 }  // namespace sinkscope

@@ -33,17 +33,17 @@ class ForwardingBackend : public Backend {
   Status TakeError() override { return in_->TakeError(); }
   void Axpy(float* y, float a, const float* x, size_t n) override { in_->Axpy(y, a, x, n); }
   void Scale(float* x, float s, size_t n) override { in_->Scale(x, s, n); }
-  void AddRowBias(float* x, const float* b, int N, int n) override { in_->AddRowBias(x, b, N, n); }
+  void AddRowBias(TensorView x, const float* b, int N, int n) override { in_->AddRowBias(x, b, N, n); }
   void AccumulateColumnSums(float* a, const float* x, int N, int n) override { in_->AccumulateColumnSums(a, x, N, n); }
   void AccumulateSumSquares(double* a, const float* x, size_t n) override { in_->AccumulateSumSquares(a, x, n); }
   void AccumulateTokenSum(float* a, const float* x, int B, int T, int C, int P) override {
     in_->AccumulateTokenSum(a, x, B, T, C, P);
   }
-  void AccumulateTokenNormSum(float* a, const float* x, int B, int T, int G, int C, int P) override {
+  void AccumulateTokenNormSum(float* a, TensorView x, int B, int T, int G, int C, int P) override {
     in_->AccumulateTokenNormSum(a, x, B, T, G, C, P);
   }
-  void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
-            float* c) override {
+  void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, TensorView a, TensorView b, float beta,
+            TensorView c) override {
     in_->Gemm(ta, tb, m, n, k, alpha, a, b, beta, c);
   }
   void EmbeddingForward(float* o, const int32_t* t, const float* tab, int N, int d) override {
@@ -52,43 +52,43 @@ class ForwardingBackend : public Backend {
   void EmbeddingBackward(float* dt, const float* g, const int32_t* t, int N, int d) override {
     in_->EmbeddingBackward(dt, g, t, N, d);
   }
-  void RmsNormForward(float* o, float* r, const float* x, const float* g, int N, int d, float e) override {
+  void RmsNormForward(TensorView o, float* r, TensorView x, const float* g, int N, int d, float e) override {
     in_->RmsNormForward(o, r, x, g, N, d, e);
   }
-  void RmsNormBackward(float* dx, float* dg, const float* go, const float* x, const float* g, const float* r, int N,
+  void RmsNormBackward(float* dx, float* dg, const float* go, TensorView x, const float* g, const float* r, int N,
                        int d) override {
     in_->RmsNormBackward(dx, dg, go, x, g, r, N, d);
   }
-  void RopeForward(float* x, int B, int T, int h, int dh, const RotaryFrequencies& r) override {
+  void RopeForward(TensorView x, int B, int T, int h, int dh, const RotaryFrequencies& r) override {
     in_->RopeForward(x, B, T, h, dh, r);
   }
   void RopeBackward(float* x, int B, int T, int h, int dh, const RotaryFrequencies& r) override {
     in_->RopeBackward(x, B, T, h, dh, r);
   }
   size_t AttentionWorkspaceFloats(int B, int T, int H) const override { return in_->AttentionWorkspaceFloats(B, T, H); }
-  void AttentionForward(float* y, float* lse, float* ws, const float* q, const float* k, const float* v, int B, int T,
+  void AttentionForward(TensorView y, float* lse, float* ws, TensorView q, TensorView k, TensorView v, int B, int T,
                         int H, int KV, int dh) override {
     in_->AttentionForward(y, lse, ws, q, k, v, B, T, H, KV, dh);
   }
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
-                         const float* ws, const float* q, const float* k, const float* v, int B, int T, int H, int KV,
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y, const float* lse,
+                         const float* ws, TensorView q, TensorView k, TensorView v, int B, int T, int H, int KV,
                          int dh) override {
     in_->AttentionBackward(dq, dk, dv, dy, y, lse, ws, q, k, v, B, T, H, KV, dh);
   }
-  void AttentionColumnStats(float* a, float* m, float* s2, float* r, const float* q, const float* k, const float* lse,
+  void AttentionColumnStats(float* a, float* m, float* s2, float* r, TensorView q, TensorView k, const float* lse,
                             int B, int T, int H, int KV, int dh, const ColumnStatsRequest& req) override {
     in_->AttentionColumnStats(a, m, s2, r, q, k, lse, B, T, H, KV, dh, req);
   }
-  void VScaleForward(float* vh, const float* v, const float* th, int N, int KV, int dh, double c,
+  void VScaleForward(TensorView vh, TensorView v, const float* th, int N, int KV, int dh, double c,
                      VScaleMode mode) override {
     in_->VScaleForward(vh, v, th, N, KV, dh, c, mode);
   }
-  void VScaleBackward(float* dv, float* dth, const float* dvh, const float* v, const float* th, int N, int KV, int dh,
+  void VScaleBackward(float* dv, float* dth, const float* dvh, TensorView v, const float* th, int N, int KV, int dh,
                       double c, VScaleMode mode) override {
     in_->VScaleBackward(dv, dth, dvh, v, th, N, KV, dh, c, mode);
   }
-  void SwiGluForward(float* h, const float* g, const float* u, int N, int F) override { in_->SwiGluForward(h, g, u, N, F); }
-  void SwiGluBackward(float* dg, float* du, const float* dh, const float* g, const float* u, int N, int F) override {
+  void SwiGluForward(TensorView h, TensorView g, TensorView u, int N, int F) override { in_->SwiGluForward(h, g, u, N, F); }
+  void SwiGluBackward(float* dg, float* du, const float* dh, TensorView g, TensorView u, int N, int F) override {
     in_->SwiGluBackward(dg, du, dh, g, u, N, F);
   }
   void CrossEntropyForwardBackward(float* l, const int32_t* t, int N, int V, float s, double* acc) override {

@@ -305,6 +305,7 @@ void Model::FreeActivations() {
   if (targets_dev_) backend_->Free(targets_dev_);
   tokens_dev_ = targets_dev_ = nullptr;
   d_q_raw_ = d_k_raw_ = dgamma_sink_ = nullptr;
+  xf_ = TensorView();
   act_B_ = act_T_ = 0;
 }
 
@@ -314,41 +315,45 @@ Status Model::PrepareActivations(int B, int T) {
   if (activations_ == nullptr) activations_ = std::make_unique<Arena>(backend_);
   const size_t N = static_cast<size_t>(B) * T;
   const size_t d = config_.d_model, F = config_.ffn, qd = config_.q_dim(), kvd = config_.kv_dim();
-  const DType dt = backend_->ActivationDType();  // fp32 on every backend so far
   // Every activation buffer of this batch shape planned first, then allocated at once:
-  // (destination, handle) pairs resolved after the arena's one allocation.
+  // (destination, handle) pairs resolved after the arena's one allocation. `act` buffers
+  // are in the backend's activation dtype (the bf16 contract's list: norm outputs, q, k,
+  // v and their projections, v̂, y, gate, up, SwiGLU's output); `alloc` ones are fp32.
+  const DType dt = backend_->ActivationDType();
   std::vector<std::pair<float**, size_t>> pending;
-  auto alloc = [&](float** dst, size_t n) { pending.emplace_back(dst, activations_->Reserve(dt, 1, n)); };
+  std::vector<std::pair<TensorView*, size_t>> pending_views;
+  auto alloc = [&](float** dst, size_t n) { pending.emplace_back(dst, activations_->Reserve(DType::kF32, 1, n)); };
+  auto act = [&](TensorView* dst, size_t n) { pending_views.emplace_back(dst, activations_->Reserve(dt, 1, n)); };
   residual_.assign(config_.layers + 1, nullptr);
   for (int l = 0; l <= config_.layers; ++l) alloc(&residual_[l], N * d);
   const int sets = recompute_ ? std::min(config_.layers, 1) : config_.layers;
   acts_.assign(sets, LayerActs{});  // sized once: the addresses below stay valid
   for (LayerActs& a : acts_) {
-    alloc(&a.xn, N * d);
+    act(&a.xn, N * d);
     alloc(&a.rstd_attn, N);
-    alloc(&a.q, N * qd);
-    alloc(&a.k, N * kvd);
-    alloc(&a.v, N * kvd);
-    alloc(&a.vhat, N * kvd);
+    act(&a.q, N * qd);
+    act(&a.k, N * kvd);
+    act(&a.v, N * kvd);
+    act(&a.vhat, N * kvd);
     alloc(&a.att_ws, backend_->AttentionWorkspaceFloats(B, T, config_.heads));
     alloc(&a.lse, static_cast<size_t>(B) * config_.heads * T);
-    alloc(&a.y, N * qd);
+    act(&a.y, N * qd);
     alloc(&a.r_attn, N * d);
     alloc(&a.h_half, N * d);
-    alloc(&a.xm, N * d);
+    act(&a.xm, N * d);
     alloc(&a.rstd_mlp, N);
-    alloc(&a.gate, N * F);
-    alloc(&a.up, N * F);
-    alloc(&a.act, N * F);
+    act(&a.gate, N * F);
+    act(&a.up, N * F);
+    act(&a.act, N * F);
     alloc(&a.r_mlp, N * d);
     if (config_.qk_norm) {
-      alloc(&a.q_raw, N * qd);
-      alloc(&a.k_raw, N * kvd);
+      act(&a.q_raw, N * qd);
+      act(&a.k_raw, N * kvd);
       alloc(&a.rstd_q, N * config_.heads);
       alloc(&a.rstd_k, N * config_.kv_heads);
     }
   }
-  alloc(&xf_, N * d);
+  act(&xf_, N * d);
   alloc(&rstd_f_, N);
   // The LM head works in row chunks of at most 2^24 logits (64 MB): a vocabulary of
   // 152k never needs N·V floats.
@@ -380,6 +385,7 @@ Status Model::PrepareActivations(int B, int T) {
     return committed;
   }
   for (auto& [dst, handle] : pending) *dst = activations_->View(handle).f32();
+  for (auto& [dst, handle] : pending_views) *dst = activations_->View(handle);
   tokens_dev_ = backend_->AllocInt(N);
   targets_dev_ = backend_->AllocInt(N);
   if (tokens_dev_ == nullptr || targets_dev_ == nullptr) {

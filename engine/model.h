@@ -49,17 +49,19 @@ struct LayerParams {
 // Activation sites inside a block (METRICS.md "Sites inside one pre-norm block").
 enum class Site { kXn, kXm, kHIn, kHHalf, kHOut, kQ, kK, kV, kVHat };
 
-// Forward activations of one block at a probe, all device pointers of (B,T,·).
+// Forward activations of one block at a probe, all device buffers of (B,T,·). q, k, v
+// and v̂ are in the backend's ActivationDType (bf16 on a bf16 backend); the residual
+// stream, the branch outputs and lse are fp32.
 struct BlockActivations {
   const float* h_in;    // (B,T,d)
   const float* h_half;  // (B,T,d)
   const float* h_out;   // (B,T,d)
   const float* r_attn;  // (B,T,d)
   const float* r_mlp;   // (B,T,d)
-  const float* q;       // (B,T,H,dh) after RoPE
-  const float* k;       // (B,T,KV,dh) after RoPE
-  const float* v;       // (B,T,KV,dh)
-  const float* vhat;    // (B,T,KV,dh)
+  TensorView q;         // (B,T,H,dh) after RoPE
+  TensorView k;         // (B,T,KV,dh) after RoPE
+  TensorView v;         // (B,T,KV,dh)
+  TensorView vhat;      // (B,T,KV,dh)
   const float* lse;     // (B,H,T) log-sum-exp of each attention row's scaled scores
 };
 
@@ -73,8 +75,9 @@ class PassObserver {
   // is ∂L/∂h_half (the residual gradient one step later); otherwise null.
   virtual void OnGradient(int layer, Site site, const float* grad, const float* downstream, int B, int T) = 0;
   // Optional intervention: may change x̃ (B,T,d) of `layer` in place before the
-  // projections read it (ablations; finite differences at x̃ in tests).
-  virtual void EditAttentionInput(int layer, float* xn, int B, int T) {}
+  // projections read it (ablations; finite differences at x̃ in tests). x̃ is in the
+  // backend's ActivationDType.
+  virtual void EditAttentionInput(int layer, TensorView xn, int B, int T) {}
 };
 
 // How a model holds its 2-D weights (ModelOptions::matrices).
@@ -233,15 +236,19 @@ class Model {
   std::vector<LayerOffsets> layer_off_;
 
   // Activations, sized for (act_B_, act_T_).
+  // The views are in the backend's ActivationDType (what a bf16 backend stores in bf16:
+  // engine/backend.h, MakeCpuBf16Backend); the pointers are fp32.
   struct LayerActs {
-    float *xn, *rstd_attn, *q, *k, *v, *vhat, *att_ws, *lse, *y, *r_attn, *h_half, *xm, *rstd_mlp, *gate, *up,
-        *act, *r_mlp;
-    float *q_raw = nullptr, *k_raw = nullptr, *rstd_q = nullptr, *rstd_k = nullptr;  // qk_norm: before the norm
+    TensorView xn, q, k, v, vhat, y, xm, gate, up, act;
+    float *rstd_attn, *att_ws, *lse, *r_attn, *h_half, *rstd_mlp, *r_mlp;
+    TensorView q_raw, k_raw;                        // qk_norm: the projections before the norm
+    float *rstd_q = nullptr, *rstd_k = nullptr;  // qk_norm
   };
   int act_B_ = 0, act_T_ = 0;
   std::vector<float*> residual_;  // L+1 buffers (N,d): residual_[l] = h_in of block l
   std::vector<LayerActs> acts_;
-  float *xf_ = nullptr, *rstd_f_ = nullptr, *logits_ = nullptr;
+  TensorView xf_;  // the final norm's output (ActivationDType)
+  float *rstd_f_ = nullptr, *logits_ = nullptr;
   int logits_rows_ = 0;         // rows of logits_: the LM head's chunk
   double* scalars_ = nullptr;   // device doubles for ForwardBackward/Evaluate's own loss
   int32_t *tokens_dev_ = nullptr, *targets_dev_ = nullptr;

@@ -163,7 +163,7 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   const ModelConfig& c = model_.config();
   LayerAcc& a = *acc_[layer];
   const int d = c.d_model, KV = c.kv_heads, dh = c.head_dim, H = c.heads;
-  const float* acts[kNumNorms] = {x.h_in, x.h_half, x.h_out, x.r_attn, x.r_mlp, x.v, x.vhat};
+  const TensorView acts[kNumNorms] = {x.h_in, x.h_half, x.h_out, x.r_attn, x.r_mlp, x.v, x.vhat};
   for (int i = 0; i < kNumNorms; ++i) {
     const bool per_kv_head = i >= 5;  // v and v̂: one norm per KV head, then the mean
     be.AccumulateTokenNormSum(a.act_norm_sum[i], acts[i], B, T, per_kv_head ? KV : 1, per_kv_head ? dh : d, K_);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 #include "engine/backend.h"
 
@@ -27,6 +28,14 @@ const char* DTypeName(DType dtype) {
     case DType::kF64: return "f64";
   }
   return "?";
+}
+
+float* TensorView::f32(const char* where) const {
+  if (dtype != DType::kF32 && data != nullptr) {
+    std::fprintf(stderr, "sinkscope: a %s tensor view reached %s, which reads fp32 only\n", DTypeName(dtype), where);
+    std::abort();
+  }
+  return static_cast<float*>(data);
 }
 
 size_t Arena::Reserve(DType dtype, int64_t rows, int64_t cols) {

@@ -7,8 +7,13 @@
 // naming the bytes when the device cannot hold them), and releases them together. Each
 // view starts on a kAlign-byte boundary of the buffer, which the backends allocate
 // kAlign-aligned (CPU: aligned_alloc; CUDA: cudaMalloc), as vectorised loads and
-// cuBLASLt/cuDNN want. The Backend's ops still take float pointers (view.f32()); the
-// views carry the dtype a 16-bit activation path needs (Backend::ActivationDType).
+// cuBLASLt/cuDNN want.
+//
+// The Backend's ops take the activations a backend may store in 16 bits as views (their
+// dtype is the backend's ActivationDType, or fp32 where the bf16 contract keeps fp32:
+// engine/backend.h); weights, gradients and scalars stay fp32 pointers. An fp32 pointer
+// converts to a view of unknown shape (rows = cols = 0), the shape being the op's own
+// arguments: that is how weights and tests pass fp32 buffers to a view argument.
 #pragma once
 
 #include <cstddef>
@@ -29,11 +34,29 @@ const char* DTypeName(DType dtype);  // "f32", "bf16", "f16", "i32", "f64"
 struct TensorView {
   void* data = nullptr;
   DType dtype = DType::kF32;
-  int64_t rows = 0, cols = 0, ld = 0;  // ld in elements, ≥ cols
+  int64_t rows = 0, cols = 0, ld = 0;  // ld in elements, ≥ cols; all 0 when the op's arguments give the shape
+
+  TensorView() = default;
+  TensorView(std::nullptr_t) {}  // NOLINT(google-explicit-constructor): an absent tensor
+  // An fp32 buffer whose shape the op's arguments give. Views do not carry constness:
+  // the op's documentation says which arguments it reads and which it writes.
+  TensorView(float* p) : data(p) {}                             // NOLINT(google-explicit-constructor)
+  TensorView(const float* p) : data(const_cast<float*>(p)) {}  // NOLINT(google-explicit-constructor)
+  TensorView(void* p, DType t, int64_t r, int64_t c, int64_t l) : data(p), dtype(t), rows(r), cols(c), ld(l) {}
+
   size_t elements() const { return static_cast<size_t>(rows) * static_cast<size_t>(ld); }
   size_t bytes() const { return elements() * DTypeBytes(dtype); }
-  // The data as fp32 (null when the view is not f32: a caller that assumed fp32 fails loudly).
-  float* f32() const { return dtype == DType::kF32 ? static_cast<float*>(data) : nullptr; }
+  bool is_f32() const { return dtype == DType::kF32; }
+  explicit operator bool() const { return data != nullptr; }
+  // The data as fp32. A view of another dtype reaching code written for fp32 is a bug in
+  // the caller: it aborts, naming the dtype and `where`, rather than read bytes wrongly.
+  float* f32(const char* where = "an fp32 op") const;
+  // The view from element `offset` on (row-major, counted in elements of its dtype): the
+  // rows of a chunk. Its shape is left to the op's arguments.
+  TensorView From(size_t offset) const {
+    TensorView v(data == nullptr ? nullptr : static_cast<char*>(data) + offset * DTypeBytes(dtype), dtype, 0, 0, 0);
+    return v;
+  }
 };
 
 class Arena {

@@ -646,6 +646,14 @@ void Coordinator::CloseSession(int64_t session) {
     }
   }
   sessions_.erase(it);
+  ExportFleetLocked();
+}
+
+void Coordinator::ExportFleetLocked() {
+  int workers = 0, queued = static_cast<int>(queue_.size()), running = 0;
+  for (const auto& [id, session] : sessions_) workers += session.registered;
+  for (const auto& [id, run] : runs_) running += run.record.summary.state() == v1::RUNNING;
+  exporter_->SetFleet(workers, queued, running);
 }
 
 void Coordinator::CommitReport(std::unique_lock<std::mutex>& lock, PendingReport& mine) {
@@ -769,6 +777,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         session.worker_id = r.worker_id();
         session.capabilities = r.capabilities();
         session.registered = true;
+        ExportFleetLocked();  // a scrape right after sees it, not only after the next tick
         v1::CoordinatorMessage reply;
         reply.mutable_registered()->set_lease_seconds(options_.lease_seconds);
         reply.mutable_registered()->set_heartbeat_seconds(options_.heartbeat_seconds);
@@ -1305,10 +1314,7 @@ void Coordinator::Tick() {
       }
     }
     PlaceLocked(out);
-    int workers = 0, queued = static_cast<int>(queue_.size()), running = 0;
-    for (const auto& [id, session] : sessions_) workers += session.registered;
-    for (const auto& [id, run] : runs_) running += run.record.summary.state() == v1::RUNNING;
-    exporter_->SetFleet(workers, queued, running);
+    ExportFleetLocked();
   }
   exporter_->ExpireSeries();
   for (auto& [writer, m] : out) writer->Send(m);

@@ -183,6 +183,9 @@ class Coordinator {
   // writing and held again on return. Callers must look their run and session up again.
   void CommitReport(std::unique_lock<std::mutex>& lock, PendingReport& mine);
   void PlaceLocked(Outbox& out);
+  // The fleet gauges (workers registered, runs queued and running): on every tick, and
+  // when a worker registers or disconnects.
+  void ExportFleetLocked();
   // Why a queued run waits, for people: no worker of its kind is connected, or all are busy.
   std::string WaitReasonLocked(const v1::Experiment& spec) const;
   // Refuses an experiment no worker could hold, naming the estimate and the largest worker.

@@ -35,7 +35,7 @@
 #include "engine/optimizer.h"
 #include "tests/small_model.h"
 #ifdef SINKSCOPE_PARITY_CUDA
-#include "engine/cuda/cuda_backend.h"
+#include "tests/cuda_or_skip.h"
 #endif
 
 namespace sinkscope {
@@ -70,25 +70,12 @@ std::vector<Factory> Factories() {
   return all;
 }
 #else
-std::unique_ptr<Backend> MakeCudaOrSay(std::string* why) {
-  if (CudaDeviceCount() == 0) {
-    *why = "no CUDA device is visible to this process (the CUDA parity tests run on a GPU machine: "
-           "scripts/gpu/run.sh)";
-    return nullptr;
-  }
-  auto backend = MakeCudaBackend(0);
-  if (!backend.ok()) {
-    *why = backend.status().message();
-    return nullptr;
-  }
-  return std::move(*backend);
-}
 std::vector<Factory> Fp32Factories() {
   return {
-      {"cuda", [](std::string* why) { return MakeCudaOrSay(why); }},
+      {"cuda", [](std::string* why) { return MakeCudaOrSkipReason(why); }},
       {"cuda_composed",
        [](std::string* why) -> std::unique_ptr<Backend> {
-         auto inner = MakeCudaOrSay(why);
+         auto inner = MakeCudaOrSkipReason(why);
          if (inner == nullptr) return nullptr;
          return std::make_unique<ComposedBackend>(std::move(inner));
        }},

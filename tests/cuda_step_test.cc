@@ -21,27 +21,15 @@
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/probes.h"
+#include "tests/cuda_or_skip.h"
 #include "tests/small_model.h"
 
 namespace sinkscope {
 namespace {
 
-std::unique_ptr<Backend> CudaOrSkipReason(std::string* why) {
-  if (CudaDeviceCount() == 0) {
-    *why = "no CUDA device is visible to this process (run on a GPU machine: scripts/gpu/run.sh)";
-    return nullptr;
-  }
-  auto b = MakeCudaBackend(0);
-  if (!b.ok()) {
-    *why = b.status().message();
-    return nullptr;
-  }
-  return std::move(*b);
-}
-
 #define CUDA_OR_SKIP(var)                              \
   std::string why_##var;                               \
-  auto var = CudaOrSkipReason(&why_##var);             \
+  auto var = MakeCudaOrSkipReason(&why_##var);         \
   if (var == nullptr) GTEST_SKIP() << why_##var;
 
 ModelConfig SmallConfig(VScaleMode mode) { return SmallModel(61, 32, mode); }

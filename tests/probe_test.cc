@@ -26,7 +26,10 @@ struct Capture : PassObserver {
   std::map<int, std::map<std::string, std::vector<float>>> act;
   size_t nd = 0, nq = 0, nkv = 0;
   void OnBlockForward(int layer, const BlockActivations& a, int B, int T) override {
-    auto copy = [](const float* p, size_t n) { return std::vector<float>(p, p + n); };
+    auto copy = [](TensorView v, size_t n) {
+      const float* p = v.f32("the capture");
+      return std::vector<float>(p, p + n);
+    };
     act[layer] = {{"h_in", copy(a.h_in, nd)},  {"h_half", copy(a.h_half, nd)}, {"h_out", copy(a.h_out, nd)},
                   {"r_attn", copy(a.r_attn, nd)}, {"r_mlp", copy(a.r_mlp, nd)}, {"q", copy(a.q, nq)},
                   {"k", copy(a.k, nkv)},          {"v", copy(a.v, nkv)},         {"vh", copy(a.vhat, nkv)}};
@@ -390,8 +393,8 @@ struct Nudge : PassObserver {
   float delta = 0;
   void OnBlockForward(int, const BlockActivations&, int, int) override {}
   void OnGradient(int, Site, const float*, const float*, int, int) override {}
-  void EditAttentionInput(int l, float* xn, int, int) override {
-    if (l == layer) xn[index] += delta;
+  void EditAttentionInput(int l, TensorView xn, int, int) override {
+    if (l == layer) xn.f32("the x̃ nudge")[index] += delta;
   }
 };
 

@@ -618,24 +618,23 @@ void Worker::TrainingLoop() {
       }
     }
     RunEnd end;
+    bool device_ready = true;
 #ifdef SINKSCOPE_WITH_CUDA
-    // This thread trains on the worker's GPU (the current device is per thread).
+    // This thread trains on the worker's GPU (the current device is per thread); a device
+    // that cannot be bound fails the run and ends the worker, as a device error does.
     if (Status bound = CudaBindThread(*backend_); !bound.ok()) {
       end = RunEnd{RunEnd::kFailed, v1::DEVICE_ERROR, device_name_ + ": " + bound.message(), 0};
-      std::lock_guard<std::mutex> lock(mu_);
-      EndRunLocked(a, end);
-      shutdown_status_ = InternalError("device error: " + end.message);
-      stopping_ = true;
-      cv_.notify_all();
-      continue;
+      device_ready = false;
     }
 #endif
-    try {
-      end = TrainRun(a);
-    } catch (const std::exception& e) {  // e.g. std::bad_alloc: the engine itself does not throw
-      end = RunEnd{RunEnd::kFailed, v1::INTERNAL_ERROR, std::string("unexpected exception: ") + e.what(), 0};
-      std::lock_guard<std::mutex> lock(mu_);
-      if (current_ && current_->run_id == a.run_id()) end.step = current_->step;
+    if (device_ready) {
+      try {
+        end = TrainRun(a);
+      } catch (const std::exception& e) {  // e.g. std::bad_alloc: the engine itself does not throw
+        end = RunEnd{RunEnd::kFailed, v1::INTERNAL_ERROR, std::string("unexpected exception: ") + e.what(), 0};
+        std::lock_guard<std::mutex> lock(mu_);
+        if (current_ && current_->run_id == a.run_id()) end.step = current_->step;
+      }
     }
     std::lock_guard<std::mutex> lock(mu_);
     EndRunLocked(a, end);

@@ -80,7 +80,8 @@ class CpuBackend final : public Backend {
   void Scale(float* x, float s, size_t n) override {
     for (size_t i = 0; i < n; ++i) x[i] *= s;
   }
-  void AddRowBias(float* x, const float* b, int N, int n) override {
+  void AddRowBias(TensorView x_v, const float* b, int N, int n) override {
+    float* x = x_v.f32("cpu AddRowBias");
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; ++i) {
       float* row = x + static_cast<size_t>(i) * n;
@@ -111,7 +112,8 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void AccumulateTokenNormSum(float* acc, const float* x, int B, int T, int G, int C, int P) override {
+  void AccumulateTokenNormSum(float* acc, TensorView x_v, int B, int T, int G, int C, int P) override {
+    const float* x = x_v.f32("cpu AccumulateTokenNormSum");
     for (int t = 0; t < P; ++t) {
       double total = 0;
       for (int b = 0; b < B; ++b) {
@@ -126,8 +128,11 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
-            float* c) override {
+  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a_v, TensorView b_v, float beta,
+            TensorView c_v) override {
+    const float* a = a_v.f32("cpu Gemm");
+    const float* b = b_v.f32("cpu Gemm");
+    float* c = c_v.f32("cpu Gemm");
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
                 alpha, a, trans_a ? m : k, b, trans_b ? k : n, beta, c, n);
   }
@@ -154,16 +159,19 @@ class CpuBackend final : public Backend {
 #pragma omp simd
     for (int c = 0; c < d; ++c) oi[c] = xi[c] * r * gamma[c];
   }
-  void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d,
+  void RmsNormForward(TensorView out_v, float* rstd, TensorView x_v, const float* gamma, int N, int d,
                       float eps) override {
+    float* out = out_v.f32("cpu RmsNormForward");
+    const float* x = x_v.f32("cpu RmsNormForward");
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; ++i) {
       RmsNormRow(out + static_cast<size_t>(i) * d, rstd + i, x + static_cast<size_t>(i) * d, gamma, d, eps);
     }
   }
   // One pass per row: the residual sum, then its norm while the row is in cache.
-  void ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r,
+  void ResidualRmsNormForward(float* sum, TensorView out_v, float* rstd, const float* x, const float* r,
                               const float* gamma, int N, int d, float eps) override {
+    float* out = out_v.f32("cpu ResidualRmsNormForward");
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; ++i) {
       const size_t o = static_cast<size_t>(i) * d;
@@ -178,8 +186,9 @@ class CpuBackend final : public Backend {
     RmsNormBackwardRows(dx, d_residual, dout, x, gamma, rstd, N, d);
     RmsNormGammaGrad(dgamma, dout, x, rstd, N, d);
   }
-  void RmsNormBackward(float* dx, float* dgamma, const float* dout, const float* x, const float* gamma,
+  void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x_v, const float* gamma,
                        const float* rstd, int N, int d) override {
+    const float* x = x_v.f32("cpu RmsNormBackward");
     RmsNormBackwardRows(dx, dx, dout, x, gamma, rstd, N, d);
     RmsNormGammaGrad(dgamma, dout, x, rstd, N, d);
   }
@@ -239,7 +248,8 @@ class CpuBackend final : public Backend {
       }
     }
   }
-  void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+  void RopeForward(TensorView x_v, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    float* x = x_v.f32("cpu RopeForward");
     Rope(x, B, T, heads, dh, rope, 1.0);
   }
   void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
@@ -258,8 +268,12 @@ class CpuBackend final : public Backend {
   // the full T×T square; the masked half is zero. Each (b, h) is one OpenMP task;
   // OpenBLAS runs single-threaded inside a parallel region, so results do not depend on
   // the thread count.
-  void AttentionForward(float* y, float* lse, float* att, const float* q, const float* k, const float* v, int B,
+  void AttentionForward(TensorView y_v, float* lse, float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B,
                         int T, int H, int KV, int dh) override {
+    float* y = y_v.f32("cpu AttentionForward");
+    const float* q = q_v.f32("cpu AttentionForward");
+    const float* k = k_v.f32("cpu AttentionForward");
+    const float* v = v_v.f32("cpu AttentionForward");
     const int group = H / KV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
     const int ldq = H * dh, ldk = KV * dh;
@@ -298,9 +312,12 @@ class CpuBackend final : public Backend {
   // softmax backward dS = P ⊙ (dP − rowsum(P ⊙ dP))/√dh in place, then dQ = dS K,
   // dK += dSᵀ Q and dV += Pᵀ dY (sgemms). The stored matrix makes y and lse unneeded
   // here; a flash backward recomputes P from them.
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* /*y*/,
-                         const float* /*lse*/, const float* att, const float* q, const float* k, const float* v,
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView /*y*/,
+                         const float* /*lse*/, const float* att, TensorView q_v, TensorView k_v, TensorView v_v,
                          int B, int T, int H, int KV, int dh) override {
+    const float* q = q_v.f32("cpu AttentionBackward");
+    const float* k = k_v.f32("cpu AttentionBackward");
+    const float* v = v_v.f32("cpu AttentionBackward");
     const int group = H / KV;
     const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
     const int ldq = H * dh, ldk = KV * dh;
@@ -338,9 +355,11 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
-                            const float* k, const float* lse, int B, int T, int H, int KV, int dh,
+  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q_v,
+                            TensorView k_v, const float* lse, int B, int T, int H, int KV, int dh,
                             const ColumnStatsRequest& request) override {
+    const float* q = q_v.f32("cpu AttentionColumnStats");
+    const float* k = k_v.f32("cpu AttentionColumnStats");
     const int group = H / KV;
     const int s = request.sink_position;
     const int window = std::min(request.window, T - s);
@@ -373,8 +392,10 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void VScaleForward(float* vhat, const float* v, const float* theta, int N, int KV, int dh, double c_base,
+  void VScaleForward(TensorView vhat_v, TensorView v_v, const float* theta, int N, int KV, int dh, double c_base,
                      VScaleMode mode) override {
+    float* vhat = vhat_v.f32("cpu VScaleForward");
+    const float* v = v_v.f32("cpu VScaleForward");
     if (mode != VScaleMode::kVScale) {
       std::memcpy(vhat, v, static_cast<size_t>(N) * KV * dh * sizeof(float));
       return;
@@ -393,8 +414,9 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, const float* v, const float* theta, int N, int KV,
+  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, TensorView v_v, const float* theta, int N, int KV,
                       int dh, double c_base, VScaleMode mode) override {
+    const float* v = v_v.f32("cpu VScaleBackward");
     if (mode == VScaleMode::kNone) {
       std::memcpy(dv, dvhat, static_cast<size_t>(N) * KV * dh * sizeof(float));
       return;
@@ -429,7 +451,10 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void SwiGluForward(float* h, const float* gate, const float* up, int N, int F) override {
+  void SwiGluForward(TensorView h_v, TensorView gate_v, TensorView up_v, int N, int F) override {
+    float* h = h_v.f32("cpu SwiGluForward");
+    const float* gate = gate_v.f32("cpu SwiGluForward");
+    const float* up = up_v.f32("cpu SwiGluForward");
     const size_t n = static_cast<size_t>(N) * F;
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
@@ -437,8 +462,10 @@ class CpuBackend final : public Backend {
       h[i] = g / (1.0f + ExpF(-g)) * up[i];  // silu(g)·u
     }
   }
-  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+  void SwiGluBackward(float* dgate, float* dup, const float* dh, TensorView gate_v, TensorView up_v, int N,
                       int F) override {
+    const float* gate = gate_v.f32("cpu SwiGluBackward");
+    const float* up = up_v.f32("cpu SwiGluBackward");
     const size_t n = static_cast<size_t>(N) * F;
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {

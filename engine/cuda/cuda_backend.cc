@@ -114,7 +114,8 @@ class CudaBackend final : public Backend {
     cuda::LaunchScale(stream_, x, s, n);
     LAUNCHED("Scale");
   }
-  void AddRowBias(float* x, const float* b, int N, int n) override {
+  void AddRowBias(TensorView x_v, const float* b, int N, int n) override {
+    float* x = x_v.f32("cuda AddRowBias");
     cuda::LaunchAddRowBias(stream_, x, b, N, n);
     LAUNCHED("AddRowBias");
   }
@@ -144,7 +145,8 @@ class CudaBackend final : public Backend {
     cuda::LaunchTokenSum(stream_, acc, x, B, T, C, P);
     LAUNCHED("AccumulateTokenSum");
   }
-  void AccumulateTokenNormSum(float* acc, const float* x, int B, int T, int G, int C, int P) override {
+  void AccumulateTokenNormSum(float* acc, TensorView x_v, int B, int T, int G, int C, int P) override {
+    const float* x = x_v.f32("cuda AccumulateTokenNormSum");
     cuda::LaunchTokenNormSum(stream_, acc, x, B, T, G, C, P);
     LAUNCHED("AccumulateTokenNormSum");
   }
@@ -152,8 +154,11 @@ class CudaBackend final : public Backend {
   // --- matmul ------------------------------------------------------------------------------
   // Row-major C(m,n) = op(A)·op(B) is column-major Cᵀ(n,m) = op(B)ᵀ·op(A)ᵀ: cuBLASLt gets
   // B as its first operand and A as its second, each with the same transpose flag.
-  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
-            float* c) override {
+  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a_v, TensorView b_v, float beta,
+            TensorView c_v) override {
+    const float* a = a_v.f32("cuda Gemm");
+    const float* b = b_v.f32("cuda Gemm");
+    float* c = c_v.f32("cuda Gemm");
     if (m == 0 || n == 0) return;
     // Weights and gradients sit at any float offset of the parameter buffer: the plan is
     // chosen for the operands' actual alignment (cuBLASLt otherwise assumes 256 bytes and
@@ -173,17 +178,21 @@ class CudaBackend final : public Backend {
     cuda::LaunchEmbeddingBackward(stream_, dtable, dout, tokens, N, d);
     LAUNCHED("EmbeddingBackward");
   }
-  void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d, float eps) override {
+  void RmsNormForward(TensorView out_v, float* rstd, TensorView x_v, const float* gamma, int N, int d, float eps) override {
+    float* out = out_v.f32("cuda RmsNormForward");
+    const float* x = x_v.f32("cuda RmsNormForward");
     cuda::LaunchRmsNormForward(stream_, nullptr, out, rstd, x, nullptr, gamma, N, d, eps);
     LAUNCHED("RmsNormForward");
   }
-  void ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r, const float* gamma,
+  void ResidualRmsNormForward(float* sum, TensorView out_v, float* rstd, const float* x, const float* r, const float* gamma,
                               int N, int d, float eps) override {
+    float* out = out_v.f32("cuda ResidualRmsNormForward");
     cuda::LaunchRmsNormForward(stream_, sum, out, rstd, x, r, gamma, N, d, eps);
     LAUNCHED("ResidualRmsNormForward");
   }
-  void RmsNormBackward(float* dx, float* dgamma, const float* dout, const float* x, const float* gamma,
+  void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x_v, const float* gamma,
                        const float* rstd, int N, int d) override {
+    const float* x = x_v.f32("cuda RmsNormBackward");
     cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, x, gamma, rstd, N, d);
     LAUNCHED("RmsNormBackward");
   }
@@ -193,7 +202,8 @@ class CudaBackend final : public Backend {
     LAUNCHED("RmsNormBackwardResidual");
   }
 
-  void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+  void RopeForward(TensorView x_v, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+    float* x = x_v.f32("cuda RopeForward");
     Rope(x, B, T, heads, dh, rope, 1.0);
   }
   void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
@@ -201,22 +211,31 @@ class CudaBackend final : public Backend {
   }
 
   size_t AttentionWorkspaceFloats(int B, int T, int H) const override { return static_cast<size_t>(B) * H * T * T; }
-  void AttentionForward(float* y, float* lse, float* att, const float* q, const float* k, const float* v, int B, int T,
+  void AttentionForward(TensorView y_v, float* lse, float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T,
                         int H, int KV, int dh) override {
+    float* y = y_v.f32("cuda AttentionForward");
+    const float* q = q_v.f32("cuda AttentionForward");
+    const float* k = k_v.f32("cuda AttentionForward");
+    const float* v = v_v.f32("cuda AttentionForward");
     cuda::LaunchAttentionForward(stream_, y, lse, att, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionForward");
   }
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* /*y*/, const float* /*lse*/,
-                         const float* att, const float* q, const float* k, const float* v, int B, int T, int H, int KV,
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView /*y*/, const float* /*lse*/,
+                         const float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T, int H, int KV,
                          int dh) override {
+    const float* q = q_v.f32("cuda AttentionBackward");
+    const float* k = k_v.f32("cuda AttentionBackward");
+    const float* v = v_v.f32("cuda AttentionBackward");
     float* ds = static_cast<float*>(Scratch(&scratch_, static_cast<size_t>(B) * H * T * T * sizeof(float)));
     if (ds == nullptr) return;
     cuda::LaunchAttentionBackward(stream_, dq, dk, dv, ds, dy, att, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionBackward");
   }
-  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
-                            const float* k, const float* lse, int B, int T, int H, int KV, int dh,
+  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q_v,
+                            TensorView k_v, const float* lse, int B, int T, int H, int KV, int dh,
                             const ColumnStatsRequest& request) override {
+    const float* q = q_v.f32("cuda AttentionColumnStats");
+    const float* k = k_v.f32("cuda AttentionColumnStats");
     const int s = request.sink_position;
     const int window = std::min(request.window, T - s);
     double* per_b = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(H) * B * 3 * sizeof(double)));
@@ -226,8 +245,10 @@ class CudaBackend final : public Backend {
     LAUNCHED("AttentionColumnStats");
   }
 
-  void VScaleForward(float* vhat, const float* v, const float* theta, int N, int KV, int dh, double c_base,
+  void VScaleForward(TensorView vhat_v, TensorView v_v, const float* theta, int N, int KV, int dh, double c_base,
                      VScaleMode mode) override {
+    float* vhat = vhat_v.f32("cuda VScaleForward");
+    const float* v = v_v.f32("cuda VScaleForward");
     if (mode != VScaleMode::kVScale) {
       Copy(vhat, v, static_cast<size_t>(N) * KV * dh);
       return;
@@ -235,8 +256,9 @@ class CudaBackend final : public Backend {
     cuda::LaunchVScaleForward(stream_, vhat, v, theta, N, KV, dh, c_base);
     LAUNCHED("VScaleForward");
   }
-  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, const float* v, const float* theta, int N, int KV,
+  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, TensorView v_v, const float* theta, int N, int KV,
                       int dh, double c_base, VScaleMode mode) override {
+    const float* v = v_v.f32("cuda VScaleBackward");
     if (mode == VScaleMode::kNone) {
       Copy(dv, dvhat, static_cast<size_t>(N) * KV * dh);
       return;
@@ -249,12 +271,17 @@ class CudaBackend final : public Backend {
     LAUNCHED("VScaleBackward");
   }
 
-  void SwiGluForward(float* h, const float* gate, const float* up, int N, int F) override {
+  void SwiGluForward(TensorView h_v, TensorView gate_v, TensorView up_v, int N, int F) override {
+    float* h = h_v.f32("cuda SwiGluForward");
+    const float* gate = gate_v.f32("cuda SwiGluForward");
+    const float* up = up_v.f32("cuda SwiGluForward");
     cuda::LaunchSwiGluForward(stream_, h, gate, up, static_cast<size_t>(N) * F);
     LAUNCHED("SwiGluForward");
   }
-  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+  void SwiGluBackward(float* dgate, float* dup, const float* dh, TensorView gate_v, TensorView up_v, int N,
                       int F) override {
+    const float* gate = gate_v.f32("cuda SwiGluBackward");
+    const float* up = up_v.f32("cuda SwiGluBackward");
     cuda::LaunchSwiGluBackward(stream_, dgate, dup, dh, gate, up, static_cast<size_t>(N) * F);
     LAUNCHED("SwiGluBackward");
   }

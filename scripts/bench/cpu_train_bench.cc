@@ -142,7 +142,7 @@ class CountingBackend final : public Backend {
   void Scale(float* x, float s, size_t n) override {
     TimeInto(Slot(Op::kElementwise), [&] { inner_->Scale(x, s, n); });
   }
-  void AddRowBias(float* x, const float* b, int N, int n) override {
+  void AddRowBias(TensorView x, const float* b, int N, int n) override {
     TimeInto(Slot(Op::kElementwise), [&] { inner_->AddRowBias(x, b, N, n); });
   }
   void AccumulateColumnSums(float* acc, const float* x, int N, int n) override {
@@ -163,12 +163,12 @@ class CountingBackend final : public Backend {
   void AccumulateTokenSum(float* acc, const float* x, int B, int T, int C, int P) override {
     TimeInto(Slot(Op::kElementwise), [&] { inner_->AccumulateTokenSum(acc, x, B, T, C, P); });
   }
-  void AccumulateTokenNormSum(float* acc, const float* x, int B, int T, int G, int C, int P) override {
+  void AccumulateTokenNormSum(float* acc, TensorView x, int B, int T, int G, int C, int P) override {
     TimeInto(Slot(Op::kElementwise), [&] { inner_->AccumulateTokenNormSum(acc, x, B, T, G, C, P); });
   }
 
-  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
-            float* c) override {
+  void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a, TensorView b, float beta,
+            TensorView c) override {
     const auto start = Clock::now();
     inner_->Gemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
     const double s = Seconds(start);
@@ -186,14 +186,14 @@ class CountingBackend final : public Backend {
   void EmbeddingBackward(float* dtable, const float* dout, const int32_t* tokens, int N, int d) override {
     TimeInto(Slot(Op::kEmbedding), [&] { inner_->EmbeddingBackward(dtable, dout, tokens, N, d); });
   }
-  void RmsNormForward(float* out, float* rstd, const float* x, const float* gamma, int N, int d, float eps) override {
+  void RmsNormForward(TensorView out, float* rstd, TensorView x, const float* gamma, int N, int d, float eps) override {
     TimeInto(Slot(Op::kRmsNorm), [&] { inner_->RmsNormForward(out, rstd, x, gamma, N, d, eps); });
   }
-  void RmsNormBackward(float* dx, float* dgamma, const float* dout, const float* x, const float* gamma,
+  void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x, const float* gamma,
                        const float* rstd, int N, int d) override {
     TimeInto(Slot(Op::kRmsNorm), [&] { inner_->RmsNormBackward(dx, dgamma, dout, x, gamma, rstd, N, d); });
   }
-  void RopeForward(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
+  void RopeForward(TensorView x, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
     TimeInto(Slot(Op::kRope), [&] { inner_->RopeForward(x, B, T, heads, dh, rope); });
   }
   void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
@@ -202,36 +202,36 @@ class CountingBackend final : public Backend {
   size_t AttentionWorkspaceFloats(int B, int T, int H) const override {
     return inner_->AttentionWorkspaceFloats(B, T, H);
   }
-  void AttentionForward(float* y, float* lse, float* workspace, const float* q, const float* k, const float* v, int B,
+  void AttentionForward(TensorView y, float* lse, float* workspace, TensorView q, TensorView k, TensorView v, int B,
                         int T, int H, int KV, int dh) override {
     TimeInto(Slot(Op::kAttentionForward),
              [&] { inner_->AttentionForward(y, lse, workspace, q, k, v, B, T, H, KV, dh); });
   }
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, const float* y, const float* lse,
-                         const float* workspace, const float* q, const float* k, const float* v, int B, int T, int H,
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y, const float* lse,
+                         const float* workspace, TensorView q, TensorView k, TensorView v, int B, int T, int H,
                          int KV, int dh) override {
     TimeInto(Slot(Op::kAttentionBackward),
              [&] { inner_->AttentionBackward(dq, dk, dv, dy, y, lse, workspace, q, k, v, B, T, H, KV, dh); });
   }
-  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
-                            const float* k, const float* lse, int B, int T, int H, int KV, int dh,
+  void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q,
+                            TensorView k, const float* lse, int B, int T, int H, int KV, int dh,
                             const ColumnStatsRequest& request) override {
     TimeInto(Slot(Op::kColumnStats), [&] {
       inner_->AttentionColumnStats(alpha, mass, second_moment, per_sample_rate, q, k, lse, B, T, H, KV, dh, request);
     });
   }
-  void VScaleForward(float* vhat, const float* v, const float* theta, int N, int KV, int dh, double c_base,
+  void VScaleForward(TensorView vhat, TensorView v, const float* theta, int N, int KV, int dh, double c_base,
                      VScaleMode mode) override {
     TimeInto(Slot(Op::kVScale), [&] { inner_->VScaleForward(vhat, v, theta, N, KV, dh, c_base, mode); });
   }
-  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, const float* v, const float* theta, int N, int KV,
+  void VScaleBackward(float* dv, float* dtheta, const float* dvhat, TensorView v, const float* theta, int N, int KV,
                       int dh, double c_base, VScaleMode mode) override {
     TimeInto(Slot(Op::kVScale), [&] { inner_->VScaleBackward(dv, dtheta, dvhat, v, theta, N, KV, dh, c_base, mode); });
   }
-  void SwiGluForward(float* h, const float* gate, const float* up, int N, int F) override {
+  void SwiGluForward(TensorView h, TensorView gate, TensorView up, int N, int F) override {
     TimeInto(Slot(Op::kSwiGlu), [&] { inner_->SwiGluForward(h, gate, up, N, F); });
   }
-  void SwiGluBackward(float* dgate, float* dup, const float* dh, const float* gate, const float* up, int N,
+  void SwiGluBackward(float* dgate, float* dup, const float* dh, TensorView gate, TensorView up, int N,
                       int F) override {
     TimeInto(Slot(Op::kSwiGlu), [&] { inner_->SwiGluBackward(dgate, dup, dh, gate, up, N, F); });
   }
@@ -245,7 +245,7 @@ class CountingBackend final : public Backend {
   }
   // The fused ops the CPU backend implements itself are timed as one (the others run
   // their default composition through this wrapper, so their GEMMs are counted).
-  void ResidualRmsNormForward(float* sum, float* out, float* rstd, const float* x, const float* r, const float* gamma,
+  void ResidualRmsNormForward(float* sum, TensorView out, float* rstd, const float* x, const float* r, const float* gamma,
                               int N, int d, float eps) override {
     TimeInto(Slot(Op::kRmsNorm), [&] { inner_->ResidualRmsNormForward(sum, out, rstd, x, r, gamma, N, d, eps); });
   }
