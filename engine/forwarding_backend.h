@@ -1,11 +1,18 @@
-// A Backend that forwards every primitive op to another backend and overrides no fused
+// Decorators of a Backend.
+//
+// ForwardingBackend forwards every primitive op to another backend and overrides no fused
 // op, so the fused ops run Backend's default composition over the other backend's
-// primitives. The base of the decorators: the bf16 mode (cpu/bf16_mode.cc) overrides the
-// ops whose outputs it rounds; tests use it as is to compare fused ops with their
-// composition.
+// primitives: the bf16 mode's rounding layer (cpu/bf16_mode.cc) rounds inside the
+// composition, and tests use it as is to compare fused ops with their composition.
+//
+// FullForwardingBackend forwards the fused ops too: a decorator that changes only the
+// ops it overrides and leaves the other backend's fused kernels in place (the bf16
+// mode's storage layer; a test's one-op mutation).
 #pragma once
 
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "engine/backend.h"
 
@@ -108,6 +115,51 @@ class ForwardingBackend : public Backend {
  private:
   std::unique_ptr<Backend> owned_;
   Backend* in_;
+};
+
+class FullForwardingBackend : public ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  void ResidualRmsNormForward(float* sum, TensorView out, float* rstd, const float* x, const float* r,
+                              const float* gamma, int N, int d, float eps) override {
+    inner().ResidualRmsNormForward(sum, out, rstd, x, r, gamma, N, d, eps);
+  }
+  void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
+                               const float* gamma, const float* rstd, int N, int d) override {
+    inner().RmsNormBackwardResidual(dx, dgamma, d_residual, dout, x, gamma, rstd, N, d);
+  }
+  void AttentionInputForward(const AttentionShape& s, TensorView xn, const AttentionInputWeights& w,
+                             const AttentionInputActs& a) override {
+    inner().AttentionInputForward(s, xn, w, a);
+  }
+  void AttentionInputBackward(const AttentionShape& s, float* dxn, float* dq, float* dk, const float* dv, TensorView xn,
+                              const AttentionInputWeights& w, const AttentionInputActs& a, const AttentionInputGrads& g,
+                              float* scratch_q, float* scratch_k) override {
+    inner().AttentionInputBackward(s, dxn, dq, dk, dv, xn, w, a, g, scratch_q, scratch_k);
+  }
+  void GateUpSwiGluForward(TensorView act, TensorView gate, TensorView up, TensorView x, const float* w_gate,
+                           const float* w_up, int N, int F, int d) override {
+    inner().GateUpSwiGluForward(act, gate, up, x, w_gate, w_up, N, F, d);
+  }
+  void GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up, const float* d_act,
+                            TensorView gate, TensorView up, TensorView x, const float* w_gate, const float* w_up,
+                            int N, int F, int d) override {
+    inner().GateUpSwiGluBackward(dx, dw_gate, dw_up, d_gate, d_up, d_act, gate, up, x, w_gate, w_up, N, F, d);
+  }
+  void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x, const float* w,
+                          const int32_t* targets, int N, int V, int d, float grad_scale, double* loss_acc) override {
+    inner().LmHeadCrossEntropy(dx, dw, logits, logits_rows, x, w, targets, N, V, d, grad_scale, loss_acc);
+  }
+  void LmHeadLoss(float* logits, int logits_rows, TensorView x, const float* w, const int32_t* targets, int N, int V,
+                  int d, double* loss_acc) override {
+    inner().LmHeadLoss(logits, logits_rows, x, w, targets, N, V, d, loss_acc);
+  }
+  void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& h, const double* guard) override {
+    inner().MultiTensorAdamW(tensors, h, guard);
+  }
+  void AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors) override {
+    inner().AccumulateGlobalSumSquares(acc, tensors);
+  }
 };
 
 }  // namespace sinkscope

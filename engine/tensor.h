@@ -54,8 +54,7 @@ struct TensorView {
   // The view from element `offset` on (row-major, counted in elements of its dtype): the
   // rows of a chunk. Its shape is left to the op's arguments.
   TensorView From(size_t offset) const {
-    TensorView v(data == nullptr ? nullptr : static_cast<char*>(data) + offset * DTypeBytes(dtype), dtype, 0, 0, 0);
-    return v;
+    return {data == nullptr ? nullptr : static_cast<char*>(data) + offset * DTypeBytes(dtype), dtype, 0, 0, 0};
   }
 };
 

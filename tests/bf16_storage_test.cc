@@ -150,55 +150,15 @@ INSTANTIATE_TEST_SUITE_P(Arms, Bf16StorageTest, ::testing::ValuesIn(Arms()),
 // attention's dq, which the contract keeps in fp32 — changes the run. The decorator
 // forwards the fused ops too (ForwardingBackend alone would compose them, which rounds
 // elsewhere: gate and up are rounded by the fused op only).
-class RoundsDq final : public ForwardingBackend {
+class RoundsDq final : public FullForwardingBackend {
  public:
-  explicit RoundsDq(std::unique_ptr<Backend> inner) : ForwardingBackend(std::move(inner)) {}
+  using FullForwardingBackend::FullForwardingBackend;
   const char* Name() const override { return "rounds-dq"; }
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y, const float* lse,
                          const float* ws, TensorView q, TensorView k, TensorView v, int B, int T, int H, int KV,
                          int dh) override {
     inner().AttentionBackward(dq, dk, dv, dy, y, lse, ws, q, k, v, B, T, H, KV, dh);
     for (size_t i = 0, n = static_cast<size_t>(B) * T * H * dh; i < n; ++i) dq[i] = RoundToBf16(dq[i]);
-  }
-  void ResidualRmsNormForward(float* sum, TensorView out, float* rstd, const float* x, const float* r,
-                              const float* gamma, int N, int d, float eps) override {
-    inner().ResidualRmsNormForward(sum, out, rstd, x, r, gamma, N, d, eps);
-  }
-  void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
-                               const float* gamma, const float* rstd, int N, int d) override {
-    inner().RmsNormBackwardResidual(dx, dgamma, d_residual, dout, x, gamma, rstd, N, d);
-  }
-  void AttentionInputForward(const AttentionShape& s, TensorView xn, const AttentionInputWeights& w,
-                             const AttentionInputActs& a) override {
-    inner().AttentionInputForward(s, xn, w, a);
-  }
-  void AttentionInputBackward(const AttentionShape& s, float* dxn, float* dq, float* dk, const float* dv, TensorView xn,
-                              const AttentionInputWeights& w, const AttentionInputActs& a, const AttentionInputGrads& g,
-                              float* scratch_q, float* scratch_k) override {
-    inner().AttentionInputBackward(s, dxn, dq, dk, dv, xn, w, a, g, scratch_q, scratch_k);
-  }
-  void GateUpSwiGluForward(TensorView act, TensorView gate, TensorView up, TensorView x, const float* w_gate,
-                           const float* w_up, int N, int F, int d) override {
-    inner().GateUpSwiGluForward(act, gate, up, x, w_gate, w_up, N, F, d);
-  }
-  void GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up, const float* d_act,
-                            TensorView gate, TensorView up, TensorView x, const float* w_gate, const float* w_up, int N,
-                            int F, int d) override {
-    inner().GateUpSwiGluBackward(dx, dw_gate, dw_up, d_gate, d_up, d_act, gate, up, x, w_gate, w_up, N, F, d);
-  }
-  void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x, const float* w,
-                          const int32_t* targets, int N, int V, int d, float grad_scale, double* loss_acc) override {
-    inner().LmHeadCrossEntropy(dx, dw, logits, logits_rows, x, w, targets, N, V, d, grad_scale, loss_acc);
-  }
-  void LmHeadLoss(float* logits, int logits_rows, TensorView x, const float* w, const int32_t* targets, int N, int V,
-                  int d, double* loss_acc) override {
-    inner().LmHeadLoss(logits, logits_rows, x, w, targets, N, V, d, loss_acc);
-  }
-  void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& h, const double* guard) override {
-    inner().MultiTensorAdamW(tensors, h, guard);
-  }
-  void AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors) override {
-    inner().AccumulateGlobalSumSquares(acc, tensors);
   }
 };
 

@@ -20,7 +20,6 @@
 // stores in bf16. So the two compute the same numbers bit for bit, and a view the model
 // stores in bf16 against the contract (a residual, r_attn, ...) would be rounded and show.
 #include <cstring>
-#include <deque>
 #include <vector>
 
 #include "engine/backend.h"
@@ -118,17 +117,18 @@ class Bf16Rounding final : public ForwardingBackend {
 
 // fp32 host copies of the bf16 views one op touches: In widens a view the op reads, Out
 // gives a buffer narrowed into the view when the op is done, InOut both. fp32 views (and
-// absent ones) pass through untouched.
+// absent ones) pass through untouched. The buffers come from the backend's pool, which
+// keeps the largest size each slot has needed: no allocation per op once warm.
 class Staging {
  public:
-  Staging() = default;
+  explicit Staging(std::vector<std::vector<float>>& pool) : pool_(pool) {}
   Staging(const Staging&) = delete;
   Staging& operator=(const Staging&) = delete;
   ~Staging() {
-    for (const auto& [view, buffer] : write_back_) {
-      auto* out = static_cast<uint16_t*>(view.data);
-      const float* in = buffer->data();
-      const int64_t n = static_cast<int64_t>(buffer->size());
+    for (const WriteBack& w : write_back_) {
+      auto* out = static_cast<uint16_t*>(w.view.data);
+      const float* in = pool_[w.slot].data();
+      const int64_t n = static_cast<int64_t>(w.n);
 #pragma omp parallel for simd schedule(static)
       for (int64_t i = 0; i < n; ++i) out[i] = FloatToBf16Bits(in[i]);
     }
@@ -141,7 +141,10 @@ class Staging {
   TensorView Stage(TensorView v, size_t n, bool read, bool write) {
     if (!v || v.is_f32()) return v;
     if (v.dtype != DType::kBF16) v.f32("the cpu-bf16 backend");  // names the dtype and aborts
-    std::vector<float>& buffer = buffers_.emplace_back(n);
+    const size_t slot = used_++;
+    if (slot == pool_.size()) pool_.emplace_back();
+    std::vector<float>& buffer = pool_[slot];  // its data stays put when the pool grows
+    if (buffer.size() < n) buffer.resize(n);
     if (read) {
       const auto* in = static_cast<const uint16_t*>(v.data);
       float* out = buffer.data();
@@ -149,51 +152,58 @@ class Staging {
 #pragma omp parallel for simd schedule(static)
       for (int64_t i = 0; i < count; ++i) out[i] = Bf16BitsToFloat(in[i]);
     }
-    if (write) write_back_.emplace_back(v, &buffer);
+    if (write) write_back_.push_back({v, slot, n});
     return buffer.data();
   }
-  std::deque<std::vector<float>> buffers_;  // a deque: the addresses stay put as it grows
-  std::vector<std::pair<TensorView, std::vector<float>*>> write_back_;
+  struct WriteBack {
+    TensorView view;
+    size_t slot, n;
+  };
+  std::vector<std::vector<float>>& pool_;
+  size_t used_ = 0;
+  std::vector<WriteBack> write_back_;
 };
 
-class Bf16Storage final : public ForwardingBackend {
+// Over the rounding layer, forwarding the ops with no view (AdamW, the norm backward
+// with the residual, the gradient norm) as they are.
+class Bf16Storage final : public FullForwardingBackend {
  public:
-  explicit Bf16Storage(std::unique_ptr<Backend> rounding) : ForwardingBackend(std::move(rounding)) {}
+  explicit Bf16Storage(std::unique_ptr<Backend> rounding) : FullForwardingBackend(std::move(rounding)) {}
   const char* Name() const override { return "cpu-bf16"; }
   DType ActivationDType() const override { return DType::kBF16; }
 
   // Every op with a view argument: bf16 views staged through fp32, the rounding layer's op.
   void AddRowBias(TensorView x, const float* b, int N, int n) override {
-    Staging st;
+    Staging st(pool_);
     inner().AddRowBias(st.InOut(x, Count(N, n)), b, N, n);
   }
   void AccumulateTokenNormSum(float* acc, TensorView x, int B, int T, int G, int C, int P) override {
-    Staging st;
+    Staging st(pool_);
     inner().AccumulateTokenNormSum(acc, st.In(x, Count(B, T, G, C)), B, T, G, C, P);
   }
   void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, TensorView a, TensorView b, float beta,
             TensorView c) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView a32 = st.In(a, Count(m, k)), b32 = st.In(b, Count(k, n));
     inner().Gemm(ta, tb, m, n, k, alpha, a32, b32, beta, beta != 0 ? st.InOut(c, Count(m, n)) : st.Out(c, Count(m, n)));
   }
   void RmsNormForward(TensorView o, float* r, TensorView x, const float* g, int N, int d, float e) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView x32 = st.In(x, Count(N, d));
     inner().RmsNormForward(st.Out(o, Count(N, d)), r, x32, g, N, d, e);
   }
   void RmsNormBackward(float* dx, float* dg, const float* go, TensorView x, const float* g, const float* r, int N,
                        int d) override {
-    Staging st;
+    Staging st(pool_);
     inner().RmsNormBackward(dx, dg, go, st.In(x, Count(N, d)), g, r, N, d);
   }
   void RopeForward(TensorView x, int B, int T, int h, int dh, const RotaryFrequencies& r) override {
-    Staging st;
+    Staging st(pool_);
     inner().RopeForward(st.InOut(x, Count(B, T, h, dh)), B, T, h, dh, r);
   }
   void AttentionForward(TensorView y, float* lse, float* ws, TensorView q, TensorView k, TensorView v, int B, int T,
                         int H, int KV, int dh) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView q32 = st.In(q, Count(B, T, H, dh)), k32 = st.In(k, Count(B, T, KV, dh)),
                      v32 = st.In(v, Count(B, T, KV, dh));
     inner().AttentionForward(st.Out(y, Count(B, T, H, dh)), lse, ws, q32, k32, v32, B, T, H, KV, dh);
@@ -201,63 +211,60 @@ class Bf16Storage final : public ForwardingBackend {
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y, const float* lse,
                          const float* ws, TensorView q, TensorView k, TensorView v, int B, int T, int H, int KV,
                          int dh) override {
-    Staging st;
+    Staging st(pool_);
     inner().AttentionBackward(dq, dk, dv, dy, st.In(y, Count(B, T, H, dh)), lse, ws, st.In(q, Count(B, T, H, dh)),
                               st.In(k, Count(B, T, KV, dh)), st.In(v, Count(B, T, KV, dh)), B, T, H, KV, dh);
   }
   void AttentionColumnStats(float* a, float* m, float* s2, float* r, TensorView q, TensorView k, const float* lse,
                             int B, int T, int H, int KV, int dh, const ColumnStatsRequest& req) override {
-    Staging st;
+    Staging st(pool_);
     inner().AttentionColumnStats(a, m, s2, r, st.In(q, Count(B, T, H, dh)), st.In(k, Count(B, T, KV, dh)), lse, B, T, H,
                                  KV, dh, req);
   }
   void VScaleForward(TensorView vh, TensorView v, const float* th, int N, int KV, int dh, double c,
                      VScaleMode mode) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView v32 = st.In(v, Count(N, KV, dh));
     inner().VScaleForward(st.Out(vh, Count(N, KV, dh)), v32, th, N, KV, dh, c, mode);
   }
   void VScaleBackward(float* dv, float* dth, const float* dvh, TensorView v, const float* th, int N, int KV, int dh,
                       double c, VScaleMode mode) override {
-    Staging st;
+    Staging st(pool_);
     inner().VScaleBackward(dv, dth, dvh, st.In(v, Count(N, KV, dh)), th, N, KV, dh, c, mode);
   }
   void SwiGluForward(TensorView h, TensorView g, TensorView u, int N, int F) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView g32 = st.In(g, Count(N, F)), u32 = st.In(u, Count(N, F));
     inner().SwiGluForward(st.Out(h, Count(N, F)), g32, u32, N, F);
   }
   void SwiGluBackward(float* dg, float* du, const float* dh, TensorView g, TensorView u, int N, int F) override {
-    Staging st;
+    Staging st(pool_);
     inner().SwiGluBackward(dg, du, dh, st.In(g, Count(N, F)), st.In(u, Count(N, F)), N, F);
   }
 
   // The fused ops: staged whole, so the rounding layer runs its own fused op.
   void ResidualRmsNormForward(float* sum, TensorView out, float* rstd, const float* x, const float* r,
                               const float* gamma, int N, int d, float eps) override {
-    Staging st;
+    Staging st(pool_);
     inner().ResidualRmsNormForward(sum, st.Out(out, Count(N, d)), rstd, x, r, gamma, N, d, eps);
   }
-  void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
-                               const float* gamma, const float* rstd, int N, int d) override {
-    inner().RmsNormBackwardResidual(dx, dgamma, d_residual, dout, x, gamma, rstd, N, d);
-  }
+
   void AttentionInputForward(const AttentionShape& s, TensorView xn, const AttentionInputWeights& w,
                              const AttentionInputActs& a) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView xn32 = st.In(xn, Count(s.N(), s.d));
     inner().AttentionInputForward(s, xn32, w, StageActs(st, s, a, /*written=*/true));
   }
   void AttentionInputBackward(const AttentionShape& s, float* dxn, float* dq, float* dk, const float* dv, TensorView xn,
                               const AttentionInputWeights& w, const AttentionInputActs& a, const AttentionInputGrads& g,
                               float* scratch_q, float* scratch_k) override {
-    Staging st;
+    Staging st(pool_);
     inner().AttentionInputBackward(s, dxn, dq, dk, dv, st.In(xn, Count(s.N(), s.d)), w,
                                    StageActs(st, s, a, /*written=*/false), g, scratch_q, scratch_k);
   }
   void GateUpSwiGluForward(TensorView act, TensorView gate, TensorView up, TensorView x, const float* w_gate,
                            const float* w_up, int N, int F, int d) override {
-    Staging st;
+    Staging st(pool_);
     const TensorView x32 = st.In(x, Count(N, d));
     inner().GateUpSwiGluForward(st.Out(act, Count(N, F)), st.Out(gate, Count(N, F)), st.Out(up, Count(N, F)), x32,
                                 w_gate, w_up, N, F, d);
@@ -265,26 +272,20 @@ class Bf16Storage final : public ForwardingBackend {
   void GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up, const float* d_act,
                             TensorView gate, TensorView up, TensorView x, const float* w_gate, const float* w_up, int N,
                             int F, int d) override {
-    Staging st;
+    Staging st(pool_);
     inner().GateUpSwiGluBackward(dx, dw_gate, dw_up, d_gate, d_up, d_act, st.In(gate, Count(N, F)),
                                  st.In(up, Count(N, F)), st.In(x, Count(N, d)), w_gate, w_up, N, F, d);
   }
   void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x, const float* w,
                           const int32_t* targets, int N, int V, int d, float grad_scale, double* loss_acc) override {
-    Staging st;
+    Staging st(pool_);
     inner().LmHeadCrossEntropy(dx, dw, logits, logits_rows, st.In(x, Count(N, d)), w, targets, N, V, d, grad_scale,
                                loss_acc);
   }
   void LmHeadLoss(float* logits, int logits_rows, TensorView x, const float* w, const int32_t* targets, int N, int V,
                   int d, double* loss_acc) override {
-    Staging st;
+    Staging st(pool_);
     inner().LmHeadLoss(logits, logits_rows, st.In(x, Count(N, d)), w, targets, N, V, d, loss_acc);
-  }
-  void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& h, const double* guard) override {
-    inner().MultiTensorAdamW(tensors, h, guard);
-  }
-  void AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors) override {
-    inner().AccumulateGlobalSumSquares(acc, tensors);
   }
 
  private:
@@ -305,6 +306,7 @@ class Bf16Storage final : public ForwardingBackend {
   static size_t Count(Dims... dims) {
     return (size_t{1} * ... * static_cast<size_t>(dims));
   }
+  std::vector<std::vector<float>> pool_;  // Staging's buffers
 };
 
 }  // namespace
