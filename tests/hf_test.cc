@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -1124,6 +1125,240 @@ TEST_F(HfTest, SixteenBitWeightsStayInSixteenBitsAndProbeAsTheirFp32Values) {
     const float first = w["model.embed_tokens.weight"].second[0];
     EXPECT_EQ(e[0], bf16 ? RoundToBf16(first) : F16BitsToFloat(FloatToF16Bits(first)));
   }
+}
+
+// --- what a damaged or unusual folder used to get through without a word --------------
+
+// Rewrites the JSON header of a safetensors file with `edit`, keeping its data section
+// (followed by `extra` bytes).
+void EditSafetensorsHeader(const fs::path& path, const std::function<void(nlohmann::json&)>& edit,
+                           const std::string& extra = "") {
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  nlohmann::json header = nlohmann::json::parse(bytes.substr(8, n));
+  const std::string data = bytes.substr(8 + n) + extra;
+  edit(header);
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  n = h.size();
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out << h << data;
+}
+
+std::string Range(const nlohmann::json& header, const std::string& name) {
+  const auto& o = header.at(name).at("data_offsets");
+  return "[" + std::to_string(o[0].get<size_t>()) + ", " + std::to_string(o[1].get<size_t>()) + ")";
+}
+
+// The safetensors format's rule, as its reference implementation enforces it: the
+// tensors' byte ranges tile the data section (no overlap, no gap, nothing after).
+TEST_F(HfTest, SafetensorsRangesMustTileTheDataSection) {
+  auto c = Read(Base());
+  ASSERT_TRUE(c.ok());
+  auto m = Model::Create(*c, backend_.get());
+  ASSERT_TRUE(m.ok());
+  (*m)->InitWeights(2);
+  const fs::path good = dir_ / "good";
+  ASSERT_TRUE(ExportHf(**m, good.string()).ok());
+  ASSERT_TRUE(LoadHfModel(good.string(), backend_.get()).ok());
+  nlohmann::json header;
+  EditSafetensorsHeader(good / "model.safetensors", [&](nlohmann::json& h) { header = h; });
+  const std::string k = "model.layers.0.self_attn.k_proj.weight", v = "model.layers.0.self_attn.v_proj.weight";
+  auto variant = [&](const std::string& name, const std::function<void(nlohmann::json&)>& edit,
+                     const std::string& extra = "") {
+    const fs::path folder = dir_ / name;
+    fs::copy(good, folder, fs::copy_options::recursive);
+    EditSafetensorsHeader(folder / "model.safetensors", edit, extra);
+    auto loaded = LoadHfModel(folder.string(), backend_.get());
+    EXPECT_FALSE(loaded.ok()) << name;
+    auto probing = LoadHfModelForProbing(folder.string(), backend_.get());
+    EXPECT_FALSE(probing.ok()) << name;
+    return loaded.ok() ? std::string() : (folder / "model.safetensors").string() + " | " + loaded.status().message();
+  };
+  // v_proj pointing at k_proj's bytes (both [kv_dim, d]): it used to load as a copy of k.
+  std::string e = variant("overlap", [&](nlohmann::json& h) { h[v]["data_offsets"] = h[k]["data_offsets"]; });
+  EXPECT_THAT(e, HasSubstr("model.safetensors: tensor " + v + "'s data_offsets " + Range(header, k) +
+                           " overlap tensor " + k + "'s " + Range(header, k)));
+  // A tensor dropped from the header leaves its bytes to no one.
+  e = variant("gap", [&](nlohmann::json& h) { h.erase(v); });
+  EXPECT_THAT(e, HasSubstr("bytes " + Range(header, v) + " of the data section belong to no tensor"));
+  // Bytes after the last tensor.
+  size_t data_len = 0;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    if (it.key() != "__metadata__") data_len = std::max(data_len, it.value()["data_offsets"][1].get<size_t>());
+  }
+  e = variant("trailing", [](nlohmann::json&) {}, std::string(8, '\0'));
+  EXPECT_THAT(e, HasSubstr("the data section holds " + std::to_string(data_len + 8) + " bytes; the tensors cover [0, " +
+                           std::to_string(data_len) + ")"));
+  // An offset that is not a byte count.
+  e = variant("text", [&](nlohmann::json& h) { h[v]["data_offsets"][0] = "zero"; });
+  EXPECT_THAT(e, HasSubstr("tensor " + v + " has data_offsets [\"zero\","));
+}
+
+// A NaN or ±inf weight used to probe with exit 0 and print null for the loss: refused
+// before the pass, naming the file, the tensor and the element, in fp32 and as held in
+// 16 bits.
+TEST_F(HfTest, NonFiniteWeightsAreRefusedNamingTheTensor) {
+  auto c = Read(Base());
+  ASSERT_TRUE(c.ok());
+  auto m = Model::Create(*c, backend_.get());
+  ASSERT_TRUE(m.ok());
+  (*m)->InitWeights(6);
+  for (const auto& [name, value, shown] : {std::tuple{"model.layers.1.mlp.up_proj.weight", NAN, "NaN"},
+                                           std::tuple{"model.norm.weight", INFINITY, "+inf"}}) {
+    std::vector<float> p = (*m)->ParamsToHost();
+    const ParamTensor* t = (*m)->FindTensor(name);
+    ASSERT_NE(t, nullptr);
+    p[t->offset + 5] = value;
+    (*m)->ParamsFromHost(p);
+    const fs::path folder = dir_ / shown;
+    ASSERT_TRUE(ExportHf(**m, folder.string()).ok());
+    const std::string want = (folder / "model.safetensors").string() + ": tensor " + name + " holds " + shown +
+                             " at element 5 of " + std::to_string(t->size);
+    auto loaded = LoadHfModel(folder.string(), backend_.get());
+    ASSERT_FALSE(loaded.ok());
+    EXPECT_THAT(loaded.status().message(), HasSubstr(want));
+    auto probing = LoadHfModelForProbing(folder.string(), backend_.get());
+    ASSERT_FALSE(probing.ok());
+    EXPECT_THAT(probing.status().message(), HasSubstr(want));
+    (*m)->InitWeights(6);
+  }
+  for (bool bf16 : {true, false}) {  // kept in 16 bits: the stored bits are checked
+    std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> w;
+    const std::vector<float> p = (*m)->ParamsToHost();
+    for (const ParamTensor& t : (*m)->tensors()) {
+      if (t.name.find("vscale_theta") != std::string::npos) continue;
+      w[t.name] = {t.shape, std::vector<float>(p.begin() + t.offset, p.begin() + t.offset + t.size)};
+    }
+    w["model.layers.0.self_attn.o_proj.weight"].second[3] = -INFINITY;
+    const fs::path folder = dir_ / (bf16 ? "bf16" : "f16");
+    fs::create_directories(folder);
+    std::ofstream(folder / "config.json") << Base().dump(1);
+    WriteHalfSafetensors(folder / "model.safetensors", w, bf16);
+    auto held = LoadHfModelForProbing(folder.string(), backend_.get());
+    ASSERT_FALSE(held.ok());
+    EXPECT_THAT(held.status().message(), HasSubstr("tensor model.layers.0.self_attn.o_proj.weight holds -inf at element 3"));
+  }
+}
+
+// tie_word_embeddings: the head is the embedding (Transformers' tie_weights), so a
+// different lm_head.weight in the file is ignored, and now said so.
+TEST_F(HfTest, TiedEmbeddingsWarnOfAnLmHeadTheyIgnore) {
+  nlohmann::json config = Base();
+  config["tie_word_embeddings"] = true;
+  auto c = Read(config);
+  ASSERT_TRUE(c.ok());
+  auto m = Model::Create(*c, backend_.get());
+  ASSERT_TRUE(m.ok());
+  (*m)->InitWeights(8);
+  const fs::path tied = dir_ / "tied";
+  ASSERT_TRUE(ExportHf(**m, tied.string()).ok());
+  auto file = ReadSafetensors((tied / "model.safetensors").string());
+  ASSERT_TRUE(file.ok());
+  ASSERT_FALSE(file->tensors.count("lm_head.weight"));
+  for (bool same : {true, false}) {
+    std::vector<std::vector<float>> keep;
+    keep.reserve(file->tensors.size() + 1);  // the tensors point into it
+    std::vector<TensorToWrite> tensors;
+    for (const auto& [name, t] : file->tensors) {
+      keep.emplace_back(t.values.begin(), t.values.end());
+      tensors.push_back({name, t.shape, keep.back().data()});
+    }
+    const HostTensor& embed = file->tensors.at("model.embed_tokens.weight");
+    keep.emplace_back(embed.values.begin(), embed.values.end());
+    if (!same) keep.back()[7] += 0.5f;
+    tensors.push_back({"lm_head.weight", embed.shape, keep.back().data()});
+    ASSERT_TRUE(WriteSafetensors((tied / "model.safetensors").string(), tensors, {}).ok());
+    std::vector<std::string> warnings;
+    auto loaded = LoadHfModel(tied.string(), backend_.get(), {}, &warnings);
+    ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+    EXPECT_EQ((*loaded)->ParamsToHost(), (*m)->ParamsToHost());  // the head is the embedding either way
+    if (same) {
+      EXPECT_TRUE(warnings.empty()) << warnings[0];
+    } else {
+      ASSERT_EQ(warnings.size(), 1u);
+      EXPECT_THAT(warnings[0], HasSubstr((tied / "model.safetensors").string() +
+                                         ": tie_word_embeddings is true, so tensor lm_head.weight is ignored: it "
+                                         "differs from model.embed_tokens.weight"));
+    }
+  }
+}
+
+// Configs that Hugging Face reads two ways, or that were read without a word: refused
+// like rope_theta's two places, or read as Transformers 5 does with a warning; and the
+// file's keys named in range errors.
+TEST_F(HfTest, ConfigsReadTwoWaysAreRefusedOrSaid) {
+  // No model_type: AutoConfig refuses it; it used to be read as llama.
+  nlohmann::json j = Base();
+  j.erase("model_type");
+  EXPECT_THAT(ReadError(j), HasSubstr("config.json: model_type is missing (llama, mistral, qwen2, qwen3 or glm)"));
+  j["model_type"] = nullptr;
+  EXPECT_THAT(ReadError(j), HasSubstr("model_type is missing"));
+  // GLM's partial_rotary_factor at the top and in rope_parameters: the same value reads,
+  // two values are refused (it used to take the top level's).
+  j = Base();
+  j["model_type"] = "glm";
+  j["partial_rotary_factor"] = 0.5;
+  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}, {"partial_rotary_factor", 0.5}};
+  auto g = Read(j);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->rotary_dim, 4);
+  j["rope_parameters"]["partial_rotary_factor"] = 0.25;
+  EXPECT_THAT(ReadError(j), HasSubstr("config.json: partial_rotary_factor 0.5 and "
+                                      "rope_parameters.partial_rotary_factor 0.25 disagree"));
+  j.erase("partial_rotary_factor");  // one place: read from there
+  g = Read(j);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->rotary_dim, 2);
+  // Range errors name the file's key and the value, not the engine's field.
+  j = Base();
+  j["rms_norm_eps"] = -1e-6;
+  EXPECT_THAT(ReadError(j), HasSubstr("config.json: rms_norm_eps must be positive, got -1e-06"));
+  j = Base();
+  j["num_hidden_layers"] = 0;
+  EXPECT_THAT(ReadError(j), HasSubstr("config.json: num_hidden_layers must be positive, got 0"));
+  j = Base();
+  j["max_position_embeddings"] = -4;
+  EXPECT_THAT(ReadError(j), HasSubstr("config.json: max_position_embeddings must be positive, got -4"));
+  // yarn's factor against max_position_embeddings / original_max_position_embeddings:
+  // Transformers 5 reads the factor, 4.5x read the ratio. The factor, with a warning.
+  const std::string path = (dir_ / "config.json").string();
+  j = Base();
+  j["max_position_embeddings"] = 64;
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 8.0}, {"original_max_position_embeddings", 16}};
+  std::ofstream(path) << j.dump(1);
+  auto yarn = ReadHfConfigAndType(path);
+  ASSERT_TRUE(yarn.ok()) << yarn.status().ToString();
+  EXPECT_EQ(yarn->config.rope_scaling.factor, 8.0);
+  ASSERT_EQ(yarn->warnings.size(), 1u);
+  EXPECT_THAT(yarn->warnings[0],
+              HasSubstr(path + ": rope_scaling.factor = 8 differs from max_position_embeddings / "
+                               "original_max_position_embeddings = 64 / 16 = 4; read as Transformers 5 reads it "
+                               "(the factor, 8), where Transformers 4.5x used the ratio"));
+  j["rope_scaling"]["factor"] = 4.0;  // agreeing, or either absent: nothing to say
+  std::ofstream(path) << j.dump(1);
+  EXPECT_TRUE(ReadHfConfigAndType(path)->warnings.empty());
+  j["rope_scaling"].erase("original_max_position_embeddings");
+  std::ofstream(path) << j.dump(1);
+  EXPECT_TRUE(ReadHfConfigAndType(path)->warnings.empty());
+  // Mistral's sliding window bounds the context, and says so.
+  j = Base();
+  j["model_type"] = "mistral";
+  j["sliding_window"] = 8;
+  std::ofstream(path) << j.dump(1);
+  auto mistral = ReadHfConfigAndType(path);
+  ASSERT_TRUE(mistral.ok());
+  EXPECT_EQ(mistral->config.context, 8);
+  EXPECT_THAT(mistral->context_limit, HasSubstr("Mistral's sliding_window in " + path));
+  j["sliding_window"] = 4096;  // beyond max_position_embeddings: the context bounds it
+  std::ofstream(path) << j.dump(1);
+  EXPECT_EQ(ReadHfConfigAndType(path)->context_limit, "");
 }
 
 }  // namespace

@@ -51,8 +51,11 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   if (ec && ec != std::errc::no_such_file_or_directory) return InvalidArgumentError(checkpoint + ": " + ec.message());
   // The model's shape first: whether one pass's activations fit decides recomputation.
   ModelConfig shape;
+  std::string context_limit = "the model's context";
   if (is_folder) {
-    ASSIGN_OR_RETURN(shape, ReadHfConfig(checkpoint + "/config.json"));
+    ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(checkpoint + "/config.json"));
+    shape = hf.config;
+    if (!hf.context_limit.empty()) context_limit = hf.context_limit;
   } else {
     ASSIGN_OR_RETURN(shape, ReadCheckpointConfig(checkpoint));
   }
@@ -65,7 +68,9 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
                          keep_all + 2.0 * shape.ParameterCount() > 0.8 * available);
   }
   if (is_folder) {
-    ASSIGN_OR_RETURN(model, LoadHfModelForProbing(checkpoint, backend, result.recomputed));
+    std::vector<std::string> warnings;
+    ASSIGN_OR_RETURN(model, LoadHfModelForProbing(checkpoint, backend, result.recomputed, &warnings));
+    for (const std::string& w : warnings) say("warning: " + w);
   } else {
     ASSIGN_OR_RETURN(ModelConfig config, ReadCheckpointConfig(checkpoint));
     ASSIGN_OR_RETURN(model, Model::Create(config, backend,
@@ -90,8 +95,8 @@ StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* b
   result.arm = VScaleModeName(c.vscale);
   const int B = job.batch, T = job.seq == 0 ? c.context : job.seq;
   if (T <= 0 || T > c.context) {
-    return InvalidArgumentError("the sequence length must be in [1, " + std::to_string(c.context) + "] (the model's context), got " +
-                                std::to_string(T));
+    return InvalidArgumentError("the sequence length must be in [1, " + std::to_string(c.context) + "] (" +
+                                context_limit + "), got " + std::to_string(T));
   }
   std::vector<int32_t> stream;
   if (!job.tokens.empty()) {

@@ -1,6 +1,9 @@
 #include "training/hf.h"
 
+#include <xxhash.h>
+
 #include <algorithm>
+#include <cctype>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -10,7 +13,9 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <utility>
 
+#include "base/log.h"
 #include "data/data.h"
 
 namespace sinkscope {
@@ -49,6 +54,30 @@ Status OptionalBool(const nlohmann::json& obj, const std::string& where, const c
   return OkStatus();
 }
 
+// ModelConfig::Validate names the engine's fields ("model.layers"); a config.json's
+// reader names the file's keys ("num_hidden_layers") where the field has one.
+std::string InHfTerms(std::string message) {
+  static const std::pair<const char*, const char*> kKeys[] = {
+#define SINKSCOPE_FIELD_KEY(type, name, value, hf, required) {"model." #name, hf},
+      SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_KEY)
+#undef SINKSCOPE_FIELD_KEY
+  };
+  for (const auto& [field, key] : kKeys) {
+    if (*key == '\0') continue;
+    const size_t n = std::strlen(field);
+    for (size_t at = message.find(field); at != std::string::npos; at = message.find(field, at)) {
+      const char next = at + n < message.size() ? message[at + n] : ' ';
+      if (std::isalnum(static_cast<unsigned char>(next)) || next == '_') {  // a longer name
+        at += n;
+        continue;
+      }
+      message.replace(at, n, key);
+      at += std::strlen(key);
+    }
+  }
+  return message;
+}
+
 std::string FormatNumber(double v) {
   char b[32];
   std::snprintf(b, sizeof b, "%.10g", v);
@@ -58,7 +87,8 @@ std::string FormatNumber(double v) {
 // Reads a RoPE parameter object: `rope_scaling` (Transformers 4) or `rope_parameters`
 // (Transformers 5, which also carries rope_theta). `where` is "config.json: rope_scaling.".
 Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max_position_embeddings,
-                      ModelConfig* c, double* rope_theta_inside, double* partial_inside) {
+                      ModelConfig* c, double* rope_theta_inside, double* partial_inside,
+                      std::vector<std::string>* warnings) {
   if (!r.is_object()) return InvalidArgumentError(where.substr(0, where.size() - 1) + " must be an object, got " + Quoted(r));
   static const char* const kKnown[] = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
                                        "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
@@ -135,8 +165,21 @@ Status ReadRopeObject(const nlohmann::json& r, const std::string& where, int max
       RETURN_IF_ERROR(OptionalInt(r, where, "original_max_position_embeddings", &s.original_max_position_embeddings));
       // Transformers 5: an explicit factor wins; without one it is the ratio of the
       // post-YaRN to the pre-YaRN context.
-      s.factor = static_cast<double>(max_position_embeddings) / std::max(s.original_max_position_embeddings, 1);
+      const double ratio = static_cast<double>(max_position_embeddings) / std::max(s.original_max_position_embeddings, 1);
+      s.factor = ratio;
       RETURN_IF_ERROR(OptionalNumber(r, where, "factor", &s.factor));
+      // Transformers 4.5x read the ratio instead whenever original_max_position_embeddings
+      // was given: the two readings give other frequencies and attention scaling.
+      const bool explicit_original = r.contains("original_max_position_embeddings") &&
+                                     !r["original_max_position_embeddings"].is_null();
+      if (explicit_original && r.contains("factor") && !r["factor"].is_null() && s.factor != ratio) {
+        warnings->push_back(where + "factor = " + FormatNumber(s.factor) +
+                            " differs from max_position_embeddings / original_max_position_embeddings = " +
+                            std::to_string(max_position_embeddings) + " / " +
+                            std::to_string(s.original_max_position_embeddings) + " = " + FormatNumber(ratio) +
+                            "; read as Transformers 5 reads it (the factor, " + FormatNumber(s.factor) +
+                            "), where Transformers 4.5x used the ratio");
+      }
       RETURN_IF_ERROR(OptionalNumber(r, where, "beta_fast", &s.beta_fast));
       RETURN_IF_ERROR(OptionalNumber(r, where, "beta_slow", &s.beta_slow));
       RETURN_IF_ERROR(OptionalBool(r, where, "truncate", &s.truncate));
@@ -166,6 +209,7 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return InvalidArgumentError(path + ": not a JSON object");
   const std::string where = path + ": ";
+  HfConfig hf;
   ModelConfig c;
   auto need_int = [&](const char* key, int* out) -> Status {
     if (!j.contains(key) || j[key].is_null()) return InvalidArgumentError(where + "missing integer " + key);
@@ -173,8 +217,14 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   };
   // The architectures of the paper's Figure 1 that share Llama's block: Llama, Mistral
   // (within its sliding window), Qwen2/2.5 (q, k, v biases), Qwen3 (q_norm, k_norm).
-  std::string type = "llama";
-  if (j.contains("model_type") && !j["model_type"].is_null()) {
+  // Without model_type there is no architecture to read the keys as (Transformers'
+  // AutoConfig refuses such a config too): it is refused, not taken for Llama.
+  if (!j.contains("model_type") || j["model_type"].is_null()) {
+    return InvalidArgumentError(where + "model_type is missing (llama, mistral, qwen2, qwen3 or glm); the keys "
+                                "cannot be read without the architecture they belong to");
+  }
+  std::string type;
+  {
     const bool known = j["model_type"].is_string() &&
                        (j["model_type"] == "llama" || j["model_type"] == "mistral" || j["model_type"] == "qwen2" ||
                         j["model_type"] == "qwen3" || j["model_type"] == "glm");
@@ -213,7 +263,7 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   // scaling in rope_scaling (4) or rope_parameters (5). Two values that disagree, or a
   // scaling given twice, are refused rather than one silently chosen.
   c.rope_theta = 10000.0;
-  double partial_inside = 0;  // a partial_rotary_factor inside rope_parameters
+  double partial_inside = NAN;  // a partial_rotary_factor inside rope_parameters
   bool have_theta = j.contains("rope_theta") && !j["rope_theta"].is_null();
   RETURN_IF_ERROR(OptionalNumber(j, where, "rope_theta", &c.rope_theta));
   const bool have_scaling = j.contains("rope_scaling") && !j["rope_scaling"].is_null();
@@ -224,7 +274,7 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   if (have_scaling || have_parameters) {
     const char* key = have_scaling ? "rope_scaling" : "rope_parameters";
     double inside = 0;
-    RETURN_IF_ERROR(ReadRopeObject(j[key], where + key + ".", c.context, &c, &inside, &partial_inside));
+    RETURN_IF_ERROR(ReadRopeObject(j[key], where + key + ".", c.context, &c, &inside, &partial_inside, &hf.warnings));
     if (inside != 0) {
       if (have_theta && inside != c.rope_theta) {
         return InvalidArgumentError(where + "rope_theta " + Quoted(j["rope_theta"]) + " and " + key +
@@ -236,8 +286,13 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   }
   // GLM rotates part of each head (GlmConfig's default half): rotary_dim channels.
   double partial = type == "glm" ? 0.5 : 1.0;
-  if (partial_inside != 0) partial = partial_inside;
+  if (!std::isnan(partial_inside)) partial = partial_inside;
   RETURN_IF_ERROR(OptionalNumber(j, where, "partial_rotary_factor", &partial));
+  if (!std::isnan(partial_inside) && partial != partial_inside) {  // as rope_theta's two places
+    const char* key = have_scaling ? "rope_scaling" : "rope_parameters";
+    return InvalidArgumentError(where + "partial_rotary_factor " + Quoted(j["partial_rotary_factor"]) + " and " + key +
+                                ".partial_rotary_factor " + Quoted(j[key]["partial_rotary_factor"]) + " disagree");
+  }
   if (partial != 1.0 && type != "glm") {
     return InvalidArgumentError(where + "partial_rotary_factor = " + FormatNumber(partial) +
                                 " is not supported for model_type " + type + " (the whole head is rotated)");
@@ -256,6 +311,12 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   RETURN_IF_ERROR(OptionalNumber(j, where, "rms_norm_eps", &c.rms_eps));
   c.init_std = 0.02;
   RETURN_IF_ERROR(OptionalNumber(j, where, "initializer_range", &c.init_std));
+  // Named here by the file's keys, with the value (Validate would name the engine's field).
+  for (const auto& [key, value] : {std::pair<const char*, double>{"rope_theta", c.rope_theta},
+                                   {"rms_norm_eps", c.rms_eps},
+                                   {"initializer_range", c.init_std}}) {
+    if (!(value > 0)) return InvalidArgumentError(where + key + " must be positive, got " + FormatNumber(value));
+  }
   c.tied_embeddings = false;
   RETURN_IF_ERROR(OptionalBool(j, where, "tie_word_embeddings", &c.tied_embeddings));
   if (j.contains("hidden_act") && !j["hidden_act"].is_null() &&
@@ -282,7 +343,11 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
     int window = 4096;  // MistralConfig's default
     if (j.contains("sliding_window") && j["sliding_window"].is_null()) window = 0;  // null: no window
     RETURN_IF_ERROR(OptionalInt(j, where, "sliding_window", &window));
-    if (window > 0) c.context = std::min(c.context, window);
+    if (window > 0 && window < c.context) {
+      c.context = window;
+      hf.context_limit = "Mistral's sliding_window in " + path +
+                         ": past it each token attends to a window only, which the engine does not compute";
+    }
   }
   std::string arm = "baseline";
   if (j.contains("sinkscope_vscale") && !j["sinkscope_vscale"].is_null()) {
@@ -297,8 +362,10 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   c.vscale_sigma = 0;  // σ = initializer_range unless the export says otherwise
   RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_vscale_sigma", &c.vscale_sigma));
   if (c.vscale_sigma == c.init_std) c.vscale_sigma = 0;
-  if (Status s = c.Validate(); !s.ok()) return InvalidArgumentError(where + s.message());
-  return HfConfig{c, type};
+  if (Status s = c.Validate(); !s.ok()) return InvalidArgumentError(where + InHfTerms(s.message()));
+  hf.config = c;
+  hf.model_type = type;
+  return hf;
 }
 
 namespace {
@@ -375,6 +442,15 @@ Status GlmToEngineLayoutRaw(const ModelConfig& c, RawSafetensors& file) {
   return OkStatus();
 }
 
+Status NonFiniteError(const std::string& tensor, size_t index, double stored, size_t numel) {
+  const std::string what = std::isnan(stored)    ? "NaN"
+                           : std::isinf(stored) ? (stored > 0 ? "+inf" : "-inf")
+                                                : FormatNumber(stored) + " (beyond float32's range)";
+  return InvalidArgumentError("tensor " + tensor + " holds " + what + " at element " + std::to_string(index) + " of " +
+                              std::to_string(numel) + ": a model with weights that are not finite has no loss or "
+                              "measurement to report");
+}
+
 // Copies the tensors of `file` the model has, each as it is held: 16-bit matrices of the
 // model's dtype as they are, everything else through fp32.
 Status CopyRawTensors(Model& model, const RawSafetensors& file, std::set<std::string>& found) {
@@ -392,11 +468,16 @@ Status CopyRawTensors(Model& model, const RawSafetensors& file, std::set<std::st
       os << "]";
       return InvalidArgumentError(os.str());
     }
+    // A weight that is NaN or ±inf makes every measurement NaN: refused before the pass.
     if (model.Holds16(t) && r.dtype == held) {
+      if (const int64_t bad = FirstNonFinite(r); bad >= 0) return NonFiniteError(t.name, bad, RawValue(r, bad), t.size);
       model.SetTensor16(t, r.data);
     } else {
       std::vector<float> values(t.size);
-      for (size_t i = 0; i < t.size; ++i) values[i] = static_cast<float>(RawValue(r, i));
+      for (size_t i = 0; i < t.size; ++i) {
+        values[i] = static_cast<float>(RawValue(r, i));
+        if (!std::isfinite(values[i])) return NonFiniteError(t.name, i, RawValue(r, i), t.size);
+      }
       model.SetTensor(t, values.data());
     }
     found.insert(t.name);
@@ -449,10 +530,22 @@ StatusOr<std::vector<std::string>> ReadHfShardIndex(const std::string& index_pat
 
 namespace {
 
+// A tensor as stored, to tell whether two in different shards hold the same bytes.
+struct StoredFingerprint {
+  std::string file, dtype;
+  std::vector<int64_t> shape;
+  uint64_t hash = 0;
+  bool seen = false;
+  bool operator==(const StoredFingerprint& o) const { return dtype == o.dtype && shape == o.shape && hash == o.hash; }
+};
+StoredFingerprint Fingerprint(const std::string& file, const RawTensor& t) {
+  return {file, t.dtype, t.shape, XXH3_64bits(t.data, t.bytes), true};
+}
+
 // A Hugging Face folder into a new model, one shard in memory at a time, as stored.
 // `keep_16bit` (probing): the 2-D weights stay in the dtype the files hold them in.
 StatusOr<std::unique_ptr<Model>> LoadHfFolder(const std::string& dir, Backend* backend, ModelOptions options,
-                                              bool keep_16bit) {
+                                              bool keep_16bit, std::vector<std::string>* warnings) {
   ASSIGN_OR_RETURN(HfConfig hf, ReadHfConfigAndType(dir + "/config.json"));
   const std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
   std::error_code ec;
@@ -474,6 +567,7 @@ StatusOr<std::unique_ptr<Model>> LoadHfFolder(const std::string& dir, Backend* b
   }
   ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(hf.config, backend, options));
   std::set<std::string> found;
+  StoredFingerprint head, embed;
   for (size_t i = 0; i < files.size(); ++i) {
     std::unique_ptr<RawSafetensors> file = std::move(first);
     if (i > 0) {
@@ -482,6 +576,16 @@ StatusOr<std::unique_ptr<Model>> LoadHfFolder(const std::string& dir, Backend* b
     Status s = hf.model_type == "glm" ? GlmToEngineLayoutRaw(hf.config, *file) : OkStatus();
     if (s.ok()) s = CopyRawTensors(*model, *file, found);
     if (!s.ok()) return Status(s.code(), files[i] + ": " + s.message());
+    if (hf.config.tied_embeddings) {  // the model has no head of its own: the file's is not read
+      for (auto [name, print] : {std::pair{"lm_head.weight", &head}, std::pair{"model.embed_tokens.weight", &embed}}) {
+        auto it = file->tensors.find(name);
+        if (it != file->tensors.end()) *print = Fingerprint(files[i], it->second);
+      }
+    }
+  }
+  if (head.seen && !(head == embed)) {
+    hf.warnings.push_back(head.file + ": tie_word_embeddings is true, so tensor lm_head.weight is ignored: it differs "
+                          "from model.embed_tokens.weight, which is the head (as Transformers' tie_weights makes it)");
   }
   if (Status s = CheckAllFound(*model, found); !s.ok()) {
     return Status(s.code(), (sharded ? index : single) + ": " + s.message());
@@ -489,18 +593,27 @@ StatusOr<std::unique_ptr<Model>> LoadHfFolder(const std::string& dir, Backend* b
   for (const ParamTensor& t : model->tensors()) {  // θ, when the files have none, is 0
     if (!found.count(t.name)) model->SetTensor(t, std::vector<float>(t.size, 0.0f).data());
   }
+  for (const std::string& w : hf.warnings) {
+    if (warnings != nullptr) {
+      warnings->push_back(w);
+    } else {
+      Log(LogLevel::kWarning, "hf_folder_read", {{"warning", w}});
+    }
+  }
   return model;
 }
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options) {
-  return LoadHfFolder(dir, backend, options, /*keep_16bit=*/false);
+StatusOr<std::unique_ptr<Model>> LoadHfModel(const std::string& dir, Backend* backend, ModelOptions options,
+                                             std::vector<std::string>* warnings) {
+  return LoadHfFolder(dir, backend, options, /*keep_16bit=*/false, warnings);
 }
 
-StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend, bool recompute_blocks) {
+StatusOr<std::unique_ptr<Model>> LoadHfModelForProbing(const std::string& dir, Backend* backend, bool recompute_blocks,
+                                                       std::vector<std::string>* warnings) {
   return LoadHfFolder(dir, backend, ModelOptions{.training = false, .recompute_blocks = recompute_blocks},
-                      /*keep_16bit=*/true);
+                      /*keep_16bit=*/true, warnings);
 }
 
 nlohmann::json RopeScalingToHf(const RopeScaling& s) {

@@ -3,12 +3,15 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "base/files.h"
 #include "data/data.h"
@@ -34,6 +37,51 @@ double F16ToDouble(uint16_t h) {
     v = std::ldexp(mant + 1024, exp - 25);
   }
   return sign ? -v : v;
+}
+
+// The format's rule (its reference implementation's `validate`, which refuses with
+// InvalidOffset or MetadataIncompleteBuffer): the tensors' byte ranges, in the order of
+// their offsets, follow one another from 0 to the end of the data section, with no
+// overlap and no gap. Two tensors sharing bytes (v_proj pointing at k_proj's) would
+// otherwise load as the same weights.
+Status CheckRangesTileTheData(const std::string& path, const RawSafetensors& file, size_t data_len) {
+  struct Range {
+    size_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Range> ranges;
+  const char* const data = file.buffer.data() + (file.buffer.size() - data_len);
+  for (const auto& [name, t] : file.tensors) {
+    const size_t begin = static_cast<size_t>(t.data - data);
+    ranges.push_back({begin, begin + t.bytes, &name});
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return std::tie(a.begin, a.end, *a.name) < std::tie(b.begin, b.end, *b.name); });
+  auto span = [](const Range& r) {
+    return "[" + std::to_string(r.begin) + ", " + std::to_string(r.end) + ")";
+  };
+  size_t covered = 0;
+  const Range* previous = nullptr;
+  for (const Range& r : ranges) {
+    if (r.begin < covered) {
+      return DataLossError(path + ": tensor " + *r.name + "'s data_offsets " + span(r) + " overlap tensor " +
+                           *previous->name + "'s " + span(*previous) +
+                           " (each tensor must have bytes of its own)");
+    }
+    if (r.begin > covered) {
+      return DataLossError(path + ": bytes [" + std::to_string(covered) + ", " + std::to_string(r.begin) +
+                           ") of the data section belong to no tensor (" +
+                           (previous ? "between tensor " + *previous->name + "'s " + span(*previous) + " and" : "before") +
+                           " tensor " + *r.name + "'s " + span(r) + ")");
+    }
+    covered = r.end;
+    previous = &r;
+  }
+  if (covered != data_len) {
+    return DataLossError(path + ": the data section holds " + std::to_string(data_len) + " bytes; the tensors cover [0, " +
+                         std::to_string(covered) + ")" + (previous ? ", ending with tensor " + *previous->name : ""));
+  }
+  return OkStatus();
 }
 
 }  // namespace
@@ -73,6 +121,10 @@ StatusOr<std::unique_ptr<RawSafetensors>> ReadSafetensorsRaw(const std::string& 
       t.shape.push_back(dim.get<int64_t>());
       numel *= static_cast<size_t>(t.shape.back());
     }
+    if (!e["data_offsets"][0].is_number_unsigned() || !e["data_offsets"][1].is_number_unsigned()) {
+      return DataLossError(path + ": tensor " + it.key() + " has data_offsets " + e["data_offsets"].dump() +
+                           ", not two byte offsets");
+    }
     const size_t begin = e["data_offsets"][0].get<size_t>(), end = e["data_offsets"][1].get<size_t>();
     if (t.dtype == "F32") t.width = 4;
     else if (t.dtype == "F64") t.width = 8;
@@ -86,6 +138,7 @@ StatusOr<std::unique_ptr<RawSafetensors>> ReadSafetensorsRaw(const std::string& 
     t.bytes = end - begin;
     file->tensors.emplace(it.key(), std::move(t));
   }
+  RETURN_IF_ERROR(CheckRangesTileTheData(path, *file, data_len));
   return file;
 }
 
@@ -103,6 +156,23 @@ double RawValue(const RawTensor& t, size_t i) {
   uint16_t h;
   std::memcpy(&h, t.data + 2 * i, 2);
   return t.dtype == "BF16" ? Bf16ToDouble(h) : F16ToDouble(h);
+}
+
+int64_t FirstNonFinite(const RawTensor& t) {
+  const size_t n = t.numel();
+  if (t.width == 2) {  // all exponent bits set: ±inf or NaN
+    const uint16_t mask = t.dtype == "BF16" ? 0x7f80 : 0x7c00;
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, t.data + 2 * i, 2);
+      if ((h & mask) == mask) return static_cast<int64_t>(i);
+    }
+    return -1;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(RawValue(t, i))) return static_cast<int64_t>(i);
+  }
+  return -1;
 }
 
 StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {

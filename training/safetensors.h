@@ -26,7 +26,10 @@ struct SafetensorsFile {
   std::map<std::string, std::string> metadata;
 };
 
-// Errors name the file and what is wrong (missing, truncated, bad header, offsets).
+// Errors name the file and what is wrong (missing, truncated, bad header, offsets). The
+// tensors' byte ranges must tile the data section as the format requires: in the order
+// of their offsets, from 0 to its end, no overlap and no gap (the error names the tensors
+// and their ranges).
 StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
 
 // The same tensors as stored, not converted: the file is held once (a shard of a large
@@ -49,6 +52,8 @@ struct RawSafetensors {
 StatusOr<std::unique_ptr<RawSafetensors>> ReadSafetensorsRaw(const std::string& path);
 // Element i as a double.
 double RawValue(const RawTensor& tensor, size_t i);
+// The index of the first element that is NaN or ±inf as stored; -1 when every one is finite.
+int64_t FirstNonFinite(const RawTensor& tensor);
 
 struct TensorToWrite {
   std::string name;
