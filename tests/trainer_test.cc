@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "training/hf.h"
@@ -159,6 +160,128 @@ TEST(TrainerTest, CheckpointRejectsCorruptionTruncationAndAnotherModel) {
   EXPECT_THAT((*t)->Resume("/nonexistent/x.ckpt").message(), HasSubstr("/nonexistent/x.ckpt: no such file"));
 }
 
+// The checkpoint's bytes, and writing them back.
+std::string ReadBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+void WriteBytes(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+// Stamps `bytes` as format `version` with that format's checksum over the rest.
+std::string Restamped(std::string bytes, uint32_t version) {
+  std::memcpy(bytes.data() + 8, &version, 4);
+  const uint64_t sum = CheckpointChecksum(version, bytes.data(), bytes.size() - 8);
+  std::memcpy(bytes.data() + bytes.size() - 8, &sum, 8);
+  return bytes;
+}
+// Format 1's checksum written out here: FNV-1a, 64-bit, with format 1's offset basis.
+uint64_t Fnv1a64(const std::string& bytes) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// New checkpoints carry XXH3-64 (format 2); those of format 1 (FNV-1a) still load, and
+// each format's checksum catches a flipped byte.
+TEST(TrainerTest, CheckpointsOfTheFirstFormatStillLoad) {
+  // The two checksums on the empty input: XXH3-64's published value, and format 1's
+  // offset basis, which is FNV-1a's (14695981039346656037) short of its last digit, as
+  // format 1 was written.
+  EXPECT_EQ(CheckpointChecksum(1, "", 0), 1469598103934665603ull);
+  EXPECT_EQ(CheckpointChecksum(2, "", 0), 0x2D06800538D394C2ull);  // XXH3_64bits("")
+  const std::string abc = "abc";
+  EXPECT_EQ(CheckpointChecksum(1, abc.data(), abc.size()), Fnv1a64(abc));
+  const DataSplits data = Synthetic(5000);
+  auto backend = MakeCpuBackend();
+  TrainerOptions o = SmallOptions(VScaleMode::kVScale);
+  o.model.vocab = 64;
+  o.model.context = 16;
+  auto t = Trainer::Create(o, &data, backend.get());
+  (*t)->Initialize();
+  for (int i = 0; i < 2; ++i) (*t)->Step();
+  const std::string path = ::testing::TempDir() + "/formats_" + std::to_string(::getpid()) + ".ckpt";
+  ASSERT_TRUE((*t)->SaveCheckpoint(path).ok());
+  const std::string v2 = ReadBytes(path);
+  uint32_t version = 0;
+  std::memcpy(&version, v2.data() + 8, 4);
+  EXPECT_EQ(version, 2u);
+  uint64_t stored = 0;
+  std::memcpy(&stored, v2.data() + v2.size() - 8, 8);
+  EXPECT_EQ(stored, CheckpointChecksum(2, v2.data(), v2.size() - 8));
+
+  std::string v1 = Restamped(v2, 1);
+  std::memcpy(&stored, v1.data() + v1.size() - 8, 8);
+  EXPECT_EQ(stored, Fnv1a64(v1.substr(0, v1.size() - 8)));
+  WriteBytes(path, v1);
+  auto u = Trainer::Create(o, &data, backend.get());
+  ASSERT_TRUE((*u)->Resume(path).ok());
+  EXPECT_EQ((*u)->step(), 2);
+  EXPECT_EQ((*u)->model().ParamsToHost(), (*t)->model().ParamsToHost());
+  v1[v1.size() / 2] ^= 0x10;
+  WriteBytes(path, v1);
+  EXPECT_THAT((*u)->Resume(path).message(), HasSubstr("checksum mismatch"));
+  WriteBytes(path, Restamped(v2, 3));
+  EXPECT_THAT((*u)->Resume(path).message(), HasSubstr("format version 3, this build reads 1 to 2"));
+  std::filesystem::remove(path);
+}
+
+// A checkpoint holding NaN or ±inf (a run never saves one: the update is skipped) is
+// refused naming the tensor, by training's resume and by the probe (exit 2).
+TEST(TrainerTest, CheckpointWithNonFiniteValuesIsRefused) {
+  const DataSplits data = Synthetic(5000);
+  auto backend = MakeCpuBackend();
+  TrainerOptions o = SmallOptions(VScaleMode::kNone);
+  o.model.vocab = 64;
+  o.model.context = 16;
+  auto t = Trainer::Create(o, &data, backend.get());
+  (*t)->Initialize();
+  (*t)->Step();
+  const std::string path = ::testing::TempDir() + "/nonfinite_" + std::to_string(::getpid()) + ".ckpt";
+  ASSERT_TRUE((*t)->SaveCheckpoint(path).ok());
+  const std::string good = ReadBytes(path);
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, good.data() + 16, 8);
+  const size_t payload = 24 + header_len, n = (*t)->model().num_params();
+  const ParamTensor* up = (*t)->model().FindTensor("model.layers.1.mlp.up_proj.weight");
+  ASSERT_NE(up, nullptr);
+  struct Case {
+    size_t array;  // 0 parameters, 1 AdamW m, 2 AdamW v
+    float value;
+    std::string want;
+  };
+  for (const Case& c : {Case{0, NAN, "the parameters of tensor model.layers.1.mlp.up_proj.weight holds NaN at element 7"},
+                        Case{2, INFINITY, "AdamW's second moment (v) of tensor model.layers.1.mlp.up_proj.weight holds "
+                                          "+inf at element 7"}}) {
+    std::string bad = good;
+    std::memcpy(bad.data() + payload + (c.array * n + up->offset + 7) * sizeof(float), &c.value, sizeof(float));
+    WriteBytes(path, Restamped(bad, kCheckpointVersion));
+    auto u = Trainer::Create(o, &data, backend.get());
+    const Status s = (*u)->Resume(path);
+    EXPECT_EQ(s.code(), StatusCode::kDataLoss);
+    EXPECT_THAT(s.message(), HasSubstr("checkpoint " + path + ": " + c.want));
+  }
+  // The probe reads the parameters only: the first case, exit 2.
+  std::string bad = good;
+  const float nan = NAN;
+  std::memcpy(bad.data() + payload + (up->offset + 7) * sizeof(float), &nan, sizeof(float));
+  WriteBytes(path, Restamped(bad, kCheckpointVersion));
+  const std::string text = ::testing::TempDir() + "/nonfinite_" + std::to_string(::getpid()) + ".txt";
+  std::ofstream(text) << std::string(200, 'a') << "\n";
+  std::vector<std::string> args = {"sinkscope-probe", path, "--text", text, "--batch", "1", "--seq", "8"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  CaptureStdout();
+  CaptureStderr();
+  const int code = RunProbeCommand(static_cast<int>(argv.size()), argv.data());
+  const std::string out = GetCapturedStdout(), err = GetCapturedStderr();
+  EXPECT_EQ(code, 2) << out;
+  EXPECT_THAT(err, HasSubstr("tensor model.layers.1.mlp.up_proj.weight holds NaN at element 7"));
+  EXPECT_EQ(out, "");
+  std::filesystem::remove(path);
+  std::filesystem::remove(text);
+}
+
 TEST(TrainerTest, HuggingFaceExportRoundTripsWithTheta) {
   const DataSplits data = Synthetic(5000);
   auto backend = MakeCpuBackend();
@@ -253,6 +376,45 @@ TEST(ProbeCommandTest, ReportsTheCheckpointsStep) {
   r = RunProbe({f.hf, "--text", f.text, "--batch", "2", "--json"});  // a Hugging Face folder stores no step
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(nlohmann::json::parse(r.out)["step"], 0);
+}
+
+// What a Hugging Face folder's config says, on the probe's stderr: yarn's factor read as
+// Transformers 5 reads it (exit 0, a warning), and a Mistral sliding window shorter than
+// --seq named as the window (exit 2).
+TEST(ProbeCommandTest, HuggingFaceFoldersWarningsAndWindowReachTheUser) {
+  const ProbeFixture& f = ProbeFiles();
+  const std::string base = f.hf + "_variant";
+  nlohmann::json config;
+  std::ifstream(f.hf + "/config.json") >> config;
+  auto variant = [&](const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
+    const std::string dir = base + "_" + name;
+    std::filesystem::remove_all(dir);
+    std::filesystem::copy(f.hf, dir, std::filesystem::copy_options::recursive);
+    nlohmann::json j = config;
+    edit(j);
+    std::ofstream(dir + "/config.json", std::ios::trunc) << j.dump(1);
+    return dir;
+  };
+  const std::string yarn = variant("yarn", [](nlohmann::json& j) {
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 8}};
+  });
+  CommandResult r = RunProbe({yarn, "--text", f.text, "--batch", "2", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("warning: " + yarn + "/config.json: rope_scaling.factor = 4 differs from "
+                               "max_position_embeddings / original_max_position_embeddings = 16 / 8 = 2"));
+  const std::string mistral = variant("mistral", [](nlohmann::json& j) {
+    j["model_type"] = "mistral";
+    j["sliding_window"] = 8;
+  });
+  r = RunProbe({mistral, "--text", f.text, "--batch", "2", "--seq", "12"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("the sequence length must be in [1, 8] (Mistral's sliding_window in " + mistral +
+                               "/config.json"));
+  EXPECT_EQ(r.out, "");
+  r = RunProbe({mistral, "--text", f.text, "--batch", "2", "--seq", "8", "--json"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  std::filesystem::remove_all(yarn);
+  std::filesystem::remove_all(mistral);
 }
 
 TEST(ProbeCommandTest, UnknownOptionsAndBadValuesAreUsageErrors) {

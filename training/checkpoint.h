@@ -1,9 +1,11 @@
 // Training checkpoints: model, AdamW state, step, RNG and data position, in a versioned
 // binary format written atomically. Layout (little-endian):
 //   "SINKCKPT" | u32 format version | u32 0 | u64 header length | header JSON
-//   | params (f32 × n) | adam m (f32 × n) | adam v (f32 × n) | u64 FNV-1a of all before
-// The header holds the model config, the step, the seed and the data position; loading
-// checks all of it against the model it restores into.
+//   | params (f32 × n) | adam m (f32 × n) | adam v (f32 × n) | u64 checksum of all before
+// The checksum is XXH3-64 (xxHash) from format version 2 on, FNV-1a in version 1, which
+// is still read. The header holds the model config, the step, the seed and the data
+// position; loading checks all of it against the model it restores into, and refuses
+// parameters (and, for training, AdamW moments) that are NaN or ±inf, naming the tensor.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +17,10 @@
 
 namespace sinkscope {
 
-inline constexpr uint32_t kCheckpointVersion = 1;
+// The version written; 1 (an FNV-1a checksum) is still read.
+inline constexpr uint32_t kCheckpointVersion = 2;
+// The checksum of format `version` over `n` bytes: FNV-1a for 1, XXH3-64 from 2 on.
+uint64_t CheckpointChecksum(uint32_t version, const char* data, size_t n);
 
 struct TrainingState {
   int64_t step = 0;           // optimisation steps completed
