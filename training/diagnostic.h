@@ -47,7 +47,9 @@ struct DiagnosticResult {
 };
 
 // `note` (optional) receives what people should see before the pass (the tokenizer, the
-// memory estimate); `progress` is the pass's (micro-batches done, total, tokens done).
+// memory estimate, and, each beginning "warning: ", what a Hugging Face folder holds that
+// was read one way of two or ignored); `progress` is the pass's (micro-batches done,
+// total, tokens done).
 // Errors name the file or setting at fault.
 // `stop` (optional) is asked between micro-batches: true ends the pass as CANCELLED.
 StatusOr<DiagnosticResult> RunDiagnosticJob(const DiagnosticJob& job, Backend* backend,

@@ -749,7 +749,11 @@ Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment
   Log(LogLevel::kInfo, "diagnostic_start",
       {{"run_id", run}, {"model", g.model()}, {"batch", Str(g.batch())}, {"seq", Str(g.seq())}});
   auto result = RunDiagnosticJob(
-      job, backend_.get(), [&](const std::string& line) { Log(LogLevel::kInfo, "diagnostic", {{"run_id", run}, {"note", line}}); },
+      job, backend_.get(),
+      [&](const std::string& line) {  // a warning about the model folder is shown at the default level
+        const bool warning = line.rfind("warning: ", 0) == 0;
+        Log(warning ? LogLevel::kWarning : LogLevel::kInfo, "diagnostic", {{"run_id", run}, {"note", line}});
+      },
       [&](int done, int total, double tokens) {
         Log(LogLevel::kInfo, "diagnostic_progress",
             {{"run_id", run}, {"pass", Str(done) + "/" + Str(total)}, {"tokens", Fmt(tokens)}});
