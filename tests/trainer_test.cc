@@ -250,7 +250,7 @@ TEST(TrainerTest, CheckpointWithNonFiniteValuesIsRefused) {
     float value;
     std::string want;
   };
-  for (const Case& c : {Case{0, NAN, "the parameters of tensor model.layers.1.mlp.up_proj.weight holds NaN at element 7"},
+  for (const Case& c : {Case{0, NAN, "tensor model.layers.1.mlp.up_proj.weight holds NaN at element 7"},
                         Case{2, INFINITY, "AdamW's second moment (v) of tensor model.layers.1.mlp.up_proj.weight holds "
                                           "+inf at element 7"}}) {
     std::string bad = good;

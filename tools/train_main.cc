@@ -81,6 +81,9 @@ class JsonlLog {
     return buffer_.size() >= (1 << 16) ? Flush() : OkStatus();
   }
   Status Sync() {
+    // Never opened: the run ended before its start (a checkpoint that failed to load), and
+    // that error, not an fsync of nothing, is what the user must see.
+    if (fd_ < 0) return OkStatus();
     RETURN_IF_ERROR(Flush());
     if (::fsync(fd_) != 0) return InternalError("cannot fsync " + path_ + ": " + std::strerror(errno));
     return OkStatus();

@@ -57,8 +57,9 @@ size_t FirstNonFiniteFloat(const char* data, size_t n) {
   return n;
 }
 
-// A NaN or ±inf among the model's parameters (or one of AdamW's moments, `what`), as
-// stored in the payload: an error naming the tensor and the element.
+// A NaN or ±inf among the model's parameters (or one of AdamW's moments), as stored in
+// the payload: an error naming `what` ("tensor", "AdamW's first moment (m) of tensor"),
+// the tensor and the element.
 Status CheckFinite(const std::string& path, const Model& model, const char* values, const std::string& what) {
   const size_t n = model.num_params();
   const size_t bad = FirstNonFiniteFloat(values, n);
@@ -68,11 +69,11 @@ Status CheckFinite(const std::string& path, const Model& model, const char* valu
   const std::string value = std::isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf";
   for (const ParamTensor& t : model.tensors()) {
     if (bad < t.offset || bad >= t.offset + t.size) continue;
-    return DataLossError("checkpoint " + path + ": " + what + " of tensor " + t.name + " holds " + value +
+    return DataLossError("checkpoint " + path + ": " + what + " " + t.name + " holds " + value +
                          " at element " + std::to_string(bad - t.offset) + " of " + std::to_string(t.size) +
                          " (a run does not save values that are not finite: the file was damaged or made elsewhere)");
   }
-  return DataLossError("checkpoint " + path + ": " + what + " hold " + value + " at parameter " + std::to_string(bad));
+  return DataLossError("checkpoint " + path + ": " + value + " at parameter " + std::to_string(bad));  // past every tensor
 }
 
 // Every field of RopeScaling (a pretrained model's; training runs use the default).
@@ -222,10 +223,10 @@ StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model) {
   }
   const char* payload = p.bytes.data() + p.payload_offset;
   // Weights that are not finite would make every step and probe NaN: refused by name.
-  RETURN_IF_ERROR(CheckFinite(path, model, payload, "the parameters"));
+  RETURN_IF_ERROR(CheckFinite(path, model, payload, "tensor"));
   if (model.training()) {
-    RETURN_IF_ERROR(CheckFinite(path, model, payload + n * sizeof(float), "AdamW's first moment (m)"));
-    RETURN_IF_ERROR(CheckFinite(path, model, payload + 2 * n * sizeof(float), "AdamW's second moment (v)"));
+    RETURN_IF_ERROR(CheckFinite(path, model, payload + n * sizeof(float), "AdamW's first moment (m) of tensor"));
+    RETURN_IF_ERROR(CheckFinite(path, model, payload + 2 * n * sizeof(float), "AdamW's second moment (v) of tensor"));
   }
   Backend* be = model.backend();
   be->ToDevice(model.params(), payload, n * sizeof(float));

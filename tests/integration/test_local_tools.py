@@ -1,13 +1,15 @@
 """The local front ends as a user runs them: sinkscope-train killed with SIGKILL at any
 moment and resumed leaves metrics.jsonl and probes.jsonl exactly as an uninterrupted run
 writes them; bad option values and an unusable --out are clear errors; the summary's final
-loss is the last step's; sinkscope-probe reports a checkpoint's step."""
+loss is the last step's; sinkscope-probe reports a checkpoint's step, reads checkpoints of
+format 1, and refuses damaged checkpoints and Hugging Face folders by name."""
 
 import json
 import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -284,6 +286,150 @@ class LocalToolsTest(unittest.TestCase):
         self.assertEqual(r.returncode, 2)
         self.assertIn(f"{bad}: layers[1].norms is missing", r.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
+
+    def restamped_v1(self, data):
+        """The checkpoint `data` as format 1 wrote it: version 1 and FNV-1a (with format 1's offset
+        basis, FNV's short of its last digit) over everything before the checksum."""
+        data = bytearray(data)
+        data[8:12] = struct.pack("<I", 1)
+        h = 1469598103934665603
+        for byte in data[:-8]:
+            h = ((h ^ byte) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+        data[-8:] = struct.pack("<Q", h)
+        return bytes(data)
+
+    def test_checkpoints_of_format_one_load_and_non_finite_ones_are_refused(self):
+        """A format-1 checkpoint (FNV-1a) probes as its format-2 original does; one whose weights
+        hold a NaN is refused, exit non-zero, naming the tensor, by the probe and by a resumed run."""
+        src = os.path.join(self.reference, "vscale-s0", "checkpoint.bin")
+        with open(src, "rb") as f:
+            data = f.read()
+        self.assertEqual(struct.unpack("<I", data[8:12])[0], 2)
+        v1 = os.path.join(self.dir, "format1.ckpt")
+        with open(v1, "wb") as f:
+            f.write(self.restamped_v1(data))
+        args = ["--text", self.corpus, "--batch", "2", "--json"]
+        a = subprocess.run([self.probe, src, *args], capture_output=True, text=True, timeout=120)
+        b = subprocess.run([self.probe, v1, *args], capture_output=True, text=True, timeout=120)
+        self.assertEqual(a.returncode, 0, a.stderr)
+        self.assertEqual(b.returncode, 0, b.stderr)
+        self.assertEqual({**json.loads(a.stdout), "checkpoint": ""}, {**json.loads(b.stdout), "checkpoint": ""})
+        # A NaN as the embedding's element 3 (the embedding is the payload's first tensor).
+        header_len = struct.unpack("<Q", data[16:24])[0]
+        at = 24 + header_len + 4 * 3
+        nan = bytearray(data)
+        nan[at:at + 4] = struct.pack("<f", float("nan"))
+        with open(v1, "wb") as f:
+            f.write(self.restamped_v1(nan))
+        r = subprocess.run([self.probe, v1, *args], capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("tensor model.embed_tokens.weight holds NaN at element 3", r.stderr)
+        self.assertEqual(r.stdout, "")
+        out = os.path.join(self.dir, "nan-resume")
+        shutil.copytree(self.reference, out)
+        shutil.copy(v1, os.path.join(out, "vscale-s0", "checkpoint.bin"))
+        r = self.run_train(self.spec, "--out", out, "--resume")
+        self.assertNotEqual(r.returncode, 0, r.stderr)
+        self.assertIn("tensor model.embed_tokens.weight holds NaN at element 3", r.stderr)
+
+    def write_hf_folder(self, name, config_edit=None, tensor_edit=None, header_edit=None):
+        """A tiny Llama folder written here (F32 safetensors from the standard library): config.json
+        and model.safetensors, each changed by the edits given."""
+        folder = os.path.join(self.dir, "hf-" + name)
+        os.makedirs(folder, exist_ok=True)
+        d, layers, heads, kv, dh, ffn, vocab = 16, 1, 2, 1, 8, 32, 257
+        config = {"model_type": "llama", "vocab_size": vocab, "hidden_size": d, "intermediate_size": ffn,
+                  "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+                  "head_dim": dh, "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                  "tie_word_embeddings": False}
+        if config_edit:
+            config_edit(config)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        shapes = [("model.embed_tokens.weight", (vocab, d))]
+        for l in range(layers):
+            p = f"model.layers.{l}."
+            shapes += [(p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (heads * dh, d)),
+                       (p + "self_attn.k_proj.weight", (kv * dh, d)), (p + "self_attn.v_proj.weight", (kv * dh, d)),
+                       (p + "self_attn.o_proj.weight", (d, heads * dh)),
+                       (p + "post_attention_layernorm.weight", (d,)), (p + "mlp.gate_proj.weight", (ffn, d)),
+                       (p + "mlp.up_proj.weight", (ffn, d)), (p + "mlp.down_proj.weight", (d, ffn))]
+        shapes += [("model.norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
+        rng = random.Random(7)
+        tensors = {}
+        for tname, shape in shapes:
+            n = 1
+            for s_ in shape:
+                n *= s_
+            tensors[tname] = [1.0] * n if len(shape) == 1 else [rng.gauss(0, 0.05) for _ in range(n)]
+        if tensor_edit:
+            tensor_edit(tensors)
+        header, blob = {}, bytearray()
+        for tname, shape in shapes:
+            values = tensors[tname]
+            header[tname] = {"dtype": "F32", "shape": list(shape), "data_offsets": [len(blob), len(blob) + 4 * len(values)]}
+            blob += struct.pack(f"<{len(values)}f", *values)
+        if header_edit:
+            header_edit(header)
+        h = json.dumps(header).encode()
+        h += b" " * ((8 - (8 + len(h)) % 8) % 8)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + bytes(blob))
+        return folder
+
+    def test_probe_refuses_damaged_hugging_face_folders(self):
+        """What a damaged or unusual folder used to probe with exit 0: refused with exit 2 naming what
+        is wrong, or probed with a warning on stderr."""
+        args = ["--text", self.corpus, "--batch", "2", "--seq", "16"]
+        r = subprocess.run([self.probe, self.write_hf_folder("plain"), *args], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn("warning", r.stderr)
+        k, v = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+
+        def overlap(h):
+            h[v]["data_offsets"] = h[k]["data_offsets"]
+
+        def nan(t):
+            t["model.layers.0.mlp.up_proj.weight"][5] = float("nan")
+
+        def no_type(c):
+            del c["model_type"]
+
+        def window(c):
+            c["model_type"] = "mistral"
+            c["sliding_window"] = 8
+
+        refused = {
+            "overlap": (dict(header_edit=overlap), f"tensor {v}'s data_offsets ["),
+            "nan": (dict(tensor_edit=nan), "tensor model.layers.0.mlp.up_proj.weight holds NaN at element 5"),
+            "no-type": (dict(config_edit=no_type), "config.json: model_type is missing"),
+            "window": (dict(config_edit=window), "the sequence length must be in [1, 8] (Mistral's sliding_window"),
+        }
+        for name, (edit, message) in refused.items():
+            r = subprocess.run([self.probe, self.write_hf_folder(name, **edit), *args], capture_output=True,
+                               text=True, timeout=120)
+            self.assertEqual(r.returncode, 2, f"{name}: {r.stderr}")
+            self.assertIn(message, r.stderr, name)
+            self.assertEqual(r.stdout, "", name)
+
+        def yarn(c):
+            c["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+        def tied(c):
+            c["tie_word_embeddings"] = True
+
+        warned = {
+            "yarn": (dict(config_edit=yarn), "rope_scaling.factor = 4 differs from max_position_embeddings / "
+                                             "original_max_position_embeddings = 32 / 16 = 2"),
+            "tied": (dict(config_edit=tied), "tie_word_embeddings is true, so tensor lm_head.weight is ignored"),
+        }
+        for name, (edit, message) in warned.items():
+            r = subprocess.run([self.probe, self.write_hf_folder(name, **edit), *args], capture_output=True,
+                               text=True, timeout=120)
+            self.assertEqual(r.returncode, 0, f"{name}: {r.stderr}")
+            self.assertIn("warning: ", r.stderr, name)
+            self.assertIn(message, r.stderr, name)
 
     def test_special_files_are_refused_before_reading(self):
         """A device, FIFO or folder where a file is expected is named and refused at once: reading
