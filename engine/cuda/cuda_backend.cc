@@ -307,23 +307,24 @@ class CudaBackend final : public Backend {
     const auto* table = static_cast<const AdamWSegment*>(DeviceTable(&seg, sizeof seg));
     if (table == nullptr) return;
     const auto [bc1, bc2] = BiasCorrections(beta1, beta2, step);
-    cuda::LaunchAdamW(stream_, table, 1, n, nullptr, 0, grad_scale, lr, beta1, beta2, eps, bc1, bc2);
+    cuda::LaunchAdamW(stream_, table, 1, n, n, nullptr, 0, grad_scale, lr, beta1, beta2, eps, bc1, bc2);
     LAUNCHED("AdamW");
   }
   // One launch; the guard is read on the device (no host synchronisation).
   void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& h, const double* guard) override {
     std::vector<AdamWSegment> segs;
-    size_t max_n = 0;
+    size_t max_n = 0, total_n = 0;
     for (const AdamWTensor& t : tensors) {
       if (t.n == 0) continue;
       segs.push_back(AdamWSegmentOf(t.p, t.m, t.v, t.g, t.n, t.weight_decay));
       max_n = std::max(max_n, t.n);
+      total_n += t.n;
     }
     if (segs.empty()) return;
     const auto* table = static_cast<const AdamWSegment*>(DeviceTable(segs.data(), segs.size() * sizeof(AdamWSegment)));
     if (table == nullptr) return;
     const auto [bc1, bc2] = BiasCorrections(h.beta1, h.beta2, h.step);
-    cuda::LaunchAdamW(stream_, table, static_cast<int>(segs.size()), max_n, guard, h.grad_clip, 1.0f, h.lr, h.beta1,
+    cuda::LaunchAdamW(stream_, table, static_cast<int>(segs.size()), max_n, total_n, guard, h.grad_clip, 1.0f, h.lr, h.beta1,
                       h.beta2, h.eps, bc1, bc2);
     LAUNCHED("MultiTensorAdamW");
   }

@@ -3,6 +3,7 @@
 // ‖g‖², and a non-finite loss or norm leaves everything untouched (no host read).
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -24,14 +25,15 @@ __global__ void AdamWKernel(const AdamWSegment* segs, const double* guard, doubl
 
 }  // namespace
 
-void LaunchAdamW(cudaStream_t s, const AdamWSegment* segs, int num_segments, size_t max_n, const double* guard,
+void LaunchAdamW(cudaStream_t s, const AdamWSegment* segs, int num_segments, size_t max_n, size_t total_n, const double* guard,
                  double grad_clip, float grad_scale, float lr, float beta1, float beta2, float eps, double bc1,
                  double bc2) {
   if (num_segments == 0) return;
   unsigned gx = GridFor(max_n, 256);
   if (gx > 1024) gx = 1024;  // grid-stride beyond: the largest tensor sets the grid
   const dim3 grid(gx, static_cast<unsigned>(num_segments));
-  AdamWKernel<<<grid, 256, 0, s>>>(segs, guard, grad_clip, grad_scale, lr, beta1, beta2, eps, bc1, bc2);
+  SINKSCOPE_COST(28.0 * total_n, 12.0 * total_n);
+  SINKSCOPE_LAUNCH(AdamWKernel, grid, 256, 0, s)(segs, guard, grad_clip, grad_scale, lr, beta1, beta2, eps, bc1, bc2);
 }
 
 }  // namespace sinkscope::cuda

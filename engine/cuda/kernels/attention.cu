@@ -6,6 +6,7 @@
 #include <cfloat>
 
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -24,7 +25,7 @@ struct Dims {
 // One block per (b, h, t): scores of keys u ≤ t, softmax, lse, then y_t = Σ_u P[t,u] v_u.
 __global__ void ForwardKernel(float* y, float* lse, float* att, const float* q, const float* k, const float* v,
                               Dims D) {
-  __shared__ float shared[33];
+  SINKSCOPE_SHARED(float, shared, [33]);
   const int t = blockIdx.x % D.T, h = (blockIdx.x / D.T) % D.H, b = blockIdx.x / (D.T * D.H);
   const int g = h / D.group();
   const float scale = rsqrtf(static_cast<float>(D.dh));
@@ -58,7 +59,7 @@ __global__ void ForwardKernel(float* y, float* lse, float* att, const float* q, 
 
 // One block per (b, h, t): dP[t,u] = dy_t·v_u, dS = P ⊙ (dP − Σ_u P dP)/√dh.
 __global__ void SoftmaxBackwardKernel(float* ds, const float* att, const float* dy, const float* v, Dims D) {
-  __shared__ float shared[33];
+  SINKSCOPE_SHARED(float, shared, [33]);
   const int t = blockIdx.x % D.T, h = (blockIdx.x / D.T) % D.H, b = blockIdx.x / (D.T * D.H);
   const int g = h / D.group();
   const float scale = rsqrtf(static_cast<float>(D.dh));
@@ -111,7 +112,7 @@ __global__ void DkDvKernel(float* dk, float* dv, const float* ds, const float* a
 // One block per (h, b): column s of sequence b, from q, k and lse, in double.
 __global__ void ColumnStatsPerSequenceKernel(double* per_b, const float* q, const float* k, const float* lse, Dims D,
                                              int s, int window) {
-  __shared__ double shared[33];
+  SINKSCOPE_SHARED(double, shared, [33]);
   const int b = blockIdx.x % D.B, h = blockIdx.x / D.B;
   const int g = h / D.group();
   const double scale = 1.0 / sqrt(static_cast<double>(D.dh));
@@ -157,6 +158,13 @@ __global__ void ColumnStatsMeanKernel(float* alpha, float* mass, float* second_m
   rate[h] = static_cast<float>(static_cast<double>(above) / B);
 }
 
+// The scores of the causal triangle, B·heads·T(T+1)/2, and the bytes of q_like (B,T,H,dh)
+// plus kv_like (B,T,KV,dh) fp32 tensors: the launches' declared costs.
+double Causal(const Dims& D, int heads) { return static_cast<double>(D.B) * heads * D.T * (D.T + 1) / 2.0; }
+double Bytes(const Dims& D, int q_like, int kv_like) {
+  return 4.0 * D.B * D.T * D.dh * (static_cast<double>(q_like) * D.H + static_cast<double>(kv_like) * D.KV);
+}
+
 unsigned Rows(int a, int b, int c) { return static_cast<unsigned>(static_cast<size_t>(a) * b * c); }
 
 }  // namespace
@@ -164,24 +172,30 @@ unsigned Rows(int a, int b, int c) { return static_cast<unsigned>(static_cast<si
 void LaunchAttentionForward(cudaStream_t s, float* y, float* lse, float* att, const float* q, const float* k,
                             const float* v, int B, int T, int H, int KV, int dh) {
   const Dims D{B, T, H, KV, dh};
-  ForwardKernel<<<Rows(B, H, T), kBlock, 0, s>>>(y, lse, att, q, k, v, D);
+  SINKSCOPE_COST(Bytes(D, 2, 2) + 4.0 * Causal(D, D.H) + 4.0 * D.B * D.H * D.T, 4.0 * D.dh * Causal(D, D.H) + 5.0 * Causal(D, D.H));
+  SINKSCOPE_LAUNCH(ForwardKernel, Rows(B, H, T), kBlock, 0, s)(y, lse, att, q, k, v, D);
 }
 
 void LaunchAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* ds, const float* dy,
                              const float* att, const float* q, const float* k, const float* v, int B, int T, int H,
                              int KV, int dh) {
   const Dims D{B, T, H, KV, dh};
-  SoftmaxBackwardKernel<<<Rows(B, H, T), kBlock, 0, s>>>(ds, att, dy, v, D);
-  DqKernel<<<Rows(B, H, T), 64, 0, s>>>(dq, ds, k, D);
-  DkDvKernel<<<Rows(B, KV, T), 64, 0, s>>>(dk, dv, ds, att, q, dy, D);
+  SINKSCOPE_COST(Bytes(D, 1, 1) + 4.0 * 2 * Causal(D, D.H), 2.0 * D.dh * Causal(D, D.H) + 3.0 * Causal(D, D.H));
+  SINKSCOPE_LAUNCH(SoftmaxBackwardKernel, Rows(B, H, T), kBlock, 0, s)(ds, att, dy, v, D);
+  SINKSCOPE_COST(Bytes(D, 1, 1) + 4.0 * Causal(D, D.H), 2.0 * D.dh * Causal(D, D.H));
+  SINKSCOPE_LAUNCH(DqKernel, Rows(B, H, T), 64, 0, s)(dq, ds, k, D);
+  SINKSCOPE_COST(Bytes(D, 2, 2) + 4.0 * 2 * Causal(D, D.H), 4.0 * D.dh * Causal(D, D.H));
+  SINKSCOPE_LAUNCH(DkDvKernel, Rows(B, KV, T), 64, 0, s)(dk, dv, ds, att, q, dy, D);
 }
 
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
                        const float* q, const float* k, const float* lse, int B, int T, int H, int KV, int dh,
                        int sink, int window, double threshold) {
   const Dims D{B, T, H, KV, dh};
-  ColumnStatsPerSequenceKernel<<<Rows(H, B, 1), kBlock, 0, s>>>(per_b, q, k, lse, D, sink, window);
-  ColumnStatsMeanKernel<<<1, 32 * ((H + 31) / 32), 0, s>>>(alpha, mass, second_moment, rate, per_b, B, H, threshold);
+  SINKSCOPE_COST(4.0 * B * H * (T - sink) * (dh + 1) + 4.0 * B * KV * dh + 24.0 * H * B, (2.0 * dh + 6) * B * H * (T - sink));
+  SINKSCOPE_LAUNCH(ColumnStatsPerSequenceKernel, Rows(H, B, 1), kBlock, 0, s)(per_b, q, k, lse, D, sink, window);
+  SINKSCOPE_COST(24.0 * H * B + 16.0 * H, 3.0 * H * B);
+  SINKSCOPE_LAUNCH(ColumnStatsMeanKernel, 1, 32 * ((H + 31) / 32), 0, s)(alpha, mass, second_moment, rate, per_b, B, H, threshold);
 }
 
 }  // namespace sinkscope::cuda

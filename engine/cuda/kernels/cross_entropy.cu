@@ -3,6 +3,7 @@
 #include <cfloat>
 
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -12,8 +13,8 @@ constexpr int kBlock = 256;
 
 __global__ void RowKernel(float* logits, const int32_t* targets, int V, bool grad, float grad_scale,
                           double* row_loss) {
-  __shared__ float fshared[33];
-  __shared__ double dshared[33];
+  SINKSCOPE_SHARED(float, fshared, [33]);
+  SINKSCOPE_SHARED(double, dshared, [33]);
   float* row = logits + static_cast<size_t>(blockIdx.x) * V;
   const int target = targets[blockIdx.x];
   float mx = -FLT_MAX;
@@ -37,7 +38,8 @@ __global__ void RowKernel(float* logits, const int32_t* targets, int V, bool gra
 void LaunchCrossEntropy(cudaStream_t s, float* logits, const int32_t* targets, int N, int V, bool grad,
                         float grad_scale, double* row_loss, double* loss_acc) {
   if (N == 0) return;
-  RowKernel<<<N, kBlock, 0, s>>>(logits, targets, V, grad, grad_scale, row_loss);
+  SINKSCOPE_COST((grad ? 8.0 : 4.0) * N * V + 4.0 * N + 8.0 * N, 5.0 * N * V);
+  SINKSCOPE_LAUNCH(RowKernel, N, kBlock, 0, s)(logits, targets, V, grad, grad_scale, row_loss);
   LaunchSumInto(s, loss_acc, row_loss, N);
 }
 

@@ -1,5 +1,6 @@
 // Elementwise ops and the reductions the step and the probes accumulate.
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -42,7 +43,7 @@ __global__ void ColumnSumsKernel(float* acc, const float* x, int N, int n) {
 
 // Pass 1: block b sums x² over its grid-strided share of the concatenated segments.
 __global__ void SumSquaresPartialKernel(const Segment* segs, int num_segs, size_t total, double* partials) {
-  __shared__ double shared[33];
+  SINKSCOPE_SHARED(double, shared, [33]);
   double s = 0;
   int seg = 0;
   size_t seg_start = 0;
@@ -60,7 +61,7 @@ __global__ void SumSquaresPartialKernel(const Segment* segs, int num_segs, size_
 
 // One block adds n values (the partials of pass 1, or per-row sums) in a fixed tree.
 __global__ void SumPartialsKernel(double* acc, const double* partials, int n) {
-  __shared__ double shared[33];
+  SINKSCOPE_SHARED(double, shared, [33]);
   double s = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
   s = BlockSum(s, shared);
@@ -79,7 +80,7 @@ __global__ void TokenSumKernel(float* acc, const float* x, int B, int T, int C, 
 
 // acc(t) += Σ_b Σ_g ‖x[b,t,g,:]‖: one block per token t; a thread per (b, g) row.
 __global__ void TokenNormSumKernel(float* acc, const float* x, int B, int T, int G, int C) {
-  __shared__ double shared[33];
+  SINKSCOPE_SHARED(double, shared, [33]);
   const int t = blockIdx.x;
   double total = 0;
   for (int r = threadIdx.x; r < B * G; r += blockDim.x) {
@@ -96,35 +97,46 @@ __global__ void TokenNormSumKernel(float* acc, const float* x, int B, int T, int
 }  // namespace
 
 void LaunchFill(cudaStream_t s, float* x, float value, size_t n) {
-  FillKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(x, value, n);
+  SINKSCOPE_COST(4.0 * n, 0);
+  SINKSCOPE_LAUNCH(FillKernel, GridFor(n, kBlock), kBlock, 0, s)(x, value, n);
 }
 void LaunchAxpy(cudaStream_t s, float* y, float alpha, const float* x, size_t n) {
-  AxpyKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(y, alpha, x, n);
+  SINKSCOPE_COST(12.0 * n, 2.0 * n);
+  SINKSCOPE_LAUNCH(AxpyKernel, GridFor(n, kBlock), kBlock, 0, s)(y, alpha, x, n);
 }
 void LaunchScale(cudaStream_t s, float* x, float alpha, size_t n) {
-  ScaleKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(x, alpha, n);
+  SINKSCOPE_COST(8.0 * n, 1.0 * n);
+  SINKSCOPE_LAUNCH(ScaleKernel, GridFor(n, kBlock), kBlock, 0, s)(x, alpha, n);
 }
 void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n) {
   const size_t total = static_cast<size_t>(N) * n;
-  AddRowBiasKernel<<<GridFor(total, kBlock), kBlock, 0, s>>>(x, b, total, n);
+  SINKSCOPE_COST(8.0 * total + 4.0 * n, 1.0 * total);
+  SINKSCOPE_LAUNCH(AddRowBiasKernel, GridFor(total, kBlock), kBlock, 0, s)(x, b, total, n);
 }
 void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n) {
-  ColumnSumsKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(acc, x, N, n);
+  SINKSCOPE_COST(4.0 * N * n + 8.0 * n, 1.0 * N * n);
+  SINKSCOPE_LAUNCH(ColumnSumsKernel, GridFor(n, kBlock), kBlock, 0, s)(acc, x, N, n);
 }
 void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segs, int num_segs, size_t total,
                       double* partials) {
-  SumSquaresPartialKernel<<<kReduceBlocks, kBlock, 0, s>>>(segs, num_segs, total, partials);
+  SINKSCOPE_COST(4.0 * total + 8.0 * kReduceBlocks, 2.0 * total);
+  SINKSCOPE_LAUNCH(SumSquaresPartialKernel, kReduceBlocks, kBlock, 0, s)(segs, num_segs, total, partials);
   LaunchSumInto(s, acc, partials, kReduceBlocks);
 }
 void LaunchSumInto(cudaStream_t s, double* acc, const double* values, int n) {
-  SumPartialsKernel<<<1, 1024, 0, s>>>(acc, values, n);
+  SINKSCOPE_COST(8.0 * n + 8, 1.0 * n);
+  SINKSCOPE_LAUNCH(SumPartialsKernel, 1, 1024, 0, s)(acc, values, n);
 }
 void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, int C, int P) {
   const size_t n = static_cast<size_t>(P) * C;
-  TokenSumKernel<<<GridFor(n, kBlock), kBlock, 0, s>>>(acc, x, B, T, C, P);
+  SINKSCOPE_COST(4.0 * B * n + 8.0 * n, 1.0 * B * n);
+  SINKSCOPE_LAUNCH(TokenSumKernel, GridFor(n, kBlock), kBlock, 0, s)(acc, x, B, T, C, P);
 }
 void LaunchTokenNormSum(cudaStream_t s, float* acc, const float* x, int B, int T, int G, int C, int P) {
-  if (P > 0) TokenNormSumKernel<<<P, kBlock, 0, s>>>(acc, x, B, T, G, C);
+  if (P > 0) {
+    SINKSCOPE_COST(4.0 * B * P * G * C + 8.0 * P, 2.0 * B * P * G * C);
+    SINKSCOPE_LAUNCH(TokenNormSumKernel, P, kBlock, 0, s)(acc, x, B, T, G, C);
+  }
 }
 
 }  // namespace sinkscope::cuda

@@ -3,6 +3,7 @@
 // tokens sum in a fixed order: deterministic, without atomics. It has only d-way
 // parallelism; sorting tokens first would give more (not needed at d ≥ 512 yet).
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -25,10 +26,12 @@ __global__ void EmbeddingBackwardKernel(float* dtable, const float* dout, const 
 }  // namespace
 
 void LaunchEmbeddingForward(cudaStream_t s, float* out, const int32_t* tokens, const float* table, int N, int d) {
-  EmbeddingForwardKernel<<<GridFor(static_cast<size_t>(N) * d, 256), 256, 0, s>>>(out, tokens, table, N, d);
+  SINKSCOPE_COST(8.0 * N * d + 4.0 * N, 0);
+  SINKSCOPE_LAUNCH(EmbeddingForwardKernel, GridFor(static_cast<size_t>(N) * d, 256), 256, 0, s)(out, tokens, table, N, d);
 }
 void LaunchEmbeddingBackward(cudaStream_t s, float* dtable, const float* dout, const int32_t* tokens, int N, int d) {
-  EmbeddingBackwardKernel<<<GridFor(d, 128), 128, 0, s>>>(dtable, dout, tokens, N, d);
+  SINKSCOPE_COST(12.0 * N * d + 4.0 * N, 1.0 * N * d);
+  SINKSCOPE_LAUNCH(EmbeddingBackwardKernel, GridFor(d, 128), 128, 0, s)(dtable, dout, tokens, N, d);
 }
 
 }  // namespace sinkscope::cuda

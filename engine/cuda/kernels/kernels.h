@@ -92,7 +92,7 @@ struct AdamWSegment {
 // One launch over every segment. When guard (device [Σ loss, ‖g‖²]) is non-null, nothing
 // is updated unless both are finite, and g is scaled by the clip factor first;
 // otherwise grad_scale is used.
-void LaunchAdamW(cudaStream_t s, const AdamWSegment* segments_device, int num_segments, size_t max_n,
+void LaunchAdamW(cudaStream_t s, const AdamWSegment* segments_device, int num_segments, size_t max_n, size_t total_n,
                  const double* guard, double grad_clip, float grad_scale, float lr, float beta1, float beta2,
                  float eps, double bc1, double bc2);
 

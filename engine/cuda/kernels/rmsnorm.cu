@@ -2,6 +2,7 @@
 // block per row; γ's gradient one thread per column over the rows in order (no atomics).
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -11,7 +12,7 @@ constexpr int kBlock = 256;
 
 __global__ void RmsNormForwardKernel(float* sum, float* out, float* rstd, const float* x, const float* r,
                                      const float* gamma, int d, float eps) {
-  __shared__ float shared[33];
+  SINKSCOPE_SHARED(float, shared, [33]);
   const size_t o = static_cast<size_t>(blockIdx.x) * d;
   float ss = 0;
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
@@ -30,7 +31,7 @@ __global__ void RmsNormForwardKernel(float* sum, float* out, float* rstd, const 
 
 __global__ void RmsNormBackwardRowsKernel(float* dx, const float* base, const float* dout, const float* x,
                                           const float* gamma, const float* rstd, int d) {
-  __shared__ float shared[33];
+  SINKSCOPE_SHARED(float, shared, [33]);
   const size_t o = static_cast<size_t>(blockIdx.x) * d;
   float dot = 0;
   for (int c = threadIdx.x; c < d; c += blockDim.x) dot += gamma[c] * dout[o + c] * x[o + c];
@@ -57,14 +58,21 @@ __global__ void RmsNormGammaGradKernel(float* dgamma, const float* dout, const f
 
 void LaunchRmsNormForward(cudaStream_t s, float* sum, float* out, float* rstd, const float* x, const float* r,
                           const float* gamma, int N, int d, float eps) {
-  if (N > 0) RmsNormForwardKernel<<<N, kBlock, 0, s>>>(sum, out, rstd, x, r, gamma, d, eps);
+  if (N > 0) {
+    SINKSCOPE_COST((r != nullptr ? 16.0 : 8.0) * N * d + 4.0 * d + 4.0 * N, (r != nullptr ? 5.0 : 4.0) * N * d);
+    SINKSCOPE_LAUNCH(RmsNormForwardKernel, N, kBlock, 0, s)(sum, out, rstd, x, r, gamma, d, eps);
+  }
 }
 
 void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout,
                            const float* x, const float* gamma, const float* rstd, int N, int d) {
   if (N == 0) return;
-  RmsNormBackwardRowsKernel<<<N, kBlock, 0, s>>>(dx, base, dout, x, gamma, rstd, d);
-  if (dgamma != nullptr) RmsNormGammaGradKernel<<<GridFor(d, 128), 128, 0, s>>>(dgamma, dout, x, rstd, N, d);
+  SINKSCOPE_COST(16.0 * N * d + 4.0 * d + 4.0 * N, 8.0 * N * d);
+  SINKSCOPE_LAUNCH(RmsNormBackwardRowsKernel, N, kBlock, 0, s)(dx, base, dout, x, gamma, rstd, d);
+  if (dgamma != nullptr) {
+    SINKSCOPE_COST(8.0 * N * d + 4.0 * N + 8.0 * d, 3.0 * N * d);
+    SINKSCOPE_LAUNCH(RmsNormGammaGradKernel, GridFor(d, 128), 128, 0, s)(dgamma, dout, x, rstd, N, d);
+  }
 }
 
 }  // namespace sinkscope::cuda

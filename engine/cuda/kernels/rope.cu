@@ -3,6 +3,7 @@
 // cached on the device (cuda_backend.cc): the rotation is then the same arithmetic.
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -28,7 +29,8 @@ __global__ void RopeKernel(float* x, const float2* cs, int B, int T, int heads, 
 
 void LaunchRope(cudaStream_t s, float* x, const float2* cs, int B, int T, int heads, int dh) {
   const size_t total = static_cast<size_t>(B) * T * heads * (dh / 2);
-  RopeKernel<<<GridFor(total, 256), 256, 0, s>>>(x, cs, B, T, heads, dh);
+  SINKSCOPE_COST(8.0 * total * 2 + 8.0 * T * (dh / 2), 6.0 * total);
+  SINKSCOPE_LAUNCH(RopeKernel, GridFor(total, 256), 256, 0, s)(x, cs, B, T, heads, dh);
 }
 
 }  // namespace sinkscope::cuda

@@ -1,6 +1,7 @@
 // SwiGLU forward and backward, elementwise (kernel_math.h holds the formulas).
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -22,11 +23,13 @@ __global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dh, 
 }  // namespace
 
 void LaunchSwiGluForward(cudaStream_t s, float* h, const float* gate, const float* up, size_t n) {
-  SwiGluForwardKernel<<<GridFor(n, 256), 256, 0, s>>>(h, gate, up, n);
+  SINKSCOPE_COST(12.0 * n, 8.0 * n);
+  SINKSCOPE_LAUNCH(SwiGluForwardKernel, GridFor(n, 256), 256, 0, s)(h, gate, up, n);
 }
 void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, const float* gate,
                           const float* up, size_t n) {
-  SwiGluBackwardKernel<<<GridFor(n, 256), 256, 0, s>>>(dgate, dup, dh, gate, up, n);
+  SINKSCOPE_COST(20.0 * n, 12.0 * n);
+  SINKSCOPE_LAUNCH(SwiGluBackwardKernel, GridFor(n, 256), 256, 0, s)(dgate, dup, dh, gate, up, n);
 }
 
 }  // namespace sinkscope::cuda

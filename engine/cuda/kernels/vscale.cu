@@ -2,6 +2,7 @@
 // backend; θ's gradient from per-row contributions summed over the rows in order.
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
+#include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
 
 namespace sinkscope::cuda {
@@ -53,14 +54,19 @@ __global__ void ThetaSumKernel(float* dtheta, const double* row_dtheta, int N, i
 void LaunchVScaleForward(cudaStream_t s, float* vhat, const float* v, const float* theta, int N, int KV, int dh,
                          double c_base) {
   const size_t rows = static_cast<size_t>(N) * KV;
-  VScaleForwardKernel<<<GridFor(rows, 128), 128, 0, s>>>(vhat, v, theta, N, KV, dh, c_base);
+  SINKSCOPE_COST(8.0 * rows * dh + 4.0 * KV, 3.0 * rows * dh);
+  SINKSCOPE_LAUNCH(VScaleForwardKernel, GridFor(rows, 128), 128, 0, s)(vhat, v, theta, N, KV, dh, c_base);
 }
 
 void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat,
                           const float* v, const float* theta, int N, int KV, int dh, double c_base) {
   const size_t rows = static_cast<size_t>(N) * KV;
-  VScaleBackwardKernel<<<GridFor(rows, 128), 128, 0, s>>>(dv, row_dtheta, dvhat, v, theta, N, KV, dh, c_base);
-  if (dtheta != nullptr) ThetaSumKernel<<<1, 32 * ((KV + 31) / 32), 0, s>>>(dtheta, row_dtheta, N, KV);
+  SINKSCOPE_COST(12.0 * rows * dh + 8.0 * rows + 4.0 * KV, 6.0 * rows * dh);
+  SINKSCOPE_LAUNCH(VScaleBackwardKernel, GridFor(rows, 128), 128, 0, s)(dv, row_dtheta, dvhat, v, theta, N, KV, dh, c_base);
+  if (dtheta != nullptr) {
+    SINKSCOPE_COST(8.0 * rows + 4.0 * KV, 1.0 * rows);
+    SINKSCOPE_LAUNCH(ThetaSumKernel, 1, 32 * ((KV + 31) / 32), 0, s)(dtheta, row_dtheta, N, KV);
+  }
 }
 
 }  // namespace sinkscope::cuda
