@@ -944,6 +944,21 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
 
 cudaError_t cudaDeviceSynchronize() { return Sticky(); }
 
+// Destroys the context as the documentation says: every allocation is freed and the
+// errors, sticky ones included, are cleared (the emulation's tests start each case so).
+cudaError_t cudaDeviceReset() {
+  using namespace sinkscope::emu;
+  {
+    std::lock_guard<std::mutex> lock(memory_mu);
+    for (auto& [start, a] : allocations) munmap(a.region, a.region_bytes);
+    allocations.clear();
+  }
+  std::lock_guard<std::mutex> lock(error_mu);
+  last_error = sticky_error = cudaSuccess;
+  error_detail.clear();
+  return cudaSuccess;
+}
+
 cudaError_t cudaGetLastError() {
   std::lock_guard<std::mutex> lock(sinkscope::emu::error_mu);
   const cudaError_t e = sinkscope::emu::last_error;
