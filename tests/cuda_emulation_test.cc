@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -296,6 +297,28 @@ TEST_F(Emulation, BlocksRunInAShuffledOrderSoOrderDependenceShows) {
   ASSERT_EQ(cudaMemset(out, 0, sizeof(int)), cudaSuccess);
   SINKSCOPE_LAUNCH(CountWithAtomics, 100, 128, 0, 0)(out);
   EXPECT_EQ(Host(out, 1)[0], 12800);
+}
+
+// Thread 0 publishes a value that the others read with no barrier between: a race a GPU
+// may or may not show, and the race check always does.
+__global__ void PublishWithoutABarrier(float* out) {
+  SINKSCOPE_SHARED(float, flag, [1]);
+  if (threadIdx.x == 0) flag[0] = 1.0f;
+  out[threadIdx.x] = flag[0];
+}
+
+TEST_F(Emulation, TheRaceCheckFindsUnorderedSharedAccessesAndPassesOrderedOnes) {
+  const char* on = std::getenv("SINKSCOPE_EMU_RACECHECK");
+  if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "run with SINKSCOPE_EMU_RACECHECK=1 (ctest: cuda_emulation_racecheck)";
+  float* out = Device<float>(256);
+  SINKSCOPE_LAUNCH(BlockSumKernel, 3, 256, 0, 0)(out);  // barriers and warp shuffles: ordered
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_EQ(Host(out, 1)[0], 256.0f);
+  SINKSCOPE_LAUNCH(PublishWithoutABarrier, 1, 64, 0, 0)(out);
+  auto [e, text] = LastError();
+  EXPECT_EQ(e, cudaErrorLaunchFailure);
+  EXPECT_THAT(text, AllOf(HasSubstr("PublishWithoutABarrier"), HasSubstr("shared-memory race at shared byte 0"),
+                          HasSubstr("thread 0 wrote it and thread 1 read it")));
 }
 
 TEST_F(Emulation, TheDeviceIsTheCommittedDescription) {

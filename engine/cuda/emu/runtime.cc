@@ -8,6 +8,7 @@
 #include "engine/cuda/emu/runtime.h"
 
 #include <signal.h>
+#include <sys/ucontext.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -258,6 +259,8 @@ struct Grid {
   void* ctx = nullptr;
   bool failed = false;
   std::string failure;
+  // The race check's clock: one tick per block start and per barrier released.
+  uint32_t epoch = 0;
 };
 thread_local Grid* grid_state = nullptr;
 
@@ -368,7 +371,95 @@ thread_local volatile sig_atomic_t in_kernel = 0;
 thread_local const void* fault_address = nullptr;
 struct sigaction previous_segv, previous_bus;
 
+// ---- the shared-memory race check (SINKSCOPE_EMU_RACECHECK=1) ----
+// As compute-sanitizer's racecheck: two threads touching the same 4-byte word of shared
+// memory, one of them writing, with no __syncthreads between (nor, for two lanes of one
+// warp, a warp collective) is a hazard. While a block runs, its shared memory is kept
+// inaccessible; each access faults, is recorded against the word's shadow, and is then
+// single-stepped with the page opened (x86-64: the fault's error code says read or write,
+// the trap flag stops after the one instruction). Slow, so a test turns it on where it
+// is wanted. The word at the faulting address is the one recorded: a vector access of
+// several words is checked on its first.
+bool RaceCheckOn() {
+  static const bool on = [] {
+    const char* s = std::getenv("SINKSCOPE_EMU_RACECHECK");
+    return s != nullptr && std::strcmp(s, "1") == 0;
+  }();
+  return on;
+}
+struct Shadow {
+  uint32_t epoch;       // the Grid::epoch of the entries below
+  int16_t writer;       // thread (linear), -1 none
+  int16_t reader;       // thread, -1 none, -2 several
+  uint32_t writer_sync, reader_sync;  // their warp's collective count at the access
+};
+thread_local std::vector<Shadow> shadow;
+thread_local unsigned char* open_page = nullptr;
+struct Race {
+  bool found = false;
+  int first, second;  // threads
+  bool first_writes, second_writes;
+  size_t offset;
+};
+thread_local Race race;
+
+// Are two accesses by threads a (earlier) and b ordered? Only by a barrier (a new epoch)
+// or, within one warp, by a warp collective since a's access.
+bool Ordered(const Grid& g, int a, uint32_t a_sync, int b) {
+  if (a == b) return true;
+  if (a / 32 != b / 32) return false;
+  return g.warps[b / 32].generation != a_sync;
+}
+
+void RecordSharedAccess(Grid& g, size_t offset, bool write) {
+  Shadow& s = shadow[offset / 4];
+  const int t = g.current->linear;
+  const uint32_t sync = static_cast<uint32_t>(g.warps[t / 32].generation);
+  if (s.epoch != g.epoch) s = Shadow{g.epoch, -1, -1, 0, 0};
+  auto hazard = [&](int other, bool other_writes) {
+    if (!race.found) race = Race{true, other, t, other_writes, write, offset};
+  };
+  if (s.writer >= 0 && !Ordered(g, s.writer, s.writer_sync, t)) hazard(s.writer, true);
+  if (write) {
+    if (s.reader == -2) hazard(-1, false);
+    else if (s.reader >= 0 && !Ordered(g, s.reader, s.reader_sync, t)) hazard(s.reader, false);
+    s.writer = static_cast<int16_t>(t);
+    s.writer_sync = sync;
+    s.reader = -1;
+  } else if (s.reader == -1 || s.reader == t) {
+    s.reader = static_cast<int16_t>(t);
+    s.reader_sync = sync;
+  } else {
+    s.reader = -2;
+  }
+}
+
+void ProtectArena(Grid& g, int prot) {
+  mprotect(g.arena, kSharedArenaBytes, prot);
+}
+
+void OnTrap(int, siginfo_t*, void* uc) {
+  auto* context = static_cast<ucontext_t*>(uc);
+  context->uc_mcontext.gregs[REG_EFL] &= ~0x100LL;  // the trap flag: one step was enough
+  if (open_page != nullptr) {
+    mprotect(open_page, PageSize(), PROT_NONE);
+    open_page = nullptr;
+  }
+}
+
 void OnFault(int sig, siginfo_t* info, void* uc) {
+  Grid* g = grid_state;
+  auto* addr = static_cast<unsigned char*>(info->si_addr);
+  if (in_kernel && RaceCheckOn() && g != nullptr && g->current != nullptr && addr >= g->arena &&
+      addr < g->arena + kSharedArenaBytes) {
+    auto* context = static_cast<ucontext_t*>(uc);
+    const bool write = (context->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+    RecordSharedAccess(*g, static_cast<size_t>(addr - g->arena), write);
+    open_page = g->arena + (addr - g->arena) / PageSize() * PageSize();
+    mprotect(open_page, PageSize(), PROT_READ | PROT_WRITE);
+    context->uc_mcontext.gregs[REG_EFL] |= 0x100LL;
+    return;
+  }
   if (in_kernel) {
     fault_address = info->si_addr;
     in_kernel = 0;
@@ -399,6 +490,13 @@ void InstallFaultHandler() {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &previous_segv);
     sigaction(SIGBUS, &sa, &previous_bus);
+    if (RaceCheckOn()) {
+      struct sigaction trap{};
+      trap.sa_sigaction = OnTrap;
+      trap.sa_flags = SA_SIGINFO | SA_ONSTACK;
+      sigemptyset(&trap.sa_mask);
+      sigaction(SIGTRAP, &trap, nullptr);
+    }
   });
   // Each thread that runs kernels needs its own alternate stack (a fiber's stack may be
   // the one that overflowed).
@@ -502,6 +600,7 @@ bool ReleaseBarrier(Grid& g) {
     for (Fiber& f : g.fibers) {
       if (f.state == State::kBarrier) f.state = State::kRunnable;
     }
+    ++g.epoch;
     return true;
   }
   (void)done;
@@ -515,6 +614,7 @@ void RunBlock(Grid& g) {
   if (g.dynamic_shared + g.static_shared > 0) std::memset(g.arena, kPoison, g.dynamic_shared + g.static_shared);
   std::fill(g.site_offset.begin(), g.site_offset.end(), 0);
   g.static_shared = 0;
+  ++g.epoch;
   for (Warp& w : g.warps) {
     w.arrived = 0;
     w.mask = 0;
@@ -526,17 +626,30 @@ void RunBlock(Grid& g) {
     f.stack = StackFor(i);
     f.sp = InitialStack(f.stack);
   }
+  const bool racecheck = RaceCheckOn();
+  if (racecheck) ProtectArena(g, PROT_NONE);
   while (!g.failed) {
     bool ran = false;
     for (size_t i = 0; i < n && !g.failed; ++i) {
       if (g.fibers[i].state != State::kRunnable) continue;
       ran = true;
       Resume(g, g.fibers[i]);
+      if (race.found) {
+        const Race r = race;
+        race = Race{};
+        Abort(g, "shared-memory race at shared byte " + std::to_string(r.offset) + ": thread " +
+                     (r.first >= 0 ? std::to_string(r.first) : std::string("(several)")) +
+                     (r.first_writes ? " wrote" : " read") + " it and thread " + std::to_string(r.second) +
+                     (r.second_writes ? " wrote" : " read") +
+                     " it with no __syncthreads between (block " + Coordinates(g.block_idx) + ")");
+      }
     }
+    if (racecheck && g.failed) ProtectArena(g, PROT_READ | PROT_WRITE);
     if (g.failed) return;
     if (ran) continue;
-    if (!ReleaseBarrier(g)) return;
+    if (!ReleaseBarrier(g)) break;
   }
+  if (racecheck) ProtectArena(g, PROT_READ | PROT_WRITE);
 }
 
 void RunBlocks(Grid& g, const std::vector<uint32_t>& order) {
@@ -735,7 +848,9 @@ void* StaticShared(int site, size_t bytes, size_t align) {
                   shared_sites[site].name + "` the last) + " + std::to_string(g.dynamic_shared) +
                   " dynamic exceed the per-block limit of " + std::to_string(g.shared_limit));
     }
+    if (RaceCheckOn()) ProtectArena(g, PROT_READ | PROT_WRITE);
     std::memset(g.arena + start, kPoison, bytes);
+    if (RaceCheckOn()) ProtectArena(g, PROT_NONE);
     g.static_shared = end - RoundUp(g.dynamic_shared, 16);
     g.site_offset[site] = start + 1;
   }
@@ -800,6 +915,7 @@ void RunGrid(const LaunchSite& site, const void* kernel_id, dim3 grid, dim3 bloc
   g.body = body;
   g.ctx = ctx;
   g.arena = SharedArena();
+  if (RaceCheckOn() && shadow.empty()) shadow.assign(kSharedArenaBytes / 4, Shadow{0, -1, -1, 0, 0});
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
   g.fibers.resize(threads);
   g.warps.resize((threads + 31) / 32);
@@ -827,6 +943,7 @@ void RunGrid(const LaunchSite& site, const void* kernel_id, dim3 grid, dim3 bloc
   tls_block_dim = block;
   tls_grid_dim = grid;
   const bool faulted = RunGuarded(g, order);
+  if (RaceCheckOn()) ProtectArena(g, PROT_READ | PROT_WRITE);
   grid_state = outer;
   if (faulted) {
     std::string who = g.current != nullptr ? ", thread " + Coordinates(g.current->idx) : "";
