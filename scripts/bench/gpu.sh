@@ -5,24 +5,47 @@
 # device table (H100/H200 dense bf16 989.4 TFLOP/s) and probe overhead at probe.every 100;
 # then the same model in PyTorch on the same GPU in the same run (Hugging Face
 # LlamaForCausalLM, SDPA, bf16 autocast, fused AdamW; eager and torch.compile), and the
-# ratios. One JSON line per measurement in bench.jsonl, a table on stdout.
+# ratios. One JSON line per measurement in bench.jsonl, a table on stdout. When the bundle
+# holds the dry run's figures (dry-run.jsonl, scripts/gpu/bundle.sh), each arm's roofline
+# estimate is printed beside its measurement.
 #
 #   bash scripts/bench/gpu.sh [--bundle build-gpu] [--out DIR] [--steps N] [--micro-batch B]
 #                             [--models "paper-0.1b paper-0.3b"] [--timeout S (each command)]
+#
+# --dry-run, here without a GPU: builds nothing; for each model, writes its JSON with
+# build/tools/sinkscope-train --print-model and runs build/scripts/bench/sinkscope-gpu-dry-run
+# (one training step traced by the CUDA emulation, not executed, priced with an H100
+# roofline: an estimate, README.md "The dry run"); micro-batch 16 unless --micro-batch.
+#
+#   bash scripts/bench/gpu.sh --dry-run [--build DIR (default build)] [--micro-batch B] [--models ...]
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bundle="$root/build-gpu" out="${OUT:-$root/gpu-out}" steps=5 B=8 models="paper-0.1b paper-0.3b" limit=240
+dry_run=0 build="$root/build" dry_B=16
 while (( $# )); do
   case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    --build) build="$2"; shift 2 ;;
     --bundle) bundle="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --steps) steps="$2"; shift 2 ;;
-    --micro-batch) B="$2"; shift 2 ;;
+    --micro-batch) B="$2"; dry_B="$2"; shift 2 ;;
     --models) models="$2"; shift 2 ;;
     --timeout) limit="$2"; shift 2 ;;
     *) echo "gpu.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
+if (( dry_run )); then
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  args=()
+  for m in $models; do
+    "$build/tools/sinkscope-train" "$root/examples/$m.yaml" --print-model > "$tmp/$m.json" || exit 1
+    args+=(--model "$tmp/$m.json" --label "$m")
+  done
+  "$build/scripts/bench/sinkscope-gpu-dry-run" "${args[@]}" --micro-batch "$dry_B"
+  exit $?
+fi
 mkdir -p "$out"
 jsonl="$out/bench.jsonl"
 : > "$jsonl"
@@ -36,9 +59,16 @@ for m in $models; do
       echo "{\"model\": \"$m\", \"torch_mode\": \"$mode\", \"error\": \"see torch-$m-$mode.err\"}" >> "$jsonl"
   done
 done
-python3 - "$jsonl" <<'PY'
-import json, sys
+python3 - "$jsonl" "$bundle/dry-run.jsonl" <<'PY'
+import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+# The dry run's roofline estimates (scripts/gpu/bundle.sh), by model, arm and micro-batch.
+est = {}
+if os.path.exists(sys.argv[2]):
+    for l in open(sys.argv[2]):
+        if l.strip():
+            e = json.loads(l)
+            est[(e["model"], e["arm"], e["micro_batch"], e["seq"])] = e
 by_model = {}
 for r in rows:
     by_model.setdefault(r.get("model"), []).append(r)
@@ -57,6 +87,11 @@ for model, rs in by_model.items():
             for mode, t in torch.items():
                 line += f"  x{a['tokens_per_second'] / t['tokens_per_second']:.2f} vs torch {mode}"
             print(line)
+            e = est.get((model, a["arm"], ours["micro_batch"], ours["context"]))
+            if e:
+                print(f"   {'':<10} {e['est_tokens_per_second']:>10.0f} tok/s  MFU {100 * e['est_mfu']:5.2f}%  "
+                      f"roofline estimate of the dry run ({1e3 * e['est_s_per_step']:.1f} ms/step against "
+                      f"{a['ms_per_step']:.1f} measured)")
     for mode, t in torch.items():
         print(f"   torch {mode:<8} {t['tokens_per_second']:>10.0f} tok/s  MFU {100 * t['mfu']:5.2f}%  ({t['torch']})")
 PY

@@ -35,6 +35,22 @@ for m in quickstart paper-0.1b paper-0.3b; do
 done
 git rev-parse HEAD > "$out/commit" 2>/dev/null || true
 
+# The dry run's roofline estimates (scripts/bench/README.md, "The dry run"), made here on
+# the CUDA emulation, for gpu.sh to print beside what the GPU measures: both arms it
+# trains, at its default micro-batch (8) and the paper's (16).
+dry=build/scripts/bench/sinkscope-gpu-dry-run
+if [[ -x "$dry" ]]; then
+  : > "$out/dry-run.jsonl"
+  for m in paper-0.1b paper-0.3b; do
+    for arm in baseline vscale; do
+      for B in 8 16; do
+        "$dry" --model "$out/models/$m.json" --label "$m" --arm "$arm" --micro-batch "$B" --json >> "$out/dry-run.jsonl" ||
+          echo "bundle: the dry run of $m ($arm, B $B) failed; gpu.sh prints no estimate for it" >&2
+      done
+    done
+  done
+fi
+
 size_kib="$(du -sk "$out" | cut -f1)"
 echo "bundle: $out: ${#bins[@]} binaries, $(ls "$out/lib" | wc -l) libraries, $((size_kib / 1024)) MiB"
 if (( size_kib > 60 * 1024 )); then
