@@ -48,8 +48,8 @@ const char* kAssumptions =
     "roofline on an H100 SXM: HBM 3.35 TB/s; bf16 tensor-core GEMMs 989 TFLOP/s, TF32 494 TFLOP/s, "
     "fp32 GEMMs (CUBLAS_COMPUTE_32F, no tensor cores) and kernels 67 TFLOP/s; each record takes "
     "max(bytes / HBM, FLOPs / peak) with its declared cost, records run one after another (no overlap, "
-    "no launch latency); MFU = model FLOPs / (estimated s/step x 989 TFLOP/s). Not in the trace: device-to-device "
-    "copies and memsets (the emulation records neither in a dry run)";
+    "no launch latency); MFU = model FLOPs / (estimated s/step x 989 TFLOP/s). Copies and memsets are priced "
+    "at their bytes";
 
 using Clock = std::chrono::steady_clock;
 double Seconds(Clock::time_point since) { return std::chrono::duration<double>(Clock::now() - since).count(); }

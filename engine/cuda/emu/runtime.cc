@@ -1007,11 +1007,13 @@ cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind, 
   } else if (src_device) {
     return Fail(cudaErrorInvalidValue, std::string(call) + ": the source is device memory but the kind says host");
   }
-  if (DryRun()) {
-    if (kind == cudaMemcpyDeviceToHost) std::memset(dst, 0, count);
-    if (kind != cudaMemcpyHostToDevice) return cudaSuccess;
+  // A dry run reads zeros to the host and leaves device memory untouched, but uploads
+  // what the host sends (the weights, the tables the backend keeps on the device).
+  if (!DryRun() || kind == cudaMemcpyHostToDevice) {
+    std::memmove(dst, src, count);
+  } else if (kind == cudaMemcpyDeviceToHost) {
+    std::memset(dst, 0, count);
   }
-  std::memmove(dst, src, count);
   TraceRecord r;
   r.kind = TraceRecord::kCopy;
   r.name = kind == cudaMemcpyHostToDevice   ? "copy host→device"
@@ -1029,6 +1031,12 @@ cudaError_t Set(void* p, int value, size_t count, const char* call) {
   if (count == 0) return cudaSuccess;
   if (std::string why = CheckDeviceRange(p, count, call); !why.empty()) return Fail(cudaErrorInvalidValue, why);
   if (!DryRun()) std::memset(p, value, count);
+  TraceRecord r;
+  r.kind = TraceRecord::kCopy;
+  r.name = "memset";
+  r.cost.bytes = static_cast<double>(count);
+  r.cost.flops = 0;
+  Trace(std::move(r));
   return cudaSuccess;
 }
 
