@@ -557,12 +557,10 @@ void Abort(Grid& g, const std::string& what) {
 bool ReleaseBarrier(Grid& g) {
   const char* file = nullptr;
   int line = 0;
-  int waiting = 0, done = 0, at_warp = 0;
+  int waiting = 0, at_warp = 0;
   const Fiber* first_other = nullptr;
   for (Fiber& f : g.fibers) {
-    if (f.state == State::kDone) {
-      ++done;
-    } else if (f.state == State::kBarrier) {
+    if (f.state == State::kBarrier) {
       if (file == nullptr) {
         file = f.barrier_file;
         line = f.barrier_line;
@@ -603,7 +601,6 @@ bool ReleaseBarrier(Grid& g) {
     ++g.epoch;
     return true;
   }
-  (void)done;
   Abort(g, why);
   return false;
 }
@@ -964,9 +961,7 @@ void RunGrid(const LaunchSite& site, const void* kernel_id, dim3 grid, dim3 bloc
     if (!CanariesIntact(a, &side)) {
       const std::string detail = where + ": wrote " + side + " the device allocation of " + std::to_string(a.bytes) +
                                  " bytes at " + Hex(a.data);
-      memory_mu.unlock();
-      RecordError(cudaErrorIllegalAddress, detail, true);
-      memory_mu.lock();
+      RecordError(cudaErrorIllegalAddress, detail, true);  // takes error_mu only
       break;
     }
   }
@@ -1179,11 +1174,8 @@ cudaError_t cudaFree(void* ptr) {
     std::lock_guard<std::mutex> lock(memory_mu);
     auto it = allocations.find(reinterpret_cast<uintptr_t>(ptr));
     if (it == allocations.end()) {
-      memory_mu.unlock();
-      cudaError_t e = Fail(cudaErrorInvalidDevicePointer,
-                           "cudaFree(" + Hex(ptr) + "): not the start of a live device allocation");
-      memory_mu.lock();
-      return e;
+      return Fail(cudaErrorInvalidDevicePointer,
+                  "cudaFree(" + Hex(ptr) + "): not the start of a live device allocation");
     }
     a = it->second;
     allocations.erase(it);
