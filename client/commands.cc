@@ -410,6 +410,16 @@ int Compare(const GlobalOptions& options, const Args& args) {
     }
     request.set_step(step);
   }
+  if (args.values.count("--point")) {
+    int64_t point = 0;
+    std::string text = args.values.at("--point");
+    if (!text.empty() && text[0] == 'p') text.erase(0, 1);  // "p3" as status shows it, or "3"
+    if (!ParseWholeInteger(text, &point) || point < 0 || point > INT32_MAX) {
+      return UsageError("compare", "--point must be a point of the sweep as status lists it (p0, p1, ... or 0, 1, ...), got " +
+                                       args.values.at("--point"));
+    }
+    request.set_point(static_cast<int32_t>(point));
+  }
   Coordinator coordinator(options);
   v1::CompareArmsResponse response;
   if (grpc::Status s = coordinator.stub().CompareArms(coordinator.UnaryContext().get(), request, &response); !s.ok()) {
@@ -547,10 +557,52 @@ int ReportCommand(const GlobalOptions& options, const Args& args) {
     id = args.positional[0];
   }
   const std::string out = args.values.count("--out") ? args.values.at("--out") : "report-" + id;
+  int64_t only_point = -1;
+  if (args.values.count("--point")) {
+    std::string text = args.values.at("--point");
+    if (!text.empty() && text[0] == 'p') text.erase(0, 1);
+    if (from_probe || !ParseWholeInteger(text, &only_point) || only_point < 0 || only_point > INT32_MAX) {
+      return UsageError("report", from_probe ? "--point is for an experiment's sweep, not --probe"
+                                             : "--point must be a point of the sweep as status lists it (p0, p1, ... "
+                                               "or 0, 1, ...), got " + args.values.at("--point"));
+    }
+  }
   if (!from_probe) {
     if (int exit = FetchExperiment(options, id, &input); exit != kExitOk) return exit;
   }
-  return WriteReportOf(id, input, ro, out);
+  // A sweep: one report per point (its runs only, arms side by side), in out/p<k>/, or
+  // only the point asked for, in out/.
+  std::map<int, std::string> points;
+  for (const v1::RunSummary& r : input.experiment.runs()) {
+    if (!r.point().empty()) points[r.point_index()] = r.point();
+  }
+  if (points.empty()) {
+    if (only_point > 0) return UsageError("report", "experiment " + id + " has no sweep: its only point is p0");
+    return WriteReportOf(id, input, ro, out);
+  }
+  auto of_point = [&](int point) {
+    report::ReportInput one = input;
+    one.experiment.clear_runs();
+    for (const v1::RunSummary& r : input.experiment.runs()) {
+      if (r.point_index() == point) *one.experiment.add_runs() = r;
+    }
+    return one;
+  };
+  if (only_point >= 0) {
+    if (!points.count(static_cast<int>(only_point))) {
+      return UsageError("report", "experiment " + id + " has points p0 ... p" + std::to_string(points.rbegin()->first) +
+                                      ", not p" + std::to_string(only_point));
+    }
+    std::printf("point p%lld: %s\n", static_cast<long long>(only_point), points.at(only_point).c_str());
+    return WriteReportOf(id, of_point(static_cast<int>(only_point)), ro, out);
+  }
+  for (const auto& [point, label] : points) {
+    std::printf("point p%d: %s\n", point, label.c_str());
+    if (int exit = WriteReportOf(id, of_point(point), ro, out + "/p" + std::to_string(point)); exit != kExitOk) {
+      return exit;
+    }
+  }
+  return kExitOk;
 }
 
 // The experiment with every run's steps and probes, for the report.
@@ -654,7 +706,7 @@ already ended) and prints its status.
   -h, --help   this text
 )";
 
-const char kCompareUsage[] = R"(usage: sinkscope compare ID [--step N]
+const char kCompareUsage[] = R"(usage: sinkscope compare ID [--step N] [--point P]
 
 The arms of an experiment side by side, as mean ± std over seeds (the numbers behind the
 paper's Figures 1 and 7). Per layer, one row per arm: R_GS at the sink position, sink
@@ -663,10 +715,12 @@ tokens 1..15), massive activations (top-1 |h_out| over the median) and the mean 
 theta. Then a summary: median R_GS over layers, final loss, validation loss, tokens/s.
 
   --step N     compare the probes of step N (default: the latest step probed in every run)
+  --point P    with a sweep, only its point P (p0, p1, ... as status lists them); by default
+               every point, one after the other, each with its arms side by side
   -h, --help   this text
 )";
 
-const char kReportUsage[] = R"(usage: sinkscope report ID [--step N] [--layer L] [--arms A,B] [--out DIR]
+const char kReportUsage[] = R"(usage: sinkscope report ID [--step N] [--layer L] [--arms A,B] [--point P] [--out DIR]
        sinkscope report --probe FILE [--label NAME] [--layer L] [--out DIR]
 
 The paper's figures from an experiment's stored steps and probe reports, as PNG and SVG
@@ -693,6 +747,8 @@ at (with its probed steps), a layer past the model's.
   --step N     the probe step (default: the latest step probed in every run)
   --layer L    the layer of fig02 and fig12 (default: layers / 2)
   --arms A,B   only these arms, in this order (default: every arm of the experiment)
+  --point P    with a sweep, only its point P (p0, p1, ...) into DIR; by default one report
+               per point, each in DIR/pK/
   --out DIR    where to write (default: report-ID); created if missing
   --probe FILE the figures of one probe written by `sinkscope probe --local CHECKPOINT --json`
                (a sinkscope checkpoint or a Hugging Face model), without a coordinator
@@ -776,12 +832,12 @@ const std::vector<Command>& Commands() {
       {"watch", "ID", "follow an experiment live until it ends: progress, ETA, probes", kWatchUsage, WatchCommand, {},
        {}, 1, 1, "an experiment ID"},
       {"cancel", "ID", "cancel every queued or running run", kCancelUsage, Cancel, {}, {}, 1, 1, "an experiment ID"},
-      {"compare", "ID [--step N]", "the arms side by side per layer, mean ± std over seeds", kCompareUsage, Compare,
-       {"--step"}, {}, 1, 1, "an experiment ID"},
+      {"compare", "ID [--step N] [--point P]", "the arms side by side per layer, mean ± std over seeds", kCompareUsage,
+       Compare, {"--step", "--point"}, {}, 1, 1, "an experiment ID"},
       {"export", "ID [--format csv|jsonl] [--out FILE]", "every stored step metric and probe report", kExportUsage,
        Export, {"--format", "--out"}, {}, 1, 1, "an experiment ID"},
       {"report", "ID | --probe FILE [--out DIR]", "the paper's figures (PNG, SVG, data, index.html)", kReportUsage,
-       ReportCommand, {"--step", "--layer", "--arms", "--out", "--probe", "--label"}, {}, 0, 1, "an experiment ID"},
+       ReportCommand, {"--step", "--layer", "--arms", "--out", "--probe", "--label", "--point"}, {}, 0, 1, "an experiment ID"},
       // Dispatched by main to ProbeCommand: every argument after it is sinkscope-probe's.
       {"probe", "CHECKPOINT ...", "a diagnostic probe of a checkpoint on a worker, stored like any probe (--local: here)",
        nullptr, nullptr},

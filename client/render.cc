@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <map>
 #include <memory>
 
 #include "schema/experiment.h"
@@ -132,7 +133,7 @@ double NormRatio(const v1::LayerProbe& layer, const char* name) {
 // The columns of a run that every exported row starts with.
 std::string RunColumns(const std::string& experiment_id, const v1::RunSummary& run) {
   return CsvField(experiment_id) + "," + CsvField(run.run_id()) + "," + ArmName(run.arm()) + "," +
-         std::to_string(run.seed());
+         std::to_string(run.seed()) + "," + CsvField(run.point());
 }
 
 }  // namespace
@@ -158,7 +159,8 @@ std::string FailureReasonName(v1::FailureReason reason) {
 
 std::string RunLabel(const v1::RunSummary& run) {
   if (run.arm() == v1::ARM_UNSPECIFIED) return run.run_id();
-  return std::string(ArmName(run.arm())) + " s" + std::to_string(run.seed());
+  const std::string point = run.point().empty() ? "" : "p" + std::to_string(run.point_index()) + " ";
+  return point + ArmName(run.arm()) + " s" + std::to_string(run.seed());
 }
 
 namespace {
@@ -302,10 +304,14 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& e) {
     shown.clear();
     for (const v1::RunSummary& r : e.runs()) shown.push_back(&r);
   }
+  bool swept = false;
+  for (const v1::RunSummary& r : e.runs()) swept |= !r.point().empty();
   int noted = 0, unnoted = 0;
+  std::map<int, std::string> points_shown;
   for (const v1::RunSummary* run : shown) {
     const v1::RunSummary& r = *run;
     const bool started = r.step() > 0;
+    if (swept) points_shown[r.point_index()] = r.point();
     rows.push_back({r.run_id(), ArmName(r.arm()), std::to_string(r.seed()), RunStateName(r.state()),
                     std::to_string(r.step()) + "/" + std::to_string(r.total_steps()),
                     started ? Printf("%.4f", r.loss()) : "-", r.has_val_loss() ? Printf("%.4f", r.val_loss()) : "-",
@@ -326,9 +332,19 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& e) {
     }
   }
   if (unnoted > 0) notes += "  ... and " + std::to_string(unnoted) + " more notes\n";
-  out += "\n" +
-         RenderTable({"RUN", "ARM", "SEED", "STATE", "STEP", "LOSS", "VAL LOSS", "TOK/S", "ETA", "ATTEMPT", "WORKER"},
-                     rows, {false, false, true, false, true, true, true, true, true, true, false});
+  std::vector<std::string> header = {"RUN", "ARM", "SEED", "STATE", "STEP", "LOSS", "VAL LOSS", "TOK/S", "ETA",
+                                     "ATTEMPT", "WORKER"};
+  std::vector<bool> right = {false, false, true, false, true, true, true, true, true, true, false};
+  if (swept) {  // the point's index beside the arm; its settings listed under the table
+    header.insert(header.begin() + 1, "POINT");
+    right.insert(right.begin() + 1, true);
+    for (size_t i = 0; i < rows.size(); ++i) rows[i].insert(rows[i].begin() + 1, "p" + std::to_string(shown[i]->point_index()));
+  }
+  out += "\n" + RenderTable(header, rows, right);
+  if (swept) {
+    out += "\npoints of the sweep:\n";
+    for (const auto& [index, label] : points_shown) out += "  p" + std::to_string(index) + ": " + label + "\n";
+  }
   if (static_cast<int>(shown.size()) < e.runs_size()) {
     out += "... " + std::to_string(e.runs_size() - static_cast<int>(shown.size())) +
            " more runs not shown (running and failed runs come first; --json lists every run)\n";
@@ -337,7 +353,26 @@ std::string RenderExperimentStatus(const v1::ExperimentSummary& e) {
   return out;
 }
 
+std::string RenderOnePointComparison(const v1::CompareArmsResponse& response);
+
 std::string RenderComparison(const v1::CompareArmsResponse& response) {
+  bool swept = false;
+  for (const v1::ArmComparison& a : response.arms()) swept |= !a.point().empty();
+  if (!swept) return RenderOnePointComparison(response);
+  // A sweep: each point's arms side by side, the points one after the other.
+  std::string out;
+  for (int i = 0; i < response.arms_size();) {
+    v1::CompareArmsResponse one;
+    one.set_experiment_id(response.experiment_id());
+    const int point = response.arms(i).point_index();
+    for (; i < response.arms_size() && response.arms(i).point_index() == point; ++i) *one.add_arms() = response.arms(i);
+    out += (out.empty() ? "" : "\n") + std::string("==== point p") + std::to_string(point) + ": " +
+           one.arms(0).point() + "\n" + RenderOnePointComparison(one);
+  }
+  return out;
+}
+
+std::string RenderOnePointComparison(const v1::CompareArmsResponse& response) {
   if (response.arms().empty()) return "experiment " + response.experiment_id() + ": no arms to compare\n";
   bool same_step = true;
   for (const v1::ArmComparison& a : response.arms()) same_step &= a.step() == response.arms(0).step();
@@ -432,7 +467,7 @@ std::string RenderProbeReport(const v1::ProbeReport& report) {
 }
 
 std::string StepCsvHeader() {
-  return "experiment,run,arm,seed,step,loss,learning_rate,grad_norm,tokens_per_second,mfu,val_loss,step_seconds\n";
+  return "experiment,run,arm,seed,point,step,loss,learning_rate,grad_norm,tokens_per_second,mfu,val_loss,step_seconds\n";
 }
 
 std::string StepCsvRows(const std::string& experiment_id, const v1::GetRunMetricsResponse& metrics) {
@@ -449,7 +484,7 @@ std::string StepCsvRows(const std::string& experiment_id, const v1::GetRunMetric
 
 std::string ProbeCsvHeader() {
   std::string out =
-      "experiment,run,arm,seed,step,probe_loss,batch_sequences,seq_len,r_gs_median,r_gs_q1,r_gs_q3,layer,r_gs,"
+      "experiment,run,arm,seed,point,step,probe_loss,batch_sequences,seq_len,r_gs_median,r_gs_q1,r_gs_q3,layer,r_gs,"
       "r_gs_sum_then_norm,r_gs_norm_then_mean,sink_rate,sink_rate_per_sample";
   for (const char* name : kNormRatioNames) out += std::string(",norm_ratio_") + name;
   return out + ",massive_top1,massive_median,top1_over_median,mean_theta,alpha,theta\n";
@@ -486,7 +521,8 @@ std::string JsonLines(const std::string& experiment_id, const v1::GetRunMetricsR
   const v1::RunSummary& run = metrics.run();
   const std::string prefix =
       "{\"experiment_id\":" + JsonString(experiment_id) + ",\"run_id\":" + JsonString(run.run_id()) +
-      ",\"arm\":" + JsonString(v1::Arm_Name(run.arm())) + ",\"seed\":\"" + std::to_string(run.seed()) + "\"";
+      ",\"arm\":" + JsonString(v1::Arm_Name(run.arm())) + ",\"seed\":\"" + std::to_string(run.seed()) + "\"" +
+      (run.point().empty() ? "" : ",\"point\":" + JsonString(run.point()));
   std::string out;
   for (const v1::StepMetrics& s : metrics.steps()) out += prefix + ",\"step\":" + MessageToJson(s, false) + "}\n";
   for (const v1::ProbeReport& p : metrics.probes()) out += prefix + ",\"probe\":" + MessageToJson(p, false) + "}\n";

@@ -313,8 +313,15 @@ void TokenStream::SampleRows(uint64_t seed, uint64_t counter, int B, int first, 
     const int b = first + i;
     const uint64_t start = Mix64(seed ^ Mix64(counter * static_cast<uint64_t>(B) + static_cast<uint64_t>(b))) % starts;
     const int32_t* w = tokens_.data() + start;
-    std::copy(w, w + T, inputs + static_cast<size_t>(i) * T);
-    std::copy(w + 1, w + T + 1, targets + static_cast<size_t>(i) * T);
+    int32_t* in = inputs + static_cast<size_t>(i) * T;
+    if (bos_ >= 0) {  // [bos, w0 … w(T−2)] → [w0 … w(T−1)]
+      in[0] = bos_;
+      std::copy(w, w + T - 1, in + 1);
+      std::copy(w, w + T, targets + static_cast<size_t>(i) * T);
+    } else {
+      std::copy(w, w + T, in);
+      std::copy(w + 1, w + T + 1, targets + static_cast<size_t>(i) * T);
+    }
   }
 }
 
@@ -384,6 +391,11 @@ StatusOr<DataSplits> LoadData(const DataSpec& spec) {
     }
   }
   splits.max_token = std::max(MaxToken(splits.train.tokens()), MaxToken(splits.val.tokens()));
+  if (spec.bos >= 0) {
+    splits.train.set_bos(spec.bos);
+    splits.val.set_bos(spec.bos);
+    splits.max_token = std::max(splits.max_token, spec.bos);
+  }
   return splits;
 }
 

@@ -22,6 +22,8 @@ namespace sinkscope {
 inline constexpr int32_t kShardMagicV1 = 20240520;  // uint16 tokens
 inline constexpr int32_t kShardMagicV7 = 20240801;  // uint32 tokens
 inline constexpr int32_t kEndOfText = 256;
+// GPT-2's <|endoftext|>, which llm.c's shards put between documents.
+inline constexpr int32_t kGpt2EndOfText = 50256;
 inline constexpr int32_t kByteVocab = 257;
 
 // Reads one shard; errors name the file and what is wrong (missing, short header, bad
@@ -51,6 +53,11 @@ class TokenStream {
  public:
   TokenStream() = default;
   explicit TokenStream(std::vector<int32_t> tokens) : tokens_(std::move(tokens)) {}
+  // A begin-of-sequence token at the first position of every window (data.bos): a window
+  // is then T tokens w[0..T) of the stream, inputs = [bos, w[0..T−1)), targets = w[0..T).
+  // Negative (the default): none.
+  void set_bos(int32_t bos) { bos_ = bos; }
+  int32_t bos() const { return bos_; }
   size_t size() const { return tokens_.size(); }
   const std::vector<int32_t>& tokens() const { return tokens_; }
   // Fills inputs and targets (B·T each) from B windows of T+1 tokens: inputs = w[0..T),
@@ -66,6 +73,7 @@ class TokenStream {
 
  private:
   std::vector<int32_t> tokens_;
+  int32_t bos_ = -1;
 };
 
 struct DataSplits {
@@ -84,6 +92,8 @@ struct DataSpec {
   // > 0, LoadData checks that the training split (and a nonempty validation split) holds
   // at least one window of T+1 tokens, so TokenStream::Sample's precondition holds.
   int seq_len = 0;
+  // data.bos: the token put first in every window of both splits; negative: none.
+  int32_t bos = -1;
 };
 
 // Loads, tokenises and splits. Errors name the file or field and the reason.

@@ -8,6 +8,7 @@ DataSpec ToDataSpec(const v1::Experiment& e) {
   DataSpec spec;
   spec.val_fraction = e.data().val_fraction();
   spec.seq_len = e.model().context();
+  spec.bos = e.data().bos() ? e.data().bos_token() : -1;
   if (e.data().has_text()) {
     spec.text.paths.assign(e.data().text().paths().begin(), e.data().text().paths().end());
     spec.text.separator = e.data().text().separator();

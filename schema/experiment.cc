@@ -156,6 +156,8 @@ Status SetScalar(const YAML::Node& node, pb::Message* msg, const pb::FieldDescri
   return OkStatus();
 }
 
+Status YamlToSweep(const YAML::Node& node, v1::Experiment* e, const std::string& source);
+
 Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string& prefix, const std::string& source) {
   if (!node.IsMap()) {
     return FieldError(source, node, prefix.empty() ? "(top level)" : prefix, "expected a mapping of fields");
@@ -192,6 +194,10 @@ Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string
                                                        set->name() + " (only one of them may be given)");
       }
     }
+    if (field->is_repeated() && field->message_type() == v1::SweepAxis::descriptor()) {
+      RETURN_IF_ERROR(YamlToSweep(value, static_cast<v1::Experiment*>(msg), source));
+      continue;
+    }
     if (field->is_repeated()) {
       if (!value.IsSequence()) return FieldError(source, value, path, "expected a list");
       for (size_t i = 0; i < value.size(); ++i) {
@@ -206,6 +212,94 @@ Status YamlToMessage(const YAML::Node& node, pb::Message* msg, const std::string
       RETURN_IF_ERROR(YamlToMessage(value, r->MutableMessage(msg, field), path, source));
     } else {
       RETURN_IF_ERROR(SetScalar(value, msg, field, path, source));
+    }
+  }
+  return OkStatus();
+}
+
+// ---- sweeps
+
+// The chain of fields a sweep path names, from Experiment down to a single-valued
+// scalar of model, train, data or probe; an error (the rule, without the path) if none.
+StatusOr<std::vector<const pb::FieldDescriptor*>> SweepFieldChain(const std::string& path) {
+  std::vector<const pb::FieldDescriptor*> chain;
+  const pb::Descriptor* d = v1::Experiment::descriptor();
+  size_t begin = 0;
+  while (true) {
+    const size_t dot = path.find('.', begin);
+    const std::string part = path.substr(begin, dot == std::string::npos ? std::string::npos : dot - begin);
+    const pb::FieldDescriptor* f = d == nullptr ? nullptr : d->FindFieldByName(part);
+    if (chain.empty() && part != "model" && part != "train" && part != "data" && part != "probe") {
+      return InvalidArgumentError("a sweep sets fields of model, train, data or probe, as section.field");
+    }
+    if (f == nullptr) {
+      return InvalidArgumentError("unknown field \"" + part + "\"" +
+                                  (d == nullptr ? "" : " (known in " + std::string(d->name()) + ": " + KnownFields(d) + ")"));
+    }
+    chain.push_back(f);
+    if (dot == std::string::npos) break;
+    if (f->is_repeated() || f->cpp_type() != pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+      return InvalidArgumentError(std::string(f->name()) + " has no fields");
+    }
+    d = f->message_type();
+    begin = dot + 1;
+  }
+  const pb::FieldDescriptor* last = chain.back();
+  if (last->is_repeated()) return InvalidArgumentError("is a list; a sweep sets single-valued fields");
+  if (last->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
+    return InvalidArgumentError("is a section; a sweep sets single fields of it (e.g. " + path + "." +
+                                std::string(last->message_type()->field(0)->name()) + ")");
+  }
+  return chain;
+}
+
+// Sets the field at the end of `chain` on `e` from `value` (parsed as the file would be).
+// A oneof the chain passes through must not hold another member (data.text vs data.shards).
+Status SetSweepValue(const std::vector<const pb::FieldDescriptor*>& chain, const YAML::Node& value, v1::Experiment* e,
+                     const std::string& path, const std::string& source) {
+  pb::Message* msg = e;
+  for (size_t i = 0; i + 1 < chain.size(); ++i) {
+    const pb::Reflection* r = msg->GetReflection();
+    if (const pb::OneofDescriptor* oneof = chain[i]->real_containing_oneof()) {
+      const pb::FieldDescriptor* set = r->GetOneofFieldDescriptor(*msg, oneof);
+      if (set != nullptr && set != chain[i]) {
+        return FieldError(source, value, path,
+                          "the experiment's " + std::string(msg->GetDescriptor()->name() == "DataSpec" ? "data" : "section") +
+                              " has " + std::string(set->name()) + ", not " + std::string(chain[i]->name()));
+      }
+    }
+    msg = r->MutableMessage(msg, chain[i]);
+  }
+  return SetScalar(value, msg, chain.back(), path, source);
+}
+
+// `sweep:` in a file: a mapping of field paths to lists of values, kept in the file's
+// order; each value is checked against its field's type here, so errors carry the line.
+Status YamlToSweep(const YAML::Node& node, v1::Experiment* e, const std::string& source) {
+  if (!node.IsMap()) {
+    return FieldError(source, node, "sweep", "expected a mapping of field paths to lists of values, e.g. {train.lr: [1e-3, 3e-3]}");
+  }
+  for (auto it = node.begin(); it != node.end(); ++it) {
+    if (!it->first.IsScalar()) return FieldError(source, it->first, "sweep", "expected a field path");
+    const std::string path = it->first.Scalar();
+    const std::string at = "sweep." + path;
+    if (path.size() > 256) return FieldError(source, it->first, "sweep", "a field path is at most 256 characters");
+    auto chain = SweepFieldChain(path);
+    if (!chain.ok()) return FieldError(source, it->first, at, chain.status().message());
+    for (const v1::SweepAxis& axis : e->sweep()) {
+      if (axis.path() == path) return FieldError(source, it->first, at, "given twice");
+    }
+    const YAML::Node values = it->second;
+    if (!values.IsSequence() || values.size() == 0) {
+      return FieldError(source, values, at, "expected a non-empty list of values, e.g. [1, 2]");
+    }
+    v1::SweepAxis* axis = e->add_sweep();
+    axis->set_path(path);
+    for (size_t i = 0; i < values.size(); ++i) {
+      const std::string item = at + "[" + std::to_string(i) + "]";
+      v1::Experiment scratch;
+      RETURN_IF_ERROR(SetSweepValue(*chain, values[i], &scratch, item, source));
+      axis->add_values(values[i].Scalar());
     }
   }
   return OkStatus();
@@ -383,6 +477,8 @@ void ApplyDefaults(v1::Experiment& e) {
 
   v1::DataSpec& d = *e.mutable_data();
   if (!d.has_val_fraction()) d.set_val_fraction(0.05);
+  if (!d.has_bos()) d.set_bos(false);
+  if (!d.has_bos_token()) d.set_bos_token(d.has_shards() ? kGpt2EndOfText : kEndOfText);
   if (d.has_text()) {
     if (!d.text().has_separator()) d.mutable_text()->set_separator("%");
     if (d.text().exclude_suffixes().empty()) {
@@ -445,6 +541,84 @@ void ApplyDefaults(v1::Experiment& e) {
     t.set_warmup_steps(0);
     c.set_export_hf(false);
   }
+}
+
+int64_t SweepPointCount(const v1::Experiment& e) {
+  int64_t n = 1;
+  for (const v1::SweepAxis& axis : e.sweep()) {
+    n *= std::max(1, axis.values_size());
+    if (n > (int64_t{1} << 40)) return n;  // far past any bound; no overflow
+  }
+  return n;
+}
+
+Status ValidateSweep(const v1::Experiment& e) {
+  if (e.sweep_size() > kMaxSweepAxes) {
+    return InvalidArgumentError("sweep: " + std::to_string(e.sweep_size()) + " axes, at most " +
+                                std::to_string(kMaxSweepAxes));
+  }
+  for (int i = 0; i < e.sweep_size(); ++i) {
+    const v1::SweepAxis& axis = e.sweep(i);
+    const std::string at = "sweep[" + std::to_string(i) + "]";
+    if (axis.path().size() > 256 || !IsUtf8(axis.path())) {
+      return InvalidArgumentError(at + ".path: a field path of at most 256 characters of UTF-8");
+    }
+    auto chain = SweepFieldChain(axis.path());
+    if (!chain.ok()) return InvalidArgumentError("sweep." + axis.path() + ": " + chain.status().message());
+    for (int j = 0; j < i; ++j) {
+      if (e.sweep(j).path() == axis.path()) return InvalidArgumentError("sweep." + axis.path() + ": given twice");
+    }
+    if (axis.values().empty()) return InvalidArgumentError("sweep." + axis.path() + ": needs at least one value");
+    if (axis.values_size() > kMaxSweepValues) {
+      return InvalidArgumentError("sweep." + axis.path() + ": " + std::to_string(axis.values_size()) +
+                                  " values, at most " + std::to_string(kMaxSweepValues));
+    }
+    for (int k = 0; k < axis.values_size(); ++k) {
+      const std::string item = "sweep." + axis.path() + "[" + std::to_string(k) + "]";
+      if (axis.values(k).size() > kMaxPathBytes || !IsUtf8(axis.values(k))) {
+        return InvalidArgumentError(item + ": a value of at most " + std::to_string(kMaxPathBytes) +
+                                    " characters of UTF-8");
+      }
+      for (int j = 0; j < k; ++j) {
+        if (axis.values(j) == axis.values(k)) {
+          return InvalidArgumentError(item + ": repeats value " + std::to_string(j) + " (" + axis.values(k) + ")");
+        }
+      }
+      v1::Experiment scratch;
+      Status st = SetSweepValue(*chain, YAML::Node(axis.values(k)), &scratch, item, "");
+      if (!st.ok()) return InvalidArgumentError(std::string(st.message()).substr(2));  // drop the empty source's ": "
+    }
+  }
+  return OkStatus();
+}
+
+StatusOr<v1::Experiment> SweepPointExperiment(const v1::Experiment& submitted, int64_t index, std::string* label) {
+  const int64_t points = SweepPointCount(submitted);
+  if (index < 0 || index >= points) {
+    return InvalidArgumentError("sweep point " + std::to_string(index) + " is outside the grid of " +
+                                std::to_string(points) + " points");
+  }
+  v1::Experiment e = submitted;
+  e.clear_sweep();
+  std::string text;
+  // The first axis slowest: index = ((i0·n1 + i1)·n2 + i2)…
+  std::vector<int> digits(submitted.sweep_size());
+  for (int a = submitted.sweep_size() - 1; a >= 0; --a) {
+    const int n = submitted.sweep(a).values_size();
+    digits[a] = static_cast<int>(index % n);
+    index /= n;
+  }
+  for (int a = 0; a < submitted.sweep_size(); ++a) {
+    const v1::SweepAxis& axis = submitted.sweep(a);
+    ASSIGN_OR_RETURN(auto chain, SweepFieldChain(axis.path()));
+    const std::string& value = axis.values(digits[a]);
+    Status st = SetSweepValue(chain, YAML::Node(value), &e, "sweep." + axis.path(), "");
+    if (!st.ok()) return InvalidArgumentError(std::string(st.message()).substr(2));
+    text += (a ? " " : "") + axis.path() + "=" + value;
+  }
+  ApplyDefaults(e);
+  if (label != nullptr) *label = text;
+  return e;
 }
 
 std::string FormatBytes(double bytes) {
@@ -557,7 +731,10 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   if (e.name().size() > 100) {
     return bad("name", "must be at most 100 characters, got " + std::to_string(e.name().size()));
   }
-  if (e.has_diagnostic()) return ValidateDiagnostic(e, check_paths);
+  if (e.has_diagnostic()) {
+    if (e.sweep_size() > 0) return bad("sweep", "a diagnostic probe job is one run: it takes no sweep");
+    return ValidateDiagnostic(e, check_paths);
+  }
   const v1::ModelSpec& m = e.model();
   struct Positive {
     const char* path;
@@ -628,6 +805,10 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   }
   if (!(d.val_fraction() >= 0 && d.val_fraction() <= 0.5)) {
     return bad("data.val_fraction", "must be in [0, 0.5], got " + Num(d.val_fraction()));
+  }
+  if (d.bos() && (d.bos_token() < 0 || d.bos_token() >= m.vocab())) {
+    return bad("data.bos_token", "must be a token of the vocabulary, in [0, model.vocab " + std::to_string(m.vocab()) +
+                                     "), got " + std::to_string(d.bos_token()));
   }
   if (d.has_text()) {
     if (d.text().paths().empty()) return bad("data.text.paths", "needs at least one file or folder");
@@ -735,10 +916,18 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     }
   }
   if (e.seeds().empty()) return bad("seeds", "needs at least one seed");
-  if (static_cast<int64_t>(e.arms_size()) * e.seeds_size() > kMaxRunsPerExperiment) {
+  RETURN_IF_ERROR(ValidateSweep(e));
+  const int64_t points = SweepPointCount(e);
+  if (static_cast<int64_t>(e.arms_size()) * e.seeds_size() * points > kMaxRunsPerExperiment) {
+    const std::string runs = std::to_string(static_cast<int64_t>(e.arms_size()) * e.seeds_size() * points);
+    if (points > 1) {
+      return bad("sweep", "a grid of " + std::to_string(points) + " points x " + std::to_string(e.arms_size()) +
+                              " arms x " + std::to_string(e.seeds_size()) + " seeds makes " + runs + " runs, at most " +
+                              std::to_string(kMaxRunsPerExperiment) + " per experiment");
+    }
     return bad("seeds", std::to_string(e.arms_size()) + " arms x " + std::to_string(e.seeds_size()) +
-                            " seeds make " + std::to_string(static_cast<int64_t>(e.arms_size()) * e.seeds_size()) +
-                            " runs, at most " + std::to_string(kMaxRunsPerExperiment) + " per experiment");
+                            " seeds make " + runs + " runs, at most " + std::to_string(kMaxRunsPerExperiment) +
+                            " per experiment");
   }
   // Runs are named <arm>-s<seed>: a repeated seed would be one run trained twice into one folder.
   std::map<uint64_t, int> first_seed;  // seed → its first index

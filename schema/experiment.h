@@ -46,6 +46,22 @@ inline constexpr int kMaxRunsPerExperiment = 256;  // arms × seeds
 inline constexpr int kMaxDataPaths = 256;
 inline constexpr size_t kMaxPathBytes = 4096;
 
+// Sweeps (the experiment's `sweep`): a grid over single-valued fields of model, train,
+// data and probe. Axes and values are bounded; the grid × arms × seeds is at most
+// kMaxRunsPerExperiment (ValidateExperiment checks both).
+inline constexpr int kMaxSweepAxes = 8;
+inline constexpr int kMaxSweepValues = 64;
+// Points of the grid: the product of the axes' sizes; 1 without a sweep.
+int64_t SweepPointCount(const v1::Experiment& e);
+// Each axis names a field a sweep may set, once, and each value parses as that field's
+// type; errors name "sweep.<path>[k]" and the rule.
+Status ValidateSweep(const v1::Experiment& e);
+// Point `index` (0-based, the first axis slowest) of `submitted`'s grid: the experiment
+// as submitted (before defaults) with the point's values set, the sweep cleared, then
+// the defaults applied (so defaults derived from a swept field follow it). `label` gets
+// "train.lr=1e-3 data.bos=true". Validate the result like any experiment.
+StatusOr<v1::Experiment> SweepPointExperiment(const v1::Experiment& submitted, int64_t index, std::string* label);
+
 ModelConfig ToModelConfig(const v1::ModelSpec& spec, v1::Arm arm);
 OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& spec);
 const char* ArmName(v1::Arm arm);  // "baseline", "vscale", "vscale_backward_only"

@@ -150,10 +150,32 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporte
     c->experiments_[id] = std::move(e);
   }
   ASSIGN_OR_RETURN(std::vector<RunRecord> runs, store->LoadRuns());
+  // Each run's experiment: its sweep point's, derived again from the experiment as submitted.
+  std::map<std::pair<std::string, int>, std::shared_ptr<const v1::Experiment>> specs;
   for (auto& r : runs) {
     Run run;
     run.record = std::move(r);
     const std::string id = run.record.summary.run_id();
+    {
+      const std::string& experiment_id = run.record.summary.experiment_id();
+      auto e = c->experiments_.find(experiment_id);
+      if (e == c->experiments_.end()) {
+        return DataLossError("store: run " + id + " belongs to experiment " + experiment_id + ", which is not stored");
+      }
+      const int point = run.record.summary.point_index();
+      auto& spec = specs[{experiment_id, point}];
+      if (spec == nullptr) {
+        const v1::ExperimentSummary& es = e->second.summary;
+        if (es.submitted().sweep_size() > 0) {
+          auto pe = SweepPointExperiment(es.submitted(), point, nullptr);
+          if (!pe.ok()) return DataLossError("store: run " + id + ": " + pe.status().message());
+          spec = std::make_shared<const v1::Experiment>(std::move(*pe));
+        } else {
+          spec = std::make_shared<const v1::Experiment>(es.spec());
+        }
+      }
+      run.spec = spec;
+    }
     c->experiment_runs_[run.record.summary.experiment_id()].push_back(id);
     if (run.record.summary.state() == v1::QUEUED) c->queue_.push_back(id);
     if (run.record.summary.state() == v1::RUNNING) {  // grace for its workers to reconnect
@@ -182,10 +204,36 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporte
 }
 
 StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
+  const v1::Experiment submitted = e;
   ApplyDefaults(e);
-  RETURN_IF_ERROR(ValidateExperiment(e, options_.check_data_paths));
+  RETURN_IF_ERROR(ValidateExperiment(e, options_.check_data_paths && e.sweep_size() == 0));
+  // The points of a sweep (one without): each is an experiment of its own, checked whole.
+  struct Point {
+    std::string label;
+    std::shared_ptr<const v1::Experiment> spec;
+  };
+  std::vector<Point> points;
+  if (e.sweep_size() == 0) {
+    points.push_back({"", std::make_shared<const v1::Experiment>(e)});
+  } else {
+    const int64_t n = SweepPointCount(e);
+    for (int64_t i = 0; i < n; ++i) {
+      Point p;
+      ASSIGN_OR_RETURN(v1::Experiment pe, SweepPointExperiment(submitted, i, &p.label));
+      if (Status st = ValidateExperiment(pe, options_.check_data_paths); !st.ok()) {
+        return InvalidArgumentError("sweep point " + std::to_string(i) + " (" + p.label + "): " + st.message());
+      }
+      p.spec = std::make_shared<const v1::Experiment>(std::move(pe));
+      points.push_back(std::move(p));
+    }
+  }
   std::lock_guard<std::mutex> lock(mu_);
-  RETURN_IF_ERROR(CheckFitsLocked(e));
+  for (size_t i = 0; i < points.size(); ++i) {
+    if (Status st = CheckFitsLocked(*points[i].spec); !st.ok()) {
+      if (points.size() == 1) return st;
+      return Status(st.code(), "sweep point " + std::to_string(i) + " (" + points[i].label + "): " + st.message());
+    }
+  }
   ASSIGN_OR_RETURN(int64_t last, store_->LastExperimentNumber(e.name()));
   const std::string id = e.name() + "-" + std::to_string(last + 1);
   ExperimentRecord rec;
@@ -194,31 +242,41 @@ StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
   rec.summary.set_state(v1::ACTIVE);
   rec.summary.set_created_unix_ms(NowMs());
   *rec.summary.mutable_spec() = e;
+  if (e.sweep_size() > 0) *rec.summary.mutable_submitted() = submitted;
   std::vector<RunRecord> runs;
+  std::vector<std::shared_ptr<const v1::Experiment>> run_specs;
   v1::SubmitExperimentResponse response;
   response.set_experiment_id(id);
-  for (int a : e.arms()) {
-    for (uint64_t seed : e.seeds()) {
-      RunRecord r;
-      v1::RunSummary& s = r.summary;
-      s.set_run_id(id + "-" + ArmName(static_cast<v1::Arm>(a)) + "-s" + std::to_string(seed));
-      s.set_experiment_id(id);
-      s.set_arm(static_cast<v1::Arm>(a));
-      s.set_seed(seed);
-      s.set_state(v1::QUEUED);
-      s.set_total_steps(e.train().steps());
-      runs.push_back(r);
-      response.add_run_ids(s.run_id());
+  for (size_t p = 0; p < points.size(); ++p) {
+    for (int a : e.arms()) {
+      for (uint64_t seed : e.seeds()) {
+        RunRecord r;
+        v1::RunSummary& s = r.summary;
+        const std::string point = points.size() > 1 ? "-p" + std::to_string(p) : "";
+        s.set_run_id(id + point + "-" + ArmName(static_cast<v1::Arm>(a)) + "-s" + std::to_string(seed));
+        s.set_experiment_id(id);
+        s.set_arm(static_cast<v1::Arm>(a));
+        s.set_seed(seed);
+        s.set_state(v1::QUEUED);
+        s.set_total_steps(points[p].spec->train().steps());
+        s.set_point(points[p].label);
+        s.set_point_index(static_cast<int32_t>(p));
+        runs.push_back(r);
+        run_specs.push_back(points[p].spec);
+        response.add_run_ids(s.run_id());
+      }
     }
   }
   RETURN_IF_ERROR(store_->InsertExperiment(rec, runs));
   experiments_[id] = rec;
   experiment_order_.push_back(id);
-  for (auto& r : runs) {
-    const std::string run_id = r.summary.run_id();
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const std::string run_id = runs[i].summary.run_id();
     experiment_runs_[id].push_back(run_id);
     queue_.push_back(run_id);
-    runs_[run_id].record = std::move(r);
+    Run& run = runs_[run_id];
+    run.record = std::move(runs[i]);
+    run.spec = run_specs[i];
   }
   Log(LogLevel::kInfo, "experiment_submitted", {{"experiment", id}, {"runs", std::to_string(runs.size())}});
   return response;
@@ -517,8 +575,14 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
     auto it = experiments_.find(request.experiment_id());
     if (it == experiments_.end()) return NotFoundError("experiment " + request.experiment_id() + " does not exist");
     spec = it->second.summary.spec();
+    if (request.has_point() && (request.point() < 0 || request.point() >= SweepPointCount(spec))) {
+      return InvalidArgumentError("point " + std::to_string(request.point()) + ": experiment " +
+                                  request.experiment_id() + " has " + std::to_string(SweepPointCount(spec)) +
+                                  " point" + (SweepPointCount(spec) == 1 ? "" : "s") + " (0-based)");
+    }
     for (const std::string& run_id : experiment_runs_[request.experiment_id()]) {
-      runs.push_back(runs_.at(run_id).record.summary);
+      const v1::RunSummary& r = runs_.at(run_id).record.summary;
+      if (!request.has_point() || r.point_index() == request.point()) runs.push_back(r);
     }
   }
   // Probes of every run, keyed by step.
@@ -572,13 +636,20 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
   }
   v1::CompareArmsResponse out;
   out.set_experiment_id(request.experiment_id());
+  std::map<int, std::string> points;  // index → label, of the runs compared
+  for (const auto& r : runs) {
+    if (!request.has_point() || r.point_index() == request.point()) points[r.point_index()] = r.point();
+  }
+  for (const auto& [point, label] : points)
   for (int a : spec.arms()) {
     v1::ArmComparison* arm = out.add_arms();
     arm->set_arm(static_cast<v1::Arm>(a));
+    arm->set_point(label);
+    arm->set_point_index(point);
     std::vector<const v1::ProbeReport*> reports;
     std::vector<double> final_loss, val_loss, tps;
     for (const auto& r : runs) {
-      if (r.arm() != a) continue;
+      if (r.arm() != a || r.point_index() != point) continue;
       if (r.step() > 0) final_loss.push_back(r.loss());
       if (r.has_val_loss()) val_loss.push_back(r.val_loss());
       if (mean_tps[r.run_id()] > 0) tps.push_back(mean_tps[r.run_id()]);
@@ -936,7 +1007,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         if (it == runs_.end()) {
           refused = "no such run";
         } else {
-          const v1::Experiment& spec = experiments_.at(it->second.record.summary.experiment_id()).summary.spec();
+          const v1::Experiment& spec = *it->second.spec;
           v1::ModelSpec m = spec.model();
           if (spec.has_diagnostic()) {  // a pretrained model's size is known to its worker only: the schema's bounds
             m.set_layers(4096);
@@ -952,7 +1023,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           } else if (r.layers_size() > m.layers()) {
             refused = "more layers than model.layers";
           } else {
-            const int P = experiments_.at(it->second.record.summary.experiment_id()).summary.spec().probe().profile_len();
+            const int P = spec.probe().profile_len();
             refused = ProbeStructureError(r, m, P);
           }
         }
@@ -1156,7 +1227,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
   for (auto it = queue_.begin(); it != queue_.end();) {
     Run& run = runs_.at(*it);
     v1::RunSummary& s = run.record.summary;
-    const v1::Experiment& spec = experiments_.at(s.experiment_id()).summary.spec();
+    const v1::Experiment& spec = *run.spec;
     const int W = std::max(1, spec.resources().devices_per_run());
     const double need = spec.has_diagnostic() ? 0 : EstimateRunMemory(spec).total_bytes();
     std::vector<int64_t> chosen;  // one worker per rank, rank 0 first

@@ -120,6 +120,9 @@ class Coordinator {
     std::vector<Peer> peers;
     // The current attempt's rendezvous keys (RendezvousSet), sent to every rank.
     std::map<std::string, std::string> rendezvous;
+    // What the run trains, defaults applied: the experiment's spec, or with a sweep its
+    // point's (SweepPointExperiment). Shared by the runs of one point; never null.
+    std::shared_ptr<const v1::Experiment> spec;
   };
   struct Session {
     std::shared_ptr<SessionWriter> writer;

@@ -93,10 +93,16 @@ prometheus::Gauge& Exporter::RunGauge(prometheus::Family<prometheus::Gauge>& fam
 }
 
 Exporter::Labels Exporter::RunLabels(const v1::RunSummary& run) {
-  return {{"experiment", run.experiment_id()},
-          {"arm", v1::Arm_Name(run.arm())},
-          {"seed", std::to_string(run.seed())},
-          {"run", run.run_id()}};
+  Labels labels = {{"experiment", run.experiment_id()},
+                   {"arm", v1::Arm_Name(run.arm())},
+                   {"seed", std::to_string(run.seed())},
+                   {"run", run.run_id()}};
+  // A sweep's point: its settings when short, else its index; one value per run, so the
+  // label adds no series (absent without a sweep).
+  if (!run.point().empty()) {
+    labels["point"] = run.point().size() <= kMaxPointLabel ? run.point() : "p" + std::to_string(run.point_index());
+  }
+  return labels;
 }
 
 void Exporter::RecordStep(const v1::RunSummary& run, const v1::StepMetrics& m) {

@@ -1,6 +1,7 @@
 // Prometheus exposition of what the coordinator stores, through prometheus-cpp on its own
 // port. Names follow Prometheus conventions: prefix sinkscope_, base units, _total for
-// counters; labels are limited to experiment, arm, seed, run, layer and head. Series of
+// counters; labels are limited to experiment, arm, seed, run, point (a sweep's), layer
+// and head. Series of
 // a finished run are removed `series_ttl` after it finishes.
 #pragma once
 
@@ -31,6 +32,8 @@ struct MetricsBasicAuth {
 
 class Exporter {
  public:
+  // A sweep point's settings longer than this are labelled by the point's index instead.
+  static constexpr size_t kMaxPointLabel = 128;
   // Serves /metrics on `listen` ("host:port"); an empty `listen` keeps the registry
   // without serving it (tests). With `basic_auth`, /metrics answers 401 Unauthorized
   // unless the request carries those credentials (compared in constant time).

@@ -375,6 +375,44 @@ TEST(TokenStreamTest, SampleCoversEveryStartOfAShortStream) {
   EXPECT_THAT(starts, ElementsAre(10, 11));
 }
 
+TEST(TokenStreamTest, BosTakesTheFirstPositionAndTargetsStartAtTheWindow) {
+  std::vector<int32_t> tokens(500);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(i);
+  TokenStream plain(tokens), with_bos(tokens);
+  with_bos.set_bos(7777);
+  constexpr int B = 3, T = 8;
+  std::vector<int32_t> in(B * T), tg(B * T), in0(B * T), tg0(B * T);
+  with_bos.Sample(5, 2, B, T, in.data(), tg.data());
+  plain.Sample(5, 2, B, T, in0.data(), tg0.data());
+  for (int b = 0; b < B; ++b) {
+    const int32_t start = in0[b * T];  // the same draw: the same window start
+    EXPECT_EQ(in[b * T], 7777) << "row " << b;
+    for (int t = 1; t < T; ++t) EXPECT_EQ(in[b * T + t], start + t - 1) << "row " << b << " t " << t;
+    for (int t = 0; t < T; ++t) EXPECT_EQ(tg[b * T + t], start + t) << "row " << b << " t " << t;
+  }
+}
+
+TEST(LoadDataTest, BosIsSetOnBothSplitsAndCountsAsAToken) {
+  TempDir dir;
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += "document number " + std::to_string(i) + " of the corpus\n%\n";
+  WriteBytes(dir.Path("corpus"), text);
+  DataSpec spec;
+  spec.text.paths = {dir.Path("corpus")};
+  spec.val_fraction = 0.1;
+  spec.seq_len = 16;
+  spec.bos = kEndOfText;
+  auto data = LoadData(spec);
+  ASSERT_TRUE(data.ok()) << data.status().ToString();
+  EXPECT_EQ(data->train.bos(), kEndOfText);
+  EXPECT_EQ(data->val.bos(), kEndOfText);
+  EXPECT_EQ(data->max_token, kEndOfText);
+  int32_t in[16], tg[16];
+  data->val.Sample(1, 0, 1, 16, in, tg);
+  EXPECT_EQ(in[0], kEndOfText);
+  EXPECT_EQ(in[1], tg[0]);
+}
+
 // ------------------------------------------------------------------------------ load
 
 TEST(HeldOutCountTest, RoundsKeepsOneAndLeavesTraining) {

@@ -730,3 +730,147 @@ TEST(PaperExamplesTest, LoadValidateAndMatchTable3ParameterCounts) {
 
 }  // namespace
 }  // namespace sinkscope
+
+namespace sinkscope {
+namespace {
+
+// ---- data.bos and sweeps ---------------------------------------------------------------
+
+v1::Experiment Defaulted(const std::string& text) {
+  auto e = ParseExperimentText(text, "s.yaml");
+  EXPECT_TRUE(e.ok()) << e.status().ToString();
+  ApplyDefaults(*e);
+  return *e;
+}
+
+TEST(DataBos, DefaultsOffWithTheEndOfTextToken) {
+  v1::Experiment e = Defaulted(std::string(kMinimal));
+  EXPECT_FALSE(e.data().bos());
+  EXPECT_EQ(e.data().bos_token(), kEndOfText);
+  v1::Experiment shards = Defaulted("name: t\ndata:\n  shards: {train: /x/*.bin}\n  bos: true\nmodel: {vocab: 50304}\n");
+  EXPECT_TRUE(shards.data().bos());
+  EXPECT_EQ(shards.data().bos_token(), kGpt2EndOfText);
+  EXPECT_TRUE(ValidateExperiment(shards, false).ok());
+  // On, with a token the model cannot embed: refused naming the field and the bound.
+  v1::Experiment small = Defaulted("name: t\ndata:\n  shards: {train: /x/*.bin}\n  bos: true\n");
+  EXPECT_EQ(ValidateExperiment(small, false).message(),
+            "data.bos_token: must be a token of the vocabulary, in [0, model.vocab 257), got 50256");
+  // Off, the token is not used and not checked.
+  small.mutable_data()->set_bos(false);
+  EXPECT_TRUE(ValidateExperiment(small, false).ok());
+}
+
+const char kSweep[] =
+    "name: s\n"
+    "data:\n"
+    "  text: {paths: [/nonexistent/corpus]}\n"
+    "train: {steps: 100}\n"
+    "arms: [baseline, vscale]\n"
+    "seeds: [0, 1]\n"
+    "sweep:\n"
+    "  train.lr: [1e-3, 3e-3, 1e-2]\n"
+    "  data.bos: [false, true]\n";
+
+TEST(Sweep, ParsesInFileOrderAndCountsTheGrid) {
+  auto e = ParseExperimentText(kSweep, "s.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_EQ(e->sweep_size(), 2);
+  EXPECT_EQ(e->sweep(0).path(), "train.lr");
+  EXPECT_THAT(e->sweep(0).values(), ElementsAre("1e-3", "3e-3", "1e-2"));
+  EXPECT_EQ(e->sweep(1).path(), "data.bos");
+  EXPECT_EQ(SweepPointCount(*e), 6);
+  v1::Experiment d = *e;
+  ApplyDefaults(d);
+  EXPECT_TRUE(ValidateExperiment(d, false).ok());
+}
+
+TEST(Sweep, PointsSetTheirValuesBeforeTheDefaults) {
+  auto e = ParseExperimentText(kSweep, "s.yaml");
+  ASSERT_TRUE(e.ok());
+  // The first axis slowest: point 3 = lr index 1, bos index 1.
+  std::string label;
+  auto p = SweepPointExperiment(*e, 3, &label);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_EQ(label, "train.lr=3e-3 data.bos=true");
+  EXPECT_DOUBLE_EQ(p->train().lr(), 3e-3);
+  EXPECT_DOUBLE_EQ(p->train().min_lr(), 3e-4);  // derived from the point's lr, not the base's
+  EXPECT_TRUE(p->data().bos());
+  EXPECT_EQ(p->sweep_size(), 0);
+  EXPECT_EQ(p->train().steps(), 100);
+  auto first = SweepPointExperiment(*e, 0, &label);
+  ASSERT_TRUE(first.ok());
+  EXPECT_EQ(label, "train.lr=1e-3 data.bos=false");
+  EXPECT_FALSE(first->data().bos());
+  EXPECT_FALSE(SweepPointExperiment(*e, 6, &label).ok());
+  EXPECT_FALSE(SweepPointExperiment(*e, -1, &label).ok());
+  // Model fields too, with the derived defaults following them.
+  auto m = ParseExperimentText(std::string(kMinimal) + "sweep: {model.d_model: [64, 256]}\n", "s.yaml");
+  ASSERT_TRUE(m.ok());
+  auto big = SweepPointExperiment(*m, 1, &label);
+  ASSERT_TRUE(big.ok());
+  EXPECT_EQ(big->model().d_model(), 256);
+  EXPECT_EQ(big->model().head_dim(), 64);  // d_model / heads, of the point
+  EXPECT_TRUE(ValidateExperiment(*big, false).ok());
+}
+
+TEST(Sweep, BadAxesAreRefusedWithTheLineAndTheRule) {
+  auto err = [](const std::string& sweep) { return ParseError(std::string(kMinimal) + "sweep:\n" + sweep).message(); };
+  EXPECT_THAT(err("  train.lrr: [1]\n"),
+              AllOf(StartsWith("bad.yaml:6: sweep.train.lrr: unknown field \"lrr\""), HasSubstr("known in TrainSpec")));
+  EXPECT_THAT(err("  name: [a, b]\n"), HasSubstr("sweep.name: a sweep sets fields of model, train, data or probe"));
+  EXPECT_THAT(err("  data.text.paths: [a, b]\n"), HasSubstr("sweep.data.text.paths: is a list"));
+  EXPECT_THAT(err("  train: [1]\n"), HasSubstr("sweep.train: is a section"));
+  EXPECT_EQ(err("  train.lr: [1e-3, fast]\n"), "bad.yaml:6: sweep.train.lr[1]: expected a number, got \"fast\"");
+  EXPECT_EQ(err("  train.steps: [10, 2.5]\n"), "bad.yaml:6: sweep.train.steps[1]: expected an integer, got \"2.5\"");
+  EXPECT_EQ(err("  data.bos: [yes please]\n"),
+            "bad.yaml:6: sweep.data.bos[0]: expected true or false, got \"yes please\"");
+  EXPECT_THAT(err("  train.lr: []\n"), HasSubstr("sweep.train.lr: expected a non-empty list of values"));
+  EXPECT_THAT(err("  train.lr: 1e-3\n"), HasSubstr("sweep.train.lr: expected a non-empty list of values"));
+  EXPECT_THAT(err("  train.lr: [1]\n  train.lr: [2]\n"), HasSubstr("sweep.train.lr: given twice"));
+  EXPECT_THAT(ParseError(std::string(kMinimal) + "sweep: [train.lr]\n").message(),
+              HasSubstr("sweep: expected a mapping of field paths to lists of values"));
+}
+
+TEST(Sweep, TheGridCountsAgainstTheRunCapAndEachPointIsAnExperiment) {
+  std::string values;
+  for (int i = 0; i < 65; ++i) values += (i ? ", " : "") + std::to_string(i + 1);
+  EXPECT_EQ(ValidateWith("sweep:\n  train.steps: [" + values + "]\n").message(),
+            "sweep.train.steps: 65 values, at most 64");
+  // 8 × 8 × 2 points × 2 arms = 256: at the cap; one more value is over it.
+  EXPECT_TRUE(ValidateWith("arms: [baseline, vscale]\nsweep:\n  train.steps: [1, 2, 3, 4, 5, 6, 7, 8]\n"
+                           "  train.lr: [1, 2, 3, 4, 5, 6, 7, 8]\n  probe.eps: [0.1, 0.2]\n")
+                  .ok());
+  EXPECT_EQ(ValidateWith("arms: [baseline, vscale]\nsweep:\n  train.steps: [1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+                         "  train.lr: [1, 2, 3, 4, 5, 6, 7, 8]\n  probe.eps: [0.1, 0.2]\n")
+                .message(),
+            "sweep: a grid of 144 points x 2 arms x 1 seeds makes 288 runs, at most 256 per experiment");
+  EXPECT_EQ(ValidateWith("sweep:\n  train.lr: [1e-3, 1e-3]\n").message(), "sweep.train.lr[1]: repeats value 0 (1e-3)");
+  // A point that breaks a rule of its own is not caught by the base's validation: each
+  // point is validated as an experiment by whoever expands the grid.
+  auto e = ParseExperimentText(std::string(kMinimal) + "sweep: {model.kv_heads: [2, 3]}\n", "s.yaml");
+  ASSERT_TRUE(e.ok());
+  std::string label;
+  auto bad = SweepPointExperiment(*e, 1, &label);
+  ASSERT_TRUE(bad.ok());
+  EXPECT_EQ(ValidateExperiment(*bad, false).message(), "model.kv_heads: must divide model.heads (4), got 3");
+  // Over the wire (no file): the same rules, without a line.
+  v1::Experiment wire = Defaulted(kMinimal);
+  v1::SweepAxis* axis = wire.add_sweep();
+  axis->set_path("probe.every");
+  axis->add_values("ten");
+  EXPECT_EQ(ValidateExperiment(wire, false).message(), "sweep.probe.every[0]: expected an integer, got \"ten\"");
+  axis->set_path("data.shards.train");  // the experiment has text, not shards
+  axis->set_values(0, "/x/*.bin");
+  EXPECT_TRUE(ValidateExperiment(wire, false).ok());  // the path and value are well formed …
+  v1::Experiment raw = *ParseExperimentText(kMinimal, "s.yaml");
+  *raw.add_sweep() = *axis;
+  auto conflict = SweepPointExperiment(raw, 0, &label);  // … but no point can set it
+  ASSERT_FALSE(conflict.ok());
+  EXPECT_EQ(conflict.status().message(), "sweep.data.shards.train: the experiment's data has text, not shards");
+  // A diagnostic job is one run.
+  EXPECT_EQ(ValidateWith("diagnostic: {model: /m, text: /t}\nsweep: {probe.eps: [0.1, 0.2]}\n").message(),
+            "sweep: a diagnostic probe job is one run: it takes no sweep");
+}
+
+}  // namespace
+}  // namespace sinkscope

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -45,6 +46,10 @@ namespace {
 struct RunSummary {
   std::string arm;
   uint64_t seed = 0;
+  std::string point;    // a sweep's point, "train.lr=1e-3 data.bos=true"; empty without one
+  int point_index = -1;  // its index (its runs are written to p<index>-<arm>-s<seed>/); −1 without one
+  // "p3 baseline" with a sweep, else the arm.
+  std::string Name() const { return point_index < 0 ? arm : "p" + std::to_string(point_index) + " " + arm; }
   // final_loss is the last step's loss, as the service's status and compare show it.
   double first_loss = NAN, final_loss = NAN, val_loss = NAN, tokens_per_second = 0;
   double mean_loss_last_10 = NAN;  // mean loss of the last (up to) 10 steps
@@ -56,8 +61,9 @@ struct RunSummary {
   ProbeReport last_probe;  // the latest training-time probe
 };
 
-// An append-only JSONL file of a run (metrics.jsonl, probes.jsonl). Lines are buffered and
-// written whole; Sync() makes every line appended so far durable. TrainRun syncs before
+// An append-only JSONL file of a run (metrics.jsonl, probes.jsonl). Each record is written
+// whole as it comes (one write of one line, so `tail -f` follows a run and a reader never
+// sees half a line); Sync() makes every line appended so far durable. TrainRun syncs before
 // each checkpoint is committed, so the records of every step up to a checkpoint are on
 // disk whenever that checkpoint is, and a resume drops those of later steps (TrimJsonl).
 class JsonlLog {
@@ -76,9 +82,9 @@ class JsonlLog {
     return OkStatus();
   }
   Status Append(const nlohmann::json& record) {
-    buffer_ += record.dump();
+    buffer_ = record.dump();
     buffer_ += '\n';
-    return buffer_.size() >= (1 << 16) ? Flush() : OkStatus();
+    return Flush();
   }
   Status Sync() {
     // Never opened: the run ended before its start (a checkpoint that failed to load), and
@@ -154,7 +160,7 @@ void PrintArmComparison(const std::vector<RunSummary>& runs) {
   std::printf("\nper layer at the latest probe (step %lld): R_GS(0) | sink rate | ‖h_out‖ tok0/1-15 | top1/median\n",
               static_cast<long long>(probed[0]->last_probe.step));
   std::printf("%5s", "layer");
-  for (const auto* r : probed) std::printf(" | %-34s", (r->arm + " s" + std::to_string(r->seed)).c_str());
+  for (const auto* r : probed) std::printf(" | %-34s", (r->Name() + " s" + std::to_string(r->seed)).c_str());
   std::printf("\n");
   const size_t layers = probed[0]->last_probe.layers.size();
   for (size_t l = 0; l < layers; ++l) {
@@ -179,7 +185,7 @@ void PrintArmComparison(const std::vector<RunSummary>& runs) {
 class LocalRun final : public RunObserver {
  public:
   LocalRun(RunSummary* summary, int64_t total, const std::atomic<int>* interrupted)
-      : r_(*summary), bar_(r_.arm + " seed " + std::to_string(r_.seed), total), interrupted_(interrupted) {}
+      : r_(*summary), bar_(r_.Name() + " seed " + std::to_string(r_.seed), total), interrupted_(interrupted) {}
 
   void OnStaleFileRemoved(const std::string& path) override {
     std::fprintf(stderr, "removed %s, left by a process that was killed while writing it\n", path.c_str());
@@ -219,7 +225,8 @@ class LocalRun final : public RunObserver {
       ++timed_steps_;
     }
     nlohmann::json line = {{"step", s.step}, {"loss", s.loss}, {"lr", s.lr}, {"grad_norm", s.grad_norm},
-                           {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu}};
+                           {"tokens_per_second", s.tokens_per_second}, {"mfu", s.mfu},
+                           {"mfu_reference_flops", s.mfu_reference_flops}};
     if (!std::isnan(val_loss)) {
       r_.val_loss = val_loss;
       line["val_loss"] = val_loss;
@@ -290,11 +297,15 @@ class QuietRank final : public RunObserver {
 };
 
 StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t seed, const DataSplits& data,
-                              const std::string& out, bool resume, Backend* backend, double peak_flops, int ranks) {
+                              const std::string& out, bool resume, Backend* backend, double peak_flops, int ranks,
+                              int point_index, const std::string& point) {
   RunSummary r;
   r.arm = ArmName(arm);
   r.seed = seed;
-  r.dir = out + "/" + r.arm + "-s" + std::to_string(seed);
+  r.point = point;
+  r.point_index = point_index;
+  r.dir = out + "/" + (point_index >= 0 ? "p" + std::to_string(point_index) + "-" : "") + r.arm + "-s" +
+          std::to_string(seed);
   RunLoopOptions o = ToRunLoopOptions(e, arm, seed, peak_flops, r.dir, resume);
   o.trainer.allreduce_bucket_floats = g_bucket_floats;
   LocalRun local(&r, o.total_steps, &g_interrupted);
@@ -399,15 +410,47 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "sinkscope-train: %s\n", e.status().message().c_str());
     return 2;
   }
+  const v1::Experiment submitted = *e;
+  auto override_steps = [&](v1::Experiment& x) {
+    if (steps > 0) {
+      x.mutable_train()->set_steps(static_cast<int32_t>(steps));
+      x.mutable_train()->set_warmup_steps(std::min<int32_t>(x.train().warmup_steps(), x.train().steps()));
+    }
+  };
   ApplyDefaults(*e);
-  if (steps > 0) {
-    e->mutable_train()->set_steps(static_cast<int32_t>(steps));
-    e->mutable_train()->set_warmup_steps(std::min<int32_t>(e->train().warmup_steps(), e->train().steps()));
-  }
+  override_steps(*e);
   // --print-model needs no data: the paper's configs print on a machine without C4.
-  if (Status s = ValidateExperiment(*e, /*check_paths=*/!print_model); !s.ok()) {
+  if (Status s = ValidateExperiment(*e, /*check_paths=*/!print_model && e->sweep_size() == 0); !s.ok()) {
     std::fprintf(stderr, "sinkscope-train: %s: %s\n", file.c_str(), s.message().c_str());
     return 2;
+  }
+  // The sweep's points (one without a sweep), each checked whole before any is trained.
+  struct Point {
+    int index = -1;
+    std::string label;
+    v1::Experiment spec;
+  };
+  std::vector<Point> points;
+  if (e->sweep_size() == 0) {
+    points.push_back({-1, "", *e});
+  } else {
+    for (int64_t i = 0; i < SweepPointCount(*e); ++i) {
+      Point p;
+      p.index = static_cast<int>(i);
+      auto pe = SweepPointExperiment(submitted, i, &p.label);
+      if (!pe.ok()) {
+        std::fprintf(stderr, "sinkscope-train: %s: %s\n", file.c_str(), pe.status().message().c_str());
+        return 2;
+      }
+      p.spec = std::move(*pe);
+      override_steps(p.spec);
+      if (Status s = ValidateExperiment(p.spec, !print_model); !s.ok()) {
+        std::fprintf(stderr, "sinkscope-train: %s: sweep point %lld (%s): %s\n", file.c_str(), static_cast<long long>(i),
+                     p.label.c_str(), s.message().c_str());
+        return 2;
+      }
+      points.push_back(std::move(p));
+    }
   }
   if (print_model) {
     std::printf("%s\n", ModelConfigToJson(ToModelConfig(e->model(), v1::BASELINE)).dump().c_str());
@@ -441,15 +484,27 @@ int Main(int argc, char** argv) {
     }
   }
 
-  const DataSpec spec = ToDataSpec(*e);
-  auto data = LoadData(spec);
-  if (!data.ok()) {
-    std::fprintf(stderr, "sinkscope-train: data: %s\n", data.status().message().c_str());
-    return 2;
-  }
-  const double unigram = UnigramEntropy(data->val.size() > 0 ? data->val.tokens() : data->train.tokens());
-  std::fprintf(stderr, "%s: %zu train / %zu validation tokens, unigram entropy %.4f nats/token\n", e->name().c_str(),
-               data->train.size(), data->val.size(), unigram);
+  // The data of a point; loaded again only when a point's data section differs.
+  std::optional<DataSplits> data;
+  std::string data_key;
+  double unigram = NAN;
+  auto load_data = [&](const v1::Experiment& x) -> bool {
+    const DataSpec spec = ToDataSpec(x);
+    const std::string key = x.data().SerializeAsString() + "|" + std::to_string(x.model().context());
+    if (data && key == data_key) return true;
+    auto loaded = LoadData(spec);
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "sinkscope-train: data: %s\n", loaded.status().message().c_str());
+      return false;
+    }
+    data = std::move(*loaded);
+    data_key = key;
+    unigram = UnigramEntropy(data->val.size() > 0 ? data->val.tokens() : data->train.tokens());
+    std::fprintf(stderr, "%s: %zu train / %zu validation tokens, unigram entropy %.4f nats/token\n",
+                 x.name().c_str(), data->train.size(), data->val.size(), unigram);
+    return true;
+  };
+  if (!load_data(points[0].spec)) return 2;
 
   // Ctrl-C (or SIGTERM): the current run stops after its step and is checkpointed.
   std::signal(SIGINT, OnSignal);
@@ -474,21 +529,28 @@ int Main(int argc, char** argv) {
                  described->name.c_str(), device.Name().c_str(), peak / 1e12);
   }
   std::vector<RunSummary> runs;
-  for (uint64_t seed : e->seeds()) {
-    for (int a : e->arms()) {
-      auto r = TrainRun(*e, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak, ranks);
-      if (!r.ok()) {
-        std::fprintf(stderr, "\nsinkscope-train: %s\n", r.status().message().c_str());
-        return r.status().code() == StatusCode::kCancelled ? 130 : 1;
+  for (const Point& point : points) {
+    if (point.index >= 0) {
+      std::fprintf(stderr, "sweep point p%d of %zu: %s\n", point.index, points.size(), point.label.c_str());
+      if (!load_data(point.spec)) return 2;
+    }
+    for (uint64_t seed : e->seeds()) {
+      for (int a : e->arms()) {
+        auto r = TrainRun(point.spec, static_cast<v1::Arm>(a), seed, *data, out, resume, backend.get(), peak, ranks,
+                          point.index, point.label);
+        if (!r.ok()) {
+          std::fprintf(stderr, "\nsinkscope-train: %s\n", r.status().message().c_str());
+          return r.status().code() == StatusCode::kCancelled ? 130 : 1;
+        }
+        runs.push_back(*r);
       }
-      runs.push_back(*r);
     }
   }
   if (json) {
     nlohmann::json j = {{"experiment", e->name()}, {"backend", backend->Name()}, {"unigram_entropy", unigram},
                         {"runs", nlohmann::json::array()}};
     for (const auto& r : runs) {
-      j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"steps", r.steps}, {"first_loss", r.first_loss},
+      j["runs"].push_back({{"arm", r.arm}, {"seed", r.seed}, {"point", r.point}, {"steps", r.steps}, {"first_loss", r.first_loss},
                            {"final_loss", r.final_loss}, {"mean_loss_last_10", r.mean_loss_last_10},
                            {"val_loss", r.val_loss},
                            {"tokens_per_second", r.tokens_per_second},
@@ -505,12 +567,23 @@ int Main(int argc, char** argv) {
   std::printf("%-22s %6s %11s %11s %13s %9s %10s\n", "arm", "seed", "first loss", "final loss", "mean last 10",
               "val loss", "tok/s");
   for (const auto& r : runs) {
-    std::printf("%-22s %6llu %11.4f %11.4f %13.4f %9.4f %10.0f\n", r.arm.c_str(),
+    std::printf("%-22s %6llu %11.4f %11.4f %13.4f %9.4f %10.0f\n", r.Name().c_str(),
                 static_cast<unsigned long long>(r.seed), r.first_loss, r.final_loss, r.mean_loss_last_10, r.val_loss,
                 r.tokens_per_second);
   }
   std::printf("(final loss: the last step's; mean last 10: the mean loss of the last 10 steps)\n");
-  PrintArmComparison(runs);
+  if (points.size() == 1) {
+    PrintArmComparison(runs);
+  } else {
+    for (const Point& point : points) {
+      std::printf("\npoint p%d: %s\n", point.index, point.label.c_str());
+      std::vector<RunSummary> of_point;
+      for (const auto& r : runs) {
+        if (r.point_index == point.index) of_point.push_back(r);
+      }
+      PrintArmComparison(of_point);
+    }
+  }
   std::printf("runs written to %s (metrics.jsonl, probes.jsonl, checkpoint.bin, hf/)\n", out.c_str());
   return 0;
 }

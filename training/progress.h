@@ -1,5 +1,7 @@
 // A live progress line for long work: step, loss, tokens/s and ETA. On a terminal it
-// redraws in place; elsewhere (CI, pipes) it prints a plain line every 10%.
+// redraws in place; elsewhere (CI, pipes, a log file) it prints a plain line at the
+// first update, then whenever `interval` has passed since the last line or another 10%
+// is done, and at the end, so `tail -f` of a log follows the work.
 #pragma once
 
 #include <unistd.h>
@@ -13,8 +15,9 @@ namespace sinkscope {
 
 class ProgressBar {
  public:
-  ProgressBar(std::string label, int64_t total, FILE* out = stderr)
-      : label_(std::move(label)), total_(total), out_(out), tty_(isatty(fileno(out))),
+  ProgressBar(std::string label, int64_t total, FILE* out = stderr,
+              std::chrono::duration<double> interval = std::chrono::seconds(5))
+      : label_(std::move(label)), total_(total), out_(out), tty_(isatty(fileno(out))), interval_(interval),
         start_(std::chrono::steady_clock::now()) {}
 
   void Update(int64_t done, double loss, double tokens_per_second) {
@@ -24,7 +27,8 @@ class ProgressBar {
   }
   // Any other work: `detail` (a rate, say) between the count and the ETA.
   void Update(int64_t done, const std::string& detail) {
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const auto now = std::chrono::steady_clock::now();
+    const double elapsed = std::chrono::duration<double>(now - start_).count();
     const double eta = done > 0 ? elapsed * static_cast<double>(total_ - done) / done : 0;
     const int width = 24;
     const int filled = total_ > 0 ? static_cast<int>(width * std::min(done, total_) / total_) : width;
@@ -38,9 +42,12 @@ class ProgressBar {
       std::fflush(out_);
     } else {
       const int decile = total_ > 0 ? static_cast<int>(10 * done / total_) : 10;
-      if (decile > last_decile_ || done == total_) {
+      if (!printed_ || decile > last_decile_ || done == total_ || now - last_line_ >= interval_) {
         last_decile_ = decile;
+        last_line_ = now;
+        printed_ = true;
         std::fprintf(out_, "%s\n", line);
+        std::fflush(out_);
       }
     }
   }
@@ -62,8 +69,10 @@ class ProgressBar {
   int64_t total_;
   FILE* out_;
   bool tty_;
+  std::chrono::duration<double> interval_;
   int last_decile_ = 0;
-  std::chrono::steady_clock::time_point start_;
+  bool printed_ = false;
+  std::chrono::steady_clock::time_point start_, last_line_;
 };
 
 }  // namespace sinkscope

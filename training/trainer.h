@@ -49,7 +49,12 @@ struct StepStats {
   double seconds = 0;  // wall time of the step
   double comm_seconds = 0;  // of it, waiting for the gradient and loss all-reduce (data parallelism)
   double comm_busy_seconds = 0;  // time the all-reduces took, overlapped with the backward or not
-  double mfu = 0;      // model FLOPs utilisation against options.peak_flops
+  // Model FLOPs utilisation, TrainFlopsPerToken(T)·tokens/s ÷ mfu_reference_flops. The
+  // reference is options.peak_flops, raised to the best rate a step has reached if one
+  // ever beats it (a CPU's sgemm peak measured while the machine was busy reads low):
+  // so mfu ≤ 1, and the record says what it was measured against.
+  double mfu = 0;
+  double mfu_reference_flops = 0;
   bool finite = true;  // false: NaN/Inf loss or gradient, or `error`; no update was made
   Status error;         // the backend's sticky error or a failed collective: the run cannot go on
   bool device_error = false;  // `error` is the backend's (TakeError), not a collective's
@@ -114,6 +119,7 @@ class Trainer {
   const DataSplits* data_;
   std::unique_ptr<Model> model_;
   TrainingState state_;
+  double mfu_reference_ = 0;  // StepStats::mfu_reference_flops
   std::vector<int32_t> inputs_, targets_;
   double* scalars_ = nullptr;  // device doubles: [Σ token losses, ‖g‖²] of the current step
 };

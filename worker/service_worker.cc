@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -921,6 +922,30 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
         if (w_.current_ && w_.current_->run_id == run) w_.current_->step = s.step;
         return OkStatus();
       }
+      // A progress line in the log every few seconds (and at the first and last step), so
+      // a worker's log shows how a run goes without a client watching it.
+      const auto now = std::chrono::steady_clock::now();
+      if (s.step == 1 || s.step >= total_ || now - last_line_ >= std::chrono::seconds(5)) {
+        last_line_ = now;
+        if (s.step > 1) {
+          tokens_per_second_ = tokens_per_second_ > 0 ? 0.8 * tokens_per_second_ + 0.2 * s.tokens_per_second
+                                                      : s.tokens_per_second;
+        }
+        const double tps = tokens_per_second_ > 0 ? tokens_per_second_ : s.tokens_per_second;
+        const double eta = s.seconds > 0 && s.tokens_per_second > 0
+                               ? static_cast<double>(total_ - s.step) * s.seconds * s.tokens_per_second / tps
+                               : 0;
+        char loss[32], rate[32], eta_s[32];
+        std::snprintf(loss, sizeof loss, "%.4f", s.loss);
+        std::snprintf(rate, sizeof rate, "%.0f", tps);
+        std::snprintf(eta_s, sizeof eta_s, "%.0f", eta);
+        Log(LogLevel::kInfo, "run_progress",
+            {{"run_id", run}, {"step", Str(s.step)}, {"steps", Str(total_)}, {"loss", loss},
+             {"tokens_per_second", rate}, {"eta_seconds", eta_s}});
+      } else if (s.step > 1) {
+        tokens_per_second_ = tokens_per_second_ > 0 ? 0.8 * tokens_per_second_ + 0.2 * s.tokens_per_second
+                                                    : s.tokens_per_second;
+      }
       v1::WorkerMessage pm;
       v1::Progress* p = pm.mutable_progress();
       p->set_run_id(run);
@@ -931,6 +956,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
       m->set_grad_norm(s.grad_norm);
       m->set_tokens_per_second(s.tokens_per_second);
       m->set_mfu(s.mfu);
+      m->set_mfu_reference_flops(s.mfu_reference_flops);
       m->set_step_seconds(s.seconds);
       if (!std::isnan(val_loss)) m->set_val_loss(val_loss);
       std::lock_guard<std::mutex> lock(w_.mu_);
@@ -974,6 +1000,8 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     Worker& w_;
     const v1::Assignment& a_;
     const int64_t total_;  // the run's steps (the defaulted experiment's)
+    std::chrono::steady_clock::time_point last_line_;  // of the last run_progress log line
+    double tokens_per_second_ = 0;                     // smoothed over the steps after the first
   };
 
   RunLoopOptions o = ToRunLoopOptions(e, a.arm(), a.seed(), peak_flops_, a.checkpoint_dir(), /*resume=*/true);
