@@ -392,5 +392,60 @@ scrape_configs:
         self.assertIn(f"NOT_FOUND: run {eid}-baseline-s0 has no probe report (probe.every is 0", r.stderr)
 
 
+    # --- a sweep: grid x arms x seeds, each run trained on its point ---------------------
+    def test_8_sweep_trains_each_point_and_shows_it(self):
+        c = self.cluster
+        path, spec = self.write_experiment("sweep", steps=6, probe_every=3, arms=("baseline",))
+        spec["train"]["warmup_steps"] = 0
+        spec["sweep"] = {"train.lr": [0.002, 0.01], "data.bos": [False, True]}
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        eid = self.submit(path)
+        status = c.wait_state(eid, {"COMPLETED", "FAILED_RUNS"}, timeout=600)
+        self.assertEqual(status["state"], "COMPLETED", c.logs())
+        runs = {field(r, "run_id"): r for r in runs_of(status)}
+        want = {f"{eid}-p{k}-baseline-s0": label for k, label in enumerate(
+            ["train.lr=0.002 data.bos=false", "train.lr=0.002 data.bos=true",
+             "train.lr=0.01 data.bos=false", "train.lr=0.01 data.bos=true"])}
+        self.assertEqual(sorted(runs), sorted(want))
+        for run_id, label in want.items():
+            self.assertEqual(field(runs[run_id], "point"), label)
+        # Each run trained with its point's learning rate (step 1: no warm-up, the peak).
+        lines = self.export_lines(eid)
+        lr = {(l["run_id"]): float(field(l["step"], "learning_rate")) for l in lines
+              if "step" in l and int(l["step"]["step"]) == 1}
+        for run_id, label in want.items():
+            self.assertAlmostEqual(lr[run_id], 0.002 if "lr=0.002" in label else 0.01, places=9, msg=run_id)
+            self.assertTrue(all(l.get("point") == label for l in lines if l["run_id"] == run_id), run_id)
+        # compare: one entry per point and arm, in the grid's order; --point picks one.
+        arms = field(c.cli_json("compare", eid), "arms")
+        self.assertEqual([field(a, "point") for a in arms], list(want.values()))
+        one = field(c.cli_json("compare", eid, "--point", "p2"), "arms")
+        self.assertEqual([field(a, "point") for a in one], ["train.lr=0.01 data.bos=false"])
+        r = c.cli("compare", eid, "--point", "9", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("point 9: experiment " + eid + " has 4 points", r.stderr)
+        human = c.cli("compare", eid).stdout
+        self.assertIn("==== point p3: train.lr=0.01 data.bos=true", human)
+        self.assertIn("points of the sweep:", c.cli("status", eid).stdout)
+        # report: one per point, each in its own folder.
+        folder = os.path.join(c.dir, "report-sweep")
+        c.cli("report", eid, "--out", folder)
+        for k in range(4):
+            self.assertTrue(os.path.exists(os.path.join(folder, f"p{k}", "index.html")), k)
+        # Prometheus: the point is a label of the run's series.
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=10).read().decode()
+        self.assertIn('point="train.lr=0.01 data.bos=true"', text)
+        # A bad axis is refused at submission naming it; nothing is queued.
+        spec["sweep"] = {"train.lrr": [1]}
+        bad = os.path.join(c.dir, "badsweep.json")
+        with open(bad, "w") as f:
+            json.dump(spec, f)
+        r = c.cli("submit", bad, check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn('sweep.train.lrr: unknown field "lrr"', r.stderr)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
