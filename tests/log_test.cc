@@ -1,8 +1,12 @@
 // The structured log: one event is one line whatever its values hold.
 #include "base/log.h"
+#include "training/progress.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <string>
 
 namespace sinkscope {
@@ -35,6 +39,38 @@ TEST(LogValue, LongValuesAreCutAndSaySo) {
   EXPECT_EQ(v.substr(0, 1 + 10), "\"" + std::string(10, 'w'));
   EXPECT_NE(v.find("...(100000 bytes)\""), std::string::npos);
   EXPECT_EQ(v.find('\n'), std::string::npos);
+}
+
+}  // namespace
+}  // namespace sinkscope
+
+namespace sinkscope {
+namespace {
+
+// Off a terminal (a file here), the progress line is written at the first update, when
+// the interval has passed, at each further 10%, and at the end — and flushed, so that
+// `tail -f` of a log follows the work.
+std::string Lines(std::chrono::duration<double> interval, int total) {
+  FILE* f = std::tmpfile();
+  {
+    ProgressBar bar("run", total, f, interval);
+    for (int i = 1; i <= total; ++i) bar.Update(i, 1.0, 100.0);
+  }
+  std::rewind(f);
+  std::string text;
+  for (int c; (c = std::fgetc(f)) != EOF;) text += static_cast<char>(c);
+  std::fclose(f);
+  return text;
+}
+
+int CountLines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
+
+TEST(ProgressBarOffATerminal, FirstEveryTenthAndLast) {
+  // 1000 updates at once, a long interval: the first, each 10%, the last (= the 10th 10%).
+  EXPECT_EQ(CountLines(Lines(std::chrono::hours(1), 1000)), 11);
+  // An interval of zero: every update is a line.
+  EXPECT_EQ(CountLines(Lines(std::chrono::seconds(0), 50)), 50);
+  EXPECT_NE(Lines(std::chrono::hours(1), 3).find("     1/3      loss  1.0000"), std::string::npos);
 }
 
 }  // namespace
