@@ -743,6 +743,18 @@ v1::Experiment Defaulted(const std::string& text) {
   return *e;
 }
 
+TEST(PaperExamplesTest, CpuExamplesLoadAndValidate) {
+  for (const char* file : {"quickstart.yaml", "sinks-cpu.yaml"}) {
+    auto e = LoadExperimentFile(std::string(SINKSCOPE_SOURCE_DIR) + "/examples/" + file);
+    ASSERT_TRUE(e.ok()) << file << ": " << e.status().ToString();
+    ApplyDefaults(*e);
+    EXPECT_TRUE(ValidateExperiment(*e, /*check_paths=*/false).ok()) << file;
+  }
+  auto e = LoadExperimentFile(std::string(SINKSCOPE_SOURCE_DIR) + "/examples/sinks-cpu.yaml");
+  ASSERT_TRUE(e.ok());
+  EXPECT_TRUE(e->data().bos());
+}
+
 TEST(DataBos, DefaultsOffWithTheEndOfTextToken) {
   v1::Experiment e = Defaulted(std::string(kMinimal));
   EXPECT_FALSE(e.data().bos());
