@@ -923,18 +923,18 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
         return OkStatus();
       }
       // A progress line in the log every few seconds (and at the first and last step), so
-      // a worker's log shows how a run goes without a client watching it.
+      // a worker's log shows how a run goes without a client watching it. Throughput is
+      // smoothed over the steps after the first (which pays one-time set-up).
+      if (s.step > 1) {
+        tokens_per_second_ =
+            tokens_per_second_ > 0 ? 0.8 * tokens_per_second_ + 0.2 * s.tokens_per_second : s.tokens_per_second;
+      }
       const auto now = std::chrono::steady_clock::now();
       if (s.step == 1 || s.step >= total_ || now - last_line_ >= std::chrono::seconds(5)) {
         last_line_ = now;
-        if (s.step > 1) {
-          tokens_per_second_ = tokens_per_second_ > 0 ? 0.8 * tokens_per_second_ + 0.2 * s.tokens_per_second
-                                                      : s.tokens_per_second;
-        }
         const double tps = tokens_per_second_ > 0 ? tokens_per_second_ : s.tokens_per_second;
-        const double eta = s.seconds > 0 && s.tokens_per_second > 0
-                               ? static_cast<double>(total_ - s.step) * s.seconds * s.tokens_per_second / tps
-                               : 0;
+        const double tokens_per_step = s.tokens_per_second * s.seconds;
+        const double eta = tps > 0 ? static_cast<double>(total_ - s.step) * tokens_per_step / tps : 0;
         char loss[32], rate[32], eta_s[32];
         std::snprintf(loss, sizeof loss, "%.4f", s.loss);
         std::snprintf(rate, sizeof rate, "%.0f", tps);
@@ -942,9 +942,6 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
         Log(LogLevel::kInfo, "run_progress",
             {{"run_id", run}, {"step", Str(s.step)}, {"steps", Str(total_)}, {"loss", loss},
              {"tokens_per_second", rate}, {"eta_seconds", eta_s}});
-      } else if (s.step > 1) {
-        tokens_per_second_ = tokens_per_second_ > 0 ? 0.8 * tokens_per_second_ + 0.2 * s.tokens_per_second
-                                                    : s.tokens_per_second;
       }
       v1::WorkerMessage pm;
       v1::Progress* p = pm.mutable_progress();
