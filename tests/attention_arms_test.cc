@@ -12,6 +12,7 @@
 #include "base/rng.h"
 #include "engine/backend.h"
 #include "engine/model.h"
+#include "engine/probes.h"
 
 namespace sinkscope {
 namespace {
@@ -471,6 +472,99 @@ TEST_P(ModelArmTest, EveryTensorAgainstFiniteDifferences) {
 
 INSTANTIATE_TEST_SUITE_P(Arms, ModelArmTest, ::testing::ValuesIn(kModelArms),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// Forwards to the probe collector and keeps a copy of what the arms hand it.
+class Recorder final : public PassObserver {
+ public:
+  explicit Recorder(PassObserver* inner) : inner_(inner) {}
+  void OnBlockForward(int layer, const BlockActivations& x, int B, int T) override {
+    const ModelConfig& c = config;
+    if (x.att != nullptr) {
+      att[layer].assign(x.att, x.att + static_cast<size_t>(B) * c.heads * T * T);
+      unassigned[layer].assign(x.unassigned, x.unassigned + static_cast<size_t>(B) * c.heads * T);
+    }
+    if (x.gate_logits != nullptr) {
+      gate_logits[layer].assign(x.gate_logits, x.gate_logits + static_cast<size_t>(B) * T * c.GateRows());
+    }
+    inner_->OnBlockForward(layer, x, B, T);
+  }
+  void OnGradient(int layer, Site site, const float* g, const float* down, int B, int T) override {
+    inner_->OnGradient(layer, site, g, down, B, T);
+  }
+  ModelConfig config;
+  std::map<int, std::vector<float>> att, unassigned, gate_logits;
+
+ private:
+  PassObserver* inner_;
+};
+
+// The probes of every arm against the definitions, recomputed in float64 from the A,
+// unassigned mass and gate logits the pass produced: α_s, M_s, S_s, the sink rate, the
+// unassigned mass and the gate statistics; R_GS is finite for every arm.
+TEST_P(ModelArmTest, ProbesFollowTheDefinitionsOnTheArmsWeights) {
+  ProbeSettings st;
+  st.sink_position = 0;
+  st.ref_span = T - 1;
+  st.profile_len = T;
+  st.t_eps = 4;
+  st.eps = 0.3;
+  ProbeCollector collector(*model_, st, T);
+  Recorder rec(&collector);
+  rec.config = c_;
+  model_->ZeroGrad();
+  const double loss = model_->ForwardBackward(tokens_.data(), targets_.data(), B, T, 1.0f / (B * T), &rec);
+  const ProbeReport r = collector.Finish(1, loss);
+  const int H = c_.heads, s = st.sink_position, window = std::min(st.t_eps, T - s);
+  for (int l = 0; l < c_.layers; ++l) {
+    const LayerProbe& lp = r.layers[l];
+    EXPECT_TRUE(std::isfinite(lp.r_gs)) << "layer " << l;
+    EXPECT_GT(lp.r_gs, 0.0);
+    const bool arm_attention = c_.attention != AttentionKind::kSoftmax;
+    ASSERT_EQ(lp.unassigned_mass.size(), arm_attention ? static_cast<size_t>(H) : 0u);
+    if (arm_attention) {
+      const std::vector<float>& a = rec.att.at(l);
+      int sinks = 0;
+      for (int h = 0; h < H; ++h) {
+        double alpha = 0, mass = 0, second = 0, un = 0;
+        for (int b = 0; b < B; ++b) {
+          const size_t bh = static_cast<size_t>(b) * H + h;
+          for (int t = s; t < T; ++t) {
+            const double v = a[(bh * T + t) * T + s];
+            mass += v / B;
+            second += v * v / B;
+            if (t < s + window) alpha += v / (window * B);
+          }
+          for (int t = 0; t < T; ++t) un += static_cast<double>(rec.unassigned.at(l)[bh * T + t]) / (T * B);
+        }
+        EXPECT_NEAR(lp.alpha[h], alpha, 1e-12) << "layer " << l << " head " << h;
+        EXPECT_NEAR(lp.column_mass[h], mass, 1e-12);
+        EXPECT_NEAR(lp.column_second_moment[h], second, 1e-12);
+        EXPECT_NEAR(lp.unassigned_mass[h], un, 1e-12);
+        sinks += alpha > st.eps;
+      }
+      EXPECT_DOUBLE_EQ(lp.sink_rate, static_cast<double>(sinks) / H);
+    }
+    const int groups = c_.gate == GateKind::kNone ? 0 : c_.gate == GateKind::kValue ? c_.kv_heads : H;
+    ASSERT_EQ(lp.gate_mean.size(), static_cast<size_t>(groups));
+    for (int g = 0; g < groups; ++g) {
+      const int G = c_.GateRows(), per = G / groups;
+      double mean = 0, sink = 0, rest = 0;
+      for (int b = 0; b < B; ++b) {
+        for (int t = 0; t < T; ++t) {
+          for (int j = 0; j < per; ++j) {
+            const double v = Sigmoid(rec.gate_logits.at(l)[(static_cast<size_t>(b) * T + t) * G + g * per + j]);
+            mean += v / (B * T * per);
+            if (t == s) sink += v / (B * per);
+            if (t >= 1) rest += v / (B * per * (T - 1));  // tokens 1…min(15, T−1), T = 6
+          }
+        }
+      }
+      EXPECT_NEAR(lp.gate_mean[g], mean, 1e-12);
+      EXPECT_NEAR(lp.gate_sink[g], sink, 1e-12);
+      EXPECT_NEAR(lp.gate_rest[g], rest, 1e-12);
+    }
+  }
+}
 
 TEST(ModelArmParamsTest, NamesShapesAndInitialisation) {
   auto be = MakeCpuBackend();
