@@ -18,7 +18,7 @@ namespace {
 
 // cmap0: background, ink, then the named colours of plot.h (colour-blind-safe Okabe–Ito
 // hues where they exist). Ramp colours are appended per figure.
-constexpr std::array<std::array<int, 3>, 13> kPalette = {{
+constexpr std::array<std::array<int, 3>, 20> kPalette = {{
     {255, 255, 255},  // 0 background
     {0, 0, 0},        // kInk
     {0, 114, 178},    // kBaseline: blue
@@ -32,6 +32,13 @@ constexpr std::array<std::array<int, 3>, 13> kPalette = {{
     {0, 114, 178},    // kGroup3: tokens 4–7
     {204, 121, 167},  // kGroup4: tokens 8–15
     {117, 80, 170},   // kPurple
+    {136, 34, 85},    // kSinkLogit: wine
+    {204, 121, 167},  // kSoftmaxPlusOne: pink
+    {86, 180, 233},   // kGatedOutput: sky blue
+    {51, 34, 136},    // kGatedHead: indigo
+    {170, 68, 153},   // kGatedValue: magenta
+    {153, 153, 51},   // kSigmoid: olive
+    {68, 170, 153},   // kSoftpick: teal
 }};
 
 // A perceptually ordered ramp (dark blue → teal → yellow), for series over time.

@@ -25,6 +25,14 @@ enum Color : int {
   kGroup3 = 10,
   kGroup4 = 11,
   kPurple = 12,
+  // The attention arms (docs/design/ARMS.md); an arm with V-scale keeps its arm's colour.
+  kSinkLogit = 13,
+  kSoftmaxPlusOne = 14,
+  kGatedOutput = 15,
+  kGatedHead = 16,
+  kGatedValue = 17,
+  kSigmoid = 18,
+  kSoftpick = 19,
 };
 
 enum class Style { kLine, kPoints, kLinePoints, kDashedLine };

@@ -413,6 +413,22 @@ std::string RenderOnePointComparison(const v1::CompareArmsResponse& response) {
     out += RenderTable({"LAYER", "ARM", "SEEDS", "R_GS", "SINK RATE", "H_OUT RATIO", "R_MLP RATIO", "R_ATTN RATIO",
                         "V RATIO", "TOP1/MEDIAN", "MEAN θ"},
                        rows, {true, false, true, true, true, true, true, true, true, true, true});
+    // The attention arms' own observables (docs/design/ARMS.md "Probes"), for the arms that have them.
+    std::vector<std::vector<std::string>> arm_rows;
+    for (int layer : layers) {
+      for (const v1::ArmComparison& a : response.arms()) {
+        for (const v1::LayerComparison& l : a.layers()) {
+          if (l.layer() != layer || (l.unassigned_mass().n() == 0 && l.gate_mean().n() == 0)) continue;
+          auto stat = [](const v1::Stat& s) { return s.n() == 0 ? std::string("-") : FormatStat(s); };
+          arm_rows.push_back({std::to_string(layer), ArmName(a.arm()), stat(l.unassigned_mass()), stat(l.gate_mean()),
+                              stat(l.gate_sink()), stat(l.gate_rest())});
+        }
+      }
+    }
+    if (!arm_rows.empty()) {
+      out += "\n" + RenderTable({"LAYER", "ARM", "UNASSIGNED MASS", "GATE MEAN", "GATE AT s", "GATE 1-15"}, arm_rows,
+                                {true, false, true, true, true, true});
+    }
   }
 
   std::vector<std::string> header = {"SUMMARY"};
@@ -461,9 +477,27 @@ std::string RenderProbeReport(const v1::ProbeReport& report) {
                     Printf("seq %lld tok %d ch %d", static_cast<long long>(m.top1_sequence()), m.top1_token(),
                            m.top1_channel())});
   }
-  return out + RenderTable({"layer", "R_GS", "sink rate", "mean alpha_s", "h_out s/ref", "v s/ref", "top1/median",
-                            "largest at"},
-                           rows, {true, true, true, true, true, true, true, false});
+  out += RenderTable({"layer", "R_GS", "sink rate", "mean alpha_s", "h_out s/ref", "v s/ref", "top1/median",
+                       "largest at"},
+                      rows, {true, true, true, true, true, true, true, false});
+  // The attention arms' own observables, means over heads (docs/design/ARMS.md "Probes").
+  std::vector<std::vector<std::string>> arm_rows;
+  auto mean = [](const auto& values) {
+    double m = 0;
+    for (double x : values) m += x / values.size();
+    return FormatNumber(m);
+  };
+  for (const v1::LayerProbe& l : report.layers()) {
+    if (l.unassigned_mass_size() == 0 && l.gate_mean_size() == 0) continue;
+    arm_rows.push_back({std::to_string(l.layer()), l.unassigned_mass_size() ? mean(l.unassigned_mass()) : "-",
+                        l.gate_mean_size() ? mean(l.gate_mean()) : "-", l.gate_sink_size() ? mean(l.gate_sink()) : "-",
+                        l.gate_rest_size() ? mean(l.gate_rest()) : "-"});
+  }
+  if (!arm_rows.empty()) {
+    out += RenderTable({"layer", "unassigned mass", "gate mean", "gate at s", "gate 1-15"}, arm_rows,
+                       {true, true, true, true, true});
+  }
+  return out;
 }
 
 std::string StepCsvHeader() {
@@ -531,6 +565,16 @@ std::string JsonLines(const std::string& experiment_id, const v1::GetRunMetricsR
 
 // ---- watch -----------------------------------------------------------------------------------
 
+namespace {
+// The mean of a per-head list (NaN when empty).
+double HeadMean(const google::protobuf::RepeatedField<double>& values) {
+  if (values.empty()) return NAN;
+  double m = 0;
+  for (double x : values) m += x / values.size();
+  return m;
+}
+}  // namespace
+
 WatchView::RunView& WatchView::Run(const std::string& run_id) {
   auto [it, fresh] = runs_.try_emplace(run_id);
   if (fresh) {
@@ -591,6 +635,19 @@ std::vector<std::string> WatchView::ProbeLines(const RunView& v) const {
   lines.push_back(rgs);
   lines.push_back(sink);
   for (auto& r : ratios) lines.push_back(r.line);
+  // The attention arms' own observables, means over heads (docs/design/ARMS.md "Probes").
+  std::string unassigned = Printf("    %-13s", "unassigned"), gate_sink = Printf("    %-13s", "gate s/1-15");
+  bool any_unassigned = false, any_gate = false;
+  for (const v1::LayerProbe& l : p.layers()) {
+    any_unassigned |= l.unassigned_mass_size() > 0;
+    any_gate |= l.gate_mean_size() > 0;
+    unassigned += Printf(" %7s", l.unassigned_mass_size() ? FormatNumber(HeadMean(l.unassigned_mass())).c_str() : "-");
+    gate_sink += Printf(" %7s", l.gate_sink_size() && l.gate_rest_size()
+                                    ? FormatNumber(HeadMean(l.gate_sink()) / HeadMean(l.gate_rest())).c_str()
+                                    : "-");
+  }
+  if (any_unassigned) lines.push_back(unassigned);
+  if (any_gate) lines.push_back(gate_sink);
   return lines;
 }
 
@@ -608,6 +665,15 @@ std::string WatchView::ProbeLine(const RunView& v) const {
                             static_cast<long long>(p.step()), FormatNumber(p.r_gs_median()).c_str()) +
                      rgs + " | sink rate" + sink;
   for (int i = 0; i < 4; ++i) line += std::string(" | ") + kRatios[i] + " ratio" + ratios[i];
+  std::string unassigned, gate;
+  for (const v1::LayerProbe& l : p.layers()) {
+    if (l.unassigned_mass_size() > 0) unassigned += " " + FormatNumber(HeadMean(l.unassigned_mass()));
+    if (l.gate_sink_size() > 0 && l.gate_rest_size() > 0) {
+      gate += " " + FormatNumber(HeadMean(l.gate_sink()) / HeadMean(l.gate_rest()));
+    }
+  }
+  if (!unassigned.empty()) line += " | unassigned" + unassigned;
+  if (!gate.empty()) line += " | gate s/1-15" + gate;
   return line;
 }
 

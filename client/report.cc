@@ -40,6 +40,19 @@ int ArmColor(v1::Arm arm) {
     case v1::BASELINE: return kBaseline;
     case v1::VSCALE: return kVScale;
     case v1::VSCALE_BACKWARD_ONLY: return kBackwardOnly;
+    case v1::SINK_LOGIT:
+    case v1::SINK_LOGIT_VSCALE: return kSinkLogit;
+    case v1::SOFTMAX_PLUS_ONE:
+    case v1::SOFTMAX_PLUS_ONE_VSCALE: return kSoftmaxPlusOne;
+    case v1::GATED_OUTPUT:
+    case v1::GATED_OUTPUT_VSCALE: return kGatedOutput;
+    case v1::GATED_HEAD:
+    case v1::GATED_HEAD_VSCALE: return kGatedHead;
+    case v1::GATED_VALUE: return kGatedValue;
+    case v1::SIGMOID:
+    case v1::SIGMOID_VSCALE: return kSigmoid;
+    case v1::SOFTPICK:
+    case v1::SOFTPICK_VSCALE: return kSoftpick;
     default: return kPurple;
   }
 }
@@ -133,6 +146,7 @@ class Builder {
     report_.figures.push_back(PathProfiles());
     report_.figures.push_back(Reshaping());
     report_.figures.push_back(SinkRateAndNorms());
+    if (std::optional<Figure> f = ArmObservables()) report_.figures.push_back(std::move(*f));
     report_.figures.push_back(ValueNorms());
     if (std::optional<Figure> f = Theta()) {
       report_.figures.push_back(std::move(*f));
@@ -440,6 +454,63 @@ class Builder {
     return f;
   }
 
+  // The attention arms' own observables (docs/design/ARMS.md "Probes"), per layer, for the
+  // arms that report them: the mass rows give no token, and the gate at token s over the
+  // gate at tokens 1-15 (means over heads, then over seeds). None without such an arm.
+  std::optional<Figure> ArmObservables() {
+    Figure f;
+    f.name = "fig07b_attention_arms";
+    f.title = "Attention arms: mass given to no token, and the gate at the sink, per layer";
+    f.caption = "Unassigned mass: batch mean of 1 − Σ_u a_tu per row (the virtual sink's share for sink_logit; "
+                "signed for sigmoid). Gate ratio: mean gate at token s = " + std::to_string(s_) +
+                " over the mean gate at tokens 1…15 other than s. Means over heads, then over seeds (± sample "
+                "std); step " + std::to_string(step_) + ".";
+    auto mean = [](const auto& values) {
+      double m = 0;
+      for (double x : values) m += x / values.size();
+      return m;
+    };
+    for (int which = 0; which < 2; ++which) {
+      Panel panel;
+      panel.key = which == 0 ? "unassigned_mass" : "gate_sink_over_rest";
+      panel.title = which == 0 ? "mass given to no token" : "gate at token s / tokens 1-15";
+      panel.x_label = "layer ℓ";
+      panel.y_label = which == 0 ? "1 − Σ#du#d a" : "gate ratio";
+      panel.integer_x = true;
+      panel.reference_y = which == 1;  // 1: the sink gated like the others
+      for (const ArmRuns& a : arms_) {
+        Series s = MakeSeries(a.name, Style::kLinePoints, ArmColor(a.arm));
+        s.err.clear();
+        const bool spread = a.runs.size() > 1;
+        bool any = false;
+        for (int l = 0; l < layers_; ++l) {
+          std::vector<double> values;
+          for (const v1::RunSummary* r : a.runs) {
+            const v1::ProbeReport& p = *ProbeAt(Metrics(r), step_);
+            if (l >= p.layers_size()) continue;
+            const v1::LayerProbe& lp = p.layers(l);
+            if (which == 0 && lp.unassigned_mass_size() > 0) values.push_back(mean(lp.unassigned_mass()));
+            if (which == 1 && lp.gate_sink_size() > 0 && lp.gate_rest_size() > 0) {
+              values.push_back(mean(lp.gate_sink()) / mean(lp.gate_rest()));
+            }
+          }
+          if (!values.empty()) {
+            AddMeanOverSeeds(s, l, values, spread);
+            any = true;
+          }
+        }
+        if (any) panel.series.push_back(std::move(s));
+      }
+      if (!panel.series.empty()) f.panels.push_back(std::move(panel));
+    }
+    if (f.panels.empty()) return std::nullopt;
+    f.columns = static_cast<int>(f.panels.size());
+    f.rows = 1;
+    f.width = 650 * f.columns;
+    f.height = 500;
+    return f;
+  }
+
   Figure ValueNorms() {
     Figure f;
     f.name = "fig12_value_norms";
@@ -665,6 +736,14 @@ StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& 
     r.Numbers(l, where, "mlp_change", lp->mutable_mlp_change());
     r.Numbers(l, where, "mlp_compress", lp->mutable_mlp_compress());
     r.Numbers(l, where, "theta", lp->mutable_theta());
+    // The attention arms' observables, present only in their reports.
+    for (const auto& [key, out] :
+         {std::pair<const char*, google::protobuf::RepeatedField<double>*>{"unassigned_mass",
+                                                                           lp->mutable_unassigned_mass()},
+          {"gate_mean", lp->mutable_gate_mean()}, {"gate_sink", lp->mutable_gate_sink()},
+          {"gate_rest", lp->mutable_gate_rest()}}) {
+      if (l.contains(key)) r.Numbers(l, where, key, out);
+    }
     lp->set_sink_rate(r.Number(l, where, "sink_rate"));
     if (const nlohmann::json* ratio = r.At(l, where, "norm_ratio"); ratio != nullptr && ratio->is_object()) {
       for (auto it = ratio->begin(); it != ratio->end(); ++it) {

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 namespace sinkscope {
 
@@ -131,6 +133,32 @@ void Backend::MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const Ad
 
 void Backend::AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors) {
   for (const auto& [x, n] : tensors) AccumulateSumSquares(acc, x, n);
+}
+
+// The arms are an optional op (kAttentionArms): Model::Create refuses an arm on a backend
+// that does not report it, so these defaults are never reached by a model.
+namespace {
+[[noreturn]] void NoArms(const Backend& b, const char* op) {
+  std::fprintf(stderr, "sinkscope: backend %s does not implement %s (optional op kAttentionArms)\n", b.Name(), op);
+  std::abort();
+}
+}  // namespace
+
+size_t Backend::ArmAttentionWorkspaceFloats(int, int, int) const { return 0; }
+void Backend::ArmAttentionForward(TensorView, float*, float*, float*, TensorView, TensorView, TensorView,
+                                  const float*, int, int, int, int, int, const AttentionArmParams&) {
+  NoArms(*this, "ArmAttentionForward");
+}
+void Backend::ArmAttentionBackward(float*, float*, float*, float*, const float*, const float*, const float*,
+                                   const float*, TensorView, TensorView, TensorView, const float*, int, int, int, int,
+                                   int, const AttentionArmParams&) {
+  NoArms(*this, "ArmAttentionBackward");
+}
+void Backend::SigmoidGateForward(TensorView, TensorView, const float*, int, int, int) {
+  NoArms(*this, "SigmoidGateForward");
+}
+void Backend::SigmoidGateBackward(float*, float*, const float*, TensorView, const float*, int, int, int) {
+  NoArms(*this, "SigmoidGateBackward");
 }
 
 }  // namespace sinkscope

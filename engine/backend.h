@@ -42,6 +42,14 @@ namespace sinkscope {
 // Optional ops, reported by Backend::Supports.
 enum class OptionalOp {
   kAttentionColumnStats,  // probes: α_s, M_s, S_s recomputed from q and k
+  kAttentionArms,         // ArmAttention* and SigmoidGate* (docs/design/ARMS.md)
+};
+
+// The parameters of an attention arm other than softmax (engine/config.h AttentionKind).
+struct AttentionArmParams {
+  AttentionKind kind = AttentionKind::kSinkLogit;
+  float sigmoid_bias = 0;  // b of kSigmoid
+  float softpick_eps = 1e-6f;
 };
 
 // Per-head column statistics of the causal attention matrix for one key position s,
@@ -138,6 +146,28 @@ class Backend {
   virtual void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate,
                                     TensorView q, TensorView k, const float* lse, int B, int T, int H, int KV,
                                     int dh, const ColumnStatsRequest& request) = 0;
+
+  // --- attention arms (optional op kAttentionArms; docs/design/ARMS.md) ---------------
+  // The arms' attention with GQA as above, keeping the weights A (B,H,T,T) (rows t,
+  // columns u ≤ t, zero above the diagonal) for the backward and the probes, and
+  // `unassigned` (B,H,T): the mass a row gives no token (the virtual sink's share for
+  // kSinkLogit and kSoftmaxPlusOne; 1 − Σ_u a[t,u] for kSigmoid and kSoftpick).
+  // `sink` (H): the learned logits s_h of kSinkLogit (null: 0, kSoftmaxPlusOne).
+  // `workspace`: ArmAttentionWorkspaceFloats(...) floats the backward reads.
+  virtual size_t ArmAttentionWorkspaceFloats(int B, int T, int H) const;
+  virtual void ArmAttentionForward(TensorView y, float* att, float* unassigned, float* workspace, TensorView q,
+                                   TensorView k, TensorView v, const float* sink, int B, int T, int H, int KV, int dh,
+                                   const AttentionArmParams& arm);
+  // dq, dk, dv written (=); dsink (H) accumulated (+=) when non-null.
+  virtual void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, const float* att,
+                                    const float* unassigned, const float* workspace, TensorView q, TensorView k,
+                                    TensorView v, const float* sink, int B, int T, int H, int KV, int dh,
+                                    const AttentionArmParams& arm);
+  // out[n,g,c] = x[n,g,c]·σ(logits[n,g]), x and out (N,G,C), logits (N,G).
+  virtual void SigmoidGateForward(TensorView out, TensorView x, const float* logits, int N, int G, int C);
+  // dx = dout ⊙ σ (written); dlogits[n,g] = σ(1−σ)·Σ_c dout[n,g,c]·x[n,g,c] (written).
+  virtual void SigmoidGateBackward(float* dx, float* dlogits, const float* dout, TensorView x, const float* logits,
+                                   int N, int G, int C);
 
   // V-scale (METRICS.md): v̂ = φ(r)·v, r = ‖v‖², φ = r/(r+C), C_g = c_base·exp(θ_g) per
   // KV head g. v and v̂ are (N, KV, dh); theta (KV). In kBackwardOnly the forward copies v.

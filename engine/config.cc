@@ -24,6 +24,58 @@ bool ParseVScaleMode(const std::string& name, VScaleMode* mode) {
   return false;
 }
 
+const char* AttentionKindName(AttentionKind kind) {
+  switch (kind) {
+    case AttentionKind::kSoftmax: return "softmax";
+    case AttentionKind::kSinkLogit: return "sink_logit";
+    case AttentionKind::kSoftmaxPlusOne: return "softmax_plus_one";
+    case AttentionKind::kSigmoid: return "sigmoid";
+    case AttentionKind::kSoftpick: return "softpick";
+  }
+  return "unknown";
+}
+
+bool ParseAttentionKind(const std::string& name, AttentionKind* kind) {
+  for (AttentionKind k : {AttentionKind::kSoftmax, AttentionKind::kSinkLogit, AttentionKind::kSoftmaxPlusOne,
+                          AttentionKind::kSigmoid, AttentionKind::kSoftpick}) {
+    if (name == AttentionKindName(k)) {
+      *kind = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* GateKindName(GateKind kind) {
+  switch (kind) {
+    case GateKind::kNone: return "none";
+    case GateKind::kOutput: return "output";
+    case GateKind::kHead: return "head";
+    case GateKind::kValue: return "value";
+  }
+  return "unknown";
+}
+
+bool ParseGateKind(const std::string& name, GateKind* kind) {
+  for (GateKind k : {GateKind::kNone, GateKind::kOutput, GateKind::kHead, GateKind::kValue}) {
+    if (name == GateKindName(k)) {
+      *kind = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+int ModelConfig::GateRows() const {
+  switch (gate) {
+    case GateKind::kNone: return 0;
+    case GateKind::kOutput: return heads * head_dim;
+    case GateKind::kHead: return heads;
+    case GateKind::kValue: return kv_heads * head_dim;
+  }
+  return 0;
+}
+
 const char* RopeTypeName(RopeType type) {
   switch (type) {
     case RopeType::kDefault: return "default";
@@ -136,13 +188,36 @@ Status ModelConfig::Validate() const {
   }
   if (!(rms_eps > 0)) return InvalidArgumentError("model.rms_eps must be positive");
   if (!(init_std > 0)) return InvalidArgumentError("model.init_std must be positive");
+  // The arms' parameters (ARMS.md "Ranges"): outside these a run is numerically meaningless.
+  if (!(std::isfinite(sink_logit_init) && std::abs(sink_logit_init) <= 20)) {
+    return InvalidArgumentError("model.sink_logit_init must be finite and in [-20, 20], got " +
+                                std::to_string(sink_logit_init));
+  }
+  if (!(std::isfinite(sigmoid_bias) && std::abs(sigmoid_bias) <= 30)) {
+    return InvalidArgumentError("model.sigmoid_bias must be finite and in [-30, 30], got " +
+                                std::to_string(sigmoid_bias));
+  }
+  if (!(softpick_eps > 0 && softpick_eps <= 1)) {
+    return InvalidArgumentError("model.softpick_eps must be in (0, 1], got " + std::to_string(softpick_eps));
+  }
+  if (gate == GateKind::kValue && vscale != VScaleMode::kNone) {
+    // Both rewrite the value that enters aggregation; neither paper defines their order.
+    return InvalidArgumentError(std::string("the value gate (gated_value) with ") + VScaleModeName(vscale) +
+                                " is not defined: both rewrite the value path and no paper fixes their order");
+  }
+  if (vscale == VScaleMode::kBackwardOnly && HasAttentionArm()) {
+    return InvalidArgumentError("vscale_backward_only is the control of the softmax baseline; it is not defined "
+                                "with attention arm " + std::string(AttentionKindName(attention)) + " / gate " +
+                                GateKindName(gate));
+  }
   return OkStatus();
 }
 
 double ModelConfig::ParameterCount() const {
   const double d = d_model, q = static_cast<double>(heads) * head_dim, kv = static_cast<double>(kv_heads) * head_dim;
   const double per_layer = d * q + 2 * d * kv + q * d + 3 * d * ffn + 2 * d + kv_heads +
-                           (attention_bias ? q + 2 * kv : 0) + (qk_norm ? 2.0 * head_dim : 0);
+                           (attention_bias ? q + 2 * kv : 0) + (qk_norm ? 2.0 * head_dim : 0) +
+                           (attention == AttentionKind::kSinkLogit ? heads : 0) + static_cast<double>(GateRows()) * d;
   return layers * per_layer + static_cast<double>(vocab) * d * (tied_embeddings ? 1 : 2) + d;
 }
 
@@ -151,14 +226,18 @@ double ModelConfig::ActivationBytes(int micro_batch, int T, bool recompute_block
   const double F = ffn, tokens = static_cast<double>(micro_batch) * T;
   // Per token and layer: h_in, x̃, r_attn, h_half, x̃_mlp, r_mlp (6d), q, y (2q), k, v, v̂
   // (3kv), gate, up, SwiGLU (3F); the attention matrix; then the logits and backward scratch.
-  const double per_layer = tokens * (6 * d + 2 * q + 3 * kv + 3 * F) + static_cast<double>(micro_batch) * heads * T * T;
+  // An attention arm keeps A and its scores (two matrices), the gate's logits and the
+  // ungated output.
+  const double matrices = attention == AttentionKind::kSoftmax ? 1 : 2;
+  const double per_layer = tokens * (6 * d + 2 * q + 3 * kv + 3 * F + GateRows() + (gate != GateKind::kNone ? q : 0)) +
+                           matrices * micro_batch * heads * T * T;
   const double blocks = recompute_blocks ? layers * tokens * d + per_layer : layers * per_layer;
   return 4 * (blocks + tokens * (static_cast<double>(vocab) + 8 * d + 2 * F + 2 * q + 2 * kv));
 }
 
 int64_t ModelConfig::MatmulParams() const {
   const int64_t d = d_model;
-  const int64_t per_layer = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + 3 * d * ffn;
+  const int64_t per_layer = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + 3 * d * ffn + d * GateRows();
   // The LM head is a matmul; the embedding lookup is not.
   return layers * per_layer + static_cast<int64_t>(vocab) * d;
 }

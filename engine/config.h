@@ -22,6 +22,28 @@ const char* VScaleModeName(VScaleMode mode);
 // The inverse of VScaleModeName; false for an unknown name.
 bool ParseVScaleMode(const std::string& name, VScaleMode* mode);
 
+// How attention turns scores z_ij = q_i·k_j/√dh (j ≤ i) into the weights A that multiply
+// the values. docs/design/ARMS.md gives each formula, gradient and paper.
+enum class AttentionKind {
+  kSoftmax,        // a_ij = exp(z_ij) / Σ_{k≤i} exp(z_ik)
+  kSinkLogit,      // a_ij = exp(z_ij) / (exp(s_h) + Σ_{k≤i} exp(z_ik)), s_h learned per head
+  kSoftmaxPlusOne, // kSinkLogit with s_h fixed at 0 (no parameter)
+  kSigmoid,        // a_ij = σ(z_ij + b), b = sigmoid_bias, unnormalised
+  kSoftpick,       // a_ij = ReLU(exp(z_ij) − 1) / (Σ_{k≤i} |exp(z_ik) − 1| + ε)
+};
+const char* AttentionKindName(AttentionKind kind);  // "softmax", "sink_logit", ...
+bool ParseAttentionKind(const std::string& name, AttentionKind* kind);
+
+// A sigmoid gate g = σ(x̃ W_gᵀ) computed from the attention input x̃ (ARMS.md).
+enum class GateKind {
+  kNone,
+  kOutput,  // Y' = Y ⊙ g per channel of each head's attention output, W_g (H·dh, d)
+  kHead,    // Y'_h = Y_h · g_h, one gate per head, W_g (H, d)
+  kValue,   // v' = v ⊙ g on the value path, W_g (KV·dh, d)
+};
+const char* GateKindName(GateKind kind);  // "none", "output", "head", "value"
+bool ParseGateKind(const std::string& name, GateKind* kind);
+
 // Rotary position scaling as Hugging Face's `rope_scaling` / `rope_parameters` define it
 // (modeling_rope_utils: default, linear, llama3, yarn). Training runs use kDefault; the
 // other types come from pretrained configs.
@@ -56,7 +78,7 @@ struct RotaryFrequencies {
 // ModelSpec), the Hugging Face config.json writer (training/hf.cc: the key; "" where
 // Hugging Face encodes the field otherwise), the benchmark (--print-model).
 // tests/config_fields_test.cc fails when a field is added to one of them only.
-// rope_scaling and vscale are structured and written beside the list.
+// rope_scaling, vscale, attention and gate are structured and written beside the list.
 #define SINKSCOPE_MODEL_FIELDS(X)                                            \
   X(int, layers, 2, "num_hidden_layers", true)                               \
   X(int, d_model, 32, "hidden_size", true)                                   \
@@ -81,7 +103,13 @@ struct RotaryFrequencies {
   X(int, rotary_dim, 0, "", false)                                           \
   /* σ in C = d_model·d_head·σ²·exp(θ), the init std of W_V (METRICS.md,      \
      "V-scale"); 0: init_std, which is what it is unless a test says other. */ \
-  X(double, vscale_sigma, 0.0, "", true)
+  X(double, vscale_sigma, 0.0, "", true)                                     \
+  /* Attention arms (ARMS.md): the initial value of the learned per-head sink \
+     logit s_h (sink_logit); the bias b of sigmoid attention (the schema's    \
+     default is −ln(context)); softpick's ε. Each is read by its arm only. */ \
+  X(double, sink_logit_init, 0.0, "", false)                                 \
+  X(double, sigmoid_bias, 0.0, "", false)                                    \
+  X(double, softpick_eps, 1e-6, "", false)
 
 struct ModelConfig {
 #define SINKSCOPE_DECLARE_FIELD(type, name, value, hf, required) type name = value;
@@ -89,6 +117,15 @@ struct ModelConfig {
 #undef SINKSCOPE_DECLARE_FIELD
   RopeScaling rope_scaling;
   VScaleMode vscale = VScaleMode::kNone;
+  AttentionKind attention = AttentionKind::kSoftmax;
+  GateKind gate = GateKind::kNone;
+
+  // Whether attention or the gate differ from the Llama block (the arms of ARMS.md, which
+  // only the CPU backend runs today).
+  bool HasAttentionArm() const { return attention != AttentionKind::kSoftmax || gate != GateKind::kNone; }
+  // Rows of the gate's W_g (0 without a gate) and the channels one gate value multiplies.
+  int GateRows() const;
+  int GateWidth() const { return gate == GateKind::kHead ? head_dim : 1; }
 
   // σ of V-scale's C: vscale_sigma when set, else init_std.
   double VScaleSigma() const { return vscale_sigma > 0 ? vscale_sigma : init_std; }

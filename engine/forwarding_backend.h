@@ -86,6 +86,27 @@ class ForwardingBackend : public Backend {
                             int B, int T, int H, int KV, int dh, const ColumnStatsRequest& req) override {
     in_->AttentionColumnStats(a, m, s2, r, q, k, lse, B, T, H, KV, dh, req);
   }
+  size_t ArmAttentionWorkspaceFloats(int B, int T, int H) const override {
+    return in_->ArmAttentionWorkspaceFloats(B, T, H);
+  }
+  void ArmAttentionForward(TensorView y, float* att, float* un, float* ws, TensorView q, TensorView k, TensorView v,
+                           const float* sink, int B, int T, int H, int KV, int dh,
+                           const AttentionArmParams& arm) override {
+    in_->ArmAttentionForward(y, att, un, ws, q, k, v, sink, B, T, H, KV, dh, arm);
+  }
+  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* ds, const float* dy, const float* att,
+                            const float* un, const float* ws, TensorView q, TensorView k, TensorView v,
+                            const float* sink, int B, int T, int H, int KV, int dh,
+                            const AttentionArmParams& arm) override {
+    in_->ArmAttentionBackward(dq, dk, dv, ds, dy, att, un, ws, q, k, v, sink, B, T, H, KV, dh, arm);
+  }
+  void SigmoidGateForward(TensorView o, TensorView x, const float* l, int N, int G, int C) override {
+    in_->SigmoidGateForward(o, x, l, N, G, C);
+  }
+  void SigmoidGateBackward(float* dx, float* dl, const float* d, TensorView x, const float* l, int N, int G,
+                           int C) override {
+    in_->SigmoidGateBackward(dx, dl, d, x, l, N, G, C);
+  }
   void VScaleForward(TensorView vh, TensorView v, const float* th, int N, int KV, int dh, double c,
                      VScaleMode mode) override {
     in_->VScaleForward(vh, v, th, N, KV, dh, c, mode);
@@ -111,6 +132,7 @@ class ForwardingBackend : public Backend {
 
  protected:
   Backend& inner() { return *in_; }
+  const Backend& inner() const { return *in_; }
 
  private:
   std::unique_ptr<Backend> owned_;

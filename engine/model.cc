@@ -18,6 +18,19 @@ Model::Model(const ModelConfig& config, Backend* backend)
 
 StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backend* backend, ModelOptions options) {
   RETURN_IF_ERROR(config.Validate());
+  if (config.HasAttentionArm()) {
+    const std::string arm = std::string("attention ") + AttentionKindName(config.attention) + ", gate " +
+                            GateKindName(config.gate);
+    if (!backend->Supports(OptionalOp::kAttentionArms)) {
+      return FailedPreconditionError(
+          "the attention arms (" + arm + ") run on the fp32 CPU backend only; backend " + backend->Name() +
+          " does not implement them (the CUDA path waits for the project's tiled attention kernel)");
+    }
+    if (options.matrices != WeightDtype::kF32) {
+      return InvalidArgumentError("a model with " + arm + " is probed with fp32 weights only, not " +
+                                  WeightDtypeName(options.matrices));
+    }
+  }
   std::unique_ptr<Model> m(new Model(config, backend));
   const int64_t d = config.d_model, V = config.vocab, F = config.ffn;
   const int64_t qd = config.q_dim(), kvd = config.kv_dim();
@@ -49,6 +62,13 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
       o.k_norm = add(p + "self_attn.k_norm.weight", {config.head_dim}, false);
     }
     o.theta = add(p + "self_attn.vscale_theta", {config.kv_heads}, false, config.vscale == VScaleMode::kVScale);
+    // Attention arms (docs/design/ARMS.md "Parameters"): gpt-oss's name for the sink logits.
+    if (config.attention == AttentionKind::kSinkLogit) o.sinks = add(p + "self_attn.sinks", {config.heads}, false);
+    if (config.gate == GateKind::kOutput || config.gate == GateKind::kHead) {
+      o.gate_w = add(p + "self_attn.output_gate.weight", {config.GateRows(), d}, true);
+    } else if (config.gate == GateKind::kValue) {
+      o.gate_w = add(p + "self_attn.value_gate.weight", {config.GateRows(), d}, true);
+    }
     o.mlp_norm = add(p + "post_attention_layernorm.weight", {d}, false);
     o.w_gate = add(p + "mlp.gate_proj.weight", {F, d}, true);
     o.w_up = add(p + "mlp.up_proj.weight", {F, d}, true);
@@ -196,6 +216,7 @@ LayerParams Model::layer(int l) const {
   p.bv = optional(o.bv);
   p.q_norm = optional(o.q_norm);
   p.k_norm = optional(o.k_norm);
+  p.sinks = optional(o.sinks);
   p.mlp_norm = Param(o.mlp_norm);
   return p;
 }
@@ -241,7 +262,8 @@ LayerParams Model::View(float* base, int l) const {
   auto optional = [&](size_t off) { return off == LayerOffsets::kNone ? nullptr : base + off; };
   return {base + o.attn_norm, base + o.wq,       base + o.wk,       base + o.wv,       base + o.wo,
           base + o.theta,     optional(o.bq),    optional(o.bk),    optional(o.bv),    optional(o.q_norm),
-          optional(o.k_norm), base + o.mlp_norm, base + o.w_gate, base + o.w_up, base + o.w_down};
+          optional(o.k_norm), base + o.mlp_norm, base + o.w_gate, base + o.w_up, base + o.w_down,
+          optional(o.sinks),  optional(o.gate_w)};
 }
 
 void Model::InitWeights(uint64_t seed) {
@@ -251,6 +273,8 @@ void Model::InitWeights(uint64_t seed) {
     float* p = host.data() + t.offset;
     if (t.shape.size() == 2) {
       for (size_t i = 0; i < t.size; ++i) p[i] = static_cast<float>(config_.init_std * rng.Normal());
+    } else if (t.name.find("self_attn.sinks") != std::string::npos) {
+      for (size_t i = 0; i < t.size; ++i) p[i] = static_cast<float>(config_.sink_logit_init);
     } else if (t.name.find("vscale_theta") != std::string::npos || t.name.find(".bias") != std::string::npos) {
       for (size_t i = 0; i < t.size; ++i) p[i] = 0.0f;
     } else {
@@ -304,7 +328,7 @@ void Model::FreeActivations() {
   if (tokens_dev_) backend_->Free(tokens_dev_);
   if (targets_dev_) backend_->Free(targets_dev_);
   tokens_dev_ = targets_dev_ = nullptr;
-  d_q_raw_ = d_k_raw_ = dgamma_sink_ = nullptr;
+  d_q_raw_ = d_k_raw_ = dgamma_sink_ = d_gate_logits_ = d_y_raw_ = nullptr;
   xf_ = TensorView();
   act_B_ = act_T_ = 0;
 }
@@ -335,7 +359,15 @@ Status Model::PrepareActivations(int B, int T) {
     act(&a.k, N * kvd);
     act(&a.v, N * kvd);
     act(&a.vhat, N * kvd);
-    alloc(&a.att_ws, backend_->AttentionWorkspaceFloats(B, T, config_.heads));
+    if (config_.attention == AttentionKind::kSoftmax) {
+      alloc(&a.att_ws, backend_->AttentionWorkspaceFloats(B, T, config_.heads));
+    } else {
+      alloc(&a.att, static_cast<size_t>(B) * config_.heads * T * T);
+      alloc(&a.unassigned, static_cast<size_t>(B) * config_.heads * T);
+      alloc(&a.arm_ws, backend_->ArmAttentionWorkspaceFloats(B, T, config_.heads));
+    }
+    if (config_.gate != GateKind::kNone) alloc(&a.gate_logits, N * config_.GateRows());
+    if (config_.gate == GateKind::kOutput || config_.gate == GateKind::kHead) act(&a.y_raw, N * qd);
     alloc(&a.lse, static_cast<size_t>(B) * config_.heads * T);
     act(&a.y, N * qd);
     alloc(&a.r_attn, N * d);
@@ -371,6 +403,8 @@ Status Model::PrepareActivations(int B, int T) {
   alloc(&d_gate_, N * F);
   alloc(&d_up_, N * F);
   if (!training()) alloc(&dgamma_sink_, std::max<size_t>(d, config_.head_dim));
+  if (config_.gate != GateKind::kNone) alloc(&d_gate_logits_, N * config_.GateRows());
+  if (config_.gate == GateKind::kOutput || config_.gate == GateKind::kHead) alloc(&d_y_raw_, N * qd);
   if (config_.qk_norm) {
     alloc(&d_q_raw_, N * qd);
     alloc(&d_k_raw_, N * kvd);
@@ -424,6 +458,14 @@ Backend::AttentionShape Model::Shape(int B, int T) const {
   return s;
 }
 
+AttentionArmParams Model::ArmParams() const {
+  AttentionArmParams p;
+  p.kind = config_.attention;
+  p.sigmoid_bias = static_cast<float>(config_.sigmoid_bias);
+  p.softpick_eps = static_cast<float>(config_.softpick_eps);
+  return p;
+}
+
 Backend::AttentionInputWeights Model::AttentionWeights(const LayerParams& w) {
   return {w.wq, w.wk, w.wv, w.bq, w.bk, w.bv, w.q_norm, w.k_norm, w.theta};
 }
@@ -439,7 +481,17 @@ void Model::ForwardBlock(int l, const LayerParams& w, LayerActs& a, PassObserver
   if (observer) observer->EditAttentionInput(l, a.xn, B, T);
   be.AttentionInputForward(Shape(B, T), a.xn, AttentionWeights(w),
                            {a.q, a.k, a.v, a.vhat, a.q_raw, a.k_raw, a.rstd_q, a.rstd_k});
-  be.AttentionForward(a.y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
+  const int G = c.GateRows();
+  if (c.gate != GateKind::kNone) be.Gemm(false, true, N, G, d, 1.0f, a.xn, w.gate_w, 0.0f, a.gate_logits);  // (N,G)
+  if (c.gate == GateKind::kValue) be.SigmoidGateForward(a.vhat, a.v, a.gate_logits, N, G, 1);  // v' = v ⊙ σ(x̃W_gᵀ)
+  const bool output_gate = c.gate == GateKind::kOutput || c.gate == GateKind::kHead;
+  const TensorView y = output_gate ? a.y_raw : a.y;  // the attention output, before an output gate
+  if (c.attention == AttentionKind::kSoftmax) {
+    be.AttentionForward(y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);  // (N,H·dh)
+  } else {
+    be.ArmAttentionForward(y, a.att, a.unassigned, a.arm_ws, a.q, a.k, a.vhat, w.sinks, B, T, H, KV, dh, ArmParams());
+  }
+  if (output_gate) be.SigmoidGateForward(a.y, a.y_raw, a.gate_logits, N, G, c.GateWidth());  // Y' = Y ⊙ σ(x̃W_gᵀ)
   be.Gemm(false, true, N, d, qd, 1.0f, a.y, w.wo, 0.0f, a.r_attn);              // r_attn (N,d)
   // h_half = h_in + r_attn; x̃_mlp = RMSNorm(h_half).
   be.ResidualRmsNormForward(a.h_half, a.xm, a.rstd_mlp, h_in, a.r_attn, w.mlp_norm, N, d, eps);
@@ -477,7 +529,10 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
                               a.h_half, a.r_mlp, last ? Param(off_final_norm_) : layer(l + 1).attn_norm, N, d,
                               eps);
     if (observer) {
-      observer->OnBlockForward(l, {h_in, a.h_half, h_out, a.r_attn, a.r_mlp, a.q, a.k, a.v, a.vhat, a.lse}, B, T);
+      observer->OnBlockForward(l,
+                               {h_in, a.h_half, h_out, a.r_attn, a.r_mlp, a.q, a.k, a.v, a.vhat, a.lse, a.att,
+                                a.unassigned, a.gate_logits},
+                               B, T);
     }
   }
 }
@@ -561,9 +616,25 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
     // Attention branch.
     be.Gemm(false, false, N, qd, d, 1.0f, d_half, w.wo, 0.0f, d_y_);  // ∂L/∂y (N,H·dh)
     if (pg) be.Gemm(true, false, d, qd, N, 1.0f, d_half, a.y, 1.0f, gw.wo);
-    be.AttentionBackward(d_q_, d_k_, d_vhat_, d_y_, a.y, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);
-    be.VScaleBackward(d_v_, pg && c.vscale == VScaleMode::kVScale ? gw.theta : nullptr, d_vhat_, a.v, w.theta, N, KV,
-                      dh, VScaleCBase(), c.vscale);
+    const int G = c.GateRows();
+    const bool output_gate = c.gate == GateKind::kOutput || c.gate == GateKind::kHead;
+    if (output_gate) {  // y = y_raw ⊙ σ(x̃W_gᵀ): ∂L/∂y_raw and ∂L/∂(x̃W_gᵀ)
+      be.SigmoidGateBackward(d_y_raw_, d_gate_logits_, d_y_, a.y_raw, a.gate_logits, N, G, c.GateWidth());
+    }
+    const float* d_y_att = output_gate ? d_y_raw_ : d_y_;
+    const TensorView y_att = output_gate ? a.y_raw : a.y;
+    if (c.attention == AttentionKind::kSoftmax) {
+      be.AttentionBackward(d_q_, d_k_, d_vhat_, d_y_att, y_att, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);
+    } else {
+      be.ArmAttentionBackward(d_q_, d_k_, d_vhat_, pg ? gw.sinks : nullptr, d_y_att, a.att, a.unassigned, a.arm_ws,
+                              a.q, a.k, a.vhat, w.sinks, B, T, H, KV, dh, ArmParams());
+    }
+    if (c.gate == GateKind::kValue) {  // v' = v ⊙ σ(x̃W_gᵀ) (no V-scale: Validate refuses the pair)
+      be.SigmoidGateBackward(d_v_, d_gate_logits_, d_vhat_, a.v, a.gate_logits, N, G, 1);
+    } else {
+      be.VScaleBackward(d_v_, pg && c.vscale == VScaleMode::kVScale ? gw.theta : nullptr, d_vhat_, a.v, w.theta, N,
+                        KV, dh, VScaleCBase(), c.vscale);
+    }
     if (observer) {
       observer->OnGradient(l, Site::kQ, d_q_, nullptr, B, T);
       observer->OnGradient(l, Site::kK, d_k_, nullptr, B, T);
@@ -575,6 +646,10 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
     if (c.qk_norm && !pg) g.q_norm = g.k_norm = dgamma_sink_;
     be.AttentionInputBackward(shape, d_norm_, d_q_, d_k_, d_v_, a.xn, AttentionWeights(w),
                               {a.q, a.k, a.v, a.vhat, a.q_raw, a.k_raw, a.rstd_q, a.rstd_k}, g, d_q_raw_, d_k_raw_);
+    if (c.gate != GateKind::kNone) {  // the gate's path to x̃ and W_g
+      be.Gemm(false, false, N, d, G, 1.0f, d_gate_logits_, w.gate_w, 1.0f, d_norm_);             // (N,d)
+      if (pg) be.Gemm(true, false, G, d, N, 1.0f, d_gate_logits_, a.xn, 1.0f, gw.gate_w);  // (G,d)
+    }
     if (observer) observer->OnGradient(l, Site::kXn, d_norm_, nullptr, B, T);
     float* d_in = d_out;  // ∂L/∂h_out is no longer needed: reuse its buffer
     be.RmsNormBackwardResidual(d_in, gain_grad(gw.attn_norm), d_half, d_norm_, residual_[l], w.attn_norm,

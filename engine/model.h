@@ -44,6 +44,8 @@ struct LayerParams {
   float* w_gate;     // (F, d)
   float* w_up;       // (F, d)
   float* w_down;     // (d, F)
+  float* sinks;      // (H) sink logits s_h (attention kSinkLogit), or null
+  float* gate_w;     // (GateRows, d) W_g of the attention gate (ModelConfig::gate), or null
 };
 
 // Activation sites inside a block (METRICS.md "Sites inside one pre-norm block").
@@ -62,7 +64,11 @@ struct BlockActivations {
   TensorView k;         // (B,T,KV,dh) after RoPE
   TensorView v;         // (B,T,KV,dh)
   TensorView vhat;      // (B,T,KV,dh)
-  const float* lse;     // (B,H,T) log-sum-exp of each attention row's scaled scores
+  const float* lse;     // (B,H,T) log-sum-exp of each attention row's scaled scores (softmax)
+  // Attention arms (docs/design/ARMS.md); null in the softmax block.
+  const float* att = nullptr;         // (B,H,T,T) the weights A that multiply v̂
+  const float* unassigned = nullptr;  // (B,H,T) the mass each row gives no token
+  const float* gate_logits = nullptr; // (B,T,GateRows) x̃ W_gᵀ of a gated arm (gate = σ of it)
 };
 
 // Observer of a forward and backward pass; probes implement it. Pointers are valid only
@@ -231,6 +237,7 @@ class Model {
   struct LayerOffsets {
     size_t attn_norm, wq, wk, wv, wo, theta, mlp_norm, w_gate, w_up, w_down;
     size_t bq = kNone, bk = kNone, bv = kNone, q_norm = kNone, k_norm = kNone;  // optional tensors
+    size_t sinks = kNone, gate_w = kNone;                                       // attention arms
     static constexpr size_t kNone = static_cast<size_t>(-1);
   };
   std::vector<LayerOffsets> layer_off_;
@@ -243,6 +250,10 @@ class Model {
     float *rstd_attn, *att_ws, *lse, *r_attn, *h_half, *rstd_mlp, *r_mlp;
     TensorView q_raw, k_raw;                        // qk_norm: the projections before the norm
     float *rstd_q = nullptr, *rstd_k = nullptr;  // qk_norm
+    // Attention arms: A, its unassigned mass, the backend's workspace; a gate's logits and,
+    // for an output gate, the attention output before the gate (y is after it).
+    float *att = nullptr, *unassigned = nullptr, *arm_ws = nullptr, *gate_logits = nullptr;
+    TensorView y_raw;
   };
   int act_B_ = 0, act_T_ = 0;
   std::vector<float*> residual_;  // L+1 buffers (N,d): residual_[l] = h_in of block l
@@ -258,6 +269,8 @@ class Model {
         *d_up_ = nullptr;
   float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread
   float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
+  float *d_gate_logits_ = nullptr, *d_y_raw_ = nullptr;  // attention gates
+  AttentionArmParams ArmParams() const;
   std::unique_ptr<Arena> activations_;  // every activation buffer of the current shape, one allocation
 };
 

@@ -97,6 +97,8 @@ struct ProbeCollector::LayerAcc {
   float* mlp_g3_norm_sum = nullptr;   // (K): Σ_b ‖∂L/∂h_half − ∂L/∂h_out‖
   std::array<float*, kNumNorms> act_norm_sum{};
   std::vector<double> alpha, mass, second, above;  // per head, Σ over micro-batches of B·value
+  // Attention arms, per head: Σ over sequences of the per-sequence value.
+  std::vector<double> unassigned, gate_mean, gate_sink, gate_rest;
   std::vector<float> abs_h_out;                    // every |h_out| value, for the median
   std::array<double, 3> top3{-1, -1, -1};
   int64_t top1_seq = 0;
@@ -124,6 +126,13 @@ ProbeCollector::ProbeCollector(Model& model, const ProbeSettings& settings, int 
     a->mass.assign(c.heads, 0.0);
     a->second.assign(c.heads, 0.0);
     a->above.assign(c.heads, 0.0);
+    if (c.attention != AttentionKind::kSoftmax) a->unassigned.assign(c.heads, 0.0);
+    if (c.gate != GateKind::kNone) {
+      const int groups = c.gate == GateKind::kValue ? c.kv_heads : c.heads;
+      a->gate_mean.assign(groups, 0.0);
+      a->gate_sink.assign(groups, 0.0);
+      a->gate_rest.assign(groups, 0.0);
+    }
     acc_.push_back(a);
   }
   // θ as the pass sees it: read now, before the step's update (Trainer::ProbedStep runs
@@ -158,6 +167,67 @@ float* ProbeCollector::Scratch(size_t n) {
   return scratch_;
 }
 
+// The arms keep A itself (BlockActivations::att): column s read directly, with the same
+// definitions as the softmax path (METRICS.md "Forward observables"), and each row's
+// unassigned mass averaged over the rows of a sequence.
+void ProbeCollector::AttentionArmStats(LayerAcc& a, const BlockActivations& x, int B, int T,
+                                       const ColumnStatsRequest& req) {
+  const int H = model_.config().heads, s = req.sink_position;
+  std::vector<float> att(static_cast<size_t>(B) * H * T * T), un(static_cast<size_t>(B) * H * T);
+  model_.backend()->ToHost(att.data(), x.att, att.size() * sizeof(float));
+  model_.backend()->ToHost(un.data(), x.unassigned, un.size() * sizeof(float));
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      const size_t bh = static_cast<size_t>(b) * H + h;
+      double alpha = 0, mass = 0, second = 0, unassigned = 0;
+      for (int t = s; t < T; ++t) {
+        const double a_ts = att[(bh * T + t) * T + s];
+        mass += a_ts;
+        second += a_ts * a_ts;
+        if (t < s + req.window) alpha += a_ts;
+      }
+      alpha /= req.window;
+      for (int t = 0; t < T; ++t) unassigned += un[bh * T + t];
+      a.alpha[h] += alpha;
+      a.mass[h] += mass;
+      a.second[h] += second;
+      a.above[h] += alpha > req.threshold ? 1 : 0;
+      a.unassigned[h] += unassigned / T;
+    }
+  }
+}
+
+// σ of the gate logits (B,T,G) grouped by head: G = H·dh (output), H (head), KV·dh (value).
+void ProbeCollector::GateStats(LayerAcc& a, const BlockActivations& x, int B, int T) {
+  const ModelConfig& c = model_.config();
+  const int G = c.GateRows(), groups = static_cast<int>(a.gate_mean.size()), per = G / groups;
+  const int s = settings_.sink_position, last = std::min(15, T - 1);
+  std::vector<float> logits(static_cast<size_t>(B) * T * G);
+  model_.backend()->ToHost(logits.data(), x.gate_logits, logits.size() * sizeof(float));
+  for (int b = 0; b < B; ++b) {
+    for (int g = 0; g < groups; ++g) {
+      double all = 0, sink = 0, rest = 0;
+      int rest_tokens = 0;
+      for (int t = 0; t < T; ++t) {
+        double mean = 0;  // over the head's channels
+        for (int j = 0; j < per; ++j) {
+          mean += 1.0 / (1.0 + std::exp(-static_cast<double>(logits[(static_cast<size_t>(b) * T + t) * G + g * per + j])));
+        }
+        mean /= per;
+        all += mean;
+        if (t == s) sink = mean;
+        if (t >= 1 && t <= last && t != s) {
+          rest += mean;
+          ++rest_tokens;
+        }
+      }
+      a.gate_mean[g] += all / T;
+      a.gate_sink[g] += sink;
+      a.gate_rest[g] += rest_tokens > 0 ? rest / rest_tokens : NAN;
+    }
+  }
+}
+
 void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B, int T) {
   Backend& be = *model_.backend();
   const ModelConfig& c = model_.config();
@@ -173,16 +243,21 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   req.sink_position = settings_.sink_position;
   req.window = std::min(settings_.t_eps, T - settings_.sink_position);
   req.threshold = settings_.eps;
-  std::vector<float> alpha(H), mass(H), second(H), above(H), dev(4 * H);
-  float* out = Scratch(4 * H);
-  be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, x.lse, B, T, H, KV, dh, req);
-  be.ToHost(dev.data(), out, 4 * H * sizeof(float));
-  for (int h = 0; h < H; ++h) {
-    a.alpha[h] += static_cast<double>(dev[h]) * B;
-    a.mass[h] += static_cast<double>(dev[H + h]) * B;
-    a.second[h] += static_cast<double>(dev[2 * H + h]) * B;
-    a.above[h] += std::round(static_cast<double>(dev[3 * H + h]) * B);  // a count of sequences
+  if (x.att == nullptr) {
+    std::vector<float> dev(4 * H);
+    float* out = Scratch(4 * H);
+    be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, x.lse, B, T, H, KV, dh, req);
+    be.ToHost(dev.data(), out, 4 * H * sizeof(float));
+    for (int h = 0; h < H; ++h) {
+      a.alpha[h] += static_cast<double>(dev[h]) * B;
+      a.mass[h] += static_cast<double>(dev[H + h]) * B;
+      a.second[h] += static_cast<double>(dev[2 * H + h]) * B;
+      a.above[h] += std::round(static_cast<double>(dev[3 * H + h]) * B);  // a count of sequences
+    }
+  } else {
+    AttentionArmStats(a, x, B, T, req);
   }
+  if (x.gate_logits != nullptr) GateStats(a, x, B, T);
   // Massive activations (Sun et al. 2024): every |h_out| value of the probe batch.
   const size_t n = static_cast<size_t>(B) * T * d;
   std::vector<float> host(n);
@@ -233,8 +308,9 @@ Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
     RETURN_IF_ERROR(comm.AllReduceSum(a->attn_g3_norm_sum, K_));
     RETURN_IF_ERROR(comm.AllReduceSum(a->mlp_g3_norm_sum, K_));
     for (float* p : a->act_norm_sum) RETURN_IF_ERROR(comm.AllReduceSum(p, K_));
-    for (std::vector<double>* v : {&a->alpha, &a->mass, &a->second, &a->above}) {
-      RETURN_IF_ERROR(comm.AllReduceSum(v->data(), v->size()));
+    for (std::vector<double>* v : {&a->alpha, &a->mass, &a->second, &a->above, &a->unassigned, &a->gate_mean,
+                                   &a->gate_sink, &a->gate_rest}) {
+      if (!v->empty()) RETURN_IF_ERROR(comm.AllReduceSum(v->data(), v->size()));
     }
     // The largest |h_out| values: each rank's top 3 with the top 1's place in the global
     // batch (rank r holds rows r·rows … of every micro-batch of B = W·rows sequences).
@@ -366,6 +442,12 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
       per_sample += lp.per_sample_sink_fraction.back();
     }
     lp.sink_rate = static_cast<double>(sinks) / c.heads;
+    for (double u : a.unassigned) lp.unassigned_mass.push_back(u / B);
+    for (size_t g = 0; g < a.gate_mean.size(); ++g) {
+      lp.gate_mean.push_back(a.gate_mean[g] / B);
+      lp.gate_sink.push_back(a.gate_sink[g] / B);
+      lp.gate_rest.push_back(a.gate_rest[g] / B);
+    }
     lp.sink_rate_per_sample = per_sample / c.heads;
     // Activation norms (batch means; v and v̂ also averaged over KV heads).
     for (int i = 0; i < kNumNorms; ++i) {

@@ -71,6 +71,14 @@ struct LayerProbe {
   std::map<std::string, double> norm_ratio;
   MassiveActivations massive;
   std::vector<double> theta, c;  // V-scale θ and C = d·dh·σ²·exp(θ) per KV head
+  // Attention arms (docs/design/ARMS.md "Probes"); empty where the arm has none.
+  // Per head, the batch mean of the row-mean mass a row gives no token: the virtual
+  // sink's share (sink_logit, softmax_plus_one) or 1 − Σ_u a[t,u] (sigmoid, softpick),
+  // signed (negative when a sigmoid row gives more than unit mass in total).
+  std::vector<double> unassigned_mass;
+  // Gated arms, per head (per KV head for the value gate), batch means of σ: over every
+  // token and channel of the head; at token s; over tokens 1…15 other than s.
+  std::vector<double> gate_mean, gate_sink, gate_rest;
 };
 
 struct ProbeReport {
@@ -108,6 +116,8 @@ class ProbeCollector final : public PassObserver {
  private:
   struct LayerAcc;
   float* Scratch(size_t n);
+  void AttentionArmStats(LayerAcc& a, const BlockActivations& x, int B, int T, const ColumnStatsRequest& req);
+  void GateStats(LayerAcc& a, const BlockActivations& x, int B, int T);
 
   Model& model_;
   ProbeSettings settings_;

@@ -93,6 +93,10 @@ v1::ProbeReport ToProto(const ProbeReport& r) {
     m->set_top1_channel(l.massive.top1_channel);
     put(l.theta, x->mutable_theta());
     put(l.c, x->mutable_c());
+    put(l.unassigned_mass, x->mutable_unassigned_mass());
+    put(l.gate_mean, x->mutable_gate_mean());
+    put(l.gate_sink, x->mutable_gate_sink());
+    put(l.gate_rest, x->mutable_gate_rest());
   }
   return p;
 }

@@ -75,6 +75,40 @@ std::string Lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   return s;
 }
+std::string Upper(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
+  return s;
+}
+
+// An arm name that combines two defined arms the engine does not define together
+// ("gated_value_vscale", "sigmoid+vscale_backward_only"): the reason, else "".
+std::string UndefinedArmCombination(const std::string& name) {
+  for (const char* value_path : {"vscale_backward_only", "vscale"}) {
+    for (const char* sep : {"_", "+"}) {
+      const std::string suffix = std::string(sep) + value_path, prefix = std::string(value_path) + sep;
+      std::string other;
+      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        other = name.substr(0, name.size() - suffix.size());
+      } else if (name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0) {
+        other = name.substr(prefix.size());
+      } else {
+        continue;
+      }
+      const pb::EnumValueDescriptor* arm = v1::Arm_descriptor()->FindValueByName(Upper(other));
+      if (arm == nullptr || arm->number() == 0) continue;
+      if (std::string(value_path) == "vscale_backward_only") {
+        return "the combination of " + other + " with vscale_backward_only is not defined: the control arm is the "
+               "softmax baseline's (docs/design/ARMS.md, \"Combinations\")";
+      }
+      if (other == "gated_value") {
+        return "the combination of gated_value with vscale is not defined: both rewrite the value that enters "
+               "attention and no paper fixes their order (docs/design/ARMS.md, \"Combinations\")";
+      }
+      return "\"" + name + "\" is not an arm; the combination is spelt " + other + "_vscale";
+    }
+  }
+  return "";
+}
 
 // One scalar (or enum) value of `field`, set or appended on `msg`.
 Status SetScalar(const YAML::Node& node, pb::Message* msg, const pb::FieldDescriptor* field,
@@ -132,6 +166,10 @@ Status SetScalar(const YAML::Node& node, pb::Message* msg, const pb::FieldDescri
         const pb::EnumValueDescriptor* value = nullptr;
         for (int i = 0; i < e->value_count(); ++i) {
           if (Lower(e->value(i)->name()) == Lower(text) && e->value(i)->number() != 0) value = e->value(i);
+        }
+        if (value == nullptr && e == v1::Arm_descriptor()) {
+          const std::string undefined = UndefinedArmCombination(Lower(text));
+          if (!undefined.empty()) return FieldError(source, node, path, undefined);
         }
         if (value == nullptr) {
           std::string known;
@@ -474,6 +512,10 @@ void ApplyDefaults(v1::Experiment& e) {
   if (!m.has_rms_eps()) m.set_rms_eps(1e-5);
   if (!m.has_init_std()) m.set_init_std(0.02);
   if (!m.has_tied_embeddings()) m.set_tied_embeddings(false);
+  if (!m.has_sink_logit_init()) m.set_sink_logit_init(0.0);
+  // Ramapuram et al.: b = −log n for sequences of n tokens; n is the training context.
+  if (!m.has_sigmoid_bias()) m.set_sigmoid_bias(m.context() > 0 ? -std::log(static_cast<double>(m.context())) : 0.0);
+  if (!m.has_softpick_eps()) m.set_softpick_eps(1e-6);
 
   v1::DataSpec& d = *e.mutable_data();
   if (!d.has_val_fraction()) d.set_val_fraction(0.05);
@@ -680,6 +722,12 @@ Status ValidateDiagnostic(const v1::Experiment& e, bool check_paths) {
     return bad("diagnostic.micro_batch", "must not be negative, got " + std::to_string(g.micro_batch()));
   }
   if (!v1::Arm_IsValid(g.arm())) return bad("diagnostic.arm", "unknown arm " + std::to_string(g.arm()));
+  if (IsAttentionArm(g.arm())) {
+    return bad("diagnostic.arm", std::string(ArmName(g.arm())) +
+                                     " changes the architecture; diagnostic.arm selects the value path only "
+                                     "(baseline, vscale, vscale_backward_only) and a checkpoint's attention arm is "
+                                     "its own");
+  }
   const v1::ProbeSpec& p = e.probe();
   if (p.sink_position() < 0) return bad("probe.sink_position", "must not be negative");
   if (p.ref_span() <= 0) return bad("probe.ref_span", "must be positive");
@@ -785,6 +833,16 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   RETURN_IF_ERROR(positive("model.rope_theta", m.rope_theta()));
   RETURN_IF_ERROR(positive("model.rms_eps", m.rms_eps()));
   RETURN_IF_ERROR(positive("model.init_std", m.init_std()));
+  // The attention arms' parameters (docs/design/ARMS.md "Ranges"), checked whichever arms run.
+  if (!(std::isfinite(m.sink_logit_init()) && std::abs(m.sink_logit_init()) <= 20)) {
+    return bad("model.sink_logit_init", "must be finite and in [-20, 20], got " + Num(m.sink_logit_init()));
+  }
+  if (!(std::isfinite(m.sigmoid_bias()) && std::abs(m.sigmoid_bias()) <= 30)) {
+    return bad("model.sigmoid_bias", "must be finite and in [-30, 30], got " + Num(m.sigmoid_bias()));
+  }
+  if (!(m.softpick_eps() > 0 && m.softpick_eps() <= 1)) {
+    return bad("model.softpick_eps", "must be in (0, 1], got " + Num(m.softpick_eps()));
+  }
 
   const v1::DataSpec& d = e.data();
   if (d.source_case() == v1::DataSpec::SOURCE_NOT_SET) return bad("data", "needs data.text or data.shards");
@@ -909,6 +967,11 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
                                                         " (expected one of: " +
                                                         KnownValues(v1::Arm_descriptor()) + ")");
     }
+    if (IsAttentionArm(e.arms(i)) && e.resources().device() == v1::CUDA) {
+      return bad("arms[" + std::to_string(i) + "]",
+                 std::string(ArmName(e.arms(i))) + " cannot run on resources.device cuda: the attention arms need "
+                 "the project's tiled attention kernel, which does not exist yet; run them with device cpu");
+    }
     for (int j = 0; j < i; ++j) {
       if (e.arms(j) == e.arms(i)) {
         return bad("arms[" + std::to_string(i) + "]", "repeats arms[" + std::to_string(j) + "]");
@@ -969,10 +1032,31 @@ ModelConfig ToModelConfig(const v1::ModelSpec& s, v1::Arm arm) {
 #define SINKSCOPE_FIELD_FROM_SPEC(type, name, value, hf, required) FromSpec(s, #name, &c.name);
   SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_FROM_SPEC)
 #undef SINKSCOPE_FIELD_FROM_SPEC
-  c.vscale = arm == v1::VSCALE                 ? VScaleMode::kVScale
-             : arm == v1::VSCALE_BACKWARD_ONLY ? VScaleMode::kBackwardOnly
-                                               : VScaleMode::kNone;
+  c.vscale = VScaleMode::kNone;
+  switch (arm) {
+    case v1::VSCALE: c.vscale = VScaleMode::kVScale; break;
+    case v1::VSCALE_BACKWARD_ONLY: c.vscale = VScaleMode::kBackwardOnly; break;
+    case v1::SINK_LOGIT_VSCALE: c.vscale = VScaleMode::kVScale; [[fallthrough]];
+    case v1::SINK_LOGIT: c.attention = AttentionKind::kSinkLogit; break;
+    case v1::SOFTMAX_PLUS_ONE_VSCALE: c.vscale = VScaleMode::kVScale; [[fallthrough]];
+    case v1::SOFTMAX_PLUS_ONE: c.attention = AttentionKind::kSoftmaxPlusOne; break;
+    case v1::GATED_OUTPUT_VSCALE: c.vscale = VScaleMode::kVScale; [[fallthrough]];
+    case v1::GATED_OUTPUT: c.gate = GateKind::kOutput; break;
+    case v1::GATED_HEAD_VSCALE: c.vscale = VScaleMode::kVScale; [[fallthrough]];
+    case v1::GATED_HEAD: c.gate = GateKind::kHead; break;
+    case v1::GATED_VALUE: c.gate = GateKind::kValue; break;
+    case v1::SIGMOID_VSCALE: c.vscale = VScaleMode::kVScale; [[fallthrough]];
+    case v1::SIGMOID: c.attention = AttentionKind::kSigmoid; break;
+    case v1::SOFTPICK_VSCALE: c.vscale = VScaleMode::kVScale; [[fallthrough]];
+    case v1::SOFTPICK: c.attention = AttentionKind::kSoftpick; break;
+    default: break;
+  }
   return c;
+}
+
+bool IsAttentionArm(v1::Arm arm) {
+  return arm != v1::ARM_UNSPECIFIED && arm != v1::BASELINE && arm != v1::VSCALE && arm != v1::VSCALE_BACKWARD_ONLY &&
+         v1::Arm_IsValid(arm);
 }
 
 OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& s) {
@@ -994,6 +1078,19 @@ const char* ArmName(v1::Arm arm) {
     case v1::BASELINE: return "baseline";
     case v1::VSCALE: return "vscale";
     case v1::VSCALE_BACKWARD_ONLY: return "vscale_backward_only";
+    case v1::SINK_LOGIT: return "sink_logit";
+    case v1::SOFTMAX_PLUS_ONE: return "softmax_plus_one";
+    case v1::GATED_OUTPUT: return "gated_output";
+    case v1::GATED_HEAD: return "gated_head";
+    case v1::GATED_VALUE: return "gated_value";
+    case v1::SIGMOID: return "sigmoid";
+    case v1::SOFTPICK: return "softpick";
+    case v1::SINK_LOGIT_VSCALE: return "sink_logit_vscale";
+    case v1::SOFTMAX_PLUS_ONE_VSCALE: return "softmax_plus_one_vscale";
+    case v1::GATED_OUTPUT_VSCALE: return "gated_output_vscale";
+    case v1::GATED_HEAD_VSCALE: return "gated_head_vscale";
+    case v1::SIGMOID_VSCALE: return "sigmoid_vscale";
+    case v1::SOFTPICK_VSCALE: return "softpick_vscale";
     default: return "unspecified";
   }
 }

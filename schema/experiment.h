@@ -64,6 +64,8 @@ StatusOr<v1::Experiment> SweepPointExperiment(const v1::Experiment& submitted, i
 
 ModelConfig ToModelConfig(const v1::ModelSpec& spec, v1::Arm arm);
 OptimizerConfig ToOptimizerConfig(const v1::TrainSpec& spec);
-const char* ArmName(v1::Arm arm);  // "baseline", "vscale", "vscale_backward_only"
+const char* ArmName(v1::Arm arm);  // "baseline", "vscale", "vscale_backward_only", "sink_logit", ...
+// Whether an arm changes attention or adds a gate (docs/design/ARMS.md): CPU only for now.
+bool IsAttentionArm(v1::Arm arm);
 
 }  // namespace sinkscope

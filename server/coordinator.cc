@@ -58,6 +58,11 @@ std::string ProbeStructureError(const v1::ProbeReport& r, const v1::ModelSpec& m
       if (!finite(*per_head)) return at + ": a non-finite attention statistic";
     }
     if (l.theta_size() > m.kv_heads() || l.c_size() > m.kv_heads()) return at + ": more KV heads than model.kv_heads";
+    for (const auto* per_head : {&l.unassigned_mass(), &l.gate_mean(), &l.gate_sink()}) {
+      if (per_head->size() > m.heads()) return at + ": more heads than model.heads";
+      if (!finite(*per_head)) return at + ": a non-finite attention-arm statistic";
+    }
+    if (l.gate_rest_size() > m.heads()) return at + ": more heads than model.heads";
     if (!finite(l.theta()) || !finite(l.c())) return at + ": a non-finite θ or C";
     if (!(l.sink_rate() >= 0 && l.sink_rate() <= 1)) return at + ": sink_rate outside [0, 1]";
     for (const auto* per_token : {&l.attn_bloat(), &l.attn_change(), &l.attn_compress(), &l.mlp_bloat(),
@@ -669,7 +674,12 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
     for (int l = 0; l < reports[0]->layers_size(); ++l) {
       v1::LayerComparison* lc = arm->add_layers();
       lc->set_layer(l);
-      std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta;
+      std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta, unassigned, gate_mean, gate_sink, gate_rest;
+      auto head_mean = [](const auto& values) {
+        double m = 0;
+        for (double x : values) m += x / values.size();
+        return m;
+      };
       for (const auto* p : reports) {
         if (l >= p->layers_size()) continue;
         const v1::LayerProbe& x = p->layers(l);
@@ -683,6 +693,12 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
         double t = 0;
         for (double th : x.theta()) t += th / std::max(1, x.theta_size());
         theta.push_back(t);
+        if (x.unassigned_mass_size() > 0) unassigned.push_back(head_mean(x.unassigned_mass()));
+        if (x.gate_mean_size() > 0) {
+          gate_mean.push_back(head_mean(x.gate_mean()));
+          gate_sink.push_back(head_mean(x.gate_sink()));
+          gate_rest.push_back(head_mean(x.gate_rest()));
+        }
       }
       *lc->mutable_r_gs() = MakeStat(rgs);
       *lc->mutable_sink_rate() = MakeStat(sink);
@@ -692,6 +708,12 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
       *lc->mutable_v_ratio() = MakeStat(v);
       *lc->mutable_top1_over_median() = MakeStat(top1);
       *lc->mutable_mean_theta() = MakeStat(theta);
+      if (!unassigned.empty()) *lc->mutable_unassigned_mass() = MakeStat(unassigned);
+      if (!gate_mean.empty()) {
+        *lc->mutable_gate_mean() = MakeStat(gate_mean);
+        *lc->mutable_gate_sink() = MakeStat(gate_sink);
+        *lc->mutable_gate_rest() = MakeStat(gate_rest);
+      }
     }
   }
   return out;

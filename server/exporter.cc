@@ -42,6 +42,13 @@ StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, s
   e->alpha_ = gauge("sinkscope_probe_attention_sink_alpha",
                     "Mean attention weight alpha_s on the sink position over T_eps queries, per layer and head.");
   e->theta_ = gauge("sinkscope_probe_vscale_theta", "Learned V-scale theta, per layer and KV head.");
+  e->unassigned_ = gauge("sinkscope_probe_attention_unassigned_mass",
+                         "Mean mass an attention row gives no token (the virtual sink's share, or 1 - row sum for "
+                         "sigmoid and softpick, signed), per layer and head.");
+  e->gate_mean_ = gauge("sinkscope_probe_attention_gate_mean", "Mean attention gate over all tokens, per layer and head.");
+  e->gate_sink_ = gauge("sinkscope_probe_attention_gate_sink", "Mean attention gate at token s, per layer and head.");
+  e->gate_rest_ = gauge("sinkscope_probe_attention_gate_rest",
+                        "Mean attention gate over tokens 1-15 other than s, per layer and head.");
   e->probe_step_ = gauge("sinkscope_probe_step", "Training step of the run's latest probe report.");
   e->workers_ = &BuildGauge().Name("sinkscope_workers_connected").Help("Workers with an open session.").Register(r).Add({});
   e->queued_ = &BuildGauge().Name("sinkscope_runs_queued").Help("Runs waiting for a worker.").Register(r).Add({});
@@ -147,6 +154,18 @@ void Exporter::RecordProbe(const v1::RunSummary& run, const v1::ProbeReport& p) 
       Labels hb = lb;
       hb["head"] = std::to_string(g);
       RunGauge(*theta_, run.run_id(), hb).Set(l.theta(g));
+    }
+    for (int h = 0; h < l.unassigned_mass_size(); ++h) {
+      Labels hb = lb;
+      hb["head"] = std::to_string(h);
+      RunGauge(*unassigned_, run.run_id(), hb).Set(l.unassigned_mass(h));
+    }
+    for (int h = 0; h < l.gate_mean_size(); ++h) {
+      Labels hb = lb;
+      hb["head"] = std::to_string(h);
+      RunGauge(*gate_mean_, run.run_id(), hb).Set(l.gate_mean(h));
+      if (h < l.gate_sink_size()) RunGauge(*gate_sink_, run.run_id(), hb).Set(l.gate_sink(h));
+      if (h < l.gate_rest_size()) RunGauge(*gate_rest_, run.run_id(), hb).Set(l.gate_rest(h));
     }
   }
 }

@@ -95,6 +95,11 @@ class Exporter {
   prometheus::Family<prometheus::Gauge>* massive_ratio_ = nullptr;
   prometheus::Family<prometheus::Gauge>* alpha_ = nullptr;
   prometheus::Family<prometheus::Gauge>* theta_ = nullptr;
+  // Attention arms (docs/design/ARMS.md "Probes"): per layer and head, only for arms with them.
+  prometheus::Family<prometheus::Gauge>* unassigned_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* gate_mean_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* gate_sink_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* gate_rest_ = nullptr;
   prometheus::Family<prometheus::Gauge>* probe_step_ = nullptr;
   prometheus::Gauge* workers_ = nullptr;
   prometheus::Gauge* queued_ = nullptr;

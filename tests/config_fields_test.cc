@@ -96,6 +96,10 @@ ModelConfig Perturbed() {
   c.vscale_sigma = 0.05;
   c.rotary_dim = 6;
   c.vscale = VScaleMode::kVScale;
+  c.sink_logit_init = 1.5;
+  c.sigmoid_bias = -2.25;
+  c.softpick_eps = 1e-3;
+  c.attention = AttentionKind::kSinkLogit;
   return c;
 }
 
@@ -127,7 +131,7 @@ TEST(ConfigFieldsTest, TheCheckpointHeaderHoldsEveryFieldAndReadsItBack) {
   const nlohmann::json j = ModelConfigToJson(c);
   std::set<std::string> keys;
   for (auto it = j.begin(); it != j.end(); ++it) keys.insert(it.key());
-  std::set<std::string> want = {"vscale", "rope_scaling"};
+  std::set<std::string> want = {"vscale", "attention", "gate", "rope_scaling"};
   for (const Field& f : ListedFields()) want.insert(f.name);
   EXPECT_EQ(keys, want);
   auto back = ModelConfigFromJson(j);

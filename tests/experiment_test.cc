@@ -325,7 +325,10 @@ TEST(ExperimentFileErrors, UnknownEnumValue) {
   Status s = ParseError("name: t\narms: [baseline, vscael]\n");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(s.message(),
-            "bad.yaml:2: arms[1]: unknown value \"vscael\" (expected one of: baseline, vscale, vscale_backward_only)");
+            "bad.yaml:2: arms[1]: unknown value \"vscael\" (expected one of: baseline, vscale, vscale_backward_only, "
+            "sink_logit, softmax_plus_one, gated_output, gated_head, gated_value, sigmoid, softpick, "
+            "sink_logit_vscale, softmax_plus_one_vscale, gated_output_vscale, gated_head_vscale, sigmoid_vscale, "
+            "softpick_vscale)");
   // The proto's zero value is no value a file may name.
   EXPECT_THAT(ParseError("arms: [arm_unspecified]\n").message(),
               StartsWith("bad.yaml:1: arms[0]: unknown value \"arm_unspecified\""));
@@ -558,9 +561,11 @@ TEST(ExperimentRules, UnknownEnumNumbers) {
   ASSERT_TRUE(e.ok());
   ApplyDefaults(*e);
   v1::Experiment x = *e;
-  x.set_arms(1, static_cast<v1::Arm>(7));
+  x.set_arms(1, static_cast<v1::Arm>(99));
   EXPECT_EQ(ValidateExperiment(x, false).message(),
-            "arms[1]: unknown arm 7 (expected one of: baseline, vscale, vscale_backward_only)");
+            "arms[1]: unknown arm 99 (expected one of: baseline, vscale, vscale_backward_only, sink_logit, "
+            "softmax_plus_one, gated_output, gated_head, gated_value, sigmoid, softpick, sink_logit_vscale, "
+            "softmax_plus_one_vscale, gated_output_vscale, gated_head_vscale, sigmoid_vscale, softpick_vscale)");
   x = *e;
   x.set_arms(0, v1::ARM_UNSPECIFIED);
   EXPECT_THAT(ValidateExperiment(x, false).message(), StartsWith("arms[0]: unknown arm 0"));
@@ -882,6 +887,88 @@ TEST(Sweep, TheGridCountsAgainstTheRunCapAndEachPointIsAnExperiment) {
   // A diagnostic job is one run.
   EXPECT_EQ(ValidateWith("diagnostic: {model: /m, text: /t}\nsweep: {probe.eps: [0.1, 0.2]}\n").message(),
             "sweep: a diagnostic probe job is one run: it takes no sweep");
+}
+
+}  // namespace
+}  // namespace sinkscope
+
+namespace sinkscope {
+namespace {
+
+// The attention arms (docs/design/ARMS.md): names, the engine config each maps to, the
+// parameters' defaults, and every refusal naming its field and rule.
+TEST(AttentionArms, NamesMapToTheEngineConfig) {
+  auto e = ParseExperimentText(std::string(kMinimal) +
+                                   "arms: [sink_logit, softmax_plus_one, gated_output, gated_head, gated_value, "
+                                   "sigmoid, softpick, sink_logit_vscale, sigmoid_vscale]\n"
+                                   "model: {context: 64}\n",
+                               "t.yaml");
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ApplyDefaults(*e);
+  ASSERT_TRUE(ValidateExperiment(*e, false).ok()) << ValidateExperiment(*e, false).ToString();
+  EXPECT_DOUBLE_EQ(e->model().sigmoid_bias(), -std::log(64.0));  // b = −ln(context)
+  EXPECT_DOUBLE_EQ(e->model().softpick_eps(), 1e-6);
+  EXPECT_DOUBLE_EQ(e->model().sink_logit_init(), 0.0);
+  struct Expect {
+    v1::Arm arm;
+    const char* name;
+    AttentionKind attention;
+    GateKind gate;
+    VScaleMode vscale;
+  };
+  for (const Expect& x : {Expect{v1::SINK_LOGIT, "sink_logit", AttentionKind::kSinkLogit, GateKind::kNone,
+                                 VScaleMode::kNone},
+                          Expect{v1::SOFTMAX_PLUS_ONE, "softmax_plus_one", AttentionKind::kSoftmaxPlusOne,
+                                 GateKind::kNone, VScaleMode::kNone},
+                          Expect{v1::GATED_OUTPUT, "gated_output", AttentionKind::kSoftmax, GateKind::kOutput,
+                                 VScaleMode::kNone},
+                          Expect{v1::GATED_HEAD, "gated_head", AttentionKind::kSoftmax, GateKind::kHead,
+                                 VScaleMode::kNone},
+                          Expect{v1::GATED_VALUE, "gated_value", AttentionKind::kSoftmax, GateKind::kValue,
+                                 VScaleMode::kNone},
+                          Expect{v1::SIGMOID, "sigmoid", AttentionKind::kSigmoid, GateKind::kNone, VScaleMode::kNone},
+                          Expect{v1::SOFTPICK, "softpick", AttentionKind::kSoftpick, GateKind::kNone,
+                                 VScaleMode::kNone},
+                          Expect{v1::GATED_HEAD_VSCALE, "gated_head_vscale", AttentionKind::kSoftmax,
+                                 GateKind::kHead, VScaleMode::kVScale},
+                          Expect{v1::SOFTPICK_VSCALE, "softpick_vscale", AttentionKind::kSoftpick, GateKind::kNone,
+                                 VScaleMode::kVScale}}) {
+    const ModelConfig c = ToModelConfig(e->model(), x.arm);
+    EXPECT_STREQ(ArmName(x.arm), x.name);
+    EXPECT_EQ(c.attention, x.attention) << x.name;
+    EXPECT_EQ(c.gate, x.gate) << x.name;
+    EXPECT_EQ(c.vscale, x.vscale) << x.name;
+    EXPECT_TRUE(IsAttentionArm(x.arm)) << x.name;
+    EXPECT_TRUE(c.Validate().ok()) << x.name << ": " << c.Validate().ToString();
+  }
+  EXPECT_FALSE(IsAttentionArm(v1::VSCALE));
+  EXPECT_FALSE(IsAttentionArm(v1::BASELINE));
+}
+
+TEST(AttentionArms, BadInputIsRefusedNamingFieldAndRule) {
+  EXPECT_THAT(ValidateWith("arms: [baseline, sigmoid]\nresources: {device: cuda}\n").message(),
+              AllOf(StartsWith("arms[1]: sigmoid cannot run on resources.device cuda"),
+                    HasSubstr("tiled attention kernel")));
+  EXPECT_TRUE(ValidateWith("arms: [baseline, vscale]\nresources: {device: cuda}\n").ok());
+  EXPECT_EQ(ValidateWith("model: {sink_logit_init: 25}\narms: [sink_logit]\n").message(),
+            "model.sink_logit_init: must be finite and in [-20, 20], got 25");
+  EXPECT_EQ(ValidateWith("model: {sigmoid_bias: -31}\narms: [sigmoid]\n").message(),
+            "model.sigmoid_bias: must be finite and in [-30, 30], got -31");
+  EXPECT_EQ(ValidateWith("model: {softpick_eps: 0}\narms: [softpick]\n").message(),
+            "model.softpick_eps: must be in (0, 1], got 0");
+  EXPECT_THAT(ValidateWith("model: {softpick_eps: 2}\n").message(), StartsWith("model.softpick_eps"));
+  // Names the engine does not define: an unknown arm, and combinations it refuses.
+  EXPECT_THAT(ParseError(std::string(kMinimal) + "arms: [sinkhorn]\n").message(),
+              AllOf(HasSubstr("arms"), HasSubstr("unknown value \"sinkhorn\""), HasSubstr("softpick_vscale")));
+  EXPECT_THAT(ParseError(std::string(kMinimal) + "arms: [gated_value_vscale]\n").message(),
+              AllOf(HasSubstr("arms"), HasSubstr("gated_value with vscale is not defined")));
+  EXPECT_THAT(ParseError(std::string(kMinimal) + "arms: [sigmoid+vscale_backward_only]\n").message(),
+              HasSubstr("sigmoid with vscale_backward_only is not defined"));
+  EXPECT_THAT(ParseError(std::string(kMinimal) + "arms: [vscale+softpick]\n").message(),
+              HasSubstr("spelt softpick_vscale"));
+  // A diagnostic job probes a checkpoint's own architecture.
+  EXPECT_THAT(ValidateWith("diagnostic: {model: /m/checkpoint.bin, text: /t, arm: sigmoid}\n").message(),
+              StartsWith("diagnostic.arm: sigmoid changes the architecture"));
 }
 
 }  // namespace

@@ -178,6 +178,28 @@ void PrintArmComparison(const std::vector<RunSummary>& runs) {
                 r->last_probe.r_gs_q3);
   }
   std::printf("\n");
+  // The attention arms' own observables (docs/design/ARMS.md "Probes"), means over heads.
+  auto mean = [](const std::vector<double>& v) {
+    double m = 0;
+    for (double x : v) m += x / static_cast<double>(v.size());
+    return m;
+  };
+  for (const auto* r : probed) {
+    const auto& layers_of = r->last_probe.layers;
+    if (layers_of.empty() || (layers_of[0].unassigned_mass.empty() && layers_of[0].gate_mean.empty())) continue;
+    std::printf("%s s%llu per layer:", r->arm.c_str(), static_cast<unsigned long long>(r->seed));
+    if (!layers_of[0].unassigned_mass.empty()) {
+      std::printf(" unassigned mass");
+      for (const LayerProbe& p : layers_of) std::printf(" %.4f", mean(p.unassigned_mass));
+    }
+    if (!layers_of[0].gate_mean.empty()) {
+      std::printf(" gate mean");
+      for (const LayerProbe& p : layers_of) std::printf(" %.3f", mean(p.gate_mean));
+      std::printf(" | gate s / 1-15");
+      for (const LayerProbe& p : layers_of) std::printf(" %.3f", mean(p.gate_sink) / mean(p.gate_rest));
+    }
+    std::printf("\n");
+  }
 }
 
 // sinkscope-train's side of the run loop: metrics.jsonl and probes.jsonl (synced before

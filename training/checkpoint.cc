@@ -134,6 +134,10 @@ nlohmann::json ModelConfigToJson(const ModelConfig& c) {
   SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_TO_JSON)
 #undef SINKSCOPE_FIELD_TO_JSON
   j["vscale"] = VScaleModeName(c.vscale);
+  // The attention arm (docs/design/ARMS.md): part of the config a checkpoint must match,
+  // so one arm's checkpoint never loads as another's.
+  j["attention"] = AttentionKindName(c.attention);
+  j["gate"] = GateKindName(c.gate);
   j["rope_scaling"] = RopeScalingToJson(c.rope_scaling);
   return j;
 }
@@ -166,6 +170,11 @@ StatusOr<ModelConfig> ModelConfigFromJson(const nlohmann::json& j) {
     }
     const std::string arm = j.at("vscale");
     if (!ParseVScaleMode(arm, &c.vscale)) return DataLossError("unknown arm " + arm);
+    // Absent in checkpoints written before the attention arms: softmax, no gate.
+    const std::string attention = j.value("attention", std::string("softmax"));
+    if (!ParseAttentionKind(attention, &c.attention)) return DataLossError("unknown attention " + attention);
+    const std::string gate = j.value("gate", std::string("none"));
+    if (!ParseGateKind(gate, &c.gate)) return DataLossError("unknown gate " + gate);
   } catch (const nlohmann::json::exception& e) {
     return DataLossError(std::string("model config: ") + e.what());
   }

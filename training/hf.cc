@@ -359,6 +359,21 @@ StatusOr<HfConfig> ReadHfConfigAndType(const std::string& path) {
   if (!ParseVScaleMode(arm, &c.vscale)) {
     return InvalidArgumentError(where + "sinkscope_vscale \"" + arm + "\" is not a known arm");
   }
+  // The attention arm of a sinkscope export (docs/design/ARMS.md "Checkpoints and export").
+  for (const auto& [key, fallback] : {std::pair<const char*, const char*>{"sinkscope_attention", "softmax"},
+                                      {"sinkscope_gate", "none"}}) {
+    std::string name = fallback;
+    if (j.contains(key) && !j[key].is_null()) {
+      if (!j[key].is_string()) return InvalidArgumentError(where + key + " must be a string, got " + Quoted(j[key]));
+      name = j[key].get<std::string>();
+    }
+    const bool known = std::string(key) == "sinkscope_attention" ? ParseAttentionKind(name, &c.attention)
+                                                                 : ParseGateKind(name, &c.gate);
+    if (!known) return InvalidArgumentError(where + key + " \"" + name + "\" is not known");
+  }
+  RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_sink_logit_init", &c.sink_logit_init));
+  RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_sigmoid_bias", &c.sigmoid_bias));
+  RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_softpick_eps", &c.softpick_eps));
   c.vscale_sigma = 0;  // σ = initializer_range unless the export says otherwise
   RETURN_IF_ERROR(OptionalNumber(j, where, "sinkscope_vscale_sigma", &c.vscale_sigma));
   if (c.vscale_sigma == c.init_std) c.vscale_sigma = 0;
@@ -675,6 +690,13 @@ Status ExportHf(const Model& model, const std::string& dir) {
   SINKSCOPE_MODEL_FIELDS(SINKSCOPE_FIELD_TO_HF)
 #undef SINKSCOPE_FIELD_TO_HF
   if (c.VScaleSigma() != c.init_std) j["sinkscope_vscale_sigma"] = c.VScaleSigma();
+  if (c.HasAttentionArm()) {  // Hugging Face's Llama ignores these keys and cannot run these arms
+    j["sinkscope_attention"] = AttentionKindName(c.attention);
+    j["sinkscope_gate"] = GateKindName(c.gate);
+    j["sinkscope_sink_logit_init"] = c.sink_logit_init;
+    j["sinkscope_sigmoid_bias"] = c.sigmoid_bias;
+    j["sinkscope_softpick_eps"] = c.softpick_eps;
+  }
   if (!c.attention_bias) j["attention_bias"] = false;  // Qwen2 has no such key: its biases are always on
   return WriteFileAtomically(dir + "/config.json", j.dump(1) + "\n");
 }

@@ -2,6 +2,12 @@
 // V-scale θ is stored per layer under `model.layers.{i}.self_attn.vscale_theta`
 // (shape [kv_heads]) and the arm under config.json's "sinkscope_vscale"
 // ("baseline" | "vscale" | "vscale_backward_only"); Hugging Face ignores both.
+// The attention arms (docs/design/ARMS.md) add `self_attn.sinks` [heads],
+// `self_attn.output_gate.weight` [heads·head_dim or heads, hidden] or
+// `self_attn.value_gate.weight` [kv_heads·head_dim, hidden], and config.json's
+// "sinkscope_attention", "sinkscope_gate", "sinkscope_sink_logit_init",
+// "sinkscope_sigmoid_bias", "sinkscope_softpick_eps". Transformers' Llama would ignore
+// them and compute another model: such an export is for sinkscope to read back.
 #pragma once
 
 #include <nlohmann/json.hpp>

@@ -47,6 +47,13 @@ nlohmann::json ProbeReportToJson(const ProbeReport& r) {
                     {"top1_channel", l.massive.top1_channel}};
     x["theta"] = l.theta;
     x["C"] = l.c;
+    // Attention arms (docs/design/ARMS.md "Probes"): only where the arm has them.
+    if (!l.unassigned_mass.empty()) x["unassigned_mass"] = l.unassigned_mass;
+    if (!l.gate_mean.empty()) {
+      x["gate_mean"] = l.gate_mean;
+      x["gate_sink"] = l.gate_sink;
+      x["gate_rest"] = l.gate_rest;
+    }
     j["layers"].push_back(std::move(x));
   }
   return j;
@@ -73,6 +80,27 @@ std::string ProbeReportTable(const ProbeReport& r) {
     out += line;
   }
   out += "(x s/ = norm at token s over the mean norm of tokens 1-15; sink/s = per-sample sink rate)\n";
+  auto mean = [](const std::vector<double>& v) {
+    double m = 0;
+    for (double x : v) m += x / static_cast<double>(v.size());
+    return m;
+  };
+  if (!r.layers.empty() && !r.layers[0].unassigned_mass.empty()) {
+    out += "unassigned mass per layer (mean over heads; the virtual sink or 1 - row sum, signed):";
+    for (const LayerProbe& l : r.layers) {
+      std::snprintf(line, sizeof line, " %.4f", mean(l.unassigned_mass));
+      out += line;
+    }
+    out += "\n";
+  }
+  if (!r.layers.empty() && !r.layers[0].gate_mean.empty()) {
+    out += "gate per layer (mean over heads), all tokens / token s / tokens 1-15:";
+    for (const LayerProbe& l : r.layers) {
+      std::snprintf(line, sizeof line, " %.3f/%.3f/%.3f", mean(l.gate_mean), mean(l.gate_sink), mean(l.gate_rest));
+      out += line;
+    }
+    out += "\n";
+  }
   return out;
 }
 

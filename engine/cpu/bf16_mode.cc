@@ -38,6 +38,8 @@ class Bf16Rounding final : public ForwardingBackend {
  public:
   explicit Bf16Rounding(std::unique_ptr<Backend> fp32) : ForwardingBackend(std::move(fp32)) {}
   const char* Name() const override { return "cpu-bf16-rounded"; }
+  // The attention arms have no bf16 contract yet (docs/design/ARMS.md): fp32 CPU only.
+  bool Supports(OptionalOp op) const override { return op != OptionalOp::kAttentionArms && inner().Supports(op); }
 
   // --- primitives: the fp32 backend's, with the bf16 roundings of the contract ---
   // bf16 operands, fp32 accumulation and output.
@@ -170,6 +172,7 @@ class Bf16Storage final : public FullForwardingBackend {
  public:
   explicit Bf16Storage(std::unique_ptr<Backend> rounding) : FullForwardingBackend(std::move(rounding)) {}
   const char* Name() const override { return "cpu-bf16"; }
+  bool Supports(OptionalOp op) const override { return op != OptionalOp::kAttentionArms && inner().Supports(op); }
   DType ActivationDType() const override { return DType::kBF16; }
 
   // Every op with a view argument: bf16 views staged through fp32, the rounding layer's op.

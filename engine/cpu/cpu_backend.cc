@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -389,6 +390,206 @@ class CpuBackend final : public Backend {
       mass[h] = static_cast<float>(mass_sum / B);
       second_moment[h] = static_cast<float>(sq_sum / B);
       per_sample_rate[h] = static_cast<float>(static_cast<double>(above) / B);
+    }
+  }
+
+  // --- attention arms (docs/design/ARMS.md) -------------------------------------------
+  // The workspace keeps the scaled scores z (B,H,T,T) and two numbers per row (B,H,T,2):
+  // softpick's shift m and its shifted denominator D' (unused by the other kinds).
+  size_t ArmAttentionWorkspaceFloats(int B, int T, int H) const override {
+    return static_cast<size_t>(B) * H * T * T + static_cast<size_t>(B) * H * T * 2;
+  }
+
+  // Per (b, h): Z = Q Kᵀ/√dh (sgemm), then each row t's weights over keys u ≤ t in
+  // double by the arm's formula, then Y = A V (sgemm). Rows are written to be read
+  // against ARMS.md.
+  void ArmAttentionForward(TensorView y_v, float* att, float* unassigned, float* ws, TensorView q_v, TensorView k_v,
+                           TensorView v_v, const float* sink, int B, int T, int H, int KV, int dh,
+                           const AttentionArmParams& arm) override {
+    float* y = y_v.f32("cpu ArmAttentionForward");
+    const float* q = q_v.f32("cpu ArmAttentionForward");
+    const float* k = k_v.f32("cpu ArmAttentionForward");
+    const float* v = v_v.f32("cpu ArmAttentionForward");
+    const int group = H / KV;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+    const int ldq = H * dh, ldk = KV * dh;
+    float* rows = ws + static_cast<size_t>(B) * H * T * T;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < H; ++h) {
+        const int g = h / group;
+        const size_t bh = static_cast<size_t>(b) * H + h;
+        float* z = ws + bh * T * T;
+        float* a = att + bh * T * T;
+        const float* qb = q + static_cast<size_t>(b) * T * ldq + h * dh;
+        const float* kb = k + static_cast<size_t>(b) * T * ldk + g * dh;
+        const float* vb = v + static_cast<size_t>(b) * T * ldk + g * dh;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, scale, qb, ldq, kb, ldk, 0.0f, z, T);
+        for (int t = 0; t < T; ++t) {
+          const float* zt = z + static_cast<size_t>(t) * T;
+          float* at = a + static_cast<size_t>(t) * T;
+          double assigned = 0;
+          switch (arm.kind) {
+            case AttentionKind::kSinkLogit:
+            case AttentionKind::kSoftmaxPlusOne: {
+              // a = exp(z)/(exp(s_h) + Σ exp(z)); shifted by m = max(max z, s_h).
+              const double s_h = sink != nullptr ? sink[h] : 0.0;
+              double m = s_h;
+              for (int u = 0; u <= t; ++u) m = std::max(m, static_cast<double>(zt[u]));
+              double den = std::exp(s_h - m);
+              for (int u = 0; u <= t; ++u) den += std::exp(zt[u] - m);
+              for (int u = 0; u <= t; ++u) {
+                at[u] = static_cast<float>(std::exp(zt[u] - m) / den);
+                assigned += at[u];
+              }
+              unassigned[bh * T + t] = static_cast<float>(std::exp(s_h - m) / den);  // the virtual sink's share
+              break;
+            }
+            case AttentionKind::kSigmoid:
+              for (int u = 0; u <= t; ++u) {
+                at[u] = static_cast<float>(1.0 / (1.0 + std::exp(-(zt[u] + static_cast<double>(arm.sigmoid_bias)))));
+                assigned += at[u];
+              }
+              unassigned[bh * T + t] = static_cast<float>(1.0 - assigned);
+              break;
+            case AttentionKind::kSoftpick: {
+              // ReLU(e^z − 1)/(Σ|e^z − 1| + ε), numerator and denominator times e^−m,
+              // m = max(max z, 0): e^(z−m) ≤ 1 and e^−m ≤ 1 never overflow.
+              double m = 0;
+              for (int u = 0; u <= t; ++u) m = std::max(m, static_cast<double>(zt[u]));
+              const double c = std::exp(-m);
+              double den = arm.softpick_eps * c;
+              for (int u = 0; u <= t; ++u) den += std::abs(std::exp(zt[u] - m) - c);
+              for (int u = 0; u <= t; ++u) {
+                at[u] = static_cast<float>(std::max(std::exp(zt[u] - m) - c, 0.0) / den);
+                assigned += at[u];
+              }
+              rows[(bh * T + t) * 2] = static_cast<float>(m);
+              rows[(bh * T + t) * 2 + 1] = static_cast<float>(den);
+              unassigned[bh * T + t] = static_cast<float>(1.0 - assigned);
+              break;
+            }
+            case AttentionKind::kSoftmax:
+              std::fprintf(stderr, "sinkscope: ArmAttentionForward is not the softmax path\n");
+              std::abort();
+          }
+          for (int u = t + 1; u < T; ++u) at[u] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, a, T, vb, ldk, 0.0f,
+                    y + static_cast<size_t>(b) * T * ldq + h * dh, ldq);
+      }
+    }
+  }
+
+  // Per (b, KV group), as AttentionBackward: dV (+)= Aᵀ dY, dA = dY Vᵀ, then dZ row by
+  // row by the arm's Jacobian (ARMS.md), then dQ = dZ K/√dh and dK (+)= dZᵀ Q/√dh.
+  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, const float* att,
+                            const float* unassigned, const float* ws, TensorView q_v, TensorView k_v, TensorView v_v,
+                            const float* sink, int B, int T, int H, int KV, int dh,
+                            const AttentionArmParams& arm) override {
+    const float* q = q_v.f32("cpu ArmAttentionBackward");
+    const float* k = k_v.f32("cpu ArmAttentionBackward");
+    const float* v = v_v.f32("cpu ArmAttentionBackward");
+    const int group = H / KV;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+    const int ldq = H * dh, ldk = KV * dh;
+    const float* rows = ws + static_cast<size_t>(B) * H * T * T;
+    // ∂L/∂s_h per (b, h), summed over b afterwards in a fixed order (deterministic).
+    std::vector<double> dsink_bh(static_cast<size_t>(B) * H, 0.0);
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; ++b) {
+      for (int g = 0; g < KV; ++g) {
+        std::vector<float> dz(static_cast<size_t>(T) * T);
+        const float* kb = k + static_cast<size_t>(b) * T * ldk + g * dh;
+        const float* vb = v + static_cast<size_t>(b) * T * ldk + g * dh;
+        float* dkb = dk + static_cast<size_t>(b) * T * ldk + g * dh;
+        float* dvb = dv + static_cast<size_t>(b) * T * ldk + g * dh;
+        for (int h = g * group; h < (g + 1) * group; ++h) {
+          const size_t bh = static_cast<size_t>(b) * H + h;
+          const float* a = att + bh * T * T;
+          const float* z = ws + bh * T * T;
+          const float* dyb = dy + static_cast<size_t>(b) * T * ldq + h * dh;
+          const float* qb = q + static_cast<size_t>(b) * T * ldq + h * dh;
+          const float beta = h == g * group ? 0.0f : 1.0f;
+          // dV (+)= Aᵀ dY  (Proposition 1 holds for any A: ∂L/∂v̂_u = Σ_t a[t,u] ∂L/∂y_t)
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, a, T, dyb, ldq, beta, dvb, ldk);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, 1.0f, dyb, ldq, vb, ldk, 0.0f, dz.data(), T);
+          for (int t = 0; t < T; ++t) {
+            const float* at = a + static_cast<size_t>(t) * T;
+            const float* zt = z + static_cast<size_t>(t) * T;
+            float* d = dz.data() + static_cast<size_t>(t) * T;  // holds dA[t,·] on entry
+            double dot = 0;  // Σ_u a[t,u]·dA[t,u]
+            for (int u = 0; u <= t; ++u) dot += static_cast<double>(at[u]) * d[u];
+            switch (arm.kind) {
+              case AttentionKind::kSinkLogit:
+              case AttentionKind::kSoftmaxPlusOne:
+                // Softmax over the keys and the sink column, whose value is zero (dA = 0):
+                // dz = a(dA − dot), ds_h = p_sink·(0 − dot).
+                for (int u = 0; u <= t; ++u) d[u] = static_cast<float>(at[u] * (d[u] - dot) * scale);
+                dsink_bh[bh] -= static_cast<double>(unassigned[bh * T + t]) * dot;
+                break;
+              case AttentionKind::kSigmoid:
+                for (int u = 0; u <= t; ++u) d[u] = static_cast<float>(d[u] * at[u] * (1.0 - at[u]) * scale);
+                break;
+              case AttentionKind::kSoftpick: {
+                // dz_u = (e^(z_u−m)/D')·(1[e^z_u > 1]·dA_u − sign(e^z_u − 1)·dot).
+                const double m = rows[(bh * T + t) * 2], den = rows[(bh * T + t) * 2 + 1], c = std::exp(-m);
+                for (int u = 0; u <= t; ++u) {
+                  const double e = std::exp(zt[u] - m), diff = e - c;
+                  const double sign = diff > 0 ? 1.0 : diff < 0 ? -1.0 : 0.0;
+                  d[u] = static_cast<float>(e / den * ((diff > 0 ? d[u] : 0.0) - sign * dot) * scale);
+                }
+                break;
+              }
+              case AttentionKind::kSoftmax:
+                std::fprintf(stderr, "sinkscope: ArmAttentionBackward is not the softmax path\n");
+                std::abort();
+            }
+            for (int u = t + 1; u < T; ++u) d[u] = 0.0f;
+          }
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, dz.data(), T, kb, ldk, 0.0f,
+                      dq + static_cast<size_t>(b) * T * ldq + h * dh, ldq);
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0f, dz.data(), T, qb, ldq, beta, dkb, ldk);
+        }
+      }
+    }
+    if (dsink != nullptr && arm.kind == AttentionKind::kSinkLogit) {
+      for (int h = 0; h < H; ++h) {
+        double sum = 0;
+        for (int b = 0; b < B; ++b) sum += dsink_bh[static_cast<size_t>(b) * H + h];
+        dsink[h] += static_cast<float>(sum);
+      }
+    }
+  }
+
+  void SigmoidGateForward(TensorView out_v, TensorView x_v, const float* logits, int N, int G, int C) override {
+    float* out = out_v.f32("cpu SigmoidGateForward");
+    const float* x = x_v.f32("cpu SigmoidGateForward");
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      for (int g = 0; g < G; ++g) {
+        const size_t ng = static_cast<size_t>(n) * G + g;
+        const float sigma = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(logits[ng]))));
+        for (int c = 0; c < C; ++c) out[ng * C + c] = x[ng * C + c] * sigma;
+      }
+    }
+  }
+
+  void SigmoidGateBackward(float* dx, float* dlogits, const float* dout, TensorView x_v, const float* logits, int N,
+                           int G, int C) override {
+    const float* x = x_v.f32("cpu SigmoidGateBackward");
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; ++n) {
+      for (int g = 0; g < G; ++g) {
+        const size_t ng = static_cast<size_t>(n) * G + g;
+        const double sigma = 1.0 / (1.0 + std::exp(-static_cast<double>(logits[ng])));
+        double dot = 0;
+        for (int c = 0; c < C; ++c) {
+          dot += static_cast<double>(dout[ng * C + c]) * x[ng * C + c];
+          dx[ng * C + c] = static_cast<float>(dout[ng * C + c] * sigma);
+        }
+        dlogits[ng] = static_cast<float>(sigma * (1.0 - sigma) * dot);
+      }
     }
   }
 

@@ -64,7 +64,8 @@ class CudaBackend final : public Backend {
   }
 
   const char* Name() const override { return "cuda"; }
-  bool Supports(OptionalOp) const override { return true; }
+  // The attention arms (docs/design/ARMS.md) wait for the project's tiled attention kernel.
+  bool Supports(OptionalOp op) const override { return op != OptionalOp::kAttentionArms; }
 
   // --- memory ------------------------------------------------------------------------
   float* Alloc(size_t n) override { return static_cast<float*>(AllocBytes(std::max<size_t>(n, 1) * sizeof(float))); }
