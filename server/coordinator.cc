@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <set>
@@ -313,12 +314,40 @@ v1::ListExperimentsResponse Coordinator::ListExperiments(int limit) {
   return out;
 }
 
+void Coordinator::EnqueueWatchEventLocked(Watcher& w, const v1::WatchEvent& event) {
+  const size_t bytes = event.ByteSizeLong();
+  std::lock_guard<std::mutex> lock(w.mu);
+  if (event.has_snapshot()) w.ended = event.snapshot().state() != v1::ACTIVE;
+  if (!w.events.empty() && (w.events.size() >= Watcher::kMaxEvents || w.queued_bytes + bytes > Watcher::kMaxBytes)) {
+    // The watcher fell behind: what it has not read is dropped for one snapshot of the
+    // latest state, which says how many events it lost.
+    const int64_t dropped = static_cast<int64_t>(w.events.size()) + (event.has_snapshot() ? 0 : 1);
+    Log(LogLevel::kWarning, "watch_events_dropped",
+        {{"experiment", w.experiment_id}, {"dropped", std::to_string(dropped)},
+         {"queued_bytes", std::to_string(w.queued_bytes)},
+         {"reason", "the watcher did not read its stream; it gets the latest state instead"}});
+    w.dropped += dropped;
+    w.events.clear();
+    v1::WatchEvent latest;
+    if (event.has_snapshot()) {
+      latest = event;
+    } else {
+      *latest.mutable_snapshot() = SummaryLocked(w.experiment_id, false);
+    }
+    latest.set_dropped_events(w.dropped);
+    w.queued_bytes = latest.ByteSizeLong();
+    w.events.push_back(std::move(latest));
+  } else {
+    w.queued_bytes += bytes;
+    w.events.push_back(event);
+  }
+  w.cv.notify_all();
+}
+
 void Coordinator::PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe) {
   for (const auto& w : watchers_) {
     if (w->experiment_id != experiment_id || (is_probe && !w->include_probes)) continue;
-    std::lock_guard<std::mutex> lock(w->mu);
-    w->events.push_back(event);
-    w->cv.notify_all();
+    EnqueueWatchEventLocked(*w, event);
   }
 }
 
@@ -330,13 +359,8 @@ void Coordinator::PublishSnapshotLocked(const std::string& experiment_id) {
   }
   v1::WatchEvent event;
   *event.mutable_snapshot() = SummaryLocked(experiment_id, false);
-  const bool ended = event.snapshot().state() != v1::ACTIVE;
   for (const auto& w : watchers_) {
-    if (w->experiment_id != experiment_id) continue;
-    std::lock_guard<std::mutex> lock(w->mu);
-    w->events.push_back(event);
-    w->ended = ended;
-    w->cv.notify_all();
+    if (w->experiment_id == experiment_id) EnqueueWatchEventLocked(*w, event);
   }
 }
 
@@ -348,8 +372,7 @@ StatusOr<std::shared_ptr<Watcher>> Coordinator::Watch(const std::string& id, boo
   w->include_probes = include_probes;
   v1::WatchEvent event;
   *event.mutable_snapshot() = SummaryLocked(id, false);
-  w->ended = event.snapshot().state() != v1::ACTIVE;
-  w->events.push_back(std::move(event));
+  EnqueueWatchEventLocked(*w, event);
   watchers_.push_back(w);
   return w;
 }
@@ -1234,7 +1257,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
     int could_hold = 0;           // workers of its kind that could take a rank, busy or not
     if (!held_back.count(spec.resources().device())) {
       for (auto& [id, session] : sessions_) {
-        if (!session.registered || session.draining) continue;
+        if (!session.registered || session.draining || session.ended) continue;
         if (session.capabilities.device() != spec.resources().device()) continue;
         if (session.capabilities.device_count() < 1) continue;
         const int64_t memory = session.capabilities.memory_bytes();
@@ -1336,6 +1359,20 @@ void Coordinator::Tick() {
       Log(LogLevel::kWarning, "coordinator_stalled",
           {{"seconds", std::to_string(std::chrono::duration<double>(gap).count())},
            {"leases_extended", std::to_string(extended)}});
+    }
+    // A worker that has not taken a message for a lease period (it stopped reading its
+    // stream) is treated as lost: its session is ended, so its heartbeats no longer renew
+    // anything and its runs' leases lapse below like a dead worker's.
+    for (auto& [id, session] : sessions_) {
+      const double unread = session.writer->UnreadSeconds();
+      if (session.ended || unread <= options_.lease_seconds) continue;
+      session.ended = true;
+      char reason[160];
+      std::snprintf(reason, sizeof reason, "the worker has not read its stream for %.1f s (lease %g s)", unread,
+                    options_.lease_seconds);
+      Log(LogLevel::kWarning, "worker_not_reading",
+          {{"worker", session.worker_id}, {"run", session.run_id}, {"reason", reason}});
+      session.writer->End(reason);
     }
     for (auto& [id, run] : runs_) {
       v1::RunSummary& s = run.record.summary;
