@@ -65,12 +65,39 @@ std::string ProbeStructureError(const v1::ProbeReport& r, const v1::ModelSpec& m
                                   &l.mlp_change(), &l.mlp_compress()}) {
       if (per_token->size() > P) return at + ": a per-token ratio longer than probe.profile_len";
     }
+    // Only the keys METRICS.md defines: the gradient profile's sites and the norms' names.
+    static const std::set<std::string> kSites = {"xn", "xm", "h_in", "h_half", "h_out", "q", "k", "v", "vh"};
+    static const std::set<std::string> kNorms = {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"};
+    for (const auto& [name, series] : l.grad_profile()) {
+      if (!kSites.count(name)) return at + ".grad_profile: a key that is not a profile site";
+    }
+    for (const auto* map : {&l.norms()}) {
+      for (const auto& [name, series] : *map) {
+        if (!kNorms.count(name)) return at + ".norms: a key that is not a norm's name";
+      }
+    }
+    for (const auto& [name, value] : l.norm_ratio()) {
+      if (!kNorms.count(name)) return at + ".norm_ratio: a key that is not a norm's name";
+      if (!std::isfinite(value)) return at + ".norm_ratio: a non-finite ratio";
+    }
+    // Ratios of norms with positive denominators (Definition 1; Figure 7): finite.
+    if (!std::isfinite(l.r_gs()) || !std::isfinite(l.r_gs_sum_then_norm()) || !std::isfinite(l.r_gs_norm_then_mean())) {
+      return at + ": a non-finite r_gs";
+    }
+    if (!std::isfinite(l.massive().top1_over_median()) || !std::isfinite(l.massive().median()) ||
+        !finite(l.massive().top3())) {
+      return at + ".massive: a non-finite value";
+    }
+    if (l.massive().top3_size() > 3) return at + ".massive.top3: more than 3 values";
     for (const auto* map : {&l.grad_profile(), &l.norms()}) {
       for (const auto& [name, series] : *map) {
         if (series.values_size() > P) return at + "." + name + ": longer than probe.profile_len";
         if (!finite(series.values())) return at + "." + name + ": a non-finite norm";
       }
     }
+  }
+  if (!std::isfinite(r.r_gs_median()) || !std::isfinite(r.r_gs_q1()) || !std::isfinite(r.r_gs_q3())) {
+    return "a non-finite r_gs median or quartile";
   }
   return "";
 }
@@ -777,6 +804,9 @@ void Coordinator::CommitReport(std::unique_lock<std::mutex>& lock, PendingReport
 
 void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& msg) {
   Outbox out;
+  // Prometheus series updates, made once mu_ is released: a report's many series must not
+  // hold up the scheduler and every other call (the exporter has its own lock).
+  std::vector<std::function<void()>> exports;
   {
     std::unique_lock<std::mutex> lock(mu_);
     auto sit = sessions_.find(session_id);
@@ -961,10 +991,13 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         };
         auto it = runs_.find(p.run_id());
         if (it == runs_.end() || step < 1 || step > it->second.record.summary.total_steps()) {
-          Log(LogLevel::kWarning, "progress_refused",
-              {{"run", p.run_id()}, {"step", std::to_string(step)},
-               {"reason", it == runs_.end() ? "no such run" : "step outside [1, train.steps]"}});
-          if (step > 0) ack();
+          // Refused for good, with the ack saying why (a step ≤ 0 too: the worker's outbox
+          // forgets it by its step, so it is not sent again forever).
+          const std::string why =
+              it == runs_.end() ? "no such run"
+                                : "progress.metrics.step " + std::to_string(step) + " is outside [1, train.steps] = [1, " +
+                                      std::to_string(it->second.record.summary.total_steps()) + "]";
+          refuse("progress_refused", p.run_id().substr(0, 256), why, [&](v1::Ack* a) { a->set_progress_step(step); });
           break;
         }
         std::string why;
@@ -1006,7 +1039,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         }
         stored.step_seconds = stored.step_seconds == 0 ? p.metrics().step_seconds()
                                                        : 0.9 * stored.step_seconds + 0.1 * p.metrics().step_seconds();
-        if (s.state() == v1::RUNNING) exporter_->RecordStep(s, p.metrics());
+        if (s.state() == v1::RUNNING) exports.push_back([this, s, &p] { exporter_->RecordStep(s, p.metrics()); });
         v1::WatchEvent event;
         event.mutable_step()->set_run_id(s.run_id());
         *event.mutable_step()->mutable_metrics() = p.metrics();
@@ -1078,7 +1111,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           Run& run = rit->second;
           ++run.probe_reports;
           const v1::RunSummary& s = run.record.summary;
-          exporter_->RecordProbe(s, p.report());
+          exports.push_back([this, s, &p] { exporter_->RecordProbe(s, p.report()); });
           v1::WatchEvent event;
           event.mutable_probe()->set_run_id(s.run_id());
           *event.mutable_probe()->mutable_report() = p.report();
@@ -1240,6 +1273,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       PlaceLocked(out);  // a worker may have become idle
     }
   }
+  for (const auto& record : exports) record();
   for (auto& [writer, m] : out) writer->Send(m);
 }
 

@@ -267,6 +267,46 @@ grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext* ctx, const 
 
 // Worker ids are logged, stored with every attempt and shown in status.
 constexpr size_t kMaxWorkerIdBytes = 128;
+// Bounds on the strings of a worker's messages, checked before the coordinator does any
+// work with them (issue 28): run ids are at most ~200 bytes (a 100-character experiment
+// name, its number, arm and seed), messages and reasons are for people.
+constexpr size_t kMaxRunIdBytes = 256;
+constexpr size_t kMaxVersionBytes = 128;
+constexpr size_t kMaxReasonBytes = 4096;
+
+// The field of `msg` over its bound and the bound, or "" (a message never echoes the value).
+std::string WorkerMessageBoundsError(const v1::WorkerMessage& msg) {
+  auto over = [](const char* field, size_t size, size_t limit) {
+    return size <= limit ? std::string()
+                         : std::string(field) + " must be at most " + std::to_string(limit) + " bytes, got " +
+                               std::to_string(size);
+  };
+  std::string e;
+  switch (msg.message_case()) {
+    case v1::WorkerMessage::kRegister:
+      e = over("register.run_id", msg.register_().run_id().size(), kMaxRunIdBytes);
+      if (e.empty()) e = over("register.capabilities.version", msg.register_().capabilities().version().size(), kMaxVersionBytes);
+      break;
+    case v1::WorkerMessage::kHeartbeat: e = over("heartbeat.run_id", msg.heartbeat().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kProgress: e = over("progress.run_id", msg.progress().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kProbe: e = over("probe.run_id", msg.probe().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kFinished: e = over("finished.run_id", msg.finished().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kFailed:
+      e = over("failed.run_id", msg.failed().run_id().size(), kMaxRunIdBytes);
+      if (e.empty()) e = over("failed.message", msg.failed().message().size(), kMaxReasonBytes);
+      break;
+    case v1::WorkerMessage::kReleased:
+      e = over("released.run_id", msg.released().run_id().size(), kMaxRunIdBytes);
+      if (e.empty()) e = over("released.reason", msg.released().reason().size(), kMaxReasonBytes);
+      break;
+    case v1::WorkerMessage::kRendezvousSet:
+      e = over("rendezvous_set.run_id", msg.rendezvous_set().run_id().size(), kMaxRunIdBytes);
+      break;
+    default:
+      break;
+  }
+  return e;
+}
 
 grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
                                         grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream) {
@@ -297,6 +337,11 @@ grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
                                   std::to_string(kMaxWorkerIdBytes) + " bytes, got " + std::to_string(name));
         break;
       }
+    }
+    if (std::string bound = WorkerMessageBoundsError(msg); !bound.empty()) {
+      result = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, bound);
+      Log(LogLevel::kWarning, "worker_message_refused", {{"peer", peer}, {"reason", bound}});
+      break;
     }
     first = false;
     coordinator_->OnWorkerMessage(session, msg);

@@ -234,6 +234,126 @@ class FlowControlTest(unittest.TestCase):
             prober.close()
         c.cli("cancel", eid)
 
+    def submit_raw(self, spec, timeout=20):
+        """SubmitExperiment with a raw client; returns (code, details, seconds)."""
+        from google.protobuf import json_format
+        from sinkscope.v1 import experiment_pb2
+        spec = dict(spec, arms=[a.upper() for a in spec["arms"]])  # the CLI's lower-case names
+        experiment = json_format.ParseDict(spec, experiment_pb2.Experiment(), ignore_unknown_fields=False)
+        channel = grpc.insecure_channel(self.cluster.address)
+        try:
+            call = channel.unary_unary("/sinkscope.v1.ExperimentService/SubmitExperiment",
+                                       request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=self.pb.SubmitExperimentResponse.FromString)
+            start = time.monotonic()
+            try:
+                call(self.pb.SubmitExperimentRequest(experiment=experiment), timeout=timeout)
+                return grpc.StatusCode.OK, "", time.monotonic() - start
+            except grpc.RpcError as e:
+                return e.code(), e.details(), time.monotonic() - start
+        finally:
+            channel.close()
+
+    def test_3_a_submission_is_bounded_before_any_work(self):
+        """Findings 2, 3, 6 and 9: what a client submits is bounded and checked before any
+        work, and refused naming the field and the rule, without echoing the input or a
+        file's bytes; a FIFO named as data is refused without being opened."""
+        c = self.cluster
+        spec = harness.tiny_experiment("bounded", self.corpus)
+        spec["data"]["text"]["exclude_suffixes"] = ["x"] * 100_000
+        code, details, _ = self.submit_raw(spec)
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(details, "data.text.exclude_suffixes: lists 100000 suffixes, at most 64")
+        spec = harness.tiny_experiment("bounded", self.corpus)
+        spec["data"]["text"]["separator"] = "%" * 300_000
+        code, details, _ = self.submit_raw(spec)
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(details, "data.text.separator: is 300000 bytes long, at most 1024")
+        self.assertLess(len(details), 200)
+        # Finding 2: a report that could not be sent is refused at submission, naming the setting.
+        spec = harness.tiny_experiment("bounded", self.corpus, layers=8)
+        spec["model"]["context"] = 4096
+        spec["probe"]["profile_len"] = 4096
+        code, details, _ = self.submit_raw(spec)
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertTrue(details.startswith("probe.profile_len: a probe report of 8 layers with P = 4096 may reach "),
+                        details)
+        # Finding 6: a FIFO as shards is refused without opening it (no writer ever comes).
+        fifo = os.path.join(c.dir, "shard.fifo")
+        os.mkfifo(fifo)
+        spec = harness.tiny_experiment("bounded", self.corpus)
+        spec["data"] = {"shards": {"train": fifo}}
+        for _ in range(5):
+            code, details, seconds = self.submit_raw(spec, timeout=20)
+            self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, details)
+            self.assertEqual(details, f"data.shards.train: {fifo}: not a regular file")
+        # Finding 9: a file that is not a shard: its bytes are not echoed.
+        secret = os.path.join(c.dir, "shadow")
+        with open(secret, "w") as f:
+            f.write("root:*:20000:0:99999:7:::\n")
+        spec["data"] = {"shards": {"train": secret}}
+        code, details, _ = self.submit_raw(spec)
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("not an llm.c shard", details)
+        self.assertNotIn("1953460082", details)  # "root" as an int32
+        self.assertNotIn("root", details)
+        # A symlink loop as a data path: a clear error, not UNKNOWN.
+        loop = os.path.join(c.dir, "loop")
+        os.symlink(loop, loop)
+        spec = harness.tiny_experiment("bounded", self.corpus)
+        spec["data"]["text"]["paths"] = [loop]
+        code, details, _ = self.submit_raw(spec)
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, details)
+        self.assertTrue(details.startswith("data.text.paths[0]: "), details)
+        # None of it stalled the coordinator.
+        self.assertLess(self.list_seconds(), 20)
+
+    def test_4_a_workers_messages_are_bounded(self):
+        """Finding 10: Capabilities.version is bounded (the session is refused, naming the
+        field, without echoing it); a progress step <= 0 or past train.steps is refused with
+        an ack that says why (so a worker forgets it instead of resending it forever)."""
+        c = self.cluster
+        from sinkscope.v1 import experiment_pb2
+        channel = grpc.insecure_channel(c.address)
+        try:
+            call = channel.stream_stream("/sinkscope.v1.WorkerService/Session",
+                                         request_serializer=lambda m: m.SerializeToString(),
+                                         response_deserializer=self.pb.CoordinatorMessage.FromString)
+            reg = self.pb.WorkerMessage()
+            reg.register.worker_id = "big-version"
+            reg.register.capabilities.device = experiment_pb2.CPU
+            reg.register.capabilities.version = "v" * (1 << 20)
+            with self.assertRaises(grpc.RpcError) as raised:
+                for _ in call(iter([reg]), timeout=20):
+                    pass
+            self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertEqual(raised.exception.details(),
+                             "register.capabilities.version must be at most 128 bytes, got 1048576")
+        finally:
+            channel.close()
+        w = ti.HandWrittenWorker(c.address, "stepper")
+        try:
+            eid = self.submit("stepper", steps=20, arms=("baseline",))
+            run_id = f"{eid}-baseline-s0"
+            wait_for(lambda: any(m.HasField("assignment") for m in w.messages()), 30, "the assignment")
+            for step in (0, -3, 21):
+                m = self.pb.WorkerMessage()
+                m.progress.run_id, m.progress.attempt = run_id, 1
+                m.progress.metrics.step = step
+                w.send(m)
+            wait_for(lambda: len(w.refusals()) == 3, 30, "three refusals")
+            self.assertEqual(sorted(a.ack.progress_step for a in w.messages() if a.HasField("ack")), [-3, 0, 21])
+            self.assertIn("progress.metrics.step 21 is outside [1, train.steps] = [1, 20]", w.refusals())
+        finally:
+            w.close()
+        c.cli("cancel", eid)
+
+    def test_9_sigterm_still_ends_the_coordinator(self):
+        """After every attack above, SIGTERM ends the coordinator within its grace period."""
+        c = self.cluster
+        c.coordinator.proc.send_signal(signal.SIGTERM)
+        c.coordinator.proc.wait(timeout=20)
+        self.assertIn("event=coordinator_stopped", c.coordinator.output())
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
