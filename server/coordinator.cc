@@ -635,12 +635,13 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
       if (!request.has_point() || r.point_index() == request.point()) runs.push_back(r);
     }
   }
-  // Probes of every run, keyed by step.
-  std::map<std::string, std::map<int64_t, v1::ProbeReport>> probes;
+  // Reads stream (issue 28, finding 7): the probed steps of every run first (numbers only),
+  // then one report at a time, folded into per-layer values, so memory follows the number
+  // of runs and layers, never the experiment's stored reports.
+  std::map<std::string, std::vector<int64_t>> probed_steps;  // run → its probed steps, ascending
   std::map<std::string, double> mean_tps;
   for (const auto& r : runs) {
-    ASSIGN_OR_RETURN(auto ps, store_->Probes(r.run_id(), 0));
-    for (auto& p : ps) probes[r.run_id()][p.step()] = std::move(p);
+    ASSIGN_OR_RETURN(probed_steps[r.run_id()], store_->ProbeSteps(r.run_id()));
     ASSIGN_OR_RETURN(auto steps, store_->Steps(r.run_id(), 2));  // step 1 pays one-time set-up
     double sum = 0;
     for (const auto& s : steps) sum += s.tokens_per_second() / steps.size();
@@ -650,15 +651,15 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
   if (step == 0) {  // the latest step probed in every run that has probes
     std::set<int64_t> common;
     bool first = true;
-    for (const auto& [run_id, by_step] : probes) {
-      std::set<int64_t> steps;
-      for (const auto& [s, p] : by_step) steps.insert(s);
+    for (const auto& [run_id, steps] : probed_steps) {
+      if (steps.empty()) continue;
+      const std::set<int64_t> these(steps.begin(), steps.end());
       if (first) {
-        common = steps;
+        common = these;
         first = false;
       } else {
         std::set<int64_t> both;
-        std::set_intersection(common.begin(), common.end(), steps.begin(), steps.end(),
+        std::set_intersection(common.begin(), common.end(), these.begin(), these.end(),
                               std::inserter(both, both.begin()));
         common = both;
       }
@@ -666,9 +667,7 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
     step = common.empty() ? -1 : *common.rbegin();
   } else {  // a step asked for: some run must have been probed there
     std::set<int64_t> probed;
-    for (const auto& [run_id, by_step] : probes) {
-      for (const auto& [s, p] : by_step) probed.insert(s);
-    }
+    for (const auto& [run_id, steps] : probed_steps) probed.insert(steps.begin(), steps.end());
     if (!probed.count(step)) {
       std::string list;
       int shown = 0;
@@ -684,6 +683,9 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
                            (probed.empty() ? "; nothing was probed yet" : "; probed steps: " + list));
     }
   }
+  struct LayerValues {
+    std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta;
+  };
   v1::CompareArmsResponse out;
   out.set_experiment_id(request.experiment_id());
   std::map<int, std::string> points;  // index → label, of the runs compared
@@ -696,52 +698,59 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
     arm->set_arm(static_cast<v1::Arm>(a));
     arm->set_point(label);
     arm->set_point_index(point);
-    std::vector<const v1::ProbeReport*> reports;
-    std::vector<double> final_loss, val_loss, tps;
+    std::vector<double> final_loss, val_loss, tps, medians;
+    std::vector<LayerValues> layers;  // sized by the arm's first report
+    bool any_report = false;
     for (const auto& r : runs) {
       if (r.arm() != a || r.point_index() != point) continue;
       if (r.step() > 0) final_loss.push_back(r.loss());
       if (r.has_val_loss()) val_loss.push_back(r.val_loss());
       if (mean_tps[r.run_id()] > 0) tps.push_back(mean_tps[r.run_id()]);
-      auto& by_step = probes[r.run_id()];
-      if (by_step.empty()) continue;
-      auto p = step >= 0 ? by_step.find(step) : std::prev(by_step.end());  // no common step: each run's latest
-      if (p != by_step.end()) reports.push_back(&p->second);
+      const std::vector<int64_t>& steps = probed_steps[r.run_id()];
+      if (steps.empty()) continue;
+      const int64_t at = step >= 0 ? step : steps.back();  // no common step: each run's latest
+      if (!std::binary_search(steps.begin(), steps.end(), at)) continue;
+      ASSIGN_OR_RETURN(std::optional<v1::ProbeReport> report, store_->ProbeAt(r.run_id(), at));
+      if (!report) continue;  // removed meanwhile
+      const v1::ProbeReport& p = *report;
+      if (!any_report) {
+        arm->set_step(p.step());
+        layers.resize(p.layers_size());
+        any_report = true;
+      }
+      medians.push_back(p.r_gs_median());
+      for (size_t l = 0; l < layers.size() && static_cast<int>(l) < p.layers_size(); ++l) {
+        const v1::LayerProbe& x = p.layers(static_cast<int>(l));
+        LayerValues& lv = layers[l];
+        lv.rgs.push_back(x.r_gs());
+        lv.sink.push_back(x.sink_rate());
+        lv.hout.push_back(Ratio(x, "h_out"));
+        lv.rmlp.push_back(Ratio(x, "r_mlp"));
+        lv.rattn.push_back(Ratio(x, "r_attn"));
+        lv.v.push_back(Ratio(x, "v"));
+        lv.top1.push_back(x.massive().top1_over_median());
+        double t = 0;
+        for (double th : x.theta()) t += th / std::max(1, x.theta_size());
+        lv.theta.push_back(t);
+      }
     }
     *arm->mutable_final_loss() = MakeStat(final_loss);
     *arm->mutable_val_loss() = MakeStat(val_loss);
     *arm->mutable_tokens_per_second() = MakeStat(tps);
-    if (reports.empty()) continue;
-    arm->set_step(reports[0]->step());
-    std::vector<double> medians;
-    for (const auto* p : reports) medians.push_back(p->r_gs_median());
+    if (!any_report) continue;
     *arm->mutable_r_gs_median() = MakeStat(medians);
-    for (int l = 0; l < reports[0]->layers_size(); ++l) {
+    for (size_t l = 0; l < layers.size(); ++l) {
       v1::LayerComparison* lc = arm->add_layers();
-      lc->set_layer(l);
-      std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta;
-      for (const auto* p : reports) {
-        if (l >= p->layers_size()) continue;
-        const v1::LayerProbe& x = p->layers(l);
-        rgs.push_back(x.r_gs());
-        sink.push_back(x.sink_rate());
-        hout.push_back(Ratio(x, "h_out"));
-        rmlp.push_back(Ratio(x, "r_mlp"));
-        rattn.push_back(Ratio(x, "r_attn"));
-        v.push_back(Ratio(x, "v"));
-        top1.push_back(x.massive().top1_over_median());
-        double t = 0;
-        for (double th : x.theta()) t += th / std::max(1, x.theta_size());
-        theta.push_back(t);
-      }
-      *lc->mutable_r_gs() = MakeStat(rgs);
-      *lc->mutable_sink_rate() = MakeStat(sink);
-      *lc->mutable_h_out_ratio() = MakeStat(hout);
-      *lc->mutable_r_mlp_ratio() = MakeStat(rmlp);
-      *lc->mutable_r_attn_ratio() = MakeStat(rattn);
-      *lc->mutable_v_ratio() = MakeStat(v);
-      *lc->mutable_top1_over_median() = MakeStat(top1);
-      *lc->mutable_mean_theta() = MakeStat(theta);
+      lc->set_layer(static_cast<int>(l));
+      const LayerValues& lv = layers[l];
+      *lc->mutable_r_gs() = MakeStat(lv.rgs);
+      *lc->mutable_sink_rate() = MakeStat(lv.sink);
+      *lc->mutable_h_out_ratio() = MakeStat(lv.hout);
+      *lc->mutable_r_mlp_ratio() = MakeStat(lv.rmlp);
+      *lc->mutable_r_attn_ratio() = MakeStat(lv.rattn);
+      *lc->mutable_v_ratio() = MakeStat(lv.v);
+      *lc->mutable_top1_over_median() = MakeStat(lv.top1);
+      *lc->mutable_mean_theta() = MakeStat(lv.theta);
     }
   }
   return out;

@@ -348,6 +348,25 @@ class FlowControlTest(unittest.TestCase):
             w.close()
         c.cli("cancel", eid)
 
+    def test_5_idle_connections_do_not_starve_metrics(self):
+        """Finding 8: connections that send part of a request and wait (more of them than
+        the /metrics server has threads) hold a thread only until the request timeout, so a
+        scrape is still answered."""
+        import socket
+        c = self.cluster
+        idle = []
+        try:
+            for _ in range(12):
+                s = socket.create_connection(("127.0.0.1", c.metrics_port), timeout=5)
+                s.sendall(b"GET /metr")
+                idle.append(s)
+            status, _, body = harness.http_get(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=15)
+            self.assertEqual(status, 200)
+            self.assertIn("sinkscope_probe_reports_stored_total", body)
+        finally:
+            for s in idle:
+                s.close()
+
     def test_9_sigterm_still_ends_the_coordinator(self):
         """After every attack above, SIGTERM ends the coordinator within its grace period."""
         c = self.cluster
