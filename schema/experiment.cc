@@ -741,6 +741,17 @@ int64_t ProbeReportBoundBytes(const v1::Experiment& e) {
   return e.model().layers() * per_layer + 1024;
 }
 
+Status CheckProbeReportFits(const v1::Experiment& e) {
+  if (e.has_diagnostic() || e.probe().every() <= 0) return OkStatus();
+  const int64_t bound = ProbeReportBoundBytes(e);
+  if (bound <= kMaxProbeReportBytes) return OkStatus();
+  // A report that cannot be sent would be retried forever: refused here, naming the settings.
+  return InvalidArgumentError("probe.profile_len: a probe report of " + std::to_string(e.model().layers()) +
+                              " layers with P = " + std::to_string(e.probe().profile_len()) + " may reach " +
+                              std::to_string(bound) + " bytes, over the " + std::to_string(kMaxProbeReportBytes) +
+                              " a report may take (the gRPC message limit); lower probe.profile_len or model.layers");
+}
+
 Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
   // Real numbers: finite, and positive (or not negative).
@@ -944,14 +955,6 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   if (p.profile_len() <= 0 || p.profile_len() > T) {
     return bad("probe.profile_len", "P must be in [1, model.context] = [1, " + std::to_string(T) + "], got " +
                                         std::to_string(p.profile_len()));
-  }
-  if (p.every() > 0 && ProbeReportBoundBytes(e) > kMaxProbeReportBytes) {
-    // A report that cannot be sent would be retried forever: refused here, naming the settings.
-    return bad("probe.profile_len",
-               "a probe report of " + std::to_string(m.layers()) + " layers with P = " +
-                   std::to_string(p.profile_len()) + " may reach " + std::to_string(ProbeReportBoundBytes(e)) +
-                   " bytes, over the " + std::to_string(kMaxProbeReportBytes) +
-                   " a report may take (the gRPC message limit); lower probe.profile_len or model.layers");
   }
   if (!(p.eps() > 0 && p.eps() < 1)) return bad("probe.eps", "must be in (0, 1), got " + Num(p.eps()));
   if (p.t_eps() <= 0) return bad("probe.t_eps", "must be positive, got " + std::to_string(p.t_eps()));

@@ -58,6 +58,10 @@ inline constexpr int64_t kMaxProbeReportBytes = (int64_t{4} << 20) - (int64_t{64
 // Bloat/Change/Compress ratios, nine gradient profile sites, seven norms) of P doubles,
 // the per-head statistics, θ and C per KV head, and the scalars and keys.
 int64_t ProbeReportBoundBytes(const v1::Experiment& e);
+// INVALID_ARGUMENT naming probe.profile_len when a (valid, probing, non-diagnostic)
+// experiment's reports could exceed kMaxProbeReportBytes. The coordinator checks it at
+// submission after the memory check, so a model too large for any worker is named as such.
+Status CheckProbeReportFits(const v1::Experiment& e);
 
 // Sweeps (the experiment's `sweep`): a grid over single-valued fields of model, train,
 // data and probe. Axes and values are bounded; the grid × arms × seeds is at most

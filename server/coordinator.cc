@@ -257,7 +257,9 @@ StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
   }
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < points.size(); ++i) {
-    if (Status st = CheckFitsLocked(*points[i].spec); !st.ok()) {
+    Status st = CheckFitsLocked(*points[i].spec);
+    if (st.ok()) st = CheckProbeReportFits(*points[i].spec);  // after memory: a model too big is named as such
+    if (!st.ok()) {
       if (points.size() == 1) return st;
       return Status(st.code(), "sweep point " + std::to_string(i) + " (" + points[i].label + "): " + st.message());
     }
