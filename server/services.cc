@@ -17,6 +17,18 @@ grpc::Status Invalid(const std::string& field, const std::string& why) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, field + ": " + why);
 }
 
+// Ids are at most ~200 bytes (a 100-character name, its number, arm and seed). A longer one
+// is refused here, by its length, so it is never echoed into an error (an 8 KB id echoed
+// into NOT_FOUND made the reply itself too large).
+constexpr size_t kMaxIdBytes = 256;
+grpc::Status CheckId(const char* field, const std::string& id) {
+  if (id.empty()) return Invalid(field, "is required");
+  if (id.size() > kMaxIdBytes) {
+    return Invalid(field, "must be at most " + std::to_string(kMaxIdBytes) + " bytes, got " + std::to_string(id.size()));
+  }
+  return grpc::Status::OK;
+}
+
 // One worker's Session stream, written by its own thread from a bounded outbox: the
 // scheduler only queues (Send never blocks), so a worker that stops reading holds up
 // nobody but itself. Policy when the outbox is full (kMaxMessages or kMaxBytes): the
@@ -185,7 +197,7 @@ grpc::Status ExperimentServiceImpl::SubmitExperiment(grpc::ServerContext* ctx, c
 grpc::Status ExperimentServiceImpl::GetExperiment(grpc::ServerContext* ctx, const v1::GetExperimentRequest* req,
                                                   v1::ExperimentSummary* resp) {
   if (grpc::Status auth = auth_.Check(*ctx, "GetExperiment"); !auth.ok()) return auth;
-  if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
+  if (grpc::Status id = CheckId("experiment_id", req->experiment_id()); !id.ok()) return id;
   auto r = coordinator_->GetExperiment(req->experiment_id(), true);
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = std::move(*r);
@@ -203,7 +215,7 @@ grpc::Status ExperimentServiceImpl::ListExperiments(grpc::ServerContext* ctx, co
 grpc::Status ExperimentServiceImpl::CancelExperiment(grpc::ServerContext* ctx, const v1::CancelExperimentRequest* req,
                                                      v1::ExperimentSummary* resp) {
   if (grpc::Status auth = auth_.Check(*ctx, "CancelExperiment"); !auth.ok()) return auth;
-  if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
+  if (grpc::Status id = CheckId("experiment_id", req->experiment_id()); !id.ok()) return id;
   auto r = coordinator_->Cancel(req->experiment_id());
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = std::move(*r);
@@ -213,7 +225,7 @@ grpc::Status ExperimentServiceImpl::CancelExperiment(grpc::ServerContext* ctx, c
 grpc::Status ExperimentServiceImpl::WatchExperiment(grpc::ServerContext* ctx, const v1::WatchExperimentRequest* req,
                                                     grpc::ServerWriter<v1::WatchEvent>* writer) {
   if (grpc::Status auth = auth_.Check(*ctx, "WatchExperiment"); !auth.ok()) return auth;
-  if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
+  if (grpc::Status id = CheckId("experiment_id", req->experiment_id()); !id.ok()) return id;
   auto w = coordinator_->Watch(req->experiment_id(), req->include_probes());
   if (!w.ok()) return ToGrpcStatus(w.status());
   std::shared_ptr<Watcher> watcher = *w;
@@ -247,7 +259,7 @@ grpc::Status ExperimentServiceImpl::WatchExperiment(grpc::ServerContext* ctx, co
 grpc::Status ExperimentServiceImpl::GetRunMetrics(grpc::ServerContext* ctx, const v1::GetRunMetricsRequest* req,
                                                   v1::GetRunMetricsResponse* resp) {
   if (grpc::Status auth = auth_.Check(*ctx, "GetRunMetrics"); !auth.ok()) return auth;
-  if (req->run_id().empty()) return Invalid("run_id", "is required");
+  if (grpc::Status id = CheckId("run_id", req->run_id()); !id.ok()) return id;
   auto r = coordinator_->GetRunMetrics(*req);
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = std::move(*r);
@@ -257,7 +269,7 @@ grpc::Status ExperimentServiceImpl::GetRunMetrics(grpc::ServerContext* ctx, cons
 grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext* ctx, const v1::CompareArmsRequest* req,
                                                 v1::CompareArmsResponse* resp) {
   if (grpc::Status auth = auth_.Check(*ctx, "CompareArms"); !auth.ok()) return auth;
-  if (req->experiment_id().empty()) return Invalid("experiment_id", "is required");
+  if (grpc::Status id = CheckId("experiment_id", req->experiment_id()); !id.ok()) return id;
   if (req->step() < 0) return Invalid("step", "must not be negative");
   auto r = coordinator_->CompareArms(*req);
   if (!r.ok()) return ToGrpcStatus(r.status());

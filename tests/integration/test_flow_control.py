@@ -233,6 +233,32 @@ class FlowControlTest(unittest.TestCase):
                 ch.close()
             prober.close()
         c.cli("cancel", eid)
+        # Finding 7: compare reads one report at a time. Six concurrent CompareArms over
+        # the ~46 MB just stored raise the peak by far less than one copy of it (each call
+        # loaded every report before).
+        before = vm_hwm_kib(c.coordinator.proc.pid)
+        errors = []
+
+        def compare():
+            channel = grpc.insecure_channel(c.address)
+            try:
+                call = channel.unary_unary("/sinkscope.v1.ExperimentService/CompareArms",
+                                           request_serializer=lambda m: m.SerializeToString(),
+                                           response_deserializer=self.pb.CompareArmsResponse.FromString)
+                r = call(self.pb.CompareArmsRequest(experiment_id=eid), timeout=120)
+                if r.arms[0].step != 1000 or len(r.arms[0].layers) != 32:
+                    errors.append(str(r)[:300])
+            except grpc.RpcError as e:
+                errors.append(f"{e.code()}: {e.details()}")
+            finally:
+                channel.close()
+        threads = [threading.Thread(target=compare) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        self.assertEqual(errors, [])
+        self.assertLess(vm_hwm_kib(c.coordinator.proc.pid) - before, 20 * 1024)
 
     def submit_raw(self, spec, timeout=20):
         """SubmitExperiment with a raw client; returns (code, details, seconds)."""
@@ -305,6 +331,18 @@ class FlowControlTest(unittest.TestCase):
         code, details, _ = self.submit_raw(spec)
         self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, details)
         self.assertTrue(details.startswith("data.text.paths[0]: "), details)
+        # Finding 9: an oversized id is refused by its length, never echoed.
+        channel = grpc.insecure_channel(c.address)
+        try:
+            call = channel.unary_unary("/sinkscope.v1.ExperimentService/GetExperiment",
+                                       request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=self.pb.ExperimentSummary.FromString)
+            with self.assertRaises(grpc.RpcError) as raised:
+                call(self.pb.GetExperimentRequest(experiment_id="x" * 8192), timeout=20)
+            self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertEqual(raised.exception.details(), "experiment_id: must be at most 256 bytes, got 8192")
+        finally:
+            channel.close()
         # None of it stalled the coordinator.
         self.assertLess(self.list_seconds(), 20)
 
