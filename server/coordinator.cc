@@ -157,6 +157,25 @@ Status Coordinator::CheckFitsLocked(const v1::Experiment& spec) const {
   return OkStatus();
 }
 
+int64_t Coordinator::RefusalLogAllowed(const char* event) {
+  // Per event, at most kRefusalLogsPerSecond lines in each second (real time: a log's
+  // pace, not the scheduler's clock); what is left out is counted into the next line.
+  RefusalLog& log = refusal_logs_[event];
+  const auto now = std::chrono::steady_clock::now();
+  if (now - log.window_start >= std::chrono::seconds(1)) {
+    log.window_start = now;
+    log.in_window = 0;
+  }
+  if (log.in_window >= kRefusalLogsPerSecond) {
+    ++log.unlogged;
+    return -1;
+  }
+  ++log.in_window;
+  const int64_t unlogged = log.unlogged;
+  log.unlogged = 0;
+  return unlogged;
+}
+
 int64_t Coordinator::NowMs() const {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
       .count();
@@ -868,7 +887,11 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
     };
     auto refuse = [&](const char* event, const std::string& run_id, const std::string& why,
                       const std::function<void(v1::Ack*)>& fill) {
-      Log(LogLevel::kWarning, event, {{"run", run_id}, {"worker", session.worker_id}, {"reason", why}});
+      if (const int64_t unlogged = RefusalLogAllowed(event); unlogged >= 0) {
+        Log(LogLevel::kWarning, event,
+            {{"run", run_id}, {"worker", session.worker_id}, {"reason", why},
+             {"unlogged_before", std::to_string(unlogged)}});
+      }
       v1::CoordinatorMessage a;
       a.mutable_ack()->set_run_id(run_id);
       a.mutable_ack()->set_refused(why);
@@ -1101,7 +1124,10 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           if (p.sequence() != 0) {
             refuse("probe_refused", p.run_id(), refused, [&](v1::Ack* a) { a->set_sequence(p.sequence()); });
           } else {
-            Log(LogLevel::kWarning, "probe_refused", {{"run", p.run_id()}, {"reason", refused}});
+            if (const int64_t unlogged = RefusalLogAllowed("probe_refused"); unlogged >= 0) {
+              Log(LogLevel::kWarning, "probe_refused",
+                  {{"run", p.run_id()}, {"reason", refused}, {"unlogged_before", std::to_string(unlogged)}});
+            }
           }
           break;
         }
@@ -1269,8 +1295,11 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           refused = "too many keys";
         }
         if (!refused.empty()) {
-          Log(LogLevel::kWarning, "rendezvous_refused",
-              {{"run", r.run_id()}, {"worker", session.worker_id}, {"key", r.key().substr(0, 64)}, {"reason", refused}});
+          if (const int64_t unlogged = RefusalLogAllowed("rendezvous_refused"); unlogged >= 0) {
+            Log(LogLevel::kWarning, "rendezvous_refused",
+                {{"run", r.run_id()}, {"worker", session.worker_id}, {"key", r.key().substr(0, 64)}, {"reason", refused},
+                 {"unlogged_before", std::to_string(unlogged)}});
+          }
           break;
         }
         run->rendezvous[r.key()] = r.value();

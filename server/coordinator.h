@@ -216,6 +216,15 @@ class Coordinator {
   void Renew(Run& run, double seconds = 0);  // 0: the lease period
   Clock::TimePoint LeaseEnd(double seconds = 0) const;  // now + seconds (0: the lease period)
   int64_t NowMs() const;
+  // Whether a refusal of kind `event` may be logged now (a worker sending refused messages
+  // in a loop must not flood the log): the count left out since the last line, or -1.
+  int64_t RefusalLogAllowed(const char* event);
+  static constexpr int kRefusalLogsPerSecond = 10;
+  struct RefusalLog {
+    std::chrono::steady_clock::time_point window_start{};
+    int in_window = 0;
+    int64_t unlogged = 0;
+  };
 
   Store* store_;
   Exporter* exporter_;
@@ -236,6 +245,7 @@ class Coordinator {
   bool committing_ = false;                               // guarded by mu_: a group commit is writing
   std::condition_variable commit_cv_;                     // with mu_: a group commit finished
   std::vector<std::shared_ptr<Watcher>> watchers_;        // guarded by mu_
+  std::map<std::string, RefusalLog> refusal_logs_;        // guarded by mu_
 };
 
 }  // namespace sinkscope

@@ -382,6 +382,20 @@ class FlowControlTest(unittest.TestCase):
             wait_for(lambda: len(w.refusals()) == 3, 30, "three refusals")
             self.assertEqual(sorted(a.ack.progress_step for a in w.messages() if a.HasField("ack")), [-3, 0, 21])
             self.assertIn("progress.metrics.step 21 is outside [1, train.steps] = [1, 20]", w.refusals())
+            # A worker sending refused messages in a loop: every one acked with the reason, the
+            # log keeps to 10 lines a second per kind and counts what it left out.
+            for _ in range(300):
+                m = self.pb.WorkerMessage()
+                m.progress.run_id, m.progress.attempt = run_id, 1
+                m.progress.metrics.step = 0
+                w.send(m)
+            wait_for(lambda: len(w.refusals()) == 303, 60, "303 refusals")
+            lines = c.coordinator.output().count("event=progress_refused")
+            self.assertLess(lines, 100)
+            time.sleep(1.2)  # the next second's first line counts what was left out
+            w.send(m)
+            wait_for(lambda: len(w.refusals()) == 304, 60, "304 refusals")
+            self.assertRegex(c.coordinator.output(), r"event=progress_refused .*unlogged_before=[1-9]")
         finally:
             w.close()
         c.cli("cancel", eid)
