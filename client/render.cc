@@ -696,6 +696,12 @@ std::vector<std::string> WatchView::Apply(const v1::WatchEvent& event) {
       const bool first = !has_snapshot_;
       summary_ = event.snapshot();
       has_snapshot_ = true;
+      if (event.dropped_events() > dropped_events_) {
+        lines.push_back("(this watch fell behind: the coordinator dropped " +
+                        std::to_string(event.dropped_events() - dropped_events_) +
+                        " events; showing the latest state)");
+        dropped_events_ = event.dropped_events();
+      }
       if (first) {
         lines.push_back("watching " + summary_.experiment_id() +
                         (summary_.name().empty() ? "" : " (" + summary_.name() + ")") + ": " +

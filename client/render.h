@@ -102,6 +102,7 @@ class WatchView {
   double Eta(const RunView& view) const;
 
   bool has_snapshot_ = false;
+  int64_t dropped_events_ = 0;  // the coordinator's count of events this watch lost
   v1::ExperimentSummary summary_;
   std::vector<std::string> order_;       // run ids in the coordinator's order
   std::map<std::string, RunView> runs_;  // by run id

@@ -1,5 +1,8 @@
 #include "schema/experiment.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -405,14 +408,31 @@ StatusOr<int64_t> ShardTokens(const std::string& pattern, const std::string& fie
   if (!paths.ok()) return InvalidArgumentError(field + ": " + paths.status().message());
   int64_t total = 0;
   for (const std::string& path : *paths) {
-    std::ifstream in(path, std::ios::binary);
+    // Only a regular file is opened, and without blocking: a FIFO or a device named as data
+    // would otherwise hold this thread (and the coordinator's shutdown) until it has a
+    // writer. O_NONBLOCK covers the race of the file being replaced after the check.
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) {
+      return InvalidArgumentError(field + ": " + path + ": " + std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) return InvalidArgumentError(field + ": " + path + ": not a regular file");
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return InvalidArgumentError(field + ": " + path + ": cannot open: " + std::strerror(errno));
     int32_t header[3] = {0, 0, 0};
-    if (!in.read(reinterpret_cast<char*>(header), sizeof header)) {
+    struct stat opened;
+    const bool regular = ::fstat(fd, &opened) == 0 && S_ISREG(opened.st_mode);
+    const ssize_t got = regular ? ::pread(fd, header, sizeof header, 0) : -1;
+    ::close(fd);
+    if (!regular) return InvalidArgumentError(field + ": " + path + ": not a regular file");
+    if (got != static_cast<ssize_t>(sizeof header)) {
       return InvalidArgumentError(field + ": " + path + ": too short for an llm.c shard header");
     }
+    // The file's bytes are not echoed: a path the client names may hold anything.
     if (!((header[0] == kShardMagicV1 && header[1] == 1) || (header[0] == kShardMagicV7 && header[1] == 7))) {
-      return InvalidArgumentError(field + ": " + path + ": not an llm.c shard (magic " + std::to_string(header[0]) +
-                                  ", version " + std::to_string(header[1]) + ")");
+      return InvalidArgumentError(field + ": " + path +
+                                  ": not an llm.c shard (its header has neither the llm.c magic number " +
+                                  std::to_string(kShardMagicV1) + " with version 1 nor " +
+                                  std::to_string(kShardMagicV7) + " with version 7)");
     }
     if (header[2] < 0) return InvalidArgumentError(field + ": " + path + ": negative token count in its header");
     total += header[2];
@@ -758,6 +778,28 @@ Status ValidateDiagnostic(const v1::Experiment& e, bool check_paths) {
 
 }  // namespace
 
+int64_t ProbeReportBoundBytes(const v1::Experiment& e) {
+  const int64_t P = e.probe().profile_len(), heads = e.model().heads(), kv = e.model().kv_heads();
+  constexpr int64_t kPerTokenSeries = 6 + 9 + 7;  // Bloat/Change/Compress; grad_profile sites; norms
+  const int64_t per_layer = kPerTokenSeries * (8 * P + 32)  // packed doubles, tag, length, map key
+                            + 4 * (8 * heads + 8)           // alpha, column mass, second moment, per-sample fraction
+                            + 2 * (8 * kv + 8)              // θ, C
+                            + 7 * 24                        // norm_ratio entries
+                            + 256;                          // scalars, massive activations, the layer's envelope
+  return e.model().layers() * per_layer + 1024;
+}
+
+Status CheckProbeReportFits(const v1::Experiment& e) {
+  if (e.has_diagnostic() || e.probe().every() <= 0) return OkStatus();
+  const int64_t bound = ProbeReportBoundBytes(e);
+  if (bound <= kMaxProbeReportBytes) return OkStatus();
+  // A report that cannot be sent would be retried forever: refused here, naming the settings.
+  return InvalidArgumentError("probe.profile_len: a probe report of " + std::to_string(e.model().layers()) +
+                              " layers with P = " + std::to_string(e.probe().profile_len()) + " may reach " +
+                              std::to_string(bound) + " bytes, over the " + std::to_string(kMaxProbeReportBytes) +
+                              " a report may take (the gRPC message limit); lower probe.profile_len or model.layers");
+}
+
 Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
   auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
   // Real numbers: finite, and positive (or not negative).
@@ -770,14 +812,16 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     return OkStatus();
   };
   if (e.name().empty()) return bad("name", "is required");
-  for (char ch : e.name()) {
-    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') {
-      return bad("name", "may hold only letters, digits, '-', '_' and '.', got \"" + e.name() + "\"");
-    }
-  }
   // Run folders are <experiment>-<n>-<arm>-s<seed>: keep them well inside NAME_MAX.
   if (e.name().size() > 100) {
     return bad("name", "must be at most 100 characters, got " + std::to_string(e.name().size()));
+  }
+  for (char ch : e.name()) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') {
+      return bad("name", "may hold only letters, digits, '-', '_' and '.', got byte " +
+                             std::to_string(static_cast<unsigned char>(ch)) + " at offset " +
+                             std::to_string(&ch - e.name().data()));
+    }
   }
   if (e.has_diagnostic()) {
     if (e.sweep_size() > 0) return bad("sweep", "a diagnostic probe job is one run: it takes no sweep");
@@ -846,6 +890,29 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
 
   const v1::DataSpec& d = e.data();
   if (d.source_case() == v1::DataSpec::SOURCE_NOT_SET) return bad("data", "needs data.text or data.shards");
+  // Bounds before any work: a submission's memory and the cost of matching files against
+  // it follow from them.
+  if (d.text().separator().size() > kMaxSeparatorBytes) {
+    return bad("data.text.separator", "is " + std::to_string(d.text().separator().size()) + " bytes long, at most " +
+                                          std::to_string(kMaxSeparatorBytes));
+  }
+  if (d.text().exclude_suffixes_size() > kMaxExcludeSuffixes) {
+    return bad("data.text.exclude_suffixes", "lists " + std::to_string(d.text().exclude_suffixes_size()) +
+                                                 " suffixes, at most " + std::to_string(kMaxExcludeSuffixes));
+  }
+  for (int i = 0; i < d.text().exclude_suffixes_size(); ++i) {
+    if (d.text().exclude_suffixes(i).size() > kMaxSuffixBytes) {
+      return bad("data.text.exclude_suffixes[" + std::to_string(i) + "]",
+                 "is " + std::to_string(d.text().exclude_suffixes(i).size()) + " bytes long, at most " +
+                     std::to_string(kMaxSuffixBytes));
+    }
+  }
+  for (const auto& [path, value] : {std::pair<const char*, const std::string*>{"data.shards.train", &d.shards().train()},
+                                    {"data.shards.val", &d.shards().val()}}) {
+    if (value->size() > kMaxPathBytes) {
+      return bad(path, "is " + std::to_string(value->size()) + " bytes long, at most " + std::to_string(kMaxPathBytes));
+    }
+  }
   {  // every string: proto3 strings must be UTF-8 to be sent and stored
     std::vector<std::pair<std::string, const std::string*>> strings = {
         {"data.text.separator", &d.text().separator()},
@@ -892,8 +959,11 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     }
     if (check_paths) {
       for (int i = 0; i < d.text().paths_size(); ++i) {
-        if (!std::filesystem::exists(d.text().paths(i))) {
-          return bad("data.text.paths[" + std::to_string(i) + "]", "no such file or folder: " + d.text().paths(i));
+        std::error_code ec;  // a symlink loop or an over-long name is an error code, not an exception
+        if (!std::filesystem::exists(d.text().paths(i), ec)) {
+          return bad("data.text.paths[" + std::to_string(i) + "]",
+                     (ec ? "cannot be checked (" + ec.message() + "): " : "no such file or folder: ") +
+                         d.text().paths(i));
         }
       }
     }

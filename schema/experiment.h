@@ -45,6 +45,23 @@ std::string FormatBytes(double bytes);
 inline constexpr int kMaxRunsPerExperiment = 256;  // arms × seeds
 inline constexpr int kMaxDataPaths = 256;
 inline constexpr size_t kMaxPathBytes = 4096;
+// Bounds on the rest of what a client sends (issue 28): every repeated field and string of
+// an experiment is bounded, so a submission's cost is too.
+inline constexpr int kMaxExcludeSuffixes = 64;
+inline constexpr size_t kMaxSuffixBytes = 255;     // a file name's length (NAME_MAX)
+inline constexpr size_t kMaxSeparatorBytes = 1024;
+// The largest probe report a run may produce: the gRPC message limit (4 MiB) less room
+// for the upload's envelope. ProbeReportBoundBytes sizes a run's reports at submission.
+inline constexpr int64_t kMaxProbeReportBytes = (int64_t{4} << 20) - (int64_t{64} << 10);
+// An upper bound on the serialized size of one probe report of this (non-diagnostic)
+// experiment, from its model and probe.profile_len: per layer, the per-token series (six
+// Bloat/Change/Compress ratios, nine gradient profile sites, seven norms) of P doubles,
+// the per-head statistics, θ and C per KV head, and the scalars and keys.
+int64_t ProbeReportBoundBytes(const v1::Experiment& e);
+// INVALID_ARGUMENT naming probe.profile_len when a (valid, probing, non-diagnostic)
+// experiment's reports could exceed kMaxProbeReportBytes. The coordinator checks it at
+// submission after the memory check, so a model too large for any worker is named as such.
+Status CheckProbeReportFits(const v1::Experiment& e);
 
 // Sweeps (the experiment's `sweep`): a grid over single-valued fields of model, train,
 // data and probe. Axes and values are bounded; the grid × arms × seeds is at most

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <set>
@@ -69,12 +70,39 @@ std::string ProbeStructureError(const v1::ProbeReport& r, const v1::ModelSpec& m
                                   &l.mlp_change(), &l.mlp_compress()}) {
       if (per_token->size() > P) return at + ": a per-token ratio longer than probe.profile_len";
     }
+    // Only the keys METRICS.md defines: the gradient profile's sites and the norms' names.
+    static const std::set<std::string> kSites = {"xn", "xm", "h_in", "h_half", "h_out", "q", "k", "v", "vh"};
+    static const std::set<std::string> kNorms = {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"};
+    for (const auto& [name, series] : l.grad_profile()) {
+      if (!kSites.count(name)) return at + ".grad_profile: a key that is not a profile site";
+    }
+    for (const auto* map : {&l.norms()}) {
+      for (const auto& [name, series] : *map) {
+        if (!kNorms.count(name)) return at + ".norms: a key that is not a norm's name";
+      }
+    }
+    for (const auto& [name, value] : l.norm_ratio()) {
+      if (!kNorms.count(name)) return at + ".norm_ratio: a key that is not a norm's name";
+      if (!std::isfinite(value)) return at + ".norm_ratio: a non-finite ratio";
+    }
+    // Ratios of norms with positive denominators (Definition 1; Figure 7): finite.
+    if (!std::isfinite(l.r_gs()) || !std::isfinite(l.r_gs_sum_then_norm()) || !std::isfinite(l.r_gs_norm_then_mean())) {
+      return at + ": a non-finite r_gs";
+    }
+    if (!std::isfinite(l.massive().top1_over_median()) || !std::isfinite(l.massive().median()) ||
+        !finite(l.massive().top3())) {
+      return at + ".massive: a non-finite value";
+    }
+    if (l.massive().top3_size() > 3) return at + ".massive.top3: more than 3 values";
     for (const auto* map : {&l.grad_profile(), &l.norms()}) {
       for (const auto& [name, series] : *map) {
         if (series.values_size() > P) return at + "." + name + ": longer than probe.profile_len";
         if (!finite(series.values())) return at + "." + name + ": a non-finite norm";
       }
     }
+  }
+  if (!std::isfinite(r.r_gs_median()) || !std::isfinite(r.r_gs_q1()) || !std::isfinite(r.r_gs_q3())) {
+    return "a non-finite r_gs median or quartile";
   }
   return "";
 }
@@ -132,6 +160,25 @@ Status Coordinator::CheckFitsLocked(const v1::Experiment& spec) const {
     return refuse("the largest connected " + kind + " worker has " + FormatBytes(static_cast<double>(largest)));
   }
   return OkStatus();
+}
+
+int64_t Coordinator::RefusalLogAllowed(const char* event) {
+  // Per event, at most kRefusalLogsPerSecond lines in each second (real time: a log's
+  // pace, not the scheduler's clock); what is left out is counted into the next line.
+  RefusalLog& log = refusal_logs_[event];
+  const auto now = std::chrono::steady_clock::now();
+  if (now - log.window_start >= std::chrono::seconds(1)) {
+    log.window_start = now;
+    log.in_window = 0;
+  }
+  if (log.in_window >= kRefusalLogsPerSecond) {
+    ++log.unlogged;
+    return -1;
+  }
+  ++log.in_window;
+  const int64_t unlogged = log.unlogged;
+  log.unlogged = 0;
+  return unlogged;
 }
 
 int64_t Coordinator::NowMs() const {
@@ -234,7 +281,9 @@ StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
   }
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < points.size(); ++i) {
-    if (Status st = CheckFitsLocked(*points[i].spec); !st.ok()) {
+    Status st = CheckFitsLocked(*points[i].spec);
+    if (st.ok()) st = CheckProbeReportFits(*points[i].spec);  // after memory: a model too big is named as such
+    if (!st.ok()) {
       if (points.size() == 1) return st;
       return Status(st.code(), "sweep point " + std::to_string(i) + " (" + points[i].label + "): " + st.message());
     }
@@ -318,12 +367,40 @@ v1::ListExperimentsResponse Coordinator::ListExperiments(int limit) {
   return out;
 }
 
+void Coordinator::EnqueueWatchEventLocked(Watcher& w, const v1::WatchEvent& event) {
+  const size_t bytes = event.ByteSizeLong();
+  std::lock_guard<std::mutex> lock(w.mu);
+  if (event.has_snapshot()) w.ended = event.snapshot().state() != v1::ACTIVE;
+  if (!w.events.empty() && (w.events.size() >= Watcher::kMaxEvents || w.queued_bytes + bytes > Watcher::kMaxBytes)) {
+    // The watcher fell behind: what it has not read is dropped for one snapshot of the
+    // latest state, which says how many events it lost.
+    const int64_t dropped = static_cast<int64_t>(w.events.size()) + (event.has_snapshot() ? 0 : 1);
+    Log(LogLevel::kWarning, "watch_events_dropped",
+        {{"experiment", w.experiment_id}, {"dropped", std::to_string(dropped)},
+         {"queued_bytes", std::to_string(w.queued_bytes)},
+         {"reason", "the watcher did not read its stream; it gets the latest state instead"}});
+    w.dropped += dropped;
+    w.events.clear();
+    v1::WatchEvent latest;
+    if (event.has_snapshot()) {
+      latest = event;
+    } else {
+      *latest.mutable_snapshot() = SummaryLocked(w.experiment_id, false);
+    }
+    latest.set_dropped_events(w.dropped);
+    w.queued_bytes = latest.ByteSizeLong();
+    w.events.push_back(std::move(latest));
+  } else {
+    w.queued_bytes += bytes;
+    w.events.push_back(event);
+  }
+  w.cv.notify_all();
+}
+
 void Coordinator::PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe) {
   for (const auto& w : watchers_) {
     if (w->experiment_id != experiment_id || (is_probe && !w->include_probes)) continue;
-    std::lock_guard<std::mutex> lock(w->mu);
-    w->events.push_back(event);
-    w->cv.notify_all();
+    EnqueueWatchEventLocked(*w, event);
   }
 }
 
@@ -335,13 +412,8 @@ void Coordinator::PublishSnapshotLocked(const std::string& experiment_id) {
   }
   v1::WatchEvent event;
   *event.mutable_snapshot() = SummaryLocked(experiment_id, false);
-  const bool ended = event.snapshot().state() != v1::ACTIVE;
   for (const auto& w : watchers_) {
-    if (w->experiment_id != experiment_id) continue;
-    std::lock_guard<std::mutex> lock(w->mu);
-    w->events.push_back(event);
-    w->ended = ended;
-    w->cv.notify_all();
+    if (w->experiment_id == experiment_id) EnqueueWatchEventLocked(*w, event);
   }
 }
 
@@ -353,8 +425,7 @@ StatusOr<std::shared_ptr<Watcher>> Coordinator::Watch(const std::string& id, boo
   w->include_probes = include_probes;
   v1::WatchEvent event;
   *event.mutable_snapshot() = SummaryLocked(id, false);
-  w->ended = event.snapshot().state() != v1::ACTIVE;
-  w->events.push_back(std::move(event));
+  EnqueueWatchEventLocked(*w, event);
   watchers_.push_back(w);
   return w;
 }
@@ -590,12 +661,13 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
       if (!request.has_point() || r.point_index() == request.point()) runs.push_back(r);
     }
   }
-  // Probes of every run, keyed by step.
-  std::map<std::string, std::map<int64_t, v1::ProbeReport>> probes;
+  // Reads stream (issue 28, finding 7): the probed steps of every run first (numbers only),
+  // then one report at a time, folded into per-layer values, so memory follows the number
+  // of runs and layers, never the experiment's stored reports.
+  std::map<std::string, std::vector<int64_t>> probed_steps;  // run → its probed steps, ascending
   std::map<std::string, double> mean_tps;
   for (const auto& r : runs) {
-    ASSIGN_OR_RETURN(auto ps, store_->Probes(r.run_id(), 0));
-    for (auto& p : ps) probes[r.run_id()][p.step()] = std::move(p);
+    ASSIGN_OR_RETURN(probed_steps[r.run_id()], store_->ProbeSteps(r.run_id()));
     ASSIGN_OR_RETURN(auto steps, store_->Steps(r.run_id(), 2));  // step 1 pays one-time set-up
     double sum = 0;
     for (const auto& s : steps) sum += s.tokens_per_second() / steps.size();
@@ -605,15 +677,15 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
   if (step == 0) {  // the latest step probed in every run that has probes
     std::set<int64_t> common;
     bool first = true;
-    for (const auto& [run_id, by_step] : probes) {
-      std::set<int64_t> steps;
-      for (const auto& [s, p] : by_step) steps.insert(s);
+    for (const auto& [run_id, steps] : probed_steps) {
+      if (steps.empty()) continue;
+      const std::set<int64_t> these(steps.begin(), steps.end());
       if (first) {
-        common = steps;
+        common = these;
         first = false;
       } else {
         std::set<int64_t> both;
-        std::set_intersection(common.begin(), common.end(), steps.begin(), steps.end(),
+        std::set_intersection(common.begin(), common.end(), these.begin(), these.end(),
                               std::inserter(both, both.begin()));
         common = both;
       }
@@ -621,9 +693,7 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
     step = common.empty() ? -1 : *common.rbegin();
   } else {  // a step asked for: some run must have been probed there
     std::set<int64_t> probed;
-    for (const auto& [run_id, by_step] : probes) {
-      for (const auto& [s, p] : by_step) probed.insert(s);
-    }
+    for (const auto& [run_id, steps] : probed_steps) probed.insert(steps.begin(), steps.end());
     if (!probed.count(step)) {
       std::string list;
       int shown = 0;
@@ -639,6 +709,9 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
                            (probed.empty() ? "; nothing was probed yet" : "; probed steps: " + list));
     }
   }
+  struct LayerValues {
+    std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta, unassigned, gate_mean, gate_sink, gate_rest;
+  };
   v1::CompareArmsResponse out;
   out.set_experiment_id(request.experiment_id());
   std::map<int, std::string> points;  // index → label, of the runs compared
@@ -651,68 +724,75 @@ StatusOr<v1::CompareArmsResponse> Coordinator::CompareArms(const v1::CompareArms
     arm->set_arm(static_cast<v1::Arm>(a));
     arm->set_point(label);
     arm->set_point_index(point);
-    std::vector<const v1::ProbeReport*> reports;
-    std::vector<double> final_loss, val_loss, tps;
+    std::vector<double> final_loss, val_loss, tps, medians;
+    std::vector<LayerValues> layers;  // sized by the arm's first report
+    bool any_report = false;
     for (const auto& r : runs) {
       if (r.arm() != a || r.point_index() != point) continue;
       if (r.step() > 0) final_loss.push_back(r.loss());
       if (r.has_val_loss()) val_loss.push_back(r.val_loss());
       if (mean_tps[r.run_id()] > 0) tps.push_back(mean_tps[r.run_id()]);
-      auto& by_step = probes[r.run_id()];
-      if (by_step.empty()) continue;
-      auto p = step >= 0 ? by_step.find(step) : std::prev(by_step.end());  // no common step: each run's latest
-      if (p != by_step.end()) reports.push_back(&p->second);
+      const std::vector<int64_t>& steps = probed_steps[r.run_id()];
+      if (steps.empty()) continue;
+      const int64_t at = step >= 0 ? step : steps.back();  // no common step: each run's latest
+      if (!std::binary_search(steps.begin(), steps.end(), at)) continue;
+      ASSIGN_OR_RETURN(std::optional<v1::ProbeReport> report, store_->ProbeAt(r.run_id(), at));
+      if (!report) continue;  // removed meanwhile
+      const v1::ProbeReport& p = *report;
+      if (!any_report) {
+        arm->set_step(p.step());
+        layers.resize(p.layers_size());
+        any_report = true;
+      }
+      medians.push_back(p.r_gs_median());
+      for (size_t l = 0; l < layers.size() && static_cast<int>(l) < p.layers_size(); ++l) {
+        const v1::LayerProbe& x = p.layers(static_cast<int>(l));
+        LayerValues& lv = layers[l];
+        lv.rgs.push_back(x.r_gs());
+        lv.sink.push_back(x.sink_rate());
+        lv.hout.push_back(Ratio(x, "h_out"));
+        lv.rmlp.push_back(Ratio(x, "r_mlp"));
+        lv.rattn.push_back(Ratio(x, "r_attn"));
+        lv.v.push_back(Ratio(x, "v"));
+        lv.top1.push_back(x.massive().top1_over_median());
+        double t = 0;
+        for (double th : x.theta()) t += th / std::max(1, x.theta_size());
+        lv.theta.push_back(t);
+        auto head_mean = [](const auto& values) {
+          double m = 0;
+          for (double x : values) m += x / values.size();
+          return m;
+        };
+        if (x.unassigned_mass_size() > 0) lv.unassigned.push_back(head_mean(x.unassigned_mass()));
+        if (x.gate_mean_size() > 0) {
+          lv.gate_mean.push_back(head_mean(x.gate_mean()));
+          lv.gate_sink.push_back(head_mean(x.gate_sink()));
+          lv.gate_rest.push_back(head_mean(x.gate_rest()));
+        }
+      }
     }
     *arm->mutable_final_loss() = MakeStat(final_loss);
     *arm->mutable_val_loss() = MakeStat(val_loss);
     *arm->mutable_tokens_per_second() = MakeStat(tps);
-    if (reports.empty()) continue;
-    arm->set_step(reports[0]->step());
-    std::vector<double> medians;
-    for (const auto* p : reports) medians.push_back(p->r_gs_median());
+    if (!any_report) continue;
     *arm->mutable_r_gs_median() = MakeStat(medians);
-    for (int l = 0; l < reports[0]->layers_size(); ++l) {
+    for (size_t l = 0; l < layers.size(); ++l) {
       v1::LayerComparison* lc = arm->add_layers();
-      lc->set_layer(l);
-      std::vector<double> rgs, sink, hout, rmlp, rattn, v, top1, theta, unassigned, gate_mean, gate_sink, gate_rest;
-      auto head_mean = [](const auto& values) {
-        double m = 0;
-        for (double x : values) m += x / values.size();
-        return m;
-      };
-      for (const auto* p : reports) {
-        if (l >= p->layers_size()) continue;
-        const v1::LayerProbe& x = p->layers(l);
-        rgs.push_back(x.r_gs());
-        sink.push_back(x.sink_rate());
-        hout.push_back(Ratio(x, "h_out"));
-        rmlp.push_back(Ratio(x, "r_mlp"));
-        rattn.push_back(Ratio(x, "r_attn"));
-        v.push_back(Ratio(x, "v"));
-        top1.push_back(x.massive().top1_over_median());
-        double t = 0;
-        for (double th : x.theta()) t += th / std::max(1, x.theta_size());
-        theta.push_back(t);
-        if (x.unassigned_mass_size() > 0) unassigned.push_back(head_mean(x.unassigned_mass()));
-        if (x.gate_mean_size() > 0) {
-          gate_mean.push_back(head_mean(x.gate_mean()));
-          gate_sink.push_back(head_mean(x.gate_sink()));
-          gate_rest.push_back(head_mean(x.gate_rest()));
-        }
-      }
-      *lc->mutable_r_gs() = MakeStat(rgs);
-      *lc->mutable_sink_rate() = MakeStat(sink);
-      *lc->mutable_h_out_ratio() = MakeStat(hout);
-      *lc->mutable_r_mlp_ratio() = MakeStat(rmlp);
-      *lc->mutable_r_attn_ratio() = MakeStat(rattn);
-      *lc->mutable_v_ratio() = MakeStat(v);
-      *lc->mutable_top1_over_median() = MakeStat(top1);
-      *lc->mutable_mean_theta() = MakeStat(theta);
-      if (!unassigned.empty()) *lc->mutable_unassigned_mass() = MakeStat(unassigned);
-      if (!gate_mean.empty()) {
-        *lc->mutable_gate_mean() = MakeStat(gate_mean);
-        *lc->mutable_gate_sink() = MakeStat(gate_sink);
-        *lc->mutable_gate_rest() = MakeStat(gate_rest);
+      lc->set_layer(static_cast<int>(l));
+      const LayerValues& lv = layers[l];
+      *lc->mutable_r_gs() = MakeStat(lv.rgs);
+      *lc->mutable_sink_rate() = MakeStat(lv.sink);
+      *lc->mutable_h_out_ratio() = MakeStat(lv.hout);
+      *lc->mutable_r_mlp_ratio() = MakeStat(lv.rmlp);
+      *lc->mutable_r_attn_ratio() = MakeStat(lv.rattn);
+      *lc->mutable_v_ratio() = MakeStat(lv.v);
+      *lc->mutable_top1_over_median() = MakeStat(lv.top1);
+      *lc->mutable_mean_theta() = MakeStat(lv.theta);
+      if (!lv.unassigned.empty()) *lc->mutable_unassigned_mass() = MakeStat(lv.unassigned);
+      if (!lv.gate_mean.empty()) {
+        *lc->mutable_gate_mean() = MakeStat(lv.gate_mean);
+        *lc->mutable_gate_sink() = MakeStat(lv.gate_sink);
+        *lc->mutable_gate_rest() = MakeStat(lv.gate_rest);
       }
     }
   }
@@ -776,6 +856,9 @@ void Coordinator::CommitReport(std::unique_lock<std::mutex>& lock, PendingReport
 
 void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& msg) {
   Outbox out;
+  // Prometheus series updates, made once mu_ is released: a report's many series must not
+  // hold up the scheduler and every other call (the exporter has its own lock).
+  std::vector<std::function<void()>> exports;
   {
     std::unique_lock<std::mutex> lock(mu_);
     auto sit = sessions_.find(session_id);
@@ -826,7 +909,11 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
     };
     auto refuse = [&](const char* event, const std::string& run_id, const std::string& why,
                       const std::function<void(v1::Ack*)>& fill) {
-      Log(LogLevel::kWarning, event, {{"run", run_id}, {"worker", session.worker_id}, {"reason", why}});
+      if (const int64_t unlogged = RefusalLogAllowed(event); unlogged >= 0) {
+        Log(LogLevel::kWarning, event,
+            {{"run", run_id}, {"worker", session.worker_id}, {"reason", why},
+             {"unlogged_before", std::to_string(unlogged)}});
+      }
       v1::CoordinatorMessage a;
       a.mutable_ack()->set_run_id(run_id);
       a.mutable_ack()->set_refused(why);
@@ -960,10 +1047,13 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         };
         auto it = runs_.find(p.run_id());
         if (it == runs_.end() || step < 1 || step > it->second.record.summary.total_steps()) {
-          Log(LogLevel::kWarning, "progress_refused",
-              {{"run", p.run_id()}, {"step", std::to_string(step)},
-               {"reason", it == runs_.end() ? "no such run" : "step outside [1, train.steps]"}});
-          if (step > 0) ack();
+          // Refused for good, with the ack saying why (a step ≤ 0 too: the worker's outbox
+          // forgets it by its step, so it is not sent again forever).
+          const std::string why =
+              it == runs_.end() ? "no such run"
+                                : "progress.metrics.step " + std::to_string(step) + " is outside [1, train.steps] = [1, " +
+                                      std::to_string(it->second.record.summary.total_steps()) + "]";
+          refuse("progress_refused", p.run_id().substr(0, 256), why, [&](v1::Ack* a) { a->set_progress_step(step); });
           break;
         }
         std::string why;
@@ -1005,7 +1095,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         }
         stored.step_seconds = stored.step_seconds == 0 ? p.metrics().step_seconds()
                                                        : 0.9 * stored.step_seconds + 0.1 * p.metrics().step_seconds();
-        if (s.state() == v1::RUNNING) exporter_->RecordStep(s, p.metrics());
+        if (s.state() == v1::RUNNING) exports.push_back([this, s, &p] { exporter_->RecordStep(s, p.metrics()); });
         v1::WatchEvent event;
         event.mutable_step()->set_run_id(s.run_id());
         *event.mutable_step()->mutable_metrics() = p.metrics();
@@ -1056,7 +1146,10 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           if (p.sequence() != 0) {
             refuse("probe_refused", p.run_id(), refused, [&](v1::Ack* a) { a->set_sequence(p.sequence()); });
           } else {
-            Log(LogLevel::kWarning, "probe_refused", {{"run", p.run_id()}, {"reason", refused}});
+            if (const int64_t unlogged = RefusalLogAllowed("probe_refused"); unlogged >= 0) {
+              Log(LogLevel::kWarning, "probe_refused",
+                  {{"run", p.run_id()}, {"reason", refused}, {"unlogged_before", std::to_string(unlogged)}});
+            }
           }
           break;
         }
@@ -1077,7 +1170,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           Run& run = rit->second;
           ++run.probe_reports;
           const v1::RunSummary& s = run.record.summary;
-          exporter_->RecordProbe(s, p.report());
+          exports.push_back([this, s, &p] { exporter_->RecordProbe(s, p.report()); });
           v1::WatchEvent event;
           event.mutable_probe()->set_run_id(s.run_id());
           *event.mutable_probe()->mutable_report() = p.report();
@@ -1224,8 +1317,11 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
           refused = "too many keys";
         }
         if (!refused.empty()) {
-          Log(LogLevel::kWarning, "rendezvous_refused",
-              {{"run", r.run_id()}, {"worker", session.worker_id}, {"key", r.key().substr(0, 64)}, {"reason", refused}});
+          if (const int64_t unlogged = RefusalLogAllowed("rendezvous_refused"); unlogged >= 0) {
+            Log(LogLevel::kWarning, "rendezvous_refused",
+                {{"run", r.run_id()}, {"worker", session.worker_id}, {"key", r.key().substr(0, 64)}, {"reason", refused},
+                 {"unlogged_before", std::to_string(unlogged)}});
+          }
           break;
         }
         run->rendezvous[r.key()] = r.value();
@@ -1239,6 +1335,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       PlaceLocked(out);  // a worker may have become idle
     }
   }
+  for (const auto& record : exports) record();
   for (auto& [writer, m] : out) writer->Send(m);
 }
 
@@ -1256,7 +1353,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
     int could_hold = 0;           // workers of its kind that could take a rank, busy or not
     if (!held_back.count(spec.resources().device())) {
       for (auto& [id, session] : sessions_) {
-        if (!session.registered || session.draining) continue;
+        if (!session.registered || session.draining || session.ended) continue;
         if (session.capabilities.device() != spec.resources().device()) continue;
         if (session.capabilities.device_count() < 1) continue;
         const int64_t memory = session.capabilities.memory_bytes();
@@ -1358,6 +1455,20 @@ void Coordinator::Tick() {
       Log(LogLevel::kWarning, "coordinator_stalled",
           {{"seconds", std::to_string(std::chrono::duration<double>(gap).count())},
            {"leases_extended", std::to_string(extended)}});
+    }
+    // A worker that has not taken a message for a lease period (it stopped reading its
+    // stream) is treated as lost: its session is ended, so its heartbeats no longer renew
+    // anything and its runs' leases lapse below like a dead worker's.
+    for (auto& [id, session] : sessions_) {
+      const double unread = session.writer->UnreadSeconds();
+      if (session.ended || unread <= options_.lease_seconds) continue;
+      session.ended = true;
+      char reason[160];
+      std::snprintf(reason, sizeof reason, "the worker has not read its stream for %.1f s (lease %g s)", unread,
+                    options_.lease_seconds);
+      Log(LogLevel::kWarning, "worker_not_reading",
+          {{"worker", session.worker_id}, {"run", session.run_id}, {"reason", reason}});
+      session.writer->End(reason);
     }
     for (auto& [id, run] : runs_) {
       v1::RunSummary& s = run.record.summary;

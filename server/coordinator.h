@@ -21,21 +21,37 @@
 
 namespace sinkscope {
 
-// Where the coordinator sends messages to one worker (the Session stream).
+// Where the coordinator sends messages to one worker (the Session stream). Send never
+// blocks: it queues the message in the stream's bounded outbox, written by the stream's own
+// writer (server/services.cc), so a worker that stops reading cannot stall the scheduler.
 class SessionWriter {
  public:
   virtual ~SessionWriter() = default;
-  // Returns false when the stream is gone.
+  // Queues the message; false when the stream is gone or was ended (its outbox was full:
+  // the session is ended with a reason, as if the worker had disconnected).
   virtual bool Send(const v1::CoordinatorMessage& message) = 0;
+  // How long the oldest message not yet taken by the worker has waited, seconds (0: none
+  // waits). The scheduler ends a session whose worker has not read for a lease period.
+  virtual double UnreadSeconds() const { return 0; }
+  // Ends the session (the stream is cancelled; the worker's reads and writes fail), with
+  // `reason` logged. Never blocks.
+  virtual void End(const std::string& reason) { (void)reason; }
 };
 
-// Events for one WatchExperiment call.
+// Events for one WatchExperiment call: a bounded queue. When a watcher falls behind by more
+// than kMaxEvents events or kMaxBytes bytes, what it has not read is dropped and replaced
+// by one snapshot of the latest state carrying the number of events dropped
+// (WatchEvent.dropped_events): a watcher sees every run's latest state, never unbounded memory.
 struct Watcher {
+  static constexpr size_t kMaxEvents = 1024;
+  static constexpr size_t kMaxBytes = 8 << 20;
   std::string experiment_id;
   bool include_probes = false;
   std::mutex mu;
   std::condition_variable cv;
   std::deque<v1::WatchEvent> events;  // guarded by mu
+  size_t queued_bytes = 0;            // guarded by mu: the events' serialized size
+  int64_t dropped = 0;                // guarded by mu: events dropped in all
   bool ended = false;                 // guarded by mu: the experiment ended (last event queued)
 };
 
@@ -134,6 +150,8 @@ class Coordinator {
     // A run's lease lapsed while this session held it (a frozen or cut-off worker): it is
     // given no work until it is heard from again.
     bool lapsed = false;
+    // Ended for not reading its stream (Tick): it is closing, nothing more is sent to it.
+    bool ended = false;
   };
   using Outbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
 
@@ -169,6 +187,8 @@ class Coordinator {
   // gauges, watchers. Nothing changes when the store fails.
   Status CommitRunChangesLocked(const std::string& experiment_id, std::vector<Store::RunChange> changes,
                                 bool cancel_experiment);
+  // Queues `event` for one watcher within its bounds (struct Watcher).
+  void EnqueueWatchEventLocked(Watcher& watcher, const v1::WatchEvent& event);
   void PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe);
   void PublishSnapshotLocked(const std::string& experiment_id);
   Status EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
@@ -196,6 +216,15 @@ class Coordinator {
   void Renew(Run& run, double seconds = 0);  // 0: the lease period
   Clock::TimePoint LeaseEnd(double seconds = 0) const;  // now + seconds (0: the lease period)
   int64_t NowMs() const;
+  // Whether a refusal of kind `event` may be logged now (a worker sending refused messages
+  // in a loop must not flood the log): the count left out since the last line, or -1.
+  int64_t RefusalLogAllowed(const char* event);
+  static constexpr int kRefusalLogsPerSecond = 10;
+  struct RefusalLog {
+    std::chrono::steady_clock::time_point window_start{};
+    int in_window = 0;
+    int64_t unlogged = 0;
+  };
 
   Store* store_;
   Exporter* exporter_;
@@ -216,6 +245,7 @@ class Coordinator {
   bool committing_ = false;                               // guarded by mu_: a group commit is writing
   std::condition_variable commit_cv_;                     // with mu_: a group commit finished
   std::vector<std::shared_ptr<Watcher>> watchers_;        // guarded by mu_
+  std::map<std::string, RefusalLog> refusal_logs_;        // guarded by mu_
 };
 
 }  // namespace sinkscope

@@ -63,7 +63,14 @@ StatusOr<std::unique_ptr<Exporter>> Exporter::Start(const std::string& listen, s
                               .Add({});
   if (!listen.empty()) {
     try {
-      e->exposer_ = std::make_unique<prometheus::Exposer>(listen);
+      // Idle or slow connections must not starve scrapes (issue 28, finding 8): CivetWeb
+      // gives each connection a thread until its request is read, so there are
+      // kMetricsThreads of them and a request must arrive within kMetricsRequestTimeoutMs;
+      // a connection left idle after a response is closed as soon.
+      e->exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+          "listening_ports", listen, "num_threads", std::to_string(kMetricsThreads), "request_timeout_ms",
+          std::to_string(kMetricsRequestTimeoutMs), "keep_alive_timeout_ms", std::to_string(kMetricsRequestTimeoutMs),
+          "enable_keep_alive", "no"});
     } catch (const std::exception& ex) {
       return Status(StatusCode::kUnavailable, "metrics: cannot listen on " + listen + ": " + ex.what());
     }
@@ -92,10 +99,7 @@ int Exporter::port() const {
 prometheus::Gauge& Exporter::RunGauge(prometheus::Family<prometheus::Gauge>& family, const std::string& run_id,
                                       const Labels& labels) {
   prometheus::Gauge& g = family.Add(labels);
-  auto& owned = run_series_[run_id];
-  bool known = false;
-  for (const Owned& o : owned) known |= o.gauge == &g;
-  if (!known) owned.push_back({&family, &g});
+  run_series_[run_id].emplace(&g, &family);  // a set: a report's many series in n log n, not n²
   return g;
 }
 
@@ -193,7 +197,7 @@ void Exporter::ExpireSeries() {
       ++it;
       continue;
     }
-    for (const Owned& o : run_series_[it->first]) o.family->Remove(o.gauge);
+    for (const auto& [gauge, family] : run_series_[it->first]) family->Remove(gauge);
     run_series_.erase(it->first);
     it = ended_.erase(it);
   }

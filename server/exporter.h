@@ -34,6 +34,9 @@ class Exporter {
  public:
   // A sweep point's settings longer than this are labelled by the point's index instead.
   static constexpr size_t kMaxPointLabel = 128;
+  // The /metrics server: threads, and how long a connection may take to send its request.
+  static constexpr int kMetricsThreads = 8;
+  static constexpr int kMetricsRequestTimeoutMs = 2000;
   // Serves /metrics on `listen` ("host:port"); an empty `listen` keeps the registry
   // without serving it (tests). With `basic_auth`, /metrics answers 401 Unauthorized
   // unless the request carries those credentials (compared in constant time).
@@ -69,11 +72,13 @@ class Exporter {
   std::chrono::seconds series_ttl_{600};
 
   mutable std::mutex mu_;
-  struct Owned {
-    prometheus::Family<prometheus::Gauge>* family;
-    prometheus::Gauge* gauge;
-  };
-  std::map<std::string, std::vector<Owned>> run_series_;  // run id → its gauges
+  // run id → its gauges, each with its family. How many series /metrics holds, by design:
+  // 7 fleet and counter series, plus for each run that reported and has not been expired
+  // (running, or ended less than series_ttl ago): 7 step series (val_loss once there is
+  // one), 2 per probe report (r_gs median, step), and per layer L: 8 (r_gs, sink rate,
+  // four norm ratios, massive top-1 and its ratio) + H (α per head) + K (θ per KV head).
+  // So series ≤ 7 + Σ_runs (9 + L·(8 + H + K)), with L, H, K bounded by the run's model.
+  std::map<std::string, std::map<prometheus::Gauge*, prometheus::Family<prometheus::Gauge>*>> run_series_;
   std::map<std::string, std::chrono::steady_clock::time_point> ended_;
 
   // Families (owned by the registry).

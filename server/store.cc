@@ -392,6 +392,29 @@ StatusOr<std::vector<v1::ProbeReport>> Store::Probes(const std::string& run_id, 
   return out;
 }
 
+StatusOr<std::vector<int64_t>> Store::ProbeSteps(const std::string& run_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT step FROM probe_reports WHERE run_id = ? ORDER BY step");
+  q.Text(1, run_id);
+  std::vector<int64_t> out;
+  int rc;
+  while ((rc = q.Step()) == SQLITE_ROW) out.push_back(q.ColumnInt(0));
+  if (rc != SQLITE_DONE) return Error("read probe steps");
+  return out;
+}
+
+StatusOr<std::optional<v1::ProbeReport>> Store::ProbeAt(const std::string& run_id, int64_t step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stmt q(db_, "SELECT report FROM probe_reports WHERE run_id = ? AND step = ?");
+  q.Text(1, run_id).Int(2, step);
+  const int rc = q.Step();
+  if (rc == SQLITE_DONE) return std::optional<v1::ProbeReport>();
+  if (rc != SQLITE_ROW) return Error("read a probe");
+  v1::ProbeReport report;
+  if (!report.ParseFromString(q.ColumnBlob(0))) return DataLossError("store " + path_ + ": a probe row does not parse");
+  return std::optional<v1::ProbeReport>(std::move(report));
+}
+
 StatusOr<int64_t> Store::CountProbes(const std::string& run_id) {
   std::lock_guard<std::mutex> lock(mu_);
   Stmt q(db_, "SELECT COUNT(*) FROM probe_reports WHERE run_id = ?");

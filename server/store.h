@@ -99,6 +99,10 @@ class Store {
   StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step);
   StatusOr<std::vector<v1::ProbeReport>> Probes(const std::string& run_id, int64_t from_step);
   StatusOr<int64_t> CountProbes(const std::string& run_id);
+  // The steps a run has probe reports for, in order (the reports are not read).
+  StatusOr<std::vector<int64_t>> ProbeSteps(const std::string& run_id);
+  // The run's report at `step`; nullopt when there is none.
+  StatusOr<std::optional<v1::ProbeReport>> ProbeAt(const std::string& run_id, int64_t step);
   // Stored steps of the run with first ≤ step ≤ last.
   StatusOr<int64_t> CountSteps(const std::string& run_id, int64_t first, int64_t last);
 

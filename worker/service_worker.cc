@@ -29,6 +29,12 @@
 namespace sinkscope {
 namespace {
 
+// Why a probe report cannot be sent: its size against the limit, and the setting to lower.
+std::string OversizedReport(int64_t bytes) {
+  return "a probe report of " + std::to_string(bytes) + " bytes is over the " + std::to_string(kMaxProbeReportBytes) +
+         " bytes a report may take (the gRPC message limit); lower probe.profile_len";
+}
+
 constexpr char kWorkerVersion[] = "0.1.0";
 
 int64_t PhysicalMemoryBytes() {
@@ -792,6 +798,9 @@ Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment
   u.set_attempt(attempt);
   u.set_sequence(1);
   *u.mutable_report() = ToProto(result->report);
+  if (const int64_t bytes = static_cast<int64_t>(u.ByteSizeLong()); bytes > kMaxProbeReportBytes) {
+    return RunEnd{RunEnd::kFailed, v1::DATA_ERROR, OversizedReport(bytes), 0};
+  }
   EnqueueProbeLocked(std::move(u));
   if (current_ && current_->run_id == run) current_->step = 1;
   Log(LogLevel::kInfo, "diagnostic_done",
@@ -970,6 +979,11 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
         u.set_sequence(report->step);
         u.set_attempt(attempt);
         *u.mutable_report() = ToProto(*report);
+        if (const int64_t bytes = static_cast<int64_t>(u.ByteSizeLong()); bytes > kMaxProbeReportBytes) {
+          // It could never be delivered (the coordinator refuses what submission sized
+          // wrong): the run fails, naming the setting, rather than resending forever.
+          return InvalidArgumentError(OversizedReport(bytes));
+        }
         w_.EnqueueProbeLocked(std::move(u));
       }
       return OkStatus();

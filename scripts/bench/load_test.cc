@@ -172,7 +172,7 @@ class SimWorker {
       lp->set_r_gs(1.5 + 0.1 * l);
       lp->set_r_gs_sum_then_norm(1.5);
       lp->set_r_gs_norm_then_mean(1.4);
-      for (const char* name : {"h_out", "r_mlp", "r_attn"}) {
+      for (const char* name : {"h_out", "h_in", "v"}) {  // profile sites (METRICS.md): other keys are refused
         auto& series = (*lp->mutable_grad_profile())[name];
         for (int t = 0; t < 64; ++t) series.add_values(1.0 / (1 + t));
       }
