@@ -210,25 +210,30 @@ class CudaBackend final : public Backend {
     Rope(dx, B, T, heads, dh, rope, -1.0);
   }
 
-  size_t AttentionWorkspaceFloats(int B, int T, int H) const override { return static_cast<size_t>(B) * H * T * T; }
-  void AttentionForward(TensorView y_v, float* lse, float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T,
-                        int H, int KV, int dh) override {
+  // Flash attention (kernels/flash_attention.cu): the backward recomputes P from q, k and
+  // the lse, so no workspace; its only scratch is D (B,H,T).
+  size_t AttentionWorkspaceFloats(int, int, int) const override { return 0; }
+  void AttentionForward(TensorView y_v, float* lse, float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v,
+                        int B, int T, int H, int KV, int dh) override {
     float* y = y_v.f32("cuda AttentionForward");
     const float* q = q_v.f32("cuda AttentionForward");
     const float* k = k_v.f32("cuda AttentionForward");
     const float* v = v_v.f32("cuda AttentionForward");
-    cuda::LaunchAttentionForward(stream_, y, lse, att, q, k, v, B, T, H, KV, dh);
+    if (!HeadDimSupported(dh)) return;
+    cuda::LaunchFlashAttentionForward(stream_, y, lse, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionForward");
   }
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView /*y*/, const float* /*lse*/,
-                         const float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T, int H, int KV,
-                         int dh) override {
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y_v, const float* lse,
+                         const float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T, int H,
+                         int KV, int dh) override {
+    const float* y = y_v.f32("cuda AttentionBackward");
     const float* q = q_v.f32("cuda AttentionBackward");
     const float* k = k_v.f32("cuda AttentionBackward");
     const float* v = v_v.f32("cuda AttentionBackward");
-    float* ds = static_cast<float*>(Scratch(&scratch_, static_cast<size_t>(B) * H * T * T * sizeof(float)));
-    if (ds == nullptr) return;
-    cuda::LaunchAttentionBackward(stream_, dq, dk, dv, ds, dy, att, q, k, v, B, T, H, KV, dh);
+    if (!HeadDimSupported(dh)) return;
+    float* D = static_cast<float*>(Scratch(&scratch_, std::max<size_t>(static_cast<size_t>(B) * H * T, 1) * sizeof(float)));
+    if (D == nullptr) return;
+    cuda::LaunchFlashAttentionBackward(stream_, dq, dk, dv, D, dy, y, lse, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionBackward");
   }
   void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q_v,
@@ -357,6 +362,15 @@ class CudaBackend final : public Backend {
     if (e == CUBLAS_STATUS_SUCCESS) return true;
     std::lock_guard<std::mutex> lock(error_mu_);
     if (error_.ok()) error_ = InternalError(cuda::DescribeCublasError(e, call, __FILE__, line));
+    return false;
+  }
+  bool HeadDimSupported(int dh) {
+    if (cuda::FlashAttentionSupports(dh)) return true;
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (error_.ok()) {
+      error_ = InvalidArgumentError("cuda attention: head_dim " + std::to_string(dh) + " is not supported (1.." +
+                                    std::to_string(cuda::kFlashAttentionMaxHeadDim) + ")");
+    }
     return false;
   }
   static Status Must(cudaError_t e, const char* call, int line) {

@@ -52,14 +52,18 @@ void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float
 // cs holds (T, dh/2) pairs (cos, sin) already scaled and signed.
 void LaunchRope(cudaStream_t s, float* x, const float2* cs, int B, int T, int heads, int dh);
 
-// ---- attention.cu: the reference attention (fp32, the full matrix kept) ----
-// att (B,H,T,T) gets P; lse (B,H,T).
-void LaunchAttentionForward(cudaStream_t s, float* y, float* lse, float* att, const float* q, const float* k,
-                            const float* v, int B, int T, int H, int KV, int dh);
-// ds (B,H,T,T) is scratch.
-void LaunchAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* ds, const float* dy,
-                             const float* att, const float* q, const float* k, const float* v, int B, int T, int H,
-                             int KV, int dh);
+// ---- flash_attention.cu: tiled causal GQA attention, O(T) memory ----
+// lse (B,H,T) is each row's log-sum-exp of the scaled scores; D (B,H,T) is scratch of
+// the backward (Σ dy ⊙ y per row). Head dims 1..kFlashAttentionMaxHeadDim.
+constexpr int kFlashAttentionMaxHeadDim = 256;
+bool FlashAttentionSupports(int dh);
+void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
+                                 int B, int T, int H, int KV, int dh);
+void LaunchFlashAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
+                                  const float* y, const float* lse, const float* q, const float* k, const float* v,
+                                  int B, int T, int H, int KV, int dh);
+
+// ---- attention.cu: the probes' column statistics from q, k and the lse ----
 // per_b (H, B, 3) doubles of scratch: α_b, M_b, S_b per sequence; outputs H floats each.
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
                        const float* q, const float* k, const float* lse, int B, int T, int H, int KV, int dh,
