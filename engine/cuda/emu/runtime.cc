@@ -926,7 +926,9 @@ void RunGrid(const LaunchSite& site, const void* kernel_id, dim3 grid, dim3 bloc
   g.body = body;
   g.ctx = ctx;
   g.arena = SharedArena();
-  if (RaceCheckOn() && shadow.empty()) shadow.assign(kSharedArenaBytes / 4, Shadow{0, -1, -1, 0, 0});
+  // A clean shadow for every launch: g.epoch restarts here, so an entry the previous kernel
+  // left could otherwise carry this launch's epoch and pair with its accesses as a race.
+  if (RaceCheckOn()) shadow.assign(kSharedArenaBytes / 4, Shadow{0, -1, -1, 0, 0});
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
   g.fibers.resize(threads);
   g.warps.resize((threads + 31) / 32);
