@@ -319,6 +319,79 @@ TEST_P(ParityTest, RmsNormForwardAndBackward) {
   EXPECT_CLOSE(dgamma.Get(), want_dg, sum_);
 }
 
+// The CUDA backend's reductions over rows run in two passes once N exceeds one chunk of
+// 64 rows (kernels.h, RowChunks): column sums, RMSNorm's dγ, θ's gradient, and the
+// embedding backward split by token class. N = 300 gives 5 chunks (the last one short),
+// n = 40 and d = 150 partial column tiles and groups. (Not in the race check: the same
+// kernels are race-checked at one chunk by *Reductions* and *RmsNorm*, and blocks share
+// no shared memory, so the chunk count does not change what a race could be.)
+TEST_P(ParityTest, GradientSumsOverRowChunks) {
+  const int N = 300;
+  {  // column sums, as the bias gradients use them
+    const int n = 40;
+    auto x = Random(static_cast<size_t>(N) * n, rng_), acc = Random(n, rng_);
+    Dev dx(be(), x), dacc(be(), acc);
+    be().AccumulateColumnSums(dacc.p(), dx.p(), N, n);
+    std::vector<double> want(acc.begin(), acc.end());
+    for (size_t i = 0; i < x.size(); ++i) want[i % n] += x[i];
+    EXPECT_CLOSE(dacc.Get(), want, sum_) << "column sums";
+  }
+  {  // RMSNorm's dγ
+    const int d = 40;
+    auto x = Random(static_cast<size_t>(N) * d, rng_), gamma = Random(d, rng_, 0.5), g = Random(x.size(), rng_),
+         dg0 = Random(d, rng_);
+    Dev dxv(be(), x), dgam(be(), gamma), out(be(), x.size()), rstd(be(), N), dgo(be(), g), dx(be(), x.size()),
+        dgamma(be(), dg0);
+    be().RmsNormForward(out.p(), rstd.p(), dxv.p(), dgam.p(), N, d, 1e-5f);
+    be().RmsNormBackward(dx.p(), dgamma.p(), dgo.p(), dxv.p(), dgam.p(), rstd.p(), N, d);
+    std::vector<double> want(dg0.begin(), dg0.end());
+    for (int i = 0; i < N; ++i) {
+      const size_t o = static_cast<size_t>(i) * d;
+      double ss = 0;
+      for (int c = 0; c < d; ++c) ss += static_cast<double>(x[o + c]) * x[o + c];
+      const double r = 1.0 / std::sqrt(ss / d + 1e-5);
+      for (int c = 0; c < d; ++c) want[c] += g[o + c] * x[o + c] * r;
+    }
+    EXPECT_CLOSE(dgamma.Get(), want, sum_) << "RMSNorm dgamma";
+  }
+  for (int d : {40, 150}) {  // the embedding backward, ids repeated many times
+    const int V = 37;
+    auto table = Random(static_cast<size_t>(V) * d, rng_), g = Random(static_cast<size_t>(N) * d, rng_);
+    std::vector<int32_t> tokens(N);
+    for (int i = 0; i < N; ++i) tokens[i] = static_cast<int32_t>((i * 7 + i / 13) % V);
+    Dev dg(be(), g), dtab(be(), table);
+    DevInt tok(be(), tokens);
+    be().EmbeddingBackward(dtab.p(), dg.p(), tok.p(), N, d);
+    std::vector<double> want(table.begin(), table.end());
+    for (int i = 0; i < N; ++i) {
+      for (int c = 0; c < d; ++c) want[static_cast<size_t>(tokens[i]) * d + c] += g[static_cast<size_t>(i) * d + c];
+    }
+    EXPECT_CLOSE(dtab.Get(), want, sum_) << "embedding backward, d " << d;
+  }
+  {  // θ's gradient (V-scale)
+    const int KV = 2, dh = 8;
+    const double c_base = 4.0;
+    auto v = Random(static_cast<size_t>(N) * KV * dh, rng_), theta = Random(KV, rng_, 0.3),
+         g = Random(v.size(), rng_), dth0 = Random(KV, rng_);
+    Dev dvv(be(), v), dth(be(), theta), dg(be(), g), dv(be(), v.size()), dtheta(be(), dth0);
+    be().VScaleBackward(dv.p(), dtheta.p(), dg.p(), dvv.p(), dth.p(), N, KV, dh, c_base, VScaleMode::kVScale);
+    std::vector<double> want(dth0.begin(), dth0.end());
+    for (int i = 0; i < N; ++i) {
+      for (int gi = 0; gi < KV; ++gi) {
+        const size_t o = (static_cast<size_t>(i) * KV + gi) * dh;
+        double r = 0, vg = 0;
+        for (int c = 0; c < dh; ++c) {
+          r += static_cast<double>(v[o + c]) * v[o + c];
+          vg += static_cast<double>(v[o + c]) * g[o + c];
+        }
+        const double C = c_base * std::exp(theta[gi]);
+        want[gi] += -C * r / ((r + C) * (r + C)) * vg;
+      }
+    }
+    EXPECT_CLOSE(dtheta.Get(), want, sum_) << "theta";
+  }
+}
+
 TEST_P(ParityTest, RopeForwardAndBackward) {
   const int B = 2, T = 7, heads = 3, dh = 8;
   ModelConfig c;

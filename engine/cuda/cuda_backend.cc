@@ -45,7 +45,8 @@ class CudaBackend final : public Backend {
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
-    for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p}) {
+    for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
+                    column_scratch_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
@@ -120,7 +121,9 @@ class CudaBackend final : public Backend {
     LAUNCHED("AddRowBias");
   }
   void AccumulateColumnSums(float* acc, const float* x, int N, int n) override {
-    cuda::LaunchColumnSums(stream_, acc, x, N, n);
+    float* partials = ColumnPartials(N, n);
+    if (partials == nullptr) return;
+    cuda::LaunchColumnSums(stream_, acc, x, N, n, partials);
     LAUNCHED("AccumulateColumnSums");
   }
   void AccumulateSumSquares(double* acc, const float* x, size_t n) override {
@@ -193,12 +196,16 @@ class CudaBackend final : public Backend {
   void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x_v, const float* gamma,
                        const float* rstd, int N, int d) override {
     const float* x = x_v.f32("cuda RmsNormBackward");
-    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, x, gamma, rstd, N, d);
+    float* partials = ColumnPartials(N, d);
+    if (partials == nullptr) return;
+    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, x, gamma, rstd, N, d, partials);
     LAUNCHED("RmsNormBackward");
   }
   void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
                                const float* gamma, const float* rstd, int N, int d) override {
-    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, d_residual, dout, x, gamma, rstd, N, d);
+    float* partials = ColumnPartials(N, d);
+    if (partials == nullptr) return;
+    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, d_residual, dout, x, gamma, rstd, N, d, partials);
     LAUNCHED("RmsNormBackwardResidual");
   }
 
@@ -268,7 +275,7 @@ class CudaBackend final : public Backend {
       Copy(dv, dvhat, static_cast<size_t>(N) * KV * dh);
       return;
     }
-    double* rows = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(N) * KV * sizeof(double)));
+    double* rows = static_cast<double*>(Scratch(&dscratch_, cuda::ThetaScratchDoubles(N, KV) * sizeof(double)));
     if (rows == nullptr) return;
     const bool vscale = mode == VScaleMode::kVScale;
     cuda::LaunchVScaleBackward(stream_, dv, vscale ? dtheta : nullptr, rows, dvhat, v, vscale ? theta : nullptr, N,
@@ -395,6 +402,11 @@ class CudaBackend final : public Backend {
       return nullptr;
     }
     return p;
+  }
+
+  // The first pass's partials of a two-pass column sum over (N, n).
+  float* ColumnPartials(int N, int n) {
+    return static_cast<float*>(Scratch(&column_scratch_, std::max<size_t>(cuda::ColumnPartialsFloats(N, n), 1) * sizeof(float)));
   }
 
   // A device buffer of at least `bytes`, grown when needed (the stream is drained first:
@@ -531,7 +543,7 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   void* gemm_workspace_ = nullptr;
   double* partials_ = nullptr;
-  Buffer scratch_, dscratch_;
+  Buffer scratch_, dscratch_, column_scratch_;
   std::map<std::tuple<bool, bool, int, int, int, uint32_t, uint32_t, uint32_t>, GemmPlan> gemm_plans_;
   std::map<std::string, void*> tables_, rope_tables_;
   std::mutex error_mu_;
