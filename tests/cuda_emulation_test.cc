@@ -307,6 +307,16 @@ __global__ void PublishWithoutABarrier(float* out) {
   out[threadIdx.x] = flag[0];
 }
 
+// Thread i writes word i of shared memory and exits: no race within the launch. Two
+// launches in a row, the second with its threads reversed, touch each word from two
+// different threads in their first epochs; being different launches, that is no race.
+__global__ void WriteOwnWord(float* out, int reversed) {
+  SINKSCOPE_SHARED(float, words, [64]);
+  const int i = reversed ? 63 - threadIdx.x : threadIdx.x;
+  words[i] = 1.0f;
+  out[threadIdx.x] = words[i];
+}
+
 TEST_F(Emulation, TheRaceCheckFindsUnorderedSharedAccessesAndPassesOrderedOnes) {
   const char* on = std::getenv("SINKSCOPE_EMU_RACECHECK");
   if (on == nullptr || std::string(on) != "1") GTEST_SKIP() << "run with SINKSCOPE_EMU_RACECHECK=1 (ctest: cuda_emulation_racecheck)";
@@ -314,6 +324,9 @@ TEST_F(Emulation, TheRaceCheckFindsUnorderedSharedAccessesAndPassesOrderedOnes) 
   SINKSCOPE_LAUNCH(BlockSumKernel, 3, 256, 0, 0)(out);  // barriers and warp shuffles: ordered
   ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   EXPECT_EQ(Host(out, 1)[0], 256.0f);
+  SINKSCOPE_LAUNCH(WriteOwnWord, 1, 64, 0, 0)(out, 0);
+  SINKSCOPE_LAUNCH(WriteOwnWord, 1, 64, 0, 0)(out, 1);  // a new launch: its shadow starts clean
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
   SINKSCOPE_LAUNCH(PublishWithoutABarrier, 1, 64, 0, 0)(out);
   auto [e, text] = LastError();
   EXPECT_EQ(e, cudaErrorLaunchFailure);

@@ -2,8 +2,10 @@
 # sinkscope-gpu-dry-run on the quickstart model and on paper-0.1b at its paper shape
 # (micro-batch 16, T 1024), as `sinkscope-train --print-model` writes them: one training
 # step traced by the CUDA emulation without executing. Fails if a launch is refused or has
-# no declared cost, if the summary line is missing, or if the GEMM FLOPs traced are not
-# the model's 6·N_matmul per token. (scripts/bench/README.md, "The dry run".)
+# no declared cost, if the summary line is missing, if the GEMM FLOPs traced are not the
+# model's 6·N_matmul per token, or if a kernel of the 0.1B step launches fewer blocks than
+# an H100 has SMs (132) without being on the list of small-work launches below.
+# (scripts/bench/README.md, "The dry run".)
 set -euo pipefail
 b="${SINKSCOPE_BUILD_DIR:?}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +31,30 @@ if grep -q "no declared cost" "$tmp/out.txt"; then
   echo "gpu_dry_run_smoke: a launch has no declared cost (SINKSCOPE_COST beside SINKSCOPE_LAUNCH)" >&2
   exit 1
 fi
+# Issue 25 item 4: at the 0.1B shape every kernel fills the 132 SMs unless its work is
+# smaller: the second passes of reductions (a few thousand values) and, until the LM head is
+# fused and chunked evenly (item 5), cross-entropy's last chunk of rows.
+/usr/bin/python3 - "$tmp/out.txt" <<'PY'
+import sys
+small_work = {"ColumnPartialsSumKernel (elementwise.cu)", "SumPartialsKernel (elementwise.cu)",
+              "ThetaSumKernel (vscale.cu)", "ColumnStatsMeanKernel (attention.cu)", "RowKernel (cross_entropy.cu)"}
+section, bad, seen = None, [], 0
+for line in open(sys.argv[1]):
+    if line.startswith("== "):
+        section = line.split()[1]
+        continue
+    if section != "paper-0.1b" or line.startswith(("op ", "per step", "estimate", "device", "blocks", "host")):
+        continue
+    name, rest = line[:92].rstrip(), line[92:].split()
+    if len(rest) < 3 or rest[2] == "-":
+        continue
+    seen += 1
+    if int(rest[2]) < 132 and name not in small_work:
+        bad.append(f"{name}: {rest[2]} blocks")
+assert seen > 10, f"no kernel rows read for paper-0.1b ({seen})"
+assert not bad, "kernels under 132 blocks at paper-0.1b: " + "; ".join(bad)
+print(f"gpu_dry_run_smoke: {seen} kernels of the paper-0.1b step fill an H100's 132 SMs or are small work")
+PY
 # The JSON form, and the traced GEMMs against the model's own FLOP count.
 "$dry" --model "$tmp/quickstart.json" --label quickstart --micro-batch 2 --seq 64 --json > "$tmp/out.json"
 /usr/bin/python3 - "$tmp/out.json" "$tmp/quickstart.json" <<'PY'

@@ -45,7 +45,8 @@ class CudaBackend final : public Backend {
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
-    for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p}) {
+    for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
+                    column_scratch_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
@@ -121,7 +122,9 @@ class CudaBackend final : public Backend {
     LAUNCHED("AddRowBias");
   }
   void AccumulateColumnSums(float* acc, const float* x, int N, int n) override {
-    cuda::LaunchColumnSums(stream_, acc, x, N, n);
+    float* partials = ColumnPartials(N, n);
+    if (partials == nullptr) return;
+    cuda::LaunchColumnSums(stream_, acc, x, N, n, partials);
     LAUNCHED("AccumulateColumnSums");
   }
   void AccumulateSumSquares(double* acc, const float* x, size_t n) override {
@@ -194,12 +197,16 @@ class CudaBackend final : public Backend {
   void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x_v, const float* gamma,
                        const float* rstd, int N, int d) override {
     const float* x = x_v.f32("cuda RmsNormBackward");
-    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, x, gamma, rstd, N, d);
+    float* partials = ColumnPartials(N, d);
+    if (partials == nullptr) return;
+    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, x, gamma, rstd, N, d, partials);
     LAUNCHED("RmsNormBackward");
   }
   void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
                                const float* gamma, const float* rstd, int N, int d) override {
-    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, d_residual, dout, x, gamma, rstd, N, d);
+    float* partials = ColumnPartials(N, d);
+    if (partials == nullptr) return;
+    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, d_residual, dout, x, gamma, rstd, N, d, partials);
     LAUNCHED("RmsNormBackwardResidual");
   }
 
@@ -211,25 +218,30 @@ class CudaBackend final : public Backend {
     Rope(dx, B, T, heads, dh, rope, -1.0);
   }
 
-  size_t AttentionWorkspaceFloats(int B, int T, int H) const override { return static_cast<size_t>(B) * H * T * T; }
-  void AttentionForward(TensorView y_v, float* lse, float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T,
-                        int H, int KV, int dh) override {
+  // Flash attention (kernels/flash_attention.cu): the backward recomputes P from q, k and
+  // the lse, so no workspace; its only scratch is D (B,H,T).
+  size_t AttentionWorkspaceFloats(int, int, int) const override { return 0; }
+  void AttentionForward(TensorView y_v, float* lse, float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v,
+                        int B, int T, int H, int KV, int dh) override {
     float* y = y_v.f32("cuda AttentionForward");
     const float* q = q_v.f32("cuda AttentionForward");
     const float* k = k_v.f32("cuda AttentionForward");
     const float* v = v_v.f32("cuda AttentionForward");
-    cuda::LaunchAttentionForward(stream_, y, lse, att, q, k, v, B, T, H, KV, dh);
+    if (!HeadDimSupported(dh)) return;
+    cuda::LaunchFlashAttentionForward(stream_, y, lse, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionForward");
   }
-  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView /*y*/, const float* /*lse*/,
-                         const float* att, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T, int H, int KV,
-                         int dh) override {
+  void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y_v, const float* lse,
+                         const float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T, int H,
+                         int KV, int dh) override {
+    const float* y = y_v.f32("cuda AttentionBackward");
     const float* q = q_v.f32("cuda AttentionBackward");
     const float* k = k_v.f32("cuda AttentionBackward");
     const float* v = v_v.f32("cuda AttentionBackward");
-    float* ds = static_cast<float*>(Scratch(&scratch_, static_cast<size_t>(B) * H * T * T * sizeof(float)));
-    if (ds == nullptr) return;
-    cuda::LaunchAttentionBackward(stream_, dq, dk, dv, ds, dy, att, q, k, v, B, T, H, KV, dh);
+    if (!HeadDimSupported(dh)) return;
+    float* D = static_cast<float*>(Scratch(&scratch_, std::max<size_t>(static_cast<size_t>(B) * H * T, 1) * sizeof(float)));
+    if (D == nullptr) return;
+    cuda::LaunchFlashAttentionBackward(stream_, dq, dk, dv, D, dy, y, lse, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionBackward");
   }
   void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q_v,
@@ -264,7 +276,7 @@ class CudaBackend final : public Backend {
       Copy(dv, dvhat, static_cast<size_t>(N) * KV * dh);
       return;
     }
-    double* rows = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(N) * KV * sizeof(double)));
+    double* rows = static_cast<double*>(Scratch(&dscratch_, cuda::ThetaScratchDoubles(N, KV) * sizeof(double)));
     if (rows == nullptr) return;
     const bool vscale = mode == VScaleMode::kVScale;
     cuda::LaunchVScaleBackward(stream_, dv, vscale ? dtheta : nullptr, rows, dvhat, v, vscale ? theta : nullptr, N,
@@ -360,6 +372,15 @@ class CudaBackend final : public Backend {
     if (error_.ok()) error_ = InternalError(cuda::DescribeCublasError(e, call, __FILE__, line));
     return false;
   }
+  bool HeadDimSupported(int dh) {
+    if (cuda::FlashAttentionSupports(dh)) return true;
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (error_.ok()) {
+      error_ = InvalidArgumentError("cuda attention: head_dim " + std::to_string(dh) + " is not supported (1.." +
+                                    std::to_string(cuda::kFlashAttentionMaxHeadDim) + ")");
+    }
+    return false;
+  }
   static Status Must(cudaError_t e, const char* call, int line) {
     if (e == cudaSuccess) return OkStatus();
     return Status(e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver ? StatusCode::kFailedPrecondition
@@ -382,6 +403,11 @@ class CudaBackend final : public Backend {
       return nullptr;
     }
     return p;
+  }
+
+  // The first pass's partials of a two-pass column sum over (N, n).
+  float* ColumnPartials(int N, int n) {
+    return static_cast<float*>(Scratch(&column_scratch_, std::max<size_t>(cuda::ColumnPartialsFloats(N, n), 1) * sizeof(float)));
   }
 
   // A device buffer of at least `bytes`, grown when needed (the stream is drained first:
@@ -518,7 +544,7 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   void* gemm_workspace_ = nullptr;
   double* partials_ = nullptr;
-  Buffer scratch_, dscratch_;
+  Buffer scratch_, dscratch_, column_scratch_;
   std::map<std::tuple<bool, bool, int, int, int, uint32_t, uint32_t, uint32_t>, GemmPlan> gemm_plans_;
   std::map<std::string, void*> tables_, rope_tables_;
   std::mutex error_mu_;

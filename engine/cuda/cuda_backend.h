@@ -1,6 +1,6 @@
 // The CUDA backend. Today it is the fp32 mode of issue 11: every op of backend.h on the
-// device in fp32 (cuBLASLt GEMMs with fp32 compute, no TF32; the reference attention
-// that keeps P), deterministic (no floating-point atomics), so a GPU step can be held to
+// device in fp32 (cuBLASLt GEMMs with fp32 compute, no TF32; a tiled flash attention of
+// our own, O(T) memory), deterministic (no floating-point atomics), so a GPU step can be held to
 // the CPU backend at fp32 tolerances. The bf16 training path (bf16 activations, cuDNN
 // flash attention, fused kernels) builds on this one; see docs/design/CUDA.md.
 #pragma once

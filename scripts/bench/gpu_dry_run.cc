@@ -107,6 +107,7 @@ struct Op {
   std::string name;
   std::string unit;  // what the FLOPs run on
   int64_t launches = 0;
+  int64_t min_blocks = 0;  // kernels: the smallest grid of its launches (0: not a kernel)
   double gemm_flops = 0, kernel_flops = 0, bytes = 0, seconds = 0;
 };
 
@@ -117,6 +118,9 @@ struct Result {
   int64_t launches = 0, kernel_launches = 0, gemms = 0, copies = 0;
   double gemm_flops = 0, kernel_flops = 0, bytes = 0, seconds = 0, mfu = 0;
   double create_s = 0, init_s = 0, trace_s = 0;
+  // Device memory as cudaMalloc was asked: after Model::Create (parameters, gradients,
+  // optimizer state), and the peak of the traced step (activations and scratch on top).
+  double model_bytes = 0, peak_bytes = 0;
   std::vector<Op> ops;
   std::vector<std::string> uncosted;  // "kernel at site"
   std::string summary;
@@ -139,6 +143,8 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
   m->InitWeights(1);
   RETURN_IF_ERROR(backend->TakeError());
   r.init_s = Seconds(since);
+  r.model_bytes = static_cast<double>(emu::LiveDeviceBytes());
+  emu::ResetPeakDeviceBytes();
 
   std::vector<int32_t> tokens(static_cast<size_t>(B) * T), targets(tokens.size());
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -154,6 +160,7 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
   backend->Synchronize();
   const std::vector<emu::TraceRecord> trace = emu::StopTrace();
   r.trace_s = Seconds(traced);
+  r.peak_bytes = static_cast<double>(emu::PeakDeviceBytes());
   // A launch the emulation refused (a limit, a pointer, a layout) is an error of the step.
   RETURN_IF_ERROR(backend->TakeError());
 
@@ -177,6 +184,10 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
       ++r.kernel_launches;
     }
     Op& op = ops[key];
+    if (t.kind == emu::TraceRecord::kKernel) {
+      const int64_t blocks = static_cast<int64_t>(t.grid[0]) * t.grid[1] * t.grid[2];
+      op.min_blocks = op.min_blocks == 0 ? blocks : std::min(op.min_blocks, blocks);
+    }
     op.name = key;
     op.unit = unit;
     ++op.launches;
@@ -212,8 +223,8 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
 void PrintTable(const Result& r) {
   std::printf("== %s (%s arm, %.1fM parameters), B %d x T %d: one training step, dry run (estimates)\n",
               r.label.c_str(), r.arm.c_str(), r.params / 1e6, r.B, r.T);
-  std::printf("%-92s %6s %8s %10s %10s %10s %10s %6s\n", "op", "unit", "launches", "GEMM GF", "kernel GF", "MB",
-              "est ms", "share");
+  std::printf("%-92s %6s %8s %7s %10s %10s %10s %10s %6s\n", "op", "unit", "launches", "blocks", "GEMM GF",
+              "kernel GF", "MB", "est ms", "share");
   for (const Op& op : r.ops) {
     std::string name = op.name;
     if (name.size() > 92) name = name.substr(0, 89) + "...";
@@ -221,8 +232,9 @@ void PrintTable(const Result& r) {
     size_t chars = 0;
     for (unsigned char c : name) chars += (c & 0xC0) != 0x80;
     name.append(92 - std::min<size_t>(chars, 92), ' ');
-    std::printf("%s %6s %8lld %10.1f %10.2f %10.1f %10.3f %5.1f%%\n", name.c_str(), op.unit.c_str(),
-                static_cast<long long>(op.launches), op.gemm_flops / 1e9, op.kernel_flops / 1e9, op.bytes / 1e6,
+    const std::string blocks = op.min_blocks > 0 ? std::to_string(op.min_blocks) : "-";
+    std::printf("%s %6s %8lld %7s %10.1f %10.2f %10.1f %10.3f %5.1f%%\n", name.c_str(), op.unit.c_str(),
+                static_cast<long long>(op.launches), blocks.c_str(), op.gemm_flops / 1e9, op.kernel_flops / 1e9, op.bytes / 1e6,
                 1e3 * op.seconds, r.seconds > 0 ? 100 * op.seconds / r.seconds : 0.0);
   }
   std::printf("per step: %lld launches (%lld kernels, %lld GEMMs, %lld copies), GEMM %.2f TFLOP, kernels %.3f TFLOP, "
@@ -232,6 +244,11 @@ void PrintTable(const Result& r) {
               r.kernel_flops / 1e12, r.bytes / 1e9, r.model_flops / 1e12);
   std::printf("estimate: %.4f s/step, %.0f tokens/s, MFU %.1f%%\n", r.seconds,
               r.seconds > 0 ? r.B * static_cast<double>(r.T) / r.seconds : 0.0, 100 * r.mfu);
+  std::printf("device memory: %.2f GB after the model is created (parameters, gradients, AdamW state), peak %.2f GB "
+              "in the step: %.0f bytes per token of activations and scratch\n",
+              r.model_bytes / 1e9, r.peak_bytes / 1e9,
+              (r.peak_bytes - r.model_bytes) / (static_cast<double>(r.B) * r.T));
+  std::printf("blocks: the smallest grid of an op's launches (an H100 has 132 SMs)\n");
   std::printf("host time of the dry run: model created in %.1f s, InitWeights %.1f s, the traced step %.1f s\n",
               r.create_s, r.init_s, r.trace_s);
   for (const std::string& u : r.uncosted) std::printf("error: launch with no declared cost: %s\n", u.c_str());
@@ -257,6 +274,8 @@ nlohmann::json ToJson(const Result& r) {
                         {"est_s_per_step", r.seconds},
                         {"est_tokens_per_second", r.seconds > 0 ? r.B * static_cast<double>(r.T) / r.seconds : 0.0},
                         {"est_mfu", r.mfu},
+                        {"device_bytes_model", r.model_bytes},
+                        {"device_bytes_peak", r.peak_bytes},
                         {"uncosted", r.uncosted},
                         {"summary", r.summary}};
   out["ops"] = nlohmann::json::array();
@@ -264,6 +283,7 @@ nlohmann::json ToJson(const Result& r) {
     out["ops"].push_back({{"op", op.name},
                           {"unit", op.unit},
                           {"launches", op.launches},
+                          {"min_blocks", op.min_blocks},
                           {"gemm_flops", op.gemm_flops},
                           {"kernel_flops", op.kernel_flops},
                           {"bytes", op.bytes},

@@ -109,6 +109,7 @@ struct Allocation {
 };
 std::mutex memory_mu;
 std::map<uintptr_t, Allocation> allocations;  // by data address
+size_t live_bytes = 0, peak_bytes = 0;        // as cudaMalloc was asked, guarded by memory_mu
 
 const Allocation* FindAllocation(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
@@ -718,6 +719,19 @@ cudaError_t StickyError() {
 void SetDryRun(bool on) { dry_run = on; }
 bool DryRun() { return dry_run; }
 
+size_t LiveDeviceBytes() {
+  std::lock_guard<std::mutex> lock(memory_mu);
+  return live_bytes;
+}
+size_t PeakDeviceBytes() {
+  std::lock_guard<std::mutex> lock(memory_mu);
+  return peak_bytes;
+}
+void ResetPeakDeviceBytes() {
+  std::lock_guard<std::mutex> lock(memory_mu);
+  peak_bytes = live_bytes;
+}
+
 void StartTrace() {
   std::lock_guard<std::mutex> lock(trace_mu);
   tracing = true;
@@ -912,7 +926,9 @@ void RunGrid(const LaunchSite& site, const void* kernel_id, dim3 grid, dim3 bloc
   g.body = body;
   g.ctx = ctx;
   g.arena = SharedArena();
-  if (RaceCheckOn() && shadow.empty()) shadow.assign(kSharedArenaBytes / 4, Shadow{0, -1, -1, 0, 0});
+  // A clean shadow for every launch: g.epoch restarts here, so an entry the previous kernel
+  // left could otherwise carry this launch's epoch and pair with its accesses as a race.
+  if (RaceCheckOn()) shadow.assign(kSharedArenaBytes / 4, Shadow{0, -1, -1, 0, 0});
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
   g.fibers.resize(threads);
   g.warps.resize((threads + 31) / 32);
@@ -1072,6 +1088,7 @@ cudaError_t cudaDeviceReset() {
     std::lock_guard<std::mutex> lock(memory_mu);
     for (auto& [start, a] : allocations) munmap(a.region, a.region_bytes);
     allocations.clear();
+    live_bytes = peak_bytes = 0;
   }
   std::lock_guard<std::mutex> lock(error_mu);
   last_error = sticky_error = cudaSuccess;
@@ -1162,6 +1179,8 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   }
   std::lock_guard<std::mutex> lock(memory_mu);
   allocations[reinterpret_cast<uintptr_t>(a.data)] = a;
+  live_bytes += bytes;
+  peak_bytes = std::max(peak_bytes, live_bytes);
   *ptr = a.data;
   return cudaSuccess;
 }
@@ -1178,6 +1197,7 @@ cudaError_t cudaFree(void* ptr) {
                   "cudaFree(" + Hex(ptr) + "): not the start of a live device allocation");
     }
     a = it->second;
+    live_bytes -= a.bytes;
     allocations.erase(it);
   }
   std::string side;

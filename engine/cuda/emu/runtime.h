@@ -22,6 +22,12 @@ bool IsDeviceRange(const void* p, size_t bytes);
 // that it is not device memory at all). bytes 0 checks the pointer alone.
 std::string CheckDeviceRange(const void* p, size_t bytes, const std::string& what);
 
+// Bytes of the live device allocations (as cudaMalloc was asked), and their peak since the
+// last reset: the dry run's device-memory figures.
+size_t LiveDeviceBytes();
+size_t PeakDeviceBytes();
+void ResetPeakDeviceBytes();
+
 // ---- errors ----------------------------------------------------------------------------
 // Records a failure of the current call: `code` becomes the last error (cudaGetLastError)
 // and, for a fault, the sticky error of the context; `detail` (kernel, launch site, limit)

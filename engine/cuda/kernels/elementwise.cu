@@ -32,13 +32,20 @@ __global__ void AddRowBiasKernel(float* x, const float* b, size_t total, int n) 
   }
 }
 
-// One thread per column, rows in order: the CPU backend's summation order.
-__global__ void ColumnSumsKernel(float* acc, const float* x, int N, int n) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= n) return;
+// The first pass of a column sum of x (reduce.cuh, ColumnChunkSum).
+__global__ void ColumnSumsPartialsKernel(float* partials, const float* x, int N, int n, int rows_per_chunk) {
+  SINKSCOPE_SHARED(float, shared, [kColumnRowLanes * (kColumnTile + 1)]);
+  ColumnChunkSum(partials, shared, N, n, rows_per_chunk,
+                 [&](int i, int c) { return x[static_cast<size_t>(i) * n + c]; });
+}
+
+// The second pass: one thread per column adds the chunks' partials in order.
+__global__ void ColumnPartialsSumKernel(float* acc, const float* partials, int chunks, int n) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
   float s = 0;
-  for (int i = 0; i < N; ++i) s += x[static_cast<size_t>(i) * n + j];
-  acc[j] += s;
+  for (int k = 0; k < chunks; ++k) s += partials[static_cast<size_t>(k) * n + c];
+  acc[c] += s;
 }
 
 // Pass 1: block b sums x² over its grid-strided share of the concatenated segments.
@@ -113,9 +120,17 @@ void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n) {
   SINKSCOPE_COST(8.0 * total + 4.0 * n, 1.0 * total);
   SINKSCOPE_LAUNCH(AddRowBiasKernel, GridFor(total, kBlock), kBlock, 0, s)(x, b, total, n);
 }
-void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n) {
-  SINKSCOPE_COST(4.0 * N * n + 8.0 * n, 1.0 * N * n);
-  SINKSCOPE_LAUNCH(ColumnSumsKernel, GridFor(n, kBlock), kBlock, 0, s)(acc, x, N, n);
+void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n, float* partials) {
+  if (N == 0 || n == 0) return;
+  int rows_per_chunk = 0;
+  const dim3 grid = ColumnGrid(N, n, &rows_per_chunk);
+  SINKSCOPE_COST(4.0 * N * n + 4.0 * grid.y * n, 1.0 * N * n);
+  SINKSCOPE_LAUNCH(ColumnSumsPartialsKernel, grid, ColumnBlock(), 0, s)(partials, x, N, n, rows_per_chunk);
+  LaunchColumnPartialsSum(s, acc, partials, static_cast<int>(grid.y), n);
+}
+void LaunchColumnPartialsSum(cudaStream_t s, float* acc, const float* partials, int chunks, int n) {
+  SINKSCOPE_COST(4.0 * chunks * n + 8.0 * n, 1.0 * chunks * n);
+  SINKSCOPE_LAUNCH(ColumnPartialsSumKernel, GridFor(n, 128), 128, 0, s)(acc, partials, chunks, n);
 }
 void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segs, int num_segs, size_t total,
                       double* partials) {

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -18,12 +19,33 @@ namespace sinkscope::cuda {
 // Blocks of the first pass of a two-pass reduction; the scratch it needs.
 constexpr int kReduceBlocks = 256;
 
+// Two-pass reductions over rows sized for an H100: at least kFillBlocks blocks in the
+// first pass (two per SM of 132) where the rows allow it, at least kMinChunkRows rows a
+// block, so small shapes (the tests) stay one block.
+constexpr int kFillBlocks = 2 * 132;
+constexpr int kMinChunkRows = 64;
+inline int RowChunks(int N, int blocks_per_chunk) {
+  const int want = (kFillBlocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  const int most = (N + kMinChunkRows - 1) / kMinChunkRows;
+  return std::max(1, std::min(want, most));
+}
+
+// Column sums of an (N, n) matrix in two passes, deterministic without atomics: blocks of
+// kColumnTile columns × kColumnRowLanes row lanes each sum one chunk of rows into
+// partials (chunks, n); a second pass adds the chunks in order into the accumulator.
+constexpr int kColumnTile = 32, kColumnRowLanes = 8;
+inline int ColumnChunks(int N, int n) { return RowChunks(N, (n + kColumnTile - 1) / kColumnTile); }
+inline size_t ColumnPartialsFloats(int N, int n) { return static_cast<size_t>(ColumnChunks(N, n)) * n; }
+// acc[c] += Σ_k partials[k, c], k in order (the second pass).
+void LaunchColumnPartialsSum(cudaStream_t s, float* acc, const float* partials, int chunks, int n);
+
 // ---- elementwise and reductions (elementwise.cu) ----
 void LaunchFill(cudaStream_t s, float* x, float value, size_t n);
 void LaunchAxpy(cudaStream_t s, float* y, float alpha, const float* x, size_t n);
 void LaunchScale(cudaStream_t s, float* x, float alpha, size_t n);
 void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n);
-void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n);
+// partials: ColumnPartialsFloats(N, n) floats of scratch.
+void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n, float* partials);
 // *acc += Σ over the segments of Σ x²; partials holds kReduceBlocks doubles.
 struct Segment {
   const float* p;
@@ -44,22 +66,27 @@ void LaunchEmbeddingBackward(cudaStream_t s, float* dtable, const float* dout, c
 // sum = x + r when r is non-null (sum may alias x), then out = norm(sum)·γ.
 void LaunchRmsNormForward(cudaStream_t s, float* sum, float* out, float* rstd, const float* x, const float* r,
                           const float* gamma, int N, int d, float eps);
-// dx = base + J_rmsᵀ dout (base may be dx); dgamma += Σ_rows dout ⊙ x·rstd.
+// dx = base + J_rmsᵀ dout (base may be dx); dgamma += Σ_rows dout ⊙ x·rstd, in two
+// passes through partials (ColumnPartialsFloats(N, d) floats of scratch).
 void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout,
-                           const float* x, const float* gamma, const float* rstd, int N, int d);
+                           const float* x, const float* gamma, const float* rstd, int N, int d, float* partials);
 
 // ---- rope.cu ----
 // cs holds (T, dh/2) pairs (cos, sin) already scaled and signed.
 void LaunchRope(cudaStream_t s, float* x, const float2* cs, int B, int T, int heads, int dh);
 
-// ---- attention.cu: the reference attention (fp32, the full matrix kept) ----
-// att (B,H,T,T) gets P; lse (B,H,T).
-void LaunchAttentionForward(cudaStream_t s, float* y, float* lse, float* att, const float* q, const float* k,
-                            const float* v, int B, int T, int H, int KV, int dh);
-// ds (B,H,T,T) is scratch.
-void LaunchAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* ds, const float* dy,
-                             const float* att, const float* q, const float* k, const float* v, int B, int T, int H,
-                             int KV, int dh);
+// ---- flash_attention.cu: tiled causal GQA attention, O(T) memory ----
+// lse (B,H,T) is each row's log-sum-exp of the scaled scores; D (B,H,T) is scratch of
+// the backward (Σ dy ⊙ y per row). Head dims 1..kFlashAttentionMaxHeadDim.
+constexpr int kFlashAttentionMaxHeadDim = 256;
+bool FlashAttentionSupports(int dh);
+void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
+                                 int B, int T, int H, int KV, int dh);
+void LaunchFlashAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
+                                  const float* y, const float* lse, const float* q, const float* k, const float* v,
+                                  int B, int T, int H, int KV, int dh);
+
+// ---- attention.cu: the probes' column statistics from q, k and the lse ----
 // per_b (H, B, 3) doubles of scratch: α_b, M_b, S_b per sequence; outputs H floats each.
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
                        const float* q, const float* k, const float* lse, int B, int T, int H, int KV, int dh,
@@ -68,7 +95,12 @@ void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_
 // ---- vscale.cu ----
 void LaunchVScaleForward(cudaStream_t s, float* vhat, const float* v, const float* theta, int N, int KV, int dh,
                          double c_base);
-// row_dtheta (N, KV) doubles of scratch; theta null means θ = 0 (the backward-only arm).
+// row_dtheta: ThetaScratchDoubles(N, KV) doubles of scratch (per-row contributions, then
+// the first pass's partials); theta null means θ = 0 (the backward-only arm).
+inline int ThetaChunks(int N, int KV) { return RowChunks(N, KV); }
+inline size_t ThetaScratchDoubles(int N, int KV) {
+  return static_cast<size_t>(N) * KV + static_cast<size_t>(ThetaChunks(N, KV)) * KV;
+}
 void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat,
                           const float* v, const float* theta, int N, int KV, int dh, double c_base);
 

@@ -1,5 +1,6 @@
 // RMSNorm forward (with the residual add fused in front when asked) and backward. One
-// block per row; γ's gradient one thread per column over the rows in order (no atomics).
+// block per row; γ's gradient a two-pass column sum (reduce.cuh, ColumnChunkSum): chunks
+// of rows in parallel, then the chunks in order — deterministic, no atomics.
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
@@ -42,16 +43,14 @@ __global__ void RmsNormBackwardRowsKernel(float* dx, const float* base, const fl
   }
 }
 
-__global__ void RmsNormGammaGradKernel(float* dgamma, const float* dout, const float* x, const float* rstd, int N,
-                                       int d) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  float acc = dgamma[c];
-  for (int i = 0; i < N; ++i) {
+// dγ's first pass: Σ over a chunk of rows of dout ⊙ x·rstd.
+__global__ void RmsNormGammaPartialsKernel(float* partials, const float* dout, const float* x, const float* rstd,
+                                           int N, int d, int rows_per_chunk) {
+  SINKSCOPE_SHARED(float, shared, [kColumnRowLanes * (kColumnTile + 1)]);
+  ColumnChunkSum(partials, shared, N, d, rows_per_chunk, [&](int i, int c) {
     const size_t o = static_cast<size_t>(i) * d + c;
-    acc += dout[o] * x[o] * rstd[i];
-  }
-  dgamma[c] = acc;
+    return dout[o] * x[o] * rstd[i];
+  });
 }
 
 }  // namespace
@@ -65,13 +64,17 @@ void LaunchRmsNormForward(cudaStream_t s, float* sum, float* out, float* rstd, c
 }
 
 void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout,
-                           const float* x, const float* gamma, const float* rstd, int N, int d) {
+                           const float* x, const float* gamma, const float* rstd, int N, int d, float* partials) {
   if (N == 0) return;
   SINKSCOPE_COST(16.0 * N * d + 4.0 * d + 4.0 * N, 8.0 * N * d);
   SINKSCOPE_LAUNCH(RmsNormBackwardRowsKernel, N, kBlock, 0, s)(dx, base, dout, x, gamma, rstd, d);
   if (dgamma != nullptr) {
-    SINKSCOPE_COST(8.0 * N * d + 4.0 * N + 8.0 * d, 3.0 * N * d);
-    SINKSCOPE_LAUNCH(RmsNormGammaGradKernel, GridFor(d, 128), 128, 0, s)(dgamma, dout, x, rstd, N, d);
+    int rows_per_chunk = 0;
+    const dim3 grid = ColumnGrid(N, d, &rows_per_chunk);
+    SINKSCOPE_COST(8.0 * N * d + 4.0 * N + 4.0 * grid.y * d, 3.0 * N * d);
+    SINKSCOPE_LAUNCH(RmsNormGammaPartialsKernel, grid, ColumnBlock(), 0, s)(partials, dout, x, rstd, N, d,
+                                                                            rows_per_chunk);
+    LaunchColumnPartialsSum(s, dgamma, partials, static_cast<int>(grid.y), d);
   }
 }
 

@@ -1,5 +1,6 @@
 // V-scale (METRICS.md): v̂ = φ(r)·v per (token, KV head) row, in double like the CPU
-// backend; θ's gradient from per-row contributions summed over the rows in order.
+// backend; θ's gradient from per-row contributions summed in two passes (chunks of rows
+// in parallel, each a fixed tree, then the chunks in order): deterministic, no atomics.
 #include "engine/cuda/kernel_math.h"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
@@ -40,12 +41,23 @@ __global__ void VScaleBackwardKernel(float* dv, double* row_dtheta, const float*
   row_dtheta[row] = kmath::VScaleThetaGrad(r, C, vg);
 }
 
-// dtheta[g] += Σ_rows row_dtheta[i, g], rows in order (one thread per KV head).
-__global__ void ThetaSumKernel(float* dtheta, const double* row_dtheta, int N, int KV) {
+// θ's first pass: block (chunk, g) sums row_dtheta[i, g] over its chunk of rows.
+__global__ void ThetaPartialsKernel(double* partials, const double* row_dtheta, int N, int KV, int rows_per_chunk) {
+  SINKSCOPE_SHARED(double, shared, [33]);
+  const int chunk = blockIdx.x, g = blockIdx.y;
+  const int row0 = chunk * rows_per_chunk, row1 = N < row0 + rows_per_chunk ? N : row0 + rows_per_chunk;
+  double s = 0;
+  for (int i = row0 + threadIdx.x; i < row1; i += blockDim.x) s += row_dtheta[static_cast<size_t>(i) * KV + g];
+  s = BlockSum(s, shared);
+  if (threadIdx.x == 0) partials[static_cast<size_t>(chunk) * KV + g] = s;
+}
+
+// The second pass: dtheta[g] += Σ_chunks partials[chunk, g] in order (one thread per head).
+__global__ void ThetaSumKernel(float* dtheta, const double* partials, int chunks, int KV) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= KV) return;
   double s = 0;
-  for (int i = 0; i < N; ++i) s += row_dtheta[static_cast<size_t>(i) * KV + g];
+  for (int k = 0; k < chunks; ++k) s += partials[static_cast<size_t>(k) * KV + g];
   dtheta[g] += static_cast<float>(s);
 }
 
@@ -63,9 +75,13 @@ void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_
   const size_t rows = static_cast<size_t>(N) * KV;
   SINKSCOPE_COST(12.0 * rows * dh + 8.0 * rows + 4.0 * KV, 6.0 * rows * dh);
   SINKSCOPE_LAUNCH(VScaleBackwardKernel, GridFor(rows, 128), 128, 0, s)(dv, row_dtheta, dvhat, v, theta, N, KV, dh, c_base);
-  if (dtheta != nullptr) {
-    SINKSCOPE_COST(8.0 * rows + 4.0 * KV, 1.0 * rows);
-    SINKSCOPE_LAUNCH(ThetaSumKernel, 1, 32 * ((KV + 31) / 32), 0, s)(dtheta, row_dtheta, N, KV);
+  if (dtheta != nullptr && N > 0) {
+    const int chunks = ThetaChunks(N, KV), rows_per_chunk = (N + chunks - 1) / chunks;
+    double* partials = row_dtheta + rows;  // after the per-row contributions (ThetaScratchDoubles)
+    SINKSCOPE_COST(8.0 * rows + 8.0 * chunks * KV, 1.0 * rows);
+    SINKSCOPE_LAUNCH(ThetaPartialsKernel, dim3(chunks, KV), 256, 0, s)(partials, row_dtheta, N, KV, rows_per_chunk);
+    SINKSCOPE_COST(8.0 * chunks * KV + 8.0 * KV, 1.0 * chunks * KV);
+    SINKSCOPE_LAUNCH(ThetaSumKernel, 1, 32 * ((KV + 31) / 32), 0, s)(dtheta, partials, chunks, KV);
   }
 }
 
