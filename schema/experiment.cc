@@ -782,7 +782,8 @@ int64_t ProbeReportBoundBytes(const v1::Experiment& e) {
   const int64_t P = e.probe().profile_len(), heads = e.model().heads(), kv = e.model().kv_heads();
   constexpr int64_t kPerTokenSeries = 6 + 9 + 7;  // Bloat/Change/Compress; grad_profile sites; norms
   const int64_t per_layer = kPerTokenSeries * (8 * P + 32)  // packed doubles, tag, length, map key
-                            + 4 * (8 * heads + 8)           // alpha, column mass, second moment, per-sample fraction
+                            + 8 * (8 * heads + 8)           // alpha, column mass, second moment, per-sample fraction;
+                                                            // the arms' unassigned mass, gate mean/sink/rest
                             + 2 * (8 * kv + 8)              // θ, C
                             + 7 * 24                        // norm_ratio entries
                             + 256;                          // scalars, massive activations, the layer's envelope
