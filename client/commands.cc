@@ -517,10 +517,16 @@ int WriteReportOf(const std::string& id, const report::ReportInput& input, const
 int ReportCommand(const GlobalOptions& options, const Args& args) {
   // With --probe FILE the figures come from one probe written by `sinkscope probe --local --json`
   // (a pretrained model, say), not from a coordinator: no experiment ID then.
+  // With --train-dir they come from the runs sinkscope-train wrote (metrics.jsonl, probes.jsonl).
   const bool from_probe = args.values.count("--probe") > 0;
-  if (!from_probe && args.positional.empty()) return UsageError("report", "an experiment ID is required");
-  if (from_probe && !args.positional.empty()) {
-    return UsageError("report", "nothing but --probe FILE, got " + args.positional[0]);
+  const bool from_train = args.values.count("--train-dir") > 0;
+  if (from_probe && from_train) return UsageError("report", "--probe and --train-dir exclude each other");
+  if (!from_probe && !from_train && args.positional.empty()) {
+    return UsageError("report", "an experiment ID is required (or --probe FILE, or --train-dir DIR)");
+  }
+  if ((from_probe || from_train) && !args.positional.empty()) {
+    return UsageError("report", std::string("nothing but ") + (from_probe ? "--probe FILE" : "--train-dir DIR") +
+                                    ", got " + args.positional[0]);
   }
   report::ReportOptions ro;
   if (args.values.count("--step")) {
@@ -553,6 +559,22 @@ int ReportCommand(const GlobalOptions& options, const Args& args) {
       return kExitUsage;
     }
     input = std::move(*read);
+  } else if (from_train) {
+    std::vector<std::string> dirs;
+    std::stringstream list(args.values.at("--train-dir"));
+    for (std::string dir; std::getline(list, dir, ',');) {
+      if (!dir.empty()) dirs.push_back(dir);
+    }
+    if (dirs.empty()) return UsageError("report", "--train-dir names no directory");
+    id = args.values.count("--label") ? args.values.at("--label")
+                                      : std::filesystem::path(dirs[0]).lexically_normal().filename().string();
+    if (id.empty()) id = "train";
+    StatusOr<report::ReportInput> read = report::ReadTrainDirs(dirs, id);
+    if (!read.ok()) {
+      std::fprintf(stderr, "sinkscope report: %s\n", read.status().message().c_str());
+      return kExitUsage;
+    }
+    input = std::move(*read);
   } else {
     id = args.positional[0];
   }
@@ -567,7 +589,7 @@ int ReportCommand(const GlobalOptions& options, const Args& args) {
                                                "or 0, 1, ...), got " + args.values.at("--point"));
     }
   }
-  if (!from_probe) {
+  if (!from_probe && !from_train) {
     if (int exit = FetchExperiment(options, id, &input); exit != kExitOk) return exit;
   }
   // A sweep: one report per point (its runs only, arms side by side), in out/p<k>/, or
@@ -722,6 +744,7 @@ theta. Then a summary: median R_GS over layers, final loss, validation loss, tok
 
 const char kReportUsage[] = R"(usage: sinkscope report ID [--step N] [--layer L] [--arms A,B] [--point P] [--out DIR]
        sinkscope report --probe FILE [--label NAME] [--layer L] [--out DIR]
+       sinkscope report --train-dir DIR[,DIR...] [--label NAME] [--step N] [--layer L] [--arms A,B] [--out DIR]
 
 The paper's figures from an experiment's stored steps and probe reports, as PNG and SVG
 (drawn with PLplot) with the data behind each figure as a tab-separated file beside it,
@@ -752,7 +775,10 @@ at (with its probed steps), a layer past the model's.
   --out DIR    where to write (default: report-ID); created if missing
   --probe FILE the figures of one probe written by `sinkscope probe --local CHECKPOINT --json`
                (a sinkscope checkpoint or a Hugging Face model), without a coordinator
-  --label NAME its name in the figures (default: FILE's name without .json)
+  --train-dir DIR[,DIR...]  the figures of runs sinkscope-train wrote, without a coordinator:
+               each DIR is a run directory ([p<k>-]<arm>-s<seed>/ with probes.jsonl and
+               metrics.jsonl) or train's --out folder of them; all shown as one experiment
+  --label NAME its name in the figures (default: FILE's name without .json; DIR's name)
 )";
 
 const char kExportUsage[] = R"(usage: sinkscope export ID [--format csv|jsonl] [--out FILE]
@@ -836,8 +862,8 @@ const std::vector<Command>& Commands() {
        Compare, {"--step", "--point"}, {}, 1, 1, "an experiment ID"},
       {"export", "ID [--format csv|jsonl] [--out FILE]", "every stored step metric and probe report", kExportUsage,
        Export, {"--format", "--out"}, {}, 1, 1, "an experiment ID"},
-      {"report", "ID | --probe FILE [--out DIR]", "the paper's figures (PNG, SVG, data, index.html)", kReportUsage,
-       ReportCommand, {"--step", "--layer", "--arms", "--out", "--probe", "--label", "--point"}, {}, 0, 1, "an experiment ID"},
+      {"report", "ID | --probe FILE | --train-dir DIR [--out DIR]", "the paper's figures (PNG, SVG, data, index.html)", kReportUsage,
+       ReportCommand, {"--step", "--layer", "--arms", "--out", "--probe", "--label", "--point", "--train-dir"}, {}, 0, 1, "an experiment ID"},
       // Dispatched by main to ProbeCommand: every argument after it is sinkscope-probe's.
       {"probe", "CHECKPOINT ...", "a diagnostic probe of a checkpoint on a worker, stored like any probe (--local: here)",
        nullptr, nullptr},

@@ -14,6 +14,7 @@
 
 #include "client/render.h"
 #include "base/files.h"
+#include "base/numbers.h"
 
 namespace sinkscope::report {
 namespace {
@@ -702,56 +703,98 @@ struct JsonReader {
 
 }  // namespace
 
-StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& label) {
-  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, int64_t{1} << 30));
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return InvalidArgumentError(path + ": not a JSON object (write it with sinkscope probe --local CHECKPOINT --json)");
-  }
-  JsonReader r{path, OkStatus()};
-  v1::ProbeReport p;
+namespace {
+
+// One probe record, as `sinkscope probe --json` and sinkscope-train's probes.jsonl write
+// it, into a ProbeReport; `where` names the file (and line) in errors. *s is the probe's
+// token s (probe_settings.s).
+Status ParseProbeRecord(const nlohmann::json& j, const std::string& where, v1::ProbeReport* out, int* s) {
+  JsonReader r{where, OkStatus()};
+  v1::ProbeReport& p = *out;
   p.set_step(static_cast<int64_t>(r.Number(j, "", "step")));
   p.set_loss(r.Number(j, "", "loss"));
   p.set_r_gs_median(r.Number(j, "", "R_GS_median"));
   p.set_r_gs_q1(r.Number(j, "", "R_GS_q1"));
   p.set_r_gs_q3(r.Number(j, "", "R_GS_q3"));
   const nlohmann::json* settings = r.At(j, "", "probe_settings");
-  const int s = settings ? static_cast<int>(r.Number(*settings, "probe_settings.", "s")) : 0;
+  *s = settings ? static_cast<int>(r.Number(*settings, "probe_settings.", "s")) : 0;
   const nlohmann::json* layers = r.At(j, "", "layers");
   if (layers != nullptr && (!layers->is_array() || layers->empty())) {
-    return InvalidArgumentError(path + ": layers must be a non-empty list");
+    return InvalidArgumentError(where + ": layers must be a non-empty list");
   }
   for (size_t i = 0; layers != nullptr && i < layers->size() && r.status.ok(); ++i) {
     const nlohmann::json& l = (*layers)[i];
-    const std::string where = "layers[" + std::to_string(i) + "].";
+    const std::string at = "layers[" + std::to_string(i) + "].";
     v1::LayerProbe* lp = p.add_layers();
     lp->set_layer(static_cast<int>(i));
-    lp->set_r_gs(r.Number(l, where, "R_GS"));
-    r.SeriesMap(l, where, "grad_profile", lp->mutable_grad_profile());
-    r.SeriesMap(l, where, "norms", lp->mutable_norms());
-    r.Numbers(l, where, "attn_bloat", lp->mutable_attn_bloat());
-    r.Numbers(l, where, "attn_change", lp->mutable_attn_change());
-    r.Numbers(l, where, "attn_compress", lp->mutable_attn_compress());
-    r.Numbers(l, where, "mlp_bloat", lp->mutable_mlp_bloat());
-    r.Numbers(l, where, "mlp_change", lp->mutable_mlp_change());
-    r.Numbers(l, where, "mlp_compress", lp->mutable_mlp_compress());
-    r.Numbers(l, where, "theta", lp->mutable_theta());
+    lp->set_r_gs(r.Number(l, at, "R_GS"));
+    r.SeriesMap(l, at, "grad_profile", lp->mutable_grad_profile());
+    r.SeriesMap(l, at, "norms", lp->mutable_norms());
+    r.Numbers(l, at, "attn_bloat", lp->mutable_attn_bloat());
+    r.Numbers(l, at, "attn_change", lp->mutable_attn_change());
+    r.Numbers(l, at, "attn_compress", lp->mutable_attn_compress());
+    r.Numbers(l, at, "mlp_bloat", lp->mutable_mlp_bloat());
+    r.Numbers(l, at, "mlp_change", lp->mutable_mlp_change());
+    r.Numbers(l, at, "mlp_compress", lp->mutable_mlp_compress());
+    r.Numbers(l, at, "theta", lp->mutable_theta());
     // The attention arms' observables, present only in their reports.
-    for (const auto& [key, out] :
+    for (const auto& [key, field] :
          {std::pair<const char*, google::protobuf::RepeatedField<double>*>{"unassigned_mass",
                                                                            lp->mutable_unassigned_mass()},
           {"gate_mean", lp->mutable_gate_mean()}, {"gate_sink", lp->mutable_gate_sink()},
           {"gate_rest", lp->mutable_gate_rest()}}) {
-      if (l.contains(key)) r.Numbers(l, where, key, out);
+      if (l.contains(key)) r.Numbers(l, at, key, field);
     }
-    lp->set_sink_rate(r.Number(l, where, "sink_rate"));
-    if (const nlohmann::json* ratio = r.At(l, where, "norm_ratio"); ratio != nullptr && ratio->is_object()) {
+    lp->set_sink_rate(r.Number(l, at, "sink_rate"));
+    if (const nlohmann::json* ratio = r.At(l, at, "norm_ratio"); ratio != nullptr && ratio->is_object()) {
       for (auto it = ratio->begin(); it != ratio->end(); ++it) {
-        (*lp->mutable_norm_ratio())[it.key()] = r.Number(*ratio, where + "norm_ratio.", it.key().c_str());
+        (*lp->mutable_norm_ratio())[it.key()] = r.Number(*ratio, at + "norm_ratio.", it.key().c_str());
       }
     }
+    // Figure 7's massive-activation panel and the summaries read these when present.
+    if (const auto m = l.find("massive"); m != l.end() && m->is_object()) {
+      v1::MassiveActivations* ma = lp->mutable_massive();
+      const std::string in = at + "massive.";
+      ma->set_top1_over_median(r.Number(*m, in, "top1_over_median"));
+      ma->set_median(r.Number(*m, in, "median"));
+      r.Numbers(*m, in, "top3", ma->mutable_top3());
+      ma->set_top1_sequence(static_cast<int64_t>(r.Number(*m, in, "top1_sequence")));
+      ma->set_top1_token(static_cast<int>(r.Number(*m, in, "top1_token")));
+      ma->set_top1_channel(static_cast<int>(r.Number(*m, in, "top1_channel")));
+    }
   }
-  RETURN_IF_ERROR(r.status);
+  return r.status;
+}
+
+// The run directory's name as sinkscope-train writes it: [p<k>-]<arm>-s<seed>.
+bool ParseRunDirName(const std::string& name, int* point, v1::Arm* arm, int64_t* seed) {
+  std::string rest = name;
+  *point = -1;
+  if (rest.size() > 1 && rest[0] == 'p' && std::isdigit(static_cast<unsigned char>(rest[1]))) {
+    const size_t dash = rest.find('-');
+    int64_t k = 0;
+    if (dash == std::string::npos || !ParseWholeInteger(rest.substr(1, dash - 1), &k) || k > INT32_MAX) return false;
+    *point = static_cast<int>(k);
+    rest = rest.substr(dash + 1);
+  }
+  const size_t s = rest.rfind("-s");
+  if (s == std::string::npos || !ParseWholeInteger(rest.substr(s + 2), seed)) return false;
+  std::string upper = rest.substr(0, s);
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return v1::Arm_Parse(upper, arm) && *arm != v1::ARM_UNSPECIFIED;
+}
+
+}  // namespace
+
+StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& label) {
+  ASSIGN_OR_RETURN(const std::string text, ReadRegularFile(path, path, int64_t{1} << 30));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return InvalidArgumentError(path + ": not a JSON object (write it with sinkscope probe --local CHECKPOINT --json)");
+  }
+  v1::ProbeReport p;
+  int s = 0;
+  RETURN_IF_ERROR(ParseProbeRecord(j, path, &p, &s));
   ReportInput input;
   input.label = label;
   v1::ExperimentSummary& e = input.experiment;
@@ -777,6 +820,125 @@ StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& 
   v1::GetRunMetricsResponse& m = input.metrics[label];
   *m.mutable_run() = *run;
   *m.add_probes() = std::move(p);
+  return input;
+}
+
+StatusOr<ReportInput> ReadTrainDirs(const std::vector<std::string>& dirs, const std::string& label) {
+  namespace fs = std::filesystem;
+  struct Found {
+    std::string dir, name;
+    int point;
+    v1::Arm arm;
+    int64_t seed;
+  };
+  std::vector<Found> runs;
+  for (const std::string& dir : dirs) {
+    std::error_code ec;
+    if (!fs::is_directory(dir, ec)) return NotFoundError(dir + ": not a directory (give sinkscope-train's --out)");
+    std::vector<fs::path> candidates;
+    if (fs::exists(fs::path(dir) / "probes.jsonl", ec)) {
+      candidates.push_back(fs::path(dir));
+    } else {
+      for (const fs::directory_entry& d : fs::directory_iterator(dir, ec)) {
+        if (d.is_directory(ec) && fs::exists(d.path() / "probes.jsonl", ec)) candidates.push_back(d.path());
+      }
+      if (ec) return InvalidArgumentError(dir + ": cannot list it: " + ec.message());
+    }
+    std::sort(candidates.begin(), candidates.end());
+    for (const fs::path& c : candidates) {
+      Found f{c.string(), c.filename().string(), -1, v1::ARM_UNSPECIFIED, 0};
+      if (f.name.empty()) f.name = c.parent_path().filename().string();
+      if (!ParseRunDirName(f.name, &f.point, &f.arm, &f.seed)) {
+        return InvalidArgumentError(c.string() + ": a run directory is named [p<k>-]<arm>-s<seed> as sinkscope-train "
+                                                 "writes it (baseline-s0, p1-vscale-s2), got " + f.name);
+      }
+      runs.push_back(f);
+    }
+    if (candidates.empty()) {
+      return NotFoundError(dir + ": no run in it (a run directory holds the probes.jsonl sinkscope-train writes)");
+    }
+  }
+  std::set<std::string> names;
+  std::set<int> points;
+  for (const Found& f : runs) {
+    if (!names.insert(f.name).second) {
+      return InvalidArgumentError("two runs are named " + f.name + " (give directories of one experiment)");
+    }
+    points.insert(f.point < 0 ? 0 : f.point);
+  }
+  ReportInput input;
+  v1::ExperimentSummary& e = input.experiment;
+  e.set_experiment_id(label);
+  e.set_name(label);
+  e.set_state(v1::COMPLETED);
+  std::set<int> arms;
+  int layers = 0, s = 0;
+  for (const Found& f : runs) {
+    const std::string run_id = label + "-" + f.name;
+    v1::GetRunMetricsResponse& m = input.metrics[run_id];
+    // probes.jsonl: one probe record a line.
+    const std::string probes_path = f.dir + "/probes.jsonl";
+    ASSIGN_OR_RETURN(const std::string probes, ReadRegularFile(probes_path, probes_path, int64_t{1} << 32));
+    std::istringstream lines(probes);
+    int line_no = 0;
+    for (std::string line; std::getline(lines, line);) {
+      ++line_no;
+      if (line.empty()) continue;
+      const std::string where = probes_path + ":" + std::to_string(line_no);
+      nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded() || !j.is_object()) return InvalidArgumentError(where + ": not a JSON object");
+      v1::ProbeReport* p = m.add_probes();
+      RETURN_IF_ERROR(ParseProbeRecord(j, where, p, &s));
+      layers = std::max(layers, p->layers_size());
+    }
+    // metrics.jsonl: one step a line (absent: no training curve for this run).
+    const std::string metrics_path = f.dir + "/metrics.jsonl";
+    std::error_code ec;
+    if (fs::exists(metrics_path, ec)) {
+      ASSIGN_OR_RETURN(const std::string steps, ReadRegularFile(metrics_path, metrics_path, int64_t{1} << 32));
+      std::istringstream step_lines(steps);
+      line_no = 0;
+      for (std::string line; std::getline(step_lines, line);) {
+        ++line_no;
+        if (line.empty()) continue;
+        const std::string where = metrics_path + ":" + std::to_string(line_no);
+        nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        if (j.is_discarded() || !j.is_object()) return InvalidArgumentError(where + ": not a JSON object");
+        JsonReader r{where, OkStatus()};
+        v1::StepMetrics* st = m.add_steps();
+        st->set_step(static_cast<int64_t>(r.Number(j, "", "step")));
+        st->set_loss(r.Number(j, "", "loss"));
+        if (j.contains("lr")) st->set_learning_rate(r.Number(j, "", "lr"));
+        if (j.contains("grad_norm")) st->set_grad_norm(r.Number(j, "", "grad_norm"));
+        if (j.contains("tokens_per_second")) st->set_tokens_per_second(r.Number(j, "", "tokens_per_second"));
+        if (j.contains("mfu")) st->set_mfu(r.Number(j, "", "mfu"));
+        if (j.contains("val_loss") && !j["val_loss"].is_null()) st->set_val_loss(r.Number(j, "", "val_loss"));
+        RETURN_IF_ERROR(r.status);
+      }
+    }
+    v1::RunSummary* run = e.add_runs();
+    run->set_run_id(run_id);
+    run->set_experiment_id(label);
+    run->set_arm(f.arm);
+    run->set_seed(f.seed);
+    run->set_state(v1::SUCCEEDED);
+    if (points.size() > 1) {  // a sweep's points apart; one point needs no label
+      run->set_point_index(f.point < 0 ? 0 : f.point);
+      run->set_point("p" + std::to_string(run->point_index()));
+    }
+    run->set_probe_reports(m.probes_size());
+    if (m.steps_size() > 0) {
+      run->set_step(m.steps(m.steps_size() - 1).step());
+      run->set_loss(m.steps(m.steps_size() - 1).loss());
+    } else if (m.probes_size() > 0) {
+      run->set_step(m.probes(m.probes_size() - 1).step());
+    }
+    *m.mutable_run() = *run;
+    arms.insert(f.arm);
+  }
+  for (int a : arms) e.mutable_spec()->add_arms(static_cast<v1::Arm>(a));
+  e.mutable_spec()->mutable_model()->set_layers(layers);
+  e.mutable_spec()->mutable_probe()->set_sink_position(s);
   return input;
 }
 

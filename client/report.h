@@ -23,6 +23,11 @@ struct ReportInput {
 // the key that is missing or mistyped.
 StatusOr<ReportInput> ReadProbeJson(const std::string& path, const std::string& label);
 
+// The runs sinkscope-train wrote: each dir is a run directory (holding probes.jsonl and
+// metrics.jsonl, named [p<k>-]<arm>-s<seed>) or a folder of them (train's --out), all
+// shown as one experiment named `label`. Errors name the file and line.
+StatusOr<ReportInput> ReadTrainDirs(const std::vector<std::string>& dirs, const std::string& label);
+
 struct ReportOptions {
   int64_t step = 0;               // probe step of the per-step figures; 0: latest probed in every run
   int layer = -1;                 // layer of Figures 2 and 12; −1: the middle layer (layers / 2)

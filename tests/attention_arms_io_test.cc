@@ -57,7 +57,9 @@ TEST_P(ArmIoTest, CheckpointAndHuggingFaceRoundTrip) {
   std::vector<float> params = (*m)->ParamsToHost();
   for (size_t i = 0; i < params.size(); ++i) params[i] += 1e-3f * static_cast<float>(i % 7);  // sinks not at init
   (*m)->ParamsFromHost(params);
-  if (*p.tensor) ASSERT_NE((*m)->FindTensor(std::string("model.layers.1.self_attn.") + p.tensor), nullptr);
+  if (*p.tensor) {
+    ASSERT_NE((*m)->FindTensor(std::string("model.layers.1.self_attn.") + p.tensor), nullptr);
+  }
 
   // Checkpoint: same config and parameters back.
   const std::string dir = TempDir(p.name);

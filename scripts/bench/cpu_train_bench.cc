@@ -23,6 +23,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -309,6 +310,7 @@ ModelConfig QuickstartModel(VScaleMode mode) {
   m.vocab = 257;
   m.context = 128;
   m.vscale = mode;
+  m.sigmoid_bias = -std::log(static_cast<double>(m.context));  // the schema's default, −ln T (unused by this arm)
   return m;
 }
 

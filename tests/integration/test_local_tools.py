@@ -287,6 +287,51 @@ class LocalToolsTest(unittest.TestCase):
         self.assertIn(f"{bad}: layers[1].norms is missing", r.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "never")))
 
+    def test_report_of_a_train_dir(self):
+        """sinkscope report --train-dir draws the runs sinkscope-train wrote, without a coordinator:
+        Figure 7's sink rate, Figure 12's value norms over the probed steps and the loss curve are
+        the files' numbers; a bad line and a misnamed run directory are named."""
+        cli = harness.binary("sinkscope")
+        out = os.path.join(self.dir, "train-report")
+        r = subprocess.run([cli, "report", "--train-dir", self.reference, "--out", out], capture_output=True,
+                           text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+        def rows(name):
+            with open(os.path.join(out, name + ".tsv")) as f:
+                return [l.rstrip("\n").split("\t") for l in f if not l.startswith("#")][1:]
+
+        last = self.probes[-1]
+        sink = [row for row in rows("fig07_sink_rate_and_norms") if row[0] == "sink_rate"]
+        self.assertEqual(len(sink), len(last["layers"]))
+        for panel, series, tag, x, y, err, z in sink:
+            self.assertEqual(float(y), last["layers"][int(float(x))]["sink_rate"])
+        layer = len(last["layers"]) // 2
+        fig12 = [row for row in rows("fig12_value_norms") if row[1].startswith("token s")]
+        self.assertEqual([int(float(row[3])) for row in fig12], [p["step"] for p in self.probes])
+        for row, p in zip(fig12, self.probes):
+            want = p["layers"][layer]["norms"]["v"][0]
+            self.assertLessEqual(abs(float(row[4]) - want), 1e-12 * abs(want))
+        curve = [row for row in rows("training_curves") if row[0] == "loss"]
+        self.assertEqual([float(row[4]) for row in curve], [m["loss"] for m in self.metrics])
+        # A line that is not JSON: the file and line named, exit 2, nothing written.
+        bad = os.path.join(self.dir, "bad-train", "vscale-s0")
+        os.makedirs(bad)
+        shutil.copy(os.path.join(self.reference, "vscale-s0", "metrics.jsonl"), bad)
+        with open(os.path.join(bad, "probes.jsonl"), "w") as f:
+            f.write(json.dumps(self.probes[0]) + "\n{not json\n")
+        never = os.path.join(self.dir, "never-train")
+        r = subprocess.run([cli, "report", "--train-dir", os.path.dirname(bad), "--out", never], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn(os.path.join(bad, "probes.jsonl") + ":2: not a JSON object", r.stderr)
+        os.rename(bad, os.path.join(self.dir, "bad-train", "someone"))
+        r = subprocess.run([cli, "report", "--train-dir", os.path.dirname(bad), "--out", never], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("named [p<k>-]<arm>-s<seed>", r.stderr)
+        self.assertFalse(os.path.exists(never))
+
     def restamped_v1(self, data):
         """The checkpoint `data` as format 1 wrote it: version 1 and FNV-1a (with format 1's offset
         basis, FNV's short of its last digit) over everything before the checksum."""
