@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -364,7 +365,7 @@ std::string KnownValues(const pb::EnumDescriptor* e) {
 
 // The largest number of training tokens the text at `paths` can give: each byte is one
 // token, and each file adds at most one end-of-text token. Stops counting at `enough`.
-StatusOr<int64_t> TextTokenBound(const v1::TextData& text, int64_t enough) {
+StatusOr<int64_t> TextTokenBound(const v1::TextData& text, int64_t enough, const std::function<bool()>& stop) {
   namespace fs = std::filesystem;
   int64_t total = 0;
   auto add = [&](const fs::path& p, std::error_code& ec) {
@@ -383,8 +384,13 @@ StatusOr<int64_t> TextTokenBound(const v1::TextData& text, int64_t enough) {
     }
     fs::recursive_directory_iterator it(text.paths(i), fs::directory_options::none, ec);
     if (ec) return InvalidArgumentError(field + ": cannot list " + text.paths(i) + ": " + ec.message());
+    int64_t listed = 0;
     for (; it != fs::recursive_directory_iterator() && total < enough; it.increment(ec)) {
       if (ec) break;
+      if (stop && ++listed % 256 == 0 && stop()) {
+        return CancelledError(field + ": the check stopped after " + std::to_string(listed) +
+                              " entries of " + text.paths(i) + ": the client cancelled or its deadline passed");
+      }
       std::error_code type_ec;
       if (!it->is_regular_file(type_ec)) continue;
       const std::string name = it->path().filename().string();
@@ -443,13 +449,13 @@ StatusOr<int64_t> ShardTokens(const std::string& pattern, const std::string& fie
 // The data holds one window of model.context + 1 tokens in its training split (and in
 // its validation split, where that is known without reading the data): what the worker
 // needs to draw a batch.
-Status CheckDataHoldsContext(const v1::Experiment& e) {
+Status CheckDataHoldsContext(const v1::Experiment& e, const std::function<bool()>& stop) {
   const int64_t need = static_cast<int64_t>(e.model().context()) + 1;
   const std::string rule = "model.context: " + std::to_string(e.model().context()) + " needs windows of " +
                            "model.context + 1 = " + std::to_string(need) + " tokens, but ";
   const v1::DataSpec& d = e.data();
   if (d.has_text()) {
-    ASSIGN_OR_RETURN(const int64_t bound, TextTokenBound(d.text(), need));
+    ASSIGN_OR_RETURN(const int64_t bound, TextTokenBound(d.text(), need, stop));
     if (bound < need) {
       return InvalidArgumentError(rule + "data.text.paths hold at most " + std::to_string(bound) +
                                   " byte-level tokens");
@@ -483,6 +489,12 @@ StatusOr<v1::Experiment> ParseExperimentText(const std::string& text, const std:
   YAML::Node root;
   try {
     root = YAML::Load(text);
+  } catch (const YAML::DeepRecursion& e) {
+    // yaml-cpp's guard says only "bad file": name what is wrong (an experiment file is a
+    // few levels deep; the parser stops at 2,000 of its levels, about 1,000 of nesting).
+    return InvalidArgumentError(source + ":" + std::to_string(e.mark.line + 1) +
+                                ": nested too deeply (over 1,000 levels of mappings or lists; an experiment file "
+                                "needs at most 4)");
   } catch (const YAML::ParserException& e) {
     return InvalidArgumentError(source + ":" + std::to_string(e.mark.line + 1) + ": not valid YAML or JSON: " + e.msg);
   }
@@ -801,7 +813,7 @@ Status CheckProbeReportFits(const v1::Experiment& e) {
                               " a report may take (the gRPC message limit); lower probe.profile_len or model.layers");
 }
 
-Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
+Status ValidateExperiment(const v1::Experiment& e, bool check_paths, const std::function<bool()>& stop) {
   auto bad = [](const std::string& path, const std::string& rule) { return InvalidArgumentError(path + ": " + rule); };
   // Real numbers: finite, and positive (or not negative).
   auto positive = [&](const char* path, double v) -> Status {
@@ -1075,7 +1087,7 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths) {
     return bad("checkpoint.every", "must not be negative, got " + std::to_string(e.checkpoint().every()));
   }
   // Last, as it reads the data's sizes: the context fits in the data.
-  if (check_paths) RETURN_IF_ERROR(CheckDataHoldsContext(e));
+  if (check_paths) RETURN_IF_ERROR(CheckDataHoldsContext(e, stop));
   return OkStatus();
 }
 

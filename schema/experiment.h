@@ -5,6 +5,8 @@
 // model.heads (4), got 3".
 #pragma once
 
+#include <functional>
+
 #include <string>
 
 #include "proto/sinkscope/v1/experiment.pb.h"
@@ -21,8 +23,11 @@ StatusOr<v1::Experiment> LoadExperimentFile(const std::string& path);
 // Fills every optional field left out with its documented default.
 void ApplyDefaults(v1::Experiment& experiment);
 // Checks every rule on a defaulted experiment; the message names the field path.
-// `check_paths` also requires data paths to exist on this machine.
-Status ValidateExperiment(const v1::Experiment& experiment, bool check_paths);
+// `check_paths` also requires data paths to exist on this machine; `stop` (when set) is
+// asked while the data folders are listed, and a true answer (the client cancelled, its
+// deadline passed) ends the check with CANCELLED.
+Status ValidateExperiment(const v1::Experiment& experiment, bool check_paths,
+                          const std::function<bool()>& stop = {});
 
 // What one run of an experiment needs in memory on the CPU backend (fp32), computed in
 // double so absurd sizes cannot overflow: parameters, gradients and AdamW's two moments

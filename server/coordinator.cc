@@ -255,10 +255,10 @@ StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(Store* store, Exporte
   return c;
 }
 
-StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
+StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e, const std::function<bool()>& stop) {
   const v1::Experiment submitted = e;
   ApplyDefaults(e);
-  RETURN_IF_ERROR(ValidateExperiment(e, options_.check_data_paths && e.sweep_size() == 0));
+  RETURN_IF_ERROR(ValidateExperiment(e, options_.check_data_paths && e.sweep_size() == 0, stop));
   // The points of a sweep (one without): each is an experiment of its own, checked whole.
   struct Point {
     std::string label;
@@ -272,7 +272,8 @@ StatusOr<v1::SubmitExperimentResponse> Coordinator::Submit(v1::Experiment e) {
     for (int64_t i = 0; i < n; ++i) {
       Point p;
       ASSIGN_OR_RETURN(v1::Experiment pe, SweepPointExperiment(submitted, i, &p.label));
-      if (Status st = ValidateExperiment(pe, options_.check_data_paths); !st.ok()) {
+      if (Status st = ValidateExperiment(pe, options_.check_data_paths, stop); !st.ok()) {
+        if (st.code() == StatusCode::kCancelled) return st;
         return InvalidArgumentError("sweep point " + std::to_string(i) + " (" + p.label + "): " + st.message());
       }
       p.spec = std::make_shared<const v1::Experiment>(std::move(pe));
@@ -1132,6 +1133,13 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
                                           p.sequence() != r.step()) {
             refused = spec.has_diagnostic() ? "a diagnostic probe job's report has sequence 1 and a step >= 0"
                                             : "step outside [1, train.steps] or not equal to the sequence number";
+          } else if (!spec.has_diagnostic() &&
+                     !(spec.probe().every() > 0 && (r.step() == 1 || r.step() % spec.probe().every() == 0 ||
+                                                    r.step() == it->second.record.summary.total_steps()))) {
+            // The run loop probes at step 1, every probe.every steps and the last (IsProbeStep):
+            // a report at any other step is refused, so one run holds at most
+            // train.steps / probe.every + 2 reports.
+            refused = "step is not a probe step (1, every probe.every steps, the last)";
           } else if (r.layers_size() > m.layers()) {
             refused = "more layers than model.layers";
           } else {

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -82,7 +83,8 @@ class Coordinator {
   static StatusOr<std::unique_ptr<Coordinator>> Create(Store* store, Exporter* exporter, const Options& options);
 
   // --- ExperimentService ---------------------------------------------------------
-  StatusOr<v1::SubmitExperimentResponse> Submit(v1::Experiment experiment);
+  // `stop` (optional) says the client has gone: the data check ends early with CANCELLED.
+  StatusOr<v1::SubmitExperimentResponse> Submit(v1::Experiment experiment, const std::function<bool()>& stop = {});
   StatusOr<v1::ExperimentSummary> GetExperiment(const std::string& id, bool with_spec);
   v1::ListExperimentsResponse ListExperiments(int limit);
   StatusOr<v1::ExperimentSummary> Cancel(const std::string& id);

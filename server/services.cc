@@ -188,7 +188,7 @@ grpc::Status ExperimentServiceImpl::SubmitExperiment(grpc::ServerContext* ctx, c
                                                      v1::SubmitExperimentResponse* resp) {
   if (grpc::Status auth = auth_.Check(*ctx, "SubmitExperiment"); !auth.ok()) return auth;
   if (!req->has_experiment()) return Invalid("experiment", "is required");
-  auto r = coordinator_->Submit(req->experiment());
+  auto r = coordinator_->Submit(req->experiment(), [ctx] { return ctx->IsCancelled(); });
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = std::move(*r);
   return grpc::Status::OK;

@@ -24,6 +24,7 @@ using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 const std::string kQuickstart = std::string(SINKSCOPE_SOURCE_DIR) + "/examples/quickstart.yaml";
@@ -370,6 +371,21 @@ TEST(ExperimentFileErrors, MalformedYamlNamesTheLine) {
   EXPECT_THAT(s.message(), AllOf(StartsWith("bad.yaml:"), HasSubstr("not valid YAML or JSON")));
 }
 
+TEST(ExperimentFileErrors, DeepNestingIsNamedNotABadFile) {
+  // yaml-cpp's depth guard used to surface as "bad file"; flow and block style alike.
+  std::string flow = "name: t\nmodel: ";
+  for (int i = 0; i < 1200; ++i) flow += "{a: ";
+  flow += "1";
+  for (int i = 0; i < 1200; ++i) flow += "}";
+  Status s = ParseError(flow + "\n");
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), AllOf(StartsWith("bad.yaml:2: nested too deeply"), Not(HasSubstr("bad file"))));
+  std::string block = "name: t\nmodel:\n";
+  for (int i = 0; i < 1200; ++i) block += std::string(2 * (i + 1), ' ') + "a:\n";
+  s = ParseError(block);
+  EXPECT_THAT(s.message(), AllOf(StartsWith("bad.yaml:"), HasSubstr("nested too deeply")));
+}
+
 TEST(ExperimentFileErrors, FieldGivenTwice) {
   // yaml-cpp keeps both keys; the loader must not let the second silently win or merge.
   EXPECT_EQ(ParseError("name: t\nmodel:\n  layers: 2\n  layers: 3\n").message(),
@@ -678,6 +694,21 @@ TEST_F(ContextAgainstData, TextMustHoldOneWindow) {
               HasSubstr("hold at most 21 byte-level tokens"));
   std::ofstream((dir_ / "more.txt").string()) << std::string(100, 'y');
   EXPECT_TRUE(ValidateExperiment(Text(dir_.string(), "model: {context: 32}\nprobe: {ref_span: 15}\n"), true).ok());
+}
+
+TEST_F(ContextAgainstData, ListingAFolderStopsWhenTheClientHasGone) {
+  // Issue 28, finding 3: the check over a large data folder used to run on after the client
+  // gave up. Here 2,000 excluded files; `stop` answers true from its first question on.
+  for (int i = 0; i < 2000; ++i) std::ofstream((dir_ / ("f" + std::to_string(i) + ".dat")).string()) << "x";
+  const v1::Experiment e = Text(dir_.string(), "model: {context: 32}\nprobe: {ref_span: 15}\n");
+  int asked = 0;
+  const Status s = ValidateExperiment(e, /*check_paths=*/true, [&] { return ++asked > 0; });
+  EXPECT_EQ(s.code(), StatusCode::kCancelled);
+  EXPECT_THAT(s.message(), AllOf(StartsWith("data.text.paths[0]: the check stopped after 256 entries of "),
+                                 HasSubstr("the client cancelled or its deadline passed")));
+  EXPECT_EQ(asked, 1);
+  // Never stopped: the whole folder is listed and the rule decides.
+  EXPECT_THAT(ValidateExperiment(e, true, [] { return false; }).message(), HasSubstr("hold at most 0 byte-level"));
 }
 
 TEST_F(ContextAgainstData, ShardsMustHoldOneWindowInEachSplit) {

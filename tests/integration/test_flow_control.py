@@ -382,6 +382,14 @@ class FlowControlTest(unittest.TestCase):
             wait_for(lambda: len(w.refusals()) == 3, 30, "three refusals")
             self.assertEqual(sorted(a.ack.progress_step for a in w.messages() if a.HasField("ack")), [-3, 0, 21])
             self.assertIn("progress.metrics.step 21 is outside [1, train.steps] = [1, 20]", w.refusals())
+            # Finding 5's last part: a report at a step the run loop never probes (probe.every 5:
+            # steps 1, 5, 10, 15, 20) is refused, so a run holds at most steps / every + 2 reports.
+            m = self.pb.WorkerMessage()
+            m.probe.run_id, m.probe.attempt, m.probe.sequence = run_id, 1, 7
+            m.probe.report.step = 7
+            w.send(m)
+            wait_for(lambda: any("not a probe step" in r for r in w.refusals()), 30, "the probe refusal")
+            self.assertEqual(c.sql("SELECT COUNT(*) FROM probe_reports WHERE run_id = ? AND step = 7", run_id), [(0,)])
             # A worker sending refused messages in a loop: every one acked with the reason, the
             # log keeps to 10 lines a second per kind and counts what it left out.
             for _ in range(300):
@@ -389,12 +397,12 @@ class FlowControlTest(unittest.TestCase):
                 m.progress.run_id, m.progress.attempt = run_id, 1
                 m.progress.metrics.step = 0
                 w.send(m)
-            wait_for(lambda: len(w.refusals()) == 303, 60, "303 refusals")
+            wait_for(lambda: len(w.refusals()) == 304, 60, "304 refusals")
             lines = c.coordinator.output().count("event=progress_refused")
             self.assertLess(lines, 100)
             time.sleep(1.2)  # the next second's first line counts what was left out
             w.send(m)
-            wait_for(lambda: len(w.refusals()) == 304, 60, "304 refusals")
+            wait_for(lambda: len(w.refusals()) == 305, 60, "305 refusals")
             self.assertRegex(c.coordinator.output(), r"event=progress_refused .*unlogged_before=[1-9]")
         finally:
             w.close()
