@@ -8,8 +8,9 @@
 #include <functional>
 #include <set>
 
-#include "schema/experiment.h"
+#include "base/cadence.h"
 #include "base/log.h"
+#include "schema/experiment.h"
 
 namespace sinkscope {
 namespace {
@@ -1134,11 +1135,9 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
             refused = spec.has_diagnostic() ? "a diagnostic probe job's report has sequence 1 and a step >= 0"
                                             : "step outside [1, train.steps] or not equal to the sequence number";
           } else if (!spec.has_diagnostic() &&
-                     !(spec.probe().every() > 0 && (r.step() == 1 || r.step() % spec.probe().every() == 0 ||
-                                                    r.step() == it->second.record.summary.total_steps()))) {
-            // The run loop probes at step 1, every probe.every steps and the last (IsProbeStep):
-            // a report at any other step is refused, so one run holds at most
-            // train.steps / probe.every + 2 reports.
+                     !IsProbeStep(r.step(), spec.probe().every(), it->second.record.summary.total_steps())) {
+            // A report at a step the run loop does not probe is refused, so one run holds at
+            // most train.steps / probe.every + 2 reports.
             refused = "step is not a probe step (1, every probe.every steps, the last)";
           } else if (r.layers_size() > m.layers()) {
             refused = "more layers than model.layers";

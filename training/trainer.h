@@ -5,6 +5,7 @@
 #include <chrono>
 #include <memory>
 
+#include "base/cadence.h"
 #include "training/checkpoint.h"
 #include "data/data.h"
 #include "engine/communicator.h"
@@ -59,16 +60,6 @@ struct StepStats {
   Status error;         // the backend's sticky error or a failed collective: the run cannot go on
   bool device_error = false;  // `error` is the backend's (TakeError), not a collective's
 };
-
-// The cadence of a run, shared by every trainer front end. `step` is 1-based.
-// Training probes: the first step, every `every` steps, and the last; never when every ≤ 0.
-inline bool IsProbeStep(int64_t step, int every, int64_t total) {
-  return every > 0 && (step == 1 || step % every == 0 || step == total);
-}
-// Validation and checkpoints: every `every` steps (none when every ≤ 0) and the last.
-inline bool IsEveryOrLast(int64_t step, int every, int64_t total) {
-  return (every > 0 && step % every == 0) || step == total;
-}
 
 // Times a large Gemm on `backend` and returns its rate in FLOP/s: the peak against which
 // the CPU backend's MFU is stated.
