@@ -149,10 +149,14 @@ void Backend::ArmAttentionForward(TensorView, float*, float*, float*, TensorView
                                   const float*, int, int, int, int, int, const AttentionArmParams&) {
   NoArms(*this, "ArmAttentionForward");
 }
-void Backend::ArmAttentionBackward(float*, float*, float*, float*, const float*, const float*, const float*,
-                                   const float*, TensorView, TensorView, TensorView, const float*, int, int, int, int,
-                                   int, const AttentionArmParams&) {
+void Backend::ArmAttentionBackward(float*, float*, float*, float*, const float*, TensorView, const float*,
+                                   const float*, const float*, TensorView, TensorView, TensorView, const float*, int,
+                                   int, int, int, int, const AttentionArmParams&) {
   NoArms(*this, "ArmAttentionBackward");
+}
+void Backend::ArmAttentionColumnStats(float*, float*, float*, float*, TensorView, TensorView, const float*, int, int,
+                                      int, int, int, const AttentionArmParams&, const ColumnStatsRequest&) {
+  NoArms(*this, "ArmAttentionColumnStats");
 }
 void Backend::SigmoidGateForward(TensorView, TensorView, const float*, int, int, int) {
   NoArms(*this, "SigmoidGateForward");

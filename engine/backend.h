@@ -154,15 +154,26 @@ class Backend {
   // kSinkLogit and kSoftmaxPlusOne; 1 − Σ_u a[t,u] for kSigmoid and kSoftpick).
   // `sink` (H): the learned logits s_h of kSinkLogit (null: 0, kSoftmaxPlusOne).
   // `workspace`: ArmAttentionWorkspaceFloats(...) floats the backward reads.
+  // A backend whose ArmAttentionKeepsWeights() is false (CUDA: the tiled kernel of
+  // flash_attention.cu) never writes A: `att` is null there, the workspace holds per-row
+  // numbers (O(T) memory) and the probes read column s through ArmAttentionColumnStats.
+  virtual bool ArmAttentionKeepsWeights() const { return true; }
   virtual size_t ArmAttentionWorkspaceFloats(int B, int T, int H) const;
   virtual void ArmAttentionForward(TensorView y, float* att, float* unassigned, float* workspace, TensorView q,
                                    TensorView k, TensorView v, const float* sink, int B, int T, int H, int KV, int dh,
                                    const AttentionArmParams& arm);
-  // dq, dk, dv written (=); dsink (H) accumulated (+=) when non-null.
-  virtual void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, const float* att,
-                                    const float* unassigned, const float* workspace, TensorView q, TensorView k,
-                                    TensorView v, const float* sink, int B, int T, int H, int KV, int dh,
+  // dq, dk, dv written (=); dsink (H) accumulated (+=) when non-null. y is the forward's
+  // output (a backend that keeps no weights forms Σ_u a·dA = dy·y from it).
+  virtual void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, TensorView y,
+                                    const float* att, const float* unassigned, const float* workspace, TensorView q,
+                                    TensorView k, TensorView v, const float* sink, int B, int T, int H, int KV, int dh,
                                     const AttentionArmParams& arm);
+  // The probes' column statistics of A (as AttentionColumnStats) for a backend that keeps
+  // no weights: column s recomputed from q, k and the forward's workspace.
+  virtual void ArmAttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate,
+                                       TensorView q, TensorView k, const float* workspace, int B, int T, int H,
+                                       int KV, int dh, const AttentionArmParams& arm,
+                                       const ColumnStatsRequest& request);
   // out[n,g,c] = x[n,g,c]·σ(logits[n,g]), x and out (N,G,C), logits (N,G).
   virtual void SigmoidGateForward(TensorView out, TensorView x, const float* logits, int N, int G, int C);
   // dx = dout ⊙ σ (written); dlogits[n,g] = σ(1−σ)·Σ_c dout[n,g,c]·x[n,g,c] (written).

@@ -86,6 +86,7 @@ class ForwardingBackend : public Backend {
                             int B, int T, int H, int KV, int dh, const ColumnStatsRequest& req) override {
     in_->AttentionColumnStats(a, m, s2, r, q, k, lse, B, T, H, KV, dh, req);
   }
+  bool ArmAttentionKeepsWeights() const override { return in_->ArmAttentionKeepsWeights(); }
   size_t ArmAttentionWorkspaceFloats(int B, int T, int H) const override {
     return in_->ArmAttentionWorkspaceFloats(B, T, H);
   }
@@ -94,11 +95,16 @@ class ForwardingBackend : public Backend {
                            const AttentionArmParams& arm) override {
     in_->ArmAttentionForward(y, att, un, ws, q, k, v, sink, B, T, H, KV, dh, arm);
   }
-  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* ds, const float* dy, const float* att,
-                            const float* un, const float* ws, TensorView q, TensorView k, TensorView v,
-                            const float* sink, int B, int T, int H, int KV, int dh,
+  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* ds, const float* dy, TensorView y,
+                            const float* att, const float* un, const float* ws, TensorView q, TensorView k,
+                            TensorView v, const float* sink, int B, int T, int H, int KV, int dh,
                             const AttentionArmParams& arm) override {
-    in_->ArmAttentionBackward(dq, dk, dv, ds, dy, att, un, ws, q, k, v, sink, B, T, H, KV, dh, arm);
+    in_->ArmAttentionBackward(dq, dk, dv, ds, dy, y, att, un, ws, q, k, v, sink, B, T, H, KV, dh, arm);
+  }
+  void ArmAttentionColumnStats(float* a, float* m, float* s2, float* r, TensorView q, TensorView k, const float* ws,
+                               int B, int T, int H, int KV, int dh, const AttentionArmParams& arm,
+                               const ColumnStatsRequest& req) override {
+    in_->ArmAttentionColumnStats(a, m, s2, r, q, k, ws, B, T, H, KV, dh, arm, req);
   }
   void SigmoidGateForward(TensorView o, TensorView x, const float* l, int N, int G, int C) override {
     in_->SigmoidGateForward(o, x, l, N, G, C);

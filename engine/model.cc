@@ -23,8 +23,8 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
                             GateKindName(config.gate);
     if (!backend->Supports(OptionalOp::kAttentionArms)) {
       return FailedPreconditionError(
-          "the attention arms (" + arm + ") run on the fp32 CPU backend only; backend " + backend->Name() +
-          " does not implement them (the CUDA path waits for the project's tiled attention kernel)");
+          "the attention arms (" + arm + ") run on the fp32 CPU backend and the CUDA backend; backend " +
+          backend->Name() + " does not implement them (the CPU bf16 mode has no bf16 contract for them yet)");
     }
     if (options.matrices != WeightDtype::kF32) {
       return InvalidArgumentError("a model with " + arm + " is probed with fp32 weights only, not " +
@@ -362,7 +362,7 @@ Status Model::PrepareActivations(int B, int T) {
     if (config_.attention == AttentionKind::kSoftmax) {
       alloc(&a.att_ws, backend_->AttentionWorkspaceFloats(B, T, config_.heads));
     } else {
-      alloc(&a.att, static_cast<size_t>(B) * config_.heads * T * T);
+      if (backend_->ArmAttentionKeepsWeights()) alloc(&a.att, static_cast<size_t>(B) * config_.heads * T * T);
       alloc(&a.unassigned, static_cast<size_t>(B) * config_.heads * T);
       alloc(&a.arm_ws, backend_->ArmAttentionWorkspaceFloats(B, T, config_.heads));
     }
@@ -531,7 +531,7 @@ void Model::Forward(const int32_t* tokens, int B, int T, PassObserver* observer)
     if (observer) {
       observer->OnBlockForward(l,
                                {h_in, a.h_half, h_out, a.r_attn, a.r_mlp, a.q, a.k, a.v, a.vhat, a.lse, a.att,
-                                a.unassigned, a.gate_logits},
+                                a.unassigned, a.gate_logits, a.arm_ws},
                                B, T);
     }
   }
@@ -626,8 +626,8 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
     if (c.attention == AttentionKind::kSoftmax) {
       be.AttentionBackward(d_q_, d_k_, d_vhat_, d_y_att, y_att, a.lse, a.att_ws, a.q, a.k, a.vhat, B, T, H, KV, dh);
     } else {
-      be.ArmAttentionBackward(d_q_, d_k_, d_vhat_, pg ? gw.sinks : nullptr, d_y_att, a.att, a.unassigned, a.arm_ws,
-                              a.q, a.k, a.vhat, w.sinks, B, T, H, KV, dh, ArmParams());
+      be.ArmAttentionBackward(d_q_, d_k_, d_vhat_, pg ? gw.sinks : nullptr, d_y_att, y_att, a.att, a.unassigned,
+                              a.arm_ws, a.q, a.k, a.vhat, w.sinks, B, T, H, KV, dh, ArmParams());
     }
     if (c.gate == GateKind::kValue) {  // v' = v ⊙ σ(x̃W_gᵀ) (no V-scale: Validate refuses the pair)
       be.SigmoidGateBackward(d_v_, d_gate_logits_, d_vhat_, a.v, a.gate_logits, N, G, 1);

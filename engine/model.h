@@ -69,6 +69,9 @@ struct BlockActivations {
   const float* att = nullptr;         // (B,H,T,T) the weights A that multiply v̂
   const float* unassigned = nullptr;  // (B,H,T) the mass each row gives no token
   const float* gate_logits = nullptr; // (B,T,GateRows) x̃ W_gᵀ of a gated arm (gate = σ of it)
+  // The backend's arm workspace: where att is null (Backend::ArmAttentionKeepsWeights),
+  // the per-row numbers ArmAttentionColumnStats recomputes column s from.
+  const float* arm_workspace = nullptr;
 };
 
 // Observer of a forward and backward pass; probes implement it. Pointers are valid only
@@ -121,6 +124,8 @@ class Model {
   Model& operator=(const Model&) = delete;
 
   const ModelConfig& config() const { return config_; }
+  // The parameters of the attention arm the backend ops take (ARMS.md); unused for softmax.
+  AttentionArmParams ArmParams() const;
   Backend* backend() const { return backend_; }
   const std::vector<ParamTensor>& tensors() const { return tensors_; }
   const ParamTensor* FindTensor(const std::string& name) const;
@@ -270,7 +275,6 @@ class Model {
   float *dgamma_sink_ = nullptr;  // probing only: RMSNorm gain gradients land here, unread
   float *d_q_raw_ = nullptr, *d_k_raw_ = nullptr;  // qk_norm: ∂L/∂ q, k before the norm
   float *d_gate_logits_ = nullptr, *d_y_raw_ = nullptr;  // attention gates
-  AttentionArmParams ArmParams() const;
   std::unique_ptr<Arena> activations_;  // every activation buffer of the current shape, one allocation
 };
 

@@ -167,19 +167,18 @@ float* ProbeCollector::Scratch(size_t n) {
   return scratch_;
 }
 
-// The arms keep A itself (BlockActivations::att): column s read directly, with the same
-// definitions as the softmax path (METRICS.md "Forward observables"), and each row's
-// unassigned mass averaged over the rows of a sequence.
+// On a backend that keeps A (BlockActivations::att, the CPU reference): column s read
+// directly, with the same definitions as the softmax path (METRICS.md "Forward
+// observables"), and each row's unassigned mass averaged over the rows of a sequence.
 void ProbeCollector::AttentionArmStats(LayerAcc& a, const BlockActivations& x, int B, int T,
                                        const ColumnStatsRequest& req) {
   const int H = model_.config().heads, s = req.sink_position;
-  std::vector<float> att(static_cast<size_t>(B) * H * T * T), un(static_cast<size_t>(B) * H * T);
+  std::vector<float> att(static_cast<size_t>(B) * H * T * T);
   model_.backend()->ToHost(att.data(), x.att, att.size() * sizeof(float));
-  model_.backend()->ToHost(un.data(), x.unassigned, un.size() * sizeof(float));
   for (int b = 0; b < B; ++b) {
     for (int h = 0; h < H; ++h) {
       const size_t bh = static_cast<size_t>(b) * H + h;
-      double alpha = 0, mass = 0, second = 0, unassigned = 0;
+      double alpha = 0, mass = 0, second = 0;
       for (int t = s; t < T; ++t) {
         const double a_ts = att[(bh * T + t) * T + s];
         mass += a_ts;
@@ -187,11 +186,25 @@ void ProbeCollector::AttentionArmStats(LayerAcc& a, const BlockActivations& x, i
         if (t < s + req.window) alpha += a_ts;
       }
       alpha /= req.window;
-      for (int t = 0; t < T; ++t) unassigned += un[bh * T + t];
       a.alpha[h] += alpha;
       a.mass[h] += mass;
       a.second[h] += second;
       a.above[h] += alpha > req.threshold ? 1 : 0;
+    }
+  }
+  UnassignedStats(a, x, B, T);
+}
+
+// Each row's unassigned mass (B,H,T), averaged over the rows of a sequence.
+void ProbeCollector::UnassignedStats(LayerAcc& a, const BlockActivations& x, int B, int T) {
+  const int H = model_.config().heads;
+  std::vector<float> un(static_cast<size_t>(B) * H * T);
+  model_.backend()->ToHost(un.data(), x.unassigned, un.size() * sizeof(float));
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      const size_t bh = static_cast<size_t>(b) * H + h;
+      double unassigned = 0;
+      for (int t = 0; t < T; ++t) unassigned += un[bh * T + t];
       a.unassigned[h] += unassigned / T;
     }
   }
@@ -243,10 +256,20 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   req.sink_position = settings_.sink_position;
   req.window = std::min(settings_.t_eps, T - settings_.sink_position);
   req.threshold = settings_.eps;
-  if (x.att == nullptr) {
+  if (c.attention != AttentionKind::kSoftmax && x.att != nullptr) {
+    AttentionArmStats(a, x, B, T, req);
+  } else {
+    // Softmax, and an arm on a backend that keeps no weights: column s recomputed on the
+    // device from q, k and the forward's per-row numbers.
     std::vector<float> dev(4 * H);
     float* out = Scratch(4 * H);
-    be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, x.lse, B, T, H, KV, dh, req);
+    if (c.attention == AttentionKind::kSoftmax) {
+      be.AttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, x.lse, B, T, H, KV, dh, req);
+    } else {
+      be.ArmAttentionColumnStats(out, out + H, out + 2 * H, out + 3 * H, x.q, x.k, x.arm_workspace, B, T, H, KV, dh,
+                                 model_.ArmParams(), req);
+      UnassignedStats(a, x, B, T);
+    }
     be.ToHost(dev.data(), out, 4 * H * sizeof(float));
     for (int h = 0; h < H; ++h) {
       a.alpha[h] += static_cast<double>(dev[h]) * B;
@@ -254,8 +277,6 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
       a.second[h] += static_cast<double>(dev[2 * H + h]) * B;
       a.above[h] += std::round(static_cast<double>(dev[3 * H + h]) * B);  // a count of sequences
     }
-  } else {
-    AttentionArmStats(a, x, B, T, req);
   }
   if (x.gate_logits != nullptr) GateStats(a, x, B, T);
   // Massive activations (Sun et al. 2024): every |h_out| value of the probe batch.

@@ -117,6 +117,7 @@ class ProbeCollector final : public PassObserver {
   struct LayerAcc;
   float* Scratch(size_t n);
   void AttentionArmStats(LayerAcc& a, const BlockActivations& x, int B, int T, const ColumnStatsRequest& req);
+  void UnassignedStats(LayerAcc& a, const BlockActivations& x, int B, int T);
   void GateStats(LayerAcc& a, const BlockActivations& x, int B, int T);
 
   Model& model_;

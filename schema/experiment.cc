@@ -1050,11 +1050,6 @@ Status ValidateExperiment(const v1::Experiment& e, bool check_paths, const std::
                                                         " (expected one of: " +
                                                         KnownValues(v1::Arm_descriptor()) + ")");
     }
-    if (IsAttentionArm(e.arms(i)) && e.resources().device() == v1::CUDA) {
-      return bad("arms[" + std::to_string(i) + "]",
-                 std::string(ArmName(e.arms(i))) + " cannot run on resources.device cuda: the attention arms need "
-                 "the project's tiled attention kernel, which does not exist yet; run them with device cpu");
-    }
     for (int j = 0; j < i; ++j) {
       if (e.arms(j) == e.arms(i)) {
         return bad("arms[" + std::to_string(i) + "]", "repeats arms[" + std::to_string(j) + "]");

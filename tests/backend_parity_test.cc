@@ -565,6 +565,222 @@ TEST_P(ParityTest, AttentionAcrossTilesAndHeadDims) {
   CheckAttention(be(), rng_, 1, 40, 2, 1, 200, sum_, few_, false);
 }
 
+// ---- attention arms (docs/design/ARMS.md) ----------------------------------------------
+
+// The arms' attention in float64 from the formulas: y, each row's unassigned mass, the
+// weights A (for the column statistics), and dq, dk, dv, ∂L/∂s_h for an upstream dy.
+struct RefArmAttention {
+  std::vector<double> y, un, att, dq, dk, dv, dsink;
+};
+RefArmAttention RefArmAttend(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
+                             const std::vector<float>& dy, const std::vector<float>& sink, int B, int T, int H, int KV,
+                             int dh, const AttentionArmParams& arm) {
+  RefArmAttention r;
+  r.y.assign(q.size(), 0);
+  r.un.assign(static_cast<size_t>(B) * H * T, 0);
+  r.att.assign(static_cast<size_t>(B) * H * T * T, 0);
+  r.dq.assign(q.size(), 0);
+  r.dk.assign(k.size(), 0);
+  r.dv.assign(v.size(), 0);
+  r.dsink.assign(H, 0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dh));
+  auto QI = [&](int b, int t, int h) { return ((static_cast<size_t>(b) * T + t) * H + h) * dh; };
+  auto KI = [&](int b, int u, int g) { return ((static_cast<size_t>(b) * T + u) * KV + g) * dh; };
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      const int g = h / (H / KV);
+      const size_t bh = static_cast<size_t>(b) * H + h;
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> z(t + 1), a(t + 1), dA(t + 1), dz(t + 1);
+        for (int u = 0; u <= t; ++u) {
+          double dot = 0, dav = 0;
+          for (int c = 0; c < dh; ++c) {
+            dot += static_cast<double>(q[QI(b, t, h) + c]) * k[KI(b, u, g) + c];
+            dav += static_cast<double>(dy[QI(b, t, h) + c]) * v[KI(b, u, g) + c];
+          }
+          z[u] = dot * scale;
+          dA[u] = dav;
+        }
+        double assigned = 0, weighted = 0;  // Σ a, Σ a·dA
+        switch (arm.kind) {
+          case AttentionKind::kSinkLogit:
+          case AttentionKind::kSoftmaxPlusOne:
+          case AttentionKind::kSoftmax: {
+            const double s_h = arm.kind == AttentionKind::kSinkLogit ? sink[h] : 0.0;
+            double den = arm.kind == AttentionKind::kSoftmax ? 0.0 : std::exp(s_h);
+            for (double zu : z) den += std::exp(zu);
+            for (int u = 0; u <= t; ++u) a[u] = std::exp(z[u]) / den;
+            for (int u = 0; u <= t; ++u) weighted += a[u] * dA[u];
+            for (int u = 0; u <= t; ++u) dz[u] = a[u] * (dA[u] - weighted);
+            const double p_sink = arm.kind == AttentionKind::kSoftmax ? 0.0 : std::exp(s_h) / den;
+            r.un[bh * T + t] = p_sink;
+            r.dsink[h] -= p_sink * weighted;
+            break;
+          }
+          case AttentionKind::kSigmoid:
+            for (int u = 0; u <= t; ++u) {
+              a[u] = 1.0 / (1.0 + std::exp(-(z[u] + arm.sigmoid_bias)));
+              dz[u] = dA[u] * a[u] * (1.0 - a[u]);
+              assigned += a[u];
+            }
+            r.un[bh * T + t] = 1.0 - assigned;
+            break;
+          case AttentionKind::kSoftpick: {
+            double den = arm.softpick_eps;
+            for (double zu : z) den += std::abs(std::exp(zu) - 1.0);
+            for (int u = 0; u <= t; ++u) {
+              a[u] = std::max(std::exp(z[u]) - 1.0, 0.0) / den;
+              assigned += a[u];
+              weighted += a[u] * dA[u];
+            }
+            for (int u = 0; u <= t; ++u) {
+              const double sign = z[u] > 0 ? 1.0 : z[u] < 0 ? -1.0 : 0.0;
+              dz[u] = std::exp(z[u]) / den * ((z[u] > 0 ? dA[u] : 0.0) - sign * weighted);
+            }
+            r.un[bh * T + t] = 1.0 - assigned;
+            break;
+          }
+        }
+        for (int u = 0; u <= t; ++u) {
+          r.att[(bh * T + t) * T + u] = a[u];
+          for (int c = 0; c < dh; ++c) {
+            r.y[QI(b, t, h) + c] += a[u] * v[KI(b, u, g) + c];
+            r.dv[KI(b, u, g) + c] += a[u] * dy[QI(b, t, h) + c];
+            r.dq[QI(b, t, h) + c] += dz[u] * scale * k[KI(b, u, g) + c];
+            r.dk[KI(b, u, g) + c] += dz[u] * scale * q[QI(b, t, h) + c];
+          }
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// One arm case: the forward (y, unassigned), the backward (dq, dk, dv, ∂L/∂s_h) and the
+// probes' column statistics, against float64. A backend that keeps A is read from A; one
+// that keeps per-row numbers only (CUDA) answers ArmAttentionColumnStats from them.
+void CheckArmAttention(Backend& be, Rng& rng, AttentionKind kind, int B, int T, int H, int KV, int dh, double tol) {
+  SCOPED_TRACE(std::string(AttentionKindName(kind)) + " B " + std::to_string(B) + " T " + std::to_string(T) + " H " +
+               std::to_string(H) + " KV " + std::to_string(KV) + " dh " + std::to_string(dh));
+  AttentionArmParams arm;
+  arm.kind = kind;
+  arm.sigmoid_bias = -std::log(static_cast<float>(T));
+  arm.softpick_eps = 1e-3f;
+  auto q = Random(static_cast<size_t>(B) * T * H * dh, rng), k = Random(static_cast<size_t>(B) * T * KV * dh, rng),
+       v = Random(k.size(), rng), dy = Random(q.size(), rng), sink = Random(H, rng, 2.0);
+  const bool learned = kind == AttentionKind::kSinkLogit;
+  const size_t rows = static_cast<size_t>(B) * H * T;
+  Dev dq_in(be, q), dk_in(be, k), dv_in(be, v), ddy(be, dy), dsink_in(be, sink), y(be, q.size()), un(be, rows),
+      ws(be, be.ArmAttentionWorkspaceFloats(B, T, H)), dq(be, q.size()), dk(be, k.size()), dv(be, v.size()),
+      dsink(be, std::vector<float>(H, 0.5f));
+  std::unique_ptr<Dev> att;
+  if (be.ArmAttentionKeepsWeights()) att = std::make_unique<Dev>(be, rows * T);
+  be.ArmAttentionForward(y.p(), att ? att->p() : nullptr, un.p(), ws.p(), dq_in.p(), dk_in.p(), dv_in.p(),
+                         learned ? dsink_in.p() : nullptr, B, T, H, KV, dh, arm);
+  be.ArmAttentionBackward(dq.p(), dk.p(), dv.p(), dsink.p(), ddy.p(), y.p(), att ? att->p() : nullptr, un.p(), ws.p(),
+                          dq_in.p(), dk_in.p(), dv_in.p(), learned ? dsink_in.p() : nullptr, B, T, H, KV, dh, arm);
+  const RefArmAttention ref = RefArmAttend(q, k, v, dy, sink, B, T, H, KV, dh, arm);
+  EXPECT_CLOSE(y.Get(), ref.y, tol);
+  EXPECT_CLOSE(un.Get(), ref.un, tol);
+  EXPECT_CLOSE(dq.Get(), ref.dq, tol);
+  EXPECT_CLOSE(dk.Get(), ref.dk, tol);
+  EXPECT_CLOSE(dv.Get(), ref.dv, tol);
+  std::vector<double> want_dsink(H);  // accumulated onto 0.5; untouched unless learned
+  for (int h = 0; h < H; ++h) want_dsink[h] = 0.5 + (learned ? ref.dsink[h] : 0.0);
+  EXPECT_CLOSE(dsink.Get(), want_dsink, tol);
+  for (int s : {0, 3}) {
+    ColumnStatsRequest req;
+    req.sink_position = s;
+    req.window = 4;
+    req.threshold = 0.2;
+    std::vector<double> want(4 * H, 0);
+    for (int h = 0; h < H; ++h) {
+      for (int b = 0; b < B; ++b) {
+        double alpha_b = 0;
+        for (int t = s; t < T; ++t) {
+          const double a = ref.att[((static_cast<size_t>(b) * H + h) * T + t) * T + s];
+          want[H + h] += a / B;
+          want[2 * H + h] += a * a / B;
+          if (t < s + req.window) alpha_b += a / req.window;
+        }
+        want[h] += alpha_b / B;
+        want[3 * H + h] += (alpha_b > req.threshold ? 1.0 : 0.0) / B;
+      }
+    }
+    std::vector<float> got(4 * H, 0.0f);
+    if (att) {  // the reference backend: column s of the A it kept
+      const std::vector<float> a = att->Get();
+      for (int h = 0; h < H; ++h) {
+        for (int b = 0; b < B; ++b) {
+          double alpha_b = 0;
+          for (int t = s; t < T; ++t) {
+            const double a_ts = a[((static_cast<size_t>(b) * H + h) * T + t) * T + s];
+            got[H + h] += static_cast<float>(a_ts / B);
+            got[2 * H + h] += static_cast<float>(a_ts * a_ts / B);
+            if (t < s + req.window) alpha_b += a_ts / req.window;
+          }
+          got[h] += static_cast<float>(alpha_b / B);
+          got[3 * H + h] += static_cast<float>((alpha_b > req.threshold ? 1.0 : 0.0) / B);
+        }
+      }
+    } else {
+      Dev out(be, 4 * H);
+      be.ArmAttentionColumnStats(out.p(), out.p() + H, out.p() + 2 * H, out.p() + 3 * H, dq_in.p(), dk_in.p(), ws.p(), B,
+                                 T, H, KV, dh, arm, req);
+      got = out.Get();
+    }
+    EXPECT_CLOSE(got, want, tol) << "s = " << s;
+  }
+}
+
+// Every arm: T 11 within one tile, T 70 across a tile boundary with a partial tile (the
+// online rescaling of the sink softmaxes and softpick; both race-checked by
+// cuda_parity_racecheck), then dh 200 on the 32-row tiles (left out of the race check, as
+// the softmax's wide heads are: minutes of single-stepping). The fp32 tolerance is the
+// softmax attention's (kSum): the same sums of up to T products.
+const AttentionKind kArmKinds[] = {AttentionKind::kSinkLogit, AttentionKind::kSoftmaxPlusOne, AttentionKind::kSigmoid,
+                                   AttentionKind::kSoftpick};
+TEST_P(ParityTest, AttentionArmsForwardBackwardAndColumnStats) {
+  if (!be().Supports(OptionalOp::kAttentionArms)) GTEST_SKIP() << be().Name() << " has no attention arms";
+  for (AttentionKind kind : kArmKinds) {
+    CheckArmAttention(be(), rng_, kind, 2, 11, 4, 2, 8, sum_);
+    CheckArmAttention(be(), rng_, kind, 1, 70, 2, 1, 8, sum_);
+  }
+}
+TEST_P(ParityTest, AttentionAcrossTilesAndHeadDimsOfTheArms) {
+  if (!be().Supports(OptionalOp::kAttentionArms)) GTEST_SKIP() << be().Name() << " has no attention arms";
+  for (AttentionKind kind : kArmKinds) CheckArmAttention(be(), rng_, kind, 1, 40, 2, 2, 200, sum_);
+}
+
+// The gates: C = 1 (the elementwise output and value gates) and C = 40 (a head's channels,
+// more than a warp's lanes).
+TEST_P(ParityTest, SigmoidGateForwardAndBackward) {
+  if (!be().Supports(OptionalOp::kAttentionArms)) GTEST_SKIP() << be().Name() << " has no attention arms";
+  for (int C : {1, 40}) {
+    const int N = 7, G = 6;
+    auto x = Random(static_cast<size_t>(N) * G * C, rng_), logits = Random(static_cast<size_t>(N) * G, rng_, 2.0),
+         dout = Random(x.size(), rng_);
+    Dev dx_in(be(), x), dl(be(), logits), ddout(be(), dout), out(be(), x.size()), dx(be(), x.size()),
+        dlogits(be(), logits.size());
+    be().SigmoidGateForward(out.p(), dx_in.p(), dl.p(), N, G, C);
+    be().SigmoidGateBackward(dx.p(), dlogits.p(), ddout.p(), dx_in.p(), dl.p(), N, G, C);
+    std::vector<double> want_out(x.size()), want_dx(x.size()), want_dl(logits.size(), 0.0);
+    for (size_t r = 0; r < logits.size(); ++r) {
+      const double sig = 1.0 / (1.0 + std::exp(-static_cast<double>(logits[r])));
+      double dot = 0;
+      for (int c = 0; c < C; ++c) {
+        want_out[r * C + c] = x[r * C + c] * sig;
+        want_dx[r * C + c] = dout[r * C + c] * sig;
+        dot += static_cast<double>(dout[r * C + c]) * x[r * C + c];
+      }
+      want_dl[r] = sig * (1 - sig) * dot;
+    }
+    EXPECT_CLOSE(out.Get(), want_out, few_) << "C " << C;
+    EXPECT_CLOSE(dx.Get(), want_dx, few_) << "C " << C;
+    EXPECT_CLOSE(dlogits.Get(), want_dl, sum_) << "C " << C;
+  }
+}
+
 TEST_P(ParityTest, VScaleForwardAndBackward) {
   const int N = 10, KV = 3, dh = 8;
   const double c_base = 4.0;

@@ -116,6 +116,10 @@ std::map<std::string, double> Flatten(const ProbeReport& r) {
     out[p + "massive.top1_token"] = l.massive.top1_token;
     out[p + "massive.top1_channel"] = l.massive.top1_channel;
     vec(p + "theta", l.theta);
+    vec(p + "unassigned_mass", l.unassigned_mass);
+    vec(p + "gate_mean", l.gate_mean);
+    vec(p + "gate_sink", l.gate_sink);
+    vec(p + "gate_rest", l.gate_rest);
   }
   return out;
 }
@@ -148,6 +152,95 @@ TEST(CudaStep, EveryProbeOfAProbedStepMatchesTheCpu) {
       EXPECT_TRUE(std::isfinite(got)) << name;
       EXPECT_NEAR(got, want, std::max(1e-4 * std::abs(want), 1e-6)) << "s=" << s << " " << name;
     }
+  }
+}
+
+// The attention arms (docs/design/ARMS.md): the CUDA backend keeps no attention matrix
+// (its tiled kernel recomputes the weights from per-row numbers), the CPU reference keeps
+// A. One step's loss and every gradient (the sink logits and gate weights included), and
+// every probe of a probed step (the unassigned mass and the gates' means included), agree
+// within the baseline's tolerances.
+struct ArmConfig {
+  const char* name;
+  AttentionKind attention;
+  GateKind gate;
+  VScaleMode vscale;
+};
+const ArmConfig kArmConfigs[] = {
+    {"sink_logit", AttentionKind::kSinkLogit, GateKind::kNone, VScaleMode::kNone},
+    {"softmax_plus_one", AttentionKind::kSoftmaxPlusOne, GateKind::kNone, VScaleMode::kNone},
+    {"sigmoid", AttentionKind::kSigmoid, GateKind::kNone, VScaleMode::kNone},
+    {"softpick", AttentionKind::kSoftpick, GateKind::kNone, VScaleMode::kNone},
+    {"gated_output", AttentionKind::kSoftmax, GateKind::kOutput, VScaleMode::kNone},
+    {"gated_head", AttentionKind::kSoftmax, GateKind::kHead, VScaleMode::kNone},
+    {"gated_value", AttentionKind::kSoftmax, GateKind::kValue, VScaleMode::kNone},
+    {"sink_logit_vscale", AttentionKind::kSinkLogit, GateKind::kNone, VScaleMode::kVScale},
+    {"softpick_vscale", AttentionKind::kSoftpick, GateKind::kNone, VScaleMode::kVScale},
+};
+
+ModelConfig ArmModel(const ArmConfig& arm) {
+  ModelConfig c = SmallConfig(arm.vscale);
+  c.attention = arm.attention;
+  c.gate = arm.gate;
+  c.sink_logit_init = 0.7;
+  c.sigmoid_bias = -std::log(32.0);
+  c.softpick_eps = 1e-3;
+  return c;
+}
+
+TEST(CudaStep, EveryArmsStepAndProbesMatchTheCpu) {
+  CUDA_OR_SKIP(gpu);
+  auto cpu = MakeCpuBackend();
+  EXPECT_FALSE(gpu->ArmAttentionKeepsWeights()) << "the CUDA arms keep no T×T matrix";
+  for (const ArmConfig& arm : kArmConfigs) {
+    SCOPED_TRACE(arm.name);
+    const ModelConfig c = ArmModel(arm);
+    auto a = Model::Create(c, cpu.get()), b = Model::Create(c, gpu.get());
+    ASSERT_TRUE(a.ok()) << a.status().message();
+    ASSERT_TRUE(b.ok()) << b.status().message();
+    (*a)->InitWeights(13);
+    (*b)->InitWeights(13);
+    const int B = 3, T = 32;
+    std::vector<int32_t> tokens, targets;
+    Batch(B, T, c.vocab, 1, &tokens, &targets);
+    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+    ASSERT_TRUE(gpu->TakeError().ok());
+    EXPECT_NEAR(lb, la, 1e-5 * la);
+    const std::vector<float> ga = (*a)->GradsToHost(), gb = (*b)->GradsToHost();
+    bool arm_tensor = false;
+    for (const ParamTensor& t : (*a)->tensors()) {
+      const std::vector<float> wa(ga.begin() + t.offset, ga.begin() + t.offset + t.size),
+          wb(gb.begin() + t.offset, gb.begin() + t.offset + t.size);
+      EXPECT_LE(NormError(wb, wa), 2e-4) << t.name;
+      arm_tensor |= t.name.find("self_attn.sinks") != std::string::npos ||
+                    t.name.find("_gate.weight") != std::string::npos;
+    }
+    if (arm.attention == AttentionKind::kSinkLogit || arm.gate != GateKind::kNone) {
+      EXPECT_TRUE(arm_tensor) << "the arm's own parameters are among the compared gradients";
+    }
+    ProbeSettings settings;
+    settings.profile_len = 16;
+    settings.ref_span = 15;
+    settings.t_eps = 16;
+    ProbeCollector pa(**a, settings, T), pb(**b, settings, T);
+    const double pla = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pa);
+    const double plb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pb);
+    ASSERT_TRUE(gpu->TakeError().ok());
+    const auto fa = Flatten(pa.Finish(1, pla)), fb = Flatten(pb.Finish(1, plb));
+    ASSERT_EQ(fa.size(), fb.size());
+    for (const auto& [name, want] : fa) {
+      const double got = fb.at(name);
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(got)) << name;
+        continue;
+      }
+      EXPECT_TRUE(std::isfinite(got)) << name;
+      EXPECT_NEAR(got, want, std::max(1e-4 * std::abs(want), 1e-6)) << name;
+    }
+    const std::string unassigned = "layer0.unassigned_mass[0]", gate = "layer0.gate_mean[0]";
+    EXPECT_EQ(fa.count(unassigned), arm.attention != AttentionKind::kSoftmax ? 1u : 0u) << "the arm's own probes";
+    EXPECT_EQ(fa.count(gate), arm.gate != GateKind::kNone ? 1u : 0u) << "the arm's own probes";
   }
 }
 

@@ -483,8 +483,9 @@ class CpuBackend final : public Backend {
 
   // Per (b, KV group), as AttentionBackward: dV (+)= Aᵀ dY, dA = dY Vᵀ, then dZ row by
   // row by the arm's Jacobian (ARMS.md), then dQ = dZ K/√dh and dK (+)= dZᵀ Q/√dh.
-  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, const float* att,
-                            const float* unassigned, const float* ws, TensorView q_v, TensorView k_v, TensorView v_v,
+  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, TensorView /*y*/,
+                            const float* att, const float* unassigned, const float* ws, TensorView q_v,
+                            TensorView k_v, TensorView v_v,
                             const float* sink, int B, int T, int H, int KV, int dh,
                             const AttentionArmParams& arm) override {
     const float* q = q_v.f32("cpu ArmAttentionBackward");

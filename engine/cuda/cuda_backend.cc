@@ -65,8 +65,9 @@ class CudaBackend final : public Backend {
   }
 
   const char* Name() const override { return "cuda"; }
-  // The attention arms (docs/design/ARMS.md) wait for the project's tiled attention kernel.
-  bool Supports(OptionalOp op) const override { return op != OptionalOp::kAttentionArms; }
+  // Every optional op: the attention arms (docs/design/ARMS.md) run through the tiled
+  // kernel of flash_attention.cu.
+  bool Supports(OptionalOp) const override { return true; }
 
   // --- memory ------------------------------------------------------------------------
   float* Alloc(size_t n) override { return static_cast<float*>(AllocBytes(std::max<size_t>(n, 1) * sizeof(float))); }
@@ -253,9 +254,84 @@ class CudaBackend final : public Backend {
     const int window = std::min(request.window, T - s);
     double* per_b = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(H) * B * 3 * sizeof(double)));
     if (per_b == nullptr) return;
-    cuda::LaunchColumnStats(stream_, alpha, mass, second_moment, per_sample_rate, per_b, q, k, lse, B, T, H, KV, dh, s,
-                            window, request.threshold);
+    cuda::LaunchColumnStats(stream_, alpha, mass, second_moment, per_sample_rate, per_b, q, k, lse, nullptr, B, T, H,
+                            KV, dh, s, window, request.threshold, cuda::FlashArm{});
     LAUNCHED("AttentionColumnStats");
+  }
+
+  // --- attention arms (docs/design/ARMS.md) through the tiled kernel ------------------
+  // A is never stored: the workspace keeps two numbers per row (B,H,T each), r0 (the lse,
+  // the sink column included; softpick's shift m) and r1 (softpick's D'), from which the
+  // backward and the probes recompute any weight.
+  bool ArmAttentionKeepsWeights() const override { return false; }
+  size_t ArmAttentionWorkspaceFloats(int B, int T, int H) const override {
+    return 2 * static_cast<size_t>(B) * H * T;
+  }
+  static cuda::FlashArm DeviceArm(const AttentionArmParams& arm, const float* sink) {
+    cuda::FlashArm a;
+    switch (arm.kind) {
+      case AttentionKind::kSoftmax: break;
+      case AttentionKind::kSinkLogit: a.has_sink = true, a.sink = sink; break;
+      case AttentionKind::kSoftmaxPlusOne: a.has_sink = true; break;  // s_h = 0: no tensor
+      case AttentionKind::kSigmoid: a.family = cuda::kFlashSigmoid, a.bias = arm.sigmoid_bias; break;
+      case AttentionKind::kSoftpick: a.family = cuda::kFlashSoftpick, a.eps = arm.softpick_eps; break;
+    }
+    return a;
+  }
+  void ArmAttentionForward(TensorView y_v, float* /*att*/, float* unassigned, float* ws, TensorView q_v, TensorView k_v,
+                           TensorView v_v, const float* sink, int B, int T, int H, int KV, int dh,
+                           const AttentionArmParams& arm) override {
+    float* y = y_v.f32("cuda ArmAttentionForward");
+    const float* q = q_v.f32("cuda ArmAttentionForward");
+    const float* k = k_v.f32("cuda ArmAttentionForward");
+    const float* v = v_v.f32("cuda ArmAttentionForward");
+    if (!HeadDimSupported(dh)) return;
+    const size_t rows = static_cast<size_t>(B) * H * T;
+    cuda::LaunchFlashArmForward(stream_, y, ws, ws + rows, unassigned, q, k, v, B, T, H, KV, dh, DeviceArm(arm, sink));
+    LAUNCHED("ArmAttentionForward");
+  }
+  void ArmAttentionBackward(float* dq, float* dk, float* dv, float* dsink, const float* dy, TensorView y_v,
+                            const float* /*att*/, const float* unassigned, const float* ws, TensorView q_v,
+                            TensorView k_v, TensorView v_v, const float* sink, int B, int T, int H, int KV, int dh,
+                            const AttentionArmParams& arm) override {
+    const float* y = y_v.f32("cuda ArmAttentionBackward");
+    const float* q = q_v.f32("cuda ArmAttentionBackward");
+    const float* k = k_v.f32("cuda ArmAttentionBackward");
+    const float* v = v_v.f32("cuda ArmAttentionBackward");
+    if (!HeadDimSupported(dh)) return;
+    const size_t rows = static_cast<size_t>(B) * H * T;
+    float* D = static_cast<float*>(Scratch(&scratch_, std::max<size_t>(rows, 1) * sizeof(float)));
+    if (D == nullptr) return;
+    const cuda::FlashArm a = DeviceArm(arm, sink);
+    cuda::LaunchFlashArmBackward(stream_, dq, dk, dv, D, arm.kind == AttentionKind::kSinkLogit ? dsink : nullptr, dy,
+                                 y, ws, ws + rows, unassigned, q, k, v, B, T, H, KV, dh, a);
+    LAUNCHED("ArmAttentionBackward");
+  }
+  void ArmAttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate,
+                               TensorView q_v, TensorView k_v, const float* ws, int B, int T, int H, int KV, int dh,
+                               const AttentionArmParams& arm, const ColumnStatsRequest& request) override {
+    const float* q = q_v.f32("cuda ArmAttentionColumnStats");
+    const float* k = k_v.f32("cuda ArmAttentionColumnStats");
+    const int s = request.sink_position;
+    const int window = std::min(request.window, T - s);
+    double* per_b = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(H) * B * 3 * sizeof(double)));
+    if (per_b == nullptr) return;
+    const size_t rows = static_cast<size_t>(B) * H * T;
+    cuda::LaunchColumnStats(stream_, alpha, mass, second_moment, per_sample_rate, per_b, q, k, ws, ws + rows, B, T, H,
+                            KV, dh, s, window, request.threshold, DeviceArm(arm, nullptr));
+    LAUNCHED("ArmAttentionColumnStats");
+  }
+  void SigmoidGateForward(TensorView out_v, TensorView x_v, const float* logits, int N, int G, int C) override {
+    float* out = out_v.f32("cuda SigmoidGateForward");
+    const float* x = x_v.f32("cuda SigmoidGateForward");
+    cuda::LaunchSigmoidGateForward(stream_, out, x, logits, N, G, C);
+    LAUNCHED("SigmoidGateForward");
+  }
+  void SigmoidGateBackward(float* dx, float* dlogits, const float* dout, TensorView x_v, const float* logits, int N,
+                           int G, int C) override {
+    const float* x = x_v.f32("cuda SigmoidGateBackward");
+    cuda::LaunchSigmoidGateBackward(stream_, dx, dlogits, dout, x, logits, N, G, C);
+    LAUNCHED("SigmoidGateBackward");
   }
 
   void VScaleForward(TensorView vhat_v, TensorView v_v, const float* theta, int N, int KV, int dh, double c_base,

@@ -1,6 +1,7 @@
-// The probes' attention column statistics (backend.h, AttentionColumnStats): column s of
-// the attention matrix alone, recomputed from q, k and the forward's lse in double, so the
-// T×T matrix is never stored (the step's attention is flash_attention.cu). GQA: query
+// The probes' attention column statistics (backend.h, AttentionColumnStats and
+// ArmAttentionColumnStats): column s of the attention matrix alone, recomputed in double
+// from q, k and the forward's per-row numbers (the lse; softpick's m and D'; nothing for
+// sigmoid) by the arm's formula (ARMS.md), so the T×T matrix is never stored (the step's attention is flash_attention.cu). GQA: query
 // head h reads KV head h / (H / KV). No atomics: each output is summed in a fixed order.
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
@@ -19,8 +20,9 @@ struct Dims {
 };
 
 // One block per (h, b): column s of sequence b, from q, k and lse, in double.
-__global__ void ColumnStatsPerSequenceKernel(double* per_b, const float* q, const float* k, const float* lse, Dims D,
-                                             int s, int window) {
+__global__ void ColumnStatsPerSequenceKernel(double* per_b, const float* q, const float* k, const float* r0,
+                                             const float* r1, Dims D, int s, int window, FlashFamily family,
+                                             float bias) {
   SINKSCOPE_SHARED(double, shared, [33]);
   const int b = blockIdx.x % D.B, h = blockIdx.x / D.B;
   const int g = h / D.group();
@@ -31,7 +33,16 @@ __global__ void ColumnStatsPerSequenceKernel(double* per_b, const float* q, cons
     const float* qt = q + D.q_at(b, t, h);
     double dot = 0;
     for (int c = 0; c < D.dh; ++c) dot += static_cast<double>(qt[c]) * ks[c];
-    const double a = exp(dot * scale - lse[(static_cast<size_t>(b) * D.H + h) * D.T + t]);
+    const size_t row = (static_cast<size_t>(b) * D.H + h) * D.T + t;
+    const double z = dot * scale;
+    double a;
+    if (family == kFlashSigmoid) {
+      a = 1.0 / (1.0 + exp(-(z + bias)));
+    } else if (family == kFlashSoftpick) {
+      a = fmax(exp(z - r0[row]) - exp(-static_cast<double>(r0[row])), 0.0) / r1[row];
+    } else {
+      a = exp(z - r0[row]);
+    }
     mass += a;
     sq += a * a;
     if (t < s + window) alpha += a;
@@ -72,11 +83,12 @@ unsigned Rows(int a, int b, int c) { return static_cast<unsigned>(static_cast<si
 }  // namespace
 
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
-                       const float* q, const float* k, const float* lse, int B, int T, int H, int KV, int dh,
-                       int sink, int window, double threshold) {
+                       const float* q, const float* k, const float* r0, const float* r1, int B, int T, int H, int KV,
+                       int dh, int sink, int window, double threshold, const FlashArm& arm) {
   const Dims D{B, T, H, KV, dh};
   SINKSCOPE_COST(4.0 * B * H * (T - sink) * (dh + 1) + 4.0 * B * KV * dh + 24.0 * H * B, (2.0 * dh + 6) * B * H * (T - sink));
-  SINKSCOPE_LAUNCH(ColumnStatsPerSequenceKernel, Rows(H, B, 1), kBlock, 0, s)(per_b, q, k, lse, D, sink, window);
+  SINKSCOPE_LAUNCH(ColumnStatsPerSequenceKernel, Rows(H, B, 1), kBlock, 0, s)(per_b, q, k, r0, r1, D, sink, window,
+                                                                                 arm.family, arm.bias);
   SINKSCOPE_COST(24.0 * H * B + 16.0 * H, 3.0 * H * B);
   SINKSCOPE_LAUNCH(ColumnStatsMeanKernel, 1, 32 * ((H + 31) / 32), 0, s)(alpha, mass, second_moment, rate, per_b, B, H, threshold);
 }

@@ -26,6 +26,16 @@
 // Only live scores are computed: the masked half of a diagonal tile and the rows past the
 // end of the sequence are skipped (loops bounded per row), not computed and zeroed.
 //
+// The attention arms (docs/design/ARMS.md) run through the same kernels, one template
+// instantiation per normalisation (FlashFamily): the sink softmaxes start the running max
+// and sum at the sink logit (m = s_h, l = 1), so the sink column is the first "key" and
+// lse includes it; sigmoid has no normalisation (p = σ(z + b), y = Σ p v, no running max);
+// softpick keeps a running shift m = max(0, max z) and rescales Σ|e^(z−m) − e^(−m)| (and
+// its positive part) by e^(m_old − m_new) as the online softmax does, so every arm keeps
+// O(T) memory: per row, lse (or softpick's m and D') and the unassigned mass. Their
+// backward recomputes the weights from those rows; D = Σ dy ⊙ y is Σ_u a·dA for every
+// normalised arm, so the sink softmaxes and softpick use it as softmax does.
+//
 // On an H100 this is an fp32 CUDA-core kernel (no tensor cores): it exists for the fp32
 // parity mode and as the cross-check of cuDNN, not as the bf16 fast path.
 #include <cmath>
@@ -58,6 +68,40 @@ __device__ inline void LoadTile(float* tile, const float* src, size_t row_stride
 
 __device__ inline int Min(int a, int b) { return a < b ? a : b; }
 
+// The arm a launch computes, as the kernels read it (kernels.h FlashArm).
+struct Arm {
+  bool has_sink;       // kExp: a sink column of logit s_h (sink_logit, softmax_plus_one)
+  const float* sink;   // (H) s_h, or null: 0 (softmax_plus_one)
+  float bias, eps;     // sigmoid's b, softpick's ε
+  __device__ float SinkLogit(int h) const { return sink != nullptr ? sink[h] : 0.0f; }
+};
+
+// Softpick's weight and dz factor from a scaled score z and the row's shift m and D'
+// (ARMS.md): a = max(e − c, 0)/D' with e = e^(z−m), c = e^(−m).
+__device__ inline float SoftpickDiff(float z, float m, float* e) {
+  *e = expf(z - m);
+  return *e - expf(-m);
+}
+// ∂L/∂z of one score from the weight p (recomputed), dA = dp and the row's D (ARMS.md):
+// softmax and the sink softmaxes p(dp − D); sigmoid dp·p(1 − p); softpick
+// (e/D')·(1[diff > 0]·dp − sign(diff)·D).
+template <int kFamily>
+__device__ inline float ScoreGrad(float z, float dp, float r0, float r1, float d, const Arm& A, float* p) {
+  if (kFamily == kFlashSigmoid) {
+    *p = 1.0f / (1.0f + expf(-(z + A.bias)));
+    return dp * *p * (1.0f - *p);
+  } else if (kFamily == kFlashSoftpick) {
+    float e;
+    const float diff = SoftpickDiff(z, r0, &e);
+    *p = fmaxf(diff, 0.0f) / r1;
+    const float sign = diff > 0.0f ? 1.0f : diff < 0.0f ? -1.0f : 0.0f;
+    return e / r1 * ((diff > 0.0f ? dp : 0.0f) - sign * d);
+  } else {
+    *p = expf(z - r0);
+    return *p * (dp - d);
+  }
+}
+
 __device__ inline float RowMax(float v, int lanes) {
   for (int o = lanes / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -69,9 +113,12 @@ __device__ inline float RowSum(float v, int lanes) {
 
 // Grid (query tiles, B·H), the longest rows first; kTile·kLanes threads.
 // Shared: q, k, v tiles (kTile, dh+1) and P (kTile, kTile+1).
-template <int kDhMax, int kTile, int kLanes>
-__global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, float* lse, const float* q,
-                                                                     const float* k, const float* v, Shape S) {
+// Writes y and, per row, r0 (lse; softpick: m), r1 (softpick: D') and the unassigned mass
+// (the sink's share; 1 − Σ a for sigmoid and softpick); r1 and unassigned may be null.
+template <int kDhMax, int kTile, int kLanes, int kFamily>
+__global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, float* r0, float* r1, float* unassigned,
+                                                                     const float* q, const float* k, const float* v,
+                                                                     Shape S, Arm A) {
   constexpr int kCols = kDhMax / kLanes, kKeys = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -87,7 +134,12 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
   LoadTile(qs, q + S.QAt(b, t0, h), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
   float o[kCols];
   for (int i = 0; i < kCols; ++i) o[i] = 0.0f;
-  float m = -INFINITY, l = 0.0f;
+  // The running max m and sum l before the first key: the sink column (m = s_h, l = 1),
+  // softpick's floor m = 0 with ε·e^(−m) in l, or nothing. pos: softpick's Σ of weights' numerators.
+  const float s_h = kFamily == kFlashExp && A.has_sink ? A.SinkLogit(h) : 0.0f;
+  float m = kFamily == kFlashExp ? (A.has_sink ? s_h : -INFINITY) : 0.0f;
+  float l = kFamily == kFlashExp ? (A.has_sink ? 1.0f : 0.0f) : kFamily == kFlashSoftpick ? A.eps : 0.0f;
+  float pos = 0.0f;
   for (int u0 = 0; u0 <= t0; u0 += kTile) {  // key tiles up to the diagonal one
     __syncthreads();                          // the previous tile is read (and q is loaded)
     LoadTile(ks, k + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
@@ -107,22 +159,44 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
       }
       tile_max = fmaxf(tile_max, s[i]);
     }
-    const float m_new = fmaxf(m, RowMax(tile_max, kLanes));
-    // A live row's key u0 ≤ t makes m finite at its first tile; a dead row keeps −∞ and
-    // exponentiates against 0 instead (no ∞ − ∞).
-    const float m_ref = m_new == -INFINITY ? 0.0f : m_new;
-    const float rescale = expf(m - m_ref);  // 0 at a live row's first tile (m = −∞)
-    float sum = 0.0f;
-    for (int i = 0; i < kKeys; ++i) {
-      const int j = lane + i * kLanes;
-      if (j < live) {
-        const float p = expf(s[i] - m_ref);
-        ps[row * ldp + j] = p;
-        sum += p;
+    float rescale = 1.0f, sum = 0.0f, pos_sum = 0.0f;
+    if (kFamily == kFlashSigmoid) {  // unnormalised: no running max, nothing to rescale
+      for (int i = 0; i < kKeys; ++i) {
+        const int j = lane + i * kLanes;
+        if (j < live) {
+          const float p = 1.0f / (1.0f + expf(-(s[i] + A.bias)));
+          ps[row * ldp + j] = p;
+          sum += p;
+        }
       }
+      l += RowSum(sum, kLanes);
+    } else {
+      const float m_new = fmaxf(m, RowMax(tile_max, kLanes));
+      // A live row's key u0 ≤ t makes m finite at its first tile; a dead row keeps −∞ and
+      // exponentiates against 0 instead (no ∞ − ∞). Softpick's m never drops below 0.
+      const float m_ref = m_new == -INFINITY ? 0.0f : m_new;
+      rescale = expf(m - m_ref);  // 0 at a live row's first tile (m = −∞)
+      for (int i = 0; i < kKeys; ++i) {
+        const int j = lane + i * kLanes;
+        if (j < live) {
+          float p;
+          if (kFamily == kFlashSoftpick) {
+            float e;
+            const float diff = SoftpickDiff(s[i], m_ref, &e);
+            p = fmaxf(diff, 0.0f);
+            sum += fabsf(diff);
+            pos_sum += p;
+          } else {
+            p = expf(s[i] - m_ref);
+            sum += p;
+          }
+          ps[row * ldp + j] = p;
+        }
+      }
+      l = l * rescale + RowSum(sum, kLanes);
+      if (kFamily == kFlashSoftpick) pos = pos * rescale + RowSum(pos_sum, kLanes);
+      m = m_new;
     }
-    l = l * rescale + RowSum(sum, kLanes);
-    m = m_new;
     __syncwarp();  // the row's P, written by its kLanes lanes of this warp
     for (int i = 0; i < kCols; ++i) o[i] *= rescale;
     for (int j = 0; j < live; ++j) {
@@ -134,12 +208,24 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
     }
   }
   if (t < S.T) {
-    const float inv = 1.0f / l;
+    const float inv = kFamily == kFlashSigmoid ? 1.0f : 1.0f / l;
     for (int i = 0; i < kCols; ++i) {
       const int c = lane + i * kLanes;
       if (c < S.dh) y[S.QAt(b, t, h) + c] = o[i] * inv;
     }
-    if (lane == 0) lse[S.RowAt(b, h, t)] = m + logf(l);
+    if (lane == 0) {
+      const size_t at = S.RowAt(b, h, t);
+      if (kFamily == kFlashExp) {
+        r0[at] = m + logf(l);
+        if (unassigned != nullptr) unassigned[at] = A.has_sink ? expf(s_h - m) * inv : 0.0f;
+      } else if (kFamily == kFlashSigmoid) {
+        if (unassigned != nullptr) unassigned[at] = 1.0f - l;
+      } else {
+        r0[at] = m;
+        r1[at] = l;
+        if (unassigned != nullptr) unassigned[at] = 1.0f - pos * inv;
+      }
+    }
   }
 }
 
@@ -163,11 +249,12 @@ __global__ void FlashBackwardDotKernel(float* D, const float* dy, const float* y
 // dk, dv rows of its key tile and sums over the group's heads and the query tiles t0 ≥ u0
 // in order. Shared: k, v, q, dy tiles (kTile, dh+1), P and dS as (key, query) tiles
 // (kTile, kTile+1), the query tile's lse and D.
-template <int kDhMax, int kTile, int kLanes>
+template <int kDhMax, int kTile, int kLanes, int kFamily>
 __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk, float* dv, const float* dy,
-                                                                        const float* lse, const float* D,
-                                                                        const float* q, const float* k,
-                                                                        const float* v, Shape S) {
+                                                                        const float* r0, const float* r1,
+                                                                        const float* D, const float* q,
+                                                                        const float* k, const float* v, Shape S,
+                                                                        Arm A) {
   constexpr int kCols = kDhMax / kLanes, kQueries = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -179,6 +266,7 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
   float* dss = ps + kTile * ldp;
   float* lse_s = dss + kTile * ldp;
   float* d_s = lse_s + kTile;
+  float* r1_s = d_s + kTile;  // softpick's D' (only its instantiation has the room)
   const int u0 = blockIdx.x * kTile;
   const int b = blockIdx.y / S.KV, g = blockIdx.y % S.KV;
   const int key = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, u = u0 + key;
@@ -195,8 +283,9 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
       LoadTile(qs, q + S.QAt(b, t0, h), q_stride, kTile, valid, S.dh);
       LoadTile(dys, dy + S.QAt(b, t0, h), q_stride, kTile, valid, S.dh);
       for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
-        lse_s[r] = r < valid ? lse[S.RowAt(b, h, t0 + r)] : 0.0f;
+        lse_s[r] = r < valid && kFamily != kFlashSigmoid ? r0[S.RowAt(b, h, t0 + r)] : 0.0f;
         d_s[r] = r < valid ? D[S.RowAt(b, h, t0 + r)] : 0.0f;
+        if (kFamily == kFlashSoftpick) r1_s[r] = r < valid ? r1[S.RowAt(b, h, t0 + r)] : 1.0f;
       }
       __syncthreads();
       // Queries t0 + r with u ≤ t < T are live: r in [first, last); none for a key past T.
@@ -209,9 +298,11 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
           s += ks[key * ld + c] * qs[r * ld + c];
           dp += vs[key * ld + c] * dys[r * ld + c];
         }
-        const float p = expf(s * scale - lse_s[r]);
+        float p;
+        const float dz =
+            ScoreGrad<kFamily>(s * scale, dp, lse_s[r], kFamily == kFlashSoftpick ? r1_s[r] : 1.0f, d_s[r], A, &p);
         ps[key * ldp + r] = p;
-        dss[key * ldp + r] = p * (dp - d_s[r]) * scale;
+        dss[key * ldp + r] = dz * scale;
       }
       __syncwarp();  // the key row's P and dS, written by its lanes of this warp
       for (int r = first; r < last; ++r) {
@@ -240,10 +331,11 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
 // Grid (query tiles, B·H), the longest rows first. One block owns the dq rows of its query
 // tile and sums over the key tiles u0 ≤ t0 in order. Shared: q, dy, k, v tiles
 // (kTile, dh+1) and dS (kTile, kTile+1).
-template <int kDhMax, int kTile, int kLanes>
-__global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq, const float* dy, const float* lse,
-                                                                       const float* D, const float* q,
-                                                                       const float* k, const float* v, Shape S) {
+template <int kDhMax, int kTile, int kLanes, int kFamily>
+__global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq, const float* dy, const float* r0,
+                                                                       const float* r1, const float* D,
+                                                                       const float* q, const float* k,
+                                                                       const float* v, Shape S, Arm A) {
   constexpr int kCols = kDhMax / kLanes, kKeys = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -259,7 +351,8 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq,
   const float scale = rsqrtf(static_cast<float>(S.dh));
   LoadTile(qs, q + S.QAt(b, t0, h), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
   LoadTile(dys, dy + S.QAt(b, t0, h), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
-  const float lse_t = t < S.T ? lse[S.RowAt(b, h, t)] : 0.0f;
+  const float lse_t = t < S.T && kFamily != kFlashSigmoid ? r0[S.RowAt(b, h, t)] : 0.0f;
+  const float r1_t = t < S.T && kFamily == kFlashSoftpick ? r1[S.RowAt(b, h, t)] : 1.0f;
   const float d_t = t < S.T ? D[S.RowAt(b, h, t)] : 0.0f;
   float dq_acc[kCols];
   for (int i = 0; i < kCols; ++i) dq_acc[i] = 0.0f;
@@ -277,8 +370,8 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq,
         s += qs[row * ld + c] * ks[j * ld + c];
         dp += dys[row * ld + c] * vs[j * ld + c];
       }
-      const float p = expf(s * scale - lse_t);
-      dss[row * ldp + j] = p * (dp - d_t) * scale;
+      float p;
+      dss[row * ldp + j] = ScoreGrad<kFamily>(s * scale, dp, lse_t, r1_t, d_t, A, &p) * scale;
     }
     __syncwarp();  // the query row's dS, written by its lanes of this warp
     for (int j = 0; j < live; ++j) {
@@ -307,6 +400,21 @@ double Bytes(const Shape& S, int q_like, int kv_like, int rows) {
                             static_cast<double>(rows) * S.H);
 }
 
+// ∂L/∂s_h += Σ_b Σ_t −unassigned[b,h,t]·D[b,h,t] (the sink column's value is zero, so
+// dz_sink = p_sink·(0 − D)): one block per head, each thread's rows in order, then a
+// fixed-shape block sum, so the same inputs give the same bits.
+__global__ void SinkLogitGradKernel(float* dsink, const float* unassigned, const float* D, int B, int H, int T) {
+  SINKSCOPE_SHARED(double, shared, [33]);
+  const int h = blockIdx.x;
+  double acc = 0;
+  for (int i = threadIdx.x; i < B * T; i += blockDim.x) {
+    const size_t at = (static_cast<size_t>(i / T) * H + h) * T + i % T;
+    acc -= static_cast<double>(unassigned[at]) * D[at];
+  }
+  acc = BlockSum(acc, shared);
+  if (threadIdx.x == 0) dsink[h] += static_cast<float>(acc);
+}
+
 // One tile configuration: kTile rows of kLanes threads, head dims up to kDhMax.
 template <int kDhMax, int kTile, int kLanes>
 struct Flash {
@@ -314,40 +422,45 @@ struct Flash {
   static size_t Tiles(int dh, int n) { return sizeof(float) * static_cast<size_t>(n) * kTile * (dh + 1); }
   static size_t ProbTiles(int n) { return sizeof(float) * static_cast<size_t>(n) * kTile * (kTile + 1); }
 
-  static void Forward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
-                      const Shape& S) {
-    const auto FlashForward = FlashForwardKernel<kDhMax, kTile, kLanes>;
+  template <int kFamily>
+  static void Forward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
+                      const float* k, const float* v, const Shape& S, const Arm& A) {
+    const auto FlashForward = FlashForwardKernel<kDhMax, kTile, kLanes, kFamily>;
     const size_t shared = Tiles(S.dh, 3) + ProbTiles(1);
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashForward), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(shared));
     const dim3 grid((S.T + kTile - 1) / kTile, S.B * S.H);
-    SINKSCOPE_COST(Bytes(S, 2, 2, 1), 4.0 * S.dh * Causal(S, S.H) + 5.0 * Causal(S, S.H));
-    SINKSCOPE_LAUNCH(FlashForward, grid, kThreads, shared, s)(y, lse, q, k, v, S);
+    SINKSCOPE_COST(Bytes(S, 2, 2, kFamily == kFlashSoftpick ? 3 : 2),
+                   4.0 * S.dh * Causal(S, S.H) + 5.0 * Causal(S, S.H));
+    SINKSCOPE_LAUNCH(FlashForward, grid, kThreads, shared, s)(y, r0, r1, unassigned, q, k, v, S, A);
   }
 
+  template <int kFamily>
   static void Backward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy, const float* y,
-                       const float* lse, const float* q, const float* k, const float* v, const Shape& S) {
+                       const float* r0, const float* r1, const float* q, const float* k, const float* v,
+                       const Shape& S, const Arm& A) {
     const size_t rows = static_cast<size_t>(S.B) * S.T * S.H;
     SINKSCOPE_COST(Bytes(S, 2, 0, 1), 2.0 * rows * S.dh);
     SINKSCOPE_LAUNCH(FlashBackwardDotKernel, GridFor(rows * 32, 256), 256, 0, s)(D, dy, y, S);
 
-    const auto FlashBackwardKv = FlashBackwardKvKernel<kDhMax, kTile, kLanes>;
-    const size_t kv_shared = Tiles(S.dh, 4) + ProbTiles(2) + 2 * sizeof(float) * kTile;
+    const int row_arrays = kFamily == kFlashSoftpick ? 3 : 2;  // the r0, D (and r1) tiles
+    const auto FlashBackwardKv = FlashBackwardKvKernel<kDhMax, kTile, kLanes, kFamily>;
+    const size_t kv_shared = Tiles(S.dh, 4) + ProbTiles(2) + row_arrays * sizeof(float) * kTile;
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashBackwardKv), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(kv_shared));
     // Per score: q·k and dy·v recomputed, then dv and dk: 8·dh FLOPs, and exp and dS.
-    SINKSCOPE_COST(Bytes(S, 2, 4, 2), 8.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
+    SINKSCOPE_COST(Bytes(S, 2, 4, row_arrays), 8.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
     SINKSCOPE_LAUNCH(FlashBackwardKv, dim3((S.T + kTile - 1) / kTile, S.B * S.KV), kThreads, kv_shared, s)(
-        dk, dv, dy, lse, D, q, k, v, S);
+        dk, dv, dy, r0, r1, D, q, k, v, S, A);
 
-    const auto FlashBackwardQ = FlashBackwardQKernel<kDhMax, kTile, kLanes>;
+    const auto FlashBackwardQ = FlashBackwardQKernel<kDhMax, kTile, kLanes, kFamily>;
     const size_t q_shared = Tiles(S.dh, 4) + ProbTiles(1);
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashBackwardQ), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(q_shared));
     // Per score: q·k and dy·v recomputed, then dq: 6·dh FLOPs, and exp and dS.
-    SINKSCOPE_COST(Bytes(S, 3, 2, 2), 6.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
+    SINKSCOPE_COST(Bytes(S, 3, 2, row_arrays), 6.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
     SINKSCOPE_LAUNCH(FlashBackwardQ, dim3((S.T + kTile - 1) / kTile, S.B * S.H), kThreads, q_shared, s)(
-        dq, dy, lse, D, q, k, v, S);
+        dq, dy, r0, r1, D, q, k, v, S, A);
   }
 };
 
@@ -357,35 +470,79 @@ using FlashDh64 = Flash<64, 64, 4>;
 using FlashDh128 = Flash<128, 64, 4>;
 using FlashDh256 = Flash<256, 32, 8>;
 
+// The arm's normalisation picks the kernels' instantiation (one switch per direction).
+template <typename Config>
+void ForwardFor(FlashFamily family, cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
+                const float* k, const float* v, const Shape& S, const Arm& A) {
+  switch (family) {
+    case kFlashExp: Config::template Forward<kFlashExp>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
+    case kFlashSigmoid: Config::template Forward<kFlashSigmoid>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
+    case kFlashSoftpick: Config::template Forward<kFlashSoftpick>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
+  }
+}
+template <typename Config>
+void BackwardFor(FlashFamily family, cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
+                 const float* y, const float* r0, const float* r1, const float* q, const float* k, const float* v,
+                 const Shape& S, const Arm& A) {
+  switch (family) {
+    case kFlashExp: Config::template Backward<kFlashExp>(s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A); break;
+    case kFlashSigmoid: Config::template Backward<kFlashSigmoid>(s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A); break;
+    case kFlashSoftpick:
+      Config::template Backward<kFlashSoftpick>(s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+      break;
+  }
+}
+
+Arm DeviceArm(const FlashArm& a) { return Arm{a.has_sink, a.sink, a.bias, a.eps}; }
+
 }  // namespace
 
 bool FlashAttentionSupports(int dh) { return dh >= 1 && dh <= kFlashAttentionMaxHeadDim; }
 
-void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
-                                 int B, int T, int H, int KV, int dh) {
+void LaunchFlashArmForward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
+                           const float* k, const float* v, int B, int T, int H, int KV, int dh, const FlashArm& arm) {
   const Shape S{B, T, H, KV, dh};
   if (B == 0 || T == 0) return;
+  const Arm A = DeviceArm(arm);
   if (dh <= 64) {
-    FlashDh64::Forward(s, y, lse, q, k, v, S);
+    ForwardFor<FlashDh64>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, A);
   } else if (dh <= 128) {
-    FlashDh128::Forward(s, y, lse, q, k, v, S);
+    ForwardFor<FlashDh128>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, A);
   } else {
-    FlashDh256::Forward(s, y, lse, q, k, v, S);
+    ForwardFor<FlashDh256>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, A);
   }
+}
+
+void LaunchFlashArmBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, float* dsink, const float* dy,
+                            const float* y, const float* r0, const float* r1, const float* unassigned,
+                            const float* q, const float* k, const float* v, int B, int T, int H, int KV, int dh,
+                            const FlashArm& arm) {
+  const Shape S{B, T, H, KV, dh};
+  if (B == 0 || T == 0) return;
+  const Arm A = DeviceArm(arm);
+  if (dh <= 64) {
+    BackwardFor<FlashDh64>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+  } else if (dh <= 128) {
+    BackwardFor<FlashDh128>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+  } else {
+    BackwardFor<FlashDh256>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+  }
+  if (dsink != nullptr && arm.family == kFlashExp && arm.has_sink) {
+    SINKSCOPE_COST(8.0 * B * H * T + 4.0 * H, 2.0 * B * H * T);
+    SINKSCOPE_LAUNCH(SinkLogitGradKernel, H, 256, 0, s)(dsink, unassigned, D, B, H, T);
+  }
+}
+
+void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
+                                 int B, int T, int H, int KV, int dh) {
+  LaunchFlashArmForward(s, y, lse, nullptr, nullptr, q, k, v, B, T, H, KV, dh, FlashArm{});
 }
 
 void LaunchFlashAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
                                   const float* y, const float* lse, const float* q, const float* k, const float* v,
                                   int B, int T, int H, int KV, int dh) {
-  const Shape S{B, T, H, KV, dh};
-  if (B == 0 || T == 0) return;
-  if (dh <= 64) {
-    FlashDh64::Backward(s, dq, dk, dv, D, dy, y, lse, q, k, v, S);
-  } else if (dh <= 128) {
-    FlashDh128::Backward(s, dq, dk, dv, D, dy, y, lse, q, k, v, S);
-  } else {
-    FlashDh256::Backward(s, dq, dk, dv, D, dy, y, lse, q, k, v, S);
-  }
+  LaunchFlashArmBackward(s, dq, dk, dv, D, nullptr, dy, y, lse, nullptr, nullptr, q, k, v, B, T, H, KV, dh,
+                         FlashArm{});
 }
 
 }  // namespace sinkscope::cuda

@@ -85,12 +85,36 @@ void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const flo
 void LaunchFlashAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
                                   const float* y, const float* lse, const float* q, const float* k, const float* v,
                                   int B, int T, int H, int KV, int dh);
+// The attention arms (docs/design/ARMS.md) through the same tiled kernels: the family is
+// the arm's normalisation. Per row (B,H,T): r0 is the lse (the sink column included) or
+// softpick's shift m, r1 softpick's D' (null otherwise), unassigned the mass the row gives
+// no token (null: not written). dsink (H) is accumulated (+=) for a sink logit.
+enum FlashFamily : int { kFlashExp = 0, kFlashSigmoid = 1, kFlashSoftpick = 2 };
+struct FlashArm {
+  FlashFamily family = kFlashExp;
+  bool has_sink = false;        // kFlashExp: sink_logit (sink non-null) or softmax_plus_one (null)
+  const float* sink = nullptr;  // (H) device
+  float bias = 0.0f;            // sigmoid's b
+  float eps = 0.0f;             // softpick's ε
+};
+void LaunchFlashArmForward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
+                           const float* k, const float* v, int B, int T, int H, int KV, int dh, const FlashArm& arm);
+void LaunchFlashArmBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, float* dsink, const float* dy,
+                            const float* y, const float* r0, const float* r1, const float* unassigned,
+                            const float* q, const float* k, const float* v, int B, int T, int H, int KV, int dh,
+                            const FlashArm& arm);
 
 // ---- attention.cu: the probes' column statistics from q, k and the lse ----
 // per_b (H, B, 3) doubles of scratch: α_b, M_b, S_b per sequence; outputs H floats each.
+// `arm`: the weights a[t,s] recomputed by the arm's formula from r0 (= lse for softmax), r1.
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
-                       const float* q, const float* k, const float* lse, int B, int T, int H, int KV, int dh,
-                       int sink, int window, double threshold);
+                       const float* q, const float* k, const float* r0, const float* r1, int B, int T, int H, int KV,
+                       int dh, int sink, int window, double threshold, const FlashArm& arm);
+// ---- attention_gate.cu: the gated arms' σ gates (ARMS.md) ----
+// out[n,g,c] = x[n,g,c]·σ(logits[n,g]); backward dx = dout·σ, dlogits = σ(1−σ)·Σ_c dout·x.
+void LaunchSigmoidGateForward(cudaStream_t s, float* out, const float* x, const float* logits, int N, int G, int C);
+void LaunchSigmoidGateBackward(cudaStream_t s, float* dx, float* dlogits, const float* dout, const float* x,
+                               const float* logits, int N, int G, int C);
 
 // ---- vscale.cu ----
 void LaunchVScaleForward(cudaStream_t s, float* vhat, const float* v, const float* theta, int N, int KV, int dh,
