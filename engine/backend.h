@@ -88,6 +88,9 @@ class Backend {
   virtual void Synchronize() {}
   // The first device error since the last call (sticky until taken); OK when none.
   virtual Status TakeError() { return OkStatus(); }
+  // Makes the calling thread use this backend's device (a thread other than the one that
+  // created it: the gradient all-reduce's bucket thread). Nothing to do on the CPU.
+  virtual Status BindThread() { return OkStatus(); }
 
   // --- elementwise and reductions -----------------------------------------------
   virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;  // y += alpha·x

@@ -47,4 +47,28 @@ class Rendezvous {
 // The communicator of a run of one rank: every collective is the identity.
 std::unique_ptr<Communicator> MakeSingleRankCommunicator();
 
+class Backend;
+
+// Collectives over host values (a stop flag, the probes' per-head sums, a top-3): the
+// communicator works on buffers of the rank's backend (device memory for NCCL, where a
+// host pointer faults), so each value goes through one buffer of the backend, grown as
+// needed and freed with this object. On the CPU that buffer is host memory too.
+class HostStaging {
+ public:
+  explicit HostStaging(Backend& backend) : be_(backend) {}
+  ~HostStaging();
+  HostStaging(const HostStaging&) = delete;
+  HostStaging& operator=(const HostStaging&) = delete;
+  Status AllReduceSum(Communicator& comm, double* host, size_t n);
+  Status Broadcast(Communicator& comm, void* host, size_t bytes, int root);
+  // Every rank's `bytes` of send into recv (world_size × bytes), as Communicator::AllGather.
+  Status AllGather(Communicator& comm, const void* send, void* recv, size_t bytes);
+
+ private:
+  StatusOr<char*> Buffer(size_t bytes);
+  Backend& be_;
+  void* buf_ = nullptr;
+  size_t size_ = 0;
+};
+
 }  // namespace sinkscope

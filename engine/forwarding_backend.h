@@ -38,6 +38,7 @@ class ForwardingBackend : public Backend {
   void ReadScalars(double* h, const double* s, size_t n) override { in_->ReadScalars(h, s, n); }
   void Synchronize() override { in_->Synchronize(); }
   Status TakeError() override { return in_->TakeError(); }
+  Status BindThread() override { return in_->BindThread(); }
   void Axpy(float* y, float a, const float* x, size_t n) override { in_->Axpy(y, a, x, n); }
   void Scale(float* x, float s, size_t n) override { in_->Scale(x, s, n); }
   void AddRowBias(TensorView x, const float* b, int N, int n) override { in_->AddRowBias(x, b, N, n); }

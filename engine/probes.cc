@@ -321,6 +321,7 @@ void ProbeCollector::OnGradient(int layer, Site site, const float* grad, const f
 Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
   const int W = comm.world_size(), rank = comm.rank();
   if (W == 1) return OkStatus();
+  HostStaging host(*model_.backend());  // the host values below, through a backend buffer
   for (LayerAcc* a : acc_) {
     for (int i = 0; i < kNumSites; ++i) {
       RETURN_IF_ERROR(comm.AllReduceSum(a->sum[i], static_cast<size_t>(K_) * a->channels[i]));
@@ -331,7 +332,7 @@ Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
     for (float* p : a->act_norm_sum) RETURN_IF_ERROR(comm.AllReduceSum(p, K_));
     for (std::vector<double>* v : {&a->alpha, &a->mass, &a->second, &a->above, &a->unassigned, &a->gate_mean,
                                    &a->gate_sink, &a->gate_rest}) {
-      if (!v->empty()) RETURN_IF_ERROR(comm.AllReduceSum(v->data(), v->size()));
+      if (!v->empty()) RETURN_IF_ERROR(host.AllReduceSum(comm, v->data(), v->size()));
     }
     // The largest |h_out| values: each rank's top 3 with the top 1's place in the global
     // batch (rank r holds rows r·rows … of every micro-batch of B = W·rows sequences).
@@ -340,7 +341,7 @@ Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
     double mine[6] = {a->top3[0], a->top3[1], a->top3[2], static_cast<double>(global_seq),
                       static_cast<double>(a->top1_tok), static_cast<double>(a->top1_ch)};
     std::vector<double> all(6 * static_cast<size_t>(W));
-    RETURN_IF_ERROR(comm.AllGather(mine, all.data(), sizeof mine));
+    RETURN_IF_ERROR(host.AllGather(comm, mine, all.data(), sizeof mine));
     std::vector<double> values;
     int best = 0;
     for (int r = 0; r < W; ++r) {
@@ -356,11 +357,11 @@ Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
     a->top1_ch = static_cast<int>(all[6 * best + 5]);
     // Every |h_out| value, for the median (each rank holds the same count).
     std::vector<float> gathered(a->abs_h_out.size() * W);
-    RETURN_IF_ERROR(comm.AllGather(a->abs_h_out.data(), gathered.data(), a->abs_h_out.size() * sizeof(float)));
+    RETURN_IF_ERROR(host.AllGather(comm, a->abs_h_out.data(), gathered.data(), a->abs_h_out.size() * sizeof(float)));
     a->abs_h_out = std::move(gathered);
   }
   double seqs = sequences_;
-  RETURN_IF_ERROR(comm.AllReduceSum(&seqs, 1));
+  RETURN_IF_ERROR(host.AllReduceSum(comm, &seqs, 1));
   sequences_ = static_cast<int>(seqs);
   return OkStatus();
 }

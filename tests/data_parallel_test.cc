@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/forwarding_backend.h"
 #include "engine/gloo/gloo_communicator.h"
 #include "tests/memory_rendezvous.h"
 #include "training/checkpoint.h"
@@ -99,9 +100,78 @@ struct Record : RunObserver {
   }
 };
 
+// NCCL's contract on the CPU: a rank's backend that records its allocations, and a
+// communicator that refuses any buffer outside them (a host vector, a stack array), as
+// NCCL faults on a host pointer. Collectives over the backend's buffers pass to Gloo.
+class RecordingBackend : public FullForwardingBackend {
+ public:
+  using FullForwardingBackend::FullForwardingBackend;
+  float* Alloc(size_t n) override { return Note(FullForwardingBackend::Alloc(n), std::max<size_t>(n, 1) * 4); }
+  void* AllocBytes(size_t bytes) override { return Note(FullForwardingBackend::AllocBytes(bytes), bytes); }
+  int32_t* AllocInt(size_t n) override { return Note(FullForwardingBackend::AllocInt(n), std::max<size_t>(n, 1) * 4); }
+  double* AllocScalars(size_t n) override {
+    return Note(FullForwardingBackend::AllocScalars(n), std::max<size_t>(n, 1) * 8);
+  }
+  void Free(void* p) override {
+    live_.erase(static_cast<const char*>(p));
+    FullForwardingBackend::Free(p);
+  }
+  bool Owns(const void* p, size_t bytes) const {
+    const char* c = static_cast<const char*>(p);
+    auto it = live_.upper_bound(c);
+    if (it == live_.begin()) return false;
+    --it;
+    return c + bytes <= it->first + it->second;
+  }
+
+ private:
+  template <typename P>
+  P* Note(P* p, size_t bytes) {
+    if (p != nullptr) live_[reinterpret_cast<const char*>(p)] = bytes;
+    return p;
+  }
+  std::map<const char*, size_t> live_;
+};
+class DeviceBuffersOnly : public Communicator {
+ public:
+  DeviceBuffersOnly(Communicator* in, const RecordingBackend* be) : in_(in), be_(be) {}
+  int rank() const override { return in_->rank(); }
+  int world_size() const override { return in_->world_size(); }
+  const char* Name() const override { return in_->Name(); }
+  Status AllReduceSum(float* data, size_t n) override {
+    RETURN_IF_ERROR(Check("AllReduceSum(float)", data, n * 4));
+    return in_->AllReduceSum(data, n);
+  }
+  Status AllReduceSum(double* data, size_t n) override {
+    RETURN_IF_ERROR(Check("AllReduceSum(double)", data, n * 8));
+    return in_->AllReduceSum(data, n);
+  }
+  Status Broadcast(void* data, size_t bytes, int root) override {
+    RETURN_IF_ERROR(Check("Broadcast", data, bytes));
+    return in_->Broadcast(data, bytes, root);
+  }
+  Status AllGather(const void* send, void* recv, size_t bytes) override {
+    RETURN_IF_ERROR(Check("AllGather send", send, bytes));
+    RETURN_IF_ERROR(Check("AllGather recv", recv, bytes * world_size()));
+    return in_->AllGather(send, recv, bytes);
+  }
+  Status Barrier() override { return in_->Barrier(); }
+
+ private:
+  Status Check(const char* what, const void* p, size_t bytes) const {
+    if (bytes == 0 || be_->Owns(p, bytes)) return OkStatus();
+    return InternalError(std::string(what) + " of " + std::to_string(bytes) +
+                         " bytes outside the backend's buffers (NCCL would fault on it)");
+  }
+  Communicator* in_;
+  const RecordingBackend* be_;
+};
+
 // Runs `o` over `ranks` threads; rank 0 reports to `rec`, rank k > 0 to (*others)[k - 1]
-// when given. Returns every rank's result.
-std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec, std::vector<Record>* others = nullptr) {
+// when given. Returns every rank's result. `device_buffers_only`: each rank's collectives
+// must use its backend's buffers (DeviceBuffersOnly).
+std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec, std::vector<Record>* others = nullptr,
+                               bool device_buffers_only = false) {
   ManualClock clock;
   if (ranks == 1) {
     auto backend = MakeCpuBackend();
@@ -127,7 +197,14 @@ std::vector<RunResult> RunGang(RunLoopOptions o, int ranks, Record* rec, std::ve
       }
       RunLoopOptions mine = o;
       mine.trainer.comm = comm->get();
-      auto backend = MakeCpuBackend();
+      std::unique_ptr<Backend> backend = MakeCpuBackend();
+      std::unique_ptr<DeviceBuffersOnly> checked;
+      if (device_buffers_only) {
+        auto recording = std::make_unique<RecordingBackend>(std::move(backend));
+        checked = std::make_unique<DeviceBuffersOnly>(comm->get(), recording.get());
+        mine.trainer.comm = checked.get();
+        backend = std::move(recording);
+      }
       Record quiet;
       Record* observer = k == 0 ? rec : others != nullptr ? &(*others)[k - 1] : &quiet;
       results[k] = RunLoop(mine, &Data(), backend.get(), observer, &clock);
@@ -280,7 +357,10 @@ TEST(DataParallelTest, StepBatchProbesAreTheReportOfTheGlobalBatch) {
   auto near = [](double got, double want, double rel) { return std::abs(got - want) <= rel * std::abs(want) + 1e-12; };
   for (int ranks : {2, 4}) {
     Record rec;
-    for (const RunResult& r : RunGang(options(FreshDir("sb" + std::to_string(ranks))), ranks, &rec)) {
+    // Every collective of the step and of the probes on the backend's own buffers, as NCCL
+    // needs (a host pointer there is a fault on a GPU's first probe).
+    for (const RunResult& r :
+         RunGang(options(FreshDir("sb" + std::to_string(ranks))), ranks, &rec, nullptr, /*device_buffers_only=*/true)) {
       ASSERT_EQ(r.kind, RunResult::kFinished) << r.Describe();
     }
     ASSERT_EQ(rec.probes.size(), one.probes.size());

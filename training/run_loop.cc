@@ -76,9 +76,10 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
   Communicator* comm = o.trainer.comm;
   const int W = comm != nullptr ? comm->world_size() : 1;
   const bool owner = comm == nullptr || comm->rank() == 0;
+  HostStaging staged(*backend);  // the decisions below are host values; NCCL wants device buffers
   auto share = [&](int32_t* value) -> Status {
     if (W == 1) return OkStatus();
-    return comm->Broadcast(value, sizeof *value, 0);
+    return staged.Broadcast(*comm, value, sizeof *value, 0);
   };
   if (o.probe_every > 0) {
     if (Status st = o.probe.Validate(o.trainer.model.context); !st.ok()) return fail(st);
@@ -172,7 +173,7 @@ RunResult RunLoop(const RunLoopOptions& o, const DataSplits* data, Backend* back
     double asked[2] = {0, 0};  // cancelled, shut down
     const std::optional<StopKind> mine = observer->StopRequested();
     if (mine) asked[*mine == StopKind::kShutdown] = 1;
-    if (W > 1) RETURN_IF_ERROR(comm->AllReduceSum(asked, 2));
+    if (W > 1) RETURN_IF_ERROR(staged.AllReduceSum(*comm, asked, 2));
     asked_here = mine.has_value();
     if (asked[0] + asked[1] == 0) return std::optional<StopKind>();
     return std::optional<StopKind>(asked[1] > 0 ? StopKind::kShutdown : StopKind::kCancelled);

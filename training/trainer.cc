@@ -20,8 +20,8 @@ namespace {
 // backward computes the next blocks. The same buckets on every rank, in the same order.
 class BucketedAllReduce {
  public:
-  BucketedAllReduce(Communicator* comm, float* grads, size_t bucket)
-      : comm_(comm), grads_(grads), bucket_(bucket), thread_([this] { Loop(); }) {}
+  BucketedAllReduce(Communicator* comm, Backend* backend, float* grads, size_t bucket)
+      : comm_(comm), backend_(backend), grads_(grads), bucket_(bucket), thread_([this] { Loop(); }) {}
   ~BucketedAllReduce() {
     if (thread_.joinable()) (void)Finish();
   }
@@ -57,6 +57,9 @@ class BucketedAllReduce {
     pending_begin_ = pending_end_ = 0;
   }
   void Loop() {
+    // The collectives run on this thread: it must use the rank's device (a CUDA thread
+    // starts on device 0, which on rank r > 0 is another rank's GPU).
+    if (Status bound = backend_->BindThread(); !bound.ok()) error_ = bound;
     while (true) {
       std::pair<size_t, size_t> range;
       {
@@ -74,6 +77,7 @@ class BucketedAllReduce {
   }
 
   Communicator* const comm_;
+  Backend* const backend_;
   float* const grads_;
   const size_t bucket_;
   size_t pending_begin_ = 0, pending_end_ = 0;  // the caller's thread: the bucket being filled
@@ -162,7 +166,7 @@ StepStats Trainer::Step(PassObserver* observer) {
   std::optional<BucketedAllReduce> buckets;
   Model::GradientsReady ready;
   if (overlap) {
-    buckets.emplace(options_.comm, model_->grads(), options_.allreduce_bucket_floats);
+    buckets.emplace(options_.comm, &be, model_->grads(), options_.allreduce_bucket_floats);
     ready = [&](size_t begin, size_t end) { buckets->Ready(begin, end); };
   }
   for (int m = 0; m < A; ++m) {

@@ -99,6 +99,7 @@ class CudaBackend final : public Backend {
   void ZeroScalars(double* s, size_t n) override { CUDA_CALL(cudaMemsetAsync(s, 0, n * sizeof(double), stream_)); }
   void ReadScalars(double* host, const double* s, size_t n) override { ToHost(host, s, n * sizeof(double)); }
   void Synchronize() override { CUDA_CALL(cudaStreamSynchronize(stream_)); }
+  Status BindThread() override { return CudaBindThread(*this); }
   Status TakeError() override {
     const cudaError_t e = cudaStreamQuery(stream_);  // surfaces an asynchronous kernel fault
     if (e != cudaSuccess && e != cudaErrorNotReady) Record(e, "cudaStreamQuery", __LINE__);
