@@ -19,11 +19,13 @@
 #include <filesystem>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include "schema/credentials.h"
 #include "base/log.h"
 #include "server/coordinator.h"
 #include "server/services.h"
+#include "server/wire_errors.h"
 #include "base/flags.h"
 #include "base/numbers.h"
 
@@ -255,6 +257,12 @@ int Main(int argc, char** argv) {
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.RegisterService(&experiments);
   builder.RegisterService(&workers);
+  // A request whose bytes are not its message (a string that is not UTF-8) is refused as
+  // INVALID_ARGUMENT naming the field, not gRPC's empty INTERNAL (server/wire_errors.h).
+  InstallProtobufLogHandler();
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(MakeWireErrorInterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     std::fprintf(stderr, "sinkscope-coordinator: cannot listen on %s%s\n", listen.c_str(),

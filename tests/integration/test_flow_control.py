@@ -343,6 +343,34 @@ class FlowControlTest(unittest.TestCase):
             self.assertEqual(raised.exception.details(), "experiment_id: must be at most 256 bytes, got 8192")
         finally:
             channel.close()
+        # Finding 9: a string that is not UTF-8 on the wire, and bytes that are no message:
+        # INVALID_ARGUMENT naming the method and the field, never an empty INTERNAL, and
+        # the peer's bytes never echoed.
+        from google.protobuf import json_format
+        from sinkscope.v1 import experiment_pb2
+        spec = harness.tiny_experiment("utf8-check", self.corpus)
+        spec = dict(spec, arms=[a.upper() for a in spec["arms"]])
+        request = self.pb.SubmitExperimentRequest(
+            experiment=json_format.ParseDict(spec, experiment_pb2.Experiment())).SerializeToString()
+        self.assertEqual(request.count(b"utf8-check"), 1)
+        bad_name = request.replace(b"utf8-check", b"utf8\xff\xfeheck")
+        garbage = b"\xff" * 64
+        channel = grpc.insecure_channel(c.address)
+        try:
+            call = channel.unary_unary("/sinkscope.v1.ExperimentService/SubmitExperiment",
+                                       request_serializer=lambda raw: raw,
+                                       response_deserializer=self.pb.SubmitExperimentResponse.FromString)
+            for raw, reason in ((bad_name, "string field sinkscope.v1.Experiment.name holds bytes that are not UTF-8"),
+                                (garbage, "its bytes are not a valid protobuf message")):
+                with self.assertRaises(grpc.RpcError) as raised:
+                    call(raw, timeout=20)
+                self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT, raised.exception.details())
+                details = raised.exception.details()
+                self.assertTrue(details.startswith(
+                    "the request to /sinkscope.v1.ExperimentService/SubmitExperiment was refused: " + reason), details)
+                self.assertNotIn("utf8", details.replace("UTF-8", ""))
+        finally:
+            channel.close()
         # None of it stalled the coordinator.
         self.assertLess(self.list_seconds(), 20)
 
