@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <memory>
@@ -440,22 +441,84 @@ std::string ProbeCsvPath(const std::string& steps_path) {
   return p.string() + ".probes.csv";
 }
 
-bool WriteFile(const std::string& path, const std::string& text) {
-  errno = 0;
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  const int open_error = errno;
-  out << text;
-  out.close();
-  if (!out) {
-    const int error = open_error != 0 ? open_error : errno;
-    std::fprintf(stderr, "sinkscope export: cannot write --out %s: %s\n", path.c_str(),
+// An output of `export`: stdout, or a file written under a temporary name and renamed
+// into place when complete (a failed export never leaves a half file under --out).
+class ExportSink {
+ public:
+  explicit ExportSink(std::string path) : path_(std::move(path)) {}
+  ~ExportSink() {
+    if (file_ != nullptr && file_ != stdout) {
+      std::fclose(file_);
+      std::remove(temp_.c_str());
+    }
+  }
+  bool Open() {
+    if (path_.empty()) {
+      file_ = stdout;
+      return true;
+    }
+    temp_ = path_ + ".partial";
+    errno = 0;
+    file_ = std::fopen(temp_.c_str(), "wb");
+    return file_ != nullptr || Fail(errno);
+  }
+  bool Write(const std::string& text) {
+    if (text.empty()) return true;
+    return std::fwrite(text.data(), 1, text.size(), file_) == text.size() || Fail(errno);
+  }
+  bool Close() {
+    if (file_ == stdout) return std::fflush(stdout) == 0;
+    FILE* f = file_;
+    file_ = nullptr;
+    if (std::fclose(f) != 0) return Fail(errno);
+    if (std::rename(temp_.c_str(), path_.c_str()) != 0) return Fail(errno);
+    return true;
+  }
+
+ private:
+  bool Fail(int error) {
+    std::fprintf(stderr, "sinkscope export: cannot write --out %s: %s\n", path_.c_str(),
                  error != 0 ? std::strerror(error) : "write failed");
     return false;
   }
-  return true;
+  std::string path_, temp_;
+  FILE* file_ = nullptr;
+};
+
+// Every page of one run's steps (or probe reports), in order, each handed to `page` as it
+// arrives: the export holds one page at a time, whatever the run's length.
+constexpr int64_t kExportPageBytes = int64_t{1} << 20;
+grpc::Status ForEachPage(Coordinator& coordinator, const v1::RunSummary& run, bool steps,
+                         const std::function<bool(const v1::GetRunMetricsResponse&)>& page) {
+  int64_t from = 0;
+  do {
+    v1::GetRunMetricsRequest request;
+    request.set_run_id(run.run_id());
+    request.set_from_step(from);
+    request.set_max_bytes(kExportPageBytes);
+    if (steps) {
+      request.set_steps_only(true);
+    } else {
+      request.set_probes_only(true);
+    }
+    v1::GetRunMetricsResponse metrics;
+    if (grpc::Status s = coordinator.stub().GetRunMetrics(coordinator.UnaryContext().get(), request, &metrics);
+        !s.ok()) {
+      return s;
+    }
+    if (!metrics.has_run()) *metrics.mutable_run() = run;
+    if (!page(metrics)) return grpc::Status(grpc::StatusCode::CANCELLED, "the export's output failed (said above)");
+    if (metrics.next_from_step() != 0 && metrics.next_from_step() <= from) {
+      return grpc::Status(grpc::StatusCode::INTERNAL, "the coordinator's page of run " + run.run_id() +
+                                                          " did not advance past step " + std::to_string(from));
+    }
+    from = metrics.next_from_step();
+  } while (from != 0);
+  return grpc::Status::OK;
 }
 
 int Export(const GlobalOptions& options, const Args& args) {
+  if (args.positional.size() != 1) return UsageError("export", "takes one experiment ID");
   const std::string format = args.values.count("--format") ? args.values.at("--format") : "csv";
   if (format != "csv" && format != "jsonl") return UsageError("export", "--format must be csv or jsonl, got " + format);
   const std::string out_path = args.values.count("--out") ? args.values.at("--out") : "";
@@ -467,46 +530,63 @@ int Export(const GlobalOptions& options, const Args& args) {
   if (grpc::Status s = coordinator.stub().GetExperiment(coordinator.UnaryContext().get(), get, &experiment); !s.ok()) {
     return coordinator.Fail(s);
   }
-  std::string steps = format == "csv" ? StepCsvHeader() : "";
-  std::string probes = format == "csv" ? ProbeCsvHeader() : "";
+  const std::string& id = experiment.experiment_id();
+  // Read a page at a time and written as read (issue 28: reads that stream). CSV: the
+  // step table (every run), then the probe table, to --out and its .probes.csv, or on
+  // stdout separated by an empty line. jsonl: per run, its steps then its reports.
   int64_t step_rows = 0, probe_reports = 0;
-  for (const v1::RunSummary& run : experiment.runs()) {
-    v1::GetRunMetricsRequest request;
-    request.set_run_id(run.run_id());
-    v1::GetRunMetricsResponse metrics;
-    if (grpc::Status s = coordinator.stub().GetRunMetrics(coordinator.UnaryContext().get(), request, &metrics);
-        !s.ok()) {
-      return coordinator.Fail(s);
+  bool write_failed = false;  // the sink printed why
+  ExportSink steps_out(out_path);
+  if (!steps_out.Open()) return kExitUsage;
+  auto pass = [&](ExportSink& sink, bool steps) -> int {
+    for (const v1::RunSummary& run : experiment.runs()) {
+      grpc::Status s = ForEachPage(coordinator, run, steps, [&](const v1::GetRunMetricsResponse& page) {
+        step_rows += page.steps_size();
+        probe_reports += page.probes_size();
+        write_failed = !sink.Write(steps ? StepCsvRows(id, page) : ProbeCsvRows(id, page));
+        return !write_failed;
+      });
+      if (write_failed) return kExitUsage;
+      if (!s.ok()) return coordinator.Fail(s);
     }
-    if (!metrics.has_run()) *metrics.mutable_run() = run;
-    step_rows += metrics.steps_size();
-    probe_reports += metrics.probes_size();
-    if (format == "csv") {
-      steps += StepCsvRows(experiment.experiment_id(), metrics);
-      probes += ProbeCsvRows(experiment.experiment_id(), metrics);
-    } else {
-      steps += JsonLines(experiment.experiment_id(), metrics);
+    return kExitOk;
+  };
+  if (format == "jsonl") {
+    for (const v1::RunSummary& run : experiment.runs()) {
+      for (bool steps : {true, false}) {
+        grpc::Status s = ForEachPage(coordinator, run, steps, [&](const v1::GetRunMetricsResponse& page) {
+          step_rows += page.steps_size();
+          probe_reports += page.probes_size();
+          write_failed = !steps_out.Write(JsonLines(id, page));
+          return !write_failed;
+        });
+        if (write_failed) return kExitUsage;
+        if (!s.ok()) return coordinator.Fail(s);
+      }
     }
-  }
-
-  if (out_path.empty()) {
-    // CSV on stdout: the step table, a blank line, then the probe table.
-    const std::string text = format == "csv" ? steps + "\n" + probes : steps;
-    std::fwrite(text.data(), 1, text.size(), stdout);
+    if (!steps_out.Close()) return kExitUsage;
+    if (!out_path.empty()) {
+      std::fprintf(stderr, "%s: %lld steps and %lld probe reports of %d runs to %s\n", id.c_str(),
+                   static_cast<long long>(step_rows), static_cast<long long>(probe_reports), experiment.runs_size(),
+                   out_path.c_str());
+    }
     return kExitOk;
   }
-  if (!WriteFile(out_path, steps)) return kExitUsage;
-  if (format == "csv") {
-    const std::string probe_path = ProbeCsvPath(out_path);
-    if (!WriteFile(probe_path, probes)) return kExitUsage;
-    std::fprintf(stderr, "%s: %lld step rows of %d runs to %s, %lld probe reports to %s\n",
-                 experiment.experiment_id().c_str(), static_cast<long long>(step_rows), experiment.runs_size(),
-                 out_path.c_str(), static_cast<long long>(probe_reports), probe_path.c_str());
-  } else {
-    std::fprintf(stderr, "%s: %lld steps and %lld probe reports of %d runs to %s\n", experiment.experiment_id().c_str(),
-                 static_cast<long long>(step_rows), static_cast<long long>(probe_reports), experiment.runs_size(),
-                 out_path.c_str());
+  if (!steps_out.Write(StepCsvHeader())) return kExitUsage;
+  if (int rc = pass(steps_out, true); rc != kExitOk) return rc;
+  if (out_path.empty()) {  // stdout: the step table, a blank line, then the probe table
+    if (!steps_out.Write("\n" + ProbeCsvHeader())) return kExitUsage;
+    if (int rc = pass(steps_out, false); rc != kExitOk) return rc;
+    return steps_out.Close() ? kExitOk : kExitUsage;
   }
+  const std::string probe_path = ProbeCsvPath(out_path);
+  ExportSink probes_out(probe_path);
+  if (!probes_out.Open() || !probes_out.Write(ProbeCsvHeader())) return kExitUsage;
+  if (int rc = pass(probes_out, false); rc != kExitOk) return rc;
+  if (!steps_out.Close() || !probes_out.Close()) return kExitUsage;
+  std::fprintf(stderr, "%s: %lld step rows of %d runs to %s, %lld probe reports to %s\n", id.c_str(),
+               static_cast<long long>(step_rows), experiment.runs_size(), out_path.c_str(),
+               static_cast<long long>(probe_reports), probe_path.c_str());
   return kExitOk;
 }
 
@@ -637,13 +717,19 @@ int FetchExperiment(const GlobalOptions& options, const std::string& id, report:
       !s.ok()) {
     return coordinator.Fail(s);
   }
+  // Page by page (each answer at most about 1 MiB, whatever the run's length); the report
+  // keeps what its figures draw, every step and report of every run.
   for (const v1::RunSummary& run : input.experiment.runs()) {
-    v1::GetRunMetricsRequest request;
-    request.set_run_id(run.run_id());
     v1::GetRunMetricsResponse& metrics = input.metrics[run.run_id()];
-    if (grpc::Status s = coordinator.stub().GetRunMetrics(coordinator.UnaryContext().get(), request, &metrics);
-        !s.ok()) {
-      return coordinator.Fail(s);
+    *metrics.mutable_run() = run;
+    for (bool steps : {true, false}) {
+      grpc::Status s = ForEachPage(coordinator, run, steps, [&](const v1::GetRunMetricsResponse& page) {
+        for (const v1::StepMetrics& m : page.steps()) *metrics.add_steps() = m;
+        for (const v1::ProbeReport& p : page.probes()) *metrics.add_probes() = p;
+        if (page.has_run()) *metrics.mutable_run() = page.run();
+        return true;
+      });
+      if (!s.ok()) return coordinator.Fail(s);
     }
   }
   return kExitOk;

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <set>
 
 #include "base/cadence.h"
@@ -636,12 +637,62 @@ StatusOr<v1::GetRunMetricsResponse> Coordinator::GetRunMetrics(const v1::GetRunM
     *out.mutable_run() = it->second.record.summary;
     out.mutable_run()->set_probe_reports(it->second.probe_reports);
   }
-  if (!request.probes_only()) {
-    ASSIGN_OR_RETURN(auto steps, store_->Steps(request.run_id(), request.from_step()));
-    for (auto& s : steps) *out.add_steps() = std::move(s);
+  if (request.probes_only() && request.steps_only()) {
+    return InvalidArgumentError("probes_only and steps_only: at most one of them");
   }
-  ASSIGN_OR_RETURN(auto probes, store_->Probes(request.run_id(), request.from_step()));
-  for (auto& p : probes) *out.add_probes() = std::move(p);
+  if (request.max_bytes() < 0) {
+    return InvalidArgumentError("max_bytes: must not be negative, got " + std::to_string(request.max_bytes()));
+  }
+  const std::string& run = request.run_id();
+  if (request.max_bytes() == 0) {  // the whole run from from_step at once
+    if (!request.probes_only()) {
+      ASSIGN_OR_RETURN(auto steps, store_->Steps(run, request.from_step()));
+      for (auto& s : steps) *out.add_steps() = std::move(s);
+    }
+    if (!request.steps_only()) {
+      ASSIGN_OR_RETURN(auto probes, store_->Probes(run, request.from_step()));
+      for (auto& p : probes) *out.add_probes() = std::move(p);
+    }
+    return out;
+  }
+  // A page (issue 28: reads that stream): the steps first, as many as fit the budget at
+  // a step row's usual size, then probe reports one at a time below the steps' cut, until
+  // the budget is spent; the page ends at a step boundary, so the next from_step is where
+  // the first item left out begins. Memory follows the page, not the run.
+  const int64_t budget = request.max_bytes(), from = request.from_step();
+  int64_t cut = std::numeric_limits<int64_t>::max(), bytes = 0;
+  if (!request.probes_only()) {
+    constexpr int64_t kStepRowBytes = 96;  // a StepMetrics message, about
+    const int64_t rows = std::max<int64_t>(1, budget / kStepRowBytes);
+    ASSIGN_OR_RETURN(auto steps, store_->Steps(run, from, rows + 1));
+    if (static_cast<int64_t>(steps.size()) > rows) {
+      cut = steps.back().step();
+      steps.pop_back();
+    }
+    for (auto& s : steps) {
+      bytes += static_cast<int64_t>(s.ByteSizeLong());
+      *out.add_steps() = std::move(s);
+    }
+  }
+  if (!request.steps_only()) {
+    ASSIGN_OR_RETURN(std::vector<int64_t> probed, store_->ProbeSteps(run));
+    for (int64_t at : probed) {
+      if (at < from) continue;
+      if (at >= cut) break;
+      ASSIGN_OR_RETURN(std::optional<v1::ProbeReport> report, store_->ProbeAt(run, at));
+      if (!report) continue;  // gone since the listing (never expected: reports are not deleted)
+      const int64_t size = static_cast<int64_t>(report->ByteSizeLong());
+      if (out.probes_size() > 0 && bytes + size > budget) {
+        cut = at;
+        break;
+      }
+      bytes += size;
+      *out.add_probes() = std::move(*report);
+    }
+    // Steps at or past the probes' cut belong to the next page.
+    while (out.steps_size() > 0 && out.steps(out.steps_size() - 1).step() >= cut) out.mutable_steps()->RemoveLast();
+  }
+  if (cut != std::numeric_limits<int64_t>::max()) out.set_next_from_step(cut);
   return out;
 }
 

@@ -360,10 +360,10 @@ StatusOr<Store::Progress> Store::LatestProgress(const std::string& run_id) {
   return p;
 }
 
-StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, int64_t from_step) {
+StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, int64_t from_step, int64_t limit) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? AND step >= ? ORDER BY step");
-  q.Text(1, run_id).Int(2, from_step);
+  Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? AND step >= ? ORDER BY step LIMIT ?");
+  q.Text(1, run_id).Int(2, from_step).Int(3, limit > 0 ? limit : -1);
   std::vector<v1::StepMetrics> out;
   int rc;
   while ((rc = q.Step()) == SQLITE_ROW) {

@@ -96,7 +96,8 @@ class Store {
     std::optional<double> val_loss;
   };
   StatusOr<Progress> LatestProgress(const std::string& run_id);
-  StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step);
+  // The run's steps ≥ from_step, ascending; at most `limit` of them when limit > 0.
+  StatusOr<std::vector<v1::StepMetrics>> Steps(const std::string& run_id, int64_t from_step, int64_t limit = 0);
   StatusOr<std::vector<v1::ProbeReport>> Probes(const std::string& run_id, int64_t from_step);
   StatusOr<int64_t> CountProbes(const std::string& run_id);
   // The steps a run has probe reports for, in order (the reports are not read).

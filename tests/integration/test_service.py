@@ -100,6 +100,51 @@ class ServiceTest(unittest.TestCase):
         csv_out = os.path.join(c.dir, "export.csv")
         c.cli("export", eid, "--format", "csv", "--out", csv_out)
         self.assertTrue(os.path.getsize(csv_out) > 0)
+        # The export reads a page at a time: GetRunMetrics with max_bytes answers pages cut
+        # at step boundaries, each within the budget (one item more only when it alone is
+        # larger), whose concatenation is the whole run.
+        pb = harness.python_stubs()
+        channel = grpc.insecure_channel(c.address)
+        try:
+            call = channel.unary_unary("/sinkscope.v1.ExperimentService/GetRunMetrics",
+                                       request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=pb.GetRunMetricsResponse.FromString)
+            run_id = f"{eid}-vscale-s0"
+            whole = call(pb.GetRunMetricsRequest(run_id=run_id), timeout=30)
+            self.assertEqual(len(whole.steps), 30)
+            self.assertEqual([p.step for p in whole.probes], want_probes)
+            budget = 2 * max(p.ByteSize() for p in whole.probes)
+            for only in ("steps_only", "probes_only"):
+                steps, probes, pages, start = [], [], 0, 0
+                while True:
+                    page = call(pb.GetRunMetricsRequest(run_id=run_id, from_step=start, max_bytes=budget,
+                                                        **{only: True}), timeout=30)
+                    pages += 1
+                    items = list(page.steps) + list(page.probes)
+                    self.assertTrue(items, f"page {pages} from step {start} is empty")
+                    self.assertTrue(all(i.step >= start for i in items))
+                    if len(items) > 1:
+                        self.assertLessEqual(sum(i.ByteSize() for i in items), budget)
+                    if page.next_from_step:
+                        self.assertTrue(all(i.step < page.next_from_step for i in items))
+                        self.assertGreater(page.next_from_step, start)
+                    steps += list(page.steps)
+                    probes += list(page.probes)
+                    if not page.next_from_step:
+                        break
+                    start = page.next_from_step
+                if only == "steps_only":
+                    self.assertEqual(steps, list(whole.steps))
+                    self.assertEqual(probes, [])
+                else:
+                    self.assertEqual(probes, list(whole.probes))
+                    self.assertEqual(steps, [])
+                    self.assertGreater(pages, 2, "the probe reports took one page: the budget cut nothing")
+            with self.assertRaises(grpc.RpcError) as raised:
+                call(pb.GetRunMetricsRequest(run_id=run_id, steps_only=True, probes_only=True), timeout=30)
+            self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        finally:
+            channel.close()
 
     # --- a real Prometheus scrapes the coordinator -------------------------------------
     def test_2_prometheus_scrapes_probe_series(self):
