@@ -34,13 +34,15 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
   std::unique_ptr<Model> m(new Model(config, backend));
   const int64_t d = config.d_model, V = config.vocab, F = config.ffn;
   const int64_t qd = config.q_dim(), kvd = config.kv_dim();
-  size_t offset = 0;
+  size_t offset = 0, packed = 0;
   auto add = [&](std::string name, std::vector<int64_t> shape, bool decay, bool trainable = true) {
     size_t n = 1;
     for (int64_t s : shape) n *= static_cast<size_t>(s);
-    m->tensors_.push_back({std::move(name), std::move(shape), offset, n, decay, trainable});
+    offset = (offset + kParamAlignFloats - 1) / kParamAlignFloats * kParamAlignFloats;
+    m->tensors_.push_back({std::move(name), std::move(shape), offset, n, packed, decay, trainable});
     const size_t at = offset;
     offset += n;
+    packed += n;
     return at;
   };
   m->off_embed_ = add("model.embed_tokens.weight", {V, d}, true);
@@ -77,7 +79,8 @@ StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config, Backen
   }
   m->off_final_norm_ = add("model.norm.weight", {d}, false);
   m->off_head_ = config.tied_embeddings ? m->off_embed_ : add("lm_head.weight", {V, d}, true);
-  m->num_params_ = offset;
+  m->num_params_ = packed;
+  m->slab_floats_ = offset;
   m->recompute_ = options.recompute_blocks;
   m->scalars_ = backend->AllocScalars(2);
   if (options.matrices != WeightDtype::kF32) {
@@ -195,7 +198,7 @@ void Model::SetTensor16(const ParamTensor& t, const void* raw) {
 }
 
 double Model::ParameterBytes() const {
-  if (matrices_ == WeightDtype::kF32) return 4.0 * num_params_;
+  if (matrices_ == WeightDtype::kF32) return 4.0 * slab_floats_;
   double small = 0;
   for (const ParamTensor& t : tensors_) small += t.shape.size() == 2 ? 0 : t.size;
   const ModelConfig& c = config_;
@@ -267,7 +270,7 @@ LayerParams Model::View(float* base, int l) const {
 }
 
 void Model::InitWeights(uint64_t seed) {
-  std::vector<float> host(num_params_, 0.0f);
+  std::vector<float> host(slab_floats_, 0.0f);
   Rng rng(Mix64(seed ^ 0x5EED5EEDull));
   for (const ParamTensor& t : tensors_) {
     float* p = host.data() + t.offset;
@@ -283,18 +286,18 @@ void Model::InitWeights(uint64_t seed) {
   }
   ParamsFromHost(host);
   if (training()) {
-    backend_->Fill(adam_m_, 0.0f, num_params_);
-    backend_->Fill(adam_v_, 0.0f, num_params_);
+    backend_->Fill(adam_m_, 0.0f, slab_floats_);
+    backend_->Fill(adam_v_, 0.0f, slab_floats_);
   }
   ZeroGrad();
 }
 
 void Model::ZeroGrad() {
-  if (training()) backend_->Fill(grads_, 0.0f, num_params_);
+  if (training()) backend_->Fill(grads_, 0.0f, slab_floats_);
 }
 
 std::vector<float> Model::ParamsToHost() const {
-  std::vector<float> host(num_params_);
+  std::vector<float> host(slab_floats_);
   if (matrices_ != WeightDtype::kF32) {
     for (const ParamTensor& t : tensors_) {
       const std::vector<float> v = TensorToHost(t);
@@ -302,7 +305,7 @@ std::vector<float> Model::ParamsToHost() const {
     }
     return host;
   }
-  backend_->ToHost(host.data(), params_, num_params_ * sizeof(float));
+  backend_->ToHost(host.data(), params_, slab_floats_ * sizeof(float));
   return host;
 }
 
@@ -311,13 +314,13 @@ void Model::ParamsFromHost(const std::vector<float>& host) {
     for (const ParamTensor& t : tensors_) SetTensor(t, host.data() + t.offset);
     return;
   }
-  backend_->ToDevice(params_, host.data(), num_params_ * sizeof(float));
+  backend_->ToDevice(params_, host.data(), slab_floats_ * sizeof(float));
 }
 
 std::vector<float> Model::GradsToHost() const {
   if (!training()) return {};
-  std::vector<float> host(num_params_);
-  backend_->ToHost(host.data(), grads_, num_params_ * sizeof(float));
+  std::vector<float> host(slab_floats_);
+  backend_->ToHost(host.data(), grads_, slab_floats_ * sizeof(float));
   return host;
 }
 
@@ -587,7 +590,7 @@ void Model::ForwardBackwardInto(const int32_t* tokens, const int32_t* targets, i
                      Param(off_final_norm_), rstd_f_, N, d);
   const bool tell = pg && ready != nullptr;
   auto layer_begin = [&](int l) { return l < c.layers ? layer_off_[l].attn_norm : off_final_norm_; };
-  if (tell) (*ready)(off_final_norm_, num_params_);  // the final norm (and an untied LM head)
+  if (tell) (*ready)(off_final_norm_, slab_floats_);  // the final norm (and an untied LM head)
   // d_res_a_ holds ∂L/∂h_out of the last block; the two residual buffers alternate.
   float* d_out = d_res_a_;
   float* d_half = d_res_b_;

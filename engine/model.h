@@ -17,12 +17,19 @@
 
 namespace sinkscope {
 
+// Each tensor of the parameter buffer (and of the gradient and AdamW buffers, which share
+// its layout) starts on a 256-byte boundary, so every GEMM operand a weight is meets the
+// alignment cuBLASLt's fastest kernels need (16 bytes) and a slab of bf16 copies stays
+// aligned too; the padding holds zeros that no op reads or writes.
+constexpr size_t kParamAlignFloats = 64;
+
 // One named tensor inside the parameter buffer.
 struct ParamTensor {
   std::string name;            // Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight"
   std::vector<int64_t> shape;  // [out, in] for linear weights, as Hugging Face stores them
-  size_t offset = 0;           // in floats, into the parameter buffer
+  size_t offset = 0;           // in floats, into the parameter buffer (a multiple of kParamAlignFloats)
   size_t size = 0;             // in floats
+  size_t packed_offset = 0;    // in floats, with the tensors back to back (the checkpoint's layout)
   bool weight_decay = false;   // 2-D weights only (METRICS.md training, the paper's recipe)
   bool trainable = true;       // θ is frozen in the baseline and backward-only arms
 };
@@ -129,7 +136,11 @@ class Model {
   Backend* backend() const { return backend_; }
   const std::vector<ParamTensor>& tensors() const { return tensors_; }
   const ParamTensor* FindTensor(const std::string& name) const;
+  // The parameter count (Σ of the tensors' sizes, as a checkpoint stores them).
   size_t num_params() const { return num_params_; }
+  // The length in floats of the parameter, gradient and AdamW buffers (the tensors with
+  // their alignment padding): what collectives and whole-buffer copies span.
+  size_t slab_floats() const { return slab_floats_; }
   // How the 2-D weights are held; for kBF16/kF16 params() is null and the tensors are
   // read and written through TensorToHost / SetTensor / SetTensor16.
   WeightDtype matrices() const { return matrices_; }
@@ -221,7 +232,7 @@ class Model {
   RotaryFrequencies rotary_;  // config_.Rotary(), computed once
   Backend* backend_;
   std::vector<ParamTensor> tensors_;
-  size_t num_params_ = 0;
+  size_t num_params_ = 0, slab_floats_ = 0;
   float* params_ = nullptr;
   // A 16-bit model: the matrices in store16_ (store_off_ per tensor, npos for fp32 ones),
   // the fp32 tensors in small_ (small_off_ per tensor), and the scratch they are widened into.

@@ -734,13 +734,20 @@ void CheckArmAttention(Backend& be, Rng& rng, AttentionKind kind, int B, int T, 
 }
 
 // Every arm: T 11 within one tile, T 70 across a tile boundary with a partial tile (the
-// online rescaling of the sink softmaxes and softpick; both race-checked by
-// cuda_parity_racecheck), then dh 200 on the 32-row tiles (left out of the race check, as
-// the softmax's wide heads are: minutes of single-stepping). The fp32 tolerance is the
-// softmax attention's (kSum): the same sums of up to T products.
+// online rescaling of the sink softmaxes and softpick), then dh 200 on the 32-row tiles.
+// The fp32 tolerance is the softmax attention's (kSum): the same sums of up to T products.
+// cuda_parity_racecheck runs *Attention*/cuda: of the arms, the smallest case that crosses
+// a tile for the two shared-memory layouts (the sink softmax's, softpick's with its D'
+// row), as the race check single-steps every shared access (minutes for the full set).
 const AttentionKind kArmKinds[] = {AttentionKind::kSinkLogit, AttentionKind::kSoftmaxPlusOne, AttentionKind::kSigmoid,
                                    AttentionKind::kSoftpick};
-TEST_P(ParityTest, AttentionArmsForwardBackwardAndColumnStats) {
+TEST_P(ParityTest, AttentionArmsRaceCases) {
+  if (!be().Supports(OptionalOp::kAttentionArms)) GTEST_SKIP() << be().Name() << " has no attention arms";
+  for (AttentionKind kind : {AttentionKind::kSinkLogit, AttentionKind::kSoftpick}) {
+    CheckArmAttention(be(), rng_, kind, 1, 66, 1, 1, 8, sum_);
+  }
+}
+TEST_P(ParityTest, ArmsForwardBackwardAndColumnStats) {
   if (!be().Supports(OptionalOp::kAttentionArms)) GTEST_SKIP() << be().Name() << " has no attention arms";
   for (AttentionKind kind : kArmKinds) {
     CheckArmAttention(be(), rng_, kind, 2, 11, 4, 2, 8, sum_);

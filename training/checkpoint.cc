@@ -68,9 +68,9 @@ Status CheckFinite(const std::string& path, const Model& model, const char* valu
   std::memcpy(&v, values + 4 * bad, 4);
   const std::string value = std::isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf";
   for (const ParamTensor& t : model.tensors()) {
-    if (bad < t.offset || bad >= t.offset + t.size) continue;
+    if (bad < t.packed_offset || bad >= t.packed_offset + t.size) continue;
     return DataLossError("checkpoint " + path + ": " + what + " " + t.name + " holds " + value +
-                         " at element " + std::to_string(bad - t.offset) + " of " + std::to_string(t.size) +
+                         " at element " + std::to_string(bad - t.packed_offset) + " of " + std::to_string(t.size) +
                          " (a run does not save values that are not finite: the file was damaged or made elsewhere)");
   }
   return DataLossError("checkpoint " + path + ": " + value + " at parameter " + std::to_string(bad));  // past every tensor
@@ -201,10 +201,14 @@ Status SaveCheckpoint(const std::string& path, const Model& model, const Trainin
   bytes.append(reinterpret_cast<const char*>(&zero), 4);
   bytes.append(reinterpret_cast<const char*>(&len), 8);
   bytes += h;
-  std::vector<float> host(n);
+  // The payload holds the tensors back to back (ParamTensor::packed_offset), not the
+  // buffer's aligned layout, so a checkpoint does not depend on the alignment.
+  std::vector<float> host(m.slab_floats());
   for (float* buf : {m.params(), m.adam_m(), m.adam_v()}) {
-    m.backend()->ToHost(host.data(), buf, n * sizeof(float));
-    bytes.append(reinterpret_cast<const char*>(host.data()), n * sizeof(float));
+    m.backend()->ToHost(host.data(), buf, host.size() * sizeof(float));
+    for (const ParamTensor& t : m.tensors()) {
+      bytes.append(reinterpret_cast<const char*>(host.data() + t.offset), t.size * sizeof(float));
+    }
   }
   const uint64_t sum = CheckpointChecksum(kCheckpointVersion, bytes.data(), bytes.size());
   bytes.append(reinterpret_cast<const char*>(&sum), 8);
@@ -238,10 +242,20 @@ StatusOr<TrainingState> LoadCheckpoint(const std::string& path, Model& model) {
     RETURN_IF_ERROR(CheckFinite(path, model, payload + 2 * n * sizeof(float), "AdamW's second moment (v) of tensor"));
   }
   Backend* be = model.backend();
-  be->ToDevice(model.params(), payload, n * sizeof(float));
+  // Packed tensors (ParamTensor::packed_offset) into the buffer's aligned layout.
+  std::vector<float> host(model.slab_floats(), 0.0f);
+  auto unpack = [&](const char* packed) {
+    for (const ParamTensor& t : model.tensors()) {
+      std::memcpy(host.data() + t.offset, packed + t.packed_offset * sizeof(float), t.size * sizeof(float));
+    }
+  };
+  unpack(payload);
+  model.ParamsFromHost(host);
   if (model.training()) {  // a model made for probing keeps the parameters only
-    be->ToDevice(model.adam_m(), payload + n * sizeof(float), n * sizeof(float));
-    be->ToDevice(model.adam_v(), payload + 2 * n * sizeof(float), n * sizeof(float));
+    unpack(payload + n * sizeof(float));
+    be->ToDevice(model.adam_m(), host.data(), host.size() * sizeof(float));
+    unpack(payload + 2 * n * sizeof(float));
+    be->ToDevice(model.adam_v(), host.data(), host.size() * sizeof(float));
   }
   TrainingState s;
   s.step = p.header.value("step", int64_t{0});

@@ -511,7 +511,7 @@ Status CheckAllFound(const Model& model, const std::set<std::string>& found) {
 }  // namespace
 
 Status LoadHfWeights(Model& model, const SafetensorsFile& file) {
-  std::vector<float> host(model.num_params(), 0.0f);
+  std::vector<float> host(model.slab_floats(), 0.0f);
   std::set<std::string> found;
   RETURN_IF_ERROR(CopyHfTensors(model, file, host, found));
   RETURN_IF_ERROR(CheckAllFound(model, found));

@@ -184,7 +184,7 @@ StepStats Trainer::Step(PassObserver* observer) {
       collective = buckets->Finish();
       comm_busy = buckets->busy_seconds();
     } else {
-      collective = options_.comm->AllReduceSum(model_->grads(), model_->num_params());
+      collective = options_.comm->AllReduceSum(model_->grads(), model_->slab_floats());
     }
     if (collective.ok()) collective = options_.comm->AllReduceSum(scalars_, 1);
     comm_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
