@@ -430,8 +430,10 @@ struct Flash {
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashForward), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(shared));
     const dim3 grid((S.T + kTile - 1) / kTile, S.B * S.H);
-    SINKSCOPE_COST(Bytes(S, 2, 2, kFamily == kFlashSoftpick ? 3 : 2),
-                   4.0 * S.dh * Causal(S, S.H) + 5.0 * Causal(S, S.H));
+    // Rows written: the lse (softmax), with the unassigned mass (sink softmaxes), the
+    // unassigned mass alone (sigmoid), or m, D' and the unassigned mass (softpick).
+    const int rows = kFamily == kFlashSoftpick ? 3 : kFamily == kFlashSigmoid ? 1 : A.has_sink ? 2 : 1;
+    SINKSCOPE_COST(Bytes(S, 2, 2, rows), 4.0 * S.dh * Causal(S, S.H) + 5.0 * Causal(S, S.H));
     SINKSCOPE_LAUNCH(FlashForward, grid, kThreads, shared, s)(y, r0, r1, unassigned, q, k, v, S, A);
   }
 
