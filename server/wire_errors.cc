@@ -36,6 +36,12 @@ class WireErrorInterceptor final : public grpc::experimental::Interceptor {
 
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
+    // A request parsed: whatever an earlier parse on this thread left (a stream's message
+    // refused mid-stream, whose call ends without an empty INTERNAL) is not this call's.
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_MESSAGE) &&
+        methods->GetRecvMessage() != nullptr) {
+      bad_utf8_field.clear();
+    }
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       const grpc::Status status = methods->GetSendStatus();
       // Every handler of ours says what went wrong: an empty INTERNAL is the deserializer's.
