@@ -538,30 +538,29 @@ int Export(const GlobalOptions& options, const Args& args) {
   bool write_failed = false;  // the sink printed why
   ExportSink steps_out(out_path);
   if (!steps_out.Open()) return kExitUsage;
-  auto pass = [&](ExportSink& sink, bool steps) -> int {
+  // One run's steps (or reports), page by page, each formatted and written as it comes.
+  auto write_run = [&](ExportSink& sink, const v1::RunSummary& run, bool steps) -> int {
+    grpc::Status s = ForEachPage(coordinator, run, steps, [&](const v1::GetRunMetricsResponse& page) {
+      step_rows += page.steps_size();
+      probe_reports += page.probes_size();
+      write_failed = !sink.Write(format == "jsonl" ? JsonLines(id, page)
+                                 : steps         ? StepCsvRows(id, page)
+                                                 : ProbeCsvRows(id, page));
+      return !write_failed;
+    });
+    if (write_failed) return kExitUsage;
+    return s.ok() ? kExitOk : coordinator.Fail(s);
+  };
+  auto pass = [&](ExportSink& sink, bool steps) -> int {  // every run's steps (or reports)
     for (const v1::RunSummary& run : experiment.runs()) {
-      grpc::Status s = ForEachPage(coordinator, run, steps, [&](const v1::GetRunMetricsResponse& page) {
-        step_rows += page.steps_size();
-        probe_reports += page.probes_size();
-        write_failed = !sink.Write(steps ? StepCsvRows(id, page) : ProbeCsvRows(id, page));
-        return !write_failed;
-      });
-      if (write_failed) return kExitUsage;
-      if (!s.ok()) return coordinator.Fail(s);
+      if (int rc = write_run(sink, run, steps); rc != kExitOk) return rc;
     }
     return kExitOk;
   };
-  if (format == "jsonl") {
+  if (format == "jsonl") {  // per run, its steps then its reports
     for (const v1::RunSummary& run : experiment.runs()) {
       for (bool steps : {true, false}) {
-        grpc::Status s = ForEachPage(coordinator, run, steps, [&](const v1::GetRunMetricsResponse& page) {
-          step_rows += page.steps_size();
-          probe_reports += page.probes_size();
-          write_failed = !steps_out.Write(JsonLines(id, page));
-          return !write_failed;
-        });
-        if (write_failed) return kExitUsage;
-        if (!s.ok()) return coordinator.Fail(s);
+        if (int rc = write_run(steps_out, run, steps); rc != kExitOk) return rc;
       }
     }
     if (!steps_out.Close()) return kExitUsage;

@@ -57,6 +57,26 @@ const char* ArmName(VScaleMode m) {
   return m == VScaleMode::kNone ? "baseline" : m == VScaleMode::kVScale ? "vscale" : "backward_only";
 }
 
+// One step of the same batch on the CPU model `a` and the CUDA model `b`: the loss within
+// 1e-5 relative and every gradient tensor within 2e-4 normalised error. Returns the names
+// of the tensors compared.
+std::vector<std::string> ExpectStepsMatch(Model& a, Model& b, Backend& gpu, const std::vector<int32_t>& tokens,
+                                          const std::vector<int32_t>& targets, int B, int T, const std::string& what) {
+  const double la = a.ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+  const double lb = b.ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+  EXPECT_TRUE(gpu.TakeError().ok()) << what;
+  EXPECT_NEAR(lb, la, 1e-5 * la) << what;
+  const std::vector<float> ga = a.GradsToHost(), gb = b.GradsToHost();
+  std::vector<std::string> names;
+  for (const ParamTensor& t : a.tensors()) {
+    const std::vector<float> wa(ga.begin() + t.offset, ga.begin() + t.offset + t.size),
+        wb(gb.begin() + t.offset, gb.begin() + t.offset + t.size);
+    EXPECT_LE(NormError(wb, wa), 2e-4) << what << " " << t.name;
+    names.push_back(t.name);
+  }
+  return names;
+}
+
 TEST(CudaStep, OneStepLossAndEveryGradientMatchTheCpu) {
   CUDA_OR_SKIP(gpu);
   auto cpu = MakeCpuBackend();
@@ -71,16 +91,7 @@ TEST(CudaStep, OneStepLossAndEveryGradientMatchTheCpu) {
     const int B = 3, T = 32;
     std::vector<int32_t> tokens, targets;
     Batch(B, T, c.vocab, 0, &tokens, &targets);
-    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
-    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
-    ASSERT_TRUE(gpu->TakeError().ok());
-    EXPECT_NEAR(lb, la, 1e-5 * la) << ArmName(mode);
-    const std::vector<float> ga = (*a)->GradsToHost(), gb = (*b)->GradsToHost();
-    for (const ParamTensor& t : (*a)->tensors()) {
-      const std::vector<float> wa(ga.begin() + t.offset, ga.begin() + t.offset + t.size),
-          wb(gb.begin() + t.offset, gb.begin() + t.offset + t.size);
-      EXPECT_LE(NormError(wb, wa), 2e-4) << ArmName(mode) << " " << t.name;
-    }
+    ExpectStepsMatch(**a, **b, *gpu, tokens, targets, B, T, ArmName(mode));
   }
 }
 
@@ -124,6 +135,35 @@ std::map<std::string, double> Flatten(const ProbeReport& r) {
   return out;
 }
 
+// A probed step of the same batch on both models: every number of the CUDA report within
+// 1e-4 relative (1e-6 absolute near 0) of the CPU's and finite (or NaN where the CPU's is
+// NaN, when nan_where_cpu_nan). Returns the CPU report's numbers.
+std::map<std::string, double> ExpectProbesMatch(Model& a, Model& b, Backend& gpu, const std::vector<int32_t>& tokens,
+                                                const std::vector<int32_t>& targets, int B, int T,
+                                                const ProbeSettings& settings, const std::string& what,
+                                                bool nan_where_cpu_nan = false) {
+  ProbeCollector pa(a, settings, T), pb(b, settings, T);
+  const double la = a.ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pa);
+  const double lb = b.ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pb);
+  EXPECT_TRUE(gpu.TakeError().ok()) << what;
+  const auto fa = Flatten(pa.Finish(1, la)), fb = Flatten(pb.Finish(1, lb));
+  EXPECT_EQ(fa.size(), fb.size()) << what;
+  for (const auto& [name, want] : fa) {
+    if (fb.count(name) == 0) {
+      ADD_FAILURE() << what << " " << name << " is missing from the CUDA report";
+      continue;
+    }
+    const double got = fb.at(name);
+    if (nan_where_cpu_nan && std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << what << " " << name;
+      continue;
+    }
+    EXPECT_TRUE(std::isfinite(got)) << what << " " << name;
+    EXPECT_NEAR(got, want, std::max(1e-4 * std::abs(want), 1e-6)) << what << " " << name;
+  }
+  return fa;
+}
+
 TEST(CudaStep, EveryProbeOfAProbedStepMatchesTheCpu) {
   CUDA_OR_SKIP(gpu);
   auto cpu = MakeCpuBackend();
@@ -141,17 +181,7 @@ TEST(CudaStep, EveryProbeOfAProbedStepMatchesTheCpu) {
   settings.t_eps = 16;
   for (int s : {0, 2}) {
     settings.sink_position = s;
-    ProbeCollector pa(**a, settings, T), pb(**b, settings, T);
-    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pa);
-    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pb);
-    ASSERT_TRUE(gpu->TakeError().ok());
-    const auto fa = Flatten(pa.Finish(1, la)), fb = Flatten(pb.Finish(1, lb));
-    ASSERT_EQ(fa.size(), fb.size());
-    for (const auto& [name, want] : fa) {
-      const double got = fb.at(name);
-      EXPECT_TRUE(std::isfinite(got)) << name;
-      EXPECT_NEAR(got, want, std::max(1e-4 * std::abs(want), 1e-6)) << "s=" << s << " " << name;
-    }
+    ExpectProbesMatch(**a, **b, *gpu, tokens, targets, B, T, settings, "s=" + std::to_string(s));
   }
 }
 
@@ -203,18 +233,9 @@ TEST(CudaStep, EveryArmsStepAndProbesMatchTheCpu) {
     const int B = 3, T = 32;
     std::vector<int32_t> tokens, targets;
     Batch(B, T, c.vocab, 1, &tokens, &targets);
-    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
-    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
-    ASSERT_TRUE(gpu->TakeError().ok());
-    EXPECT_NEAR(lb, la, 1e-5 * la);
-    const std::vector<float> ga = (*a)->GradsToHost(), gb = (*b)->GradsToHost();
     bool arm_tensor = false;
-    for (const ParamTensor& t : (*a)->tensors()) {
-      const std::vector<float> wa(ga.begin() + t.offset, ga.begin() + t.offset + t.size),
-          wb(gb.begin() + t.offset, gb.begin() + t.offset + t.size);
-      EXPECT_LE(NormError(wb, wa), 2e-4) << t.name;
-      arm_tensor |= t.name.find("self_attn.sinks") != std::string::npos ||
-                    t.name.find("_gate.weight") != std::string::npos;
+    for (const std::string& name : ExpectStepsMatch(**a, **b, *gpu, tokens, targets, B, T, arm.name)) {
+      arm_tensor |= name.find("self_attn.sinks") != std::string::npos || name.find("_gate.weight") != std::string::npos;
     }
     if (arm.attention == AttentionKind::kSinkLogit || arm.gate != GateKind::kNone) {
       EXPECT_TRUE(arm_tensor) << "the arm's own parameters are among the compared gradients";
@@ -223,21 +244,8 @@ TEST(CudaStep, EveryArmsStepAndProbesMatchTheCpu) {
     settings.profile_len = 16;
     settings.ref_span = 15;
     settings.t_eps = 16;
-    ProbeCollector pa(**a, settings, T), pb(**b, settings, T);
-    const double pla = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pa);
-    const double plb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T), &pb);
-    ASSERT_TRUE(gpu->TakeError().ok());
-    const auto fa = Flatten(pa.Finish(1, pla)), fb = Flatten(pb.Finish(1, plb));
-    ASSERT_EQ(fa.size(), fb.size());
-    for (const auto& [name, want] : fa) {
-      const double got = fb.at(name);
-      if (std::isnan(want)) {
-        EXPECT_TRUE(std::isnan(got)) << name;
-        continue;
-      }
-      EXPECT_TRUE(std::isfinite(got)) << name;
-      EXPECT_NEAR(got, want, std::max(1e-4 * std::abs(want), 1e-6)) << name;
-    }
+    const auto fa = ExpectProbesMatch(**a, **b, *gpu, tokens, targets, B, T, settings, arm.name,
+                                      /*nan_where_cpu_nan=*/true);
     const std::string unassigned = "layer0.unassigned_mass[0]", gate = "layer0.gate_mean[0]";
     EXPECT_EQ(fa.count(unassigned), arm.attention != AttentionKind::kSoftmax ? 1u : 0u) << "the arm's own probes";
     EXPECT_EQ(fa.count(gate), arm.gate != GateKind::kNone ? 1u : 0u) << "the arm's own probes";

@@ -249,15 +249,24 @@ class CudaBackend final : public Backend {
   void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q_v,
                             TensorView k_v, const float* lse, int B, int T, int H, int KV, int dh,
                             const ColumnStatsRequest& request) override {
-    const float* q = q_v.f32("cuda AttentionColumnStats");
-    const float* k = k_v.f32("cuda AttentionColumnStats");
+    if (ColumnStats(alpha, mass, second_moment, per_sample_rate, q_v.f32("cuda AttentionColumnStats"),
+                    k_v.f32("cuda AttentionColumnStats"), lse, nullptr, B, T, H, KV, dh, request, cuda::FlashArm{})) {
+      LAUNCHED("AttentionColumnStats");
+    }
+  }
+  // Column s of the attention matrix for the probes, recomputed from q, k and each row's
+  // numbers (r0: the lse, or softpick's m; r1: softpick's D') by the arm's formula. False
+  // when its scratch could not be had (the error is recorded).
+  bool ColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
+                   const float* k, const float* r0, const float* r1, int B, int T, int H, int KV, int dh,
+                   const ColumnStatsRequest& request, const cuda::FlashArm& arm) {
     const int s = request.sink_position;
     const int window = std::min(request.window, T - s);
     double* per_b = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(H) * B * 3 * sizeof(double)));
-    if (per_b == nullptr) return;
-    cuda::LaunchColumnStats(stream_, alpha, mass, second_moment, per_sample_rate, per_b, q, k, lse, nullptr, B, T, H,
-                            KV, dh, s, window, request.threshold, cuda::FlashArm{});
-    LAUNCHED("AttentionColumnStats");
+    if (per_b == nullptr) return false;
+    cuda::LaunchColumnStats(stream_, alpha, mass, second_moment, per_sample_rate, per_b, q, k, r0, r1, B, T, H, KV, dh,
+                            s, window, request.threshold, arm);
+    return true;
   }
 
   // --- attention arms (docs/design/ARMS.md) through the tiled kernel ------------------
@@ -311,16 +320,12 @@ class CudaBackend final : public Backend {
   void ArmAttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate,
                                TensorView q_v, TensorView k_v, const float* ws, int B, int T, int H, int KV, int dh,
                                const AttentionArmParams& arm, const ColumnStatsRequest& request) override {
-    const float* q = q_v.f32("cuda ArmAttentionColumnStats");
-    const float* k = k_v.f32("cuda ArmAttentionColumnStats");
-    const int s = request.sink_position;
-    const int window = std::min(request.window, T - s);
-    double* per_b = static_cast<double*>(Scratch(&dscratch_, static_cast<size_t>(H) * B * 3 * sizeof(double)));
-    if (per_b == nullptr) return;
     const size_t rows = static_cast<size_t>(B) * H * T;
-    cuda::LaunchColumnStats(stream_, alpha, mass, second_moment, per_sample_rate, per_b, q, k, ws, ws + rows, B, T, H,
-                            KV, dh, s, window, request.threshold, DeviceArm(arm, nullptr));
-    LAUNCHED("ArmAttentionColumnStats");
+    if (ColumnStats(alpha, mass, second_moment, per_sample_rate, q_v.f32("cuda ArmAttentionColumnStats"),
+                    k_v.f32("cuda ArmAttentionColumnStats"), ws, ws + rows, B, T, H, KV, dh, request,
+                    DeviceArm(arm, nullptr))) {
+      LAUNCHED("ArmAttentionColumnStats");
+    }
   }
   void SigmoidGateForward(TensorView out_v, TensorView x_v, const float* logits, int N, int G, int C) override {
     float* out = out_v.f32("cuda SigmoidGateForward");

@@ -68,13 +68,8 @@ __device__ inline void LoadTile(float* tile, const float* src, size_t row_stride
 
 __device__ inline int Min(int a, int b) { return a < b ? a : b; }
 
-// The arm a launch computes, as the kernels read it (kernels.h FlashArm).
-struct Arm {
-  bool has_sink;       // kExp: a sink column of logit s_h (sink_logit, softmax_plus_one)
-  const float* sink;   // (H) s_h, or null: 0 (softmax_plus_one)
-  float bias, eps;     // sigmoid's b, softpick's ε
-  __device__ float SinkLogit(int h) const { return sink != nullptr ? sink[h] : 0.0f; }
-};
+// The arm's sink logit s_h (kernels.h FlashArm): its tensor, or 0 for softmax_plus_one.
+__device__ inline float SinkLogit(const FlashArm& A, int h) { return A.sink != nullptr ? A.sink[h] : 0.0f; }
 
 // Softpick's weight and dz factor from a scaled score z and the row's shift m and D'
 // (ARMS.md): a = max(e − c, 0)/D' with e = e^(z−m), c = e^(−m).
@@ -86,7 +81,7 @@ __device__ inline float SoftpickDiff(float z, float m, float* e) {
 // softmax and the sink softmaxes p(dp − D); sigmoid dp·p(1 − p); softpick
 // (e/D')·(1[diff > 0]·dp − sign(diff)·D).
 template <int kFamily>
-__device__ inline float ScoreGrad(float z, float dp, float r0, float r1, float d, const Arm& A, float* p) {
+__device__ inline float ScoreGrad(float z, float dp, float r0, float r1, float d, const FlashArm& A, float* p) {
   if (kFamily == kFlashSigmoid) {
     *p = 1.0f / (1.0f + expf(-(z + A.bias)));
     return dp * *p * (1.0f - *p);
@@ -118,7 +113,7 @@ __device__ inline float RowSum(float v, int lanes) {
 template <int kDhMax, int kTile, int kLanes, int kFamily>
 __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, float* r0, float* r1, float* unassigned,
                                                                      const float* q, const float* k, const float* v,
-                                                                     Shape S, Arm A) {
+                                                                     Shape S, FlashArm A) {
   constexpr int kCols = kDhMax / kLanes, kKeys = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -136,7 +131,7 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
   for (int i = 0; i < kCols; ++i) o[i] = 0.0f;
   // The running max m and sum l before the first key: the sink column (m = s_h, l = 1),
   // softpick's floor m = 0 with ε·e^(−m) in l, or nothing. pos: softpick's Σ of weights' numerators.
-  const float s_h = kFamily == kFlashExp && A.has_sink ? A.SinkLogit(h) : 0.0f;
+  const float s_h = kFamily == kFlashExp && A.has_sink ? SinkLogit(A, h) : 0.0f;
   float m = kFamily == kFlashExp ? (A.has_sink ? s_h : -INFINITY) : 0.0f;
   float l = kFamily == kFlashExp ? (A.has_sink ? 1.0f : 0.0f) : kFamily == kFlashSoftpick ? A.eps : 0.0f;
   float pos = 0.0f;
@@ -254,7 +249,7 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
                                                                         const float* r0, const float* r1,
                                                                         const float* D, const float* q,
                                                                         const float* k, const float* v, Shape S,
-                                                                        Arm A) {
+                                                                        FlashArm A) {
   constexpr int kCols = kDhMax / kLanes, kQueries = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -335,7 +330,7 @@ template <int kDhMax, int kTile, int kLanes, int kFamily>
 __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq, const float* dy, const float* r0,
                                                                        const float* r1, const float* D,
                                                                        const float* q, const float* k,
-                                                                       const float* v, Shape S, Arm A) {
+                                                                       const float* v, Shape S, FlashArm A) {
   constexpr int kCols = kDhMax / kLanes, kKeys = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -424,7 +419,7 @@ struct Flash {
 
   template <int kFamily>
   static void Forward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
-                      const float* k, const float* v, const Shape& S, const Arm& A) {
+                      const float* k, const float* v, const Shape& S, const FlashArm& A) {
     const auto FlashForward = FlashForwardKernel<kDhMax, kTile, kLanes, kFamily>;
     const size_t shared = Tiles(S.dh, 3) + ProbTiles(1);
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashForward), cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -440,7 +435,7 @@ struct Flash {
   template <int kFamily>
   static void Backward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy, const float* y,
                        const float* r0, const float* r1, const float* q, const float* k, const float* v,
-                       const Shape& S, const Arm& A) {
+                       const Shape& S, const FlashArm& A) {
     const size_t rows = static_cast<size_t>(S.B) * S.T * S.H;
     SINKSCOPE_COST(Bytes(S, 2, 0, 1), 2.0 * rows * S.dh);
     SINKSCOPE_LAUNCH(FlashBackwardDotKernel, GridFor(rows * 32, 256), 256, 0, s)(D, dy, y, S);
@@ -475,7 +470,7 @@ using FlashDh256 = Flash<256, 32, 8>;
 // The arm's normalisation picks the kernels' instantiation (one switch per direction).
 template <typename Config>
 void ForwardFor(FlashFamily family, cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
-                const float* k, const float* v, const Shape& S, const Arm& A) {
+                const float* k, const float* v, const Shape& S, const FlashArm& A) {
   switch (family) {
     case kFlashExp: Config::template Forward<kFlashExp>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
     case kFlashSigmoid: Config::template Forward<kFlashSigmoid>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
@@ -485,7 +480,7 @@ void ForwardFor(FlashFamily family, cudaStream_t s, float* y, float* r0, float* 
 template <typename Config>
 void BackwardFor(FlashFamily family, cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
                  const float* y, const float* r0, const float* r1, const float* q, const float* k, const float* v,
-                 const Shape& S, const Arm& A) {
+                 const Shape& S, const FlashArm& A) {
   switch (family) {
     case kFlashExp: Config::template Backward<kFlashExp>(s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A); break;
     case kFlashSigmoid: Config::template Backward<kFlashSigmoid>(s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A); break;
@@ -495,8 +490,6 @@ void BackwardFor(FlashFamily family, cudaStream_t s, float* dq, float* dk, float
   }
 }
 
-Arm DeviceArm(const FlashArm& a) { return Arm{a.has_sink, a.sink, a.bias, a.eps}; }
-
 }  // namespace
 
 bool FlashAttentionSupports(int dh) { return dh >= 1 && dh <= kFlashAttentionMaxHeadDim; }
@@ -505,13 +498,12 @@ void LaunchFlashArmForward(cudaStream_t s, float* y, float* r0, float* r1, float
                            const float* k, const float* v, int B, int T, int H, int KV, int dh, const FlashArm& arm) {
   const Shape S{B, T, H, KV, dh};
   if (B == 0 || T == 0) return;
-  const Arm A = DeviceArm(arm);
   if (dh <= 64) {
-    ForwardFor<FlashDh64>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, A);
+    ForwardFor<FlashDh64>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, arm);
   } else if (dh <= 128) {
-    ForwardFor<FlashDh128>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, A);
+    ForwardFor<FlashDh128>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, arm);
   } else {
-    ForwardFor<FlashDh256>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, A);
+    ForwardFor<FlashDh256>(arm.family, s, y, r0, r1, unassigned, q, k, v, S, arm);
   }
 }
 
@@ -521,13 +513,12 @@ void LaunchFlashArmBackward(cudaStream_t s, float* dq, float* dk, float* dv, flo
                             const FlashArm& arm) {
   const Shape S{B, T, H, KV, dh};
   if (B == 0 || T == 0) return;
-  const Arm A = DeviceArm(arm);
   if (dh <= 64) {
-    BackwardFor<FlashDh64>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+    BackwardFor<FlashDh64>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, arm);
   } else if (dh <= 128) {
-    BackwardFor<FlashDh128>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+    BackwardFor<FlashDh128>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, arm);
   } else {
-    BackwardFor<FlashDh256>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A);
+    BackwardFor<FlashDh256>(arm.family, s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, arm);
   }
   if (dsink != nullptr && arm.family == kFlashExp && arm.has_sink) {
     SINKSCOPE_COST(8.0 * B * H * T + 4.0 * H, 2.0 * B * H * T);
