@@ -400,6 +400,12 @@ void Coordinator::EnqueueWatchEventLocked(Watcher& w, const v1::WatchEvent& even
   w.cv.notify_all();
 }
 
+bool Coordinator::WatchedLocked(const std::string& experiment_id, bool is_probe) const {
+  return std::any_of(watchers_.begin(), watchers_.end(), [&](const std::shared_ptr<Watcher>& w) {
+    return w->experiment_id == experiment_id && (!is_probe || w->include_probes);
+  });
+}
+
 void Coordinator::PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe) {
   for (const auto& w : watchers_) {
     if (w->experiment_id != experiment_id || (is_probe && !w->include_probes)) continue;
@@ -859,8 +865,7 @@ int64_t Coordinator::OpenSession(std::shared_ptr<SessionWriter> writer) {
   return id;
 }
 
-void Coordinator::CloseSession(int64_t session) {
-  std::lock_guard<std::mutex> lock(mu_);
+void Coordinator::CloseSessionLocked(int64_t session) {
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return;
   Log(LogLevel::kInfo, "worker_disconnected", {{"worker", it->second.worker_id}, {"run", it->second.run_id}});
@@ -882,40 +887,56 @@ void Coordinator::ExportFleetLocked() {
   exporter_->SetFleet(workers, queued, running);
 }
 
-void Coordinator::CommitReport(std::unique_lock<std::mutex>& lock, PendingReport& mine) {
-  pending_reports_.push_back(&mine);
-  while (!mine.done) {
-    if (committing_) {
-      commit_cv_.wait(lock);
-      continue;
-    }
-    committing_ = true;
-    std::vector<PendingReport*> batch;
-    batch.swap(pending_reports_);
-    std::vector<Store::ReportWrite> writes;
-    for (const PendingReport* r : batch) writes.push_back(r->write);
-    lock.unlock();
-    StatusOr<std::vector<bool>> fresh = store_->WriteReports(writes);
-    lock.lock();
-    for (size_t i = 0; i < batch.size(); ++i) {
-      batch[i]->status = fresh.ok() ? OkStatus() : fresh.status();
-      batch[i]->fresh = fresh.ok() && (*fresh)[i];
-      batch[i]->done = true;
-    }
-    committing_ = false;
-    commit_cv_.notify_all();
+void Coordinator::FlushReportsLocked(std::unique_lock<std::mutex>& lock, std::vector<DeferredReport>& deferred) {
+  if (deferred.empty()) return;
+  std::vector<Store::ReportWrite> writes;
+  writes.reserve(deferred.size());
+  for (const DeferredReport& d : deferred) writes.push_back(d.write);
+  lock.unlock();
+  StatusOr<std::vector<bool>> fresh = store_->WriteReports(writes);
+  lock.lock();
+  for (size_t i = 0; i < deferred.size(); ++i) {
+    deferred[i].then(fresh.ok() ? OkStatus() : fresh.status(), fresh.ok() && (*fresh)[i]);
   }
+  deferred.clear();
 }
 
-void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& msg) {
+void Coordinator::OnWorkerEvents(const std::vector<WorkerEvent>& events) {
   Outbox out;
   // Prometheus series updates, made once mu_ is released: a report's many series must not
   // hold up the scheduler and every other call (the exporter has its own lock).
-  std::vector<std::function<void()>> exports;
+  Exports exports;
   {
     std::unique_lock<std::mutex> lock(mu_);
+    std::vector<DeferredReport> deferred;
+    bool place = false;
+    for (const WorkerEvent& e : events) {
+      const v1::WorkerMessage::MessageCase kind =
+          e.message == nullptr ? v1::WorkerMessage::MESSAGE_NOT_SET : e.message->message_case();
+      // Only Progress, probe reports and heartbeats may pass a write of the batch: any
+      // other message (a finish, a release, a close) sees the session's earlier writes done.
+      if (kind != v1::WorkerMessage::kProgress && kind != v1::WorkerMessage::kProbe &&
+          kind != v1::WorkerMessage::kHeartbeat) {
+        FlushReportsLocked(lock, deferred);
+      }
+      if (e.message == nullptr) {
+        CloseSessionLocked(e.session);
+        continue;
+      }
+      place = HandleWorkerMessageLocked(e.session, *e.message, out, exports, deferred) || place;
+    }
+    FlushReportsLocked(lock, deferred);
+    if (place) PlaceLocked(out);
+  }
+  for (const auto& record : exports) record();
+  for (auto& [writer, m] : out) writer->Send(m);
+}
+
+bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::WorkerMessage& msg, Outbox& out,
+                                            Exports& exports, std::vector<DeferredReport>& deferred) {
+  {
     auto sit = sessions_.find(session_id);
-    if (sit == sessions_.end()) return;
+    if (sit == sessions_.end()) return false;
     Session& session = sit->second;
     session.lapsed = false;  // heard from: it may be given work again
     auto run_of = [&](const std::string& run_id, int attempt) -> Run* {
@@ -1091,13 +1112,7 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         // failed write is not acked and the worker writes it again on its next connection.
         const v1::Progress& p = msg.progress();
         const int64_t step = p.metrics().step();
-        const std::shared_ptr<SessionWriter> writer = session.writer;  // `session` may go while committing
-        auto ack = [&] {
-          v1::CoordinatorMessage a;
-          a.mutable_ack()->set_run_id(p.run_id());
-          a.mutable_ack()->set_progress_step(step);
-          out.push_back({writer, std::move(a)});
-        };
+        const std::shared_ptr<SessionWriter> writer = session.writer;  // `session` may go while writing
         auto it = runs_.find(p.run_id());
         if (it == runs_.end() || step < 1 || step > it->second.record.summary.total_steps()) {
           // Refused for good, with the ack saying why (a step ≤ 0 too: the worker's outbox
@@ -1124,46 +1139,47 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         }
         // A step of the run's last attempt delivered after the run ended only fills the
         // step if it is missing; the holder's step replaces (a resumed run repeats steps).
-        PendingReport report;
-        report.write = {late ? Store::ReportWrite::kStepIfAbsent : Store::ReportWrite::kStep, &p.run_id(),
-                        &p.metrics(), nullptr};
-        CommitReport(lock, report);  // mu_ released meanwhile: look the run up again below
-        if (!report.status.ok()) {
-          Log(LogLevel::kError, "store_write_failed",
-              {{"what", "step"}, {"run", p.run_id()}, {"error", report.status.message()}});
-          break;  // no ack: the worker writes it again
-        }
-        ack();
-        auto rit = runs_.find(p.run_id());
-        if (late || rit == runs_.end()) break;
-        Run& stored = rit->second;
-        v1::RunSummary& s = stored.record.summary;
-        // Steps written again after a reconnect may arrive after newer ones: the run's
-        // summary only moves forward. (Its stored row is derived from the step rows.)
-        if (step >= s.step()) {
-          s.set_step(step);
-          s.set_loss(p.metrics().loss());
-          s.set_tokens_per_second(p.metrics().tokens_per_second());
-          if (p.metrics().has_val_loss()) s.set_val_loss(p.metrics().val_loss());
-        }
-        stored.step_seconds = stored.step_seconds == 0 ? p.metrics().step_seconds()
-                                                       : 0.9 * stored.step_seconds + 0.1 * p.metrics().step_seconds();
-        if (s.state() == v1::RUNNING) exports.push_back([this, s, &p] { exporter_->RecordStep(s, p.metrics()); });
-        v1::WatchEvent event;
-        event.mutable_step()->set_run_id(s.run_id());
-        *event.mutable_step()->mutable_metrics() = p.metrics();
-        PublishLocked(s.experiment_id(), event, false);
+        deferred.push_back(
+            {{late ? Store::ReportWrite::kStepIfAbsent : Store::ReportWrite::kStep, &p.run_id(), &p.metrics(), nullptr},
+             [this, &p, &out, &exports, writer, step, late](const Status& status, bool) {
+               // mu_ was released for the write: the run is looked up again.
+               if (!status.ok()) {
+                 Log(LogLevel::kError, "store_write_failed",
+                     {{"what", "step"}, {"run", p.run_id()}, {"error", status.message()}});
+                 return;  // no ack: the worker writes it again
+               }
+               v1::CoordinatorMessage a;
+               a.mutable_ack()->set_run_id(p.run_id());
+               a.mutable_ack()->set_progress_step(step);
+               out.push_back({writer, std::move(a)});
+               auto rit = runs_.find(p.run_id());
+               if (late || rit == runs_.end()) return;
+               Run& stored = rit->second;
+               v1::RunSummary& s = stored.record.summary;
+               // Steps written again after a reconnect may arrive after newer ones: the run's
+               // summary only moves forward. (Its stored row is derived from the step rows.)
+               if (step >= s.step()) {
+                 s.set_step(step);
+                 s.set_loss(p.metrics().loss());
+                 s.set_tokens_per_second(p.metrics().tokens_per_second());
+                 if (p.metrics().has_val_loss()) s.set_val_loss(p.metrics().val_loss());
+               }
+               stored.step_seconds = stored.step_seconds == 0
+                                         ? p.metrics().step_seconds()
+                                         : 0.9 * stored.step_seconds + 0.1 * p.metrics().step_seconds();
+               if (s.state() == v1::RUNNING) exports.push_back([this, s, &p] { exporter_->RecordStep(s, p.metrics()); });
+               if (WatchedLocked(s.experiment_id(), false)) {  // the event is built only for a watcher
+                 v1::WatchEvent event;
+                 event.mutable_step()->set_run_id(s.run_id());
+                 *event.mutable_step()->mutable_metrics() = p.metrics();
+                 PublishLocked(s.experiment_id(), event, false);
+               }
+             }});
         break;
       }
       case v1::WorkerMessage::kProbe: {
         const v1::ProbeUpload& p = msg.probe();
-        const std::shared_ptr<SessionWriter> writer = session.writer;  // `session` may go while committing
-        auto ack = [&] {
-          v1::CoordinatorMessage a;
-          a.mutable_ack()->set_run_id(p.run_id());
-          a.mutable_ack()->set_sequence(p.sequence());
-          out.push_back({writer, std::move(a)});
-        };
+        const std::shared_ptr<SessionWriter> writer = session.writer;  // `session` may go while writing
         auto it = runs_.find(p.run_id());
         // A report that can never be stored is refused for good (acked, so the worker
         // forgets it): an unknown run, a step outside the run, or more layers or heads
@@ -1214,27 +1230,33 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
         if (holder) Renew(it->second);
         // Reports are deterministic per (run, step): stored once (a copy written again
         // after a reconnect is a duplicate); the ack follows the write.
-        PendingReport report;
-        report.write = {Store::ReportWrite::kProbe, &p.run_id(), nullptr, &p.report()};
-        CommitReport(lock, report);  // mu_ released meanwhile: look the run up again below
-        if (!report.status.ok()) {
-          Log(LogLevel::kError, "store_write_failed",
-              {{"what", "probe"}, {"run", p.run_id()}, {"error", report.status.message()}});
-          break;  // no ack: the worker resends
-        }
-        exporter_->ProbeIngested(report.fresh);
-        auto rit = runs_.find(p.run_id());
-        if (report.fresh && rit != runs_.end()) {
-          Run& run = rit->second;
-          ++run.probe_reports;
-          const v1::RunSummary& s = run.record.summary;
-          exports.push_back([this, s, &p] { exporter_->RecordProbe(s, p.report()); });
-          v1::WatchEvent event;
-          event.mutable_probe()->set_run_id(s.run_id());
-          *event.mutable_probe()->mutable_report() = p.report();
-          PublishLocked(s.experiment_id(), event, true);
-        }
-        ack();
+        deferred.push_back({{Store::ReportWrite::kProbe, &p.run_id(), nullptr, &p.report()},
+                            [this, &p, &out, &exports, writer](const Status& status, bool fresh) {
+                              // mu_ was released for the write: the run is looked up again.
+                              if (!status.ok()) {
+                                Log(LogLevel::kError, "store_write_failed",
+                                    {{"what", "probe"}, {"run", p.run_id()}, {"error", status.message()}});
+                                return;  // no ack: the worker resends
+                              }
+                              exporter_->ProbeIngested(fresh);
+                              auto rit = runs_.find(p.run_id());
+                              if (fresh && rit != runs_.end()) {
+                                Run& run = rit->second;
+                                ++run.probe_reports;
+                                const v1::RunSummary& s = run.record.summary;
+                                exports.push_back([this, s, &p] { exporter_->RecordProbe(s, p.report()); });
+                                if (WatchedLocked(s.experiment_id(), true)) {  // a report's copy only for a watcher
+                                  v1::WatchEvent event;
+                                  event.mutable_probe()->set_run_id(s.run_id());
+                                  *event.mutable_probe()->mutable_report() = p.report();
+                                  PublishLocked(s.experiment_id(), event, true);
+                                }
+                              }
+                              v1::CoordinatorMessage a;
+                              a.mutable_ack()->set_run_id(p.run_id());
+                              a.mutable_ack()->set_sequence(p.sequence());
+                              out.push_back({writer, std::move(a)});
+                            }});
         break;
       }
       case v1::WorkerMessage::kFinished: {
@@ -1389,12 +1411,8 @@ void Coordinator::OnWorkerMessage(int64_t session_id, const v1::WorkerMessage& m
       default:
         break;
     }
-    if (msg.message_case() != v1::WorkerMessage::kHeartbeat && msg.message_case() != v1::WorkerMessage::kProgress) {
-      PlaceLocked(out);  // a worker may have become idle
-    }
   }
-  for (const auto& record : exports) record();
-  for (auto& [writer, m] : out) writer->Send(m);
+  return msg.message_case() != v1::WorkerMessage::kHeartbeat && msg.message_case() != v1::WorkerMessage::kProgress;
 }
 
 void Coordinator::PlaceLocked(Outbox& out) {

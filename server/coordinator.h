@@ -96,8 +96,19 @@ class Coordinator {
 
   // --- WorkerService -------------------------------------------------------------
   int64_t OpenSession(std::shared_ptr<SessionWriter> writer);
-  void OnWorkerMessage(int64_t session, const v1::WorkerMessage& message);
-  void CloseSession(int64_t session);
+  // One thing a session did: a message it sent, or (message null) that it closed.
+  struct WorkerEvent {
+    int64_t session;
+    const v1::WorkerMessage* message;  // null: the session closed (CloseSession)
+  };
+  // Handles the events in order, as one batch: the Progress and probe reports among them
+  // are written to the store in one transaction (outside mu_, so other calls go on), and
+  // each is acked once stored. Any other message first waits for the writes before it,
+  // so a session's messages take effect in the order it sent them. The messages must
+  // outlive the call.
+  void OnWorkerEvents(const std::vector<WorkerEvent>& events);
+  void OnWorkerMessage(int64_t session, const v1::WorkerMessage& message) { OnWorkerEvents({{session, &message}}); }
+  void CloseSession(int64_t session) { OnWorkerEvents({{session, nullptr}}); }
 
   // --- scheduler -----------------------------------------------------------------
   // Lapses leases, places queued runs, refreshes fleet gauges, expires old series.
@@ -191,22 +202,27 @@ class Coordinator {
                                 bool cancel_experiment);
   // Queues `event` for one watcher within its bounds (struct Watcher).
   void EnqueueWatchEventLocked(Watcher& watcher, const v1::WatchEvent& event);
+  // Whether anyone watches the experiment (its probe reports, when is_probe).
+  bool WatchedLocked(const std::string& experiment_id, bool is_probe) const;
   void PublishLocked(const std::string& experiment_id, const v1::WatchEvent& event, bool is_probe);
   void PublishSnapshotLocked(const std::string& experiment_id);
   Status EndRunLocked(Run& run, v1::RunState state, v1::FailureReason reason, const std::string& message,
                       const std::string& outcome, bool restart = false, int64_t step = -1);
-  // A Progress or probe report waiting for the group commit: the reports of many sessions
-  // are written in one transaction by whichever of their threads finds no commit running
-  // (leveldb's group commit), outside mu_, so store work does not hold up other calls.
-  struct PendingReport {
+  // A Progress or probe report of a batch (OnWorkerEvents) waiting for its write, and
+  // what follows the write (the ack, the summary, watchers, series), run with mu_ held.
+  struct DeferredReport {
     Store::ReportWrite write;
-    bool done = false;
-    Status status;
-    bool fresh = false;  // it stored something new
+    std::function<void(const Status& status, bool fresh)> then;
   };
-  // Writes `mine` with every report pending meanwhile; `lock` (on mu_) is released while
-  // writing and held again on return. Callers must look their run and session up again.
-  void CommitReport(std::unique_lock<std::mutex>& lock, PendingReport& mine);
+  using Exports = std::vector<std::function<void()>>;
+  // One message of a session (OnWorkerEvents); true when the scheduler should place runs
+  // after it (a worker may have become idle).
+  bool HandleWorkerMessageLocked(int64_t session_id, const v1::WorkerMessage& msg, Outbox& out, Exports& exports,
+                                 std::vector<DeferredReport>& deferred);
+  void CloseSessionLocked(int64_t session);
+  // Writes the deferred reports in one transaction, `lock` (on mu_) released meanwhile,
+  // then runs what follows each write. Callers must look runs and sessions up again.
+  void FlushReportsLocked(std::unique_lock<std::mutex>& lock, std::vector<DeferredReport>& deferred);
   void PlaceLocked(Outbox& out);
   // The fleet gauges (workers registered, runs queued and running): on every tick, and
   // when a worker registers or disconnects.
@@ -243,9 +259,6 @@ class Coordinator {
   std::map<int64_t, Session> sessions_;                   // guarded by mu_
   int64_t next_session_ = 1;                              // guarded by mu_
   bool store_read_only_ = false;                          // guarded by mu_: fault injection
-  std::vector<PendingReport*> pending_reports_;           // guarded by mu_: waiting for a commit
-  bool committing_ = false;                               // guarded by mu_: a group commit is writing
-  std::condition_variable commit_cv_;                     // with mu_: a group commit finished
   std::vector<std::shared_ptr<Watcher>> watchers_;        // guarded by mu_
   std::map<std::string, RefusalLog> refusal_logs_;        // guarded by mu_
 };

@@ -4,6 +4,7 @@
 
 #include <sstream>
 
+#include "base/log.h"
 #include "schema/credentials.h"
 
 namespace sinkscope {
@@ -96,11 +97,32 @@ int Exporter::port() const {
   return ports.empty() ? 0 : ports[0];
 }
 
-prometheus::Gauge& Exporter::RunGauge(prometheus::Family<prometheus::Gauge>& family, const std::string& run_id,
-                                      const Labels& labels) {
+void Exporter::SetRunGauge(const v1::RunSummary& run, std::optional<Labels>& run_labels,
+                           prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value) {
+  RunSeries& series = run_series_[run.run_id()];
+  const auto key = std::make_tuple(&family, layer, head);
+  if (auto it = series.gauges.find(key); it != series.gauges.end()) {
+    it->second->Set(value);
+    return;
+  }
+  if (series.gauges.size() >= kMaxSeriesPerRun) {
+    // A run at its cap gets no new series (its reports are stored whole all the same).
+    if (!series.capped) {
+      series.capped = true;
+      Log(LogLevel::kWarning, "run_series_capped",
+          {{"run_id", run.run_id()}, {"series", std::to_string(series.gauges.size())},
+           {"reason", "a run exports at most " + std::to_string(kMaxSeriesPerRun) +
+                          " Prometheus series; later layers and heads are in the store only"}});
+    }
+    return;
+  }
+  if (!run_labels) run_labels = RunLabels(run);
+  Labels labels = *run_labels;
+  if (layer >= 0) labels["layer"] = std::to_string(layer);
+  if (head >= 0) labels["head"] = std::to_string(head);
   prometheus::Gauge& g = family.Add(labels);
-  run_series_[run_id].emplace(&g, &family);  // a set: a report's many series in n log n, not n²
-  return g;
+  series.gauges.emplace(key, &g);
+  g.Set(value);
 }
 
 Exporter::Labels Exporter::RunLabels(const v1::RunSummary& run) {
@@ -118,58 +140,47 @@ Exporter::Labels Exporter::RunLabels(const v1::RunSummary& run) {
 
 void Exporter::RecordStep(const v1::RunSummary& run, const v1::StepMetrics& m) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Labels base = RunLabels(run);
-  RunGauge(*step_, run.run_id(), base).Set(static_cast<double>(m.step()));
-  RunGauge(*loss_, run.run_id(), base).Set(m.loss());
-  RunGauge(*lr_, run.run_id(), base).Set(m.learning_rate());
-  RunGauge(*grad_norm_, run.run_id(), base).Set(m.grad_norm());
-  RunGauge(*tokens_per_second_, run.run_id(), base).Set(m.tokens_per_second());
-  RunGauge(*mfu_, run.run_id(), base).Set(m.mfu());
-  if (m.has_val_loss()) RunGauge(*val_loss_, run.run_id(), base).Set(m.val_loss());
+  // Progress is ingest's hot path: a run's series are found by (family, layer, head) in the
+  // run's own map, and the label maps are built only for a series not yet there.
+  std::optional<Labels> labels;
+  SetRunGauge(run, labels, *step_, -1, -1, static_cast<double>(m.step()));
+  SetRunGauge(run, labels, *loss_, -1, -1, m.loss());
+  SetRunGauge(run, labels, *lr_, -1, -1, m.learning_rate());
+  SetRunGauge(run, labels, *grad_norm_, -1, -1, m.grad_norm());
+  SetRunGauge(run, labels, *tokens_per_second_, -1, -1, m.tokens_per_second());
+  SetRunGauge(run, labels, *mfu_, -1, -1, m.mfu());
+  if (m.has_val_loss()) SetRunGauge(run, labels, *val_loss_, -1, -1, m.val_loss());
   steps_ingested_->Increment();
 }
 
 void Exporter::RecordProbe(const v1::RunSummary& run, const v1::ProbeReport& p) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Labels base = RunLabels(run);
-  RunGauge(*r_gs_median_, run.run_id(), base).Set(p.r_gs_median());
-  RunGauge(*probe_step_, run.run_id(), base).Set(static_cast<double>(p.step()));
+  std::optional<Labels> labels;
+  SetRunGauge(run, labels, *r_gs_median_, -1, -1, p.r_gs_median());
+  SetRunGauge(run, labels, *probe_step_, -1, -1, static_cast<double>(p.step()));
   for (const v1::LayerProbe& l : p.layers()) {
-    Labels lb = base;
-    lb["layer"] = std::to_string(l.layer());
-    RunGauge(*r_gs_, run.run_id(), lb).Set(l.r_gs());
-    RunGauge(*sink_rate_, run.run_id(), lb).Set(l.sink_rate());
+    const int layer = l.layer();
+    SetRunGauge(run, labels, *r_gs_, layer, -1, l.r_gs());
+    SetRunGauge(run, labels, *sink_rate_, layer, -1, l.sink_rate());
     auto ratio = [&](const char* name) {
       auto it = l.norm_ratio().find(name);
       return it == l.norm_ratio().end() ? 0.0 : it->second;
     };
-    RunGauge(*h_out_ratio_, run.run_id(), lb).Set(ratio("h_out"));
-    RunGauge(*r_mlp_ratio_, run.run_id(), lb).Set(ratio("r_mlp"));
-    RunGauge(*r_attn_ratio_, run.run_id(), lb).Set(ratio("r_attn"));
-    RunGauge(*v_ratio_, run.run_id(), lb).Set(ratio("v"));
-    if (l.massive().top3_size() > 0) RunGauge(*massive_top1_, run.run_id(), lb).Set(l.massive().top3(0));
-    RunGauge(*massive_ratio_, run.run_id(), lb).Set(l.massive().top1_over_median());
-    for (int h = 0; h < l.alpha_size(); ++h) {
-      Labels hb = lb;
-      hb["head"] = std::to_string(h);
-      RunGauge(*alpha_, run.run_id(), hb).Set(l.alpha(h));
-    }
-    for (int g = 0; g < l.theta_size(); ++g) {
-      Labels hb = lb;
-      hb["head"] = std::to_string(g);
-      RunGauge(*theta_, run.run_id(), hb).Set(l.theta(g));
-    }
+    SetRunGauge(run, labels, *h_out_ratio_, layer, -1, ratio("h_out"));
+    SetRunGauge(run, labels, *r_mlp_ratio_, layer, -1, ratio("r_mlp"));
+    SetRunGauge(run, labels, *r_attn_ratio_, layer, -1, ratio("r_attn"));
+    SetRunGauge(run, labels, *v_ratio_, layer, -1, ratio("v"));
+    if (l.massive().top3_size() > 0) SetRunGauge(run, labels, *massive_top1_, layer, -1, l.massive().top3(0));
+    SetRunGauge(run, labels, *massive_ratio_, layer, -1, l.massive().top1_over_median());
+    for (int h = 0; h < l.alpha_size(); ++h) SetRunGauge(run, labels, *alpha_, layer, h, l.alpha(h));
+    for (int g = 0; g < l.theta_size(); ++g) SetRunGauge(run, labels, *theta_, layer, g, l.theta(g));
     for (int h = 0; h < l.unassigned_mass_size(); ++h) {
-      Labels hb = lb;
-      hb["head"] = std::to_string(h);
-      RunGauge(*unassigned_, run.run_id(), hb).Set(l.unassigned_mass(h));
+      SetRunGauge(run, labels, *unassigned_, layer, h, l.unassigned_mass(h));
     }
     for (int h = 0; h < l.gate_mean_size(); ++h) {
-      Labels hb = lb;
-      hb["head"] = std::to_string(h);
-      RunGauge(*gate_mean_, run.run_id(), hb).Set(l.gate_mean(h));
-      if (h < l.gate_sink_size()) RunGauge(*gate_sink_, run.run_id(), hb).Set(l.gate_sink(h));
-      if (h < l.gate_rest_size()) RunGauge(*gate_rest_, run.run_id(), hb).Set(l.gate_rest(h));
+      SetRunGauge(run, labels, *gate_mean_, layer, h, l.gate_mean(h));
+      if (h < l.gate_sink_size()) SetRunGauge(run, labels, *gate_sink_, layer, h, l.gate_sink(h));
+      if (h < l.gate_rest_size()) SetRunGauge(run, labels, *gate_rest_, layer, h, l.gate_rest(h));
     }
   }
 }
@@ -197,8 +208,10 @@ void Exporter::ExpireSeries() {
       ++it;
       continue;
     }
-    for (const auto& [gauge, family] : run_series_[it->first]) family->Remove(gauge);
-    run_series_.erase(it->first);
+    if (auto run = run_series_.find(it->first); run != run_series_.end()) {
+      for (const auto& [key, gauge] : run->second.gauges) std::get<0>(key)->Remove(gauge);
+      run_series_.erase(run);
+    }
     it = ended_.erase(it);
   }
 }

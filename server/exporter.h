@@ -17,6 +17,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "proto/sinkscope/v1/service.pb.h"
@@ -34,6 +35,10 @@ class Exporter {
  public:
   // A sweep point's settings longer than this are labelled by the point's index instead.
   static constexpr size_t kMaxPointLabel = 128;
+  // Series one run may add. A training run's reports are bounded by its model, a diagnostic
+  // job's only by the schema (4,096 layers and heads): this caps both. It holds the
+  // largest models probed in full (126 layers x (8 + 128 heads + 8 KV heads) = 18,144).
+  static constexpr size_t kMaxSeriesPerRun = 32768;
   // The /metrics server: threads, and how long a connection may take to send its request.
   static constexpr int kMetricsThreads = 8;
   static constexpr int kMetricsRequestTimeoutMs = 2000;
@@ -64,8 +69,11 @@ class Exporter {
   Exporter() = default;
   using Labels = std::map<std::string, std::string>;
   static Labels RunLabels(const v1::RunSummary& run);  // experiment, arm, seed, run
-  prometheus::Gauge& RunGauge(prometheus::Family<prometheus::Gauge>& family, const std::string& run_id,
-                              const Labels& labels);
+  // Sets a run's series of `family` at `layer` and `head` (-1: no such label), adding it
+  // unless the run has kMaxSeriesPerRun series already (then it is left out, and the first
+  // time logged). `run_labels` is the run's labels, built on first need. Under mu_.
+  void SetRunGauge(const v1::RunSummary& run, std::optional<Labels>& run_labels,
+                   prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value);
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
@@ -77,8 +85,15 @@ class Exporter {
   // (running, or ended less than series_ttl ago): 7 step series (val_loss once there is
   // one), 2 per probe report (r_gs median, step), and per layer L: 8 (r_gs, sink rate,
   // four norm ratios, massive top-1 and its ratio) + H (α per head) + K (θ per KV head).
-  // So series ≤ 7 + Σ_runs (9 + L·(8 + H + K)), with L, H, K bounded by the run's model.
-  std::map<std::string, std::map<prometheus::Gauge*, prometheus::Family<prometheus::Gauge>*>> run_series_;
+  // So series ≤ 7 + Σ_runs min(kMaxSeriesPerRun, 9 + L·(8 + H + K)), with L, H, K bounded
+  // by the run's model (an attention arm adds up to 4 per head), over the runs running or
+  // ended less than series_ttl ago.
+  struct RunSeries {
+    // Every series of the run by (family, layer, head), -1 where the label is absent.
+    std::map<std::tuple<prometheus::Family<prometheus::Gauge>*, int, int>, prometheus::Gauge*> gauges;
+    bool capped = false;  // at kMaxSeriesPerRun (logged once)
+  };
+  std::map<std::string, RunSeries> run_series_;
   std::map<std::string, std::chrono::steady_clock::time_point> ended_;
 
   // Families (owned by the registry).

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <algorithm>
 #include <optional>
 #include <thread>
 
@@ -29,131 +30,564 @@ grpc::Status CheckId(const char* field, const std::string& id) {
   return grpc::Status::OK;
 }
 
-// One worker's Session stream, written by its own thread from a bounded outbox: the
-// scheduler only queues (Send never blocks), so a worker that stops reading holds up
-// nobody but itself. Policy when the outbox is full (kMaxMessages or kMaxBytes): the
-// session is ended with that reason, as if the worker had disconnected; its runs keep
-// their lease until it lapses, as for any lost worker. The scheduler also ends a session
-// whose oldest unread message has waited a lease period (UnreadSeconds), so a worker that
-// stops reading loses its leases like a dead one even when it sends little.
-class StreamWriter final : public SessionWriter {
+}  // namespace
+
+// --- WorkerService.Session on gRPC's callback API ------------------------------------
+//
+// Each Session is a reactor: gRPC's threads read the worker's messages and hand them to
+// the Ingest thread, which gives them to the coordinator in batches (OnWorkerEvents: the
+// Progress and probe reports of a batch are stored in one transaction, then acked). What
+// the coordinator sends a worker goes through the session's bounded outbox, written one
+// message at a time (StartWrite, the next on OnWriteDone). No thread is held per stream
+// and no write ever blocks the scheduler.
+//
+// Flow control, both ways:
+//   - to the worker: the outbox holds at most kMaxOutboxMessages / kMaxOutboxBytes; when
+//     it is full the session is ended with that reason, as if the worker had disconnected
+//     (its runs keep their lease until it lapses, as for any lost worker). The scheduler
+//     also ends a session whose oldest unread message has waited a lease period
+//     (UnreadSeconds), so a worker that stops reading loses its leases like a dead one.
+//   - from the worker: a session with kMaxUnhandledMessages or kMaxUnhandledBytes read
+//     but not yet handled, or every session together over kIngestBudgetBytes, is not read
+//     further until the ingest thread catches up: the worker's writes then wait in gRPC's
+//     flow control, and memory stays bounded whatever the peers send.
+
+class SessionReactor;
+class Ingest;
+
+// One Session's state, shared by its reactor (gRPC's threads), the ingest thread and the
+// coordinator (as its SessionWriter). The reactor is deleted once gRPC calls OnDone,
+// which happens only after Finish; Finish is called once nothing runs on the reactor
+// outside this object's mutex (holds_), no read or write is pending and the coordinator
+// has closed the session.
+class WorkerSession final : public SessionWriter, public std::enable_shared_from_this<WorkerSession> {
  public:
-  static constexpr size_t kMaxMessages = 4096;
-  static constexpr size_t kMaxBytes = 32 << 20;
+  static constexpr size_t kMaxOutboxMessages = 4096;
+  static constexpr size_t kMaxOutboxBytes = 32 << 20;
+  // After the coordinator closed the session, what is queued is written within this
+  // time; then the stream is cancelled if the worker still does not take it.
+  static constexpr double kFlushSeconds = 2;
 
-  StreamWriter(grpc::ServerContext* context,
-               grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream)
-      : context_(context), stream_(stream), thread_([this] { WriteLoop(); }) {}
-  ~StreamWriter() override { Finish(); }
+  WorkerSession(SessionReactor* reactor, Ingest* ingest, std::string peer)
+      : reactor_(reactor), ingest_(ingest), peer_(std::move(peer)) {}
 
-  bool Send(const v1::CoordinatorMessage& m) override {
-    const size_t bytes = m.ByteSizeLong();
+  // --- SessionWriter (any thread) ---
+  bool Send(const v1::CoordinatorMessage& m) override;
+  double UnreadSeconds() const override;
+  void End(const std::string& reason) override;
+
+  // --- the reactor ---
+  void set_id(int64_t id) { id_ = id; }
+  int64_t id() const { return id_; }
+  const std::string& peer() const { return peer_; }
+  // A read may start (false: the session is closing and reads no more).
+  bool BeginRead() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (closing_ || !ended_reason_.empty()) return false;
-    if (queue_.size() >= kMaxMessages || queued_bytes_ + bytes > kMaxBytes) {
-      EndLocked("its outbox is full (" + std::to_string(queue_.size()) + " messages, " +
-                std::to_string(queued_bytes_) + " bytes unsent): the worker does not read its stream");
-      return false;
-    }
-    queue_.push_back({m, std::chrono::steady_clock::now()});
-    queued_bytes_ += bytes;
-    cv_.notify_one();
+    if (close_enqueued_) return false;
+    read_pending_ = true;
     return true;
   }
-
-  double UnreadSeconds() const override {
+  // A read completed (a reaction: the reactor is alive). True when the session is closing
+  // and what was read is to be dropped; the call is finished if it is ready.
+  bool ReadDone();
+  // The session reads no more: the worker closed or broke its stream, it sent what the
+  // coordinator refuses (`status`), or the call was cancelled. The ingest thread closes it
+  // in the coordinator after the messages read before.
+  void StopReading(const grpc::Status& status);
+  // The call was cancelled (by the worker or by End): closes unless a pending read will.
+  void Cancelled();
+  void WriteDone(bool ok);
+  void Detach() {  // OnDone: the reactor is gone
     std::lock_guard<std::mutex> lock(mu_);
-    std::optional<std::chrono::steady_clock::time_point> oldest = in_flight_since_;
-    if (!oldest && !queue_.empty()) oldest = queue_.front().queued;
-    if (!oldest) return 0;
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - *oldest).count();
+    reactor_ = nullptr;
   }
 
-  void End(const std::string& reason) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    EndLocked(reason);
-  }
+  // --- the ingest thread ---
+  // The coordinator has closed the session: Finish once the outbox is written.
+  void Closed();
+  // Starts the next read if the session still reads (it was paused for flow control).
+  void ResumeReading();
+  // Cancels the call when the outbox was not written within kFlushSeconds of Closed.
+  // True once the session is finished (nothing more to watch).
+  bool CheckFlushDeadline(std::chrono::steady_clock::time_point now);
 
-  // Why the session was ended by this side, or "".
-  std::string ended_reason() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return ended_reason_;
-  }
-
-  // The reader is done: what is queued is written within kFlushSeconds, then the stream
-  // is cancelled if the worker still does not take it; the writer thread is joined.
-  void Finish() {
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      closing_ = true;
-      cv_.notify_all();
-      if (!done_cv_.wait_for(lock, std::chrono::seconds(kFlushSeconds), [&] { return writer_done_; })) {
-        context_->TryCancel();  // Write returns false once the call is cancelled
-      }
-    }
-    if (thread_.joinable()) thread_.join();
-    std::lock_guard<std::mutex> lock(mu_);
-    finished_ = true;
-  }
+  // Guarded by the ingest's mutex: what was read and not yet handled; reading is paused.
+  size_t unhandled_messages = 0;
+  size_t unhandled_bytes = 0;
+  bool read_paused = false;
 
  private:
-  static constexpr int kFlushSeconds = 2;
   struct Queued {
     v1::CoordinatorMessage message;
     std::chrono::steady_clock::time_point queued;
   };
+  // Runs `op` on the reactor outside mu_ (gRPC may run reactions inline), keeping the
+  // reactor alive meanwhile; then finishes the call if it is ready. False: no reactor.
+  template <typename Op>
+  bool WithReactor(Op op);
+  void EndLocked(const std::string& reason);
+  // Whether Finish may be called now (and is, by the caller, with `*status`); once only.
+  bool ReadyToFinishLocked(grpc::Status* status);
+  // Moves the outbox's next message in flight; the message to write, or null. `*options`:
+  // how to write it (buffered when more messages follow, so a burst of acks goes out in
+  // one socket write: the last of the burst flushes).
+  const v1::CoordinatorMessage* NextWriteLocked(grpc::WriteOptions* options);
+  void RequestCloseLocked(bool* enqueue);
 
-  void EndLocked(const std::string& reason) {
-    if (!ended_reason_.empty() || finished_) return;  // finished: the call (context_) may be gone
-    ended_reason_ = reason;
-    queue_.clear();
-    queued_bytes_ = 0;
-    context_->TryCancel();  // never blocks: the reader's Read and our Write fail
-    cv_.notify_all();
-  }
-
-  void WriteLoop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      cv_.wait(lock, [&] { return !queue_.empty() || closing_ || !ended_reason_.empty(); });
-      if (!ended_reason_.empty() || queue_.empty()) break;  // ended, or closing with nothing left
-      Queued next = std::move(queue_.front());
-      queue_.pop_front();
-      queued_bytes_ -= std::min(queued_bytes_, next.message.ByteSizeLong());
-      in_flight_since_ = next.queued;
-      lock.unlock();
-      const bool ok = stream_->Write(next.message);
-      lock.lock();
-      in_flight_since_.reset();
-      if (!ok) {
-        if (ended_reason_.empty()) ended_reason_ = "the stream closed";
-        queue_.clear();
-        queued_bytes_ = 0;
-        break;
-      }
-    }
-    writer_done_ = true;
-    done_cv_.notify_all();
-  }
-
-  grpc::ServerContext* const context_;
-  grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* const stream_;  // written by thread_ only
   mutable std::mutex mu_;
-  std::condition_variable cv_;       // with mu_: a message queued, or closing
-  std::condition_variable done_cv_;  // with mu_: the writer thread ended
-  std::deque<Queued> queue_;         // guarded by mu_
-  size_t queued_bytes_ = 0;          // guarded by mu_
-  std::optional<std::chrono::steady_clock::time_point> in_flight_since_;  // guarded by mu_: queued time of the message being written
-  std::string ended_reason_;         // guarded by mu_
-  bool closing_ = false;             // guarded by mu_
-  bool writer_done_ = false;         // guarded by mu_
-  bool finished_ = false;            // guarded by mu_: Finish returned; context_ and stream_ may be gone
-  std::thread thread_;               // last: starts once the members above exist
+  SessionReactor* reactor_;  // guarded by mu_: null after OnDone
+  Ingest* const ingest_;
+  const std::string peer_;  // for the log: unknown once the call is cancelled
+  int64_t id_ = 0;          // the coordinator's session id; set before the first read
+  std::deque<Queued> outbox_;                   // guarded by mu_
+  size_t outbox_bytes_ = 0;                     // guarded by mu_
+  bool writing_ = false;                        // guarded by mu_: in_flight_ is being written
+  v1::CoordinatorMessage in_flight_;            // guarded by mu_ (gRPC reads it while writing_)
+  std::chrono::steady_clock::time_point in_flight_since_{};  // guarded by mu_: when it was queued
+  bool read_pending_ = false;                   // guarded by mu_
+  bool close_enqueued_ = false;                 // guarded by mu_: the ingest thread will close it
+  bool closed_ = false;                         // guarded by mu_: the coordinator closed it
+  std::chrono::steady_clock::time_point closed_at_{};  // guarded by mu_
+  bool flush_cancelled_ = false;                // guarded by mu_
+  int holds_ = 0;                               // guarded by mu_: WithReactor calls running
+  bool finish_called_ = false;                  // guarded by mu_
+  grpc::Status status_;                         // guarded by mu_: the call's status
+  std::string ended_reason_;                    // guarded by mu_: why this side ended it, or ""
+  bool stream_broke_ = false;                   // guarded by mu_: a write failed (the worker left)
 };
 
-}  // namespace
+// The thread that hands what sessions read to the coordinator, in batches and in order.
+class Ingest {
+ public:
+  // Every session together: read and not yet handled.
+  static constexpr size_t kIngestBudgetBytes = 64 << 20;
+  static constexpr size_t kMaxUnhandledMessages = 256;
+  static constexpr size_t kMaxUnhandledBytes = 8 << 20;
+  static constexpr size_t kMaxBatchMessages = 4096;
 
-grpc::Status TokenCheck::Check(const grpc::ServerContext& context, const char* method) const {
+  explicit Ingest(Coordinator* coordinator) : coordinator_(coordinator), thread_([this] { Loop(); }) {}
+  ~Ingest() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    thread_.join();
+  }
+
+  // Queues a message the session read; false: the session must not read on until
+  // ResumeReading (its share, or everyone's, is used up).
+  bool Push(const std::shared_ptr<WorkerSession>& session, std::unique_ptr<v1::WorkerMessage> message) {
+    const size_t bytes = message->ByteSizeLong();
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back({session, std::move(message), bytes});
+    bytes_ += bytes;
+    session->unhandled_messages += 1;
+    session->unhandled_bytes += bytes;
+    if (queue_.size() == 1) cv_.notify_one();
+    if (session->unhandled_messages >= kMaxUnhandledMessages || session->unhandled_bytes >= kMaxUnhandledBytes ||
+        bytes_ >= kIngestBudgetBytes) {
+      session->read_paused = true;
+      paused_.push_back(session);
+      return false;
+    }
+    return true;
+  }
+
+  // Queues the session's close, after what it read before.
+  void PushClose(const std::shared_ptr<WorkerSession>& session) {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back({session, nullptr, 0});
+    if (queue_.size() == 1) cv_.notify_one();
+  }
+
+ private:
+  struct Item {
+    std::shared_ptr<WorkerSession> session;
+    std::unique_ptr<v1::WorkerMessage> message;  // null: the session's close
+    size_t bytes;
+  };
+
+  void Loop() {
+    std::vector<Item> batch;
+    std::vector<Coordinator::WorkerEvent> events;
+    std::vector<std::shared_ptr<WorkerSession>> closing;  // closed, maybe still flushing
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return stop_ || !queue_.empty(); });
+      if (stop_ && queue_.empty()) break;
+      batch.clear();
+      size_t batch_bytes = 0;
+      while (!queue_.empty() && batch.size() < kMaxBatchMessages && batch_bytes < kMaxUnhandledBytes) {
+        batch_bytes += queue_.front().bytes;
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      lock.unlock();
+      events.clear();
+      for (const Item& item : batch) events.push_back({item.session->id(), item.message.get()});
+      if (!events.empty()) coordinator_->OnWorkerEvents(events);
+      for (const Item& item : batch) {
+        if (item.message == nullptr) {
+          item.session->Closed();
+          closing.push_back(item.session);
+        }
+      }
+      const auto now = std::chrono::steady_clock::now();
+      closing.erase(std::remove_if(closing.begin(), closing.end(),
+                                   [&](const std::shared_ptr<WorkerSession>& s) { return s->CheckFlushDeadline(now); }),
+                    closing.end());
+      std::vector<std::shared_ptr<WorkerSession>> resume;
+      lock.lock();
+      for (const Item& item : batch) {
+        bytes_ -= item.bytes;
+        if (item.message != nullptr) {
+          item.session->unhandled_messages -= 1;
+          item.session->unhandled_bytes -= item.bytes;
+        }
+      }
+      if (bytes_ < kIngestBudgetBytes) {
+        auto still = std::partition(paused_.begin(), paused_.end(), [](const std::shared_ptr<WorkerSession>& s) {
+          return s->unhandled_messages >= kMaxUnhandledMessages || s->unhandled_bytes >= kMaxUnhandledBytes;
+        });
+        for (auto it = still; it != paused_.end(); ++it) {
+          (*it)->read_paused = false;
+          resume.push_back(std::move(*it));
+        }
+        paused_.erase(still, paused_.end());
+      }
+      batch.clear();  // the messages, before the lock is taken again below
+      lock.unlock();
+      for (const auto& s : resume) s->ResumeReading();
+      resume.clear();
+      lock.lock();
+    }
+  }
+
+  Coordinator* const coordinator_;
+  std::mutex mu_;
+  std::condition_variable cv_;  // with mu_: something queued, or stop_
+  std::deque<Item> queue_;      // guarded by mu_
+  size_t bytes_ = 0;            // guarded by mu_: read and not yet handled, every session
+  std::vector<std::shared_ptr<WorkerSession>> paused_;  // guarded by mu_
+  bool stop_ = false;           // guarded by mu_
+  std::thread thread_;          // last: starts once the members above exist
+};
+
+// Worker ids are logged, stored with every attempt and shown in status.
+constexpr size_t kMaxWorkerIdBytes = 128;
+// Bounds on the strings of a worker's messages, checked before the coordinator does any
+// work with them (issue 28): run ids are at most ~200 bytes (a 100-character experiment
+// name, its number, arm and seed), messages and reasons are for people.
+constexpr size_t kMaxRunIdBytes = 256;
+constexpr size_t kMaxVersionBytes = 128;
+constexpr size_t kMaxReasonBytes = 4096;
+
+// The field of `msg` over its bound and the bound, or "" (a message never echoes the value).
+static std::string WorkerMessageBoundsError(const v1::WorkerMessage& msg) {
+  auto over = [](const char* field, size_t size, size_t limit) {
+    return size <= limit ? std::string()
+                         : std::string(field) + " must be at most " + std::to_string(limit) + " bytes, got " +
+                               std::to_string(size);
+  };
+  std::string e;
+  switch (msg.message_case()) {
+    case v1::WorkerMessage::kRegister:
+      e = over("register.run_id", msg.register_().run_id().size(), kMaxRunIdBytes);
+      if (e.empty()) e = over("register.capabilities.version", msg.register_().capabilities().version().size(), kMaxVersionBytes);
+      break;
+    case v1::WorkerMessage::kHeartbeat: e = over("heartbeat.run_id", msg.heartbeat().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kProgress: e = over("progress.run_id", msg.progress().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kProbe: e = over("probe.run_id", msg.probe().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kFinished: e = over("finished.run_id", msg.finished().run_id().size(), kMaxRunIdBytes); break;
+    case v1::WorkerMessage::kFailed:
+      e = over("failed.run_id", msg.failed().run_id().size(), kMaxRunIdBytes);
+      if (e.empty()) e = over("failed.message", msg.failed().message().size(), kMaxReasonBytes);
+      break;
+    case v1::WorkerMessage::kReleased:
+      e = over("released.run_id", msg.released().run_id().size(), kMaxRunIdBytes);
+      if (e.empty()) e = over("released.reason", msg.released().reason().size(), kMaxReasonBytes);
+      break;
+    case v1::WorkerMessage::kRendezvousSet:
+      e = over("rendezvous_set.run_id", msg.rendezvous_set().run_id().size(), kMaxRunIdBytes);
+      break;
+    default:
+      break;
+  }
+  return e;
+}
+
+
+class SessionReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
+ public:
+  SessionReactor(grpc::CallbackServerContext* context, Coordinator* coordinator, Ingest* ingest,
+                 const TokenCheck& auth)
+      : context_(context) {
+    if (grpc::Status status = auth.Check(*context, "Session"); !status.ok()) {
+      Finish(status);
+      return;
+    }
+    session_ = std::make_shared<WorkerSession>(this, ingest, context->peer());
+    session_->set_id(coordinator->OpenSession(session_));
+    ingest_ = ingest;
+    StartNextRead();
+  }
+
+  grpc::CallbackServerContext* context() const { return context_; }
+
+  // Reads the next message unless the session is closing (a cancel from here on fails
+  // the read, which then closes the session).
+  void StartNextRead() {
+    if (session_->BeginRead()) StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    const bool closing = session_->ReadDone();
+    if (!ok) {
+      session_->StopReading(grpc::Status::OK);
+      return;
+    }
+    if (closing) return;  // cancelled meanwhile: the session reads no more
+    if (first_ && incoming_.message_case() != v1::WorkerMessage::kRegister) {
+      session_->StopReading(
+          grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a session must start with register"));
+      return;
+    }
+    if (incoming_.message_case() == v1::WorkerMessage::kRegister) {
+      const std::string& id = incoming_.register_().worker_id();
+      if (id.empty() || id.size() > kMaxWorkerIdBytes) {
+        session_->StopReading(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                           "register.worker_id must be 1 to " + std::to_string(kMaxWorkerIdBytes) +
+                                               " bytes, got " + std::to_string(id.size())));
+        return;
+      }
+      const size_t name = incoming_.register_().capabilities().device_name().size();
+      if (name > kMaxWorkerIdBytes) {
+        session_->StopReading(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                           "register.capabilities.device_name must be at most " +
+                                               std::to_string(kMaxWorkerIdBytes) + " bytes, got " +
+                                               std::to_string(name)));
+        return;
+      }
+    }
+    if (std::string bound = WorkerMessageBoundsError(incoming_); !bound.empty()) {
+      Log(LogLevel::kWarning, "worker_message_refused", {{"peer", session_->peer()}, {"reason", bound}});
+      session_->StopReading(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, bound));
+      return;
+    }
+    first_ = false;
+    auto message = std::make_unique<v1::WorkerMessage>();
+    message->Swap(&incoming_);
+    if (ingest_->Push(session_, std::move(message))) StartNextRead();
+  }
+
+  void OnWriteDone(bool ok) override { session_->WriteDone(ok); }
+  void OnCancel() override {
+    if (session_ != nullptr) session_->Cancelled();
+  }
+  void OnDone() override {
+    if (session_ != nullptr) session_->Detach();
+    delete this;
+  }
+
+ private:
+  grpc::CallbackServerContext* const context_;
+  std::shared_ptr<WorkerSession> session_;  // null when the call was refused at its start
+  Ingest* ingest_ = nullptr;
+  v1::WorkerMessage incoming_;  // the read in progress
+  bool first_ = true;
+};
+
+template <typename Op>
+bool WorkerSession::WithReactor(Op op) {
+  SessionReactor* reactor;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (reactor_ == nullptr || finish_called_) return false;
+    reactor = reactor_;
+    ++holds_;
+  }
+  op(reactor);
+  grpc::Status status;
+  bool finish;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --holds_;
+    finish = ReadyToFinishLocked(&status);
+  }
+  if (finish) reactor->Finish(status);
+  return true;
+}
+
+bool WorkerSession::ReadyToFinishLocked(grpc::Status* status) {
+  if (!closed_ || writing_ || read_pending_ || holds_ > 0 || finish_called_ || reactor_ == nullptr) return false;
+  finish_called_ = true;
+  *status = status_;
+  if (!ended_reason_.empty()) {
+    Log(LogLevel::kWarning, "worker_session_ended", {{"peer", peer_}, {"reason", ended_reason_}});
+    *status = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "session ended by the coordinator: " + ended_reason_);
+  }
+  return true;
+}
+
+const v1::CoordinatorMessage* WorkerSession::NextWriteLocked(grpc::WriteOptions* options) {
+  if (writing_ || outbox_.empty() || !ended_reason_.empty() || stream_broke_) return nullptr;
+  in_flight_ = std::move(outbox_.front().message);
+  in_flight_since_ = outbox_.front().queued;
+  outbox_.pop_front();
+  *options = grpc::WriteOptions();
+  if (!outbox_.empty()) options->set_buffer_hint();
+  outbox_bytes_ -= std::min(outbox_bytes_, in_flight_.ByteSizeLong());
+  writing_ = true;
+  return &in_flight_;
+}
+
+bool WorkerSession::Send(const v1::CoordinatorMessage& m) {
+  const size_t bytes = m.ByteSizeLong();
+  const v1::CoordinatorMessage* next = nullptr;
+  grpc::WriteOptions options;
+  bool ended = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_ || reactor_ == nullptr || !ended_reason_.empty() || stream_broke_) return false;
+    if (outbox_.size() >= kMaxOutboxMessages || outbox_bytes_ + bytes > kMaxOutboxBytes) {
+      EndLocked("its outbox is full (" + std::to_string(outbox_.size()) + " messages, " +
+                std::to_string(outbox_bytes_) + " bytes unsent): the worker does not read its stream");
+      ended = true;
+    } else {
+      outbox_.push_back({m, std::chrono::steady_clock::now()});
+      outbox_bytes_ += bytes;
+      next = NextWriteLocked(&options);
+    }
+  }
+  if (ended) {  // the session was ended above: cancel the call
+    WithReactor([](SessionReactor* r) { r->context()->TryCancel(); });
+    return false;
+  }
+  if (next != nullptr) WithReactor([next, options](SessionReactor* r) { r->StartWrite(next, options); });
+  return true;
+}
+
+void WorkerSession::WriteDone(bool ok) {
+  // A reaction: the reactor is alive throughout.
+  const v1::CoordinatorMessage* next = nullptr;
+  grpc::WriteOptions options;
+  grpc::Status status;
+  bool finish = false;
+  SessionReactor* reactor;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    reactor = reactor_;
+    writing_ = false;
+    if (!ok) {
+      stream_broke_ = true;  // the worker left or the call was cancelled: nothing more is written
+      outbox_.clear();
+      outbox_bytes_ = 0;
+    }
+    next = NextWriteLocked(&options);
+    if (next == nullptr) finish = ReadyToFinishLocked(&status);
+  }
+  if (next != nullptr) reactor->StartWrite(next, options);
+  if (finish) reactor->Finish(status);
+}
+
+double WorkerSession::UnreadSeconds() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::optional<std::chrono::steady_clock::time_point> oldest;
+  if (writing_) oldest = in_flight_since_;
+  else if (!outbox_.empty()) oldest = outbox_.front().queued;
+  if (!oldest) return 0;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - *oldest).count();
+}
+
+void WorkerSession::EndLocked(const std::string& reason) {
+  if (!ended_reason_.empty() || closed_) return;
+  ended_reason_ = reason;
+  outbox_.clear();
+  outbox_bytes_ = 0;
+}
+
+void WorkerSession::End(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!ended_reason_.empty() || closed_) return;
+    EndLocked(reason);
+  }
+  // The worker's reads and writes fail; a pending read ends the session (StopReading),
+  // and so does Cancelled when no read is pending.
+  WithReactor([](SessionReactor* r) { r->context()->TryCancel(); });
+}
+
+void WorkerSession::RequestCloseLocked(bool* enqueue) {
+  *enqueue = !close_enqueued_;
+  close_enqueued_ = true;
+}
+
+void WorkerSession::StopReading(const grpc::Status& status) {
+  bool enqueue;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (status_.ok()) status_ = status;
+    RequestCloseLocked(&enqueue);
+  }
+  if (enqueue) ingest_->PushClose(shared_from_this());
+}
+
+void WorkerSession::Cancelled() {
+  bool enqueue = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!read_pending_) RequestCloseLocked(&enqueue);  // else the read fails and closes it
+  }
+  if (enqueue) ingest_->PushClose(shared_from_this());
+}
+
+void WorkerSession::ResumeReading() {
+  WithReactor([](SessionReactor* r) { r->StartNextRead(); });
+}
+
+bool WorkerSession::ReadDone() {
+  grpc::Status status;
+  bool finish;
+  SessionReactor* reactor;
+  bool closing;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    read_pending_ = false;
+    closing = close_enqueued_;
+    reactor = reactor_;
+    finish = ReadyToFinishLocked(&status);
+  }
+  if (finish) reactor->Finish(status);
+  return closing;
+}
+
+void WorkerSession::Closed() {
+  grpc::Status status;
+  bool finish;
+  SessionReactor* reactor;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    closed_at_ = std::chrono::steady_clock::now();
+    reactor = reactor_;
+    finish = ReadyToFinishLocked(&status);
+  }
+  if (finish) reactor->Finish(status);
+}
+
+bool WorkerSession::CheckFlushDeadline(std::chrono::steady_clock::time_point now) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finish_called_ || reactor_ == nullptr) return true;
+    if (flush_cancelled_ || now - closed_at_ < std::chrono::duration<double>(kFlushSeconds)) return false;
+    flush_cancelled_ = true;
+  }
+  WithReactor([](SessionReactor* r) { r->context()->TryCancel(); });  // the pending write fails
+  return false;
+}
+
+grpc::Status TokenCheck::Check(const grpc::ServerContextBase& context, const char* method) const {
   if (token_.empty()) return grpc::Status::OK;
   const auto& metadata = context.client_metadata();
   const auto it = metadata.find(kAuthorizationKey);
@@ -277,94 +711,15 @@ grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext* ctx, const 
   return grpc::Status::OK;
 }
 
-// Worker ids are logged, stored with every attempt and shown in status.
-constexpr size_t kMaxWorkerIdBytes = 128;
-// Bounds on the strings of a worker's messages, checked before the coordinator does any
-// work with them (issue 28): run ids are at most ~200 bytes (a 100-character experiment
-// name, its number, arm and seed), messages and reasons are for people.
-constexpr size_t kMaxRunIdBytes = 256;
-constexpr size_t kMaxVersionBytes = 128;
-constexpr size_t kMaxReasonBytes = 4096;
+WorkerServiceImpl::WorkerServiceImpl(Coordinator* coordinator, std::string worker_token)
+    : coordinator_(coordinator), auth_("WorkerService", std::move(worker_token)),
+      ingest_(std::make_unique<Ingest>(coordinator)) {}
 
-// The field of `msg` over its bound and the bound, or "" (a message never echoes the value).
-std::string WorkerMessageBoundsError(const v1::WorkerMessage& msg) {
-  auto over = [](const char* field, size_t size, size_t limit) {
-    return size <= limit ? std::string()
-                         : std::string(field) + " must be at most " + std::to_string(limit) + " bytes, got " +
-                               std::to_string(size);
-  };
-  std::string e;
-  switch (msg.message_case()) {
-    case v1::WorkerMessage::kRegister:
-      e = over("register.run_id", msg.register_().run_id().size(), kMaxRunIdBytes);
-      if (e.empty()) e = over("register.capabilities.version", msg.register_().capabilities().version().size(), kMaxVersionBytes);
-      break;
-    case v1::WorkerMessage::kHeartbeat: e = over("heartbeat.run_id", msg.heartbeat().run_id().size(), kMaxRunIdBytes); break;
-    case v1::WorkerMessage::kProgress: e = over("progress.run_id", msg.progress().run_id().size(), kMaxRunIdBytes); break;
-    case v1::WorkerMessage::kProbe: e = over("probe.run_id", msg.probe().run_id().size(), kMaxRunIdBytes); break;
-    case v1::WorkerMessage::kFinished: e = over("finished.run_id", msg.finished().run_id().size(), kMaxRunIdBytes); break;
-    case v1::WorkerMessage::kFailed:
-      e = over("failed.run_id", msg.failed().run_id().size(), kMaxRunIdBytes);
-      if (e.empty()) e = over("failed.message", msg.failed().message().size(), kMaxReasonBytes);
-      break;
-    case v1::WorkerMessage::kReleased:
-      e = over("released.run_id", msg.released().run_id().size(), kMaxRunIdBytes);
-      if (e.empty()) e = over("released.reason", msg.released().reason().size(), kMaxReasonBytes);
-      break;
-    case v1::WorkerMessage::kRendezvousSet:
-      e = over("rendezvous_set.run_id", msg.rendezvous_set().run_id().size(), kMaxRunIdBytes);
-      break;
-    default:
-      break;
-  }
-  return e;
-}
+WorkerServiceImpl::~WorkerServiceImpl() = default;
 
-grpc::Status WorkerServiceImpl::Session(grpc::ServerContext* ctx,
-                                        grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream) {
-  if (grpc::Status auth = auth_.Check(*ctx, "Session"); !auth.ok()) return auth;
-  const std::string peer = ctx->peer();  // for the log: unknown once the call is cancelled
-  auto writer = std::make_shared<StreamWriter>(ctx, stream);
-  const int64_t session = coordinator_->OpenSession(writer);
-  v1::WorkerMessage msg;
-  bool first = true;
-  grpc::Status result = grpc::Status::OK;
-  while (stream->Read(&msg)) {
-    if (first && msg.message_case() != v1::WorkerMessage::kRegister) {
-      result = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "a session must start with register");
-      break;
-    }
-    if (msg.message_case() == v1::WorkerMessage::kRegister) {
-      const std::string& id = msg.register_().worker_id();
-      if (id.empty() || id.size() > kMaxWorkerIdBytes) {
-        result = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                              "register.worker_id must be 1 to " + std::to_string(kMaxWorkerIdBytes) +
-                                  " bytes, got " + std::to_string(id.size()));
-        break;
-      }
-      const size_t name = msg.register_().capabilities().device_name().size();
-      if (name > kMaxWorkerIdBytes) {
-        result = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                              "register.capabilities.device_name must be at most " +
-                                  std::to_string(kMaxWorkerIdBytes) + " bytes, got " + std::to_string(name));
-        break;
-      }
-    }
-    if (std::string bound = WorkerMessageBoundsError(msg); !bound.empty()) {
-      result = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, bound);
-      Log(LogLevel::kWarning, "worker_message_refused", {{"peer", peer}, {"reason", bound}});
-      break;
-    }
-    first = false;
-    coordinator_->OnWorkerMessage(session, msg);
-  }
-  coordinator_->CloseSession(session);
-  writer->Finish();  // the stream must outlive its writer thread
-  if (const std::string why = writer->ended_reason(); !why.empty() && why != "the stream closed") {
-    Log(LogLevel::kWarning, "worker_session_ended", {{"peer", peer}, {"reason", why}});
-    result = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "session ended by the coordinator: " + why);
-  }
-  return result;
+grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServiceImpl::Session(
+    grpc::CallbackServerContext* context) {
+  return new SessionReactor(context, coordinator_, ingest_.get(), auth_);
 }
 
 }  // namespace sinkscope

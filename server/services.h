@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -27,7 +28,7 @@ namespace sinkscope {
 class TokenCheck {
  public:
   TokenCheck(std::string service, std::string token) : service_(std::move(service)), token_(std::move(token)) {}
-  grpc::Status Check(const grpc::ServerContext& context, const char* method) const;
+  grpc::Status Check(const grpc::ServerContextBase& context, const char* method) const;
   bool enabled() const { return !token_.empty(); }
 
  private:
@@ -64,17 +65,24 @@ class ExperimentServiceImpl final : public v1::ExperimentService::Service {
   const TokenCheck auth_;
 };
 
-class WorkerServiceImpl final : public v1::WorkerService::Service {
+class Ingest;  // services.cc
+
+// WorkerService on gRPC's callback API: a reactor per Session, no thread per stream; a
+// single ingest thread hands what the sessions read to the coordinator in batches
+// (services.cc says how each direction is bounded).
+class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
  public:
   // `worker_token`: the bearer token a Session must carry; empty: none required.
-  explicit WorkerServiceImpl(Coordinator* coordinator, std::string worker_token = {})
-      : coordinator_(coordinator), auth_("WorkerService", std::move(worker_token)) {}
-  grpc::Status Session(grpc::ServerContext*,
-                       grpc::ServerReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage>* stream) override;
+  explicit WorkerServiceImpl(Coordinator* coordinator, std::string worker_token = {});
+  // After the server has shut down (its sessions are finished).
+  ~WorkerServiceImpl() override;
+  grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* Session(
+      grpc::CallbackServerContext* context) override;
 
  private:
   Coordinator* coordinator_;
   const TokenCheck auth_;
+  std::unique_ptr<Ingest> ingest_;
 };
 
 }  // namespace sinkscope

@@ -17,6 +17,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,6 +32,7 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
+using ::testing::Not;
 using ::testing::SizeIs;
 
 constexpr char kDiskFull[] = "database or disk is full";
@@ -818,6 +820,59 @@ TEST_F(CoordinatorOverStore, AFinishWaitsForTheAttemptsMissingSteps) {
   ASSERT_TRUE(summary.ok());
   EXPECT_EQ(summary->runs(0).state(), v1::SUCCEEDED);
   EXPECT_THAT(StoredSteps(*store_, run), SizeIs(20));
+}
+
+// --- Prometheus series are bounded per run -----------------------------------------------
+
+// Series of `run` in the exposition (lines that carry its label, not comments).
+size_t SeriesOf(const Exporter& e, const std::string& run) {
+  std::istringstream in(e.Scrape());
+  size_t n = 0;
+  for (std::string line; std::getline(in, line);) n += line[0] != '#' && line.find("run=\"" + run + "\"") != std::string::npos;
+  return n;
+}
+
+TEST(ExporterBounds, ARunsSeriesAreCappedAndExpire) {
+  auto exporter = Exporter::Start("", std::chrono::seconds(0));
+  ASSERT_TRUE(exporter.ok());
+  Exporter& e = **exporter;
+  v1::RunSummary run;
+  run.set_run_id("diag-1");
+  run.set_experiment_id("diag");
+  // A diagnostic job's report at the schema's bounds of layers and far more heads than
+  // any model has: 4,096 layers x (8 + 64 + 64) series would be 557,056.
+  v1::ProbeReport r;
+  r.set_step(0);
+  for (int l = 0; l < 4096; ++l) {
+    v1::LayerProbe* lp = r.add_layers();
+    lp->set_layer(l);
+    for (int h = 0; h < 64; ++h) {
+      lp->add_alpha(0.5);
+      lp->add_theta(0.25);
+    }
+  }
+  e.RecordProbe(run, r);
+  const size_t first = SeriesOf(e, "diag-1");
+  EXPECT_LE(first, Exporter::kMaxSeriesPerRun);
+  EXPECT_GT(first, Exporter::kMaxSeriesPerRun - 200);  // the cap, not far below it
+  // Layer 0's series are all there; the last layer's are not.
+  EXPECT_THAT(e.Scrape(), HasSubstr("head=\"63\",layer=\"0\",run=\"diag-1\""));
+  EXPECT_THAT(e.Scrape(), Not(HasSubstr("layer=\"4095\"")));
+  // The next report updates what exists and adds nothing.
+  e.RecordProbe(run, r);
+  EXPECT_EQ(SeriesOf(e, "diag-1"), first);
+  // Another run has its own budget; the capped run's series go when it has ended.
+  v1::RunSummary small = run;
+  small.set_run_id("small-1");
+  v1::ProbeReport two;
+  two.add_layers()->set_layer(0);
+  two.add_layers()->set_layer(1);
+  e.RecordProbe(small, two);
+  EXPECT_EQ(SeriesOf(e, "small-1"), 2u + 2u * 7u);  // r_gs median and step; per layer 7 (no top-1 without top3)
+  e.RunEnded("diag-1");
+  e.ExpireSeries();
+  EXPECT_EQ(SeriesOf(e, "diag-1"), 0u);
+  EXPECT_EQ(SeriesOf(e, "small-1"), 2u + 2u * 7u);
 }
 
 }  // namespace

@@ -2,7 +2,9 @@
 // experiment with a run per simulated worker, then N simulated workers (one Session
 // stream each, like sinkscope-worker) register, take an assignment and stream Progress at
 // --hz with a ProbeUpload every --probe-every steps (a realistic report: --layers layers
-// with 64-entry profiles) for --seconds. The coordinator acknowledges a probe report and
+// with 64-entry profiles) for --seconds. The workers are reactors of gRPC's callback API
+// paced by one thread, so the generator costs little of the CPU it shares with the
+// coordinator (and nothing per worker but its connection). The coordinator acknowledges a probe report and
 // a Progress only once stored, so send→ack is send→stored.
 //
 // Prints the sustained ingest rate, send→stored latency (p50/p99/max), the coordinator's
@@ -17,6 +19,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -48,117 +51,186 @@ struct Latencies {
   std::vector<double> progress_ms, probe_ms;
 };
 
-// One simulated worker: its stream, what it sent and what was acked.
-class SimWorker {
+// One simulated worker's tallies: what it sent and when, what was acked.
+struct Tally {
+  std::map<int64_t, Clock::time_point> progress_sent, probe_sent;
+  std::set<int64_t> progress_acked, probe_acked;
+  Latencies latencies;
+};
+
+// One simulated worker on gRPC's callback client API: no thread of its own. A single
+// pacing thread (Main) queues its messages; the stream writes them one at a time from its
+// outbox (a write is started only when none is in flight) and reads acks as they come.
+// Like sinkscope-worker it has its own connection, registers, takes an assignment and
+// then streams Progress and probe reports.
+class SimWorker : public grpc::ClientBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
  public:
   SimWorker(int index, const Options& o) : index_(index), o_(o) {}
 
-  void Run(Clock::time_point start_streaming, Clock::time_point stop_streaming) {
+  // Connects and registers; returns at once (the reactor runs on gRPC's threads).
+  void Start() {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection, like a real worker
     args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
+    channel_ = grpc::CreateCustomChannel(o_.coordinator, grpc::InsecureChannelCredentials(), args);
+    stub_ = v1::WorkerService::NewStub(channel_);
+    ctx_.set_wait_for_ready(true);  // hundreds connect at once: wait for the connection, do not fail
+    stub_->async()->Session(&ctx_, this);
     v1::WorkerMessage reg;
     reg.mutable_register_()->set_worker_id("load-worker-" + std::to_string(index_));
     reg.mutable_register_()->mutable_capabilities()->set_device(v1::CPU);
     reg.mutable_register_()->mutable_capabilities()->set_device_count(1);
     reg.mutable_register_()->mutable_capabilities()->set_version("load-test");
-    // Connect and register, retrying like a real worker (hundreds connect at once).
-    std::shared_ptr<grpc::Channel> channel;
-    std::unique_ptr<v1::WorkerService::Stub> stub;
-    std::unique_ptr<grpc::ClientContext> ctx;
-    std::unique_ptr<grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>> stream;
-    for (int attempt = 0;; ++attempt) {
-      channel = grpc::CreateCustomChannel(o_.coordinator, grpc::InsecureChannelCredentials(), args);
-      channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      stub = v1::WorkerService::NewStub(channel);
-      ctx = std::make_unique<grpc::ClientContext>();
-      stream = stub->Session(ctx.get());
-      if (stream->Write(reg)) break;
-      const grpc::Status st = stream->Finish();
-      stream.reset();  // before its context
-      if (attempt == 4 || Clock::now() >= stop_streaming) {
-        error_ = "register: " + st.error_message();
-        return;
-      }
-      ++reconnects_;
-      std::this_thread::sleep_for(std::chrono::milliseconds(200 << attempt));
-    }
-    std::thread reader([&] { ReadLoop(stream.get()); });
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_until(lock, stop_streaming, [&] { return !run_id_.empty() || broken_; });
-    }
-    std::string run_id;
-    int attempt = 0;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      run_id = run_id_;
-      attempt = attempt_;
-    }
-    if (run_id.empty()) {
-      error_ = "no assignment";
-    } else {
-      std::this_thread::sleep_until(start_streaming);
-      const auto period = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(1.0 / o_.hz));
-      // Spread the workers over the period so they do not all send at once.
-      auto next = start_streaming + period * index_ / std::max(1, o_.workers);
-      for (int64_t step = 1; next < stop_streaming; ++step, next += period) {
-        std::this_thread::sleep_until(next);
-        v1::WorkerMessage m;
-        v1::Progress* p = m.mutable_progress();
-        p->set_run_id(run_id);
-        p->set_attempt(attempt);
-        v1::StepMetrics* s = p->mutable_metrics();
-        s->set_step(step);
-        s->set_loss(5.0 / (1.0 + 0.01 * static_cast<double>(step)));
-        s->set_learning_rate(3e-3);
-        s->set_grad_norm(0.8);
-        s->set_tokens_per_second(12345);
-        s->set_mfu(0.1);
-        s->set_step_seconds(1.0 / o_.hz);
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          progress_sent_[step] = Clock::now();
-        }
-        if (!stream->Write(m)) break;
-        if (step % o_.probe_every == 0) {
-          v1::WorkerMessage pm;
-          v1::ProbeUpload* u = pm.mutable_probe();
-          u->set_run_id(run_id);
-          u->set_attempt(attempt);
-          u->set_sequence(step);
-          *u->mutable_report() = MakeReport(step);
-          {
-            std::lock_guard<std::mutex> lock(mu_);
-            probe_sent_[step] = Clock::now();
-          }
-          if (!stream->Write(pm)) break;
-        }
-      }
-      // Wait (bounded) for the acks of everything sent.
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_until(lock, Clock::now() + std::chrono::seconds(20), [&] {
-        return broken_ ||
-               (progress_sent_.size() == progress_acked_.size() && probe_sent_.size() == probe_acked_.size());
-      });
-    }
-    stream->WritesDone();
-    ctx->TryCancel();
-    reader.join();
-    stream->Finish();
+    AddHold();  // OnDone waits for Stop: the pacing thread may still start writes until then
+    Send(std::move(reg), 0, 0);
+    StartRead(&in_);
+    StartCall();
   }
 
-  // Results, after Run.
-  std::string run_id() const { return run_id_; }
+  // Waits until it has an assignment (or its stream ended, or the deadline passed).
+  bool WaitAssigned(Clock::time_point deadline) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_until(lock, deadline, [&] { return !run_id_.empty() || done_; });
+    if (run_id_.empty() && error_.empty()) error_ = done_ ? "stream ended before an assignment" : "no assignment";
+    run_ = run_id_;  // the pacing thread's copy: a late assignment is not used
+    run_attempt_ = attempt_;
+    return !run_.empty();
+  }
+
+  // The pacing thread's tick: Progress for `step`, and a probe report every probe_every steps.
+  void Tick(int64_t step) {
+    if (run_.empty() || broken_.load()) return;
+    v1::WorkerMessage m;
+    v1::Progress* p = m.mutable_progress();
+    p->set_run_id(run_);
+    p->set_attempt(run_attempt_);
+    v1::StepMetrics* s = p->mutable_metrics();
+    s->set_step(step);
+    s->set_loss(5.0 / (1.0 + 0.01 * static_cast<double>(step)));
+    s->set_learning_rate(3e-3);
+    s->set_grad_norm(0.8);
+    s->set_tokens_per_second(12345);
+    s->set_mfu(0.1);
+    s->set_step_seconds(1.0 / o_.hz);
+    Send(std::move(m), step, 0);
+    if (step % o_.probe_every == 0) {
+      v1::WorkerMessage pm;
+      v1::ProbeUpload* u = pm.mutable_probe();
+      u->set_run_id(run_);
+      u->set_attempt(run_attempt_);
+      u->set_sequence(step);
+      *u->mutable_report() = MakeReport(step);
+      Send(std::move(pm), 0, step);
+    }
+  }
+
+  // True once everything sent was acknowledged (or the stream broke).
+  bool Settled() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return broken_.load() || (t_.progress_sent.size() == t_.progress_acked.size() &&
+                              t_.probe_sent.size() == t_.probe_acked.size());
+  }
+
+  // Ends the stream and waits for OnDone.
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    ctx_.TryCancel();
+    RemoveHold();
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done_; });
+  }
+
+  // Results, after Stop.
+  const std::string& run_id() const { return run_; }
   const std::string& error() const { return error_; }
-  size_t progress_sent() const { return progress_sent_.size(); }
-  size_t probes_sent() const { return probe_sent_.size(); }
-  size_t progress_acked() const { return progress_acked_.size(); }
-  size_t probes_acked() const { return probe_acked_.size(); }
-  const Latencies& latencies() const { return latencies_; }
-  int reconnects() const { return reconnects_; }
+  const Tally& tally() const { return t_; }
+  size_t max_outbox() const { return max_outbox_; }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!ok) {
+      broken_ = true;
+      writing_ = false;
+      cv_.notify_all();
+      return;
+    }
+    StartNextWriteLocked(lock);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = true;
+      cv_.notify_all();
+      return;
+    }
+    const auto now = Clock::now();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (in_.has_assignment() && run_id_.empty()) {
+        attempt_ = in_.assignment().attempt();
+        run_id_ = in_.assignment().run_id();
+      } else if (in_.has_ack()) {
+        const v1::Ack& a = in_.ack();
+        if (a.sequence() != 0 && t_.probe_acked.insert(a.sequence()).second) {
+          auto it = t_.probe_sent.find(a.sequence());
+          if (it != t_.probe_sent.end()) {
+            t_.latencies.probe_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
+          }
+        }
+        if (a.progress_step() != 0 && t_.progress_acked.insert(a.progress_step()).second) {
+          auto it = t_.progress_sent.find(a.progress_step());
+          if (it != t_.progress_sent.end()) {
+            t_.latencies.progress_ms.push_back(
+                std::chrono::duration<double, std::milli>(now - it->second).count());
+          }
+        }
+      } else if (in_.has_cancel()) {
+        error_ = "cancelled: " + in_.cancel().reason();
+      }
+      cv_.notify_all();
+    }
+    StartRead(&in_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_ && error_.empty() && !status.ok()) error_ = "session: " + status.error_message();
+    broken_ = true;
+    done_ = true;
+    cv_.notify_all();
+  }
 
  private:
+  // Queues a message; `progress_step`/`probe_sequence` (non-zero) record its send time.
+  void Send(v1::WorkerMessage m, int64_t progress_step, int64_t probe_sequence) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (stopping_ || broken_.load()) return;
+    const auto now = Clock::now();
+    if (progress_step != 0) t_.progress_sent[progress_step] = now;
+    if (probe_sequence != 0) t_.probe_sent[probe_sequence] = now;
+    outbox_.push_back(std::move(m));
+    max_outbox_ = std::max(max_outbox_, outbox_.size());
+    if (!writing_) StartNextWriteLocked(lock);
+  }
+
+  // Starts the next queued write, if any; gRPC's call is made outside the lock.
+  void StartNextWriteLocked(std::unique_lock<std::mutex>& lock) {
+    if (outbox_.empty() || stopping_) {
+      writing_ = false;
+      return;
+    }
+    writing_ = true;
+    out_ = std::move(outbox_.front());
+    outbox_.pop_front();
+    lock.unlock();
+    StartWrite(&out_);
+    lock.lock();
+  }
+
   v1::ProbeReport MakeReport(int64_t step) const {
     v1::ProbeReport r;
     r.set_version(1);
@@ -199,50 +271,25 @@ class SimWorker {
     return r;
   }
 
-  void ReadLoop(grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>* stream) {
-    v1::CoordinatorMessage m;
-    while (stream->Read(&m)) {
-      const auto now = Clock::now();
-      std::lock_guard<std::mutex> lock(mu_);
-      if (m.has_assignment() && run_id_.empty()) {
-        run_id_ = m.assignment().run_id();
-        attempt_ = m.assignment().attempt();
-      } else if (m.has_ack()) {
-        const v1::Ack& a = m.ack();
-        if (a.sequence() != 0 && probe_acked_.insert(a.sequence()).second) {
-          auto it = probe_sent_.find(a.sequence());
-          if (it != probe_sent_.end()) {
-            latencies_.probe_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
-          }
-        }
-        if (a.progress_step() != 0 && progress_acked_.insert(a.progress_step()).second) {
-          auto it = progress_sent_.find(a.progress_step());
-          if (it != progress_sent_.end()) {
-            latencies_.progress_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
-          }
-        }
-      } else if (m.has_cancel()) {
-        error_ = "cancelled: " + m.cancel().reason();
-      }
-      cv_.notify_all();
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    broken_ = true;
-    cv_.notify_all();
-  }
-
   const int index_;
   const Options& o_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::WorkerService::Stub> stub_;
+  grpc::ClientContext ctx_;
+  v1::CoordinatorMessage in_;
+  v1::WorkerMessage out_;
+  std::deque<v1::WorkerMessage> outbox_;
+  size_t max_outbox_ = 0;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::string run_id_;
+  std::string run_id_;  // under mu_
   int attempt_ = 0;
-  bool broken_ = false;
+  std::string run_;  // the pacing thread's copy, from WaitAssigned
+  int run_attempt_ = 0;
+  bool writing_ = false, stopping_ = false, done_ = false;
+  std::atomic<bool> broken_{false};
   std::string error_;
-  int reconnects_ = 0;  // failed first connections, retried
-  std::map<int64_t, Clock::time_point> progress_sent_, probe_sent_;
-  std::set<int64_t> progress_acked_, probe_acked_;
-  Latencies latencies_;
+  Tally t_;
 };
 
 double Percentile(std::vector<double> xs, double q) {
@@ -353,34 +400,57 @@ int Main(int argc, char** argv) {
       return 1;
     }
   }
-  // Workers connect and register first; all stream over the same window.
+  // Workers connect and register first; all stream over the same window, paced by this
+  // thread: slot j = k * workers + i is worker i's step k + 1, due at
+  // start + period * (k + i / workers), so sends are spread evenly over each period.
   std::vector<std::unique_ptr<SimWorker>> workers;
   for (int i = 0; i < o.workers; ++i) workers.push_back(std::make_unique<SimWorker>(i, o));
-  const auto start = Clock::now() + std::chrono::seconds(3);
+  for (auto& w : workers) w->Start();
+  const auto register_deadline = Clock::now() + std::chrono::seconds(60);
+  for (auto& w : workers) w->WaitAssigned(register_deadline);
+  const auto start = Clock::now() + std::chrono::milliseconds(500);
   const auto stop = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
-  std::vector<std::thread> threads;
-  for (auto& w : workers) threads.emplace_back([&w, start, stop] { w->Run(start, stop); });
-  // The coordinator's CPU time over the streaming window.
+  const auto period = std::chrono::duration<double>(1.0 / o.hz);
   std::this_thread::sleep_until(start);
+  // The coordinator's CPU time over the streaming window.
   const double cpu_before = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
-  std::this_thread::sleep_until(stop);
+  double behind_ms = 0;  // how late the pacing thread fell behind its schedule, at most
+  for (int64_t j = 0;; ++j) {
+    const int64_t k = j / o.workers, i = j % o.workers;
+    const auto due = start + std::chrono::duration_cast<Clock::duration>(
+                                 period * (static_cast<double>(k) + static_cast<double>(i) / o.workers));
+    if (due >= stop) break;
+    const auto now = Clock::now();
+    if (due > now + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
+    else behind_ms = std::max(behind_ms, std::chrono::duration<double, std::milli>(now - due).count());
+    workers[static_cast<size_t>(i)]->Tick(k + 1);
+  }
   const double cpu_after = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
-  const double wall = std::chrono::duration<double>(stop - start).count();
-  for (auto& t : threads) t.join();
+  const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+  // Wait (bounded) for the acks of everything sent, then end every stream.
+  const auto settle_deadline = Clock::now() + std::chrono::seconds(20);
+  for (auto& w : workers) {
+    while (!w->Settled() && Clock::now() < settle_deadline) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  size_t max_outbox = 0;
+  for (auto& w : workers) {
+    w->Stop();
+    max_outbox = std::max(max_outbox, w->max_outbox());
+  }
   const double window = o.seconds;
 
   // Sent versus stored.
   int64_t progress_sent = 0, probes_sent = 0, progress_acked = 0, probes_acked = 0;
-  int64_t steps_stored = 0, probes_stored = 0, unassigned = 0, reconnects = 0;
+  int64_t steps_stored = 0, probes_stored = 0, unassigned = 0;
   Latencies all;
   std::vector<std::string> errors;
   for (auto& w : workers) {
-    reconnects += w->reconnects();
-    progress_sent += static_cast<int64_t>(w->progress_sent());
-    probes_sent += static_cast<int64_t>(w->probes_sent());
-    progress_acked += static_cast<int64_t>(w->progress_acked());
-    probes_acked += static_cast<int64_t>(w->probes_acked());
-    const Latencies& l = w->latencies();
+    const Tally& t = w->tally();
+    progress_sent += static_cast<int64_t>(t.progress_sent.size());
+    probes_sent += static_cast<int64_t>(t.probe_sent.size());
+    progress_acked += static_cast<int64_t>(t.progress_acked.size());
+    probes_acked += static_cast<int64_t>(t.probe_acked.size());
+    const Latencies& l = t.latencies;
     all.progress_ms.insert(all.progress_ms.end(), l.progress_ms.begin(), l.progress_ms.end());
     all.probe_ms.insert(all.probe_ms.end(), l.probe_ms.begin(), l.probe_ms.end());
     if (!w->error().empty() && errors.size() < 5) errors.push_back(w->error());
@@ -442,7 +512,8 @@ int Main(int argc, char** argv) {
   std::printf("  %-34s %12lld\n", "unacked after the run",
               static_cast<long long>((progress_sent - progress_acked) + (probes_sent - probes_acked)));
   std::printf("  %-34s %12lld\n", "workers without a run", static_cast<long long>(unassigned));
-  std::printf("  %-34s %12lld\n", "connections retried", static_cast<long long>(reconnects));
+  std::printf("  %-34s %12.1f\n", "generator behind schedule, max ms", behind_ms);
+  std::printf("  %-34s %12zu\n", "generator outbox, max messages", max_outbox);
   std::printf("  %-34s %12lld\n", "LOST (sent - stored)", static_cast<long long>(lost));
   for (const auto& err : errors) std::printf("  worker error: %s\n", err.c_str());
   return lost == 0 && unassigned == 0 ? 0 : 1;

@@ -455,6 +455,178 @@ class FlowControlTest(unittest.TestCase):
             for s in idle:
                 s.close()
 
+    def test_6_a_report_is_bounded_by_its_model_and_a_flood_is_paced(self):
+        """Finding 5 with real processes, and read-side flow control. On a coordinator of its
+        own (so its peak memory is this test's): reports with more layers or heads than the
+        run's model, a NaN r_gs or a junk norm_ratio key are refused for good with the reason,
+        and nothing of them is stored or exported. Then the run's worker floods 0.66 MB probe
+        reports as fast as its stream takes them (400 of them, 263 MB) while another writer
+        holds the store for 3 s: the coordinator reads a session
+        only as fast as it stores, so its memory stays bounded, another worker's progress is
+        still acked promptly and other clients are answered; every report is stored."""
+        c = Cluster(lease_seconds=5.0)
+        c.start_coordinator()
+        flood_ready, done = threading.Event(), threading.Event()
+        flood = {"run_id": None, "count": 400}
+        steady = None
+        try:
+            corpus = harness.write_corpus(c.dir)
+            spec = harness.tiny_experiment("flooded", corpus, steps=1000, probe_every=1, layers=32,
+                                           arms=("baseline", "vscale"))
+            spec["model"]["context"] = 256
+            spec["probe"]["profile_len"] = 256
+            spec["probe"]["t_eps"] = 256
+            path = os.path.join(c.dir, "flooded.json")
+            with open(path, "w") as f:
+                json.dump(spec, f)
+            eid = c.cli_json("submit", path)["experiment_id"]
+            P = spec["probe"]["profile_len"]
+
+            # The report's bulk, serialized once; each message is a small head (run, attempt,
+            # sequence, step) followed by it: concatenated protobuf messages merge.
+            bulk = self.pb.WorkerMessage()
+            for layer in range(32):
+                lp = bulk.probe.report.layers.add()
+                lp.layer = layer
+                for name in ("attn_bloat", "attn_change", "attn_compress", "mlp_bloat", "mlp_change",
+                             "mlp_compress"):
+                    getattr(lp, name).extend([1.0 + 1e-3 * k for k in range(P)])
+                for name in ("h_out", "r_mlp", "r_attn", "v"):
+                    lp.norms[name].values.extend([1.0 + 1e-3 * k for k in range(P)])
+            bulk_bytes = bulk.SerializeToString()
+            self.assertGreater(len(bulk_bytes), 600_000)
+
+            from sinkscope.v1 import experiment_pb2
+            channel = grpc.insecure_channel(c.address)
+            received, lock = [], threading.Lock()
+
+            def requests():
+                reg = self.pb.WorkerMessage()
+                reg.register.worker_id = "flooder"
+                reg.register.capabilities.device = experiment_pb2.CPU
+                reg.register.capabilities.device_count = 1
+                yield reg.SerializeToString()
+                if not flood_ready.wait(120):
+                    return
+                for step in range(1, flood["count"] + 1):
+                    head = self.pb.WorkerMessage()
+                    head.probe.run_id, head.probe.attempt, head.probe.sequence = flood["run_id"], 1, step
+                    head.probe.report.step = step
+                    yield head.SerializeToString() + bulk_bytes
+                done.wait(600)  # keeps the session (and its lease) until the test ends
+
+            call = channel.stream_stream("/sinkscope.v1.WorkerService/Session",
+                                         request_serializer=lambda raw: raw,
+                                         response_deserializer=self.pb.CoordinatorMessage.FromString)
+            responses = call(requests())
+
+            def read():
+                try:
+                    for m in responses:
+                        with lock:
+                            received.append(m)
+                except grpc.RpcError:
+                    pass
+            threading.Thread(target=read, daemon=True).start()
+
+            def flooder_messages():
+                with lock:
+                    return list(received)
+            wait_for(lambda: any(m.HasField("assignment") for m in flooder_messages()), 30, "the flooder's run")
+            run_id = next(m.assignment.run_id for m in flooder_messages() if m.HasField("assignment"))
+            flood["run_id"] = run_id
+            steady = ti.HandWrittenWorker(c.address, "steady")
+            wait_for(lambda: any(m.HasField("assignment") for m in steady.messages()), 30, "the steady run")
+            steady_run = next(m.assignment.run_id for m in steady.messages() if m.HasField("assignment"))
+
+            # Finding 5: shapes and values the run's model (32 layers, 2 heads) and METRICS.md
+            # rule out, from the run's holder.
+            def bad(step, edit):
+                m = self.pb.WorkerMessage()
+                m.probe.run_id, m.probe.attempt, m.probe.sequence = steady_run, 1, step
+                m.probe.report.step = step
+                for layer in range(2):
+                    lp = m.probe.report.layers.add()
+                    lp.layer = layer
+                    lp.alpha.extend([0.5, 0.5])
+                    lp.norm_ratio["h_out"] = 2.0
+                edit(m.probe.report.layers)
+                steady.send(m)
+
+            def more_layers(layers):
+                for layer in range(2, 40):
+                    layers.add().layer = layer
+
+            def more_heads(layers):
+                layers[1].alpha.append(0.1)
+
+            def nan_r_gs(layers):
+                layers[0].r_gs = float("nan")
+
+            def junk_key(layers):
+                layers[1].norm_ratio["x" * 1000] = float("nan")
+            for step, edit in enumerate((more_layers, more_heads, nan_r_gs, junk_key), start=1):
+                bad(step, edit)
+            wait_for(lambda: len(steady.refusals()) == 4, 30, "four refusals")
+            self.assertEqual(steady.refusals(), [
+                "more layers than model.layers",
+                "layers[1]: more heads than model.heads",
+                "layers[0]: a non-finite r_gs",
+                "layers[1].norm_ratio: a key that is not a norm's name",
+            ])
+            self.assertEqual(c.sql("SELECT COUNT(*) FROM probe_reports WHERE run_id = ?", steady_run), [(0,)])
+            status, _, body = harness.http_get(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=15)
+            self.assertEqual(status, 200)
+            self.assertNotIn('layer="39"', body)
+            self.assertNotIn("xxxx", body)
+
+            # The flood, begun while the store is held by another writer for 3 s (a slow
+            # disk): the coordinator cannot store, so it must stop reading the flooder.
+            import sqlite3
+            before = vm_hwm_kib(c.coordinator.proc.pid)
+            blocker = sqlite3.connect(c.db, isolation_level=None, timeout=10)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")
+                flood_ready.set()
+                time.sleep(3)
+                blocker.execute("ROLLBACK")
+            finally:
+                blocker.close()
+            ack_seconds, list_waits = [], []
+            for step in range(1, 21):
+                m = self.pb.WorkerMessage()
+                m.progress.run_id, m.progress.attempt = steady_run, 1
+                m.progress.metrics.step = step
+                m.progress.metrics.loss = 5.0
+                start = time.monotonic()
+                steady.send(m)
+                wait_for(lambda: any(a.HasField("ack") and a.ack.progress_step == step for a in steady.messages()),
+                         30, f"the ack of steady's step {step}")
+                ack_seconds.append(time.monotonic() - start)
+                list_waits.append(self.list_seconds())
+                time.sleep(0.2)
+            wait_for(lambda: sum(1 for m in flooder_messages() if m.HasField("ack") and m.ack.sequence)
+                     >= flood["count"], 300, "every flooded report acked")
+            grown_mib = (vm_hwm_kib(c.coordinator.proc.pid) - before) / 1024
+            print(f"flood of {flood['count']} x {len(bulk_bytes) / 1e6:.2f} MB: coordinator peak +{grown_mib:.0f} MiB, "
+                  f"steady's acks max {max(ack_seconds):.2f} s, ListExperiments max {max(list_waits):.2f} s")
+            self.assertEqual(c.sql("SELECT COUNT(*) FROM probe_reports WHERE run_id = ?", run_id),
+                             [(flood["count"],)])
+            self.assertEqual([m.ack.refused for m in flooder_messages() if m.HasField("ack") and m.ack.refused], [])
+            # Reading a session no faster than it is stored keeps the peak at the read
+            # budgets (8 MiB a session, 64 MiB in all) plus gRPC's buffers: far below the
+            # flood, which an eager reader would hold whole.
+            self.assertLess(grown_mib, 100)  # without the pause: +283 MiB
+            self.assertLess(max(ack_seconds), 5)
+            self.assertLess(max(list_waits), 5)
+        finally:
+            flood_ready.set()
+            done.set()
+            if steady is not None:
+                steady.close()
+            c.close()
+            shutil.rmtree(c.dir, ignore_errors=True)
+
     def test_9_sigterm_still_ends_the_coordinator(self):
         """After every attack above, SIGTERM ends the coordinator within its grace period."""
         c = self.cluster
