@@ -97,9 +97,8 @@ int Exporter::port() const {
   return ports.empty() ? 0 : ports[0];
 }
 
-void Exporter::SetRunGauge(const v1::RunSummary& run, std::optional<Labels>& run_labels,
+void Exporter::SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::optional<Labels>& run_labels,
                            prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value) {
-  RunSeries& series = run_series_[run.run_id()];
   const auto key = std::make_tuple(&family, layer, head);
   if (auto it = series.gauges.find(key); it != series.gauges.end()) {
     it->second->Set(value);
@@ -142,45 +141,47 @@ void Exporter::RecordStep(const v1::RunSummary& run, const v1::StepMetrics& m) {
   std::lock_guard<std::mutex> lock(mu_);
   // Progress is ingest's hot path: a run's series are found by (family, layer, head) in the
   // run's own map, and the label maps are built only for a series not yet there.
+  RunSeries& series = run_series_[run.run_id()];
   std::optional<Labels> labels;
-  SetRunGauge(run, labels, *step_, -1, -1, static_cast<double>(m.step()));
-  SetRunGauge(run, labels, *loss_, -1, -1, m.loss());
-  SetRunGauge(run, labels, *lr_, -1, -1, m.learning_rate());
-  SetRunGauge(run, labels, *grad_norm_, -1, -1, m.grad_norm());
-  SetRunGauge(run, labels, *tokens_per_second_, -1, -1, m.tokens_per_second());
-  SetRunGauge(run, labels, *mfu_, -1, -1, m.mfu());
-  if (m.has_val_loss()) SetRunGauge(run, labels, *val_loss_, -1, -1, m.val_loss());
+  SetRunGauge(run, series, labels, *step_, -1, -1, static_cast<double>(m.step()));
+  SetRunGauge(run, series, labels, *loss_, -1, -1, m.loss());
+  SetRunGauge(run, series, labels, *lr_, -1, -1, m.learning_rate());
+  SetRunGauge(run, series, labels, *grad_norm_, -1, -1, m.grad_norm());
+  SetRunGauge(run, series, labels, *tokens_per_second_, -1, -1, m.tokens_per_second());
+  SetRunGauge(run, series, labels, *mfu_, -1, -1, m.mfu());
+  if (m.has_val_loss()) SetRunGauge(run, series, labels, *val_loss_, -1, -1, m.val_loss());
   steps_ingested_->Increment();
 }
 
 void Exporter::RecordProbe(const v1::RunSummary& run, const v1::ProbeReport& p) {
   std::lock_guard<std::mutex> lock(mu_);
+  RunSeries& series = run_series_[run.run_id()];
   std::optional<Labels> labels;
-  SetRunGauge(run, labels, *r_gs_median_, -1, -1, p.r_gs_median());
-  SetRunGauge(run, labels, *probe_step_, -1, -1, static_cast<double>(p.step()));
+  SetRunGauge(run, series, labels, *r_gs_median_, -1, -1, p.r_gs_median());
+  SetRunGauge(run, series, labels, *probe_step_, -1, -1, static_cast<double>(p.step()));
   for (const v1::LayerProbe& l : p.layers()) {
     const int layer = l.layer();
-    SetRunGauge(run, labels, *r_gs_, layer, -1, l.r_gs());
-    SetRunGauge(run, labels, *sink_rate_, layer, -1, l.sink_rate());
+    SetRunGauge(run, series, labels, *r_gs_, layer, -1, l.r_gs());
+    SetRunGauge(run, series, labels, *sink_rate_, layer, -1, l.sink_rate());
     auto ratio = [&](const char* name) {
       auto it = l.norm_ratio().find(name);
       return it == l.norm_ratio().end() ? 0.0 : it->second;
     };
-    SetRunGauge(run, labels, *h_out_ratio_, layer, -1, ratio("h_out"));
-    SetRunGauge(run, labels, *r_mlp_ratio_, layer, -1, ratio("r_mlp"));
-    SetRunGauge(run, labels, *r_attn_ratio_, layer, -1, ratio("r_attn"));
-    SetRunGauge(run, labels, *v_ratio_, layer, -1, ratio("v"));
-    if (l.massive().top3_size() > 0) SetRunGauge(run, labels, *massive_top1_, layer, -1, l.massive().top3(0));
-    SetRunGauge(run, labels, *massive_ratio_, layer, -1, l.massive().top1_over_median());
-    for (int h = 0; h < l.alpha_size(); ++h) SetRunGauge(run, labels, *alpha_, layer, h, l.alpha(h));
-    for (int g = 0; g < l.theta_size(); ++g) SetRunGauge(run, labels, *theta_, layer, g, l.theta(g));
+    SetRunGauge(run, series, labels, *h_out_ratio_, layer, -1, ratio("h_out"));
+    SetRunGauge(run, series, labels, *r_mlp_ratio_, layer, -1, ratio("r_mlp"));
+    SetRunGauge(run, series, labels, *r_attn_ratio_, layer, -1, ratio("r_attn"));
+    SetRunGauge(run, series, labels, *v_ratio_, layer, -1, ratio("v"));
+    if (l.massive().top3_size() > 0) SetRunGauge(run, series, labels, *massive_top1_, layer, -1, l.massive().top3(0));
+    SetRunGauge(run, series, labels, *massive_ratio_, layer, -1, l.massive().top1_over_median());
+    for (int h = 0; h < l.alpha_size(); ++h) SetRunGauge(run, series, labels, *alpha_, layer, h, l.alpha(h));
+    for (int g = 0; g < l.theta_size(); ++g) SetRunGauge(run, series, labels, *theta_, layer, g, l.theta(g));
     for (int h = 0; h < l.unassigned_mass_size(); ++h) {
-      SetRunGauge(run, labels, *unassigned_, layer, h, l.unassigned_mass(h));
+      SetRunGauge(run, series, labels, *unassigned_, layer, h, l.unassigned_mass(h));
     }
     for (int h = 0; h < l.gate_mean_size(); ++h) {
-      SetRunGauge(run, labels, *gate_mean_, layer, h, l.gate_mean(h));
-      if (h < l.gate_sink_size()) SetRunGauge(run, labels, *gate_sink_, layer, h, l.gate_sink(h));
-      if (h < l.gate_rest_size()) SetRunGauge(run, labels, *gate_rest_, layer, h, l.gate_rest(h));
+      SetRunGauge(run, series, labels, *gate_mean_, layer, h, l.gate_mean(h));
+      if (h < l.gate_sink_size()) SetRunGauge(run, series, labels, *gate_sink_, layer, h, l.gate_sink(h));
+      if (h < l.gate_rest_size()) SetRunGauge(run, series, labels, *gate_rest_, layer, h, l.gate_rest(h));
     }
   }
 }

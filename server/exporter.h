@@ -72,7 +72,8 @@ class Exporter {
   // Sets a run's series of `family` at `layer` and `head` (-1: no such label), adding it
   // unless the run has kMaxSeriesPerRun series already (then it is left out, and the first
   // time logged). `run_labels` is the run's labels, built on first need. Under mu_.
-  void SetRunGauge(const v1::RunSummary& run, std::optional<Labels>& run_labels,
+  struct RunSeries;
+  void SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::optional<Labels>& run_labels,
                    prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value);
 
   std::shared_ptr<prometheus::Registry> registry_;
