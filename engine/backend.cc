@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <vector>
 
 namespace sinkscope {
 
@@ -129,6 +131,43 @@ void Backend::MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const Ad
   for (const AdamWTensor& t : tensors) {
     AdamW(t.p, t.g, t.m, t.v, t.n, h.lr, h.beta1, h.beta2, h.eps, t.weight_decay, clip_scale, h.step);
   }
+}
+
+// The reference of the two massive-activation ops: on the host, through a copy (the CPU
+// backend's buffers are host memory; the CUDA backend has kernels, massive.cu).
+void Backend::AbsTop3(float* keep, double* out, const float* x, size_t n) {
+  std::vector<float> h(n);
+  if (n > 0) ToHost(h.data(), x, n * sizeof(float));
+  double r[4] = {-1, -1, -1, -1};
+  for (size_t i = 0; i < n; ++i) {
+    h[i] = std::fabs(h[i]);
+    const double v = h[i];
+    if (v > r[0]) {
+      r[2] = r[1];
+      r[1] = r[0];
+      r[0] = v;
+      r[3] = static_cast<double>(i);
+    } else if (v > r[1]) {
+      r[2] = r[1];
+      r[1] = v;
+    } else if (v > r[2]) {
+      r[2] = v;
+    }
+  }
+  if (n > 0) ToDevice(keep, h.data(), n * sizeof(float));
+  ToDevice(out, r, sizeof r);
+}
+
+void Backend::RadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) {
+  std::vector<float> h(n);
+  if (n > 0) ToHost(h.data(), x, n * sizeof(float));
+  double c[256] = {};
+  for (float v : h) {
+    uint32_t key;
+    std::memcpy(&key, &v, sizeof key);
+    if (shift == 24 || (key >> (shift + 8)) == prefix) c[(key >> shift) & 255u] += 1;
+  }
+  ToDevice(counts, c, sizeof c);
 }
 
 void Backend::AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors) {

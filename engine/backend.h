@@ -103,6 +103,14 @@ class Backend {
   virtual void AccumulateTokenSum(float* acc, const float* x, int B, int T, int C, int P) = 0;
   // acc(P) += Σ_b Σ_g ‖x[b,t,g,:]‖₂    (for batch means of norms, NORM_THEN_MEAN)
   virtual void AccumulateTokenNormSum(float* acc, TensorView x, int B, int T, int G, int C, int P) = 0;
+  // Massive activations (probes), without copying activations to the host:
+  // keep(n) = |x(n)|; out(4) (device doubles, AllocScalars) = the three largest |x| (−1
+  // while fewer than three) and the index of the largest (its first occurrence).
+  virtual void AbsTop3(float* keep, double* out, const float* x, size_t n);
+  // One counting pass of a radix select over non-negative x(n) by their bits (which order
+  // as the values): counts(256) (device doubles) = for each value of byte `shift` (24, 16,
+  // 8, 0), how many keys whose higher bytes are `prefix` have it (every key at 24).
+  virtual void RadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix);
 
   // --- matmul -------------------------------------------------------------------
   // C(m,n) = alpha·op(A)·op(B) + beta·C, row-major; op(A) is (m,k), op(B) is (k,n).

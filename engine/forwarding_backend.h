@@ -50,6 +50,10 @@ class ForwardingBackend : public Backend {
   void AccumulateTokenNormSum(float* a, TensorView x, int B, int T, int G, int C, int P) override {
     in_->AccumulateTokenNormSum(a, x, B, T, G, C, P);
   }
+  void AbsTop3(float* keep, double* out, const float* x, size_t n) override { in_->AbsTop3(keep, out, x, n); }
+  void RadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) override {
+    in_->RadixCount(counts, x, n, shift, prefix);
+  }
   void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, TensorView a, TensorView b, float beta,
             TensorView c) override {
     in_->Gemm(ta, tb, m, n, k, alpha, a, b, beta, c);

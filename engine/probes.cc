@@ -3,6 +3,7 @@
 #include <functional>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 
 namespace sinkscope {
@@ -99,7 +100,12 @@ struct ProbeCollector::LayerAcc {
   std::vector<double> alpha, mass, second, above;  // per head, Σ over micro-batches of B·value
   // Attention arms, per head: Σ over sequences of the per-sequence value.
   std::vector<double> unassigned, gate_mean, gate_sink, gate_rest;
-  std::vector<float> abs_h_out;                    // every |h_out| value, for the median
+  // Every |h_out| value of the probe batch, kept on the device for the median (a radix
+  // select there): abs_count of abs_capacity floats.
+  float* abs_keep = nullptr;
+  size_t abs_count = 0, abs_capacity = 0;
+  double median = 0;  // the lower median, once median_done (ReduceAcross or Finish)
+  bool median_done = false, median_none = false;
   std::array<double, 3> top3{-1, -1, -1};
   int64_t top1_seq = 0;
   int top1_tok = 0, top1_ch = 0;
@@ -153,9 +159,11 @@ ProbeCollector::~ProbeCollector() {
     for (float* p : a->act_norm_sum) be.Free(p);
     be.Free(a->attn_g3_norm_sum);
     be.Free(a->mlp_g3_norm_sum);
+    if (a->abs_keep) be.Free(a->abs_keep);
     delete a;
   }
   if (scratch_) be.Free(scratch_);
+  if (massive_) be.Free(massive_);
 }
 
 float* ProbeCollector::Scratch(size_t n) {
@@ -279,24 +287,36 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
     }
   }
   if (x.gate_logits != nullptr) GateStats(a, x, B, T);
-  // Massive activations (Sun et al. 2024): every |h_out| value of the probe batch.
+  // Massive activations (Sun et al. 2024): |h_out| kept on the device for the median,
+  // and its three largest values with the place of the largest found there; only those
+  // four numbers come to the host.
   const size_t n = static_cast<size_t>(B) * T * d;
-  std::vector<float> host(n);
-  be.ToHost(host.data(), x.h_out, n * sizeof(float));
-  for (size_t i = 0; i < n; ++i) {
-    const double v = std::abs(host[i]);
-    a.abs_h_out.push_back(static_cast<float>(v));
-    if (v > a.top3[2]) {
-      if (v > a.top3[0]) {
-        a.top3 = {v, a.top3[0], a.top3[1]};
-        a.top1_seq = sequences_ + static_cast<int64_t>(i / (static_cast<size_t>(T) * d));
-        a.top1_tok = static_cast<int>((i / d) % T);
-        a.top1_ch = static_cast<int>(i % d);
-      } else if (v > a.top3[1]) {
-        a.top3 = {a.top3[0], v, a.top3[1]};
-      } else {
-        a.top3[2] = v;
-      }
+  if (a.abs_count + n > a.abs_capacity) {  // grown to what the batch needs, no more
+    float* grown = be.Alloc(a.abs_count + n);
+    if (a.abs_count > 0) be.Copy(grown, a.abs_keep, a.abs_count);
+    if (a.abs_keep) be.Free(a.abs_keep);
+    a.abs_keep = grown;
+    a.abs_capacity = a.abs_count + n;
+  }
+  if (massive_ == nullptr) massive_ = be.AllocScalars(4 + 256);
+  be.AbsTop3(a.abs_keep + a.abs_count, massive_, x.h_out, n);
+  a.abs_count += n;
+  double top[4];
+  be.ReadScalars(top, massive_, 4);
+  if (top[0] > a.top3[0]) {  // an earlier micro-batch keeps a tie
+    const auto i = static_cast<size_t>(top[3]);
+    a.top1_seq = sequences_ + static_cast<int64_t>(i / (static_cast<size_t>(T) * d));
+    a.top1_tok = static_cast<int>((i / d) % T);
+    a.top1_ch = static_cast<int>(i % d);
+  }
+  for (int k = 0; k < 3; ++k) {  // the three largest of both (a multiset)
+    const double v = top[k];
+    if (v > a.top3[0]) {
+      a.top3 = {v, a.top3[0], a.top3[1]};
+    } else if (v > a.top3[1]) {
+      a.top3 = {a.top3[0], v, a.top3[1]};
+    } else if (v > a.top3[2]) {
+      a.top3[2] = v;
     }
   }
   if (layer == c.layers - 1) sequences_ += B;
@@ -316,6 +336,43 @@ void ProbeCollector::OnGradient(int layer, Site site, const float* grad, const f
     be.Axpy(diff, -1.0f, downstream, n);
     be.AccumulateTokenNormSum(site == Site::kHIn ? a.attn_g3_norm_sum : a.mlp_g3_norm_sum, diff, B, T, 1, C, K_);
   }
+}
+
+// The lower median, element (N−1)/2 of the sorted values (torch.median's convention,
+// which the golden reference uses; METRICS.md leaves it open), of the |h_out| values kept
+// on the device, over every rank when `comm` is given. A radix select: non-negative
+// floats order as their bits, so four passes each count the next byte of the keys that
+// share the bytes chosen so far and choose the byte the median has; exact, and only 256
+// counts a pass leave the device.
+Status ProbeCollector::SelectMedian(LayerAcc& a, Communicator* comm, HostStaging* host) {
+  Backend& be = *model_.backend();
+  if (massive_ == nullptr) massive_ = be.AllocScalars(4 + 256);
+  double* counts_device = massive_ + 4;
+  uint32_t prefix = 0;
+  double rank = 0;  // of the median among the keys under `prefix`
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    be.RadixCount(counts_device, a.abs_keep, a.abs_count, shift, prefix);
+    std::array<double, 256> counts;
+    be.ReadScalars(counts.data(), counts_device, counts.size());
+    if (comm != nullptr) RETURN_IF_ERROR(host->AllReduceSum(*comm, counts.data(), counts.size()));
+    if (shift == 24) {
+      double total = 0;
+      for (double c : counts) total += c;
+      if (total == 0) {
+        a.median_done = a.median_none = true;
+        return OkStatus();
+      }
+      rank = std::floor((total - 1) / 2);
+    }
+    uint32_t byte = 0;
+    while (byte < 255 && rank >= counts[byte]) rank -= counts[byte++];
+    prefix = (prefix << 8) | byte;
+  }
+  float median;
+  std::memcpy(&median, &prefix, sizeof median);
+  a.median = median;
+  a.median_done = true;
+  return OkStatus();
 }
 
 Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
@@ -355,10 +412,9 @@ Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
     a->top1_seq = static_cast<int64_t>(all[6 * best + 3]);
     a->top1_tok = static_cast<int>(all[6 * best + 4]);
     a->top1_ch = static_cast<int>(all[6 * best + 5]);
-    // Every |h_out| value, for the median (each rank holds the same count).
-    std::vector<float> gathered(a->abs_h_out.size() * W);
-    RETURN_IF_ERROR(host.AllGather(comm, a->abs_h_out.data(), gathered.data(), a->abs_h_out.size() * sizeof(float)));
-    a->abs_h_out = std::move(gathered);
+    // The median of every rank's |h_out| values: the radix select's counts summed over
+    // the ranks (256 numbers a pass), not the values gathered.
+    RETURN_IF_ERROR(SelectMedian(*a, &comm, &host));
   }
   double seqs = sequences_;
   RETURN_IF_ERROR(host.AllReduceSum(comm, &seqs, 1));
@@ -486,13 +542,9 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
     m.top1_sequence = a.top1_seq;
     m.top1_token = a.top1_tok;
     m.top1_channel = a.top1_ch;
-    std::vector<float>& vals = a.abs_h_out;
-    if (!vals.empty()) {
-      // The lower median, element (n−1)/2 of the sorted values (torch.median's
-      // convention, which the golden reference uses; METRICS.md leaves it open).
-      const size_t mid = (vals.size() - 1) / 2;
-      std::nth_element(vals.begin(), vals.begin() + mid, vals.end());
-      m.median = vals[mid];
+    if (!a.median_done) (void)SelectMedian(a, nullptr, nullptr);  // one rank: nothing to fail
+    if (!a.median_none) {
+      m.median = a.median;
       m.top1_over_median = m.top3[0] / m.median;
     }
     // V-scale θ and C.

@@ -106,9 +106,10 @@ class ProbeCollector final : public PassObserver {
   void OnBlockForward(int layer, const BlockActivations& acts, int B, int T) override;
   void OnGradient(int layer, Site site, const float* grad, const float* downstream, int B, int T) override;
 
-  // Data parallelism: sums the accumulators over the ranks (and gathers the |h_out|
-  // values and the largest ones) so that every rank's Finish gives the report of the
-  // global batch. `rows`: this rank's sequences per micro-batch (B / world size).
+  // Data parallelism: sums the accumulators over the ranks (and finds the largest |h_out|
+  // values and the median of all of them, from counts summed over the ranks) so that every
+  // rank's Finish gives the report of the global batch. `rows`: this rank's sequences per
+  // micro-batch (B / world size).
   Status ReduceAcross(Communicator& comm, int rows);
   // Finishes the reductions. `loss` is the probe batch's mean loss.
   ProbeReport Finish(int64_t step, double loss);
@@ -119,6 +120,8 @@ class ProbeCollector final : public PassObserver {
   void AttentionArmStats(LayerAcc& a, const BlockActivations& x, int B, int T, const ColumnStatsRequest& req);
   void UnassignedStats(LayerAcc& a, const BlockActivations& x, int B, int T);
   void GateStats(LayerAcc& a, const BlockActivations& x, int B, int T);
+  // The lower median of the layer's kept |h_out| values (over the ranks with `comm`).
+  Status SelectMedian(LayerAcc& a, Communicator* comm, HostStaging* host);
 
   Model& model_;
   ProbeSettings settings_;
@@ -129,6 +132,7 @@ class ProbeCollector final : public PassObserver {
   std::vector<std::vector<float>> theta_;  // [layer][kv head], at construction (before the update)
   float* scratch_ = nullptr;
   size_t scratch_size_ = 0;
+  double* massive_ = nullptr;  // device doubles: AbsTop3's 4, then RadixCount's 256
 };
 
 // How a diagnostic pass splits its batch, and what it reports while it runs.

@@ -267,6 +267,59 @@ TEST_P(ParityTest, TokenReductionsForProbes) {
   EXPECT_CLOSE(norms.Get(), want_norm, few_);
 }
 
+// The massive-activation ops against a sort: |x| kept, the three largest with the first
+// place of the largest, and a radix select's four counting passes giving the exact lower
+// median. Values with many ties (a few distinct magnitudes, both signs, zeros) across
+// more than one block's share; and empty and tiny inputs.
+TEST_P(ParityTest, MassiveActivationTop3AndRadixMedian) {
+  for (const size_t n : {size_t{0}, size_t{2}, size_t{5}, size_t{70001}}) {
+    std::vector<float> x(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int k = static_cast<int>(rng_.Below(10));
+      x[i] = k == 0 ? 0.0f : (k % 2 ? 1.0f : -1.0f) * (k < 8 ? 0.25f * k + 1e-3f * (i % 7) : 40.0f);
+    }
+    if (n > 100) x[n / 3] = -41.5f, x[n / 2] = 41.5f;  // the largest twice: the first place wins
+    Dev dx(be(), n > 0 ? x : std::vector<float>{7.0f}), keep(be(), std::max<size_t>(n, 1));
+    DevScalars out(be(), 4), counts(be(), 256);
+    be().AbsTop3(keep.p(), out.p(), dx.p(), n);
+    std::vector<float> sorted(n);
+    for (size_t i = 0; i < n; ++i) sorted[i] = std::fabs(x[i]);
+    if (n > 0) {
+      EXPECT_EQ(keep.Get(), std::vector<float>(sorted.begin(), sorted.end())) << n;
+    }
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    const std::vector<double> top = out.Get();
+    for (size_t k = 0; k < 3; ++k) EXPECT_EQ(top[k], k < n ? sorted[k] : -1.0) << n << " " << k;
+    if (n > 100) {
+      EXPECT_EQ(top[3], static_cast<double>(n / 3));
+    }
+    if (n == 0) {
+      EXPECT_EQ(top[3], -1.0);
+    }
+    // The radix select, as the probes run it.
+    uint32_t prefix = 0;
+    double rank = 0, total = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      be().RadixCount(counts.p(), keep.p(), n, shift, prefix);
+      const std::vector<double> c = counts.Get();
+      if (shift == 24) {
+        for (double v : c) total += v;
+        ASSERT_EQ(total, static_cast<double>(n));
+        if (n == 0) break;
+        rank = std::floor((total - 1) / 2);
+      }
+      uint32_t byte = 0;
+      while (byte < 255 && rank >= c[byte]) rank -= c[byte++];
+      prefix = (prefix << 8) | byte;
+    }
+    if (n == 0) continue;
+    float median;
+    std::memcpy(&median, &prefix, sizeof median);
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_EQ(median, sorted[(n - 1) / 2]) << n;
+  }
+}
+
 TEST_P(ParityTest, Embedding) {
   const int N = 8, d = 6, V = 5;
   auto table = Random(static_cast<size_t>(V) * d, rng_), g = Random(static_cast<size_t>(N) * d, rng_);

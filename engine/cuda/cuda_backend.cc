@@ -46,7 +46,7 @@ class CudaBackend final : public Backend {
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
-                    column_scratch_.p}) {
+                    column_scratch_.p, massive_scratch_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
@@ -155,6 +155,19 @@ class CudaBackend final : public Backend {
     const float* x = x_v.f32("cuda AccumulateTokenNormSum");
     cuda::LaunchTokenNormSum(stream_, acc, x, B, T, G, C, P);
     LAUNCHED("AccumulateTokenNormSum");
+  }
+
+  void AbsTop3(float* keep, double* out, const float* x, size_t n) override {
+    void* scratch = Scratch(&massive_scratch_, cuda::MassiveScratchBytes());
+    if (scratch == nullptr) return;
+    cuda::LaunchAbsTop3(stream_, keep, out, x, n, scratch);
+    LAUNCHED("AbsTop3");
+  }
+  void RadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) override {
+    void* scratch = Scratch(&massive_scratch_, cuda::MassiveScratchBytes());
+    if (scratch == nullptr) return;
+    cuda::LaunchRadixCount(stream_, counts, x, n, shift, prefix, scratch);
+    LAUNCHED("RadixCount");
   }
 
   // --- matmul ------------------------------------------------------------------------------
@@ -626,7 +639,7 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   void* gemm_workspace_ = nullptr;
   double* partials_ = nullptr;
-  Buffer scratch_, dscratch_, column_scratch_;
+  Buffer scratch_, dscratch_, column_scratch_, massive_scratch_;
   std::map<std::tuple<bool, bool, int, int, int, uint32_t, uint32_t, uint32_t>, GemmPlan> gemm_plans_;
   std::map<std::string, void*> tables_, rope_tables_;
   std::mutex error_mu_;

@@ -278,6 +278,7 @@ std::string Coordinates(const uint3& v) {
 // stack.
 }  // namespace
 }  // namespace sinkscope::emu
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 namespace sinkscope::emu {
 namespace {
@@ -287,19 +288,32 @@ thread_local size_t scheduler_stack_size = 0;
 
 void FiberEntry();
 
-// From the running fiber to the scheduler; `exiting`: the fiber is never resumed.
-void SwitchToScheduler(bool exiting = false) {
+// From the running fiber to the scheduler, to be resumed.
+void SwitchToScheduler() {
   Grid& g = *grid_state;
   Fiber* f = g.current;
 #if defined(__SANITIZE_ADDRESS__)
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, scheduler_stack_bottom, scheduler_stack_size);
+  __sanitizer_start_switch_fiber(&fake, scheduler_stack_bottom, scheduler_stack_size);
   sinkscope_emu_switch(&f->sp, g.scheduler_sp);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-  (void)exiting;
   sinkscope_emu_switch(&f->sp, g.scheduler_sp);
 #endif
+}
+
+// A fiber's last switch (it finished, or faulted). Under AddressSanitizer the frames on its
+// stack never return, so their redzones are unpoisoned here, and this frame has no
+// address-taken local (so no redzone of its own): the next launch's fibers reuse the
+// stack and must find no stale poison on it.
+[[noreturn]] __attribute__((noinline)) void ExitToScheduler() {
+  Grid& g = *grid_state;
+#if defined(__SANITIZE_ADDRESS__)
+  __asan_handle_no_return();
+  __sanitizer_start_switch_fiber(nullptr, scheduler_stack_bottom, scheduler_stack_size);
+#endif
+  sinkscope_emu_switch(&g.current->sp, g.scheduler_sp);
+  std::abort();  // a finished fiber is never resumed
 }
 
 void Resume(Grid& g, Fiber& f) {
@@ -323,8 +337,7 @@ void FiberEntry() {
   Grid& g = *grid_state;
   g.body(g.ctx);
   g.current->state = State::kDone;
-  SwitchToScheduler(/*exiting=*/true);
-  std::abort();  // a finished fiber is never resumed
+  ExitToScheduler();
 }
 
 // A fresh fiber's stack: the registers sinkscope_emu_switch pops (zeros), then FiberEntry
@@ -779,8 +792,7 @@ void KernelFault(const std::string& what) {
   Grid& g = *grid_state;
   Abort(g, what + " (block " + Coordinates(g.block_idx) + ", thread " + Coordinates(g.current->idx) + ")");
   g.current->state = State::kDone;
-  SwitchToScheduler(/*exiting=*/true);
-  std::abort();  // never resumed
+  ExitToScheduler();
 }
 
 const unsigned char* WarpCollective(unsigned mask, const void* value, size_t size, const char* what) {

@@ -39,6 +39,17 @@ inline size_t ColumnPartialsFloats(int N, int n) { return static_cast<size_t>(Co
 // acc[c] += Σ_k partials[k, c], k in order (the second pass).
 void LaunchColumnPartialsSum(cudaStream_t s, float* acc, const float* partials, int chunks, int n);
 
+// ---- massive activations (massive.cu) ----
+// Scratch the two launchers below need (kReduceBlocks partials).
+size_t MassiveScratchBytes();
+// keep(n) = |x(n)|; out(4) = the three largest |x| (−1 while fewer) and the index of the
+// largest (its first occurrence).
+void LaunchAbsTop3(cudaStream_t s, float* keep, double* out, const float* x, size_t n, void* scratch);
+// counts(256) = per value of byte `shift` (24, 16, 8, 0), how many keys (the bits of the
+// non-negative x) have the higher bytes `prefix` (every key when shift is 24).
+void LaunchRadixCount(cudaStream_t s, double* counts, const float* x, size_t n, int shift, uint32_t prefix,
+                      void* scratch);
+
 // ---- elementwise and reductions (elementwise.cu) ----
 void LaunchFill(cudaStream_t s, float* x, float value, size_t n);
 void LaunchAxpy(cudaStream_t s, float* y, float alpha, const float* x, size_t n);
