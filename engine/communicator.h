@@ -30,6 +30,18 @@ class Communicator {
   // Every rank's `bytes` bytes of send, in rank order, into recv (world_size × bytes).
   virtual Status AllGather(const void* send, void* recv, size_t bytes) = 0;
   virtual Status Barrier() = 0;
+  // Marks the point of the caller's device work that a later collective must follow (a
+  // gradient bucket just produced by the backward): on NCCL an event recorded on the
+  // compute stream, so the bucket's all-reduce waits for that work only, not for what the
+  // backward queues after it. Null where a collective follows the caller's work anyway
+  // (Gloo and one rank: host memory, written when the op returned).
+  virtual std::shared_ptr<void> MarkReady() { return nullptr; }
+  // AllReduceSum once the work before `ready` (from MarkReady; null: everything the
+  // caller queued so far) is done.
+  virtual Status AllReduceSumAfter(const std::shared_ptr<void>& ready, float* data, size_t n) {
+    (void)ready;
+    return AllReduceSum(data, n);
+  }
 };
 
 // Where the ranks of a gang meet before they connect (Gloo's addresses, an ncclUniqueId):

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -156,6 +157,17 @@ class DeviceBuffersOnly : public Communicator {
     return in_->AllGather(send, recv, bytes);
   }
   Status Barrier() override { return in_->Barrier(); }
+  // A gradient bucket's all-reduce must follow its own MarkReady (NCCL's event recorded
+  // as the backward produced the bucket), the buckets in the order they were marked.
+  std::shared_ptr<void> MarkReady() override { return std::make_shared<int>(marked_++); }
+  Status AllReduceSumAfter(const std::shared_ptr<void>& ready, float* data, size_t n) override {
+    if (ready == nullptr) return InternalError("a bucket's all-reduce came without its MarkReady event");
+    if (const int mark = *static_cast<const int*>(ready.get()); mark != used_++) {
+      return InternalError("bucket all-reduce after mark " + std::to_string(mark) + ", expected mark " +
+                           std::to_string(used_ - 1));
+    }
+    return AllReduceSum(data, n);
+  }
 
  private:
   Status Check(const char* what, const void* p, size_t bytes) const {
@@ -165,6 +177,8 @@ class DeviceBuffersOnly : public Communicator {
   }
   Communicator* in_;
   const RecordingBackend* be_;
+  std::atomic<int> marked_{0};  // MarkReady runs on the step's thread, the all-reduce on the bucket thread
+  std::atomic<int> used_{0};
 };
 
 // Runs `o` over `ranks` threads; rank 0 reports to `rec`, rank k > 0 to (*others)[k - 1]

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -49,9 +50,12 @@ class BucketedAllReduce {
  private:
   void Submit() {
     if (pending_begin_ == pending_end_) return;
+    // The bucket's gradients are queued on the device up to here: its all-reduce waits for
+    // this point of the backward (an event), not for the blocks queued after it.
+    std::shared_ptr<void> ready = comm_->MarkReady();
     {
       std::lock_guard<std::mutex> lock(mu_);
-      queue_.emplace_back(pending_begin_, pending_end_);
+      queue_.push_back({{pending_begin_, pending_end_}, std::move(ready)});
     }
     cv_.notify_all();
     pending_begin_ = pending_end_ = 0;
@@ -61,17 +65,18 @@ class BucketedAllReduce {
     // starts on device 0, which on rank r > 0 is another rank's GPU).
     if (Status bound = backend_->BindThread(); !bound.ok()) error_ = bound;
     while (true) {
-      std::pair<size_t, size_t> range;
+      Bucket bucket;
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return !queue_.empty() || done_; });
         if (queue_.empty()) return;
-        range = queue_.front();
+        bucket = std::move(queue_.front());
         queue_.pop_front();
       }
       if (!error_.ok()) continue;  // the communicator is unusable after a failure
       const auto start = std::chrono::steady_clock::now();
-      error_ = comm_->AllReduceSum(grads_ + range.first, range.second - range.first);
+      const auto [begin, end] = bucket.range;
+      error_ = comm_->AllReduceSumAfter(bucket.ready, grads_ + begin, end - begin);
       busy_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
   }
@@ -83,7 +88,11 @@ class BucketedAllReduce {
   size_t pending_begin_ = 0, pending_end_ = 0;  // the caller's thread: the bucket being filled
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::pair<size_t, size_t>> queue_;  // guarded by mu_
+  struct Bucket {
+    std::pair<size_t, size_t> range;
+    std::shared_ptr<void> ready;  // Communicator::MarkReady at the bucket's submission
+  };
+  std::deque<Bucket> queue_;  // guarded by mu_
   bool done_ = false;                            // guarded by mu_
   Status error_;                                 // the thread's; read after join
   double busy_ = 0;                              // the thread's; read after join

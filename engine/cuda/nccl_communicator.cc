@@ -26,10 +26,11 @@ std::string NcclError(ncclResult_t r, ncclComm_t comm) {
 }
 
 // Polls a non-blocking communicator until its state leaves ncclInProgress (and, when
-// `stream` is given, until the stream's work is done), or the deadline. On a timeout or
-// an error the communicator is aborted: after a failure it is not used again.
-Status Await(ncclComm_t comm, cudaStream_t stream, bool wait_stream, SteadyClock::time_point deadline,
-             const std::string& what, const std::string& who, std::chrono::milliseconds timeout) {
+// `done` is given, until that event has completed: the collective's end on the
+// communicator's stream), or the deadline. On a timeout or an error the communicator is
+// aborted: after a failure it is not used again.
+Status Await(ncclComm_t comm, cudaEvent_t done_event, SteadyClock::time_point deadline, const std::string& what,
+             const std::string& who, std::chrono::milliseconds timeout) {
   auto sleep = std::chrono::microseconds(20);
   while (true) {
     ncclResult_t state = ncclSuccess;
@@ -40,8 +41,8 @@ Status Await(ncclComm_t comm, cudaStream_t stream, bool wait_stream, SteadyClock
       return Status(StatusCode::kUnavailable, what + " on " + who + " failed: a rank is gone (nccl: " + why + ")");
     }
     bool done = state == ncclSuccess;
-    if (done && wait_stream) {
-      const cudaError_t q = cudaStreamQuery(stream);
+    if (done && done_event != nullptr) {
+      const cudaError_t q = cudaEventQuery(done_event);
       if (q != cudaSuccess && q != cudaErrorNotReady) {
         ncclCommAbort(comm);
         return Status(StatusCode::kInternal, what + " on " + who + ": CUDA error " + cudaGetErrorString(q));
@@ -59,10 +60,24 @@ Status Await(ncclComm_t comm, cudaStream_t stream, bool wait_stream, SteadyClock
   }
 }
 
+// An event that only orders work (no timing), or null with the CUDA error.
+cudaEvent_t NewEvent(cudaError_t* error) {
+  cudaEvent_t e = nullptr;
+  *error = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+  return *error == cudaSuccess ? e : nullptr;
+}
+
+// Collectives run on the communicator's own stream. Each first waits (on the device) for
+// an event of the compute stream: the point the caller marked (MarkReady: a gradient
+// bucket as the backward produced it), or the compute stream's work queued so far; its
+// end is an event the call polls. So a bucket's all-reduce overlaps the backward of the
+// blocks after it, and no call waits for the whole compute stream to drain.
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(ncclComm_t comm, const NcclOptions& o, float* scratch)
-      : comm_(comm), options_(o), stream_(static_cast<cudaStream_t>(o.stream)), scratch_(scratch),
+  NcclCommunicator(ncclComm_t comm, const NcclOptions& o, float* scratch, cudaStream_t comm_stream,
+                   cudaEvent_t ready, cudaEvent_t done)
+      : comm_(comm), options_(o), stream_(static_cast<cudaStream_t>(o.stream)), comm_stream_(comm_stream),
+        ready_(ready), done_(done), scratch_(scratch),
         who_("rank " + std::to_string(o.rank) + " of " + std::to_string(o.world_size)) {}
   ~NcclCommunicator() override {
     if (broken_.ok()) {
@@ -71,59 +86,96 @@ class NcclCommunicator final : public Communicator {
       const ncclResult_t r = ncclCommFinalize(comm_);
       bool aborted = true;
       if (r == ncclSuccess || r == ncclInProgress) {
-        aborted = !Await(comm_, stream_, false, SteadyClock::now() + options_.timeout, "finalize", who_,
-                         options_.timeout)
-                       .ok();
+        aborted = !Await(comm_, nullptr, SteadyClock::now() + options_.timeout, "finalize", who_, options_.timeout).ok();
       } else {
         ncclCommAbort(comm_);
       }
       if (!aborted) ncclCommDestroy(comm_);
     }
+    cudaStreamSynchronize(comm_stream_);
+    cudaEventDestroy(ready_);
+    cudaEventDestroy(done_);
+    cudaStreamDestroy(comm_stream_);
     cudaFree(scratch_);
   }
   int rank() const override { return options_.rank; }
   int world_size() const override { return options_.world_size; }
   const char* Name() const override { return "nccl"; }
 
-  Status AllReduceSum(float* data, size_t n) override {
-    return Run("all-reduce of " + std::to_string(n) + " floats",
-               [&] { return ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, stream_); });
+  std::shared_ptr<void> MarkReady() override {
+    cudaError_t error;
+    cudaEvent_t e = NewEvent(&error);
+    if (e == nullptr) return nullptr;  // the collective then waits for all queued work
+    if (cudaEventRecord(e, stream_) != cudaSuccess) {
+      cudaEventDestroy(e);
+      return nullptr;
+    }
+    return std::shared_ptr<void>(e, [](void* p) { cudaEventDestroy(static_cast<cudaEvent_t>(p)); });
   }
+  Status AllReduceSumAfter(const std::shared_ptr<void>& ready, float* data, size_t n) override {
+    return Run("all-reduce of " + std::to_string(n) + " floats", static_cast<cudaEvent_t>(ready.get()),
+               [&] { return ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, comm_stream_); });
+  }
+  Status AllReduceSum(float* data, size_t n) override { return AllReduceSumAfter(nullptr, data, n); }
   Status AllReduceSum(double* data, size_t n) override {
-    return Run("all-reduce of " + std::to_string(n) + " doubles",
-               [&] { return ncclAllReduce(data, data, n, ncclFloat64, ncclSum, comm_, stream_); });
+    return Run("all-reduce of " + std::to_string(n) + " doubles", nullptr,
+               [&] { return ncclAllReduce(data, data, n, ncclFloat64, ncclSum, comm_, comm_stream_); });
   }
   Status Broadcast(void* data, size_t bytes, int root) override {
-    return Run("broadcast of " + std::to_string(bytes) + " bytes from rank " + std::to_string(root),
-               [&] { return ncclBroadcast(data, data, bytes, ncclChar, root, comm_, stream_); });
+    return Run("broadcast of " + std::to_string(bytes) + " bytes from rank " + std::to_string(root), nullptr,
+               [&] { return ncclBroadcast(data, data, bytes, ncclChar, root, comm_, comm_stream_); });
   }
   Status AllGather(const void* send, void* recv, size_t bytes) override {
-    return Run("all-gather of " + std::to_string(bytes) + " bytes",
-               [&] { return ncclAllGather(send, recv, bytes, ncclChar, comm_, stream_); });
+    return Run("all-gather of " + std::to_string(bytes) + " bytes", nullptr,
+               [&] { return ncclAllGather(send, recv, bytes, ncclChar, comm_, comm_stream_); });
   }
   Status Barrier() override {
-    return Run("barrier", [&] { return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_); });
+    return Run("barrier", nullptr,
+               [&] { return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, comm_stream_); });
   }
 
  private:
+  // `ready`: the compute stream's event to follow; null: its work queued so far.
   template <typename Issue>
-  Status Run(const std::string& what, Issue issue) {
+  Status Run(const std::string& what, cudaEvent_t ready, Issue issue) {
     if (!broken_.ok()) return Status(broken_.code(), "the communicator failed earlier: " + broken_.message());
     const auto deadline = SteadyClock::now() + options_.timeout;
+    cudaError_t e = cudaSuccess;
+    if (ready == nullptr) {
+      ready = ready_;
+      e = cudaEventRecord(ready_, stream_);
+    }
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(comm_stream_, ready, 0);
+    if (e != cudaSuccess) {
+      broken_ = Status(StatusCode::kInternal, what + " on " + who_ + ": CUDA error " + cudaGetErrorString(e));
+      ncclCommAbort(comm_);
+      return broken_;
+    }
     const ncclResult_t r = issue();
     if (r != ncclSuccess && r != ncclInProgress) {
       broken_ = Status(StatusCode::kUnavailable, what + " on " + who_ + ": " + NcclError(r, comm_));
       ncclCommAbort(comm_);
       return broken_;
     }
-    broken_ = Await(comm_, stream_, true, deadline, what, who_, options_.timeout);
+    // Recorded once NCCL has queued the collective (a non-blocking communicator may still
+    // be enqueuing it: wait for that first).
+    broken_ = Await(comm_, nullptr, deadline, what, who_, options_.timeout);
+    if (!broken_.ok()) return broken_;
+    if (cudaError_t d = cudaEventRecord(done_, comm_stream_); d != cudaSuccess) {
+      broken_ = Status(StatusCode::kInternal, what + " on " + who_ + ": CUDA error " + cudaGetErrorString(d));
+      ncclCommAbort(comm_);
+      return broken_;
+    }
+    broken_ = Await(comm_, done_, deadline, what, who_, options_.timeout);
     return broken_;
   }
 
   ncclComm_t comm_;
   const NcclOptions options_;
-  cudaStream_t stream_;
-  float* scratch_;  // one device float for the barrier
+  cudaStream_t stream_;       // the compute stream (the backend's)
+  cudaStream_t comm_stream_;  // the collectives'
+  cudaEvent_t ready_, done_;  // reused by every call (calls do not overlap)
+  float* scratch_;            // one device float for the barrier
   const std::string who_;
   Status broken_;
 };
@@ -189,11 +241,22 @@ StatusOr<std::unique_ptr<Communicator>> ConnectNccl(const NcclOptions& o, std::s
     cudaFree(scratch);
     return Status(StatusCode::kUnavailable, "communicator setup of " + who + " failed (nccl: " + why + ")");
   }
-  if (Status st = Await(comm, nullptr, false, deadline, "communicator setup", who, o.timeout); !st.ok()) {
+  if (Status st = Await(comm, nullptr, deadline, "communicator setup", who, o.timeout); !st.ok()) {
     cudaFree(scratch);
     return st;
   }
-  return std::unique_ptr<Communicator>(new NcclCommunicator(comm, o, scratch));
+  cudaStream_t comm_stream = nullptr;
+  cudaError_t e = cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking);
+  cudaEvent_t ready = e == cudaSuccess ? NewEvent(&e) : nullptr;
+  cudaEvent_t done = e == cudaSuccess ? NewEvent(&e) : nullptr;
+  if (e != cudaSuccess) {
+    if (ready != nullptr) cudaEventDestroy(ready);
+    if (comm_stream != nullptr) cudaStreamDestroy(comm_stream);
+    ncclCommAbort(comm);
+    cudaFree(scratch);
+    return Status(StatusCode::kResourceExhausted, who + ": the collectives' stream and events: " + cudaGetErrorString(e));
+  }
+  return std::unique_ptr<Communicator>(new NcclCommunicator(comm, o, scratch, comm_stream, ready, done));
 }
 
 }  // namespace sinkscope

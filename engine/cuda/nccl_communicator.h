@@ -5,7 +5,9 @@
 // every collective are polled with ncclCommGetAsyncError and cudaStreamQuery against
 // the timeout, and a peer that died or hangs makes the call abort the communicator
 // (ncclCommAbort) and return DEADLINE_EXCEEDED or UNAVAILABLE naming the collective,
-// never wait forever. Each collective runs on `stream` and has completed on return.
+// never wait forever. Each collective runs on the communicator's own stream after an
+// event of `stream` (the compute stream): the caller's MarkReady point, or everything
+// queued so far; it has completed on return.
 #pragma once
 
 #include <chrono>
@@ -20,7 +22,7 @@ struct NcclOptions {
   int rank = 0;
   int world_size = 1;
   int device = 0;                  // the CUDA device of this rank
-  void* stream = nullptr;          // cudaStream_t the collectives run on; null: the default stream
+  void* stream = nullptr;          // the compute stream (cudaStream_t) collectives follow; null: the default stream
   std::chrono::milliseconds timeout{60000};  // of the setup and of every collective
 };
 
