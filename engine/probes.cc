@@ -87,6 +87,35 @@ constexpr int kNumSites = static_cast<int>(kProfileSites.size());
 constexpr const char* kNormNames[] = {"h_in", "h_half", "h_out", "r_attn", "r_mlp", "v", "vh"};
 constexpr int kNumNorms = 7;
 int SiteIndex(Site s) { return static_cast<int>(s); }  // kProfileSites lists the enum in order
+
+// Backend::AbsTop3 and RadixCount over host values (the probe's fallback past its device
+// budget): x becomes |x|; top = the three largest and the index of the largest.
+void HostAbsTop3(float* x, size_t n, double top[4]) {
+  top[0] = top[1] = top[2] = top[3] = -1;
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = std::fabs(x[i]);
+    const double v = x[i];
+    if (v > top[0]) {
+      top[2] = top[1];
+      top[1] = top[0];
+      top[0] = v;
+      top[3] = static_cast<double>(i);
+    } else if (v > top[1]) {
+      top[2] = top[1];
+      top[1] = v;
+    } else if (v > top[2]) {
+      top[2] = v;
+    }
+  }
+}
+// counts(256) += the radix pass's counts of x (see Backend::RadixCount).
+void HostRadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t key;
+    std::memcpy(&key, &x[i], sizeof key);
+    if (shift == 24 || (key >> (shift + 8)) == prefix) counts[(key >> shift) & 255u] += 1;
+  }
+}
 }  // namespace
 
 // Per-layer accumulators; device buffers are summed over micro-batches.
@@ -100,10 +129,11 @@ struct ProbeCollector::LayerAcc {
   std::vector<double> alpha, mass, second, above;  // per head, Σ over micro-batches of B·value
   // Attention arms, per head: Σ over sequences of the per-sequence value.
   std::vector<double> unassigned, gate_mean, gate_sink, gate_rest;
-  // Every |h_out| value of the probe batch, kept on the device for the median (a radix
-  // select there): abs_count of abs_capacity floats.
-  float* abs_keep = nullptr;
-  size_t abs_count = 0, abs_capacity = 0;
+  // Every |h_out| value of the probe batch, for the median: on the device, a chunk per
+  // micro-batch (the radix select counts them where they are); on the host, those of a
+  // micro-batch that did not fit (ProbeCollector::kMaxDeviceKeepBytes, or device memory).
+  std::vector<std::pair<float*, size_t>> abs_chunks;
+  std::vector<float> abs_host;
   double median = 0;  // the lower median, once median_done (ReduceAcross or Finish)
   bool median_done = false, median_none = false;
   std::array<double, 3> top3{-1, -1, -1};
@@ -159,7 +189,7 @@ ProbeCollector::~ProbeCollector() {
     for (float* p : a->act_norm_sum) be.Free(p);
     be.Free(a->attn_g3_norm_sum);
     be.Free(a->mlp_g3_norm_sum);
-    if (a->abs_keep) be.Free(a->abs_keep);
+    for (const auto& [chunk, n] : a->abs_chunks) be.Free(chunk);
     delete a;
   }
   if (scratch_) be.Free(scratch_);
@@ -289,20 +319,25 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   if (x.gate_logits != nullptr) GateStats(a, x, B, T);
   // Massive activations (Sun et al. 2024): |h_out| kept on the device for the median,
   // and its three largest values with the place of the largest found there; only those
-  // four numbers come to the host.
+  // four numbers come to the host (within the device budget).
   const size_t n = static_cast<size_t>(B) * T * d;
-  if (a.abs_count + n > a.abs_capacity) {  // grown to what the batch needs, no more
-    float* grown = be.Alloc(a.abs_count + n);
-    if (a.abs_count > 0) be.Copy(grown, a.abs_keep, a.abs_count);
-    if (a.abs_keep) be.Free(a.abs_keep);
-    a.abs_keep = grown;
-    a.abs_capacity = a.abs_count + n;
-  }
   if (massive_ == nullptr) massive_ = be.AllocScalars(4 + 256);
-  be.AbsTop3(a.abs_keep + a.abs_count, massive_, x.h_out, n);
-  a.abs_count += n;
+  float* chunk = nullptr;
+  if (massive_ != nullptr && device_keep_bytes_ + n * sizeof(float) <= device_keep_budget_) chunk = be.Alloc(n);
   double top[4];
-  be.ReadScalars(top, massive_, 4);
+  if (chunk != nullptr) {
+    device_keep_bytes_ += n * sizeof(float);
+    a.abs_chunks.emplace_back(chunk, n);
+    be.AbsTop3(chunk, massive_, x.h_out, n);
+    be.ReadScalars(top, massive_, 4);
+  } else {
+    // Past the device budget (or out of device memory): this micro-batch's values are
+    // kept on the host, as the probe always did before.
+    const size_t at = a.abs_host.size();
+    a.abs_host.resize(at + n);
+    be.ToHost(a.abs_host.data() + at, x.h_out, n * sizeof(float));
+    HostAbsTop3(a.abs_host.data() + at, n, top);
+  }
   if (top[0] > a.top3[0]) {  // an earlier micro-batch keeps a tie
     const auto i = static_cast<size_t>(top[3]);
     a.top1_seq = sequences_ + static_cast<int64_t>(i / (static_cast<size_t>(T) * d));
@@ -346,14 +381,17 @@ void ProbeCollector::OnGradient(int layer, Site site, const float* grad, const f
 // counts a pass leave the device.
 Status ProbeCollector::SelectMedian(LayerAcc& a, Communicator* comm, HostStaging* host) {
   Backend& be = *model_.backend();
-  if (massive_ == nullptr) massive_ = be.AllocScalars(4 + 256);
-  double* counts_device = massive_ + 4;
   uint32_t prefix = 0;
   double rank = 0;  // of the median among the keys under `prefix`
   for (int shift = 24; shift >= 0; shift -= 8) {
-    be.RadixCount(counts_device, a.abs_keep, a.abs_count, shift, prefix);
-    std::array<double, 256> counts;
-    be.ReadScalars(counts.data(), counts_device, counts.size());
+    std::array<double, 256> counts{};
+    for (const auto& [chunk, n] : a.abs_chunks) {  // massive_ exists: the chunks were made with it
+      std::array<double, 256> c;
+      be.RadixCount(massive_ + 4, chunk, n, shift, prefix);
+      be.ReadScalars(c.data(), massive_ + 4, c.size());
+      for (size_t i = 0; i < c.size(); ++i) counts[i] += c[i];
+    }
+    HostRadixCount(counts.data(), a.abs_host.data(), a.abs_host.size(), shift, prefix);
     if (comm != nullptr) RETURN_IF_ERROR(host->AllReduceSum(*comm, counts.data(), counts.size()));
     if (shift == 24) {
       double total = 0;
@@ -573,6 +611,7 @@ StatusOr<ProbeReport> RunDiagnosticPass(Model& model, const ProbeSettings& setti
   const int M = options.micro_batch == 0 ? B : std::min(options.micro_batch, B);
   RETURN_IF_ERROR(model.PrepareActivations(M, T));  // the memory of a pass, or why not
   ProbeCollector collector(model, settings, T);
+  collector.set_device_keep_budget(options.device_keep_budget);
   model.ZeroGrad();
   // Every micro-batch's backward is of the whole batch's mean loss: ∂(Σ tokens)/(B·T).
   const float grad_scale = 1.0f / (static_cast<float>(B) * T);

@@ -114,6 +114,13 @@ class ProbeCollector final : public PassObserver {
   // Finishes the reductions. `loss` is the probe batch's mean loss.
   ProbeReport Finish(int64_t step, double loss);
 
+  // |h_out| kept on the device for the median, every layer together (B·T·d·4 bytes a layer
+  // and micro-batch); past it (a probe batch of many micro-batches) or where device memory
+  // is short, a micro-batch's values are kept on the host instead. The report is the same
+  // either way (tests set a smaller budget to cover both).
+  static constexpr size_t kMaxDeviceKeepBytes = size_t{2} << 30;
+  void set_device_keep_budget(size_t bytes) { device_keep_budget_ = bytes; }
+
  private:
   struct LayerAcc;
   float* Scratch(size_t n);
@@ -133,6 +140,8 @@ class ProbeCollector final : public PassObserver {
   float* scratch_ = nullptr;
   size_t scratch_size_ = 0;
   double* massive_ = nullptr;  // device doubles: AbsTop3's 4, then RadixCount's 256
+  size_t device_keep_bytes_ = 0;  // of |h_out| kept on the device, every layer
+  size_t device_keep_budget_ = kMaxDeviceKeepBytes;
 };
 
 // How a diagnostic pass splits its batch, and what it reports while it runs.
@@ -145,6 +154,8 @@ struct DiagnosticOptions {
   std::function<void(int, int)> progress;
   // Asked before each micro-batch; true ends the pass with CANCELLED (nothing reported).
   std::function<bool()> stop;
+  // ProbeCollector::set_device_keep_budget (tests: the host fallback of the median's values).
+  size_t device_keep_budget = ProbeCollector::kMaxDeviceKeepBytes;
 };
 
 // A diagnostic pass: forward and backward on (B,T) tokens with no update (gradients are

@@ -938,6 +938,10 @@ bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::Worker
     auto sit = sessions_.find(session_id);
     if (sit == sessions_.end()) return false;
     Session& session = sit->second;
+    // Ended for not reading: what it sent before its close is read from the ingest queue
+    // still (up to a session's read budget), but renews nothing and is stored nowhere; the
+    // worker sends it again, unacknowledged, on its next session.
+    if (session.ended) return false;
     session.lapsed = false;  // heard from: it may be given work again
     auto run_of = [&](const std::string& run_id, int attempt) -> Run* {
       auto it = runs_.find(run_id);
@@ -1244,7 +1248,12 @@ bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::Worker
                                 Run& run = rit->second;
                                 ++run.probe_reports;
                                 const v1::RunSummary& s = run.record.summary;
-                                exports.push_back([this, s, &p] { exporter_->RecordProbe(s, p.report()); });
+                                // Exported while running, as steps are: a late report of an ended
+                                // run must not make series after the run's expired (they would
+                                // never expire again). It is stored all the same.
+                                if (s.state() == v1::RUNNING) {
+                                  exports.push_back([this, s, &p] { exporter_->RecordProbe(s, p.report()); });
+                                }
                                 if (WatchedLocked(s.experiment_id(), true)) {  // a report's copy only for a watcher
                                   v1::WatchEvent event;
                                   event.mutable_probe()->set_run_id(s.run_id());

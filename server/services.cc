@@ -111,10 +111,10 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   // True once the session is finished (nothing more to watch).
   bool CheckFlushDeadline(std::chrono::steady_clock::time_point now);
 
-  // Guarded by the ingest's mutex: what was read and not yet handled; reading is paused.
+  // Guarded by the ingest's mutex: what was read and not yet handled (past the session's
+  // budget its reading is paused: Ingest::paused_).
   size_t unhandled_messages = 0;
   size_t unhandled_bytes = 0;
-  bool read_paused = false;
 
  private:
   struct Queued {
@@ -187,7 +187,6 @@ class Ingest {
     if (queue_.size() == 1) cv_.notify_one();
     if (session->unhandled_messages >= kMaxUnhandledMessages || session->unhandled_bytes >= kMaxUnhandledBytes ||
         bytes_ >= kIngestBudgetBytes) {
-      session->read_paused = true;
       paused_.push_back(session);
       return false;
     }
@@ -250,14 +249,11 @@ class Ingest {
         auto still = std::partition(paused_.begin(), paused_.end(), [](const std::shared_ptr<WorkerSession>& s) {
           return s->unhandled_messages >= kMaxUnhandledMessages || s->unhandled_bytes >= kMaxUnhandledBytes;
         });
-        for (auto it = still; it != paused_.end(); ++it) {
-          (*it)->read_paused = false;
-          resume.push_back(std::move(*it));
-        }
+        for (auto it = still; it != paused_.end(); ++it) resume.push_back(std::move(*it));
         paused_.erase(still, paused_.end());
       }
-      batch.clear();  // the messages, before the lock is taken again below
       lock.unlock();
+      batch.clear();  // the messages (and maybe a session's last reference), freed outside the lock
       for (const auto& s : resume) s->ResumeReading();
       resume.clear();
       lock.lock();

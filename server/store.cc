@@ -326,10 +326,13 @@ StatusOr<std::vector<bool>> Store::WriteReports(const std::vector<ReportWrite>& 
   std::vector<bool> fresh(writes.size(), false);
   Status s = Transaction("write reports", [&]() -> Status {
     // Prepared once a batch, not once a row: ingest writes thousands of rows a second.
+    // Each checked as it is made: a later prepare would reset SQLite's error.
     Stmt put_step(db_, "INSERT OR REPLACE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
+    if (!put_step.ok()) return Error("prepare report writes");
     Stmt put_step_if_absent(db_, "INSERT OR IGNORE INTO step_metrics (run_id, step, metrics) VALUES (?,?,?)");
+    if (!put_step_if_absent.ok()) return Error("prepare report writes");
     Stmt put_probe(db_, "INSERT OR IGNORE INTO probe_reports (run_id, step, report) VALUES (?,?,?)");
-    if (!put_step.ok() || !put_step_if_absent.ok() || !put_probe.ok()) return Error("prepare report writes");
+    if (!put_probe.ok()) return Error("prepare report writes");
     for (size_t i = 0; i < writes.size(); ++i) {
       const ReportWrite& w = writes[i];
       Stmt& q = w.kind == ReportWrite::kStep           ? put_step

@@ -740,6 +740,23 @@ TEST_P(MicroBatchedProbeTest, PassesOfAnySizeGiveTheReportOfOnePass) {
       EXPECT_EQ(a.massive.top1_sequence, b.massive.top1_sequence);
       EXPECT_EQ(a.massive.top1_token, b.massive.top1_token);
     }
+    // The median's values kept on the host past the device budget (none on the device,
+    // then only the first micro-batch's first layer there): the same report, bit for bit.
+    const size_t first_chunk = static_cast<size_t>(std::min(M, B)) * T * m.config().d_model * sizeof(float);
+    for (size_t budget : {size_t{0}, first_chunk}) {
+      o.device_keep_budget = budget;
+      auto kept = RunDiagnosticPass(m, st, batch.inputs.data(), batch.targets.data(), B, T, 0, o);
+      ASSERT_TRUE(kept.ok());
+      for (int l = 0; l < m.config().layers; ++l) {
+        const MassiveActivations& a = kept->layers[l].massive;
+        const MassiveActivations& b = parts->layers[l].massive;
+        EXPECT_EQ(a.median, b.median) << "budget " << budget << " layer " << l;
+        EXPECT_EQ(a.top3, b.top3) << "budget " << budget << " layer " << l;
+        EXPECT_EQ(a.top1_sequence, b.top1_sequence);
+        EXPECT_EQ(a.top1_token, b.top1_token);
+        EXPECT_EQ(a.top1_channel, b.top1_channel);
+      }
+    }
   }
   // A stop asked between micro-batches ends the pass, reporting nothing.
   DiagnosticOptions o;

@@ -2,7 +2,7 @@
 // one device). Buffers are device memory of the rank's device. Rank 0 makes the
 // ncclUniqueId and hands it to the others through a Rendezvous (the coordinator in the
 // service). The communicator is non-blocking (ncclConfig_t.blocking = 0): its setup and
-// every collective are polled with ncclCommGetAsyncError and cudaStreamQuery against
+// every collective are polled with ncclCommGetAsyncError and an event query against
 // the timeout, and a peer that died or hangs makes the call abort the communicator
 // (ncclCommAbort) and return DEADLINE_EXCEEDED or UNAVAILABLE naming the collective,
 // never wait forever. Each collective runs on the communicator's own stream after an
