@@ -43,7 +43,7 @@ for line in open(sys.argv[1]):
     if line.startswith("== "):
         section = line.split()[1]
         continue
-    if section != "paper-0.1b" or line.startswith(("op ", "per step", "estimate", "device", "blocks", "host")):
+    if section != "paper-0.1b" or line.startswith(("op ", "per step", "estimate", "device", "probed", "blocks", "host")):
         continue
     name, rest = line[:92].rstrip(), line[92:].split()
     if len(rest) < 3 or rest[2] == "-":
@@ -65,6 +65,9 @@ assert r["estimate"] is True and r["uncosted"] == [], r["uncosted"]
 assert r["launches"] > 0 and r["gemms"] > 0 and r["bytes"] > 0 and r["est_s_per_step"] > 0, r
 assert 0 < r["est_mfu"] < 1, r["est_mfu"]
 assert sum(o["launches"] for o in r["ops"]) == r["launches"]
+# The probed step costs more than the same step unprobed, traced warm just before it.
+assert r["est_probed_step_s"] > r["est_warm_step_s"] > 0, (r["est_probed_step_s"], r["est_warm_step_s"])
+assert r["probed_step_launches"] > r["launches"] // 2, r["probed_step_launches"]
 # 6·N_matmul per token: forward 2·in·out per linear, backward twice that, the LM head included.
 L, d, H, KV, dh, F, V = (m[k] for k in ("layers", "d_model", "heads", "kv_heads", "head_dim", "ffn", "vocab"))
 n_matmul = L * (d * H * dh + 2 * d * KV * dh + H * dh * d + 3 * d * F) + d * V

@@ -34,6 +34,7 @@
 #include "engine/cuda/emu/runtime.h"
 #include "engine/model.h"
 #include "engine/optimizer.h"
+#include "engine/probes.h"
 
 namespace sinkscope {
 namespace {
@@ -121,6 +122,10 @@ struct Result {
   // Device memory as cudaMalloc was asked: after Model::Create (parameters, gradients,
   // optimizer state), and the peak of the traced step (activations and scratch on top).
   double model_bytes = 0, peak_bytes = 0;
+  // The same step probed (ProbeCollector with the default settings, and its Finish): what
+  // the probes add to it, priced alike.
+  int64_t warm_launches = 0, probed_launches = 0;
+  double warm_seconds = 0, probed_seconds = 0, probed_peak_bytes = 0;
   std::vector<Op> ops;
   std::vector<std::string> uncosted;  // "kernel at site"
   std::string summary;
@@ -163,6 +168,51 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
   r.peak_bytes = static_cast<double>(emu::PeakDeviceBytes());
   // A launch the emulation refused (a limit, a pointer, a layout) is an error of the step.
   RETURN_IF_ERROR(backend->TakeError());
+
+  // The probed step (training probes at probe.every: the massive activations' kept values,
+  // the column statistics, the gradient profiles, the radix select of Finish), against the
+  // same step unprobed traced just before it (both warm: the first step above also pays
+  // its scratch's first allocation and zeroing).
+  auto price = [&](const std::vector<emu::TraceRecord>& trace, int64_t* launches) {
+    double seconds = 0;
+    for (const emu::TraceRecord& t : trace) {
+      const char* unit = "fp32";
+      const double peak = t.kind == emu::TraceRecord::kGemm ? GemmPeak(t.types, &unit) : kPeakFp32;
+      ++*launches;
+      if (t.cost.bytes < 0 || t.cost.flops < 0) {
+        r.uncosted.push_back(t.name + " (launched at " + t.site + ", probed or warm step)");
+        continue;
+      }
+      seconds += std::max(t.cost.bytes / kHbmBytesPerSecond, t.cost.flops / peak);
+    }
+    return seconds;
+  };
+  {
+    emu::StartTrace();
+    m->ZeroGrad();
+    m->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / static_cast<float>(B * T));
+    AdamWStep(*m, optimizer, 1);
+    backend->Synchronize();
+    r.warm_seconds = price(emu::StopTrace(), &r.warm_launches);
+    RETURN_IF_ERROR(backend->TakeError());
+  }
+  {
+    ProbeSettings settings;
+    settings.t_eps = std::min(settings.t_eps, T);
+    settings.profile_len = std::min(settings.profile_len, T);
+    settings.ref_span = std::min(settings.ref_span, T - 1);
+    emu::ResetPeakDeviceBytes();
+    ProbeCollector collector(*m, settings, T);
+    emu::StartTrace();
+    m->ZeroGrad();
+    m->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / static_cast<float>(B * T), &collector);
+    AdamWStep(*m, optimizer, 2);
+    (void)collector.Finish(2, 0.0);
+    backend->Synchronize();
+    r.probed_seconds = price(emu::StopTrace(), &r.probed_launches);
+    r.probed_peak_bytes = static_cast<double>(emu::PeakDeviceBytes());
+    RETURN_IF_ERROR(backend->TakeError());
+  }
 
   std::map<std::string, Op> ops;
   for (const emu::TraceRecord& t : trace) {
@@ -248,6 +298,11 @@ void PrintTable(const Result& r) {
               "in the step: %.0f bytes per token of activations and scratch\n",
               r.model_bytes / 1e9, r.peak_bytes / 1e9,
               (r.peak_bytes - r.model_bytes) / (static_cast<double>(r.B) * r.T));
+  const double extra = r.probed_seconds - r.warm_seconds;
+  std::printf("probed step: %.4f s against %.4f s unprobed, both warm (+%.4f s, +%lld launches; probe overhead at "
+              "probe.every 100: %.2f%%), peak %.2f GB\n",
+              r.probed_seconds, r.warm_seconds, extra, static_cast<long long>(r.probed_launches - r.warm_launches),
+              r.warm_seconds > 0 ? extra / r.warm_seconds : 0.0, r.probed_peak_bytes / 1e9);
   std::printf("blocks: the smallest grid of an op's launches (an H100 has 132 SMs)\n");
   std::printf("host time of the dry run: model created in %.1f s, InitWeights %.1f s, the traced step %.1f s\n",
               r.create_s, r.init_s, r.trace_s);
@@ -276,6 +331,10 @@ nlohmann::json ToJson(const Result& r) {
                         {"est_mfu", r.mfu},
                         {"device_bytes_model", r.model_bytes},
                         {"device_bytes_peak", r.peak_bytes},
+                        {"est_warm_step_s", r.warm_seconds},
+                        {"est_probed_step_s", r.probed_seconds},
+                        {"probed_step_launches", r.probed_launches},
+                        {"device_bytes_peak_probed", r.probed_peak_bytes},
                         {"uncosted", r.uncosted},
                         {"summary", r.summary}};
   out["ops"] = nlohmann::json::array();
