@@ -27,7 +27,10 @@ fail() { echo "gpu_run_shape: $*" >&2; exit 1; }
 files=$(find "$out" -type f | wc -l)
 (( files <= 8 )) || fail "$files files in \$OUT, the device tool brings back 8: $(ls "$out")"
 [[ -f "$out/logs.tar.gz" ]] || fail "no logs.tar.gz"
-tar -tzf "$out/logs.tar.gz" | grep -q "step.log" || fail "logs.tar.gz lacks the step check's log"
+# Listed to a file first: `tar | grep -q` under pipefail fails when grep's early exit
+# makes tar die of SIGPIPE (a flaky "lacks" with the log present).
+tar -tzf "$out/logs.tar.gz" > "$tmp/listing" || fail "logs.tar.gz does not list"
+grep -q "step.log" "$tmp/listing" || fail "logs.tar.gz lacks the step check's log"
 for name in step parity cudnn nccl memcheck bench; do
   grep -qE "^$name " "$out/summary.txt" || fail "summary.txt has no line for $name"
 done
