@@ -136,6 +136,17 @@ struct ProbeCollector::LayerAcc {
   std::vector<float> abs_host;
   double median = 0;  // the lower median, once median_done (ReduceAcross or Finish)
   bool median_done = false, median_none = false;
+  // Each micro-batch's three largest |h_out| values and the index of the largest, in
+  // micro-batch order: read from the device only when merged (MergeTops), so the forward
+  // never waits on them. `tops`: 4 device doubles at the end of the micro-batch's chunk
+  // (null: `host` holds them).
+  struct PendingTop3 {
+    double* tops = nullptr;
+    std::array<double, 4> host{};
+    int64_t first_sequence = 0;  // the micro-batch's first sequence in the probe batch
+    int T = 0, d = 0;
+  };
+  std::vector<PendingTop3> pending_tops;
   std::array<double, 3> top3{-1, -1, -1};
   int64_t top1_seq = 0;
   int top1_tok = 0, top1_ch = 0;
@@ -318,42 +329,34 @@ void ProbeCollector::OnBlockForward(int layer, const BlockActivations& x, int B,
   }
   if (x.gate_logits != nullptr) GateStats(a, x, B, T);
   // Massive activations (Sun et al. 2024): |h_out| kept on the device for the median,
-  // and its three largest values with the place of the largest found there; only those
-  // four numbers come to the host (within the device budget).
+  // and its three largest values with the place of the largest found there (within the
+  // device budget); those four numbers are read when the layer's tops are merged.
   const size_t n = static_cast<size_t>(B) * T * d;
-  if (massive_ == nullptr) massive_ = be.AllocScalars(4 + 256);
+  if (massive_ == nullptr) massive_ = be.AllocScalars(256);
+  LayerAcc::PendingTop3 pending;
+  pending.first_sequence = sequences_;
+  pending.T = T;
+  pending.d = d;
+  // A chunk: the n values, then (8-byte aligned) the 4 doubles of its top three.
+  const size_t tops_at = (n + 1) / 2 * 2;
   float* chunk = nullptr;
-  if (massive_ != nullptr && device_keep_bytes_ + n * sizeof(float) <= device_keep_budget_) chunk = be.Alloc(n);
-  double top[4];
+  if (massive_ != nullptr && device_keep_bytes_ + n * sizeof(float) <= device_keep_budget_) {
+    chunk = be.Alloc(tops_at + 4 * sizeof(double) / sizeof(float));
+  }
   if (chunk != nullptr) {
+    pending.tops = reinterpret_cast<double*>(chunk + tops_at);
     device_keep_bytes_ += n * sizeof(float);
     a.abs_chunks.emplace_back(chunk, n);
-    be.AbsTop3(chunk, massive_, x.h_out, n);
-    be.ReadScalars(top, massive_, 4);
+    be.AbsTop3(chunk, pending.tops, x.h_out, n);
   } else {
     // Past the device budget (or out of device memory): this micro-batch's values are
     // kept on the host, as the probe always did before.
     const size_t at = a.abs_host.size();
     a.abs_host.resize(at + n);
     be.ToHost(a.abs_host.data() + at, x.h_out, n * sizeof(float));
-    HostAbsTop3(a.abs_host.data() + at, n, top);
+    HostAbsTop3(a.abs_host.data() + at, n, pending.host.data());
   }
-  if (top[0] > a.top3[0]) {  // an earlier micro-batch keeps a tie
-    const auto i = static_cast<size_t>(top[3]);
-    a.top1_seq = sequences_ + static_cast<int64_t>(i / (static_cast<size_t>(T) * d));
-    a.top1_tok = static_cast<int>((i / d) % T);
-    a.top1_ch = static_cast<int>(i % d);
-  }
-  for (int k = 0; k < 3; ++k) {  // the three largest of both (a multiset)
-    const double v = top[k];
-    if (v > a.top3[0]) {
-      a.top3 = {v, a.top3[0], a.top3[1]};
-    } else if (v > a.top3[1]) {
-      a.top3 = {a.top3[0], v, a.top3[1]};
-    } else if (v > a.top3[2]) {
-      a.top3[2] = v;
-    }
-  }
+  a.pending_tops.push_back(pending);
   if (layer == c.layers - 1) sequences_ += B;
 }
 
@@ -387,8 +390,8 @@ Status ProbeCollector::SelectMedian(LayerAcc& a, Communicator* comm, HostStaging
     std::array<double, 256> counts{};
     for (const auto& [chunk, n] : a.abs_chunks) {  // massive_ exists: the chunks were made with it
       std::array<double, 256> c;
-      be.RadixCount(massive_ + 4, chunk, n, shift, prefix);
-      be.ReadScalars(c.data(), massive_ + 4, c.size());
+      be.RadixCount(massive_, chunk, n, shift, prefix);
+      be.ReadScalars(c.data(), massive_, c.size());
       for (size_t i = 0; i < c.size(); ++i) counts[i] += c[i];
     }
     HostRadixCount(counts.data(), a.abs_host.data(), a.abs_host.size(), shift, prefix);
@@ -413,6 +416,33 @@ Status ProbeCollector::SelectMedian(LayerAcc& a, Communicator* comm, HostStaging
   return OkStatus();
 }
 
+// Merges the layer's pending micro-batch tops into top3 and the top one's place, in
+// micro-batch order (an earlier micro-batch keeps a tie, as a scan in order would).
+void ProbeCollector::MergeTops(LayerAcc& a) {
+  Backend& be = *model_.backend();
+  for (LayerAcc::PendingTop3& p : a.pending_tops) {
+    std::array<double, 4> top = p.host;
+    if (p.tops != nullptr) be.ReadScalars(top.data(), p.tops, top.size());  // in its chunk, freed with it
+    if (top[0] > a.top3[0]) {
+      const auto i = static_cast<size_t>(top[3]);
+      a.top1_seq = p.first_sequence + static_cast<int64_t>(i / (static_cast<size_t>(p.T) * p.d));
+      a.top1_tok = static_cast<int>((i / p.d) % p.T);
+      a.top1_ch = static_cast<int>(i % p.d);
+    }
+    for (int k = 0; k < 3; ++k) {  // the three largest of both (a multiset)
+      const double v = top[k];
+      if (v > a.top3[0]) {
+        a.top3 = {v, a.top3[0], a.top3[1]};
+      } else if (v > a.top3[1]) {
+        a.top3 = {a.top3[0], v, a.top3[1]};
+      } else if (v > a.top3[2]) {
+        a.top3[2] = v;
+      }
+    }
+  }
+  a.pending_tops.clear();
+}
+
 Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
   const int W = comm.world_size(), rank = comm.rank();
   if (W == 1) return OkStatus();
@@ -431,6 +461,7 @@ Status ProbeCollector::ReduceAcross(Communicator& comm, int rows) {
     }
     // The largest |h_out| values: each rank's top 3 with the top 1's place in the global
     // batch (rank r holds rows r·rows … of every micro-batch of B = W·rows sequences).
+    MergeTops(*a);
     const int64_t local = a->top1_seq;
     const int64_t global_seq = (local / rows) * static_cast<int64_t>(rows) * W + rank * rows + local % rows;
     double mine[6] = {a->top3[0], a->top3[1], a->top3[2], static_cast<double>(global_seq),
@@ -575,6 +606,7 @@ ProbeReport ProbeCollector::Finish(int64_t step, double loss) {
       lp.norms[kNormNames[i]] = std::move(v);
     }
     // Massive activations.
+    MergeTops(a);
     MassiveActivations& m = lp.massive;
     m.top3 = a.top3;
     m.top1_sequence = a.top1_seq;

@@ -127,6 +127,9 @@ class ProbeCollector final : public PassObserver {
   void AttentionArmStats(LayerAcc& a, const BlockActivations& x, int B, int T, const ColumnStatsRequest& req);
   void UnassignedStats(LayerAcc& a, const BlockActivations& x, int B, int T);
   void GateStats(LayerAcc& a, const BlockActivations& x, int B, int T);
+  // Folds the micro-batches' top three |h_out| values (read from the device now) into the
+  // layer's.
+  void MergeTops(LayerAcc& a);
   // The lower median of the layer's kept |h_out| values (over the ranks with `comm`).
   Status SelectMedian(LayerAcc& a, Communicator* comm, HostStaging* host);
 
@@ -139,7 +142,7 @@ class ProbeCollector final : public PassObserver {
   std::vector<std::vector<float>> theta_;  // [layer][kv head], at construction (before the update)
   float* scratch_ = nullptr;
   size_t scratch_size_ = 0;
-  double* massive_ = nullptr;  // device doubles: AbsTop3's 4, then RadixCount's 256
+  double* massive_ = nullptr;  // device doubles: RadixCount's 256
   size_t device_keep_bytes_ = 0;  // of |h_out| kept on the device, every layer
   size_t device_keep_budget_ = kMaxDeviceKeepBytes;
 };
