@@ -133,40 +133,54 @@ void Backend::MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const Ad
   }
 }
 
-// The reference of the two massive-activation ops: on the host, through a copy (the CPU
-// backend's buffers are host memory; the CUDA backend has kernels, massive.cu).
+bool InsertTop3(double* top3, double v) {
+  if (v > top3[0]) {
+    top3[2] = top3[1];
+    top3[1] = top3[0];
+    top3[0] = v;
+    return true;
+  }
+  if (v > top3[1]) {
+    top3[2] = top3[1];
+    top3[1] = v;
+  } else if (v > top3[2]) {
+    top3[2] = v;
+  }
+  return false;
+}
+
+void HostAbsTop3(float* x, size_t n, double top[4]) {
+  top[0] = top[1] = top[2] = top[3] = -1;
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = std::fabs(x[i]);
+    if (InsertTop3(top, x[i])) top[3] = static_cast<double>(i);  // the first of equal largest
+  }
+}
+
+void HostRadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t key;
+    std::memcpy(&key, &x[i], sizeof key);
+    if (shift == 24 || (key >> (shift + 8)) == prefix) counts[(key >> shift) & 255u] += 1;
+  }
+}
+
+// The defaults: the host reference through a copy (the CPU backend's buffers are host
+// memory; the CUDA backend has kernels, massive.cu).
 void Backend::AbsTop3(float* keep, double* out, const float* x, size_t n) {
   std::vector<float> h(n);
   if (n > 0) ToHost(h.data(), x, n * sizeof(float));
-  double r[4] = {-1, -1, -1, -1};
-  for (size_t i = 0; i < n; ++i) {
-    h[i] = std::fabs(h[i]);
-    const double v = h[i];
-    if (v > r[0]) {
-      r[2] = r[1];
-      r[1] = r[0];
-      r[0] = v;
-      r[3] = static_cast<double>(i);
-    } else if (v > r[1]) {
-      r[2] = r[1];
-      r[1] = v;
-    } else if (v > r[2]) {
-      r[2] = v;
-    }
-  }
+  double top[4];
+  HostAbsTop3(h.data(), n, top);
   if (n > 0) ToDevice(keep, h.data(), n * sizeof(float));
-  ToDevice(out, r, sizeof r);
+  ToDevice(out, top, sizeof top);
 }
 
 void Backend::RadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) {
   std::vector<float> h(n);
   if (n > 0) ToHost(h.data(), x, n * sizeof(float));
   double c[256] = {};
-  for (float v : h) {
-    uint32_t key;
-    std::memcpy(&key, &v, sizeof key);
-    if (shift == 24 || (key >> (shift + 8)) == prefix) c[(key >> shift) & 255u] += 1;
-  }
+  HostRadixCount(c, h.data(), n, shift, prefix);
   ToDevice(counts, c, sizeof c);
 }
 

@@ -303,6 +303,13 @@ class Backend {
   virtual void AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors);
 };
 
+// The host reference of Backend::AbsTop3 and RadixCount (their default implementations,
+// and the probes' values kept on the host). InsertTop3 puts v into the three largest of a
+// multiset (top3 descending, −1 while unfilled) and says whether v is the new largest.
+bool InsertTop3(double* top3, double v);
+void HostAbsTop3(float* x, size_t n, double top[4]);  // x becomes |x|; top as AbsTop3's out
+void HostRadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix);  // counts(256) +=
+
 // The CPU reference backend (cpu/cpu_backend.cc).
 std::unique_ptr<Backend> MakeCpuBackend();
 // The CPU backend's bf16 mode (cpu/bf16_mode.cc): fp32 arithmetic with every value a bf16

@@ -88,34 +88,6 @@ constexpr const char* kNormNames[] = {"h_in", "h_half", "h_out", "r_attn", "r_ml
 constexpr int kNumNorms = 7;
 int SiteIndex(Site s) { return static_cast<int>(s); }  // kProfileSites lists the enum in order
 
-// Backend::AbsTop3 and RadixCount over host values (the probe's fallback past its device
-// budget): x becomes |x|; top = the three largest and the index of the largest.
-void HostAbsTop3(float* x, size_t n, double top[4]) {
-  top[0] = top[1] = top[2] = top[3] = -1;
-  for (size_t i = 0; i < n; ++i) {
-    x[i] = std::fabs(x[i]);
-    const double v = x[i];
-    if (v > top[0]) {
-      top[2] = top[1];
-      top[1] = top[0];
-      top[0] = v;
-      top[3] = static_cast<double>(i);
-    } else if (v > top[1]) {
-      top[2] = top[1];
-      top[1] = v;
-    } else if (v > top[2]) {
-      top[2] = v;
-    }
-  }
-}
-// counts(256) += the radix pass's counts of x (see Backend::RadixCount).
-void HostRadixCount(double* counts, const float* x, size_t n, int shift, uint32_t prefix) {
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t key;
-    std::memcpy(&key, &x[i], sizeof key);
-    if (shift == 24 || (key >> (shift + 8)) == prefix) counts[(key >> shift) & 255u] += 1;
-  }
-}
 }  // namespace
 
 // Per-layer accumulators; device buffers are summed over micro-batches.
@@ -423,22 +395,14 @@ void ProbeCollector::MergeTops(LayerAcc& a) {
   for (LayerAcc::PendingTop3& p : a.pending_tops) {
     std::array<double, 4> top = p.host;
     if (p.tops != nullptr) be.ReadScalars(top.data(), p.tops, top.size());  // in its chunk, freed with it
-    if (top[0] > a.top3[0]) {
+    if (InsertTop3(a.top3.data(), top[0])) {  // strictly larger: an earlier tie stays
       const auto i = static_cast<size_t>(top[3]);
       a.top1_seq = p.first_sequence + static_cast<int64_t>(i / (static_cast<size_t>(p.T) * p.d));
       a.top1_tok = static_cast<int>((i / p.d) % p.T);
       a.top1_ch = static_cast<int>(i % p.d);
     }
-    for (int k = 0; k < 3; ++k) {  // the three largest of both (a multiset)
-      const double v = top[k];
-      if (v > a.top3[0]) {
-        a.top3 = {v, a.top3[0], a.top3[1]};
-      } else if (v > a.top3[1]) {
-        a.top3 = {a.top3[0], v, a.top3[1]};
-      } else if (v > a.top3[2]) {
-        a.top3[2] = v;
-      }
-    }
+    InsertTop3(a.top3.data(), top[1]);  // the three largest of both (a multiset)
+    InsertTop3(a.top3.data(), top[2]);
   }
   a.pending_tops.clear();
 }

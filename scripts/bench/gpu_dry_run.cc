@@ -104,6 +104,15 @@ double GemmPeak(const std::string& types, const char** unit) {
   return kPeakFp32;
 }
 
+// A record's roofline time: max(bytes / HBM, FLOPs / its unit's peak) at its declared
+// cost; −1 when it declared none. `unit` is what its FLOPs run on.
+double RecordSeconds(const emu::TraceRecord& t, const char** unit) {
+  *unit = "fp32";
+  const double peak = t.kind == emu::TraceRecord::kGemm ? GemmPeak(t.types, unit) : kPeakFp32;
+  if (t.cost.bytes < 0 || t.cost.flops < 0) return -1;
+  return std::max(t.cost.bytes / kHbmBytesPerSecond, t.cost.flops / peak);
+}
+
 struct Op {
   std::string name;
   std::string unit;  // what the FLOPs run on
@@ -176,14 +185,14 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
   auto price = [&](const std::vector<emu::TraceRecord>& trace, int64_t* launches) {
     double seconds = 0;
     for (const emu::TraceRecord& t : trace) {
-      const char* unit = "fp32";
-      const double peak = t.kind == emu::TraceRecord::kGemm ? GemmPeak(t.types, &unit) : kPeakFp32;
+      const char* unit;
+      const double record = RecordSeconds(t, &unit);
       ++*launches;
-      if (t.cost.bytes < 0 || t.cost.flops < 0) {
+      if (record < 0) {
         r.uncosted.push_back(t.name + " (launched at " + t.site + ", probed or warm step)");
         continue;
       }
-      seconds += std::max(t.cost.bytes / kHbmBytesPerSecond, t.cost.flops / peak);
+      seconds += record;
     }
     return seconds;
   };
@@ -217,10 +226,9 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
   std::map<std::string, Op> ops;
   for (const emu::TraceRecord& t : trace) {
     std::string key = t.name;
-    const char* unit = "fp32";
-    double peak = kPeakFp32;
+    const char* unit;
+    const double s = RecordSeconds(t, &unit);
     if (t.kind == emu::TraceRecord::kGemm) {
-      peak = GemmPeak(t.types, &unit);
       key = "gemm " + std::to_string(t.m) + "x" + std::to_string(t.n) + "x" + std::to_string(t.k) +
             (t.batch > 1 ? " batch " + std::to_string(t.batch) : std::string()) + " [" + t.types + "]";
       ++r.gemms;
@@ -242,11 +250,10 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
     op.unit = unit;
     ++op.launches;
     ++r.launches;
-    if (t.cost.bytes < 0 || t.cost.flops < 0) {
+    if (s < 0) {
       r.uncosted.push_back(t.name + " (launched at " + t.site + ")");
       continue;
     }
-    const double s = std::max(t.cost.bytes / kHbmBytesPerSecond, t.cost.flops / peak);
     (t.kind == emu::TraceRecord::kGemm ? op.gemm_flops : op.kernel_flops) += t.cost.flops;
     op.bytes += t.cost.bytes;
     op.seconds += s;

@@ -30,6 +30,20 @@ def vm_hwm_kib(pid):
     raise AssertionError("no VmHWM")
 
 
+def add_profile_layers(report, layers, P, offset=0):
+    """Fills a probe report's layers with P-long per-token ratios and norms (1 + 1e-3·(k +
+    offset)): the bulk of a real report of that many layers."""
+    for layer in range(layers):
+        lp = report.layers.add()
+        lp.layer = layer
+        for name in ("attn_bloat", "attn_change", "attn_compress", "mlp_bloat", "mlp_change", "mlp_compress",
+                     "attn_bloat_p", "mlp_bloat_p"):
+            if hasattr(lp, name):
+                getattr(lp, name).extend([1.0 + 1e-3 * (k + offset) for k in range(P)])
+        for name in ("h_out", "r_mlp", "r_attn", "v"):
+            lp.norms[name].values.extend([1.0 + 1e-3 * (k + offset) for k in range(P)])
+
+
 class SilentWorker:
     """A WorkerService.Session that registers and then never reads its stream: it only
     sends what the test queues (and heartbeats, so it looks alive)."""
@@ -199,15 +213,7 @@ class FlowControlTest(unittest.TestCase):
                 m = self.pb.WorkerMessage()
                 m.probe.run_id, m.probe.attempt, m.probe.sequence = run_id, 1, step
                 m.probe.report.step = step
-                for layer in range(32):
-                    lp = m.probe.report.layers.add()
-                    lp.layer = layer
-                    for name in ("attn_bloat", "attn_change", "attn_compress", "mlp_bloat", "mlp_change",
-                                 "mlp_compress", "attn_bloat_p", "mlp_bloat_p"):
-                        if hasattr(lp, name):
-                            getattr(lp, name).extend([1.0 + 1e-3 * (k + step) for k in range(P)])
-                    for name in ("h_out", "r_mlp", "r_attn", "v"):
-                        lp.norms[name].values.extend([1.0 + 1e-3 * (k + step) for k in range(P)])
+                add_profile_layers(m.probe.report, 32, P, step)
                 prober.send(m)
             wait_for(lambda: "event=watch_events_dropped" in c.coordinator.output(), 120,
                      "events of a watcher that does not read to be dropped")
@@ -485,14 +491,7 @@ class FlowControlTest(unittest.TestCase):
             # The report's bulk, serialized once; each message is a small head (run, attempt,
             # sequence, step) followed by it: concatenated protobuf messages merge.
             bulk = self.pb.WorkerMessage()
-            for layer in range(32):
-                lp = bulk.probe.report.layers.add()
-                lp.layer = layer
-                for name in ("attn_bloat", "attn_change", "attn_compress", "mlp_bloat", "mlp_change",
-                             "mlp_compress"):
-                    getattr(lp, name).extend([1.0 + 1e-3 * k for k in range(P)])
-                for name in ("h_out", "r_mlp", "r_attn", "v"):
-                    lp.norms[name].values.extend([1.0 + 1e-3 * k for k in range(P)])
+            add_profile_layers(bulk.probe.report, 32, P)
             bulk_bytes = bulk.SerializeToString()
             self.assertGreater(len(bulk_bytes), 600_000)
 
