@@ -10,7 +10,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/bundle/bin" "$tmp/bundle/models" "$tmp/path"
-for t in cuda_step_test cuda_parity_test cudnn_graph_test nccl_test sinkscope-bench-gpu; do
+for t in cuda_step_test cuda_bf16_step_test cuda_parity_test cudnn_graph_test nccl_test sinkscope-bench-gpu; do
   printf '#!/bin/sh\necho "[==========] 3 tests ran."\necho "[  PASSED  ] 3 tests."\n' > "$tmp/bundle/bin/$t"
   chmod +x "$tmp/bundle/bin/$t"
 done
@@ -31,7 +31,7 @@ files=$(find "$out" -type f | wc -l)
 # makes tar die of SIGPIPE (a flaky "lacks" with the log present).
 tar -tzf "$out/logs.tar.gz" > "$tmp/listing" || fail "logs.tar.gz does not list"
 grep -q "step.log" "$tmp/listing" || fail "logs.tar.gz lacks the step check's log"
-for name in step parity cudnn nccl memcheck bench; do
+for name in step bf16 parity cudnn nccl memcheck bench; do
   grep -qE "^$name " "$out/summary.txt" || fail "summary.txt has no line for $name"
 done
 grep -qE '^memcheck +SKIPPED .*compute-sanitizer refused: .*terminated before first instrumented' "$out/summary.txt" ||

@@ -303,6 +303,11 @@ class LocalRun final : public RunObserver {
 
 // --bf16: every rank trains on the bf16 mode of the CPU backend.
 bool g_bf16 = false;
+// --fp32: a GPU trains in the CUDA backend's fp32 mode (bf16 is its default).
+bool g_fp32 = false;
+// The GPU and, made when an arm first needs it there, its fp32 backend.
+DeviceChoice g_gpu;
+std::unique_ptr<Backend> g_fp32_gpu;
 // --allreduce-bucket-mb: floats per gradient bucket all-reduced during the backward (0: after it).
 size_t g_bucket_floats = size_t{1} << 20;
 
@@ -330,6 +335,17 @@ StatusOr<RunSummary> TrainRun(const v1::Experiment& e, v1::Arm arm, uint64_t see
           std::to_string(seed);
   RunLoopOptions o = ToRunLoopOptions(e, arm, seed, peak_flops, r.dir, resume);
   o.trainer.allreduce_bucket_floats = g_bucket_floats;
+  if (o.trainer.model.HasAttentionArm() && !backend->Supports(OptionalOp::kAttentionArms)) {
+    // The GPU's bf16 mode has no attention arms (ARMS.md): this run trains in fp32.
+    if (g_fp32_gpu == nullptr) {
+      auto made = MakeBackendFor(g_gpu, GpuPrecision::kFp32);
+      if (!made.ok()) return made.status();
+      g_fp32_gpu = std::move(*made);
+      std::fprintf(stderr, "%s: an attention arm trains on the %s backend (the bf16 mode has no arms yet)\n",
+                   r.arm.c_str(), g_fp32_gpu->Name());
+    }
+    backend = g_fp32_gpu.get();
+  }
   LocalRun local(&r, o.total_steps, &g_interrupted);
   RunResult result;
   if (ranks == 1) {
@@ -418,10 +434,14 @@ int Main(int argc, char** argv) {
   app.add_flag("--json", json, "print the summary as JSON instead of a table");
   app.add_flag("--bf16", g_bf16,
                "train in the CPU backend's bf16 mode: bf16 wherever a bf16 GPU backend stores bf16 (matmul operands, "
-               "activations), fp32 accumulation, residual stream, weights and optimizer state (engine/cpu/bf16_mode.cc)");
+               "activations), fp32 accumulation, residual stream, weights and optimizer state (engine/cpu/bf16_mode.cc); "
+               "on a GPU bf16 is the default");
+  app.add_flag("--fp32", g_fp32,
+               "on a GPU, train in the CUDA backend's fp32 mode (tight parity with the CPU) instead of bf16; the "
+               "attention arms always train in fp32");
   app.add_option("--device", device_text,
-                 "cpu, or cuda / cuda:N (a build with the CUDA backend; its fp32 mode, one rank); default: the file's "
-                 "resources.device (CUDA: cuda:0)")
+                 "cpu, or cuda / cuda:N (a build with the CUDA backend: bf16 unless --fp32, one rank); default: the "
+                 "file's resources.device (CUDA: cuda:0)")
       ->type_name("cpu|cuda[:N]");
   app.add_flag("--print-model", print_model,
                "print the baseline arm's model config (as a checkpoint header holds it) and exit");
@@ -489,12 +509,20 @@ int Main(int argc, char** argv) {
   } else if (e->resources().device() == v1::CUDA) {
     device.kind = DeviceChoice::kCuda;
   }
-  if (device.kind == DeviceChoice::kCuda && (ranks > 1 || g_bf16)) {
+  if (device.kind == DeviceChoice::kCuda && ranks > 1) {
     std::fprintf(stderr, "sinkscope-train: --device %s: %s\n", device.Name().c_str(),
-                 ranks > 1 ? "local runs on CUDA have one rank (gangs of CUDA ranks run through the service, over NCCL)"
-                           : "the CUDA backend has only its fp32 mode so far (--bf16 is the CPU's bf16 mode)");
+                 "local runs on CUDA have one rank (gangs of CUDA ranks run through the service, over NCCL)");
     return 2;
   }
+  if (g_bf16 && g_fp32) {
+    std::fprintf(stderr, "sinkscope-train: --bf16 and --fp32 exclude each other\n");
+    return 2;
+  }
+  if (device.kind == DeviceChoice::kCpu && g_fp32) {
+    std::fprintf(stderr, "sinkscope-train: --fp32 chooses the GPU's mode (the CPU trains in fp32 unless --bf16)\n");
+    return 2;
+  }
+  g_gpu = device;
   if (out.empty()) out = "runs/" + e->name();
   {
     std::error_code ec;
@@ -540,7 +568,7 @@ int Main(int argc, char** argv) {
   } else {
     auto described = DescribeDevice(device);
     StatusOr<std::unique_ptr<Backend>> made = described.status();
-    if (described.ok()) made = MakeBackendFor(device);
+    if (described.ok()) made = MakeBackendFor(device, g_fp32 ? GpuPrecision::kFp32 : GpuPrecision::kBf16);
     if (!made.ok()) {
       std::fprintf(stderr, "sinkscope-train: %s\n", made.status().message().c_str());
       return 2;

@@ -51,13 +51,14 @@ Status NoCudaBuilt(const DeviceChoice& d) {
 }  // namespace
 #endif
 
-StatusOr<std::unique_ptr<Backend>> MakeBackendFor(const DeviceChoice& d) {
+StatusOr<std::unique_ptr<Backend>> MakeBackendFor(const DeviceChoice& d, GpuPrecision gpu_precision) {
   if (d.kind == DeviceChoice::kCpu) return MakeCpuBackend();
 #ifdef SINKSCOPE_WITH_CUDA
-  auto b = MakeCudaBackend(d.index);
+  auto b = MakeCudaBackend(d.index, gpu_precision == GpuPrecision::kBf16 ? CudaPrecision::kBf16 : CudaPrecision::kFp32);
   if (!b.ok()) return Status(b.status().code(), "device " + d.Name() + ": " + b.status().message());
   return std::move(*b);
 #else
+  (void)gpu_precision;
   return NoCudaBuilt(d);
 #endif
 }

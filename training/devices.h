@@ -35,9 +35,14 @@ struct DeviceDescription {
   double table_peak_flops = 0;
 };
 
+// A GPU backend's arithmetic: bf16 (the default for training on a GPU: bf16 activations
+// and GEMM operands, fp32 master weights and accumulation) or fp32 (tight parity with the
+// CPU backend; the attention arms, which have no bf16 contract yet).
+enum class GpuPrecision { kBf16, kFp32 };
 // The backend on the chosen device, or an error naming what is missing (a build without
-// CUDA, no driver, no such device).
-StatusOr<std::unique_ptr<Backend>> MakeBackendFor(const DeviceChoice& device);
+// CUDA, no driver, no such device). The CPU backend is fp32 whatever `gpu_precision`.
+StatusOr<std::unique_ptr<Backend>> MakeBackendFor(const DeviceChoice& device,
+                                                  GpuPrecision gpu_precision = GpuPrecision::kBf16);
 StatusOr<DeviceDescription> DescribeDevice(const DeviceChoice& device);
 
 // The device table: dense bf16 peak of a GPU by its name (H100, H200: 989 TFLOP/s;

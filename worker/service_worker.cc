@@ -128,6 +128,16 @@ StatusOr<std::unique_ptr<Worker>> Worker::Create(WorkerOptions options, Clock* c
       new Worker(std::move(options), clock, std::move(*backend), peak, name.substr(0, 128), memory));
 }
 
+StatusOr<Backend*> Worker::Fp32Backend() {
+  if (fp32_backend_ == nullptr) {
+    DeviceChoice device;
+    device.kind = DeviceChoice::kCuda;
+    device.index = options_.device_index;
+    ASSIGN_OR_RETURN(fp32_backend_, MakeBackendFor(device, GpuPrecision::kFp32));
+  }
+  return fp32_backend_.get();
+}
+
 Worker::Worker(WorkerOptions options, Clock* clock, std::unique_ptr<Backend> backend, double peak_flops,
                std::string device_name, int64_t memory_bytes)
     : options_(std::move(options)),
@@ -1016,6 +1026,15 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
   };
 
   RunLoopOptions o = ToRunLoopOptions(e, a.arm(), a.seed(), peak_flops_, a.checkpoint_dir(), /*resume=*/true);
+  // A GPU worker trains in bf16; the attention arms have no bf16 contract yet (ARMS.md),
+  // so their runs train on an fp32 backend of the same device, made when first needed.
+  Backend* backend = backend_.get();
+  if (o.trainer.model.HasAttentionArm() && !backend->Supports(OptionalOp::kAttentionArms)) {
+    auto fp32 = Fp32Backend();
+    if (!fp32.ok()) return failed(v1::UNSUPPORTED, "an attention arm needs the fp32 backend: " + fp32.status().message(), 0);
+    backend = *fp32;
+    Log(LogLevel::kInfo, "fp32_for_arm", {{"run_id", run}, {"backend", backend->Name()}});
+  }
   o.checkpoint_retries = options_.checkpoint_retries;
   o.checkpoint_backoff = options_.checkpoint_backoff;
   // A gang's rank meets the others through the coordinator, then trains its share of
@@ -1032,7 +1051,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     n.rank = rank;
     n.world_size = W;
     n.device = options_.device_index;
-    n.stream = CudaStreamOf(*backend_);
+    n.stream = CudaStreamOf(*backend);
     n.timeout = options_.collective_timeout;
     Log(LogLevel::kInfo, "rendezvous",
         {{"run_id", run}, {"rank", Str(rank)}, {"world_size", Str(W)}, {"collectives", "nccl"}});
@@ -1062,7 +1081,7 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     o.trainer.comm = comm.get();
   }
   ServiceRun service_run(this, a, o.total_steps);
-  const RunResult r = RunLoop(o, data->get(), backend_.get(), &service_run, clock_);
+  const RunResult r = RunLoop(o, data->get(), backend, &service_run, clock_);
   const int64_t saved = std::max<int64_t>(r.checkpoint_step, 0);
   const RunEnd quiet{RunEnd::kCancelled, v1::FAILURE_REASON_UNSPECIFIED, "", r.step, saved};  // nothing to report
   switch (r.kind) {

@@ -200,6 +200,10 @@ class Worker {
   const WorkerOptions options_;
   Clock* const clock_;
   const std::unique_ptr<Backend> backend_;
+  // An fp32 backend on the GPU for the attention arms' runs (the bf16 mode has no arms),
+  // made on the run thread when first needed.
+  std::unique_ptr<Backend> fp32_backend_;
+  StatusOr<Backend*> Fp32Backend();
   const double peak_flops_;
   const std::string device_name_;  // "cpu" or "NVIDIA H200 (cuda:0)"
   const int64_t memory_bytes_;

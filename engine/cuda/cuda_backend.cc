@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -22,6 +23,7 @@
 namespace sinkscope {
 namespace {
 
+using cuda::Act;
 using cuda::AdamWSegment;
 using cuda::Segment;
 
@@ -37,7 +39,7 @@ constexpr size_t kMaxTables = 1024;
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : device_(device) {}
+  CudaBackend(int device, CudaPrecision precision) : device_(device), bf16_(precision == CudaPrecision::kBf16) {}
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
   ~CudaBackend() override {
@@ -45,8 +47,9 @@ class CudaBackend final : public Backend {
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
+    for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
-                    column_scratch_.p, massive_scratch_.p}) {
+                    column_scratch_.p, massive_scratch_.p, operand_a_.p, operand_b_.p, qk_scratch_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
@@ -64,10 +67,12 @@ class CudaBackend final : public Backend {
     return OkStatus();
   }
 
-  const char* Name() const override { return "cuda"; }
+  const char* Name() const override { return bf16_ ? "cuda-bf16" : "cuda"; }
   // Every optional op: the attention arms (docs/design/ARMS.md) run through the tiled
-  // kernel of flash_attention.cu.
-  bool Supports(OptionalOp) const override { return true; }
+  // kernel of flash_attention.cu — in fp32 only, as on the CPU: the arms have no bf16
+  // contract yet (ARMS.md), so the bf16 mode does not offer them.
+  bool Supports(OptionalOp op) const override { return !(bf16_ && op == OptionalOp::kAttentionArms); }
+  DType ActivationDType() const override { return bf16_ ? DType::kBF16 : DType::kF32; }
 
   // --- memory ------------------------------------------------------------------------
   float* Alloc(size_t n) override { return static_cast<float*>(AllocBytes(std::max<size_t>(n, 1) * sizeof(float))); }
@@ -78,11 +83,17 @@ class CudaBackend final : public Backend {
     return static_cast<double*>(AllocBytes(std::max<size_t>(n, 1) * sizeof(double)));
   }
   void Free(void* p) override {
-    if (p != nullptr) CUDA_CALL(cudaFree(p));
+    if (p == nullptr) return;
+    if (auto it = alloc_bytes_.find(p); it != alloc_bytes_.end()) {
+      DropShadows(p, it->second);  // the bf16 copies of parameters that lived in it
+      alloc_bytes_.erase(it);
+    }
+    CUDA_CALL(cudaFree(p));
   }
   // From pageable memory cudaMemcpyAsync returns once the source is staged, so the
   // caller may reuse it at once; the copy is ordered with the stream's work.
   void ToDevice(void* dst, const void* src, size_t bytes) override {
+    Written(dst, bytes);
     CUDA_CALL(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
   }
   void ToHost(void* dst, const void* src, size_t bytes) override {
@@ -90,9 +101,11 @@ class CudaBackend final : public Backend {
     CUDA_CALL(cudaStreamSynchronize(stream_));
   }
   void Copy(float* dst, const float* src, size_t n) override {
+    Written(dst, n * sizeof(float));
     CUDA_CALL(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
   }
   void Fill(float* x, float value, size_t n) override {
+    Written(x, n * sizeof(float));
     cuda::LaunchFill(stream_, x, value, n);
     LAUNCHED("Fill");
   }
@@ -111,16 +124,17 @@ class CudaBackend final : public Backend {
 
   // --- elementwise and reductions -------------------------------------------------------
   void Axpy(float* y, float alpha, const float* x, size_t n) override {
+    Written(y, n * sizeof(float));
     cuda::LaunchAxpy(stream_, y, alpha, x, n);
     LAUNCHED("Axpy");
   }
   void Scale(float* x, float s, size_t n) override {
+    Written(x, n * sizeof(float));
     cuda::LaunchScale(stream_, x, s, n);
     LAUNCHED("Scale");
   }
   void AddRowBias(TensorView x_v, const float* b, int N, int n) override {
-    float* x = x_v.f32("cuda AddRowBias");
-    cuda::LaunchAddRowBias(stream_, x, b, N, n);
+    cuda::LaunchAddRowBias(stream_, A(x_v, "cuda AddRowBias"), b, N, n);
     LAUNCHED("AddRowBias");
   }
   void AccumulateColumnSums(float* acc, const float* x, int N, int n) override {
@@ -152,8 +166,7 @@ class CudaBackend final : public Backend {
     LAUNCHED("AccumulateTokenSum");
   }
   void AccumulateTokenNormSum(float* acc, TensorView x_v, int B, int T, int G, int C, int P) override {
-    const float* x = x_v.f32("cuda AccumulateTokenNormSum");
-    cuda::LaunchTokenNormSum(stream_, acc, x, B, T, G, C, P);
+    cuda::LaunchTokenNormSum(stream_, acc, A(x_v, "cuda AccumulateTokenNormSum"), B, T, G, C, P);
     LAUNCHED("AccumulateTokenNormSum");
   }
 
@@ -173,19 +186,61 @@ class CudaBackend final : public Backend {
   // --- matmul ------------------------------------------------------------------------------
   // Row-major C(m,n) = op(A)·op(B) is column-major Cᵀ(n,m) = op(B)ᵀ·op(A)ᵀ: cuBLASLt gets
   // B as its first operand and A as its second, each with the same transpose flag.
+  // fp32 mode: fp32 operands and compute (no TF32). bf16 mode: bf16 operands (a bf16 view
+  // as stored; a parameter through its bf16 copy; any other fp32 operand converted into
+  // scratch), fp32 accumulation, C in its view's dtype.
   void Gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a_v, TensorView b_v, float beta,
             TensorView c_v) override {
-    const float* a = a_v.f32("cuda Gemm");
-    const float* b = b_v.f32("cuda Gemm");
-    float* c = c_v.f32("cuda Gemm");
-    if (m == 0 || n == 0) return;
-    // Weights and gradients sit at any float offset of the parameter buffer: the plan is
-    // chosen for the operands' actual alignment (cuBLASLt otherwise assumes 256 bytes and
-    // may pick a vectorised kernel that faults on a 4-byte-aligned pointer).
-    GemmPlan* plan = Plan(trans_a, trans_b, m, n, k, Alignment(b), Alignment(a), Alignment(c));
-    if (plan == nullptr) return;
-    CUBLAS_CALL(cublasLtMatmul(lt_, plan->desc, &alpha, b, plan->a, a, plan->b, &beta, c, plan->c, c, plan->c,
+    GemmWithBias(trans_a, trans_b, m, n, k, alpha, a_v, b_v, beta, c_v, nullptr);
+  }
+  // As Gemm, with bias(n) (fp32) added to every row of C by cuBLASLt's epilogue, before C
+  // is stored (so a bf16 C is rounded once, after the bias). False when this cuBLASLt has
+  // no such kernel (nothing was done: the caller adds the bias itself).
+  bool GemmWithBias(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a_v, TensorView b_v,
+                    float beta, TensorView c_v, const float* bias) {
+    if (m == 0 || n == 0) return true;
+    const bool low = bf16_ || a_v.dtype == DType::kBF16 || b_v.dtype == DType::kBF16;
+    const Act c = A(c_v, "cuda Gemm");
+    const void* a = low ? Bf16Operand(a_v, static_cast<size_t>(m) * k, &operand_a_) : a_v.f32("cuda Gemm");
+    const void* b = low ? Bf16Operand(b_v, static_cast<size_t>(k) * n, &operand_b_) : b_v.f32("cuda Gemm");
+    if (a == nullptr || b == nullptr) return true;  // the error is recorded
+    if (c.bf16) Written(c.p, static_cast<size_t>(m) * n * 2);
+    else Written(c.p, static_cast<size_t>(m) * n * 4);
+    // Operands sit at any element offset of a buffer (a chunk of rows): the plan is chosen
+    // for their actual alignment (cuBLASLt otherwise assumes 256 bytes and may pick a
+    // vectorised kernel that faults on a less aligned pointer).
+    const GemmKey key{trans_a, trans_b, m, n, k, Alignment(b), Alignment(a), Alignment(c.p), low, c.bf16,
+                      bias != nullptr ? Alignment(bias) : 0u};
+    GemmPlan* plan = Plan(key, bias);
+    if (plan == nullptr) return bias == nullptr;  // no kernel for the bias epilogue: the caller's fallback
+    if (bias != nullptr) {
+      CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    CUBLAS_CALL(cublasLtMatmul(lt_, plan->desc, &alpha, b, plan->a, a, plan->b, &beta, c.p, plan->c, c.p, plan->c,
                                &plan->algo, gemm_workspace_, kGemmWorkspaceBytes, stream_));
+    return true;
+  }
+
+  // The attention input (backend.h): the projections' bias is cuBLASLt's epilogue; in bf16
+  // the q/k norms' output stays fp32 until RoPE has rotated it (one rounding, as the
+  // contract's CPU reference rounds).
+  void AttentionInputForward(const AttentionShape& s, TensorView xn, const AttentionInputWeights& w,
+                             const AttentionInputActs& a) override {
+    const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
+    const bool qk_norm = w.q_norm != nullptr;
+    const TensorView q_proj = qk_norm ? a.q_raw : a.q;
+    const TensorView k_proj = qk_norm ? a.k_raw : a.k;
+    Projection(N, qd, s.d, xn, w.wq, w.bq, q_proj);
+    Projection(N, kvd, s.d, xn, w.wk, w.bk, k_proj);
+    Projection(N, kvd, s.d, xn, w.wv, w.bv, a.v);
+    if (qk_norm) {
+      NormRope(a.q, a.rstd_q, a.q_raw, w.q_norm, s.B, s.T, s.H, s.dh, s.eps, *s.rope);
+      NormRope(a.k, a.rstd_k, a.k_raw, w.k_norm, s.B, s.T, s.KV, s.dh, s.eps, *s.rope);
+    } else {
+      RopeForward(a.q, s.B, s.T, s.H, s.dh, *s.rope);
+      RopeForward(a.k, s.B, s.T, s.KV, s.dh, *s.rope);
+    }
+    VScaleForward(a.vhat, a.v, w.theta, N, s.KV, s.dh, s.vscale_c_base, s.vscale);
   }
 
   // --- model ops ------------------------------------------------------------------------------
@@ -198,23 +253,21 @@ class CudaBackend final : public Backend {
     LAUNCHED("EmbeddingBackward");
   }
   void RmsNormForward(TensorView out_v, float* rstd, TensorView x_v, const float* gamma, int N, int d, float eps) override {
-    float* out = out_v.f32("cuda RmsNormForward");
-    const float* x = x_v.f32("cuda RmsNormForward");
-    cuda::LaunchRmsNormForward(stream_, nullptr, out, rstd, x, nullptr, gamma, N, d, eps);
+    cuda::LaunchRmsNormForward(stream_, nullptr, A(out_v, "cuda RmsNormForward"), rstd, A(x_v, "cuda RmsNormForward"),
+                               nullptr, gamma, N, d, eps);
     LAUNCHED("RmsNormForward");
   }
   void ResidualRmsNormForward(float* sum, TensorView out_v, float* rstd, const float* x, const float* r, const float* gamma,
                               int N, int d, float eps) override {
-    float* out = out_v.f32("cuda ResidualRmsNormForward");
-    cuda::LaunchRmsNormForward(stream_, sum, out, rstd, x, r, gamma, N, d, eps);
+    cuda::LaunchRmsNormForward(stream_, sum, A(out_v, "cuda ResidualRmsNormForward"), rstd, x, r, gamma, N, d, eps);
     LAUNCHED("ResidualRmsNormForward");
   }
   void RmsNormBackward(float* dx, float* dgamma, const float* dout, TensorView x_v, const float* gamma,
                        const float* rstd, int N, int d) override {
-    const float* x = x_v.f32("cuda RmsNormBackward");
     float* partials = ColumnPartials(N, d);
     if (partials == nullptr) return;
-    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, x, gamma, rstd, N, d, partials);
+    cuda::LaunchRmsNormBackward(stream_, dx, dgamma, dx, dout, A(x_v, "cuda RmsNormBackward"), gamma, rstd, N, d,
+                                partials);
     LAUNCHED("RmsNormBackward");
   }
   void RmsNormBackwardResidual(float* dx, float* dgamma, const float* d_residual, const float* dout, const float* x,
@@ -226,11 +279,11 @@ class CudaBackend final : public Backend {
   }
 
   void RopeForward(TensorView x_v, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
-    float* x = x_v.f32("cuda RopeForward");
-    Rope(x, B, T, heads, dh, rope, 1.0);
+    const Act x = A(x_v, "cuda RopeForward");
+    Rope(x, x, B, T, heads, dh, rope, 1.0);
   }
   void RopeBackward(float* dx, int B, int T, int heads, int dh, const RotaryFrequencies& rope) override {
-    Rope(dx, B, T, heads, dh, rope, -1.0);
+    Rope(dx, dx, B, T, heads, dh, rope, -1.0);
   }
 
   // Flash attention (kernels/flash_attention.cu): the backward recomputes P from q, k and
@@ -238,21 +291,16 @@ class CudaBackend final : public Backend {
   size_t AttentionWorkspaceFloats(int, int, int) const override { return 0; }
   void AttentionForward(TensorView y_v, float* lse, float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v,
                         int B, int T, int H, int KV, int dh) override {
-    float* y = y_v.f32("cuda AttentionForward");
-    const float* q = q_v.f32("cuda AttentionForward");
-    const float* k = k_v.f32("cuda AttentionForward");
-    const float* v = v_v.f32("cuda AttentionForward");
     if (!HeadDimSupported(dh)) return;
-    cuda::LaunchFlashAttentionForward(stream_, y, lse, q, k, v, B, T, H, KV, dh);
+    const char* op = "cuda AttentionForward";
+    cuda::LaunchFlashAttentionForward(stream_, A(y_v, op), lse, A(q_v, op), A(k_v, op), A(v_v, op), B, T, H, KV, dh);
     LAUNCHED("AttentionForward");
   }
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y_v, const float* lse,
                          const float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v, int B, int T, int H,
                          int KV, int dh) override {
-    const float* y = y_v.f32("cuda AttentionBackward");
-    const float* q = q_v.f32("cuda AttentionBackward");
-    const float* k = k_v.f32("cuda AttentionBackward");
-    const float* v = v_v.f32("cuda AttentionBackward");
+    const char* op = "cuda AttentionBackward";
+    const Act y = A(y_v, op), q = A(q_v, op), k = A(k_v, op), v = A(v_v, op);
     if (!HeadDimSupported(dh)) return;
     float* D = static_cast<float*>(Scratch(&scratch_, std::max<size_t>(static_cast<size_t>(B) * H * T, 1) * sizeof(float)));
     if (D == nullptr) return;
@@ -262,16 +310,16 @@ class CudaBackend final : public Backend {
   void AttentionColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, TensorView q_v,
                             TensorView k_v, const float* lse, int B, int T, int H, int KV, int dh,
                             const ColumnStatsRequest& request) override {
-    if (ColumnStats(alpha, mass, second_moment, per_sample_rate, q_v.f32("cuda AttentionColumnStats"),
-                    k_v.f32("cuda AttentionColumnStats"), lse, nullptr, B, T, H, KV, dh, request, cuda::FlashArm{})) {
+    if (ColumnStats(alpha, mass, second_moment, per_sample_rate, A(q_v, "cuda AttentionColumnStats"),
+                    A(k_v, "cuda AttentionColumnStats"), lse, nullptr, B, T, H, KV, dh, request, cuda::FlashArm{})) {
       LAUNCHED("AttentionColumnStats");
     }
   }
   // Column s of the attention matrix for the probes, recomputed from q, k and each row's
   // numbers (r0: the lse, or softpick's m; r1: softpick's D') by the arm's formula. False
   // when its scratch could not be had (the error is recorded).
-  bool ColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, const float* q,
-                   const float* k, const float* r0, const float* r1, int B, int T, int H, int KV, int dh,
+  bool ColumnStats(float* alpha, float* mass, float* second_moment, float* per_sample_rate, Act q, Act k,
+                   const float* r0, const float* r1, int B, int T, int H, int KV, int dh,
                    const ColumnStatsRequest& request, const cuda::FlashArm& arm) {
     const int s = request.sink_position;
     const int window = std::min(request.window, T - s);
@@ -304,10 +352,8 @@ class CudaBackend final : public Backend {
   void ArmAttentionForward(TensorView y_v, float* /*att*/, float* unassigned, float* ws, TensorView q_v, TensorView k_v,
                            TensorView v_v, const float* sink, int B, int T, int H, int KV, int dh,
                            const AttentionArmParams& arm) override {
-    float* y = y_v.f32("cuda ArmAttentionForward");
-    const float* q = q_v.f32("cuda ArmAttentionForward");
-    const float* k = k_v.f32("cuda ArmAttentionForward");
-    const float* v = v_v.f32("cuda ArmAttentionForward");
+    const char* op = "cuda ArmAttentionForward";
+    const Act y = A(y_v, op), q = A(q_v, op), k = A(k_v, op), v = A(v_v, op);
     if (!HeadDimSupported(dh)) return;
     const size_t rows = static_cast<size_t>(B) * H * T;
     cuda::LaunchFlashArmForward(stream_, y, ws, ws + rows, unassigned, q, k, v, B, T, H, KV, dh, DeviceArm(arm, sink));
@@ -317,10 +363,8 @@ class CudaBackend final : public Backend {
                             const float* /*att*/, const float* unassigned, const float* ws, TensorView q_v,
                             TensorView k_v, TensorView v_v, const float* sink, int B, int T, int H, int KV, int dh,
                             const AttentionArmParams& arm) override {
-    const float* y = y_v.f32("cuda ArmAttentionBackward");
-    const float* q = q_v.f32("cuda ArmAttentionBackward");
-    const float* k = k_v.f32("cuda ArmAttentionBackward");
-    const float* v = v_v.f32("cuda ArmAttentionBackward");
+    const char* op = "cuda ArmAttentionBackward";
+    const Act y = A(y_v, op), q = A(q_v, op), k = A(k_v, op), v = A(v_v, op);
     if (!HeadDimSupported(dh)) return;
     const size_t rows = static_cast<size_t>(B) * H * T;
     float* D = static_cast<float*>(Scratch(&scratch_, std::max<size_t>(rows, 1) * sizeof(float)));
@@ -334,31 +378,29 @@ class CudaBackend final : public Backend {
                                TensorView q_v, TensorView k_v, const float* ws, int B, int T, int H, int KV, int dh,
                                const AttentionArmParams& arm, const ColumnStatsRequest& request) override {
     const size_t rows = static_cast<size_t>(B) * H * T;
-    if (ColumnStats(alpha, mass, second_moment, per_sample_rate, q_v.f32("cuda ArmAttentionColumnStats"),
-                    k_v.f32("cuda ArmAttentionColumnStats"), ws, ws + rows, B, T, H, KV, dh, request,
+    if (ColumnStats(alpha, mass, second_moment, per_sample_rate, A(q_v, "cuda ArmAttentionColumnStats"),
+                    A(k_v, "cuda ArmAttentionColumnStats"), ws, ws + rows, B, T, H, KV, dh, request,
                     DeviceArm(arm, nullptr))) {
       LAUNCHED("ArmAttentionColumnStats");
     }
   }
   void SigmoidGateForward(TensorView out_v, TensorView x_v, const float* logits, int N, int G, int C) override {
-    float* out = out_v.f32("cuda SigmoidGateForward");
-    const float* x = x_v.f32("cuda SigmoidGateForward");
-    cuda::LaunchSigmoidGateForward(stream_, out, x, logits, N, G, C);
+    cuda::LaunchSigmoidGateForward(stream_, A(out_v, "cuda SigmoidGateForward"), A(x_v, "cuda SigmoidGateForward"),
+                                   logits, N, G, C);
     LAUNCHED("SigmoidGateForward");
   }
   void SigmoidGateBackward(float* dx, float* dlogits, const float* dout, TensorView x_v, const float* logits, int N,
                            int G, int C) override {
-    const float* x = x_v.f32("cuda SigmoidGateBackward");
-    cuda::LaunchSigmoidGateBackward(stream_, dx, dlogits, dout, x, logits, N, G, C);
+    cuda::LaunchSigmoidGateBackward(stream_, dx, dlogits, dout, A(x_v, "cuda SigmoidGateBackward"), logits, N, G, C);
     LAUNCHED("SigmoidGateBackward");
   }
 
   void VScaleForward(TensorView vhat_v, TensorView v_v, const float* theta, int N, int KV, int dh, double c_base,
                      VScaleMode mode) override {
-    float* vhat = vhat_v.f32("cuda VScaleForward");
-    const float* v = v_v.f32("cuda VScaleForward");
+    const Act vhat = A(vhat_v, "cuda VScaleForward"), v = A(v_v, "cuda VScaleForward");
     if (mode != VScaleMode::kVScale) {
-      Copy(vhat, v, static_cast<size_t>(N) * KV * dh);
+      cuda::LaunchConvert(stream_, vhat, v, static_cast<size_t>(N) * KV * dh);
+      LAUNCHED("VScaleForward (copy)");
       return;
     }
     cuda::LaunchVScaleForward(stream_, vhat, v, theta, N, KV, dh, c_base);
@@ -366,7 +408,7 @@ class CudaBackend final : public Backend {
   }
   void VScaleBackward(float* dv, float* dtheta, const float* dvhat, TensorView v_v, const float* theta, int N, int KV,
                       int dh, double c_base, VScaleMode mode) override {
-    const float* v = v_v.f32("cuda VScaleBackward");
+    const Act v = A(v_v, "cuda VScaleBackward");
     if (mode == VScaleMode::kNone) {
       Copy(dv, dvhat, static_cast<size_t>(N) * KV * dh);
       return;
@@ -380,17 +422,14 @@ class CudaBackend final : public Backend {
   }
 
   void SwiGluForward(TensorView h_v, TensorView gate_v, TensorView up_v, int N, int F) override {
-    float* h = h_v.f32("cuda SwiGluForward");
-    const float* gate = gate_v.f32("cuda SwiGluForward");
-    const float* up = up_v.f32("cuda SwiGluForward");
-    cuda::LaunchSwiGluForward(stream_, h, gate, up, static_cast<size_t>(N) * F);
+    const char* op = "cuda SwiGluForward";
+    cuda::LaunchSwiGluForward(stream_, A(h_v, op), A(gate_v, op), A(up_v, op), static_cast<size_t>(N) * F);
     LAUNCHED("SwiGluForward");
   }
   void SwiGluBackward(float* dgate, float* dup, const float* dh, TensorView gate_v, TensorView up_v, int N,
                       int F) override {
-    const float* gate = gate_v.f32("cuda SwiGluBackward");
-    const float* up = up_v.f32("cuda SwiGluBackward");
-    cuda::LaunchSwiGluBackward(stream_, dgate, dup, dh, gate, up, static_cast<size_t>(N) * F);
+    const char* op = "cuda SwiGluBackward";
+    cuda::LaunchSwiGluBackward(stream_, dgate, dup, dh, A(gate_v, op), A(up_v, op), static_cast<size_t>(N) * F);
     LAUNCHED("SwiGluBackward");
   }
 
@@ -411,29 +450,33 @@ class CudaBackend final : public Backend {
 
   void AdamW(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2, float eps,
              float weight_decay, float grad_scale, int64_t step) override {
-    const AdamWSegment seg = AdamWSegmentOf(p, m, v, g, n, weight_decay);
+    Written(p, n * sizeof(float));
+    const AdamWSegment seg = AdamWSegmentOf(p, m, v, g, n, weight_decay, nullptr);
     const auto* table = static_cast<const AdamWSegment*>(DeviceTable(&seg, sizeof seg));
     if (table == nullptr) return;
     const auto [bc1, bc2] = BiasCorrections(beta1, beta2, step);
     cuda::LaunchAdamW(stream_, table, 1, n, n, nullptr, 0, grad_scale, lr, beta1, beta2, eps, bc1, bc2);
     LAUNCHED("AdamW");
   }
-  // One launch; the guard is read on the device (no host synchronisation).
+  // One launch; the guard is read on the device (no host synchronisation). In bf16 mode
+  // the kernel also writes each parameter's bf16 copy, the operand every GEMM reads.
   void MultiTensorAdamW(const std::vector<AdamWTensor>& tensors, const AdamWHyper& h, const double* guard) override {
     std::vector<AdamWSegment> segs;
-    size_t max_n = 0, total_n = 0;
+    size_t max_n = 0, total_n = 0, bf16_n = 0;
     for (const AdamWTensor& t : tensors) {
       if (t.n == 0) continue;
-      segs.push_back(AdamWSegmentOf(t.p, t.m, t.v, t.g, t.n, t.weight_decay));
+      void* copy = bf16_ ? ShadowOf(t.p, t.n) : nullptr;
+      segs.push_back(AdamWSegmentOf(t.p, t.m, t.v, t.g, t.n, t.weight_decay, copy));
       max_n = std::max(max_n, t.n);
       total_n += t.n;
+      if (copy != nullptr) bf16_n += t.n;
     }
     if (segs.empty()) return;
     const auto* table = static_cast<const AdamWSegment*>(DeviceTable(segs.data(), segs.size() * sizeof(AdamWSegment)));
     if (table == nullptr) return;
     const auto [bc1, bc2] = BiasCorrections(h.beta1, h.beta2, h.step);
     cuda::LaunchAdamW(stream_, table, static_cast<int>(segs.size()), max_n, total_n, guard, h.grad_clip, 1.0f, h.lr, h.beta1,
-                      h.beta2, h.eps, bc1, bc2);
+                      h.beta2, h.eps, bc1, bc2, bf16_n);
     LAUNCHED("MultiTensorAdamW");
   }
 
@@ -443,6 +486,7 @@ class CudaBackend final : public Backend {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     void Destroy() {
       if (a) cublasLtMatrixLayoutDestroy(a);
       if (b) cublasLtMatrixLayoutDestroy(b);
@@ -454,6 +498,145 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     size_t bytes = 0;
   };
+  // What a GEMM plan depends on. align_*: of cuBLASLt's A (our B), B (our A), C = D (our
+  // C) and the bias, in bytes; low: bf16 operands; c_bf16: a bf16 C.
+  struct GemmKey {
+    bool ta, tb;
+    int m, n, k;
+    uint32_t align_a, align_b, align_c;
+    bool low, c_bf16;
+    uint32_t align_bias;  // 0: no bias epilogue
+    auto Tie() const { return std::tie(ta, tb, m, n, k, align_a, align_b, align_c, low, c_bf16, align_bias); }
+    bool operator<(const GemmKey& o) const { return Tie() < o.Tie(); }
+  };
+  // A parameter's bf16 copy (bf16 mode): n elements from the fp32 tensor's start; stale
+  // after a write to the fp32 tensor other than the AdamW kernel's, refreshed when read.
+  struct Shadow {
+    size_t n = 0;
+    void* bf16 = nullptr;
+    bool fresh = false;
+  };
+
+  // A view as a kernel operand: fp32 or bf16 (any other dtype aborts, naming `where`).
+  static Act A(TensorView v, const char* where) {
+    if (!v) return Act();
+    if (v.dtype == DType::kBF16) return Act(v.data, true);
+    return Act(v.f32(where));
+  }
+
+  // The bf16 operand of a bf16 GEMM for a view of `count` elements: a bf16 view as it is,
+  // a parameter's bf16 copy, or any other fp32 buffer converted into `buf`. Null when
+  // memory ran out (recorded).
+  const void* Bf16Operand(TensorView v, size_t count, Buffer* buf) {
+    if (v.dtype == DType::kBF16) return v.data;
+    const float* x = v.f32("cuda Gemm");
+    if (const void* copy = ShadowRead(x, count); copy != nullptr) return copy;
+    void* out = Scratch(buf, std::max<size_t>(count, 1) * 2);
+    if (out == nullptr) return nullptr;
+    cuda::LaunchConvert(stream_, Act(out, true), Act(x), count);
+    LAUNCHED("Gemm operand to bf16");
+    return out;
+  }
+
+  // The shadow holding [x, x + count), refreshed if stale, or null.
+  const void* ShadowRead(const float* x, size_t count) {
+    if (shadows_.empty()) return nullptr;
+    auto it = shadows_.upper_bound(reinterpret_cast<uintptr_t>(x));
+    if (it == shadows_.begin()) return nullptr;
+    --it;
+    const uintptr_t start = it->first;
+    const size_t offset = (reinterpret_cast<uintptr_t>(x) - start) / sizeof(float);
+    Shadow& sh = it->second;
+    if (offset + count > sh.n) return nullptr;
+    if (!sh.fresh) {
+      cuda::LaunchConvert(stream_, Act(sh.bf16, true), Act(reinterpret_cast<const float*>(start)), sh.n);
+      LAUNCHED("parameter to bf16");
+      sh.fresh = true;
+    }
+    return static_cast<const char*>(sh.bf16) + offset * 2;
+  }
+  // The bf16 copy of parameter p(n) for the AdamW kernel to write (made and filled on first
+  // use, so it is right even when the guard skips the update), or null without memory.
+  void* ShadowOf(float* p, size_t n) {
+    const uintptr_t key = reinterpret_cast<uintptr_t>(p);
+    auto it = shadows_.find(key);
+    if (it != shadows_.end() && it->second.n != n) {
+      DropShadows(p, n * sizeof(float));
+      it = shadows_.end();
+    }
+    if (it == shadows_.end()) {
+      Shadow sh;
+      sh.n = n;
+      if (cudaMalloc(&sh.bf16, n * 2) != cudaSuccess) {
+        cudaGetLastError();  // no room for the copy: this tensor's GEMMs convert it instead
+        return nullptr;
+      }
+      it = shadows_.emplace(key, sh).first;
+    }
+    if (!it->second.fresh) {
+      cuda::LaunchConvert(stream_, Act(it->second.bf16, true), Act(p), n);
+      LAUNCHED("parameter to bf16");
+      it->second.fresh = true;
+    }
+    return it->second.bf16;
+  }
+  // A write of `bytes` at p by anything but the AdamW kernel: the copies it overlaps are stale.
+  void Written(const void* p, size_t bytes) {
+    if (shadows_.empty() || bytes == 0) return;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
+    auto it = shadows_.upper_bound(lo);
+    if (it != shadows_.begin()) --it;
+    for (; it != shadows_.end() && it->first < hi; ++it) {
+      if (it->first + it->second.n * sizeof(float) > lo) it->second.fresh = false;
+    }
+  }
+  // Frees the copies of the parameters that start in [p, p + bytes).
+  void DropShadows(const void* p, size_t bytes) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(p);
+    auto first = shadows_.lower_bound(lo), last = shadows_.lower_bound(lo + bytes);
+    if (first == last) return;
+    CUDA_CALL(cudaStreamSynchronize(stream_));  // queued GEMMs may still read them
+    for (auto it = first; it != last; ++it) cudaFree(it->second.bf16);
+    shadows_.erase(first, last);
+  }
+
+  // One projection x(N,d)·Wᵀ (+ bias) → out(N,n). bf16: the bias in the GEMM's epilogue,
+  // or (without such a kernel) added to an fp32 result before it is stored: one rounding.
+  // The fp32 mode keeps the composition (GEMM, then the bias kernel): bit for bit what
+  // the unfused ops give, as the parity mode promises.
+  void Projection(int N, int n, int d, TensorView x, const float* w, const float* bias, TensorView out) {
+    if (bias == nullptr || !bf16_) {
+      Gemm(false, true, N, n, d, 1.0f, x, w, 0.0f, out);
+      if (bias != nullptr) AddRowBias(out, bias, N, n);
+      return;
+    }
+    if (GemmWithBias(false, true, N, n, d, 1.0f, x, w, 0.0f, out, bias)) return;
+    const Act o = A(out, "cuda AttentionInputForward");
+    float* tmp = o.bf16 ? static_cast<float*>(Scratch(&qk_scratch_, static_cast<size_t>(N) * n * sizeof(float)))
+                        : static_cast<float*>(o.p);
+    if (tmp == nullptr) return;
+    Gemm(false, true, N, n, d, 1.0f, x, w, 0.0f, tmp);
+    cuda::LaunchAddRowBias(stream_, tmp, bias, N, n);
+    LAUNCHED("AddRowBias");
+    if (o.bf16) {
+      cuda::LaunchConvert(stream_, o, tmp, static_cast<size_t>(N) * n);
+      LAUNCHED("projection to bf16");
+    }
+  }
+  // out = RoPE(RMSNorm(x)·γ) per head (rows N·heads of dh), rounded once when out is bf16.
+  void NormRope(TensorView out_v, float* rstd, TensorView x_v, const float* gamma, int B, int T, int heads, int dh,
+                float eps, const RotaryFrequencies& rope) {
+    const int rows = B * T * heads;
+    const Act out = A(out_v, "cuda AttentionInputForward"), x = A(x_v, "cuda AttentionInputForward");
+    Act normed = out;
+    if (out.bf16) {
+      normed = static_cast<float*>(Scratch(&qk_scratch_, static_cast<size_t>(rows) * dh * sizeof(float)));
+      if (normed.p == nullptr) return;
+    }
+    cuda::LaunchRmsNormForward(stream_, nullptr, normed, rstd, x, nullptr, gamma, rows, dh, eps);
+    LAUNCHED("RmsNormForward (q/k norm)");
+    Rope(out, normed, B, T, heads, dh, rope, 1.0);
+  }
 
   bool Record(cudaError_t e, const char* call, int line) {
     if (e == cudaSuccess) return true;
@@ -497,6 +680,7 @@ class CudaBackend final : public Backend {
       cudaFree(p);
       return nullptr;
     }
+    if (bf16_) alloc_bytes_[p] = bytes;
     return p;
   }
 
@@ -537,7 +721,8 @@ class CudaBackend final : public Backend {
   }
 
   // A segment with its padding zeroed: device tables are cached by their bytes.
-  static AdamWSegment AdamWSegmentOf(float* p, float* m, float* v, const float* g, size_t n, float weight_decay) {
+  static AdamWSegment AdamWSegmentOf(float* p, float* m, float* v, const float* g, size_t n, float weight_decay,
+                                     void* p_bf16) {
     AdamWSegment s;
     std::memset(&s, 0, sizeof s);
     s.p = p;
@@ -546,6 +731,7 @@ class CudaBackend final : public Backend {
     s.g = g;
     s.n = n;
     s.weight_decay = weight_decay;
+    s.p_bf16 = p_bf16;
     return s;
   }
 
@@ -556,7 +742,7 @@ class CudaBackend final : public Backend {
 
   // (cos, sin) per (t, j), computed in double exactly as the CPU backend, cached by
   // everything they depend on.
-  void Rope(float* x, int B, int T, int heads, int dh, const RotaryFrequencies& rope, double sign) {
+  void Rope(Act dst, Act src, int B, int T, int heads, int dh, const RotaryFrequencies& rope, double sign) {
     const int half = dh / 2;
     std::string key(reinterpret_cast<const char*>(&T), sizeof T);
     key.append(reinterpret_cast<const char*>(&half), sizeof half);
@@ -581,49 +767,73 @@ class CudaBackend final : public Backend {
       }
       it = rope_tables_.emplace(std::move(key), p).first;
     }
-    cuda::LaunchRope(stream_, x, static_cast<const float2*>(it->second), B, T, heads, dh);
+    cuda::LaunchRope(stream_, dst, src, static_cast<const float2*>(it->second), B, T, heads, dh);
     LAUNCHED("Rope");
   }
 
-  // The largest power of two ≤ 256 dividing the address.
+  // The largest power of two ≤ 256 dividing the address (at least 2: a bf16 element).
   static uint32_t Alignment(const void* p) {
     const auto bits = reinterpret_cast<uintptr_t>(p);
     uint32_t a = 256;
-    while (a > 4 && bits % a != 0) a /= 2;
+    while (a > 2 && bits % a != 0) a /= 2;
     return a;
   }
 
-  // align_a/b/c: of cuBLASLt's A (our B), B (our A) and C = D (our C), in bytes.
-  GemmPlan* Plan(bool ta, bool tb, int m, int n, int k, uint32_t align_a, uint32_t align_b, uint32_t align_c) {
-    const auto key = std::make_tuple(ta, tb, m, n, k, align_a, align_b, align_c);
+  // The plan of one GEMM shape (cached): fp32, or bf16 operands with fp32 compute and an
+  // fp32 or bf16 C; with the bias epilogue when `bias` is given (its pointer is set per
+  // call). Null when cuBLASLt has no algorithm; that is recorded unless a bias was asked
+  // for (the caller then adds the bias itself).
+  GemmPlan* Plan(const GemmKey& key, const float* bias) {
     auto it = gemm_plans_.find(key);
     if (it != gemm_plans_.end()) return &it->second;
+    if (no_bias_plans_.count(key) != 0) return nullptr;
+    const bool ta = key.ta, tb = key.tb;
+    const int m = key.m, n = key.n, k = key.k;
     GemmPlan plan;
+    const cudaDataType_t ab = key.low ? CUDA_R_16BF : CUDA_R_32F, ct = key.c_bf16 ? CUDA_R_16BF : CUDA_R_32F;
     const cublasOperation_t op_a = tb ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's A is our B
     const cublasOperation_t op_b = ta ? CUBLAS_OP_T : CUBLAS_OP_N;  // and its B our A
     bool ok = CUBLAS_CALL(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
               CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a)) &&
               CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b)) &&
               // Our B, row-major (k,n) [or (n,k) when transposed], is column-major (n,k) [(k,n)].
-              CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, tb ? k : n, tb ? n : k, tb ? k : n)) &&
-              CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, ta ? m : k, ta ? k : m, ta ? m : k)) &&
-              CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, n, m, n));
+              CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.a, ab, tb ? k : n, tb ? n : k, tb ? k : n)) &&
+              CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.b, ab, ta ? m : k, ta ? k : m, ta ? m : k)) &&
+              CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.c, ct, n, m, n));
+    if (ok && bias != nullptr) {
+      plan.epilogue = CUBLASLT_EPILOGUE_BIAS;
+      const cudaDataType_t bias_type = CUDA_R_32F;
+      ok = CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &plan.epilogue,
+                                                      sizeof plan.epilogue)) &&
+           CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                      sizeof bias_type)) &&
+           CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
     cublasLtMatmulPreference_t pref = nullptr;
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     ok = ok && CUBLAS_CALL(cublasLtMatmulPreferenceCreate(&pref)) &&
          CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                           &kGemmWorkspaceBytes, sizeof kGemmWorkspaceBytes)) &&
-         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
-                                                          sizeof align_a)) &&
-         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
-                                                          sizeof align_b)) &&
-         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c,
-                                                          sizeof align_c)) &&
-         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
-                                                          sizeof align_c)) &&
-         CUBLAS_CALL(cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result,
-                                                    &found));
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                          &key.align_a, sizeof key.align_a)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                          &key.align_b, sizeof key.align_b)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                          &key.align_c, sizeof key.align_c)) &&
+         CUBLAS_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                          &key.align_c, sizeof key.align_c));
+    if (ok) {
+      const cublasStatus_t e = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1,
+                                                              &result, &found);
+      if (bias != nullptr && (e == CUBLAS_STATUS_NOT_SUPPORTED || (e == CUBLAS_STATUS_SUCCESS && found == 0))) {
+        cublasLtMatmulPreferenceDestroy(pref);
+        plan.Destroy();
+        no_bias_plans_.insert(key);  // the caller adds the bias itself, each time
+        return nullptr;
+      }
+      ok = RecordBlas(e, "cublasLtMatmulAlgoGetHeuristic", __LINE__);
+    }
     if (pref != nullptr) cublasLtMatmulPreferenceDestroy(pref);
     if (ok && found == 0) ok = RecordBlas(CUBLAS_STATUS_NOT_SUPPORTED, "cublasLtMatmulAlgoGetHeuristic (no algorithm)", __LINE__);
     if (!ok) {
@@ -635,12 +845,18 @@ class CudaBackend final : public Backend {
   }
 
   const int device_;
+  const bool bf16_;
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
   void* gemm_workspace_ = nullptr;
   double* partials_ = nullptr;
   Buffer scratch_, dscratch_, column_scratch_, massive_scratch_;
-  std::map<std::tuple<bool, bool, int, int, int, uint32_t, uint32_t, uint32_t>, GemmPlan> gemm_plans_;
+  Buffer operand_a_, operand_b_;  // bf16 GEMM operands converted from fp32
+  Buffer qk_scratch_;             // the q/k norms' fp32 output before RoPE (bf16 mode)
+  std::map<GemmKey, GemmPlan> gemm_plans_;
+  std::set<GemmKey> no_bias_plans_;  // shapes whose bias epilogue cuBLASLt cannot do
+  std::map<uintptr_t, Shadow> shadows_;  // by the fp32 tensor's address
+  std::map<const void*, size_t> alloc_bytes_;  // bf16 mode: each allocation's size (Free drops its copies)
   std::map<std::string, void*> tables_, rope_tables_;
   std::mutex error_mu_;
   Status error_;
@@ -696,10 +912,10 @@ void* CudaStreamOf(Backend& backend) {
   return cuda != nullptr ? static_cast<void*>(cuda->stream()) : nullptr;
 }
 
-StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index) {
+StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index, CudaPrecision precision) {
   ASSIGN_OR_RETURN(CudaDeviceInfo info, DescribeCudaDevice(index));
   (void)info;
-  auto be = std::make_unique<CudaBackend>(index);
+  auto be = std::make_unique<CudaBackend>(index, precision);
   RETURN_IF_ERROR(be->Init());
   return std::unique_ptr<Backend>(std::move(be));
 }

@@ -1,8 +1,7 @@
-// The CUDA backend. Today it is the fp32 mode of issue 11: every op of backend.h on the
-// device in fp32 (cuBLASLt GEMMs with fp32 compute, no TF32; a tiled flash attention of
-// our own, O(T) memory), deterministic (no floating-point atomics), so a GPU step can be held to
-// the CPU backend at fp32 tolerances. The bf16 training path (bf16 activations, cuDNN
-// flash attention, fused kernels) builds on this one; see docs/design/CUDA.md.
+// The CUDA backend: every op of backend.h on the device (cuBLASLt GEMMs; a tiled flash
+// attention of our own, O(T) memory), deterministic (no floating-point atomics), in two
+// modes (CudaPrecision below): fp32, held to the CPU backend at fp32 tolerances, and
+// bf16, held to the CPU backend's bf16 mode. See docs/design/CUDA.md.
 #pragma once
 
 #include <cstddef>
@@ -26,9 +25,18 @@ struct CudaDeviceInfo {
 int CudaDeviceCount();
 // The device's description, or an error naming why there is none.
 StatusOr<CudaDeviceInfo> DescribeCudaDevice(int index);
+// The CUDA backend's two modes.
+//   kFp32: every activation fp32, fp32 GEMMs (no TF32): held to the CPU backend at fp32
+//     tolerances (the parity mode).
+//   kBf16: the training default. Activations in bf16 exactly where the bf16 contract
+//     stores them (engine/backend.h, MakeCpuBf16Backend, whose numbers it is held to);
+//     GEMMs on bf16 operands with fp32 accumulation, each parameter read through a bf16
+//     copy the AdamW kernel writes; fp32 master weights, gradients, optimizer state and
+//     residual stream. The attention arms stay fp32-only (Supports(kAttentionArms) false).
+enum class CudaPrecision { kFp32, kBf16 };
 // A backend on device `index` (its own stream, cuBLASLt handle and workspace), or an
 // error naming what is missing (no driver, no such device, out of memory).
-StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index = 0);
+StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index = 0, CudaPrecision precision = CudaPrecision::kFp32);
 // The cudaStream_t a backend made by MakeCudaBackend queues its work on (so NCCL's
 // collectives run in order behind it), or null for any other backend.
 void* CudaStreamOf(Backend& backend);

@@ -19,11 +19,12 @@
 # roofline: an estimate, README.md "The dry run"); micro-batch 16 unless --micro-batch.
 #
 #   bash scripts/bench/gpu.sh --dry-run [--build DIR (default build)] [--micro-batch B] [--models ...]
+#                                       [--precision bf16|fp32 (default bf16, the training default)]
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bundle="$root/build-gpu" out="${OUT:-$root/gpu-out}" steps=5 B=8 models="paper-0.1b paper-0.3b" limit=240
 compile_limit=240
-dry_run=0 build="$root/build" dry_B=16
+dry_run=0 build="$root/build" dry_B=16 dry_precision=""
 while (( $# )); do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
@@ -33,6 +34,7 @@ while (( $# )); do
     --steps) steps="$2"; shift 2 ;;
     --micro-batch) B="$2"; dry_B="$2"; shift 2 ;;
     --models) models="$2"; shift 2 ;;
+    --precision) dry_precision="$2"; shift 2 ;;
     --timeout) limit="$2"; shift 2 ;;
     --compile-timeout) compile_limit="$2"; shift 2 ;;
     *) echo "gpu.sh: unknown option $1" >&2; exit 2 ;;
@@ -46,7 +48,7 @@ if (( dry_run )); then
     "$build/tools/sinkscope-train" "$root/examples/$m.yaml" --print-model > "$tmp/$m.json" || exit 1
     args+=(--model "$tmp/$m.json" --label "$m")
   done
-  "$build/scripts/bench/sinkscope-gpu-dry-run" "${args[@]}" --micro-batch "$dry_B"
+  "$build/scripts/bench/sinkscope-gpu-dry-run" "${args[@]}" --micro-batch "$dry_B" ${dry_precision:+--precision "$dry_precision"}
   exit $?
 fi
 mkdir -p "$out"

@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 out=build-gpu
-bins=(cuda_parity_test cuda_step_test cudnn_graph_test nccl_test sinkscope-bench-gpu)
+bins=(cuda_parity_test cuda_step_test cuda_bf16_step_test cudnn_graph_test nccl_test sinkscope-bench-gpu)
 
 bash scripts/build.sh -DSINKSCOPE_CUDA=ON >/dev/null
 rm -rf "$out"

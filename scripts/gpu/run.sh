@@ -70,8 +70,9 @@ check() {  # check NAME SECONDS COMMAND...
 # here is the 0.1B config, 3 steps; the full one is a call of its own (--bench-only).
 mode="${1:-all}"
 if [[ $mode != --bench-only ]]; then
-  check step 60 "$b/bin/cuda_step_test" --gtest_output="xml:$logs/step.xml"
-  check parity 45 "$b/bin/cuda_parity_test" --gtest_output="xml:$logs/parity.xml"
+  check step 50 "$b/bin/cuda_step_test" --gtest_output="xml:$logs/step.xml"
+  check bf16 25 "$b/bin/cuda_bf16_step_test" --gtest_output="xml:$logs/bf16.xml"
+  check parity 40 "$b/bin/cuda_parity_test" --gtest_output="xml:$logs/parity.xml"
   SINKSCOPE_DEVICE_JSON_OUT="$OUT/device.json" check cudnn 40 "$b/bin/cudnn_graph_test" --gtest_output="xml:$logs/cudnn.xml"
   check nccl 20 "$b/bin/nccl_test" --gtest_output="xml:$logs/nccl.xml"
   if command -v compute-sanitizer >/dev/null; then
@@ -80,7 +81,7 @@ if [[ $mode != --bench-only ]]; then
   else
     echo "memcheck         SKIPPED                   0s  no compute-sanitizer on PATH" | tee -a "$summary"
   fi
-  check bench 120 bash "$root/scripts/bench/gpu.sh" --bundle "$b" --out "$logs/bench" --models paper-0.1b --steps 3 \
+  check bench 110 bash "$root/scripts/bench/gpu.sh" --bundle "$b" --out "$logs/bench" --models paper-0.1b --steps 3 \
     --timeout 35 --compile-timeout 40
 else
   check bench 560 bash "$root/scripts/bench/gpu.sh" --bundle "$b" --out "$logs/bench" --timeout 90 --compile-timeout 240

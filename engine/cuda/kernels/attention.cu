@@ -3,6 +3,7 @@
 // from q, k and the forward's per-row numbers (the lse; softpick's m and D'; nothing for
 // sigmoid) by the arm's formula (ARMS.md), so the T×T matrix is never stored (the step's attention is flash_attention.cu). GQA: query
 // head h reads KV head h / (H / KV). No atomics: each output is summed in a fixed order.
+#include "engine/cuda/kernels/act.cuh"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
@@ -20,19 +21,19 @@ struct Dims {
 };
 
 // One block per (h, b): column s of sequence b, from q, k and lse, in double.
-__global__ void ColumnStatsPerSequenceKernel(double* per_b, const float* q, const float* k, const float* r0,
+__global__ void ColumnStatsPerSequenceKernel(double* per_b, Act q, Act k, const float* r0,
                                              const float* r1, Dims D, int s, int window, FlashFamily family,
                                              float bias) {
   SINKSCOPE_SHARED(double, shared, [33]);
   const int b = blockIdx.x % D.B, h = blockIdx.x / D.B;
   const int g = h / D.group();
   const double scale = 1.0 / sqrt(static_cast<double>(D.dh));
-  const float* ks = k + D.kv_at(b, s, g);
+  const size_t ks = D.kv_at(b, s, g);
   double mass = 0, sq = 0, alpha = 0;
   for (int t = s + threadIdx.x; t < D.T; t += blockDim.x) {
-    const float* qt = q + D.q_at(b, t, h);
+    const size_t qt = D.q_at(b, t, h);
     double dot = 0;
-    for (int c = 0; c < D.dh; ++c) dot += static_cast<double>(qt[c]) * ks[c];
+    for (int c = 0; c < D.dh; ++c) dot += static_cast<double>(Ld(q, qt + c)) * Ld(k, ks + c);
     const size_t row = (static_cast<size_t>(b) * D.H + h) * D.T + t;
     const double z = dot * scale;
     double a;
@@ -83,10 +84,10 @@ unsigned Rows(int a, int b, int c) { return static_cast<unsigned>(static_cast<si
 }  // namespace
 
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
-                       const float* q, const float* k, const float* r0, const float* r1, int B, int T, int H, int KV,
-                       int dh, int sink, int window, double threshold, const FlashArm& arm) {
+                       Act q, Act k, const float* r0, const float* r1, int B, int T, int H, int KV, int dh,
+                       int sink, int window, double threshold, const FlashArm& arm) {
   const Dims D{B, T, H, KV, dh};
-  SINKSCOPE_COST(4.0 * B * H * (T - sink) * (dh + 1) + 4.0 * B * KV * dh + 24.0 * H * B, (2.0 * dh + 6) * B * H * (T - sink));
+  SINKSCOPE_COST(q.bytes() * B * H * (T - sink) * dh + 4.0 * B * H * (T - sink) + k.bytes() * B * KV * dh + 24.0 * H * B, (2.0 * dh + 6) * B * H * (T - sink));
   SINKSCOPE_LAUNCH(ColumnStatsPerSequenceKernel, Rows(H, B, 1), kBlock, 0, s)(per_b, q, k, r0, r1, D, sink, window,
                                                                                  arm.family, arm.bias);
   SINKSCOPE_COST(24.0 * H * B + 16.0 * H, 3.0 * H * B);

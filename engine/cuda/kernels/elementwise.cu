@@ -1,4 +1,5 @@
 // Elementwise ops and the reductions the step and the probes accumulate.
+#include "engine/cuda/kernels/act.cuh"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
@@ -26,9 +27,15 @@ __global__ void ScaleKernel(float* x, float alpha, size_t n) {
   }
 }
 
-__global__ void AddRowBiasKernel(float* x, const float* b, size_t total, int n) {
+__global__ void AddRowBiasKernel(Act x, const float* b, size_t total, int n) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < total; i += size_t{gridDim.x} * blockDim.x) {
-    x[i] += b[i % n];
+    St(x, i, Ld(x, i) + b[i % n]);
+  }
+}
+
+__global__ void ConvertKernel(Act dst, Act src, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    St(dst, i, Ld(src, i));
   }
 }
 
@@ -86,15 +93,18 @@ __global__ void TokenSumKernel(float* acc, const float* x, int B, int T, int C, 
 }
 
 // acc(t) += Σ_b Σ_g ‖x[b,t,g,:]‖: one block per token t; a thread per (b, g) row.
-__global__ void TokenNormSumKernel(float* acc, const float* x, int B, int T, int G, int C) {
+__global__ void TokenNormSumKernel(float* acc, Act x, int B, int T, int G, int C) {
   SINKSCOPE_SHARED(double, shared, [33]);
   const int t = blockIdx.x;
   double total = 0;
   for (int r = threadIdx.x; r < B * G; r += blockDim.x) {
     const int b = r / G, g = r % G;
-    const float* row = x + ((static_cast<size_t>(b) * T + t) * G + g) * C;
+    const size_t row = ((static_cast<size_t>(b) * T + t) * G + g) * C;
     double s = 0;
-    for (int c = 0; c < C; ++c) s += static_cast<double>(row[c]) * row[c];
+    for (int c = 0; c < C; ++c) {
+      const double v = Ld(x, row + c);
+      s += v * v;
+    }
     total += sqrt(s);
   }
   total = BlockSum(total, shared);
@@ -115,9 +125,9 @@ void LaunchScale(cudaStream_t s, float* x, float alpha, size_t n) {
   SINKSCOPE_COST(8.0 * n, 1.0 * n);
   SINKSCOPE_LAUNCH(ScaleKernel, GridFor(n, kBlock), kBlock, 0, s)(x, alpha, n);
 }
-void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n) {
+void LaunchAddRowBias(cudaStream_t s, Act x, const float* b, int N, int n) {
   const size_t total = static_cast<size_t>(N) * n;
-  SINKSCOPE_COST(8.0 * total + 4.0 * n, 1.0 * total);
+  SINKSCOPE_COST(2 * x.bytes() * total + 4.0 * n, 1.0 * total);
   SINKSCOPE_LAUNCH(AddRowBiasKernel, GridFor(total, kBlock), kBlock, 0, s)(x, b, total, n);
 }
 void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n, float* partials) {
@@ -147,9 +157,14 @@ void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, in
   SINKSCOPE_COST(4.0 * B * n + 8.0 * n, 1.0 * B * n);
   SINKSCOPE_LAUNCH(TokenSumKernel, GridFor(n, kBlock), kBlock, 0, s)(acc, x, B, T, C, P);
 }
-void LaunchTokenNormSum(cudaStream_t s, float* acc, const float* x, int B, int T, int G, int C, int P) {
+void LaunchConvert(cudaStream_t s, Act dst, Act src, size_t n) {
+  if (n == 0) return;
+  SINKSCOPE_COST((dst.bytes() + src.bytes()) * n, 0);
+  SINKSCOPE_LAUNCH(ConvertKernel, GridFor(n, kBlock), kBlock, 0, s)(dst, src, n);
+}
+void LaunchTokenNormSum(cudaStream_t s, float* acc, Act x, int B, int T, int G, int C, int P) {
   if (P > 0) {
-    SINKSCOPE_COST(4.0 * B * P * G * C + 8.0 * P, 2.0 * B * P * G * C);
+    SINKSCOPE_COST(x.bytes() * B * P * G * C + 8.0 * P, 2.0 * B * P * G * C);
     SINKSCOPE_LAUNCH(TokenNormSumKernel, P, kBlock, 0, s)(acc, x, B, T, G, C);
   }
 }

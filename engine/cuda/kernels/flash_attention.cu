@@ -40,6 +40,7 @@
 // parity mode and as the cross-check of cuDNN, not as the bf16 fast path.
 #include <cmath>
 
+#include "engine/cuda/kernels/act.cuh"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
@@ -58,11 +59,12 @@ struct Shape {
 
 // rows × dh of a (…, row_stride) tensor into a shared tile of stride dh + 1; rows past
 // `valid` read as 0 (the tile's tail at the end of the sequence).
-__device__ inline void LoadTile(float* tile, const float* src, size_t row_stride, int rows, int valid, int dh) {
+// src is fp32 or bf16 (Act); the tile is fp32.
+__device__ inline void LoadTile(float* tile, Act src, size_t row_stride, int rows, int valid, int dh) {
   const int ld = dh + 1;
   for (int i = threadIdx.x; i < rows * dh; i += blockDim.x) {
     const int r = i / dh, c = i % dh;
-    tile[r * ld + c] = r < valid ? src[r * row_stride + c] : 0.0f;
+    tile[r * ld + c] = r < valid ? Ld(src, r * row_stride + c) : 0.0f;
   }
 }
 
@@ -111,8 +113,8 @@ __device__ inline float RowSum(float v, int lanes) {
 // Writes y and, per row, r0 (lse; softpick: m), r1 (softpick: D') and the unassigned mass
 // (the sink's share; 1 − Σ a for sigmoid and softpick); r1 and unassigned may be null.
 template <int kDhMax, int kTile, int kLanes, int kFamily>
-__global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, float* r0, float* r1, float* unassigned,
-                                                                     const float* q, const float* k, const float* v,
+__global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(Act y, float* r0, float* r1, float* unassigned,
+                                                                     Act q, Act k, Act v,
                                                                      Shape S, FlashArm A) {
   constexpr int kCols = kDhMax / kLanes, kKeys = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
   const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, t = t0 + row;
   const size_t q_stride = static_cast<size_t>(S.H) * S.dh, kv_stride = static_cast<size_t>(S.KV) * S.dh;
   const float scale = rsqrtf(static_cast<float>(S.dh));
-  LoadTile(qs, q + S.QAt(b, t0, h), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
+  LoadTile(qs, Off(q, S.QAt(b, t0, h)), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
   float o[kCols];
   for (int i = 0; i < kCols; ++i) o[i] = 0.0f;
   // The running max m and sum l before the first key: the sink column (m = s_h, l = 1),
@@ -137,8 +139,8 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
   float pos = 0.0f;
   for (int u0 = 0; u0 <= t0; u0 += kTile) {  // key tiles up to the diagonal one
     __syncthreads();                          // the previous tile is read (and q is loaded)
-    LoadTile(ks, k + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
-    LoadTile(vs, v + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
+    LoadTile(ks, Off(k, S.KvAt(b, u0, g)), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
+    LoadTile(vs, Off(v, S.KvAt(b, u0, g)), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
     __syncthreads();
     // Keys u0 + j ≤ min(t, T − 1) are live; the rest of the tile (past the diagonal or the
     // sequence, and every key of a row past the sequence) is skipped, not computed.
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
     const float inv = kFamily == kFlashSigmoid ? 1.0f : 1.0f / l;
     for (int i = 0; i < kCols; ++i) {
       const int c = lane + i * kLanes;
-      if (c < S.dh) y[S.QAt(b, t, h) + c] = o[i] * inv;
+      if (c < S.dh) St(y, S.QAt(b, t, h) + c, o[i] * inv);
     }
     if (lane == 0) {
       const size_t at = S.RowAt(b, h, t);
@@ -225,13 +227,13 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashForwardKernel(float* y, fl
 }
 
 // D (B,H,T) = Σ_c dy ⊙ y per row: one warp per (b, t, h) row.
-__global__ void FlashBackwardDotKernel(float* D, const float* dy, const float* y, Shape S) {
+__global__ void FlashBackwardDotKernel(float* D, const float* dy, Act y, Shape S) {
   const size_t rows = static_cast<size_t>(S.B) * S.T * S.H;
   const size_t r = (blockIdx.x * size_t{blockDim.x} + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   float s = 0.0f;
   if (r < rows) {
-    for (int c = lane; c < S.dh; c += 32) s += dy[r * S.dh + c] * y[r * S.dh + c];
+    for (int c = lane; c < S.dh; c += 32) s += dy[r * S.dh + c] * Ld(y, r * S.dh + c);
   }
   s = WarpSum(s);  // every lane takes part: rows past the end add zeros
   if (r < rows && lane == 0) {
@@ -247,8 +249,8 @@ __global__ void FlashBackwardDotKernel(float* D, const float* dy, const float* y
 template <int kDhMax, int kTile, int kLanes, int kFamily>
 __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk, float* dv, const float* dy,
                                                                         const float* r0, const float* r1,
-                                                                        const float* D, const float* q,
-                                                                        const float* k, const float* v, Shape S,
+                                                                        const float* D, Act q,
+                                                                        Act k, Act v, Shape S,
                                                                         FlashArm A) {
   constexpr int kCols = kDhMax / kLanes, kQueries = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
@@ -267,16 +269,16 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
   const int key = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, u = u0 + key;
   const size_t q_stride = static_cast<size_t>(S.H) * S.dh, kv_stride = static_cast<size_t>(S.KV) * S.dh;
   const float scale = rsqrtf(static_cast<float>(S.dh));
-  LoadTile(ks, k + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
-  LoadTile(vs, v + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
+  LoadTile(ks, Off(k, S.KvAt(b, u0, g)), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
+  LoadTile(vs, Off(v, S.KvAt(b, u0, g)), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
   float dk_acc[kCols], dv_acc[kCols];
   for (int i = 0; i < kCols; ++i) dk_acc[i] = dv_acc[i] = 0.0f;
   for (int h = g * S.group(); h < (g + 1) * S.group(); ++h) {
     for (int t0 = u0; t0 < S.T; t0 += kTile) {  // query tiles on or below the diagonal
       const int valid = Min(kTile, S.T - t0);
       __syncthreads();  // the previous query tile is read (and k, v are loaded)
-      LoadTile(qs, q + S.QAt(b, t0, h), q_stride, kTile, valid, S.dh);
-      LoadTile(dys, dy + S.QAt(b, t0, h), q_stride, kTile, valid, S.dh);
+      LoadTile(qs, Off(q, S.QAt(b, t0, h)), q_stride, kTile, valid, S.dh);
+      LoadTile(dys, Off(dy, S.QAt(b, t0, h)), q_stride, kTile, valid, S.dh);
       for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
         lse_s[r] = r < valid && kFamily != kFlashSigmoid ? r0[S.RowAt(b, h, t0 + r)] : 0.0f;
         d_s[r] = r < valid ? D[S.RowAt(b, h, t0 + r)] : 0.0f;
@@ -329,8 +331,8 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardKvKernel(float* dk
 template <int kDhMax, int kTile, int kLanes, int kFamily>
 __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq, const float* dy, const float* r0,
                                                                        const float* r1, const float* D,
-                                                                       const float* q, const float* k,
-                                                                       const float* v, Shape S, FlashArm A) {
+                                                                       Act q, Act k,
+                                                                       Act v, Shape S, FlashArm A) {
   constexpr int kCols = kDhMax / kLanes, kKeys = kTile / kLanes, ldp = kTile + 1;
   SINKSCOPE_DYNAMIC_SHARED(float, smem);
   const int ld = S.dh + 1;
@@ -344,8 +346,8 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq,
   const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, t = t0 + row;
   const size_t q_stride = static_cast<size_t>(S.H) * S.dh, kv_stride = static_cast<size_t>(S.KV) * S.dh;
   const float scale = rsqrtf(static_cast<float>(S.dh));
-  LoadTile(qs, q + S.QAt(b, t0, h), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
-  LoadTile(dys, dy + S.QAt(b, t0, h), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
+  LoadTile(qs, Off(q, S.QAt(b, t0, h)), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
+  LoadTile(dys, Off(dy, S.QAt(b, t0, h)), q_stride, kTile, Min(kTile, S.T - t0), S.dh);
   const float lse_t = t < S.T && kFamily != kFlashSigmoid ? r0[S.RowAt(b, h, t)] : 0.0f;
   const float r1_t = t < S.T && kFamily == kFlashSoftpick ? r1[S.RowAt(b, h, t)] : 1.0f;
   const float d_t = t < S.T ? D[S.RowAt(b, h, t)] : 0.0f;
@@ -353,8 +355,8 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq,
   for (int i = 0; i < kCols; ++i) dq_acc[i] = 0.0f;
   for (int u0 = 0; u0 <= t0; u0 += kTile) {
     __syncthreads();  // the previous key tile is read (and q, dy are loaded)
-    LoadTile(ks, k + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
-    LoadTile(vs, v + S.KvAt(b, u0, g), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
+    LoadTile(ks, Off(k, S.KvAt(b, u0, g)), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
+    LoadTile(vs, Off(v, S.KvAt(b, u0, g)), kv_stride, kTile, Min(kTile, S.T - u0), S.dh);
     __syncthreads();
     const int live = t < S.T ? Min(kTile, t - u0 + 1) : 0;  // keys u0 + j ≤ t
     for (int i = 0; i < kKeys; ++i) {
@@ -390,9 +392,10 @@ __global__ void __launch_bounds__(kTile* kLanes) FlashBackwardQKernel(float* dq,
 // Bytes are what each kernel must move at least (every tensor once; the key/value tiles a
 // block re-reads are L2 traffic); FLOPs are what it does, recomputation included.
 double Causal(const Shape& S, int heads) { return static_cast<double>(S.B) * heads * S.T * (S.T + 1) / 2.0; }
-double Bytes(const Shape& S, int q_like, int kv_like, int rows) {
-  return 4.0 * S.B * S.T * (S.dh * (static_cast<double>(q_like) * S.H + static_cast<double>(kv_like) * S.KV) +
-                            static_cast<double>(rows) * S.H);
+// eb: bytes per element of the q_like and kv_like tensors (4, or 2 for bf16 activations).
+double Bytes(const Shape& S, int q_like, int kv_like, int rows, double eb = 4.0) {
+  return S.B * static_cast<double>(S.T) *
+         (eb * S.dh * (static_cast<double>(q_like) * S.H + static_cast<double>(kv_like) * S.KV) + 4.0 * rows * S.H);
 }
 
 // ∂L/∂s_h += Σ_b Σ_t −unassigned[b,h,t]·D[b,h,t] (the sink column's value is zero, so
@@ -418,8 +421,8 @@ struct Flash {
   static size_t ProbTiles(int n) { return sizeof(float) * static_cast<size_t>(n) * kTile * (kTile + 1); }
 
   template <int kFamily>
-  static void Forward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
-                      const float* k, const float* v, const Shape& S, const FlashArm& A) {
+  static void Forward(cudaStream_t s, Act y, float* r0, float* r1, float* unassigned, Act q,
+                      Act k, Act v, const Shape& S, const FlashArm& A) {
     const auto FlashForward = FlashForwardKernel<kDhMax, kTile, kLanes, kFamily>;
     const size_t shared = Tiles(S.dh, 3) + ProbTiles(1);
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashForward), cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -428,16 +431,16 @@ struct Flash {
     // Rows written: the lse (softmax), with the unassigned mass (sink softmaxes), the
     // unassigned mass alone (sigmoid), or m, D' and the unassigned mass (softpick).
     const int rows = kFamily == kFlashSoftpick ? 3 : kFamily == kFlashSigmoid ? 1 : A.has_sink ? 2 : 1;
-    SINKSCOPE_COST(Bytes(S, 2, 2, rows), 4.0 * S.dh * Causal(S, S.H) + 5.0 * Causal(S, S.H));
+    SINKSCOPE_COST(Bytes(S, 2, 2, rows, q.bytes()), 4.0 * S.dh * Causal(S, S.H) + 5.0 * Causal(S, S.H));
     SINKSCOPE_LAUNCH(FlashForward, grid, kThreads, shared, s)(y, r0, r1, unassigned, q, k, v, S, A);
   }
 
   template <int kFamily>
-  static void Backward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy, const float* y,
-                       const float* r0, const float* r1, const float* q, const float* k, const float* v,
+  static void Backward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy, Act y,
+                       const float* r0, const float* r1, Act q, Act k, Act v,
                        const Shape& S, const FlashArm& A) {
     const size_t rows = static_cast<size_t>(S.B) * S.T * S.H;
-    SINKSCOPE_COST(Bytes(S, 2, 0, 1), 2.0 * rows * S.dh);
+    SINKSCOPE_COST(Bytes(S, 1, 0, 1) + Bytes(S, 1, 0, 0, y.bytes()), 2.0 * rows * S.dh);
     SINKSCOPE_LAUNCH(FlashBackwardDotKernel, GridFor(rows * 32, 256), 256, 0, s)(D, dy, y, S);
 
     const int row_arrays = kFamily == kFlashSoftpick ? 3 : 2;  // the r0, D (and r1) tiles
@@ -446,7 +449,7 @@ struct Flash {
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashBackwardKv), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(kv_shared));
     // Per score: q·k and dy·v recomputed, then dv and dk: 8·dh FLOPs, and exp and dS.
-    SINKSCOPE_COST(Bytes(S, 2, 4, row_arrays), 8.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
+    SINKSCOPE_COST(Bytes(S, 1, 2, row_arrays) + Bytes(S, 1, 2, 0, q.bytes()), 8.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
     SINKSCOPE_LAUNCH(FlashBackwardKv, dim3((S.T + kTile - 1) / kTile, S.B * S.KV), kThreads, kv_shared, s)(
         dk, dv, dy, r0, r1, D, q, k, v, S, A);
 
@@ -455,7 +458,7 @@ struct Flash {
     cudaFuncSetAttribute(reinterpret_cast<const void*>(FlashBackwardQ), cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(q_shared));
     // Per score: q·k and dy·v recomputed, then dq: 6·dh FLOPs, and exp and dS.
-    SINKSCOPE_COST(Bytes(S, 3, 2, row_arrays), 6.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
+    SINKSCOPE_COST(Bytes(S, 2, 0, row_arrays) + Bytes(S, 1, 2, 0, q.bytes()), 6.0 * S.dh * Causal(S, S.H) + 6.0 * Causal(S, S.H));
     SINKSCOPE_LAUNCH(FlashBackwardQ, dim3((S.T + kTile - 1) / kTile, S.B * S.H), kThreads, q_shared, s)(
         dq, dy, r0, r1, D, q, k, v, S, A);
   }
@@ -469,8 +472,8 @@ using FlashDh256 = Flash<256, 32, 8>;
 
 // The arm's normalisation picks the kernels' instantiation (one switch per direction).
 template <typename Config>
-void ForwardFor(FlashFamily family, cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
-                const float* k, const float* v, const Shape& S, const FlashArm& A) {
+void ForwardFor(FlashFamily family, cudaStream_t s, Act y, float* r0, float* r1, float* unassigned, Act q,
+                Act k, Act v, const Shape& S, const FlashArm& A) {
   switch (family) {
     case kFlashExp: Config::template Forward<kFlashExp>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
     case kFlashSigmoid: Config::template Forward<kFlashSigmoid>(s, y, r0, r1, unassigned, q, k, v, S, A); break;
@@ -479,7 +482,7 @@ void ForwardFor(FlashFamily family, cudaStream_t s, float* y, float* r0, float* 
 }
 template <typename Config>
 void BackwardFor(FlashFamily family, cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
-                 const float* y, const float* r0, const float* r1, const float* q, const float* k, const float* v,
+                 Act y, const float* r0, const float* r1, Act q, Act k, Act v,
                  const Shape& S, const FlashArm& A) {
   switch (family) {
     case kFlashExp: Config::template Backward<kFlashExp>(s, dq, dk, dv, D, dy, y, r0, r1, q, k, v, S, A); break;
@@ -494,8 +497,8 @@ void BackwardFor(FlashFamily family, cudaStream_t s, float* dq, float* dk, float
 
 bool FlashAttentionSupports(int dh) { return dh >= 1 && dh <= kFlashAttentionMaxHeadDim; }
 
-void LaunchFlashArmForward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
-                           const float* k, const float* v, int B, int T, int H, int KV, int dh, const FlashArm& arm) {
+void LaunchFlashArmForward(cudaStream_t s, Act y, float* r0, float* r1, float* unassigned, Act q,
+                           Act k, Act v, int B, int T, int H, int KV, int dh, const FlashArm& arm) {
   const Shape S{B, T, H, KV, dh};
   if (B == 0 || T == 0) return;
   if (dh <= 64) {
@@ -508,8 +511,8 @@ void LaunchFlashArmForward(cudaStream_t s, float* y, float* r0, float* r1, float
 }
 
 void LaunchFlashArmBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, float* dsink, const float* dy,
-                            const float* y, const float* r0, const float* r1, const float* unassigned,
-                            const float* q, const float* k, const float* v, int B, int T, int H, int KV, int dh,
+                            Act y, const float* r0, const float* r1, const float* unassigned,
+                            Act q, Act k, Act v, int B, int T, int H, int KV, int dh,
                             const FlashArm& arm) {
   const Shape S{B, T, H, KV, dh};
   if (B == 0 || T == 0) return;
@@ -526,13 +529,13 @@ void LaunchFlashArmBackward(cudaStream_t s, float* dq, float* dk, float* dv, flo
   }
 }
 
-void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
+void LaunchFlashAttentionForward(cudaStream_t s, Act y, float* lse, Act q, Act k, Act v,
                                  int B, int T, int H, int KV, int dh) {
   LaunchFlashArmForward(s, y, lse, nullptr, nullptr, q, k, v, B, T, H, KV, dh, FlashArm{});
 }
 
 void LaunchFlashAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
-                                  const float* y, const float* lse, const float* q, const float* k, const float* v,
+                                  Act y, const float* lse, Act q, Act k, Act v,
                                   int B, int T, int H, int KV, int dh) {
   LaunchFlashArmBackward(s, dq, dk, dv, D, nullptr, dy, y, lse, nullptr, nullptr, q, k, v, B, T, H, KV, dh,
                          FlashArm{});

@@ -16,6 +16,20 @@
 
 namespace sinkscope::cuda {
 
+// An activation operand of a kernel: fp32, or bf16 where the backend stores the
+// activation in 16 bits (the bf16 contract, engine/backend.h). Kernels read and write it
+// through Ld/St/Off (act.cuh) and compute in fp32. An fp32 pointer converts to one.
+struct Act {
+  void* p = nullptr;
+  bool bf16 = false;
+  Act() = default;
+  __host__ __device__ Act(float* f) : p(f) {}                             // NOLINT(google-explicit-constructor)
+  __host__ __device__ Act(const float* f) : p(const_cast<float*>(f)) {}  // NOLINT(google-explicit-constructor)
+  __host__ __device__ Act(void* data, bool is_bf16) : p(data), bf16(is_bf16) {}
+  // Bytes per element (for the launches' declared costs).
+  __host__ __device__ double bytes() const { return bf16 ? 2.0 : 4.0; }
+};
+
 // Blocks of the first pass of a two-pass reduction; the scratch it needs.
 constexpr int kReduceBlocks = 256;
 
@@ -54,7 +68,9 @@ void LaunchRadixCount(cudaStream_t s, double* counts, const float* x, size_t n, 
 void LaunchFill(cudaStream_t s, float* x, float value, size_t n);
 void LaunchAxpy(cudaStream_t s, float* y, float alpha, const float* x, size_t n);
 void LaunchScale(cudaStream_t s, float* x, float alpha, size_t n);
-void LaunchAddRowBias(cudaStream_t s, float* x, const float* b, int N, int n);
+void LaunchAddRowBias(cudaStream_t s, Act x, const float* b, int N, int n);
+// dst(n) = src(n), converted between fp32 and bf16 (rounded to nearest even).
+void LaunchConvert(cudaStream_t s, Act dst, Act src, size_t n);
 // partials: ColumnPartialsFloats(N, n) floats of scratch.
 void LaunchColumnSums(cudaStream_t s, float* acc, const float* x, int N, int n, float* partials);
 // *acc += Σ over the segments of Σ x²; partials holds kReduceBlocks doubles.
@@ -67,7 +83,7 @@ void LaunchSumInto(cudaStream_t s, double* acc, const double* values, int n);
 void LaunchSumSquares(cudaStream_t s, double* acc, const Segment* segments_device, int num_segments,
                       size_t total, double* partials);
 void LaunchTokenSum(cudaStream_t s, float* acc, const float* x, int B, int T, int C, int P);
-void LaunchTokenNormSum(cudaStream_t s, float* acc, const float* x, int B, int T, int G, int C, int P);
+void LaunchTokenNormSum(cudaStream_t s, float* acc, Act x, int B, int T, int G, int C, int P);
 
 // ---- embedding.cu ----
 void LaunchEmbeddingForward(cudaStream_t s, float* out, const int32_t* tokens, const float* table, int N, int d);
@@ -75,26 +91,27 @@ void LaunchEmbeddingBackward(cudaStream_t s, float* dtable, const float* dout, c
 
 // ---- rmsnorm.cu ----
 // sum = x + r when r is non-null (sum may alias x), then out = norm(sum)·γ.
-void LaunchRmsNormForward(cudaStream_t s, float* sum, float* out, float* rstd, const float* x, const float* r,
+void LaunchRmsNormForward(cudaStream_t s, float* sum, Act out, float* rstd, Act x, const float* r,
                           const float* gamma, int N, int d, float eps);
 // dx = base + J_rmsᵀ dout (base may be dx); dgamma += Σ_rows dout ⊙ x·rstd, in two
 // passes through partials (ColumnPartialsFloats(N, d) floats of scratch).
-void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout,
-                           const float* x, const float* gamma, const float* rstd, int N, int d, float* partials);
+void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float* base, const float* dout, Act x,
+                           const float* gamma, const float* rstd, int N, int d, float* partials);
 
 // ---- rope.cu ----
-// cs holds (T, dh/2) pairs (cos, sin) already scaled and signed.
-void LaunchRope(cudaStream_t s, float* x, const float2* cs, int B, int T, int heads, int dh);
+// cs holds (T, dh/2) pairs (cos, sin) already scaled and signed. dst = rotate(src); src
+// may be dst (in place) or another buffer (the q/k norms' fp32 output, stored once).
+void LaunchRope(cudaStream_t s, Act dst, Act src, const float2* cs, int B, int T, int heads, int dh);
 
 // ---- flash_attention.cu: tiled causal GQA attention, O(T) memory ----
 // lse (B,H,T) is each row's log-sum-exp of the scaled scores; D (B,H,T) is scratch of
 // the backward (Σ dy ⊙ y per row). Head dims 1..kFlashAttentionMaxHeadDim.
 constexpr int kFlashAttentionMaxHeadDim = 256;
 bool FlashAttentionSupports(int dh);
-void LaunchFlashAttentionForward(cudaStream_t s, float* y, float* lse, const float* q, const float* k, const float* v,
+void LaunchFlashAttentionForward(cudaStream_t s, Act y, float* lse, Act q, Act k, Act v,
                                  int B, int T, int H, int KV, int dh);
 void LaunchFlashAttentionBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, const float* dy,
-                                  const float* y, const float* lse, const float* q, const float* k, const float* v,
+                                  Act y, const float* lse, Act q, Act k, Act v,
                                   int B, int T, int H, int KV, int dh);
 // The attention arms (docs/design/ARMS.md) through the same tiled kernels: the family is
 // the arm's normalisation. Per row (B,H,T): r0 is the lse (the sink column included) or
@@ -108,41 +125,39 @@ struct FlashArm {
   float bias = 0.0f;            // sigmoid's b
   float eps = 0.0f;             // softpick's ε
 };
-void LaunchFlashArmForward(cudaStream_t s, float* y, float* r0, float* r1, float* unassigned, const float* q,
-                           const float* k, const float* v, int B, int T, int H, int KV, int dh, const FlashArm& arm);
+void LaunchFlashArmForward(cudaStream_t s, Act y, float* r0, float* r1, float* unassigned, Act q,
+                           Act k, Act v, int B, int T, int H, int KV, int dh, const FlashArm& arm);
 void LaunchFlashArmBackward(cudaStream_t s, float* dq, float* dk, float* dv, float* D, float* dsink, const float* dy,
-                            const float* y, const float* r0, const float* r1, const float* unassigned,
-                            const float* q, const float* k, const float* v, int B, int T, int H, int KV, int dh,
+                            Act y, const float* r0, const float* r1, const float* unassigned,
+                            Act q, Act k, Act v, int B, int T, int H, int KV, int dh,
                             const FlashArm& arm);
 
 // ---- attention.cu: the probes' column statistics from q, k and the lse ----
 // per_b (H, B, 3) doubles of scratch: α_b, M_b, S_b per sequence; outputs H floats each.
 // `arm`: the weights a[t,s] recomputed by the arm's formula from r0 (= lse for softmax), r1.
 void LaunchColumnStats(cudaStream_t s, float* alpha, float* mass, float* second_moment, float* rate, double* per_b,
-                       const float* q, const float* k, const float* r0, const float* r1, int B, int T, int H, int KV,
+                       Act q, Act k, const float* r0, const float* r1, int B, int T, int H, int KV,
                        int dh, int sink, int window, double threshold, const FlashArm& arm);
 // ---- attention_gate.cu: the gated arms' σ gates (ARMS.md) ----
 // out[n,g,c] = x[n,g,c]·σ(logits[n,g]); backward dx = dout·σ, dlogits = σ(1−σ)·Σ_c dout·x.
-void LaunchSigmoidGateForward(cudaStream_t s, float* out, const float* x, const float* logits, int N, int G, int C);
-void LaunchSigmoidGateBackward(cudaStream_t s, float* dx, float* dlogits, const float* dout, const float* x,
+void LaunchSigmoidGateForward(cudaStream_t s, Act out, Act x, const float* logits, int N, int G, int C);
+void LaunchSigmoidGateBackward(cudaStream_t s, float* dx, float* dlogits, const float* dout, Act x,
                                const float* logits, int N, int G, int C);
 
 // ---- vscale.cu ----
-void LaunchVScaleForward(cudaStream_t s, float* vhat, const float* v, const float* theta, int N, int KV, int dh,
-                         double c_base);
+void LaunchVScaleForward(cudaStream_t s, Act vhat, Act v, const float* theta, int N, int KV, int dh, double c_base);
 // row_dtheta: ThetaScratchDoubles(N, KV) doubles of scratch (per-row contributions, then
 // the first pass's partials); theta null means θ = 0 (the backward-only arm).
 inline int ThetaChunks(int N, int KV) { return RowChunks(N, KV); }
 inline size_t ThetaScratchDoubles(int N, int KV) {
   return static_cast<size_t>(N) * KV + static_cast<size_t>(ThetaChunks(N, KV)) * KV;
 }
-void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat,
-                          const float* v, const float* theta, int N, int KV, int dh, double c_base);
+void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat, Act v,
+                          const float* theta, int N, int KV, int dh, double c_base);
 
 // ---- swiglu.cu ----
-void LaunchSwiGluForward(cudaStream_t s, float* h, const float* gate, const float* up, size_t n);
-void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, const float* gate,
-                          const float* up, size_t n);
+void LaunchSwiGluForward(cudaStream_t s, Act h, Act gate, Act up, size_t n);
+void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n);
 
 // ---- cross_entropy.cu ----
 // row_loss (N) doubles of scratch; grad true writes grad_scale·(p − onehot) into logits.
@@ -155,12 +170,13 @@ struct AdamWSegment {
   const float* g;
   size_t n;
   float weight_decay;
+  void* p_bf16;  // the bf16 copy of p the GEMMs read (bf16 mode), written after the update; or null
 };
 // One launch over every segment. When guard (device [Σ loss, ‖g‖²]) is non-null, nothing
 // is updated unless both are finite, and g is scaled by the clip factor first;
-// otherwise grad_scale is used.
+// otherwise grad_scale is used. bf16_n: the elements that have a bf16 copy (the cost).
 void LaunchAdamW(cudaStream_t s, const AdamWSegment* segments_device, int num_segments, size_t max_n, size_t total_n,
                  const double* guard, double grad_clip, float grad_scale, float lr, float beta1, float beta2,
-                 float eps, double bc1, double bc2);
+                 float eps, double bc1, double bc2, size_t bf16_n = 0);
 
 }  // namespace sinkscope::cuda

@@ -1,5 +1,6 @@
 // SwiGLU forward and backward, elementwise (kernel_math.h holds the formulas).
 #include "engine/cuda/kernel_math.h"
+#include "engine/cuda/kernels/act.cuh"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
@@ -7,28 +8,26 @@
 namespace sinkscope::cuda {
 namespace {
 
-__global__ void SwiGluForwardKernel(float* h, const float* gate, const float* up, size_t n) {
+__global__ void SwiGluForwardKernel(Act h, Act gate, Act up, size_t n) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
-    h[i] = kmath::SwiGlu(gate[i], up[i]);
+    St(h, i, kmath::SwiGlu(Ld(gate, i), Ld(up, i)));
   }
 }
 
-__global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dh, const float* gate, const float* up,
-                                     size_t n) {
+__global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
-    kmath::SwiGluGrad(dh[i], gate[i], up[i], &dgate[i], &dup[i]);
+    kmath::SwiGluGrad(dh[i], Ld(gate, i), Ld(up, i), &dgate[i], &dup[i]);
   }
 }
 
 }  // namespace
 
-void LaunchSwiGluForward(cudaStream_t s, float* h, const float* gate, const float* up, size_t n) {
-  SINKSCOPE_COST(12.0 * n, 8.0 * n);
+void LaunchSwiGluForward(cudaStream_t s, Act h, Act gate, Act up, size_t n) {
+  SINKSCOPE_COST((h.bytes() + gate.bytes() + up.bytes()) * n, 8.0 * n);
   SINKSCOPE_LAUNCH(SwiGluForwardKernel, GridFor(n, 256), 256, 0, s)(h, gate, up, n);
 }
-void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, const float* gate,
-                          const float* up, size_t n) {
-  SINKSCOPE_COST(20.0 * n, 12.0 * n);
+void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n) {
+  SINKSCOPE_COST((12.0 + gate.bytes() + up.bytes()) * n, 12.0 * n);
   SINKSCOPE_LAUNCH(SwiGluBackwardKernel, GridFor(n, 256), 256, 0, s)(dgate, dup, dh, gate, up, n);
 }
 

@@ -2,6 +2,7 @@
 // backend; θ's gradient from per-row contributions summed in two passes (chunks of rows
 // in parallel, each a fixed tree, then the chunks in order): deterministic, no atomics.
 #include "engine/cuda/kernel_math.h"
+#include "engine/cuda/kernels/act.cuh"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
@@ -9,35 +10,37 @@
 namespace sinkscope::cuda {
 namespace {
 
-__global__ void VScaleForwardKernel(float* vhat, const float* v, const float* theta, int N, int KV, int dh,
-                                    double c_base) {
+__global__ void VScaleForwardKernel(Act vhat, Act v, const float* theta, int N, int KV, int dh, double c_base) {
   const size_t row = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
   if (row >= static_cast<size_t>(N) * KV) return;
   const int g = static_cast<int>(row % KV);
-  const float* vi = v + row * dh;
-  float* oi = vhat + row * dh;
+  const size_t o = row * dh;
   double r = 0;
-  for (int c = 0; c < dh; ++c) r += static_cast<double>(vi[c]) * vi[c];
+  for (int c = 0; c < dh; ++c) {
+    const double x = Ld(v, o + c);
+    r += x * x;
+  }
   const float phi = static_cast<float>(kmath::VScalePhi(r, kmath::VScaleC(c_base, theta[g])));
-  for (int c = 0; c < dh; ++c) oi[c] = phi * vi[c];
+  for (int c = 0; c < dh; ++c) St(vhat, o + c, phi * Ld(v, o + c));
 }
 
-__global__ void VScaleBackwardKernel(float* dv, double* row_dtheta, const float* dvhat, const float* v,
-                                     const float* theta, int N, int KV, int dh, double c_base) {
+__global__ void VScaleBackwardKernel(float* dv, double* row_dtheta, const float* dvhat, Act v, const float* theta,
+                                     int N, int KV, int dh, double c_base) {
   const size_t row = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
   if (row >= static_cast<size_t>(N) * KV) return;
   const int g = static_cast<int>(row % KV);
-  const float* vi = v + row * dh;
-  const float* gi = dvhat + row * dh;
+  const size_t o = row * dh;
+  const float* gi = dvhat + o;
   const double C = theta != nullptr ? kmath::VScaleC(c_base, theta[g]) : c_base;
   double r = 0, vg = 0;
   for (int c = 0; c < dh; ++c) {
-    r += static_cast<double>(vi[c]) * vi[c];
-    vg += static_cast<double>(vi[c]) * gi[c];
+    const double x = Ld(v, o + c);
+    r += x * x;
+    vg += x * gi[c];
   }
   const double phi = kmath::VScalePhi(r, C);
   const double coef = kmath::VScaleGradCoef(r, C, vg);
-  for (int c = 0; c < dh; ++c) dv[row * dh + c] = static_cast<float>(phi * gi[c] + coef * vi[c]);
+  for (int c = 0; c < dh; ++c) dv[o + c] = static_cast<float>(phi * gi[c] + coef * Ld(v, o + c));
   row_dtheta[row] = kmath::VScaleThetaGrad(r, C, vg);
 }
 
@@ -63,17 +66,16 @@ __global__ void ThetaSumKernel(float* dtheta, const double* partials, int chunks
 
 }  // namespace
 
-void LaunchVScaleForward(cudaStream_t s, float* vhat, const float* v, const float* theta, int N, int KV, int dh,
-                         double c_base) {
+void LaunchVScaleForward(cudaStream_t s, Act vhat, Act v, const float* theta, int N, int KV, int dh, double c_base) {
   const size_t rows = static_cast<size_t>(N) * KV;
-  SINKSCOPE_COST(8.0 * rows * dh + 4.0 * KV, 3.0 * rows * dh);
+  SINKSCOPE_COST((vhat.bytes() + v.bytes()) * rows * dh + 4.0 * KV, 3.0 * rows * dh);
   SINKSCOPE_LAUNCH(VScaleForwardKernel, GridFor(rows, 128), 128, 0, s)(vhat, v, theta, N, KV, dh, c_base);
 }
 
-void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat,
-                          const float* v, const float* theta, int N, int KV, int dh, double c_base) {
+void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_dtheta, const float* dvhat, Act v,
+                          const float* theta, int N, int KV, int dh, double c_base) {
   const size_t rows = static_cast<size_t>(N) * KV;
-  SINKSCOPE_COST(12.0 * rows * dh + 8.0 * rows + 4.0 * KV, 6.0 * rows * dh);
+  SINKSCOPE_COST((8.0 + v.bytes()) * rows * dh + 8.0 * rows + 4.0 * KV, 6.0 * rows * dh);
   SINKSCOPE_LAUNCH(VScaleBackwardKernel, GridFor(rows, 128), 128, 0, s)(dv, row_dtheta, dvhat, v, theta, N, KV, dh, c_base);
   if (dtheta != nullptr && N > 0) {
     const int chunks = ThetaChunks(N, KV), rows_per_chunk = (N + chunks - 1) / chunks;
