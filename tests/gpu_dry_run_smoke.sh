@@ -45,7 +45,8 @@ for line in open(sys.argv[1]):
         continue
     if section != "paper-0.1b" or line.startswith(("op ", "per step", "estimate", "device", "probed", "blocks", "host")):
         continue
-    name, rest = line[:92].rstrip(), line[92:].split()
+    # (the unit column "bf16 TC" is one column of two words)
+    name, rest = line[:92].rstrip(), line[92:].replace("bf16 TC", "bf16-TC").split()
     if len(rest) < 3 or rest[2] == "-":
         continue
     seen += 1

@@ -49,7 +49,8 @@ class CudaBackend final : public Backend {
     for (auto& [key, p] : rope_tables_) cudaFree(p);
     for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
-                    column_scratch_.p, massive_scratch_.p, operand_a_.p, operand_b_.p, qk_scratch_.p}) {
+                    column_scratch_.p, massive_scratch_.p, operand_a_.p, operand_b_.p, qk_scratch_.p,
+                    dlogits_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
@@ -439,6 +440,29 @@ class CudaBackend final : public Backend {
     if (rows == nullptr) return;
     cuda::LaunchCrossEntropy(stream_, logits, targets, N, V, true, grad_scale, rows, loss_acc);
     LAUNCHED("CrossEntropyForwardBackward");
+  }
+  // bf16: the LM head's cross-entropy writes ∂L/∂logits straight into a bf16 buffer, the
+  // operand of both GEMMs that read it (the CPU reference rounds it as their operand).
+  void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x, const float* w,
+                          const int32_t* targets, int N, int V, int d, float grad_scale, double* loss_acc) override {
+    if (!bf16_) {
+      Backend::LmHeadCrossEntropy(dx, dw, logits, logits_rows, x, w, targets, N, V, d, grad_scale, loss_acc);
+      return;
+    }
+    void* dlogits = Scratch(&dlogits_, std::max<size_t>(static_cast<size_t>(logits_rows) * V, 1) * 2);
+    double* rows = static_cast<double*>(Scratch(&dscratch_, std::max(logits_rows, 1) * sizeof(double)));
+    if (dlogits == nullptr || rows == nullptr) return;
+    for (int r0 = 0; r0 < N; r0 += logits_rows) {
+      const int R = std::min(logits_rows, N - r0);
+      const TensorView xr = x.From(static_cast<size_t>(r0) * d);
+      const TensorView dl(dlogits, DType::kBF16, R, V, V);
+      Gemm(false, true, R, V, d, 1.0f, xr, w, 0.0f, logits);  // (R,V) fp32
+      cuda::LaunchCrossEntropy(stream_, logits, targets + r0, R, V, true, grad_scale, rows, loss_acc,
+                               Act(dlogits, true));
+      LAUNCHED("LmHeadCrossEntropy");
+      Gemm(false, false, R, d, V, 1.0f, dl, w, 0.0f, dx + static_cast<size_t>(r0) * d);
+      if (dw != nullptr) Gemm(true, false, V, d, R, 1.0f, dl, xr, 1.0f, dw);
+    }
   }
   void CrossEntropyLoss(const float* logits, const int32_t* targets, int N, int V, double* loss_acc) override {
     double* rows = static_cast<double*>(Scratch(&dscratch_, std::max(N, 1) * sizeof(double)));
@@ -853,6 +877,7 @@ class CudaBackend final : public Backend {
   Buffer scratch_, dscratch_, column_scratch_, massive_scratch_;
   Buffer operand_a_, operand_b_;  // bf16 GEMM operands converted from fp32
   Buffer qk_scratch_;             // the q/k norms' fp32 output before RoPE (bf16 mode)
+  Buffer dlogits_;                // the LM head's bf16 ∂L/∂logits, a chunk of rows (bf16 mode)
   std::map<GemmKey, GemmPlan> gemm_plans_;
   std::set<GemmKey> no_bias_plans_;  // shapes whose bias epilogue cuBLASLt cannot do
   std::map<uintptr_t, Shadow> shadows_;  // by the fp32 tensor's address

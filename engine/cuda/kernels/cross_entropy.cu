@@ -2,6 +2,7 @@
 // double as the CPU backend), then the rows' losses added in a fixed tree.
 #include <cfloat>
 
+#include "engine/cuda/kernels/act.cuh"
 #include "engine/cuda/kernels/kernels.h"
 #include "engine/cuda/kernels/launch.cuh"
 #include "engine/cuda/kernels/reduce.cuh"
@@ -11,7 +12,7 @@ namespace {
 
 constexpr int kBlock = 256;
 
-__global__ void RowKernel(float* logits, const int32_t* targets, int V, bool grad, float grad_scale,
+__global__ void RowKernel(float* logits, Act grad_out, const int32_t* targets, int V, bool grad, float grad_scale,
                           double* row_loss) {
   SINKSCOPE_SHARED(float, fshared, [33]);
   SINKSCOPE_SHARED(double, dshared, [33]);
@@ -27,19 +28,21 @@ __global__ void RowKernel(float* logits, const int32_t* targets, int V, bool gra
   __syncthreads();  // row[target] is read above before any thread overwrites it
   if (!grad) return;
   const double inv_z = 1.0 / z;
+  const size_t o = static_cast<size_t>(blockIdx.x) * V;
   for (int c = threadIdx.x; c < V; c += blockDim.x) {
     const double p = exp(static_cast<double>(row[c] - mx)) * inv_z;
-    row[c] = static_cast<float>(grad_scale * (p - (c == target ? 1.0 : 0.0)));
+    St(grad_out, o + c, static_cast<float>(grad_scale * (p - (c == target ? 1.0 : 0.0))));
   }
 }
 
 }  // namespace
 
 void LaunchCrossEntropy(cudaStream_t s, float* logits, const int32_t* targets, int N, int V, bool grad,
-                        float grad_scale, double* row_loss, double* loss_acc) {
+                        float grad_scale, double* row_loss, double* loss_acc, Act grad_out) {
   if (N == 0) return;
-  SINKSCOPE_COST((grad ? 8.0 : 4.0) * N * V + 4.0 * N + 8.0 * N, 5.0 * N * V);
-  SINKSCOPE_LAUNCH(RowKernel, N, kBlock, 0, s)(logits, targets, V, grad, grad_scale, row_loss);
+  if (grad_out.p == nullptr) grad_out = logits;
+  SINKSCOPE_COST((4.0 + (grad ? grad_out.bytes() : 0.0)) * N * V + 4.0 * N + 8.0 * N, 5.0 * N * V);
+  SINKSCOPE_LAUNCH(RowKernel, N, kBlock, 0, s)(logits, grad_out, targets, V, grad, grad_scale, row_loss);
   LaunchSumInto(s, loss_acc, row_loss, N);
 }
 

@@ -160,9 +160,11 @@ void LaunchSwiGluForward(cudaStream_t s, Act h, Act gate, Act up, size_t n);
 void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n);
 
 // ---- cross_entropy.cu ----
-// row_loss (N) doubles of scratch; grad true writes grad_scale·(p − onehot) into logits.
+// row_loss (N) doubles of scratch; grad true writes grad_scale·(p − onehot) into
+// grad_out (N, V), by default the logits themselves (in place; a bf16 grad_out is the
+// LM head's bf16 GEMM operand, written once instead of converted).
 void LaunchCrossEntropy(cudaStream_t s, float* logits, const int32_t* targets, int N, int V, bool grad,
-                        float grad_scale, double* row_loss, double* loss_acc);
+                        float grad_scale, double* row_loss, double* loss_acc, Act grad_out = Act());
 
 // ---- adamw.cu ----
 struct AdamWSegment {
