@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -230,6 +231,50 @@ TEST(CudaBf16Step, ATwentyStepCurveThroughTheAdamWBf16CopiesAndAReload) {
   // not fall; what they must do is agree with the CPU, checked at every step above.)
   EXPECT_LT(last, 0.95 * first) << "the first ten steps are a training curve";
   EXPECT_LE(NormError(t.gpu->ParamsToHost(), t.ref->ParamsToHost()), 1e-2);
+}
+
+// On a GPU the bf16 step's attention is cuDNN's flash attention; SINKSCOPE_ATTENTION=tiled
+// gives the project's tiled kernel instead. The two must agree on a step (the loss within
+// 1e-3 relative; gradients within 2e-2 normalised: cuDNN's dq, dk, dv are bf16, the tiled
+// kernel's fp32), and both steps must repeat bit for bit (cuDNN's deterministic backward).
+TEST(CudaBf16Step, CudnnAttentionAgreesWithTheTiledKernelAndRepeats) {
+#ifdef SINKSCOPE_CUDA_EMULATION
+  GTEST_SKIP() << "cuDNN is not part of the CPU emulation: the tiled kernel is the only attention here";
+#endif
+  CUDA_BF16_OR_SKIP(gpu);
+  setenv("SINKSCOPE_ATTENTION", "tiled", 1);
+  std::string why;
+  auto tiled = CudaBf16OrSkip(&why);
+  unsetenv("SINKSCOPE_ATTENTION");
+  ASSERT_NE(tiled, nullptr) << why;
+  ModelConfig c = SmallModel(61, 64, VScaleMode::kVScale);
+  c.head_dim = 64;  // a head width cuDNN's flash attention has engines for
+  c.d_model = 256;
+  auto a = Model::Create(c, gpu.get()), b = Model::Create(c, tiled.get());
+  ASSERT_TRUE(a.ok() && b.ok());
+  (*a)->InitWeights(3);
+  (*b)->InitWeights(3);
+  const int B = 2, T = 64;
+  std::vector<int32_t> tokens, targets;
+  Batch(B, T, c.vocab, 2, &tokens, &targets);
+  double loss[2][2];
+  std::vector<float> grads[2][2];
+  for (int rep = 0; rep < 2; ++rep) {
+    for (int i = 0; i < 2; ++i) {
+      Model& m = i == 0 ? **a : **b;
+      m.ZeroGrad();
+      loss[i][rep] = m.ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+      grads[i][rep] = m.GradsToHost();
+    }
+  }
+  ASSERT_TRUE(gpu->TakeError().ok());
+  ASSERT_TRUE(tiled->TakeError().ok());
+  EXPECT_TRUE(CudaAttentionRanThroughCudnn(*gpu)) << "the default bf16 backend's attention is cuDNN's";
+  EXPECT_FALSE(CudaAttentionRanThroughCudnn(*tiled));
+  EXPECT_NEAR(loss[0][0], loss[1][0], 1e-3 * loss[1][0]);
+  EXPECT_LE(NormError(grads[0][0], grads[1][0]), 2e-2);
+  EXPECT_EQ(grads[0][0], grads[0][1]) << "cuDNN's step repeats bit for bit";
+  EXPECT_EQ(grads[1][0], grads[1][1]) << "the tiled kernel's step repeats bit for bit";
 }
 
 }  // namespace

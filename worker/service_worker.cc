@@ -765,8 +765,16 @@ Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment
   job.settings = ToProbeSettings(e.probe());
   Log(LogLevel::kInfo, "diagnostic_start",
       {{"run_id", run}, {"model", g.model()}, {"batch", Str(g.batch())}, {"seq", Str(g.seq())}});
+  // A diagnostic is held to METRICS.md in fp32 (as sinkscope-probe): on a GPU worker (bf16
+  // for training) it runs on the fp32 backend of the same device.
+  Backend* backend = backend_.get();
+  if (options_.device == v1::CUDA) {
+    auto fp32 = Fp32Backend();
+    if (!fp32.ok()) return RunEnd{RunEnd::kFailed, v1::DEVICE_ERROR, device_name_ + ": " + fp32.status().message(), 0};
+    backend = *fp32;
+  }
   auto result = RunDiagnosticJob(
-      job, backend_.get(),
+      job, backend,
       [&](const std::string& line) {  // a warning about the model folder is shown at the default level
         const bool warning = line.rfind("warning: ", 0) == 0;
         Log(warning ? LogLevel::kWarning : LogLevel::kInfo, "diagnostic", {{"run_id", run}, {"note", line}});

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -19,6 +20,18 @@
 
 #include "engine/cuda/check.h"
 #include "engine/cuda/kernels/kernels.h"
+
+// cuDNN's flash attention runs the bf16 step's attention on a GPU. The CPU emulation has
+// no cuDNN: there (and wherever cuDNN has no plan) the tiled kernel runs.
+#ifndef SINKSCOPE_CUDA_EMULATION
+#include <cudnn_graph.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "engine/cuda/cudnn_attention.h"
+#define SINKSCOPE_CUDNN_ATTENTION 1
+#endif
 
 namespace sinkscope {
 namespace {
@@ -42,8 +55,20 @@ class CudaBackend final : public Backend {
   CudaBackend(int device, CudaPrecision precision) : device_(device), bf16_(precision == CudaPrecision::kBf16) {}
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+  bool ran_cudnn_attention() const { return !cudnn_used_.empty(); }
+#else
+  bool ran_cudnn_attention() const { return false; }
+#endif
   ~CudaBackend() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+    cudnn_cache_.reset();
+    if (cudnn_ != nullptr) cudnnDestroy(cudnn_);
+    for (Buffer* b : {&cudnn_workspace_, &cudnn_scratch_, &cudnn_grads_}) {
+      if (b->p != nullptr) cudaFree(b->p);
+    }
+#endif
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
@@ -65,6 +90,26 @@ class CudaBackend final : public Backend {
     }
     RETURN_IF_ERROR(Must(cudaMalloc(&gemm_workspace_, kGemmWorkspaceBytes), "cudaMalloc(gemm workspace)", __LINE__));
     RETURN_IF_ERROR(Must(cudaMalloc(&partials_, cuda::kReduceBlocks * sizeof(double)), "cudaMalloc(partials)", __LINE__));
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+    // bf16: attention through cuDNN unless SINKSCOPE_ATTENTION=tiled (the tiled kernel,
+    // e.g. as the cross-check of cuDNN on a GPU); a handle that cannot be made leaves the
+    // tiled kernel, said once.
+    const char* choice = std::getenv("SINKSCOPE_ATTENTION");
+    if (bf16_ && (choice == nullptr || std::string(choice) != "tiled")) {
+      if (cudnnCreate(&cudnn_) != CUDNN_STATUS_SUCCESS) {
+        cudnn_ = nullptr;
+        std::fprintf(stderr, "sinkscope: cudnnCreate failed: attention runs in the tiled kernel\n");
+      } else {
+        auto target = cuda::DeviceTarget::FromHandle(cudnn_);
+        if (target.ok()) {
+          cudnn_cache_ = std::make_unique<cuda::CudnnAttentionCache>(std::move(*target));
+        } else {
+          std::fprintf(stderr, "sinkscope: cuDNN attention unavailable (%s): the tiled kernel runs\n",
+                       target.status().message().c_str());
+        }
+      }
+    }
+#endif
     return OkStatus();
   }
 
@@ -292,9 +337,20 @@ class CudaBackend final : public Backend {
   size_t AttentionWorkspaceFloats(int, int, int) const override { return 0; }
   void AttentionForward(TensorView y_v, float* lse, float* /*workspace*/, TensorView q_v, TensorView k_v, TensorView v_v,
                         int B, int T, int H, int KV, int dh) override {
-    if (!HeadDimSupported(dh)) return;
     const char* op = "cuda AttentionForward";
-    cuda::LaunchFlashAttentionForward(stream_, A(y_v, op), lse, A(q_v, op), A(k_v, op), A(v_v, op), B, T, H, KV, dh);
+    const Act y = A(y_v, op), q = A(q_v, op), k = A(k_v, op), v = A(v_v, op);
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+    if (y.bf16 && q.bf16 && k.bf16 && v.bf16) {
+      if (const cuda::CudnnAttention* plan = CudnnPlan(B, T, H, KV, dh); plan != nullptr) {
+        void* ws = CudnnWorkspace(plan->forward_workspace_bytes());
+        if (plan->forward_workspace_bytes() > 0 && ws == nullptr) return;
+        RecordStatus(plan->Forward(stream_, q.p, k.p, v.p, y.p, lse, ws));
+        return;
+      }
+    }
+#endif
+    if (!HeadDimSupported(dh)) return;
+    cuda::LaunchFlashAttentionForward(stream_, y, lse, q, k, v, B, T, H, KV, dh);
     LAUNCHED("AttentionForward");
   }
   void AttentionBackward(float* dq, float* dk, float* dv, const float* dy, TensorView y_v, const float* lse,
@@ -302,6 +358,14 @@ class CudaBackend final : public Backend {
                          int KV, int dh) override {
     const char* op = "cuda AttentionBackward";
     const Act y = A(y_v, op), q = A(q_v, op), k = A(k_v, op), v = A(v_v, op);
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+    if (y.bf16 && q.bf16 && k.bf16 && v.bf16) {
+      if (const cuda::CudnnAttention* plan = CudnnPlan(B, T, H, KV, dh); plan != nullptr) {
+        CudnnBackward(*plan, dq, dk, dv, dy, y, lse, q, k, v, B, T, H, KV, dh);
+        return;
+      }
+    }
+#endif
     if (!HeadDimSupported(dh)) return;
     float* D = static_cast<float*>(Scratch(&scratch_, std::max<size_t>(static_cast<size_t>(B) * H * T, 1) * sizeof(float)));
     if (D == nullptr) return;
@@ -708,6 +772,62 @@ class CudaBackend final : public Backend {
     return p;
   }
 
+  void RecordStatus(const Status& st) {
+    if (st.ok()) return;
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (error_.ok()) error_ = st;
+  }
+
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+  // The cuDNN plans of the causal GQA attention of this shape (q, k, v, y each a packed
+  // bf16 (B,T,heads,dh) view; lse (B,H,T) as the backend's), or null where cuDNN cannot
+  // take it (the layout's rules, no engine, no plan): the tiled kernel then runs, and the
+  // reason is printed once per shape. The backward is cuDNN's deterministic one (dQ in its
+  // own pass, no atomics), as the backend promises the same bits on every run.
+  const cuda::CudnnAttention* CudnnPlan(int B, int T, int H, int KV, int dh) {
+    if (cudnn_cache_ == nullptr) return nullptr;
+    const auto key = std::make_tuple(B, T, H, KV, dh);
+    if (cudnn_refused_.count(key) != 0) return nullptr;
+    const cuda::AttentionLayout layout = cuda::AttentionLayout::Separate(B, T, H, KV, dh, /*deterministic=*/true);
+    Status st = cuda::Validate(layout, cuda::AttentionPass::kBackward);
+    StatusOr<std::shared_ptr<const cuda::CudnnAttention>> plan = st;
+    if (st.ok()) plan = cudnn_cache_->Get(layout);
+    if (!plan.ok()) {
+      cudnn_refused_.insert(key);
+      std::fprintf(stderr, "sinkscope: cuDNN attention refused %s (%s): the tiled kernel runs it\n",
+                   layout.ToString().c_str(), plan.status().message().c_str());
+      return nullptr;
+    }
+    if (cudnn_used_.insert(key).second) {
+      std::fprintf(stderr, "sinkscope: attention %s through cuDNN (engines %lld forward, %lld backward)\n",
+                   layout.ToString().c_str(), static_cast<long long>((*plan)->forward_engine()),
+                   static_cast<long long>((*plan)->backward_engine()));
+    }
+    return plan->get();  // the cache keeps it
+  }
+  void* CudnnWorkspace(size_t bytes) { return bytes == 0 ? nullptr : Scratch(&cudnn_workspace_, bytes); }
+  // cuDNN's backward takes and gives bf16; the backend's dy is fp32 and its dq, dk, dv are
+  // written in fp32: dO is rounded on the way in, the gradients widened on the way out.
+  void CudnnBackward(const cuda::CudnnAttention& plan, float* dq, float* dk, float* dv, const float* dy, Act y,
+                     const float* lse, Act q, Act k, Act v, int B, int T, int H, int KV, int dh) {
+    const size_t nq = static_cast<size_t>(B) * T * H * dh, nkv = static_cast<size_t>(B) * T * KV * dh;
+    auto round_up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+    const size_t q_bytes = round_up(nq * 2), kv_bytes = round_up(nkv * 2);
+    char* g = static_cast<char*>(Scratch(&cudnn_grads_, 2 * q_bytes + 2 * kv_bytes));
+    float* scratch = static_cast<float*>(Scratch(&cudnn_scratch_, std::max<size_t>(plan.backward_scratch_floats(), 1) * 4));
+    void* ws = CudnnWorkspace(plan.backward_workspace_bytes());
+    if (g == nullptr || scratch == nullptr || (plan.backward_workspace_bytes() > 0 && ws == nullptr)) return;
+    void *d_o = g, *dq16 = g + q_bytes, *dk16 = g + 2 * q_bytes, *dv16 = g + 2 * q_bytes + kv_bytes;
+    cuda::LaunchConvert(stream_, Act(d_o, true), Act(dy), nq);
+    LAUNCHED("AttentionBackward (dO to bf16)");
+    RecordStatus(plan.Backward(stream_, q.p, k.p, v.p, y.p, d_o, lse, dq16, dk16, dv16, ws, scratch));
+    cuda::LaunchConvert(stream_, Act(dq), Act(dq16, true), nq);
+    cuda::LaunchConvert(stream_, Act(dk), Act(dk16, true), nkv);
+    cuda::LaunchConvert(stream_, Act(dv), Act(dv16, true), nkv);
+    LAUNCHED("AttentionBackward (gradients to fp32)");
+  }
+#endif
+
   // The first pass's partials of a two-pass column sum over (N, n).
   float* ColumnPartials(int N, int n) {
     return static_cast<float*>(Scratch(&column_scratch_, std::max<size_t>(cuda::ColumnPartialsFloats(N, n), 1) * sizeof(float)));
@@ -882,6 +1002,12 @@ class CudaBackend final : public Backend {
   std::set<GemmKey> no_bias_plans_;  // shapes whose bias epilogue cuBLASLt cannot do
   std::map<uintptr_t, Shadow> shadows_;  // by the fp32 tensor's address
   std::map<const void*, size_t> alloc_bytes_;  // bf16 mode: each allocation's size (Free drops its copies)
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+  cudnnHandle_t cudnn_ = nullptr;
+  std::unique_ptr<cuda::CudnnAttentionCache> cudnn_cache_;  // null: the tiled kernel only
+  std::set<std::tuple<int, int, int, int, int>> cudnn_refused_, cudnn_used_;  // (B, T, H, KV, dh)
+  Buffer cudnn_workspace_, cudnn_scratch_, cudnn_grads_;
+#endif
   std::map<std::string, void*> tables_, rope_tables_;
   std::mutex error_mu_;
   Status error_;
@@ -930,6 +1056,11 @@ Status CudaBindThread(Backend& backend) {
     return InternalError(cuda::DescribeCudaError(e, "cudaSetDevice", __FILE__, __LINE__));
   }
   return OkStatus();
+}
+
+bool CudaAttentionRanThroughCudnn(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  return cuda != nullptr && cuda->ran_cudnn_attention();
 }
 
 void* CudaStreamOf(Backend& backend) {

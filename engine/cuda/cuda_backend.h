@@ -37,6 +37,10 @@ enum class CudaPrecision { kFp32, kBf16 };
 // A backend on device `index` (its own stream, cuBLASLt handle and workspace), or an
 // error naming what is missing (no driver, no such device, out of memory).
 StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int index = 0, CudaPrecision precision = CudaPrecision::kFp32);
+// Whether a backend made by MakeCudaBackend has run attention through cuDNN (the bf16
+// mode on a GPU, unless SINKSCOPE_ATTENTION=tiled or cuDNN refused every shape); false for
+// any other backend and under the CPU emulation (which has no cuDNN).
+bool CudaAttentionRanThroughCudnn(Backend& backend);
 // The cudaStream_t a backend made by MakeCudaBackend queues its work on (so NCCL's
 // collectives run in order behind it), or null for any other backend.
 void* CudaStreamOf(Backend& backend);
