@@ -8,6 +8,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -47,7 +48,8 @@ constexpr size_t kMaxTables = 1024;
 // In members of CudaBackend: keep the first failure, with the call as written.
 #define CUDA_CALL(expr) Record((expr), #expr, __LINE__)
 #define CUBLAS_CALL(expr) RecordBlas((expr), #expr, __LINE__)
-#define LAUNCHED(op) Record(cudaGetLastError(), "kernel launch of " op, __LINE__)
+// A kernel may write any device memory: the converted GEMM operands are stale after it.
+#define LAUNCHED(op) (++epoch_, Record(cudaGetLastError(), "kernel launch of " op, __LINE__))
 
 
 class CudaBackend final : public Backend {
@@ -74,9 +76,11 @@ class CudaBackend final : public Backend {
     for (auto& [key, p] : rope_tables_) cudaFree(p);
     for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
-                    column_scratch_.p, massive_scratch_.p, operand_a_.p, operand_b_.p, qk_scratch_.p,
-                    dlogits_.p}) {
+                    column_scratch_.p, massive_scratch_.p, qk_scratch_.p, dlogits_.p}) {
       if (p != nullptr) cudaFree(p);
+    }
+    for (Converted& c : converted_) {
+      if (c.buf.p != nullptr) cudaFree(c.buf.p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -155,7 +159,10 @@ class CudaBackend final : public Backend {
     cuda::LaunchFill(stream_, x, value, n);
     LAUNCHED("Fill");
   }
-  void ZeroScalars(double* s, size_t n) override { CUDA_CALL(cudaMemsetAsync(s, 0, n * sizeof(double), stream_)); }
+  void ZeroScalars(double* s, size_t n) override {
+    ++epoch_;
+    CUDA_CALL(cudaMemsetAsync(s, 0, n * sizeof(double), stream_));
+  }
   void ReadScalars(double* host, const double* s, size_t n) override { ToHost(host, s, n * sizeof(double)); }
   void Synchronize() override { CUDA_CALL(cudaStreamSynchronize(stream_)); }
   Status BindThread() override { return CudaBindThread(*this); }
@@ -247,8 +254,8 @@ class CudaBackend final : public Backend {
     if (m == 0 || n == 0) return true;
     const bool low = bf16_ || a_v.dtype == DType::kBF16 || b_v.dtype == DType::kBF16;
     const Act c = A(c_v, "cuda Gemm");
-    const void* a = low ? Bf16Operand(a_v, static_cast<size_t>(m) * k, &operand_a_) : a_v.f32("cuda Gemm");
-    const void* b = low ? Bf16Operand(b_v, static_cast<size_t>(k) * n, &operand_b_) : b_v.f32("cuda Gemm");
+    const void* a = low ? Bf16Operand(a_v, static_cast<size_t>(m) * k) : a_v.f32("cuda Gemm");
+    const void* b = low ? Bf16Operand(b_v, static_cast<size_t>(k) * n) : b_v.f32("cuda Gemm");
     if (a == nullptr || b == nullptr) return true;  // the error is recorded
     if (c.bf16) Written(c.p, static_cast<size_t>(m) * n * 2);
     else Written(c.p, static_cast<size_t>(m) * n * 4);
@@ -344,6 +351,7 @@ class CudaBackend final : public Backend {
       if (const cuda::CudnnAttention* plan = CudnnPlan(B, T, H, KV, dh); plan != nullptr) {
         void* ws = CudnnWorkspace(plan->forward_workspace_bytes());
         if (plan->forward_workspace_bytes() > 0 && ws == nullptr) return;
+        ++epoch_;
         RecordStatus(plan->Forward(stream_, q.p, k.p, v.p, y.p, lse, ws));
         return;
       }
@@ -613,16 +621,25 @@ class CudaBackend final : public Backend {
   }
 
   // The bf16 operand of a bf16 GEMM for a view of `count` elements: a bf16 view as it is,
-  // a parameter's bf16 copy, or any other fp32 buffer converted into `buf`. Null when
-  // memory ran out (recorded).
-  const void* Bf16Operand(TensorView v, size_t count, Buffer* buf) {
+  // a parameter's bf16 copy, or any other fp32 buffer converted, once while it is unchanged
+  // (converted_). Null when memory ran out (recorded).
+  const void* Bf16Operand(TensorView v, size_t count) {
     if (v.dtype == DType::kBF16) return v.data;
     const float* x = v.f32("cuda Gemm");
     if (const void* copy = ShadowRead(x, count); copy != nullptr) return copy;
-    void* out = Scratch(buf, std::max<size_t>(count, 1) * 2);
+    Converted* slot = &converted_[0];
+    for (Converted& c : converted_) {
+      if (c.x == x && c.count >= count && c.epoch == epoch_) {
+        c.used = ++use_clock_;
+        return c.buf.p;
+      }
+      if (c.used < slot->used) slot = &c;  // the least recently used
+    }
+    void* out = Scratch(&slot->buf, std::max<size_t>(count, 1) * 2);
     if (out == nullptr) return nullptr;
     cuda::LaunchConvert(stream_, Act(out, true), Act(x), count);
-    LAUNCHED("Gemm operand to bf16");
+    Record(cudaGetLastError(), "kernel launch of Gemm operand to bf16", __LINE__);  // no epoch: it writes only its slot
+    *slot = Converted{x, count, epoch_, slot->buf, ++use_clock_};
     return out;
   }
 
@@ -668,10 +685,16 @@ class CudaBackend final : public Backend {
     }
     return it->second.bf16;
   }
-  // A write of `bytes` at p by anything but the AdamW kernel: the copies it overlaps are stale.
+  // A write of `bytes` at p by anything but the AdamW kernel: the copies it overlaps are
+  // stale, and so are the converted operands it overlaps.
   void Written(const void* p, size_t bytes) {
-    if (shadows_.empty() || bytes == 0) return;
+    if (bytes == 0) return;
     const uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
+    for (Converted& c : converted_) {
+      const uintptr_t c_lo = reinterpret_cast<uintptr_t>(c.x);
+      if (c.x != nullptr && c_lo < hi && c_lo + c.count * sizeof(float) > lo) c.x = nullptr;
+    }
+    if (shadows_.empty()) return;
     auto it = shadows_.upper_bound(lo);
     if (it != shadows_.begin()) --it;
     for (; it != shadows_.end() && it->first < hi; ++it) {
@@ -764,6 +787,7 @@ class CudaBackend final : public Backend {
     } else if (!CUDA_CALL(e)) {
       return nullptr;
     }
+    ++epoch_;  // fresh memory, maybe where a converted operand's source was
     if (!CUDA_CALL(cudaMemsetAsync(p, 0, bytes, stream_))) {
       cudaFree(p);
       return nullptr;
@@ -820,6 +844,7 @@ class CudaBackend final : public Backend {
     void *d_o = g, *dq16 = g + q_bytes, *dk16 = g + 2 * q_bytes, *dv16 = g + 2 * q_bytes + kv_bytes;
     cuda::LaunchConvert(stream_, Act(d_o, true), Act(dy), nq);
     LAUNCHED("AttentionBackward (dO to bf16)");
+    ++epoch_;
     RecordStatus(plan.Backward(stream_, q.p, k.p, v.p, y.p, d_o, lse, dq16, dk16, dv16, ws, scratch));
     cuda::LaunchConvert(stream_, Act(dq), Act(dq16, true), nq);
     cuda::LaunchConvert(stream_, Act(dk), Act(dk16, true), nkv);
@@ -995,7 +1020,19 @@ class CudaBackend final : public Backend {
   void* gemm_workspace_ = nullptr;
   double* partials_ = nullptr;
   Buffer scratch_, dscratch_, column_scratch_, massive_scratch_;
-  Buffer operand_a_, operand_b_;  // bf16 GEMM operands converted from fp32
+  // bf16 GEMM operands converted from fp32 buffers, reused by the GEMMs that read the same
+  // buffer while nothing has written device memory since (the pairs of a backward:
+  // ∂L/∂out·W and its transposed product with the input). epoch_ counts the writes other
+  // than a GEMM's C (kernels, memsets, cuDNN); a C or a copy drops the entries it overlaps.
+  struct Converted {
+    const float* x = nullptr;
+    size_t count = 0;
+    uint64_t epoch = 0;
+    Buffer buf;
+    uint64_t used = 0;
+  };
+  std::array<Converted, 4> converted_;
+  uint64_t epoch_ = 1, use_clock_ = 0;
   Buffer qk_scratch_;             // the q/k norms' fp32 output before RoPE (bf16 mode)
   Buffer dlogits_;                // the LM head's bf16 ∂L/∂logits, a chunk of rows (bf16 mode)
   std::map<GemmKey, GemmPlan> gemm_plans_;
