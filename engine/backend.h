@@ -91,6 +91,9 @@ class Backend {
   // Makes the calling thread use this backend's device (a thread other than the one that
   // created it: the gradient all-reduce's bucket thread). Nothing to do on the CPU.
   virtual Status BindThread() { return OkStatus(); }
+  // Frees the scratch this backend keeps between ops (grown to the largest shape seen), so
+  // another backend on the same device has the memory; it grows again when next needed.
+  virtual void ReleaseScratch() {}
 
   // --- elementwise and reductions -----------------------------------------------
   virtual void Axpy(float* y, float alpha, const float* x, size_t n) = 0;  // y += alpha·x

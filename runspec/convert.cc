@@ -34,6 +34,13 @@ TrainerOptions ToTrainerOptions(const v1::Experiment& e, v1::Arm arm, uint64_t s
 }
 
 
+bool ExperimentHasAttentionArm(const v1::Experiment& e) {
+  for (int a : e.arms()) {
+    if (ToModelConfig(e.model(), static_cast<v1::Arm>(a)).HasAttentionArm()) return true;
+  }
+  return false;
+}
+
 RunLoopOptions ToRunLoopOptions(const v1::Experiment& e, v1::Arm arm, uint64_t seed, double peak_flops,
                                 const std::string& dir, bool resume) {
   RunLoopOptions o;

@@ -22,6 +22,11 @@ TrainerOptions ToTrainerOptions(const v1::Experiment& experiment, v1::Arm arm, u
 RunLoopOptions ToRunLoopOptions(const v1::Experiment& experiment, v1::Arm arm, uint64_t seed, double peak_flops,
                                 const std::string& dir, bool resume);
 
+// Whether any arm of the experiment is an attention arm (ARMS.md). The arms have no bf16
+// contract yet, so such an experiment trains every run in fp32 on a GPU: its arms and its
+// baseline then compare at one precision.
+bool ExperimentHasAttentionArm(const v1::Experiment& experiment);
+
 v1::ProbeReport ToProto(const ProbeReport& report);
 ProbeSettings ToProbeSettings(const v1::ProbeSpec& spec);
 ProbeBatchKind ToProbeBatchKind(const v1::ProbeSpec& spec);

@@ -770,8 +770,11 @@ Worker::RunEnd Worker::DiagnoseRun(const v1::Assignment& a, const v1::Experiment
   Backend* backend = backend_.get();
   if (options_.device == v1::CUDA) {
     auto fp32 = Fp32Backend();
-    if (!fp32.ok()) return RunEnd{RunEnd::kFailed, v1::DEVICE_ERROR, device_name_ + ": " + fp32.status().message(), 0};
+    if (!fp32.ok()) {
+      return RunEnd{RunEnd::kFailed, v1::UNSUPPORTED, "a diagnostic needs the fp32 backend: " + fp32.status().message(), 0};
+    }
     backend = *fp32;
+    backend_->ReleaseScratch();  // the bf16 backend's buffers, on the same GPU
   }
   auto result = RunDiagnosticJob(
       job, backend,
@@ -1035,14 +1038,17 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
 
   RunLoopOptions o = ToRunLoopOptions(e, a.arm(), a.seed(), peak_flops_, a.checkpoint_dir(), /*resume=*/true);
   // A GPU worker trains in bf16; the attention arms have no bf16 contract yet (ARMS.md),
-  // so their runs train on an fp32 backend of the same device, made when first needed.
+  // so every run of an experiment with one (its baseline too: the arms compare at one
+  // precision) trains on an fp32 backend of the same device, made when first needed.
   Backend* backend = backend_.get();
-  if (o.trainer.model.HasAttentionArm() && !backend->Supports(OptionalOp::kAttentionArms)) {
+  if (options_.device == v1::CUDA && ExperimentHasAttentionArm(e)) {
     auto fp32 = Fp32Backend();
     if (!fp32.ok()) return failed(v1::UNSUPPORTED, "an attention arm needs the fp32 backend: " + fp32.status().message(), 0);
     backend = *fp32;
-    Log(LogLevel::kInfo, "fp32_for_arm", {{"run_id", run}, {"backend", backend->Name()}});
+    Log(LogLevel::kInfo, "fp32_for_arms", {{"run_id", run}, {"backend", backend->Name()}});
   }
+  backend_->ReleaseScratch();  // the other backend's buffers, on the same GPU
+  if (fp32_backend_ != nullptr && backend != fp32_backend_.get()) fp32_backend_->ReleaseScratch();
   o.checkpoint_retries = options_.checkpoint_retries;
   o.checkpoint_backoff = options_.checkpoint_backoff;
   // A gang's rank meets the others through the coordinator, then trains its share of

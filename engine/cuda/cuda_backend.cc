@@ -76,7 +76,8 @@ class CudaBackend final : public Backend {
     for (auto& [key, p] : rope_tables_) cudaFree(p);
     for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
-                    column_scratch_.p, massive_scratch_.p, qk_scratch_.p, dlogits_.p}) {
+                    column_scratch_.p, massive_scratch_.p, qk_scratch_.p, dlogits_.p,
+                    swiglu_grads_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     for (Converted& c : converted_) {
@@ -166,6 +167,22 @@ class CudaBackend final : public Backend {
   void ReadScalars(double* host, const double* s, size_t n) override { ToHost(host, s, n * sizeof(double)); }
   void Synchronize() override { CUDA_CALL(cudaStreamSynchronize(stream_)); }
   Status BindThread() override { return CudaBindThread(*this); }
+  void ReleaseScratch() override {
+    CUDA_CALL(cudaStreamSynchronize(stream_));  // queued kernels may still use them
+    std::vector<Buffer*> buffers = {&scratch_, &dscratch_, &column_scratch_, &massive_scratch_, &qk_scratch_,
+                                    &dlogits_, &swiglu_grads_};
+#ifdef SINKSCOPE_CUDNN_ATTENTION
+    for (Buffer* b : {&cudnn_workspace_, &cudnn_scratch_, &cudnn_grads_}) buffers.push_back(b);
+#endif
+    for (Converted& c : converted_) {
+      buffers.push_back(&c.buf);
+      c.x = nullptr;
+    }
+    for (Buffer* b : buffers) {
+      if (b->p != nullptr) cudaFree(b->p);
+      *b = Buffer{};
+    }
+  }
   Status TakeError() override {
     const cudaError_t e = cudaStreamQuery(stream_);  // surfaces an asynchronous kernel fault
     if (e != cudaSuccess && e != cudaErrorNotReady) Record(e, "cudaStreamQuery", __LINE__);
@@ -349,11 +366,14 @@ class CudaBackend final : public Backend {
 #ifdef SINKSCOPE_CUDNN_ATTENTION
     if (y.bf16 && q.bf16 && k.bf16 && v.bf16) {
       if (const cuda::CudnnAttention* plan = CudnnPlan(B, T, H, KV, dh); plan != nullptr) {
-        void* ws = CudnnWorkspace(plan->forward_workspace_bytes());
-        if (plan->forward_workspace_bytes() > 0 && ws == nullptr) return;
-        ++epoch_;
-        RecordStatus(plan->Forward(stream_, q.p, k.p, v.p, y.p, lse, ws));
-        return;
+        Status st;
+        void* ws = CudnnScratch(&cudnn_workspace_, plan->forward_workspace_bytes(), &st);
+        if (st.ok()) {
+          ++epoch_;
+          st = plan->Forward(stream_, q.p, k.p, v.p, y.p, lse, ws);
+        }
+        if (st.ok()) return;
+        RefuseCudnn(B, T, H, KV, dh, st);  // and run the tiled kernel below
       }
     }
 #endif
@@ -369,8 +389,10 @@ class CudaBackend final : public Backend {
 #ifdef SINKSCOPE_CUDNN_ATTENTION
     if (y.bf16 && q.bf16 && k.bf16 && v.bf16) {
       if (const cuda::CudnnAttention* plan = CudnnPlan(B, T, H, KV, dh); plan != nullptr) {
-        CudnnBackward(*plan, dq, dk, dv, dy, y, lse, q, k, v, B, T, H, KV, dh);
-        return;
+        const Status st = CudnnBackward(*plan, dq, dk, dv, dy, y, lse, q, k, v, B, T, H, KV, dh);
+        if (st.ok()) return;
+        // cuDNN's lse is the tiled kernel's: its backward can follow cuDNN's forward.
+        RefuseCudnn(B, T, H, KV, dh, st);
       }
     }
 #endif
@@ -513,6 +535,31 @@ class CudaBackend final : public Backend {
     cuda::LaunchCrossEntropy(stream_, logits, targets, N, V, true, grad_scale, rows, loss_acc);
     LAUNCHED("CrossEntropyForwardBackward");
   }
+  // bf16: SwiGLU's backward writes ∂L/∂gate and ∂L/∂up in bf16, the operands of the four
+  // GEMMs that read them (the CPU reference rounds them as those operands): no fp32 copy
+  // and no conversion. d_gate and d_up (the model's fp32 scratch) are not used.
+  void GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, float* d_gate, float* d_up, const float* d_act,
+                            TensorView gate, TensorView up, TensorView x, const float* w_gate, const float* w_up, int N,
+                            int F, int d) override {
+    if (!bf16_) {
+      Backend::GateUpSwiGluBackward(dx, dw_gate, dw_up, d_gate, d_up, d_act, gate, up, x, w_gate, w_up, N, F, d);
+      return;
+    }
+    const size_t n = static_cast<size_t>(N) * F, half = (n * 2 + 255) / 256 * 256;
+    char* buf = static_cast<char*>(Scratch(&swiglu_grads_, std::max<size_t>(2 * half, 1)));
+    if (buf == nullptr) return;
+    const char* op = "cuda GateUpSwiGluBackward";
+    cuda::LaunchSwiGluBackward(stream_, Act(buf, true), Act(buf + half, true), d_act, A(gate, op), A(up, op), n);
+    LAUNCHED("SwiGluBackward (bf16 gradients)");
+    const TensorView dg(buf, DType::kBF16, N, F, F), du(buf + half, DType::kBF16, N, F, F);
+    Gemm(false, false, N, d, F, 1.0f, dg, w_gate, 0.0f, dx);
+    Gemm(false, false, N, d, F, 1.0f, du, w_up, 1.0f, dx);
+    if (dw_gate != nullptr) {
+      Gemm(true, false, F, d, N, 1.0f, dg, x, 1.0f, dw_gate);
+      Gemm(true, false, F, d, N, 1.0f, du, x, 1.0f, dw_up);
+    }
+  }
+
   // bf16: the LM head's cross-entropy writes ∂L/∂logits straight into a bf16 buffer, the
   // operand of both GEMMs that read it (the CPU reference rounds it as their operand).
   void LmHeadCrossEntropy(float* dx, float* dw, float* logits, int logits_rows, TensorView x, const float* w,
@@ -636,7 +683,10 @@ class CudaBackend final : public Backend {
       if (c.used < slot->used) slot = &c;  // the least recently used
     }
     void* out = Scratch(&slot->buf, std::max<size_t>(count, 1) * 2);
-    if (out == nullptr) return nullptr;
+    if (out == nullptr) {
+      *slot = Converted{};  // its buffer is gone
+      return nullptr;
+    }
     cuda::LaunchConvert(stream_, Act(out, true), Act(x), count);
     Record(cudaGetLastError(), "kernel launch of Gemm operand to bf16", __LINE__);  // no epoch: it writes only its slot
     *slot = Converted{x, count, epoch_, slot->buf, ++use_clock_};
@@ -829,27 +879,55 @@ class CudaBackend final : public Backend {
     }
     return plan->get();  // the cache keeps it
   }
-  void* CudnnWorkspace(size_t bytes) { return bytes == 0 ? nullptr : Scratch(&cudnn_workspace_, bytes); }
+  // A cuDNN buffer of `bytes` (null for 0). Out of memory is not a device error here:
+  // *st says so, and the caller runs the tiled kernel instead.
+  void* CudnnScratch(Buffer* buf, size_t bytes, Status* st) {
+    if (bytes == 0 || buf->bytes >= bytes) return bytes == 0 ? nullptr : buf->p;
+    CUDA_CALL(cudaStreamSynchronize(stream_));
+    if (buf->p != nullptr) cudaFree(buf->p);
+    buf->p = nullptr;
+    buf->bytes = 0;
+    if (cudaMalloc(&buf->p, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      buf->p = nullptr;
+      *st = Status(StatusCode::kResourceExhausted, "cuDNN attention needs " + std::to_string(bytes) + " bytes of device memory");
+      return nullptr;
+    }
+    buf->bytes = bytes;
+    return buf->p;
+  }
+  // A shape cuDNN failed on (memory, or an execution it refused): the tiled kernel runs it
+  // from now on, said once.
+  void RefuseCudnn(int B, int T, int H, int KV, int dh, const Status& why) {
+    cudnn_refused_.insert(std::make_tuple(B, T, H, KV, dh));
+    std::fprintf(stderr, "sinkscope: cuDNN attention failed for B%d T%d H%d KV%d dh%d (%s): the tiled kernel runs it\n",
+                 B, T, H, KV, dh, why.message().c_str());
+  }
   // cuDNN's backward takes and gives bf16; the backend's dy is fp32 and its dq, dk, dv are
   // written in fp32: dO is rounded on the way in, the gradients widened on the way out.
-  void CudnnBackward(const cuda::CudnnAttention& plan, float* dq, float* dk, float* dv, const float* dy, Act y,
-                     const float* lse, Act q, Act k, Act v, int B, int T, int H, int KV, int dh) {
+  // Not OK (nothing written to dq, dk, dv) when its memory could not be had or cuDNN
+  // refused the call: the caller runs the tiled kernel.
+  Status CudnnBackward(const cuda::CudnnAttention& plan, float* dq, float* dk, float* dv, const float* dy, Act y,
+                       const float* lse, Act q, Act k, Act v, int B, int T, int H, int KV, int dh) {
     const size_t nq = static_cast<size_t>(B) * T * H * dh, nkv = static_cast<size_t>(B) * T * KV * dh;
     auto round_up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
     const size_t q_bytes = round_up(nq * 2), kv_bytes = round_up(nkv * 2);
-    char* g = static_cast<char*>(Scratch(&cudnn_grads_, 2 * q_bytes + 2 * kv_bytes));
-    float* scratch = static_cast<float*>(Scratch(&cudnn_scratch_, std::max<size_t>(plan.backward_scratch_floats(), 1) * 4));
-    void* ws = CudnnWorkspace(plan.backward_workspace_bytes());
-    if (g == nullptr || scratch == nullptr || (plan.backward_workspace_bytes() > 0 && ws == nullptr)) return;
+    Status st;
+    char* g = static_cast<char*>(CudnnScratch(&cudnn_grads_, 2 * q_bytes + 2 * kv_bytes, &st));
+    float* scratch = static_cast<float*>(
+        CudnnScratch(&cudnn_scratch_, std::max<size_t>(plan.backward_scratch_floats(), 1) * 4, &st));
+    void* ws = CudnnScratch(&cudnn_workspace_, plan.backward_workspace_bytes(), &st);
+    if (!st.ok()) return st;
     void *d_o = g, *dq16 = g + q_bytes, *dk16 = g + 2 * q_bytes, *dv16 = g + 2 * q_bytes + kv_bytes;
     cuda::LaunchConvert(stream_, Act(d_o, true), Act(dy), nq);
     LAUNCHED("AttentionBackward (dO to bf16)");
     ++epoch_;
-    RecordStatus(plan.Backward(stream_, q.p, k.p, v.p, y.p, d_o, lse, dq16, dk16, dv16, ws, scratch));
+    RETURN_IF_ERROR(plan.Backward(stream_, q.p, k.p, v.p, y.p, d_o, lse, dq16, dk16, dv16, ws, scratch));
     cuda::LaunchConvert(stream_, Act(dq), Act(dq16, true), nq);
     cuda::LaunchConvert(stream_, Act(dk), Act(dk16, true), nkv);
     cuda::LaunchConvert(stream_, Act(dv), Act(dv16, true), nkv);
     LAUNCHED("AttentionBackward (gradients to fp32)");
+    return OkStatus();
   }
 #endif
 
@@ -970,13 +1048,22 @@ class CudaBackend final : public Backend {
               CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.b, ab, ta ? m : k, ta ? k : m, ta ? m : k)) &&
               CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.c, ct, n, m, n));
     if (ok && bias != nullptr) {
+      // Whatever cuBLASLt says about the bias epilogue (an fp32 bias beside a bf16 D) is an
+      // answer, not a device error: the caller adds the bias itself.
       plan.epilogue = CUBLASLT_EPILOGUE_BIAS;
       const cudaDataType_t bias_type = CUDA_R_32F;
-      ok = CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &plan.epilogue,
-                                                      sizeof plan.epilogue)) &&
-           CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                                      sizeof bias_type)) &&
-           CUBLAS_CALL(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+      const bool set =
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &plan.epilogue,
+                                         sizeof plan.epilogue) == CUBLAS_STATUS_SUCCESS &&
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                         sizeof bias_type) == CUBLAS_STATUS_SUCCESS &&
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias) ==
+              CUBLAS_STATUS_SUCCESS;
+      if (!set) {
+        plan.Destroy();
+        no_bias_plans_.insert(key);
+        return nullptr;
+      }
     }
     cublasLtMatmulPreference_t pref = nullptr;
     cublasLtMatmulHeuristicResult_t result{};
@@ -995,7 +1082,7 @@ class CudaBackend final : public Backend {
     if (ok) {
       const cublasStatus_t e = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1,
                                                               &result, &found);
-      if (bias != nullptr && (e == CUBLAS_STATUS_NOT_SUPPORTED || (e == CUBLAS_STATUS_SUCCESS && found == 0))) {
+      if (bias != nullptr && (e != CUBLAS_STATUS_SUCCESS || found == 0)) {
         cublasLtMatmulPreferenceDestroy(pref);
         plan.Destroy();
         no_bias_plans_.insert(key);  // the caller adds the bias itself, each time
@@ -1035,6 +1122,7 @@ class CudaBackend final : public Backend {
   uint64_t epoch_ = 1, use_clock_ = 0;
   Buffer qk_scratch_;             // the q/k norms' fp32 output before RoPE (bf16 mode)
   Buffer dlogits_;                // the LM head's bf16 ∂L/∂logits, a chunk of rows (bf16 mode)
+  Buffer swiglu_grads_;           // SwiGLU's bf16 ∂L/∂gate | ∂L/∂up (bf16 mode)
   std::map<GemmKey, GemmPlan> gemm_plans_;
   std::set<GemmKey> no_bias_plans_;  // shapes whose bias epilogue cuBLASLt cannot do
   std::map<uintptr_t, Shadow> shadows_;  // by the fp32 tensor's address

@@ -157,7 +157,8 @@ void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_
 
 // ---- swiglu.cu ----
 void LaunchSwiGluForward(cudaStream_t s, Act h, Act gate, Act up, size_t n);
-void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n);
+// dgate, dup: fp32, or bf16 where they are only a bf16 GEMM's operands (the bf16 mode).
+void LaunchSwiGluBackward(cudaStream_t s, Act dgate, Act dup, const float* dh, Act gate, Act up, size_t n);
 
 // ---- cross_entropy.cu ----
 // row_loss (N) doubles of scratch; grad true writes grad_scale·(p − onehot) into

@@ -14,9 +14,12 @@ __global__ void SwiGluForwardKernel(Act h, Act gate, Act up, size_t n) {
   }
 }
 
-__global__ void SwiGluBackwardKernel(float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n) {
+__global__ void SwiGluBackwardKernel(Act dgate, Act dup, const float* dh, Act gate, Act up, size_t n) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
-    kmath::SwiGluGrad(dh[i], Ld(gate, i), Ld(up, i), &dgate[i], &dup[i]);
+    float dg, du;
+    kmath::SwiGluGrad(dh[i], Ld(gate, i), Ld(up, i), &dg, &du);
+    St(dgate, i, dg);
+    St(dup, i, du);
   }
 }
 
@@ -26,8 +29,8 @@ void LaunchSwiGluForward(cudaStream_t s, Act h, Act gate, Act up, size_t n) {
   SINKSCOPE_COST((h.bytes() + gate.bytes() + up.bytes()) * n, 8.0 * n);
   SINKSCOPE_LAUNCH(SwiGluForwardKernel, GridFor(n, 256), 256, 0, s)(h, gate, up, n);
 }
-void LaunchSwiGluBackward(cudaStream_t s, float* dgate, float* dup, const float* dh, Act gate, Act up, size_t n) {
-  SINKSCOPE_COST((12.0 + gate.bytes() + up.bytes()) * n, 12.0 * n);
+void LaunchSwiGluBackward(cudaStream_t s, Act dgate, Act dup, const float* dh, Act gate, Act up, size_t n) {
+  SINKSCOPE_COST((4.0 + dgate.bytes() + dup.bytes() + gate.bytes() + up.bytes()) * n, 12.0 * n);
   SINKSCOPE_LAUNCH(SwiGluBackwardKernel, GridFor(n, 256), 256, 0, s)(dgate, dup, dh, gate, up, n);
 }
 
