@@ -139,6 +139,11 @@ struct Result {
   std::vector<std::string> uncosted;  // "kernel at site"
   std::string summary;
   std::string backend;  // "cuda" (fp32) or "cuda-bf16"
+  // bf16 on a GPU runs attention through cuDNN, which the emulation cannot trace: the same
+  // step with the tiled kernels' records priced as cuDNN's would be at best (their FLOPs at
+  // the bf16 tensor-core peak, their bytes at HBM bandwidth) plus the bf16↔fp32 conversions
+  // of dO, dq, dk and dv around cuDNN's backward. 0 in the fp32 mode.
+  double cudnn_seconds = 0, cudnn_mfu = 0;
 };
 
 StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int T, CudaPrecision precision) {
@@ -272,6 +277,19 @@ StatusOr<Result> DryRun(const std::string& label, ModelConfig model, int B, int 
     (t.kind == emu::TraceRecord::kGemm ? r.gemm_flops : r.kernel_flops) += t.cost.flops;
     r.bytes += t.cost.bytes;
     r.seconds += s;
+    const bool attention = t.kind == emu::TraceRecord::kKernel && t.name.rfind("Flash", 0) == 0 &&
+                           t.site.find("flash_attention.cu") != std::string::npos;
+    r.cudnn_seconds += attention ? std::max(t.cost.bytes / kHbmBytesPerSecond, t.cost.flops / kPeakBf16) : s;
+  }
+  if (precision == CudaPrecision::kBf16) {
+    const double nq = static_cast<double>(B) * T * model.heads * model.head_dim,
+                 nkv = static_cast<double>(B) * T * model.kv_heads * model.head_dim;
+    r.cudnn_seconds += model.layers * (2 * nq + 2 * nkv) * 6.0 / kHbmBytesPerSecond;  // 4 B read + 2 B written, or back
+    r.cudnn_mfu = r.cudnn_seconds > 0 ? model.TrainFlopsPerToken(T) * static_cast<double>(B) * T /
+                                            (r.cudnn_seconds * kPeakBf16)
+                                      : 0;
+  } else {
+    r.cudnn_seconds = 0;
   }
   for (auto& [key, op] : ops) r.ops.push_back(op);
   std::sort(r.ops.begin(), r.ops.end(), [](const Op& a, const Op& b) {
@@ -313,6 +331,12 @@ void PrintTable(const Result& r) {
               r.kernel_flops / 1e12, r.bytes / 1e9, r.model_flops / 1e12);
   std::printf("estimate: %.4f s/step, %.0f tokens/s, MFU %.1f%%\n", r.seconds,
               r.seconds > 0 ? r.B * static_cast<double>(r.T) / r.seconds : 0.0, 100 * r.mfu);
+  if (r.cudnn_seconds > 0) {
+    std::printf("with cuDNN attention (the bf16 default on a GPU; not traced: the attention kernels' FLOPs priced at "
+                "the bf16 tensor-core peak, plus the conversions around its backward): %.4f s/step, %.0f tokens/s, "
+                "MFU %.1f%%\n",
+                r.cudnn_seconds, r.B * static_cast<double>(r.T) / r.cudnn_seconds, 100 * r.cudnn_mfu);
+  }
   std::printf("device memory: %.2f GB after the model is created (parameters, gradients, AdamW state), peak %.2f GB "
               "in the step: %.0f bytes per token of activations and scratch\n",
               r.model_bytes / 1e9, r.peak_bytes / 1e9,
@@ -356,7 +380,9 @@ nlohmann::json ToJson(const Result& r) {
                         {"device_bytes_peak_probed", r.probed_peak_bytes},
                         {"uncosted", r.uncosted},
                         {"summary", r.summary},
-                        {"backend", r.backend}};
+                        {"backend", r.backend},
+                        {"est_cudnn_attention_step_s", r.cudnn_seconds},
+                        {"est_cudnn_attention_mfu", r.cudnn_mfu}};
   out["ops"] = nlohmann::json::array();
   for (const Op& op : r.ops) {
     out["ops"].push_back({{"op", op.name},
