@@ -43,7 +43,7 @@ for line in open(sys.argv[1]):
     if line.startswith("== "):
         section = line.split()[1]
         continue
-    if section != "paper-0.1b" or line.startswith(("op ", "per step", "estimate", "device", "probed", "blocks", "host")):
+    if section != "paper-0.1b" or line.startswith(("op ", "per step", "estimate", "with ", "device", "probed", "blocks", "host")):
         continue
     # (the unit column "bf16 TC" is one column of two words)
     name, rest = line[:92].rstrip(), line[92:].replace("bf16 TC", "bf16-TC").split()
