@@ -77,7 +77,7 @@ class CudaBackend final : public Backend {
     for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
                     column_scratch_.p, massive_scratch_.p, qk_scratch_.p, dlogits_.p,
-                    swiglu_grads_.p}) {
+                    swiglu_grads_.p, rope_grads_.p}) {
       if (p != nullptr) cudaFree(p);
     }
     for (Converted& c : converted_) {
@@ -170,7 +170,7 @@ class CudaBackend final : public Backend {
   void ReleaseScratch() override {
     CUDA_CALL(cudaStreamSynchronize(stream_));  // queued kernels may still use them
     std::vector<Buffer*> buffers = {&scratch_, &dscratch_, &column_scratch_, &massive_scratch_, &qk_scratch_,
-                                    &dlogits_, &swiglu_grads_};
+                                    &dlogits_, &swiglu_grads_, &rope_grads_};
 #ifdef SINKSCOPE_CUDNN_ATTENTION
     for (Buffer* b : {&cudnn_workspace_, &cudnn_scratch_, &cudnn_grads_}) buffers.push_back(b);
 #endif
@@ -535,6 +535,33 @@ class CudaBackend final : public Backend {
     cuda::LaunchCrossEntropy(stream_, logits, targets, N, V, true, grad_scale, rows, loss_acc);
     LAUNCHED("CrossEntropyForwardBackward");
   }
+  // bf16 (without q/k norms or biases, which read the fp32 gradients): RoPE's backward
+  // writes ∂L/∂q and ∂L/∂k in bf16, the operands of the GEMMs that read them (the CPU
+  // reference rounds them as those operands); dq and dk are left as they came.
+  void AttentionInputBackward(const AttentionShape& s, float* dxn, float* dq, float* dk, const float* dv, TensorView xn,
+                              const AttentionInputWeights& w, const AttentionInputActs& a, const AttentionInputGrads& g,
+                              float* scratch_q, float* scratch_k) override {
+    if (!bf16_ || w.q_norm != nullptr || w.bq != nullptr) {
+      Backend::AttentionInputBackward(s, dxn, dq, dk, dv, xn, w, a, g, scratch_q, scratch_k);
+      return;
+    }
+    const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
+    const size_t q_bytes = (static_cast<size_t>(N) * qd * 2 + 255) / 256 * 256;
+    char* buf = static_cast<char*>(Scratch(&rope_grads_, std::max<size_t>(q_bytes + static_cast<size_t>(N) * kvd * 2, 1)));
+    if (buf == nullptr) return;
+    Rope(Act(buf, true), Act(dq), s.B, s.T, s.H, s.dh, *s.rope, -1.0);
+    Rope(Act(buf + q_bytes, true), Act(dk), s.B, s.T, s.KV, s.dh, *s.rope, -1.0);
+    const TensorView dq16(buf, DType::kBF16, N, qd, qd), dk16(buf + q_bytes, DType::kBF16, N, kvd, kvd);
+    Gemm(false, false, N, s.d, qd, 1.0f, dq16, w.wq, 0.0f, dxn);  // ∂L/∂x̃ (N,d)
+    Gemm(false, false, N, s.d, kvd, 1.0f, dk16, w.wk, 1.0f, dxn);
+    Gemm(false, false, N, s.d, kvd, 1.0f, dv, w.wv, 1.0f, dxn);
+    if (g.wq != nullptr) {
+      Gemm(true, false, qd, s.d, N, 1.0f, dq16, xn, 1.0f, g.wq);
+      Gemm(true, false, kvd, s.d, N, 1.0f, dk16, xn, 1.0f, g.wk);
+      Gemm(true, false, kvd, s.d, N, 1.0f, dv, xn, 1.0f, g.wv);
+    }
+  }
+
   // bf16: SwiGLU's backward writes ∂L/∂gate and ∂L/∂up in bf16, the operands of the four
   // GEMMs that read them (the CPU reference rounds them as those operands): no fp32 copy
   // and no conversion. d_gate and d_up (the model's fp32 scratch) are not used.
@@ -1123,6 +1150,7 @@ class CudaBackend final : public Backend {
   Buffer qk_scratch_;             // the q/k norms' fp32 output before RoPE (bf16 mode)
   Buffer dlogits_;                // the LM head's bf16 ∂L/∂logits, a chunk of rows (bf16 mode)
   Buffer swiglu_grads_;           // SwiGLU's bf16 ∂L/∂gate | ∂L/∂up (bf16 mode)
+  Buffer rope_grads_;             // RoPE backward's bf16 ∂L/∂q | ∂L/∂k (bf16 mode)
   std::map<GemmKey, GemmPlan> gemm_plans_;
   std::set<GemmKey> no_bias_plans_;  // shapes whose bias epilogue cuBLASLt cannot do
   std::map<uintptr_t, Shadow> shadows_;  // by the fp32 tensor's address
