@@ -70,6 +70,13 @@ void Backend::AttentionInputBackward(const AttentionShape& s, float* dxn, float*
     AccumulateColumnSums(g.bk, dk_proj, N, kvd);
     AccumulateColumnSums(g.bv, dv, N, kvd);
   }
+  AttentionInputBackwardGemms(s, dxn, dq_proj, dk_proj, dv, xn, w, g);
+}
+
+void Backend::AttentionInputBackwardGemms(const AttentionShape& s, float* dxn, TensorView dq_proj, TensorView dk_proj,
+                                          TensorView dv, TensorView xn, const AttentionInputWeights& w,
+                                          const AttentionInputGrads& g) {
+  const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
   Gemm(false, false, N, s.d, qd, 1.0f, dq_proj, w.wq, 0.0f, dxn);  // ∂L/∂x̃ (N,d)
   Gemm(false, false, N, s.d, kvd, 1.0f, dk_proj, w.wk, 1.0f, dxn);
   Gemm(false, false, N, s.d, kvd, 1.0f, dv, w.wv, 1.0f, dxn);
@@ -91,6 +98,11 @@ void Backend::GateUpSwiGluBackward(float* dx, float* dw_gate, float* dw_up, floa
                                    const float* d_act, TensorView gate, TensorView up, TensorView x,
                                    const float* w_gate, const float* w_up, int N, int F, int d) {
   SwiGluBackward(d_gate, d_up, d_act, gate, up, N, F);
+  GateUpBackwardGemms(dx, dw_gate, dw_up, d_gate, d_up, x, w_gate, w_up, N, F, d);
+}
+
+void Backend::GateUpBackwardGemms(float* dx, float* dw_gate, float* dw_up, TensorView d_gate, TensorView d_up,
+                                  TensorView x, const float* w_gate, const float* w_up, int N, int F, int d) {
   Gemm(false, false, N, d, F, 1.0f, d_gate, w_gate, 0.0f, dx);
   Gemm(false, false, N, d, F, 1.0f, d_up, w_up, 1.0f, dx);
   if (dw_gate != nullptr) {

@@ -304,6 +304,17 @@ class Backend {
                                 const double* guard);
   // *acc += Σ over tensors of Σ x².
   virtual void AccumulateGlobalSumSquares(double* acc, const std::vector<std::pair<const float*, size_t>>& tensors);
+
+ protected:
+  // The GEMMs that end the fused backwards, for an override that forms their gradient
+  // operands its own way (in another dtype, say): dxn = dq_proj·W_q + dk_proj·W_k + dv·W_v
+  // and the three weight gradients (+=, when g.wq is non-null) ...
+  void AttentionInputBackwardGemms(const AttentionShape& shape, float* dxn, TensorView dq_proj, TensorView dk_proj,
+                                   TensorView dv, TensorView xn, const AttentionInputWeights& w,
+                                   const AttentionInputGrads& g);
+  // ... and dx = d_gate·W_gate + d_up·W_up with dw_gate, dw_up (+=, when non-null).
+  void GateUpBackwardGemms(float* dx, float* dw_gate, float* dw_up, TensorView d_gate, TensorView d_up, TensorView x,
+                           const float* w_gate, const float* w_up, int N, int F, int d);
 };
 
 // The host reference of Backend::AbsTop3 and RadixCount (their default implementations,

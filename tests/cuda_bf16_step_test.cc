@@ -29,7 +29,9 @@
 #include "engine/model.h"
 #include "engine/optimizer.h"
 #include "engine/probes.h"
+#include "tests/cuda_or_skip.h"
 #include "tests/small_model.h"
+#include "tests/step_compare.h"
 
 namespace sinkscope {
 namespace {
@@ -38,44 +40,16 @@ namespace {
 // points; cuDNN's flash attention also rounds P and its gradients to bf16) or, on a GPU,
 // cuDNN's.
 std::unique_ptr<Backend> CudaBf16OrSkip(std::string* why, bool tiled = true) {
-  if (CudaDeviceCount() == 0) {
-    *why = "no CUDA device is visible to this process (the CUDA tests run on a GPU machine: scripts/gpu/run.sh)";
-    return nullptr;
-  }
   if (tiled) setenv("SINKSCOPE_ATTENTION", "tiled", 1);
-  auto backend = MakeCudaBackend(0, CudaPrecision::kBf16);
+  auto backend = MakeCudaOrSkipReason(why, CudaPrecision::kBf16);
   if (tiled) unsetenv("SINKSCOPE_ATTENTION");
-  if (!backend.ok()) {
-    *why = backend.status().message();
-    return nullptr;
-  }
-  return std::move(*backend);
+  return backend;
 }
 
 #define CUDA_BF16_OR_SKIP(var)                   \
   std::string why_##var;                         \
   auto var = CudaBf16OrSkip(&why_##var);         \
   if (var == nullptr) GTEST_SKIP() << why_##var;
-
-void Batch(int B, int T, int V, int salt, std::vector<int32_t>* tokens, std::vector<int32_t>* targets) {
-  tokens->resize(static_cast<size_t>(B) * T);
-  targets->resize(tokens->size());
-  for (int i = 0; i < B * T; ++i) {
-    (*tokens)[i] = (i * 7 + i / 5 + salt) % V;
-    (*targets)[i] = (i * 11 + i / 3 + 2 * salt + 1) % V;
-  }
-}
-
-double NormError(const std::vector<float>& got, const std::vector<float>& want, size_t from = 0, size_t n = SIZE_MAX) {
-  double err = 0, scale = 1e-3;
-  const size_t end = std::min(want.size(), n == SIZE_MAX ? want.size() : from + n);
-  for (size_t i = from; i < end; ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
-    scale = std::max(scale, std::abs(static_cast<double>(want[i])));
-  }
-  return err / scale;
-}
 
 struct Variant {
   std::string name;

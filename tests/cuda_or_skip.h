@@ -11,12 +11,13 @@
 
 namespace sinkscope {
 
-inline std::unique_ptr<Backend> MakeCudaOrSkipReason(std::string* why) {
+inline std::unique_ptr<Backend> MakeCudaOrSkipReason(std::string* why,
+                                                     CudaPrecision precision = CudaPrecision::kFp32) {
   if (CudaDeviceCount() == 0) {
     *why = "no CUDA device is visible to this process (the CUDA tests run on a GPU machine: scripts/gpu/run.sh)";
     return nullptr;
   }
-  auto backend = MakeCudaBackend(0);
+  auto backend = MakeCudaBackend(0, precision);
   if (!backend.ok()) {
     *why = backend.status().message();
     return nullptr;

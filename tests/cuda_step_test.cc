@@ -23,6 +23,7 @@
 #include "engine/probes.h"
 #include "tests/cuda_or_skip.h"
 #include "tests/small_model.h"
+#include "tests/step_compare.h"
 
 namespace sinkscope {
 namespace {
@@ -33,25 +34,6 @@ namespace {
   if (var == nullptr) GTEST_SKIP() << why_##var;
 
 ModelConfig SmallConfig(VScaleMode mode) { return SmallModel(61, 32, mode); }
-
-void Batch(int B, int T, int V, int salt, std::vector<int32_t>* tokens, std::vector<int32_t>* targets) {
-  tokens->resize(static_cast<size_t>(B) * T);
-  targets->resize(tokens->size());
-  for (int i = 0; i < B * T; ++i) {
-    (*tokens)[i] = (i * 7 + i / 5 + salt) % V;
-    (*targets)[i] = (i * 11 + i / 3 + 2 * salt + 1) % V;
-  }
-}
-
-double NormError(const std::vector<float>& got, const std::vector<float>& want) {
-  double err = 0, scale = 1e-3;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return INFINITY;
-    err = std::max(err, std::abs(static_cast<double>(got[i]) - want[i]));
-    scale = std::max(scale, std::abs(static_cast<double>(want[i])));
-  }
-  return err / scale;
-}
 
 const char* ArmName(VScaleMode m) {
   return m == VScaleMode::kNone ? "baseline" : m == VScaleMode::kVScale ? "vscale" : "backward_only";

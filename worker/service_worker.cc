@@ -1047,8 +1047,9 @@ Worker::RunEnd Worker::TrainRun(const v1::Assignment& a) {
     backend = *fp32;
     Log(LogLevel::kInfo, "fp32_for_arms", {{"run_id", run}, {"backend", backend->Name()}});
   }
-  backend_->ReleaseScratch();  // the other backend's buffers, on the same GPU
-  if (fp32_backend_ != nullptr && backend != fp32_backend_.get()) fp32_backend_->ReleaseScratch();
+  for (Backend* other : {backend_.get(), fp32_backend_.get()}) {
+    if (other != nullptr && other != backend) other->ReleaseScratch();  // its buffers, on the same GPU
+  }
   o.checkpoint_retries = options_.checkpoint_retries;
   o.checkpoint_backoff = options_.checkpoint_backoff;
   // A gang's rank meets the others through the coordinator, then trains its share of

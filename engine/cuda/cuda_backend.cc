@@ -63,25 +63,17 @@ class CudaBackend final : public Backend {
   bool ran_cudnn_attention() const { return false; }
 #endif
   ~CudaBackend() override {
-    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    if (stream_ != nullptr) ReleaseScratch();  // drains the stream first
 #ifdef SINKSCOPE_CUDNN_ATTENTION
     cudnn_cache_.reset();
     if (cudnn_ != nullptr) cudnnDestroy(cudnn_);
-    for (Buffer* b : {&cudnn_workspace_, &cudnn_scratch_, &cudnn_grads_}) {
-      if (b->p != nullptr) cudaFree(b->p);
-    }
 #endif
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
     for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
-    for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_), scratch_.p, dscratch_.p,
-                    column_scratch_.p, massive_scratch_.p, qk_scratch_.p, dlogits_.p,
-                    swiglu_grads_.p, rope_grads_.p}) {
+    for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_)}) {
       if (p != nullptr) cudaFree(p);
-    }
-    for (Converted& c : converted_) {
-      if (c.buf.p != nullptr) cudaFree(c.buf.p);
     }
     if (lt_ != nullptr) cublasLtDestroy(lt_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -274,8 +266,7 @@ class CudaBackend final : public Backend {
     const void* a = low ? Bf16Operand(a_v, static_cast<size_t>(m) * k) : a_v.f32("cuda Gemm");
     const void* b = low ? Bf16Operand(b_v, static_cast<size_t>(k) * n) : b_v.f32("cuda Gemm");
     if (a == nullptr || b == nullptr) return true;  // the error is recorded
-    if (c.bf16) Written(c.p, static_cast<size_t>(m) * n * 2);
-    else Written(c.p, static_cast<size_t>(m) * n * 4);
+    Written(c.p, static_cast<size_t>(m) * n * (c.bf16 ? 2 : 4));
     // Operands sit at any element offset of a buffer (a chunk of rows): the plan is chosen
     // for their actual alignment (cuBLASLt otherwise assumes 256 bytes and may pick a
     // vectorised kernel that faults on a less aligned pointer).
@@ -367,7 +358,7 @@ class CudaBackend final : public Backend {
     if (y.bf16 && q.bf16 && k.bf16 && v.bf16) {
       if (const cuda::CudnnAttention* plan = CudnnPlan(B, T, H, KV, dh); plan != nullptr) {
         Status st;
-        void* ws = CudnnScratch(&cudnn_workspace_, plan->forward_workspace_bytes(), &st);
+        void* ws = Scratch(&cudnn_workspace_, plan->forward_workspace_bytes(), &st);
         if (st.ok()) {
           ++epoch_;
           st = plan->Forward(stream_, q.p, k.p, v.p, y.p, lse, ws);
@@ -546,20 +537,13 @@ class CudaBackend final : public Backend {
       return;
     }
     const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
-    const size_t q_bytes = (static_cast<size_t>(N) * qd * 2 + 255) / 256 * 256;
+    const size_t q_bytes = AlignUp(static_cast<size_t>(N) * qd * 2);
     char* buf = static_cast<char*>(Scratch(&rope_grads_, std::max<size_t>(q_bytes + static_cast<size_t>(N) * kvd * 2, 1)));
     if (buf == nullptr) return;
     Rope(Act(buf, true), Act(dq), s.B, s.T, s.H, s.dh, *s.rope, -1.0);
     Rope(Act(buf + q_bytes, true), Act(dk), s.B, s.T, s.KV, s.dh, *s.rope, -1.0);
     const TensorView dq16(buf, DType::kBF16, N, qd, qd), dk16(buf + q_bytes, DType::kBF16, N, kvd, kvd);
-    Gemm(false, false, N, s.d, qd, 1.0f, dq16, w.wq, 0.0f, dxn);  // ∂L/∂x̃ (N,d)
-    Gemm(false, false, N, s.d, kvd, 1.0f, dk16, w.wk, 1.0f, dxn);
-    Gemm(false, false, N, s.d, kvd, 1.0f, dv, w.wv, 1.0f, dxn);
-    if (g.wq != nullptr) {
-      Gemm(true, false, qd, s.d, N, 1.0f, dq16, xn, 1.0f, g.wq);
-      Gemm(true, false, kvd, s.d, N, 1.0f, dk16, xn, 1.0f, g.wk);
-      Gemm(true, false, kvd, s.d, N, 1.0f, dv, xn, 1.0f, g.wv);
-    }
+    AttentionInputBackwardGemms(s, dxn, dq16, dk16, dv, xn, w, g);
   }
 
   // bf16: SwiGLU's backward writes ∂L/∂gate and ∂L/∂up in bf16, the operands of the four
@@ -572,19 +556,14 @@ class CudaBackend final : public Backend {
       Backend::GateUpSwiGluBackward(dx, dw_gate, dw_up, d_gate, d_up, d_act, gate, up, x, w_gate, w_up, N, F, d);
       return;
     }
-    const size_t n = static_cast<size_t>(N) * F, half = (n * 2 + 255) / 256 * 256;
+    const size_t n = static_cast<size_t>(N) * F, half = AlignUp(n * 2);
     char* buf = static_cast<char*>(Scratch(&swiglu_grads_, std::max<size_t>(2 * half, 1)));
     if (buf == nullptr) return;
     const char* op = "cuda GateUpSwiGluBackward";
     cuda::LaunchSwiGluBackward(stream_, Act(buf, true), Act(buf + half, true), d_act, A(gate, op), A(up, op), n);
     LAUNCHED("SwiGluBackward (bf16 gradients)");
     const TensorView dg(buf, DType::kBF16, N, F, F), du(buf + half, DType::kBF16, N, F, F);
-    Gemm(false, false, N, d, F, 1.0f, dg, w_gate, 0.0f, dx);
-    Gemm(false, false, N, d, F, 1.0f, du, w_up, 1.0f, dx);
-    if (dw_gate != nullptr) {
-      Gemm(true, false, F, d, N, 1.0f, dg, x, 1.0f, dw_gate);
-      Gemm(true, false, F, d, N, 1.0f, du, x, 1.0f, dw_up);
-    }
+    GateUpBackwardGemms(dx, dw_gate, dw_up, dg, du, x, w_gate, w_up, N, F, d);
   }
 
   // bf16: the LM head's cross-entropy writes ∂L/∂logits straight into a bf16 buffer, the
@@ -656,7 +635,6 @@ class CudaBackend final : public Backend {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
-    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
     void Destroy() {
       if (a) cublasLtMatrixLayoutDestroy(a);
       if (b) cublasLtMatrixLayoutDestroy(b);
@@ -730,12 +708,15 @@ class CudaBackend final : public Backend {
     const size_t offset = (reinterpret_cast<uintptr_t>(x) - start) / sizeof(float);
     Shadow& sh = it->second;
     if (offset + count > sh.n) return nullptr;
-    if (!sh.fresh) {
-      cuda::LaunchConvert(stream_, Act(sh.bf16, true), Act(reinterpret_cast<const float*>(start)), sh.n);
-      LAUNCHED("parameter to bf16");
-      sh.fresh = true;
-    }
+    Refresh(reinterpret_cast<const float*>(start), &sh);
     return static_cast<const char*>(sh.bf16) + offset * 2;
+  }
+  // The copy of parameter p made equal to it again if stale.
+  void Refresh(const float* p, Shadow* sh) {
+    if (sh->fresh) return;
+    cuda::LaunchConvert(stream_, Act(sh->bf16, true), Act(p), sh->n);
+    LAUNCHED("parameter to bf16");
+    sh->fresh = true;
   }
   // The bf16 copy of parameter p(n) for the AdamW kernel to write (made and filled on first
   // use, so it is right even when the guard skips the update), or null without memory.
@@ -755,11 +736,7 @@ class CudaBackend final : public Backend {
       }
       it = shadows_.emplace(key, sh).first;
     }
-    if (!it->second.fresh) {
-      cuda::LaunchConvert(stream_, Act(it->second.bf16, true), Act(p), n);
-      LAUNCHED("parameter to bf16");
-      it->second.fresh = true;
-    }
+    Refresh(p, &it->second);
     return it->second.bf16;
   }
   // A write of `bytes` at p by anything but the AdamW kernel: the copies it overlaps are
@@ -906,23 +883,6 @@ class CudaBackend final : public Backend {
     }
     return plan->get();  // the cache keeps it
   }
-  // A cuDNN buffer of `bytes` (null for 0). Out of memory is not a device error here:
-  // *st says so, and the caller runs the tiled kernel instead.
-  void* CudnnScratch(Buffer* buf, size_t bytes, Status* st) {
-    if (bytes == 0 || buf->bytes >= bytes) return bytes == 0 ? nullptr : buf->p;
-    CUDA_CALL(cudaStreamSynchronize(stream_));
-    if (buf->p != nullptr) cudaFree(buf->p);
-    buf->p = nullptr;
-    buf->bytes = 0;
-    if (cudaMalloc(&buf->p, bytes) != cudaSuccess) {
-      cudaGetLastError();
-      buf->p = nullptr;
-      *st = Status(StatusCode::kResourceExhausted, "cuDNN attention needs " + std::to_string(bytes) + " bytes of device memory");
-      return nullptr;
-    }
-    buf->bytes = bytes;
-    return buf->p;
-  }
   // A shape cuDNN failed on (memory, or an execution it refused): the tiled kernel runs it
   // from now on, said once.
   void RefuseCudnn(int B, int T, int H, int KV, int dh, const Status& why) {
@@ -937,13 +897,12 @@ class CudaBackend final : public Backend {
   Status CudnnBackward(const cuda::CudnnAttention& plan, float* dq, float* dk, float* dv, const float* dy, Act y,
                        const float* lse, Act q, Act k, Act v, int B, int T, int H, int KV, int dh) {
     const size_t nq = static_cast<size_t>(B) * T * H * dh, nkv = static_cast<size_t>(B) * T * KV * dh;
-    auto round_up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
-    const size_t q_bytes = round_up(nq * 2), kv_bytes = round_up(nkv * 2);
+    const size_t q_bytes = AlignUp(nq * 2), kv_bytes = AlignUp(nkv * 2);
     Status st;
-    char* g = static_cast<char*>(CudnnScratch(&cudnn_grads_, 2 * q_bytes + 2 * kv_bytes, &st));
-    float* scratch = static_cast<float*>(
-        CudnnScratch(&cudnn_scratch_, std::max<size_t>(plan.backward_scratch_floats(), 1) * 4, &st));
-    void* ws = CudnnScratch(&cudnn_workspace_, plan.backward_workspace_bytes(), &st);
+    char* g = static_cast<char*>(Scratch(&cudnn_grads_, 2 * q_bytes + 2 * kv_bytes, &st));
+    float* scratch =
+        static_cast<float*>(Scratch(&cudnn_scratch_, std::max<size_t>(plan.backward_scratch_floats(), 1) * 4, &st));
+    void* ws = Scratch(&cudnn_workspace_, plan.backward_workspace_bytes(), &st);
     if (!st.ok()) return st;
     void *d_o = g, *dq16 = g + q_bytes, *dk16 = g + 2 * q_bytes, *dv16 = g + 2 * q_bytes + kv_bytes;
     cuda::LaunchConvert(stream_, Act(d_o, true), Act(dy), nq);
@@ -965,16 +924,28 @@ class CudaBackend final : public Backend {
 
   // A device buffer of at least `bytes`, grown when needed (the stream is drained first:
   // queued kernels may still read the old one).
-  void* Scratch(Buffer* buf, size_t bytes) {
+  // With `no_memory`, running out of memory is an answer, not a device error: *no_memory
+  // says so (the cuDNN path, whose caller runs the tiled kernel instead).
+  void* Scratch(Buffer* buf, size_t bytes, Status* no_memory = nullptr) {
     if (buf->bytes >= bytes) return buf->p;
     CUDA_CALL(cudaStreamSynchronize(stream_));
     if (buf->p != nullptr) cudaFree(buf->p);
     buf->p = nullptr;
     buf->bytes = 0;
-    if (!CUDA_CALL(cudaMalloc(&buf->p, bytes))) return nullptr;
+    if (no_memory != nullptr) {
+      if (cudaMalloc(&buf->p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        buf->p = nullptr;
+        *no_memory = Status(StatusCode::kResourceExhausted, std::to_string(bytes) + " bytes of device memory");
+        return nullptr;
+      }
+    } else if (!CUDA_CALL(cudaMalloc(&buf->p, bytes))) {
+      return nullptr;
+    }
     buf->bytes = bytes;
     return buf->p;
   }
+  static size_t AlignUp(size_t bytes) { return (bytes + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign; }
 
   // A device copy of a small host table (segments of a multi-tensor op), kept by its
   // bytes: the model passes the same tensors every step, so each table is uploaded once.
@@ -1077,11 +1048,11 @@ class CudaBackend final : public Backend {
     if (ok && bias != nullptr) {
       // Whatever cuBLASLt says about the bias epilogue (an fp32 bias beside a bf16 D) is an
       // answer, not a device error: the caller adds the bias itself.
-      plan.epilogue = CUBLASLT_EPILOGUE_BIAS;
+      const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
       const cudaDataType_t bias_type = CUDA_R_32F;
       const bool set =
-          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &plan.epilogue,
-                                         sizeof plan.epilogue) == CUBLAS_STATUS_SUCCESS &&
+          cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue) ==
+              CUBLAS_STATUS_SUCCESS &&
           cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
                                          sizeof bias_type) == CUBLAS_STATUS_SUCCESS &&
           cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias) ==
