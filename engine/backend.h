@@ -275,6 +275,10 @@ class Backend {
                                     const float* d_act, TensorView gate, TensorView up, TensorView x,
                                     const float* w_gate, const float* w_up, int N, int F, int d);
 
+  // How many logits the model's LM-head buffer holds (its rows of V: the chunk of rows the
+  // head and the loss work in). 2^24 (64 MB) keeps a CPU chunk near its caches; a GPU
+  // takes larger chunks, so that W and ∂W are read and written fewer times a step.
+  virtual size_t LmHeadChunkLogits() const { return size_t{1} << 24; }
   // The LM head and the loss: logits = x·Wᵀ (N,V); *loss_acc += Σ_rows −log p[target];
   // dx (N,d) = grad_scale·(softmax − onehot)·W (written); dw (V,d) += its transposed
   // product with x when non-null. `logits` has logits_rows·V floats: a backend may work

@@ -27,6 +27,7 @@ class ForwardingBackend : public Backend {
   float* Alloc(size_t n) override { return in_->Alloc(n); }
   void* AllocBytes(size_t bytes) override { return in_->AllocBytes(bytes); }
   DType ActivationDType() const override { return in_->ActivationDType(); }
+  size_t LmHeadChunkLogits() const override { return in_->LmHeadChunkLogits(); }
   int32_t* AllocInt(size_t n) override { return in_->AllocInt(n); }
   void Free(void* p) override { in_->Free(p); }
   void ToDevice(void* d, const void* s, size_t b) override { in_->ToDevice(d, s, b); }

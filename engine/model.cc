@@ -390,9 +390,10 @@ Status Model::PrepareActivations(int B, int T) {
   }
   act(&xf_, N * d);
   alloc(&rstd_f_, N);
-  // The LM head works in row chunks of at most 2^24 logits (64 MB): a vocabulary of
-  // 152k never needs N·V floats.
-  logits_rows_ = static_cast<int>(std::min<size_t>(N, std::max<size_t>(1, (size_t{1} << 24) / config_.vocab)));
+  // The LM head works in row chunks of at most the backend's LmHeadChunkLogits (64 MB on
+  // a CPU, 512 MB on a GPU): a vocabulary of 152k never needs N·V floats.
+  logits_rows_ =
+      static_cast<int>(std::min<size_t>(N, std::max<size_t>(1, backend_->LmHeadChunkLogits() / config_.vocab)));
   alloc(&logits_, static_cast<size_t>(logits_rows_) * config_.vocab);
   alloc(&d_res_a_, N * d);
   alloc(&d_res_b_, N * d);

@@ -33,6 +33,10 @@
 #include "tests/small_model.h"
 #include "tests/step_compare.h"
 
+#ifdef SINKSCOPE_CUDA_EMULATION
+#include "engine/cuda/emu/runtime.h"
+#endif
+
 namespace sinkscope {
 namespace {
 
@@ -210,6 +214,87 @@ TEST(CudaBf16Step, ATwentyStepCurveThroughTheAdamWBf16CopiesAndAReload) {
   // not fall; what they must do is agree with the CPU, checked at every step above.)
   EXPECT_LT(last, 0.95 * first) << "the first ten steps are a training curve";
   EXPECT_LE(NormError(t.gpu->ParamsToHost(), t.ref->ParamsToHost()), 1e-2);
+}
+
+// The bf16 step projects q|k|v with one GEMM on the adjacent W_q, W_k, W_v (RoPE, the copy
+// of v and V-scale in one kernel after it) and gate|up with one GEMM (a strided batch of
+// two), and their backward with one GEMM per product on packed gradients. Against the
+// same backend with SINKSCOPE_CUDA_PACKED=0 (separate GEMMs). Under the emulation (each
+// dot product summed in double, rounded once) the forward is the same bits — the same dot
+// products, the same RoPE and V-scale arithmetic — so the loss is equal, and gradients
+// differ only where ∂x̃ and ∂x̃_mlp are now one sum instead of fp32 partial sums added
+// (measured ≤ 1.2e-7 normalised; bound 1e-5, room for an fp32 difference that moves a later
+// bf16 rounding). The trace shows the packed kernels ran and fewer GEMMs did. On a GPU the
+// packed and separate GEMMs are different cuBLASLt kernels summing in other orders: the
+// loss within 1e-3 relative, gradients within 2e-2 (the bounds against the CPU bf16 mode).
+TEST(CudaBf16Step, PackedProjectionsMatchSeparateGemms) {
+  CUDA_BF16_OR_SKIP(packed);
+  setenv("SINKSCOPE_CUDA_PACKED", "0", 1);
+  std::string why;
+  auto separate = CudaBf16OrSkip(&why);
+  unsetenv("SINKSCOPE_CUDA_PACKED");
+  ASSERT_NE(separate, nullptr) << why;
+  std::vector<Variant> variants = Variants();
+  // Qwen2's biases are adjacent (and so in the packed GEMM's epilogue) when q_dim and
+  // kv_dim are multiples of the slab's 64-float alignment, as in every Qwen2 checkpoint.
+  ModelConfig wide = SmallModel(61, 32, VScaleMode::kVScale);
+  wide.d_model = 64;
+  wide.head_dim = 32;
+  wide.ffn = 128;
+  wide.attention_bias = true;
+  variants.push_back({"qwen2-like, adjacent biases", wide});
+  for (const Variant& v : variants) {
+    auto a = Model::Create(v.config, packed.get()), b = Model::Create(v.config, separate.get());
+    ASSERT_TRUE(a.ok() && b.ok()) << v.name;
+    (*a)->InitWeights(17);
+    (*b)->InitWeights(17);
+    const int B = 2, T = 32;
+    std::vector<int32_t> tokens, targets;
+    Batch(B, T, v.config.vocab, 3, &tokens, &targets);
+#ifdef SINKSCOPE_CUDA_EMULATION
+    emu::StartTrace();
+#endif
+    const double la = (*a)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+#ifdef SINKSCOPE_CUDA_EMULATION
+    int split = 0, pack = 0, pairs = 0, gemms_packed = 0;
+    for (const emu::TraceRecord& r : emu::StopTrace()) {
+      split += r.name.find("QkvSplitKernel") != std::string::npos;
+      pack += r.name.find("QkvPackGradKernel") != std::string::npos;
+      pairs += r.kind == emu::TraceRecord::kGemm && r.batch == 2;
+      gemms_packed += r.kind == emu::TraceRecord::kGemm;
+    }
+    emu::StartTrace();
+#endif
+    const double lb = (*b)->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+#ifdef SINKSCOPE_CUDA_EMULATION
+    int gemms_separate = 0;
+    for (const emu::TraceRecord& r : emu::StopTrace()) gemms_separate += r.kind == emu::TraceRecord::kGemm;
+    const int qk_packed = v.config.qk_norm ? 0 : v.config.layers;  // q/k norms keep q, k, v apart
+    const bool bias_apart = v.config.attention_bias && v.config.q_dim() % 64 != 0;
+    EXPECT_EQ(split, bias_apart ? 0 : qk_packed) << v.name;
+    EXPECT_EQ(pack, v.config.attention_bias ? 0 : qk_packed) << v.name;
+    EXPECT_EQ(pairs, v.config.layers) << v.name << ": gate|up as one batched GEMM per block";
+    EXPECT_LT(gemms_packed, gemms_separate) << v.name;
+    std::printf("%-28s GEMMs per step packed %d, separate %d\n", v.name.c_str(), gemms_packed, gemms_separate);
+#endif
+    ASSERT_TRUE(packed->TakeError().ok()) << v.name;
+    ASSERT_TRUE(separate->TakeError().ok()) << v.name;
+#ifdef SINKSCOPE_CUDA_EMULATION
+    EXPECT_EQ(la, lb) << v.name << ": the forward is the same bits";
+    const double bound = 1e-5;
+#else
+    EXPECT_NEAR(la, lb, 1e-3 * lb) << v.name;
+    const double bound = 2e-2;
+#endif
+    const std::vector<float> ga = (*a)->GradsToHost(), gb = (*b)->GradsToHost();
+    double worst = 0;
+    for (const ParamTensor& p : (*a)->tensors()) {
+      const double e = NormError(ga, gb, p.offset, p.size);
+      EXPECT_LE(e, bound) << v.name << " " << p.name;
+      worst = std::max(worst, e);
+    }
+    std::printf("%-28s loss %.8f both; gradients packed vs separate %.2e\n", v.name.c_str(), la, worst);
+  }
 }
 
 // On a GPU the bf16 step's attention is cuDNN's flash attention; SINKSCOPE_ATTENTION=tiled

@@ -54,7 +54,12 @@ constexpr size_t kMaxTables = 1024;
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, CudaPrecision precision) : device_(device), bf16_(precision == CudaPrecision::kBf16) {}
+  CudaBackend(int device, CudaPrecision precision) : device_(device), bf16_(precision == CudaPrecision::kBf16) {
+    // SINKSCOPE_CUDA_PACKED=0: the bf16 step's q|k|v and gate|up projections as separate
+    // GEMMs again (the packed path's cross-check in the tests).
+    const char* packed = std::getenv("SINKSCOPE_CUDA_PACKED");
+    packed_ = bf16_ && !(packed != nullptr && std::string(packed) == "0");
+  }
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
 #ifdef SINKSCOPE_CUDNN_ATTENTION
@@ -71,7 +76,10 @@ class CudaBackend final : public Backend {
     for (auto& [key, plan] : gemm_plans_) plan.Destroy();
     for (auto& [key, p] : tables_) cudaFree(p);
     for (auto& [key, p] : rope_tables_) cudaFree(p);
-    for (auto& [start, shadow] : shadows_) cudaFree(shadow.bf16);
+    for (auto& [start, shadow] : shadows_) {
+      if (shadow.owned) cudaFree(shadow.bf16);
+    }
+    for (auto& [start, mirror] : mirrors_) cudaFree(mirror);
     for (void* p : {static_cast<void*>(gemm_workspace_), static_cast<void*>(partials_)}) {
       if (p != nullptr) cudaFree(p);
     }
@@ -116,6 +124,10 @@ class CudaBackend final : public Backend {
   // contract yet (ARMS.md), so the bf16 mode does not offer them.
   bool Supports(OptionalOp op) const override { return !(bf16_ && op == OptionalOp::kAttentionArms); }
   DType ActivationDType() const override { return bf16_ ? DType::kBF16 : DType::kF32; }
+  // 2^27 logits (512 MB of fp32, with 256 MB of bf16 ∂L/∂logits beside them in bf16 mode):
+  // paper-0.1b's 16K tokens in 7 chunks instead of 50, so the head's ∂W (fp32, read and
+  // written per chunk) and W cost 7 passes, not 50.
+  size_t LmHeadChunkLogits() const override { return size_t{1} << 27; }
 
   // --- memory ------------------------------------------------------------------------
   float* Alloc(size_t n) override { return static_cast<float*>(AllocBytes(std::max<size_t>(n, 1) * sizeof(float))); }
@@ -129,6 +141,11 @@ class CudaBackend final : public Backend {
     if (p == nullptr) return;
     if (auto it = alloc_bytes_.find(p); it != alloc_bytes_.end()) {
       DropShadows(p, it->second);  // the bf16 copies of parameters that lived in it
+      if (auto m = mirrors_.find(p); m != mirrors_.end()) {
+        CUDA_CALL(cudaStreamSynchronize(stream_));  // queued GEMMs may still read it
+        cudaFree(m->second);
+        mirrors_.erase(m);
+      }
       alloc_bytes_.erase(it);
     }
     CUDA_CALL(cudaFree(p));
@@ -162,7 +179,7 @@ class CudaBackend final : public Backend {
   void ReleaseScratch() override {
     CUDA_CALL(cudaStreamSynchronize(stream_));  // queued kernels may still use them
     std::vector<Buffer*> buffers = {&scratch_, &dscratch_, &column_scratch_, &massive_scratch_, &qk_scratch_,
-                                    &dlogits_, &swiglu_grads_, &rope_grads_};
+                                    &dlogits_, &swiglu_grads_, &rope_grads_, &packed_buf_};
 #ifdef SINKSCOPE_CUDNN_ATTENTION
     for (Buffer* b : {&cudnn_workspace_, &cudnn_scratch_, &cudnn_grads_}) buffers.push_back(b);
 #endif
@@ -260,18 +277,37 @@ class CudaBackend final : public Backend {
   // no such kernel (nothing was done: the caller adds the bias itself).
   bool GemmWithBias(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a_v, TensorView b_v,
                     float beta, TensorView c_v, const float* bias) {
-    if (m == 0 || n == 0) return true;
+    return GemmBatched(trans_a, trans_b, m, n, k, alpha, a_v, 0, b_v, 0, beta, c_v, 0, 1, bias);
+  }
+  // As GemmWithBias, over `batch` products: item i reads A + i·stride_a, B + i·stride_b
+  // and writes C + i·stride_c (strides in elements, ≥ 0; 0 shares an operand). One
+  // cuBLASLt call (a strided batch): the bf16 step's gate|up projection is one GEMM.
+  bool GemmBatched(bool trans_a, bool trans_b, int m, int n, int k, float alpha, TensorView a_v, int64_t stride_a,
+                   TensorView b_v, int64_t stride_b, float beta, TensorView c_v, int64_t stride_c, int batch,
+                   const float* bias) {
+    if (m == 0 || n == 0 || batch == 0) return true;
     const bool low = bf16_ || a_v.dtype == DType::kBF16 || b_v.dtype == DType::kBF16;
     const Act c = A(c_v, "cuda Gemm");
-    const void* a = low ? Bf16Operand(a_v, static_cast<size_t>(m) * k) : a_v.f32("cuda Gemm");
-    const void* b = low ? Bf16Operand(b_v, static_cast<size_t>(k) * n) : b_v.f32("cuda Gemm");
+    const size_t extra = static_cast<size_t>(batch - 1);
+    const size_t a_count = extra * static_cast<size_t>(stride_a) + static_cast<size_t>(m) * k;
+    const size_t b_count = extra * static_cast<size_t>(stride_b) + static_cast<size_t>(k) * n;
+    const void* a = low ? Bf16Operand(a_v, a_count) : a_v.f32("cuda Gemm");
+    const void* b = low ? Bf16Operand(b_v, b_count) : b_v.f32("cuda Gemm");
     if (a == nullptr || b == nullptr) return true;  // the error is recorded
-    Written(c.p, static_cast<size_t>(m) * n * (c.bf16 ? 2 : 4));
+    const size_t c_elem = c.bf16 ? 2 : 4, a_elem = low ? 2 : 4;
+    Written(c.p, (extra * static_cast<size_t>(stride_c) + static_cast<size_t>(m) * n) * c_elem);
     // Operands sit at any element offset of a buffer (a chunk of rows): the plan is chosen
     // for their actual alignment (cuBLASLt otherwise assumes 256 bytes and may pick a
-    // vectorised kernel that faults on a less aligned pointer).
-    const GemmKey key{trans_a, trans_b, m, n, k, Alignment(b), Alignment(a), Alignment(c.p), low, c.bf16,
-                      bias != nullptr ? Alignment(bias) : 0u};
+    // vectorised kernel that faults on a less aligned pointer); a batch's items are
+    // aligned as the base and the stride both are.
+    auto align = [&](const void* p, int64_t stride, size_t elem) {
+      const uint32_t at = Alignment(p);
+      if (batch == 1 || stride == 0) return at;
+      return std::min(at, Alignment(reinterpret_cast<const void*>(static_cast<uintptr_t>(stride) * elem)));
+    };
+    const GemmKey key{trans_a, trans_b, m, n, k, align(b, stride_b, a_elem), align(a, stride_a, a_elem),
+                      align(c.p, stride_c, c_elem), low, c.bf16, bias != nullptr ? Alignment(bias) : 0u,
+                      batch, stride_a, stride_b, stride_c};
     GemmPlan* plan = Plan(key, bias);
     if (plan == nullptr) return bias == nullptr;  // no kernel for the bias epilogue: the caller's fallback
     if (bias != nullptr) {
@@ -285,10 +321,29 @@ class CudaBackend final : public Backend {
   // The attention input (backend.h): the projections' bias is cuBLASLt's epilogue; in bf16
   // the q/k norms' output stays fp32 until RoPE has rotated it (one rounding, as the
   // contract's CPU reference rounds).
+  //
+  // bf16 without q/k norms, the weights (and biases) of q, k and v adjacent as the model's
+  // slab lays them out: one GEMM into the packed P = x̃·[W_q; W_k; W_v]ᵀ (+ bias), then one
+  // kernel for RoPE, the copy of v and V-scale (kernels/qkv.cu).
   void AttentionInputForward(const AttentionShape& s, TensorView xn, const AttentionInputWeights& w,
                              const AttentionInputActs& a) override {
     const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
     const bool qk_norm = w.q_norm != nullptr;
+    if (PackedQkv(s, w) && (w.bq == nullptr || (w.bk == w.bq + qd && w.bv == w.bk + kvd))) {
+      const int width = qd + 2 * kvd;
+      void* p = Scratch(&packed_buf_, static_cast<size_t>(N) * width * 2);
+      const float2* cs = RopeTable(s.T, s.dh, *s.rope, 1.0);
+      if (p == nullptr || cs == nullptr) return;
+      // False only when cuBLASLt has no bias epilogue here (nothing done): unpacked below.
+      if (GemmWithBias(false, true, N, width, s.d, 1.0f, xn, w.wq, 0.0f, TensorView(p, DType::kBF16, N, width, width),
+                       w.bq)) {
+        const char* op = "cuda AttentionInputForward";
+        cuda::LaunchQkvSplit(stream_, A(a.q, op), A(a.k, op), A(a.v, op), A(a.vhat, op), Act(p, true), cs, w.theta,
+                             s.B, s.T, s.H, s.KV, s.dh, s.vscale_c_base, s.vscale == VScaleMode::kVScale);
+        LAUNCHED("QkvSplit (RoPE, V-scale)");
+        return;
+      }
+    }
     const TensorView q_proj = qk_norm ? a.q_raw : a.q;
     const TensorView k_proj = qk_norm ? a.k_raw : a.k;
     Projection(N, qd, s.d, xn, w.wq, w.bq, q_proj);
@@ -302,6 +357,23 @@ class CudaBackend final : public Backend {
       RopeForward(a.k, s.B, s.T, s.KV, s.dh, *s.rope);
     }
     VScaleForward(a.vhat, a.v, w.theta, N, s.KV, s.dh, s.vscale_c_base, s.vscale);
+  }
+
+  // bf16: gate and up in one GEMM, a strided batch of two over the adjacent W_gate, W_up
+  // into the adjacent gate and up buffers of the model's activations.
+  void GateUpSwiGluForward(TensorView act, TensorView gate, TensorView up, TensorView x, const float* w_gate,
+                           const float* w_up, int N, int F, int d) override {
+    const size_t fd = static_cast<size_t>(F) * d, nf = static_cast<size_t>(N) * F;
+    const size_t elem = DTypeBytes(gate.dtype);
+    const auto gap = static_cast<char*>(up.data) - static_cast<char*>(gate.data);
+    if (packed_ && w_up == w_gate + fd && gate.dtype == up.dtype && gap > 0 && gap % static_cast<ptrdiff_t>(elem) == 0 &&
+        static_cast<size_t>(gap) / elem >= nf) {
+      GemmBatched(false, true, N, F, d, 1.0f, x, 0, w_gate, static_cast<int64_t>(fd), 0.0f, gate,
+                  static_cast<int64_t>(static_cast<size_t>(gap) / elem), 2, nullptr);
+      SwiGluForward(act, gate, up, N, F);
+      return;
+    }
+    Backend::GateUpSwiGluForward(act, gate, up, x, w_gate, w_up, N, F, d);
   }
 
   // --- model ops ------------------------------------------------------------------------------
@@ -515,7 +587,8 @@ class CudaBackend final : public Backend {
   void SwiGluBackward(float* dgate, float* dup, const float* dh, TensorView gate_v, TensorView up_v, int N,
                       int F) override {
     const char* op = "cuda SwiGluBackward";
-    cuda::LaunchSwiGluBackward(stream_, dgate, dup, dh, A(gate_v, op), A(up_v, op), static_cast<size_t>(N) * F);
+    const size_t n = static_cast<size_t>(N) * F;
+    cuda::LaunchSwiGluBackward(stream_, dgate, dup, dh, A(gate_v, op), A(up_v, op), n, n, n);
     LAUNCHED("SwiGluBackward");
   }
 
@@ -537,6 +610,21 @@ class CudaBackend final : public Backend {
       return;
     }
     const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
+    const size_t qd_d = static_cast<size_t>(qd) * s.d, kvd_d = static_cast<size_t>(kvd) * s.d;
+    if (PackedQkv(s, w) && (g.wq == nullptr || (g.wk == g.wq + qd_d && g.wv == g.wk + kvd_d))) {
+      // One operand [RoPE⁻¹(∂q) | RoPE⁻¹(∂k) | ∂v] (N, qd + 2·kvd) in bf16: ∂x̃ and the
+      // three weight gradients are then one GEMM each.
+      const int width = qd + 2 * kvd;
+      void* p = Scratch(&packed_buf_, static_cast<size_t>(N) * width * 2);
+      const float2* cs = RopeTable(s.T, s.dh, *s.rope, -1.0);
+      if (p == nullptr || cs == nullptr) return;
+      cuda::LaunchQkvPackGrad(stream_, Act(p, true), dq, dk, dv, cs, s.B, s.T, s.H, s.KV, s.dh);
+      LAUNCHED("QkvPackGrad (RoPE backward)");
+      const TensorView dp(p, DType::kBF16, N, width, width);
+      Gemm(false, false, N, s.d, width, 1.0f, dp, w.wq, 0.0f, dxn);
+      if (g.wq != nullptr) Gemm(true, false, width, s.d, N, 1.0f, dp, xn, 1.0f, g.wq);
+      return;
+    }
     const size_t q_bytes = AlignUp(static_cast<size_t>(N) * qd * 2);
     char* buf = static_cast<char*>(Scratch(&rope_grads_, std::max<size_t>(q_bytes + static_cast<size_t>(N) * kvd * 2, 1)));
     if (buf == nullptr) return;
@@ -556,11 +644,22 @@ class CudaBackend final : public Backend {
       Backend::GateUpSwiGluBackward(dx, dw_gate, dw_up, d_gate, d_up, d_act, gate, up, x, w_gate, w_up, N, F, d);
       return;
     }
-    const size_t n = static_cast<size_t>(N) * F, half = AlignUp(n * 2);
+    const size_t n = static_cast<size_t>(N) * F, half = AlignUp(n * 2), fd = static_cast<size_t>(F) * d;
     char* buf = static_cast<char*>(Scratch(&swiglu_grads_, std::max<size_t>(2 * half, 1)));
     if (buf == nullptr) return;
     const char* op = "cuda GateUpSwiGluBackward";
-    cuda::LaunchSwiGluBackward(stream_, Act(buf, true), Act(buf + half, true), d_act, A(gate, op), A(up, op), n);
+    if (packed_ && w_up == w_gate + fd && (dw_gate == nullptr || dw_up == dw_gate + fd)) {
+      // Packed rows [∂gate | ∂up] (N, 2F): ∂x and both weight gradients one GEMM each over
+      // the adjacent W_gate, W_up.
+      cuda::LaunchSwiGluBackward(stream_, Act(buf, true), Act(buf + static_cast<size_t>(F) * 2, true), d_act,
+                                 A(gate, op), A(up, op), n, F, 2 * static_cast<size_t>(F));
+      LAUNCHED("SwiGluBackward (packed bf16 gradients)");
+      const TensorView dgu(buf, DType::kBF16, N, 2 * F, 2 * F);
+      Gemm(false, false, N, d, 2 * F, 1.0f, dgu, w_gate, 0.0f, dx);
+      if (dw_gate != nullptr) Gemm(true, false, 2 * F, d, N, 1.0f, dgu, x, 1.0f, dw_gate);
+      return;
+    }
+    cuda::LaunchSwiGluBackward(stream_, Act(buf, true), Act(buf + half, true), d_act, A(gate, op), A(up, op), n, n, n);
     LAUNCHED("SwiGluBackward (bf16 gradients)");
     const TensorView dg(buf, DType::kBF16, N, F, F), du(buf + half, DType::kBF16, N, F, F);
     GateUpBackwardGemms(dx, dw_gate, dw_up, dg, du, x, w_gate, w_up, N, F, d);
@@ -654,15 +753,25 @@ class CudaBackend final : public Backend {
     uint32_t align_a, align_b, align_c;
     bool low, c_bf16;
     uint32_t align_bias;  // 0: no bias epilogue
-    auto Tie() const { return std::tie(ta, tb, m, n, k, align_a, align_b, align_c, low, c_bf16, align_bias); }
+    int batch;            // a strided batch of products (1: one), with our A, B, C strides
+    int64_t stride_a, stride_b, stride_c;
+    auto Tie() const {
+      return std::tie(ta, tb, m, n, k, align_a, align_b, align_c, low, c_bf16, align_bias, batch, stride_a, stride_b,
+                      stride_c);
+    }
     bool operator<(const GemmKey& o) const { return Tie() < o.Tie(); }
   };
   // A parameter's bf16 copy (bf16 mode): n elements from the fp32 tensor's start; stale
   // after a write to the fp32 tensor other than the AdamW kernel's, refreshed when read.
+  // The copies of the parameters of one allocation (the model's slab) live in one bf16
+  // mirror of it, at the same element offsets: adjacent parameters (W_q, W_k, W_v; W_gate,
+  // W_up) have adjacent copies, so a packed GEMM reads them as one matrix. A copy outside
+  // any known allocation has its own buffer (owned).
   struct Shadow {
     size_t n = 0;
     void* bf16 = nullptr;
     bool fresh = false;
+    bool owned = false;
   };
 
   // A view as a kernel operand: fp32 or bf16 (any other dtype aborts, naming `where`).
@@ -698,7 +807,8 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // The shadow holding [x, x + count), refreshed if stale, or null.
+  // The copy of [x, x + count), refreshed where stale, or null: within one parameter, or
+  // across parameters that follow each other without a gap in one mirror.
   const void* ShadowRead(const float* x, size_t count) {
     if (shadows_.empty()) return nullptr;
     auto it = shadows_.upper_bound(reinterpret_cast<uintptr_t>(x));
@@ -706,10 +816,22 @@ class CudaBackend final : public Backend {
     --it;
     const uintptr_t start = it->first;
     const size_t offset = (reinterpret_cast<uintptr_t>(x) - start) / sizeof(float);
-    Shadow& sh = it->second;
-    if (offset + count > sh.n) return nullptr;
-    Refresh(reinterpret_cast<const float*>(start), &sh);
-    return static_cast<const char*>(sh.bf16) + offset * 2;
+    if (offset >= it->second.n) return nullptr;
+    const char* copy = static_cast<const char*>(it->second.bf16) + offset * 2;
+    size_t covered = it->second.n - offset;  // elements from x that the copies hold so far
+    Refresh(reinterpret_cast<const float*>(start), &it->second);
+    while (covered < count) {
+      const Shadow& prev = it->second;
+      const uintptr_t end = it->first + prev.n * sizeof(float);
+      ++it;
+      if (it == shadows_.end() || it->first != end || prev.owned || it->second.owned ||
+          static_cast<const char*>(it->second.bf16) != static_cast<const char*>(prev.bf16) + prev.n * 2) {
+        return nullptr;
+      }
+      Refresh(reinterpret_cast<const float*>(it->first), &it->second);
+      covered += it->second.n;
+    }
+    return copy;
   }
   // The copy of parameter p made equal to it again if stale.
   void Refresh(const float* p, Shadow* sh) {
@@ -730,14 +852,38 @@ class CudaBackend final : public Backend {
     if (it == shadows_.end()) {
       Shadow sh;
       sh.n = n;
-      if (cudaMalloc(&sh.bf16, n * 2) != cudaSuccess) {
-        cudaGetLastError();  // no room for the copy: this tensor's GEMMs convert it instead
-        return nullptr;
+      sh.bf16 = MirrorOf(p, n);
+      if (sh.bf16 == nullptr) {
+        sh.owned = true;
+        if (cudaMalloc(&sh.bf16, n * 2) != cudaSuccess) {
+          cudaGetLastError();  // no room for the copy: this tensor's GEMMs convert it instead
+          return nullptr;
+        }
       }
       it = shadows_.emplace(key, sh).first;
     }
     Refresh(p, &it->second);
     return it->second.bf16;
+  }
+  // Where p(n)'s copy goes in the bf16 mirror of the allocation holding it (made on first
+  // use), or null: p is in no allocation of this backend, or there is no room.
+  void* MirrorOf(const float* p, size_t n) {
+    auto a = alloc_bytes_.upper_bound(p);
+    if (a == alloc_bytes_.begin()) return nullptr;
+    --a;
+    const auto* base = static_cast<const char*>(a->first);
+    const auto* at = reinterpret_cast<const char*>(p);
+    if (at + n * sizeof(float) > base + a->second) return nullptr;
+    auto m = mirrors_.find(a->first);
+    if (m == mirrors_.end()) {
+      void* mirror = nullptr;
+      if (cudaMalloc(&mirror, std::max<size_t>(a->second / 2, 2)) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;
+      }
+      m = mirrors_.emplace(a->first, mirror).first;
+    }
+    return static_cast<char*>(m->second) + (at - base) / 2;
   }
   // A write of `bytes` at p by anything but the AdamW kernel: the copies it overlaps are
   // stale, and so are the converted operands it overlaps.
@@ -761,8 +907,18 @@ class CudaBackend final : public Backend {
     auto first = shadows_.lower_bound(lo), last = shadows_.lower_bound(lo + bytes);
     if (first == last) return;
     CUDA_CALL(cudaStreamSynchronize(stream_));  // queued GEMMs may still read them
-    for (auto it = first; it != last; ++it) cudaFree(it->second.bf16);
+    for (auto it = first; it != last; ++it) {
+      if (it->second.owned) cudaFree(it->second.bf16);
+    }
     shadows_.erase(first, last);
+  }
+
+  // Whether the bf16 step projects q, k and v in one GEMM: no q/k norms (their fp32
+  // output is rounded after RoPE), and W_q, W_k, W_v adjacent in one allocation, as the
+  // model's slab lays them out whenever qd·d and kvd·d are multiples of its alignment.
+  bool PackedQkv(const AttentionShape& s, const AttentionInputWeights& w) const {
+    const size_t qd_d = static_cast<size_t>(s.H) * s.dh * s.d, kvd_d = static_cast<size_t>(s.KV) * s.dh * s.d;
+    return packed_ && w.q_norm == nullptr && w.wk == w.wq + qd_d && w.wv == w.wk + kvd_d && s.dh % 2 == 0;
   }
 
   // One projection x(N,d)·Wᵀ (+ bias) → out(N,n). bf16: the bias in the GEMM's epilogue,
@@ -988,6 +1144,13 @@ class CudaBackend final : public Backend {
   // (cos, sin) per (t, j), computed in double exactly as the CPU backend, cached by
   // everything they depend on.
   void Rope(Act dst, Act src, int B, int T, int heads, int dh, const RotaryFrequencies& rope, double sign) {
+    const float2* cs = RopeTable(T, dh, rope, sign);
+    if (cs == nullptr) return;
+    cuda::LaunchRope(stream_, dst, src, cs, B, T, heads, dh);
+    LAUNCHED("Rope");
+  }
+  // The (T, dh/2) table of `sign`; null when it could not be made (recorded).
+  const float2* RopeTable(int T, int dh, const RotaryFrequencies& rope, double sign) {
     const int half = dh / 2;
     std::string key(reinterpret_cast<const char*>(&T), sizeof T);
     key.append(reinterpret_cast<const char*>(&half), sizeof half);
@@ -1006,14 +1169,14 @@ class CudaBackend final : public Backend {
         }
       }
       void* p = nullptr;
-      if (!CUDA_CALL(cudaMalloc(&p, cs.size() * sizeof(float)))) return;
+      if (!CUDA_CALL(cudaMalloc(&p, cs.size() * sizeof(float)))) return nullptr;
       if (!CUDA_CALL(cudaMemcpyAsync(p, cs.data(), cs.size() * sizeof(float), cudaMemcpyHostToDevice, stream_))) {
-        return;
+        cudaFree(p);
+        return nullptr;
       }
       it = rope_tables_.emplace(std::move(key), p).first;
     }
-    cuda::LaunchRope(stream_, dst, src, static_cast<const float2*>(it->second), B, T, heads, dh);
-    LAUNCHED("Rope");
+    return static_cast<const float2*>(it->second);
   }
 
   // The largest power of two ≤ 256 dividing the address (at least 2: a bf16 element).
@@ -1045,6 +1208,15 @@ class CudaBackend final : public Backend {
               CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.a, ab, tb ? k : n, tb ? n : k, tb ? k : n)) &&
               CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.b, ab, ta ? m : k, ta ? k : m, ta ? m : k)) &&
               CUBLAS_CALL(cublasLtMatrixLayoutCreate(&plan.c, ct, n, m, n));
+    if (ok && key.batch > 1) {
+      const int32_t count = key.batch;
+      for (const auto& [layout, stride] : {std::pair{plan.a, key.stride_b}, {plan.b, key.stride_a}, {plan.c, key.stride_c}}) {
+        ok = ok &&
+             CUBLAS_CALL(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count)) &&
+             CUBLAS_CALL(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                          sizeof stride));
+      }
+    }
     if (ok && bias != nullptr) {
       // Whatever cuBLASLt says about the bias epilogue (an fp32 bias beside a bf16 D) is an
       // answer, not a device error: the caller adds the bias itself.
@@ -1122,10 +1294,13 @@ class CudaBackend final : public Backend {
   Buffer dlogits_;                // the LM head's bf16 ∂L/∂logits, a chunk of rows (bf16 mode)
   Buffer swiglu_grads_;           // SwiGLU's bf16 ∂L/∂gate | ∂L/∂up (bf16 mode)
   Buffer rope_grads_;             // RoPE backward's bf16 ∂L/∂q | ∂L/∂k (bf16 mode)
+  Buffer packed_buf_;             // the packed q|k|v projection, or its gradient (bf16 mode)
+  bool packed_ = false;           // bf16 mode: q|k|v and gate|up projections packed (SINKSCOPE_CUDA_PACKED)
   std::map<GemmKey, GemmPlan> gemm_plans_;
   std::set<GemmKey> no_bias_plans_;  // shapes whose bias epilogue cuBLASLt cannot do
   std::map<uintptr_t, Shadow> shadows_;  // by the fp32 tensor's address
   std::map<const void*, size_t> alloc_bytes_;  // bf16 mode: each allocation's size (Free drops its copies)
+  std::map<const void*, void*> mirrors_;       // bf16 mode: an allocation's bf16 mirror (Shadow)
 #ifdef SINKSCOPE_CUDNN_ATTENTION
   cudnnHandle_t cudnn_ = nullptr;
   std::unique_ptr<cuda::CudnnAttentionCache> cudnn_cache_;  // null: the tiled kernel only

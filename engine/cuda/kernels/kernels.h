@@ -103,6 +103,16 @@ void LaunchRmsNormBackward(cudaStream_t s, float* dx, float* dgamma, const float
 // may be dst (in place) or another buffer (the q/k norms' fp32 output, stored once).
 void LaunchRope(cudaStream_t s, Act dst, Act src, const float2* cs, int B, int T, int heads, int dh);
 
+// ---- qkv.cu: the packed attention input (bf16 step) ----
+// packed (N, H·dh + 2·KV·dh): the rows of x̃·[W_q; W_k; W_v]ᵀ (+ bias). Writes q (N,H,dh)
+// and k (N,KV,dh) rotated with cs (the forward table), v as it is in packed and
+// v̂ = V-scale(v) (vscale with theta), or v̂ = v.
+void LaunchQkvSplit(cudaStream_t s, Act q, Act k, Act v, Act vhat, Act packed, const float2* cs, const float* theta,
+                    int B, int T, int H, int KV, int dh, double c_base, bool vscale);
+// packed (N, H·dh + 2·KV·dh) = [rotate(dq) | rotate(dk) | dv] with cs (the backward table).
+void LaunchQkvPackGrad(cudaStream_t s, Act packed, const float* dq, const float* dk, const float* dv, const float2* cs,
+                       int B, int T, int H, int KV, int dh);
+
 // ---- flash_attention.cu: tiled causal GQA attention, O(T) memory ----
 // lse (B,H,T) is each row's log-sum-exp of the scaled scores; D (B,H,T) is scratch of
 // the backward (Σ dy ⊙ y per row). Head dims 1..kFlashAttentionMaxHeadDim.
@@ -158,7 +168,10 @@ void LaunchVScaleBackward(cudaStream_t s, float* dv, float* dtheta, double* row_
 // ---- swiglu.cu ----
 void LaunchSwiGluForward(cudaStream_t s, Act h, Act gate, Act up, size_t n);
 // dgate, dup: fp32, or bf16 where they are only a bf16 GEMM's operands (the bf16 mode).
-void LaunchSwiGluBackward(cudaStream_t s, Act dgate, Act dup, const float* dh, Act gate, Act up, size_t n);
+// F, ld: the outputs are rows of F elements ld apart (ld = F: contiguous; the bf16 step
+// writes both halves of one packed (N, 2F) operand, dup = dgate + F, ld = 2F).
+void LaunchSwiGluBackward(cudaStream_t s, Act dgate, Act dup, const float* dh, Act gate, Act up, size_t n,
+                          size_t F, size_t ld);
 
 // ---- cross_entropy.cu ----
 // row_loss (N) doubles of scratch; grad true writes grad_scale·(p − onehot) into
