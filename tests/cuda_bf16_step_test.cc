@@ -227,12 +227,21 @@ TEST(CudaBf16Step, ATwentyStepCurveThroughTheAdamWBf16CopiesAndAReload) {
 // bf16 rounding). The trace shows the packed kernels ran and fewer GEMMs did. On a GPU the
 // packed and separate GEMMs are different cuBLASLt kernels summing in other orders: the
 // loss within 1e-3 relative, gradients within 2e-2 (the bounds against the CPU bf16 mode).
+// Biases, θ and gains get values of their own (InitWeights leaves them 0 or 1), and the
+// compared step follows an AdamW update, so its GEMMs read the AdamW-written bf16 copies.
 TEST(CudaBf16Step, PackedProjectionsMatchSeparateGemms) {
+  const char* outer = std::getenv("SINKSCOPE_CUDA_PACKED");
+  const std::string saved = outer != nullptr ? outer : "";
+  unsetenv("SINKSCOPE_CUDA_PACKED");
   CUDA_BF16_OR_SKIP(packed);
   setenv("SINKSCOPE_CUDA_PACKED", "0", 1);
   std::string why;
   auto separate = CudaBf16OrSkip(&why);
-  unsetenv("SINKSCOPE_CUDA_PACKED");
+  if (outer != nullptr) {
+    setenv("SINKSCOPE_CUDA_PACKED", saved.c_str(), 1);
+  } else {
+    unsetenv("SINKSCOPE_CUDA_PACKED");
+  }
   ASSERT_NE(separate, nullptr) << why;
   std::vector<Variant> variants = Variants();
   // Qwen2's biases are adjacent (and so in the packed GEMM's epilogue) when q_dim and
@@ -247,9 +256,30 @@ TEST(CudaBf16Step, PackedProjectionsMatchSeparateGemms) {
     auto a = Model::Create(v.config, packed.get()), b = Model::Create(v.config, separate.get());
     ASSERT_TRUE(a.ok() && b.ok()) << v.name;
     (*a)->InitWeights(17);
-    (*b)->InitWeights(17);
+    // InitWeights leaves biases and θ at 0 and gains at 1: every 1-D tensor gets values of
+    // its own, so a bias or θ read from the wrong place shows.
+    std::vector<float> w = (*a)->ParamsToHost();
+    for (const ParamTensor& p : (*a)->tensors()) {
+      if (p.shape.size() != 1) continue;
+      for (size_t i = 0; i < p.size; ++i) w[p.offset + i] += 0.3f * std::sin(0.7f * static_cast<float>(p.offset + i));
+    }
+    (*a)->ParamsFromHost(w);
+    (*b)->ParamsFromHost(w);
     const int B = 2, T = 32;
     std::vector<int32_t> tokens, targets;
+    // A first step and an AdamW update on both: the compared step then reads every weight
+    // through the bf16 copies the AdamW kernel wrote (the packed GEMMs span adjacent ones).
+    Batch(B, T, v.config.vocab, 4, &tokens, &targets);
+    OptimizerConfig o;
+    o.lr = 1e-2;
+    o.warmup_steps = 0;
+    o.total_steps = 10;
+    for (Model* m : {a->get(), b->get()}) {
+      m->ZeroGrad();
+      m->ForwardBackward(tokens.data(), targets.data(), B, T, 1.0f / (B * T));
+      AdamWStep(*m, o, 0);
+      m->ZeroGrad();
+    }
     Batch(B, T, v.config.vocab, 3, &tokens, &targets);
 #ifdef SINKSCOPE_CUDA_EMULATION
     emu::StartTrace();

@@ -124,10 +124,11 @@ class CudaBackend final : public Backend {
   // contract yet (ARMS.md), so the bf16 mode does not offer them.
   bool Supports(OptionalOp op) const override { return !(bf16_ && op == OptionalOp::kAttentionArms); }
   DType ActivationDType() const override { return bf16_ ? DType::kBF16 : DType::kF32; }
-  // 2^27 logits (512 MB of fp32, with 256 MB of bf16 ∂L/∂logits beside them in bf16 mode):
+  // bf16: 2^27 logits (512 MB of fp32, and 256 MB of bf16 ∂L/∂logits beside them):
   // paper-0.1b's 16K tokens in 7 chunks instead of 50, so the head's ∂W (fp32, read and
-  // written per chunk) and W cost 7 passes, not 50.
-  size_t LmHeadChunkLogits() const override { return size_t{1} << 27; }
+  // written per chunk) and W cost 7 passes, not 50. fp32 (its GEMMs compute-bound at the
+  // fp32 rate) keeps the CPU's 2^24.
+  size_t LmHeadChunkLogits() const override { return bf16_ ? size_t{1} << 27 : size_t{1} << 24; }
 
   // --- memory ------------------------------------------------------------------------
   float* Alloc(size_t n) override { return static_cast<float*>(AllocBytes(std::max<size_t>(n, 1) * sizeof(float))); }
@@ -329,7 +330,9 @@ class CudaBackend final : public Backend {
                              const AttentionInputActs& a) override {
     const int N = s.N(), qd = s.H * s.dh, kvd = s.KV * s.dh;
     const bool qk_norm = w.q_norm != nullptr;
-    if (PackedQkv(s, w) && (w.bq == nullptr || (w.bk == w.bq + qd && w.bv == w.bk + kvd))) {
+    const bool all_bf16 = a.q.dtype == DType::kBF16 && a.k.dtype == DType::kBF16 && a.v.dtype == DType::kBF16 &&
+                          a.vhat.dtype == DType::kBF16;  // the packed buffer rounds as they store
+    if (PackedQkv(s, w) && all_bf16 && (w.bq == nullptr || (w.bk == w.bq + qd && w.bv == w.bk + kvd))) {
       const int width = qd + 2 * kvd;
       void* p = Scratch(&packed_buf_, static_cast<size_t>(N) * width * 2);
       const float2* cs = RopeTable(s.T, s.dh, *s.rope, 1.0);
@@ -366,8 +369,10 @@ class CudaBackend final : public Backend {
     const size_t fd = static_cast<size_t>(F) * d, nf = static_cast<size_t>(N) * F;
     const size_t elem = DTypeBytes(gate.dtype);
     const auto gap = static_cast<char*>(up.data) - static_cast<char*>(gate.data);
+    // up right after gate (at most the arena's alignment between them): one allocation,
+    // nothing else inside the batch's extent.
     if (packed_ && w_up == w_gate + fd && gate.dtype == up.dtype && gap > 0 && gap % static_cast<ptrdiff_t>(elem) == 0 &&
-        static_cast<size_t>(gap) / elem >= nf) {
+        static_cast<size_t>(gap) / elem >= nf && static_cast<size_t>(gap) <= AlignUp(nf * elem)) {
       GemmBatched(false, true, N, F, d, 1.0f, x, 0, w_gate, static_cast<int64_t>(fd), 0.0f, gate,
                   static_cast<int64_t>(static_cast<size_t>(gap) / elem), 2, nullptr);
       SwiGluForward(act, gate, up, N, F);
