@@ -6,10 +6,12 @@
 
 #include <sqlite3.h>
 
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "proto/sinkscope/v1/service.pb.h"
@@ -44,7 +46,7 @@ class Store {
   Store& operator=(const Store&) = delete;
 
   // Schema version this build writes.
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
   int schema_version() const { return schema_version_; }
 
   // Inserts an experiment and its runs in one transaction.
@@ -86,9 +88,11 @@ class Store {
     const v1::ProbeReport* probe = nullptr;    // kProbe (once per (run, step))
   };
   // Writes every report in one transaction (all or none, as a group commit) and returns,
-  // per write, whether it stored something new (a probe or step-if-absent that existed
-  // already did not). Step rows only: a run's progress in its row is derived from them
-  // (LatestProgress), so reports never race a run's state changes.
+  // per write, whether it stored something new: for a probe report whether it was not
+  // stored yet; a step is queued in the step inbox (store.cc, schema version 2), true (a
+  // step-if-absent that finds its step stored changes nothing when the inbox is merged).
+  // Step rows only: a run's progress in its row is derived from them (LatestProgress), so
+  // reports never race a run's state changes.
   StatusOr<std::vector<bool>> WriteReports(const std::vector<ReportWrite>& writes);
   // The run's latest stored step and its latest validation loss, for recovery.
   struct Progress {
@@ -117,6 +121,13 @@ class Store {
 
  private:
   Store(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
+  // WAL checkpoints on their own thread and connection (see StartCheckpointer in store.cc).
+  void StartCheckpointer();
+  void CheckpointLoop();
+  static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages);
+  // Moves the steps of step_inbox into step_rows (see the schema's version 2 in store.cc);
+  // on failure they stay in the inbox, where the step_metrics view still shows them.
+  Status MergeInboxLocked();
   Status Exec(const std::string& sql, const char* what);
   Status Migrate();
   // The connection's last error, naming the store and `what` was being done.
@@ -130,6 +141,15 @@ class Store {
   sqlite3* db_;
   const std::string path_;
   int schema_version_ = 0;
+  // The checkpointer: its connection, woken each second and when the WAL has grown past
+  // kCheckpointPages (OnWalCommit); null/unstarted when the store is not in WAL mode.
+  sqlite3* checkpoint_db_ = nullptr;
+  int64_t inbox_rows_ = -1;  // guarded by mu_: steps in step_inbox (-1: unknown, merge to find out)
+  std::mutex checkpoint_mu_;
+  std::condition_variable checkpoint_cv_;  // with checkpoint_mu_
+  bool checkpoint_due_ = false;           // guarded by checkpoint_mu_
+  bool checkpoint_stop_ = false;          // guarded by checkpoint_mu_
+  std::thread checkpointer_;
 };
 
 }  // namespace sinkscope

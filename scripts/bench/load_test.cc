@@ -334,10 +334,20 @@ bool CountInDb(const std::string& db, const std::string& run_id, int64_t* steps,
   }
   sqlite3_busy_timeout(h, 5000);
   bool ok = true;
-  for (auto [table, out] : {std::pair{"step_metrics", steps}, std::pair{"probe_reports", probes}}) {
+  // The distinct steps of the run, merged (step_rows) or still in the coordinator's step
+  // inbox (schema version 2; the step_metrics view says the same, slower while the inbox
+  // is full); an older store has the step_metrics table.
+  sqlite3_stmt* probe = nullptr;
+  const bool inbox = sqlite3_prepare_v2(h, "SELECT 1 FROM step_inbox LIMIT 0", -1, &probe, nullptr) == SQLITE_OK;
+  sqlite3_finalize(probe);
+  const std::string count_steps =
+      inbox ? "SELECT COUNT(*) FROM (SELECT step FROM step_rows WHERE run_id = ?1 UNION SELECT step FROM step_inbox "
+              "WHERE run_id = ?1)"
+            : "SELECT COUNT(*) FROM step_metrics WHERE run_id = ?1";
+  const std::string count_probes = "SELECT COUNT(*) FROM probe_reports WHERE run_id = ?1";
+  for (auto [sql, out] : {std::pair{&count_steps, steps}, std::pair{&count_probes, probes}}) {
     sqlite3_stmt* q = nullptr;
-    const std::string sql = std::string("SELECT COUNT(*) FROM ") + table + " WHERE run_id = ?";
-    ok = ok && sqlite3_prepare_v2(h, sql.c_str(), -1, &q, nullptr) == SQLITE_OK;
+    ok = ok && sqlite3_prepare_v2(h, sql->c_str(), -1, &q, nullptr) == SQLITE_OK;
     if (ok) {
       sqlite3_bind_text(q, 1, run_id.c_str(), -1, SQLITE_TRANSIENT);
       ok = sqlite3_step(q) == SQLITE_ROW;
