@@ -65,7 +65,7 @@ const char* const kMigrations[] = {
     ALTER TABLE step_metrics RENAME TO step_rows;
     CREATE TABLE step_inbox (
       seq INTEGER PRIMARY KEY,
-      run_id TEXT NOT NULL,
+      run_id TEXT NOT NULL REFERENCES runs(id),
       step INTEGER NOT NULL,
       metrics BLOB NOT NULL,
       if_absent INTEGER NOT NULL
@@ -183,6 +183,7 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
     std::lock_guard<std::mutex> lock(store->mu_);
     store->MergeInboxLocked();  // steps a crash left in the inbox (the view shows them meanwhile)
   }
+  store->opened_ = true;
   store->StartCheckpointer();
   return store;
 }
@@ -250,7 +251,10 @@ void Store::CheckpointLoop() {
     lock.unlock();
     {
       std::lock_guard<std::mutex> store_lock(mu_);
-      MergeInboxLocked();  // a failure (a full disk) leaves the steps in the inbox: retried
+      // A failure (a full disk) leaves the steps in the inbox: retried, less often.
+      if (!merge_failed_ || std::chrono::steady_clock::now() - merge_failed_at_ >= std::chrono::seconds(2)) {
+        MergeInboxLocked();
+      }
     }
     if (due && checkpoint_db_ != nullptr) {
       // BUSY (another checkpoint, or a reader in the way) and I/O errors are left to the
@@ -265,18 +269,27 @@ void Store::CheckpointLoop() {
 Status Store::MergeInboxLocked() {
   if (inbox_rows_ == 0) return OkStatus();
   // In arrival order: the first if-absent step fills a missing one, then the last
-  // replacing step wins (the writes' semantics, one at a time). A step of a run that is
-  // not in the store (none is written) would fail the foreign key: it is dropped.
+  // replacing step wins (the writes' semantics, one at a time). Inbox rows reference their
+  // run as step_rows do (checked when they are written), so the merge drops nothing.
   Status s = Transaction("merge the step inbox", [&]() -> Status {
-    RETURN_IF_ERROR(Exec("INSERT OR IGNORE INTO step_rows (run_id, step, metrics) SELECT run_id, step, metrics "
-                         "FROM step_inbox WHERE if_absent = 1 AND run_id IN (SELECT id FROM runs) ORDER BY seq;"
-                         "INSERT OR REPLACE INTO step_rows (run_id, step, metrics) SELECT run_id, step, metrics "
-                         "FROM step_inbox WHERE if_absent = 0 AND run_id IN (SELECT id FROM runs) ORDER BY seq;"
-                         "DELETE FROM step_inbox;",
-                         "merge the step inbox"));
-    return OkStatus();
+    return Exec("INSERT OR IGNORE INTO step_rows (run_id, step, metrics) SELECT run_id, step, metrics "
+                "FROM step_inbox WHERE if_absent = 1 ORDER BY seq;"
+                "INSERT OR REPLACE INTO step_rows (run_id, step, metrics) SELECT run_id, step, metrics "
+                "FROM step_inbox WHERE if_absent = 0 ORDER BY seq;"
+                "DELETE FROM step_inbox;",
+                "merge the step inbox");
   });
-  inbox_rows_ = s.ok() ? 0 : -1;
+  if (s.ok()) {
+    inbox_rows_ = 0;
+    merge_failed_ = false;
+  } else {
+    // Left in the inbox (the view shows them): counted, so that writes do not retry the
+    // merge on every commit; the store's thread retries it (every 2 s after a failure).
+    merge_failed_ = true;
+    merge_failed_at_ = std::chrono::steady_clock::now();
+    Stmt q(db_, "SELECT COUNT(*) FROM step_inbox");
+    inbox_rows_ = q.ok() && q.Step() == SQLITE_ROW ? q.ColumnInt(0) : -1;
+  }
   return s;
 }
 
@@ -289,7 +302,7 @@ Store::~Store() {
     }
     checkpointer_.join();
   }
-  {
+  if (opened_) {  // not a store whose Open failed (e.g. a newer schema): it is left as found
     std::lock_guard<std::mutex> lock(mu_);
     MergeInboxLocked();
   }
@@ -500,14 +513,15 @@ StatusOr<std::vector<bool>> Store::WriteReports(const std::vector<ReportWrite>& 
   if (!s.ok()) return s;
   if (inbox_rows_ >= 0) inbox_rows_ += steps;
   // A backstop for a starved store thread: the inbox never holds more than kInboxRows.
-  if (inbox_rows_ < 0 || inbox_rows_ >= kInboxRows) MergeInboxLocked();
+  if (inbox_rows_ >= kInboxRows) MergeInboxLocked();
   return fresh;
 }
 
 StatusOr<Store::Progress> Store::LatestProgress(const std::string& run_id) {
   std::lock_guard<std::mutex> lock(mu_);
-  MergeInboxLocked();  // fast reads of step_rows below the view; on failure the view still holds the inbox
-  Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? ORDER BY step DESC");
+  // step_rows once the inbox is merged (its key in order); the view when the merge failed.
+  const std::string table = MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+  Stmt q(db_, ("SELECT metrics FROM " + table + " WHERE run_id = ? ORDER BY step DESC").c_str());
   q.Text(1, run_id);
   Progress p;
   int rc;
@@ -526,8 +540,8 @@ StatusOr<Store::Progress> Store::LatestProgress(const std::string& run_id) {
 
 StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, int64_t from_step, int64_t limit) {
   std::lock_guard<std::mutex> lock(mu_);
-  MergeInboxLocked();  // fast reads of step_rows below the view; on failure the view still holds the inbox
-  Stmt q(db_, "SELECT metrics FROM step_metrics WHERE run_id = ? AND step >= ? ORDER BY step LIMIT ?");
+  const std::string table = MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+  Stmt q(db_, ("SELECT metrics FROM " + table + " WHERE run_id = ? AND step >= ? ORDER BY step LIMIT ?").c_str());
   q.Text(1, run_id).Int(2, from_step).Int(3, limit > 0 ? limit : -1);
   std::vector<v1::StepMetrics> out;
   int rc;
@@ -590,8 +604,8 @@ StatusOr<int64_t> Store::CountProbes(const std::string& run_id) {
 
 StatusOr<int64_t> Store::CountSteps(const std::string& run_id, int64_t first, int64_t last) {
   std::lock_guard<std::mutex> lock(mu_);
-  MergeInboxLocked();  // fast reads of step_rows below the view; on failure the view still holds the inbox
-  Stmt q(db_, "SELECT COUNT(*) FROM step_metrics WHERE run_id = ? AND step >= ? AND step <= ?");
+  const std::string table = MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+  Stmt q(db_, ("SELECT COUNT(*) FROM " + table + " WHERE run_id = ? AND step >= ? AND step <= ?").c_str());
   q.Text(1, run_id).Int(2, first).Int(3, last);
   if (q.Step() != SQLITE_ROW) return Error("count steps");
   return q.ColumnInt(0);

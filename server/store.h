@@ -6,6 +6,7 @@
 
 #include <sqlite3.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -145,6 +146,9 @@ class Store {
   // kCheckpointPages (OnWalCommit); null/unstarted when the store is not in WAL mode.
   sqlite3* checkpoint_db_ = nullptr;
   int64_t inbox_rows_ = -1;  // guarded by mu_: steps in step_inbox (-1: unknown, merge to find out)
+  bool merge_failed_ = false;  // guarded by mu_: the last merge failed, at merge_failed_at_
+  std::chrono::steady_clock::time_point merge_failed_at_{};
+  bool opened_ = false;  // Open succeeded: the destructor may write (merge)
   std::mutex checkpoint_mu_;
   std::condition_variable checkpoint_cv_;  // with checkpoint_mu_
   bool checkpoint_due_ = false;           // guarded by checkpoint_mu_

@@ -414,6 +414,78 @@ TEST(Store, StepsThroughTheInboxKeepTheOrderOfTheWrites) {
   EXPECT_TRUE(store->IntegrityCheck().ok());
 }
 
+// A version-1 store (step_metrics a table) as an earlier coordinator left it: opened, it is
+// migrated with its steps, which read as before and take new ones; a store of a newer
+// version is refused and left byte for byte as it was.
+TEST(Store, AVersionOneStoreMigratesWithItsStepsAndANewerOneIsLeftAlone) {
+  TempDir dir;
+  const std::string path = dir.File("v1.db");
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  const char* v1 = R"sql(
+    PRAGMA journal_mode=WAL;
+    CREATE TABLE experiments (id TEXT PRIMARY KEY, name TEXT NOT NULL, number INTEGER NOT NULL,
+      created_ms INTEGER NOT NULL, cancelled INTEGER NOT NULL DEFAULT 0, summary BLOB NOT NULL);
+    CREATE TABLE runs (id TEXT PRIMARY KEY, experiment_id TEXT NOT NULL REFERENCES experiments(id),
+      state INTEGER NOT NULL, restarts INTEGER NOT NULL DEFAULT 0, finished_ms INTEGER NOT NULL DEFAULT 0,
+      summary BLOB NOT NULL);
+    CREATE INDEX runs_by_experiment ON runs(experiment_id);
+    CREATE TABLE attempts (run_id TEXT NOT NULL REFERENCES runs(id), attempt INTEGER NOT NULL,
+      worker_id TEXT NOT NULL, started_ms INTEGER NOT NULL, start_step INTEGER NOT NULL, ended_ms INTEGER,
+      end_step INTEGER, outcome TEXT, PRIMARY KEY (run_id, attempt));
+    CREATE TABLE step_metrics (run_id TEXT NOT NULL REFERENCES runs(id), step INTEGER NOT NULL,
+      metrics BLOB NOT NULL, PRIMARY KEY (run_id, step));
+    CREATE TABLE probe_reports (run_id TEXT NOT NULL REFERENCES runs(id), step INTEGER NOT NULL,
+      report BLOB NOT NULL, PRIMARY KEY (run_id, step));
+    CREATE TABLE schema_version (version INTEGER NOT NULL);
+    INSERT INTO schema_version VALUES (1);
+    INSERT INTO experiments VALUES ('old-1', 'old', 1, 0, 0, x'');
+    INSERT INTO runs VALUES ('old-1-baseline-s0', 'old-1', 2, 0, 0, x'');
+  )sql";
+  ASSERT_EQ(sqlite3_exec(db, v1, nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+  for (int64_t s = 1; s <= 3; ++s) {
+    sqlite3_stmt* q = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db, "INSERT INTO step_metrics VALUES ('old-1-baseline-s0', ?, ?)", -1, &q, nullptr),
+              SQLITE_OK);
+    const std::string blob = MakeStep(s).SerializeAsString();
+    sqlite3_bind_int64(q, 1, s);
+    sqlite3_bind_blob(q, 2, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+    ASSERT_EQ(sqlite3_step(q), SQLITE_DONE);
+    sqlite3_finalize(q);
+  }
+  sqlite3_close(db);
+  {
+    auto store = OpenStore(path);
+    ASSERT_TRUE(store);
+    EXPECT_EQ(store->schema_version(), Store::kSchemaVersion);
+    const std::string id = "old-1-baseline-s0";
+    EXPECT_EQ(StoredSteps(*store, id), (std::vector<int64_t>{1, 2, 3}));
+    const v1::StepMetrics four = MakeStep(4);
+    ASSERT_TRUE(store->WriteReports({{Store::ReportWrite::kStep, &id, &four, nullptr}}).ok());
+    EXPECT_EQ(StoredSteps(*store, id), (std::vector<int64_t>{1, 2, 3, 4}));
+    // A step of a run the store does not hold is refused, as it was before the inbox.
+    const std::string nobody = "nobody-1-baseline-s0";
+    EXPECT_FALSE(store->WriteReports({{Store::ReportWrite::kStep, &nobody, &four, nullptr}}).ok());
+    EXPECT_TRUE(store->IntegrityCheck().ok());
+  }
+
+  // A newer schema: refused, and nothing written (no merge, no migration, no checkpoint).
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "UPDATE schema_version SET version = 99", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);  // the last connection: the WAL is checkpointed away
+  auto read_all = [](const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  const std::string before = read_all(path);
+  auto newer = Store::Open(path);
+  ASSERT_FALSE(newer.ok());
+  EXPECT_EQ(newer.status().code(), StatusCode::kFailedPrecondition) << newer.status().ToString();
+  EXPECT_EQ(read_all(path), before) << "the newer store's file is left as it was";
+}
+
 // --- the coordinator over a failing store ------------------------------------------------
 
 // Records what the coordinator sends to one worker.
