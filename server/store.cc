@@ -181,7 +181,8 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
   RETURN_IF_ERROR(store->Migrate());
   {
     std::lock_guard<std::mutex> lock(store->mu_);
-    store->MergeInboxLocked();  // steps a crash left in the inbox (the view shows them meanwhile)
+    // Steps a crash left in the inbox; if the merge fails they stay there, shown by the view.
+    (void)store->MergeInboxLocked();
   }
   store->opened_ = true;
   store->StartCheckpointer();
@@ -202,26 +203,27 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
 namespace {
 constexpr int kCheckpointPages = 16384;  // 64 MB of 4 KB pages
 constexpr int64_t kInboxRows = 16384;    // steps the inbox holds before a write merges it
+
+// Whether the connection sees the database in WAL mode (the statement is finalized on
+// return, so the connection may be closed right after).
+bool InWalMode(sqlite3* db) {
+  Stmt mode(db, "PRAGMA journal_mode");
+  return mode.ok() && mode.Step() == SQLITE_ROW && mode.ColumnBlob(0) == "wal";
+}
 }  // namespace
 
 void Store::StartCheckpointer() {
   // Not in WAL mode (an in-memory database): SQLite's own handling is all there is.
-  {
-    Stmt mode(db_, "PRAGMA journal_mode");
-    if (!mode.ok() || mode.Step() != SQLITE_ROW || mode.ColumnBlob(0) != "wal") return;
-  }
-  if (sqlite3_open_v2(path_.c_str(), &checkpoint_db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_URI, nullptr) != SQLITE_OK) {
-    sqlite3_close(checkpoint_db_);  // SQLite's automatic checkpoints stay on
+  if (!InWalMode(db_)) return;
+  // A connection learns the database is in WAL mode when it first reads it (until then a
+  // checkpoint does nothing): the checkpointer's reads it once. Without it SQLite's
+  // automatic checkpoints stay on.
+  const bool opened =
+      sqlite3_open_v2(path_.c_str(), &checkpoint_db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_URI, nullptr) == SQLITE_OK;
+  if (opened) sqlite3_busy_timeout(checkpoint_db_, 0);
+  if (!opened || !InWalMode(checkpoint_db_)) {
+    sqlite3_close(checkpoint_db_);
     checkpoint_db_ = nullptr;
-  } else {
-    sqlite3_busy_timeout(checkpoint_db_, 0);
-    // A connection learns the database is in WAL mode when it first reads it; until then a
-    // checkpoint does nothing.
-    Stmt mode(checkpoint_db_, "PRAGMA journal_mode");
-    if (!mode.ok() || mode.Step() != SQLITE_ROW || mode.ColumnBlob(0) != "wal") {
-      sqlite3_close(checkpoint_db_);
-      checkpoint_db_ = nullptr;
-    }
   }
   if (checkpoint_db_ != nullptr) {
     sqlite3_exec(db_, "PRAGMA journal_size_limit=67108864", nullptr, nullptr, nullptr);
@@ -253,7 +255,7 @@ void Store::CheckpointLoop() {
       std::lock_guard<std::mutex> store_lock(mu_);
       // A failure (a full disk) leaves the steps in the inbox: retried, less often.
       if (!merge_failed_ || std::chrono::steady_clock::now() - merge_failed_at_ >= std::chrono::seconds(2)) {
-        MergeInboxLocked();
+        (void)MergeInboxLocked();
       }
     }
     if (due && checkpoint_db_ != nullptr) {
@@ -293,6 +295,11 @@ Status Store::MergeInboxLocked() {
   return s;
 }
 
+const char* Store::StepTableLocked() {
+  // step_rows once the inbox is merged (its key in order); the view when the merge failed.
+  return MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+}
+
 Store::~Store() {
   if (checkpointer_.joinable()) {
     {
@@ -304,7 +311,7 @@ Store::~Store() {
   }
   if (opened_) {  // not a store whose Open failed (e.g. a newer schema): it is left as found
     std::lock_guard<std::mutex> lock(mu_);
-    MergeInboxLocked();
+    (void)MergeInboxLocked();  // what it cannot merge stays in the inbox for the next open
   }
   sqlite3_close(checkpoint_db_);  // before the writer's: the last connection checkpoints the WAL away
   sqlite3_close(db_);
@@ -513,14 +520,14 @@ StatusOr<std::vector<bool>> Store::WriteReports(const std::vector<ReportWrite>& 
   if (!s.ok()) return s;
   if (inbox_rows_ >= 0) inbox_rows_ += steps;
   // A backstop for a starved store thread: the inbox never holds more than kInboxRows.
-  if (inbox_rows_ >= kInboxRows) MergeInboxLocked();
+  // The steps are committed either way: a failed merge leaves them in the inbox (the view).
+  if (inbox_rows_ >= kInboxRows) (void)MergeInboxLocked();
   return fresh;
 }
 
 StatusOr<Store::Progress> Store::LatestProgress(const std::string& run_id) {
   std::lock_guard<std::mutex> lock(mu_);
-  // step_rows once the inbox is merged (its key in order); the view when the merge failed.
-  const std::string table = MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+  const std::string table = StepTableLocked();
   Stmt q(db_, ("SELECT metrics FROM " + table + " WHERE run_id = ? ORDER BY step DESC").c_str());
   q.Text(1, run_id);
   Progress p;
@@ -540,7 +547,7 @@ StatusOr<Store::Progress> Store::LatestProgress(const std::string& run_id) {
 
 StatusOr<std::vector<v1::StepMetrics>> Store::Steps(const std::string& run_id, int64_t from_step, int64_t limit) {
   std::lock_guard<std::mutex> lock(mu_);
-  const std::string table = MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+  const std::string table = StepTableLocked();
   Stmt q(db_, ("SELECT metrics FROM " + table + " WHERE run_id = ? AND step >= ? ORDER BY step LIMIT ?").c_str());
   q.Text(1, run_id).Int(2, from_step).Int(3, limit > 0 ? limit : -1);
   std::vector<v1::StepMetrics> out;
@@ -604,7 +611,7 @@ StatusOr<int64_t> Store::CountProbes(const std::string& run_id) {
 
 StatusOr<int64_t> Store::CountSteps(const std::string& run_id, int64_t first, int64_t last) {
   std::lock_guard<std::mutex> lock(mu_);
-  const std::string table = MergeInboxLocked().ok() ? "step_rows" : "step_metrics";
+  const std::string table = StepTableLocked();
   Stmt q(db_, ("SELECT COUNT(*) FROM " + table + " WHERE run_id = ? AND step >= ? AND step <= ?").c_str());
   q.Text(1, run_id).Int(2, first).Int(3, last);
   if (q.Step() != SQLITE_ROW) return Error("count steps");

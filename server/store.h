@@ -129,6 +129,9 @@ class Store {
   // Moves the steps of step_inbox into step_rows (see the schema's version 2 in store.cc);
   // on failure they stay in the inbox, where the step_metrics view still shows them.
   Status MergeInboxLocked();
+  // Merges, then names what a read of steps queries: step_rows, or the step_metrics view
+  // when the merge failed (the inbox still holds steps).
+  const char* StepTableLocked();
   Status Exec(const std::string& sql, const char* what);
   Status Migrate();
   // The connection's last error, naming the store and `what` was being done.
