@@ -1,5 +1,7 @@
 #include "server/services.h"
 
+#include <pthread.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -208,6 +210,7 @@ class Ingest {
   };
 
   void Loop() {
+    pthread_setname_np(pthread_self(), "ingest");  // for top -H, perf and gdb
     std::vector<Item> batch;
     std::vector<Coordinator::WorkerEvent> events;
     std::vector<std::shared_ptr<WorkerSession>> closing;  // closed, maybe still flushing

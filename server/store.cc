@@ -1,5 +1,7 @@
 #include "server/store.h"
 
+#include <pthread.h>
+
 #include <chrono>
 
 #include <string>
@@ -243,6 +245,7 @@ int Store::OnWalCommit(void* self, sqlite3*, const char*, int pages) {
 }
 
 void Store::CheckpointLoop() {
+  pthread_setname_np(pthread_self(), "store");  // for top -H, perf and gdb
   auto next_checkpoint = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   std::unique_lock<std::mutex> lock(checkpoint_mu_);
   while (!checkpoint_stop_) {

@@ -2,10 +2,11 @@
 // experiment with a run per simulated worker, then N simulated workers (one Session
 // stream each, like sinkscope-worker) register, take an assignment and stream Progress at
 // --hz with a ProbeUpload every --probe-every steps (a realistic report: --layers layers
-// with 64-entry profiles) for --seconds. The workers are reactors of gRPC's callback API
-// paced by one thread, so the generator costs little of the CPU it shares with the
-// coordinator (and nothing per worker but its connection). The coordinator acknowledges a probe report and
-// a Progress only once stored, so send→ack is send→stored.
+// with 64-entry profiles) for --seconds. One thread runs every worker on gRPC's
+// completion-queue API, pacing the sends and draining the queue between them, so the
+// generator costs little of the CPU it shares with the coordinator (and nothing per worker
+// but its connection). The coordinator acknowledges a probe report and a Progress only
+// once stored, so send→ack is send→stored.
 //
 // Prints the sustained ingest rate, send→stored latency (p50/p99/max), the coordinator's
 // peak memory (VmHWM, with --coordinator-pid) and what was lost: sent minus stored,
@@ -13,20 +14,17 @@
 // lost. scripts/bench/load.sh starts a coordinator on loopback and runs this.
 #include <grpcpp/grpcpp.h>
 #include <sqlite3.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <fstream>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -51,23 +49,22 @@ struct Latencies {
   std::vector<double> progress_ms, probe_ms;
 };
 
-// One simulated worker's tallies: what it sent and when, what was acked.
-struct Tally {
-  std::map<int64_t, Clock::time_point> progress_sent, probe_sent;
-  std::set<int64_t> progress_acked, probe_acked;
-  Latencies latencies;
-};
+// What a completion-queue tag stands for: the worker's index and the operation, packed
+// into the tag's pointer value (no allocation per operation).
+enum Op : uintptr_t { kStarted = 0, kWrote = 1, kRead = 2, kFinished = 3 };
+void* Tag(size_t worker, Op op) { return reinterpret_cast<void*>((worker << 2) | op); }
 
-// One simulated worker on gRPC's callback client API: no thread of its own. A single
-// pacing thread (Main) queues its messages; the stream writes them one at a time from its
-// outbox (a write is started only when none is in flight) and reads acks as they come.
-// Like sinkscope-worker it has its own connection, registers, takes an assignment and
-// then streams Progress and probe reports.
-class SimWorker : public grpc::ClientBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
+// One simulated worker: one Session stream on its own connection, like sinkscope-worker.
+// It registers, takes an assignment, then streams Progress and probe reports. It has no
+// thread: every worker's operations complete on one completion queue that the pacing
+// thread drains between its sends (Main), so the generator makes no thread hand-offs of
+// its own and leaves the CPU it shares to the coordinator. At most one write is in
+// flight (gRPC's rule); later messages wait in the outbox as (kind, step) and are built
+// when written (a write serialises its message at once, so one message object serves).
+class SimWorker {
  public:
-  SimWorker(int index, const Options& o) : index_(index), o_(o) {}
+  SimWorker(size_t index, const Options& o, grpc::CompletionQueue* cq) : index_(index), o_(o), cq_(cq) {}
 
-  // Connects and registers; returns at once (the reactor runs on gRPC's threads).
   void Start() {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // its own connection, like a real worker
@@ -75,166 +72,138 @@ class SimWorker : public grpc::ClientBidiReactor<v1::WorkerMessage, v1::Coordina
     channel_ = grpc::CreateCustomChannel(o_.coordinator, grpc::InsecureChannelCredentials(), args);
     stub_ = v1::WorkerService::NewStub(channel_);
     ctx_.set_wait_for_ready(true);  // hundreds connect at once: wait for the connection, do not fail
-    stub_->async()->Session(&ctx_, this);
+    stream_ = stub_->PrepareAsyncSession(&ctx_, cq_);
+    stream_->StartCall(Tag(index_, kStarted));
+    ops_ = 1;
+  }
+
+  // A completion of one of this worker's operations.
+  void OnEvent(Op op, bool ok, Clock::time_point now) {
+    --ops_;
+    switch (op) {
+      case kStarted:
+        if (!ok) return Break("the session did not start");
+        Write(Register());
+        Read();
+        break;
+      case kWrote:
+        writing_ = false;
+        if (!ok) return Break("a write failed");
+        WriteNext();
+        break;
+      case kRead:
+        reading_ = false;
+        if (!ok) return Break("the coordinator ended the session");
+        OnMessage(now);
+        Read();
+        break;
+      case kFinished:
+        finished_ = true;
+        if (!cancelled_ && error_.empty() && !status_.ok()) error_ = "session: " + status_.error_message();
+        break;
+    }
+    MaybeFinish();
+  }
+
+  // Progress for `step`, and a probe report every probe_every steps, sent at `now`.
+  void Tick(int64_t step, Clock::time_point now) {
+    if (run_.empty() || broken_) return;
+    Record(progress_sent_, step, now);
+    ++progress_sent_n_;
+    outbox_.push_back({false, step});
+    if (step % o_.probe_every == 0) {
+      Record(probe_sent_, step, now);
+      ++probes_sent_n_;
+      outbox_.push_back({true, step});
+    }
+    max_outbox_ = std::max(max_outbox_, outbox_.size());
+    if (!writing_) WriteNext();
+  }
+
+  // Ends the stream (its pending operations fail; then Finish completes).
+  void Cancel() {
+    cancelled_ = true;
+    broken_ = true;
+    ctx_.TryCancel();
+  }
+
+  bool assigned() const { return !run_.empty(); }
+  bool idle() const { return ops_ == 0; }  // nothing of it left on the queue
+  bool settled() const {
+    return broken_ || (progress_acked_n_ == progress_sent_n_ && probes_acked_n_ == probes_sent_n_);
+  }
+  const std::string& run_id() const { return run_; }
+  const std::string& error() const { return error_; }
+  const Latencies& latencies() const { return latencies_; }
+  size_t max_outbox() const { return max_outbox_; }
+  int64_t progress_sent() const { return progress_sent_n_; }
+  int64_t progress_acked() const { return progress_acked_n_; }
+  int64_t probes_sent() const { return probes_sent_n_; }
+  int64_t probes_acked() const { return probes_acked_n_; }
+
+ private:
+  struct Queued {
+    bool probe;
+    int64_t step;
+  };
+
+  static void Record(std::vector<Clock::time_point>& sent, int64_t step, Clock::time_point now) {
+    const size_t i = static_cast<size_t>(step);
+    if (sent.size() <= i) sent.resize(std::max(2 * sent.size(), i + 1));
+    sent[i] = now;
+  }
+
+  // The ack of `step` in `acked`, once: its latency in `ms`.
+  static bool Acked(std::vector<Clock::time_point>& sent, int64_t step, Clock::time_point now,
+                    std::vector<double>& ms) {
+    const size_t i = static_cast<size_t>(step);
+    if (step <= 0 || i >= sent.size() || sent[i] == Clock::time_point{}) return false;
+    ms.push_back(std::chrono::duration<double, std::milli>(now - sent[i]).count());
+    sent[i] = Clock::time_point{};  // acked: a second ack of it counts nothing
+    return true;
+  }
+
+  v1::WorkerMessage Register() const {
     v1::WorkerMessage reg;
     reg.mutable_register_()->set_worker_id("load-worker-" + std::to_string(index_));
     reg.mutable_register_()->mutable_capabilities()->set_device(v1::CPU);
     reg.mutable_register_()->mutable_capabilities()->set_device_count(1);
     reg.mutable_register_()->mutable_capabilities()->set_version("load-test");
-    AddHold();  // OnDone waits for Stop: the pacing thread may still start writes until then
-    Send(std::move(reg), 0, 0);
-    StartRead(&in_);
-    StartCall();
+    return reg;
   }
 
-  // Waits until it has an assignment (or its stream ended, or the deadline passed).
-  bool WaitAssigned(Clock::time_point deadline) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_until(lock, deadline, [&] { return !run_id_.empty() || done_; });
-    if (run_id_.empty() && error_.empty()) error_ = done_ ? "stream ended before an assignment" : "no assignment";
-    run_ = run_id_;  // the pacing thread's copy: a late assignment is not used
-    run_attempt_ = attempt_;
-    return !run_.empty();
+  void OnMessage(Clock::time_point now) {
+    if (in_.has_assignment() && run_.empty()) {
+      run_ = in_.assignment().run_id();
+      attempt_ = in_.assignment().attempt();
+      BuildTemplates();
+    } else if (in_.has_ack()) {
+      const v1::Ack& a = in_.ack();
+      if (a.sequence() != 0 && Acked(probe_sent_, a.sequence(), now, latencies_.probe_ms)) ++probes_acked_n_;
+      if (a.progress_step() != 0 && Acked(progress_sent_, a.progress_step(), now, latencies_.progress_ms)) {
+        ++progress_acked_n_;
+      }
+    } else if (in_.has_cancel()) {
+      error_ = "cancelled: " + in_.cancel().reason();
+    }
   }
 
-  // The pacing thread's tick: Progress for `step`, and a probe report every probe_every steps.
-  void Tick(int64_t step) {
-    if (run_.empty() || broken_.load()) return;
-    v1::WorkerMessage m;
-    v1::Progress* p = m.mutable_progress();
+  // The run's messages, built once: a write sets the step (and a report's sequence).
+  void BuildTemplates() {
+    v1::Progress* p = progress_.mutable_progress();
     p->set_run_id(run_);
-    p->set_attempt(run_attempt_);
+    p->set_attempt(attempt_);
     v1::StepMetrics* s = p->mutable_metrics();
-    s->set_step(step);
-    s->set_loss(5.0 / (1.0 + 0.01 * static_cast<double>(step)));
     s->set_learning_rate(3e-3);
     s->set_grad_norm(0.8);
     s->set_tokens_per_second(12345);
     s->set_mfu(0.1);
     s->set_step_seconds(1.0 / o_.hz);
-    Send(std::move(m), step, 0);
-    if (step % o_.probe_every == 0) {
-      v1::WorkerMessage pm;
-      v1::ProbeUpload* u = pm.mutable_probe();
-      u->set_run_id(run_);
-      u->set_attempt(run_attempt_);
-      u->set_sequence(step);
-      *u->mutable_report() = MakeReport(step);
-      Send(std::move(pm), 0, step);
-    }
-  }
-
-  // True once everything sent was acknowledged (or the stream broke).
-  bool Settled() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return broken_.load() || (t_.progress_sent.size() == t_.progress_acked.size() &&
-                              t_.probe_sent.size() == t_.probe_acked.size());
-  }
-
-  // Ends the stream and waits for OnDone.
-  void Stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stopping_ = true;
-    }
-    ctx_.TryCancel();
-    RemoveHold();
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return done_; });
-  }
-
-  // Results, after Stop.
-  const std::string& run_id() const { return run_; }
-  const std::string& error() const { return error_; }
-  const Tally& tally() const { return t_; }
-  size_t max_outbox() const { return max_outbox_; }
-
-  void OnWriteDone(bool ok) override {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (!ok) {
-      broken_ = true;
-      writing_ = false;
-      cv_.notify_all();
-      return;
-    }
-    StartNextWriteLocked(lock);
-  }
-
-  void OnReadDone(bool ok) override {
-    if (!ok) {
-      std::lock_guard<std::mutex> lock(mu_);
-      broken_ = true;
-      cv_.notify_all();
-      return;
-    }
-    const auto now = Clock::now();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (in_.has_assignment() && run_id_.empty()) {
-        attempt_ = in_.assignment().attempt();
-        run_id_ = in_.assignment().run_id();
-      } else if (in_.has_ack()) {
-        const v1::Ack& a = in_.ack();
-        if (a.sequence() != 0 && t_.probe_acked.insert(a.sequence()).second) {
-          auto it = t_.probe_sent.find(a.sequence());
-          if (it != t_.probe_sent.end()) {
-            t_.latencies.probe_ms.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
-          }
-        }
-        if (a.progress_step() != 0 && t_.progress_acked.insert(a.progress_step()).second) {
-          auto it = t_.progress_sent.find(a.progress_step());
-          if (it != t_.progress_sent.end()) {
-            t_.latencies.progress_ms.push_back(
-                std::chrono::duration<double, std::milli>(now - it->second).count());
-          }
-        }
-      } else if (in_.has_cancel()) {
-        error_ = "cancelled: " + in_.cancel().reason();
-      }
-      cv_.notify_all();
-    }
-    StartRead(&in_);
-  }
-
-  void OnDone(const grpc::Status& status) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!stopping_ && error_.empty() && !status.ok()) error_ = "session: " + status.error_message();
-    broken_ = true;
-    done_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  // Queues a message; `progress_step`/`probe_sequence` (non-zero) record its send time.
-  void Send(v1::WorkerMessage m, int64_t progress_step, int64_t probe_sequence) {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (stopping_ || broken_.load()) return;
-    const auto now = Clock::now();
-    if (progress_step != 0) t_.progress_sent[progress_step] = now;
-    if (probe_sequence != 0) t_.probe_sent[probe_sequence] = now;
-    outbox_.push_back(std::move(m));
-    max_outbox_ = std::max(max_outbox_, outbox_.size());
-    if (!writing_) StartNextWriteLocked(lock);
-  }
-
-  // Starts the next queued write, if any; gRPC's call is made outside the lock.
-  void StartNextWriteLocked(std::unique_lock<std::mutex>& lock) {
-    if (outbox_.empty() || stopping_) {
-      writing_ = false;
-      return;
-    }
-    writing_ = true;
-    out_ = std::move(outbox_.front());
-    outbox_.pop_front();
-    lock.unlock();
-    StartWrite(&out_);
-    lock.lock();
-  }
-
-  v1::ProbeReport MakeReport(int64_t step) const {
-    v1::ProbeReport r;
+    v1::ProbeUpload* u = probe_.mutable_probe();
+    u->set_run_id(run_);
+    u->set_attempt(attempt_);
+    v1::ProbeReport& r = *u->mutable_report();
     r.set_version(1);
-    r.set_step(step);
     r.set_loss(4.2);
     r.set_batch_sequences(8);
     r.set_seq_len(128);
@@ -268,28 +237,72 @@ class SimWorker : public grpc::ClientBidiReactor<v1::WorkerMessage, v1::Coordina
       lp->mutable_massive()->set_top1_over_median(100);
     }
     r.set_r_gs_median(1.6);
-    return r;
   }
 
-  const int index_;
+  void WriteNext() {
+    if (outbox_.empty() || broken_) return;
+    const Queued q = outbox_.front();
+    outbox_.pop_front();
+    if (q.probe) {
+      probe_.mutable_probe()->set_sequence(q.step);
+      probe_.mutable_probe()->mutable_report()->set_step(q.step);
+      Write(probe_);
+    } else {
+      v1::StepMetrics* s = progress_.mutable_progress()->mutable_metrics();
+      s->set_step(q.step);
+      s->set_loss(5.0 / (1.0 + 0.01 * static_cast<double>(q.step)));
+      Write(progress_);
+    }
+  }
+
+  void Write(const v1::WorkerMessage& m) {
+    writing_ = true;
+    ++ops_;
+    stream_->Write(m, Tag(index_, kWrote));  // serialised here: `m` may change once this returns
+  }
+
+  void Read() {
+    reading_ = true;
+    ++ops_;
+    stream_->Read(&in_, Tag(index_, kRead));
+  }
+
+  void Break(const char* why) {
+    if (!cancelled_ && error_.empty() && !broken_) error_ = why;
+    broken_ = true;
+    MaybeFinish();
+  }
+
+  // Once the stream broke and no read or write is pending: Finish, for its status.
+  void MaybeFinish() {
+    if (!broken_ || reading_ || writing_ || finish_called_) return;
+    finish_called_ = true;
+    ++ops_;
+    stream_->Finish(&status_, Tag(index_, kFinished));
+  }
+
+  const size_t index_;
   const Options& o_;
+  grpc::CompletionQueue* const cq_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientAsyncReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>> stream_;
   v1::CoordinatorMessage in_;
-  v1::WorkerMessage out_;
-  std::deque<v1::WorkerMessage> outbox_;
+  v1::WorkerMessage progress_, probe_;
+  std::deque<Queued> outbox_;
   size_t max_outbox_ = 0;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::string run_id_;  // under mu_
+  int ops_ = 0;  // operations on the queue
+  bool writing_ = false, reading_ = false, broken_ = false, cancelled_ = false;
+  bool finish_called_ = false, finished_ = false;
+  grpc::Status status_;
+  std::string run_;
   int attempt_ = 0;
-  std::string run_;  // the pacing thread's copy, from WaitAssigned
-  int run_attempt_ = 0;
-  bool writing_ = false, stopping_ = false, done_ = false;
-  std::atomic<bool> broken_{false};
   std::string error_;
-  Tally t_;
+  // Send times by step (a zero time: not sent, or acked), and the counts.
+  std::vector<Clock::time_point> progress_sent_, probe_sent_;
+  int64_t progress_sent_n_ = 0, progress_acked_n_ = 0, probes_sent_n_ = 0, probes_acked_n_ = 0;
+  Latencies latencies_;
 };
 
 double Percentile(std::vector<double> xs, double q) {
@@ -323,6 +336,14 @@ double ProcCpuSeconds(int pid) {
     if (i == 15) stime = std::atoll(field.c_str());
   }
   return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// This process's CPU time (user + system), seconds.
+double SelfCpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + 1e-6 * static_cast<double>(t.tv_usec); };
+  return s(u.ru_utime) + s(u.ru_stime);
 }
 
 // Stored (steps, probes) of one run, from the SQLite file.
@@ -413,41 +434,91 @@ int Main(int argc, char** argv) {
   // Workers connect and register first; all stream over the same window, paced by this
   // thread: slot j = k * workers + i is worker i's step k + 1, due at
   // start + period * (k + i / workers), so sends are spread evenly over each period.
+  // Between sends the thread drains the completion queue (every worker's reads, write
+  // completions and connection work) until the next send is due.
+  grpc::CompletionQueue cq;
   std::vector<std::unique_ptr<SimWorker>> workers;
-  for (int i = 0; i < o.workers; ++i) workers.push_back(std::make_unique<SimWorker>(i, o));
+  for (int i = 0; i < o.workers; ++i) workers.push_back(std::make_unique<SimWorker>(static_cast<size_t>(i), o, &cq));
   for (auto& w : workers) w->Start();
+  // Handles completions until `deadline` (or the queue is shut down); false then.
+  auto drain_until = [&](Clock::time_point deadline) {
+    void* tag = nullptr;
+    bool ok = false;
+    // A deadline already passed polls without waiting (gRPC rounds a deadline up to its
+    // next millisecond: "now" would wait up to a millisecond).
+    const int64_t wait_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - Clock::now()).count();
+    const gpr_timespec until =
+        wait_ns <= 0 ? gpr_inf_past(GPR_CLOCK_MONOTONIC)
+                     : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(wait_ns, GPR_TIMESPAN));
+    const auto r = cq.AsyncNext(&tag, &ok, until);
+    if (r != grpc::CompletionQueue::GOT_EVENT) return false;
+    const uintptr_t v = reinterpret_cast<uintptr_t>(tag);
+    workers[v >> 2]->OnEvent(static_cast<Op>(v & 3), ok, Clock::now());
+    return true;
+  };
+  // Takes everything that is ready without waiting. A poll handles at most one ready
+  // connection and may complete nothing (a frame that is no message): polling stops after
+  // a few in a row that complete nothing.
+  auto poll_all = [&] {
+    for (int idle = 0; idle < 4;) idle = drain_until(Clock::time_point{}) ? 0 : idle + 1;
+  };
+  auto every = [&](auto pred) {
+    return std::all_of(workers.begin(), workers.end(), [&](const auto& w) { return pred(*w); });
+  };
   const auto register_deadline = Clock::now() + std::chrono::seconds(60);
-  for (auto& w : workers) w->WaitAssigned(register_deadline);
+  while (Clock::now() < register_deadline && !every([](const SimWorker& w) { return w.assigned() || w.idle(); })) {
+    drain_until(std::min(register_deadline, Clock::now() + std::chrono::milliseconds(50)));
+  }
   const auto start = Clock::now() + std::chrono::milliseconds(500);
   const auto stop = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
   const auto period = std::chrono::duration<double>(1.0 / o.hz);
-  std::this_thread::sleep_until(start);
-  // The coordinator's CPU time over the streaming window.
+  while (drain_until(start)) {
+  }
+  // The CPU time of the coordinator and of this process over the streaming window.
   const double cpu_before = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
+  const double self_cpu_before = SelfCpuSeconds();
   double behind_ms = 0;  // how late the pacing thread fell behind its schedule, at most
   for (int64_t j = 0;; ++j) {
     const int64_t k = j / o.workers, i = j % o.workers;
     const auto due = start + std::chrono::duration_cast<Clock::duration>(
                                  period * (static_cast<double>(k) + static_cast<double>(i) / o.workers));
     if (due >= stop) break;
+    // gRPC's waits end up to a millisecond late: block while the send is more than a
+    // millisecond away, then poll (poll_all) and sleep the rest.
+    while (due - Clock::now() > std::chrono::milliseconds(1)) drain_until(due - std::chrono::milliseconds(1));
+    poll_all();
+    if (due > Clock::now() + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
     const auto now = Clock::now();
-    if (due > now + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
-    else behind_ms = std::max(behind_ms, std::chrono::duration<double, std::milli>(now - due).count());
-    workers[static_cast<size_t>(i)]->Tick(k + 1);
+    behind_ms = std::max(behind_ms, std::chrono::duration<double, std::milli>(now - due).count());
+    workers[static_cast<size_t>(i)]->Tick(k + 1, now);
   }
   const double cpu_after = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
+  const double self_cpu_after = SelfCpuSeconds();
   const double wall = std::chrono::duration<double>(Clock::now() - start).count();
-  // Wait (bounded) for the acks of everything sent, then end every stream.
+  // Wait (bounded) for the acks of everything sent, then end every stream and wait for
+  // each to finish.
   const auto settle_deadline = Clock::now() + std::chrono::seconds(20);
-  for (auto& w : workers) {
-    while (!w->Settled() && Clock::now() < settle_deadline) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  while (Clock::now() < settle_deadline && !every([](const SimWorker& w) { return w.settled(); })) {
+    drain_until(std::min(settle_deadline, Clock::now() + std::chrono::milliseconds(20)));
+  }
+  for (auto& w : workers) w->Cancel();
+  const auto end_deadline = Clock::now() + std::chrono::seconds(20);
+  while (Clock::now() < end_deadline && !every([](const SimWorker& w) { return w.idle(); })) {
+    drain_until(std::min(end_deadline, Clock::now() + std::chrono::milliseconds(20)));
   }
   size_t max_outbox = 0;
-  for (auto& w : workers) {
-    w->Stop();
-    max_outbox = std::max(max_outbox, w->max_outbox());
-  }
+  for (auto& w : workers) max_outbox = std::max(max_outbox, w->max_outbox());
   const double window = o.seconds;
+  // The queue is drained before it and the streams go (gRPC's rule); a stream that never
+  // ended leaves the process to exit without tearing gRPC down.
+  const bool ended = every([](const SimWorker& w) { return w.idle(); });
+  if (ended) {
+    cq.Shutdown();
+    void* tag;
+    bool ok;
+    while (cq.Next(&tag, &ok)) {
+    }
+  }
 
   // Sent versus stored.
   int64_t progress_sent = 0, probes_sent = 0, progress_acked = 0, probes_acked = 0;
@@ -455,12 +526,11 @@ int Main(int argc, char** argv) {
   Latencies all;
   std::vector<std::string> errors;
   for (auto& w : workers) {
-    const Tally& t = w->tally();
-    progress_sent += static_cast<int64_t>(t.progress_sent.size());
-    probes_sent += static_cast<int64_t>(t.probe_sent.size());
-    progress_acked += static_cast<int64_t>(t.progress_acked.size());
-    probes_acked += static_cast<int64_t>(t.probe_acked.size());
-    const Latencies& l = t.latencies;
+    progress_sent += w->progress_sent();
+    probes_sent += w->probes_sent();
+    progress_acked += w->progress_acked();
+    probes_acked += w->probes_acked();
+    const Latencies& l = w->latencies();
     all.progress_ms.insert(all.progress_ms.end(), l.progress_ms.begin(), l.progress_ms.end());
     all.probe_ms.insert(all.probe_ms.end(), l.probe_ms.begin(), l.probe_ms.end());
     if (!w->error().empty() && errors.size() < 5) errors.push_back(w->error());
@@ -519,6 +589,7 @@ int Main(int argc, char** argv) {
       std::printf("  %-34s %12.0f\n", "coordinator CPU, % of one core", 100.0 * (cpu_after - cpu_before) / wall);
     }
   }
+  std::printf("  %-34s %12.0f\n", "generator CPU, % of one core", 100.0 * (self_cpu_after - self_cpu_before) / wall);
   std::printf("  %-34s %12lld\n", "unacked after the run",
               static_cast<long long>((progress_sent - progress_acked) + (probes_sent - probes_acked)));
   std::printf("  %-34s %12lld\n", "workers without a run", static_cast<long long>(unassigned));
@@ -526,7 +597,13 @@ int Main(int argc, char** argv) {
   std::printf("  %-34s %12zu\n", "generator outbox, max messages", max_outbox);
   std::printf("  %-34s %12lld\n", "LOST (sent - stored)", static_cast<long long>(lost));
   for (const auto& err : errors) std::printf("  worker error: %s\n", err.c_str());
-  return lost == 0 && unassigned == 0 ? 0 : 1;
+  const int code = lost == 0 && unassigned == 0 ? 0 : 1;
+  if (!ended) {
+    std::printf("  some streams did not end within 20 s of their cancel\n");
+    std::fflush(stdout);
+    std::_Exit(code);
+  }
+  return code;
 }
 
 }  // namespace
