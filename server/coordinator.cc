@@ -1,6 +1,7 @@
 #include "server/coordinator.h"
 
 #include <algorithm>
+#include <unordered_map>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -929,7 +930,35 @@ void Coordinator::OnWorkerEvents(const std::vector<WorkerEvent>& events) {
     if (place) PlaceLocked(out);
   }
   for (const auto& record : exports) record();
+  MergeAcks(out);
   for (auto& [writer, m] : out) writer->Send(m);
+}
+
+void MergeAcks(SessionOutbox& out) {
+  auto only = [](const v1::CoordinatorMessage& m, bool probe) {
+    if (!m.has_ack()) return false;
+    const v1::Ack& a = m.ack();
+    return !a.outcome() && a.refused().empty() && (probe ? a.sequence() != 0 && a.progress_step() == 0
+                                                         : a.progress_step() != 0 && a.sequence() == 0);
+  };
+  std::unordered_map<const SessionWriter*, size_t> last;  // a session's latest message in `out`
+  size_t kept = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const SessionWriter* writer = out[i].first.get();
+    if (auto it = last.find(writer); it != last.end()) {
+      v1::CoordinatorMessage& prev = out[it->second].second;
+      const v1::CoordinatorMessage& m = out[i].second;
+      if (m.has_ack() && prev.has_ack() && prev.ack().run_id() == m.ack().run_id() &&
+          ((only(prev, false) && only(m, true)) || (only(prev, true) && only(m, false)))) {
+        if (m.ack().sequence() != 0) prev.mutable_ack()->set_sequence(m.ack().sequence());
+        if (m.ack().progress_step() != 0) prev.mutable_ack()->set_progress_step(m.ack().progress_step());
+        continue;
+      }
+    }
+    if (kept != i) out[kept] = std::move(out[i]);
+    last[writer] = kept++;
+  }
+  out.resize(kept);
 }
 
 bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::WorkerMessage& msg, Outbox& out,

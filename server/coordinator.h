@@ -39,6 +39,17 @@ class SessionWriter {
   virtual void End(const std::string& reason) { (void)reason; }
 };
 
+// What a batch of worker messages makes the coordinator send, in order, to each session.
+using SessionOutbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
+
+// Merges each plain probe-report ack (sequence only) into a plain Progress ack
+// (progress_step only) of the same run that is the same session's latest message in `out`,
+// or the other way round: one Ack with both fields, which the worker reads as the two.
+// A worker sends a probe report right after its step's Progress, so a batch holds both
+// acks; one message per ack is a write, a wake-up and a read on either side. Every
+// session's messages keep their order.
+void MergeAcks(SessionOutbox& out);
+
 // Events for one WatchExperiment call: a bounded queue. When a watcher falls behind by more
 // than kMaxEvents events or kMaxBytes bytes, what it has not read is dropped and replaced
 // by one snapshot of the latest state carrying the number of events dropped
@@ -166,7 +177,7 @@ class Coordinator {
     // Ended for not reading its stream (Tick): it is closing, nothing more is sent to it.
     bool ended = false;
   };
-  using Outbox = std::vector<std::pair<std::shared_ptr<SessionWriter>, v1::CoordinatorMessage>>;
+  using Outbox = SessionOutbox;
 
   Coordinator(Store* store, Exporter* exporter, const Options& options)
       : store_(store), exporter_(exporter), options_(options), clock_(options.clock ? options.clock : Clock::Real()) {}

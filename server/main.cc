@@ -247,7 +247,8 @@ int Main(int argc, char** argv) {
   std::atomic<bool> shutting_down{false};
   ExperimentServiceImpl experiments(coordinator->get(), &shutting_down, *client_token);
   WorkerServiceImpl workers(coordinator->get(), *worker_token);
-  grpc::EnableDefaultHealthCheckService(true);
+  HealthServiceImpl health(&shutting_down);
+  grpc::EnableDefaultHealthCheckService(false);  // ours is `health` (server/services.h says why)
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
@@ -260,7 +261,9 @@ int Main(int argc, char** argv) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.RegisterService(&experiments);
-  builder.RegisterService(&workers);
+  builder.RegisterService(workers.service());
+  builder.RegisterService(&health);
+  std::unique_ptr<grpc::ServerCompletionQueue> sessions_cq = builder.AddCompletionQueue();
   // A request whose bytes are not its message (a string that is not UTF-8) is refused as
   // INVALID_ARGUMENT naming the field, not gRPC's empty INTERNAL (server/wire_errors.h).
   InstallProtobufLogHandler();
@@ -275,6 +278,7 @@ int Main(int argc, char** argv) {
                                : " (is the address in use by another process? gRPC's error above says more)");
     return 1;
   }
+  workers.Start(sessions_cq.get());
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   // One line on stdout for scripts and tests: where to connect.
@@ -294,6 +298,7 @@ int Main(int argc, char** argv) {
   }
   shutting_down = true;
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  workers.Stop();  // its calls finished, then its completion queue
   Log(LogLevel::kInfo, "coordinator_stopped");
   return 0;
 }

@@ -34,14 +34,18 @@ grpc::Status CheckId(const char* field, const std::string& id) {
 
 }  // namespace
 
-// --- WorkerService.Session on gRPC's callback API ------------------------------------
+// --- WorkerService.Session on gRPC's completion-queue API -----------------------------
 //
-// Each Session is a reactor: gRPC's threads read the worker's messages and hand them to
-// the Ingest thread, which gives them to the coordinator in batches (OnWorkerEvents: the
-// Progress and probe reports of a batch are stored in one transaction, then acked). What
-// the coordinator sends a worker goes through the session's bounded outbox, written one
-// message at a time (StartWrite, the next on OnWriteDone). No thread is held per stream
-// and no write ever blocks the scheduler.
+// Each Session is a SessionReactor whose operations complete on one queue, run by one
+// thread (the sessions' thread). gRPC's callback API, used before, ran completions on two
+// polling threads that handed the poll to each other on every event: a wake-up and a
+// context switch per message on two cores. The sessions' thread reads the workers'
+// messages and hands them to the Ingest thread, which gives them to the coordinator in
+// batches (OnWorkerEvents: the Progress and probe reports of a batch are stored in one
+// transaction, then acked). What the coordinator sends a worker goes through the
+// session's bounded outbox, written one message at a time (StartWrite, the next on the
+// write's completion). No thread is held per stream and no write ever blocks the
+// scheduler.
 //
 // Flow control, both ways:
 //   - to the worker: the outbox holds at most kMaxOutboxMessages / kMaxOutboxBytes; when
@@ -317,30 +321,79 @@ static std::string WorkerMessageBoundsError(const v1::WorkerMessage& msg) {
 }
 
 
-class SessionReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage> {
+// One Session call on gRPC's completion-queue API. Its operations complete on the
+// sessions' queue, whose one thread (WorkerServiceImpl::Loop) runs OnEvent; reads and
+// writes are started from that thread, the ingest thread and the coordinator's (through
+// WorkerSession, which keeps at most one of each in flight). The call is deleted once its
+// Finish has completed and gRPC has reported it done: after Finish nothing starts on it.
+class SessionReactor final {
  public:
-  SessionReactor(grpc::CallbackServerContext* context, Coordinator* coordinator, Ingest* ingest,
-                 const TokenCheck& auth)
-      : context_(context) {
-    if (grpc::Status status = auth.Check(*context, "Session"); !status.ok()) {
-      Finish(status);
-      return;
-    }
-    session_ = std::make_shared<WorkerSession>(this, ingest, context->peer());
-    session_->set_id(coordinator->OpenSession(session_));
-    ingest_ = ingest;
-    StartNextRead();
+  enum Op { kRequested, kRead, kWrote, kFinished, kDone };
+  struct Tag {
+    SessionReactor* call;
+    Op op;
+  };
+
+  SessionReactor(Coordinator* coordinator, Ingest* ingest, const TokenCheck& auth)
+      : coordinator_(coordinator), ingest_(ingest), auth_(auth) {}
+
+  // Asks gRPC for the next Session call.
+  void Request(v1::WorkerService::AsyncService* service, grpc::ServerCompletionQueue* cq) {
+    context_.AsyncNotifyWhenDone(&tags_[kDone]);
+    service->RequestSession(&context_, &stream_, cq, cq, &tags_[kRequested]);
   }
 
-  grpc::CallbackServerContext* context() const { return context_; }
+  // One of its operations completed (on the sessions' thread). False: the call is over,
+  // to be deleted.
+  bool OnEvent(Op op, bool ok) {
+    switch (op) {
+      case kRequested:
+        if (!ok) return false;  // the server is shutting down: no call, and no kDone will come
+        Start();
+        break;
+      case kRead:
+        OnRead(ok);
+        break;
+      case kWrote:
+        session_->WriteDone(ok);
+        break;
+      case kFinished:
+        finished_ = true;
+        break;
+      case kDone:
+        done_ = true;
+        if (context_.IsCancelled() && session_ != nullptr) session_->Cancelled();
+        break;
+    }
+    if (!finished_ || !done_) return true;
+    if (session_ != nullptr) session_->Detach();
+    return false;
+  }
+
+  grpc::ServerContext* context() { return &context_; }
 
   // Reads the next message unless the session is closing (a cancel from here on fails
   // the read, which then closes the session).
   void StartNextRead() {
-    if (session_->BeginRead()) StartRead(&incoming_);
+    if (session_->BeginRead()) stream_.Read(&incoming_, &tags_[kRead]);
+  }
+  void StartWrite(const v1::CoordinatorMessage* m, grpc::WriteOptions options) {
+    stream_.Write(*m, options, &tags_[kWrote]);
+  }
+  void Finish(const grpc::Status& status) { stream_.Finish(status, &tags_[kFinished]); }
+
+ private:
+  void Start() {
+    if (grpc::Status status = auth_.Check(context_, "Session"); !status.ok()) {
+      Finish(status);
+      return;
+    }
+    session_ = std::make_shared<WorkerSession>(this, ingest_, context_.peer());
+    session_->set_id(coordinator_->OpenSession(session_));
+    StartNextRead();
   }
 
-  void OnReadDone(bool ok) override {
+  void OnRead(bool ok) {
     const bool closing = session_->ReadDone();
     if (!ok) {
       session_->StopReading(grpc::Status::OK);
@@ -380,21 +433,16 @@ class SessionReactor final : public grpc::ServerBidiReactor<v1::WorkerMessage, v
     if (ingest_->Push(session_, std::move(message))) StartNextRead();
   }
 
-  void OnWriteDone(bool ok) override { session_->WriteDone(ok); }
-  void OnCancel() override {
-    if (session_ != nullptr) session_->Cancelled();
-  }
-  void OnDone() override {
-    if (session_ != nullptr) session_->Detach();
-    delete this;
-  }
-
- private:
-  grpc::CallbackServerContext* const context_;
+  Coordinator* const coordinator_;
+  Ingest* const ingest_;
+  const TokenCheck& auth_;
+  grpc::ServerContext context_;
+  grpc::ServerAsyncReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage> stream_{&context_};
+  Tag tags_[5] = {{this, kRequested}, {this, kRead}, {this, kWrote}, {this, kFinished}, {this, kDone}};
   std::shared_ptr<WorkerSession> session_;  // null when the call was refused at its start
-  Ingest* ingest_ = nullptr;
   v1::WorkerMessage incoming_;  // the read in progress
   bool first_ = true;
+  bool finished_ = false, done_ = false;  // the sessions' thread's: Finish completed, gRPC said done
 };
 
 template <typename Op>
@@ -710,15 +758,102 @@ grpc::Status ExperimentServiceImpl::CompareArms(grpc::ServerContext* ctx, const 
   return grpc::Status::OK;
 }
 
+grpc::health::v1::HealthCheckResponse::ServingStatus HealthServiceImpl::StatusOf(const std::string& service) const {
+  using grpc::health::v1::HealthCheckResponse;
+  if (!service.empty() && service != v1::ExperimentService::service_full_name() &&
+      service != v1::WorkerService::service_full_name()) {
+    return HealthCheckResponse::SERVICE_UNKNOWN;
+  }
+  return shutting_down_->load() ? HealthCheckResponse::NOT_SERVING : HealthCheckResponse::SERVING;
+}
+
+grpc::Status HealthServiceImpl::Check(grpc::ServerContext*, const grpc::health::v1::HealthCheckRequest* req,
+                                      grpc::health::v1::HealthCheckResponse* resp) {
+  const auto status = StatusOf(req->service());
+  if (status == grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN) {
+    if (req->service().size() > kMaxIdBytes) return Invalid("service", "is not a service of this server");
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "no service " + req->service() + " on this server");
+  }
+  resp->set_status(status);
+  return grpc::Status::OK;
+}
+
+grpc::Status HealthServiceImpl::Watch(grpc::ServerContext* ctx, const grpc::health::v1::HealthCheckRequest* req,
+                                      grpc::ServerWriter<grpc::health::v1::HealthCheckResponse>* writer) {
+  if (watchers_.fetch_add(1) >= kMaxWatchers) {
+    watchers_.fetch_sub(1);
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        "at most " + std::to_string(kMaxWatchers) + " health watchers at a time");
+  }
+  grpc::Status result = grpc::Status::OK;
+  std::optional<grpc::health::v1::HealthCheckResponse::ServingStatus> sent;
+  while (true) {
+    const auto status = StatusOf(req->service());
+    if (status != sent) {
+      grpc::health::v1::HealthCheckResponse resp;
+      resp.set_status(status);
+      if (!writer->Write(resp)) break;
+      sent = status;
+    }
+    if (shutting_down_->load()) {
+      result = grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+      break;
+    }
+    if (ctx->IsCancelled()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  watchers_.fetch_sub(1);
+  return result;
+}
+
 WorkerServiceImpl::WorkerServiceImpl(Coordinator* coordinator, std::string worker_token)
     : coordinator_(coordinator), auth_("WorkerService", std::move(worker_token)),
       ingest_(std::make_unique<Ingest>(coordinator)) {}
 
-WorkerServiceImpl::~WorkerServiceImpl() = default;
+WorkerServiceImpl::~WorkerServiceImpl() { Stop(); }
 
-grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServiceImpl::Session(
-    grpc::CallbackServerContext* context) {
-  return new SessionReactor(context, coordinator_, ingest_.get(), auth_);
+void WorkerServiceImpl::Start(grpc::ServerCompletionQueue* cq) {
+  cq_ = cq;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void WorkerServiceImpl::RequestCall() {
+  auto* call = new SessionReactor(coordinator_, ingest_.get(), auth_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++calls_;
+  }
+  call->Request(&service_, cq_);
+}
+
+void WorkerServiceImpl::Loop() {
+  pthread_setname_np(pthread_self(), "sessions");  // for top -H, perf and gdb
+  RequestCall();
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq_->Next(&tag, &ok)) {
+    auto* t = static_cast<SessionReactor::Tag*>(tag);
+    if (t->op == SessionReactor::kRequested && ok) RequestCall();  // one call is always requested
+    if (!t->call->OnEvent(t->op, ok)) {
+      delete t->call;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--calls_ == 0) calls_cv_.notify_all();
+    }
+  }
+}
+
+void WorkerServiceImpl::Stop() {
+  if (!thread_.joinable()) return;
+  // After the server's Shutdown: the requested call fails and the open ones are cancelled;
+  // each is finished once the ingest thread has closed its session. Then the queue.
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!calls_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return calls_ == 0; })) {
+      Log(LogLevel::kWarning, "worker_sessions_unfinished", {{"sessions", std::to_string(calls_)}});
+    }
+  }
+  cq_->Shutdown();
+  thread_.join();
 }
 
 }  // namespace sinkscope

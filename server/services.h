@@ -9,11 +9,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
+#include "proto/grpc/health/v1/health.grpc.pb.h"
 #include "proto/sinkscope/v1/service.grpc.pb.h"
 #include "server/coordinator.h"
 
@@ -65,24 +68,57 @@ class ExperimentServiceImpl final : public v1::ExperimentService::Service {
   const TokenCheck auth_;
 };
 
+// grpc.health.v1.Health on the sync API (gRPC's built-in one runs on its callback
+// threads, which would poll beside the sessions' thread and take its work by turns).
+// "" and the coordinator's two services are SERVING until shutdown, then NOT_SERVING;
+// another name is NOT_FOUND (Check) or SERVICE_UNKNOWN (Watch). Watch answers at once and
+// again on each change; at most kMaxWatchers at a time, as each holds a thread.
+class HealthServiceImpl final : public grpc::health::v1::Health::Service {
+ public:
+  static constexpr int kMaxWatchers = 16;
+  explicit HealthServiceImpl(const std::atomic<bool>* shutting_down) : shutting_down_(shutting_down) {}
+  grpc::Status Check(grpc::ServerContext*, const grpc::health::v1::HealthCheckRequest*,
+                     grpc::health::v1::HealthCheckResponse*) override;
+  grpc::Status Watch(grpc::ServerContext*, const grpc::health::v1::HealthCheckRequest*,
+                     grpc::ServerWriter<grpc::health::v1::HealthCheckResponse>*) override;
+
+ private:
+  // The status of `service`; SERVICE_UNKNOWN for a name the server does not serve.
+  grpc::health::v1::HealthCheckResponse::ServingStatus StatusOf(const std::string& service) const;
+  const std::atomic<bool>* shutting_down_;
+  std::atomic<int> watchers_{0};
+};
+
 class Ingest;  // services.cc
 
-// WorkerService on gRPC's callback API: a reactor per Session, no thread per stream; a
-// single ingest thread hands what the sessions read to the coordinator in batches
-// (services.cc says how each direction is bounded).
-class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
+// WorkerService on gRPC's completion-queue API: one thread runs every Session's
+// operations (no thread per stream), and a single ingest thread hands what the sessions
+// read to the coordinator in batches (services.cc says how each direction is bounded).
+// Registered with the server through service(); Start once the server has started, with
+// its completion queue; Stop (or destruction) after the server's Shutdown.
+class WorkerServiceImpl final {
  public:
   // `worker_token`: the bearer token a Session must carry; empty: none required.
   explicit WorkerServiceImpl(Coordinator* coordinator, std::string worker_token = {});
-  // After the server has shut down (its sessions are finished).
-  ~WorkerServiceImpl() override;
-  grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* Session(
-      grpc::CallbackServerContext* context) override;
+  ~WorkerServiceImpl();
+  grpc::Service* service() { return &service_; }
+  void Start(grpc::ServerCompletionQueue* cq);
+  // Waits (at most 10 s) for every call to finish, then shuts the queue down.
+  void Stop();
 
  private:
+  void RequestCall();
+  void Loop();
+
   Coordinator* coordinator_;
   const TokenCheck auth_;
   std::unique_ptr<Ingest> ingest_;
+  v1::WorkerService::AsyncService service_;
+  grpc::ServerCompletionQueue* cq_ = nullptr;
+  std::mutex mu_;
+  std::condition_variable calls_cv_;  // with mu_: calls_ reached 0
+  int calls_ = 0;                     // guarded by mu_: requested or open calls
+  std::thread thread_;
 };
 
 }  // namespace sinkscope

@@ -225,6 +225,22 @@ scrape_configs:
         health = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
                                      response_deserializer=lambda b: b)(b"", timeout=5)
         self.assertEqual(health, b"\x08\x01")
+        # Each of the coordinator's services by name too; Watch answers the status at once
+        # and SERVICE_UNKNOWN (3) for a name the server does not serve.
+        def named(name):
+            return bytes([0x0A, len(name)]) + name.encode()
+        for name in ("sinkscope.v1.ExperimentService", "sinkscope.v1.WorkerService"):
+            self.assertEqual(channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                                 response_deserializer=lambda b: b)(named(name), timeout=5), b"\x08\x01")
+        with self.assertRaises(grpc.RpcError) as e:
+            channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)(named("no.such.Service"), timeout=5)
+        self.assertEqual(e.exception.code(), grpc.StatusCode.NOT_FOUND)
+        for request, first in ((b"", b"\x08\x01"), (named("no.such.Service"), b"\x08\x03")):
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch", request_serializer=lambda b: b,
+                                         response_deserializer=lambda b: b)(request, timeout=20)
+            self.assertEqual(next(watch), first)
+            watch.cancel()
         channel.close()
 
     def test_4_bad_experiment_file_names_the_field(self):
