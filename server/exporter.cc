@@ -97,12 +97,14 @@ int Exporter::port() const {
   return ports.empty() ? 0 : ports[0];
 }
 
-void Exporter::SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::optional<Labels>& run_labels,
-                           prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value) {
+prometheus::Gauge* Exporter::SetRunGauge(const v1::RunSummary& run, RunSeries& series,
+                                         std::optional<Labels>& run_labels,
+                                         prometheus::Family<prometheus::Gauge>& family, int layer, int head,
+                                         double value) {
   const auto key = std::make_tuple(&family, layer, head);
   if (auto it = series.gauges.find(key); it != series.gauges.end()) {
     it->second->Set(value);
-    return;
+    return it->second;
   }
   if (series.gauges.size() >= kMaxSeriesPerRun) {
     // A run at its cap gets no new series (its reports are stored whole all the same).
@@ -113,7 +115,7 @@ void Exporter::SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::op
            {"reason", "a run exports at most " + std::to_string(kMaxSeriesPerRun) +
                           " Prometheus series; later layers and heads are in the store only"}});
     }
-    return;
+    return nullptr;
   }
   if (!run_labels) run_labels = RunLabels(run);
   Labels labels = *run_labels;
@@ -122,6 +124,7 @@ void Exporter::SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::op
   prometheus::Gauge& g = family.Add(labels);
   series.gauges.emplace(key, &g);
   g.Set(value);
+  return &g;
 }
 
 Exporter::Labels Exporter::RunLabels(const v1::RunSummary& run) {
@@ -143,13 +146,23 @@ void Exporter::RecordStep(const v1::RunSummary& run, const v1::StepMetrics& m) {
   // run's own map, and the label maps are built only for a series not yet there.
   RunSeries& series = run_series_[run.run_id()];
   std::optional<Labels> labels;
-  SetRunGauge(run, series, labels, *step_, -1, -1, static_cast<double>(m.step()));
-  SetRunGauge(run, series, labels, *loss_, -1, -1, m.loss());
-  SetRunGauge(run, series, labels, *lr_, -1, -1, m.learning_rate());
-  SetRunGauge(run, series, labels, *grad_norm_, -1, -1, m.grad_norm());
-  SetRunGauge(run, series, labels, *tokens_per_second_, -1, -1, m.tokens_per_second());
-  SetRunGauge(run, series, labels, *mfu_, -1, -1, m.mfu());
-  if (m.has_val_loss()) SetRunGauge(run, series, labels, *val_loss_, -1, -1, m.val_loss());
+  const std::array<std::pair<prometheus::Family<prometheus::Gauge>*, double>, kStepSeries> values = {{
+      {step_, static_cast<double>(m.step())},
+      {loss_, m.loss()},
+      {lr_, m.learning_rate()},
+      {grad_norm_, m.grad_norm()},
+      {tokens_per_second_, m.tokens_per_second()},
+      {mfu_, m.mfu()},
+      {val_loss_, m.val_loss()},
+  }};
+  for (size_t i = 0; i < kStepSeries; ++i) {
+    if (values[i].first == val_loss_ && !m.has_val_loss()) continue;
+    if (prometheus::Gauge* g = series.step[i]) {
+      g->Set(values[i].second);
+    } else {
+      series.step[i] = SetRunGauge(run, series, labels, *values[i].first, -1, -1, values[i].second);
+    }
+  }
   steps_ingested_->Increment();
 }
 

@@ -11,6 +11,7 @@
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
 
+#include <array>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -18,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "proto/sinkscope/v1/service.pb.h"
@@ -73,8 +75,10 @@ class Exporter {
   // unless the run has kMaxSeriesPerRun series already (then it is left out, and the first
   // time logged). `run_labels` is the run's labels, built on first need. Under mu_.
   struct RunSeries;
-  void SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::optional<Labels>& run_labels,
-                   prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value);
+  // Returns the series, or null when it was left out.
+  prometheus::Gauge* SetRunGauge(const v1::RunSummary& run, RunSeries& series, std::optional<Labels>& run_labels,
+                                 prometheus::Family<prometheus::Gauge>& family, int layer, int head, double value);
+  static constexpr size_t kStepSeries = 7;
 
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<prometheus::Exposer> exposer_;
@@ -92,9 +96,12 @@ class Exporter {
   struct RunSeries {
     // Every series of the run by (family, layer, head), -1 where the label is absent.
     std::map<std::tuple<prometheus::Family<prometheus::Gauge>*, int, int>, prometheus::Gauge*> gauges;
+    // Its step series (kStepSeries of them, in RecordStep's order), once made: a Progress
+    // sets them on ingest's hot path without a lookup.
+    std::array<prometheus::Gauge*, kStepSeries> step{};
     bool capped = false;  // at kMaxSeriesPerRun (logged once)
   };
-  std::map<std::string, RunSeries> run_series_;
+  std::unordered_map<std::string, RunSeries> run_series_;
   std::map<std::string, std::chrono::steady_clock::time_point> ended_;
 
   // Families (owned by the registry).

@@ -478,15 +478,23 @@ int Main(int argc, char** argv) {
   const double cpu_before = o.pid > 0 ? ProcCpuSeconds(o.pid) : -1;
   const double self_cpu_before = SelfCpuSeconds();
   double behind_ms = 0;  // how late the pacing thread fell behind its schedule, at most
+  auto last_poll = Clock::now();
   for (int64_t j = 0;; ++j) {
     const int64_t k = j / o.workers, i = j % o.workers;
     const auto due = start + std::chrono::duration_cast<Clock::duration>(
                                  period * (static_cast<double>(k) + static_cast<double>(i) / o.workers));
     if (due >= stop) break;
     // gRPC's waits end up to a millisecond late: block while the send is more than a
-    // millisecond away, then poll (poll_all) and sleep the rest.
-    while (due - Clock::now() > std::chrono::milliseconds(1)) drain_until(due - std::chrono::milliseconds(1));
-    poll_all();
+    // millisecond away, then poll (poll_all; at most every 100 us, so an ack's time is
+    // taken at most that late) and sleep the rest.
+    while (due - Clock::now() > std::chrono::milliseconds(1)) {
+      drain_until(due - std::chrono::milliseconds(1));
+      last_poll = Clock::now();
+    }
+    if (Clock::now() - last_poll >= std::chrono::microseconds(100)) {
+      poll_all();
+      last_poll = Clock::now();
+    }
     if (due > Clock::now() + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
     const auto now = Clock::now();
     behind_ms = std::max(behind_ms, std::chrono::duration<double, std::milli>(now - due).count());
