@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include <string>
@@ -193,7 +194,8 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
 
 // The store's thread. Every 250 ms it moves the step inbox into step_rows (MergeInboxLocked,
 // under mu_, on the writer's connection), and every second, or when a commit leaves more
-// than kCheckpointPages in the WAL, it runs a PASSIVE checkpoint on a connection of its own.
+// than kCheckpointPages in the WAL (then at most every 250 ms), it runs a PASSIVE
+// checkpoint on a connection of its own.
 // SQLite's automatic checkpoint (which it replaces) runs inside the COMMIT that crosses
 // 1,000 WAL pages: the ingest thread would copy the WAL's pages into the database and
 // fdatasync in the middle of a batch, every few hundred milliseconds under load, while
@@ -204,6 +206,9 @@ StatusOr<std::unique_ptr<Store>> Store::Open(const std::string& path) {
 // when it restarts.
 namespace {
 constexpr int kCheckpointPages = 16384;  // 64 MB of 4 KB pages
+constexpr auto kMergePeriod = std::chrono::milliseconds(250);
+constexpr auto kCheckpointPeriod = std::chrono::seconds(1);
+constexpr auto kMinCheckpointGap = std::chrono::milliseconds(250);
 constexpr int64_t kInboxRows = 16384;    // steps the inbox holds before a write merges it
 
 // Whether the connection sees the database in WAL mode (the statement is finalized on
@@ -238,34 +243,53 @@ int Store::OnWalCommit(void* self, sqlite3*, const char*, int pages) {
   auto* store = static_cast<Store*>(self);
   if (pages >= kCheckpointPages) {
     std::lock_guard<std::mutex> lock(store->checkpoint_mu_);
-    store->checkpoint_due_ = true;
-    store->checkpoint_cv_.notify_one();
+    if (!store->checkpoint_due_) {  // the thread is woken once, not on every commit
+      store->checkpoint_due_ = true;
+      store->checkpoint_cv_.notify_one();
+    }
   }
   return SQLITE_OK;
 }
 
 void Store::CheckpointLoop() {
   pthread_setname_np(pthread_self(), "store");  // for top -H, perf and gdb
-  auto next_checkpoint = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  using Clock = std::chrono::steady_clock;
+  auto next_merge = Clock::now() + kMergePeriod;
+  auto next_checkpoint = Clock::now() + kCheckpointPeriod;
+  auto last_checkpoint = Clock::time_point{};
   std::unique_lock<std::mutex> lock(checkpoint_mu_);
   while (!checkpoint_stop_) {
-    checkpoint_cv_.wait_for(lock, std::chrono::milliseconds(250), [this] { return checkpoint_stop_ || checkpoint_due_; });
-    if (checkpoint_stop_) break;
-    const bool due = checkpoint_due_ || std::chrono::steady_clock::now() >= next_checkpoint;
-    checkpoint_due_ = false;
+    // Merges on their own period only: a merge rewrites each running run's step_rows page
+    // however few rows it moves, so merging on every wake (a WAL past kCheckpointPages
+    // wakes this thread on every commit until the WAL restarts, which under steady load
+    // it seldom does) multiplied the pages written. Checkpoints: each second, or when the
+    // WAL is past kCheckpointPages, at most every kMinCheckpointGap.
+    const auto now = Clock::now();
+    auto wake = std::min(next_merge, next_checkpoint);
+    if (checkpoint_due_) wake = std::min(wake, last_checkpoint + kMinCheckpointGap);
+    if (now < wake) {
+      const bool was_due = checkpoint_due_;
+      checkpoint_cv_.wait_until(lock, wake, [&] { return checkpoint_stop_ || (checkpoint_due_ && !was_due); });
+      continue;
+    }
+    const bool merge = now >= next_merge;
+    const bool checkpoint = now >= next_checkpoint || (checkpoint_due_ && now >= last_checkpoint + kMinCheckpointGap);
+    if (checkpoint) checkpoint_due_ = false;
     lock.unlock();
-    {
+    if (merge) {
       std::lock_guard<std::mutex> store_lock(mu_);
       // A failure (a full disk) leaves the steps in the inbox: retried, less often.
-      if (!merge_failed_ || std::chrono::steady_clock::now() - merge_failed_at_ >= std::chrono::seconds(2)) {
-        (void)MergeInboxLocked();
-      }
+      if (!merge_failed_ || Clock::now() - merge_failed_at_ >= std::chrono::seconds(2)) (void)MergeInboxLocked();
+      next_merge = Clock::now() + kMergePeriod;
     }
-    if (due && checkpoint_db_ != nullptr) {
+    if (checkpoint) {
       // BUSY (another checkpoint, or a reader in the way) and I/O errors are left to the
       // next round: the writer's own commits report a full disk or a failing device.
-      sqlite3_wal_checkpoint_v2(checkpoint_db_, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
-      next_checkpoint = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+      if (checkpoint_db_ != nullptr) {
+        sqlite3_wal_checkpoint_v2(checkpoint_db_, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
+      }
+      last_checkpoint = Clock::now();
+      next_checkpoint = last_checkpoint + kCheckpointPeriod;
     }
     lock.lock();
   }
