@@ -278,7 +278,7 @@ int Main(int argc, char** argv) {
                                : " (is the address in use by another process? gRPC's error above says more)");
     return 1;
   }
-  workers.Start(sessions_cq.get());
+  workers.Start(std::move(sessions_cq));
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   // One line on stdout for scripts and tests: where to connect.

@@ -812,8 +812,8 @@ WorkerServiceImpl::WorkerServiceImpl(Coordinator* coordinator, std::string worke
 
 WorkerServiceImpl::~WorkerServiceImpl() { Stop(); }
 
-void WorkerServiceImpl::Start(grpc::ServerCompletionQueue* cq) {
-  cq_ = cq;
+void WorkerServiceImpl::Start(std::unique_ptr<grpc::ServerCompletionQueue> cq) {
+  cq_ = std::move(cq);
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -823,7 +823,7 @@ void WorkerServiceImpl::RequestCall() {
     std::lock_guard<std::mutex> lock(mu_);
     ++calls_;
   }
-  call->Request(&service_, cq_);
+  call->Request(&service_, cq_.get());
 }
 
 void WorkerServiceImpl::Loop() {
@@ -846,9 +846,11 @@ void WorkerServiceImpl::Stop() {
   if (!thread_.joinable()) return;
   // After the server's Shutdown: the requested call fails and the open ones are cancelled;
   // each is finished once the ingest thread has closed its session. Then the queue.
+  // No time limit: a call still open may yet start a read, write or finish, which must not
+  // find the queue shut down (the ingest thread, behind a slow store, closes sessions late).
   {
     std::unique_lock<std::mutex> lock(mu_);
-    if (!calls_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return calls_ == 0; })) {
+    while (!calls_cv_.wait_for(lock, std::chrono::seconds(10), [this] { return calls_ == 0; })) {
       Log(LogLevel::kWarning, "worker_sessions_unfinished", {{"sessions", std::to_string(calls_)}});
     }
   }

@@ -95,15 +95,18 @@ class Ingest;  // services.cc
 // operations (no thread per stream), and a single ingest thread hands what the sessions
 // read to the coordinator in batches (services.cc says how each direction is bounded).
 // Registered with the server through service(); Start once the server has started, with
-// its completion queue; Stop (or destruction) after the server's Shutdown.
+// its completion queue (which it then owns); Stop (or destruction) after the server's
+// Shutdown.
 class WorkerServiceImpl final {
  public:
   // `worker_token`: the bearer token a Session must carry; empty: none required.
   explicit WorkerServiceImpl(Coordinator* coordinator, std::string worker_token = {});
   ~WorkerServiceImpl();
   grpc::Service* service() { return &service_; }
-  void Start(grpc::ServerCompletionQueue* cq);
-  // Waits (at most 10 s) for every call to finish, then shuts the queue down.
+  void Start(std::unique_ptr<grpc::ServerCompletionQueue> cq);
+  // Waits for every call to finish (the server's Shutdown cancels the open ones; each
+  // finishes once the ingest thread has closed its session; a wait past 10 s is logged),
+  // then shuts the queue down: nothing may start on it after that.
   void Stop();
 
  private:
@@ -112,9 +115,9 @@ class WorkerServiceImpl final {
 
   Coordinator* coordinator_;
   const TokenCheck auth_;
-  std::unique_ptr<Ingest> ingest_;
   v1::WorkerService::AsyncService service_;
-  grpc::ServerCompletionQueue* cq_ = nullptr;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq_;  // outlives the ingest thread (declared first)
+  std::unique_ptr<Ingest> ingest_;
   std::mutex mu_;
   std::condition_variable calls_cv_;  // with mu_: calls_ reached 0
   int calls_ = 0;                     // guarded by mu_: requested or open calls
