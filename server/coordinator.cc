@@ -1,7 +1,6 @@
 #include "server/coordinator.h"
 
 #include <algorithm>
-#include <unordered_map>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -9,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <set>
+#include <unordered_map>
 
 #include "base/cadence.h"
 #include "base/log.h"
@@ -935,11 +935,11 @@ void Coordinator::OnWorkerEvents(const std::vector<WorkerEvent>& events) {
 }
 
 void MergeAcks(SessionOutbox& out) {
-  auto only = [](const v1::CoordinatorMessage& m, bool probe) {
-    if (!m.has_ack()) return false;
+  // A plain ack: a Progress's (1) or a probe report's (2), with no outcome or refusal; else 0.
+  auto plain = [](const v1::CoordinatorMessage& m) {
+    if (!m.has_ack() || m.ack().outcome() || !m.ack().refused().empty()) return 0;
     const v1::Ack& a = m.ack();
-    return !a.outcome() && a.refused().empty() && (probe ? a.sequence() != 0 && a.progress_step() == 0
-                                                         : a.progress_step() != 0 && a.sequence() == 0);
+    return a.sequence() == 0 && a.progress_step() != 0 ? 1 : a.progress_step() == 0 && a.sequence() != 0 ? 2 : 0;
   };
   std::unordered_map<const SessionWriter*, size_t> last;  // a session's latest message in `out`
   size_t kept = 0;
@@ -948,10 +948,10 @@ void MergeAcks(SessionOutbox& out) {
     if (auto it = last.find(writer); it != last.end()) {
       v1::CoordinatorMessage& prev = out[it->second].second;
       const v1::CoordinatorMessage& m = out[i].second;
-      if (m.has_ack() && prev.has_ack() && prev.ack().run_id() == m.ack().run_id() &&
-          ((only(prev, false) && only(m, true)) || (only(prev, true) && only(m, false)))) {
-        if (m.ack().sequence() != 0) prev.mutable_ack()->set_sequence(m.ack().sequence());
-        if (m.ack().progress_step() != 0) prev.mutable_ack()->set_progress_step(m.ack().progress_step());
+      const int a = plain(prev), b = plain(m);
+      if (a != 0 && b != 0 && a != b && prev.ack().run_id() == m.ack().run_id()) {
+        if (b == 2) prev.mutable_ack()->set_sequence(m.ack().sequence());
+        else prev.mutable_ack()->set_progress_step(m.ack().progress_step());
         continue;
       }
     }

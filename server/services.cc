@@ -61,11 +61,11 @@ grpc::Status CheckId(const char* field, const std::string& id) {
 class SessionReactor;
 class Ingest;
 
-// One Session's state, shared by its reactor (gRPC's threads), the ingest thread and the
-// coordinator (as its SessionWriter). The reactor is deleted once gRPC calls OnDone,
-// which happens only after Finish; Finish is called once nothing runs on the reactor
-// outside this object's mutex (holds_), no read or write is pending and the coordinator
-// has closed the session.
+// One Session's state, shared by its reactor (the sessions' thread), the ingest thread and
+// the coordinator (as its SessionWriter). The reactor is deleted once its Finish has
+// completed and gRPC has reported the call done; Finish is called once nothing runs on
+// the reactor outside this object's mutex (holds_), no read or write is pending and the
+// coordinator has closed the session.
 class WorkerSession final : public SessionWriter, public std::enable_shared_from_this<WorkerSession> {
  public:
   static constexpr size_t kMaxOutboxMessages = 4096;
@@ -93,7 +93,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
     read_pending_ = true;
     return true;
   }
-  // A read completed (a reaction: the reactor is alive). True when the session is closing
+  // A read completed (on the sessions' thread: the reactor is alive). True when the session is closing
   // and what was read is to be dropped; the call is finished if it is ready.
   bool ReadDone();
   // The session reads no more: the worker closed or broke its stream, it sent what the
@@ -103,7 +103,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   // The call was cancelled (by the worker or by End): closes unless a pending read will.
   void Cancelled();
   void WriteDone(bool ok);
-  void Detach() {  // OnDone: the reactor is gone
+  void Detach() {  // the call is over: the reactor is gone
     std::lock_guard<std::mutex> lock(mu_);
     reactor_ = nullptr;
   }
@@ -127,8 +127,8 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
     v1::CoordinatorMessage message;
     std::chrono::steady_clock::time_point queued;
   };
-  // Runs `op` on the reactor outside mu_ (gRPC may run reactions inline), keeping the
-  // reactor alive meanwhile; then finishes the call if it is ready. False: no reactor.
+  // Runs `op` on the reactor outside mu_, keeping the reactor alive meanwhile; then
+  // finishes the call if it is ready. False: no reactor.
   template <typename Op>
   bool WithReactor(Op op);
   void EndLocked(const std::string& reason);
@@ -141,7 +141,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   void RequestCloseLocked(bool* enqueue);
 
   mutable std::mutex mu_;
-  SessionReactor* reactor_;  // guarded by mu_: null after OnDone
+  SessionReactor* reactor_;  // guarded by mu_: null once the call is over (Detach)
   Ingest* const ingest_;
   const std::string peer_;  // for the log: unknown once the call is cancelled
   int64_t id_ = 0;          // the coordinator's session id; set before the first read
@@ -516,7 +516,7 @@ bool WorkerSession::Send(const v1::CoordinatorMessage& m) {
 }
 
 void WorkerSession::WriteDone(bool ok) {
-  // A reaction: the reactor is alive throughout.
+  // On the sessions' thread: the reactor is alive throughout.
   const v1::CoordinatorMessage* next = nullptr;
   grpc::WriteOptions options;
   grpc::Status status;

@@ -98,7 +98,6 @@ class SimWorker {
         Read();
         break;
       case kFinished:
-        finished_ = true;
         if (!cancelled_ && error_.empty() && !status_.ok()) error_ = "session: " + status_.error_message();
         break;
     }
@@ -294,7 +293,7 @@ class SimWorker {
   size_t max_outbox_ = 0;
   int ops_ = 0;  // operations on the queue
   bool writing_ = false, reading_ = false, broken_ = false, cancelled_ = false;
-  bool finish_called_ = false, finished_ = false;
+  bool finish_called_ = false;
   grpc::Status status_;
   std::string run_;
   int attempt_ = 0;
