@@ -6,6 +6,7 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <memory>
@@ -125,6 +126,10 @@ class Store {
   // WAL checkpoints on their own thread and connection (see StartCheckpointer in store.cc).
   void StartCheckpointer();
   void CheckpointLoop();
+  // One checkpoint on checkpoint_db_ that leaves the WAL to restart at the next write.
+  void Checkpoint();
+  // fdatasync of the database file (outside SQLite, which syncs only at a full copy).
+  void SyncDatabaseFile();
   static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages);
   // Moves the steps of step_inbox into step_rows (see the schema's version 2 in store.cc);
   // on failure they stay in the inbox, where the step_metrics view still shows them.
@@ -152,6 +157,8 @@ class Store {
   bool merge_failed_ = false;  // guarded by mu_: the last merge failed, at merge_failed_at_
   std::chrono::steady_clock::time_point merge_failed_at_{};
   bool opened_ = false;  // Open succeeded: the destructor may write (merge)
+  // Frames in the WAL after the last commit (OnWalCommit): what a checkpoint has to copy.
+  std::atomic<int> wal_frames_{0};
   std::mutex checkpoint_mu_;
   std::condition_variable checkpoint_cv_;  // with checkpoint_mu_
   bool checkpoint_due_ = false;           // guarded by checkpoint_mu_
