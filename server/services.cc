@@ -60,6 +60,7 @@ grpc::Status CheckId(const char* field, const std::string& id) {
 
 class SessionReactor;
 class Ingest;
+class DeferredReads;
 
 // One Session's state, shared by its reactor (the sessions' thread), the ingest thread and
 // the coordinator (as its SessionWriter). The reactor is deleted once its Finish has
@@ -86,6 +87,13 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   void set_id(int64_t id) { id_ = id; }
   int64_t id() const { return id_; }
   const std::string& peer() const { return peer_; }
+  // The next read waits (see kReadDeferral): for the write of an ack, or StartDeferredRead.
+  void DeferRead() {
+    std::lock_guard<std::mutex> lock(mu_);
+    read_deferred_ = true;
+  }
+  // Starts the deferred read unless an ack's write started it already (the sessions' thread).
+  void StartDeferredRead();
   // A read may start (false: the session is closing and reads no more).
   bool BeginRead() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -151,6 +159,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   v1::CoordinatorMessage in_flight_;            // guarded by mu_ (gRPC reads it while writing_)
   std::chrono::steady_clock::time_point in_flight_since_{};  // guarded by mu_: when it was queued
   bool read_pending_ = false;                   // guarded by mu_
+  bool read_deferred_ = false;                  // guarded by mu_: DeferRead, not yet started
   bool close_enqueued_ = false;                 // guarded by mu_: the ingest thread will close it
   bool closed_ = false;                         // guarded by mu_: the coordinator closed it
   std::chrono::steady_clock::time_point closed_at_{};  // guarded by mu_
@@ -321,6 +330,38 @@ static std::string WorkerMessageBoundsError(const v1::WorkerMessage& msg) {
 }
 
 
+// Flow control: gRPC 1.51's HTTP/2 transport answers a message with a WINDOW_UPDATE frame
+// of its own (a socket write here, a wake-up and a read at the worker) when the next read
+// is started with nothing buffered; started after the message's ack was written, the
+// update rides on the ack's write instead. So a read that had to wait for its message is
+// followed by the next one once the ack is written, or kReadDeferral after the read at
+// the latest (shorter than the gap between a worker's steps: a worker's next message
+// seldom waits). A read that completed at once (within kBufferedRead) is followed at once:
+// the worker sent a burst, and the rest is buffered.
+constexpr auto kReadDeferral = std::chrono::milliseconds(4);
+constexpr auto kBufferedRead = std::chrono::microseconds(500);
+
+// The deferred reads (on the sessions' thread only), in the order they fall due.
+class DeferredReads {
+ public:
+  void Add(std::shared_ptr<WorkerSession> session, std::chrono::steady_clock::time_point due) {
+    queue_.push_back({due, std::move(session)});
+  }
+  // Starts those due by `now`; when the next falls due, if any.
+  std::optional<std::chrono::steady_clock::time_point> StartDue(std::chrono::steady_clock::time_point now) {
+    while (!queue_.empty() && queue_.front().first <= now) {
+      std::shared_ptr<WorkerSession> session = std::move(queue_.front().second);
+      queue_.pop_front();
+      session->StartDeferredRead();
+    }
+    if (queue_.empty()) return std::nullopt;
+    return queue_.front().first;
+  }
+
+ private:
+  std::deque<std::pair<std::chrono::steady_clock::time_point, std::shared_ptr<WorkerSession>>> queue_;
+};
+
 // One Session call on gRPC's completion-queue API. Its operations complete on the
 // sessions' queue, whose one thread (WorkerServiceImpl::Loop) runs OnEvent; reads and
 // writes are started from that thread, the ingest thread and the coordinator's (through
@@ -334,8 +375,8 @@ class SessionReactor final {
     Op op;
   };
 
-  SessionReactor(Coordinator* coordinator, Ingest* ingest, const TokenCheck& auth)
-      : coordinator_(coordinator), ingest_(ingest), auth_(auth) {}
+  SessionReactor(Coordinator* coordinator, Ingest* ingest, const TokenCheck& auth, DeferredReads* deferred)
+      : coordinator_(coordinator), ingest_(ingest), auth_(auth), deferred_(deferred) {}
 
   // Asks gRPC for the next Session call.
   void Request(v1::WorkerService::AsyncService* service, grpc::ServerCompletionQueue* cq) {
@@ -375,7 +416,9 @@ class SessionReactor final {
   // Reads the next message unless the session is closing (a cancel from here on fails
   // the read, which then closes the session).
   void StartNextRead() {
-    if (session_->BeginRead()) stream_.Read(&incoming_, &tags_[kRead]);
+    if (!session_->BeginRead()) return;
+    read_started_ = std::chrono::steady_clock::now();
+    stream_.Read(&incoming_, &tags_[kRead]);
   }
   void StartWrite(const v1::CoordinatorMessage* m, grpc::WriteOptions options) {
     stream_.Write(*m, options, &tags_[kWrote]);
@@ -427,15 +470,27 @@ class SessionReactor final {
       session_->StopReading(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, bound));
       return;
     }
+    const bool first = first_;
     first_ = false;
     auto message = std::make_unique<v1::WorkerMessage>();
     message->Swap(&incoming_);
-    if (ingest_->Push(session_, std::move(message))) StartNextRead();
+    if (!ingest_->Push(session_, std::move(message))) return;  // paused: ResumeReading reads on
+    // A read that completed at once found the message buffered: more may follow. One that
+    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral).
+    const auto now = std::chrono::steady_clock::now();
+    if (first || now - read_started_ < kBufferedRead) {
+      StartNextRead();
+    } else {
+      session_->DeferRead();
+      deferred_->Add(session_, now + kReadDeferral);
+    }
   }
 
   Coordinator* const coordinator_;
   Ingest* const ingest_;
   const TokenCheck& auth_;
+  DeferredReads* const deferred_;  // the sessions' thread's
+  std::chrono::steady_clock::time_point read_started_{};  // the sessions' thread's
   grpc::ServerContext context_;
   grpc::ServerAsyncReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage> stream_{&context_};
   Tag tags_[5] = {{this, kRequested}, {this, kRead}, {this, kWrote}, {this, kFinished}, {this, kDone}};
@@ -521,6 +576,7 @@ void WorkerSession::WriteDone(bool ok) {
   grpc::WriteOptions options;
   grpc::Status status;
   bool finish = false;
+  bool start_read = false;
   SessionReactor* reactor;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -533,9 +589,22 @@ void WorkerSession::WriteDone(bool ok) {
     }
     next = NextWriteLocked(&options);
     if (next == nullptr) finish = ReadyToFinishLocked(&status);
+    start_read = read_deferred_ && !finish;
+    read_deferred_ = false;
   }
   if (next != nullptr) reactor->StartWrite(next, options);
+  // The ack is written (and with it the window update the last read left queued).
+  if (start_read) reactor->StartNextRead();
   if (finish) reactor->Finish(status);
+}
+
+void WorkerSession::StartDeferredRead() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!read_deferred_) return;
+    read_deferred_ = false;
+  }
+  WithReactor([](SessionReactor* r) { r->StartNextRead(); });
 }
 
 double WorkerSession::UnreadSeconds() const {
@@ -808,7 +877,7 @@ grpc::Status HealthServiceImpl::Watch(grpc::ServerContext* ctx, const grpc::heal
 
 WorkerServiceImpl::WorkerServiceImpl(Coordinator* coordinator, std::string worker_token)
     : coordinator_(coordinator), auth_("WorkerService", std::move(worker_token)),
-      ingest_(std::make_unique<Ingest>(coordinator)) {}
+      ingest_(std::make_unique<Ingest>(coordinator)), deferred_(std::make_unique<DeferredReads>()) {}
 
 WorkerServiceImpl::~WorkerServiceImpl() { Stop(); }
 
@@ -818,7 +887,7 @@ void WorkerServiceImpl::Start(std::unique_ptr<grpc::ServerCompletionQueue> cq) {
 }
 
 void WorkerServiceImpl::RequestCall() {
-  auto* call = new SessionReactor(coordinator_, ingest_.get(), auth_);
+  auto* call = new SessionReactor(coordinator_, ingest_.get(), auth_, deferred_.get());
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++calls_;
@@ -831,7 +900,19 @@ void WorkerServiceImpl::Loop() {
   RequestCall();
   void* tag = nullptr;
   bool ok = false;
-  while (cq_->Next(&tag, &ok)) {
+  while (true) {
+    const auto now = std::chrono::steady_clock::now();
+    const auto due = deferred_->StartDue(now);
+    if (due) {
+      // gRPC rounds the deadline up to its next millisecond.
+      const auto wait = std::chrono::duration_cast<std::chrono::microseconds>(*due - now).count();
+      const auto st = cq_->AsyncNext(&tag, &ok, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                                             gpr_time_from_micros(wait, GPR_TIMESPAN)));
+      if (st == grpc::CompletionQueue::SHUTDOWN) break;
+      if (st == grpc::CompletionQueue::TIMEOUT) continue;
+    } else if (!cq_->Next(&tag, &ok)) {
+      break;
+    }
     auto* t = static_cast<SessionReactor::Tag*>(tag);
     if (t->op == SessionReactor::kRequested && ok) RequestCall();  // one call is always requested
     if (!t->call->OnEvent(t->op, ok)) {

@@ -89,7 +89,8 @@ class HealthServiceImpl final : public grpc::health::v1::Health::Service {
   std::atomic<int> watchers_{0};
 };
 
-class Ingest;  // services.cc
+class Ingest;         // services.cc
+class DeferredReads;  // services.cc
 
 // WorkerService on gRPC's completion-queue API: one thread runs every Session's
 // operations (no thread per stream), and a single ingest thread hands what the sessions
@@ -118,6 +119,7 @@ class WorkerServiceImpl final {
   v1::WorkerService::AsyncService service_;
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;  // outlives the ingest thread (declared first)
   std::unique_ptr<Ingest> ingest_;
+  std::unique_ptr<DeferredReads> deferred_;  // the sessions' thread's
   std::mutex mu_;
   std::condition_variable calls_cv_;  // with mu_: calls_ reached 0
   int calls_ = 0;                     // guarded by mu_: requested or open calls
