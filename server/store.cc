@@ -101,6 +101,11 @@ class Stmt {
     sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
     return *this;
   }
+  // Bound without a copy: `v` must stay as it is until the statement is stepped and reset.
+  Stmt& BlobInPlace(int i, const std::string& v) {
+    sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_STATIC);
+    return *this;
+  }
   Stmt& Int(int i, int64_t v) {
     sqlite3_bind_int64(s_, i, v);
     return *this;
@@ -564,6 +569,10 @@ StatusOr<std::vector<bool>> Store::WriteReports(const std::vector<ReportWrite>& 
   Status s = Transaction("write reports", [&]() -> Status {
     // Prepared once a batch, not once a row: ingest writes thousands of rows a second.
     // Each checked as it is made: a later prepare would reset SQLite's error.
+    // Each statement's blob is serialized into a buffer of its own, bound in place (a probe
+    // report is tens of kilobytes: copied once fewer, allocated once a batch). A buffer
+    // changes only after its statement's Reset, and outlives the statement.
+    std::string step_blob, probe_blob;
     Stmt put_step(db_, "INSERT INTO step_inbox (run_id, step, metrics, if_absent) VALUES (?,?,?,?)");
     if (!put_step.ok()) return Error("prepare report writes");
     Stmt put_probe(db_, "INSERT OR IGNORE INTO probe_reports (run_id, step, report) VALUES (?,?,?)");
@@ -573,9 +582,11 @@ StatusOr<std::vector<bool>> Store::WriteReports(const std::vector<ReportWrite>& 
       Stmt& q = w.kind == ReportWrite::kProbe ? put_probe : put_step;
       q.Reset();
       if (w.kind == ReportWrite::kProbe) {
-        q.Text(1, *w.run_id).Int(2, w.probe->step()).Blob(3, w.probe->SerializeAsString());
+        w.probe->SerializeToString(&probe_blob);
+        q.Text(1, *w.run_id).Int(2, w.probe->step()).BlobInPlace(3, probe_blob);
       } else {
-        q.Text(1, *w.run_id).Int(2, w.step->step()).Blob(3, w.step->SerializeAsString());
+        w.step->SerializeToString(&step_blob);
+        q.Text(1, *w.run_id).Int(2, w.step->step()).BlobInPlace(3, step_blob);
         q.Int(4, w.kind == ReportWrite::kStepIfAbsent ? 1 : 0);
       }
       if (q.Step() != SQLITE_DONE) return Error(w.kind == ReportWrite::kProbe ? "put probe report" : "put step");
