@@ -9,12 +9,14 @@
 // once stored, so send→ack is send→stored.
 //
 // Prints the sustained ingest rate, send→stored latency (p50/p99/max), the coordinator's
-// peak memory (VmHWM, with --coordinator-pid) and what was lost: sent minus stored,
+// peak memory (VmHWM, with --coordinator-pid), the store's WAL at its largest (with --db;
+// it must start over, not grow by all that is written) and what was lost: sent minus stored,
 // counted in the SQLite store (--db) or through GetRunMetrics. Exits 1 if anything was
 // lost. scripts/bench/load.sh starts a coordinator on loopback and runs this.
 #include <grpcpp/grpcpp.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -478,6 +480,14 @@ int Main(int argc, char** argv) {
   const double self_cpu_before = SelfCpuSeconds();
   double behind_ms = 0;  // how late the pacing thread fell behind its schedule, at most
   auto last_poll = Clock::now();
+  // The store's WAL, largest seen (every 100 ms): it must start over, not hold all written.
+  int64_t wal_bytes = -1;
+  auto last_wal = Clock::now();
+  auto look_at_wal = [&] {
+    struct stat st{};
+    if (!o.db.empty() && stat((o.db + "-wal").c_str(), &st) == 0) wal_bytes = std::max<int64_t>(wal_bytes, st.st_size);
+    last_wal = Clock::now();
+  };
   for (int64_t j = 0;; ++j) {
     const int64_t k = j / o.workers, i = j % o.workers;
     const auto due = start + std::chrono::duration_cast<Clock::duration>(
@@ -494,6 +504,7 @@ int Main(int argc, char** argv) {
       poll_all();
       last_poll = Clock::now();
     }
+    if (Clock::now() - last_wal >= std::chrono::milliseconds(100)) look_at_wal();
     if (due > Clock::now() + std::chrono::microseconds(200)) std::this_thread::sleep_until(due);
     const auto now = Clock::now();
     behind_ms = std::max(behind_ms, std::chrono::duration<double, std::milli>(now - due).count());
@@ -601,6 +612,9 @@ int Main(int argc, char** argv) {
               static_cast<long long>((progress_sent - progress_acked) + (probes_sent - probes_acked)));
   std::printf("  %-34s %12lld\n", "workers without a run", static_cast<long long>(unassigned));
   std::printf("  %-34s %12.1f\n", "generator behind schedule, max ms", behind_ms);
+  if (wal_bytes >= 0) {
+    std::printf("  %-34s %12.1f\n", "store WAL, largest seen, MiB", static_cast<double>(wal_bytes) / (1 << 20));
+  }
   std::printf("  %-34s %12zu\n", "generator outbox, max messages", max_outbox);
   std::printf("  %-34s %12lld\n", "LOST (sent - stored)", static_cast<long long>(lost));
   for (const auto& err : errors) std::printf("  worker error: %s\n", err.c_str());
