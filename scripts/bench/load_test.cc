@@ -13,6 +13,7 @@
 // it must start over, not grow by all that is written) and what was lost: sent minus stored,
 // counted in the SQLite store (--db) or through GetRunMetrics. Exits 1 if anything was
 // lost. scripts/bench/load.sh starts a coordinator on loopback and runs this.
+#include <absl/synchronization/mutex.h>
 #include <grpcpp/grpcpp.h>
 #include <sqlite3.h>
 #include <sys/resource.h>
@@ -382,6 +383,9 @@ bool CountInDb(const std::string& db, const std::string& run_id, int64_t* steps,
 }
 
 int Main(int argc, char** argv) {
+  // gRPC's mutexes are Abseil's, whose deadlock detection (on in Debian's build) cost the
+  // generator ~3% of its CPU; the coordinator turns it off too (server/main.cc).
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   Options o;
   CLI::App app("Simulated workers streaming progress and probe reports into a coordinator; prints the ingest rate, "
                "send->stored latency, the coordinator's peak memory and the count lost.",
