@@ -87,13 +87,16 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   void set_id(int64_t id) { id_ = id; }
   int64_t id() const { return id_; }
   const std::string& peer() const { return peer_; }
-  // The next read waits (see kReadDeferral): for the write of an ack, or StartDeferredRead.
-  void DeferRead() {
+  // The next read waits (see kReadDeferral): for the write of an ack, or StartDeferredRead
+  // with the number returned here.
+  uint64_t DeferRead() {
     std::lock_guard<std::mutex> lock(mu_);
     read_deferred_ = true;
+    return ++deferrals_;
   }
-  // Starts the deferred read unless an ack's write started it already (the sessions' thread).
-  void StartDeferredRead();
+  // Starts deferral `n`'s read unless a write started it already, or it is an older one's
+  // timer (the sessions' thread).
+  void StartDeferredRead(uint64_t n);
   // A read may start (false: the session is closing and reads no more).
   bool BeginRead() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -160,6 +163,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   std::chrono::steady_clock::time_point in_flight_since_{};  // guarded by mu_: when it was queued
   bool read_pending_ = false;                   // guarded by mu_
   bool read_deferred_ = false;                  // guarded by mu_: DeferRead, not yet started
+  uint64_t deferrals_ = 0;                      // guarded by mu_: DeferRead calls
   bool close_enqueued_ = false;                 // guarded by mu_: the ingest thread will close it
   bool closed_ = false;                         // guarded by mu_: the coordinator closed it
   std::chrono::steady_clock::time_point closed_at_{};  // guarded by mu_
@@ -344,22 +348,27 @@ constexpr auto kBufferedRead = std::chrono::microseconds(500);
 // The deferred reads (on the sessions' thread only), in the order they fall due.
 class DeferredReads {
  public:
-  void Add(std::shared_ptr<WorkerSession> session, std::chrono::steady_clock::time_point due) {
-    queue_.push_back({due, std::move(session)});
+  void Add(std::shared_ptr<WorkerSession> session, uint64_t deferral, std::chrono::steady_clock::time_point due) {
+    queue_.push_back({due, std::move(session), deferral});
   }
   // Starts those due by `now`; when the next falls due, if any.
   std::optional<std::chrono::steady_clock::time_point> StartDue(std::chrono::steady_clock::time_point now) {
-    while (!queue_.empty() && queue_.front().first <= now) {
-      std::shared_ptr<WorkerSession> session = std::move(queue_.front().second);
+    while (!queue_.empty() && queue_.front().due <= now) {
+      Entry e = std::move(queue_.front());
       queue_.pop_front();
-      session->StartDeferredRead();
+      e.session->StartDeferredRead(e.deferral);
     }
     if (queue_.empty()) return std::nullopt;
-    return queue_.front().first;
+    return queue_.front().due;
   }
 
  private:
-  std::deque<std::pair<std::chrono::steady_clock::time_point, std::shared_ptr<WorkerSession>>> queue_;
+  struct Entry {
+    std::chrono::steady_clock::time_point due;
+    std::shared_ptr<WorkerSession> session;
+    uint64_t deferral;  // WorkerSession::DeferRead's number
+  };
+  std::deque<Entry> queue_;
 };
 
 // One Session call on gRPC's completion-queue API. Its operations complete on the
@@ -470,19 +479,19 @@ class SessionReactor final {
       session_->StopReading(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, bound));
       return;
     }
-    const bool first = first_;
+    // A read that completed at once found the message buffered: more may follow. One that
+    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral).
+    const auto now = std::chrono::steady_clock::now();
+    const bool at_once = first_ || now - read_started_ < kBufferedRead;
     first_ = false;
     auto message = std::make_unique<v1::WorkerMessage>();
     message->Swap(&incoming_);
     if (!ingest_->Push(session_, std::move(message))) return;  // paused: ResumeReading reads on
-    // A read that completed at once found the message buffered: more may follow. One that
-    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral).
-    const auto now = std::chrono::steady_clock::now();
-    if (first || now - read_started_ < kBufferedRead) {
+    if (at_once) {
       StartNextRead();
     } else {
-      session_->DeferRead();
-      deferred_->Add(session_, now + kReadDeferral);
+      const uint64_t deferral = session_->DeferRead();
+      deferred_->Add(session_, deferral, now + kReadDeferral);
     }
   }
 
@@ -490,7 +499,9 @@ class SessionReactor final {
   Ingest* const ingest_;
   const TokenCheck& auth_;
   DeferredReads* const deferred_;  // the sessions' thread's
-  std::chrono::steady_clock::time_point read_started_{};  // the sessions' thread's
+  // When the read in flight started: set by whichever thread starts it, before the Read
+  // (gRPC orders it before the completion), read on the sessions' thread at the completion.
+  std::chrono::steady_clock::time_point read_started_{};
   grpc::ServerContext context_;
   grpc::ServerAsyncReaderWriter<v1::CoordinatorMessage, v1::WorkerMessage> stream_{&context_};
   Tag tags_[5] = {{this, kRequested}, {this, kRead}, {this, kWrote}, {this, kFinished}, {this, kDone}};
@@ -598,10 +609,10 @@ void WorkerSession::WriteDone(bool ok) {
   if (finish) reactor->Finish(status);
 }
 
-void WorkerSession::StartDeferredRead() {
+void WorkerSession::StartDeferredRead(uint64_t n) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!read_deferred_) return;
+    if (!read_deferred_ || n != deferrals_) return;
     read_deferred_ = false;
   }
   WithReactor([](SessionReactor* r) { r->StartNextRead(); });

@@ -128,7 +128,7 @@ class Store {
   void CheckpointLoop();
   // One checkpoint on checkpoint_db_ that leaves the WAL to restart at the next write.
   void Checkpoint();
-  // fdatasync of the database file (outside SQLite, which syncs only at a full copy).
+  // Syncs the database file (SQLite syncs it only after a copy that ends with the whole WAL).
   void SyncDatabaseFile();
   static int OnWalCommit(void* self, sqlite3* db, const char* name, int pages);
   // Moves the steps of step_inbox into step_rows (see the schema's version 2 in store.cc);
