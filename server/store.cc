@@ -318,22 +318,26 @@ void Store::Checkpoint() {
   // off means ~10 ms here (the copy's two syncs under load), and the restarting commit syncs
   // the WAL's header: 128 MB between restarts, about every two seconds at 60 MB/s.
   int log = 0, copied = 0;
-  for (int round = 0; round < kCheckpointRounds; ++round) {
+  // One round while the writer goes on; false: BUSY or an I/O error (left to the next
+  // checkpoint). `*caught_up`: at most kCatchUpFrames were appended meanwhile.
+  auto round = [&](bool* caught_up) {
     if (sqlite3_wal_checkpoint_v2(checkpoint_db_, nullptr, SQLITE_CHECKPOINT_PASSIVE, &log, &copied) != SQLITE_OK) {
-      return;  // BUSY or an I/O error: left to the next checkpoint
+      return false;
     }
-    if (wal_frames_.load(std::memory_order_relaxed) - copied <= kCatchUpFrames) break;
+    *caught_up = wal_frames_.load(std::memory_order_relaxed) - copied <= kCatchUpFrames;
+    return true;
+  };
+  bool caught_up = false;
+  for (int i = 0; i < kCheckpointRounds && !caught_up; ++i) {
+    if (!round(&caught_up)) return;
   }
   // Not caught up (the disk copies slower than the writer appends): holding the writer
   // off would stall it for the whole backlog; left to the next checkpoint.
-  if (log < kRestartFrames || wal_frames_.load(std::memory_order_relaxed) - copied > kCatchUpFrames) return;
+  if (log < kRestartFrames || !caught_up) return;
   SyncDatabaseFile();
   // The frames appended during the sync, copied while the writer goes on: what is left
   // for the writer to wait for is what it appends in this short round.
-  if (sqlite3_wal_checkpoint_v2(checkpoint_db_, nullptr, SQLITE_CHECKPOINT_PASSIVE, &log, &copied) != SQLITE_OK ||
-      wal_frames_.load(std::memory_order_relaxed) - copied > kCatchUpFrames) {
-    return;
-  }
+  if (!round(&caught_up) || !caught_up) return;
   std::lock_guard<std::mutex> lock(mu_);
   sqlite3_wal_checkpoint_v2(checkpoint_db_, nullptr, SQLITE_CHECKPOINT_PASSIVE, nullptr, nullptr);
 }

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -117,6 +118,12 @@ std::unique_ptr<Store> SeededStore(const std::string& path, RunRecord* run) {
   run->summary.set_step(1);
   EXPECT_TRUE(store->PutStep(*run, MakeStep(1)).ok());
   return store;
+}
+
+// The file's size in bytes; -1 when there is none.
+int64_t FileBytes(const std::string& path) {
+  struct stat st{};
+  return stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : int64_t{-1};
 }
 
 // Every step stored for `run_id`.
@@ -302,26 +309,22 @@ TEST(Store, CheckpointsRunOnTheStoresThreadNotInTheWritersCommit) {
   RunRecord run;
   auto store = SeededStore(path, &run);
   ASSERT_TRUE(store);
-  auto file_bytes = [&](const std::string& p) {
-    struct stat st{};
-    return stat(p.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : int64_t{-1};
-  };
   // Settle the seed's own pages first.
-  for (int i = 0; i < 50 && file_bytes(path + "-wal") > 0 && file_bytes(path) < 8192; ++i) {
+  for (int i = 0; i < 50 && FileBytes(path + "-wal") > 0 && FileBytes(path) < 8192; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  const int64_t before = file_bytes(path);
+  const int64_t before = FileBytes(path);
   std::vector<v1::StepMetrics> steps;
   for (int64_t s = 2; s < 12002; ++s) steps.push_back(MakeStep(s));  // ~0.9 MB of rows and index: 214 pages
   std::vector<Store::ReportWrite> writes;
   for (const v1::StepMetrics& m : steps) writes.push_back({Store::ReportWrite::kStep, &run.summary.run_id(), &m, nullptr});
   ASSERT_TRUE(store->WriteReports(writes).ok());
-  EXPECT_GT(file_bytes(path + "-wal"), 1 << 18) << "the commit appended its pages to the WAL";
-  EXPECT_LT(file_bytes(path), before + (1 << 18)) << "and did not checkpoint them itself";
+  EXPECT_GT(FileBytes(path + "-wal"), 1 << 18) << "the commit appended its pages to the WAL";
+  EXPECT_LT(FileBytes(path), before + (1 << 18)) << "and did not checkpoint them itself";
   int64_t grown = 0;
   for (int i = 0; i < 40 && grown < (1 << 18); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    grown = file_bytes(path) - before;
+    grown = FileBytes(path) - before;
   }
   EXPECT_GE(grown, 1 << 18) << "the checkpointer copied the pages into the database within its period";
   store.reset();
@@ -348,8 +351,7 @@ TEST(Store, AWriterThatNeverPausesStillLetsTheWalStartOver) {
   std::atomic<int64_t> largest{0};
   std::thread watch([&] {
     while (!done.load()) {
-      struct stat st{};
-      if (stat((path + "-wal").c_str(), &st) == 0 && st.st_size > largest.load()) largest = st.st_size;
+      largest = std::max(largest.load(), FileBytes(path + "-wal"));
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   });
