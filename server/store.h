@@ -134,6 +134,9 @@ class Store {
   // Moves the steps of step_inbox into step_rows (see the schema's version 2 in store.cc);
   // on failure they stay in the inbox, where the step_metrics view still shows them.
   Status MergeInboxLocked();
+  // The store thread's merge: the inbox read without mu_, moved in transactions of whole
+  // runs, so that a writer waits for one of them, not for the whole merge.
+  void MergeInboxInChunks();
   // Merges, then names what a read of steps queries: step_rows, or the step_metrics view
   // when the merge failed (the inbox still holds steps).
   const char* StepTableLocked();
@@ -154,6 +157,8 @@ class Store {
   // kCheckpointPages (OnWalCommit); null/unstarted when the store is not in WAL mode.
   sqlite3* checkpoint_db_ = nullptr;
   int64_t inbox_rows_ = -1;  // guarded by mu_: steps in step_inbox (-1: unknown, merge to find out)
+  uint64_t merge_generation_ = 0;  // guarded by mu_: whole merges so far
+  std::atomic<int> writers_waiting_{0};  // WriteReports calls waiting for mu_
   bool merge_failed_ = false;  // guarded by mu_: the last merge failed, at merge_failed_at_
   std::chrono::steady_clock::time_point merge_failed_at_{};
   bool opened_ = false;  // Open succeeded: the destructor may write (merge)

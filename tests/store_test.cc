@@ -17,6 +17,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -463,6 +464,148 @@ TEST(Store, StepsThroughTheInboxKeepTheOrderOfTheWrites) {
   ASSERT_THAT(*steps, SizeIs(2));
   EXPECT_DOUBLE_EQ((*steps)[0].loss(), 51);
   EXPECT_DOUBLE_EQ((*steps)[1].loss(), 61);
+  EXPECT_TRUE(store->IntegrityCheck().ok());
+}
+
+// What step_rows holds, read on a connection of the test's own: (run, step) -> loss.
+std::map<std::pair<std::string, int64_t>, double> StepRows(const std::string& path) {
+  std::map<std::pair<std::string, int64_t>, double> out;
+  sqlite3* db = nullptr;
+  EXPECT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* q = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(db, "SELECT run_id, step, metrics FROM step_rows", -1, &q, nullptr), SQLITE_OK);
+  while (sqlite3_step(q) == SQLITE_ROW) {
+    v1::StepMetrics m;
+    EXPECT_TRUE(m.ParseFromArray(sqlite3_column_blob(q, 2), sqlite3_column_bytes(q, 2)));
+    out[{reinterpret_cast<const char*>(sqlite3_column_text(q, 0)), sqlite3_column_int64(q, 1)}] = m.loss();
+  }
+  sqlite3_finalize(q);
+  sqlite3_close(db);
+  return out;
+}
+
+// Rows in step_inbox, on a connection of the test's own; -1 when it cannot be read.
+int64_t InboxRows(const std::string& path) {
+  sqlite3* db = nullptr;
+  int64_t n = -1;
+  if (sqlite3_open(path.c_str(), &db) == SQLITE_OK) {
+    sqlite3_stmt* q = nullptr;
+    if (sqlite3_prepare_v2(db, "SELECT COUNT(*) FROM step_inbox", -1, &q, nullptr) == SQLITE_OK &&
+        sqlite3_step(q) == SQLITE_ROW) {
+      n = sqlite3_column_int64(q, 0);
+    }
+    sqlite3_finalize(q);
+  }
+  sqlite3_close(db);
+  return n;
+}
+
+// The store's thread merges the inbox a few runs at a time (so that a writer waits for one
+// transaction, not the whole merge), with the writes' semantics: per (run, step) the first
+// if-absent step fills a missing one, and the last replacing one wins.
+TEST(Store, TheStoresThreadMergesRunByRunWithTheWritesSemantics) {
+  TempDir dir;
+  const std::string path = dir.File("store.db");
+  auto store = OpenStore(path);
+  ASSERT_TRUE(store);
+  std::vector<RunRecord> runs;
+  for (int r = 0; r < 30; ++r) runs.push_back(MakeRun("exp-1", "run-" + std::to_string(r)));
+  ASSERT_TRUE(store->InsertExperiment(MakeExperiment("exp-1"), runs).ok());
+  std::map<std::pair<std::string, int64_t>, double> want;
+  // 30 runs x 40 steps x 3 writes: 3,600 rows, several of the merge's transactions. Each
+  // step is written in one of four orders; `round` is the loss a write carries.
+  for (int round = 0; round < 3; ++round) {
+    std::vector<v1::StepMetrics> steps;
+    std::vector<Store::ReportWrite> writes;
+    steps.reserve(runs.size() * 40);
+    for (const RunRecord& run : runs) {
+      for (int64_t step = 1; step <= 40; ++step) {
+        v1::StepMetrics m = MakeStep(step);
+        m.set_loss(round);
+        steps.push_back(m);
+        // step % 4: 0 replace always (last wins: 2); 1 if-absent always (first: 0);
+        // 2 replace then if-absent (0); 3 if-absent then replace (1, 2).
+        const int order = static_cast<int>(step % 4);
+        const bool if_absent = order == 1 || (order == 2 && round > 0) || (order == 3 && round == 0);
+        writes.push_back({if_absent ? Store::ReportWrite::kStepIfAbsent : Store::ReportWrite::kStep,
+                          &run.summary.run_id(), &steps.back(), nullptr});
+        want[{run.summary.run_id(), step}] = order == 1 || order == 2 ? 0 : 2;
+      }
+    }
+    ASSERT_TRUE(store->WriteReports(writes).ok());
+  }
+  // Merged by the store's thread (nothing here reads through the store).
+  for (int i = 0; i < 100 && InboxRows(path) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_EQ(InboxRows(path), 0) << "the store's thread merged the inbox";
+  EXPECT_EQ(StepRows(path), want);
+  EXPECT_TRUE(store->IntegrityCheck().ok());
+}
+
+// A whole merge (a reader's) can take the inbox while the store's thread is between two of
+// its transactions: what that thread read is then stale, and must be neither applied (it
+// would undo later steps) nor deleted by its sequence numbers (the inbox's numbers start
+// over once it is empty: it would delete later steps). A writer writes without pause, each
+// batch a new step per run and a replacement of one of 20 steps rewritten in turn, while a
+// reader merges and checks that no replaced step goes back to an earlier value; every step
+// ends as last written.
+TEST(Store, AReadersMergeDuringTheStoresMergeLosesNoWrite) {
+  TempDir dir;
+  const std::string path = dir.File("store.db");
+  auto store = OpenStore(path);
+  ASSERT_TRUE(store);
+  std::vector<RunRecord> runs;
+  for (int r = 0; r < 64; ++r) runs.push_back(MakeRun("exp-1", "run-" + std::to_string(r)));
+  ASSERT_TRUE(store->InsertExperiment(MakeExperiment("exp-1"), runs).ok());
+  constexpr int64_t kRewritten = 20;  // steps 1..20 are replaced in turn; 1000+ are new ones
+  std::atomic<bool> stop{false};
+  std::map<std::pair<std::string, int64_t>, double> want;
+  std::thread writer([&] {
+    for (int batch = 0; !stop.load(); ++batch) {
+      std::vector<v1::StepMetrics> steps;
+      std::vector<Store::ReportWrite> writes;
+      steps.reserve(2 * runs.size());
+      for (const RunRecord& run : runs) {
+        for (const int64_t step : {batch % kRewritten + 1, 1000 + int64_t{batch}}) {
+          steps.push_back(MakeStep(step));
+          steps.back().set_loss(batch);
+          writes.push_back({Store::ReportWrite::kStep, &run.summary.run_id(), &steps.back(), nullptr});
+          want[{run.summary.run_id(), step}] = batch;
+        }
+      }
+      ASSERT_TRUE(store->WriteReports(writes).ok());
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  int went_back = 0;
+  std::thread reader([&] {
+    std::map<std::pair<std::string, int64_t>, double> seen;
+    for (int i = 0; !stop.load(); ++i) {
+      const std::string& run = runs[i % 4].summary.run_id();
+      auto steps = store->Steps(run, 1, kRewritten);  // merges the inbox
+      ASSERT_TRUE(steps.ok()) << steps.status().ToString();
+      for (const v1::StepMetrics& m : *steps) {
+        double& last = seen[{run, m.step()}];
+        if (m.loss() < last) ++went_back;
+        last = m.loss();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(40 + 13 * (i % 7)));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  stop = true;
+  writer.join();
+  reader.join();
+  EXPECT_EQ(went_back, 0) << "reads of a step that went back to an earlier value";
+  for (int i = 0; i < 100 && InboxRows(path) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_EQ(InboxRows(path), 0) << "the store's thread merged the inbox";
+  const auto stored = StepRows(path);
+  int wrong = 0;
+  for (const auto& [key, loss] : want) {
+    auto it = stored.find(key);
+    if (it == stored.end() || it->second != loss) ++wrong;
+  }
+  EXPECT_EQ(wrong, 0) << "of " << want.size() << " steps, not as last written";
+  EXPECT_EQ(stored.size(), want.size());
   EXPECT_TRUE(store->IntegrityCheck().ok());
 }
 
