@@ -391,17 +391,17 @@ void Store::MergeInboxInChunks() {
     bool if_absent;
   };
   std::vector<Row> rows;
+  int rc = SQLITE_ERROR;
   {
     Stmt q(checkpoint_db_, "SELECT seq, run_id, step, metrics, if_absent FROM step_inbox ORDER BY seq");
-    int rc = q.ok() ? SQLITE_ROW : SQLITE_ERROR;
     while (q.ok() && (rc = q.Step()) == SQLITE_ROW) {
       rows.push_back(Row{q.ColumnInt(0), q.ColumnBlob(1), q.ColumnInt(2), q.ColumnBlob(3), q.ColumnInt(4) != 0});
     }
-    if (rc != SQLITE_DONE) {  // BUSY or an I/O error: the whole merge, as before
-      std::lock_guard<std::mutex> lock(mu_);
-      (void)MergeInboxLocked();
-      return;
-    }
+  }
+  if (rc != SQLITE_DONE) {  // BUSY or an I/O error: the whole merge, as before
+    std::lock_guard<std::mutex> lock(mu_);
+    (void)MergeInboxLocked();
+    return;
   }
   if (rows.empty()) return;
   const int64_t last_seq = rows.back().seq;
@@ -449,6 +449,7 @@ void Store::MergeInboxInChunks() {
       }
       if (last) {
         Stmt del(db_, "DELETE FROM step_inbox WHERE seq <= ?");
+        if (!del.ok()) return Error("merge the step inbox");
         del.Int(1, last_seq);
         if (del.Step() != SQLITE_DONE) return Error("merge the step inbox");
       }
