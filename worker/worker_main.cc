@@ -2,6 +2,7 @@
 // assigned on this machine until SIGTERM or SIGINT, which stop the current run after its
 // step, checkpoint it and exit 0. A second signal a second or more later exits at once
 // (status 1).
+#include <absl/synchronization/mutex.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -46,6 +47,9 @@ bool InstallSignalHandlers() {
 }
 
 int Main(int argc, char** argv) {
+  // gRPC's mutexes are Abseil's, whose deadlock detection (a graph of every lock order, on
+  // by default in Debian's build) is ~3% of a stream's CPU; off, as in the coordinator.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   WorkerOptions options;
   std::string device = "cpu";
   bool verbose = false;
