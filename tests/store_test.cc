@@ -541,6 +541,77 @@ TEST(Store, TheStoresThreadMergesRunByRunWithTheWritesSemantics) {
   EXPECT_TRUE(store->IntegrityCheck().ok());
 }
 
+// The store's merge runs out of room partway (a full disk: PRAGMA max_page_count): the
+// runs it moved are in step_rows and still in the inbox, the rest only in the inbox. Reads
+// show every step once with its last value meanwhile; with room again the merge is retried
+// and loses nothing.
+TEST(StoreFailures, AMergeThatFailsPartwayLosesNothingAndIsRetried) {
+  TempDir dir;
+  const std::string path = dir.File("store.db");
+  auto store = OpenStore(path);
+  ASSERT_TRUE(store);
+  std::vector<RunRecord> runs;
+  for (int r = 0; r < 30; ++r) runs.push_back(MakeRun("exp-1", "run-" + std::to_string(r)));
+  ASSERT_TRUE(store->InsertExperiment(MakeExperiment("exp-1"), runs).ok());
+  std::map<std::pair<std::string, int64_t>, double> want;
+  auto write = [&](int64_t first, int64_t last, double loss) {
+    std::vector<v1::StepMetrics> steps;
+    std::vector<Store::ReportWrite> writes;
+    steps.reserve(runs.size() * static_cast<size_t>(last - first + 1));
+    for (const RunRecord& run : runs) {
+      for (int64_t step = first; step <= last; ++step) {
+        steps.push_back(MakeStep(step));
+        steps.back().set_loss(loss);
+        writes.push_back({Store::ReportWrite::kStep, &run.summary.run_id(), &steps.back(), nullptr});
+        want[{run.summary.run_id(), step}] = loss;
+      }
+    }
+    return store->WriteReports(writes).ok();
+  };
+  auto page_count = [&] {
+    sqlite3* db = nullptr;
+    int64_t n = -1;
+    if (sqlite3_open(path.c_str(), &db) == SQLITE_OK) {
+      sqlite3_stmt* q = nullptr;
+      if (sqlite3_prepare_v2(db, "PRAGMA page_count", -1, &q, nullptr) == SQLITE_OK && sqlite3_step(q) == SQLITE_ROW) {
+        n = sqlite3_column_int64(q, 0);
+      }
+      sqlite3_finalize(q);
+    }
+    sqlite3_close(db);
+    return n;
+  };
+  auto wait_merged = [&](int tries) {
+    for (int i = 0; i < tries && InboxRows(path) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    return InboxRows(path) == 0;
+  };
+  ASSERT_TRUE(write(1, 100, 1));  // 3,000 steps, merged: the inbox's pages are then free
+  ASSERT_TRUE(wait_merged(100));
+  // Room for the next steps in the inbox, not for all of them in step_rows as well.
+  const int64_t pages = page_count();
+  ASSERT_GT(pages, 0);
+  ASSERT_TRUE(store->ExecForTesting("PRAGMA max_page_count = " + std::to_string(pages + 8)).ok());
+  ASSERT_TRUE(write(50, 149, 2));  // 50..100 replaced, 101..149 new
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  ASSERT_GT(InboxRows(path), 0) << "the merge ran out of room (else the test's room is too large)";
+  const auto partial = StepRows(path);
+  int moved = 0;
+  for (const auto& [key, loss] : partial) moved += loss == 2;
+  EXPECT_GT(moved, 0) << "the merge's first transactions fit (else it did not fail partway)";
+  // Meanwhile reads show each step once, with its last value (the view).
+  for (const RunRecord& run : {runs.front(), runs.back()}) {
+    auto steps = store->Steps(run.summary.run_id(), 0);
+    ASSERT_TRUE(steps.ok()) << steps.status().ToString();
+    ASSERT_THAT(*steps, SizeIs(149));
+    for (const v1::StepMetrics& m : *steps) EXPECT_EQ(m.loss(), m.step() < 50 ? 1 : 2) << "step " << m.step();
+  }
+  // Room again: the store's thread retries (every 2 s after a failure) and loses nothing.
+  ASSERT_TRUE(store->ExecForTesting("PRAGMA max_page_count = 1073741823").ok());
+  ASSERT_TRUE(wait_merged(100)) << "the merge was retried";
+  EXPECT_EQ(StepRows(path), want);
+  EXPECT_TRUE(store->IntegrityCheck().ok());
+}
+
 // A whole merge (a reader's) can take the inbox while the store's thread is between two of
 // its transactions: what that thread read is then stale, and must be neither applied (it
 // would undo later steps) nor deleted by its sequence numbers (the inbox's numbers start
