@@ -11,6 +11,7 @@
 
 #include "schema/grpc_status.h"
 #include "schema/credentials.h"
+#include "base/cadence.h"
 #include "base/log.h"
 
 namespace sinkscope {
@@ -97,6 +98,12 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   // Starts deferral `n`'s read unless a write started it already, or it is an older one's
   // timer (the sessions' thread).
   void StartDeferredRead(uint64_t n);
+  // Whether the worker sends a probe report right after this Progress: its step is a probe
+  // step (base/cadence.h) of the run this session was last assigned (Send notes it).
+  bool ProbeFollows(const v1::Progress& p) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return p.run_id() == probed_run_ && IsProbeStep(p.metrics().step(), probe_every_, probe_total_steps_);
+  }
   // A read may start (false: the session is closing and reads no more).
   bool BeginRead() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -168,6 +175,10 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   bool closed_ = false;                         // guarded by mu_: the coordinator closed it
   std::chrono::steady_clock::time_point closed_at_{};  // guarded by mu_
   bool flush_cancelled_ = false;                // guarded by mu_
+  // The probe cadence of the run last assigned (ProbeFollows), guarded by mu_.
+  std::string probed_run_;
+  int probe_every_ = 0;
+  int64_t probe_total_steps_ = 0;
   int holds_ = 0;                               // guarded by mu_: WithReactor calls running
   bool finish_called_ = false;                  // guarded by mu_
   grpc::Status status_;                         // guarded by mu_: the call's status
@@ -480,9 +491,12 @@ class SessionReactor final {
       return;
     }
     // A read that completed at once found the message buffered: more may follow. One that
-    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral).
+    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral),
+    // unless it is a step's Progress that its probe report follows: read at once, the two
+    // are handled together and their acks go as one message (MergeAcks).
     const auto now = std::chrono::steady_clock::now();
-    const bool at_once = first_ || now - read_started_ < kBufferedRead;
+    const bool at_once = first_ || now - read_started_ < kBufferedRead ||
+                         (incoming_.has_progress() && session_->ProbeFollows(incoming_.progress()));
     first_ = false;
     auto message = std::make_unique<v1::WorkerMessage>();
     message->Swap(&incoming_);
@@ -563,6 +577,12 @@ bool WorkerSession::Send(const v1::CoordinatorMessage& m) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_ || reactor_ == nullptr || !ended_reason_.empty() || stream_broke_) return false;
+    if (m.has_assignment()) {
+      const v1::Assignment& a = m.assignment();
+      probed_run_ = a.run_id();
+      probe_every_ = a.experiment().probe().every();
+      probe_total_steps_ = a.experiment().train().steps();
+    }
     if (outbox_.size() >= kMaxOutboxMessages || outbox_bytes_ + bytes > kMaxOutboxBytes) {
       EndLocked("its outbox is full (" + std::to_string(outbox_.size()) + " messages, " +
                 std::to_string(outbox_bytes_) + " bytes unsent): the worker does not read its stream");
