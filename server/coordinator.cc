@@ -1121,6 +1121,7 @@ bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::Worker
             }
             run->session = session_id;
             session.run_id = r.run_id();
+            session.writer->ExpectProbes(r.run_id(), run->spec->probe().every(), run->spec->train().steps());
             Renew(*run);
           } else {
             v1::CoordinatorMessage cancel;
@@ -1521,6 +1522,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
     for (int k = 0; k < W; ++k) {
       Session& session = sessions_.at(chosen[k]);
       session.run_id = s.run_id();
+      session.writer->ExpectProbes(s.run_id(), spec.probe().every(), spec.train().steps());
       v1::CoordinatorMessage m;
       v1::Assignment* a = m.mutable_assignment();
       a->set_run_id(s.run_id());

@@ -37,6 +37,12 @@ class SessionWriter {
   // Ends the session (the stream is cancelled; the worker's reads and writes fail), with
   // `reason` logged. Never blocks.
   virtual void End(const std::string& reason) { (void)reason; }
+  // The run whose Progress this session's worker sends, and its probe cadence (probe.every,
+  // train.steps): at a probe step (base/cadence.h) the worker sends the report right behind
+  // the step's Progress. A hint for reading the stream; never blocks.
+  virtual void ExpectProbes(const std::string& run_id, int every, int64_t total_steps) {
+    (void)run_id, (void)every, (void)total_steps;
+  }
 };
 
 // What a batch of worker messages makes the coordinator send, in order, to each session.

@@ -83,6 +83,12 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   bool Send(const v1::CoordinatorMessage& m) override;
   double UnreadSeconds() const override;
   void End(const std::string& reason) override;
+  void ExpectProbes(const std::string& run_id, int every, int64_t total_steps) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    probed_run_ = run_id;
+    probe_every_ = every;
+    probe_total_steps_ = total_steps;
+  }
 
   // --- the reactor ---
   void set_id(int64_t id) { id_ = id; }
@@ -99,7 +105,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   // timer (the sessions' thread).
   void StartDeferredRead(uint64_t n);
   // Whether the worker sends a probe report right after this Progress: its step is a probe
-  // step (base/cadence.h) of the run this session was last assigned (Send notes it).
+  // step (base/cadence.h) of the run the coordinator last gave this session (ExpectProbes).
   bool ProbeFollows(const v1::Progress& p) const {
     std::lock_guard<std::mutex> lock(mu_);
     return p.run_id() == probed_run_ && IsProbeStep(p.metrics().step(), probe_every_, probe_total_steps_);
@@ -175,7 +181,7 @@ class WorkerSession final : public SessionWriter, public std::enable_shared_from
   bool closed_ = false;                         // guarded by mu_: the coordinator closed it
   std::chrono::steady_clock::time_point closed_at_{};  // guarded by mu_
   bool flush_cancelled_ = false;                // guarded by mu_
-  // The probe cadence of the run last assigned (ProbeFollows), guarded by mu_.
+  // The probe cadence of the session's run (ExpectProbes, ProbeFollows), guarded by mu_.
   std::string probed_run_;
   int probe_every_ = 0;
   int64_t probe_total_steps_ = 0;
@@ -491,12 +497,16 @@ class SessionReactor final {
       return;
     }
     // A read that completed at once found the message buffered: more may follow. One that
-    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral),
-    // unless it is a step's Progress that its probe report follows: read at once, the two
-    // are handled together and their acks go as one message (MergeAcks).
+    // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral).
+    // A probe step's Progress is followed at once: its probe report comes right behind, the
+    // two are handled together and their acks go as one message (MergeAcks). Nothing comes
+    // behind that report: the read after it waits for the ack, though it found the report
+    // buffered.
     const auto now = std::chrono::steady_clock::now();
-    const bool at_once = first_ || now - read_started_ < kBufferedRead ||
-                         (incoming_.has_progress() && session_->ProbeFollows(incoming_.progress()));
+    const bool probe_follows = incoming_.has_progress() && session_->ProbeFollows(incoming_.progress());
+    const bool expected_probe = probe_expected_ && incoming_.has_probe();
+    probe_expected_ = probe_follows;
+    const bool at_once = probe_follows || (!expected_probe && (first_ || now - read_started_ < kBufferedRead));
     first_ = false;
     auto message = std::make_unique<v1::WorkerMessage>();
     message->Swap(&incoming_);
@@ -522,6 +532,7 @@ class SessionReactor final {
   std::shared_ptr<WorkerSession> session_;  // null when the call was refused at its start
   v1::WorkerMessage incoming_;  // the read in progress
   bool first_ = true;
+  bool probe_expected_ = false;  // the last read was a probe step's Progress
   bool finished_ = false, done_ = false;  // the sessions' thread's: Finish completed, gRPC said done
 };
 
@@ -577,12 +588,6 @@ bool WorkerSession::Send(const v1::CoordinatorMessage& m) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_ || reactor_ == nullptr || !ended_reason_.empty() || stream_broke_) return false;
-    if (m.has_assignment()) {
-      const v1::Assignment& a = m.assignment();
-      probed_run_ = a.run_id();
-      probe_every_ = a.experiment().probe().every();
-      probe_total_steps_ = a.experiment().train().steps();
-    }
     if (outbox_.size() >= kMaxOutboxMessages || outbox_bytes_ + bytes > kMaxOutboxBytes) {
       EndLocked("its outbox is full (" + std::to_string(outbox_.size()) + " messages, " +
                 std::to_string(outbox_bytes_) + " bytes unsent): the worker does not read its stream");

@@ -768,10 +768,22 @@ class FakeWriter final : public SessionWriter {
     out.swap(sent_);
     return out;
   }
+  void ExpectProbes(const std::string& run_id, int every, int64_t total_steps) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cadence_ = run_id + " every " + std::to_string(every) + " of " + std::to_string(total_steps);
+  }
+  // What ExpectProbes said last ("" until it is called); cleared.
+  std::string TakeCadence() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::string out;
+    out.swap(cadence_);
+    return out;
+  }
 
  private:
   std::mutex mu_;
   std::vector<v1::CoordinatorMessage> sent_;
+  std::string cadence_;
 };
 
 v1::Experiment TinyExperiment(const std::string& name) {
@@ -946,6 +958,20 @@ TEST_F(CoordinatorOverStore, SubmitAndCancelOnAFailingStoreChangeNothing) {
   ASSERT_TRUE(cancelled.ok()) << cancelled.status().ToString();
   EXPECT_EQ(cancelled->state(), v1::EXPERIMENT_CANCELLED);
   EXPECT_TRUE(store_->IntegrityCheck().ok());
+}
+
+// A session reads on at once after a probe step's Progress (its report follows right
+// behind), so it must know its run's probe cadence: from the coordinator, when the run is
+// assigned and when its worker comes back on a new session.
+TEST_F(CoordinatorOverStore, ASessionLearnsItsRunsProbeCadenceWhenAssignedAndWhenItsWorkerReturns) {
+  const std::string run = SubmitAndAssign();
+  EXPECT_EQ(writer_->TakeCadence(), run + " every 5 of 20");  // TinyExperiment
+  coordinator_->OnWorkerMessage(session_, Progress(run, 1));
+  coordinator_->CloseSession(session_);
+  EXPECT_EQ(writer_->TakeCadence(), "");
+  session_ = coordinator_->OpenSession(writer_);
+  coordinator_->OnWorkerMessage(session_, Register(run, 1));
+  EXPECT_EQ(writer_->TakeCadence(), run + " every 5 of 20");
 }
 
 TEST_F(CoordinatorOverStore, RestartedOnTheSameStoreTheRunCarriesOnUnderItsAttempt) {
