@@ -1093,6 +1093,7 @@ bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::Worker
             }
             peer.session = session_id;
             session.run_id = r.run_id();
+            session.writer->ExpectProbes(r.run_id(), run->spec->probe().every(), run->spec->train().steps());
             peer.lease_deadline = LeaseEnd();
             for (const auto& [key, value] : run->rendezvous) {
               out.push_back({session.writer, RendezvousMessage(*run, key, value)});

@@ -500,8 +500,9 @@ class SessionReactor final {
     // waited for it leaves nothing buffered; it waits for this message's ack (kReadDeferral).
     // A probe step's Progress is followed at once: its probe report comes right behind, the
     // two are handled together and their acks go as one message (MergeAcks). Nothing comes
-    // behind that report: the read after it waits for the ack, though it found the report
-    // buffered.
+    // behind that report as a rule, so the read after it waits for the ack, though it found
+    // the report buffered (a worker replaying its queue after a reconnect pays a deferral
+    // per report: slower, never stuck).
     const auto now = std::chrono::steady_clock::now();
     const bool probe_follows = incoming_.has_progress() && session_->ProbeFollows(incoming_.progress());
     const bool expected_probe = probe_expected_ && incoming_.has_probe();

@@ -968,10 +968,13 @@ TEST_F(CoordinatorOverStore, ASessionLearnsItsRunsProbeCadenceWhenAssignedAndWhe
   EXPECT_EQ(writer_->TakeCadence(), run + " every 5 of 20");  // TinyExperiment
   coordinator_->OnWorkerMessage(session_, Progress(run, 1));
   coordinator_->CloseSession(session_);
-  EXPECT_EQ(writer_->TakeCadence(), "");
-  session_ = coordinator_->OpenSession(writer_);
+  // The worker comes back on a new stream: that session is told, the closed one is not.
+  auto returned = std::make_shared<FakeWriter>();
+  session_ = coordinator_->OpenSession(returned);
+  EXPECT_EQ(returned->TakeCadence(), "");
   coordinator_->OnWorkerMessage(session_, Register(run, 1));
-  EXPECT_EQ(writer_->TakeCadence(), run + " every 5 of 20");
+  EXPECT_EQ(returned->TakeCadence(), run + " every 5 of 20");
+  EXPECT_EQ(writer_->TakeCadence(), "");
 }
 
 TEST_F(CoordinatorOverStore, RestartedOnTheSameStoreTheRunCarriesOnUnderItsAttempt) {
