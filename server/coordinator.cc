@@ -112,6 +112,12 @@ std::string ProbeStructureError(const v1::ProbeReport& r, const v1::ModelSpec& m
 
 }  // namespace
 
+void Coordinator::BindSessionLocked(Session& session, const Run& run) {
+  const v1::RunSummary& summary = run.record.summary;
+  session.run_id = summary.run_id();
+  session.writer->ExpectProbes(summary.run_id(), run.spec->probe().every(), run.spec->train().steps());
+}
+
 std::string Coordinator::WaitReasonLocked(const v1::Experiment& spec) const {
   const std::string kind = v1::DeviceKind_Name(spec.resources().device());
   int of_kind = 0, busy = 0, big_enough = 0;
@@ -1092,8 +1098,7 @@ bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::Worker
               sessions_.at(peer.session).run_id.clear();
             }
             peer.session = session_id;
-            session.run_id = r.run_id();
-            session.writer->ExpectProbes(r.run_id(), run->spec->probe().every(), run->spec->train().steps());
+            BindSessionLocked(session, *run);
             peer.lease_deadline = LeaseEnd();
             for (const auto& [key, value] : run->rendezvous) {
               out.push_back({session.writer, RendezvousMessage(*run, key, value)});
@@ -1121,8 +1126,7 @@ bool Coordinator::HandleWorkerMessageLocked(int64_t session_id, const v1::Worker
               sessions_.at(run->session).run_id.clear();
             }
             run->session = session_id;
-            session.run_id = r.run_id();
-            session.writer->ExpectProbes(r.run_id(), run->spec->probe().every(), run->spec->train().steps());
+            BindSessionLocked(session, *run);
             Renew(*run);
           } else {
             v1::CoordinatorMessage cancel;
@@ -1522,8 +1526,7 @@ void Coordinator::PlaceLocked(Outbox& out) {
         (std::filesystem::path(options_.checkpoint_root) / s.experiment_id() / s.run_id()).lexically_normal().string();
     for (int k = 0; k < W; ++k) {
       Session& session = sessions_.at(chosen[k]);
-      session.run_id = s.run_id();
-      session.writer->ExpectProbes(s.run_id(), spec.probe().every(), spec.train().steps());
+      BindSessionLocked(session, run);
       v1::CoordinatorMessage m;
       v1::Assignment* a = m.mutable_assignment();
       a->set_run_id(s.run_id());

@@ -190,6 +190,9 @@ class Coordinator {
 
   // All below require mu_.
   v1::ExperimentSummary SummaryLocked(const std::string& id, bool with_spec);
+  // The session trains the run from now on (assigned, or its worker back on a new stream);
+  // its stream is told the run's probe cadence (SessionWriter::ExpectProbes).
+  static void BindSessionLocked(Session& session, const Run& run);
   // Frees the run's worker sessions (every rank's) for another run; with
   // `keep_running_peers`, a rank that has not reported its finish stays busy until it does.
   void DetachSessionLocked(Run& run, bool keep_running_peers = false);
